@@ -1,0 +1,3700 @@
+/*
+ * ipop — IP over P2P: a self-configuring virtual IP network on a ring overlay.
+ * SPDX-License-Identifier: MIT
+ *
+ * Every node has a 160-bit ring address (SHA-1 of its virtual IPv4 address, or
+ * random for a router-only node).  Nodes keep "near" links to their two closest
+ * neighbours on each side of the ring and a few "far" links at harmonically
+ * distributed distances, so greedy routing reaches any address in O(log N)-ish
+ * hops.  A new node knows only a bootstrap peer ("leaf" link); it asks the ring
+ * for its successor and predecessor with connect-to-me requests, and both ends
+ * of each answer dial each other at once.
+ *
+ * Contents — one banner per section, in dependency order; `grep -n '^/\* ==='`
+ * lists them.  Every function carries its section's prefix.
+ *   00  -      limits, shared types, the node struct
+ *   01  log_   log lines, rate limits, drop counters
+ *   02  buf_   byte cursors: bounded big-endian get/put, hex, string builder
+ *   03  ev_    epoll loop, fd table, timer heap, monotonic clock
+ *   04  sec_   mbedTLS glue: SHA-1 addressing, random bytes
+ *   05  wire_  overlay messages: one decode/encode pair per message type
+ *   06  link_  UDP/TCP links, link handshake states, keepalive, teardown
+ *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
+ *   15  ctl_   control socket: status text/JSON, overlay ping
+ *   16  cli_   flags, config file, subcommands, main
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#define IPOP_VERSION "0.1.0"
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ifaddrs.h>
+#include <limits.h>
+#include <math.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/random.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mbedtls/ctr_drbg.h"
+#include "mbedtls/entropy.h"
+#include "mbedtls/sha1.h"
+
+/* ===================================================================== 00 -
+ * Limits and shared types.  Every limit is an enum with its unit in the name
+ * and a comment deriving it; every table says what happens when it is full.
+ * ========================================================================= */
+
+enum {
+	RING_ADDR_BYTES = 20,           /* SHA-1 output: the ring is 2^160 wide */
+	RING_NEAR_PER_SIDE = 2,         /* Brunet: two on each side survive one death */
+	RING_FAR_MAX = 12,              /* log2 of a million nodes is 20; half of that, plus slack */
+	RING_PROBE_MS = 2000,           /* successor/predecessor re-check period */
+	RING_TICK_MS = 500,             /* role upkeep, far links, bootstrap retries */
+	RING_BOOT_RETRY_MAX_MS = 30000, /* backoff cap when no bootstrap answers */
+	RING_MAX_HOPS = 64,             /* default TTL; greedy paths are far shorter */
+	RING_DIAL_ENDPOINTS_MAX = 4,    /* parallel dial attempts to one peer */
+	RING_CTM_NEIGHBOURS_MAX = 8,    /* peers listed in a connect-to-me reply */
+};
+
+enum {
+	LINK_KEEPALIVE_MS = 1000,      /* ping every link this often: RTT + liveness */
+	LINK_DEAD_MS = 4000,           /* silence after which a link is dead (< 5 s) */
+	LINK_HELLO_RETRY_MS = 500,     /* UDP handshake retransmit */
+	LINK_HELLO_TRIES = 6,          /* 3 s of retries, then the dial failed */
+	LINK_HANDSHAKE_TIMEOUT_MS = 5000, /* TCP connect + hello, or accepted and silent */
+	LINK_UNNEEDED_GRACE_MS = 5000, /* a role-less link lives this long after up */
+	LINK_ENDPOINTS_MAX = 8,        /* advertised endpoints per node (wire cap) */
+	LINK_TCP_WQUEUE_BYTES = 1 << 20, /* per TCP link; over it packets are dropped */
+	LINK_TABLE_MAX = 4096,         /* links per node; new dials/accepts refused past it */
+};
+
+enum {
+	WIRE_VERSION = 1,
+	/* Control messages stay under 1400 bytes so that they cross any 1500-byte
+	 * path with IPv4+UDP headers (28 B) and room for tunnel headers. */
+	WIRE_MAX_PACKET_BYTES = 1400,
+	WIRE_TCP_FRAME_HDR_BYTES = 2,
+	WIRE_AUTH_MAX_BYTES = 1024,    /* reserved handshake payload for link auth */
+};
+
+enum {
+	CTL_LINE_MAX_BYTES = 512,      /* one command line on the control socket */
+	CTL_CLIENTS_MAX = 64,          /* concurrent control clients; more are refused */
+	CTL_PING_TIMEOUT_MAX_MS = 60000,
+	LISTEN_MAX = 8,                /* --listen URIs */
+	BOOTSTRAP_MAX = 16,            /* --bootstrap URIs */
+	EV_FD_MAX = 65536,             /* fd table size; an fd past it is refused */
+	EV_EVENTS_PER_WAIT = 256,
+};
+
+enum exit_code {
+	EXIT_OK = 0,
+	EXIT_FAIL = 1,     /* runtime failure: port in use, no permission, ... */
+	EXIT_USAGE = 2,    /* bad flags or bad config */
+	EXIT_NO_NODE = 3,  /* status/ping: no node answers on the control socket */
+};
+
+typedef struct { uint8_t b[RING_ADDR_BYTES]; } ring_addr;
+
+enum link_proto { PROTO_UDP = 1, PROTO_TCP = 2 };
+
+/* A transport endpoint: IPv4 address and port in host order. */
+struct endpoint {
+	uint8_t proto;
+	uint32_t ip;
+	uint16_t port;
+};
+
+/* What a node tells others about itself: enough to dial it. */
+struct peer_info {
+	ring_addr addr;
+	uint32_t vip;                  /* virtual IPv4, 0 for a router-only node */
+	uint8_t n_endpoints;
+	struct endpoint endpoints[LINK_ENDPOINTS_MAX];
+};
+
+struct node;
+struct ev_loop;
+struct link;
+struct ctl_client;
+
+#define container_of(ptr, type, member) \
+	((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+#define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* ===================================================================== 01 log_
+ * Log lines on stderr: "ipop[pid]: LEVEL section: message".  Anything a remote
+ * party can trigger goes through a drop counter and log_drop's rate limit, so
+ * a flood of garbage costs a counter increment, not a line each.
+ * To add a drop reason: extend enum drop_reason and drop_names together.
+ * ========================================================================= */
+
+enum log_level { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG };
+
+/* The log threshold is process-wide by nature (one stderr); set once by cli_. */
+static struct { int level; } log_cfg = { LOG_INFO };
+
+static const char *const log_level_names[] = { "error", "warn", "info", "debug" };
+
+enum drop_reason {
+	DROP_BAD_VERSION,
+	DROP_BAD_TYPE,
+	DROP_MALFORMED,
+	DROP_UNKNOWN_SENDER,
+	DROP_WRONG_STATE,
+	DROP_TTL_EXPIRED,
+	DROP_NO_ROUTE,
+	DROP_TX_QUEUE_FULL,
+	DROP_TX_ERROR,
+	DROP_BAD_FRAME,
+	DROP_SELF_LINK,
+	DROP_LINK_TABLE_FULL,
+	DROP__COUNT
+};
+
+static const char *const drop_names[DROP__COUNT] = {
+	[DROP_BAD_VERSION] = "bad_version",
+	[DROP_BAD_TYPE] = "bad_type",
+	[DROP_MALFORMED] = "malformed",
+	[DROP_UNKNOWN_SENDER] = "unknown_sender",
+	[DROP_WRONG_STATE] = "wrong_state",
+	[DROP_TTL_EXPIRED] = "ttl_expired",
+	[DROP_NO_ROUTE] = "no_route",
+	[DROP_TX_QUEUE_FULL] = "tx_queue_full",
+	[DROP_TX_ERROR] = "tx_error",
+	[DROP_BAD_FRAME] = "bad_frame",
+	[DROP_SELF_LINK] = "self_link",
+	[DROP_LINK_TABLE_FULL] = "link_table_full",
+};
+
+struct log_drops {
+	uint64_t count[DROP__COUNT];
+	uint64_t last_log_ms[DROP__COUNT];
+};
+
+enum { LOG_DROP_INTERVAL_MS = 10000 }; /* at most one line per reason per 10 s */
+
+__attribute__((format(printf, 3, 4)))
+static void log_msg(int level, const char *section, const char *fmt, ...)
+{
+	if (level > log_cfg.level)
+		return;
+	char line[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "ipop[%d]: %s %s: %s\n", (int)getpid(),
+		log_level_names[level], section, line);
+}
+
+#define log_err(sec, ...) log_msg(LOG_ERROR, sec, __VA_ARGS__)
+#define log_warn(sec, ...) log_msg(LOG_WARN, sec, __VA_ARGS__)
+#define log_info(sec, ...) log_msg(LOG_INFO, sec, __VA_ARGS__)
+#define log_debug(sec, ...) log_msg(LOG_DEBUG, sec, __VA_ARGS__)
+
+/* Count a dropped packet; log the reason at most once per interval. */
+static void log_drop(struct log_drops *d, enum drop_reason why, uint64_t now_ms,
+		     const char *who)
+{
+	d->count[why]++;
+	if (d->last_log_ms[why] && now_ms - d->last_log_ms[why] < LOG_DROP_INTERVAL_MS)
+		return;
+	d->last_log_ms[why] = now_ms ? now_ms : 1;
+	log_info("drop", "%s from %s (total %llu; further drops of this kind are "
+		 "counted, logged at most every %d s)", drop_names[why], who,
+		 (unsigned long long)d->count[why], LOG_DROP_INTERVAL_MS / 1000);
+}
+
+/* ===================================================================== 02 buf_
+ * Byte cursors for untrusted input and for output.  A cursor holds the
+ * position, the end and a sticky failure flag: getters return zero once the
+ * input is short and set the flag, so a decoder reads every field and checks
+ * the flag once at the end.  Packet memory is never cast to a struct.
+ * Also: hex encoding, and a growable string builder for status output.
+ * ========================================================================= */
+
+struct buf {
+	const uint8_t *p, *end;
+	bool bad;
+};
+
+struct wbuf {
+	uint8_t *p, *start, *end;
+	bool bad;
+};
+
+static struct buf buf_of(const void *data, size_t len)
+{
+	const uint8_t *p = data;
+	return (struct buf){ .p = p, .end = p + len, .bad = false };
+}
+
+static bool buf_take(struct buf *b, size_t n)
+{
+	if (b->bad || (size_t)(b->end - b->p) < n) {
+		b->bad = true;
+		return false;
+	}
+	return true;
+}
+
+static uint8_t buf_u8(struct buf *b)
+{
+	if (!buf_take(b, 1))
+		return 0;
+	return *b->p++;
+}
+
+static uint16_t buf_u16(struct buf *b)
+{
+	if (!buf_take(b, 2))
+		return 0;
+	uint16_t v = (uint16_t)(b->p[0] << 8 | b->p[1]);
+	b->p += 2;
+	return v;
+}
+
+static uint32_t buf_u32(struct buf *b)
+{
+	if (!buf_take(b, 4))
+		return 0;
+	uint32_t v = (uint32_t)b->p[0] << 24 | (uint32_t)b->p[1] << 16 |
+		     (uint32_t)b->p[2] << 8 | b->p[3];
+	b->p += 4;
+	return v;
+}
+
+static uint64_t buf_u64(struct buf *b)
+{
+	uint64_t hi = buf_u32(b);
+	return hi << 32 | buf_u32(b);
+}
+
+static void buf_bytes(struct buf *b, void *dst, size_t n)
+{
+	if (!buf_take(b, n)) {
+		memset(dst, 0, n);
+		return;
+	}
+	memcpy(dst, b->p, n);
+	b->p += n;
+}
+
+/* Borrow n bytes in place; NULL (and the flag set) when short. */
+static const uint8_t *buf_view(struct buf *b, size_t n)
+{
+	if (!buf_take(b, n))
+		return NULL;
+	const uint8_t *p = b->p;
+	b->p += n;
+	return p;
+}
+
+static struct wbuf wbuf_of(void *data, size_t cap)
+{
+	uint8_t *p = data;
+	return (struct wbuf){ .p = p, .start = p, .end = p + cap, .bad = false };
+}
+
+static bool wbuf_room(struct wbuf *w, size_t n)
+{
+	if (w->bad || (size_t)(w->end - w->p) < n) {
+		w->bad = true;
+		return false;
+	}
+	return true;
+}
+
+static void wbuf_u8(struct wbuf *w, uint8_t v)
+{
+	if (wbuf_room(w, 1))
+		*w->p++ = v;
+}
+
+static void wbuf_u16(struct wbuf *w, uint16_t v)
+{
+	if (!wbuf_room(w, 2))
+		return;
+	w->p[0] = (uint8_t)(v >> 8);
+	w->p[1] = (uint8_t)v;
+	w->p += 2;
+}
+
+static void wbuf_u32(struct wbuf *w, uint32_t v)
+{
+	if (!wbuf_room(w, 4))
+		return;
+	for (int i = 0; i < 4; i++)
+		w->p[i] = (uint8_t)(v >> (24 - 8 * i));
+	w->p += 4;
+}
+
+static void wbuf_u64(struct wbuf *w, uint64_t v)
+{
+	wbuf_u32(w, (uint32_t)(v >> 32));
+	wbuf_u32(w, (uint32_t)v);
+}
+
+static void wbuf_bytes(struct wbuf *w, const void *src, size_t n)
+{
+	if (!wbuf_room(w, n))
+		return;
+	if (n)
+		memcpy(w->p, src, n);
+	w->p += n;
+}
+
+/* Bytes written so far, or -1 if anything did not fit. */
+static ssize_t wbuf_done(const struct wbuf *w)
+{
+	return w->bad ? -1 : (ssize_t)(w->p - w->start);
+}
+
+static void buf_hex(const uint8_t *src, size_t n, char *out /* [2n+1] */)
+{
+	static const char digits[] = "0123456789abcdef";
+	for (size_t i = 0; i < n; i++) {
+		out[2 * i] = digits[src[i] >> 4];
+		out[2 * i + 1] = digits[src[i] & 15];
+	}
+	out[2 * n] = 0;
+}
+
+static int buf_hex_digit(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	c = tolower(c);
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	return -1;
+}
+
+/* Decode exactly 2n hex digits; false on any other length or character. */
+static bool buf_unhex(const char *s, uint8_t *out, size_t n)
+{
+	if (strlen(s) != 2 * n)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		int hi = buf_hex_digit(s[2 * i]), lo = buf_hex_digit(s[2 * i + 1]);
+		if (hi < 0 || lo < 0)
+			return false;
+		out[i] = (uint8_t)(hi << 4 | lo);
+	}
+	return true;
+}
+
+/* A growable string for status output; on allocation failure it stays
+ * truncated and marks itself, and the reader sees a short answer. */
+struct buf_str {
+	char *s;
+	size_t len, cap;
+	bool oom;
+};
+
+__attribute__((format(printf, 2, 3)))
+static void buf_printf(struct buf_str *b, const char *fmt, ...)
+{
+	for (;;) {
+		va_list ap;
+		va_start(ap, fmt);
+		size_t room = b->cap - b->len;
+		int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? room : 0, fmt, ap);
+		va_end(ap);
+		if (n < 0 || b->oom)
+			return;
+		if ((size_t)n < room) {
+			b->len += (size_t)n;
+			return;
+		}
+		size_t cap = (b->cap ? b->cap * 2 : 1024) + (size_t)n;
+		char *s = realloc(b->s, cap);
+		if (!s) {
+			b->oom = true;
+			return;
+		}
+		b->s = s;
+		b->cap = cap;
+	}
+}
+
+static void buf_str_free(struct buf_str *b)
+{
+	free(b->s);
+	*b = (struct buf_str){ 0 };
+}
+
+static void buf_ip_str(uint32_t ip, char out[16])
+{
+	snprintf(out, 16, "%u.%u.%u.%u", ip >> 24, (ip >> 16) & 255,
+		 (ip >> 8) & 255, ip & 255);
+}
+
+/* ===================================================================== 03 ev_
+ * The event loop: one epoll instance, an fd table indexed by fd (a callback and
+ * a pointer each), and a binary min-heap of timers keyed by monotonic ms.
+ * Timer records are embedded in their owners and remember their heap slot, so
+ * arming, re-arming and cancelling cost O(log n) and allocate nothing.
+ * A timer callback returns its next delay in ms, or EV_TIMER_STOP.
+ * Time is read once per loop turn (ev_now): handlers see one consistent clock.
+ * ========================================================================= */
+
+typedef void ev_fd_fn(struct ev_loop *loop, int fd, void *arg, uint32_t events);
+
+struct ev_timer;
+typedef int64_t ev_timer_fn(struct ev_loop *loop, struct ev_timer *t);
+
+enum { EV_TIMER_STOP = -1 };
+
+struct ev_timer {
+	uint64_t when_ms;
+	int heap_idx;           /* -1 when not armed */
+	ev_timer_fn *fn;
+};
+
+struct ev_file {
+	ev_fd_fn *fn;
+	void *arg;
+};
+
+struct ev_loop {
+	int epfd;
+	struct ev_file *files;  /* EV_FD_MAX entries, indexed by fd */
+	struct ev_timer **heap;
+	size_t heap_len, heap_cap;
+	uint64_t now_ms;
+	bool stop;
+};
+
+static uint64_t ev_clock_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static uint64_t ev_now(const struct ev_loop *loop)
+{
+	return loop->now_ms;
+}
+
+static int ev_init(struct ev_loop *loop)
+{
+	*loop = (struct ev_loop){ .epfd = -1 };
+	loop->files = calloc(EV_FD_MAX, sizeof *loop->files);
+	if (!loop->files)
+		return -ENOMEM;
+	loop->epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (loop->epfd < 0)
+		return -errno;
+	loop->now_ms = ev_clock_us() / 1000;
+	return 0;
+}
+
+static void ev_fini(struct ev_loop *loop)
+{
+	if (loop->epfd >= 0)
+		close(loop->epfd);
+	free(loop->files);
+	free(loop->heap);
+	*loop = (struct ev_loop){ .epfd = -1 };
+}
+
+/* Watch fd for the given epoll events; re-adding an fd changes its mask. */
+static int ev_fd_watch(struct ev_loop *loop, int fd, uint32_t events,
+		       ev_fd_fn *fn, void *arg)
+{
+	if (fd < 0 || fd >= EV_FD_MAX)
+		return -EMFILE;
+	struct epoll_event ev = { .events = events, .data.fd = fd };
+	int op = loop->files[fd].fn ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+	if (epoll_ctl(loop->epfd, op, fd, &ev) < 0)
+		return -errno;
+	loop->files[fd] = (struct ev_file){ .fn = fn, .arg = arg };
+	return 0;
+}
+
+static void ev_fd_forget(struct ev_loop *loop, int fd)
+{
+	if (fd < 0 || fd >= EV_FD_MAX || !loop->files[fd].fn)
+		return;
+	epoll_ctl(loop->epfd, EPOLL_CTL_DEL, fd, NULL);
+	loop->files[fd] = (struct ev_file){ 0 };
+}
+
+static void ev_heap_set(struct ev_loop *loop, size_t i, struct ev_timer *t)
+{
+	loop->heap[i] = t;
+	t->heap_idx = (int)i;
+}
+
+static void ev_heap_up(struct ev_loop *loop, size_t i)
+{
+	struct ev_timer *t = loop->heap[i];
+	while (i > 0) {
+		size_t parent = (i - 1) / 2;
+		if (loop->heap[parent]->when_ms <= t->when_ms)
+			break;
+		ev_heap_set(loop, i, loop->heap[parent]);
+		i = parent;
+	}
+	ev_heap_set(loop, i, t);
+}
+
+static void ev_heap_down(struct ev_loop *loop, size_t i)
+{
+	struct ev_timer *t = loop->heap[i];
+	for (;;) {
+		size_t child = 2 * i + 1;
+		if (child >= loop->heap_len)
+			break;
+		if (child + 1 < loop->heap_len &&
+		    loop->heap[child + 1]->when_ms < loop->heap[child]->when_ms)
+			child++;
+		if (t->when_ms <= loop->heap[child]->when_ms)
+			break;
+		ev_heap_set(loop, i, loop->heap[child]);
+		i = child;
+	}
+	ev_heap_set(loop, i, t);
+}
+
+static void ev_timer_init(struct ev_timer *t, ev_timer_fn *fn)
+{
+	*t = (struct ev_timer){ .heap_idx = -1, .fn = fn };
+}
+
+static bool ev_timer_armed(const struct ev_timer *t)
+{
+	return t->heap_idx >= 0;
+}
+
+static void ev_timer_cancel(struct ev_loop *loop, struct ev_timer *t)
+{
+	if (t->heap_idx < 0)
+		return;
+	size_t i = (size_t)t->heap_idx;
+	struct ev_timer *last = loop->heap[--loop->heap_len];
+	t->heap_idx = -1;
+	if (last == t)
+		return;
+	ev_heap_set(loop, i, last);
+	ev_heap_up(loop, i);
+	ev_heap_down(loop, (size_t)last->heap_idx);
+}
+
+/* Arm (or re-arm) t to fire delay_ms from now. */
+static int ev_timer_arm(struct ev_loop *loop, struct ev_timer *t, uint64_t delay_ms)
+{
+	ev_timer_cancel(loop, t);
+	if (loop->heap_len == loop->heap_cap) {
+		size_t cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
+		struct ev_timer **h = realloc(loop->heap, cap * sizeof *h);
+		if (!h)
+			return -ENOMEM;
+		loop->heap = h;
+		loop->heap_cap = cap;
+	}
+	t->when_ms = loop->now_ms + delay_ms;
+	ev_heap_set(loop, loop->heap_len++, t);
+	ev_heap_up(loop, loop->heap_len - 1);
+	return 0;
+}
+
+static int ev_next_timeout_ms(const struct ev_loop *loop)
+{
+	if (!loop->heap_len)
+		return 1000;
+	uint64_t when = loop->heap[0]->when_ms;
+	if (when <= loop->now_ms)
+		return 0;
+	uint64_t d = when - loop->now_ms;
+	return d > 1000 ? 1000 : (int)d;
+}
+
+static void ev_run_timers(struct ev_loop *loop)
+{
+	while (loop->heap_len && loop->heap[0]->when_ms <= loop->now_ms) {
+		struct ev_timer *t = loop->heap[0];
+		ev_timer_cancel(loop, t);
+		int64_t next = t->fn(loop, t);
+		if (next >= 0 && !ev_timer_armed(t))
+			ev_timer_arm(loop, t, (uint64_t)next);
+	}
+}
+
+/* One turn: wait for I/O or the next timer, dispatch both. */
+static void ev_run_once(struct ev_loop *loop)
+{
+	struct epoll_event evs[EV_EVENTS_PER_WAIT];
+	int n = epoll_wait(loop->epfd, evs, EV_EVENTS_PER_WAIT, ev_next_timeout_ms(loop));
+	loop->now_ms = ev_clock_us() / 1000;
+	for (int i = 0; i < n; i++) {
+		int fd = evs[i].data.fd;
+		/* Re-read the table: an earlier callback may have closed this fd. */
+		struct ev_file f = loop->files[fd];
+		if (f.fn)
+			f.fn(loop, fd, f.arg, evs[i].events);
+	}
+	ev_run_timers(loop);
+}
+
+/* ===================================================================== 04 sec_
+ * mbedTLS glue.  SHA-1 maps virtual IPs to ring addresses; a CTR-DRBG seeded
+ * from getrandom gives every other random byte (nonces, far-link targets).
+ * The next security work (link authentication) lives here too.
+ * ========================================================================= */
+
+/* mbedTLS calls this for entropy (MBEDTLS_ENTROPY_HARDWARE_ALT): musl's
+ * platform entropy would open /dev/urandom on each poll, getrandom never does.
+ * Not static: the library links against it. */
+int mbedtls_hardware_poll(void *data, unsigned char *output, size_t len, size_t *olen);
+int mbedtls_hardware_poll(void *data, unsigned char *output, size_t len, size_t *olen)
+{
+	(void)data;
+	size_t got = 0;
+	while (got < len) {
+		ssize_t r = getrandom(output + got, len - got, 0);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return -1;
+		got += (size_t)r;
+	}
+	*olen = got;
+	return 0;
+}
+
+struct sec_rng {
+	mbedtls_entropy_context entropy;
+	mbedtls_ctr_drbg_context drbg;
+};
+
+static int sec_rng_init(struct sec_rng *r)
+{
+	mbedtls_entropy_init(&r->entropy);
+	mbedtls_ctr_drbg_init(&r->drbg);
+	static const char pers[] = "ipop node rng";
+	int rc = mbedtls_ctr_drbg_seed(&r->drbg, mbedtls_entropy_func, &r->entropy,
+				       (const unsigned char *)pers, sizeof pers - 1);
+	return rc ? -EIO : 0;
+}
+
+static void sec_rng_free(struct sec_rng *r)
+{
+	mbedtls_ctr_drbg_free(&r->drbg);
+	mbedtls_entropy_free(&r->entropy);
+}
+
+static void sec_random(struct sec_rng *r, void *out, size_t n)
+{
+	if (mbedtls_ctr_drbg_random(&r->drbg, out, n) != 0) {
+		/* Reseed failure means getrandom failed: nothing safe is left. */
+		log_err("sec", "random generator failed; exiting");
+		abort();
+	}
+}
+
+static uint64_t sec_random_u64(struct sec_rng *r)
+{
+	uint8_t b[8];
+	sec_random(r, b, sizeof b);
+	struct buf c = buf_of(b, sizeof b);
+	return buf_u64(&c);
+}
+
+/* Uniform in [0, 1). */
+static double sec_random_unit(struct sec_rng *r)
+{
+	return (double)(sec_random_u64(r) >> 11) / (double)(1ull << 53);
+}
+
+static void sec_sha1(const void *data, size_t len, uint8_t out[20])
+{
+	mbedtls_sha1(data, len, out);
+}
+
+/* A node's ring address is SHA-1 of its virtual IPv4 address in network order. */
+static ring_addr sec_addr_of_ip(uint32_t ip)
+{
+	uint8_t b[4] = { (uint8_t)(ip >> 24), (uint8_t)(ip >> 16), (uint8_t)(ip >> 8), (uint8_t)ip };
+	ring_addr a;
+	sec_sha1(b, sizeof b, a.b);
+	return a;
+}
+
+/* ===================================================================== 05 wire_
+ * Overlay messages (docs/PROTOCOL.md is the reference).  Every packet starts
+ * with version and type bytes.  Link messages (HELLO .. BYE) travel one link;
+ * ROUTED carries an inner message across the ring.  Each type has one decoder
+ * that fills a typed struct and demands the exact length, and one encoder.
+ * Beyond this section only the typed structs travel.
+ * To add a message: a type number, a struct, an encode/decode pair, a fuzz
+ * case and a round-trip test in tests/unit_core.c.
+ * ========================================================================= */
+
+enum wire_type {
+	WIRE_HELLO = 1,         /* initiator -> responder: who I am, how to reach me */
+	WIRE_HELLO_ACK = 2,     /* responder -> initiator: same, plus what I saw */
+	WIRE_PING = 3,          /* keepalive and RTT probe */
+	WIRE_PONG = 4,
+	WIRE_ROLES = 5,         /* why I keep this link (near/far/leaf bits) */
+	WIRE_BYE = 6,           /* I am closing this link, and why */
+	WIRE_ROUTED = 7,        /* an inner message routed over the ring */
+	WIRE__TYPE_END
+};
+
+/* Delivery modes: which node a routed message stops at.  Greedy routing moves
+ * to the neighbour that minimises the mode's metric and delivers at a local
+ * minimum (ring_metric says how each is measured). */
+enum wire_mode {
+	MODE_EXACT = 1,         /* only the node with address dst; else drop */
+	MODE_NEAREST = 2,       /* the node closest to dst either way round */
+	MODE_SUCC = 3,          /* the first node at or clockwise after dst */
+	MODE_PRED = 4,          /* the first node at or counter-clockwise before dst */
+	MODE__END
+};
+
+enum wire_inner {
+	INNER_CTM_REQ = 1,      /* connect-to-me: please link with me */
+	INNER_CTM_REPLY = 2,    /* here I am, and here are my near neighbours */
+	INNER_ECHO_REQ = 3,     /* overlay ping */
+	INNER_ECHO_REPLY = 4,
+	INNER__END
+};
+
+enum wire_routed_flag { ROUTED_HAS_VIA = 1 };
+
+enum bye_reason {
+	BYE_LEAVING = 1,        /* the node is shutting down */
+	BYE_DUPLICATE = 2,      /* another link to the same peer won the race */
+	BYE_UNNEEDED = 3,       /* neither side has a role for this link */
+	BYE_SELF = 4,           /* the link reached its own node */
+	BYE_UNEXPECTED = 5,     /* the dialled endpoint is another node */
+	BYE__END
+};
+
+enum ring_role {
+	ROLE_LEAF = 1,          /* bootstrap link of a joining node */
+	ROLE_NEAR = 2,          /* one of the 2 closest on either side */
+	ROLE_FAR = 4,           /* harmonic long-distance link */
+	ROLE_SHORTCUT = 8,      /* direct link for a busy pair */
+	ROLE__ALL = 15
+};
+
+enum {
+	WIRE_HDR_BYTES = 2,
+	WIRE_ENDPOINT_BYTES = 7,
+	WIRE_ROUTED_FIXED_BYTES = WIRE_HDR_BYTES + 4 + 2 * RING_ADDR_BYTES + 1 + 2,
+	WIRE_ROUTED_TTL_OFFSET = 4,
+	WIRE_ROUTED_HOPS_OFFSET = 5,
+};
+
+struct wire_hello {
+	uint64_t nonce;                 /* initiator's attempt id, echoed in the ack */
+	struct peer_info info;
+	struct endpoint observed;       /* the endpoint the sender sees us at */
+	uint16_t auth_len;              /* reserved for link authentication */
+	const uint8_t *auth;
+};
+
+struct wire_ping {
+	uint32_t seq;
+	uint64_t t_us;                  /* sender's clock, echoed back in the pong */
+};
+
+struct wire_routed {
+	uint8_t mode, flags, ttl, hops;
+	ring_addr src, dst, via;        /* via: route here first, then on to dst */
+	uint8_t inner;
+	uint16_t len;
+	const uint8_t *payload;
+};
+
+struct wire_ctm_req {
+	uint32_t token;
+	uint8_t want;                   /* role the requester will give the link */
+	ring_addr reply_via;            /* requester's first hop: reaches it for sure */
+	struct peer_info from;
+};
+
+struct wire_ctm_reply {
+	uint32_t token;
+	uint8_t want;
+	struct peer_info from;
+	uint8_t n_neighbours;
+	struct peer_info neighbours[RING_CTM_NEIGHBOURS_MAX];
+};
+
+struct wire_echo {
+	uint32_t id;
+	uint64_t t_us;
+	uint8_t req_hops;               /* reply only: hops the request took */
+};
+
+/* Ring addresses compare as 160-bit big-endian numbers. */
+static bool wire_addr_eq(const ring_addr *a, const ring_addr *b)
+{
+	return memcmp(a->b, b->b, RING_ADDR_BYTES) == 0;
+}
+
+static int wire_addr_cmp(const ring_addr *a, const ring_addr *b)
+{
+	return memcmp(a->b, b->b, RING_ADDR_BYTES);
+}
+
+enum wire_verdict { WIRE_OK, WIRE_SHORT, WIRE_BAD_VERSION, WIRE_BAD_TYPE };
+
+/* Classify a packet by its two header bytes before trusting anything else. */
+static enum wire_verdict wire_classify(const uint8_t *p, size_t len, uint8_t *type)
+{
+	if (len < WIRE_HDR_BYTES)
+		return WIRE_SHORT;
+	if (p[0] != WIRE_VERSION)
+		return WIRE_BAD_VERSION;
+	if (p[1] < WIRE_HELLO || p[1] >= WIRE__TYPE_END)
+		return WIRE_BAD_TYPE;
+	*type = p[1];
+	return WIRE_OK;
+}
+
+static struct buf wire_body(const uint8_t *p, size_t len)
+{
+	struct buf b = buf_of(p, len);
+	buf_u8(&b);
+	buf_u8(&b);
+	return b;
+}
+
+static void wire_header_put(struct wbuf *w, uint8_t type)
+{
+	wbuf_u8(w, WIRE_VERSION);
+	wbuf_u8(w, type);
+}
+
+static void wire_endpoint_get(struct buf *b, struct endpoint *e)
+{
+	e->proto = buf_u8(b);
+	e->ip = buf_u32(b);
+	e->port = buf_u16(b);
+	if (e->proto != PROTO_UDP && e->proto != PROTO_TCP)
+		b->bad = true;
+}
+
+static void wire_endpoint_put(struct wbuf *w, const struct endpoint *e)
+{
+	wbuf_u8(w, e->proto);
+	wbuf_u32(w, e->ip);
+	wbuf_u16(w, e->port);
+}
+
+static void wire_peer_info_get(struct buf *b, struct peer_info *pi)
+{
+	buf_bytes(b, pi->addr.b, RING_ADDR_BYTES);
+	pi->vip = buf_u32(b);
+	pi->n_endpoints = buf_u8(b);
+	if (pi->n_endpoints > LINK_ENDPOINTS_MAX) {
+		b->bad = true;
+		pi->n_endpoints = 0;
+	}
+	for (unsigned i = 0; i < pi->n_endpoints; i++)
+		wire_endpoint_get(b, &pi->endpoints[i]);
+}
+
+static void wire_peer_info_put(struct wbuf *w, const struct peer_info *pi)
+{
+	wbuf_bytes(w, pi->addr.b, RING_ADDR_BYTES);
+	wbuf_u32(w, pi->vip);
+	wbuf_u8(w, pi->n_endpoints);
+	for (unsigned i = 0; i < pi->n_endpoints && i < LINK_ENDPOINTS_MAX; i++)
+		wire_endpoint_put(w, &pi->endpoints[i]);
+}
+
+/* The decoder's last step: every byte consumed, nothing short. */
+static int wire_finish(const struct buf *b)
+{
+	return (b->bad || b->p != b->end) ? -EBADMSG : 0;
+}
+
+/* HELLO and HELLO_ACK share one layout. */
+static int wire_hello_decode(const uint8_t *p, size_t len, struct wire_hello *h)
+{
+	struct buf b = wire_body(p, len);
+	h->nonce = buf_u64(&b);
+	wire_peer_info_get(&b, &h->info);
+	wire_endpoint_get(&b, &h->observed);
+	h->auth_len = buf_u16(&b);
+	if (h->auth_len > WIRE_AUTH_MAX_BYTES)
+		b.bad = true;
+	h->auth = buf_view(&b, h->auth_len);
+	return wire_finish(&b);
+}
+
+static ssize_t wire_hello_encode(uint8_t *out, size_t cap, uint8_t type,
+				 const struct wire_hello *h)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, type);
+	wbuf_u64(&w, h->nonce);
+	wire_peer_info_put(&w, &h->info);
+	wire_endpoint_put(&w, &h->observed);
+	wbuf_u16(&w, h->auth_len);
+	wbuf_bytes(&w, h->auth, h->auth_len);
+	return wbuf_done(&w);
+}
+
+/* PING and PONG share one layout. */
+static int wire_ping_decode(const uint8_t *p, size_t len, struct wire_ping *m)
+{
+	struct buf b = wire_body(p, len);
+	m->seq = buf_u32(&b);
+	m->t_us = buf_u64(&b);
+	return wire_finish(&b);
+}
+
+static ssize_t wire_ping_encode(uint8_t *out, size_t cap, uint8_t type,
+				const struct wire_ping *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, type);
+	wbuf_u32(&w, m->seq);
+	wbuf_u64(&w, m->t_us);
+	return wbuf_done(&w);
+}
+
+/* ROLES and BYE carry one byte each. */
+static int wire_byte_decode(const uint8_t *p, size_t len, uint8_t *v)
+{
+	struct buf b = wire_body(p, len);
+	*v = buf_u8(&b);
+	return wire_finish(&b);
+}
+
+static ssize_t wire_byte_encode(uint8_t *out, size_t cap, uint8_t type, uint8_t v)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, type);
+	wbuf_u8(&w, v);
+	return wbuf_done(&w);
+}
+
+static int wire_routed_decode(const uint8_t *p, size_t len, struct wire_routed *r)
+{
+	struct buf b = wire_body(p, len);
+	r->mode = buf_u8(&b);
+	r->flags = buf_u8(&b);
+	r->ttl = buf_u8(&b);
+	r->hops = buf_u8(&b);
+	buf_bytes(&b, r->src.b, RING_ADDR_BYTES);
+	buf_bytes(&b, r->dst.b, RING_ADDR_BYTES);
+	memset(r->via.b, 0, RING_ADDR_BYTES);
+	if (r->flags & ROUTED_HAS_VIA)
+		buf_bytes(&b, r->via.b, RING_ADDR_BYTES);
+	r->inner = buf_u8(&b);
+	r->len = buf_u16(&b);
+	r->payload = buf_view(&b, r->len);
+	if (r->mode < MODE_EXACT || r->mode >= MODE__END || (r->flags & ~ROUTED_HAS_VIA) ||
+	    r->inner < INNER_CTM_REQ || r->inner >= INNER__END)
+		b.bad = true;
+	return wire_finish(&b);
+}
+
+static ssize_t wire_routed_encode(uint8_t *out, size_t cap, const struct wire_routed *r)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, WIRE_ROUTED);
+	wbuf_u8(&w, r->mode);
+	wbuf_u8(&w, r->flags);
+	wbuf_u8(&w, r->ttl);
+	wbuf_u8(&w, r->hops);
+	wbuf_bytes(&w, r->src.b, RING_ADDR_BYTES);
+	wbuf_bytes(&w, r->dst.b, RING_ADDR_BYTES);
+	if (r->flags & ROUTED_HAS_VIA)
+		wbuf_bytes(&w, r->via.b, RING_ADDR_BYTES);
+	wbuf_u8(&w, r->inner);
+	wbuf_u16(&w, r->len);
+	wbuf_bytes(&w, r->payload, r->len);
+	return wbuf_done(&w);
+}
+
+static int wire_ctm_req_decode(const uint8_t *p, size_t len, struct wire_ctm_req *m)
+{
+	struct buf b = buf_of(p, len);
+	m->token = buf_u32(&b);
+	m->want = buf_u8(&b);
+	buf_bytes(&b, m->reply_via.b, RING_ADDR_BYTES);
+	wire_peer_info_get(&b, &m->from);
+	if (m->want & ~ROLE__ALL)
+		b.bad = true;
+	return wire_finish(&b);
+}
+
+static ssize_t wire_ctm_req_encode(uint8_t *out, size_t cap, const struct wire_ctm_req *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wbuf_u32(&w, m->token);
+	wbuf_u8(&w, m->want);
+	wbuf_bytes(&w, m->reply_via.b, RING_ADDR_BYTES);
+	wire_peer_info_put(&w, &m->from);
+	return wbuf_done(&w);
+}
+
+static int wire_ctm_reply_decode(const uint8_t *p, size_t len, struct wire_ctm_reply *m)
+{
+	struct buf b = buf_of(p, len);
+	m->token = buf_u32(&b);
+	m->want = buf_u8(&b);
+	wire_peer_info_get(&b, &m->from);
+	m->n_neighbours = buf_u8(&b);
+	if (m->n_neighbours > RING_CTM_NEIGHBOURS_MAX || (m->want & ~ROLE__ALL)) {
+		b.bad = true;
+		m->n_neighbours = 0;
+	}
+	for (unsigned i = 0; i < m->n_neighbours; i++)
+		wire_peer_info_get(&b, &m->neighbours[i]);
+	return wire_finish(&b);
+}
+
+static ssize_t wire_ctm_reply_encode(uint8_t *out, size_t cap, const struct wire_ctm_reply *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wbuf_u32(&w, m->token);
+	wbuf_u8(&w, m->want);
+	wire_peer_info_put(&w, &m->from);
+	wbuf_u8(&w, m->n_neighbours);
+	for (unsigned i = 0; i < m->n_neighbours && i < RING_CTM_NEIGHBOURS_MAX; i++)
+		wire_peer_info_put(&w, &m->neighbours[i]);
+	return wbuf_done(&w);
+}
+
+/* ECHO_REQ has no req_hops byte; ECHO_REPLY has one. */
+static int wire_echo_decode(const uint8_t *p, size_t len, bool reply, struct wire_echo *m)
+{
+	struct buf b = buf_of(p, len);
+	m->id = buf_u32(&b);
+	m->t_us = buf_u64(&b);
+	m->req_hops = reply ? buf_u8(&b) : 0;
+	return wire_finish(&b);
+}
+
+static ssize_t wire_echo_encode(uint8_t *out, size_t cap, bool reply, const struct wire_echo *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wbuf_u32(&w, m->id);
+	wbuf_u64(&w, m->t_us);
+	if (reply)
+		wbuf_u8(&w, m->req_hops);
+	return wbuf_done(&w);
+}
+
+/* ===================================================================== 06 link_
+ * Links: one authenticated-to-be conversation with one peer over UDP (a
+ * remote endpoint on a shared socket) or TCP (its own stream, frames with a
+ * 2-byte length).  A link's state names what it awaits:
+ *
+ *   initiator:  CONNECTING (TCP only) -> AWAIT_ACK --HELLO_ACK--> UP
+ *   responder:  AWAIT_HELLO --HELLO--> UP (HELLO_ACK sent)
+ *   any:        -> CLOSED (freed by link_reap at the end of the loop turn)
+ *
+ * The HELLO exchange is the seam where link authentication plugs in (the
+ * auth bytes are carried and capped already).  Simultaneous dials: on UDP
+ * both HELLOs share one 4-tuple and the lower ring address's dial wins; on
+ * TCP two streams come up and link_resolve_duplicate keeps the one dialled
+ * by the lower address, so both ends choose the same survivor.
+ * Link code reports facts to the ring through node->hooks; it never decides
+ * roles.  The node struct lives here because links are its first users.
+ * ========================================================================= */
+
+enum link_state { LINK_CONNECTING, LINK_AWAIT_HELLO, LINK_AWAIT_ACK, LINK_UP, LINK_CLOSED, LINK__STATE_END };
+
+static const char *const link_state_names[LINK__STATE_END] = {
+	[LINK_CONNECTING] = "connecting",
+	[LINK_AWAIT_HELLO] = "await_hello",
+	[LINK_AWAIT_ACK] = "await_ack",
+	[LINK_UP] = "up",
+	[LINK_CLOSED] = "closed",
+};
+
+struct link {
+	struct node *node;
+	struct link *next;              /* node->links */
+	enum link_state state;
+	uint8_t proto;
+	bool initiator;
+	int fd;                         /* UDP: shared socket; TCP: owned stream */
+	struct sockaddr_in remote;
+	uint64_t nonce;                 /* the initiator's attempt id */
+	struct peer_info peer;          /* valid when peer_known */
+	bool peer_known;
+	ring_addr expect;               /* the node this dial is meant to reach */
+	bool expect_set;
+	uint8_t want_roles;             /* roles to take on once up */
+	uint8_t local_roles, peer_roles;
+	struct endpoint observed;       /* how the peer sees us */
+	uint64_t created_ms, up_ms, last_rx_ms;
+	int hello_tries;
+	uint32_t ping_seq;
+	double rtt_ms;                  /* smoothed, < 0 until the first pong */
+	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
+	struct ev_timer timer;          /* handshake retry/timeout, then keepalive */
+	uint8_t *rbuf;                  /* TCP: one partial frame */
+	size_t rlen;
+	uint8_t *wq;                    /* TCP: bytes not yet written */
+	size_t wq_len, wq_off, wq_cap;
+	bool want_writable;
+};
+
+/* How links report to the ring (section 07).  Pointers, so the ring stays
+ * above links and tests can watch links alone. */
+struct link_hooks {
+	void (*up)(struct node *n, struct link *l);
+	void (*down)(struct node *n, struct link *l, uint8_t bye_reason);
+	void (*roles)(struct node *n, struct link *l);
+	void (*routed)(struct node *n, struct link *l, const uint8_t *pkt, size_t len);
+};
+
+struct listener {
+	uint8_t proto;
+	int fd;
+	struct sockaddr_in sa;
+};
+
+/* Ring upkeep state, owned by section 07. */
+struct ring_state {
+	struct ev_timer tick;
+	uint64_t next_probe_ms;
+	uint64_t next_boot_ms, boot_backoff_ms;
+	uint32_t far_token;
+	uint64_t far_pending_until_ms;
+	double n_estimate;
+	bool joined;
+	struct endpoint boot[BOOTSTRAP_MAX];
+	unsigned n_boot;
+	void (*echo_reply)(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
+};
+
+struct node {
+	struct ev_loop loop;
+	struct sec_rng rng;
+	struct log_drops drops;
+	struct peer_info self;          /* our address, virtual IP, endpoints */
+	uint8_t vip_prefix;
+	struct listener listeners[LISTEN_MAX];
+	unsigned n_listeners;
+	int udp_dial_fd;                /* ephemeral UDP socket when no UDP listener */
+	struct link *links;
+	unsigned n_links;
+	struct link_hooks hooks;
+	struct ring_state ring;
+	struct ctl *ctl;
+	uint64_t start_ms;
+	uint64_t counters_routed, counters_delivered;
+};
+
+static void link_addr_short(const ring_addr *a, char out[13])
+{
+	buf_hex(a->b, 6, out);
+}
+
+static void link_endpoint_uri(const struct endpoint *e, char out[40])
+{
+	char ip[16];
+	buf_ip_str(e->ip, ip);
+	snprintf(out, 40, "%s://%s:%u", e->proto == PROTO_TCP ? "tcp" : "udp", ip, e->port);
+}
+
+static struct endpoint link_endpoint_of(uint8_t proto, const struct sockaddr_in *sa)
+{
+	return (struct endpoint){ .proto = proto, .ip = ntohl(sa->sin_addr.s_addr),
+				  .port = ntohs(sa->sin_port) };
+}
+
+static struct sockaddr_in link_sockaddr_of(const struct endpoint *e)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	sa.sin_addr.s_addr = htonl(e->ip);
+	sa.sin_port = htons(e->port);
+	return sa;
+}
+
+static bool link_sockaddr_eq(const struct sockaddr_in *a, const struct sockaddr_in *b)
+{
+	return a->sin_addr.s_addr == b->sin_addr.s_addr && a->sin_port == b->sin_port;
+}
+
+/* "udp://127.0.0.1:4000 (3f2a1b2c4d5e)" for log lines. */
+static void link_describe(const struct link *l, char out[64])
+{
+	char uri[40], id[13] = "?";
+	struct endpoint e = link_endpoint_of(l->proto, &l->remote);
+	link_endpoint_uri(&e, uri);
+	if (l->peer_known)
+		link_addr_short(&l->peer.addr, id);
+	snprintf(out, 64, "%s (%s)", uri, id);
+}
+
+static void link_drop(struct link *l, enum drop_reason why)
+{
+	char who[64];
+	link_describe(l, who);
+	log_drop(&l->node->drops, why, ev_now(&l->node->loop), who);
+}
+
+/* Linear in the number of links: a node holds tens of links (2x2 near,
+ * log N far, a few leaf/shortcut), so a scan beats a hash table here. */
+static struct link *link_find_udp(struct node *n, int fd, const struct sockaddr_in *sa)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->fd == fd &&
+		    link_sockaddr_eq(&l->remote, sa))
+			return l;
+	return NULL;
+}
+
+/* A live or pending link to the node with this ring address. */
+static struct link *link_find_peer(struct node *n, const ring_addr *a, bool up_only)
+{
+	for (struct link *l = n->links; l; l = l->next) {
+		if (l->state == LINK_CLOSED || (up_only && l->state != LINK_UP))
+			continue;
+		if ((l->peer_known && wire_addr_eq(&l->peer.addr, a)) ||
+		    (!l->peer_known && l->expect_set && wire_addr_eq(&l->expect, a)))
+			return l;
+	}
+	return NULL;
+}
+
+static int64_t link_timer_fn(struct ev_loop *loop, struct ev_timer *t);
+
+static struct link *link_new(struct node *n, uint8_t proto, int fd,
+			     const struct sockaddr_in *remote, bool initiator)
+{
+	if (n->n_links >= LINK_TABLE_MAX)
+		return NULL;
+	struct link *l = calloc(1, sizeof *l);
+	if (!l)
+		return NULL;
+	if (proto == PROTO_TCP && !(l->rbuf = malloc(WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_PACKET_BYTES))) {
+		free(l);
+		return NULL;
+	}
+	l->node = n;
+	l->proto = proto;
+	l->fd = fd;
+	l->remote = *remote;
+	l->initiator = initiator;
+	l->rtt_ms = -1;
+	l->created_ms = ev_now(&n->loop);
+	ev_timer_init(&l->timer, link_timer_fn);
+	l->next = n->links;
+	n->links = l;
+	n->n_links++;
+	return l;
+}
+
+/* Free closed links; called once per loop turn, after every callback, so a
+ * handler may close any link, its own included, without a use-after-free. */
+static void link_reap(struct node *n)
+{
+	for (struct link **pp = &n->links; *pp;) {
+		struct link *l = *pp;
+		if (l->state != LINK_CLOSED) {
+			pp = &l->next;
+			continue;
+		}
+		*pp = l->next;
+		n->n_links--;
+		free(l->rbuf);
+		free(l->wq);
+		free(l);
+	}
+}
+
+static void link_tcp_watch(struct link *l);
+
+/* Write queued TCP bytes; keep the rest for EPOLLOUT.  0, or -errno. */
+static int link_tcp_flush(struct link *l)
+{
+	while (l->wq_off < l->wq_len) {
+		ssize_t w = send(l->fd, l->wq + l->wq_off, l->wq_len - l->wq_off, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			break;
+		if (w < 0)
+			return -errno;
+		l->wq_off += (size_t)w;
+	}
+	if (l->wq_off == l->wq_len)
+		l->wq_off = l->wq_len = 0;
+	link_tcp_watch(l);
+	return 0;
+}
+
+static int link_tcp_enqueue(struct link *l, const uint8_t *pkt, size_t len)
+{
+	size_t need = l->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
+	if (need - l->wq_off > LINK_TCP_WQUEUE_BYTES)
+		return -ENOBUFS;
+	if (need > l->wq_cap) {
+		if (l->wq_off) {        /* slide the unsent tail to the front first */
+			memmove(l->wq, l->wq + l->wq_off, l->wq_len - l->wq_off);
+			l->wq_len -= l->wq_off;
+			l->wq_off = 0;
+			need = l->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
+		}
+		size_t cap = l->wq_cap ? l->wq_cap : 4096;
+		while (cap < need)
+			cap *= 2;
+		uint8_t *q = realloc(l->wq, cap);
+		if (!q)
+			return -ENOMEM;
+		l->wq = q;
+		l->wq_cap = cap;
+	}
+	l->wq[l->wq_len] = (uint8_t)(len >> 8);
+	l->wq[l->wq_len + 1] = (uint8_t)len;
+	memcpy(l->wq + l->wq_len + 2, pkt, len);
+	l->wq_len += WIRE_TCP_FRAME_HDR_BYTES + len;
+	return l->state == LINK_CONNECTING ? 0 : link_tcp_flush(l);
+}
+
+/* Send one packet on the link; a failure is counted, never fatal here. */
+static int link_send(struct link *l, const uint8_t *pkt, size_t len)
+{
+	int rc;
+	if (l->state == LINK_CLOSED)
+		return -ENOTCONN;
+	if (l->proto == PROTO_UDP) {
+		ssize_t w = sendto(l->fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)&l->remote,
+				   sizeof l->remote);
+		rc = w < 0 ? -errno : 0;
+	} else {
+		rc = link_tcp_enqueue(l, pkt, len);
+	}
+	if (rc == 0) {
+		l->tx_packets++;
+		l->tx_bytes += len;
+	} else {
+		link_drop(l, rc == -ENOBUFS ? DROP_TX_QUEUE_FULL : DROP_TX_ERROR);
+	}
+	return rc;
+}
+
+static int link_send_byte(struct link *l, uint8_t type, uint8_t v)
+{
+	uint8_t pkt[8];
+	ssize_t len = wire_byte_encode(pkt, sizeof pkt, type, v);
+	return len < 0 ? -EMSGSIZE : link_send(l, pkt, (size_t)len);
+}
+
+static void link_send_hello(struct link *l, uint8_t type)
+{
+	struct wire_hello h = {
+		.nonce = l->nonce,
+		.info = l->node->self,
+		.observed = link_endpoint_of(l->proto, &l->remote),
+	};
+	uint8_t pkt[WIRE_MAX_PACKET_BYTES];
+	ssize_t len = wire_hello_encode(pkt, sizeof pkt, type, &h);
+	if (len > 0)
+		link_send(l, pkt, (size_t)len);
+}
+
+static void link_send_ping(struct link *l, uint8_t type, uint32_t seq, uint64_t t_us)
+{
+	struct wire_ping m = { .seq = seq, .t_us = t_us };
+	uint8_t pkt[32];
+	ssize_t len = wire_ping_encode(pkt, sizeof pkt, type, &m);
+	if (len > 0)
+		link_send(l, pkt, (size_t)len);
+}
+
+/* Tear a link down.  A BYE goes out only on an up link, and only when the
+ * peer did not close first: a peer that never finished the handshake holds
+ * no state worth telling.  reason 0 means the link failed (dead, reset). */
+static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
+{
+	if (l->state == LINK_CLOSED)
+		return;
+	bool was_up = l->state == LINK_UP;
+	struct node *n = l->node;
+	if (was_up && tell_peer && reason) {
+		link_send_byte(l, WIRE_BYE, reason);
+		if (reason == BYE_LEAVING && l->proto == PROTO_UDP)
+			link_send_byte(l, WIRE_BYE, reason); /* one loss must not cost 4 s */
+	}
+	l->state = LINK_CLOSED;
+	ev_timer_cancel(&n->loop, &l->timer);
+	if (l->proto == PROTO_TCP && l->fd >= 0) {
+		ev_fd_forget(&n->loop, l->fd);
+		close(l->fd);
+		l->fd = -1;
+	}
+	if (was_up && n->hooks.down)
+		n->hooks.down(n, l, reason);
+}
+
+static void link_close(struct link *l, uint8_t reason)
+{
+	link_teardown(l, reason, true);
+}
+
+static int64_t link_keepalive(struct link *l)
+{
+	uint64_t now = ev_now(&l->node->loop);
+	if (now - l->last_rx_ms >= LINK_DEAD_MS) {
+		char who[64];
+		link_describe(l, who);
+		log_info("link", "%s dead: silent for %llu ms", who,
+			 (unsigned long long)(now - l->last_rx_ms));
+		link_close(l, 0);
+		return EV_TIMER_STOP;
+	}
+	link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_clock_us());
+	return LINK_KEEPALIVE_MS;
+}
+
+static int64_t link_timer_fn(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct link *l = container_of(t, struct link, timer);
+	uint64_t age = ev_now(loop) - l->created_ms;
+	switch (l->state) {
+	case LINK_UP:
+		return link_keepalive(l);
+	case LINK_AWAIT_ACK:
+		if (l->proto == PROTO_UDP && ++l->hello_tries < LINK_HELLO_TRIES) {
+			link_send_hello(l, WIRE_HELLO);
+			return LINK_HELLO_RETRY_MS;
+		}
+		/* fall through */
+	case LINK_CONNECTING:
+	case LINK_AWAIT_HELLO:
+		if (l->proto == PROTO_TCP && age < LINK_HANDSHAKE_TIMEOUT_MS)
+			return (int64_t)(LINK_HANDSHAKE_TIMEOUT_MS - age);
+		log_debug("link", "handshake timed out in state %s", link_state_names[l->state]);
+		link_close(l, 0);
+		return EV_TIMER_STOP;
+	default:
+		return EV_TIMER_STOP;
+	}
+}
+
+/* Two up links to one peer: keep the one dialled by the lower ring address,
+ * so both ends pick the same survivor.  When the same node dialled both, only
+ * that node closes the newer one (the other waits for its BYE).
+ * Returns false when l itself was closed. */
+static bool link_resolve_duplicate(struct link *l)
+{
+	struct node *n = l->node;
+	for (struct link *o = n->links; o; o = o->next) {
+		if (o == l || o->state != LINK_UP || !wire_addr_eq(&o->peer.addr, &l->peer.addr))
+			continue;
+		const ring_addr *li = l->initiator ? &n->self.addr : &l->peer.addr;
+		const ring_addr *oi = o->initiator ? &n->self.addr : &o->peer.addr;
+		int c = wire_addr_cmp(li, oi);
+		if (c != 0) {
+			struct link *loser = c < 0 ? o : l;
+			link_close(loser, BYE_DUPLICATE);
+			return loser != l;
+		}
+		if (l->initiator) {
+			link_close(l, BYE_DUPLICATE);
+			return false;
+		}
+	}
+	return true;
+}
+
+/* Dials still in progress towards a peer we now reach are abandoned. */
+static void link_cancel_pending(struct node *n, const ring_addr *a, const struct link *keep)
+{
+	for (struct link *o = n->links; o; o = o->next)
+		if (o != keep && o->state != LINK_UP && o->state != LINK_CLOSED &&
+		    o->expect_set && wire_addr_eq(&o->expect, a))
+			link_close(o, 0);
+}
+
+static void link_became_up(struct link *l, const struct wire_hello *h)
+{
+	struct node *n = l->node;
+	l->peer = h->info;
+	l->peer_known = true;
+	l->observed = h->observed;
+	l->state = LINK_UP;
+	l->up_ms = l->last_rx_ms = ev_now(&n->loop);
+	ev_timer_arm(&n->loop, &l->timer, LINK_KEEPALIVE_MS);
+	char who[64];
+	link_describe(l, who);
+	log_info("link", "up: %s, %s", who, l->initiator ? "dialled" : "accepted");
+	if (!link_resolve_duplicate(l))
+		return;
+	link_cancel_pending(n, &l->peer.addr, l);
+	if (n->hooks.up)
+		n->hooks.up(n, l);
+}
+
+/* Refuse a hello from ourselves or from a node other than the one dialled. */
+static bool link_hello_acceptable(struct link *l, const struct wire_hello *h)
+{
+	if (wire_addr_eq(&h->info.addr, &l->node->self.addr)) {
+		link_drop(l, DROP_SELF_LINK);
+		link_close(l, 0);
+		return false;
+	}
+	if (l->expect_set && !wire_addr_eq(&h->info.addr, &l->expect)) {
+		log_debug("link", "dialled endpoint answered as another node");
+		link_close(l, 0);
+		return false;
+	}
+	return true;
+}
+
+static void link_on_hello(struct link *l, const struct wire_hello *h)
+{
+	struct node *n = l->node;
+	if (l->state == LINK_UP) {
+		if (wire_addr_eq(&h->info.addr, &l->peer.addr))
+			link_send_hello(l, WIRE_HELLO_ACK);  /* our ack was lost */
+		else
+			link_close(l, BYE_UNEXPECTED);        /* a new node on an old endpoint */
+		return;
+	}
+	if (l->state == LINK_AWAIT_ACK) {
+		/* Crossed dials on one UDP 4-tuple: the lower address's dial wins. */
+		if (wire_addr_cmp(&h->info.addr, &n->self.addr) > 0)
+			return;
+		l->initiator = false;
+	} else if (l->state != LINK_AWAIT_HELLO) {
+		link_drop(l, DROP_WRONG_STATE);
+		return;
+	}
+	if (!link_hello_acceptable(l, h))
+		return;
+	l->nonce = h->nonce;
+	link_send_hello(l, WIRE_HELLO_ACK);
+	link_became_up(l, h);
+}
+
+static void link_on_hello_ack(struct link *l, const struct wire_hello *h)
+{
+	if (l->state == LINK_UP && wire_addr_eq(&h->info.addr, &l->peer.addr))
+		return;                                   /* a retransmitted ack */
+	if (l->state != LINK_AWAIT_ACK || h->nonce != l->nonce) {
+		link_drop(l, DROP_WRONG_STATE);
+		return;
+	}
+	if (link_hello_acceptable(l, h))
+		link_became_up(l, h);
+}
+
+static void link_on_pong(struct link *l, const struct wire_ping *m)
+{
+	uint64_t now = ev_clock_us();
+	if (m->t_us > now)
+		return;
+	double sample = (double)(now - m->t_us) / 1000.0;
+	l->rtt_ms = l->rtt_ms < 0 ? sample : 0.875 * l->rtt_ms + 0.125 * sample;
+}
+
+static void link_on_bye(struct link *l, uint8_t reason)
+{
+	char who[64];
+	link_describe(l, who);
+	log_info("link", "peer closed %s (reason %u)", who, reason);
+	link_teardown(l, reason, false);
+}
+
+static void link_on_roles(struct link *l, uint8_t roles)
+{
+	if (roles & ~ROLE__ALL) {
+		link_drop(l, DROP_MALFORMED);
+		return;
+	}
+	l->peer_roles = roles;
+	if (l->node->hooks.roles)
+		l->node->hooks.roles(l->node, l);
+}
+
+/* Only up links carry anything but the handshake. */
+static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, size_t len)
+{
+	struct wire_ping ping;
+	uint8_t v;
+	if (l->state != LINK_UP) {
+		link_drop(l, DROP_WRONG_STATE);
+		return;
+	}
+	switch (type) {
+	case WIRE_PING:
+	case WIRE_PONG:
+		if (wire_ping_decode(pkt, len, &ping) < 0)
+			goto malformed;
+		if (type == WIRE_PING)
+			link_send_ping(l, WIRE_PONG, ping.seq, ping.t_us);
+		else
+			link_on_pong(l, &ping);
+		return;
+	case WIRE_ROLES:
+	case WIRE_BYE:
+		if (wire_byte_decode(pkt, len, &v) < 0)
+			goto malformed;
+		if (type == WIRE_ROLES)
+			link_on_roles(l, v);
+		else
+			link_on_bye(l, v);
+		return;
+	case WIRE_ROUTED:
+		if (l->node->hooks.routed)
+			l->node->hooks.routed(l->node, l, pkt, len);
+		return;
+	}
+malformed:
+	link_drop(l, DROP_MALFORMED);
+}
+
+/* One packet from the peer, already classified by type. */
+static void link_receive(struct link *l, uint8_t type, const uint8_t *pkt, size_t len)
+{
+	struct wire_hello h;
+	l->rx_packets++;
+	l->rx_bytes += len;
+	if (type == WIRE_HELLO || type == WIRE_HELLO_ACK) {
+		if (wire_hello_decode(pkt, len, &h) < 0) {
+			link_drop(l, DROP_MALFORMED);
+			return;
+		}
+		if (type == WIRE_HELLO)
+			link_on_hello(l, &h);
+		else
+			link_on_hello_ack(l, &h);
+	} else {
+		link_on_up_packet(l, type, pkt, len);
+	}
+	if (l->state == LINK_UP)
+		l->last_rx_ms = ev_now(&l->node->loop);
+}
+
+/* Classify before trusting: count and drop what is not ours. */
+static bool link_classify(struct node *n, const uint8_t *pkt, size_t len, uint8_t *type,
+			  const char *who)
+{
+	switch (wire_classify(pkt, len, type)) {
+	case WIRE_OK:
+		return true;
+	case WIRE_SHORT:
+		log_drop(&n->drops, DROP_MALFORMED, ev_now(&n->loop), who);
+		return false;
+	case WIRE_BAD_VERSION:
+		log_drop(&n->drops, DROP_BAD_VERSION, ev_now(&n->loop), who);
+		return false;
+	default:
+		log_drop(&n->drops, DROP_BAD_TYPE, ev_now(&n->loop), who);
+		return false;
+	}
+}
+
+static void link_udp_datagram(struct node *n, int fd, const uint8_t *pkt, size_t len,
+			      const struct sockaddr_in *from)
+{
+	uint8_t type;
+	char who[40];
+	struct endpoint e = link_endpoint_of(PROTO_UDP, from);
+	link_endpoint_uri(&e, who);
+	if (!link_classify(n, pkt, len, &type, who))
+		return;
+	struct link *l = link_find_udp(n, fd, from);
+	if (!l) {
+		/* Only a well-formed HELLO earns a link record. */
+		struct wire_hello h;
+		if (type != WIRE_HELLO) {
+			log_drop(&n->drops, DROP_UNKNOWN_SENDER, ev_now(&n->loop), who);
+			return;
+		}
+		if (wire_hello_decode(pkt, len, &h) < 0) {
+			log_drop(&n->drops, DROP_MALFORMED, ev_now(&n->loop), who);
+			return;
+		}
+		l = link_new(n, PROTO_UDP, fd, from, false);
+		if (!l) {
+			log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), who);
+			return;
+		}
+		l->state = LINK_AWAIT_HELLO;
+	}
+	link_receive(l, type, pkt, len);
+}
+
+static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct node *n = arg;
+	uint8_t pkt[WIRE_MAX_PACKET_BYTES + 1];
+	(void)loop;
+	(void)events;
+	/* Bounded per wake-up so one busy socket cannot starve the rest. */
+	for (int i = 0; i < 64; i++) {
+		struct sockaddr_in from;
+		socklen_t fl = sizeof from;
+		ssize_t r = recvfrom(fd, pkt, sizeof pkt, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+		if (r < 0)
+			return;
+		if (fl != sizeof from || from.sin_family != AF_INET)
+			continue;
+		if ((size_t)r > WIRE_MAX_PACKET_BYTES) {
+			log_drop(&n->drops, DROP_BAD_FRAME, ev_now(&n->loop), "udp");
+			continue;
+		}
+		link_udp_datagram(n, fd, pkt, (size_t)r, &from);
+	}
+}
+
+/* Take whole frames out of the TCP read buffer.  false: close the link. */
+static bool link_tcp_frames(struct link *l)
+{
+	struct node *n = l->node;
+	for (;;) {
+		ssize_t r = recv(l->fd, l->rbuf + l->rlen,
+				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_PACKET_BYTES - l->rlen, MSG_DONTWAIT);
+		if (r == 0)
+			return false;
+		if (r < 0)
+			return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+		l->rlen += (size_t)r;
+		while (l->rlen >= WIRE_TCP_FRAME_HDR_BYTES && l->state != LINK_CLOSED) {
+			size_t flen = (size_t)l->rbuf[0] << 8 | l->rbuf[1];
+			if (flen == 0 || flen > WIRE_MAX_PACKET_BYTES) {
+				link_drop(l, DROP_BAD_FRAME);
+				return false;
+			}
+			if (l->rlen < WIRE_TCP_FRAME_HDR_BYTES + flen)
+				break;
+			uint8_t type;
+			char who[64];
+			link_describe(l, who);
+			if (link_classify(n, l->rbuf + 2, flen, &type, who))
+				link_receive(l, type, l->rbuf + 2, flen);
+			l->rlen -= WIRE_TCP_FRAME_HDR_BYTES + flen;
+			memmove(l->rbuf, l->rbuf + WIRE_TCP_FRAME_HDR_BYTES + flen, l->rlen);
+		}
+		if (l->state == LINK_CLOSED)
+			return true;
+	}
+}
+
+static void link_tcp_connected(struct link *l)
+{
+	int err = 0;
+	socklen_t el = sizeof err;
+	getsockopt(l->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+	if (err) {
+		log_debug("link", "tcp connect failed: %s", strerror(err));
+		link_close(l, 0);
+		return;
+	}
+	l->state = LINK_AWAIT_ACK;
+	link_send_hello(l, WIRE_HELLO);
+}
+
+static void link_tcp_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct link *l = arg;
+	(void)loop;
+	(void)fd;
+	if (l->state == LINK_CONNECTING && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+		link_tcp_connected(l);
+		return;
+	}
+	if ((events & EPOLLOUT) && link_tcp_flush(l) < 0) {
+		link_close(l, 0);
+		return;
+	}
+	if ((events & (EPOLLIN | EPOLLERR | EPOLLHUP)) && !link_tcp_frames(l)) {
+		if (l->state != LINK_CLOSED) {
+			char who[64];
+			link_describe(l, who);
+			log_debug("link", "%s: stream closed", who);
+			link_close(l, 0);
+		}
+	}
+}
+
+static void link_tcp_watch(struct link *l)
+{
+	if (l->state == LINK_CLOSED || l->fd < 0)
+		return;
+	bool want = l->state == LINK_CONNECTING || l->wq_len > l->wq_off;
+	if (want == l->want_writable && l->state != LINK_CONNECTING)
+		return;
+	l->want_writable = want;
+	ev_fd_watch(&l->node->loop, l->fd, EPOLLIN | (want ? EPOLLOUT : 0), link_tcp_event, l);
+}
+
+static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
+{
+	struct node *n = arg;
+	(void)events;
+	for (int i = 0; i < 64; i++) {
+		struct sockaddr_in sa;
+		socklen_t sl = sizeof sa;
+		int fd = accept4(lfd, (struct sockaddr *)&sa, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			return;
+		int one = 1;
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+		struct link *l = sa.sin_family == AF_INET ? link_new(n, PROTO_TCP, fd, &sa, false) : NULL;
+		if (!l || ev_fd_watch(loop, fd, EPOLLIN, link_tcp_event, l) < 0) {
+			log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(loop), "tcp accept");
+			if (l)
+				l->state = LINK_CLOSED;
+			close(fd);
+			continue;
+		}
+		l->state = LINK_AWAIT_HELLO;
+		ev_timer_arm(loop, &l->timer, LINK_HANDSHAKE_TIMEOUT_MS);
+	}
+}
+
+static int link_udp_dial_socket(struct node *n)
+{
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		if (n->listeners[i].proto == PROTO_UDP)
+			return n->listeners[i].fd;
+	if (n->udp_dial_fd >= 0)
+		return n->udp_dial_fd;
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (ev_fd_watch(&n->loop, fd, EPOLLIN, link_udp_readable, n) < 0) {
+		close(fd);
+		return -EMFILE;
+	}
+	n->udp_dial_fd = fd;
+	return fd;
+}
+
+static int link_tcp_dial_socket(const struct sockaddr_in *sa)
+{
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	if (connect(fd, (const struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS) {
+		int e = errno;
+		close(fd);
+		return -e;
+	}
+	return fd;
+}
+
+/* Start a handshake towards an endpoint; expect (may be NULL) is the ring
+ * address the dial must reach, want the roles to take on once up. */
+static struct link *link_dial(struct node *n, const struct endpoint *ep,
+			      const ring_addr *expect, uint8_t want)
+{
+	struct sockaddr_in sa = link_sockaddr_of(ep);
+	int fd = ep->proto == PROTO_UDP ? link_udp_dial_socket(n) : link_tcp_dial_socket(&sa);
+	if (fd < 0)
+		return NULL;
+	struct link *l = link_new(n, ep->proto, fd, &sa, true);
+	if (!l) {
+		if (ep->proto == PROTO_TCP)
+			close(fd);
+		log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), "dial");
+		return NULL;
+	}
+	l->nonce = sec_random_u64(&n->rng);
+	l->want_roles = want;
+	if (expect) {
+		l->expect = *expect;
+		l->expect_set = true;
+	}
+	if (ep->proto == PROTO_UDP) {
+		l->state = LINK_AWAIT_ACK;
+		link_send_hello(l, WIRE_HELLO);
+		ev_timer_arm(&n->loop, &l->timer, LINK_HELLO_RETRY_MS);
+	} else {
+		l->state = LINK_CONNECTING;
+		link_tcp_watch(l);
+		ev_timer_arm(&n->loop, &l->timer, LINK_HANDSHAKE_TIMEOUT_MS);
+	}
+	return l;
+}
+
+/* ===================================================================== 07 ring_
+ * The ring: 160-bit arithmetic, connection roles, greedy routing and joins.
+ *
+ * Roles (enum ring_role) are per link and per side: local_roles say why this
+ * node keeps the link, peer_roles why the peer does (told by ROLES).  A link
+ * with no role on either side is closed after a grace period.
+ *   near  the RING_NEAR_PER_SIDE closest peers clockwise and counter-clockwise,
+ *         recomputed whenever a link comes up or goes down;
+ *   far   about log2(N)/2 links to targets at harmonically distributed
+ *         distances (Symphony/Brunet), N estimated from near spacing;
+ *   leaf  a joining node's links to its bootstrap peers, dropped once it has
+ *         near links on both sides.
+ * Routing is greedy over every up link by the delivery mode's metric; each
+ * hop strictly lowers the metric, so paths cannot loop (TTL is a backstop).
+ * Joins and repairs: every RING_PROBE_MS (and at once after a near link dies)
+ * a node routes connect-to-me requests to its own successor (SUCC of addr+1)
+ * and predecessor (PRED of addr-1).  The node that answers replies with its
+ * near peers and dials the requester while the requester dials it.
+ * To add an inner message: a wire_ type, a ring_on_* handler, a case in
+ * ring_deliver.
+ * ========================================================================= */
+
+static ring_addr ring_sub(const ring_addr *a, const ring_addr *b)
+{
+	ring_addr r;
+	int borrow = 0;
+	for (int i = RING_ADDR_BYTES - 1; i >= 0; i--) {
+		int d = a->b[i] - b->b[i] - borrow;
+		borrow = d < 0;
+		r.b[i] = (uint8_t)(d + (borrow ? 256 : 0));
+	}
+	return r;
+}
+
+static ring_addr ring_add(const ring_addr *a, const ring_addr *b)
+{
+	ring_addr r;
+	unsigned carry = 0;
+	for (int i = RING_ADDR_BYTES - 1; i >= 0; i--) {
+		unsigned s = (unsigned)a->b[i] + b->b[i] + carry;
+		r.b[i] = (uint8_t)s;
+		carry = s >> 8;
+	}
+	return r;
+}
+
+static ring_addr ring_one(void)
+{
+	ring_addr one = { { 0 } };
+	one.b[RING_ADDR_BYTES - 1] = 1;
+	return one;
+}
+
+/* Distance travelled clockwise from `from` to `to`. */
+static ring_addr ring_cw(const ring_addr *from, const ring_addr *to)
+{
+	return ring_sub(to, from);
+}
+
+/* The shorter way round. */
+static ring_addr ring_dist(const ring_addr *a, const ring_addr *b)
+{
+	ring_addr x = ring_cw(a, b), y = ring_cw(b, a);
+	return wire_addr_cmp(&x, &y) <= 0 ? x : y;
+}
+
+/* True when x lies strictly inside the clockwise arc from a to b.  The DHT's
+ * ownership checks use it next; the unit tests pin it down now. */
+__attribute__((unused))
+static bool ring_between(const ring_addr *a, const ring_addr *x, const ring_addr *b)
+{
+	ring_addr ax = ring_cw(a, x), ab = ring_cw(a, b);
+	return !wire_addr_eq(a, x) && wire_addr_cmp(&ax, &ab) < 0;
+}
+
+/* How far node x is from being the node a routed message stops at:
+ * SUCC measures clockwise from the target (the first node at or after it
+ * scores lowest), PRED counter-clockwise, the others the shorter way. */
+static ring_addr ring_metric(uint8_t mode, const ring_addr *x, const ring_addr *target)
+{
+	switch (mode) {
+	case MODE_SUCC:
+		return ring_cw(target, x);
+	case MODE_PRED:
+		return ring_cw(x, target);
+	default:
+		return ring_dist(x, target);
+	}
+}
+
+/* The address as a fraction of the ring, from its top 64 bits. */
+static double ring_fraction(const ring_addr *a)
+{
+	struct buf b = buf_of(a->b, 8);
+	return (double)buf_u64(&b) / 18446744073709551616.0;
+}
+
+static void ring_addr_hex(const ring_addr *a, char out[2 * RING_ADDR_BYTES + 1])
+{
+	buf_hex(a->b, RING_ADDR_BYTES, out);
+}
+
+static bool ring_link_usable(const struct link *l)
+{
+	return l->state == LINK_UP && l->peer_known;
+}
+
+/* ---- roles ---------------------------------------------------------- */
+
+static const char *const ring_role_names[] = { "leaf", "near", "far", "shortcut" };
+
+/* The role status shows first: near > shortcut > far > leaf. */
+static const char *ring_role_main(uint8_t roles)
+{
+	if (roles & ROLE_NEAR) return "near";
+	if (roles & ROLE_SHORTCUT) return "shortcut";
+	if (roles & ROLE_FAR) return "far";
+	if (roles & ROLE_LEAF) return "leaf";
+	return "none";
+}
+
+static void ring_roles_set(struct link *l, uint8_t roles)
+{
+	if (l->local_roles == roles)
+		return;
+	l->local_roles = roles;
+	if (ring_link_usable(l))
+		link_send_byte(l, WIRE_ROLES, roles);
+}
+
+/* The `want` closest distinct peers on one side, closest first.  Distances
+ * are clockwise from us (right) or to us (left). */
+static unsigned ring_side_nearest(struct node *n, bool right, ring_addr *out, unsigned want)
+{
+	ring_addr dist[RING_NEAR_PER_SIDE];
+	unsigned k = 0;
+	for (struct link *l = n->links; l; l = l->next) {
+		if (!ring_link_usable(l))
+			continue;
+		ring_addr d = right ? ring_cw(&n->self.addr, &l->peer.addr)
+				    : ring_cw(&l->peer.addr, &n->self.addr);
+		unsigned i = k;
+		bool dup = false;
+		for (unsigned j = 0; j < k; j++)
+			dup |= wire_addr_eq(&out[j], &l->peer.addr);
+		if (dup)
+			continue;
+		while (i > 0 && wire_addr_cmp(&d, &dist[i - 1]) < 0)
+			i--;
+		if (i >= want)
+			continue;
+		unsigned last = k < want ? k : want - 1;
+		for (unsigned j = last; j > i; j--) {
+			dist[j] = dist[j - 1];
+			out[j] = out[j - 1];
+		}
+		dist[i] = d;
+		out[i] = l->peer.addr;
+		if (k < want)
+			k++;
+	}
+	return k;
+}
+
+static bool ring_in_set(const ring_addr *a, const ring_addr *set, unsigned k)
+{
+	for (unsigned i = 0; i < k; i++)
+		if (wire_addr_eq(a, &set[i]))
+			return true;
+	return false;
+}
+
+/* Would a peer at address a be one of our near neighbours? */
+static bool ring_would_be_near(struct node *n, const ring_addr *a)
+{
+	ring_addr side[RING_NEAR_PER_SIDE];
+	for (int right = 0; right <= 1; right++) {
+		unsigned k = ring_side_nearest(n, right, side, RING_NEAR_PER_SIDE);
+		if (k < RING_NEAR_PER_SIDE)
+			return true;
+		ring_addr da = right ? ring_cw(&n->self.addr, a) : ring_cw(a, &n->self.addr);
+		ring_addr dk = right ? ring_cw(&n->self.addr, &side[k - 1]) : ring_cw(&side[k - 1], &n->self.addr);
+		if (wire_addr_cmp(&da, &dk) < 0)
+			return true;
+	}
+	return false;
+}
+
+/* Give the near role to exactly the closest peers on each side; once a
+ * node has both sides it is in the ring and its leaf links fade. */
+static void ring_near_recompute(struct node *n)
+{
+	ring_addr right[RING_NEAR_PER_SIDE], left[RING_NEAR_PER_SIDE];
+	unsigned kr = ring_side_nearest(n, true, right, RING_NEAR_PER_SIDE);
+	unsigned kl = ring_side_nearest(n, false, left, RING_NEAR_PER_SIDE);
+	bool joined = kr > 0 && kl > 0;
+	if (joined && !n->ring.joined)
+		log_info("ring", "joined the ring");
+	n->ring.joined = joined;
+	for (struct link *l = n->links; l; l = l->next) {
+		if (!ring_link_usable(l))
+			continue;
+		bool near = ring_in_set(&l->peer.addr, right, kr) || ring_in_set(&l->peer.addr, left, kl);
+		uint8_t roles = (uint8_t)((l->local_roles & ~ROLE_NEAR) | (near ? ROLE_NEAR : 0));
+		if (joined)
+			roles &= (uint8_t)~ROLE_LEAF;
+		ring_roles_set(l, roles);
+	}
+}
+
+/* N from the spacing of our near peers: k gaps span a fraction f of the ring. */
+static double ring_estimate_n(struct node *n)
+{
+	ring_addr right[RING_NEAR_PER_SIDE], left[RING_NEAR_PER_SIDE];
+	unsigned kr = ring_side_nearest(n, true, right, RING_NEAR_PER_SIDE);
+	unsigned kl = ring_side_nearest(n, false, left, RING_NEAR_PER_SIDE);
+	if (kr < RING_NEAR_PER_SIDE || kl < RING_NEAR_PER_SIDE)
+		return kr + kl + 1;
+	ring_addr dr = ring_cw(&n->self.addr, &right[kr - 1]);
+	ring_addr dl = ring_cw(&left[kl - 1], &n->self.addr);
+	double f = ring_fraction(&dr) + ring_fraction(&dl);
+	if (f <= 0 || f >= 1)
+		return kr + kl + 1;
+	return (kr + kl) / f;
+}
+
+/* Far links wanted for N nodes: about half of log2 N (Brunet). */
+static unsigned ring_far_target(double n_est)
+{
+	if (n_est < 8)
+		return 0;
+	unsigned t = (unsigned)ceil(log2(n_est) / 2);
+	return t > RING_FAR_MAX ? RING_FAR_MAX : t;
+}
+
+/* ---- routing -------------------------------------------------------- */
+
+/* The up link that lowers the metric most, or NULL when no neighbour is
+ * closer than this node. */
+static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr *target)
+{
+	ring_addr best = ring_metric(mode, &n->self.addr, target);
+	struct link *hop = NULL;
+	for (struct link *l = n->links; l; l = l->next) {
+		if (!ring_link_usable(l))
+			continue;
+		ring_addr m = ring_metric(mode, &l->peer.addr, target);
+		if (wire_addr_cmp(&m, &best) < 0) {
+			best = m;
+			hop = l;
+		}
+	}
+	return hop;
+}
+
+static void ring_drop(struct node *n, enum drop_reason why, const ring_addr *src)
+{
+	char who[2 * RING_ADDR_BYTES + 1];
+	ring_addr_hex(src, who);
+	log_drop(&n->drops, why, ev_now(&n->loop), who);
+}
+
+static void ring_forward(struct node *n, struct link *hop, const struct wire_routed *r)
+{
+	if (r->ttl == 0) {
+		ring_drop(n, DROP_TTL_EXPIRED, &r->src);
+		return;
+	}
+	struct wire_routed f = *r;
+	f.ttl--;
+	f.hops = (uint8_t)(f.hops < 255 ? f.hops + 1 : 255);
+	uint8_t pkt[WIRE_MAX_PACKET_BYTES];
+	ssize_t len = wire_routed_encode(pkt, sizeof pkt, &f);
+	if (len < 0)
+		return;
+	n->counters_routed++;
+	link_send(hop, pkt, (size_t)len);
+}
+
+static void ring_deliver(struct node *n, const struct wire_routed *r);
+
+/* Forward towards via (if set) or dst, or deliver here. */
+static void ring_route(struct node *n, struct wire_routed *r)
+{
+	if ((r->flags & ROUTED_HAS_VIA) && wire_addr_eq(&r->via, &n->self.addr))
+		r->flags &= (uint8_t)~ROUTED_HAS_VIA;
+	bool via = r->flags & ROUTED_HAS_VIA;
+	const ring_addr *target = via ? &r->via : &r->dst;
+	uint8_t mode = via ? MODE_EXACT : r->mode;
+	struct link *hop = ring_next_hop(n, mode, target);
+	if (hop) {
+		ring_forward(n, hop, r);
+		return;
+	}
+	if (mode == MODE_EXACT && !wire_addr_eq(target, &n->self.addr)) {
+		ring_drop(n, DROP_NO_ROUTE, &r->src);
+		return;
+	}
+	ring_deliver(n, r);
+}
+
+/* Originate a routed message; via may be NULL. */
+static void ring_send(struct node *n, uint8_t mode, const ring_addr *dst, const ring_addr *via,
+		      uint8_t inner, const uint8_t *payload, size_t len)
+{
+	struct wire_routed r = {
+		.mode = mode, .ttl = RING_MAX_HOPS, .src = n->self.addr, .dst = *dst,
+		.inner = inner, .len = (uint16_t)len, .payload = payload,
+	};
+	if (via && !wire_addr_eq(via, &n->self.addr)) {
+		r.flags = ROUTED_HAS_VIA;
+		r.via = *via;
+	}
+	ring_route(n, &r);
+}
+
+/* ---- connect-to-me -------------------------------------------------- */
+
+/* Dial a peer unless a link to it exists or is under way; want is the role
+ * we will give the link. */
+static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
+{
+	if (wire_addr_eq(&pi->addr, &n->self.addr))
+		return;
+	struct link *l = link_find_peer(n, &pi->addr, false);
+	if (l) {
+		l->want_roles |= want;
+		if (l->state == LINK_UP)
+			ring_roles_set(l, l->local_roles | want);
+		return;
+	}
+	bool have[3] = { false, false, false };
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		have[n->listeners[i].proto] = true;
+	/* Prefer a transport we listen on (UDP first), else whatever the peer has. */
+	static const uint8_t order[4] = { PROTO_UDP, PROTO_TCP, PROTO_TCP, PROTO_UDP };
+	unsigned dialled = 0;
+	for (unsigned pass = 0; pass < 4 && !dialled; pass++) {
+		uint8_t proto = order[pass];
+		if (pass < 2 && !have[proto])
+			continue;
+		for (unsigned i = 0; i < pi->n_endpoints && dialled < RING_DIAL_ENDPOINTS_MAX; i++) {
+			const struct endpoint *ep = &pi->endpoints[i];
+			if (ep->proto != proto || ep->port == 0)
+				continue;
+			if (link_dial(n, ep, &pi->addr, want))
+				dialled++;
+		}
+	}
+}
+
+/* Our near peers' infos, for a connect-to-me reply; skips `except`. */
+static uint8_t ring_near_infos(struct node *n, struct peer_info *out, const ring_addr *except)
+{
+	uint8_t k = 0;
+	for (struct link *l = n->links; l && k < RING_CTM_NEIGHBOURS_MAX; l = l->next) {
+		if (!ring_link_usable(l) || !(l->local_roles & ROLE_NEAR) ||
+		    wire_addr_eq(&l->peer.addr, except))
+			continue;
+		bool dup = false;
+		for (uint8_t j = 0; j < k; j++)
+			dup |= wire_addr_eq(&out[j].addr, &l->peer.addr);
+		if (!dup)
+			out[k++] = l->peer;
+	}
+	return k;
+}
+
+static void ring_ctm_send(struct node *n, uint8_t mode, const ring_addr *target,
+			  uint8_t want, uint32_t token)
+{
+	struct link *first = ring_next_hop(n, mode, target);
+	if (!first)
+		return;         /* we are the answer: nothing to connect to */
+	struct wire_ctm_req m = { .token = token, .want = want, .reply_via = first->peer.addr,
+				  .from = n->self };
+	uint8_t payload[WIRE_MAX_PACKET_BYTES];
+	ssize_t len = wire_ctm_req_encode(payload, sizeof payload, &m);
+	if (len > 0)
+		ring_send(n, mode, target, NULL, INNER_CTM_REQ, payload, (size_t)len);
+}
+
+static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
+{
+	struct wire_ctm_req q;
+	if (wire_ctm_req_decode(r->payload, r->len, &q) < 0 ||
+	    !wire_addr_eq(&q.from.addr, &r->src)) {
+		ring_drop(n, DROP_MALFORMED, &r->src);
+		return;
+	}
+	if (wire_addr_eq(&q.from.addr, &n->self.addr))
+		return;
+	struct wire_ctm_reply m = { .token = q.token, .want = q.want, .from = n->self };
+	m.n_neighbours = ring_near_infos(n, m.neighbours, &q.from.addr);
+	uint8_t payload[WIRE_MAX_PACKET_BYTES];
+	ssize_t len = wire_ctm_reply_encode(payload, sizeof payload, &m);
+	if (len > 0)
+		ring_send(n, MODE_EXACT, &q.from.addr, &q.reply_via, INNER_CTM_REPLY, payload, (size_t)len);
+	ring_dial(n, &q.from, 0);       /* both ends dial at once */
+}
+
+static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
+{
+	struct wire_ctm_reply m;
+	if (wire_ctm_reply_decode(r->payload, r->len, &m) < 0 || !wire_addr_eq(&m.from.addr, &r->src)) {
+		ring_drop(n, DROP_MALFORMED, &r->src);
+		return;
+	}
+	uint8_t want = 0;
+	if ((m.want & ROLE_FAR) && m.token == n->ring.far_token && n->ring.far_pending_until_ms) {
+		n->ring.far_pending_until_ms = 0;
+		struct link *l = link_find_peer(n, &m.from.addr, true);
+		if (!l || !(l->local_roles & ROLE_NEAR))
+			want = ROLE_FAR;
+	}
+	ring_dial(n, &m.from, want);
+	for (unsigned i = 0; i < m.n_neighbours; i++)
+		if (!wire_addr_eq(&m.neighbours[i].addr, &n->self.addr) &&
+		    ring_would_be_near(n, &m.neighbours[i].addr))
+			ring_dial(n, &m.neighbours[i], 0);
+}
+
+/* ---- overlay echo --------------------------------------------------- */
+
+static void ring_echo_send(struct node *n, const ring_addr *dst, uint32_t id)
+{
+	struct wire_echo m = { .id = id, .t_us = ev_clock_us() };
+	uint8_t payload[32];
+	ssize_t len = wire_echo_encode(payload, sizeof payload, false, &m);
+	if (len > 0)
+		ring_send(n, MODE_EXACT, dst, NULL, INNER_ECHO_REQ, payload, (size_t)len);
+}
+
+static void ring_on_echo(struct node *n, const struct wire_routed *r, bool reply)
+{
+	struct wire_echo m;
+	if (wire_echo_decode(r->payload, r->len, reply, &m) < 0) {
+		ring_drop(n, DROP_MALFORMED, &r->src);
+		return;
+	}
+	if (reply) {
+		uint64_t now = ev_clock_us();
+		if (n->ring.echo_reply)
+			n->ring.echo_reply(n, m.id, now > m.t_us ? now - m.t_us : 0, m.req_hops);
+		return;
+	}
+	m.req_hops = r->hops;
+	uint8_t payload[32];
+	ssize_t len = wire_echo_encode(payload, sizeof payload, true, &m);
+	if (len > 0)
+		ring_send(n, MODE_EXACT, &r->src, NULL, INNER_ECHO_REPLY, payload, (size_t)len);
+}
+
+static void ring_deliver(struct node *n, const struct wire_routed *r)
+{
+	n->counters_delivered++;
+	switch (r->inner) {
+	case INNER_CTM_REQ:
+		ring_on_ctm_req(n, r);
+		break;
+	case INNER_CTM_REPLY:
+		ring_on_ctm_reply(n, r);
+		break;
+	case INNER_ECHO_REQ:
+	case INNER_ECHO_REPLY:
+		ring_on_echo(n, r, r->inner == INNER_ECHO_REPLY);
+		break;
+	}
+}
+
+/* ---- upkeep --------------------------------------------------------- */
+
+static void ring_probe(struct node *n)
+{
+	uint64_t now = ev_now(&n->loop);
+	ring_addr one = ring_one();
+	ring_addr after = ring_add(&n->self.addr, &one), before = ring_sub(&n->self.addr, &one);
+	ring_ctm_send(n, MODE_SUCC, &after, 0, 0);
+	ring_ctm_send(n, MODE_PRED, &before, 0, 0);
+	/* Jitter keeps a thousand nodes started together from probing in step. */
+	n->ring.next_probe_ms = now + RING_PROBE_MS / 2 + (sec_random_u64(&n->rng) % RING_PROBE_MS);
+}
+
+/* Probe soon, but never more than once per 100 ms. */
+static void ring_probe_soon(struct node *n)
+{
+	uint64_t soon = ev_now(&n->loop) + 100;
+	if (n->ring.next_probe_ms > soon)
+		n->ring.next_probe_ms = soon;
+}
+
+static unsigned ring_count_role(struct node *n, uint8_t role, struct link **one)
+{
+	unsigned c = 0;
+	for (struct link *l = n->links; l; l = l->next)
+		if (ring_link_usable(l) && (l->local_roles & role)) {
+			c++;
+			*one = l;
+		}
+	return c;
+}
+
+/* Ask for one more far link at a harmonically distributed distance:
+ * d = N^(u-1) of the ring for u uniform in [0,1). */
+static void ring_far_request(struct node *n, double n_est)
+{
+	double f = exp(log(n_est) * (sec_random_unit(&n->rng) - 1.0));
+	ring_addr off;
+	sec_random(&n->rng, off.b, sizeof off.b);
+	uint64_t top = f >= 1.0 ? UINT64_MAX : (uint64_t)(f * 18446744073709551616.0);
+	struct wbuf w = wbuf_of(off.b, 8);
+	wbuf_u64(&w, top);
+	ring_addr target = ring_add(&n->self.addr, &off);
+	n->ring.far_token = (uint32_t)sec_random_u64(&n->rng);
+	n->ring.far_pending_until_ms = ev_now(&n->loop) + 3000;
+	ring_ctm_send(n, MODE_NEAREST, &target, ROLE_FAR, n->ring.far_token);
+}
+
+static void ring_far_upkeep(struct node *n)
+{
+	if (!n->ring.joined)
+		return;
+	n->ring.n_estimate = ring_estimate_n(n);
+	unsigned want = ring_far_target(n->ring.n_estimate);
+	struct link *one = NULL;
+	unsigned have = ring_count_role(n, ROLE_FAR, &one);
+	uint64_t now = ev_now(&n->loop);
+	if (have > want + 1 && one)
+		ring_roles_set(one, one->local_roles & (uint8_t)~ROLE_FAR);
+	else if (have < want && now >= n->ring.far_pending_until_ms)
+		ring_far_request(n, n->ring.n_estimate);
+}
+
+static void ring_close_unneeded(struct node *n)
+{
+	uint64_t now = ev_now(&n->loop);
+	for (struct link *l = n->links; l; l = l->next)
+		if (ring_link_usable(l) && !l->local_roles && !l->peer_roles &&
+		    now - l->up_ms > LINK_UNNEEDED_GRACE_MS)
+			link_close(l, BYE_UNNEEDED);
+}
+
+/* With no link at all, dial the bootstrap peers, backing off to 30 s. */
+static void ring_bootstrap_upkeep(struct node *n)
+{
+	uint64_t now = ev_now(&n->loop);
+	if (n->links || !n->ring.n_boot || now < n->ring.next_boot_ms)
+		return;
+	for (unsigned i = 0; i < n->ring.n_boot; i++)
+		link_dial(n, &n->ring.boot[i], NULL, ROLE_LEAF);
+	uint64_t b = n->ring.boot_backoff_ms ? n->ring.boot_backoff_ms * 2 : 1000;
+	n->ring.boot_backoff_ms = b > RING_BOOT_RETRY_MAX_MS ? RING_BOOT_RETRY_MAX_MS : b;
+	n->ring.next_boot_ms = now + n->ring.boot_backoff_ms;
+}
+
+static int64_t ring_tick(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, ring.tick);
+	ring_bootstrap_upkeep(n);
+	ring_close_unneeded(n);
+	ring_far_upkeep(n);
+	if (ev_now(loop) >= n->ring.next_probe_ms)
+		ring_probe(n);
+	uint64_t next = n->ring.next_probe_ms > ev_now(loop) ? n->ring.next_probe_ms - ev_now(loop) : 0;
+	return next < RING_TICK_MS ? (int64_t)next : RING_TICK_MS;
+}
+
+/* ---- link hooks ----------------------------------------------------- */
+
+static void ring_on_link_up(struct node *n, struct link *l)
+{
+	n->ring.boot_backoff_ms = 0;
+	l->local_roles = l->want_roles;
+	link_send_byte(l, WIRE_ROLES, l->local_roles);
+	ring_near_recompute(n);
+	if (!n->ring.joined || (l->local_roles & ROLE_NEAR))
+		ring_probe_soon(n);
+}
+
+static void ring_on_link_down(struct node *n, struct link *l, uint8_t reason)
+{
+	ring_near_recompute(n);
+	if ((l->local_roles & ROLE_NEAR) || reason == BYE_LEAVING || reason == 0)
+		ring_probe_soon(n);
+}
+
+static void ring_on_roles(struct node *n, struct link *l)
+{
+	(void)n;
+	(void)l;        /* peer roles only matter to ring_close_unneeded */
+}
+
+static void ring_on_routed(struct node *n, struct link *l, const uint8_t *pkt, size_t len)
+{
+	struct wire_routed r;
+	if (wire_routed_decode(pkt, len, &r) < 0) {
+		link_drop(l, DROP_MALFORMED);
+		return;
+	}
+	ring_route(n, &r);
+}
+
+/* Tell every neighbour we are going; they drop us at once. */
+static void ring_leave(struct node *n)
+{
+	n->hooks.down = NULL;
+	for (struct link *l = n->links; l; l = l->next)
+		link_close(l, BYE_LEAVING);
+}
+
+static void ring_start(struct node *n)
+{
+	n->hooks = (struct link_hooks){ .up = ring_on_link_up, .down = ring_on_link_down,
+					.roles = ring_on_roles, .routed = ring_on_routed };
+	ev_timer_init(&n->ring.tick, ring_tick);
+	ev_timer_arm(&n->loop, &n->ring.tick, 0);
+}
+
+/* ===================================================================== 15 ctl_
+ * The control socket: a per-user unix stream socket (mode 0600) on which the
+ * CLI asks a running node one question per connection, as one text line:
+ *   "status json" | "status text" | "ping TARGET TIMEOUT_MS"
+ * and reads the answer until the node closes.  Clients are a fixed table;
+ * the answer is written without blocking, so a stuck client costs one slot
+ * until its idle timer closes it.  To add a command: a ctl_cmd_* function
+ * and a line in ctl_execute.
+ * ========================================================================= */
+
+enum { CTL_IDLE_TIMEOUT_MS = 10000 };
+
+struct ctl_client {
+	struct ctl *ctl;
+	int fd;                         /* -1: slot free */
+	char in[CTL_LINE_MAX_BYTES];
+	size_t in_len;
+	struct buf_str out;
+	size_t out_off;
+	uint32_t ping_id;               /* nonzero while an echo is outstanding */
+	struct ev_timer timer;          /* idle or ping timeout */
+};
+
+struct ctl {
+	struct node *node;
+	int fd;
+	char path[108];                 /* sizeof sun_path */
+	uint32_t next_ping_id;
+	struct ctl_client clients[CTL_CLIENTS_MAX];
+};
+
+/* A target is a 40-hex ring address or a dotted virtual IPv4 address. */
+static int ctl_parse_target(const char *s, ring_addr *out)
+{
+	struct in_addr ia;
+	if (buf_unhex(s, out->b, RING_ADDR_BYTES))
+		return 0;
+	if (inet_pton(AF_INET, s, &ia) == 1) {
+		*out = sec_addr_of_ip(ntohl(ia.s_addr));
+		return 0;
+	}
+	return -EINVAL;
+}
+
+static void ctl_client_close(struct ctl_client *c)
+{
+	struct ev_loop *loop = &c->ctl->node->loop;
+	ev_fd_forget(loop, c->fd);
+	close(c->fd);
+	c->fd = -1;
+	c->ping_id = 0;
+	ev_timer_cancel(loop, &c->timer);
+	buf_str_free(&c->out);
+}
+
+static void ctl_client_event(struct ev_loop *loop, int fd, void *arg, uint32_t events);
+
+/* Write what we can; close once everything is out. */
+static void ctl_client_flush(struct ctl_client *c)
+{
+	while (c->out_off < c->out.len) {
+		ssize_t w = send(c->fd, c->out.s + c->out_off, c->out.len - c->out_off, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && errno == EAGAIN) {
+			ev_fd_watch(&c->ctl->node->loop, c->fd, EPOLLOUT, ctl_client_event, c);
+			return;
+		}
+		if (w <= 0)
+			break;
+		c->out_off += (size_t)w;
+	}
+	ctl_client_close(c);
+}
+
+static void ctl_json_link(struct buf_str *o, const struct link *l, uint64_t now)
+{
+	char addr[2 * RING_ADDR_BYTES + 1] = "", ip[16], uri[40];
+	uint8_t roles = l->local_roles | l->peer_roles;
+	struct endpoint e = link_endpoint_of(l->proto, &l->remote);
+	link_endpoint_uri(&e, uri);
+	if (l->peer_known)
+		ring_addr_hex(&l->peer.addr, addr);
+	else if (l->expect_set)
+		ring_addr_hex(&l->expect, addr);
+	buf_printf(o, "{\"type\":\"%s\",\"roles\":[", ring_role_main(roles));
+	for (unsigned i = 0, first = 1; i < ARRAY_LEN(ring_role_names); i++)
+		if (roles & (1u << i)) {
+			buf_printf(o, "%s\"%s\"", first ? "" : ",", ring_role_names[i]);
+			first = 0;
+		}
+	buf_printf(o, "],\"local_roles\":%u,\"peer_roles\":%u,", l->local_roles, l->peer_roles);
+	buf_printf(o, addr[0] ? "\"address\":\"%s\"," : "\"address\":null,", addr);
+	if (l->peer_known && l->peer.vip) {
+		buf_ip_str(l->peer.vip, ip);
+		buf_printf(o, "\"ip\":\"%s\",", ip);
+	} else {
+		buf_printf(o, "\"ip\":null,");
+	}
+	buf_printf(o, "\"uri\":\"%s\",\"state\":\"%s\",\"direction\":\"%s\",", uri,
+		   link_state_names[l->state], l->initiator ? "out" : "in");
+	if (l->rtt_ms >= 0)
+		buf_printf(o, "\"rtt_ms\":%.3f,", l->rtt_ms);
+	else
+		buf_printf(o, "\"rtt_ms\":null,");
+	buf_printf(o, "\"age_ms\":%llu,\"tx_packets\":%llu,\"rx_packets\":%llu,\"tx_bytes\":%llu,"
+		   "\"rx_bytes\":%llu}", (unsigned long long)(now - l->created_ms),
+		   (unsigned long long)l->tx_packets, (unsigned long long)l->rx_packets,
+		   (unsigned long long)l->tx_bytes, (unsigned long long)l->rx_bytes);
+}
+
+static void ctl_json_listen(struct buf_str *o, const struct node *n)
+{
+	buf_printf(o, "\"listen\":[");
+	for (unsigned i = 0; i < n->n_listeners; i++) {
+		char uri[40];
+		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);
+		link_endpoint_uri(&e, uri);
+		buf_printf(o, "%s\"%s\"", i ? "," : "", uri);
+	}
+	buf_printf(o, "],");
+}
+
+static void ctl_status_json(struct node *n, struct buf_str *o)
+{
+	char addr[2 * RING_ADDR_BYTES + 1], ip[16];
+	uint64_t now = ev_now(&n->loop);
+	ring_addr_hex(&n->self.addr, addr);
+	buf_printf(o, "{\"address\":\"%s\",", addr);
+	if (n->self.vip) {
+		buf_ip_str(n->self.vip, ip);
+		buf_printf(o, "\"ip\":\"%s\",\"prefix\":%u,", ip, n->vip_prefix);
+	} else {
+		buf_printf(o, "\"ip\":null,");
+	}
+	buf_printf(o, "\"pid\":%d,\"uptime_s\":%llu,\"joined\":%s,\"n_estimate\":%.1f,",
+		   (int)getpid(), (unsigned long long)((now - n->start_ms) / 1000),
+		   n->ring.joined ? "true" : "false", n->ring.n_estimate);
+	ctl_json_listen(o, n);
+	buf_printf(o, "\"connections\":[");
+	bool first = true;
+	for (const struct link *l = n->links; l; l = l->next) {
+		if (l->state == LINK_CLOSED)
+			continue;
+		buf_printf(o, first ? "" : ",");
+		ctl_json_link(o, l, now);
+		first = false;
+	}
+	buf_printf(o, "],\"counters\":{\"routed\":%llu,\"delivered\":%llu},\"drops\":{",
+		   (unsigned long long)n->counters_routed, (unsigned long long)n->counters_delivered);
+	for (int i = 0; i < DROP__COUNT; i++)
+		buf_printf(o, "%s\"%s\":%llu", i ? "," : "", drop_names[i],
+			   (unsigned long long)n->drops.count[i]);
+	buf_printf(o, "}}\n");
+}
+
+static void ctl_text_link(struct buf_str *o, const struct link *l)
+{
+	char addr[13] = "?", ip[16] = "-", uri[40], rtt[16] = "-";
+	struct endpoint e = link_endpoint_of(l->proto, &l->remote);
+	link_endpoint_uri(&e, uri);
+	if (l->peer_known)
+		link_addr_short(&l->peer.addr, addr);
+	if (l->peer_known && l->peer.vip)
+		buf_ip_str(l->peer.vip, ip);
+	if (l->rtt_ms >= 0)
+		snprintf(rtt, sizeof rtt, "%.3f", l->rtt_ms);
+	buf_printf(o, "  %-8s %-12s %-15s %-26s %-11s %3s %8s %9llu %9llu\n",
+		   ring_role_main(l->local_roles | l->peer_roles), addr, ip, uri,
+		   link_state_names[l->state], l->initiator ? "out" : "in", rtt,
+		   (unsigned long long)l->tx_packets, (unsigned long long)l->rx_packets);
+}
+
+static void ctl_status_text(struct node *n, struct buf_str *o)
+{
+	char addr[2 * RING_ADDR_BYTES + 1], ip[20] = "none (router only)";
+	uint64_t now = ev_now(&n->loop);
+	ring_addr_hex(&n->self.addr, addr);
+	if (n->self.vip)
+		buf_ip_str(n->self.vip, ip);
+	buf_printf(o, "address   %s\nip        %s\nuptime    %llu s\nring      %s, about %.0f nodes\n",
+		   addr, ip, (unsigned long long)((now - n->start_ms) / 1000),
+		   n->ring.joined ? "joined" : "joining", n->ring.n_estimate);
+	for (unsigned i = 0; i < n->n_listeners; i++) {
+		char uri[40];
+		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);
+		link_endpoint_uri(&e, uri);
+		buf_printf(o, "listen    %s\n", uri);
+	}
+	buf_printf(o, "\nconnections (%u)\n  %-8s %-12s %-15s %-26s %-11s %3s %8s %9s %9s\n",
+		   n->n_links, "TYPE", "ADDRESS", "IP", "URI", "STATE", "DIR", "RTT ms", "TX pkts", "RX pkts");
+	for (const struct link *l = n->links; l; l = l->next)
+		if (l->state != LINK_CLOSED)
+			ctl_text_link(o, l);
+	buf_printf(o, "\ndrops    ");
+	bool any = false;
+	for (int i = 0; i < DROP__COUNT; i++)
+		if (n->drops.count[i]) {
+			buf_printf(o, " %s=%llu", drop_names[i], (unsigned long long)n->drops.count[i]);
+			any = true;
+		}
+	buf_printf(o, "%s\n", any ? "" : " none");
+}
+
+static void ctl_cmd_ping(struct ctl_client *c, const char *target, const char *timeout)
+{
+	struct ctl *ctl = c->ctl;
+	ring_addr dst;
+	char *end;
+	long ms = timeout ? strtol(timeout, &end, 10) : -1;
+	if (!target || ctl_parse_target(target, &dst) < 0 || ms <= 0 ||
+	    ms > CTL_PING_TIMEOUT_MAX_MS || *end) {
+		buf_printf(&c->out, "error usage: ping TARGET TIMEOUT_MS\n");
+		ctl_client_flush(c);
+		return;
+	}
+	c->ping_id = ++ctl->next_ping_id ? ctl->next_ping_id : ++ctl->next_ping_id;
+	ev_timer_arm(&ctl->node->loop, &c->timer, (uint64_t)ms);
+	ring_echo_send(ctl->node, &dst, c->ping_id);
+}
+
+static void ctl_execute(struct ctl_client *c, char *line)
+{
+	char *save = NULL;
+	char *cmd = strtok_r(line, " \t\r", &save);
+	char *a1 = strtok_r(NULL, " \t\r", &save), *a2 = strtok_r(NULL, " \t\r", &save);
+	if (cmd && !strcmp(cmd, "status") && a1 && !strcmp(a1, "json"))
+		ctl_status_json(c->ctl->node, &c->out);
+	else if (cmd && !strcmp(cmd, "status"))
+		ctl_status_text(c->ctl->node, &c->out);
+	else if (cmd && !strcmp(cmd, "ping")) {
+		ctl_cmd_ping(c, a1, a2);
+		return;
+	} else
+		buf_printf(&c->out, "error unknown command\n");
+	ctl_client_flush(c);
+}
+
+static void ctl_client_readable(struct ctl_client *c)
+{
+	ssize_t r = recv(c->fd, c->in + c->in_len, sizeof c->in - 1 - c->in_len, MSG_DONTWAIT);
+	if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
+		ctl_client_close(c);
+		return;
+	}
+	if (r < 0)
+		return;
+	c->in_len += (size_t)r;
+	c->in[c->in_len] = 0;
+	char *nl = strchr(c->in, '\n');
+	if (nl) {
+		*nl = 0;
+		ev_fd_watch(&c->ctl->node->loop, c->fd, 0, ctl_client_event, c);
+		ctl_execute(c, c->in);
+	} else if (c->in_len == sizeof c->in - 1) {
+		buf_printf(&c->out, "error line too long\n");
+		ctl_client_flush(c);
+	}
+}
+
+static void ctl_client_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct ctl_client *c = arg;
+	(void)loop;
+	(void)fd;
+	if (events & EPOLLOUT)
+		ctl_client_flush(c);
+	else if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+		ctl_client_readable(c);
+}
+
+static int64_t ctl_client_timeout(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct ctl_client *c = container_of(t, struct ctl_client, timer);
+	(void)loop;
+	if (c->fd < 0)
+		return EV_TIMER_STOP;
+	if (c->ping_id) {
+		c->ping_id = 0;
+		buf_printf(&c->out, "timeout\n");
+		ctl_client_flush(c);
+	} else {
+		ctl_client_close(c);
+	}
+	return EV_TIMER_STOP;
+}
+
+static void ctl_echo_reply(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops)
+{
+	struct ctl *ctl = n->ctl;
+	for (unsigned i = 0; i < CTL_CLIENTS_MAX; i++) {
+		struct ctl_client *c = &ctl->clients[i];
+		if (c->fd < 0 || c->ping_id != id)
+			continue;
+		c->ping_id = 0;
+		ev_timer_cancel(&n->loop, &c->timer);
+		buf_printf(&c->out, "reply %u %llu\n", hops, (unsigned long long)rtt_us);
+		ctl_client_flush(c);
+		return;
+	}
+}
+
+static void ctl_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
+{
+	struct ctl *ctl = arg;
+	(void)events;
+	int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd < 0)
+		return;
+	for (unsigned i = 0; i < CTL_CLIENTS_MAX; i++) {
+		struct ctl_client *c = &ctl->clients[i];
+		if (c->fd >= 0)
+			continue;
+		if (ev_fd_watch(loop, fd, EPOLLIN, ctl_client_event, c) < 0)
+			break;
+		c->fd = fd;
+		c->in_len = 0;
+		c->out_off = 0;
+		ev_timer_arm(loop, &c->timer, CTL_IDLE_TIMEOUT_MS);
+		return;
+	}
+	close(fd);                      /* table full: the CLI sees EOF and says so */
+}
+
+/* The per-user default: $XDG_RUNTIME_DIR/ipop.sock, else /tmp/ipop-UID/ipop.sock. */
+static int ctl_default_path(char *out, size_t cap, bool create_dir)
+{
+	const char *rt = getenv("XDG_RUNTIME_DIR");
+	if (rt && *rt) {
+		snprintf(out, cap, "%s/ipop.sock", rt);
+		return 0;
+	}
+	char dir[64];
+	snprintf(dir, sizeof dir, "/tmp/ipop-%u", (unsigned)getuid());
+	if (create_dir && mkdir(dir, 0700) < 0 && errno != EEXIST)
+		return -errno;
+	snprintf(out, cap, "%s/ipop.sock", dir);
+	return 0;
+}
+
+static int ctl_connect(const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	if (strlen(path) >= sizeof sa.sun_path)
+		return -ENAMETOOLONG;
+	strcpy(sa.sun_path, path);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		int e = errno;
+		close(fd);
+		return -e;
+	}
+	return fd;
+}
+
+/* Bind the control socket; refuse if a live node already answers there.
+ * On failure err says which call failed and why. */
+static int ctl_open(struct ctl *ctl, struct node *n, const char *path, char *err, size_t errlen)
+{
+	*ctl = (struct ctl){ .node = n, .fd = -1 };
+	for (unsigned i = 0; i < CTL_CLIENTS_MAX; i++) {
+		ctl->clients[i] = (struct ctl_client){ .ctl = ctl, .fd = -1 };
+		ev_timer_init(&ctl->clients[i].timer, ctl_client_timeout);
+	}
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	if (strlen(path) >= sizeof sa.sun_path) {
+		snprintf(err, errlen, "control socket path too long: %s", path);
+		return -ENAMETOOLONG;
+	}
+	int live = ctl_connect(path);
+	if (live >= 0) {
+		close(live);
+		snprintf(err, errlen, "another ipop node is running on control socket %s "
+			 "(stop it, or give this one --control PATH)", path);
+		return -EADDRINUSE;
+	}
+	unlink(path);                   /* a stale socket from a crashed node */
+	strcpy(sa.sun_path, path);
+	ctl->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	mode_t old = umask(0177);
+	int rc = ctl->fd < 0 ? -1 : bind(ctl->fd, (struct sockaddr *)&sa, sizeof sa);
+	umask(old);
+	if (rc < 0 || listen(ctl->fd, 16) < 0 ||
+	    ev_fd_watch(&n->loop, ctl->fd, EPOLLIN, ctl_accept, ctl) < 0) {
+		snprintf(err, errlen, "cannot open control socket %s: %s", path, strerror(errno));
+		if (ctl->fd >= 0)
+			close(ctl->fd);
+		ctl->fd = -1;
+		return -EIO;
+	}
+	snprintf(ctl->path, sizeof ctl->path, "%s", path);
+	n->ctl = ctl;
+	n->ring.echo_reply = ctl_echo_reply;
+	return 0;
+}
+
+static void ctl_close(struct ctl *ctl)
+{
+	for (unsigned i = 0; i < CTL_CLIENTS_MAX; i++)
+		if (ctl->clients[i].fd >= 0)
+			ctl_client_close(&ctl->clients[i]);
+	if (ctl->fd >= 0) {
+		ev_fd_forget(&ctl->node->loop, ctl->fd);
+		close(ctl->fd);
+		unlink(ctl->path);
+	}
+	ctl->fd = -1;
+}
+
+/* ===================================================================== 16 cli_
+ * Flags, the config file, subcommands and main.  One table (cli_flags) lists
+ * every flag with the commands that take it; a config file holds the same
+ * long names as keys ("listen = udp://0.0.0.0:4000", one per line, repeatable
+ * keys repeat), applied where --config stands on the command line.
+ * Errors a user can cause print one line naming the cause and the fix, and
+ * exit with a code from enum exit_code.  To add a flag: a cli_key, a row in
+ * cli_flags, a case in cli_apply, a line in the command's usage text.
+ * ========================================================================= */
+
+enum cli_cmd { CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4 };
+
+enum cli_key {
+	KEY_LISTEN, KEY_BOOTSTRAP, KEY_IP, KEY_CONTROL, KEY_CONFIG, KEY_LOG_LEVEL,
+	KEY_VERBOSE, KEY_QUIET, KEY_JSON, KEY_COUNT, KEY_INTERVAL, KEY_WAIT, KEY_HELP,
+};
+
+struct cli_flag {
+	const char *name;
+	char short_name;
+	bool takes_value;
+	bool in_config;                 /* allowed as a config-file key */
+	enum cli_key key;
+	unsigned cmds;
+};
+
+static const struct cli_flag cli_flags[] = {
+	{ "listen", 0, true, true, KEY_LISTEN, CMD_UP },
+	{ "bootstrap", 0, true, true, KEY_BOOTSTRAP, CMD_UP },
+	{ "ip", 0, true, true, KEY_IP, CMD_UP },
+	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING },
+	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
+	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
+	{ "verbose", 'v', false, false, KEY_VERBOSE, CMD_UP },
+	{ "quiet", 'q', false, false, KEY_QUIET, CMD_UP },
+	{ "json", 0, false, false, KEY_JSON, CMD_STATUS },
+	{ "count", 'c', true, false, KEY_COUNT, CMD_PING },
+	{ "interval", 'i', true, false, KEY_INTERVAL, CMD_PING },
+	{ "wait", 'W', true, false, KEY_WAIT, CMD_PING },
+	{ "help", 'h', false, false, KEY_HELP, CMD_UP | CMD_STATUS | CMD_PING },
+};
+
+struct cli_uri {
+	uint8_t proto;
+	char host[256];
+	uint16_t port;
+};
+
+struct cli_opts {
+	enum cli_cmd cmd;
+	struct cli_uri listen[LISTEN_MAX];
+	unsigned n_listen;
+	struct cli_uri boot[BOOTSTRAP_MAX];
+	unsigned n_boot;
+	bool has_ip;
+	uint32_t ip;
+	uint8_t prefix;
+	char control[108];
+	int log_level;
+	bool json, help;
+	long count;
+	double interval_s, wait_s;
+	const char *target;
+	int config_depth;
+};
+
+static const char cli_usage_main[] =
+	"usage: ipop COMMAND [OPTIONS]\n"
+	"\n"
+	"A virtual IP network over a self-organising peer-to-peer ring.\n"
+	"\n"
+	"commands:\n"
+	"  up       run a node in the foreground\n"
+	"  status   show a running node's address, connections and counters\n"
+	"  ping     send overlay echo requests to a virtual IP or ring address\n"
+	"  version  print the version\n"
+	"\n"
+	"'ipop COMMAND --help' describes each command.  See ipop(1).\n";
+
+static const char cli_usage_up[] =
+	"usage: ipop up [--ip A.B.C.D[/PREFIX]] [--listen URI]... [--bootstrap URI]...\n"
+	"               [--config FILE] [--control PATH] [-v|-q] [--log-level LEVEL]\n"
+	"\n"
+	"Run a node in the foreground until SIGINT or SIGTERM (a graceful leave).\n"
+	"\n"
+	"  --ip A.B.C.D[/P]   this node's virtual IP (ring address = SHA-1 of it);\n"
+	"                     without it the node only routes (random ring address)\n"
+	"  --listen URI       udp://HOST:PORT or tcp://HOST:PORT; repeatable\n"
+	"                     (default udp://0.0.0.0:4000)\n"
+	"  --bootstrap URI    a peer to join through, same form; repeatable\n"
+	"  --config FILE      read options from FILE: 'key = value' lines whose keys\n"
+	"                     are the long option names (listen, bootstrap, ip, ...)\n"
+	"  --control PATH     control socket (default $XDG_RUNTIME_DIR/ipop.sock,\n"
+	"                     else /tmp/ipop-UID/ipop.sock)\n"
+	"  -v, -q             more or less logging; --log-level error|warn|info|debug\n";
+
+static const char cli_usage_status[] =
+	"usage: ipop status [--json] [--control PATH]\n"
+	"\n"
+	"Show the running node's ring address, virtual IP, connections (type,\n"
+	"peer, transport, RTT, traffic) and drop counters.  --json for scripts.\n";
+
+static const char cli_usage_ping[] =
+	"usage: ipop ping [-c COUNT] [-i SECONDS] [-W SECONDS] [--control PATH] TARGET\n"
+	"\n"
+	"Send overlay echo requests through the running node to TARGET, a virtual\n"
+	"IP or a 40-hex-digit ring address; print round-trip time and hop count.\n"
+	"  -c COUNT     stop after COUNT replies or timeouts (default: until ^C)\n"
+	"  -i SECONDS   wait between requests (default 1)\n"
+	"  -W SECONDS   how long to wait for each reply (default 2)\n";
+
+static void cli_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void cli_fail(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fputs("ipop: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+}
+
+/* "udp://HOST:PORT" or "tcp://HOST:PORT"; port 1..65535 (0 allowed to listen). */
+static int cli_parse_uri(const char *s, struct cli_uri *u, bool listening)
+{
+	const char *rest;
+	if (!strncmp(s, "udp://", 6))
+		u->proto = PROTO_UDP;
+	else if (!strncmp(s, "tcp://", 6))
+		u->proto = PROTO_TCP;
+	else
+		return -EINVAL;
+	rest = s + 6;
+	const char *colon = strrchr(rest, ':');
+	if (!colon || colon == rest || (size_t)(colon - rest) >= sizeof u->host)
+		return -EINVAL;
+	memcpy(u->host, rest, (size_t)(colon - rest));
+	u->host[colon - rest] = 0;
+	char *end;
+	errno = 0;
+	long port = strtol(colon + 1, &end, 10);
+	if (errno || *end || colon[1] == 0 || port < (listening ? 0 : 1) || port > 65535)
+		return -EINVAL;
+	u->port = (uint16_t)port;
+	return 0;
+}
+
+static int cli_parse_ip(const char *s, struct cli_opts *o)
+{
+	char ipbuf[32];
+	const char *slash = strchr(s, '/');
+	size_t len = slash ? (size_t)(slash - s) : strlen(s);
+	if (len >= sizeof ipbuf)
+		return -EINVAL;
+	memcpy(ipbuf, s, len);
+	ipbuf[len] = 0;
+	struct in_addr ia;
+	if (inet_pton(AF_INET, ipbuf, &ia) != 1)
+		return -EINVAL;
+	long prefix = 16;
+	if (slash) {
+		char *end;
+		prefix = strtol(slash + 1, &end, 10);
+		if (*end || slash[1] == 0 || prefix < 1 || prefix > 32)
+			return -EINVAL;
+	}
+	o->ip = ntohl(ia.s_addr);
+	if (o->ip == 0)
+		return -EINVAL;
+	o->has_ip = true;
+	o->prefix = (uint8_t)prefix;
+	return 0;
+}
+
+static int cli_parse_level(const char *s)
+{
+	for (int i = 0; i < (int)ARRAY_LEN(log_level_names); i++)
+		if (!strcmp(s, log_level_names[i]))
+			return i;
+	return -1;
+}
+
+static int cli_parse_seconds(const char *s, double *out)
+{
+	char *end;
+	double v = strtod(s, &end);
+	if (*end || s == end || !(v > 0) || v > 3600)
+		return -EINVAL;
+	*out = v;
+	return 0;
+}
+
+static int cli_load_config(struct cli_opts *o, const char *path);
+
+/* Apply one flag or config key; on error print one line and return -1. */
+static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v)
+{
+	char *end;
+	switch (f->key) {
+	case KEY_LISTEN:
+	case KEY_BOOTSTRAP: {
+		bool l = f->key == KEY_LISTEN;
+		unsigned *cnt = l ? &o->n_listen : &o->n_boot;
+		if (*cnt >= (l ? LISTEN_MAX : BOOTSTRAP_MAX)) {
+			cli_fail("too many --%s values (at most %d)", f->name, l ? LISTEN_MAX : BOOTSTRAP_MAX);
+			return -1;
+		}
+		if (cli_parse_uri(v, l ? &o->listen[*cnt] : &o->boot[*cnt], l) < 0) {
+			cli_fail("bad --%s '%s': expected udp://HOST:PORT or tcp://HOST:PORT", f->name, v);
+			return -1;
+		}
+		(*cnt)++;
+		return 0;
+	}
+	case KEY_IP:
+		if (cli_parse_ip(v, o) < 0) {
+			cli_fail("bad --ip '%s': expected an IPv4 address like 10.128.0.5 or 10.128.0.5/16", v);
+			return -1;
+		}
+		return 0;
+	case KEY_CONTROL:
+		if (strlen(v) >= sizeof o->control || !*v) {
+			cli_fail("bad --control '%s': a path of at most %zu bytes", v, sizeof o->control - 1);
+			return -1;
+		}
+		strcpy(o->control, v);
+		return 0;
+	case KEY_CONFIG:
+		return cli_load_config(o, v);
+	case KEY_LOG_LEVEL:
+		if ((o->log_level = cli_parse_level(v)) < 0) {
+			cli_fail("bad --log-level '%s': one of error, warn, info, debug", v);
+			return -1;
+		}
+		return 0;
+	case KEY_VERBOSE:
+		o->log_level = o->log_level < LOG_DEBUG ? o->log_level + 1 : LOG_DEBUG;
+		return 0;
+	case KEY_QUIET:
+		o->log_level = o->log_level > LOG_ERROR ? o->log_level - 1 : LOG_ERROR;
+		return 0;
+	case KEY_JSON:
+		o->json = true;
+		return 0;
+	case KEY_COUNT:
+		o->count = strtol(v, &end, 10);
+		if (*end || !*v || o->count < 1) {
+			cli_fail("bad -c '%s': a positive count", v);
+			return -1;
+		}
+		return 0;
+	case KEY_INTERVAL:
+	case KEY_WAIT:
+		if (cli_parse_seconds(v, f->key == KEY_WAIT ? &o->wait_s : &o->interval_s) < 0) {
+			cli_fail("bad -%c '%s': seconds, more than 0 and at most 3600", f->short_name, v);
+			return -1;
+		}
+		return 0;
+	case KEY_HELP:
+		o->help = true;
+		return 0;
+	}
+	return -1;
+}
+
+static const struct cli_flag *cli_flag_find(const char *name, char short_name, unsigned cmd)
+{
+	for (unsigned i = 0; i < ARRAY_LEN(cli_flags); i++) {
+		const struct cli_flag *f = &cli_flags[i];
+		if (!(f->cmds & cmd))
+			continue;
+		if ((name && !strcmp(f->name, name)) || (!name && short_name && f->short_name == short_name))
+			return f;
+	}
+	return NULL;
+}
+
+static char *cli_trim(char *s)
+{
+	while (isspace((unsigned char)*s))
+		s++;
+	char *e = s + strlen(s);
+	while (e > s && isspace((unsigned char)e[-1]))
+		*--e = 0;
+	return s;
+}
+
+/* One config line: "key = value", "key value" or "key" for a switch. */
+static int cli_config_line(struct cli_opts *o, char *line, const char *path, int lineno)
+{
+	char *hash = strchr(line, '#');
+	if (hash)
+		*hash = 0;
+	char *s = cli_trim(line);
+	if (!*s)
+		return 0;
+	size_t klen = strcspn(s, " \t=");
+	char *v = s + klen;
+	v += strspn(v, " \t");
+	if (*v == '=')
+		v++;
+	s[klen] = 0;
+	const struct cli_flag *f = cli_flag_find(s, 0, CMD_UP);
+	if (!f || !f->in_config) {
+		cli_fail("%s:%d: unknown key '%s' (keys are the long options of 'ipop up')", path, lineno, s);
+		return -1;
+	}
+	v = cli_trim(v);
+	if (f->takes_value && !*v) {
+		cli_fail("%s:%d: key '%s' needs a value", path, lineno, f->name);
+		return -1;
+	}
+	return cli_apply(o, f, v);
+}
+
+static int cli_load_config(struct cli_opts *o, const char *path)
+{
+	FILE *fp = fopen(path, "r");
+	if (!fp) {
+		cli_fail("cannot read config file %s: %s", path, strerror(errno));
+		return -1;
+	}
+	char line[1024];
+	int lineno = 0, rc = 0;
+	while (rc == 0 && fgets(line, sizeof line, fp)) {
+		lineno++;
+		if (!strchr(line, '\n') && !feof(fp)) {
+			cli_fail("%s:%d: line too long", path, lineno);
+			rc = -1;
+		} else {
+			rc = cli_config_line(o, line, path, lineno);
+		}
+	}
+	if (rc == 0 && ferror(fp)) {
+		cli_fail("cannot read config file %s: %s", path, strerror(errno));
+		rc = -1;
+	}
+	fclose(fp);
+	return rc;
+}
+
+/* Parse "--name value", "--name=value", "-x value", switches and the one
+ * positional argument (ping's target).  -1 on error (already printed). */
+static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char *cmdname)
+{
+	for (int i = 0; i < argc; i++) {
+		char *a = argv[i], *val = NULL;
+		const struct cli_flag *f = NULL;
+		if (a[0] == '-' && a[1] == '-' && a[2]) {
+			char name[64];
+			char *eq = strchr(a + 2, '=');
+			size_t len = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+			snprintf(name, sizeof name, "%.*s", (int)(len < 63 ? len : 63), a + 2);
+			f = cli_flag_find(name, 0, o->cmd);
+			val = eq ? eq + 1 : NULL;
+		} else if (a[0] == '-' && a[1] && !a[2]) {
+			f = cli_flag_find(NULL, a[1], o->cmd);
+		} else if (o->cmd == CMD_PING && !o->target) {
+			o->target = a;
+			continue;
+		} else {
+			cli_fail("%s: unexpected argument '%s' (see 'ipop %s --help')", cmdname, a, cmdname);
+			return -1;
+		}
+		if (!f) {
+			cli_fail("%s: unknown option '%s' (see 'ipop %s --help')", cmdname, a, cmdname);
+			return -1;
+		}
+		if (f->takes_value && !val) {
+			if (i + 1 >= argc) {
+				cli_fail("%s: option '%s' needs a value", cmdname, a);
+				return -1;
+			}
+			val = argv[++i];
+		} else if (!f->takes_value && val) {
+			cli_fail("%s: option '--%s' takes no value", cmdname, f->name);
+			return -1;
+		}
+		if (cli_apply(o, f, val) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+static int cli_resolve(const struct cli_uri *u, struct endpoint *ep, char *err, size_t errlen)
+{
+	struct addrinfo hints = { .ai_family = AF_INET }, *res = NULL;
+	int rc = getaddrinfo(u->host, NULL, &hints, &res);
+	if (rc != 0 || !res) {
+		snprintf(err, errlen, "cannot resolve host '%s': %s", u->host, gai_strerror(rc));
+		return -1;
+	}
+	const struct sockaddr_in *sa = (const struct sockaddr_in *)(void *)res->ai_addr;
+	*ep = (struct endpoint){ .proto = u->proto, .ip = ntohl(sa->sin_addr.s_addr), .port = u->port };
+	freeaddrinfo(res);
+	return 0;
+}
+
+/* ---- node setup (ipop up) ------------------------------------------ */
+
+static int cli_listener_open(struct node *n, const struct endpoint *ep, char *err, size_t errlen)
+{
+	char uri[40];
+	link_endpoint_uri(ep, uri);
+	struct listener *L = &n->listeners[n->n_listeners];
+	L->proto = ep->proto;
+	L->sa = link_sockaddr_of(ep);
+	L->fd = socket(AF_INET, (ep->proto == PROTO_UDP ? SOCK_DGRAM : SOCK_STREAM) |
+			   SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	int one = 1;
+	if (L->fd >= 0 && ep->proto == PROTO_TCP) /* TIME_WAIT only; two listeners still clash */
+		setsockopt(L->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	socklen_t sl = sizeof L->sa;
+	if (L->fd < 0 || bind(L->fd, (struct sockaddr *)&L->sa, sizeof L->sa) < 0 ||
+	    (ep->proto == PROTO_TCP && listen(L->fd, 128) < 0) ||
+	    getsockname(L->fd, (struct sockaddr *)&L->sa, &sl) < 0) {
+		int e = errno;
+		snprintf(err, errlen, "cannot listen on %s: %s%s", uri, strerror(e),
+			 e == EADDRINUSE ? " (another program holds that port; choose another with --listen)" :
+			 e == EACCES ? " (ports below 1024 need privileges; choose a higher one)" : "");
+		if (L->fd >= 0)
+			close(L->fd);
+		return -1;
+	}
+	ev_fd_watch(&n->loop, L->fd, EPOLLIN, ep->proto == PROTO_UDP ? link_udp_readable : link_tcp_accept, n);
+	n->n_listeners++;
+	return 0;
+}
+
+static void cli_self_endpoint_add(struct node *n, uint8_t proto, uint32_t ip, uint16_t port)
+{
+	if (n->self.n_endpoints < LINK_ENDPOINTS_MAX)
+		n->self.endpoints[n->self.n_endpoints++] = (struct endpoint){ proto, ip, port };
+}
+
+/* What we advertise: each listener's address, or for a wildcard listener
+ * every non-loopback IPv4 interface address (loopback if there is none). */
+static void cli_self_endpoints(struct node *n)
+{
+	for (unsigned i = 0; i < n->n_listeners; i++) {
+		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);
+		if (e.ip != 0) {
+			cli_self_endpoint_add(n, e.proto, e.ip, e.port);
+			continue;
+		}
+		struct ifaddrs *ifs = NULL;
+		unsigned before = n->self.n_endpoints;
+		if (getifaddrs(&ifs) == 0) {
+			for (struct ifaddrs *it = ifs; it; it = it->ifa_next) {
+				if (!it->ifa_addr || it->ifa_addr->sa_family != AF_INET)
+					continue;
+				uint32_t ip = ntohl(((struct sockaddr_in *)(void *)it->ifa_addr)->sin_addr.s_addr);
+				if ((ip >> 24) != 127)
+					cli_self_endpoint_add(n, e.proto, ip, e.port);
+			}
+			freeifaddrs(ifs);
+		}
+		if (n->self.n_endpoints == before)
+			cli_self_endpoint_add(n, e.proto, 0x7f000001u, e.port);
+	}
+}
+
+static int cli_signals_open(struct node *n, int *sfd);
+
+static void cli_node_free(struct node *n)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		link_close(l, 0);
+	link_reap(n);
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		close(n->listeners[i].fd);
+	if (n->udp_dial_fd >= 0)
+		close(n->udp_dial_fd);
+	sec_rng_free(&n->rng);
+	ev_fini(&n->loop);
+}
+
+static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	*n = (struct node){ .udp_dial_fd = -1 };
+	if (ev_init(&n->loop) < 0 || sec_rng_init(&n->rng) < 0) {
+		snprintf(err, errlen, "cannot start the event loop or random generator: %s", strerror(errno));
+		return -1;
+	}
+	n->start_ms = ev_now(&n->loop);
+	if (o->has_ip) {
+		n->self.vip = o->ip;
+		n->vip_prefix = o->prefix;
+		n->self.addr = sec_addr_of_ip(o->ip);
+	} else {
+		sec_random(&n->rng, n->self.addr.b, RING_ADDR_BYTES);
+	}
+	for (unsigned i = 0; i < o->n_boot; i++) {
+		char e2[300];
+		if (cli_resolve(&o->boot[i], &n->ring.boot[i], e2, sizeof e2) < 0) {
+			snprintf(err, errlen, "bootstrap %s", e2);
+			return -1;
+		}
+	}
+	n->ring.n_boot = o->n_boot;
+	struct cli_uri def = { .proto = PROTO_UDP, .host = "0.0.0.0", .port = 4000 };
+	for (unsigned i = 0; i < (o->n_listen ? o->n_listen : 1); i++) {
+		struct endpoint ep;
+		const struct cli_uri *u = o->n_listen ? &o->listen[i] : &def;
+		if (cli_resolve(u, &ep, err, errlen) < 0 || cli_listener_open(n, &ep, err, errlen) < 0)
+			return -1;
+	}
+	cli_self_endpoints(n);
+	return 0;
+}
+
+static void cli_signal_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct signalfd_siginfo si;
+	(void)arg;
+	(void)events;
+	while (read(fd, &si, sizeof si) == (ssize_t)sizeof si)
+		if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
+			log_info("cli", "signal %u: leaving the ring", si.ssi_signo);
+			loop->stop = true;
+		}
+}
+
+static int cli_signals_open(struct node *n, int *sfd)
+{
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	signal(SIGPIPE, SIG_IGN);
+	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
+		return -errno;
+	*sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (*sfd < 0)
+		return -errno;
+	return ev_fd_watch(&n->loop, *sfd, EPOLLIN, cli_signal_event, NULL);
+}
+
+static void cli_log_start(const struct node *n)
+{
+	char addr[2 * RING_ADDR_BYTES + 1], ip[20] = "none (router only)";
+	ring_addr_hex(&n->self.addr, addr);
+	if (n->self.vip)
+		buf_ip_str(n->self.vip, ip);
+	log_info("cli", "node %s, virtual ip %s", addr, ip);
+	for (unsigned i = 0; i < n->n_listeners; i++) {
+		char uri[40];
+		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);
+		link_endpoint_uri(&e, uri);
+		log_info("cli", "listening on %s", uri);
+	}
+}
+
+static int cli_up(struct cli_opts *o)
+{
+	static struct node node;        /* large; static keeps it off the stack */
+	static struct ctl ctl;
+	char err[512];
+	int sfd = -1;
+	log_cfg.level = o->log_level;
+	if (!o->control[0] && ctl_default_path(o->control, sizeof o->control, true) < 0) {
+		cli_fail("cannot create the control socket directory: %s (use --control PATH)", strerror(errno));
+		return EXIT_FAIL;
+	}
+	if (cli_node_init(&node, o, err, sizeof err) < 0 ||
+	    ctl_open(&ctl, &node, o->control, err, sizeof err) < 0) {
+		cli_fail("%s", err);
+		cli_node_free(&node);
+		return EXIT_FAIL;
+	}
+	if (cli_signals_open(&node, &sfd) < 0) {
+		cli_fail("cannot set up signal handling: %s", strerror(errno));
+		ctl_close(&ctl);
+		cli_node_free(&node);
+		return EXIT_FAIL;
+	}
+	cli_log_start(&node);
+	ring_start(&node);
+	while (!node.loop.stop) {
+		ev_run_once(&node.loop);
+		link_reap(&node);
+	}
+	ring_leave(&node);
+	ctl_close(&ctl);
+	cli_node_free(&node);
+	close(sfd);
+	return EXIT_OK;
+}
+
+/* ---- client commands ------------------------------------------------ */
+
+/* Send one line to the node and read the whole answer. */
+static int cli_ctl_ask(const char *path, const char *line, struct buf_str *answer, int timeout_ms)
+{
+	int fd = ctl_connect(path);
+	if (fd < 0)
+		return fd;
+	struct timeval tv = { .tv_sec = timeout_ms / 1000, .tv_usec = (timeout_ms % 1000) * 1000 };
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+	size_t len = strlen(line);
+	if (send(fd, line, len, MSG_NOSIGNAL) != (ssize_t)len) {
+		int e = errno;
+		close(fd);
+		return -e;
+	}
+	char chunk[4096];
+	ssize_t r;
+	while ((r = recv(fd, chunk, sizeof chunk, 0)) > 0)
+		buf_printf(answer, "%.*s", (int)r, chunk);
+	int e = r < 0 ? errno : 0;
+	close(fd);
+	return r < 0 ? -e : 0;
+}
+
+static int cli_no_node(const char *path, int rc)
+{
+	cli_fail("no node answers on %s: %s (is 'ipop up' running? for another node use --control PATH)",
+		 path, strerror(-rc));
+	return EXIT_NO_NODE;
+}
+
+static int cli_status(struct cli_opts *o)
+{
+	if (!o->control[0])
+		ctl_default_path(o->control, sizeof o->control, false);
+	struct buf_str ans = { 0 };
+	int rc = cli_ctl_ask(o->control, o->json ? "status json\n" : "status text\n", &ans, 5000);
+	if (rc < 0 || !ans.len) {
+		buf_str_free(&ans);
+		return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
+	}
+	fwrite(ans.s, 1, ans.len, stdout);
+	buf_str_free(&ans);
+	return EXIT_OK;
+}
+
+static void cli_sleep_s(double s)
+{
+	struct timespec ts = { .tv_sec = (time_t)s, .tv_nsec = (long)((s - (double)(time_t)s) * 1e9) };
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+static int cli_ping(struct cli_opts *o)
+{
+	ring_addr dst;
+	if (!o->target || ctl_parse_target(o->target, &dst) < 0) {
+		cli_fail("ping: %s (a virtual IP like 10.128.0.5 or a 40-hex-digit ring address)",
+			 o->target ? "bad target" : "missing target");
+		return EXIT_USAGE;
+	}
+	if (!o->control[0])
+		ctl_default_path(o->control, sizeof o->control, false);
+	long wait_ms = (long)(o->wait_s * 1000), replies = 0, sent = 0;
+	char line[128];
+	snprintf(line, sizeof line, "ping %s %ld\n", o->target, wait_ms);
+	for (long seq = 1; !o->count || seq <= o->count; seq++) {
+		struct buf_str ans = { 0 };
+		int rc = cli_ctl_ask(o->control, line, &ans, (int)wait_ms + 2000);
+		if (rc < 0 || !ans.len) {
+			buf_str_free(&ans);
+			return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
+		}
+		sent++;
+		unsigned hops;
+		unsigned long long us;
+		if (sscanf(ans.s, "reply %u %llu", &hops, &us) == 2) {
+			replies++;
+			printf("reply from %s: seq=%ld hops=%u time=%.3f ms\n", o->target, seq, hops, us / 1000.0);
+		} else {
+			printf("no reply from %s: seq=%ld (%.*s)\n", o->target, seq,
+			       (int)strcspn(ans.s, "\n"), ans.s);
+		}
+		fflush(stdout);
+		buf_str_free(&ans);
+		if (!o->count || seq < o->count)
+			cli_sleep_s(o->interval_s);
+	}
+	printf("--- %s: %ld sent, %ld replies, %.0f%% loss\n", o->target, sent, replies,
+	       sent ? 100.0 * (double)(sent - replies) / (double)sent : 0.0);
+	return replies ? EXIT_OK : EXIT_FAIL;
+}
+
+static int cli_main(int argc, char **argv)
+{
+	static const struct { const char *name; enum cli_cmd cmd; const char *usage; } cmds[] = {
+		{ "up", CMD_UP, cli_usage_up },
+		{ "status", CMD_STATUS, cli_usage_status },
+		{ "ping", CMD_PING, cli_usage_ping },
+	};
+	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+		fputs(cli_usage_main, argc < 2 ? stderr : stdout);
+		return argc < 2 ? EXIT_USAGE : EXIT_OK;
+	}
+	if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
+		printf("ipop %s (wire protocol %d)\n", IPOP_VERSION, WIRE_VERSION);
+		return EXIT_OK;
+	}
+	for (unsigned i = 0; i < ARRAY_LEN(cmds); i++) {
+		if (strcmp(argv[1], cmds[i].name))
+			continue;
+		struct cli_opts o = { .cmd = cmds[i].cmd, .log_level = LOG_INFO, .interval_s = 1, .wait_s = 2 };
+		if (cli_parse_args(&o, argc - 2, argv + 2, cmds[i].name) < 0)
+			return EXIT_USAGE;
+		if (o.help) {
+			fputs(cmds[i].usage, stdout);
+			return EXIT_OK;
+		}
+		switch (o.cmd) {
+		case CMD_UP:
+			return cli_up(&o);
+		case CMD_STATUS:
+			return cli_status(&o);
+		case CMD_PING:
+			return cli_ping(&o);
+		}
+	}
+	cli_fail("unknown command '%s' (see 'ipop --help')", argv[1]);
+	return EXIT_USAGE;
+}
+
+#ifndef IPOP_NO_MAIN
+int main(int argc, char **argv)
+{
+	return cli_main(argc, argv);
+}
+#endif

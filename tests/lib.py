@@ -1,0 +1,566 @@
+"""Shared helpers for the ipop integration tests (Python 3 stdlib only).
+
+Main pieces:
+  * ipop_bin()            -- locate the binary ($IPOP or <repo>/ipop)
+  * sha1_ip(ip)           -- ring address of a virtual IP (hex)
+  * Net                   -- starts/stops nodes in a private temp dir,
+                             always cleans up (finally + atexit + signals)
+  * true_neighbors(addrs) -- the 2 true successors/predecessors of each addr
+  * ring_check(net, nodes)-- compare nodes' up near links with the true ring
+"""
+
+import atexit
+import concurrent.futures
+import ctypes
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RING = 1 << 160
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+T0 = time.monotonic()
+
+
+def log(*a):
+    """Progress line with time since test start; flushed at once."""
+    print("[%7.2fs] %s" % (time.monotonic() - T0, " ".join(str(x) for x in a)),
+          flush=True)
+
+
+class TestFailure(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise TestFailure(msg)
+
+
+# --------------------------------------------------------------------------
+# binary / addresses
+
+
+def ipop_bin():
+    b = os.environ.get("IPOP") or os.path.join(REPO, "ipop")
+    b = os.path.abspath(b)
+    if not (os.path.isfile(b) and os.access(b, os.X_OK)):
+        print("FATAL: ipop binary not found or not executable: %s "
+              "(set IPOP=/path/to/ipop or run make)" % b, flush=True)
+        sys.exit(1)
+    return b
+
+
+def sha1_ip(ip):
+    """Ring address (40 lowercase hex) of an IPv4 address: SHA-1 of its 4
+    bytes in network order."""
+    return hashlib.sha1(socket.inet_aton(ip)).hexdigest()
+
+
+def addr_int(a):
+    return int(a, 16)
+
+
+def short(a):
+    return (a or "?")[:10]
+
+
+# --------------------------------------------------------------------------
+# ports
+
+_used_ports = set()
+
+
+def free_port(lo=12000, hi=32000):
+    """A loopback port free for BOTH udp and tcp (bind-probe). Stays below
+    the usual ephemeral range so outgoing sockets do not steal it."""
+    for _ in range(2000):
+        p = random.randint(lo, hi)
+        if p in _used_ports:
+            continue
+        ok = True
+        for typ in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            s = socket.socket(socket.AF_INET, typ)
+            try:
+                if typ == socket.SOCK_STREAM:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+            if not ok:
+                break
+        if ok:
+            _used_ports.add(p)
+            return p
+    raise RuntimeError("no free port found")
+
+
+# --------------------------------------------------------------------------
+# running the CLI
+
+
+def run_cli(args, timeout=10, input=None):
+    """Run `ipop ARGS`; returns (rc, stdout, stderr). rc=None on timeout."""
+    cmd = [ipop_bin()] + list(args)
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, text=True,
+                           errors="replace")
+        return p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return None, out, err
+
+
+def _pdeathsig():
+    """preexec_fn: child gets SIGKILL if the test process dies, so a
+    SIGKILLed test run never leaks overlay nodes. Also new session."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------
+# cleanup registry
+
+_nets = []
+
+
+def _cleanup_all():
+    for n in list(_nets):
+        try:
+            n.close()
+        except Exception as e:  # pragma: no cover
+            print("cleanup error: %r" % e, flush=True)
+
+
+def _on_signal(signum, frame):
+    # turn into an exception so that finally: blocks run, then atexit
+    raise SystemExit(128 + signum)
+
+
+atexit.register(_cleanup_all)
+for _s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    try:
+        signal.signal(_s, _on_signal)
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------
+# nodes
+
+
+class Node:
+    def __init__(self, net, idx, udp=None, tcp=None, ip=None, bootstrap=(),
+                 extra=()):
+        self.net = net
+        self.idx = idx
+        self.name = "n%02d" % idx
+        self.udp = udp        # port or None
+        self.tcp = tcp        # port or None
+        self.ip = ip
+        self.bootstrap = list(bootstrap)
+        self.extra = list(extra)
+        self.ctl = os.path.join(net.dir, "%s.sock" % self.name)
+        self.logpath = os.path.join(net.dir, "%s.log" % self.name)
+        self.proc = None
+        self.address = None   # from status, lowercase hex
+        self.killed = False   # intentionally stopped
+        self.started_at = None
+
+    # URIs
+    @property
+    def udp_uri(self):
+        return "udp://127.0.0.1:%d" % self.udp if self.udp else None
+
+    @property
+    def tcp_uri(self):
+        return "tcp://127.0.0.1:%d" % self.tcp if self.tcp else None
+
+    def listen_uris(self):
+        return [u for u in (self.udp_uri, self.tcp_uri) if u]
+
+    def bootstrap_uri(self, prefer="udp"):
+        if prefer == "tcp" and self.tcp:
+            return self.tcp_uri
+        return self.udp_uri or self.tcp_uri
+
+    def argv(self):
+        a = [ipop_bin(), "up"]
+        for u in self.listen_uris():
+            a += ["--listen", u]
+        for b in self.bootstrap:
+            a += ["--bootstrap", b]
+        if self.ip:
+            a += ["--ip", self.ip]
+        a += ["--control", self.ctl]
+        if os.environ.get("IPOP_TEST_VERBOSE"):
+            a.append("-v")
+        a += self.extra
+        return a
+
+    def start(self):
+        lf = open(self.logpath, "ab")
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
+                                     stdout=lf, stderr=lf,
+                                     start_new_session=True,
+                                     preexec_fn=_pdeathsig)
+        lf.close()
+        self.started_at = time.monotonic()
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def returncode(self):
+        return None if self.proc is None else self.proc.poll()
+
+    def send(self, sig):
+        if self.alive():
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self, sig=signal.SIGKILL):
+        self.killed = True
+        self.send(sig)
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def status(self, timeout=5):
+        """Parsed `status --json` dict, or None."""
+        rc, out, err = run_cli(["status", "--control", self.ctl, "--json"],
+                               timeout=timeout)
+        if rc != 0:
+            self.last_status_err = (rc, out[-300:], err[-300:])
+            return None
+        try:
+            d = json.loads(out)
+        except ValueError as e:
+            self.last_status_err = (rc, "bad json: %s: %r" % (e, out[:300]), err[-300:])
+            return None
+        if isinstance(d, dict) and d.get("address"):
+            d["address"] = str(d["address"]).lower()
+            if self.address is None:
+                self.address = d["address"]
+        return d
+
+    def ping(self, target, count=1, wait=3, interval=None, timeout=None):
+        """Returns (ok, hops list, rc, output)."""
+        args = ["ping", "--control", self.ctl, target, "-c", str(count),
+                "-W", str(wait)]
+        if interval is not None:
+            args += ["-i", str(interval)]
+        if timeout is None:
+            timeout = count * (wait + (interval or 1)) + 10
+        rc, out, err = run_cli(args, timeout=timeout)
+        hops = [int(h) for h in re.findall(r"hops=(\d+)", out)]
+        return rc == 0, hops, rc, (out + err).strip()
+
+    def log_tail(self, n=25):
+        try:
+            with open(self.logpath, "rb") as f:
+                lines = f.read().decode(errors="replace").splitlines()
+            return "\n".join("    | " + l for l in lines[-n:])
+        except OSError:
+            return "    | (no log)"
+
+    def desc(self):
+        kind = "udp+tcp" if (self.udp and self.tcp) else ("tcp" if self.tcp else "udp")
+        return "%s[%s %s%s]" % (self.name, short(self.address), kind,
+                                 (" ip=" + self.ip) if self.ip else "")
+
+
+class Net:
+    """A set of nodes in a private temp dir. Use as a context manager;
+    close() is also registered with atexit and runs on SIGTERM/SIGINT."""
+
+    def __init__(self, name):
+        self.name = name
+        self.dir = tempfile.mkdtemp(prefix="ipop-%s-" % name, dir="/tmp")
+        self.nodes = []
+        self.failed = False
+        self._closed = False
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=12)
+        _nets.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is not None:
+            self.failed = True
+        self.close()
+        return False
+
+    def add(self, **kw):
+        n = Node(self, len(self.nodes), **kw)
+        self.nodes.append(n)
+        return n
+
+    def live(self):
+        return [n for n in self.nodes if not n.killed]
+
+    def by_addr(self):
+        return {n.address: n for n in self.nodes if n.address}
+
+    def statuses(self, nodes=None, timeout=5):
+        """{node: status-dict-or-None}, fetched in parallel."""
+        nodes = list(self.live() if nodes is None else nodes)
+        res = list(self.pool.map(lambda n: n.status(timeout=timeout), nodes))
+        return dict(zip(nodes, res))
+
+    def wait_ready(self, nodes=None, timeout=15):
+        """Poll status until every node answers. Returns seconds taken."""
+        nodes = list(self.live() if nodes is None else nodes)
+        t0 = time.monotonic()
+        pending = list(nodes)
+        while pending:
+            dead = [n for n in pending if not n.alive()]
+            if dead:
+                for n in dead:
+                    print("  %s exited rc=%s before ready; log:\n%s"
+                          % (n.name, n.returncode(), n.log_tail()), flush=True)
+                raise TestFailure("%d node(s) died during startup" % len(dead))
+            st = self.statuses(pending)
+            pending = [n for n in pending if st[n] is None]
+            if not pending:
+                break
+            if time.monotonic() - t0 > timeout:
+                for n in pending[:5]:
+                    print("  %s not ready: %r\n%s" % (n.name, getattr(n, "last_status_err", None),
+                                                    n.log_tail(10)), flush=True)
+                raise TestFailure("%d node(s) not ready after %ds"
+                                  % (len(pending), timeout))
+            time.sleep(0.1)
+        return time.monotonic() - t0
+
+    def check_alive(self, nodes=None):
+        """Raise if a node we did not stop has exited."""
+        nodes = self.live() if nodes is None else nodes
+        dead = [n for n in nodes if not n.alive()]
+        if dead:
+            for n in dead:
+                print("  UNEXPECTED EXIT %s rc=%s; log tail:\n%s"
+                      % (n.desc(), n.returncode(), n.log_tail(40)), flush=True)
+            raise TestFailure("%d node(s) exited unexpectedly: %s"
+                              % (len(dead), ", ".join(n.name for n in dead)))
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        for n in self.nodes:
+            if n.proc is not None and n.proc.poll() is None:
+                try:
+                    os.killpg(n.proc.pid, signal.SIGKILL)
+                except OSError:
+                    try:
+                        n.proc.kill()
+                    except OSError:
+                        pass
+        for n in self.nodes:
+            if n.proc is not None:
+                try:
+                    n.proc.wait(timeout=5)
+                except Exception:
+                    pass
+        try:
+            self.pool.shutdown(wait=False)
+        except Exception:
+            pass
+        keep = os.environ.get("IPOP_KEEP_LOGS") or self.failed
+        if keep:
+            dst = os.path.join(REPO, "build", "test-logs", "%s-nodes" % self.name)
+            try:
+                shutil.rmtree(dst, ignore_errors=True)
+                os.makedirs(dst, exist_ok=True)
+                for f in os.listdir(self.dir):
+                    if f.endswith(".log"):
+                        shutil.copy(os.path.join(self.dir, f), dst)
+                print("node logs kept in %s" % dst, flush=True)
+            except OSError as e:
+                print("could not keep logs: %r" % e, flush=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self in _nets:
+            _nets.remove(self)
+
+
+# --------------------------------------------------------------------------
+# ring
+
+
+def true_neighbors(addrs, k=2):
+    """addrs: iterable of 40-hex addresses. Returns {addr: set(addrs)} with
+    the k true successors and k true predecessors of each (mod 2^160),
+    deduplicated and excluding the node itself (matters for small N)."""
+    s = sorted(set(addrs), key=addr_int)
+    n = len(s)
+    out = {}
+    for i, a in enumerate(s):
+        nb = set()
+        for j in range(1, k + 1):
+            if n > 1:
+                nb.add(s[(i + j) % n])
+                nb.add(s[(i - j) % n])
+        nb.discard(a)
+        out[a] = nb
+    return out
+
+
+def conn_roles(c):
+    r = c.get("roles")
+    if isinstance(r, list) and r:
+        return set(r)
+    t = c.get("type")
+    return {t} if t else set()
+
+
+def up_conns(st):
+    """Addresses of all links in state up."""
+    return {str(c.get("address")).lower() for c in (st or {}).get("connections", [])
+            if c.get("state") == "up" and c.get("address")}
+
+
+def near_up(st):
+    """Addresses of links with role near and state up."""
+    return {str(c.get("address")).lower() for c in (st or {}).get("connections", [])
+            if c.get("state") == "up" and c.get("address") and "near" in conn_roles(c)}
+
+
+def ring_check(net, nodes, statuses=None):
+    """Returns (bad, statuses): bad is a list of (node, missing, have)."""
+    st = statuses if statuses is not None else net.statuses(nodes)
+    addrs = [n.address for n in nodes]
+    truth = true_neighbors(addrs)
+    bad = []
+    for n in nodes:
+        s = st.get(n)
+        if s is None:
+            bad.append((n, truth[n.address], None))
+            continue
+        have = near_up(s)
+        missing = truth[n.address] - have
+        if missing:
+            bad.append((n, missing, have))
+    return bad, st
+
+
+def print_ring_bad(net, bad, limit=12):
+    ba = net.by_addr()
+    for n, missing, have in bad[:limit]:
+        if have is None:
+            print("  %s: status failed %r" % (n.desc(), getattr(n, "last_status_err", None)),
+                  flush=True)
+            continue
+        print("  %s missing near: %s; has near-up: %s" % (
+            n.desc(),
+            ", ".join("%s(%s)" % (short(a), ba[a].name if a in ba else "?") for a in sorted(missing)),
+            ", ".join("%s(%s)" % (short(a), ba[a].name if a in ba else "?") for a in sorted(have))),
+            flush=True)
+    if len(bad) > limit:
+        print("  ... and %d more" % (len(bad) - limit), flush=True)
+
+
+def wait_ring(net, nodes, timeout, poll=1.0, label="ring"):
+    """Poll until ring_check passes. Returns seconds taken; raises with
+    details on timeout."""
+    t0 = time.monotonic()
+    last_report = -10
+    while True:
+        net.check_alive(nodes)
+        bad, st = ring_check(net, nodes)
+        el = time.monotonic() - t0
+        if not bad:
+            return el
+        if el - last_report >= 5:
+            log("%s: %d/%d nodes not yet consistent (%.1fs)" % (label, len(bad), len(nodes), el))
+            last_report = el
+        if el > timeout:
+            log("%s: NOT consistent after %.1fs: %d/%d nodes wrong:" % (label, el, len(bad), len(nodes)))
+            print_ring_bad(net, bad)
+            for n, _, _ in bad[:3]:
+                print("  log tail of %s:\n%s" % (n.name, n.log_tail(15)), flush=True)
+            raise TestFailure("%s not consistent within %ds" % (label, timeout))
+        time.sleep(max(0.0, poll - (time.monotonic() - t0 - el)))
+
+
+def ping_pairs(net, pairs, wait=3, count=1):
+    """pairs: list of (src_node, dst_node, target_string). Runs in parallel.
+    Returns list of (src, dst, target, ok, hops, rc, out, secs)."""
+    def one(p):
+        a, b, tgt = p
+        t = time.monotonic()
+        ok, hops, rc, out = a.ping(tgt, count=count, wait=wait)
+        return (a, b, tgt, ok, hops, rc, out, time.monotonic() - t)
+    return list(net.pool.map(one, pairs))
+
+
+def report_pings(results, label):
+    fails = [r for r in results if not r[3]]
+    hops = [r[4][0] for r in results if r[3] and r[4]]
+    secs = [r[7] for r in results]
+    if hops:
+        log("%s: %d/%d ok; hops mean %.2f max %d; cli wall mean %.3fs max %.3fs"
+            % (label, len(results) - len(fails), len(results),
+               sum(hops) / len(hops), max(hops), sum(secs) / len(secs), max(secs)))
+    else:
+        log("%s: %d/%d ok; no hops parsed" % (label, len(results) - len(fails), len(results)))
+    ok_nohops = [r for r in results if r[3] and not r[4]]
+    if ok_nohops:
+        log("  note: %d successful pings printed no hops=N; e.g. %r"
+            % (len(ok_nohops), ok_nohops[0][6][:200]))
+    for a, b, tgt, ok, hops, rc, out, s in fails[:10]:
+        print("  FAIL ping %s -> %s (%s): rc=%s %.2fs: %s"
+              % (a.desc(), b.desc(), tgt, rc, s, out[-300:].replace("\n", " | ")),
+              flush=True)
+    return fails
+
+
+def main_wrapper(fn):
+    """Run test fn(); print PASS/FAIL; exit code 0 only on success."""
+    try:
+        fn()
+    except TestFailure as e:
+        for n in list(_nets):
+            n.failed = True
+        print("FAIL: %s" % e, flush=True)
+        _cleanup_all()
+        sys.exit(1)
+    except SystemExit:
+        for n in list(_nets):
+            n.failed = True
+        _cleanup_all()
+        raise
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        for n in list(_nets):
+            n.failed = True
+        print("FAIL: exception", flush=True)
+        _cleanup_all()
+        sys.exit(1)
+    _cleanup_all()
+    log("PASS")
+    sys.exit(0)
