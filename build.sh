@@ -23,6 +23,7 @@ VENDOR=$ROOT/vendor
 CACHE=$ROOT/.cache
 PINS=$VENDOR/pins.txt
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
+APT_HELPER=${IPOP_APT_HELPER:-/usr/lib/apt/apt-helper}
 
 log() { printf 'ipop: %s\n' "$*" >&2; }
 die() { printf 'ipop: error: %s\n' "$*" >&2; exit 1; }
@@ -37,7 +38,7 @@ need_tools() {
         cmd=${pair%%:*}; pkg=${pair#*:}
         command -v "$cmd" >/dev/null 2>&1 || missing_pkgs+=("$pkg")
     done
-    if ! command -v curl >/dev/null 2>&1 && [ ! -x /usr/lib/apt/apt-helper ]; then
+    if ! command -v curl >/dev/null 2>&1 && [ ! -x "$APT_HELPER" ]; then
         missing_pkgs+=(curl)
     fi
     [ ${#missing_pkgs[@]} -eq 0 ] && return 0
@@ -61,6 +62,7 @@ need_tools() {
 # Base URI of the main Debian archive from this machine's apt configuration.
 archive_uri() {
     command -v apt-get >/dev/null 2>&1 || return 1
+    # shellcheck disable=SC2016  # $(...) are apt's format fields, not shell
     apt-get indextargets --format '$(REPO_URI) $(CODENAME)' 2>/dev/null \
         | awk '$2 !~ /-(security|updates|backports|proposed-updates)$/ && $1 !~ /security/ { print $1; exit }'
 }
@@ -103,10 +105,10 @@ fetch_pin() {
     log "$name: downloading $uri"
     rm -f "$dst.part"
     local ok=0
-    if [ -x /usr/lib/apt/apt-helper ]; then
+    if [ -x "$APT_HELPER" ]; then
         local -a sandbox=()
         [ "$(id -u)" -eq 0 ] && sandbox=(-o APT::Sandbox::User=root)
-        if /usr/lib/apt/apt-helper "${sandbox[@]}" download-file "$uri" "$dst.part" "SHA256:$sha" >&2; then
+        if "$APT_HELPER" "${sandbox[@]}" download-file "$uri" "$dst.part" "SHA256:$sha" >&2; then
             ok=1
         else
             log "$name: apt-helper download failed (rc=$?)"
@@ -114,7 +116,7 @@ fetch_pin() {
         fi
     fi
     if [ $ok -eq 0 ] && command -v curl >/dev/null 2>&1; then
-        curl -fL --retry 3 -o "$dst.part" "$uri" >&2 || { rm -f "$dst.part"; die "$name: download of $uri failed"; }
+        curl -fsSL --retry 3 -o "$dst.part" "$uri" >&2 || { rm -f "$dst.part"; die "$name: download of $uri failed"; }
         ok=1
     fi
     [ $ok -eq 1 ] || die "$name: could not download $uri"
@@ -125,8 +127,8 @@ fetch_pin() {
 # read pins: sets arrays PIN_NAME, PIN_VER, PIN_FILE, PIN_POOL, PIN_SHA
 load_pins() {
     PIN_NAME=(); PIN_VER=(); PIN_FILE=(); PIN_POOL=(); PIN_SHA=()
-    local name ver debver pool sha size
-    while read -r name ver debver pool sha size; do
+    local name ver pool sha
+    while read -r name ver _ pool sha _; do
         case "$name" in ''|'#'*) continue ;; esac
         PIN_NAME+=("$name"); PIN_VER+=("$ver"); PIN_POOL+=("$pool"); PIN_SHA+=("$sha")
         PIN_FILE+=("${pool##*/}")
@@ -240,6 +242,7 @@ build_variant() {
     local -a srcs=()
     mapfile -t srcs < <(ls "$lw"/src/core/*.c "$lw"/src/core/ipv4/*.c "$lw"/src/netif/ethernet.c)
     export IPOP_CC="$cc" IPOP_CFLAGS="$cflags -std=gnu11 -Wall -I$VENDOR -I$VENDOR/lwip-port -I$lw/src/include" IPOP_OBJ="$out/obj"
+    # shellcheck disable=SC2016  # expanded by the inner sh
     if ! printf '%s\n' "${srcs[@]}" | xargs -P "$JOBS" -I{} sh -c \
             'f="$1"; o="$IPOP_OBJ/lwip_$(echo "$f" | sed "s|.*/src/||; s|/|_|g; s|\.c$|.o|")"; $IPOP_CC $IPOP_CFLAGS -c "$f" -o "$o"' _ {} \
             > "$out/lwip-build.log" 2>&1; then
@@ -294,15 +297,15 @@ print_flags() {
 build_ipop() {
     [ -f "$ROOT/ipop.c" ] || die "ipop.c not found in $ROOT"
     local t0=$SECONDS out=$ROOT/ipop
-    local -a cmd
-    # shellcheck disable=SC2206
-    cmd=(musl-gcc -static -O2 -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror
+    local -a cc_cmd libs
+    read -r -a libs <<< "$(libs_for musl)"
+    cc_cmd=(musl-gcc -static -O2 -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror
          -I"$VENDOR" -I"$VENDOR/lwip-port" -I"$(src_dir lwip)/src/include" -I"$(src_dir mbedtls)/include"
          '-DMBEDTLS_CONFIG_FILE="ipop_mbedtls_config.h"'
          "$ROOT/ipop.c" -o "$out.tmp"
-         $(libs_for musl))
+         "${libs[@]}")
     log "compiling ipop.c"
-    "${cmd[@]}" || { rm -f "$out.tmp"; die "compiling ipop.c failed"; }
+    "${cc_cmd[@]}" || { rm -f "$out.tmp"; die "compiling ipop.c failed"; }
     strip "$out.tmp"
     local desc
     desc=$(file -b "$out.tmp")
@@ -316,8 +319,8 @@ build_ipop() {
 }
 
 # ---------------------------------------------------------------- main
-cmd=${1:-all}
-case "$cmd" in
+action=${1:-all}
+case "$action" in
     all|"")
         need_tools
         ensure_deps musl host
@@ -342,6 +345,6 @@ case "$cmd" in
         sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
         ;;
     *)
-        die "unknown command '$cmd' (use: all, deps, flags musl|host)"
+        die "unknown command '$action' (use: all, deps, flags musl|host)"
         ;;
 esac

@@ -1144,6 +1144,7 @@ struct link {
 	int fd;                         /* UDP: shared socket; TCP: owned stream */
 	struct sockaddr_in remote;
 	uint64_t nonce;                 /* the initiator's attempt id */
+	uint64_t crossed_nonce;         /* a crossing dial's HELLO we ignored */
 	struct peer_info peer;          /* valid when peer_known */
 	bool peer_known;
 	ring_addr expect;               /* the node this dial is meant to reach */
@@ -1526,15 +1527,6 @@ static bool link_resolve_duplicate(struct link *l)
 	return true;
 }
 
-/* Dials still in progress towards a peer we now reach are abandoned. */
-static void link_cancel_pending(struct node *n, const ring_addr *a, const struct link *keep)
-{
-	for (struct link *o = n->links; o; o = o->next)
-		if (o != keep && o->state != LINK_UP && o->state != LINK_CLOSED &&
-		    o->expect_set && wire_addr_eq(&o->expect, a))
-			link_close(o, 0);
-}
-
 static void link_became_up(struct link *l, const struct wire_hello *h)
 {
 	struct node *n = l->node;
@@ -1547,9 +1539,11 @@ static void link_became_up(struct link *l, const struct wire_hello *h)
 	char who[64];
 	link_describe(l, who);
 	log_info("link", "up: %s, %s", who, l->initiator ? "dialled" : "accepted");
+	/* Dials still under way to this peer are left to finish: the peer may
+	 * already count them as up, and link_resolve_duplicate settles it the
+	 * same way on both ends. */
 	if (!link_resolve_duplicate(l))
 		return;
-	link_cancel_pending(n, &l->peer.addr, l);
 	if (n->hooks.up)
 		n->hooks.up(n, l);
 }
@@ -1582,8 +1576,10 @@ static void link_on_hello(struct link *l, const struct wire_hello *h)
 	}
 	if (l->state == LINK_AWAIT_ACK) {
 		/* Crossed dials on one UDP 4-tuple: the lower address's dial wins. */
-		if (wire_addr_cmp(&h->info.addr, &n->self.addr) > 0)
+		if (wire_addr_cmp(&h->info.addr, &n->self.addr) > 0) {
+			l->crossed_nonce = h->nonce;
 			return;
+		}
 		l->initiator = false;
 	} else if (l->state != LINK_AWAIT_HELLO) {
 		link_drop(l, DROP_WRONG_STATE);
@@ -1714,6 +1710,39 @@ static bool link_classify(struct node *n, const uint8_t *pkt, size_t len, uint8_
 	}
 }
 
+/* A HELLO with a new nonce on an up UDP link: the peer lost the link (it
+ * closed it, or restarted) and dials afresh.  Retransmissions of the
+ * attempt we already answered, or of a crossing dial we ignored, are not. */
+static bool link_udp_redial(const struct link *l, const uint8_t *pkt, size_t len)
+{
+	struct wire_hello h;
+	if (l->state != LINK_UP || wire_hello_decode(pkt, len, &h) < 0)
+		return false;
+	return h.nonce != l->nonce && h.nonce != l->crossed_nonce;
+}
+
+/* Only a well-formed HELLO earns a link record. */
+static struct link *link_udp_accept(struct node *n, int fd, uint8_t type, const uint8_t *pkt,
+				    size_t len, const struct sockaddr_in *from, const char *who)
+{
+	struct wire_hello h;
+	if (type != WIRE_HELLO) {
+		log_drop(&n->drops, DROP_UNKNOWN_SENDER, ev_now(&n->loop), who);
+		return NULL;
+	}
+	if (wire_hello_decode(pkt, len, &h) < 0) {
+		log_drop(&n->drops, DROP_MALFORMED, ev_now(&n->loop), who);
+		return NULL;
+	}
+	struct link *l = link_new(n, PROTO_UDP, fd, from, false);
+	if (!l) {
+		log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), who);
+		return NULL;
+	}
+	l->state = LINK_AWAIT_HELLO;
+	return l;
+}
+
 static void link_udp_datagram(struct node *n, int fd, const uint8_t *pkt, size_t len,
 			      const struct sockaddr_in *from)
 {
@@ -1724,24 +1753,13 @@ static void link_udp_datagram(struct node *n, int fd, const uint8_t *pkt, size_t
 	if (!link_classify(n, pkt, len, &type, who))
 		return;
 	struct link *l = link_find_udp(n, fd, from);
-	if (!l) {
-		/* Only a well-formed HELLO earns a link record. */
-		struct wire_hello h;
-		if (type != WIRE_HELLO) {
-			log_drop(&n->drops, DROP_UNKNOWN_SENDER, ev_now(&n->loop), who);
-			return;
-		}
-		if (wire_hello_decode(pkt, len, &h) < 0) {
-			log_drop(&n->drops, DROP_MALFORMED, ev_now(&n->loop), who);
-			return;
-		}
-		l = link_new(n, PROTO_UDP, fd, from, false);
-		if (!l) {
-			log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), who);
-			return;
-		}
-		l->state = LINK_AWAIT_HELLO;
+	if (l && type == WIRE_HELLO && link_udp_redial(l, pkt, len)) {
+		log_debug("link", "%s dials afresh; dropping the old link", who);
+		link_teardown(l, 0, false);
+		l = NULL;
 	}
+	if (!l && !(l = link_udp_accept(n, fd, type, pkt, len, from, who)))
+		return;
 	link_receive(l, type, pkt, len);
 }
 

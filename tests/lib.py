@@ -392,7 +392,8 @@ class Net:
             pass
         keep = os.environ.get("IPOP_KEEP_LOGS") or self.failed
         if keep:
-            dst = os.path.join(REPO, "build", "test-logs", "%s-nodes" % self.name)
+            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
+            dst = os.path.join(base, "%s-nodes" % self.name)
             try:
                 shutil.rmtree(dst, ignore_errors=True)
                 os.makedirs(dst, exist_ok=True)
@@ -467,7 +468,18 @@ def ring_check(net, nodes, statuses=None):
     return bad, st
 
 
-def print_ring_bad(net, bad, limit=12):
+def _link_desc(st, addr):
+    """How a status dict shows its link(s) to addr, in any state."""
+    if st is None:
+        return "no status"
+    ls = [c for c in st.get("connections", []) if str(c.get("address")).lower() == addr]
+    if not ls:
+        return "no link"
+    return "; ".join("%s %s roles=%s %s %s" % (c.get("state"), c.get("type"), ",".join(c.get("roles") or []),
+                                               c.get("direction"), c.get("uri")) for c in ls)
+
+
+def print_ring_bad(net, bad, limit=12, statuses=None):
     ba = net.by_addr()
     for n, missing, have in bad[:limit]:
         if have is None:
@@ -479,6 +491,13 @@ def print_ring_bad(net, bad, limit=12):
             ", ".join("%s(%s)" % (short(a), ba[a].name if a in ba else "?") for a in sorted(missing)),
             ", ".join("%s(%s)" % (short(a), ba[a].name if a in ba else "?") for a in sorted(have))),
             flush=True)
+        if statuses is not None:
+            for a in sorted(missing):
+                m = ba.get(a)
+                print("      link %s->%s: %s | reverse %s->%s: %s" % (
+                    n.name, m.desc() if m else short(a), _link_desc(statuses.get(n), a),
+                    m.name if m else "?", n.name, _link_desc(statuses.get(m), n.address) if m else "?"),
+                    flush=True)
     if len(bad) > limit:
         print("  ... and %d more" % (len(bad) - limit), flush=True)
 
@@ -499,7 +518,7 @@ def wait_ring(net, nodes, timeout, poll=1.0, label="ring"):
             last_report = el
         if el > timeout:
             log("%s: NOT consistent after %.1fs: %d/%d nodes wrong:" % (label, el, len(bad), len(nodes)))
-            print_ring_bad(net, bad)
+            print_ring_bad(net, bad, statuses=st)
             for n, _, _ in bad[:3]:
                 print("  log tail of %s:\n%s" % (n.name, n.log_tail(15)), flush=True)
             raise TestFailure("%s not consistent within %ds" % (label, timeout))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Single test entry point (make test calls it).
 #   tests/run.sh [FILTER]
-# Runs: unit binaries (make unit, make unit-asan), tests/t_*.py, and
-# make fuzz-short if that target exists. FILTER = substring of test names
+# Runs: unit binaries (as built by make unit / make unit-asan), tests/t_*.py,
+# and a short fuzz pass. FILTER = substring of test names
 # (e.g. "unit:", "asan", "t_ring", "fuzz"). Each test's output goes to
 # build/test-logs/NAME.log; on failure the last 40 lines are printed.
 # Last line: "N passed, N failed"; exit status non-zero if any failed.
@@ -50,54 +50,35 @@ run_test() {
 
 has_target() { make -n "$1" >/dev/null 2>&1; }
 
-# run every executable in DIR as one test each, named PREFIX:basename
-run_unit_dir() {
-    local prefix=$1 dir=$2 f n=0
-    [ -d "$dir" ] || return 1
-    for f in "$dir"/*; do
-        [ -f "$f" ] && [ -x "$f" ] || continue
-        n=$((n + 1))
-        want "$prefix:$(basename "$f")" || continue
-        run_test "$prefix:$(basename "$f")" "$UNIT_TIMEOUT" "$f"
-    done
-    [ $n -gt 0 ]
-}
-
-# does FILTER select anything of this unit variant? (before building we
-# only know the names from a previous build, if any)
-unit_wanted() {
-    local v=$1 f
-    [ -z "$FILTER" ] && return 0
-    [[ "make-$v" == *"$FILTER"* ]] && return 0
-    [[ "$FILTER" == "$v:"* ]] && return 0
-    for f in build/tests/* build/tests-asan/* build/asan/tests/* build/asan-tests/*; do
-        [ -f "$f" ] && [ -x "$f" ] || continue
-        [[ "$v:$(basename "$f")" == *"$FILTER"* ]] && return 0
-    done
-    return 1
-}
-
-# ---- (a) unit tests, plain then ASan
+# ---- (a) unit tests: tests/unit_NAME.c -> build/tests/unit_NAME (musl)
+# and build/tests/unit_NAME-asan (ASan/UBSan), the Makefile's `make unit` /
+# `make unit-asan` layout. We build those exact files through the Makefile
+# (its unit targets would also run them) and run each binary here as one
+# test, with the sanitizer options the Makefile uses.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+shopt -s nullglob
+UNIT_SRCS=(tests/unit_*.c)
+shopt -u nullglob
 for variant in unit unit-asan; do
-    unit_wanted "$variant" || continue
-    if ! has_target "$variant"; then
-        FAIL=$((FAIL + 1)); FAILED_NAMES+=("make-$variant")
-        echo "make-$variant                               FAIL (no '$variant' target in Makefile)"
-        continue
-    fi
-    run_test "make-$variant" 900 make "$variant"
-    # the build may put the asan binaries elsewhere; otherwise they
-    # replaced build/tests/*
-    dir=$ROOT/build/tests
-    if [ "$variant" = unit-asan ]; then
-        for d in build/tests-asan build/asan/tests build/asan-tests build/tests/asan; do
-            if [ -d "$ROOT/$d" ]; then dir=$ROOT/$d; break; fi
-        done
-    fi
-    if ! run_unit_dir "$variant" "$dir"; then
-        FAIL=$((FAIL + 1)); FAILED_NAMES+=("$variant:none")
-        echo "$variant:(none)                             FAIL (no executables in ${dir#$ROOT/})"
-    fi
+    suffix=; [ "$variant" = unit-asan ] && suffix=-asan
+    bins=()
+    for src in "${UNIT_SRCS[@]}"; do
+        n=$(basename "$src" .c)$suffix
+        if want "$variant:$n" || want "build-$variant"; then
+            bins+=("build/tests/$n")
+        fi
+    done
+    [ ${#bins[@]} -gt 0 ] || continue
+    run_test "build-$variant" 1200 make "${bins[@]}"
+    for b in "${bins[@]}"; do
+        if [ -x "$b" ]; then
+            run_test "$variant:$(basename "$b")" "$UNIT_TIMEOUT" "$ROOT/$b"
+        else
+            FAIL=$((FAIL + 1)); FAILED_NAMES+=("$variant:$(basename "$b")")
+            printf '%-40s FAIL (not built)\n' "$variant:$(basename "$b")"
+        fi
+    done
 done
 
 # ---- (b) integration tests
@@ -108,9 +89,15 @@ for f in tests/t_*.py; do
     run_test "$name" "$PY_TIMEOUT" python3 "$f"
 done
 
-# ---- (c) optional short fuzz pass
-if want "fuzz-short" && has_target fuzz-short; then
-    run_test "fuzz-short" 900 make fuzz-short
+# ---- (c) optional short fuzz pass: `make fuzz-short` if the Makefile has
+# it, else `make fuzz FUZZ_SECONDS=N` (N=$IPOP_FUZZ_SECONDS, default 10) when
+# there are tests/fuzz_*.c targets; IPOP_FUZZ_SECONDS=0 skips it.
+if want "fuzz-short" && [ "${IPOP_FUZZ_SECONDS:-10}" != 0 ]; then
+    if has_target fuzz-short; then
+        run_test "fuzz-short" 1200 make fuzz-short
+    elif compgen -G "tests/fuzz_*.c" >/dev/null && has_target fuzz; then
+        run_test "fuzz-short" 1200 make fuzz FUZZ_SECONDS="${IPOP_FUZZ_SECONDS:-10}"
+    fi
 fi
 
 if [ ${#FAILED_NAMES[@]} -gt 0 ]; then

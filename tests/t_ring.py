@@ -8,7 +8,9 @@
  4. SIGKILL 8 non-seed nodes; ring consistent again within 15 s; 50 pings.
  5. SIGTERM one node; within 1 s no former neighbour lists it as up.
 
-Env: IPOP_RING_N (default 64), IPOP_TEST_SEED (random seed),
+Env: IPOP_RING_N (default 64), IPOP_RING_TCP (tcp-only nodes, default N/4),
+     IPOP_TEST_SEED (random seed), IPOP_TEST_LOGDIR (where failed runs keep
+     node logs, default build/test-logs),
      IPOP_TEST_VERBOSE (run nodes with -v), IPOP_KEEP_LOGS.
 """
 import os
@@ -47,7 +49,8 @@ def main():
     with Net("t_ring") as net:
         # ---- layout
         others = list(range(1, N))
-        tcp_set = set(rng.sample(others, N // 4))
+        n_tcp_only = int(os.environ.get("IPOP_RING_TCP", str(N // 4)))
+        tcp_set = set(rng.sample(others, n_tcp_only))
         ip_set = set(rng.sample(others, N // 2 - 1))
         from lib import free_port
         seedp = free_port()
