@@ -56,7 +56,17 @@
 
 #include "mbedtls/ctr_drbg.h"
 #include "mbedtls/entropy.h"
+#include "mbedtls/chachapoly.h"
+#include "mbedtls/ecdh.h"
+#include "mbedtls/error.h"
+#include "mbedtls/hkdf.h"
+#include "mbedtls/md.h"
+#include "mbedtls/oid.h"
+#include "mbedtls/pk.h"
+#include "mbedtls/platform_util.h"
 #include "mbedtls/sha1.h"
+#include "mbedtls/sha256.h"
+#include "mbedtls/x509_crt.h"
 
 /* ===================================================================== 00 -
  * Limits and shared types.  Every limit is an enum with its unit in the name
@@ -741,6 +751,577 @@ static ring_addr sec_addr_of_ip(uint32_t ip)
 	ring_addr a;
 	sec_sha1(b, sizeof b, a.b);
 	return a;
+}
+
+/* ---- handshake and record primitives ----------------------------------
+ * Links run a Noise-style handshake built from mbedTLS primitives (see
+ * docs/SECURITY.md and section 06): X25519 ephemerals for forward secrecy,
+ * HKDF-SHA256 for keys, ChaCha20-Poly1305 for the identity blocks and the
+ * records, and for certificate networks an ECDSA P-256 signature over the
+ * transcript.  These wrappers keep mbedTLS's return codes inside sec_: the
+ * callers see 0 / -1 (or bool). */
+
+enum {
+	SEC_KEY_BYTES = 32,
+	SEC_TAG_BYTES = 16,
+	SEC_MAC_BYTES = 16,             /* truncated HMAC-SHA256 for mac1 and cookies */
+	SEC_SIG_MAX_BYTES = 80,         /* DER ECDSA P-256 signature: at most 72 */
+	SEC_CERT_MAX_BYTES = 1024,      /* a node certificate travels in one handshake packet */
+	SEC_COOKIE_ROTATE_MS = 120000,  /* cookie secret lifetime; the previous one stays valid */
+	SEC_REPLAY_WINDOW = 2048,       /* counters accepted behind the highest seen (WireGuard's) */
+	SEC_REVOKED_MAX = 4096,         /* serials in a revocation list; more are refused */
+	SEC_SERIAL_MAX_BYTES = 20,      /* RFC 5280 caps serial numbers at 20 octets */
+	SEC_CERT_IPS_MAX = 8,           /* virtual IPs one certificate may bind */
+	SEC_CERT_ROUTES_MAX = 8,        /* --route-for prefixes one certificate may carry */
+};
+
+enum sec_mode { SEC_INSECURE = 0, SEC_PSK = 1, SEC_CERT = 2, SEC__MODE_END };
+
+static const char *const sec_mode_names[SEC__MODE_END] = { "insecure", "secret", "certificate" };
+
+struct sec_serial {
+	uint8_t len;
+	uint8_t b[SEC_SERIAL_MAX_BYTES];
+};
+
+/* What a verified peer certificate grants. */
+struct sec_grant {
+	uint32_t ips[SEC_CERT_IPS_MAX];
+	uint8_t n_ips;
+	uint32_t route_net[SEC_CERT_ROUTES_MAX];
+	uint8_t route_len[SEC_CERT_ROUTES_MAX];
+	uint8_t n_routes;
+	struct sec_serial serial;
+	char name[64];
+};
+
+struct sec_creds {
+	enum sec_mode mode;
+	uint8_t salt[SEC_KEY_BYTES];    /* HKDF salt: the secret, or SHA-256 of the CA cert */
+	uint8_t mac1_key[SEC_KEY_BYTES];/* gates every handshake start: members only */
+	mbedtls_x509_crt ca, own;
+	mbedtls_pk_context key;
+	struct sec_grant own_grant;
+	struct sec_serial *revoked;     /* SEC_REVOKED_MAX entries */
+	unsigned n_revoked;
+	char crl_path[256];
+	struct timespec crl_mtime;
+	uint8_t cookie_key[2][SEC_KEY_BYTES];
+	uint64_t cookie_rotated_ms;
+	mbedtls_ecp_group x25519;
+	mbedtls_chachapoly_context aead;
+};
+
+static const mbedtls_md_info_t *sec_md(void)
+{
+	return mbedtls_md_info_from_type(MBEDTLS_MD_SHA256);
+}
+
+static void sec_sha256(const void *a, size_t alen, const void *b, size_t blen, uint8_t out[32])
+{
+	mbedtls_sha256_context c;
+	mbedtls_sha256_init(&c);
+	mbedtls_sha256_starts(&c, 0);
+	mbedtls_sha256_update(&c, a, alen);
+	if (blen)
+		mbedtls_sha256_update(&c, b, blen);
+	mbedtls_sha256_finish(&c, out);
+	mbedtls_sha256_free(&c);
+}
+
+static void sec_hmac(const uint8_t key[SEC_KEY_BYTES], const void *in, size_t len, uint8_t out[32])
+{
+	mbedtls_md_hmac(sec_md(), key, SEC_KEY_BYTES, in, len, out);
+}
+
+/* HKDF-Expand(prk, label || context) to 32 bytes. */
+static void sec_expand(const uint8_t prk[SEC_KEY_BYTES], const char *label,
+		       const uint8_t ctx[32], uint8_t out[SEC_KEY_BYTES])
+{
+	uint8_t info[64];
+	size_t ll = strlen(label);
+	memcpy(info, label, ll);
+	if (ctx)
+		memcpy(info + ll, ctx, 32);
+	mbedtls_hkdf_expand(sec_md(), prk, SEC_KEY_BYTES, info, ll + (ctx ? 32 : 0), out, SEC_KEY_BYTES);
+}
+
+static void sec_wipe(void *p, size_t n)
+{
+	mbedtls_platform_zeroize(p, n);
+}
+
+static bool sec_equal(const void *a, const void *b, size_t n)
+{
+	const volatile uint8_t *x = a, *y = b;
+	uint8_t d = 0;
+	for (size_t i = 0; i < n; i++)
+		d |= x[i] ^ y[i];
+	return d == 0;
+}
+
+static int sec_rng_cb(void *ctx, unsigned char *out, size_t n)
+{
+	return mbedtls_ctr_drbg_random(&((struct sec_rng *)ctx)->drbg, out, n);
+}
+
+/* A fresh X25519 key pair; private and public are 32 bytes little-endian. */
+static int sec_x25519_keypair(struct sec_creds *s, struct sec_rng *r, uint8_t priv[32], uint8_t pub[32])
+{
+	mbedtls_mpi d;
+	mbedtls_ecp_point q;
+	size_t olen = 0;
+	mbedtls_mpi_init(&d);
+	mbedtls_ecp_point_init(&q);
+	int rc = mbedtls_ecdh_gen_public(&s->x25519, &d, &q, sec_rng_cb, r);
+	if (!rc)
+		rc = mbedtls_ecp_point_write_binary(&s->x25519, &q, MBEDTLS_ECP_PF_UNCOMPRESSED, &olen, pub, 32);
+	if (!rc)
+		rc = mbedtls_mpi_write_binary_le(&d, priv, 32);
+	mbedtls_mpi_free(&d);
+	mbedtls_ecp_point_free(&q);
+	return rc || olen != 32 ? -1 : 0;
+}
+
+/* X25519(priv, peer); fails on a low-order peer key (all-zero secret). */
+static int sec_x25519(struct sec_creds *s, struct sec_rng *r, const uint8_t priv[32],
+		      const uint8_t peer[32], uint8_t out[32])
+{
+	mbedtls_mpi d, z;
+	mbedtls_ecp_point q;
+	mbedtls_mpi_init(&d);
+	mbedtls_mpi_init(&z);
+	mbedtls_ecp_point_init(&q);
+	int rc = mbedtls_mpi_read_binary_le(&d, priv, 32);
+	if (!rc)
+		rc = mbedtls_ecp_point_read_binary(&s->x25519, &q, peer, 32);
+	if (!rc)
+		rc = mbedtls_ecdh_compute_shared(&s->x25519, &z, &q, &d, sec_rng_cb, r);
+	if (!rc && mbedtls_mpi_cmp_int(&z, 0) == 0)
+		rc = -1;
+	if (!rc)
+		rc = mbedtls_mpi_write_binary_le(&z, out, 32);
+	mbedtls_mpi_free(&d);
+	mbedtls_mpi_free(&z);
+	mbedtls_ecp_point_free(&q);
+	return rc ? -1 : 0;
+}
+
+static void sec_nonce(uint8_t nonce[12], uint32_t epoch, uint64_t counter)
+{
+	struct wbuf w = wbuf_of(nonce, 12);
+	wbuf_u32(&w, epoch);
+	wbuf_u64(&w, counter);
+}
+
+/* Encrypt len bytes in place-safe fashion to out (len + 16 bytes). */
+static void sec_seal(struct sec_creds *s, const uint8_t key[SEC_KEY_BYTES], uint32_t epoch,
+		     uint64_t counter, const uint8_t *aad, size_t aad_len,
+		     const uint8_t *in, size_t len, uint8_t *out)
+{
+	uint8_t nonce[12];
+	sec_nonce(nonce, epoch, counter);
+	mbedtls_chachapoly_setkey(&s->aead, key);
+	mbedtls_chachapoly_encrypt_and_tag(&s->aead, len, nonce, aad, aad_len, in, out, out + len);
+}
+
+/* Decrypt len bytes (tag included) to out; false if forged or corrupted. */
+static bool sec_open(struct sec_creds *s, const uint8_t key[SEC_KEY_BYTES], uint32_t epoch,
+		     uint64_t counter, const uint8_t *aad, size_t aad_len,
+		     const uint8_t *in, size_t len, uint8_t *out)
+{
+	if (len < SEC_TAG_BYTES)
+		return false;
+	uint8_t nonce[12];
+	sec_nonce(nonce, epoch, counter);
+	mbedtls_chachapoly_setkey(&s->aead, key);
+	return mbedtls_chachapoly_auth_decrypt(&s->aead, len - SEC_TAG_BYTES, nonce, aad, aad_len,
+					       in + len - SEC_TAG_BYTES, in, out) == 0;
+}
+
+/* ---- replay window (RFC 6479 style bitmap) --------------------------- */
+
+struct sec_replay {
+	uint64_t top;                   /* highest counter accepted + 1; 0 = none yet */
+	uint64_t bits[SEC_REPLAY_WINDOW / 64];
+};
+
+/* May counter c still be accepted?  Checked before decryption (cheap), and
+ * committed only after the record authenticated. */
+static bool sec_replay_ok(const struct sec_replay *w, uint64_t c)
+{
+	if (c >= w->top)
+		return true;
+	if (w->top - c > SEC_REPLAY_WINDOW - 64)
+		return false;
+	uint64_t bit = c % SEC_REPLAY_WINDOW;
+	return !(w->bits[bit / 64] >> (bit % 64) & 1);
+}
+
+static void sec_replay_commit(struct sec_replay *w, uint64_t c)
+{
+	if (c >= w->top) {
+		/* Clear the words the window slides over. */
+		uint64_t from = w->top / 64, to = c / 64;
+		if (to - from >= SEC_REPLAY_WINDOW / 64)
+			memset(w->bits, 0, sizeof w->bits);
+		else
+			for (uint64_t i = from + 1; i <= to; i++)
+				w->bits[i % (SEC_REPLAY_WINDOW / 64)] = 0;
+		if (w->top == 0)
+			w->bits[from % (SEC_REPLAY_WINDOW / 64)] = 0;
+		w->top = c + 1;
+	}
+	uint64_t bit = c % SEC_REPLAY_WINDOW;
+	w->bits[bit / 64] |= 1ull << (bit % 64);
+}
+
+/* ---- cookies and mac1 ------------------------------------------------ */
+
+static void sec_cookie_rotate(struct sec_creds *s, struct sec_rng *r, uint64_t now)
+{
+	if (s->cookie_rotated_ms && now - s->cookie_rotated_ms < SEC_COOKIE_ROTATE_MS)
+		return;
+	memcpy(s->cookie_key[1], s->cookie_key[0], SEC_KEY_BYTES);
+	sec_random(r, s->cookie_key[0], SEC_KEY_BYTES);
+	s->cookie_rotated_ms = now ? now : 1;
+}
+
+/* The cookie for a source address: proves the sender receives there. */
+static void sec_cookie(const struct sec_creds *s, int which, const struct sockaddr_in *sa,
+		       uint8_t out[SEC_MAC_BYTES])
+{
+	uint8_t in[6], mac[32];
+	memcpy(in, &sa->sin_addr.s_addr, 4);
+	memcpy(in + 4, &sa->sin_port, 2);
+	sec_hmac(s->cookie_key[which], in, sizeof in, mac);
+	memcpy(out, mac, SEC_MAC_BYTES);
+}
+
+static bool sec_cookie_valid(const struct sec_creds *s, const struct sockaddr_in *sa,
+			     const uint8_t cookie[SEC_MAC_BYTES])
+{
+	uint8_t want[SEC_MAC_BYTES];
+	for (int i = 0; i < 2; i++) {
+		sec_cookie(s, i, sa, want);
+		if (sec_equal(want, cookie, SEC_MAC_BYTES))
+			return true;
+	}
+	return false;
+}
+
+static void sec_mac1(const struct sec_creds *s, const uint8_t *msg, size_t len, uint8_t out[SEC_MAC_BYTES])
+{
+	uint8_t mac[32];
+	sec_hmac(s->mac1_key, msg, len, mac);
+	memcpy(out, mac, SEC_MAC_BYTES);
+}
+
+/* ---- certificates ----------------------------------------------------- */
+
+/* Read a whole small file, NUL-terminated (mbedTLS's PEM parser wants the
+ * terminator counted).  Key files must not be readable by group or others. */
+static int sec_read_file(const char *path, bool secret, uint8_t **out, size_t *len,
+			 char *err, size_t errlen)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	if (fd < 0 || fstat(fd, &st) < 0) {
+		snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	if (secret && (st.st_mode & 077)) {
+		snprintf(err, errlen, "%s is readable by group or others (mode %03o); "
+			 "fix with: chmod 600 %s", path, (unsigned)(st.st_mode & 0777), path);
+		close(fd);
+		return -1;
+	}
+	if (!S_ISREG(st.st_mode) || st.st_size > 65536) {
+		snprintf(err, errlen, "%s is not a small regular file", path);
+		close(fd);
+		return -1;
+	}
+	*out = calloc(1, (size_t)st.st_size + 1);
+	ssize_t r = *out ? read(fd, *out, (size_t)st.st_size) : -1;
+	close(fd);
+	if (r != st.st_size) {
+		snprintf(err, errlen, "cannot read %s: %s", path, r < 0 ? strerror(errno) : "short read");
+		free(*out);
+		return -1;
+	}
+	*len = (size_t)st.st_size + 1;
+	return 0;
+}
+
+static void sec_serial_of(const mbedtls_x509_crt *c, struct sec_serial *s)
+{
+	size_t n = c->serial.len < SEC_SERIAL_MAX_BYTES ? c->serial.len : SEC_SERIAL_MAX_BYTES;
+	s->len = (uint8_t)n;
+	memcpy(s->b, c->serial.p, n);
+}
+
+/* The virtual IPs (SAN iPAddress), routed prefixes (SAN URI
+ * "ipop:route:A.B.C.D/N") and name (subject CN) a certificate grants. */
+static void sec_grant_of(const mbedtls_x509_crt *c, struct sec_grant *g)
+{
+	*g = (struct sec_grant){ 0 };
+	sec_serial_of(c, &g->serial);
+	for (const mbedtls_x509_sequence *s = &c->subject_alt_names; s && s->buf.p; s = s->next) {
+		mbedtls_x509_subject_alternative_name san;
+		if (mbedtls_x509_parse_subject_alt_name(&s->buf, &san) != 0)
+			continue;
+		const mbedtls_x509_buf *u = &san.san.unstructured_name;
+		if (san.type == MBEDTLS_X509_SAN_IP_ADDRESS && u->len == 4 && g->n_ips < SEC_CERT_IPS_MAX) {
+			struct buf b = buf_of(u->p, 4);
+			g->ips[g->n_ips++] = buf_u32(&b);
+		} else if (san.type == MBEDTLS_X509_SAN_UNIFORM_RESOURCE_IDENTIFIER &&
+			   u->len > 11 && u->len < 40 && !memcmp(u->p, "ipop:route:", 11) &&
+			   g->n_routes < SEC_CERT_ROUTES_MAX) {
+			char cidr[40], *slash;
+			memcpy(cidr, u->p + 11, u->len - 11);
+			cidr[u->len - 11] = 0;
+			struct in_addr ia;
+			if ((slash = strchr(cidr, '/'))) {
+				*slash = 0;
+				int plen = atoi(slash + 1);
+				if (inet_pton(AF_INET, cidr, &ia) == 1 && plen >= 0 && plen <= 32) {
+					g->route_net[g->n_routes] = ntohl(ia.s_addr);
+					g->route_len[g->n_routes++] = (uint8_t)plen;
+				}
+			}
+		}
+		mbedtls_x509_free_subject_alt_name(&san);
+	}
+	for (const mbedtls_x509_name *n = &c->subject; n; n = n->next)
+		if (!MBEDTLS_OID_CMP(MBEDTLS_OID_AT_CN, &n->oid) && n->val.len < sizeof g->name) {
+			memcpy(g->name, n->val.p, n->val.len);
+			g->name[n->val.len] = 0;
+		}
+}
+
+static bool sec_revoked(const struct sec_creds *s, const struct sec_serial *serial)
+{
+	for (unsigned i = 0; i < s->n_revoked; i++)
+		if (s->revoked[i].len == serial->len && !memcmp(s->revoked[i].b, serial->b, serial->len))
+			return true;
+	return false;
+}
+
+/* The ring address a certificate entitles its holder to: SHA-1 of its first
+ * virtual IP, or for a router-only certificate SHA-1 of its public key, so
+ * that no member can pick its ring position. */
+static ring_addr sec_cert_addr(const mbedtls_x509_crt *c, const struct sec_grant *g)
+{
+	if (g->n_ips)
+		return sec_addr_of_ip(g->ips[0]);
+	ring_addr a;
+	sec_sha1(c->pk_raw.p, c->pk_raw.len, a.b);
+	return a;
+}
+
+/* Verify a peer's certificate: issued by our CA, in its validity period,
+ * not revoked.  On success fills grant. */
+static int sec_cert_check(struct sec_creds *s, const uint8_t *der, size_t len, mbedtls_x509_crt *crt,
+			  struct sec_grant *g, const char **why)
+{
+	uint32_t flags = 0;
+	if (mbedtls_x509_crt_parse_der(crt, der, len) != 0) {
+		*why = "unparsable certificate";
+		return -1;
+	}
+	if (mbedtls_x509_crt_verify(crt, &s->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
+		*why = flags & MBEDTLS_X509_BADCERT_EXPIRED ? "certificate expired" :
+		       flags & MBEDTLS_X509_BADCERT_FUTURE ? "certificate not yet valid" :
+		       "certificate not issued by this network's CA";
+		return -1;
+	}
+	if (!mbedtls_pk_can_do(&crt->pk, MBEDTLS_PK_ECDSA)) {
+		*why = "certificate key is not ECDSA";
+		return -1;
+	}
+	sec_grant_of(crt, g);
+	if (sec_revoked(s, &g->serial)) {
+		*why = "certificate revoked";
+		return -1;
+	}
+	return 0;
+}
+
+static int sec_sign(struct sec_creds *s, struct sec_rng *r, const uint8_t hash[32],
+		    uint8_t *sig, size_t *sig_len)
+{
+	return mbedtls_pk_sign(&s->key, MBEDTLS_MD_SHA256, hash, 32, sig, SEC_SIG_MAX_BYTES, sig_len,
+			       sec_rng_cb, r) ? -1 : 0;
+}
+
+static bool sec_verify(mbedtls_x509_crt *crt, const uint8_t hash[32], const uint8_t *sig, size_t len)
+{
+	return mbedtls_pk_verify(&crt->pk, MBEDTLS_MD_SHA256, hash, 32, sig, len) == 0;
+}
+
+/* Parse a revocation list: one certificate serial in hex per line (as
+ * 'ipop ca revoke' writes them); '#' starts a comment. */
+static int sec_crl_parse(struct sec_creds *s, const char *text, char *err, size_t errlen)
+{
+	unsigned n = 0;
+	int lineno = 0;
+	for (const char *p = text; *p;) {
+		const char *nl = strchr(p, '\n');
+		size_t len = nl ? (size_t)(nl - p) : strlen(p);
+		char line[128];
+		lineno++;
+		snprintf(line, sizeof line, "%.*s", (int)(len < 127 ? len : 127), p);
+		p += len + (nl ? 1 : 0);
+		char *hash = strchr(line, '#');
+		if (hash)
+			*hash = 0;
+		char tok[64];
+		if (sscanf(line, "%63s", tok) != 1)
+			continue;
+		struct sec_serial ser = { .len = (uint8_t)(strlen(tok) / 2) };
+		if (n >= SEC_REVOKED_MAX || ser.len == 0 || ser.len > SEC_SERIAL_MAX_BYTES ||
+		    !buf_unhex(tok, ser.b, ser.len)) {
+			snprintf(err, errlen, "%s:%d: expected a certificate serial in hex (at most %d entries)",
+				 s->crl_path, lineno, SEC_REVOKED_MAX);
+			return -1;
+		}
+		s->revoked[n++] = ser;
+	}
+	s->n_revoked = n;
+	return 0;
+}
+
+/* Re-read the revocation list if its file changed.  1: changed, 0: same,
+ * -1: unreadable (the old list stays in force). */
+static int sec_crl_refresh(struct sec_creds *s, char *err, size_t errlen)
+{
+	struct stat st;
+	if (!s->crl_path[0])
+		return 0;
+	if (stat(s->crl_path, &st) < 0) {
+		snprintf(err, errlen, "cannot read revocation list %s: %s", s->crl_path, strerror(errno));
+		return -1;
+	}
+	if (st.st_mtim.tv_sec == s->crl_mtime.tv_sec && st.st_mtim.tv_nsec == s->crl_mtime.tv_nsec)
+		return 0;
+	uint8_t *text;
+	size_t len;
+	if (sec_read_file(s->crl_path, false, &text, &len, err, errlen) < 0)
+		return -1;
+	int rc = sec_crl_parse(s, (const char *)text, err, errlen);
+	free(text);
+	if (rc < 0)
+		return -1;
+	s->crl_mtime = st.st_mtim;
+	return 1;
+}
+
+/* A shared secret file holds 64 hex digits (what 'ipop genkey' writes). */
+static int sec_load_secret(struct sec_creds *s, const char *path, char *err, size_t errlen)
+{
+	uint8_t *text;
+	size_t len;
+	if (sec_read_file(path, true, &text, &len, err, errlen) < 0)
+		return -1;
+	char *t = (char *)text;
+	t[strcspn(t, " \t\r\n")] = 0;
+	uint8_t psk[SEC_KEY_BYTES];
+	bool ok = buf_unhex(t, psk, sizeof psk);
+	sec_wipe(text, len);
+	free(text);
+	if (!ok) {
+		snprintf(err, errlen, "%s: expected 64 hex digits (create one with: ipop genkey > %s)", path, path);
+		return -1;
+	}
+	s->mode = SEC_PSK;
+	sec_expand(psk, "ipop-v2 salt", NULL, s->salt);
+	sec_expand(psk, "ipop-v2 mac1", NULL, s->mac1_key);
+	sec_wipe(psk, sizeof psk);
+	return 0;
+}
+
+static int sec_parse_pem(const char *path, bool secret, mbedtls_x509_crt *crt, mbedtls_pk_context *pk,
+			 struct sec_rng *r, char *err, size_t errlen)
+{
+	uint8_t *data;
+	size_t len;
+	if (sec_read_file(path, secret, &data, &len, err, errlen) < 0)
+		return -1;
+	int rc = crt ? mbedtls_x509_crt_parse(crt, data, len)
+		     : mbedtls_pk_parse_key(pk, data, len, NULL, 0, sec_rng_cb, r);
+	sec_wipe(data, len);
+	free(data);
+	if (rc != 0) {
+		char msg[128];
+		mbedtls_strerror(rc, msg, sizeof msg);
+		snprintf(err, errlen, "cannot parse %s: %s", path, msg);
+		return -1;
+	}
+	return 0;
+}
+
+/* A certificate directory holds ca.crt, node.crt and node.key (what
+ * 'ipop cert issue' writes). */
+static int sec_load_cert_dir(struct sec_creds *s, struct sec_rng *r, const char *dir,
+			     char *err, size_t errlen)
+{
+	char path[512];
+	snprintf(path, sizeof path, "%s/ca.crt", dir);
+	if (sec_parse_pem(path, false, &s->ca, NULL, r, err, errlen) < 0)
+		return -1;
+	snprintf(path, sizeof path, "%s/node.crt", dir);
+	if (sec_parse_pem(path, false, &s->own, NULL, r, err, errlen) < 0)
+		return -1;
+	snprintf(path, sizeof path, "%s/node.key", dir);
+	if (sec_parse_pem(path, true, NULL, &s->key, r, err, errlen) < 0)
+		return -1;
+	uint32_t flags = 0;
+	if (mbedtls_x509_crt_verify(&s->own, &s->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
+		snprintf(err, errlen, "%s/node.crt is not valid under %s/ca.crt (%s)", dir, dir,
+			 flags & MBEDTLS_X509_BADCERT_EXPIRED ? "expired" : "wrong CA");
+		return -1;
+	}
+	if (mbedtls_pk_check_pair(&s->own.pk, &s->key, sec_rng_cb, r) != 0) {
+		snprintf(err, errlen, "%s/node.key does not match %s/node.crt", dir, dir);
+		return -1;
+	}
+	if (s->own.raw.len > SEC_CERT_MAX_BYTES) {
+		snprintf(err, errlen, "%s/node.crt is too large (%zu bytes, at most %d)", dir,
+			 s->own.raw.len, SEC_CERT_MAX_BYTES);
+		return -1;
+	}
+	sec_grant_of(&s->own, &s->own_grant);
+	s->mode = SEC_CERT;
+	sec_sha256("ipop-v2 ca", 10, s->ca.raw.p, s->ca.raw.len, s->salt);
+	sec_sha256("ipop-v2 mac1", 12, s->ca.raw.p, s->ca.raw.len, s->mac1_key);
+	return 0;
+}
+
+static int sec_creds_init(struct sec_creds *s)
+{
+	*s = (struct sec_creds){ .mode = SEC_INSECURE };
+	mbedtls_x509_crt_init(&s->ca);
+	mbedtls_x509_crt_init(&s->own);
+	mbedtls_pk_init(&s->key);
+	mbedtls_ecp_group_init(&s->x25519);
+	mbedtls_chachapoly_init(&s->aead);
+	s->revoked = calloc(SEC_REVOKED_MAX, sizeof *s->revoked);
+	if (!s->revoked || mbedtls_ecp_group_load(&s->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
+		return -1;
+	return 0;
+}
+
+static void sec_creds_free(struct sec_creds *s)
+{
+	mbedtls_x509_crt_free(&s->ca);
+	mbedtls_x509_crt_free(&s->own);
+	mbedtls_pk_free(&s->key);
+	mbedtls_ecp_group_free(&s->x25519);
+	mbedtls_chachapoly_free(&s->aead);
+	free(s->revoked);
+	sec_wipe(s, sizeof *s);
 }
 
 /* ===================================================================== 05 wire_
