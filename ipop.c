@@ -26,7 +26,10 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#define IPOP_VERSION "0.1.0"
+#define IPOP_VERSION "0.2.0"
+/* Error lines are built with snprintf into fixed buffers: a very long path
+ * is cut short on purpose, so gcc's truncation guesses are noise here. */
+#pragma GCC diagnostic ignored "-Wformat-truncation"
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
@@ -62,11 +65,13 @@
 #include "mbedtls/hkdf.h"
 #include "mbedtls/md.h"
 #include "mbedtls/oid.h"
+#include "mbedtls/pem.h"
 #include "mbedtls/pk.h"
 #include "mbedtls/platform_util.h"
 #include "mbedtls/sha1.h"
 #include "mbedtls/sha256.h"
 #include "mbedtls/x509_crt.h"
+#include "mbedtls/ecp.h"
 
 /* ===================================================================== 00 -
  * Limits and shared types.  Every limit is an enum with its unit in the name
@@ -98,12 +103,11 @@ enum {
 };
 
 enum {
-	WIRE_VERSION = 1,
+	WIRE_VERSION = 2,              /* 2: every link authenticated and encrypted */
 	/* Control messages stay under 1400 bytes so that they cross any 1500-byte
 	 * path with IPv4+UDP headers (28 B) and room for tunnel headers. */
 	WIRE_MAX_PACKET_BYTES = 1400,
 	WIRE_TCP_FRAME_HDR_BYTES = 2,
-	WIRE_AUTH_MAX_BYTES = 1024,    /* reserved handshake payload for link auth */
 };
 
 enum {
@@ -178,6 +182,12 @@ enum drop_reason {
 	DROP_BAD_FRAME,
 	DROP_SELF_LINK,
 	DROP_LINK_TABLE_FULL,
+	DROP_NOT_MEMBER,        /* handshake mac1 wrong: another network's secret or CA */
+	DROP_MODE_MISMATCH,     /* handshake from a node with other security settings */
+	DROP_REFUSED,           /* a peer's identity failed our checks */
+	DROP_AUTH_FAILED,       /* a record or sealed block did not authenticate */
+	DROP_REPLAY,            /* a record counter seen before */
+	DROP_HS_TIMEOUT,        /* a dial got no handshake answer */
 	DROP__COUNT
 };
 
@@ -194,6 +204,12 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_BAD_FRAME] = "bad_frame",
 	[DROP_SELF_LINK] = "self_link",
 	[DROP_LINK_TABLE_FULL] = "link_table_full",
+	[DROP_NOT_MEMBER] = "not_member",
+	[DROP_MODE_MISMATCH] = "mode_mismatch",
+	[DROP_REFUSED] = "refused",
+	[DROP_AUTH_FAILED] = "auth_failed",
+	[DROP_REPLAY] = "replay",
+	[DROP_HS_TIMEOUT] = "handshake_timeout",
 };
 
 struct log_drops {
@@ -1109,16 +1125,26 @@ static bool sec_revoked(const struct sec_creds *s, const struct sec_serial *seri
 	return false;
 }
 
-/* The ring address a certificate entitles its holder to: SHA-1 of its first
- * virtual IP, or for a router-only certificate SHA-1 of its public key, so
- * that no member can pick its ring position. */
-static ring_addr sec_cert_addr(const mbedtls_x509_crt *c, const struct sec_grant *g)
+static bool sec_grant_has_ip(const struct sec_grant *g, uint32_t ip)
 {
-	if (g->n_ips)
-		return sec_addr_of_ip(g->ips[0]);
-	ring_addr a;
-	sec_sha1(c->pk_raw.p, c->pk_raw.len, a.b);
-	return a;
+	for (unsigned i = 0; i < g->n_ips; i++)
+		if (g->ips[i] == ip)
+			return true;
+	return false;
+}
+
+/* The ring address a certificate entitles its holder to: SHA-1 of the
+ * certified virtual IP it uses, or for a certificate without IPs SHA-1 of
+ * its public key, so that no member can pick its ring position.
+ * false if vip is not certified. */
+static bool sec_cert_addr(const mbedtls_x509_crt *c, const struct sec_grant *g, uint32_t vip, ring_addr *out)
+{
+	if (g->n_ips) {
+		*out = sec_addr_of_ip(vip);
+		return sec_grant_has_ip(g, vip);
+	}
+	sec_sha1(c->pk_raw.p, c->pk_raw.len, out->b);
+	return vip == 0;
 }
 
 /* Verify a peer's certificate: issued by our CA, in its validity period,
@@ -1324,6 +1350,106 @@ static void sec_creds_free(struct sec_creds *s)
 	sec_wipe(s, sizeof *s);
 }
 
+/* ---- issuing credentials (ipop genkey, ca init, cert issue) ----------- */
+
+/* Write a file that must not exist yet; secrets get mode 0600. */
+static int sec_write_new_file(const char *path, const void *data, size_t len, bool secret,
+			      char *err, size_t errlen)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, secret ? 0600 : 0644);
+	if (fd < 0) {
+		snprintf(err, errlen, "cannot create %s: %s%s", path, strerror(errno),
+			 errno == EEXIST ? " (refusing to overwrite; remove it first)" : "");
+		return -1;
+	}
+	ssize_t w = write(fd, data, len);
+	int e = errno;
+	if (close(fd) < 0 || w != (ssize_t)len) {
+		snprintf(err, errlen, "cannot write %s: %s", path, strerror(w < 0 ? e : EIO));
+		unlink(path);
+		return -1;
+	}
+	return 0;
+}
+
+static int sec_keygen(mbedtls_pk_context *pk, struct sec_rng *r)
+{
+	if (mbedtls_pk_setup(pk, mbedtls_pk_info_from_type(MBEDTLS_PK_ECKEY)) != 0)
+		return -1;
+	return mbedtls_ecp_gen_key(MBEDTLS_ECP_DP_SECP256R1, mbedtls_pk_ec(*pk), sec_rng_cb, r) ? -1 : 0;
+}
+
+static void sec_x509_time(time_t t, char out[16])
+{
+	struct tm tm;
+	gmtime_r(&t, &tm);
+	strftime(out, 16, "%Y%m%d%H%M%S", &tm);
+}
+
+/* The SAN list for a node certificate: its IPs and its routed prefixes. */
+static mbedtls_x509_san_list *sec_san_list(const struct sec_grant *g, uint8_t ipb[][4], char uris[][48],
+					   mbedtls_x509_san_list *nodes)
+{
+	mbedtls_x509_san_list *head = NULL;
+	unsigned k = 0;
+	for (int i = (int)g->n_routes - 1; i >= 0; i--) {
+		char net[16];
+		buf_ip_str(g->route_net[i], net);
+		snprintf(uris[i], 48, "ipop:route:%s/%u", net, g->route_len[i]);
+		nodes[k].node.type = MBEDTLS_X509_SAN_UNIFORM_RESOURCE_IDENTIFIER;
+		nodes[k].node.san.unstructured_name.p = (unsigned char *)uris[i];
+		nodes[k].node.san.unstructured_name.len = strlen(uris[i]);
+		nodes[k].next = head;
+		head = &nodes[k++];
+	}
+	for (int i = (int)g->n_ips - 1; i >= 0; i--) {
+		struct wbuf w = wbuf_of(ipb[i], 4);
+		wbuf_u32(&w, g->ips[i]);
+		nodes[k].node.type = MBEDTLS_X509_SAN_IP_ADDRESS;
+		nodes[k].node.san.unstructured_name.p = ipb[i];
+		nodes[k].node.san.unstructured_name.len = 4;
+		nodes[k].next = head;
+		head = &nodes[k++];
+	}
+	return head;
+}
+
+/* Sign a certificate for subject_key with issuer_key; grant is NULL for the
+ * CA itself.  PEM into out. */
+static int sec_cert_write(struct sec_rng *r, mbedtls_pk_context *subject_key, mbedtls_pk_context *issuer_key,
+			  const char *subject, const char *issuer, const struct sec_grant *grant,
+			  int days, uint8_t *out, size_t cap)
+{
+	mbedtls_x509write_cert c;
+	uint8_t serial[16], ipb[SEC_CERT_IPS_MAX][4];
+	char uris[SEC_CERT_ROUTES_MAX][48], from[16], to[16];
+	mbedtls_x509_san_list nodes[SEC_CERT_IPS_MAX + SEC_CERT_ROUTES_MAX];
+	time_t now = time(NULL);
+	sec_random(r, serial, sizeof serial);
+	serial[0] &= 0x7f;      /* a positive INTEGER */
+	serial[0] |= 0x40;      /* and exactly 16 octets */
+	sec_x509_time(now - 3600, from);
+	sec_x509_time(now + (time_t)days * 86400, to);
+	mbedtls_x509write_crt_init(&c);
+	mbedtls_x509write_crt_set_version(&c, MBEDTLS_X509_CRT_VERSION_3);
+	mbedtls_x509write_crt_set_md_alg(&c, MBEDTLS_MD_SHA256);
+	mbedtls_x509write_crt_set_subject_key(&c, subject_key);
+	mbedtls_x509write_crt_set_issuer_key(&c, issuer_key);
+	int rc = mbedtls_x509write_crt_set_subject_name(&c, subject);
+	rc = rc ? rc : mbedtls_x509write_crt_set_issuer_name(&c, issuer);
+	rc = rc ? rc : mbedtls_x509write_crt_set_serial_raw(&c, serial, sizeof serial);
+	rc = rc ? rc : mbedtls_x509write_crt_set_validity(&c, from, to);
+	rc = rc ? rc : mbedtls_x509write_crt_set_basic_constraints(&c, grant ? 0 : 1, grant ? -1 : 0);
+	rc = rc ? rc : mbedtls_x509write_crt_set_key_usage(&c, grant ? MBEDTLS_X509_KU_DIGITAL_SIGNATURE :
+							   MBEDTLS_X509_KU_KEY_CERT_SIGN | MBEDTLS_X509_KU_CRL_SIGN);
+	mbedtls_x509_san_list *san = grant ? sec_san_list(grant, ipb, uris, nodes) : NULL;
+	if (!rc && san)
+		rc = mbedtls_x509write_crt_set_subject_alternative_name(&c, san);
+	rc = rc ? rc : mbedtls_x509write_crt_pem(&c, out, cap, sec_rng_cb, r);
+	mbedtls_x509write_crt_free(&c);
+	return rc ? -1 : 0;
+}
+
 /* ===================================================================== 05 wire_
  * Overlay messages (docs/PROTOCOL.md is the reference).  Every packet starts
  * with version and type bytes.  Link messages (HELLO .. BYE) travel one link;
@@ -1335,15 +1461,23 @@ static void sec_creds_free(struct sec_creds *s)
  * ========================================================================= */
 
 enum wire_type {
-	WIRE_HELLO = 1,         /* initiator -> responder: who I am, how to reach me */
-	WIRE_HELLO_ACK = 2,     /* responder -> initiator: same, plus what I saw */
-	WIRE_PING = 3,          /* keepalive and RTT probe */
-	WIRE_PONG = 4,
-	WIRE_ROLES = 5,         /* why I keep this link (near/far/leaf bits) */
-	WIRE_BYE = 6,           /* I am closing this link, and why */
-	WIRE_ROUTED = 7,        /* an inner message routed over the ring */
+	/* Cleartext on the wire: the handshake, and sealed records. */
+	WIRE_HS_INIT = 1,       /* initiator: my index, mode, ephemeral key, cookie, mac1 */
+	WIRE_HS_COOKIE = 2,     /* responder: prove you receive at your address first */
+	WIRE_HS_RESP = 3,       /* responder: my ephemeral key, my sealed identity */
+	WIRE_HS_FIN = 4,        /* initiator: my sealed identity */
+	WIRE_HS_REJECT = 5,     /* responder: the networks' security modes differ */
+	WIRE_DATA = 6,          /* a sealed record holding one message below */
+	/* Only inside DATA records. */
+	WIRE_PING = 7,          /* keepalive and RTT probe */
+	WIRE_PONG = 8,
+	WIRE_ROLES = 9,         /* why I keep this link (near/far/leaf bits) */
+	WIRE_BYE = 10,          /* I am closing this link, and why */
+	WIRE_ROUTED = 11,       /* an inner message routed over the ring */
 	WIRE__TYPE_END
 };
+
+enum { WIRE_FIRST_INNER = WIRE_PING };
 
 /* Delivery modes: which node a routed message stops at.  Greedy routing moves
  * to the neighbour that minimises the mode's metric and delivers at a local
@@ -1372,6 +1506,7 @@ enum bye_reason {
 	BYE_UNNEEDED = 3,       /* neither side has a role for this link */
 	BYE_SELF = 4,           /* the link reached its own node */
 	BYE_UNEXPECTED = 5,     /* the dialled endpoint is another node */
+	BYE_REVOKED = 6,        /* the peer's certificate was revoked */
 	BYE__END
 };
 
@@ -1391,12 +1526,65 @@ enum {
 	WIRE_ROUTED_HOPS_OFFSET = 5,
 };
 
-struct wire_hello {
-	uint64_t nonce;                 /* initiator's attempt id, echoed in the ack */
+enum {
+	WIRE_HS_INIT_BYTES = WIRE_HDR_BYTES + 4 + 1 + 32 + SEC_MAC_BYTES + SEC_MAC_BYTES,
+	WIRE_HS_INIT_MAC1_OFFSET = WIRE_HS_INIT_BYTES - SEC_MAC_BYTES,
+	WIRE_HS_INIT_COOKIE_OFFSET = WIRE_HS_INIT_MAC1_OFFSET - SEC_MAC_BYTES,
+	WIRE_DATA_HDR_BYTES = WIRE_HDR_BYTES + 4 + 1 + 8,
+	WIRE_DATA_OVERHEAD_BYTES = WIRE_DATA_HDR_BYTES + SEC_TAG_BYTES,
+};
+
+struct wire_hs_init {
+	uint32_t sender;                /* initiator's link index */
+	uint8_t mode;                   /* enum sec_mode: both ends must agree */
+	uint8_t e[32];                  /* initiator's ephemeral X25519 key */
+	uint8_t cookie[SEC_MAC_BYTES];  /* zero until the responder sent one */
+	uint8_t mac1[SEC_MAC_BYTES];    /* HMAC of the above under the network's key */
+};
+
+struct wire_hs_cookie {
+	uint32_t receiver;
+	uint8_t cookie[SEC_MAC_BYTES];
+};
+
+struct wire_hs_resp {
+	uint32_t sender, receiver;
+	uint8_t e[32];
+	uint16_t len;
+	const uint8_t *sealed;          /* the responder's identity block, sealed */
+};
+
+struct wire_hs_fin {
+	uint32_t receiver;
+	uint16_t len;
+	const uint8_t *sealed;          /* the initiator's identity block, sealed */
+};
+
+enum wire_reject_reason { REJECT_MODE_MISMATCH = 1 };
+
+struct wire_hs_reject {
+	uint32_t receiver;
+	uint8_t reason;
+	uint8_t mode;                   /* the responder's mode */
+};
+
+struct wire_data {
+	uint32_t receiver;
+	uint8_t epoch;                  /* low bits of the sender's key epoch */
+	uint64_t counter;               /* nonce and replay-window position */
+	const uint8_t *body;            /* ciphertext and tag, or plaintext when insecure */
+	size_t len;
+};
+
+/* The plaintext of a sealed handshake block: who I am, how I see you, and
+ * for certificate networks my certificate and a signature over the transcript. */
+struct wire_identity {
 	struct peer_info info;
-	struct endpoint observed;       /* the endpoint the sender sees us at */
-	uint16_t auth_len;              /* reserved for link authentication */
-	const uint8_t *auth;
+	struct endpoint observed;
+	uint16_t cert_len;
+	const uint8_t *cert;
+	uint8_t sig_len;
+	const uint8_t *sig;
 };
 
 struct wire_ping {
@@ -1446,14 +1634,16 @@ static int wire_addr_cmp(const ring_addr *a, const ring_addr *b)
 
 enum wire_verdict { WIRE_OK, WIRE_SHORT, WIRE_BAD_VERSION, WIRE_BAD_TYPE };
 
-/* Classify a packet by its two header bytes before trusting anything else. */
-static enum wire_verdict wire_classify(const uint8_t *p, size_t len, uint8_t *type)
+/* Classify a packet by its two header bytes before trusting anything else.
+ * Outer packets are handshake messages or DATA; inner ones come out of DATA. */
+static enum wire_verdict wire_classify(const uint8_t *p, size_t len, bool inner, uint8_t *type)
 {
 	if (len < WIRE_HDR_BYTES)
 		return WIRE_SHORT;
 	if (p[0] != WIRE_VERSION)
 		return WIRE_BAD_VERSION;
-	if (p[1] < WIRE_HELLO || p[1] >= WIRE__TYPE_END)
+	uint8_t lo = inner ? WIRE_FIRST_INNER : WIRE_HS_INIT, hi = inner ? WIRE__TYPE_END : WIRE_FIRST_INNER;
+	if (p[1] < lo || p[1] >= hi)
 		return WIRE_BAD_TYPE;
 	*type = p[1];
 	return WIRE_OK;
@@ -1517,30 +1707,158 @@ static int wire_finish(const struct buf *b)
 	return (b->bad || b->p != b->end) ? -EBADMSG : 0;
 }
 
-/* HELLO and HELLO_ACK share one layout. */
-static int wire_hello_decode(const uint8_t *p, size_t len, struct wire_hello *h)
+static int wire_hs_init_decode(const uint8_t *p, size_t len, struct wire_hs_init *m)
 {
 	struct buf b = wire_body(p, len);
-	h->nonce = buf_u64(&b);
-	wire_peer_info_get(&b, &h->info);
-	wire_endpoint_get(&b, &h->observed);
-	h->auth_len = buf_u16(&b);
-	if (h->auth_len > WIRE_AUTH_MAX_BYTES)
+	m->sender = buf_u32(&b);
+	m->mode = buf_u8(&b);
+	buf_bytes(&b, m->e, sizeof m->e);
+	buf_bytes(&b, m->cookie, sizeof m->cookie);
+	buf_bytes(&b, m->mac1, sizeof m->mac1);
+	if (m->mode >= SEC__MODE_END)
 		b.bad = true;
-	h->auth = buf_view(&b, h->auth_len);
 	return wire_finish(&b);
 }
 
-static ssize_t wire_hello_encode(uint8_t *out, size_t cap, uint8_t type,
-				 const struct wire_hello *h)
+/* mac1 is left zero here: it covers the encoded bytes before it. */
+static ssize_t wire_hs_init_encode(uint8_t *out, size_t cap, const struct wire_hs_init *m)
 {
 	struct wbuf w = wbuf_of(out, cap);
-	wire_header_put(&w, type);
-	wbuf_u64(&w, h->nonce);
-	wire_peer_info_put(&w, &h->info);
-	wire_endpoint_put(&w, &h->observed);
-	wbuf_u16(&w, h->auth_len);
-	wbuf_bytes(&w, h->auth, h->auth_len);
+	wire_header_put(&w, WIRE_HS_INIT);
+	wbuf_u32(&w, m->sender);
+	wbuf_u8(&w, m->mode);
+	wbuf_bytes(&w, m->e, sizeof m->e);
+	wbuf_bytes(&w, m->cookie, sizeof m->cookie);
+	wbuf_bytes(&w, m->mac1, sizeof m->mac1);
+	return wbuf_done(&w);
+}
+
+static int wire_hs_cookie_decode(const uint8_t *p, size_t len, struct wire_hs_cookie *m)
+{
+	struct buf b = wire_body(p, len);
+	m->receiver = buf_u32(&b);
+	buf_bytes(&b, m->cookie, sizeof m->cookie);
+	return wire_finish(&b);
+}
+
+static ssize_t wire_hs_cookie_encode(uint8_t *out, size_t cap, const struct wire_hs_cookie *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, WIRE_HS_COOKIE);
+	wbuf_u32(&w, m->receiver);
+	wbuf_bytes(&w, m->cookie, sizeof m->cookie);
+	return wbuf_done(&w);
+}
+
+static int wire_hs_resp_decode(const uint8_t *p, size_t len, struct wire_hs_resp *m)
+{
+	struct buf b = wire_body(p, len);
+	m->sender = buf_u32(&b);
+	m->receiver = buf_u32(&b);
+	buf_bytes(&b, m->e, sizeof m->e);
+	m->len = buf_u16(&b);
+	m->sealed = buf_view(&b, m->len);
+	return wire_finish(&b);
+}
+
+static ssize_t wire_hs_resp_encode(uint8_t *out, size_t cap, const struct wire_hs_resp *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, WIRE_HS_RESP);
+	wbuf_u32(&w, m->sender);
+	wbuf_u32(&w, m->receiver);
+	wbuf_bytes(&w, m->e, sizeof m->e);
+	wbuf_u16(&w, m->len);
+	wbuf_bytes(&w, m->sealed, m->len);
+	return wbuf_done(&w);
+}
+
+static int wire_hs_fin_decode(const uint8_t *p, size_t len, struct wire_hs_fin *m)
+{
+	struct buf b = wire_body(p, len);
+	m->receiver = buf_u32(&b);
+	m->len = buf_u16(&b);
+	m->sealed = buf_view(&b, m->len);
+	return wire_finish(&b);
+}
+
+static ssize_t wire_hs_fin_encode(uint8_t *out, size_t cap, const struct wire_hs_fin *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, WIRE_HS_FIN);
+	wbuf_u32(&w, m->receiver);
+	wbuf_u16(&w, m->len);
+	wbuf_bytes(&w, m->sealed, m->len);
+	return wbuf_done(&w);
+}
+
+static int wire_hs_reject_decode(const uint8_t *p, size_t len, struct wire_hs_reject *m)
+{
+	struct buf b = wire_body(p, len);
+	m->receiver = buf_u32(&b);
+	m->reason = buf_u8(&b);
+	m->mode = buf_u8(&b);
+	if (m->reason != REJECT_MODE_MISMATCH || m->mode >= SEC__MODE_END)
+		b.bad = true;
+	return wire_finish(&b);
+}
+
+static ssize_t wire_hs_reject_encode(uint8_t *out, size_t cap, const struct wire_hs_reject *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, WIRE_HS_REJECT);
+	wbuf_u32(&w, m->receiver);
+	wbuf_u8(&w, m->reason);
+	wbuf_u8(&w, m->mode);
+	return wbuf_done(&w);
+}
+
+/* A DATA record: the header, then at least the tag (secure) or one byte. */
+static int wire_data_decode(const uint8_t *p, size_t len, struct wire_data *m)
+{
+	struct buf b = wire_body(p, len);
+	m->receiver = buf_u32(&b);
+	m->epoch = buf_u8(&b);
+	m->counter = buf_u64(&b);
+	m->body = b.p;
+	m->len = b.bad ? 0 : (size_t)(b.end - b.p);
+	return b.bad || m->len == 0 ? -EBADMSG : 0;
+}
+
+static void wire_data_header_put(uint8_t out[WIRE_DATA_HDR_BYTES], const struct wire_data *m)
+{
+	struct wbuf w = wbuf_of(out, WIRE_DATA_HDR_BYTES);
+	wire_header_put(&w, WIRE_DATA);
+	wbuf_u32(&w, m->receiver);
+	wbuf_u8(&w, m->epoch);
+	wbuf_u64(&w, m->counter);
+}
+
+static int wire_identity_decode(const uint8_t *p, size_t len, struct wire_identity *m)
+{
+	struct buf b = buf_of(p, len);
+	wire_peer_info_get(&b, &m->info);
+	wire_endpoint_get(&b, &m->observed);
+	m->cert_len = buf_u16(&b);
+	if (m->cert_len > SEC_CERT_MAX_BYTES)
+		b.bad = true;
+	m->cert = buf_view(&b, m->cert_len);
+	m->sig_len = buf_u8(&b);
+	if (m->sig_len > SEC_SIG_MAX_BYTES)
+		b.bad = true;
+	m->sig = buf_view(&b, m->sig_len);
+	return wire_finish(&b);
+}
+
+static ssize_t wire_identity_encode(uint8_t *out, size_t cap, const struct wire_identity *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_peer_info_put(&w, &m->info);
+	wire_endpoint_put(&w, &m->observed);
+	wbuf_u16(&w, m->cert_len);
+	wbuf_bytes(&w, m->cert, m->cert_len);
+	wbuf_u8(&w, m->sig_len);
+	wbuf_bytes(&w, m->sig, m->sig_len);
 	return wbuf_done(&w);
 }
 
@@ -1689,31 +2007,81 @@ static ssize_t wire_echo_encode(uint8_t *out, size_t cap, bool reply, const stru
 }
 
 /* ===================================================================== 06 link_
- * Links: one authenticated-to-be conversation with one peer over UDP (a
- * remote endpoint on a shared socket) or TCP (its own stream, frames with a
- * 2-byte length).  A link's state names what it awaits:
+ * Links: one authenticated, encrypted conversation with one peer over UDP
+ * (a remote endpoint on a shared socket) or TCP (its own stream, frames with
+ * a 2-byte length).  Every link starts with a handshake (docs/SECURITY.md):
  *
- *   initiator:  CONNECTING (TCP only) -> AWAIT_ACK --HELLO_ACK--> UP
- *   responder:  AWAIT_HELLO --HELLO--> UP (HELLO_ACK sent)
+ *   I -> R  HS_INIT   idx_i, mode, e_i, cookie, mac1(network key)
+ *   R -> I  HS_COOKIE (UDP, no valid cookie yet: R keeps no state)
+ *   R -> I  HS_RESP   idx_r, e_r, seal(k_resp, identity_r + sig(h1r))
+ *   I -> R  HS_FIN    seal(k_fin, identity_i + sig(h2))
+ *   then    DATA      idx, epoch, counter, seal(k_dir, message)
+ *
+ * with ck = HKDF-Extract(salt, X25519(e_i, e_r)), salt = the network secret
+ * or the CA certificate's hash, and every key expanded from ck and the
+ * transcript hash.  A link's state names what it awaits:
+ *
+ *   initiator:  CONNECTING (TCP) -> AWAIT_RESP --HS_RESP/send FIN--> UP
+ *   responder:  (UDP: nothing) / AWAIT_INIT (TCP) --HS_INIT--> AWAIT_FIN
+ *               --HS_FIN--> UP
  *   any:        -> CLOSED (freed by link_reap at the end of the loop turn)
  *
- * The HELLO exchange is the seam where link authentication plugs in (the
- * auth bytes are carried and capped already).  Simultaneous dials: on UDP
- * both HELLOs share one 4-tuple and the lower ring address's dial wins; on
- * TCP two streams come up and link_resolve_duplicate keeps the one dialled
- * by the lower address, so both ends choose the same survivor.
- * Link code reports facts to the ring through node->hooks; it never decides
- * roles.  The node struct lives here because links are its first users.
+ * Messages after the handshake carry the receiver's link index, so a packet
+ * finds its link with one lookup and a peer may change address (roam).
+ * Crossing dials make two links; link_resolve_duplicate keeps the one
+ * dialled by the lower ring address, so both ends choose the same survivor.
+ * Keys ratchet forward (HKDF) every rekey interval; the replay window spans
+ * epochs.  Link code reports facts to the ring through node->hooks; it never
+ * decides roles.  The node struct lives here because links are its first
+ * users.  To add a link message: a wire_ type above WIRE_FIRST_INNER and a
+ * case in link_on_up_packet.
  * ========================================================================= */
 
-enum link_state { LINK_CONNECTING, LINK_AWAIT_HELLO, LINK_AWAIT_ACK, LINK_UP, LINK_CLOSED, LINK__STATE_END };
+enum link_state {
+	LINK_CONNECTING,        /* TCP connect in progress */
+	LINK_AWAIT_INIT,        /* accepted TCP stream, no HS_INIT yet */
+	LINK_AWAIT_RESP,        /* HS_INIT sent */
+	LINK_AWAIT_FIN,         /* HS_RESP sent */
+	LINK_UP,
+	LINK_CLOSED,
+	LINK__STATE_END
+};
 
 static const char *const link_state_names[LINK__STATE_END] = {
 	[LINK_CONNECTING] = "connecting",
-	[LINK_AWAIT_HELLO] = "await_hello",
-	[LINK_AWAIT_ACK] = "await_ack",
+	[LINK_AWAIT_INIT] = "await_init",
+	[LINK_AWAIT_RESP] = "await_resp",
+	[LINK_AWAIT_FIN] = "await_fin",
 	[LINK_UP] = "up",
 	[LINK_CLOSED] = "closed",
+};
+
+enum {
+	LINK_REKEY_MS = 120000,         /* ratchet each direction's key this often */
+	LINK_REKEY_GRACE_MS = 10000,    /* keep the previous receive key for stragglers */
+	LINK_FIN_CACHE_MS = 10000,      /* resend our HS_FIN if HS_RESP repeats until then */
+	WIRE_MAX_RECORD_BYTES = WIRE_MAX_PACKET_BYTES + WIRE_DATA_OVERHEAD_BYTES,
+};
+
+/* Handshake scratch: wiped once the link is up. */
+struct link_hs {
+	uint8_t e_priv[32], e_pub[32];
+	uint8_t h[32];                  /* transcript hash so far */
+	uint8_t ck[32];                 /* HKDF-Extract(salt, X25519(e_i, e_r)) */
+	uint8_t cookie[SEC_MAC_BYTES];
+	bool has_cookie;
+	uint8_t *cached;                /* our last handshake packet, for retransmits */
+	size_t cached_len;
+	uint64_t cached_until_ms;
+	int tries;
+};
+
+struct link_keys {
+	uint8_t tx[SEC_KEY_BYTES], rx[SEC_KEY_BYTES], rx_prev[SEC_KEY_BYTES];
+	uint32_t tx_epoch, rx_epoch;
+	uint64_t tx_counter;            /* continues across epochs */
+	uint64_t tx_epoch_ms, rx_prev_until_ms;
+	struct sec_replay replay;
 };
 
 struct link {
@@ -1724,21 +2092,22 @@ struct link {
 	bool initiator;
 	int fd;                         /* UDP: shared socket; TCP: owned stream */
 	struct sockaddr_in remote;
-	uint64_t nonce;                 /* the initiator's attempt id */
-	uint64_t crossed_nonce;         /* a crossing dial's HELLO we ignored */
+	uint32_t local_idx, peer_idx;   /* receiver indices in every message */
 	struct peer_info peer;          /* valid when peer_known */
 	bool peer_known;
+	struct sec_grant grant;         /* what the peer's certificate allows */
 	ring_addr expect;               /* the node this dial is meant to reach */
 	bool expect_set;
 	uint8_t want_roles;             /* roles to take on once up */
 	uint8_t local_roles, peer_roles;
 	struct endpoint observed;       /* how the peer sees us */
 	uint64_t created_ms, up_ms, last_rx_ms;
-	int hello_tries;
 	uint32_t ping_seq;
 	double rtt_ms;                  /* smoothed, < 0 until the first pong */
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
 	struct ev_timer timer;          /* handshake retry/timeout, then keepalive */
+	struct link_hs hs;
+	struct link_keys keys;
 	uint8_t *rbuf;                  /* TCP: one partial frame */
 	size_t rlen;
 	uint8_t *wq;                    /* TCP: bytes not yet written */
@@ -1775,9 +2144,14 @@ struct ring_state {
 	void (*echo_reply)(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
 };
 
+enum { LINK_SEC_TICK_MS = 2000 }; /* revocation list check and cookie rotation */
+
 struct node {
 	struct ev_loop loop;
 	struct sec_rng rng;
+	struct sec_creds sec;
+	uint64_t rekey_ms;
+	struct ev_timer sec_timer;
 	struct log_drops drops;
 	struct peer_info self;          /* our address, virtual IP, endpoints */
 	uint8_t vip_prefix;
@@ -1842,13 +2216,21 @@ static void link_drop(struct link *l, enum drop_reason why)
 	log_drop(&l->node->drops, why, ev_now(&l->node->loop), who);
 }
 
+static void link_drop_from(struct node *n, enum drop_reason why, uint8_t proto,
+			   const struct sockaddr_in *from)
+{
+	char who[40];
+	struct endpoint e = link_endpoint_of(proto, from);
+	link_endpoint_uri(&e, who);
+	log_drop(&n->drops, why, ev_now(&n->loop), who);
+}
+
 /* Linear in the number of links: a node holds tens of links (2x2 near,
  * log N far, a few leaf/shortcut), so a scan beats a hash table here. */
-static struct link *link_find_udp(struct node *n, int fd, const struct sockaddr_in *sa)
+static struct link *link_find_index(struct node *n, uint32_t idx)
 {
 	for (struct link *l = n->links; l; l = l->next)
-		if (l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->fd == fd &&
-		    link_sockaddr_eq(&l->remote, sa))
+		if (l->state != LINK_CLOSED && l->local_idx == idx)
 			return l;
 	return NULL;
 }
@@ -1866,6 +2248,11 @@ static struct link *link_find_peer(struct node *n, const ring_addr *a, bool up_o
 	return NULL;
 }
 
+static bool link_secure(const struct link *l)
+{
+	return l->node->sec.mode != SEC_INSECURE;
+}
+
 static int64_t link_timer_fn(struct ev_loop *loop, struct ev_timer *t);
 
 static struct link *link_new(struct node *n, uint8_t proto, int fd,
@@ -1876,7 +2263,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	struct link *l = calloc(1, sizeof *l);
 	if (!l)
 		return NULL;
-	if (proto == PROTO_TCP && !(l->rbuf = malloc(WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_PACKET_BYTES))) {
+	if (proto == PROTO_TCP && !(l->rbuf = malloc(WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_RECORD_BYTES))) {
 		free(l);
 		return NULL;
 	}
@@ -1887,11 +2274,20 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	l->initiator = initiator;
 	l->rtt_ms = -1;
 	l->created_ms = ev_now(&n->loop);
+	do
+		l->local_idx = (uint32_t)sec_random_u64(&n->rng);
+	while (l->local_idx == 0 || link_find_index(n, l->local_idx));
 	ev_timer_init(&l->timer, link_timer_fn);
 	l->next = n->links;
 	n->links = l;
 	n->n_links++;
 	return l;
+}
+
+static void link_hs_wipe(struct link *l)
+{
+	free(l->hs.cached);
+	sec_wipe(&l->hs, sizeof l->hs);
 }
 
 /* Free closed links; called once per loop turn, after every callback, so a
@@ -1906,11 +2302,15 @@ static void link_reap(struct node *n)
 		}
 		*pp = l->next;
 		n->n_links--;
+		link_hs_wipe(l);
+		sec_wipe(&l->keys, sizeof l->keys);
 		free(l->rbuf);
 		free(l->wq);
 		free(l);
 	}
 }
+
+/* ---- sending ---------------------------------------------------------- */
 
 static void link_tcp_watch(struct link *l);
 
@@ -1961,8 +2361,8 @@ static int link_tcp_enqueue(struct link *l, const uint8_t *pkt, size_t len)
 	return l->state == LINK_CONNECTING ? 0 : link_tcp_flush(l);
 }
 
-/* Send one packet on the link; a failure is counted, never fatal here. */
-static int link_send(struct link *l, const uint8_t *pkt, size_t len)
+/* Put bytes on the wire as they are; a failure is counted, never fatal. */
+static int link_send_raw(struct link *l, const uint8_t *pkt, size_t len)
 {
 	int rc;
 	if (l->state == LINK_CLOSED)
@@ -1983,24 +2383,48 @@ static int link_send(struct link *l, const uint8_t *pkt, size_t len)
 	return rc;
 }
 
+/* Ratchet the send key: k' = HKDF-Expand(k, "rekey").  The old key is gone,
+ * so records sent before cannot be decrypted from a later compromise. */
+static void link_rekey_tx(struct link *l)
+{
+	uint64_t now = ev_now(&l->node->loop);
+	if (now - l->keys.tx_epoch_ms < l->node->rekey_ms)
+		return;
+	uint8_t next[SEC_KEY_BYTES];
+	sec_expand(l->keys.tx, "ipop-v2 rekey", NULL, next);
+	memcpy(l->keys.tx, next, sizeof next);
+	sec_wipe(next, sizeof next);
+	l->keys.tx_epoch++;
+	l->keys.tx_epoch_ms = now;
+}
+
+/* Send one message on an up link inside a DATA record. */
+static int link_send(struct link *l, const uint8_t *msg, size_t len)
+{
+	uint8_t rec[WIRE_MAX_RECORD_BYTES];
+	if (l->state != LINK_UP)
+		return -ENOTCONN;
+	if (len > WIRE_MAX_PACKET_BYTES)
+		return -EMSGSIZE;
+	bool secure = link_secure(l);
+	if (secure)
+		link_rekey_tx(l);
+	struct wire_data d = { .receiver = l->peer_idx, .epoch = (uint8_t)l->keys.tx_epoch,
+			       .counter = l->keys.tx_counter++ };
+	wire_data_header_put(rec, &d);
+	if (secure)
+		sec_seal(&l->node->sec, l->keys.tx, l->keys.tx_epoch, d.counter, rec, WIRE_DATA_HDR_BYTES,
+			 msg, len, rec + WIRE_DATA_HDR_BYTES);
+	else
+		memcpy(rec + WIRE_DATA_HDR_BYTES, msg, len);
+	return link_send_raw(l, rec, WIRE_DATA_HDR_BYTES + len + (secure ? SEC_TAG_BYTES : 0));
+}
+
 static int link_send_byte(struct link *l, uint8_t type, uint8_t v)
 {
 	uint8_t pkt[8];
 	ssize_t len = wire_byte_encode(pkt, sizeof pkt, type, v);
 	return len < 0 ? -EMSGSIZE : link_send(l, pkt, (size_t)len);
-}
-
-static void link_send_hello(struct link *l, uint8_t type)
-{
-	struct wire_hello h = {
-		.nonce = l->nonce,
-		.info = l->node->self,
-		.observed = link_endpoint_of(l->proto, &l->remote),
-	};
-	uint8_t pkt[WIRE_MAX_PACKET_BYTES];
-	ssize_t len = wire_hello_encode(pkt, sizeof pkt, type, &h);
-	if (len > 0)
-		link_send(l, pkt, (size_t)len);
 }
 
 static void link_send_ping(struct link *l, uint8_t type, uint32_t seq, uint64_t t_us)
@@ -2012,6 +2436,25 @@ static void link_send_ping(struct link *l, uint8_t type, uint32_t seq, uint64_t 
 		link_send(l, pkt, (size_t)len);
 }
 
+/* Keep a copy of a handshake packet we may have to send again. */
+static void link_hs_cache(struct link *l, const uint8_t *pkt, size_t len)
+{
+	free(l->hs.cached);
+	l->hs.cached = malloc(len);
+	l->hs.cached_len = l->hs.cached ? len : 0;
+	if (l->hs.cached)
+		memcpy(l->hs.cached, pkt, len);
+	l->hs.cached_until_ms = ev_now(&l->node->loop) + LINK_FIN_CACHE_MS;
+}
+
+static void link_hs_resend(struct link *l)
+{
+	if (l->hs.cached && ev_now(&l->node->loop) < l->hs.cached_until_ms)
+		link_send_raw(l, l->hs.cached, l->hs.cached_len);
+}
+
+/* ---- teardown and timers ---------------------------------------------- */
+
 /* Tear a link down.  A BYE goes out only on an up link, and only when the
  * peer did not close first: a peer that never finished the handshake holds
  * no state worth telling.  reason 0 means the link failed (dead, reset). */
@@ -2021,11 +2464,8 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 		return;
 	bool was_up = l->state == LINK_UP;
 	struct node *n = l->node;
-	if (was_up && tell_peer && reason) {
+	if (was_up && tell_peer && reason)
 		link_send_byte(l, WIRE_BYE, reason);
-		if (reason == BYE_LEAVING && l->proto == PROTO_UDP)
-			link_send_byte(l, WIRE_BYE, reason); /* one loss must not cost 4 s */
-	}
 	l->state = LINK_CLOSED;
 	ev_timer_cancel(&n->loop, &l->timer);
 	if (l->proto == PROTO_TCP && l->fd >= 0) {
@@ -2057,30 +2497,44 @@ static int64_t link_keepalive(struct link *l)
 	return LINK_KEEPALIVE_MS;
 }
 
+static void link_hs_init_send(struct link *l);
+
+static int64_t link_hs_timeout(struct link *l)
+{
+	uint64_t age = ev_now(&l->node->loop) - l->created_ms;
+	if (l->proto == PROTO_UDP && ++l->hs.tries < LINK_HELLO_TRIES) {
+		if (l->state == LINK_AWAIT_RESP)
+			link_hs_init_send(l);
+		else
+			link_hs_resend(l);
+		return LINK_HELLO_RETRY_MS;
+	}
+	if (l->proto == PROTO_TCP && age < LINK_HANDSHAKE_TIMEOUT_MS)
+		return (int64_t)(LINK_HANDSHAKE_TIMEOUT_MS - age);
+	if (l->initiator)       /* a silent responder: down, or not of our network */
+		link_drop(l, DROP_HS_TIMEOUT);
+	link_close(l, 0);
+	return EV_TIMER_STOP;
+}
+
 static int64_t link_timer_fn(struct ev_loop *loop, struct ev_timer *t)
 {
 	struct link *l = container_of(t, struct link, timer);
-	uint64_t age = ev_now(loop) - l->created_ms;
+	(void)loop;
 	switch (l->state) {
 	case LINK_UP:
 		return link_keepalive(l);
-	case LINK_AWAIT_ACK:
-		if (l->proto == PROTO_UDP && ++l->hello_tries < LINK_HELLO_TRIES) {
-			link_send_hello(l, WIRE_HELLO);
-			return LINK_HELLO_RETRY_MS;
-		}
-		/* fall through */
 	case LINK_CONNECTING:
-	case LINK_AWAIT_HELLO:
-		if (l->proto == PROTO_TCP && age < LINK_HANDSHAKE_TIMEOUT_MS)
-			return (int64_t)(LINK_HANDSHAKE_TIMEOUT_MS - age);
-		log_debug("link", "handshake timed out in state %s", link_state_names[l->state]);
-		link_close(l, 0);
-		return EV_TIMER_STOP;
+	case LINK_AWAIT_INIT:
+	case LINK_AWAIT_RESP:
+	case LINK_AWAIT_FIN:
+		return link_hs_timeout(l);
 	default:
 		return EV_TIMER_STOP;
 	}
 }
+
+/* ---- becoming up ------------------------------------------------------- */
 
 /* Two up links to one peer: keep the one dialled by the lower ring address,
  * so both ends pick the same survivor.  When the same node dialled both, only
@@ -2108,18 +2562,17 @@ static bool link_resolve_duplicate(struct link *l)
 	return true;
 }
 
-static void link_became_up(struct link *l, const struct wire_hello *h)
+static void link_became_up(struct link *l)
 {
 	struct node *n = l->node;
-	l->peer = h->info;
-	l->peer_known = true;
-	l->observed = h->observed;
 	l->state = LINK_UP;
-	l->up_ms = l->last_rx_ms = ev_now(&n->loop);
+	l->up_ms = l->last_rx_ms = l->keys.tx_epoch_ms = ev_now(&n->loop);
+	l->hs.tries = 0;
 	ev_timer_arm(&n->loop, &l->timer, LINK_KEEPALIVE_MS);
 	char who[64];
 	link_describe(l, who);
-	log_info("link", "up: %s, %s", who, l->initiator ? "dialled" : "accepted");
+	log_info("link", "up: %s, %s, %s%s%s", who, l->initiator ? "dialled" : "accepted",
+		 sec_mode_names[n->sec.mode], l->grant.name[0] ? " of " : "", l->grant.name);
 	/* Dials still under way to this peer are left to finish: the peer may
 	 * already count them as up, and link_resolve_duplicate settles it the
 	 * same way on both ends. */
@@ -2129,60 +2582,448 @@ static void link_became_up(struct link *l, const struct wire_hello *h)
 		n->hooks.up(n, l);
 }
 
-/* Refuse a hello from ourselves or from a node other than the one dialled. */
-static bool link_hello_acceptable(struct link *l, const struct wire_hello *h)
+/* ---- handshake -------------------------------------------------------- */
+
+/* h = SHA-256(h || data): the transcript both ends hash identically. */
+static void link_mix(uint8_t h[32], const void *data, size_t len)
 {
-	if (wire_addr_eq(&h->info.addr, &l->node->self.addr)) {
+	sec_sha256(h, 32, data, len, h);
+}
+
+/* h0 binds the protocol and the network's mode; then HS_INIT's fixed part. */
+static void link_transcript_init(struct link *l, const uint8_t *init_pkt)
+{
+	uint8_t mode = (uint8_t)l->node->sec.mode;
+	sec_sha256("ipop-v2 handshake", 17, &mode, 1, l->hs.h);
+	link_mix(l->hs.h, init_pkt, WIRE_HS_INIT_COOKIE_OFFSET);
+}
+
+static void link_mix_resp(struct link *l, uint32_t idx_r, const uint8_t e_r[32])
+{
+	uint8_t b[36];
+	struct wbuf w = wbuf_of(b, sizeof b);
+	wbuf_u32(&w, idx_r);
+	wbuf_bytes(&w, e_r, 32);
+	link_mix(l->hs.h, b, sizeof b);
+}
+
+/* Our identity block, signed over the transcript so far when we hold a
+ * certificate, and sealed under key (plain when insecure).  Returns the
+ * sealed length, or -1. */
+static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t *out, size_t cap)
+{
+	struct node *n = l->node;
+	uint8_t plain[WIRE_MAX_PACKET_BYTES], sig[SEC_SIG_MAX_BYTES];
+	size_t sig_len = 0;
+	struct wire_identity id = { .info = n->self, .observed = link_endpoint_of(l->proto, &l->remote) };
+	if (n->sec.mode == SEC_CERT) {
+		if (sec_sign(&n->sec, &n->rng, l->hs.h, sig, &sig_len) < 0)
+			return -1;
+		id.cert = n->sec.own.raw.p;
+		id.cert_len = (uint16_t)n->sec.own.raw.len;
+		id.sig = sig;
+		id.sig_len = (uint8_t)sig_len;
+	}
+	ssize_t len = wire_identity_encode(plain, sizeof plain, &id);
+	if (len < 0 || (size_t)len + SEC_TAG_BYTES > cap)
+		return -1;
+	if (!link_secure(l)) {
+		memcpy(out, plain, (size_t)len);
+		return len;
+	}
+	sec_seal(&n->sec, key, 0, 0, l->hs.h, 32, plain, (size_t)len, out);
+	sec_wipe(plain, sizeof plain);
+	return len + SEC_TAG_BYTES;
+}
+
+/* What a certificate network demands of a peer's identity; NULL if it holds. */
+static const char *link_cert_refusal(struct link *l, const struct wire_identity *id)
+{
+	struct node *n = l->node;
+	mbedtls_x509_crt crt;
+	const char *why = NULL;
+	mbedtls_x509_crt_init(&crt);
+	if (sec_cert_check(&n->sec, id->cert, id->cert_len, &crt, &l->grant, &why) < 0)
+		goto out;
+	if (!sec_verify(&crt, l->hs.h, id->sig, id->sig_len)) {
+		why = "bad handshake signature";
+		goto out;
+	}
+	ring_addr want;
+	if (!sec_cert_addr(&crt, &l->grant, id->info.vip, &want))
+		why = "virtual IP not in its certificate";
+	else if (!wire_addr_eq(&want, &id->info.addr))
+		why = "ring address does not match its certificate";
+out:
+	mbedtls_x509_crt_free(&crt);
+	return why;
+}
+
+/* Open and check the peer's identity block; on success the peer is known. */
+static bool link_identity_accept(struct link *l, const uint8_t key[32], const uint8_t *sealed, size_t len)
+{
+	struct node *n = l->node;
+	uint8_t plain[WIRE_MAX_RECORD_BYTES];
+	struct wire_identity id;
+	const char *why = NULL;
+	size_t plen = link_secure(l) ? len - SEC_TAG_BYTES : len;
+	if (len > sizeof plain || (link_secure(l) && len < SEC_TAG_BYTES)) {
+		why = "malformed identity";
+	} else if (link_secure(l) && !sec_open(&n->sec, key, 0, 0, l->hs.h, 32, sealed, len, plain)) {
+		link_drop(l, DROP_AUTH_FAILED);
+		return false;
+	} else if (!link_secure(l)) {
+		memcpy(plain, sealed, len);
+	}
+	if (!why && wire_identity_decode(plain, plen, &id) < 0)
+		why = "malformed identity";
+	else if (!why && wire_addr_eq(&id.info.addr, &n->self.addr)) {
 		link_drop(l, DROP_SELF_LINK);
-		link_close(l, 0);
 		return false;
-	}
-	if (l->expect_set && !wire_addr_eq(&h->info.addr, &l->expect)) {
+	} else if (!why && n->sec.mode == SEC_CERT)
+		why = link_cert_refusal(l, &id);
+	else if (!why && (id.cert_len || id.sig_len))
+		why = "unexpected certificate";
+	if (!why && l->expect_set && !wire_addr_eq(&id.info.addr, &l->expect)) {
 		log_debug("link", "dialled endpoint answered as another node");
-		link_close(l, 0);
 		return false;
 	}
+	if (why) {
+		char who[64], line[160];
+		link_describe(l, who);
+		snprintf(line, sizeof line, "%s: %s", who, why);
+		log_drop(&n->drops, DROP_REFUSED, ev_now(&n->loop), line);
+		return false;
+	}
+	l->peer = id.info;
+	l->peer_known = true;
+	l->observed = id.observed;
 	return true;
 }
 
-static void link_on_hello(struct link *l, const struct wire_hello *h)
+static void link_hs_init_send(struct link *l)
 {
 	struct node *n = l->node;
-	if (l->state == LINK_UP) {
-		if (wire_addr_eq(&h->info.addr, &l->peer.addr))
-			link_send_hello(l, WIRE_HELLO_ACK);  /* our ack was lost */
-		else
-			link_close(l, BYE_UNEXPECTED);        /* a new node on an old endpoint */
+	struct wire_hs_init m = { .sender = l->local_idx, .mode = (uint8_t)n->sec.mode };
+	memcpy(m.e, l->hs.e_pub, 32);
+	if (l->hs.has_cookie)
+		memcpy(m.cookie, l->hs.cookie, sizeof m.cookie);
+	uint8_t pkt[WIRE_HS_INIT_BYTES];
+	if (wire_hs_init_encode(pkt, sizeof pkt, &m) != WIRE_HS_INIT_BYTES)
 		return;
-	}
-	if (l->state == LINK_AWAIT_ACK) {
-		/* Crossed dials on one UDP 4-tuple: the lower address's dial wins. */
-		if (wire_addr_cmp(&h->info.addr, &n->self.addr) > 0) {
-			l->crossed_nonce = h->nonce;
-			return;
-		}
-		l->initiator = false;
-	} else if (l->state != LINK_AWAIT_HELLO) {
-		link_drop(l, DROP_WRONG_STATE);
-		return;
-	}
-	if (!link_hello_acceptable(l, h))
-		return;
-	l->nonce = h->nonce;
-	link_send_hello(l, WIRE_HELLO_ACK);
-	link_became_up(l, h);
+	if (link_secure(l))
+		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, pkt + WIRE_HS_INIT_MAC1_OFFSET);
+	link_send_raw(l, pkt, sizeof pkt);
 }
 
-static void link_on_hello_ack(struct link *l, const struct wire_hello *h)
+/* Initiator: a fresh ephemeral key, the transcript's start, HS_INIT. */
+static void link_hs_begin(struct link *l)
 {
-	if (l->state == LINK_UP && wire_addr_eq(&h->info.addr, &l->peer.addr))
-		return;                                   /* a retransmitted ack */
-	if (l->state != LINK_AWAIT_ACK || h->nonce != l->nonce) {
-		link_drop(l, DROP_WRONG_STATE);
+	struct node *n = l->node;
+	if (link_secure(l) && sec_x25519_keypair(&n->sec, &n->rng, l->hs.e_priv, l->hs.e_pub) < 0) {
+		link_close(l, 0);
 		return;
 	}
-	if (link_hello_acceptable(l, h))
-		link_became_up(l, h);
+	struct wire_hs_init m = { .sender = l->local_idx, .mode = (uint8_t)n->sec.mode };
+	memcpy(m.e, l->hs.e_pub, 32);
+	uint8_t pkt[WIRE_HS_INIT_BYTES];
+	wire_hs_init_encode(pkt, sizeof pkt, &m);
+	link_transcript_init(l, pkt);
+	l->state = LINK_AWAIT_RESP;
+	link_hs_init_send(l);
+	ev_timer_arm(&n->loop, &l->timer, l->proto == PROTO_UDP ? LINK_HELLO_RETRY_MS : LINK_HANDSHAKE_TIMEOUT_MS);
+}
+
+/* ck = HKDF-Extract(salt, X25519(ours, theirs)). */
+static int link_hs_chain(struct link *l, const uint8_t peer_e[32])
+{
+	struct node *n = l->node;
+	uint8_t dh[32];
+	if (!link_secure(l))
+		return 0;
+	if (sec_x25519(&n->sec, &n->rng, l->hs.e_priv, peer_e, dh) < 0)
+		return -1;
+	mbedtls_hkdf_extract(sec_md(), n->sec.salt, SEC_KEY_BYTES, dh, sizeof dh, l->hs.ck);
+	sec_wipe(dh, sizeof dh);
+	return 0;
+}
+
+/* Transport keys from the final transcript; the scratch is wiped after. */
+static void link_hs_finish(struct link *l)
+{
+	if (link_secure(l)) {
+		uint8_t i2r[32], r2i[32];
+		sec_expand(l->hs.ck, "ipop-v2 i2r", l->hs.h, i2r);
+		sec_expand(l->hs.ck, "ipop-v2 r2i", l->hs.h, r2i);
+		memcpy(l->keys.tx, l->initiator ? i2r : r2i, 32);
+		memcpy(l->keys.rx, l->initiator ? r2i : i2r, 32);
+		sec_wipe(i2r, 32);
+		sec_wipe(r2i, 32);
+	}
+	uint8_t *cached = l->hs.cached;
+	size_t cached_len = l->hs.cached_len;
+	uint64_t until = l->hs.cached_until_ms;
+	l->hs.cached = NULL;
+	link_hs_wipe(l);
+	if (l->initiator) {     /* keep HS_FIN: a lost one is resent on a repeated HS_RESP */
+		l->hs.cached = cached;
+		l->hs.cached_len = cached_len;
+		l->hs.cached_until_ms = until;
+	} else {
+		free(cached);
+	}
+}
+
+/* Responder: answer a valid HS_INIT with our sealed identity. */
+static void link_hs_respond(struct link *l, const struct wire_hs_init *m, const uint8_t *init_pkt)
+{
+	struct node *n = l->node;
+	uint8_t pkt[WIRE_MAX_RECORD_BYTES], sealed[WIRE_MAX_PACKET_BYTES], k[32];
+	l->peer_idx = m->sender;
+	link_transcript_init(l, init_pkt);
+	if (link_secure(l) && (sec_x25519_keypair(&n->sec, &n->rng, l->hs.e_priv, l->hs.e_pub) < 0 ||
+			       link_hs_chain(l, m->e) < 0)) {
+		link_drop(l, DROP_REFUSED);
+		link_close(l, 0);
+		return;
+	}
+	link_mix_resp(l, l->local_idx, l->hs.e_pub);
+	sec_expand(l->hs.ck, "ipop-v2 resp", l->hs.h, k);
+	ssize_t slen = link_identity_seal(l, k, sealed, sizeof sealed);
+	struct wire_hs_resp r = { .sender = l->local_idx, .receiver = m->sender, .len = (uint16_t)slen,
+				  .sealed = sealed };
+	memcpy(r.e, l->hs.e_pub, 32);
+	ssize_t len = slen < 0 ? -1 : wire_hs_resp_encode(pkt, sizeof pkt, &r);
+	sec_wipe(k, sizeof k);
+	if (len < 0) {
+		link_close(l, 0);
+		return;
+	}
+	link_mix(l->hs.h, sealed, (size_t)slen);
+	l->state = LINK_AWAIT_FIN;
+	link_hs_cache(l, pkt, (size_t)len);
+	link_send_raw(l, pkt, (size_t)len);
+	ev_timer_arm(&n->loop, &l->timer, l->proto == PROTO_UDP ? LINK_HELLO_RETRY_MS : LINK_HANDSHAKE_TIMEOUT_MS);
+}
+
+/* A mode mismatch is a configuration error on one side: say so plainly. */
+static void link_send_reject(struct node *n, int fd, const struct sockaddr_in *to, struct link *tcp,
+			     uint32_t receiver)
+{
+	struct wire_hs_reject r = { .receiver = receiver, .reason = REJECT_MODE_MISMATCH,
+				    .mode = (uint8_t)n->sec.mode };
+	uint8_t pkt[16];
+	ssize_t len = wire_hs_reject_encode(pkt, sizeof pkt, &r);
+	if (len < 0)
+		return;
+	if (tcp)
+		link_send_raw(tcp, pkt, (size_t)len);
+	else
+		sendto(fd, pkt, (size_t)len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
+}
+
+static void link_send_cookie(struct node *n, int fd, const struct sockaddr_in *to, uint32_t receiver)
+{
+	struct wire_hs_cookie c = { .receiver = receiver };
+	sec_cookie(&n->sec, 0, to, c.cookie);
+	uint8_t pkt[32];
+	ssize_t len = wire_hs_cookie_encode(pkt, sizeof pkt, &c);
+	if (len > 0)
+		sendto(fd, pkt, (size_t)len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
+}
+
+/* A UDP responder link already made for this HS_INIT (a retransmit). */
+static struct link *link_find_responder(struct node *n, int fd, const struct sockaddr_in *from,
+					uint32_t peer_idx)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state != LINK_CLOSED && !l->initiator && l->proto == PROTO_UDP && l->fd == fd &&
+		    l->peer_idx == peer_idx && link_sockaddr_eq(&l->remote, from))
+			return l;
+	return NULL;
+}
+
+/* HS_INIT: every check that needs no state comes first, so a stranger or a
+ * spoofed source costs an HMAC, never a link record. */
+static void link_on_hs_init(struct node *n, struct link *tcp, int fd, const struct sockaddr_in *from,
+			    const uint8_t *pkt, size_t len)
+{
+	struct wire_hs_init m;
+	uint8_t proto = tcp ? PROTO_TCP : PROTO_UDP;
+	uint8_t mac[SEC_MAC_BYTES];
+	if (wire_hs_init_decode(pkt, len, &m) < 0)
+		return link_drop_from(n, DROP_MALFORMED, proto, from);
+	if (m.mode != n->sec.mode) {
+		link_drop_from(n, DROP_MODE_MISMATCH, proto, from);
+		return link_send_reject(n, fd, from, tcp, m.sender);
+	}
+	if (n->sec.mode != SEC_INSECURE) {
+		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, mac);
+		if (!sec_equal(mac, m.mac1, sizeof mac))
+			return link_drop_from(n, DROP_NOT_MEMBER, proto, from);
+	}
+	if (!tcp && !sec_cookie_valid(&n->sec, from, m.cookie))
+		return link_send_cookie(n, fd, from, m.sender);
+	struct link *l = tcp;
+	if (!l) {
+		struct link *old = link_find_responder(n, fd, from, m.sender);
+		if (old) {
+			if (old->state == LINK_AWAIT_FIN)
+				link_hs_resend(old);
+			return;
+		}
+		if (!(l = link_new(n, PROTO_UDP, fd, from, false)))
+			return link_drop_from(n, DROP_LINK_TABLE_FULL, proto, from);
+	} else if (l->state != LINK_AWAIT_INIT) {
+		return link_drop(l, DROP_WRONG_STATE);
+	}
+	link_hs_respond(l, &m, pkt);
+}
+
+static void link_on_hs_cookie(struct link *l, const struct wire_hs_cookie *m)
+{
+	if (l->state != LINK_AWAIT_RESP || !l->initiator)
+		return link_drop(l, DROP_WRONG_STATE);
+	memcpy(l->hs.cookie, m->cookie, sizeof l->hs.cookie);
+	l->hs.has_cookie = true;
+	link_hs_init_send(l);
+}
+
+/* Initiator: check the responder, answer with HS_FIN, and we are up. */
+static void link_on_hs_resp(struct link *l, const struct wire_hs_resp *m)
+{
+	struct node *n = l->node;
+	uint8_t k[32], sealed[WIRE_MAX_PACKET_BYTES], pkt[WIRE_MAX_RECORD_BYTES];
+	if (l->state == LINK_UP && l->initiator && m->sender == l->peer_idx)
+		return link_hs_resend(l);       /* our HS_FIN was lost */
+	if (l->state != LINK_AWAIT_RESP)
+		return link_drop(l, DROP_WRONG_STATE);
+	if (link_hs_chain(l, m->e) < 0) {
+		link_drop(l, DROP_REFUSED);
+		return link_close(l, 0);
+	}
+	link_mix_resp(l, m->sender, m->e);
+	sec_expand(l->hs.ck, "ipop-v2 resp", l->hs.h, k);
+	bool ok = link_identity_accept(l, k, m->sealed, m->len);
+	sec_wipe(k, sizeof k);
+	if (!ok)
+		return link_close(l, 0);
+	l->peer_idx = m->sender;
+	link_mix(l->hs.h, m->sealed, m->len);
+	sec_expand(l->hs.ck, "ipop-v2 fin", l->hs.h, k);
+	ssize_t slen = link_identity_seal(l, k, sealed, sizeof sealed);
+	sec_wipe(k, sizeof k);
+	struct wire_hs_fin f = { .receiver = m->sender, .len = (uint16_t)slen, .sealed = sealed };
+	ssize_t len = slen < 0 ? -1 : wire_hs_fin_encode(pkt, sizeof pkt, &f);
+	if (len < 0)
+		return link_close(l, 0);
+	link_mix(l->hs.h, sealed, (size_t)slen);
+	link_hs_cache(l, pkt, (size_t)len);
+	link_send_raw(l, pkt, (size_t)len);
+	link_hs_finish(l);
+	link_became_up(l);
+	(void)n;
+}
+
+/* Responder: the initiator proved itself; we are up. */
+static void link_on_hs_fin(struct link *l, const struct wire_hs_fin *m)
+{
+	uint8_t k[32];
+	if (l->state == LINK_UP && !l->initiator)
+		return;                         /* a resent HS_FIN */
+	if (l->state != LINK_AWAIT_FIN)
+		return link_drop(l, DROP_WRONG_STATE);
+	sec_expand(l->hs.ck, "ipop-v2 fin", l->hs.h, k);
+	bool ok = link_identity_accept(l, k, m->sealed, m->len);
+	sec_wipe(k, sizeof k);
+	if (!ok)
+		return link_close(l, 0);
+	link_mix(l->hs.h, m->sealed, m->len);
+	link_hs_finish(l);
+	link_became_up(l);
+}
+
+static void link_on_hs_reject(struct link *l, const struct wire_hs_reject *m)
+{
+	if (l->state != LINK_AWAIT_RESP || !l->initiator)
+		return link_drop(l, DROP_WRONG_STATE);
+	char who[64];
+	link_describe(l, who);
+	log_err("link", "%s runs in %s mode and this node in %s mode: every node of a network needs the "
+		"same security (--secret-file, --cert-dir or --insecure)", who, sec_mode_names[m->mode],
+		sec_mode_names[l->node->sec.mode]);
+	link_close(l, 0);
+}
+
+/* ---- records ------------------------------------------------------------ */
+
+/* The receive key for a record's epoch byte: the current one, the next one
+ * (the peer ratcheted; derived into next), or the previous one in its grace. */
+static const uint8_t *link_rx_key(struct link *l, uint8_t epoch, uint8_t next[32], bool *advance)
+{
+	*advance = false;
+	if (epoch == (uint8_t)l->keys.rx_epoch)
+		return l->keys.rx;
+	if (epoch == (uint8_t)(l->keys.rx_epoch + 1)) {
+		sec_expand(l->keys.rx, "ipop-v2 rekey", NULL, next);
+		*advance = true;
+		return next;
+	}
+	if (epoch == (uint8_t)(l->keys.rx_epoch - 1) && l->keys.rx_epoch > 0 &&
+	    ev_now(&l->node->loop) < l->keys.rx_prev_until_ms)
+		return l->keys.rx_prev;
+	return NULL;
+}
+
+static void link_rx_advance(struct link *l, const uint8_t next[32])
+{
+	memcpy(l->keys.rx_prev, l->keys.rx, 32);
+	memcpy(l->keys.rx, next, 32);
+	l->keys.rx_epoch++;
+	l->keys.rx_prev_until_ms = ev_now(&l->node->loop) + LINK_REKEY_GRACE_MS;
+}
+
+static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, size_t len);
+
+/* Open a DATA record: epoch key, replay check, authenticate, then commit. */
+static void link_on_data(struct link *l, const struct wire_data *d, const uint8_t *pkt,
+			 const struct sockaddr_in *from)
+{
+	uint8_t plain[WIRE_MAX_RECORD_BYTES], next[32], type;
+	size_t plen = d->len;
+	bool advance = false;
+	if (l->state != LINK_UP)
+		return link_drop(l, DROP_WRONG_STATE);
+	if (link_secure(l)) {
+		const uint8_t *key = link_rx_key(l, d->epoch, next, &advance);
+		if (!key || d->len < SEC_TAG_BYTES + WIRE_HDR_BYTES)
+			return link_drop(l, DROP_AUTH_FAILED);
+		if (!sec_replay_ok(&l->keys.replay, d->counter))
+			return link_drop(l, DROP_REPLAY);
+		uint32_t epoch = advance ? l->keys.rx_epoch + 1 : (uint8_t)d->epoch == (uint8_t)l->keys.rx_epoch
+				 ? l->keys.rx_epoch : l->keys.rx_epoch - 1;
+		if (!sec_open(&l->node->sec, key, epoch, d->counter, pkt, WIRE_DATA_HDR_BYTES, d->body, d->len, plain))
+			return link_drop(l, DROP_AUTH_FAILED);
+		sec_replay_commit(&l->keys.replay, d->counter);
+		if (advance)
+			link_rx_advance(l, next);
+		plen = d->len - SEC_TAG_BYTES;
+	} else {
+		memcpy(plain, d->body, d->len);
+	}
+	if (l->proto == PROTO_UDP && !link_sockaddr_eq(&l->remote, from))
+		l->remote = *from;      /* authenticated: follow the peer to its new address */
+	l->last_rx_ms = ev_now(&l->node->loop);
+	if (l->initiator && l->hs.cached)
+		link_hs_wipe(l);        /* the peer has our HS_FIN */
+	switch (wire_classify(plain, plen, true, &type)) {
+	case WIRE_OK:
+		return link_on_up_packet(l, type, plain, plen);
+	case WIRE_BAD_TYPE:
+		return link_drop(l, DROP_BAD_TYPE);
+	default:
+		return link_drop(l, DROP_MALFORMED);
+	}
 }
 
 static void link_on_pong(struct link *l, const struct wire_ping *m)
@@ -2213,15 +3054,11 @@ static void link_on_roles(struct link *l, uint8_t roles)
 		l->node->hooks.roles(l->node, l);
 }
 
-/* Only up links carry anything but the handshake. */
+/* A message that came out of an authenticated record. */
 static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, size_t len)
 {
 	struct wire_ping ping;
 	uint8_t v;
-	if (l->state != LINK_UP) {
-		link_drop(l, DROP_WRONG_STATE);
-		return;
-	}
 	switch (type) {
 	case WIRE_PING:
 	case WIRE_PONG:
@@ -2250,104 +3087,94 @@ malformed:
 	link_drop(l, DROP_MALFORMED);
 }
 
-/* One packet from the peer, already classified by type. */
-static void link_receive(struct link *l, uint8_t type, const uint8_t *pkt, size_t len)
-{
-	struct wire_hello h;
-	l->rx_packets++;
-	l->rx_bytes += len;
-	if (type == WIRE_HELLO || type == WIRE_HELLO_ACK) {
-		if (wire_hello_decode(pkt, len, &h) < 0) {
-			link_drop(l, DROP_MALFORMED);
-			return;
-		}
-		if (type == WIRE_HELLO)
-			link_on_hello(l, &h);
-		else
-			link_on_hello_ack(l, &h);
-	} else {
-		link_on_up_packet(l, type, pkt, len);
-	}
-	if (l->state == LINK_UP)
-		l->last_rx_ms = ev_now(&l->node->loop);
-}
+/* ---- input dispatch ------------------------------------------------------ */
 
-/* Classify before trusting: count and drop what is not ours. */
-static bool link_classify(struct node *n, const uint8_t *pkt, size_t len, uint8_t *type,
-			  const char *who)
+/* The link a handshake reply or record names: on TCP the stream's own link,
+ * which must carry that index; on UDP a lookup by index.  Handshake replies
+ * must also come from the address we dialled; records may roam. */
+static struct link *link_for_index(struct node *n, struct link *tcp, int fd, uint32_t idx,
+				   const struct sockaddr_in *from, bool handshake)
 {
-	switch (wire_classify(pkt, len, type)) {
-	case WIRE_OK:
-		return true;
-	case WIRE_SHORT:
-		log_drop(&n->drops, DROP_MALFORMED, ev_now(&n->loop), who);
-		return false;
-	case WIRE_BAD_VERSION:
-		log_drop(&n->drops, DROP_BAD_VERSION, ev_now(&n->loop), who);
-		return false;
-	default:
-		log_drop(&n->drops, DROP_BAD_TYPE, ev_now(&n->loop), who);
-		return false;
-	}
-}
-
-/* A HELLO with a new nonce on an up UDP link: the peer lost the link (it
- * closed it, or restarted) and dials afresh.  Retransmissions of the
- * attempt we already answered, or of a crossing dial we ignored, are not. */
-static bool link_udp_redial(const struct link *l, const uint8_t *pkt, size_t len)
-{
-	struct wire_hello h;
-	if (l->state != LINK_UP || wire_hello_decode(pkt, len, &h) < 0)
-		return false;
-	return h.nonce != l->nonce && h.nonce != l->crossed_nonce;
-}
-
-/* Only a well-formed HELLO earns a link record. */
-static struct link *link_udp_accept(struct node *n, int fd, uint8_t type, const uint8_t *pkt,
-				    size_t len, const struct sockaddr_in *from, const char *who)
-{
-	struct wire_hello h;
-	if (type != WIRE_HELLO) {
-		log_drop(&n->drops, DROP_UNKNOWN_SENDER, ev_now(&n->loop), who);
+	struct link *l = tcp ? tcp : link_find_index(n, idx);
+	if (!l || l->local_idx != idx || (!tcp && (l->proto != PROTO_UDP || l->fd != fd)) ||
+	    (handshake && !tcp && !link_sockaddr_eq(&l->remote, from))) {
+		link_drop_from(n, DROP_UNKNOWN_SENDER, tcp ? PROTO_TCP : PROTO_UDP, from);
 		return NULL;
 	}
-	if (wire_hello_decode(pkt, len, &h) < 0) {
-		log_drop(&n->drops, DROP_MALFORMED, ev_now(&n->loop), who);
-		return NULL;
-	}
-	struct link *l = link_new(n, PROTO_UDP, fd, from, false);
-	if (!l) {
-		log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), who);
-		return NULL;
-	}
-	l->state = LINK_AWAIT_HELLO;
 	return l;
 }
 
-static void link_udp_datagram(struct node *n, int fd, const uint8_t *pkt, size_t len,
-			      const struct sockaddr_in *from)
+/* Decode a handshake reply or record and hand it to its link. */
+static void link_dispatch(struct node *n, struct link *tcp, int fd, const struct sockaddr_in *from,
+			  uint8_t type, const uint8_t *pkt, size_t len)
+{
+	struct wire_hs_cookie c;
+	struct wire_hs_resp r;
+	struct wire_hs_fin f;
+	struct wire_hs_reject j;
+	struct wire_data d;
+	struct link *l;
+	bool bad;
+	switch (type) {
+	case WIRE_HS_COOKIE:
+		if (!(bad = wire_hs_cookie_decode(pkt, len, &c) < 0) &&
+		    (l = link_for_index(n, tcp, fd, c.receiver, from, true)))
+			link_on_hs_cookie(l, &c);
+		break;
+	case WIRE_HS_RESP:
+		if (!(bad = wire_hs_resp_decode(pkt, len, &r) < 0) &&
+		    (l = link_for_index(n, tcp, fd, r.receiver, from, true)))
+			link_on_hs_resp(l, &r);
+		break;
+	case WIRE_HS_FIN:
+		if (!(bad = wire_hs_fin_decode(pkt, len, &f) < 0) &&
+		    (l = link_for_index(n, tcp, fd, f.receiver, from, true)))
+			link_on_hs_fin(l, &f);
+		break;
+	case WIRE_HS_REJECT:
+		if (!(bad = wire_hs_reject_decode(pkt, len, &j) < 0) &&
+		    (l = link_for_index(n, tcp, fd, j.receiver, from, true)))
+			link_on_hs_reject(l, &j);
+		break;
+	default:
+		if (!(bad = wire_data_decode(pkt, len, &d) < 0) &&
+		    (l = link_for_index(n, tcp, fd, d.receiver, from, false))) {
+			l->rx_packets++;
+			l->rx_bytes += len;
+			link_on_data(l, &d, pkt, from);
+		}
+		break;
+	}
+	if (bad)
+		link_drop_from(n, DROP_MALFORMED, tcp ? PROTO_TCP : PROTO_UDP, from);
+}
+
+/* One packet off the wire: classify before trusting, then dispatch. */
+static void link_input(struct node *n, struct link *tcp, int fd, const struct sockaddr_in *from,
+		       const uint8_t *pkt, size_t len)
 {
 	uint8_t type;
-	char who[40];
-	struct endpoint e = link_endpoint_of(PROTO_UDP, from);
-	link_endpoint_uri(&e, who);
-	if (!link_classify(n, pkt, len, &type, who))
-		return;
-	struct link *l = link_find_udp(n, fd, from);
-	if (l && type == WIRE_HELLO && link_udp_redial(l, pkt, len)) {
-		log_debug("link", "%s dials afresh; dropping the old link", who);
-		link_teardown(l, 0, false);
-		l = NULL;
+	uint8_t proto = tcp ? PROTO_TCP : PROTO_UDP;
+	switch (wire_classify(pkt, len, false, &type)) {
+	case WIRE_OK:
+		break;
+	case WIRE_BAD_VERSION:
+		return link_drop_from(n, DROP_BAD_VERSION, proto, from);
+	case WIRE_BAD_TYPE:
+		return link_drop_from(n, DROP_BAD_TYPE, proto, from);
+	default:
+		return link_drop_from(n, DROP_MALFORMED, proto, from);
 	}
-	if (!l && !(l = link_udp_accept(n, fd, type, pkt, len, from, who)))
-		return;
-	link_receive(l, type, pkt, len);
+	if (type == WIRE_HS_INIT)
+		link_on_hs_init(n, tcp, fd, from, pkt, len);
+	else
+		link_dispatch(n, tcp, fd, from, type, pkt, len);
 }
 
 static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
-	uint8_t pkt[WIRE_MAX_PACKET_BYTES + 1];
+	uint8_t pkt[WIRE_MAX_RECORD_BYTES + 1];
 	(void)loop;
 	(void)events;
 	/* Bounded per wake-up so one busy socket cannot starve the rest. */
@@ -2359,11 +3186,11 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 			return;
 		if (fl != sizeof from || from.sin_family != AF_INET)
 			continue;
-		if ((size_t)r > WIRE_MAX_PACKET_BYTES) {
-			log_drop(&n->drops, DROP_BAD_FRAME, ev_now(&n->loop), "udp");
+		if ((size_t)r > WIRE_MAX_RECORD_BYTES) {
+			link_drop_from(n, DROP_BAD_FRAME, PROTO_UDP, &from);
 			continue;
 		}
-		link_udp_datagram(n, fd, pkt, (size_t)r, &from);
+		link_input(n, NULL, fd, &from, pkt, (size_t)r);
 	}
 }
 
@@ -2373,7 +3200,7 @@ static bool link_tcp_frames(struct link *l)
 	struct node *n = l->node;
 	for (;;) {
 		ssize_t r = recv(l->fd, l->rbuf + l->rlen,
-				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_PACKET_BYTES - l->rlen, MSG_DONTWAIT);
+				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_RECORD_BYTES - l->rlen, MSG_DONTWAIT);
 		if (r == 0)
 			return false;
 		if (r < 0)
@@ -2381,17 +3208,13 @@ static bool link_tcp_frames(struct link *l)
 		l->rlen += (size_t)r;
 		while (l->rlen >= WIRE_TCP_FRAME_HDR_BYTES && l->state != LINK_CLOSED) {
 			size_t flen = (size_t)l->rbuf[0] << 8 | l->rbuf[1];
-			if (flen == 0 || flen > WIRE_MAX_PACKET_BYTES) {
+			if (flen == 0 || flen > WIRE_MAX_RECORD_BYTES) {
 				link_drop(l, DROP_BAD_FRAME);
 				return false;
 			}
 			if (l->rlen < WIRE_TCP_FRAME_HDR_BYTES + flen)
 				break;
-			uint8_t type;
-			char who[64];
-			link_describe(l, who);
-			if (link_classify(n, l->rbuf + 2, flen, &type, who))
-				link_receive(l, type, l->rbuf + 2, flen);
+			link_input(n, l, l->fd, &l->remote, l->rbuf + 2, flen);
 			l->rlen -= WIRE_TCP_FRAME_HDR_BYTES + flen;
 			memmove(l->rbuf, l->rbuf + WIRE_TCP_FRAME_HDR_BYTES + flen, l->rlen);
 		}
@@ -2410,8 +3233,8 @@ static void link_tcp_connected(struct link *l)
 		link_close(l, 0);
 		return;
 	}
-	l->state = LINK_AWAIT_ACK;
-	link_send_hello(l, WIRE_HELLO);
+	link_hs_begin(l);
+	link_tcp_watch(l);
 }
 
 static void link_tcp_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
@@ -2442,7 +3265,7 @@ static void link_tcp_watch(struct link *l)
 	if (l->state == LINK_CLOSED || l->fd < 0)
 		return;
 	bool want = l->state == LINK_CONNECTING || l->wq_len > l->wq_off;
-	if (want == l->want_writable && l->state != LINK_CONNECTING)
+	if (want == l->want_writable)
 		return;
 	l->want_writable = want;
 	ev_fd_watch(&l->node->loop, l->fd, EPOLLIN | (want ? EPOLLOUT : 0), link_tcp_event, l);
@@ -2468,7 +3291,7 @@ static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t e
 			close(fd);
 			continue;
 		}
-		l->state = LINK_AWAIT_HELLO;
+		l->state = LINK_AWAIT_INIT;
 		ev_timer_arm(loop, &l->timer, LINK_HANDSHAKE_TIMEOUT_MS);
 	}
 }
@@ -2522,22 +3345,51 @@ static struct link *link_dial(struct node *n, const struct endpoint *ep,
 		log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), "dial");
 		return NULL;
 	}
-	l->nonce = sec_random_u64(&n->rng);
 	l->want_roles = want;
 	if (expect) {
 		l->expect = *expect;
 		l->expect_set = true;
 	}
 	if (ep->proto == PROTO_UDP) {
-		l->state = LINK_AWAIT_ACK;
-		link_send_hello(l, WIRE_HELLO);
-		ev_timer_arm(&n->loop, &l->timer, LINK_HELLO_RETRY_MS);
+		link_hs_begin(l);
 	} else {
 		l->state = LINK_CONNECTING;
 		link_tcp_watch(l);
 		ev_timer_arm(&n->loop, &l->timer, LINK_HANDSHAKE_TIMEOUT_MS);
 	}
 	return l;
+}
+
+/* Every LINK_SEC_TICK_MS: rotate the cookie secret, re-read the revocation
+ * list, and close links whose certificate it now revokes. */
+static int64_t link_sec_tick(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, sec_timer);
+	char err[300];
+	sec_cookie_rotate(&n->sec, &n->rng, ev_now(loop));
+	int changed = sec_crl_refresh(&n->sec, err, sizeof err);
+	if (changed < 0)
+		log_warn("sec", "%s (keeping the previous list)", err);
+	if (changed <= 0)
+		return LINK_SEC_TICK_MS;
+	log_info("sec", "revocation list %s: %u serials", n->sec.crl_path, n->sec.n_revoked);
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state == LINK_UP && l->grant.serial.len && sec_revoked(&n->sec, &l->grant.serial)) {
+			char who[64];
+			link_describe(l, who);
+			log_warn("sec", "closing %s: its certificate is revoked", who);
+			link_close(l, BYE_REVOKED);
+		}
+	return LINK_SEC_TICK_MS;
+}
+
+static void link_start(struct node *n)
+{
+	if (!n->rekey_ms)
+		n->rekey_ms = LINK_REKEY_MS;
+	sec_cookie_rotate(&n->sec, &n->rng, ev_now(&n->loop));
+	ev_timer_init(&n->sec_timer, link_sec_tick);
+	ev_timer_arm(&n->loop, &n->sec_timer, LINK_SEC_TICK_MS);
 }
 
 /* ===================================================================== 07 ring_
@@ -3579,11 +4431,16 @@ static void ctl_close(struct ctl *ctl)
  * cli_flags, a case in cli_apply, a line in the command's usage text.
  * ========================================================================= */
 
-enum cli_cmd { CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4 };
+enum cli_cmd {
+	CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4, CMD_GENKEY = 8, CMD_CA_INIT = 16,
+	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64,
+};
 
 enum cli_key {
 	KEY_LISTEN, KEY_BOOTSTRAP, KEY_IP, KEY_CONTROL, KEY_CONFIG, KEY_LOG_LEVEL,
 	KEY_VERBOSE, KEY_QUIET, KEY_JSON, KEY_COUNT, KEY_INTERVAL, KEY_WAIT, KEY_HELP,
+	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
+	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL,
 };
 
 struct cli_flag {
@@ -3598,7 +4455,18 @@ struct cli_flag {
 static const struct cli_flag cli_flags[] = {
 	{ "listen", 0, true, true, KEY_LISTEN, CMD_UP },
 	{ "bootstrap", 0, true, true, KEY_BOOTSTRAP, CMD_UP },
-	{ "ip", 0, true, true, KEY_IP, CMD_UP },
+	{ "ip", 0, true, true, KEY_IP, CMD_UP | CMD_CERT_ISSUE },
+	{ "secret-file", 0, true, true, KEY_SECRET_FILE, CMD_UP },
+	{ "cert-dir", 0, true, true, KEY_CERT_DIR, CMD_UP },
+	{ "crl", 0, true, true, KEY_CRL, CMD_UP },
+	{ "insecure", 0, false, true, KEY_INSECURE, CMD_UP },
+	{ "out", 'o', true, false, KEY_OUT, CMD_GENKEY | CMD_CA_INIT | CMD_CERT_ISSUE },
+	{ "ca", 0, true, false, KEY_CA, CMD_CERT_ISSUE | CMD_CA_REVOKE },
+	{ "route-for", 0, true, false, KEY_ROUTE_FOR, CMD_CERT_ISSUE },
+	{ "name", 0, true, false, KEY_NAME, CMD_CA_INIT | CMD_CERT_ISSUE },
+	{ "days", 0, true, false, KEY_DAYS, CMD_CA_INIT | CMD_CERT_ISSUE },
+	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
+	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
 	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING },
 	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
 	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
@@ -3608,7 +4476,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "count", 'c', true, false, KEY_COUNT, CMD_PING },
 	{ "interval", 'i', true, false, KEY_INTERVAL, CMD_PING },
 	{ "wait", 'W', true, false, KEY_WAIT, CMD_PING },
-	{ "help", 'h', false, false, KEY_HELP, CMD_UP | CMD_STATUS | CMD_PING },
+	{ "help", 'h', false, false, KEY_HELP, ~0u },
 };
 
 struct cli_uri {
@@ -3633,6 +4501,11 @@ struct cli_opts {
 	double interval_s, wait_s;
 	const char *target;
 	int config_depth;
+	char secret_file[256], cert_dir[256], crl[256], out[256], ca_dir[256], cert[256], name[64];
+	bool insecure;
+	struct sec_grant grant;         /* cert issue: --ip, --route-for, --name */
+	long days;
+	struct sec_serial serial;
 };
 
 static const char cli_usage_main[] =
@@ -3644,15 +4517,26 @@ static const char cli_usage_main[] =
 	"  up       run a node in the foreground\n"
 	"  status   show a running node's address, connections and counters\n"
 	"  ping     send overlay echo requests to a virtual IP or ring address\n"
+	"  genkey   print a new network secret (ipop genkey > net.key)\n"
+	"  ca init  create a network certificate authority\n"
+	"  cert issue  issue a node certificate binding its virtual IP(s)\n"
+	"  ca revoke   add a certificate to the network's revocation list\n"
 	"  version  print the version\n"
 	"\n"
 	"'ipop COMMAND --help' describes each command.  See ipop(1).\n";
 
 static const char cli_usage_up[] =
-	"usage: ipop up [--ip A.B.C.D[/PREFIX]] [--listen URI]... [--bootstrap URI]...\n"
+	"usage: ipop up (--secret-file FILE | --cert-dir DIR [--crl FILE] | --insecure)\n"
+	"               [--ip A.B.C.D[/PREFIX]] [--listen URI]... [--bootstrap URI]...\n"
 	"               [--config FILE] [--control PATH] [-v|-q] [--log-level LEVEL]\n"
 	"\n"
 	"Run a node in the foreground until SIGINT or SIGTERM (a graceful leave).\n"
+	"Every link is authenticated and encrypted; choose how members prove it:\n"
+	"  --secret-file FILE a shared network secret (create: ipop genkey > net.key)\n"
+	"  --cert-dir DIR     ca.crt, node.crt, node.key from 'ipop cert issue'; the\n"
+	"                     virtual IP comes from the certificate\n"
+	"  --crl FILE         revoked certificate serials, re-read when it changes\n"
+	"  --insecure         no authentication or encryption (all nodes must agree)\n"
 	"\n"
 	"  --ip A.B.C.D[/P]   this node's virtual IP (ring address = SHA-1 of it);\n"
 	"                     without it the node only routes (random ring address)\n"
@@ -3664,6 +4548,36 @@ static const char cli_usage_up[] =
 	"  --control PATH     control socket (default $XDG_RUNTIME_DIR/ipop.sock,\n"
 	"                     else /tmp/ipop-UID/ipop.sock)\n"
 	"  -v, -q             more or less logging; --log-level error|warn|info|debug\n";
+
+static const char cli_usage_genkey[] =
+	"usage: ipop genkey [--out FILE]\n"
+	"\n"
+	"Print a new random network secret (64 hex digits).  Redirected to a file,\n"
+	"the file is made private (mode 0600).  Give it to every node with\n"
+	"--secret-file.\n";
+
+static const char cli_usage_ca_init[] =
+	"usage: ipop ca init --out DIR [--name NAME] [--days N]\n"
+	"\n"
+	"Create a network certificate authority in DIR: ca.key (keep it safe and\n"
+	"offline) and ca.crt (give it to every node).  ECDSA P-256; valid N days\n"
+	"(default 3650).\n";
+
+static const char cli_usage_cert_issue[] =
+	"usage: ipop cert issue --ca DIR --ip A.B.C.D [--ip ...] [--route-for CIDR]...\n"
+	"                       [--name NAME] [--days N] --out DIR\n"
+	"\n"
+	"Issue a node certificate: writes node.key, node.crt and a copy of ca.crt to\n"
+	"the --out DIR, ready for 'ipop up --cert-dir DIR'.  The certificate binds\n"
+	"the node's virtual IPs, the prefixes it may route for, and its name.  Valid\n"
+	"N days (default 365).\n";
+
+static const char cli_usage_ca_revoke[] =
+	"usage: ipop ca revoke --ca DIR (--cert FILE | --serial HEX)\n"
+	"\n"
+	"Add a certificate's serial to DIR/crl.txt.  Copy that file to every node\n"
+	"and run them with --crl FILE: it is re-read when it changes, and links of\n"
+	"revoked certificates close.\n";
 
 static const char cli_usage_status[] =
 	"usage: ipop status [--json] [--control PATH]\n"
@@ -3763,6 +4677,61 @@ static int cli_parse_seconds(const char *s, double *out)
 
 static int cli_load_config(struct cli_opts *o, const char *path);
 
+static int cli_path(const struct cli_flag *f, const char *v, char out[256])
+{
+	if (!*v || strlen(v) >= 256) {
+		cli_fail("bad --%s '%s': a path of 1 to 255 bytes", f->name, v);
+		return -1;
+	}
+	strcpy(out, v);
+	return 0;
+}
+
+/* Names go into certificate subjects and DNS-like lookups: keep them plain. */
+static int cli_name(struct cli_opts *o, const char *v)
+{
+	size_t n = strlen(v);
+	if (n == 0 || n >= sizeof o->name || strspn(v, "abcdefghijklmnopqrstuvwxyz"
+	    "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") != n) {
+		cli_fail("bad --name '%s': 1 to 63 letters, digits, '-', '_' or '.'", v);
+		return -1;
+	}
+	strcpy(o->name, v);
+	return 0;
+}
+
+static int cli_grant_ip(struct cli_opts *o, const char *v)
+{
+	struct in_addr ia;
+	if (inet_pton(AF_INET, v, &ia) != 1 || ia.s_addr == 0) {
+		cli_fail("bad --ip '%s': an IPv4 address like 10.128.0.5", v);
+		return -1;
+	}
+	if (o->grant.n_ips >= SEC_CERT_IPS_MAX) {
+		cli_fail("too many --ip values (at most %d per certificate)", SEC_CERT_IPS_MAX);
+		return -1;
+	}
+	o->grant.ips[o->grant.n_ips++] = ntohl(ia.s_addr);
+	return 0;
+}
+
+static int cli_grant_route(struct cli_opts *o, const char *v)
+{
+	char ip[20];
+	unsigned plen;
+	struct in_addr ia;
+	char tail;
+	if (sscanf(v, "%19[0-9.]/%u%c", ip, &plen, &tail) != 2 || plen > 32 ||
+	    inet_pton(AF_INET, ip, &ia) != 1 || o->grant.n_routes >= SEC_CERT_ROUTES_MAX) {
+		cli_fail("bad --route-for '%s': a prefix like 10.128.7.0/24 (at most %d)", v, SEC_CERT_ROUTES_MAX);
+		return -1;
+	}
+	uint32_t net = ntohl(ia.s_addr), mask = plen ? ~0u << (32 - plen) : 0;
+	o->grant.route_net[o->grant.n_routes] = net & mask;
+	o->grant.route_len[o->grant.n_routes++] = (uint8_t)plen;
+	return 0;
+}
+
 /* Apply one flag or config key; on error print one line and return -1. */
 static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v)
 {
@@ -3784,6 +4753,8 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 		return 0;
 	}
 	case KEY_IP:
+		if (o->cmd == CMD_CERT_ISSUE)
+			return cli_grant_ip(o, v);
 		if (cli_parse_ip(v, o) < 0) {
 			cli_fail("bad --ip '%s': expected an IPv4 address like 10.128.0.5 or 10.128.0.5/16", v);
 			return -1;
@@ -3829,6 +4800,40 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 		return 0;
 	case KEY_HELP:
 		o->help = true;
+		return 0;
+	case KEY_INSECURE:
+		if (*v && strcmp(v, "true") && strcmp(v, "yes")) {
+			cli_fail("bad insecure value '%s': write just 'insecure' (or leave the key out)", v);
+			return -1;
+		}
+		o->insecure = true;
+		return 0;
+	case KEY_SECRET_FILE:
+	case KEY_CERT_DIR:
+	case KEY_CRL:
+	case KEY_OUT:
+	case KEY_CA:
+	case KEY_CERT:
+		return cli_path(f, v, f->key == KEY_SECRET_FILE ? o->secret_file : f->key == KEY_CERT_DIR ?
+				o->cert_dir : f->key == KEY_CRL ? o->crl : f->key == KEY_OUT ? o->out :
+				f->key == KEY_CA ? o->ca_dir : o->cert);
+	case KEY_ROUTE_FOR:
+		return cli_grant_route(o, v);
+	case KEY_NAME:
+		return cli_name(o, v);
+	case KEY_DAYS:
+		o->days = strtol(v, &end, 10);
+		if (*end || !*v || o->days < 1 || o->days > 36500) {
+			cli_fail("bad --days '%s': a whole number of days, 1 to 36500", v);
+			return -1;
+		}
+		return 0;
+	case KEY_SERIAL:
+		o->serial.len = (uint8_t)(strlen(v) / 2);
+		if (!o->serial.len || o->serial.len > SEC_SERIAL_MAX_BYTES || !buf_unhex(v, o->serial.b, o->serial.len)) {
+			cli_fail("bad --serial '%s': the certificate serial in hex", v);
+			return -1;
+		}
 		return 0;
 	}
 	return -1;
@@ -4042,25 +5047,75 @@ static void cli_node_free(struct node *n)
 		close(n->listeners[i].fd);
 	if (n->udp_dial_fd >= 0)
 		close(n->udp_dial_fd);
+	sec_creds_free(&n->sec);
 	sec_rng_free(&n->rng);
 	ev_fini(&n->loop);
 }
 
+/* Load the network credentials; -2 for a usage error, -1 for a bad file. */
+static int cli_node_creds(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	int chosen = (o->secret_file[0] != 0) + (o->cert_dir[0] != 0) + o->insecure;
+	if (chosen != 1) {
+		snprintf(err, errlen, "%s", chosen ? "choose one of --secret-file, --cert-dir and --insecure" :
+			 "no network credentials: give --secret-file FILE (make one with 'ipop genkey > net.key'), "
+			 "--cert-dir DIR (from 'ipop cert issue'), or --insecure");
+		return -2;
+	}
+	if (o->crl[0] && !o->cert_dir[0]) {
+		snprintf(err, errlen, "--crl needs --cert-dir: revocation applies to certificates");
+		return -2;
+	}
+	if (o->secret_file[0])
+		return sec_load_secret(&n->sec, o->secret_file, err, errlen);
+	if (o->insecure) {
+		log_warn("cli", "--insecure: links are neither authenticated nor encrypted; anyone who "
+			 "reaches this node can join the network and read its traffic");
+		return 0;
+	}
+	if (sec_load_cert_dir(&n->sec, &n->rng, o->cert_dir, err, errlen) < 0)
+		return -1;
+	snprintf(n->sec.crl_path, sizeof n->sec.crl_path, "%s", o->crl);
+	return sec_crl_refresh(&n->sec, err, errlen) < 0 ? -1 : 0;
+}
+
+/* The node's virtual IP and ring address: from --ip, from its certificate,
+ * or random for a router-only node. */
+static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	n->self.vip = o->has_ip ? o->ip : 0;
+	n->vip_prefix = o->has_ip ? o->prefix : 16;
+	if (n->sec.mode == SEC_CERT) {
+		const struct sec_grant *g = &n->sec.own_grant;
+		if (!o->has_ip && g->n_ips)
+			n->self.vip = g->ips[0];
+		if (!sec_cert_addr(&n->sec.own, g, n->self.vip, &n->self.addr)) {
+			char ip[16];
+			buf_ip_str(n->self.vip, ip);
+			snprintf(err, errlen, "--ip %s is not in this node's certificate (%s/node.crt)",
+				 n->self.vip ? ip : "(none)", o->cert_dir);
+			return -2;
+		}
+	} else if (n->self.vip) {
+		n->self.addr = sec_addr_of_ip(n->self.vip);
+	} else {
+		sec_random(&n->rng, n->self.addr.b, RING_ADDR_BYTES);
+	}
+	return 0;
+}
+
+/* -2: a usage error (exit 2), -1: anything else (exit 1). */
 static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
 	*n = (struct node){ .udp_dial_fd = -1 };
-	if (ev_init(&n->loop) < 0 || sec_rng_init(&n->rng) < 0) {
+	if (ev_init(&n->loop) < 0 || sec_rng_init(&n->rng) < 0 || sec_creds_init(&n->sec) < 0) {
 		snprintf(err, errlen, "cannot start the event loop or random generator: %s", strerror(errno));
 		return -1;
 	}
 	n->start_ms = ev_now(&n->loop);
-	if (o->has_ip) {
-		n->self.vip = o->ip;
-		n->vip_prefix = o->prefix;
-		n->self.addr = sec_addr_of_ip(o->ip);
-	} else {
-		sec_random(&n->rng, n->self.addr.b, RING_ADDR_BYTES);
-	}
+	int rc = cli_node_creds(n, o, err, errlen);
+	if (rc < 0 || (rc = cli_node_identity(n, o, err, errlen)) < 0)
+		return rc;
 	for (unsigned i = 0; i < o->n_boot; i++) {
 		char e2[300];
 		if (cli_resolve(&o->boot[i], &n->ring.boot[i], e2, sizeof e2) < 0) {
@@ -4113,7 +5168,7 @@ static void cli_log_start(const struct node *n)
 	ring_addr_hex(&n->self.addr, addr);
 	if (n->self.vip)
 		buf_ip_str(n->self.vip, ip);
-	log_info("cli", "node %s, virtual ip %s", addr, ip);
+	log_info("cli", "node %s, virtual ip %s, security: %s", addr, ip, sec_mode_names[n->sec.mode]);
 	for (unsigned i = 0; i < n->n_listeners; i++) {
 		char uri[40];
 		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);
@@ -4126,18 +5181,18 @@ static int cli_up(struct cli_opts *o)
 {
 	static struct node node;        /* large; static keeps it off the stack */
 	static struct ctl ctl;
-	char err[512];
+	char err[1200];
 	int sfd = -1;
 	log_cfg.level = o->log_level;
 	if (!o->control[0] && ctl_default_path(o->control, sizeof o->control, true) < 0) {
 		cli_fail("cannot create the control socket directory: %s (use --control PATH)", strerror(errno));
 		return EXIT_FAIL;
 	}
-	if (cli_node_init(&node, o, err, sizeof err) < 0 ||
-	    ctl_open(&ctl, &node, o->control, err, sizeof err) < 0) {
+	int rc = cli_node_init(&node, o, err, sizeof err);
+	if (rc < 0 || ctl_open(&ctl, &node, o->control, err, sizeof err) < 0) {
 		cli_fail("%s", err);
 		cli_node_free(&node);
-		return EXIT_FAIL;
+		return rc == -2 ? EXIT_USAGE : EXIT_FAIL;
 	}
 	if (cli_signals_open(&node, &sfd) < 0) {
 		cli_fail("cannot set up signal handling: %s", strerror(errno));
@@ -4146,6 +5201,7 @@ static int cli_up(struct cli_opts *o)
 		return EXIT_FAIL;
 	}
 	cli_log_start(&node);
+	link_start(&node);
 	ring_start(&node);
 	while (!node.loop.stop) {
 		ev_run_once(&node.loop);
@@ -4253,12 +5309,206 @@ static int cli_ping(struct cli_opts *o)
 	return replies ? EXIT_OK : EXIT_FAIL;
 }
 
+/* ---- credentials (genkey, ca, cert) ----------------------------------- */
+
+static int cli_genkey(struct cli_opts *o)
+{
+	static struct sec_rng rng;
+	uint8_t key[SEC_KEY_BYTES];
+	char hex[2 * SEC_KEY_BYTES + 2], err[300];
+	if (sec_rng_init(&rng) < 0) {
+		cli_fail("cannot start the random generator");
+		return EXIT_FAIL;
+	}
+	sec_random(&rng, key, sizeof key);
+	buf_hex(key, sizeof key, hex);
+	strcat(hex, "\n");
+	sec_wipe(key, sizeof key);
+	sec_rng_free(&rng);
+	int rc = EXIT_OK;
+	if (o->out[0]) {
+		if (sec_write_new_file(o->out, hex, strlen(hex), true, err, sizeof err) < 0) {
+			cli_fail("%s", err);
+			rc = EXIT_FAIL;
+		}
+	} else {
+		/* 'ipop genkey > net.key': make the file private, as ssh-keygen would. */
+		struct stat st;
+		if (fstat(STDOUT_FILENO, &st) == 0 && S_ISREG(st.st_mode))
+			fchmod(STDOUT_FILENO, 0600);
+		if (fputs(hex, stdout) < 0 || fflush(stdout) != 0)
+			rc = EXIT_FAIL;
+	}
+	sec_wipe(hex, sizeof hex);
+	return rc;
+}
+
+/* Load DIR/ca.key and DIR/ca.crt for issuing. */
+static int cli_ca_load(const char *dir, mbedtls_pk_context *key, mbedtls_x509_crt *crt,
+		       struct sec_rng *r, char *err, size_t errlen)
+{
+	char path[512];
+	snprintf(path, sizeof path, "%s/ca.key", dir);
+	if (key && sec_parse_pem(path, true, NULL, key, r, err, errlen) < 0)
+		return -1;
+	snprintf(path, sizeof path, "%s/ca.crt", dir);
+	return sec_parse_pem(path, false, crt, NULL, r, err, errlen);
+}
+
+/* Write DIR/name.key (private) and DIR/name.crt. */
+static int cli_write_pair(const char *dir, const char *name, mbedtls_pk_context *key,
+			  const uint8_t *crt_pem, char *err, size_t errlen)
+{
+	char path[512];
+	uint8_t pem[2048];
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
+		snprintf(err, errlen, "cannot create %s: %s", dir, strerror(errno));
+		return -1;
+	}
+	if (mbedtls_pk_write_key_pem(key, pem, sizeof pem) != 0) {
+		snprintf(err, errlen, "cannot encode the private key");
+		return -1;
+	}
+	snprintf(path, sizeof path, "%s/%s.key", dir, name);
+	int rc = sec_write_new_file(path, pem, strlen((char *)pem), true, err, errlen);
+	sec_wipe(pem, sizeof pem);
+	if (rc < 0)
+		return -1;
+	snprintf(path, sizeof path, "%s/%s.crt", dir, name);
+	return sec_write_new_file(path, crt_pem, strlen((const char *)crt_pem), false, err, errlen);
+}
+
+static int cli_ca_init(struct cli_opts *o)
+{
+	static struct sec_rng rng;
+	mbedtls_pk_context key;
+	uint8_t pem[4096];
+	char err[600], subject[128];
+	if (!o->out[0]) {
+		cli_fail("ca init: --out DIR is required (see 'ipop ca init --help')");
+		return EXIT_USAGE;
+	}
+	snprintf(subject, sizeof subject, "CN=%s,O=ipop", o->name[0] ? o->name : "ipop network CA");
+	mbedtls_pk_init(&key);
+	int rc = sec_rng_init(&rng) < 0 || sec_keygen(&key, &rng) < 0 ||
+		 sec_cert_write(&rng, &key, &key, subject, subject, NULL, o->days ? (int)o->days : 3650,
+				pem, sizeof pem) < 0 ? -1 : 0;
+	if (rc < 0)
+		snprintf(err, sizeof err, "cannot create the CA key and certificate");
+	else
+		rc = cli_write_pair(o->out, "ca", &key, pem, err, sizeof err);
+	mbedtls_pk_free(&key);
+	sec_rng_free(&rng);
+	if (rc < 0) {
+		cli_fail("ca init: %s", err);
+		return EXIT_FAIL;
+	}
+	printf("created %s/ca.key (keep it private) and %s/ca.crt\n", o->out, o->out);
+	return EXIT_OK;
+}
+
+static int cli_cert_issue(struct cli_opts *o)
+{
+	static struct sec_rng rng;
+	mbedtls_pk_context ca_key, key;
+	mbedtls_x509_crt ca;
+	uint8_t pem[4096];
+	char err[600], subject[128], issuer[256], path[512];
+	if (!o->ca_dir[0] || !o->out[0]) {
+		cli_fail("cert issue: --ca DIR and --out DIR are required (see 'ipop cert issue --help')");
+		return EXIT_USAGE;
+	}
+	snprintf(subject, sizeof subject, "CN=%s,O=ipop", o->name[0] ? o->name : "ipop node");
+	mbedtls_pk_init(&ca_key);
+	mbedtls_pk_init(&key);
+	mbedtls_x509_crt_init(&ca);
+	snprintf(o->grant.name, sizeof o->grant.name, "%s", o->name);
+	int rc = sec_rng_init(&rng) < 0 ? -1 : cli_ca_load(o->ca_dir, &ca_key, &ca, &rng, err, sizeof err);
+	if (rc == 0 && mbedtls_x509_dn_gets(issuer, sizeof issuer, &ca.subject) < 0)
+		rc = -1;
+	if (rc == 0 && (sec_keygen(&key, &rng) < 0 ||
+			sec_cert_write(&rng, &key, &ca_key, subject, issuer, &o->grant,
+				       o->days ? (int)o->days : 365, pem, sizeof pem) < 0)) {
+		snprintf(err, sizeof err, "cannot create the node key and certificate");
+		rc = -1;
+	}
+	if (rc == 0)
+		rc = cli_write_pair(o->out, "node", &key, pem, err, sizeof err);
+	snprintf(path, sizeof path, "%s/ca.crt", o->out);
+	if (rc == 0) {
+		/* Copy the CA certificate as PEM so the directory is self-contained. */
+		size_t olen = 0;
+		uint8_t capem[2048];
+		if (mbedtls_pem_write_buffer("-----BEGIN CERTIFICATE-----\n", "-----END CERTIFICATE-----\n",
+					     ca.raw.p, ca.raw.len, capem, sizeof capem, &olen) != 0 ||
+		    sec_write_new_file(path, capem, strlen((char *)capem), false, err, sizeof err) < 0)
+			rc = -1;
+	}
+	mbedtls_pk_free(&ca_key);
+	mbedtls_pk_free(&key);
+	mbedtls_x509_crt_free(&ca);
+	sec_rng_free(&rng);
+	if (rc < 0) {
+		cli_fail("cert issue: %s", err);
+		return EXIT_FAIL;
+	}
+	printf("issued %s/node.crt with %s/node.key and %s/ca.crt; run: ipop up --cert-dir %s\n",
+	       o->out, o->out, o->out, o->out);
+	return EXIT_OK;
+}
+
+/* Append a serial to DIR/crl.txt (created private to the CA owner's group). */
+static int cli_ca_revoke(struct cli_opts *o)
+{
+	char err[600], path[512], line[400], hex[2 * SEC_SERIAL_MAX_BYTES + 1];
+	if (!o->ca_dir[0] || (!o->cert[0] && !o->serial.len)) {
+		cli_fail("ca revoke: --ca DIR and one of --cert FILE or --serial HEX are required");
+		return EXIT_USAGE;
+	}
+	struct sec_serial serial = o->serial;
+	const char *who = "";
+	mbedtls_x509_crt crt;
+	mbedtls_x509_crt_init(&crt);
+	if (o->cert[0]) {
+		if (sec_parse_pem(o->cert, false, &crt, NULL, NULL, err, sizeof err) < 0) {
+			cli_fail("ca revoke: %s", err);
+			mbedtls_x509_crt_free(&crt);
+			return EXIT_FAIL;
+		}
+		sec_serial_of(&crt, &serial);
+		who = o->cert;
+	}
+	buf_hex(serial.b, serial.len, hex);
+	snprintf(line, sizeof line, "%s  # %s\n", hex, who);
+	mbedtls_x509_crt_free(&crt);
+	snprintf(path, sizeof path, "%s/crl.txt", o->ca_dir);
+	int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	if (fd < 0 || write(fd, line, strlen(line)) != (ssize_t)strlen(line)) {
+		cli_fail("ca revoke: cannot append to %s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return EXIT_FAIL;
+	}
+	close(fd);
+	printf("revoked serial %s in %s; copy it to the nodes' --crl FILE\n", hex, path);
+	return EXIT_OK;
+}
+
 static int cli_main(int argc, char **argv)
 {
-	static const struct { const char *name; enum cli_cmd cmd; const char *usage; } cmds[] = {
-		{ "up", CMD_UP, cli_usage_up },
-		{ "status", CMD_STATUS, cli_usage_status },
-		{ "ping", CMD_PING, cli_usage_ping },
+	static const struct {
+		const char *name, *sub;
+		enum cli_cmd cmd;
+		const char *usage;
+		int (*run)(struct cli_opts *o);
+	} cmds[] = {
+		{ "up", NULL, CMD_UP, cli_usage_up, cli_up },
+		{ "status", NULL, CMD_STATUS, cli_usage_status, cli_status },
+		{ "ping", NULL, CMD_PING, cli_usage_ping, cli_ping },
+		{ "genkey", NULL, CMD_GENKEY, cli_usage_genkey, cli_genkey },
+		{ "ca", "init", CMD_CA_INIT, cli_usage_ca_init, cli_ca_init },
+		{ "ca", "revoke", CMD_CA_REVOKE, cli_usage_ca_revoke, cli_ca_revoke },
+		{ "cert", "issue", CMD_CERT_ISSUE, cli_usage_cert_issue, cli_cert_issue },
 	};
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		fputs(cli_usage_main, argc < 2 ? stderr : stdout);
@@ -4271,21 +5521,26 @@ static int cli_main(int argc, char **argv)
 	for (unsigned i = 0; i < ARRAY_LEN(cmds); i++) {
 		if (strcmp(argv[1], cmds[i].name))
 			continue;
-		struct cli_opts o = { .cmd = cmds[i].cmd, .log_level = LOG_INFO, .interval_s = 1, .wait_s = 2 };
-		if (cli_parse_args(&o, argc - 2, argv + 2, cmds[i].name) < 0)
+		if (cmds[i].sub && (argc < 3 || strcmp(argv[2], cmds[i].sub)))
+			continue;
+		int skip = cmds[i].sub ? 3 : 2;
+		char cmdname[32];
+		snprintf(cmdname, sizeof cmdname, "%s%s%s", cmds[i].name, cmds[i].sub ? " " : "",
+			 cmds[i].sub ? cmds[i].sub : "");
+		static struct cli_opts o;
+		o = (struct cli_opts){ .cmd = cmds[i].cmd, .log_level = LOG_INFO, .interval_s = 1, .wait_s = 2 };
+		if (cli_parse_args(&o, argc - skip, argv + skip, cmdname) < 0)
 			return EXIT_USAGE;
 		if (o.help) {
 			fputs(cmds[i].usage, stdout);
 			return EXIT_OK;
 		}
-		switch (o.cmd) {
-		case CMD_UP:
-			return cli_up(&o);
-		case CMD_STATUS:
-			return cli_status(&o);
-		case CMD_PING:
-			return cli_ping(&o);
-		}
+		return cmds[i].run(&o);
+	}
+	if (!strcmp(argv[1], "ca") || !strcmp(argv[1], "cert")) {
+		cli_fail("'%s' needs a subcommand: %s (see 'ipop --help')", argv[1],
+			 !strcmp(argv[1], "ca") ? "init or revoke" : "issue");
+		return EXIT_USAGE;
 	}
 	cli_fail("unknown command '%s' (see 'ipop --help')", argv[1]);
 	return EXIT_USAGE;

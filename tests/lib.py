@@ -168,8 +168,11 @@ for _s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
 
 class Node:
     def __init__(self, net, idx, udp=None, tcp=None, ip=None, bootstrap=(),
-                 extra=()):
+                 extra=(), creds=None):
         self.net = net
+        # None: the network's shared secret; else a list of credential flags
+        # (["--insecure"], ["--cert-dir", DIR], ["--secret-file", OTHER]).
+        self.creds = creds
         self.idx = idx
         self.name = "n%02d" % idx
         self.udp = udp        # port or None
@@ -210,6 +213,7 @@ class Node:
         if self.ip:
             a += ["--ip", self.ip]
         a += ["--control", self.ctl]
+        a += self.creds if self.creds is not None else ["--secret-file", self.net.secret()]
         if os.environ.get("IPOP_TEST_VERBOSE"):
             a.append("-v")
         a += self.extra
@@ -313,6 +317,15 @@ class Net:
             self.failed = True
         self.close()
         return False
+
+    def secret(self, name="net.key"):
+        """A network secret file in the net's dir, made by `ipop genkey`."""
+        path = os.path.join(self.dir, name)
+        if not os.path.exists(path):
+            rc, out, err = run_cli(["genkey", "--out", path])
+            if rc != 0:
+                raise TestFailure("ipop genkey --out %s failed: %s" % (path, err.strip()))
+        return path
 
     def add(self, **kw):
         n = Node(self, len(self.nodes), **kw)

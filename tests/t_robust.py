@@ -79,14 +79,38 @@ def expect(args, name, rc_want, one_line=True, mention=None, timeout=10,
 def part_a(tmp):
     log("=== (a) CLI error handling")
     ctl = os.path.join(tmp, "a.sock")
+    key = os.path.join(tmp, "net.key")
+    rc, _, err = run_cli(["genkey", "--out", key])
+    check(rc == 0 and oct(os.stat(key).st_mode & 0o777) == "0o600",
+          "ipop genkey --out makes a mode-600 key file (rc=%s %s)" % (rc, err.strip()))
+    sec = ["--secret-file", key]
 
-    def up(*extra, port=None):
+    def up(*extra, port=None, creds=sec):
         p = port or free_port()
-        return ["up", "--listen", "udp://127.0.0.1:%d" % p, "--control", ctl] + list(extra)
+        return ["up", "--listen", "udp://127.0.0.1:%d" % p, "--control", ctl] + list(creds) + list(extra)
+
+    # credentials: secure by default, key files private, one mode at a time
+    expect(up(creds=()), "up without credentials", 2, mention="genkey")
+    loose = os.path.join(tmp, "loose.key")
+    shutil.copy(key, loose)
+    os.chmod(loose, 0o644)
+    expect(up(creds=("--secret-file", loose)), "up --secret-file <mode 644>", 1, mention="chmod 600")
+    bad = os.path.join(tmp, "bad.key")
+    with open(bad, "w") as f:
+        f.write("not hex\n")
+    os.chmod(bad, 0o600)
+    expect(up(creds=("--secret-file", bad)), "up --secret-file <not hex>", 1, mention="64 hex")
+    expect(up("--insecure"), "up --secret-file --insecure", 2)
+    expect(up("--crl", key), "up --crl without --cert-dir", 2, mention="--cert-dir")
+    expect(up(creds=("--cert-dir", os.path.join(tmp, "nodir"))), "up --cert-dir <missing>", 1,
+           mention="ca.crt")
+    expect(["cert", "issue", "--ca", os.path.join(tmp, "nodir"), "--ip", "10.1.0.1",
+            "--out", os.path.join(tmp, "o")], "cert issue with a missing CA", 1, mention="ca.key")
+    expect(["ca"], "ipop ca (no subcommand)", 2)
 
     expect(["--help"], "ipop --help", 0, one_line=False, out_has="usage")
-    for sub in ("up", "status", "ping"):
-        expect([sub, "--help"], "ipop %s --help" % sub, 0, one_line=False)
+    for sub in ("up", "status", "ping", "genkey", "ca init", "cert issue", "ca revoke"):
+        expect(sub.split() + ["--help"], "ipop %s --help" % sub, 0, one_line=False)
     expect(["--no-such-flag"], "ipop --no-such-flag", 2)
     expect(up("--no-such-flag"), "ipop up --no-such-flag", 2)
     expect(["status", "--control", ctl, "--bogus"], "ipop status --bogus", 2)
@@ -97,7 +121,7 @@ def part_a(tmp):
            mention="no.such.host.invalid", timeout=15)
     expect(up("--bootstrap", "garbage"), "up --bootstrap garbage", 2)
     expect(up("--bootstrap", "udp://127.0.0.1:99999"), "up --bootstrap port 99999", 2)
-    expect(["up", "--listen", "http://127.0.0.1:4000", "--control", ctl],
+    expect(["up", "--listen", "http://127.0.0.1:4000", "--control", ctl] + sec,
            "up --listen http://...", 2)
     expect(up("--ip", "10.1.2.300"), "up --ip 10.1.2.300", 2)
 
@@ -109,7 +133,7 @@ def part_a(tmp):
         if typ == socket.SOCK_STREAM:
             s.listen(1)
         try:
-            expect(["up", "--listen", "%s://127.0.0.1:%d" % (proto, p), "--control", ctl],
+            expect(["up", "--listen", "%s://127.0.0.1:%d" % (proto, p), "--control", ctl] + sec,
                    "up --listen %s port in use" % proto, "nonzero", mention=str(p))
         finally:
             s.close()

@@ -148,10 +148,40 @@ static void check_truncations(decode_fn *dec, const uint8_t *pkt, size_t len)
 	CHECK(dec(tmp, len) == 0);
 }
 
-static int dec_hello(const uint8_t *p, size_t len)
+static int dec_hs_init(const uint8_t *p, size_t len)
 {
-	struct wire_hello h;
-	return wire_hello_decode(p, len, &h);
+	struct wire_hs_init m;
+	return wire_hs_init_decode(p, len, &m);
+}
+
+static int dec_hs_resp(const uint8_t *p, size_t len)
+{
+	struct wire_hs_resp m;
+	return wire_hs_resp_decode(p, len, &m);
+}
+
+static int dec_hs_fin(const uint8_t *p, size_t len)
+{
+	struct wire_hs_fin m;
+	return wire_hs_fin_decode(p, len, &m);
+}
+
+static int dec_hs_cookie(const uint8_t *p, size_t len)
+{
+	struct wire_hs_cookie m;
+	return wire_hs_cookie_decode(p, len, &m);
+}
+
+static int dec_hs_reject(const uint8_t *p, size_t len)
+{
+	struct wire_hs_reject m;
+	return wire_hs_reject_decode(p, len, &m);
+}
+
+static int dec_identity(const uint8_t *p, size_t len)
+{
+	struct wire_identity m;
+	return wire_identity_decode(p, len, &m);
 }
 
 static int dec_routed(const uint8_t *p, size_t len)
@@ -206,49 +236,83 @@ static bool info_eq(const struct peer_info *a, const struct peer_info *b)
 	return true;
 }
 
-static void test_wire_hello(void)
+static void test_wire_handshake(void)
 {
-	uint8_t pkt[WIRE_MAX_PACKET_BYTES], auth[5] = { 1, 2, 3, 4, 5 };
-	struct wire_hello h = { .nonce = 0x0102030405060708ull, .info = sample_info(3, 3),
-				.observed = { PROTO_UDP, 0x7f000001u, 4242 }, .auth_len = 5, .auth = auth };
-	ssize_t len = wire_hello_encode(pkt, sizeof pkt, WIRE_HELLO, &h);
-	CHECK(len > 0);
-	uint8_t type;
-	CHECK(wire_classify(pkt, (size_t)len, &type) == WIRE_OK && type == WIRE_HELLO);
-	struct wire_hello g;
-	CHECK(wire_hello_decode(pkt, (size_t)len, &g) == 0);
-	CHECK(g.nonce == h.nonce && info_eq(&g.info, &h.info) && g.observed.port == 4242 &&
-	      g.auth_len == 5 && !memcmp(g.auth, auth, 5));
-	check_truncations(dec_hello, pkt, (size_t)len);
-	/* Corrupt the endpoint count (offset 2+8+20+4): over the cap, then off by one. */
-	uint8_t bad[WIRE_MAX_PACKET_BYTES];
-	memcpy(bad, pkt, (size_t)len);
-	bad[34] = LINK_ENDPOINTS_MAX + 1;
-	CHECK(wire_hello_decode(bad, (size_t)len, &g) < 0);
-	bad[34] = 4;
-	CHECK(wire_hello_decode(bad, (size_t)len, &g) < 0);
-	bad[34] = 2;
-	CHECK(wire_hello_decode(bad, (size_t)len, &g) < 0);
-	/* A bad endpoint protocol byte. */
-	memcpy(bad, pkt, (size_t)len);
-	bad[35] = 9;
-	CHECK(wire_hello_decode(bad, (size_t)len, &g) < 0);
-	/* Auth length larger than what follows, and over the cap. */
-	memcpy(bad, pkt, (size_t)len);
-	bad[len - 6] = 6;                                  /* auth_len 6, 5 bytes follow */
-	CHECK(wire_hello_decode(bad, (size_t)len, &g) < 0);
-	bad[len - 7] = 0xff;
-	CHECK(wire_hello_decode(bad, (size_t)len, &g) < 0);
+	uint8_t pkt[WIRE_MAX_PACKET_BYTES], type;
+	struct wire_hs_init i = { .sender = 0xa1b2c3d4, .mode = SEC_PSK }, i2;
+	memset(i.e, 7, 32);
+	memset(i.cookie, 8, sizeof i.cookie);
+	memset(i.mac1, 9, sizeof i.mac1);
+	ssize_t len = wire_hs_init_encode(pkt, sizeof pkt, &i);
+	CHECK(len == WIRE_HS_INIT_BYTES && pkt[WIRE_HS_INIT_MAC1_OFFSET] == 9 &&
+	      pkt[WIRE_HS_INIT_COOKIE_OFFSET] == 8 && pkt[WIRE_HS_INIT_COOKIE_OFFSET - 1] == 7);
+	CHECK(wire_classify(pkt, (size_t)len, false, &type) == WIRE_OK && type == WIRE_HS_INIT);
+	CHECK(wire_classify(pkt, (size_t)len, true, &type) == WIRE_BAD_TYPE);  /* never inside DATA */
+	CHECK(wire_hs_init_decode(pkt, (size_t)len, &i2) == 0 && i2.sender == i.sender && i2.mode == SEC_PSK &&
+	      !memcmp(i2.e, i.e, 32) && !memcmp(i2.mac1, i.mac1, 16));
+	check_truncations(dec_hs_init, pkt, (size_t)len);
+	pkt[6] = SEC__MODE_END;
+	CHECK(wire_hs_init_decode(pkt, (size_t)len, &i2) < 0);
+
+	uint8_t sealed[200];
+	memset(sealed, 0x5a, sizeof sealed);
+	struct wire_hs_resp r = { .sender = 1, .receiver = 2, .len = sizeof sealed, .sealed = sealed }, r2;
+	memset(r.e, 3, 32);
+	len = wire_hs_resp_encode(pkt, sizeof pkt, &r);
+	CHECK(len > 0 && wire_hs_resp_decode(pkt, (size_t)len, &r2) == 0 && r2.sender == 1 &&
+	      r2.receiver == 2 && r2.len == sizeof sealed && !memcmp(r2.sealed, sealed, sizeof sealed));
+	check_truncations(dec_hs_resp, pkt, (size_t)len);
+	pkt[WIRE_HDR_BYTES + 8 + 32] = 0xff;               /* sealed length past the end */
+	CHECK(wire_hs_resp_decode(pkt, (size_t)len, &r2) < 0);
+
+	struct wire_hs_fin f = { .receiver = 5, .len = 17, .sealed = sealed }, f2;
+	len = wire_hs_fin_encode(pkt, sizeof pkt, &f);
+	CHECK(len > 0 && wire_hs_fin_decode(pkt, (size_t)len, &f2) == 0 && f2.receiver == 5 && f2.len == 17);
+	check_truncations(dec_hs_fin, pkt, (size_t)len);
+
+	struct wire_hs_cookie c = { .receiver = 6 }, c2;
+	memset(c.cookie, 4, sizeof c.cookie);
+	len = wire_hs_cookie_encode(pkt, sizeof pkt, &c);
+	CHECK(len > 0 && wire_hs_cookie_decode(pkt, (size_t)len, &c2) == 0 && c2.receiver == 6 && c2.cookie[15] == 4);
+	check_truncations(dec_hs_cookie, pkt, (size_t)len);
+
+	struct wire_hs_reject j = { .receiver = 7, .reason = REJECT_MODE_MISMATCH, .mode = SEC_INSECURE }, j2;
+	len = wire_hs_reject_encode(pkt, sizeof pkt, &j);
+	CHECK(len > 0 && wire_hs_reject_decode(pkt, (size_t)len, &j2) == 0 && j2.mode == SEC_INSECURE);
+	check_truncations(dec_hs_reject, pkt, (size_t)len);
+	pkt[len - 2] = 9;                                  /* unknown reason */
+	CHECK(wire_hs_reject_decode(pkt, (size_t)len, &j2) < 0);
+
+	uint8_t cert[300], sig[70];
+	memset(cert, 0x30, sizeof cert);
+	memset(sig, 0x31, sizeof sig);
+	struct wire_identity id = { .info = sample_info(4, 2), .observed = { PROTO_TCP, 0x0a000001u, 99 },
+				    .cert_len = sizeof cert, .cert = cert, .sig_len = sizeof sig, .sig = sig }, id2;
+	len = wire_identity_encode(pkt, sizeof pkt, &id);
+	CHECK(len > 0 && wire_identity_decode(pkt, (size_t)len, &id2) == 0 && info_eq(&id.info, &id2.info) &&
+	      id2.observed.port == 99 && id2.cert_len == sizeof cert && id2.sig_len == sizeof sig &&
+	      !memcmp(id2.cert, cert, sizeof cert) && !memcmp(id2.sig, sig, sizeof sig));
+	check_truncations(dec_identity, pkt, (size_t)len);
+
+	/* DATA: header round trip; an empty body is refused. */
+	struct wire_data d = { .receiver = 0x01020304, .epoch = 3, .counter = 0x1122334455667788ull }, d2;
+	wire_data_header_put(pkt, &d);
+	pkt[WIRE_DATA_HDR_BYTES] = 0xee;
+	CHECK(wire_data_decode(pkt, WIRE_DATA_HDR_BYTES + 1, &d2) == 0 && d2.receiver == d.receiver &&
+	      d2.epoch == 3 && d2.counter == d.counter && d2.len == 1 && d2.body[0] == 0xee);
+	CHECK(wire_data_decode(pkt, WIRE_DATA_HDR_BYTES, &d2) < 0);
+	CHECK(wire_data_decode(pkt, WIRE_DATA_HDR_BYTES - 1, &d2) < 0);
+
 	/* Version and type checks. */
-	memcpy(bad, pkt, (size_t)len);
-	bad[0] = 2;
-	CHECK(wire_classify(bad, (size_t)len, &type) == WIRE_BAD_VERSION);
-	bad[0] = WIRE_VERSION;
-	bad[1] = 0;
-	CHECK(wire_classify(bad, (size_t)len, &type) == WIRE_BAD_TYPE);
-	bad[1] = WIRE__TYPE_END;
-	CHECK(wire_classify(bad, (size_t)len, &type) == WIRE_BAD_TYPE);
-	CHECK(wire_classify(bad, 1, &type) == WIRE_SHORT);
+	pkt[0] = 1;
+	CHECK(wire_classify(pkt, 20, false, &type) == WIRE_BAD_VERSION);
+	pkt[0] = WIRE_VERSION;
+	pkt[1] = 0;
+	CHECK(wire_classify(pkt, 20, false, &type) == WIRE_BAD_TYPE);
+	pkt[1] = WIRE_PING;                                /* inner types never travel bare */
+	CHECK(wire_classify(pkt, 20, false, &type) == WIRE_BAD_TYPE);
+	CHECK(wire_classify(pkt, 20, true, &type) == WIRE_OK);
+	CHECK(wire_classify(pkt, 1, false, &type) == WIRE_SHORT);
 }
 
 static void test_wire_small(void)
@@ -400,6 +464,7 @@ static void fake_node(struct node *n, const ring_addr *self, const ring_addr *pe
 {
 	*n = (struct node){ .udp_dial_fd = -1 };
 	ev_init(&n->loop);
+	sec_rng_init(&n->rng);
 	n->self.addr = *self;
 	struct sockaddr_in sa = { .sin_family = AF_INET };
 	for (unsigned i = 0; i < k; i++) {
@@ -415,6 +480,7 @@ static void fake_node_free(struct node *n)
 	for (struct link *l = n->links; l; l = l->next)
 		l->state = LINK_CLOSED;
 	link_reap(n);
+	sec_rng_free(&n->rng);
 	ev_fini(&n->loop);
 }
 
@@ -483,33 +549,204 @@ static void test_contents(void)
 	CHECK(same);
 }
 
-/* Two nodes in one process handshake over loopback UDP and exchange pings. */
-static void test_link_pair(void)
+/* ---- two link engines back to back over loopback ------------------------ */
+
+static char unit_dir[64];
+
+static const char *unit_key(const char *name, const char *hex)
+{
+	static char paths[4][128];
+	static int k;
+	char *p = paths[k++ % 4];
+	snprintf(p, 128, "%s/%s", unit_dir, name);
+	FILE *f = fopen(p, "w");
+	fprintf(f, "%s\n", hex);
+	fclose(f);
+	chmod(p, 0600);
+	return p;
+}
+
+static const char KEY_A[] = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+static const char KEY_B[] = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+
+static int node_up(struct node *n, uint8_t proto, const char *secret)
+{
+	char err[512];
+	struct cli_opts o = { .cmd = CMD_UP, .n_listen = 1, .insecure = secret == NULL };
+	o.listen[0] = (struct cli_uri){ proto, "127.0.0.1", 0 };
+	if (secret)
+		snprintf(o.secret_file, sizeof o.secret_file, "%s", secret);
+	int rc = cli_node_init(n, &o, err, sizeof err);
+	if (rc < 0) {
+		fprintf(stderr, "node init: %s\n", err);
+		return rc;
+	}
+	link_start(n);
+	ring_start(n);
+	return 0;
+}
+
+static void pump(struct node *a, struct node *b, int turns)
+{
+	for (int i = 0; i < turns; i++) {
+		ev_run_once(&a->loop);
+		ev_run_once(&b->loop);
+		link_reap(a);
+		link_reap(b);
+	}
+}
+
+static bool pair_up(struct node *a, struct node *b)
+{
+	return link_find_peer(a, &b->self.addr, true) && link_find_peer(b, &a->self.addr, true);
+}
+
+static void pump_until_up(struct node *a, struct node *b, int turns)
+{
+	for (int i = 0; i < turns && !pair_up(a, b); i++)
+		pump(a, b, 1);
+}
+
+static uint32_t echo_got;
+
+static void echo_seen(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops)
+{
+	(void)n;
+	(void)rtt_us;
+	(void)hops;
+	echo_got = id;
+}
+
+/* A secure pair handshakes over proto, routes an echo, ratchets its keys
+ * across several epochs, and leaves gracefully. */
+static void test_secure_pair(uint8_t proto)
 {
 	static struct node a, b;
-	char err[256];
-	struct cli_opts oa = { .cmd = CMD_UP, .n_listen = 1 }, ob = oa;
-	oa.listen[0] = (struct cli_uri){ PROTO_UDP, "127.0.0.1", 0 };
-	ob.listen[0] = oa.listen[0];
-	CHECK(cli_node_init(&a, &oa, err, sizeof err) == 0);
-	CHECK(cli_node_init(&b, &ob, err, sizeof err) == 0);
-	ring_start(&a);
-	ring_start(&b);
-	struct link *l = link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
-	CHECK(l != NULL);
-	for (int i = 0; i < 200 && !(a.ring.joined && b.ring.joined); i++) {
-		ev_run_once(&a.loop);
-		ev_run_once(&b.loop);
-	}
+	const char *key = unit_key("a.key", KEY_A);
+	CHECK(node_up(&a, proto, key) == 0 && node_up(&b, proto, key) == 0);
+	CHECK(link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0) != NULL);
+	pump_until_up(&a, &b, 400);
 	struct link *la = link_find_peer(&a, &b.self.addr, true), *lb = link_find_peer(&b, &a.self.addr, true);
+	CHECK(la && lb && la->initiator && !lb->initiator);
+	CHECK(la && lb && la->peer_idx == lb->local_idx && lb->peer_idx == la->local_idx);
+	CHECK(la && lb && !memcmp(la->keys.tx, lb->keys.rx, 32) && !memcmp(la->keys.rx, lb->keys.tx, 32));
+	CHECK(la && memcmp(la->keys.tx, la->keys.rx, 32) != 0);
+	pump(&a, &b, 20);
+	la = link_find_peer(&a, &b.self.addr, true);
+	lb = link_find_peer(&b, &a.self.addr, true);
 	CHECK(la && lb && (la->local_roles & ROLE_NEAR) && (lb->local_roles & ROLE_NEAR));
-	CHECK(la && la->initiator && lb && !lb->initiator);
-	/* A graceful leave reaches the other side at once. */
+	/* Ratchet every 5 ms; pings keep flowing across epochs. */
+	a.rekey_ms = b.rekey_ms = 5;
+	a.ring.echo_reply = echo_seen;
+	for (uint32_t id = 1; id <= 8; id++) {
+		echo_got = 0;
+		usleep(6000);
+		ring_echo_send(&a, &b.self.addr, id);
+		pump(&a, &b, 10);
+		CHECK(echo_got == id);
+	}
+	la = link_find_peer(&a, &b.self.addr, true);
+	lb = link_find_peer(&b, &a.self.addr, true);
+	CHECK(la && lb && la->keys.tx_epoch >= 4 && lb->keys.rx_epoch == la->keys.tx_epoch);
+	CHECK(a.drops.count[DROP_AUTH_FAILED] == 0 && b.drops.count[DROP_AUTH_FAILED] == 0);
 	ring_leave(&a);
-	for (int i = 0; i < 20 && link_find_peer(&b, &a.self.addr, true); i++)
+	for (int i = 0; i < 50 && link_find_peer(&b, &a.self.addr, true); i++)
 		ev_run_once(&b.loop);
 	CHECK(link_find_peer(&b, &a.self.addr, true) == NULL);
 	link_reap(&a);
+	cli_node_free(&a);
+	cli_node_free(&b);
+}
+
+/* Replayed and tampered records are dropped and counted; a fresh one passes. */
+static void test_replay_tamper(void)
+{
+	static struct node a, b;
+	const char *key = unit_key("a.key", KEY_A);
+	CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
+	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	pump_until_up(&a, &b, 400);
+	pump(&a, &b, 20);                                  /* drain in-flight records */
+	struct link *la = link_find_peer(&a, &b.self.addr, true), *lb = link_find_peer(&b, &a.self.addr, true);
+	CHECK(la && lb);
+	if (!la || !lb)
+		return;
+	/* Capture two records on their way to b. */
+	uint8_t pkt[2][2048];
+	ssize_t r[2];
+	struct sockaddr_in from;
+	int fd = b.listeners[0].fd;
+	for (int i = 0; i < 2; i++) {
+		link_send_ping(la, WIRE_PING, 77 + (uint32_t)i, 1);
+		usleep(2000);
+		socklen_t fl = sizeof from;
+		r[i] = recvfrom(fd, pkt[i], sizeof pkt[i], MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+		CHECK(r[i] > WIRE_DATA_OVERHEAD_BYTES && pkt[i][1] == WIRE_DATA);
+	}
+	uint64_t rx0 = lb->rx_packets, replay0 = b.drops.count[DROP_REPLAY], auth0 = b.drops.count[DROP_AUTH_FAILED];
+	link_input(&b, NULL, fd, &from, pkt[0], (size_t)r[0]);
+	CHECK(b.drops.count[DROP_REPLAY] == replay0 && b.drops.count[DROP_AUTH_FAILED] == auth0);
+	link_input(&b, NULL, fd, &from, pkt[0], (size_t)r[0]);   /* the same record again */
+	CHECK(b.drops.count[DROP_REPLAY] == replay0 + 1);
+	pkt[1][r[1] - 20] ^= 0x01;                         /* a flipped ciphertext bit */
+	link_input(&b, NULL, fd, &from, pkt[1], (size_t)r[1]);
+	CHECK(b.drops.count[DROP_AUTH_FAILED] == auth0 + 1);
+	pkt[1][r[1] - 20] ^= 0x01;
+	pkt[1][10] ^= 0x80;                                /* a tampered header counter */
+	link_input(&b, NULL, fd, &from, pkt[1], (size_t)r[1]);
+	CHECK(b.drops.count[DROP_AUTH_FAILED] == auth0 + 2);
+	pkt[1][10] ^= 0x80;                                /* the genuine record still passes */
+	link_input(&b, NULL, fd, &from, pkt[1], (size_t)r[1]);
+	CHECK(b.drops.count[DROP_AUTH_FAILED] == auth0 + 2 && b.drops.count[DROP_REPLAY] == replay0 + 1);
+	CHECK(lb->rx_packets == rx0 + 5 && lb->state == LINK_UP);
+	/* The window: far-behind counters are refused, unseen recent ones pass. */
+	struct sec_replay w = { 0 };
+	CHECK(sec_replay_ok(&w, 0));
+	sec_replay_commit(&w, 0);
+	CHECK(!sec_replay_ok(&w, 0));
+	sec_replay_commit(&w, 5000);
+	CHECK(!sec_replay_ok(&w, 5000) && sec_replay_ok(&w, 4999) && sec_replay_ok(&w, 5000 - 1900));
+	CHECK(!sec_replay_ok(&w, 100));                   /* older than the window */
+	sec_replay_commit(&w, 4999);
+	CHECK(!sec_replay_ok(&w, 4999) && sec_replay_ok(&w, 4998) && sec_replay_ok(&w, 6000));
+	cli_node_free(&a);
+	cli_node_free(&b);
+}
+
+/* Wrong secret: no link, the responder counts a non-member and keeps no
+ * state.  Mixed modes: refused with a reject. */
+static void test_refusals(void)
+{
+	static struct node a, b;
+	CHECK(node_up(&a, PROTO_UDP, unit_key("a.key", KEY_A)) == 0);
+	CHECK(node_up(&b, PROTO_UDP, unit_key("b.key", KEY_B)) == 0);
+	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	pump(&a, &b, 100);
+	CHECK(!pair_up(&a, &b) && b.drops.count[DROP_NOT_MEMBER] > 0 && b.n_links == 0);
+	cli_node_free(&a);
+	cli_node_free(&b);
+	log_cfg.level = -1;                                /* the mode error is expected */
+	CHECK(node_up(&a, PROTO_UDP, NULL) == 0);
+	CHECK(node_up(&b, PROTO_UDP, unit_key("b.key", KEY_B)) == 0);
+	struct link *l = link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	CHECK(l != NULL);
+	pump(&a, &b, 50);
+	CHECK(!pair_up(&a, &b) && b.drops.count[DROP_MODE_MISMATCH] > 0 && b.n_links == 0 && a.n_links == 0);
+	log_cfg.level = LOG_ERROR;
+	cli_node_free(&a);
+	cli_node_free(&b);
+}
+
+/* An insecure pair (both --insecure) still links and carries plain records. */
+static void test_insecure_pair(void)
+{
+	static struct node a, b;
+	log_cfg.level = -1;
+	CHECK(node_up(&a, PROTO_TCP, NULL) == 0 && node_up(&b, PROTO_TCP, NULL) == 0);
+	log_cfg.level = LOG_ERROR;
+	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	pump_until_up(&a, &b, 400);
+	CHECK(pair_up(&a, &b));
 	cli_node_free(&a);
 	cli_node_free(&b);
 }
@@ -520,7 +757,7 @@ int main(void)
 	test_sha1();
 	test_ring_arith();
 	test_buf();
-	test_wire_hello();
+	test_wire_handshake();
 	test_wire_small();
 	test_wire_routed();
 	test_wire_ctm();
@@ -528,7 +765,16 @@ int main(void)
 	test_config();
 	test_next_hop();
 	test_contents();
-	test_link_pair();
+	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
+	CHECK(mkdtemp(unit_dir) != NULL);
+	test_secure_pair(PROTO_UDP);
+	test_secure_pair(PROTO_TCP);
+	test_replay_tamper();
+	test_refusals();
+	test_insecure_pair();
+	char cmd[128];
+	snprintf(cmd, sizeof cmd, "rm -rf %s", unit_dir);
+	CHECK(system(cmd) == 0);
 	printf("%d passed, %d failed\n", t_pass, t_fail);
 	return t_fail ? 1 : 0;
 }
