@@ -509,6 +509,7 @@ struct ev_loop {
 	struct ev_timer **heap;
 	size_t heap_len, heap_cap;
 	uint64_t now_ms;
+	int max_wait_ms;        /* cap on one epoll wait; tests shorten it */
 	bool stop;
 };
 
@@ -534,6 +535,7 @@ static int ev_init(struct ev_loop *loop)
 	if (loop->epfd < 0)
 		return -errno;
 	loop->now_ms = ev_clock_us() / 1000;
+	loop->max_wait_ms = 1000;
 	return 0;
 }
 
@@ -650,12 +652,12 @@ static int ev_timer_arm(struct ev_loop *loop, struct ev_timer *t, uint64_t delay
 static int ev_next_timeout_ms(const struct ev_loop *loop)
 {
 	if (!loop->heap_len)
-		return 1000;
+		return loop->max_wait_ms;
 	uint64_t when = loop->heap[0]->when_ms;
 	if (when <= loop->now_ms)
 		return 0;
 	uint64_t d = when - loop->now_ms;
-	return d > 1000 ? 1000 : (int)d;
+	return d > (uint64_t)loop->max_wait_ms ? loop->max_wait_ms : (int)d;
 }
 
 static void ev_run_timers(struct ev_loop *loop)
@@ -4802,7 +4804,7 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 		o->help = true;
 		return 0;
 	case KEY_INSECURE:
-		if (*v && strcmp(v, "true") && strcmp(v, "yes")) {
+		if (v && *v && strcmp(v, "true") && strcmp(v, "yes")) {
 			cli_fail("bad insecure value '%s': write just 'insecure' (or leave the key out)", v);
 			return -1;
 		}

@@ -581,6 +581,7 @@ static int node_up(struct node *n, uint8_t proto, const char *secret)
 		fprintf(stderr, "node init: %s\n", err);
 		return rc;
 	}
+	n->loop.max_wait_ms = 2;        /* pump() turns both loops quickly */
 	link_start(n);
 	ring_start(n);
 	return 0;
