@@ -3914,9 +3914,9 @@ static void ring_far_request(struct node *n, double n_est)
 
 static void ring_far_upkeep(struct node *n)
 {
+	n->ring.n_estimate = ring_estimate_n(n);
 	if (!n->ring.joined)
 		return;
-	n->ring.n_estimate = ring_estimate_n(n);
 	unsigned want = ring_far_target(n->ring.n_estimate);
 	struct link *one = NULL;
 	unsigned have = ring_count_role(n, ROLE_FAR, &one);
@@ -4667,11 +4667,11 @@ static int cli_parse_level(const char *s)
 	return -1;
 }
 
-static int cli_parse_seconds(const char *s, double *out)
+static int cli_parse_seconds(const char *s, double *out, double max)
 {
 	char *end;
 	double v = strtod(s, &end);
-	if (*end || s == end || !(v > 0) || v > 3600)
+	if (*end || s == end || !(v >= 0.001) || v > max)
 		return -EINVAL;
 	*out = v;
 	return 0;
@@ -4795,8 +4795,10 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 		return 0;
 	case KEY_INTERVAL:
 	case KEY_WAIT:
-		if (cli_parse_seconds(v, f->key == KEY_WAIT ? &o->wait_s : &o->interval_s) < 0) {
-			cli_fail("bad -%c '%s': seconds, more than 0 and at most 3600", f->short_name, v);
+		if (cli_parse_seconds(v, f->key == KEY_WAIT ? &o->wait_s : &o->interval_s,
+				      f->key == KEY_WAIT ? CTL_PING_TIMEOUT_MAX_MS / 1000 : 3600) < 0) {
+			cli_fail("bad -%c '%s': seconds, from 0.001 to %d", f->short_name, v,
+				 f->key == KEY_WAIT ? CTL_PING_TIMEOUT_MAX_MS / 1000 : 3600);
 			return -1;
 		}
 		return 0;
@@ -4931,8 +4933,20 @@ static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char 
 			snprintf(name, sizeof name, "%.*s", (int)(len < 63 ? len : 63), a + 2);
 			f = cli_flag_find(name, 0, o->cmd);
 			val = eq ? eq + 1 : NULL;
-		} else if (a[0] == '-' && a[1] && !a[2]) {
+		} else if (a[0] == '-' && a[1] && a[1] != '-') {
+			/* -c5 carries its value; -vv repeats a switch. */
 			f = cli_flag_find(NULL, a[1], o->cmd);
+			if (f && a[2] && f->takes_value) {
+				val = a + 2;
+			} else if (f && a[2]) {
+				for (const char *p = a + 2; *p; p++)
+					if (*p != a[1]) {
+						cli_fail("%s: unknown option '%s' (see 'ipop %s --help')", cmdname, a, cmdname);
+						return -1;
+					}
+				for (const char *p = a + 2; *p; p++)
+					cli_apply(o, f, NULL);
+			}
 		} else if (o->cmd == CMD_PING && !o->target) {
 			o->target = a;
 			continue;
@@ -5264,10 +5278,19 @@ static int cli_status(struct cli_opts *o)
 	return EXIT_OK;
 }
 
+/* The one mutable file-scope variable: set by SIGINT during 'ipop ping'. */
+static volatile sig_atomic_t cli_interrupted;
+
+static void cli_on_sigint(int sig)
+{
+	(void)sig;
+	cli_interrupted = 1;
+}
+
 static void cli_sleep_s(double s)
 {
 	struct timespec ts = { .tv_sec = (time_t)s, .tv_nsec = (long)((s - (double)(time_t)s) * 1e9) };
-	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !cli_interrupted)
 		;
 }
 
@@ -5283,10 +5306,16 @@ static int cli_ping(struct cli_opts *o)
 		ctl_default_path(o->control, sizeof o->control, false);
 	long wait_ms = (long)(o->wait_s * 1000), replies = 0, sent = 0;
 	char line[128];
-	snprintf(line, sizeof line, "ping %s %ld\n", o->target, wait_ms);
-	for (long seq = 1; !o->count || seq <= o->count; seq++) {
+	snprintf(line, sizeof line, "ping %s %ld\n", o->target, wait_ms > 0 ? wait_ms : 1);
+	struct sigaction sa = { .sa_handler = cli_on_sigint };   /* no SA_RESTART: wake the wait */
+	sigaction(SIGINT, &sa, NULL);
+	for (long seq = 1; (!o->count || seq <= o->count) && !cli_interrupted; seq++) {
 		struct buf_str ans = { 0 };
 		int rc = cli_ctl_ask(o->control, line, &ans, (int)wait_ms + 2000);
+		if (cli_interrupted) {
+			buf_str_free(&ans);
+			break;
+		}
 		if (rc < 0 || !ans.len) {
 			buf_str_free(&ans);
 			return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
@@ -5306,7 +5335,7 @@ static int cli_ping(struct cli_opts *o)
 		if (!o->count || seq < o->count)
 			cli_sleep_s(o->interval_s);
 	}
-	printf("--- %s: %ld sent, %ld replies, %.0f%% loss\n", o->target, sent, replies,
+	printf("--- %s: %ld sent, %ld received, %.0f%% loss\n", o->target, sent, replies,
 	       sent ? 100.0 * (double)(sent - replies) / (double)sent : 0.0);
 	return replies ? EXIT_OK : EXIT_FAIL;
 }
