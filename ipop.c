@@ -20,6 +20,8 @@
  *   05  wire_  overlay messages: one decode/encode pair per message type
  *   06  link_  UDP/TCP links, link handshake states, keepalive, teardown
  *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
+ *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors
+ *   11  tap_   the tap device: frames, ARP answered on the host
  *   15  ctl_   control socket: status text/JSON, overlay ping
  *   16  cli_   flags, config file, subcommands, main
  */
@@ -48,7 +50,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <net/if.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -104,9 +108,10 @@ enum {
 
 enum {
 	WIRE_VERSION = 2,              /* 2: every link authenticated and encrypted */
-	/* Control messages stay under 1400 bytes so that they cross any 1500-byte
-	 * path with IPv4+UDP headers (28 B) and room for tunnel headers. */
-	WIRE_MAX_PACKET_BYTES = 1400,
+	/* The largest message inside a record: a record of this plus its 31-byte
+	 * overhead is 1472 bytes, the UDP payload of a 1500-byte IPv4 path, so
+	 * nothing the overlay sends needs IP fragmentation. */
+	WIRE_MAX_PACKET_BYTES = 1441,
 	WIRE_TCP_FRAME_HDR_BYTES = 2,
 };
 
@@ -188,6 +193,13 @@ enum drop_reason {
 	DROP_AUTH_FAILED,       /* a record or sealed block did not authenticate */
 	DROP_REPLAY,            /* a record counter seen before */
 	DROP_HS_TIMEOUT,        /* a dial got no handshake answer */
+	DROP_NOT_IPV4,          /* tap frames other than IPv4 and ARP (IPv6, ...) */
+	DROP_SPOOFED_SOURCE,    /* a local packet whose source is not ours */
+	DROP_SOURCE_MISMATCH,   /* a remote packet whose source IP is not its sender's */
+	DROP_NOT_FOR_US,        /* a remote packet for an IP we do not hold */
+	DROP_OFF_NET,           /* a local packet for outside the virtual network */
+	DROP_BAD_IP,            /* an IP header that does not parse */
+	DROP_LOCAL_WRITE,       /* the local interface refused a packet */
 	DROP__COUNT
 };
 
@@ -210,6 +222,13 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_AUTH_FAILED] = "auth_failed",
 	[DROP_REPLAY] = "replay",
 	[DROP_HS_TIMEOUT] = "handshake_timeout",
+	[DROP_NOT_IPV4] = "not_ipv4",
+	[DROP_SPOOFED_SOURCE] = "spoofed_source",
+	[DROP_SOURCE_MISMATCH] = "source_mismatch",
+	[DROP_NOT_FOR_US] = "not_for_us",
+	[DROP_OFF_NET] = "off_net",
+	[DROP_BAD_IP] = "bad_ip",
+	[DROP_LOCAL_WRITE] = "local_write",
 };
 
 struct log_drops {
@@ -1497,6 +1516,8 @@ enum wire_inner {
 	INNER_CTM_REPLY = 2,    /* here I am, and here are my near neighbours */
 	INNER_ECHO_REQ = 3,     /* overlay ping */
 	INNER_ECHO_REPLY = 4,
+	INNER_IP = 5,           /* an IPv4 packet for the node holding its destination */
+	INNER_IP_UNREACH = 6,   /* no node holds that destination: the packet's head */
 	INNER__END
 };
 
@@ -2144,6 +2165,29 @@ struct ring_state {
 	struct endpoint boot[BOOTSTRAP_MAX];
 	unsigned n_boot;
 	void (*echo_reply)(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
+	/* Inner messages for the IP layer (section 10), and the ones routing
+	 * could not deliver. */
+	void (*deliver_ip)(struct node *n, const struct wire_routed *r);
+	void (*undeliverable)(struct node *n, const struct wire_routed *r);
+};
+
+/* The virtual IP layer's state, owned by section 10. */
+struct ip_state {
+	bool local;                     /* this host has an interface on the network */
+	uint32_t net, mask;             /* the virtual network, from --ip A.B.C.D/P */
+	int mtu;
+	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
+	uint64_t unreach_window_ms;     /* ICMP error rate limit */
+	unsigned unreach_in_window;
+	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
+};
+
+/* The tap device's state, owned by section 11. */
+struct tap_state {
+	int fd;                         /* -1 without a tap */
+	char name[16];                  /* IFNAMSIZ */
+	uint8_t kernel_mac[6];          /* the interface's own MAC: frames we write go there */
+	uint8_t gw_mac[6];              /* the virtual gateway every virtual IP resolves to */
 };
 
 enum { LINK_SEC_TICK_MS = 2000 }; /* revocation list check and cookie rotation */
@@ -2164,6 +2208,8 @@ struct node {
 	unsigned n_links;
 	struct link_hooks hooks;
 	struct ring_state ring;
+	struct ip_state ip;
+	struct tap_state tap;
 	struct ctl *ctl;
 	uint64_t start_ms;
 	uint64_t counters_routed, counters_delivered;
@@ -3690,6 +3736,8 @@ static void ring_route(struct node *n, struct wire_routed *r)
 	}
 	if (mode == MODE_EXACT && !wire_addr_eq(target, &n->self.addr)) {
 		ring_drop(n, DROP_NO_ROUTE, &r->src);
+		if (n->ring.undeliverable)
+			n->ring.undeliverable(n, r);
 		return;
 	}
 	ring_deliver(n, r);
@@ -3861,6 +3909,11 @@ static void ring_deliver(struct node *n, const struct wire_routed *r)
 	case INNER_ECHO_REPLY:
 		ring_on_echo(n, r, r->inner == INNER_ECHO_REPLY);
 		break;
+	case INNER_IP:
+	case INNER_IP_UNREACH:
+		if (n->ring.deliver_ip)
+			n->ring.deliver_ip(n, r);
+		break;
 	}
 }
 
@@ -4012,6 +4065,392 @@ static void ring_start(struct node *n)
 	ev_timer_arm(&n->loop, &n->ring.tick, 0);
 }
 
+/* ===================================================================== 10 ip_
+ * The virtual IP layer: IPv4 packets between the local stack (the tap
+ * device now, lwIP in user mode later) and the ring.  A packet for virtual
+ * IP D travels as INNER_IP, routed EXACT to SHA-1(D); the node holding D
+ * checks that the packet's source IP maps to the ring address it came from.
+ * Where routing dead-ends (no node holds D), that node returns the packet's
+ * head as INNER_IP_UNREACH and the sender's stack gets ICMP host-unreachable,
+ * as from a LAN router.  Only IPv4 is carried.
+ * The MTU: a 1500-byte IPv4 path carries 1472 bytes of UDP payload; a record
+ * costs 31 (15 header + 16 tag), the routed header 49, so IP packets up to
+ * 1392 bytes fit; the default 1360 leaves room for an IPv6 underlay (20
+ * bytes more of outer header) and keeps outer packets unfragmented.
+ * ========================================================================= */
+
+enum {
+	IP_MTU_DEFAULT = 1360,
+	IP_MTU_MIN = 576,               /* RFC 791's minimum datagram every host takes */
+	IP_MTU_MAX = WIRE_MAX_PACKET_BYTES - WIRE_ROUTED_FIXED_BYTES,
+	IP_HDR_MIN_BYTES = 20,
+	IP_UNREACH_PER_S = 10,          /* ICMP errors generated per second, at most */
+	IP_UNREACH_QUOTE_BYTES = 28,    /* RFC 792: the header and 64 bits of data */
+	IP_PROTO_ICMP = 1,
+};
+
+struct ip_hdr {
+	uint8_t ihl_bytes, proto, ttl;
+	uint16_t total_len;
+	uint32_t src, dst;
+};
+
+/* RFC 791 header checks: version 4, a sane header length, and a total length
+ * that matches what we hold. */
+static bool ip_parse(const uint8_t *p, size_t len, struct ip_hdr *h)
+{
+	struct buf b = buf_of(p, len);
+	uint8_t vihl = buf_u8(&b);
+	buf_u8(&b);
+	h->total_len = buf_u16(&b);
+	buf_u32(&b);
+	h->ttl = buf_u8(&b);
+	h->proto = buf_u8(&b);
+	buf_u16(&b);
+	h->src = buf_u32(&b);
+	h->dst = buf_u32(&b);
+	h->ihl_bytes = (uint8_t)((vihl & 15) * 4);
+	return !b.bad && (vihl >> 4) == 4 && h->ihl_bytes >= IP_HDR_MIN_BYTES &&
+	       h->total_len >= h->ihl_bytes && h->total_len == len;
+}
+
+/* RFC 1071 ones' complement sum. */
+static uint16_t ip_checksum(const uint8_t *p, size_t len)
+{
+	uint32_t sum = 0;
+	for (size_t i = 0; i + 1 < len; i += 2)
+		sum += (uint32_t)(p[i] << 8 | p[i + 1]);
+	if (len & 1)
+		sum += (uint32_t)p[len - 1] << 8;
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+static bool ip_on_net(const struct ip_state *ip, uint32_t a)
+{
+	return (a & ip->mask) == ip->net;
+}
+
+static void ip_drop(struct node *n, enum drop_reason why, uint32_t a)
+{
+	char who[16];
+	buf_ip_str(a, who);
+	log_drop(&n->drops, why, ev_now(&n->loop), who);
+}
+
+/* A packet from the local stack: ours to send, or dropped and counted. */
+static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
+{
+	struct ip_hdr h;
+	if (!ip_parse(pkt, len, &h))
+		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "local stack");
+	if (h.src != n->self.vip)
+		return ip_drop(n, DROP_SPOOFED_SOURCE, h.src);
+	if (!ip_on_net(&n->ip, h.dst) || h.dst == (n->ip.net | ~n->ip.mask))
+		return ip_drop(n, DROP_OFF_NET, h.dst);
+	ring_addr dst = sec_addr_of_ip(h.dst);
+	n->ip.tx_packets++;
+	n->ip.tx_bytes += len;
+	ring_send(n, MODE_EXACT, &dst, NULL, INNER_IP, pkt, len);
+}
+
+/* RFC 792 destination unreachable, code 1 (host), quoting the packet's head;
+ * it comes from the unreachable address, as a LAN's last hop would say it. */
+static void ip_icmp_host_unreachable(struct node *n, const uint8_t *quote, size_t qlen)
+{
+	struct ip_hdr q;
+	uint8_t pkt[IP_HDR_MIN_BYTES + 8 + IP_UNREACH_QUOTE_BYTES];
+	struct buf b = buf_of(quote, qlen);
+	if (qlen < IP_HDR_MIN_BYTES || qlen > IP_UNREACH_QUOTE_BYTES || (buf_u8(&b) >> 4) != 4)
+		return;
+	buf_bytes(&b, pkt, 11);        /* skip to the addresses */
+	q.src = buf_u32(&b);
+	q.dst = buf_u32(&b);
+	if (q.src != n->self.vip)
+		return;
+	size_t total = IP_HDR_MIN_BYTES + 8 + qlen;
+	struct wbuf w = wbuf_of(pkt, sizeof pkt);
+	wbuf_u8(&w, 0x45);
+	wbuf_u8(&w, 0xc0);             /* DSCP CS6: network control */
+	wbuf_u16(&w, (uint16_t)total);
+	wbuf_u32(&w, 0);
+	wbuf_u8(&w, 64);
+	wbuf_u8(&w, IP_PROTO_ICMP);
+	wbuf_u16(&w, 0);
+	wbuf_u32(&w, q.dst);
+	wbuf_u32(&w, q.src);
+	wbuf_u8(&w, 3);                /* destination unreachable */
+	wbuf_u8(&w, 1);                /* host unreachable */
+	wbuf_u16(&w, 0);
+	wbuf_u32(&w, 0);
+	wbuf_bytes(&w, quote, qlen);
+	uint16_t c = ip_checksum(pkt, IP_HDR_MIN_BYTES);
+	pkt[10] = (uint8_t)(c >> 8);
+	pkt[11] = (uint8_t)c;
+	c = ip_checksum(pkt + IP_HDR_MIN_BYTES, total - IP_HDR_MIN_BYTES);
+	pkt[IP_HDR_MIN_BYTES + 2] = (uint8_t)(c >> 8);
+	pkt[IP_HDR_MIN_BYTES + 3] = (uint8_t)c;
+	if (n->ip.write_local)
+		n->ip.write_local(n, pkt, total);
+}
+
+/* A packet that arrived over the ring: check, then hand it to our stack. */
+static void ip_on_packet(struct node *n, const struct wire_routed *r)
+{
+	struct ip_hdr h;
+	if (!ip_parse(r->payload, r->len, &h))
+		return ring_drop(n, DROP_BAD_IP, &r->src);
+	ring_addr claimed = sec_addr_of_ip(h.src);
+	if (!wire_addr_eq(&claimed, &r->src))
+		return ip_drop(n, DROP_SOURCE_MISMATCH, h.src);
+	if (h.dst != n->self.vip || !n->ip.local)
+		return ip_drop(n, DROP_NOT_FOR_US, h.dst);
+	n->ip.rx_packets++;
+	n->ip.rx_bytes += r->len;
+	if (n->ip.write_local(n, r->payload, r->len) < 0)
+		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "local stack");
+}
+
+static void ip_deliver(struct node *n, const struct wire_routed *r)
+{
+	if (r->inner == INNER_IP)
+		ip_on_packet(n, r);
+	else if (n->ip.local)
+		ip_icmp_host_unreachable(n, r->payload, r->len);
+}
+
+/* Routing dead-ended here: tell the sender, at most IP_UNREACH_PER_S a second. */
+static void ip_undeliverable(struct node *n, const struct wire_routed *r)
+{
+	uint64_t now = ev_now(&n->loop);
+	if (r->inner != INNER_IP)
+		return;
+	if (now - n->ip.unreach_window_ms >= 1000) {
+		n->ip.unreach_window_ms = now;
+		n->ip.unreach_in_window = 0;
+	}
+	if (n->ip.unreach_in_window++ >= IP_UNREACH_PER_S)
+		return;
+	size_t q = r->len < IP_UNREACH_QUOTE_BYTES ? r->len : IP_UNREACH_QUOTE_BYTES;
+	if (wire_addr_eq(&r->src, &n->self.addr))
+		ip_icmp_host_unreachable(n, r->payload, q);     /* we are the dead end */
+	else
+		ring_send(n, MODE_EXACT, &r->src, NULL, INNER_IP_UNREACH, r->payload, q);
+}
+
+static void ip_start(struct node *n, int mtu)
+{
+	n->ip.mask = n->vip_prefix ? ~0u << (32 - n->vip_prefix) : 0;
+	n->ip.net = n->self.vip & n->ip.mask;
+	n->ip.mtu = mtu ? mtu : IP_MTU_DEFAULT;
+	n->ring.deliver_ip = ip_deliver;
+	n->ring.undeliverable = ip_undeliverable;
+}
+
+/* ===================================================================== 11 tap_
+ * The tap device (privileged mode): an Ethernet interface whose IP packets
+ * ipop carries.  ARP never leaves the host: ipop answers the kernel's ARP
+ * requests for every address of the virtual network with one virtual
+ * gateway MAC, so the kernel needs no static entries.  Frames we write carry
+ * the gateway MAC as source and the interface's own MAC as destination.
+ * Frames other than IPv4 and ARP (IPv6, ...) are dropped and counted.
+ * The kernel headers are not on musl's path, so the few TUN constants are
+ * defined here (linux/if_tun.h).
+ * ========================================================================= */
+
+enum {
+	TAP_TUNSETIFF = 0x400454ca,     /* _IOW('T', 202, int) */
+	TAP_IFF_TAP = 0x0002,
+	TAP_IFF_NO_PI = 0x1000,
+	TAP_ETH_HDR_BYTES = 14,
+	TAP_ETH_P_IP = 0x0800,
+	TAP_ETH_P_ARP = 0x0806,
+	TAP_ARP_BYTES = 28,
+	TAP_FRAMES_PER_WAKE = 64,       /* bounded so the overlay socket is not starved */
+};
+
+static const uint8_t tap_gw_mac[6] = { 0x02, 0x69, 0x70, 0x6f, 0x70, 0x01 }; /* "ipop", local bit */
+
+static int tap_write_ip(struct node *n, const uint8_t *pkt, size_t len)
+{
+	uint8_t frame[TAP_ETH_HDR_BYTES + WIRE_MAX_PACKET_BYTES];
+	if (len > WIRE_MAX_PACKET_BYTES)
+		return -EMSGSIZE;
+	memcpy(frame, n->tap.kernel_mac, 6);
+	memcpy(frame + 6, n->tap.gw_mac, 6);
+	frame[12] = TAP_ETH_P_IP >> 8;
+	frame[13] = TAP_ETH_P_IP & 255;
+	memcpy(frame + TAP_ETH_HDR_BYTES, pkt, len);
+	ssize_t w = write(n->tap.fd, frame, TAP_ETH_HDR_BYTES + len);
+	return w == (ssize_t)(TAP_ETH_HDR_BYTES + len) ? 0 : -EIO;
+}
+
+/* RFC 826: answer "who has T?" for any other address on the virtual network
+ * with the gateway MAC. */
+static void tap_on_arp(struct node *n, const uint8_t *f, size_t len)
+{
+	struct buf b = buf_of(f + TAP_ETH_HDR_BYTES, len - TAP_ETH_HDR_BYTES);
+	uint16_t htype = buf_u16(&b), ptype = buf_u16(&b);
+	uint8_t hlen = buf_u8(&b), plen = buf_u8(&b);
+	uint16_t op = buf_u16(&b);
+	uint8_t sha[6];
+	buf_bytes(&b, sha, 6);
+	uint32_t spa = buf_u32(&b);
+	buf_bytes(&b, (uint8_t[6]){ 0 }, 6);
+	uint32_t tpa = buf_u32(&b);
+	if (b.bad || htype != 1 || ptype != TAP_ETH_P_IP || hlen != 6 || plen != 4 || op != 1 ||
+	    tpa == n->self.vip || !ip_on_net(&n->ip, tpa))
+		return;
+	uint8_t reply[TAP_ETH_HDR_BYTES + TAP_ARP_BYTES];
+	struct wbuf w = wbuf_of(reply, sizeof reply);
+	wbuf_bytes(&w, sha, 6);
+	wbuf_bytes(&w, n->tap.gw_mac, 6);
+	wbuf_u16(&w, TAP_ETH_P_ARP);
+	wbuf_u16(&w, 1);
+	wbuf_u16(&w, TAP_ETH_P_IP);
+	wbuf_u8(&w, 6);
+	wbuf_u8(&w, 4);
+	wbuf_u16(&w, 2);               /* reply */
+	wbuf_bytes(&w, n->tap.gw_mac, 6);
+	wbuf_u32(&w, tpa);
+	wbuf_bytes(&w, sha, 6);
+	wbuf_u32(&w, spa);
+	if (write(n->tap.fd, reply, sizeof reply) != (ssize_t)sizeof reply)
+		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "tap arp");
+}
+
+static void tap_frame(struct node *n, const uint8_t *f, size_t len)
+{
+	if (len < TAP_ETH_HDR_BYTES)
+		return;
+	uint16_t type = (uint16_t)(f[12] << 8 | f[13]);
+	if (type == TAP_ETH_P_ARP)
+		tap_on_arp(n, f, len);
+	else if (type == TAP_ETH_P_IP)
+		ip_from_local(n, f + TAP_ETH_HDR_BYTES, len - TAP_ETH_HDR_BYTES);
+	else
+		log_drop(&n->drops, DROP_NOT_IPV4, ev_now(&n->loop), n->tap.name);
+}
+
+static void tap_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct node *n = arg;
+	uint8_t frame[TAP_ETH_HDR_BYTES + 65536];
+	(void)loop;
+	(void)events;
+	for (int i = 0; i < TAP_FRAMES_PER_WAKE; i++) {
+		ssize_t r = read(fd, frame, sizeof frame);
+		if (r <= 0)
+			return;
+		tap_frame(n, frame, (size_t)r);
+	}
+}
+
+static int tap_ioctl(int sock, unsigned long req, struct ifreq *ifr, const char *what,
+		     char *err, size_t errlen)
+{
+	if (ioctl(sock, req, ifr) == 0)
+		return 0;
+	snprintf(err, errlen, "cannot %s on %s: %s%s", what, ifr->ifr_name, strerror(errno),
+		 errno == EPERM ? " (needs root or CAP_NET_ADMIN)" : "");
+	return -1;
+}
+
+static void tap_sockaddr(struct sockaddr *sa, uint32_t ip)
+{
+	struct sockaddr_in in = { .sin_family = AF_INET };
+	in.sin_addr.s_addr = htonl(ip);
+	memcpy(sa, &in, sizeof in);
+}
+
+/* Address, netmask, MTU, up: what 'ip addr add' and 'ip link set up' would do. */
+static int tap_configure(struct node *n, char *err, size_t errlen)
+{
+	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr = { 0 };
+	int rc = -1;
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", n->tap.name);
+	tap_sockaddr(&ifr.ifr_addr, n->self.vip);
+	if (sock < 0 || tap_ioctl(sock, SIOCSIFADDR, &ifr, "set the address", err, errlen) < 0)
+		goto out;
+	tap_sockaddr(&ifr.ifr_netmask, n->ip.mask);
+	if (tap_ioctl(sock, SIOCSIFNETMASK, &ifr, "set the netmask", err, errlen) < 0)
+		goto out;
+	ifr.ifr_mtu = n->ip.mtu;
+	if (tap_ioctl(sock, SIOCSIFMTU, &ifr, "set the MTU", err, errlen) < 0 ||
+	    tap_ioctl(sock, SIOCGIFHWADDR, &ifr, "read the MAC address", err, errlen) < 0)
+		goto out;
+	memcpy(n->tap.kernel_mac, ifr.ifr_hwaddr.sa_data, 6);
+	if (tap_ioctl(sock, SIOCGIFFLAGS, &ifr, "read the flags", err, errlen) < 0)
+		goto out;
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	rc = tap_ioctl(sock, SIOCSIFFLAGS, &ifr, "bring up", err, errlen);
+out:
+	if (sock >= 0)
+		close(sock);
+	return rc;
+}
+
+/* Only IPv4 is carried: ask the kernel not to chatter IPv6 (router
+ * solicitations, DAD) on the interface.  Best effort. */
+static void tap_disable_ipv6(struct node *n)
+{
+	char path[96];
+	snprintf(path, sizeof path, "/proc/sys/net/ipv6/conf/%s/disable_ipv6", n->tap.name);
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		if (write(fd, "1", 1) != 1)
+			log_debug("tap", "cannot disable IPv6 on %s", n->tap.name);
+		close(fd);
+	}
+}
+
+/* Open and configure the tap.  -EPERM when we lack the privilege, so that
+ * the caller can fall back or say what is missing. */
+static int tap_open(struct node *n, const char *name, char *err, size_t errlen)
+{
+	struct ifreq ifr = { 0 };
+	n->tap.fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+	int e = errno;
+	if (n->tap.fd >= 0) {
+		snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+		ifr.ifr_flags = TAP_IFF_TAP | TAP_IFF_NO_PI;
+		if (ioctl(n->tap.fd, TAP_TUNSETIFF, &ifr) < 0) {
+			e = errno;
+			close(n->tap.fd);
+			n->tap.fd = -1;
+		}
+	}
+	if (n->tap.fd < 0) {
+		snprintf(err, errlen, "cannot open tap device %s: %s%s", name, strerror(e),
+			 e == EPERM || e == EACCES ? " (needs root or CAP_NET_ADMIN, and access to /dev/net/tun)" :
+			 e == EBUSY ? " (another program holds that name; choose another with --dev)" : "");
+		return e == EPERM || e == EACCES ? -EPERM : -1;
+	}
+	snprintf(n->tap.name, sizeof n->tap.name, "%s", ifr.ifr_name);
+	memcpy(n->tap.gw_mac, tap_gw_mac, 6);
+	if (tap_configure(n, err, errlen) < 0 ||
+	    ev_fd_watch(&n->loop, n->tap.fd, EPOLLIN, tap_readable, n) < 0) {
+		close(n->tap.fd);
+		n->tap.fd = -1;
+		return errno == EPERM ? -EPERM : -1;
+	}
+	n->ip.local = true;
+	n->ip.write_local = tap_write_ip;
+	tap_disable_ipv6(n);
+	return 0;
+}
+
+static void tap_close(struct node *n)
+{
+	if (n->tap.fd < 0)
+		return;
+	ev_fd_forget(&n->loop, n->tap.fd);
+	close(n->tap.fd);              /* a non-persistent tap vanishes with its fd */
+	n->tap.fd = -1;
+}
+
 /* ===================================================================== 15 ctl_
  * The control socket: a per-user unix stream socket (mode 0600) on which the
  * CLI asks a running node one question per connection, as one text line:
@@ -4151,6 +4590,13 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 		   (int)getpid(), (unsigned long long)((now - n->start_ms) / 1000),
 		   n->ring.joined ? "true" : "false", n->ring.n_estimate);
 	ctl_json_listen(o, n);
+	if (n->tap.fd >= 0)
+		buf_printf(o, "\"interface\":{\"name\":\"%s\",\"mtu\":%d},", n->tap.name, n->ip.mtu);
+	else
+		buf_printf(o, "\"interface\":null,");
+	buf_printf(o, "\"ip_traffic\":{\"tx_packets\":%llu,\"rx_packets\":%llu,\"tx_bytes\":%llu,"
+		   "\"rx_bytes\":%llu},", (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets,
+		   (unsigned long long)n->ip.tx_bytes, (unsigned long long)n->ip.rx_bytes);
 	buf_printf(o, "\"connections\":[");
 	bool first = true;
 	for (const struct link *l = n->links; l; l = l->next) {
@@ -4201,6 +4647,9 @@ static void ctl_status_text(struct node *n, struct buf_str *o)
 		link_endpoint_uri(&e, uri);
 		buf_printf(o, "listen    %s\n", uri);
 	}
+	if (n->tap.fd >= 0)
+		buf_printf(o, "interface %s, mtu %d; ip packets out %llu, in %llu\n", n->tap.name, n->ip.mtu,
+			   (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets);
 	buf_printf(o, "\nconnections (%u)\n  %-8s %-12s %-15s %-26s %-11s %3s %8s %9s %9s\n",
 		   n->n_links, "TYPE", "ADDRESS", "IP", "URI", "STATE", "DIR", "RTT ms", "TX pkts", "RX pkts");
 	for (const struct link *l = n->links; l; l = l->next)
@@ -4442,8 +4891,10 @@ enum cli_key {
 	KEY_LISTEN, KEY_BOOTSTRAP, KEY_IP, KEY_CONTROL, KEY_CONFIG, KEY_LOG_LEVEL,
 	KEY_VERBOSE, KEY_QUIET, KEY_JSON, KEY_COUNT, KEY_INTERVAL, KEY_WAIT, KEY_HELP,
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
-	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL,
+	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU,
 };
+
+enum cli_mode { MODE_AUTO, MODE_TAP, MODE_NONE };
 
 struct cli_flag {
 	const char *name;
@@ -4462,6 +4913,9 @@ static const struct cli_flag cli_flags[] = {
 	{ "cert-dir", 0, true, true, KEY_CERT_DIR, CMD_UP },
 	{ "crl", 0, true, true, KEY_CRL, CMD_UP },
 	{ "insecure", 0, false, true, KEY_INSECURE, CMD_UP },
+	{ "mode", 0, true, true, KEY_MODE, CMD_UP },
+	{ "dev", 0, true, true, KEY_DEV, CMD_UP },
+	{ "mtu", 0, true, true, KEY_MTU, CMD_UP },
 	{ "out", 'o', true, false, KEY_OUT, CMD_GENKEY | CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "ca", 0, true, false, KEY_CA, CMD_CERT_ISSUE | CMD_CA_REVOKE },
 	{ "route-for", 0, true, false, KEY_ROUTE_FOR, CMD_CERT_ISSUE },
@@ -4505,6 +4959,9 @@ struct cli_opts {
 	int config_depth;
 	char secret_file[256], cert_dir[256], crl[256], out[256], ca_dir[256], cert[256], name[64];
 	bool insecure;
+	enum cli_mode mode;
+	char dev[16];
+	long mtu;
 	struct sec_grant grant;         /* cert issue: --ip, --route-for, --name */
 	long days;
 	struct sec_serial serial;
@@ -4539,6 +4996,12 @@ static const char cli_usage_up[] =
 	"                     virtual IP comes from the certificate\n"
 	"  --crl FILE         revoked certificate serials, re-read when it changes\n"
 	"  --insecure         no authentication or encryption (all nodes must agree)\n"
+	"\n"
+	"A node with a virtual IP gives this host an interface on the network:\n"
+	"  --mode auto|tap|none  auto (default): a tap device when permitted, else\n"
+	"                     none; tap: fail without the privilege; none: only route\n"
+	"  --dev NAME         tap device name (default ipop%%d: ipop0, ipop1, ...)\n"
+	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
 	"\n"
 	"  --ip A.B.C.D[/P]   this node's virtual IP (ring address = SHA-1 of it);\n"
 	"                     without it the node only routes (random ring address)\n"
@@ -4823,6 +5286,28 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 				f->key == KEY_CA ? o->ca_dir : o->cert);
 	case KEY_ROUTE_FOR:
 		return cli_grant_route(o, v);
+	case KEY_MODE:
+		if (!strcmp(v, "auto") || !strcmp(v, "tap") || !strcmp(v, "none")) {
+			o->mode = !strcmp(v, "auto") ? MODE_AUTO : !strcmp(v, "tap") ? MODE_TAP : MODE_NONE;
+			return 0;
+		}
+		cli_fail("bad --mode '%s': auto, tap or none (user mode is not built yet)", v);
+		return -1;
+	case KEY_DEV:
+		if (!*v || strlen(v) >= sizeof o->dev || strchr(v, '/') || strchr(v, ' ')) {
+			cli_fail("bad --dev '%s': an interface name of 1 to 15 characters", v);
+			return -1;
+		}
+		strcpy(o->dev, v);
+		return 0;
+	case KEY_MTU:
+		o->mtu = strtol(v, &end, 10);
+		if (*end || !*v || o->mtu < IP_MTU_MIN || o->mtu > IP_MTU_MAX) {
+			cli_fail("bad --mtu '%s': %d to %d (the default %d fits any 1500-byte path)", v,
+				 IP_MTU_MIN, IP_MTU_MAX, IP_MTU_DEFAULT);
+			return -1;
+		}
+		return 0;
 	case KEY_NAME:
 		return cli_name(o, v);
 	case KEY_DAYS:
@@ -5063,9 +5548,27 @@ static void cli_node_free(struct node *n)
 		close(n->listeners[i].fd);
 	if (n->udp_dial_fd >= 0)
 		close(n->udp_dial_fd);
+	tap_close(n);
 	sec_creds_free(&n->sec);
 	sec_rng_free(&n->rng);
 	ev_fini(&n->loop);
+}
+
+/* The local interface: a tap when the node has a virtual IP and may open one. */
+static int cli_node_interface(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	ip_start(n, (int)o->mtu);
+	if (!n->self.vip || o->mode == MODE_NONE)
+		return 0;
+	int rc = tap_open(n, o->dev[0] ? o->dev : "ipop%d", err, errlen);
+	if (rc == -EPERM && o->mode == MODE_AUTO) {
+		log_warn("cli", "%s; continuing without a local interface: this node routes for "
+			 "others (use --mode none to silence this)", err);
+		return 0;
+	}
+	if (rc < 0 && rc == -EPERM)
+		snprintf(err + strlen(err), errlen - strlen(err), "; without root, run with --mode none");
+	return rc < 0 ? -1 : 0;
 }
 
 /* Load the network credentials; -2 for a usage error, -1 for a bad file. */
@@ -5123,14 +5626,15 @@ static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err
 /* -2: a usage error (exit 2), -1: anything else (exit 1). */
 static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
-	*n = (struct node){ .udp_dial_fd = -1 };
+	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1 };
 	if (ev_init(&n->loop) < 0 || sec_rng_init(&n->rng) < 0 || sec_creds_init(&n->sec) < 0) {
 		snprintf(err, errlen, "cannot start the event loop or random generator: %s", strerror(errno));
 		return -1;
 	}
 	n->start_ms = ev_now(&n->loop);
 	int rc = cli_node_creds(n, o, err, errlen);
-	if (rc < 0 || (rc = cli_node_identity(n, o, err, errlen)) < 0)
+	if (rc < 0 || (rc = cli_node_identity(n, o, err, errlen)) < 0 ||
+	    (rc = cli_node_interface(n, o, err, errlen)) < 0)
 		return rc;
 	for (unsigned i = 0; i < o->n_boot; i++) {
 		char e2[300];
@@ -5185,6 +5689,8 @@ static void cli_log_start(const struct node *n)
 	if (n->self.vip)
 		buf_ip_str(n->self.vip, ip);
 	log_info("cli", "node %s, virtual ip %s, security: %s", addr, ip, sec_mode_names[n->sec.mode]);
+	if (n->tap.fd >= 0)
+		log_info("cli", "interface %s: %s/%u, mtu %d", n->tap.name, ip, n->vip_prefix, n->ip.mtu);
 	for (unsigned i = 0; i < n->n_listeners; i++) {
 		char uri[40];
 		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);

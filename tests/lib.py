@@ -214,6 +214,8 @@ class Node:
             a += ["--ip", self.ip]
         a += ["--control", self.ctl]
         a += self.creds if self.creds is not None else ["--secret-file", self.net.secret()]
+        if "--mode" not in self.extra:
+            a += ["--mode", "none"]     # loopback tests must not create tap devices
         if os.environ.get("IPOP_TEST_VERBOSE"):
             a.append("-v")
         a += self.extra
