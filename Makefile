@@ -80,9 +80,16 @@ else
 endif
 
 # ---------------------------------------------------------------- fuzzing
+# UBSan findings abort (-fno-sanitize-recover), so libFuzzer counts them as crashes.
+# Inputs: tests/corpus/NAME (committed seeds, read only) and build/fuzz/corpus/NAME
+# (where libFuzzer writes what it finds).  A crash leaves build/fuzz/NAME-crash-*.
+FUZZ_MAX_LEN ?= 4096
+FUZZ_FLAGS  ?= -max_len=$(FUZZ_MAX_LEN) -timeout=25 -rss_limit_mb=2048 -print_final_stats=1
+
 build/fuzz/%: tests/%.c ipop.c $(HDRS) | deps
 	@mkdir -p $(@D)
-	clang -O1 -g -fsanitize=fuzzer,address,undefined -fno-omit-frame-pointer $(TEST_DEFS) \
+	clang -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	    -fno-omit-frame-pointer $(TEST_DEFS) \
 	    -Wall -Wextra -Wno-unused-function $(HOST_CFLAGS) $< -o $@ $(HOST_LIBS)
 
 fuzz: $(FUZZ_BINS)
@@ -93,8 +100,8 @@ else
 	    mkdir -p build/fuzz/corpus/$$f; \
 	    seeds=; [ -d tests/corpus/$$f ] && seeds=tests/corpus/$$f; \
 	    echo "== fuzzing $$f for $(FUZZ_SECONDS) s"; \
-	    ./build/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
-	        -artifact_prefix=build/fuzz/$$f- build/fuzz/corpus/$$f $$seeds; \
+	    ./build/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) $(FUZZ_FLAGS) \
+	        -artifact_prefix=build/fuzz/$$f- build/fuzz/corpus/$$f $$seeds </dev/null; \
 	done
 endif
 

@@ -147,6 +147,8 @@ struct endpoint {
 struct peer_info {
 	ring_addr addr;
 	uint32_t vip;                  /* virtual IPv4, 0 for a router-only node */
+	uint64_t instance;             /* random per process: tells two holders of one address apart */
+	uint32_t started;              /* Unix time the process started: the older holder keeps it */
 	uint8_t n_endpoints;
 	struct endpoint endpoints[LINK_ENDPOINTS_MAX];
 };
@@ -1583,7 +1585,10 @@ struct wire_hs_fin {
 	const uint8_t *sealed;          /* the initiator's identity block, sealed */
 };
 
-enum wire_reject_reason { REJECT_MODE_MISMATCH = 1 };
+enum wire_reject_reason {
+	REJECT_MODE_MISMATCH = 1,       /* the networks' security modes differ */
+	REJECT_REFUSED = 2,             /* your identity failed my checks (revoked, wrong CA, ...) */
+};
 
 struct wire_hs_reject {
 	uint32_t receiver;
@@ -1706,6 +1711,8 @@ static void wire_peer_info_get(struct buf *b, struct peer_info *pi)
 {
 	buf_bytes(b, pi->addr.b, RING_ADDR_BYTES);
 	pi->vip = buf_u32(b);
+	pi->instance = buf_u64(b);
+	pi->started = buf_u32(b);
 	pi->n_endpoints = buf_u8(b);
 	if (pi->n_endpoints > LINK_ENDPOINTS_MAX) {
 		b->bad = true;
@@ -1719,6 +1726,8 @@ static void wire_peer_info_put(struct wbuf *w, const struct peer_info *pi)
 {
 	wbuf_bytes(w, pi->addr.b, RING_ADDR_BYTES);
 	wbuf_u32(w, pi->vip);
+	wbuf_u64(w, pi->instance);
+	wbuf_u32(w, pi->started);
 	wbuf_u8(w, pi->n_endpoints);
 	for (unsigned i = 0; i < pi->n_endpoints && i < LINK_ENDPOINTS_MAX; i++)
 		wire_endpoint_put(w, &pi->endpoints[i]);
@@ -1821,7 +1830,7 @@ static int wire_hs_reject_decode(const uint8_t *p, size_t len, struct wire_hs_re
 	m->receiver = buf_u32(&b);
 	m->reason = buf_u8(&b);
 	m->mode = buf_u8(&b);
-	if (m->reason != REJECT_MODE_MISMATCH || m->mode >= SEC__MODE_END)
+	if (m->reason < REJECT_MODE_MISMATCH || m->reason > REJECT_REFUSED || m->mode >= SEC__MODE_END)
 		b.bad = true;
 	return wire_finish(&b);
 }
@@ -2116,6 +2125,7 @@ struct link {
 	int fd;                         /* UDP: shared socket; TCP: owned stream */
 	struct sockaddr_in remote;
 	uint32_t local_idx, peer_idx;   /* receiver indices in every message */
+	bool confirmed;                 /* the peer proved it accepted us (see link_on_hs_reject) */
 	struct peer_info peer;          /* valid when peer_known */
 	bool peer_known;
 	struct sec_grant grant;         /* what the peer's certificate allows */
@@ -2145,6 +2155,7 @@ struct link_hooks {
 	void (*down)(struct node *n, struct link *l, uint8_t bye_reason);
 	void (*roles)(struct node *n, struct link *l);
 	void (*routed)(struct node *n, struct link *l, const uint8_t *pkt, size_t len);
+	void (*conflict)(struct node *n, const struct peer_info *other);
 };
 
 struct listener {
@@ -2213,6 +2224,8 @@ struct node {
 	struct ctl *ctl;
 	uint64_t start_ms;
 	uint64_t counters_routed, counters_delivered;
+	int exit_code;                  /* set by whoever stops the loop for good */
+	uint64_t reject_logged_ms;      /* rate limit for handshake refusal lines */
 };
 
 static void link_addr_short(const ring_addr *a, char out[13])
@@ -2727,6 +2740,8 @@ static bool link_identity_accept(struct link *l, const uint8_t key[32], const ui
 		why = "malformed identity";
 	else if (!why && wire_addr_eq(&id.info.addr, &n->self.addr)) {
 		link_drop(l, DROP_SELF_LINK);
+		if (id.info.instance != n->self.instance && n->hooks.conflict)
+			n->hooks.conflict(n, &id.info);        /* another node with our address */
 		return false;
 	} else if (!why && n->sec.mode == SEC_CERT)
 		why = link_cert_refusal(l, &id);
@@ -2856,10 +2871,9 @@ static void link_hs_respond(struct link *l, const struct wire_hs_init *m, const 
 
 /* A mode mismatch is a configuration error on one side: say so plainly. */
 static void link_send_reject(struct node *n, int fd, const struct sockaddr_in *to, struct link *tcp,
-			     uint32_t receiver)
+			     uint32_t receiver, uint8_t reason)
 {
-	struct wire_hs_reject r = { .receiver = receiver, .reason = REJECT_MODE_MISMATCH,
-				    .mode = (uint8_t)n->sec.mode };
+	struct wire_hs_reject r = { .receiver = receiver, .reason = reason, .mode = (uint8_t)n->sec.mode };
 	uint8_t pkt[16];
 	ssize_t len = wire_hs_reject_encode(pkt, sizeof pkt, &r);
 	if (len < 0)
@@ -2903,7 +2917,7 @@ static void link_on_hs_init(struct node *n, struct link *tcp, int fd, const stru
 		return link_drop_from(n, DROP_MALFORMED, proto, from);
 	if (m.mode != n->sec.mode) {
 		link_drop_from(n, DROP_MODE_MISMATCH, proto, from);
-		return link_send_reject(n, fd, from, tcp, m.sender);
+		return link_send_reject(n, fd, from, tcp, m.sender, REJECT_MODE_MISMATCH);
 	}
 	if (n->sec.mode != SEC_INSECURE) {
 		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, mac);
@@ -2984,22 +2998,40 @@ static void link_on_hs_fin(struct link *l, const struct wire_hs_fin *m)
 	sec_expand(l->hs.ck, "ipop-v2 fin", l->hs.h, k);
 	bool ok = link_identity_accept(l, k, m->sealed, m->len);
 	sec_wipe(k, sizeof k);
-	if (!ok)
+	if (!ok) {
+		/* The initiator counts itself up already: tell it, or it waits 4 s. */
+		link_send_reject(l->node, l->fd, &l->remote, l->proto == PROTO_TCP ? l : NULL, l->peer_idx,
+				 REJECT_REFUSED);
 		return link_close(l, 0);
+	}
 	link_mix(l->hs.h, m->sealed, m->len);
+	l->confirmed = true;
 	link_hs_finish(l);
 	link_became_up(l);
 }
 
+/* A reject counts only before the responder has shown it accepted us: an
+ * authenticated record confirms the link, and nothing unauthenticated can
+ * close a confirmed one. */
 static void link_on_hs_reject(struct link *l, const struct wire_hs_reject *m)
 {
-	if (l->state != LINK_AWAIT_RESP || !l->initiator)
+	struct node *n = l->node;
+	bool early = l->state == LINK_AWAIT_RESP || (l->state == LINK_UP && !l->confirmed);
+	if (!l->initiator || !early || (m->reason == REJECT_MODE_MISMATCH) != (l->state == LINK_AWAIT_RESP))
 		return link_drop(l, DROP_WRONG_STATE);
 	char who[64];
 	link_describe(l, who);
-	log_err("link", "%s runs in %s mode and this node in %s mode: every node of a network needs the "
-		"same security (--secret-file, --cert-dir or --insecure)", who, sec_mode_names[m->mode],
-		sec_mode_names[l->node->sec.mode]);
+	uint64_t now = ev_now(&n->loop);
+	if (!n->reject_logged_ms || now - n->reject_logged_ms >= LOG_DROP_INTERVAL_MS) {
+		n->reject_logged_ms = now;
+		if (m->reason == REJECT_MODE_MISMATCH)
+			log_err("link", "%s runs in %s mode and this node in %s mode: every node of a network "
+				"needs the same security (--secret-file, --cert-dir or --insecure)", who,
+				sec_mode_names[m->mode], sec_mode_names[n->sec.mode]);
+		else
+			log_err("link", "%s refused this node's credentials (certificate revoked, expired or "
+				"from another CA?)", who);
+	}
 	link_close(l, 0);
 }
 
@@ -3062,6 +3094,7 @@ static void link_on_data(struct link *l, const struct wire_data *d, const uint8_
 	if (l->proto == PROTO_UDP && !link_sockaddr_eq(&l->remote, from))
 		l->remote = *from;      /* authenticated: follow the peer to its new address */
 	l->last_rx_ms = ev_now(&l->node->loop);
+	l->confirmed = true;
 	if (l->initiator && l->hs.cached)
 		link_hs_wipe(l);        /* the peer has our HS_FIN */
 	switch (wire_classify(plain, plen, true, &type)) {
@@ -3421,6 +3454,9 @@ static int64_t link_sec_tick(struct ev_loop *loop, struct ev_timer *t)
 	if (changed <= 0)
 		return LINK_SEC_TICK_MS;
 	log_info("sec", "revocation list %s: %u serials", n->sec.crl_path, n->sec.n_revoked);
+	if (n->sec.mode == SEC_CERT && sec_revoked(&n->sec, &n->sec.own_grant.serial))
+		log_err("sec", "this node's own certificate is revoked by %s: peers will refuse it",
+			n->sec.crl_path);
 	for (struct link *l = n->links; l; l = l->next)
 		if (l->state == LINK_UP && l->grant.serial.len && sec_revoked(&n->sec, &l->grant.serial)) {
 			char who[64];
@@ -3793,13 +3829,14 @@ static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
 	}
 }
 
-/* Our near peers' infos, for a connect-to-me reply; skips `except`. */
-static uint8_t ring_near_infos(struct node *n, struct peer_info *out, const ring_addr *except)
+/* Our near peers' infos, for a connect-to-me reply; skips the requester
+ * itself, but not another node with its address: that one it must hear of. */
+static uint8_t ring_near_infos(struct node *n, struct peer_info *out, const struct peer_info *except)
 {
 	uint8_t k = 0;
 	for (struct link *l = n->links; l && k < RING_CTM_NEIGHBOURS_MAX; l = l->next) {
 		if (!ring_link_usable(l) || !(l->local_roles & ROLE_NEAR) ||
-		    wire_addr_eq(&l->peer.addr, except))
+		    (wire_addr_eq(&l->peer.addr, &except->addr) && l->peer.instance == except->instance))
 			continue;
 		bool dup = false;
 		for (uint8_t j = 0; j < k; j++)
@@ -3835,12 +3872,39 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	if (wire_addr_eq(&q.from.addr, &n->self.addr))
 		return;
 	struct wire_ctm_reply m = { .token = q.token, .want = q.want, .from = n->self };
-	m.n_neighbours = ring_near_infos(n, m.neighbours, &q.from.addr);
+	m.n_neighbours = ring_near_infos(n, m.neighbours, &q.from);
 	uint8_t payload[WIRE_MAX_PACKET_BYTES];
 	ssize_t len = wire_ctm_reply_encode(payload, sizeof payload, &m);
 	if (len > 0)
 		ring_send(n, MODE_EXACT, &q.from.addr, &q.reply_via, INNER_CTM_REPLY, payload, (size_t)len);
 	ring_dial(n, &q.from, 0);       /* both ends dial at once */
+}
+
+/* Two nodes claim one ring address (one virtual IP).  The one started later
+ * stops with a clear message; the older one keeps its address and warns. */
+static void ring_on_conflict(struct node *n, const struct peer_info *other)
+{
+	char ip[16], addr[2 * RING_ADDR_BYTES + 1];
+	buf_ip_str(n->self.vip, ip);
+	ring_addr_hex(&n->self.addr, addr);
+	bool younger = n->self.started > other->started ||
+		       (n->self.started == other->started && n->self.instance > other->instance);
+	if (!younger) {
+		log_drop(&n->drops, DROP_SELF_LINK, ev_now(&n->loop), "a newer node that claims our address");
+		return;
+	}
+	if (n->self.vip)
+		log_err("ring", "another node already holds virtual IP %s (ring address %s); "
+			"choose another --ip", ip, addr);
+	else
+		log_err("ring", "another node already holds ring address %s; restart to draw a new one", addr);
+	n->exit_code = EXIT_FAIL;
+	n->loop.stop = true;
+}
+
+static bool ring_is_conflict(struct node *n, const struct peer_info *pi)
+{
+	return wire_addr_eq(&pi->addr, &n->self.addr) && pi->instance != n->self.instance;
 }
 
 static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
@@ -3850,6 +3914,9 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 		ring_drop(n, DROP_MALFORMED, &r->src);
 		return;
 	}
+	for (unsigned i = 0; i < m.n_neighbours; i++)
+		if (ring_is_conflict(n, &m.neighbours[i]))
+			return ring_on_conflict(n, &m.neighbours[i]);
 	uint8_t want = 0;
 	if ((m.want & ROLE_FAR) && m.token == n->ring.far_token && n->ring.far_pending_until_ms) {
 		n->ring.far_pending_until_ms = 0;
@@ -4060,7 +4127,8 @@ static void ring_leave(struct node *n)
 static void ring_start(struct node *n)
 {
 	n->hooks = (struct link_hooks){ .up = ring_on_link_up, .down = ring_on_link_down,
-					.roles = ring_on_roles, .routed = ring_on_routed };
+					.roles = ring_on_roles, .routed = ring_on_routed,
+					.conflict = ring_on_conflict };
 	ev_timer_init(&n->ring.tick, ring_tick);
 	ev_timer_arm(&n->loop, &n->ring.tick, 0);
 }
@@ -5632,6 +5700,8 @@ static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, si
 		return -1;
 	}
 	n->start_ms = ev_now(&n->loop);
+	n->self.instance = sec_random_u64(&n->rng);
+	n->self.started = (uint32_t)time(NULL);
 	int rc = cli_node_creds(n, o, err, errlen);
 	if (rc < 0 || (rc = cli_node_identity(n, o, err, errlen)) < 0 ||
 	    (rc = cli_node_interface(n, o, err, errlen)) < 0)
@@ -5733,7 +5803,7 @@ static int cli_up(struct cli_opts *o)
 	ctl_close(&ctl);
 	cli_node_free(&node);
 	close(sfd);
-	return EXIT_OK;
+	return node.exit_code;
 }
 
 /* ---- client commands ------------------------------------------------ */

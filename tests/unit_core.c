@@ -216,7 +216,8 @@ static int dec_echo_reply(const uint8_t *p, size_t len)
 
 static struct peer_info sample_info(uint8_t seed, uint8_t n_ep)
 {
-	struct peer_info pi = { .vip = 0x0a800005u + seed, .n_endpoints = n_ep };
+	struct peer_info pi = { .vip = 0x0a800005u + seed, .n_endpoints = n_ep,
+				.instance = 0x0102030405060708ull * seed, .started = 1700000000u + seed };
 	for (int i = 0; i < RING_ADDR_BYTES; i++)
 		pi.addr.b[i] = (uint8_t)(seed * 7 + i);
 	for (uint8_t i = 0; i < n_ep; i++)
@@ -227,7 +228,8 @@ static struct peer_info sample_info(uint8_t seed, uint8_t n_ep)
 
 static bool info_eq(const struct peer_info *a, const struct peer_info *b)
 {
-	if (!wire_addr_eq(&a->addr, &b->addr) || a->vip != b->vip || a->n_endpoints != b->n_endpoints)
+	if (!wire_addr_eq(&a->addr, &b->addr) || a->vip != b->vip || a->n_endpoints != b->n_endpoints ||
+	    a->instance != b->instance || a->started != b->started)
 		return false;
 	for (unsigned i = 0; i < a->n_endpoints; i++)
 		if (a->endpoints[i].proto != b->endpoints[i].proto || a->endpoints[i].ip != b->endpoints[i].ip ||
@@ -389,7 +391,7 @@ static void test_wire_ctm(void)
 		same &= info_eq(&m.neighbours[i], &m2.neighbours[i]);
 	CHECK(same && info_eq(&m.from, &m2.from));
 	check_truncations(dec_ctm_reply, pkt, (size_t)len);
-	size_t count_at = 4 + 1 + 25 + 7;                  /* token, want, from with 1 endpoint */
+	size_t count_at = 4 + 1 + 37 + 7;                  /* token, want, from with 1 endpoint */
 	pkt[count_at] = RING_CTM_NEIGHBOURS_MAX + 1;
 	CHECK(wire_ctm_reply_decode(pkt, (size_t)len, &m2) < 0);
 }
@@ -738,6 +740,34 @@ static void test_refusals(void)
 	cli_node_free(&b);
 }
 
+/* Two nodes with one virtual IP: the younger stops, the older keeps going. */
+static void test_duplicate_ip(void)
+{
+	static struct node a, b;
+	char err[512];
+	struct cli_opts o = { .cmd = CMD_UP, .n_listen = 1, .has_ip = true, .ip = 0x0a800005u,
+			      .prefix = 16, .mode = MODE_NONE };
+	o.listen[0] = (struct cli_uri){ PROTO_UDP, "127.0.0.1", 0 };
+	snprintf(o.secret_file, sizeof o.secret_file, "%s", unit_key("a.key", KEY_A));
+	CHECK(cli_node_init(&a, &o, err, sizeof err) == 0 && cli_node_init(&b, &o, err, sizeof err) == 0);
+	a.loop.max_wait_ms = b.loop.max_wait_ms = 2;
+	link_start(&a);
+	ring_start(&a);
+	link_start(&b);
+	ring_start(&b);
+	b.self.started = a.self.started + 1;
+	CHECK(wire_addr_eq(&a.self.addr, &b.self.addr) && a.self.instance != b.self.instance);
+	log_cfg.level = -1;
+	link_dial(&b, &a.self.endpoints[0], NULL, ROLE_LEAF);
+	for (int i = 0; i < 200 && !b.loop.stop; i++)
+		pump(&a, &b, 1);
+	log_cfg.level = LOG_ERROR;
+	CHECK(b.loop.stop && b.exit_code == EXIT_FAIL);
+	CHECK(!a.loop.stop && a.exit_code == 0);
+	cli_node_free(&a);
+	cli_node_free(&b);
+}
+
 /* An insecure pair (both --insecure) still links and carries plain records. */
 static void test_insecure_pair(void)
 {
@@ -773,6 +803,7 @@ int main(void)
 	test_replay_tamper();
 	test_refusals();
 	test_insecure_pair();
+	test_duplicate_ip();
 	char cmd[128];
 	snprintf(cmd, sizeof cmd, "rm -rf %s", unit_dir);
 	CHECK(system(cmd) == 0);

@@ -1,0 +1,874 @@
+#!/usr/bin/env python3
+"""Privileged-mode (tap) integration test; needs root (network namespaces).
+
+Every namespace, bridge and veth this test makes is named "tt*"; leftovers
+with that prefix are removed at start, and everything (namespaces, ipop,
+sshd, iperf3, socat) is removed on exit, failure, SIGTERM or SIGINT.
+
+Layout: namespace tt-sw holds bridge ttbr0; each host namespace tt-hN / tt-rN
+gets a veth (tt-eth in the host, ttp-NAME on the bridge) with
+192.168.90.N/24.  The root namespace is not touched.
+
+ 1. h1..h4 run `ipop up --mode tap --ip 10.128.0.N/16` (h2-h4 bootstrap from
+    h1); ring forms; kernel ping over all 12 ordered pairs of virtual IPs;
+    ping 10.128.0.99 gets "Destination Host Unreachable" and fails.
+ 2. iperf3 TCP 5 s h1->h2 and h2->h1 (-R) over the virtual IPs.
+ 3. ssh from h1 to an sshd on 10.128.0.2 (throwaway keys) runs a command.
+ 4. a 200 MB random file copied h1 -> h3 with socat; sha256 must match.
+ 5. 20 router-only nodes join; nftables drops h1<->h4 underlay traffic; h1's
+    link to h4 dies; kernel ping h1->h4 still works, overlay ping hops >= 2.
+ 6. a node in tt-h5 with --ip 10.128.0.2 (h2's) must exit non-zero within
+    15 s naming 10.128.0.2; h2 keeps working.
+ 7. as user nobody: --mode tap exits non-zero within 5 s mentioning the
+    privilege; --mode auto keeps running and logs a warning.
+
+Steps after 1 are independent checks: a failure is recorded and the test
+goes on; the exit status is non-zero if any failed.  Node logs of a failed
+run are kept in build/test-logs/t_tap-nodes (or $IPOP_TEST_LOGDIR).
+Env: IPOP_TAP_ROUTERS (default 20), IPOP_TAP_FILE_MB (default 200),
+     IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE (nodes run with -v).
+"""
+import atexit
+import ctypes
+import hashlib
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib import (TestFailure, check, log, ipop_bin, sha1_ip, up_conns,  # noqa: E402
+                 near_up, true_neighbors, REPO)
+
+PREFIX = "tt"
+SW = "tt-sw"
+BR = "ttbr0"
+UNDERLAY = "192.168.90.%d"
+VNET = "10.128.0.%d"
+PORT = 4000
+N_ROUTERS = int(os.environ.get("IPOP_TAP_ROUTERS", "20"))
+FILE_MB = int(os.environ.get("IPOP_TAP_FILE_MB", "200"))
+MARKER = "hello-over-ipop"
+
+
+# --------------------------------------------------------------------------
+# process / namespace helpers
+
+def _pdeathsig():
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def sh(args, timeout=30, check_rc=True, input=None):
+    """Run a short command; returns (rc, out, err). rc None on timeout."""
+    try:
+        p = subprocess.run(args, capture_output=True, timeout=timeout, text=True,
+                           errors="replace", input=input,
+                           stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        if check_rc:
+            raise TestFailure("timeout after %ss: %s" % (timeout, " ".join(args)))
+        return None, out, err
+    if check_rc and p.returncode != 0:
+        raise TestFailure("command failed rc=%d: %s: %s" % (p.returncode, " ".join(args),
+                                                            (p.stderr or p.stdout).strip()[-300:]))
+    return p.returncode, p.stdout, p.stderr
+
+
+def nsx(ns, args, **kw):
+    return sh(["ip", "netns", "exec", ns] + list(args), **kw)
+
+
+def list_tt_netns():
+    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
+    names = []
+    for line in out.splitlines():
+        nm = line.split()[0] if line.split() else ""
+        if nm.startswith(PREFIX):
+            names.append(nm)
+    return names
+
+
+def remove_tt_netns(quiet=False):
+    """Kill every process in a tt* namespace (only our test's processes live
+    there) and delete the namespaces; the veths and the bridge go with them."""
+    names = list_tt_netns()
+    for nm in names:
+        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
+        for p in out.split():
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    for nm in names:
+        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
+        if rc != 0 and not quiet:
+            print("  cleanup: ip netns del %s: %s" % (nm, err.strip()), flush=True)
+    return names
+
+
+class Proc:
+    """A long-running process (started from the main thread only, since
+    PR_SET_PDEATHSIG fires when the creating thread exits)."""
+    all = []
+
+    def __init__(self, name, argv, logpath, user=None):
+        self.name = name
+        self.argv = argv
+        self.logpath = logpath
+        lf = open(logpath, "ab")
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                  start_new_session=True, preexec_fn=_pdeathsig)
+        lf.close()
+        self.t0 = time.monotonic()
+        Proc.all.append(self)
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def rc(self):
+        return self.p.poll()
+
+    def wait(self, timeout):
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, sig)
+            except OSError:
+                try:
+                    self.p.send_signal(sig)
+                except OSError:
+                    pass
+
+    def stop(self, timeout=3):
+        """SIGTERM, then SIGKILL."""
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            if self.wait(timeout) is None:
+                self.kill(signal.SIGKILL)
+                self.wait(5)
+
+    def log_text(self):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n=25):
+        lines = self.log_text().splitlines()
+        return "\n".join("    | " + line for line in lines[-n:]) or "    | (empty log)"
+
+
+class Node:
+    def __init__(self, t, name, ns, uip, port=PORT, vip=None, bootstrap=None, extra=()):
+        self.t = t
+        self.name = name
+        self.ns = ns
+        self.uip = uip
+        self.port = port
+        self.vip = vip
+        self.bootstrap = bootstrap
+        self.extra = list(extra)
+        self.ctl = os.path.join(t.dir, "%s.sock" % name)
+        self.logpath = os.path.join(t.dir, "%s.log" % name)
+        self.proc = None
+        self.address = sha1_ip(vip) if vip else None
+
+    @property
+    def uri(self):
+        return "udp://%s:%d" % (self.uip, self.port)
+
+    def start(self):
+        a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up", "--listen", self.uri,
+             "--secret-file", self.t.key, "--control", self.ctl]
+        if self.vip:
+            a += ["--ip", self.vip + "/16", "--mode", "tap"]
+        if self.bootstrap:
+            a += ["--bootstrap", self.bootstrap]
+        if os.environ.get("IPOP_TEST_VERBOSE"):
+            a.append("-v")
+        a += self.extra
+        self.proc = Proc(self.name, a, self.logpath)
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.alive()
+
+    def status(self, timeout=5):
+        try:
+            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
+                               capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            return None
+        if p.returncode != 0:
+            return None
+        try:
+            d = json.loads(p.stdout)
+        except ValueError:
+            return None
+        if isinstance(d, dict) and d.get("address"):
+            d["address"] = str(d["address"]).lower()
+            if self.address is None:
+                self.address = d["address"]
+        return d
+
+    def oping(self, target, count=1, wait=3):
+        """Overlay echo. Returns (ok, hops, output)."""
+        try:
+            p = subprocess.run([ipop_bin(), "ping", "--control", self.ctl, target,
+                                "-c", str(count), "-W", str(wait)],
+                               capture_output=True, text=True, timeout=count * (wait + 1) + 10,
+                               stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            return False, [], "timeout"
+        out = (p.stdout + p.stderr).strip()
+        return p.returncode == 0, [int(h) for h in re.findall(r"hops=(\d+)", out)], out
+
+
+# --------------------------------------------------------------------------
+# the test
+
+class TapTest:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ipop-t_tap-", dir="/tmp")
+        self.key = os.path.join(self.dir, "net.key")
+        self.nodes = {}
+        self.hosts = []
+        self.failures = []
+        self.results = []
+        self.n_hosts_ns = 0
+        self.made_run_sshd = False
+        self.unpriv_dir = None
+        self._closed = False
+
+    # ---- underlay
+    def add_ns(self, ns, uip):
+        sh(["ip", "netns", "add", ns])
+        idx = len(self._ports)
+        port = "ttp%d" % idx
+        self._ports.append(port)
+        sh(["ip", "-n", SW, "link", "add", port, "type", "veth", "peer", "name", "tt-eth",
+            "netns", ns])
+        sh(["ip", "-n", SW, "link", "set", port, "master", BR, "up"])
+        sh(["ip", "-n", ns, "addr", "add", uip + "/24", "dev", "tt-eth"])
+        sh(["ip", "-n", ns, "link", "set", "tt-eth", "up"])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+    def setup_underlay(self):
+        self._ports = []
+        sh(["ip", "netns", "add", SW])
+        sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
+        sh(["ip", "-n", SW, "link", "set", BR, "up"])
+        for i in range(1, 6):
+            self.add_ns("tt-h%d" % i, UNDERLAY % i)
+
+    # ---- helpers
+    def fail(self, step, msg):
+        self.failures.append("%s: %s" % (step, msg))
+        log("FAIL [%s] %s" % (step, msg))
+
+    def result(self, text):
+        self.results.append(text)
+        log("RESULT " + text)
+
+    def wait_status(self, nodes, timeout):
+        t0 = time.monotonic()
+        pending = list(nodes)
+        while pending:
+            for n in pending:
+                if not n.alive():
+                    print("  %s exited rc=%s; log:\n%s" % (n.name, n.proc.rc(), n.proc.log_tail()),
+                          flush=True)
+                    raise TestFailure("%s died during startup" % n.name)
+            pending = [n for n in pending if n.status(timeout=3) is None]
+            if pending and time.monotonic() - t0 > timeout:
+                for n in pending[:4]:
+                    print("  %s not answering status; log:\n%s" % (n.name, n.proc.log_tail(10)),
+                          flush=True)
+                raise TestFailure("%d node(s) not answering status after %ds"
+                                  % (len(pending), timeout))
+            if pending:
+                time.sleep(0.1)
+        return time.monotonic() - t0
+
+    def check_alive(self, nodes):
+        dead = [n for n in nodes if not n.alive()]
+        for n in dead:
+            print("  UNEXPECTED EXIT %s rc=%s; log tail:\n%s"
+                  % (n.name, n.proc.rc(), n.proc.log_tail(30)), flush=True)
+        check(not dead, "node(s) exited: %s" % ", ".join(n.name for n in dead))
+
+    def kping(self, src, dst_ip, count=3, wait=2, timeout=None):
+        """Kernel ping in src's namespace; (ok, output)."""
+        rc, out, err = nsx(src.ns, ["ping", "-n", "-c", str(count), "-W", str(wait), dst_ip],
+                           timeout=timeout or count * (wait + 1) + 5, check_rc=False)
+        return rc == 0, (out + err).strip()
+
+    def wait_listen(self, ns, addr_port, timeout=10, proc=None):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            rc, out, _ = nsx(ns, ["ss", "-Hltn"], check_rc=False, timeout=5)
+            if any(addr_port in line for line in out.splitlines()):
+                return True
+            if proc is not None and not proc.alive():
+                return False
+            time.sleep(0.1)
+        return False
+
+    def dump_logs(self, names, n=20):
+        for nm in names:
+            nd = self.nodes.get(nm)
+            if nd and nd.proc:
+                print("  log tail of %s (alive=%s):\n%s" % (nm, nd.alive(), nd.proc.log_tail(n)),
+                      flush=True)
+
+    # ---- step 1
+    def step_ring(self):
+        sh([ipop_bin(), "genkey", "--out", self.key])
+        os.chmod(self.key, 0o600)
+        h = []
+        for i in range(1, 5):
+            n = Node(self, "h%d" % i, "tt-h%d" % i, UNDERLAY % i, vip=VNET % i,
+                     bootstrap=None if i == 1 else "udp://%s:%d" % (UNDERLAY % 1, PORT))
+            self.nodes[n.name] = n
+            h.append(n)
+        self.hosts = h
+        t0 = time.monotonic()
+        h[0].start()
+        self.wait_status([h[0]], 10)
+        for n in h[1:]:
+            n.start()
+        self.wait_status(h, 10)
+        # interfaces
+        for n in h:
+            st = n.status()
+            iface = (st or {}).get("interface")
+            check(isinstance(iface, dict) and iface.get("name"),
+                  "%s: status shows no interface: %r" % (n.name, iface))
+            rc, out, _ = nsx(n.ns, ["ip", "-o", "-4", "addr", "show", "dev", iface["name"]],
+                             check_rc=False)
+            check(rc == 0 and (n.vip + "/16") in out,
+                  "%s: %s does not carry %s/16: %s" % (n.name, iface["name"], n.vip, out.strip()))
+            rc, out, _ = nsx(n.ns, ["ip", "-o", "link", "show", "dev", iface["name"]], check_rc=False)
+            check("mtu 1360" in out and ",UP" in out,
+                  "%s: %s not up with mtu 1360: %s" % (n.name, iface["name"], out.strip()))
+        log("4 tap nodes up (interface %s, mtu 1360)" % iface["name"])
+        # ring: every host has up links to the other 3
+        deadline = time.monotonic() + 30
+        while True:
+            self.check_alive(h)
+            sts = {n: n.status() for n in h}
+            missing = {n.name: sorted(m.name for m in h if m is not n and
+                                      m.address not in up_conns(sts[n]))
+                       for n in h}
+            missing = {k: v for k, v in missing.items() if v}
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                self.dump_logs([n.name for n in h], 15)
+                raise TestFailure("ring not formed within 30 s; missing up links: %r" % missing)
+            time.sleep(0.2)
+        t_ring = time.monotonic() - t0
+        self.result("ring of 4 tap nodes: all up links in %.2f s after first start" % t_ring)
+
+        # all-pairs kernel ping, in parallel
+        pairs = [(a, b) for a in h for b in h if a is not b]
+        res = {}
+
+        def one(a, b):
+            t = time.monotonic()
+            ok, out = self.kping(a, b.vip, count=3, wait=2)
+            res[(a.name, b.name)] = (ok, out, time.monotonic() - t)
+        ths = [threading.Thread(target=one, args=p, daemon=True) for p in pairs]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(30)
+        bad = [(k, v) for k, v in res.items() if not v[0]]
+        rtts = []
+        for ok, out, _ in res.values():
+            m = re.search(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/", out)
+            if m:
+                rtts.append(float(m.group(1)))
+        for (a, b), (ok, out, s) in bad:
+            print("  kernel ping %s -> %s failed (%.1fs):\n    %s"
+                  % (a, b, s, out.replace("\n", "\n    ")), flush=True)
+        check(len(res) == 12 and not bad, "%d/12 kernel pings failed" % (12 - len(res) + len(bad)))
+        self.result("kernel ping all 12 ordered pairs ok (ping -c 3 -W 2); avg rtt mean %.3f ms max %.3f ms"
+                    % (sum(rtts) / max(1, len(rtts)), max(rtts or [0])))
+
+        # unreachable virtual IP
+        ok, out = self.kping(h[0], VNET % 99, count=2, wait=3)
+        print("    " + out.replace("\n", "\n    "), flush=True)
+        check(not ok, "ping to %s succeeded?" % (VNET % 99))
+        check("Destination Host Unreachable" in out,
+              "ping to %s did not report Destination Host Unreachable" % (VNET % 99))
+        self.result("ping %s: fails with Destination Host Unreachable" % (VNET % 99))
+        st = h[0].status() or {}
+        self.result("h1 ip_traffic=%s drops=%s" % (json.dumps(st.get("ip_traffic")),
+                                                  json.dumps(st.get("drops"))[:300]))
+
+    # ---- step 2
+    def step_iperf(self):
+        h1, h2 = self.hosts[0], self.hosts[1]
+        rates = []
+        for label, extra in (("h1->h2", []), ("h2->h1 (-R)", ["-R"])):
+            srv = Proc("iperf3-s", ["ip", "netns", "exec", h2.ns, "iperf3", "-s", "-1",
+                                    "-B", h2.vip, "-p", "5201"],
+                       os.path.join(self.dir, "iperf3-server.log"))
+            try:
+                check(self.wait_listen(h2.ns, "%s:5201" % h2.vip, 10, srv),
+                      "iperf3 server not listening: %s" % srv.log_tail(5))
+                rc, out, err = nsx(h1.ns, ["iperf3", "-c", h2.vip, "-p", "5201", "-t", "5",
+                                           "-J", "--connect-timeout", "5000"] + extra,
+                                   timeout=30, check_rc=False)
+                try:
+                    j = json.loads(out)
+                except ValueError:
+                    j = {}
+                check(rc == 0 and "error" not in j,
+                      "iperf3 %s rc=%s error=%r %s" % (label, rc, j.get("error"),
+                                                      (err or out)[-300:]))
+                end = j.get("end", {})
+                rcv = end.get("sum_received", {})
+                snt = end.get("sum_sent", {})
+                byt = rcv.get("bytes", 0)
+                bps = rcv.get("bits_per_second", 0)
+                check(byt > 0, "iperf3 %s received 0 bytes" % label)
+                rates.append(bps)
+                self.result("iperf3 TCP 5 s %s: %.3f Gbit/s (%.1f MB received, %s retransmits)"
+                            % (label, bps / 1e9, byt / 1e6, snt.get("retransmits")))
+                srv.wait(5)
+            finally:
+                srv.stop()
+
+    # ---- step 3
+    def step_ssh(self):
+        h1, h2 = self.hosts[0], self.hosts[1]
+        d = os.path.join(self.dir, "ssh")
+        os.mkdir(d, 0o700)
+        hk = os.path.join(d, "host_ed25519")
+        ck = os.path.join(d, "client_ed25519")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
+        ak = os.path.join(d, "authorized_keys")
+        shutil.copy(ck + ".pub", ak)
+        os.chmod(ak, 0o600)
+        cfg = os.path.join(d, "sshd_config")
+        with open(cfg, "w") as f:
+            f.write("\n".join([
+                "Port 22", "ListenAddress %s" % h2.vip, "HostKey %s" % hk,
+                "PidFile %s" % os.path.join(d, "sshd.pid"),
+                "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
+                "PubkeyAuthentication yes", "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
+                "AllowUsers root", "X11Forwarding no", "PrintMotd no", "LogLevel VERBOSE", ""]))
+        if not os.path.isdir("/run/sshd"):
+            os.makedirs("/run/sshd", 0o755)
+            self.made_run_sshd = True
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        rc, out, err = sh([sshd, "-t", "-f", cfg], check_rc=False)
+        check(rc == 0, "sshd -t rejects the config: %s" % (err or out).strip())
+        srv = Proc("sshd", ["ip", "netns", "exec", h2.ns, sshd, "-f", cfg, "-D", "-e"],
+                   os.path.join(self.dir, "sshd.log"))
+        try:
+            check(self.wait_listen(h2.ns, "%s:22" % h2.vip, 10, srv),
+                  "sshd not listening on %s:22: %s" % (h2.vip, srv.log_tail(10)))
+            t = time.monotonic()
+            rc, out, err = nsx(h1.ns, ["ssh", "-F", "/dev/null", "-i", ck, "-o", "IdentitiesOnly=yes",
+                                       "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                                       "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+                                       "-o", "LogLevel=ERROR",
+                                       "root@%s" % h2.vip, "echo", MARKER], timeout=30, check_rc=False)
+            el = time.monotonic() - t
+            if not (rc == 0 and MARKER in out):
+                print("  sshd log:\n%s" % srv.log_tail(20), flush=True)
+            check(rc == 0 and MARKER in out,
+                  "ssh over overlay: rc=%s out=%r err=%r" % (rc, out[-200:], err[-300:]))
+            self.result("ssh root@%s echo: printed %r in %.2f s" % (h2.vip, out.strip(), el))
+        finally:
+            srv.stop()
+
+    # ---- step 4
+    def step_file(self):
+        h1, h3 = self.hosts[0], self.hosts[2]
+        src = os.path.join(self.dir, "file.src")
+        dst = os.path.join(self.dir, "file.dst")
+        n = FILE_MB * 1024 * 1024
+        sh(["sh", "-c", "head -c %d /dev/urandom > '%s'" % (n, src)], timeout=60)
+        check(os.path.getsize(src) == n, "source file has the wrong size")
+        want = sha256_file(src)
+        port = 5555
+        lst = Proc("socat-listen", ["ip", "netns", "exec", h3.ns, "socat", "-u",
+                                    "TCP-LISTEN:%d,bind=%s,reuseaddr" % (port, h3.vip),
+                                    "OPEN:%s,creat,trunc,wronly" % dst],
+                   os.path.join(self.dir, "socat-listen.log"))
+        try:
+            check(self.wait_listen(h3.ns, "%s:%d" % (h3.vip, port), 10, lst),
+                  "socat listener not up: %s" % lst.log_tail(5))
+            t = time.monotonic()
+            rc, out, err = nsx(h1.ns, ["socat", "-u", "OPEN:%s,rdonly" % src,
+                                       "TCP:%s:%d,connect-timeout=5" % (h3.vip, port)],
+                               timeout=90, check_rc=False)
+            lrc = lst.wait(30)
+            el = time.monotonic() - t
+            check(rc == 0, "socat sender rc=%s: %s" % (rc, (err or out).strip()[-300:]))
+            check(lrc == 0, "socat listener rc=%s: %s" % (lrc, lst.log_tail(5)))
+            got = os.path.getsize(dst) if os.path.exists(dst) else -1
+            have = sha256_file(dst) if got >= 0 else ""
+            check(got == n and have == want,
+                  "file copy mismatch: size %d/%d sha256 %s vs %s" % (got, n, have[:16], want[:16]))
+            self.result("%d MB file h1->h3 via socat: %.2f s, %.1f MB/s, sha256 %s... matches"
+                        % (FILE_MB, el, n / 1e6 / el, want[:16]))
+        finally:
+            lst.stop()
+            for p in (src, dst):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+
+    # ---- step 5
+    def step_multihop(self):
+        h1, h4 = self.hosts[0], self.hosts[3]
+        routers = []
+        t0 = time.monotonic()
+        for i in range(1, N_ROUTERS + 1):
+            ns = "tt-r%d" % i
+            uip = UNDERLAY % (100 + i)
+            self.add_ns(ns, uip)
+            boot = "udp://%s:%d" % (UNDERLAY % (1 + (i - 1) % 4), PORT)
+            r = Node(self, "r%d" % i, ns, uip, bootstrap=boot)
+            self.nodes[r.name] = r
+            routers.append(r)
+        for r in routers:
+            r.start()
+        self.wait_status(routers, 15)
+        allnodes = self.hosts + routers
+        # wait until the 24-node ring is consistent: every node has up near
+        # links to its 2 true successors and 2 true predecessors
+        deadline = time.monotonic() + 20
+        truth = true_neighbors([n.address for n in allnodes])
+        while True:
+            self.check_alive(allnodes)
+            sts = [n.status() for n in allnodes]
+            bad = [(n.name, len(truth[n.address] - near_up(s)))
+                   for n, s in zip(allnodes, sts) if truth[n.address] - near_up(s)]
+            if not bad:
+                break
+            if time.monotonic() > deadline:
+                raise TestFailure("ring of %d not consistent 20 s after routers started; "
+                                  "nodes missing near links: %r" % (len(allnodes), bad))
+            time.sleep(0.3)
+        nconn = [len(up_conns(s)) for s in sts]
+        self.result("%d router-only nodes joined, ring of %d consistent in %.2f s; up links per node mean %.1f min %d max %d"
+                    % (N_ROUTERS, len(allnodes), time.monotonic() - t0, sum(nconn) / len(nconn), min(nconn), max(nconn)))
+        # where h1 and h4 sit on the ring: if no node lies between them they
+        # are each other's immediate neighbours, the hard case for rerouting
+        ring = sorted(n.address for n in allnodes)
+        i1, i4 = ring.index(h1.address), ring.index(h4.address)
+        between = min((i4 - i1) % len(ring), (i1 - i4) % len(ring)) - 1
+        s1 = h1.status()
+        linked = h4.address in up_conns(s1)
+        where = ("h1 %s and h4 %s have %d node(s) between them on the ring of %d%s; "
+                 "h1-h4 direct link up before blocking: %s"
+                 % (h1.address[:10], h4.address[:10], between, len(ring),
+                    " (immediate ring neighbours)" if between == 0 else "", linked))
+        log(where)
+        # block the underlay between h1 and h4, both directions, both sides
+        for me, other in ((h1, h4), (h4, h1)):
+            for cmd in (["add", "table", "inet", "tt"],
+                        ["add", "chain", "inet", "tt", "out", "{ type filter hook output priority 0; }"],
+                        ["add", "chain", "inet", "tt", "in", "{ type filter hook input priority 0; }"],
+                        ["add", "rule", "inet", "tt", "out", "ip", "daddr", other.uip, "drop"],
+                        ["add", "rule", "inet", "tt", "in", "ip", "saddr", other.uip, "drop"]):
+                nsx(me.ns, ["nft"] + cmd)
+        rc, out, _ = nsx(h1.ns, ["ping", "-n", "-c", "1", "-W", "1", h4.uip], check_rc=False)
+        check(rc != 0, "underlay ping h1->h4 still works after the nft rules")
+        t_block = time.monotonic()
+        log("nftables: h1 <-> h4 underlay traffic dropped")
+        deadline = t_block + 20
+        while True:
+            self.check_alive(allnodes)
+            s1, s4 = h1.status(), h4.status()
+            if s1 is not None and h4.address not in up_conns(s1) and \
+                    s4 is not None and h1.address not in up_conns(s4):
+                break
+            if time.monotonic() > deadline:
+                raise TestFailure("h1<->h4 link still up 20 s after blocking")
+            time.sleep(0.2)
+        t_dead = time.monotonic() - t_block
+        self.result("direct h1<->h4 link gone %.2f s after blocking" % t_dead)
+        # kernel ping and overlay hops, polled up to 20 s
+        deadline = time.monotonic() + 20
+        kok = False
+        best_hops = []
+        tries = 0
+        while True:
+            tries += 1
+            ok, out = self.kping(h1, h4.vip, count=3, wait=2)
+            kok = kok or ok
+            ook, hops, oout = h1.oping(h4.vip, count=3, wait=2)
+            if hops:
+                best_hops = hops
+            if kok and any(x >= 2 for x in hops):
+                break
+            if time.monotonic() > deadline:
+                print("  last kernel ping:\n    %s\n  last overlay ping:\n    %s"
+                      % (out.replace("\n", "\n    "), oout.replace("\n", "\n    ")), flush=True)
+                self.dump_logs(["h1", "h4"], 15)
+                st = h1.status() or {}
+                names = {n.address: n.name for n in allnodes}
+                print("  h1 up links: %s" % ", ".join(sorted(names.get(a, a[:8]) for a in up_conns(st))),
+                      flush=True)
+                print("  h1 drops: %s" % {k: v for k, v in (st.get("drops") or {}).items() if v},
+                      flush=True)
+                raise TestFailure("after blocking h1<->h4 underlay: kernel ping h1->h4 ok=%s, overlay "
+                                  "hops %r (want >= 2) for 20 s; %s" % (kok, best_hops, where))
+            time.sleep(0.5)
+        self.result("after blocking h1<->h4: kernel ping h1->%s ok; overlay ping hops %r "
+                    "(%.1f s after link death, %d tries)"
+                    % (h4.vip, hops, time.monotonic() - t_block - t_dead, tries))
+        _ = ook
+
+    # ---- step 6
+    def step_duplicate(self):
+        h1, h2 = self.hosts[0], self.hosts[1]
+        dup = Node(self, "h5-dup", "tt-h5", UNDERLAY % 5, vip=h2.vip,
+                   bootstrap="udp://%s:%d" % (h1.uip, PORT))
+        self.nodes[dup.name] = dup
+        dup.start()
+        rc = dup.proc.wait(15)
+        el = time.monotonic() - dup.proc.t0
+        text = dup.proc.log_text()
+        lines = [line for line in text.splitlines() if line.strip()]
+        # a line naming the IP that is not an info/debug log line (the
+        # startup line "virtual ip 10.128.0.2" does not count)
+        naming = [line for line in lines if h2.vip in line and
+                  not re.match(r"ipop\[\d+\]: (info|debug) ", line)]
+        if rc is None:
+            ok, out = self.kping(h1, h2.vip, count=3, wait=2)
+            log("duplicate node still running after 15 s; meanwhile kernel ping h1->h2 ok=%s" % ok)
+            print("  h5-dup log tail:\n%s" % dup.proc.log_tail(15), flush=True)
+            dup.proc.stop()
+        try:
+            if rc is None:
+                raise TestFailure("duplicate-IP detection missing: a second node with --ip %s "
+                                  "(already held by h2) was still running after 15 s" % h2.vip)
+            print("  h5-dup exited rc=%s after %.2f s; its output:\n%s"
+                  % (rc, el, dup.proc.log_tail(10)), flush=True)
+            check(rc != 0, "duplicate-IP detection missing: the duplicate node exited rc=0")
+            check(naming, "duplicate-IP detection unclear: no error line names %s" % h2.vip)
+            self.result("duplicate --ip %s: node exited rc=%d after %.2f s: %r"
+                        % (h2.vip, rc, el, naming[0].strip()))
+        finally:
+            ok, out = self.kping(h1, h2.vip, count=3, wait=2)
+            if not ok:
+                self.fail("6 duplicate-ip", "h2 no longer reachable from h1 after the duplicate:\n    "
+                          + out.replace("\n", "\n    "))
+                self.dump_logs(["h1", "h2"], 10)
+            else:
+                self.result("after the duplicate: kernel ping h1->h2 ok")
+            self.check_alive([h2])
+
+    # ---- step 7
+    def step_unpriv(self):
+        pw = None
+        for user in ("ttipop", "nobody"):
+            try:
+                pw = pwd.getpwnam(user)
+                break
+            except KeyError:
+                continue
+        check(pw is not None, "no unprivileged user (ttipop or nobody)")
+        uid, gid = pw.pw_uid, pw.pw_gid
+        sh(["ip", "netns", "add", "tt-u"])
+        sh(["ip", "-n", "tt-u", "link", "set", "lo", "up"])
+        d = tempfile.mkdtemp(prefix="ipop-t_tap-unpriv-", dir="/tmp")
+        self.unpriv_dir = d
+        binp = os.path.join(d, "ipop")
+        shutil.copy(ipop_bin(), binp)
+        os.chmod(binp, 0o755)
+        kc = os.path.join(d, "net.key")
+        shutil.copy(self.key, kc)
+        os.chown(kc, uid, gid)
+        os.chmod(kc, 0o600)
+        os.chown(d, uid, gid)
+        os.chmod(d, 0o700)
+        pre = ["ip", "netns", "exec", "tt-u", "setpriv", "--reuid=%d" % uid, "--regid=%d" % gid,
+               "--clear-groups", "--inh-caps=-all", "--"]
+        for mode, port in (("tap", 14001), ("auto", 14002)):
+            argv = pre + [binp, "up", "--mode", mode, "--ip", VNET % 50 + "/16",
+                          "--listen", "udp://127.0.0.1:%d" % port, "--secret-file", kc,
+                          "--control", os.path.join(d, "ctl-%s.sock" % mode)]
+            p = Proc("unpriv-" + mode, argv, os.path.join(self.dir, "unpriv-%s.log" % mode))
+            if mode == "tap":
+                rc = p.wait(5)
+                el = time.monotonic() - p.t0
+                text = p.log_text()
+                lines = [line for line in text.splitlines() if line.strip()]
+                priv = [line for line in lines if re.search(r"CAP_NET_ADMIN|root", line)]
+                print("  --mode tap as %s: rc=%s after %.2f s; output:\n%s"
+                      % (pw.pw_name, rc, el, p.log_tail(10)), flush=True)
+                if rc is None:
+                    p.stop()
+                check(rc is not None and rc != 0,
+                      "--mode tap without privilege: rc=%s after %.1f s (want non-zero within 5 s)"
+                      % (rc, el))
+                check(priv, "--mode tap without privilege: no line mentions CAP_NET_ADMIN or root")
+                self.result("unprivileged --mode tap: rc=%d in %.2f s, %d output line(s): %r"
+                            % (rc, el, len(lines), priv[0].strip()))
+            else:
+                time.sleep(2)
+                alive = p.alive()
+                p.stop()
+                text = p.log_text()
+                warn = [line for line in text.splitlines() if re.search(r"\bwarn", line, re.I)]
+                print("  --mode auto as %s: alive after 2 s=%s; output:\n%s"
+                      % (pw.pw_name, alive, p.log_tail(10)), flush=True)
+                check(alive, "--mode auto without privilege exited (rc=%s)" % p.rc())
+                check(warn, "--mode auto without privilege logged no warning")
+                self.result("unprivileged --mode auto: kept running 2 s, warned: %r" % warn[0].strip())
+
+    # ---- cleanup
+    def close(self, failed):
+        if self._closed:
+            return
+        self._closed = True
+        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sg, signal.SIG_IGN)     # finish cleaning up
+        for p in reversed(Proc.all):
+            p.kill(signal.SIGKILL)
+        for p in Proc.all:
+            p.wait(5)
+        remove_tt_netns()
+        left = list_tt_netns()
+        if left:
+            print("  cleanup: namespaces left: %s" % left, flush=True)
+        if self.made_run_sshd:
+            try:
+                os.rmdir("/run/sshd")
+            except OSError:
+                pass
+        if failed or os.environ.get("IPOP_KEEP_LOGS"):
+            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
+            dst = os.path.join(base, "t_tap-nodes")
+            try:
+                shutil.rmtree(dst, ignore_errors=True)
+                os.makedirs(dst, exist_ok=True)
+                for f in os.listdir(self.dir):
+                    if f.endswith(".log"):
+                        shutil.copy(os.path.join(self.dir, f), dst)
+                print("node logs kept in %s" % dst, flush=True)
+            except OSError as e:
+                print("could not keep logs: %r" % e, flush=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.unpriv_dir:
+            shutil.rmtree(self.unpriv_dir, ignore_errors=True)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+_test = None
+
+
+def _cleanup():
+    if _test is not None:
+        _test.close(failed=bool(_test.failures) or not getattr(_test, "done", False))
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main():
+    global _test
+    atexit.register(_cleanup)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    if os.geteuid() != 0:
+        print("FAIL: t_tap needs root (network namespaces, tap devices)", flush=True)
+        sys.exit(1)
+    ipop_bin()
+    for tool in ("ip", "ping", "iperf3", "sshd", "ssh", "ssh-keygen", "nft", "socat", "ss", "setpriv"):
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("FAIL: missing tool %s (see .ci/run)" % tool, flush=True)
+            sys.exit(1)
+    old = remove_tt_netns(quiet=True)
+    if old:
+        log("removed leftover namespaces: %s" % " ".join(old))
+    t = TapTest()
+    _test = t
+    log("t_tap: dir %s, %d routers, %d MB file" % (t.dir, N_ROUTERS, FILE_MB))
+    try:
+        t.setup_underlay()
+        try:
+            t.step_ring()
+        except TestFailure as e:
+            t.fail("1 ring+ping", str(e))
+            raise
+        for name, fn in (("2 iperf3", t.step_iperf), ("3 ssh", t.step_ssh),
+                         ("4 file copy", t.step_file), ("5 multi-hop", t.step_multihop),
+                         ("6 duplicate-ip", t.step_duplicate), ("7 unprivileged", t.step_unpriv)):
+            log("---- step %s" % name)
+            ts = time.monotonic()
+            try:
+                fn()
+            except TestFailure as e:
+                t.fail(name, str(e))
+            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
+        t.done = True
+    except TestFailure:
+        pass
+    except SystemExit as e:
+        log("interrupted (exit %s): cleaning up" % e.code)
+        t.close(failed=True)
+        raise
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        t.fail("exception", "unexpected exception (see traceback)")
+    print("", flush=True)
+    print("==== t_tap summary", flush=True)
+    for r in t.results:
+        print("  ok   " + r, flush=True)
+    for f in t.failures:
+        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
+    t.close(failed=bool(t.failures))
+    if t.failures:
+        log("FAIL: %d check(s) failed" % len(t.failures))
+        sys.exit(1)
+    log("PASS")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
