@@ -20,6 +20,7 @@
  *   05  wire_  overlay messages: one decode/encode pair per message type
  *   06  link_  UDP/TCP links, link handshake states, keepalive, teardown
  *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
+ *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
  *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors
  *   11  tap_   the tap device: frames, ARP answered on the host
  *   15  ctl_   control socket: status text/JSON, overlay ping
@@ -116,7 +117,7 @@ enum {
 };
 
 enum {
-	CTL_LINE_MAX_BYTES = 512,      /* one command line on the control socket */
+	CTL_LINE_MAX_BYTES = 4096,     /* one command line: a 1 KiB DHT value in hex fits */
 	CTL_CLIENTS_MAX = 64,          /* concurrent control clients; more are refused */
 	CTL_PING_TIMEOUT_MAX_MS = 60000,
 	LISTEN_MAX = 8,                /* --listen URIs */
@@ -1520,10 +1521,15 @@ enum wire_inner {
 	INNER_ECHO_REPLY = 4,
 	INNER_IP = 5,           /* an IPv4 packet for the node holding its destination */
 	INNER_IP_UNREACH = 6,   /* no node holds that destination: the packet's head */
+	INNER_DHT = 7,          /* a DHT request, reply or replica (section 08) */
 	INNER__END
 };
 
-enum wire_routed_flag { ROUTED_HAS_VIA = 1 };
+enum wire_routed_flag {
+	ROUTED_HAS_VIA = 1,
+	ROUTED_DETOUR = 2,      /* sent past the target once, around a missing link */
+	ROUTED__FLAGS = 3
+};
 
 enum bye_reason {
 	BYE_LEAVING = 1,        /* the node is shutting down */
@@ -1944,7 +1950,7 @@ static int wire_routed_decode(const uint8_t *p, size_t len, struct wire_routed *
 	r->inner = buf_u8(&b);
 	r->len = buf_u16(&b);
 	r->payload = buf_view(&b, r->len);
-	if (r->mode < MODE_EXACT || r->mode >= MODE__END || (r->flags & ~ROUTED_HAS_VIA) ||
+	if (r->mode < MODE_EXACT || r->mode >= MODE__END || (r->flags & ~ROUTED__FLAGS) ||
 	    r->inner < INNER_CTM_REQ || r->inner >= INNER__END)
 		b.bad = true;
 	return wire_finish(&b);
@@ -2180,6 +2186,18 @@ struct ring_state {
 	 * could not deliver. */
 	void (*deliver_ip)(struct node *n, const struct wire_routed *r);
 	void (*undeliverable)(struct node *n, const struct wire_routed *r);
+	void (*deliver_dht)(struct node *n, const struct wire_routed *r);
+	void (*links_changed)(struct node *n);
+};
+
+/* The DHT's state, owned by section 08. */
+struct dht_state {
+	struct dht_record *records;     /* DHT_RECORDS_MAX slots */
+	unsigned n_records;
+	struct dht_pending *pending;    /* DHT_PENDING_MAX slots */
+	unsigned n_pending;
+	uint32_t links_epoch;           /* bumped when links come or go */
+	struct ev_timer maint;
 };
 
 /* The virtual IP layer's state, owned by section 10. */
@@ -2219,6 +2237,7 @@ struct node {
 	unsigned n_links;
 	struct link_hooks hooks;
 	struct ring_state ring;
+	struct dht_state dht;
 	struct ip_state ip;
 	struct tap_state tap;
 	struct ctl *ctl;
@@ -3757,6 +3776,18 @@ static void ring_forward(struct node *n, struct link *hop, const struct wire_rou
 
 static void ring_deliver(struct node *n, const struct wire_routed *r);
 
+/* Greedy routing stopped here, next to a target we have no link to (a
+ * firewall between ring neighbours, or a link not up yet).  The target's
+ * neighbour on its far side likely has one: go there, once per message. */
+static struct link *ring_detour_hop(struct node *n, const ring_addr *target)
+{
+	ring_addr right = ring_cw(&n->self.addr, target), left = ring_cw(target, &n->self.addr);
+	uint8_t mode = wire_addr_cmp(&right, &left) <= 0 ? MODE_SUCC : MODE_PRED;
+	ring_addr one = ring_one();
+	ring_addr past = mode == MODE_SUCC ? ring_add(target, &one) : ring_sub(target, &one);
+	return ring_next_hop(n, mode, &past);
+}
+
 /* Forward towards via (if set) or dst, or deliver here. */
 static void ring_route(struct node *n, struct wire_routed *r)
 {
@@ -3767,6 +3798,12 @@ static void ring_route(struct node *n, struct wire_routed *r)
 	uint8_t mode = via ? MODE_EXACT : r->mode;
 	struct link *hop = ring_next_hop(n, mode, target);
 	if (hop) {
+		ring_forward(n, hop, r);
+		return;
+	}
+	if (mode == MODE_EXACT && !wire_addr_eq(target, &n->self.addr) && !(r->flags & ROUTED_DETOUR) &&
+	    (hop = ring_detour_hop(n, target))) {
+		r->flags |= ROUTED_DETOUR;
 		ring_forward(n, hop, r);
 		return;
 	}
@@ -3981,6 +4018,10 @@ static void ring_deliver(struct node *n, const struct wire_routed *r)
 		if (n->ring.deliver_ip)
 			n->ring.deliver_ip(n, r);
 		break;
+	case INNER_DHT:
+		if (n->ring.deliver_dht)
+			n->ring.deliver_dht(n, r);
+		break;
 	}
 }
 
@@ -4085,6 +4126,8 @@ static int64_t ring_tick(struct ev_loop *loop, struct ev_timer *t)
 
 static void ring_on_link_up(struct node *n, struct link *l)
 {
+	if (n->ring.links_changed)
+		n->ring.links_changed(n);
 	n->ring.boot_backoff_ms = 0;
 	l->local_roles = l->want_roles;
 	link_send_byte(l, WIRE_ROLES, l->local_roles);
@@ -4095,6 +4138,8 @@ static void ring_on_link_up(struct node *n, struct link *l)
 
 static void ring_on_link_down(struct node *n, struct link *l, uint8_t reason)
 {
+	if (n->ring.links_changed)
+		n->ring.links_changed(n);
 	ring_near_recompute(n);
 	if ((l->local_roles & ROLE_NEAR) || reason == BYE_LEAVING || reason == 0)
 		ring_probe_soon(n);
@@ -4131,6 +4176,457 @@ static void ring_start(struct node *n)
 					.conflict = ring_on_conflict };
 	ev_timer_init(&n->ring.tick, ring_tick);
 	ev_timer_arm(&n->loop, &n->ring.tick, 0);
+}
+
+/* ===================================================================== 08 dht_
+ * A DHT in the ring: records under string keys ("ip:10.128.7.5",
+ * "name:alice"), stored at the node nearest SHA-1(key) and replicated to the
+ * next nearest, DHT_REPLICAS copies in all.  put overwrites, create only
+ * fills an empty (or expired, or own) slot, get reads; every record carries
+ * a lease (TTL) that its owner refreshes.  Each node re-checks its records
+ * every DHT_MAINT_MS: it pushes each to the nodes that should hold it (itself
+ * and its near links nearest the key) and drops those it should no longer
+ * hold, so records follow joins and leaves.
+ * In certificate networks a record is signed by its owner and carries the
+ * owner's certificate; holders and readers check it, and keys that claim an
+ * address ("ip:A.B.C.D", "name:N") must be granted by that certificate.
+ * Storage is one array scanned linearly: a node holds a few records per
+ * virtual IP in the network, so a hash is not yet worth it.
+ * To add an operation: a dht_op, a case in dht_on_message, a ctl command.
+ * ========================================================================= */
+
+enum {
+	DHT_REPLICAS = 3,               /* copies of each record: survives two failures */
+	DHT_VALUE_MAX_BYTES = 1024,
+	DHT_KEY_MAX_BYTES = 96,
+	DHT_TTL_MAX_S = 86400,
+	DHT_RECORDS_MAX = 65536,        /* per node; new keys are refused past it */
+	DHT_MAINT_MS = 2000,
+	DHT_REQUEST_TIMEOUT_MS = 3000,
+	DHT_PENDING_MAX = 64,           /* outstanding local requests (CLI, IP lookups) */
+};
+
+enum dht_op { DHT_PUT = 1, DHT_CREATE = 2, DHT_GET = 3, DHT_REPLY = 4, DHT_REPLICA = 5, DHT__OP_END };
+
+enum dht_status { DHT_OK = 0, DHT_NOT_FOUND = 1, DHT_EXISTS = 2, DHT_REFUSED = 3, DHT_FULL = 4 };
+
+static const char *const dht_status_names[] = { "ok", "not found", "exists", "refused", "full" };
+
+/* One wire layout for every DHT message; unused fields are empty. */
+struct wire_dht {
+	uint8_t op, status;
+	uint32_t token;
+	uint8_t key_len;
+	const uint8_t *key;
+	ring_addr owner;
+	uint32_t ttl_s;
+	uint16_t value_len;
+	const uint8_t *value;
+	uint16_t cert_len;
+	const uint8_t *cert;
+	uint8_t sig_len;
+	const uint8_t *sig;
+};
+
+static int dht_decode(const uint8_t *p, size_t len, struct wire_dht *m)
+{
+	struct buf b = buf_of(p, len);
+	m->op = buf_u8(&b);
+	m->status = buf_u8(&b);
+	m->token = buf_u32(&b);
+	m->key_len = buf_u8(&b);
+	m->key = buf_view(&b, m->key_len);
+	buf_bytes(&b, m->owner.b, RING_ADDR_BYTES);
+	m->ttl_s = buf_u32(&b);
+	m->value_len = buf_u16(&b);
+	m->value = buf_view(&b, m->value_len);
+	m->cert_len = buf_u16(&b);
+	m->cert = buf_view(&b, m->cert_len);
+	m->sig_len = buf_u8(&b);
+	m->sig = buf_view(&b, m->sig_len);
+	if (m->op < DHT_PUT || m->op >= DHT__OP_END || m->status > DHT_FULL || m->key_len == 0 ||
+	    m->key_len > DHT_KEY_MAX_BYTES || m->value_len > DHT_VALUE_MAX_BYTES ||
+	    m->cert_len > SEC_CERT_MAX_BYTES || m->sig_len > SEC_SIG_MAX_BYTES || m->ttl_s > DHT_TTL_MAX_S)
+		b.bad = true;
+	return wire_finish(&b);
+}
+
+static ssize_t dht_encode(uint8_t *out, size_t cap, const struct wire_dht *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wbuf_u8(&w, m->op);
+	wbuf_u8(&w, m->status);
+	wbuf_u32(&w, m->token);
+	wbuf_u8(&w, m->key_len);
+	wbuf_bytes(&w, m->key, m->key_len);
+	wbuf_bytes(&w, m->owner.b, RING_ADDR_BYTES);
+	wbuf_u32(&w, m->ttl_s);
+	wbuf_u16(&w, m->value_len);
+	wbuf_bytes(&w, m->value, m->value_len);
+	wbuf_u16(&w, m->cert_len);
+	wbuf_bytes(&w, m->cert, m->cert_len);
+	wbuf_u8(&w, m->sig_len);
+	wbuf_bytes(&w, m->sig, m->sig_len);
+	return wbuf_done(&w);
+}
+
+struct dht_record {
+	char key[DHT_KEY_MAX_BYTES + 1];
+	ring_addr hash;                 /* SHA-1(key): where it lives on the ring */
+	ring_addr owner;
+	uint64_t expires_ms;
+	uint32_t links_epoch;           /* node->dht.links_epoch when last pushed */
+	uint16_t value_len, cert_len;
+	uint8_t sig_len;
+	uint8_t *blob;                  /* value, then cert; one allocation */
+	uint8_t sig[SEC_SIG_MAX_BYTES];
+};
+
+/* A local request waiting for its reply. */
+struct dht_pending {
+	uint32_t token;
+	uint64_t deadline_ms;
+	void (*done)(struct node *n, void *arg, const struct wire_dht *reply);
+	void *arg;
+};
+
+static ring_addr dht_hash(const char *key, size_t len)
+{
+	ring_addr a;
+	sec_sha1(key, len, a.b);
+	return a;
+}
+
+static struct dht_record *dht_find(struct dht_state *d, const char *key, size_t len)
+{
+	for (unsigned i = 0; i < d->n_records; i++)
+		if (strlen(d->records[i].key) == len && !memcmp(d->records[i].key, key, len))
+			return &d->records[i];
+	return NULL;
+}
+
+static void dht_record_free(struct dht_state *d, struct dht_record *r)
+{
+	free(r->blob);
+	*r = d->records[--d->n_records];
+}
+
+/* The signature covers key, owner and value: what a reader relies on. */
+static void dht_sig_hash(const struct wire_dht *m, uint8_t out[32])
+{
+	mbedtls_sha256_context c;
+	mbedtls_sha256_init(&c);
+	mbedtls_sha256_starts(&c, 0);
+	mbedtls_sha256_update(&c, (const uint8_t *)"ipop-v2 dht", 11);
+	mbedtls_sha256_update(&c, &m->key_len, 1);
+	mbedtls_sha256_update(&c, m->key, m->key_len);
+	mbedtls_sha256_update(&c, m->owner.b, RING_ADDR_BYTES);
+	mbedtls_sha256_update(&c, m->value, m->value_len);
+	mbedtls_sha256_finish(&c, out);
+	mbedtls_sha256_free(&c);
+}
+
+/* May this certificate's holder own this key?  "ip:A.B.C.D" needs A.B.C.D
+ * among its IPs or routed prefixes; "name:N" needs the name N. */
+static bool dht_key_granted(const struct sec_grant *g, const char *key)
+{
+	struct in_addr ia;
+	if (!strncmp(key, "ip:", 3)) {
+		if (inet_pton(AF_INET, key + 3, &ia) != 1)
+			return false;
+		uint32_t ip = ntohl(ia.s_addr);
+		if (sec_grant_has_ip(g, ip))
+			return true;
+		for (unsigned i = 0; i < g->n_routes; i++) {
+			uint32_t mask = g->route_len[i] ? ~0u << (32 - g->route_len[i]) : 0;
+			if ((ip & mask) == g->route_net[i])
+				return true;
+		}
+		return false;
+	}
+	if (!strncmp(key, "name:", 5))
+		return g->name[0] && !strcmp(g->name, key + 5);
+	return true;
+}
+
+/* Certificate networks: the record is signed by its owner, whose
+ * certificate is ours, whose ring address is the owner, and who may own
+ * this key.  Other networks: membership (the link) is the authority. */
+static bool dht_authorized(struct node *n, const struct wire_dht *m, const char *key)
+{
+	if (n->sec.mode != SEC_CERT)
+		return true;
+	mbedtls_x509_crt crt;
+	struct sec_grant g;
+	const char *why;
+	uint8_t h[32];
+	bool ok = false;
+	mbedtls_x509_crt_init(&crt);
+	if (sec_cert_check(&n->sec, m->cert, m->cert_len, &crt, &g, &why) == 0) {
+		ring_addr a;
+		bool addr_ok = false;
+		if (g.n_ips)
+			for (unsigned i = 0; i < g.n_ips && !addr_ok; i++)
+				addr_ok = (a = sec_addr_of_ip(g.ips[i]), wire_addr_eq(&a, &m->owner));
+		else
+			addr_ok = sec_cert_addr(&crt, &g, 0, &a) && wire_addr_eq(&a, &m->owner);
+		dht_sig_hash(m, h);
+		ok = addr_ok && sec_verify(&crt, h, m->sig, m->sig_len) && dht_key_granted(&g, key);
+	}
+	mbedtls_x509_crt_free(&crt);
+	return ok;
+}
+
+static enum dht_status dht_store(struct node *n, const struct wire_dht *m, bool create)
+{
+	struct dht_state *d = &n->dht;
+	char key[DHT_KEY_MAX_BYTES + 1];
+	memcpy(key, m->key, m->key_len);
+	key[m->key_len] = 0;
+	if (strlen(key) != m->key_len || !dht_authorized(n, m, key))
+		return DHT_REFUSED;
+	uint64_t now = ev_now(&n->loop), expires = now + (uint64_t)m->ttl_s * 1000;
+	struct dht_record *r = dht_find(d, key, m->key_len);
+	if (r && create && r->expires_ms > now && !wire_addr_eq(&r->owner, &m->owner))
+		return DHT_EXISTS;
+	if (r && m->op == DHT_REPLICA && r->expires_ms >= expires)
+		return DHT_OK;          /* ours is as fresh: replication stops here */
+	if (!r && d->n_records >= DHT_RECORDS_MAX)
+		return DHT_FULL;
+	uint8_t *blob = malloc((size_t)m->value_len + m->cert_len + 1);
+	if (!blob)
+		return DHT_FULL;
+	if (!r) {
+		r = &d->records[d->n_records++];
+		*r = (struct dht_record){ .hash = dht_hash(key, m->key_len) };
+		memcpy(r->key, key, m->key_len + 1);
+	}
+	free(r->blob);
+	r->blob = blob;
+	memcpy(blob, m->value, m->value_len);
+	memcpy(blob + m->value_len, m->cert, m->cert_len);
+	r->value_len = m->value_len;
+	r->cert_len = m->cert_len;
+	r->sig_len = m->sig_len;
+	memcpy(r->sig, m->sig, m->sig_len);
+	r->owner = m->owner;
+	r->expires_ms = expires;
+	r->links_epoch = d->links_epoch - 1;    /* push to the other holders soon */
+	return DHT_OK;
+}
+
+static struct wire_dht dht_wire_of(const struct dht_record *r, uint8_t op, uint64_t now)
+{
+	return (struct wire_dht){
+		.op = op, .key_len = (uint8_t)strlen(r->key), .key = (const uint8_t *)r->key,
+		.owner = r->owner, .ttl_s = (uint32_t)((r->expires_ms - now) / 1000), /* floor: copies never outlive */
+		.value_len = r->value_len, .value = r->blob, .cert_len = r->cert_len,
+		.cert = r->blob + r->value_len, .sig_len = r->sig_len, .sig = r->sig,
+	};
+}
+
+static void dht_send(struct node *n, uint8_t mode, const ring_addr *dst, const struct wire_dht *m)
+{
+	uint8_t payload[WIRE_MAX_PACKET_BYTES];
+	ssize_t len = dht_encode(payload, sizeof payload - WIRE_ROUTED_FIXED_BYTES - RING_ADDR_BYTES, m);
+	if (len > 0)
+		ring_send(n, mode, dst, NULL, INNER_DHT, payload, (size_t)len);
+}
+
+/* The up links that, with us, are the DHT_REPLICAS nodes nearest to key. */
+static unsigned dht_holders(struct node *n, const ring_addr *key, struct link **out, bool *self_in)
+{
+	ring_addr dist[DHT_REPLICAS];
+	unsigned k = 0;
+	*self_in = false;
+	ring_addr ds = ring_dist(&n->self.addr, key);
+	for (struct link *l = n->links; l; l = l->next) {
+		if (!ring_link_usable(l))
+			continue;
+		bool dup = false;
+		for (unsigned j = 0; j < k; j++)
+			dup |= out[j] && wire_addr_eq(&out[j]->peer.addr, &l->peer.addr);
+		if (dup)
+			continue;
+		ring_addr dl = ring_dist(&l->peer.addr, key);
+		unsigned i = k;
+		while (i > 0 && wire_addr_cmp(&dl, &dist[i - 1]) < 0)
+			i--;
+		if (i >= DHT_REPLICAS)
+			continue;
+		for (unsigned j = (k < DHT_REPLICAS ? k : DHT_REPLICAS - 1); j > i; j--) {
+			dist[j] = dist[j - 1];
+			out[j] = out[j - 1];
+		}
+		dist[i] = dl;
+		out[i] = l;
+		if (k < DHT_REPLICAS)
+			k++;
+	}
+	/* We count when fewer than DHT_REPLICAS links are nearer than we are. */
+	unsigned nearer = 0;
+	for (unsigned i = 0; i < k; i++)
+		nearer += wire_addr_cmp(&dist[i], &ds) < 0;
+	*self_in = nearer < DHT_REPLICAS;
+	return k < DHT_REPLICAS - (*self_in ? 1 : 0) ? k : DHT_REPLICAS - (*self_in ? 1 : 0);
+}
+
+/* Push a record to the nodes that should hold it; false if we should not. */
+static bool dht_push(struct node *n, struct dht_record *r, uint64_t now)
+{
+	struct link *holders[DHT_REPLICAS] = { 0 };
+	bool self_in;
+	unsigned k = dht_holders(n, &r->hash, holders, &self_in);
+	struct wire_dht m = dht_wire_of(r, DHT_REPLICA, now);
+	for (unsigned i = 0; i < k; i++)
+		dht_send(n, MODE_EXACT, &holders[i]->peer.addr, &m);
+	r->links_epoch = n->dht.links_epoch;
+	return self_in;
+}
+
+static void dht_pending_done(struct node *n, uint32_t token, const struct wire_dht *reply)
+{
+	struct dht_state *d = &n->dht;
+	for (unsigned i = 0; i < d->n_pending; i++) {
+		if (d->pending[i].token != token || !reply)
+			continue;
+		struct dht_pending p = d->pending[i];
+		d->pending[i] = d->pending[--d->n_pending];
+		p.done(n, p.arg, reply);
+		return;
+	}
+}
+
+/* A request delivered here, the node nearest the key: answer it. */
+static void dht_on_request(struct node *n, const struct wire_routed *rt, const struct wire_dht *m)
+{
+	struct wire_dht reply = { .op = DHT_REPLY, .token = m->token, .key_len = m->key_len, .key = m->key };
+	uint64_t now = ev_now(&n->loop);
+	if (m->op == DHT_GET) {
+		struct dht_record *r = dht_find(&n->dht, (const char *)m->key, m->key_len);
+		if (r && r->expires_ms > now) {
+			reply = dht_wire_of(r, DHT_REPLY, now);
+			reply.token = m->token;
+		} else {
+			reply.status = DHT_NOT_FOUND;
+		}
+	} else if (!wire_addr_eq(&m->owner, &rt->src)) {
+		reply.status = DHT_REFUSED;     /* one may only write as oneself */
+	} else {
+		reply.status = (uint8_t)dht_store(n, m, m->op == DHT_CREATE);
+		struct dht_record *r = dht_find(&n->dht, (const char *)m->key, m->key_len);
+		if (reply.status == DHT_OK && r)
+			dht_push(n, r, now);
+	}
+	dht_send(n, MODE_EXACT, &rt->src, &reply);
+}
+
+static void dht_deliver(struct node *n, const struct wire_routed *r)
+{
+	struct wire_dht m;
+	if (dht_decode(r->payload, r->len, &m) < 0)
+		return ring_drop(n, DROP_MALFORMED, &r->src);
+	switch (m.op) {
+	case DHT_REPLY:
+		return dht_pending_done(n, m.token, &m);
+	case DHT_REPLICA:
+		dht_store(n, &m, false);
+		return;
+	default:
+		return dht_on_request(n, r, &m);
+	}
+}
+
+/* Start a request; done() runs with the reply, or with NULL on timeout. */
+static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_t *value, size_t vlen,
+		       uint32_t ttl_s, void (*done)(struct node *, void *, const struct wire_dht *), void *arg)
+{
+	struct dht_state *d = &n->dht;
+	size_t klen = strlen(key);
+	if (klen == 0 || klen > DHT_KEY_MAX_BYTES || vlen > DHT_VALUE_MAX_BYTES || ttl_s > DHT_TTL_MAX_S)
+		return -EINVAL;
+	if (d->n_pending >= DHT_PENDING_MAX)
+		return -EBUSY;
+	uint32_t token = (uint32_t)sec_random_u64(&n->rng);
+	d->pending[d->n_pending++] = (struct dht_pending){ .token = token, .done = done, .arg = arg,
+		.deadline_ms = ev_now(&n->loop) + DHT_REQUEST_TIMEOUT_MS };
+	struct wire_dht m = { .op = op, .token = token, .key_len = (uint8_t)klen, .key = (const uint8_t *)key,
+			      .owner = n->self.addr, .ttl_s = ttl_s, .value_len = (uint16_t)vlen, .value = value };
+	uint8_t sig[SEC_SIG_MAX_BYTES], h[32];
+	size_t sig_len = 0;
+	if (op != DHT_GET && n->sec.mode == SEC_CERT) {
+		dht_sig_hash(&m, h);
+		if (sec_sign(&n->sec, &n->rng, h, sig, &sig_len) == 0) {
+			m.cert = n->sec.own.raw.p;
+			m.cert_len = (uint16_t)n->sec.own.raw.len;
+			m.sig = sig;
+			m.sig_len = (uint8_t)sig_len;
+		}
+	}
+	ring_addr hash = dht_hash(key, klen);
+	dht_send(n, MODE_NEAREST, &hash, &m);
+	return 0;
+}
+
+static int64_t dht_maint(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, dht.maint);
+	struct dht_state *d = &n->dht;
+	uint64_t now = ev_now(loop);
+	for (unsigned i = 0; i < d->n_pending;) {
+		if (d->pending[i].deadline_ms > now) {
+			i++;
+			continue;
+		}
+		struct dht_pending p = d->pending[i];
+		d->pending[i] = d->pending[--d->n_pending];
+		p.done(n, p.arg, NULL);
+	}
+	for (unsigned i = 0; i < d->n_records;) {
+		struct dht_record *r = &d->records[i];
+		if (r->expires_ms <= now || (r->links_epoch != d->links_epoch && !dht_push(n, r, now)))
+			dht_record_free(d, r);  /* expired, or handed to nearer nodes */
+		else
+			i++;
+	}
+	return DHT_MAINT_MS;
+}
+
+/* Links changed: records may belong elsewhere now. */
+static void dht_links_changed(struct node *n)
+{
+	n->dht.links_epoch++;
+}
+
+/* A requester that went away: drop its pending requests unanswered. */
+static void dht_forget(struct node *n, void *arg)
+{
+	struct dht_state *d = &n->dht;
+	for (unsigned i = 0; i < d->n_pending;)
+		if (d->pending[i].arg == arg)
+			d->pending[i] = d->pending[--d->n_pending];
+		else
+			i++;
+}
+
+static void dht_start(struct node *n)
+{
+	n->dht.records = calloc(DHT_RECORDS_MAX, sizeof *n->dht.records);
+	n->dht.pending = calloc(DHT_PENDING_MAX, sizeof *n->dht.pending);
+	n->ring.deliver_dht = dht_deliver;
+	n->ring.links_changed = dht_links_changed;
+	ev_timer_init(&n->dht.maint, dht_maint);
+	ev_timer_arm(&n->loop, &n->dht.maint, DHT_MAINT_MS);
+}
+
+static void dht_stop(struct node *n)
+{
+	while (n->dht.n_records)
+		dht_record_free(&n->dht, &n->dht.records[0]);
+	free(n->dht.records);
+	free(n->dht.pending);
+	n->dht.records = NULL;
+	n->dht.pending = NULL;
 }
 
 /* ===================================================================== 10 ip_
@@ -4491,7 +4987,8 @@ static int tap_open(struct node *n, const char *name, char *err, size_t errlen)
 		}
 	}
 	if (n->tap.fd < 0) {
-		snprintf(err, errlen, "cannot open tap device %s: %s%s", name, strerror(e),
+		snprintf(err, errlen, "cannot open %s%s: %s%s", strchr(name, '%') ? "a tap device" : "tap device ",
+			 strchr(name, '%') ? "" : name, strerror(e),
 			 e == EPERM || e == EACCES ? " (needs root or CAP_NET_ADMIN, and access to /dev/net/tun)" :
 			 e == EBUSY ? " (another program holds that name; choose another with --dev)" : "");
 		return e == EPERM || e == EACCES ? -EPERM : -1;
@@ -4571,6 +5068,7 @@ static void ctl_client_close(struct ctl_client *c)
 	c->fd = -1;
 	c->ping_id = 0;
 	ev_timer_cancel(loop, &c->timer);
+	dht_forget(c->ctl->node, c);
 	buf_str_free(&c->out);
 }
 
@@ -4665,6 +5163,7 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 	buf_printf(o, "\"ip_traffic\":{\"tx_packets\":%llu,\"rx_packets\":%llu,\"tx_bytes\":%llu,"
 		   "\"rx_bytes\":%llu},", (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets,
 		   (unsigned long long)n->ip.tx_bytes, (unsigned long long)n->ip.rx_bytes);
+	buf_printf(o, "\"dht_records\":%u,", n->dht.n_records);
 	buf_printf(o, "\"connections\":[");
 	bool first = true;
 	for (const struct link *l = n->links; l; l = l->next) {
@@ -4750,11 +5249,62 @@ static void ctl_cmd_ping(struct ctl_client *c, const char *target, const char *t
 	ring_echo_send(ctl->node, &dst, c->ping_id);
 }
 
+static void ctl_dht_done(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	struct ctl_client *c = arg;
+	(void)n;
+	if (!reply) {
+		buf_printf(&c->out, "timeout\n");
+	} else if (reply->status != DHT_OK) {
+		buf_printf(&c->out, "error %s\n", dht_status_names[reply->status]);
+	} else if (reply->owner.b[0] || reply->value_len || reply->ttl_s) {
+		char owner[2 * RING_ADDR_BYTES + 1], *hex = malloc(2u * reply->value_len + 1);
+		ring_addr_hex(&reply->owner, owner);
+		if (hex) {
+			buf_hex(reply->value, reply->value_len, hex);
+			buf_printf(&c->out, "value %u %s %s\n", reply->ttl_s, owner, hex);
+			free(hex);
+		}
+	} else {
+		buf_printf(&c->out, "ok\n");
+	}
+	ctl_client_flush(c);
+}
+
+/* "dht get KEY" | "dht put|create TTL KEY HEXVALUE" */
+static void ctl_cmd_dht(struct ctl_client *c, char **a, int na)
+{
+	struct node *n = c->ctl->node;
+	uint8_t value[DHT_VALUE_MAX_BYTES];
+	size_t vlen = 0;
+	long ttl = 0;
+	int rc = -EINVAL;
+	if (na == 2 && !strcmp(a[1], "get")) {
+		rc = dht_request(n, DHT_GET, a[2], NULL, 0, 0, ctl_dht_done, c);
+	} else if (na == 4 && (!strcmp(a[1], "put") || !strcmp(a[1], "create"))) {
+		ttl = strtol(a[2], NULL, 10);
+		vlen = strlen(a[4]) / 2;
+		if (vlen <= sizeof value && buf_unhex(a[4], value, vlen) && ttl > 0)
+			rc = dht_request(n, !strcmp(a[1], "put") ? DHT_PUT : DHT_CREATE, a[3], value, vlen,
+					 (uint32_t)ttl, ctl_dht_done, c);
+	}
+	if (rc < 0) {
+		buf_printf(&c->out, "error %s\n", rc == -EBUSY ? "busy" : "usage");
+		ctl_client_flush(c);
+	}
+}
+
 static void ctl_execute(struct ctl_client *c, char *line)
 {
-	char *save = NULL;
-	char *cmd = strtok_r(line, " \t\r", &save);
-	char *a1 = strtok_r(NULL, " \t\r", &save), *a2 = strtok_r(NULL, " \t\r", &save);
+	char *save = NULL, *a[6] = { 0 };
+	int na = 0;
+	for (char *t = strtok_r(line, " \t\r", &save); t && na < 6; t = strtok_r(NULL, " \t\r", &save))
+		a[na++] = t;
+	char *cmd = a[0], *a1 = a[1], *a2 = a[2];
+	if (cmd && !strcmp(cmd, "dht") && na >= 2) {
+		ctl_cmd_dht(c, a, na - 1);
+		return;
+	}
 	if (cmd && !strcmp(cmd, "status") && a1 && !strcmp(a1, "json"))
 		ctl_status_json(c->ctl->node, &c->out);
 	else if (cmd && !strcmp(cmd, "status"))
@@ -4952,14 +5502,16 @@ static void ctl_close(struct ctl *ctl)
 
 enum cli_cmd {
 	CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4, CMD_GENKEY = 8, CMD_CA_INIT = 16,
-	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64,
+	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64, CMD_DHT_GET = 128, CMD_DHT_PUT = 256, CMD_DHT_CREATE = 512,
 };
+
+enum { CMD_DHT = CMD_DHT_GET | CMD_DHT_PUT | CMD_DHT_CREATE };
 
 enum cli_key {
 	KEY_LISTEN, KEY_BOOTSTRAP, KEY_IP, KEY_CONTROL, KEY_CONFIG, KEY_LOG_LEVEL,
 	KEY_VERBOSE, KEY_QUIET, KEY_JSON, KEY_COUNT, KEY_INTERVAL, KEY_WAIT, KEY_HELP,
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
-	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU,
+	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_NONE };
@@ -4991,7 +5543,8 @@ static const struct cli_flag cli_flags[] = {
 	{ "days", 0, true, false, KEY_DAYS, CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
-	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING },
+	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT },
+	{ "ttl", 0, true, false, KEY_TTL, CMD_DHT_PUT | CMD_DHT_CREATE },
 	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
 	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
 	{ "verbose", 'v', false, false, KEY_VERBOSE, CMD_UP },
@@ -5024,6 +5577,8 @@ struct cli_opts {
 	long count;
 	double interval_s, wait_s;
 	const char *target;
+	const char *args[2];            /* dht KEY [VALUE] */
+	int n_args;
 	int config_depth;
 	char secret_file[256], cert_dir[256], crl[256], out[256], ca_dir[256], cert[256], name[64];
 	bool insecure;
@@ -5048,6 +5603,7 @@ static const char cli_usage_main[] =
 	"  ca init  create a network certificate authority\n"
 	"  cert issue  issue a node certificate binding its virtual IP(s)\n"
 	"  ca revoke   add a certificate to the network's revocation list\n"
+	"  dht      get, put or create a DHT record through the running node\n"
 	"  version  print the version\n"
 	"\n"
 	"'ipop COMMAND --help' describes each command.  See ipop(1).\n";
@@ -5111,6 +5667,16 @@ static const char cli_usage_ca_revoke[] =
 	"Add a certificate's serial to DIR/crl.txt.  Copy that file to every node\n"
 	"and run them with --crl FILE: it is re-read when it changes, and links of\n"
 	"revoked certificates close.\n";
+
+static const char cli_usage_dht[] =
+	"usage: ipop dht get KEY [--control PATH]\n"
+	"       ipop dht put KEY VALUE [--ttl SECONDS] [--control PATH]\n"
+	"       ipop dht create KEY VALUE [--ttl SECONDS] [--control PATH]\n"
+	"\n"
+	"Read or write the overlay's DHT through the running node (for debugging).\n"
+	"put overwrites; create succeeds only if the key is free (or ours).  Records\n"
+	"expire after their TTL (default 300 s) unless written again.  Exit 1 when\n"
+	"the key is not found or already taken.\n";
 
 static const char cli_usage_status[] =
 	"usage: ipop status [--json] [--control PATH]\n"
@@ -5354,6 +5920,13 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 				f->key == KEY_CA ? o->ca_dir : o->cert);
 	case KEY_ROUTE_FOR:
 		return cli_grant_route(o, v);
+	case KEY_TTL:
+		o->days = strtol(v, &end, 10);
+		if (*end || !*v || o->days < 1 || o->days > DHT_TTL_MAX_S) {
+			cli_fail("bad --ttl '%s': seconds, 1 to %d", v, DHT_TTL_MAX_S);
+			return -1;
+		}
+		return 0;
 	case KEY_MODE:
 		if (!strcmp(v, "auto") || !strcmp(v, "tap") || !strcmp(v, "none")) {
 			o->mode = !strcmp(v, "auto") ? MODE_AUTO : !strcmp(v, "tap") ? MODE_TAP : MODE_NONE;
@@ -5503,6 +6076,9 @@ static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char 
 		} else if (o->cmd == CMD_PING && !o->target) {
 			o->target = a;
 			continue;
+		} else if ((o->cmd & CMD_DHT) && o->n_args < (o->cmd == CMD_DHT_GET ? 1 : 2)) {
+			o->args[o->n_args++] = a;
+			continue;
 		} else {
 			cli_fail("%s: unexpected argument '%s' (see 'ipop %s --help')", cmdname, a, cmdname);
 			return -1;
@@ -5617,6 +6193,7 @@ static void cli_node_free(struct node *n)
 	if (n->udp_dial_fd >= 0)
 		close(n->udp_dial_fd);
 	tap_close(n);
+	dht_stop(n);
 	sec_creds_free(&n->sec);
 	sec_rng_free(&n->rng);
 	ev_fini(&n->loop);
@@ -5795,6 +6372,7 @@ static int cli_up(struct cli_opts *o)
 	cli_log_start(&node);
 	link_start(&node);
 	ring_start(&node);
+	dht_start(&node);
 	while (!node.loop.stop) {
 		ev_run_once(&node.loop);
 		link_reap(&node);
@@ -6101,6 +6679,61 @@ static int cli_ca_revoke(struct cli_opts *o)
 	return EXIT_OK;
 }
 
+static int cli_dht(struct cli_opts *o)
+{
+	if (o->n_args != (o->cmd == CMD_DHT_GET ? 1 : 2)) {
+		cli_fail("dht: expected %s (see 'ipop dht --help')", o->cmd == CMD_DHT_GET ? "KEY" : "KEY VALUE");
+		return EXIT_USAGE;
+	}
+	const char *key = o->args[0], *value = o->n_args > 1 ? o->args[1] : "";
+	size_t vlen = strlen(value);
+	if (strlen(key) > DHT_KEY_MAX_BYTES || vlen > DHT_VALUE_MAX_BYTES || strpbrk(key, " \t\r\n")) {
+		cli_fail("dht: keys are 1 to %d bytes without spaces, values at most %d bytes",
+			 DHT_KEY_MAX_BYTES, DHT_VALUE_MAX_BYTES);
+		return EXIT_USAGE;
+	}
+	if (!o->control[0])
+		ctl_default_path(o->control, sizeof o->control, false);
+	char *line = malloc(2 * vlen + DHT_KEY_MAX_BYTES + 64);
+	if (!line)
+		return EXIT_FAIL;
+	int off = sprintf(line, "dht %s ", o->cmd == CMD_DHT_GET ? "get" : o->cmd == CMD_DHT_PUT ? "put" : "create");
+	if (o->cmd != CMD_DHT_GET)
+		off += sprintf(line + off, "%ld ", o->days ? o->days : 300);
+	off += sprintf(line + off, "%s", key);
+	if (o->cmd != CMD_DHT_GET) {
+		line[off++] = ' ';
+		buf_hex((const uint8_t *)value, vlen, line + off);
+		off += (int)(2 * vlen);
+	}
+	strcpy(line + off, "\n");
+	struct buf_str ans = { 0 };
+	int rc = cli_ctl_ask(o->control, line, &ans, DHT_REQUEST_TIMEOUT_MS + 2000);
+	free(line);
+	if (rc < 0 || !ans.len) {
+		buf_str_free(&ans);
+		return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
+	}
+	unsigned ttl;
+	char owner[64], hex[2 * DHT_VALUE_MAX_BYTES + 2];
+	uint8_t bytes[DHT_VALUE_MAX_BYTES];
+	int code = EXIT_OK;
+	if (sscanf(ans.s, "value %u %63s %2049s", &ttl, owner, hex) == 3 && buf_unhex(hex, bytes, strlen(hex) / 2)) {
+		fwrite(bytes, 1, strlen(hex) / 2, stdout);
+		putchar('\n');
+	} else if (sscanf(ans.s, "value %u %63s", &ttl, owner) == 2) {
+		putchar('\n');                 /* an empty value */
+	} else if (!strncmp(ans.s, "ok", 2)) {
+		puts("ok");
+	} else {
+		const char *why = !strncmp(ans.s, "error ", 6) ? ans.s + 6 : ans.s;
+		fprintf(stderr, "ipop: dht %s: %.*s\n", key, (int)strcspn(why, "\n"), why);
+		code = EXIT_FAIL;
+	}
+	buf_str_free(&ans);
+	return code;
+}
+
 static int cli_main(int argc, char **argv)
 {
 	static const struct {
@@ -6116,6 +6749,9 @@ static int cli_main(int argc, char **argv)
 		{ "ca", "init", CMD_CA_INIT, cli_usage_ca_init, cli_ca_init },
 		{ "ca", "revoke", CMD_CA_REVOKE, cli_usage_ca_revoke, cli_ca_revoke },
 		{ "cert", "issue", CMD_CERT_ISSUE, cli_usage_cert_issue, cli_cert_issue },
+		{ "dht", "get", CMD_DHT_GET, cli_usage_dht, cli_dht },
+		{ "dht", "put", CMD_DHT_PUT, cli_usage_dht, cli_dht },
+		{ "dht", "create", CMD_DHT_CREATE, cli_usage_dht, cli_dht },
 	};
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		fputs(cli_usage_main, argc < 2 ? stderr : stdout);
@@ -6144,9 +6780,13 @@ static int cli_main(int argc, char **argv)
 		}
 		return cmds[i].run(&o);
 	}
-	if (!strcmp(argv[1], "ca") || !strcmp(argv[1], "cert")) {
+	if (!strcmp(argv[1], "dht") && argc > 2 && (!strcmp(argv[2], "--help") || !strcmp(argv[2], "-h"))) {
+		fputs(cli_usage_dht, stdout);
+		return EXIT_OK;
+	}
+	if (!strcmp(argv[1], "ca") || !strcmp(argv[1], "cert") || !strcmp(argv[1], "dht")) {
 		cli_fail("'%s' needs a subcommand: %s (see 'ipop --help')", argv[1],
-			 !strcmp(argv[1], "ca") ? "init or revoke" : "issue");
+			 !strcmp(argv[1], "ca") ? "init or revoke" : !strcmp(argv[1], "dht") ? "get, put or create" : "issue");
 		return EXIT_USAGE;
 	}
 	cli_fail("unknown command '%s' (see 'ipop --help')", argv[1]);
