@@ -126,6 +126,13 @@ enum {
 	EV_EVENTS_PER_WAIT = 256,
 };
 
+enum {
+	IP_ROUTES_MAX = 16,            /* --route-for prefixes per node */
+	IP_ROUTE_MIN_PREFIX = 24,      /* each routed IP is one DHT record: /24 is 256 */
+	IP_MAP_CACHE_MAX = 4096,       /* IP -> ring address entries; the oldest is evicted */
+	IP_MAP_QUEUE_MAX = 8,          /* packets held per IP while its mapping resolves */
+};
+
 enum exit_code {
 	EXIT_OK = 0,
 	EXIT_FAIL = 1,     /* runtime failure: port in use, no permission, ... */
@@ -1522,6 +1529,7 @@ enum wire_inner {
 	INNER_IP = 5,           /* an IPv4 packet for the node holding its destination */
 	INNER_IP_UNREACH = 6,   /* no node holds that destination: the packet's head */
 	INNER_DHT = 7,          /* a DHT request, reply or replica (section 08) */
+	INNER_IP_STALE = 8,     /* "I do not hold that IP (any more)": the packet's head */
 	INNER__END
 };
 
@@ -2200,8 +2208,18 @@ struct dht_state {
 	struct ev_timer maint;
 };
 
+struct ip_route {
+	uint32_t net;
+	uint8_t len;
+};
+
 /* The virtual IP layer's state, owned by section 10. */
 struct ip_state {
+	struct ip_route routes[IP_ROUTES_MAX];  /* --route-for: IPs we hold besides our own */
+	unsigned n_routes;
+	struct ip_map *cache;           /* IP_MAP_CACHE_MAX slots */
+	unsigned n_cache;
+	struct ev_timer publish;
 	bool local;                     /* this host has an interface on the network */
 	uint32_t net, mask;             /* the virtual network, from --ip A.B.C.D/P */
 	int mtu;
@@ -4015,6 +4033,7 @@ static void ring_deliver(struct node *n, const struct wire_routed *r)
 		break;
 	case INNER_IP:
 	case INNER_IP_UNREACH:
+	case INNER_IP_STALE:
 		if (n->ring.deliver_ip)
 			n->ring.deliver_ip(n, r);
 		break;
@@ -4203,7 +4222,7 @@ enum {
 	DHT_RECORDS_MAX = 65536,        /* per node; new keys are refused past it */
 	DHT_MAINT_MS = 2000,
 	DHT_REQUEST_TIMEOUT_MS = 3000,
-	DHT_PENDING_MAX = 64,           /* outstanding local requests (CLI, IP lookups) */
+	DHT_PENDING_MAX = 1024,         /* outstanding lookups: CLI requests and IP mappings */
 };
 
 enum dht_op { DHT_PUT = 1, DHT_CREATE = 2, DHT_GET = 3, DHT_REPLY = 4, DHT_REPLICA = 5, DHT__OP_END };
@@ -4545,11 +4564,12 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 	size_t klen = strlen(key);
 	if (klen == 0 || klen > DHT_KEY_MAX_BYTES || vlen > DHT_VALUE_MAX_BYTES || ttl_s > DHT_TTL_MAX_S)
 		return -EINVAL;
-	if (d->n_pending >= DHT_PENDING_MAX)
+	if (done && d->n_pending >= DHT_PENDING_MAX)
 		return -EBUSY;
 	uint32_t token = (uint32_t)sec_random_u64(&n->rng);
-	d->pending[d->n_pending++] = (struct dht_pending){ .token = token, .done = done, .arg = arg,
-		.deadline_ms = ev_now(&n->loop) + DHT_REQUEST_TIMEOUT_MS };
+	if (done)               /* without done: fire and forget (publications) */
+		d->pending[d->n_pending++] = (struct dht_pending){ .token = token, .done = done, .arg = arg,
+			.deadline_ms = ev_now(&n->loop) + DHT_REQUEST_TIMEOUT_MS };
 	struct wire_dht m = { .op = op, .token = token, .key_len = (uint8_t)klen, .key = (const uint8_t *)key,
 			      .owner = n->self.addr, .ttl_s = ttl_s, .value_len = (uint16_t)vlen, .value = value };
 	uint8_t sig[SEC_SIG_MAX_BYTES], h[32];
@@ -4632,8 +4652,13 @@ static void dht_stop(struct node *n)
 /* ===================================================================== 10 ip_
  * The virtual IP layer: IPv4 packets between the local stack (the tap
  * device now, lwIP in user mode later) and the ring.  A packet for virtual
- * IP D travels as INNER_IP, routed EXACT to SHA-1(D); the node holding D
- * checks that the packet's source IP maps to the ring address it came from.
+ * IP D travels as INNER_IP, routed EXACT to the ring address D maps to:
+ * SHA-1(D), unless a node routes for D (--route-for, for VMs or containers
+ * behind it) and published "ip:D" -> its address in the DHT (Brunet-ARP).
+ * Mappings are looked up on the first packet, cached for IP_MAP_TTL_MS
+ * (packets wait in a small queue meanwhile), and corrected when the node
+ * we sent to answers INNER_IP_STALE (the IP moved).  The receiver checks
+ * that the source IP maps to the ring address the packet came from.
  * Where routing dead-ends (no node holds D), that node returns the packet's
  * head as INNER_IP_UNREACH and the sender's stack gets ICMP host-unreachable,
  * as from a LAN router.  Only IPv4 is carried.
@@ -4651,6 +4676,27 @@ enum {
 	IP_UNREACH_PER_S = 10,          /* ICMP errors generated per second, at most */
 	IP_UNREACH_QUOTE_BYTES = 28,    /* RFC 792: the header and 64 bits of data */
 	IP_PROTO_ICMP = 1,
+	IP_MAP_TTL_MS = 10000,          /* how long a looked-up mapping is trusted */
+	IP_MAP_RECHECK_MS = 1000,       /* a mismatching source older than this is looked up again */
+	IP_PUBLISH_TTL_S = 60,          /* lease of our "ip:X" records ... */
+	IP_PUBLISH_EVERY_MS = 20000,    /* ... renewed three times per lease */
+};
+
+/* A packet waiting for its mapping: outbound to ip, or inbound from it. */
+struct ip_queued {
+	bool inbound;
+	ring_addr from;                 /* inbound: the ring address it came from */
+	size_t len;
+	uint8_t data[];
+};
+
+struct ip_map {
+	uint32_t ip;
+	bool resolved;
+	ring_addr addr;                 /* valid when resolved */
+	uint64_t resolved_ms, expires_ms;
+	struct ip_queued *queue[IP_MAP_QUEUE_MAX];
+	unsigned n_queued;
 };
 
 struct ip_hdr {
@@ -4703,20 +4749,109 @@ static void ip_drop(struct node *n, enum drop_reason why, uint32_t a)
 	log_drop(&n->drops, why, ev_now(&n->loop), who);
 }
 
+static bool ip_route_has(const struct ip_state *ip, uint32_t a)
+{
+	for (unsigned i = 0; i < ip->n_routes; i++) {
+		uint32_t mask = ip->routes[i].len ? ~0u << (32 - ip->routes[i].len) : 0;
+		if ((a & mask) == ip->routes[i].net)
+			return true;
+	}
+	return false;
+}
+
+/* Do we hold this IP: our own, or one we route for? */
+static bool ip_held_here(const struct node *n, uint32_t a)
+{
+	return a == n->self.vip || ip_route_has(&n->ip, a);
+}
+
+static struct ip_map *ip_map_find(struct node *n, uint32_t ip)
+{
+	for (unsigned i = 0; i < n->ip.n_cache; i++)
+		if (n->ip.cache[i].ip == ip)
+			return &n->ip.cache[i];
+	return NULL;
+}
+
+static void ip_map_drop(struct node *n, struct ip_map *m)
+{
+	for (unsigned i = 0; i < m->n_queued; i++)
+		free(m->queue[i]);
+	*m = n->ip.cache[--n->ip.n_cache];
+}
+
+/* A fresh entry; when full, the entry that expires first makes room. */
+static struct ip_map *ip_map_new(struct node *n, uint32_t ip)
+{
+	if (n->ip.n_cache >= IP_MAP_CACHE_MAX) {
+		struct ip_map *old = &n->ip.cache[0];
+		for (unsigned i = 1; i < n->ip.n_cache; i++)
+			if (n->ip.cache[i].expires_ms < old->expires_ms)
+				old = &n->ip.cache[i];
+		ip_map_drop(n, old);
+	}
+	struct ip_map *m = &n->ip.cache[n->ip.n_cache++];
+	*m = (struct ip_map){ .ip = ip };
+	return m;
+}
+
+static void ip_queue(struct node *n, struct ip_map *m, bool inbound, const ring_addr *from,
+		     const uint8_t *pkt, size_t len)
+{
+	struct ip_queued *q = m->n_queued < IP_MAP_QUEUE_MAX ? malloc(sizeof *q + len) : NULL;
+	if (!q)
+		return ip_drop(n, DROP_TX_QUEUE_FULL, m->ip);
+	q->inbound = inbound;
+	if (from)
+		q->from = *from;
+	q->len = len;
+	memcpy(q->data, pkt, len);
+	m->queue[m->n_queued++] = q;
+}
+
+static void ip_resolve(struct node *n, struct ip_map *m);
+
+static void ip_send(struct node *n, const ring_addr *to, const uint8_t *pkt, size_t len)
+{
+	n->ip.tx_packets++;
+	n->ip.tx_bytes += len;
+	ring_send(n, MODE_EXACT, to, NULL, INNER_IP, pkt, len);
+}
+
+static void ip_to_local(struct node *n, const uint8_t *pkt, size_t len)
+{
+	n->ip.rx_packets++;
+	n->ip.rx_bytes += len;
+	if (!n->ip.write_local || n->ip.write_local(n, pkt, len) < 0)
+		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "local stack");
+}
+
 /* A packet from the local stack: ours to send, or dropped and counted. */
 static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 {
 	struct ip_hdr h;
 	if (!ip_parse(pkt, len, &h))
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "local stack");
-	if (h.src != n->self.vip)
+	if (!ip_held_here(n, h.src))
 		return ip_drop(n, DROP_SPOOFED_SOURCE, h.src);
 	if (!ip_on_net(&n->ip, h.dst) || h.dst == (n->ip.net | ~n->ip.mask))
 		return ip_drop(n, DROP_OFF_NET, h.dst);
-	ring_addr dst = sec_addr_of_ip(h.dst);
-	n->ip.tx_packets++;
-	n->ip.tx_bytes += len;
-	ring_send(n, MODE_EXACT, &dst, NULL, INNER_IP, pkt, len);
+	struct ip_map *m = ip_map_find(n, h.dst);
+	uint64_t now = ev_now(&n->loop);
+	if (m && m->resolved && m->expires_ms > now)
+		return ip_send(n, &m->addr, pkt, len);
+	if (!m || m->resolved) {
+		if (m)
+			m->resolved = false;
+		else
+			m = ip_map_new(n, h.dst);
+		ip_resolve(n, m);
+		m = ip_map_find(n, h.dst);      /* a synchronous answer may have moved it */
+		if (m && m->resolved)
+			return ip_send(n, &m->addr, pkt, len);
+	}
+	if (m)
+		ip_queue(n, m, false, NULL, pkt, len);
 }
 
 /* RFC 792 destination unreachable, code 1 (host), quoting the packet's head;
@@ -4731,7 +4866,7 @@ static void ip_icmp_host_unreachable(struct node *n, const uint8_t *quote, size_
 	buf_bytes(&b, pkt, 11);        /* skip to the addresses */
 	q.src = buf_u32(&b);
 	q.dst = buf_u32(&b);
-	if (q.src != n->self.vip)
+	if (!ip_held_here(n, q.src))
 		return;
 	size_t total = IP_HDR_MIN_BYTES + 8 + qlen;
 	struct wbuf w = wbuf_of(pkt, sizeof pkt);
@@ -4759,28 +4894,74 @@ static void ip_icmp_host_unreachable(struct node *n, const uint8_t *quote, size_
 		n->ip.write_local(n, pkt, total);
 }
 
+/* A packet from the ring whose source IP is mapped: deliver it if the
+ * mapping names the node it came from. */
+static void ip_check_mapped(struct node *n, struct ip_map *m, const ring_addr *from,
+			    const uint8_t *pkt, size_t len)
+{
+	if (wire_addr_eq(&m->addr, from))
+		return ip_to_local(n, pkt, len);
+	ip_drop(n, DROP_SOURCE_MISMATCH, m->ip);
+}
+
+/* Tell a sender that we do not hold the IP it sent to (it moved). */
+static void ip_stale_send(struct node *n, const struct wire_routed *r)
+{
+	size_t q = r->len < IP_UNREACH_QUOTE_BYTES ? r->len : IP_UNREACH_QUOTE_BYTES;
+	ring_send(n, MODE_EXACT, &r->src, NULL, INNER_IP_STALE, r->payload, q);
+}
+
 /* A packet that arrived over the ring: check, then hand it to our stack. */
 static void ip_on_packet(struct node *n, const struct wire_routed *r)
 {
 	struct ip_hdr h;
 	if (!ip_parse(r->payload, r->len, &h))
 		return ring_drop(n, DROP_BAD_IP, &r->src);
+	if (!n->ip.local || !ip_held_here(n, h.dst)) {
+		ip_drop(n, DROP_NOT_FOR_US, h.dst);
+		return ip_stale_send(n, r);
+	}
 	ring_addr claimed = sec_addr_of_ip(h.src);
-	if (!wire_addr_eq(&claimed, &r->src))
-		return ip_drop(n, DROP_SOURCE_MISMATCH, h.src);
-	if (h.dst != n->self.vip || !n->ip.local)
-		return ip_drop(n, DROP_NOT_FOR_US, h.dst);
-	n->ip.rx_packets++;
-	n->ip.rx_bytes += r->len;
-	if (n->ip.write_local(n, r->payload, r->len) < 0)
-		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "local stack");
+	if (wire_addr_eq(&claimed, &r->src))
+		return ip_to_local(n, r->payload, r->len);
+	/* A source behind another node (--route-for): its mapping must agree. */
+	uint64_t now = ev_now(&n->loop);
+	struct ip_map *m = ip_map_find(n, h.src);
+	if (m && m->resolved && m->expires_ms > now &&
+	    (wire_addr_eq(&m->addr, &r->src) || now - m->resolved_ms < IP_MAP_RECHECK_MS))
+		return ip_check_mapped(n, m, &r->src, r->payload, r->len);
+	if (!m)
+		m = ip_map_new(n, h.src);
+	ip_queue(n, m, true, &r->src, r->payload, r->len);
+	if (m->resolved || m->n_queued == 1) {
+		m->resolved = false;
+		ip_resolve(n, m);
+	}
+}
+
+/* The quoted head of a packet we sent: its destination. */
+static bool ip_quote_dst(const struct wire_routed *r, uint32_t *dst)
+{
+	struct buf b = buf_of(r->payload, r->len);
+	uint8_t skip[16];
+	buf_bytes(&b, skip, 16);
+	*dst = buf_u32(&b);
+	return !b.bad;
 }
 
 static void ip_deliver(struct node *n, const struct wire_routed *r)
 {
+	uint32_t dst;
+	struct ip_map *m;
 	if (r->inner == INNER_IP)
-		ip_on_packet(n, r);
-	else if (n->ip.local)
+		return ip_on_packet(n, r);
+	if (r->inner == INNER_IP_STALE) {
+		/* Forget where dst was; the next packet looks it up again. */
+		if (ip_quote_dst(r, &dst) && (m = ip_map_find(n, dst)) && m->resolved)
+			ip_map_drop(n, m);
+		return;
+	}
+	if (n->ip.local)
 		ip_icmp_host_unreachable(n, r->payload, r->len);
 }
 
@@ -4803,8 +4984,98 @@ static void ip_undeliverable(struct node *n, const struct wire_routed *r)
 		ring_send(n, MODE_EXACT, &r->src, NULL, INNER_IP_UNREACH, r->payload, q);
 }
 
+/* The DHT answered (or did not, reply NULL): settle the mapping, flush. */
+static void ip_resolved(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	uint32_t ip = (uint32_t)(uintptr_t)arg;
+	struct ip_map *m = ip_map_find(n, ip);
+	if (!m)
+		return;
+	uint64_t now = ev_now(&n->loop);
+	m->resolved = true;
+	m->resolved_ms = now;
+	m->expires_ms = now + IP_MAP_TTL_MS;
+	if (reply && reply->status == DHT_OK && reply->value_len == RING_ADDR_BYTES)
+		memcpy(m->addr.b, reply->value, RING_ADDR_BYTES);
+	else
+		m->addr = sec_addr_of_ip(ip);   /* nobody routes for it: SHA-1 */
+	unsigned nq = m->n_queued;
+	struct ip_queued *q[IP_MAP_QUEUE_MAX];
+	memcpy(q, m->queue, sizeof q);
+	ring_addr to = m->addr;
+	m->n_queued = 0;
+	for (unsigned i = 0; i < nq; i++) {
+		if (!q[i]->inbound)
+			ip_send(n, &to, q[i]->data, q[i]->len);
+		else if ((m = ip_map_find(n, ip)))
+			ip_check_mapped(n, m, &q[i]->from, q[i]->data, q[i]->len);
+		free(q[i]);
+	}
+}
+
+static void ip_resolve(struct node *n, struct ip_map *m)
+{
+	char key[24];
+	snprintf(key, sizeof key, "ip:%u.%u.%u.%u", m->ip >> 24, (m->ip >> 16) & 255, (m->ip >> 8) & 255,
+		 m->ip & 255);
+	m->expires_ms = ev_now(&n->loop) + DHT_REQUEST_TIMEOUT_MS;
+	if (dht_request(n, DHT_GET, key, NULL, 0, 0, ip_resolved, (void *)(uintptr_t)m->ip) < 0)
+		ip_resolved(n, (void *)(uintptr_t)m->ip, NULL);
+}
+
+/* Publish "ip:X" -> our ring address for every IP we route for. */
+static void ip_publish(struct node *n, const struct ip_route *r)
+{
+	uint32_t count = r->len >= 32 ? 1 : 1u << (32 - r->len);
+	for (uint32_t i = 0; i < count; i++) {
+		char key[24];
+		uint32_t ip = r->net + i;
+		snprintf(key, sizeof key, "ip:%u.%u.%u.%u", ip >> 24, (ip >> 16) & 255, (ip >> 8) & 255, ip & 255);
+		dht_request(n, DHT_PUT, key, n->self.addr.b, RING_ADDR_BYTES, IP_PUBLISH_TTL_S, NULL, NULL);
+	}
+}
+
+static int64_t ip_publish_tick(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, ip.publish);
+	(void)loop;
+	for (unsigned i = 0; i < n->ip.n_routes; i++)
+		ip_publish(n, &n->ip.routes[i]);
+	return n->ring.joined ? IP_PUBLISH_EVERY_MS : 1000;
+}
+
+/* Start or stop routing for a prefix (--route-for, 'ipop route'). */
+static int ip_route_set(struct node *n, uint32_t net, uint8_t len, bool add)
+{
+	for (unsigned i = 0; i < n->ip.n_routes; i++) {
+		if (n->ip.routes[i].net != net || n->ip.routes[i].len != len)
+			continue;
+		if (!add)
+			n->ip.routes[i] = n->ip.routes[--n->ip.n_routes];
+		return 0;
+	}
+	if (!add)
+		return -ENOENT;
+	if (n->ip.n_routes >= IP_ROUTES_MAX || len < IP_ROUTE_MIN_PREFIX)
+		return -ENOSPC;
+	n->ip.routes[n->ip.n_routes++] = (struct ip_route){ net, len };
+	ip_publish(n, &n->ip.routes[n->ip.n_routes - 1]);
+	return 0;
+}
+
+static void ip_stop(struct node *n)
+{
+	while (n->ip.n_cache)
+		ip_map_drop(n, &n->ip.cache[0]);
+	free(n->ip.cache);
+	n->ip.cache = NULL;
+}
+
 static void ip_start(struct node *n, int mtu)
 {
+	n->ip.cache = calloc(IP_MAP_CACHE_MAX, sizeof *n->ip.cache);
+	ev_timer_init(&n->ip.publish, ip_publish_tick);
+	ev_timer_arm(&n->loop, &n->ip.publish, 1000);
 	n->ip.mask = n->vip_prefix ? ~0u << (32 - n->vip_prefix) : 0;
 	n->ip.net = n->self.vip & n->ip.mask;
 	n->ip.mtu = mtu ? mtu : IP_MTU_DEFAULT;
@@ -5294,6 +5565,30 @@ static void ctl_cmd_dht(struct ctl_client *c, char **a, int na)
 	}
 }
 
+/* "route add|del A.B.C.D/N": start or stop routing for a prefix. */
+static void ctl_cmd_route(struct ctl_client *c, const char *op, const char *cidr)
+{
+	struct node *n = c->ctl->node;
+	char ip[20], tail;
+	unsigned len;
+	struct in_addr ia;
+	int rc = -EINVAL;
+	if (sscanf(cidr, "%19[0-9.]/%u%c", ip, &len, &tail) == 2 && len <= 32 && inet_pton(AF_INET, ip, &ia) == 1 &&
+	    (!strcmp(op, "add") || !strcmp(op, "del"))) {
+		uint32_t net = ntohl(ia.s_addr) & (len ? ~0u << (32 - len) : 0);
+		char key[24];
+		snprintf(key, sizeof key, "ip:%s", ip);
+		if (n->sec.mode == SEC_CERT && !strcmp(op, "add") && !dht_key_granted(&n->sec.own_grant, key))
+			rc = -EPERM;
+		else
+			rc = ip_route_set(n, net, (uint8_t)len, !strcmp(op, "add"));
+	}
+	buf_printf(&c->out, rc == 0 ? "ok\n" : rc == -ENOENT ? "error not routed here\n" :
+		   rc == -ENOSPC ? "error too many routes, or wider than /24\n" :
+		   rc == -EPERM ? "error not granted by this node's certificate\n" : "error usage\n");
+	ctl_client_flush(c);
+}
+
 static void ctl_execute(struct ctl_client *c, char *line)
 {
 	char *save = NULL, *a[6] = { 0 };
@@ -5303,6 +5598,10 @@ static void ctl_execute(struct ctl_client *c, char *line)
 	char *cmd = a[0], *a1 = a[1], *a2 = a[2];
 	if (cmd && !strcmp(cmd, "dht") && na >= 2) {
 		ctl_cmd_dht(c, a, na - 1);
+		return;
+	}
+	if (cmd && !strcmp(cmd, "route") && na == 3) {
+		ctl_cmd_route(c, a[1], a[2]);
 		return;
 	}
 	if (cmd && !strcmp(cmd, "status") && a1 && !strcmp(a1, "json"))
@@ -5503,6 +5802,7 @@ static void ctl_close(struct ctl *ctl)
 enum cli_cmd {
 	CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4, CMD_GENKEY = 8, CMD_CA_INIT = 16,
 	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64, CMD_DHT_GET = 128, CMD_DHT_PUT = 256, CMD_DHT_CREATE = 512,
+	CMD_ROUTE = 1024,
 };
 
 enum { CMD_DHT = CMD_DHT_GET | CMD_DHT_PUT | CMD_DHT_CREATE };
@@ -5538,12 +5838,12 @@ static const struct cli_flag cli_flags[] = {
 	{ "mtu", 0, true, true, KEY_MTU, CMD_UP },
 	{ "out", 'o', true, false, KEY_OUT, CMD_GENKEY | CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "ca", 0, true, false, KEY_CA, CMD_CERT_ISSUE | CMD_CA_REVOKE },
-	{ "route-for", 0, true, false, KEY_ROUTE_FOR, CMD_CERT_ISSUE },
+	{ "route-for", 0, true, true, KEY_ROUTE_FOR, CMD_CERT_ISSUE | CMD_UP },
 	{ "name", 0, true, false, KEY_NAME, CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "days", 0, true, false, KEY_DAYS, CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
-	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT },
+	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE },
 	{ "ttl", 0, true, false, KEY_TTL, CMD_DHT_PUT | CMD_DHT_CREATE },
 	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
 	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
@@ -5604,6 +5904,7 @@ static const char cli_usage_main[] =
 	"  cert issue  issue a node certificate binding its virtual IP(s)\n"
 	"  ca revoke   add a certificate to the network's revocation list\n"
 	"  dht      get, put or create a DHT record through the running node\n"
+	"  route    add or del a prefix this node routes for (VMs behind it)\n"
 	"  version  print the version\n"
 	"\n"
 	"'ipop COMMAND --help' describes each command.  See ipop(1).\n";
@@ -5626,6 +5927,8 @@ static const char cli_usage_up[] =
 	"                     none; tap: fail without the privilege; none: only route\n"
 	"  --dev NAME         tap device name (default ipop%%d: ipop0, ipop1, ...)\n"
 	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
+	"  --route-for CIDR   also hold these IPs (VMs, containers behind this host;\n"
+	"                     published in the DHT; repeatable; at most /24 each)\n"
 	"\n"
 	"  --ip A.B.C.D[/P]   this node's virtual IP (ring address = SHA-1 of it);\n"
 	"                     without it the node only routes (random ring address)\n"
@@ -5677,6 +5980,14 @@ static const char cli_usage_dht[] =
 	"put overwrites; create succeeds only if the key is free (or ours).  Records\n"
 	"expire after their TTL (default 300 s) unless written again.  Exit 1 when\n"
 	"the key is not found or already taken.\n";
+
+static const char cli_usage_route[] =
+	"usage: ipop route add|del A.B.C.D/N [--control PATH]\n"
+	"\n"
+	"Start or stop routing for a prefix on the running node (like --route-for):\n"
+	"for VMs or containers behind this host.  Each IP is published in the DHT;\n"
+	"when an IP moves to another node ('route del' here, 'route add' there),\n"
+	"senders follow within seconds.  At most /24.\n";
 
 static const char cli_usage_status[] =
 	"usage: ipop status [--json] [--control PATH]\n"
@@ -6076,7 +6387,8 @@ static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char 
 		} else if (o->cmd == CMD_PING && !o->target) {
 			o->target = a;
 			continue;
-		} else if ((o->cmd & CMD_DHT) && o->n_args < (o->cmd == CMD_DHT_GET ? 1 : 2)) {
+		} else if ((o->cmd & CMD_DHT || o->cmd == CMD_ROUTE) &&
+			   o->n_args < (o->cmd == CMD_DHT_PUT || o->cmd == CMD_DHT_CREATE ? 2 : 1)) {
 			o->args[o->n_args++] = a;
 			continue;
 		} else {
@@ -6193,6 +6505,7 @@ static void cli_node_free(struct node *n)
 	if (n->udp_dial_fd >= 0)
 		close(n->udp_dial_fd);
 	tap_close(n);
+	ip_stop(n);
 	dht_stop(n);
 	sec_creds_free(&n->sec);
 	sec_rng_free(&n->rng);
@@ -6203,6 +6516,27 @@ static void cli_node_free(struct node *n)
 static int cli_node_interface(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
 	ip_start(n, (int)o->mtu);
+	for (unsigned i = 0; i < o->grant.n_routes; i++) {
+		struct ip_route r = { o->grant.route_net[i], o->grant.route_len[i] };
+		char net[16];
+		buf_ip_str(r.net, net);
+		if (r.len < IP_ROUTE_MIN_PREFIX) {
+			snprintf(err, errlen, "--route-for %s/%u is too wide: at most /%d (%d addresses), each "
+				 "one a DHT record", net, r.len, IP_ROUTE_MIN_PREFIX, 1 << (32 - IP_ROUTE_MIN_PREFIX));
+			return -2;
+		}
+		if (n->sec.mode == SEC_CERT) {
+			char key[24];
+			snprintf(key, sizeof key, "ip:%s", net);
+			if (!dht_key_granted(&n->sec.own_grant, key)) {
+				snprintf(err, errlen, "--route-for %s/%u is not granted by this node's certificate "
+					 "(issue one with 'ipop cert issue --route-for')", net, r.len);
+				return -2;
+			}
+		}
+		if (!n->ip.n_routes || !ip_route_has(&n->ip, r.net))
+			n->ip.routes[n->ip.n_routes++] = r;
+	}
 	if (!n->self.vip || o->mode == MODE_NONE)
 		return 0;
 	int rc = tap_open(n, o->dev[0] ? o->dev : "ipop%d", err, errlen);
@@ -6734,6 +7068,30 @@ static int cli_dht(struct cli_opts *o)
 	return code;
 }
 
+static int cli_route(struct cli_opts *o)
+{
+	if (o->n_args != 1) {
+		cli_fail("route: expected a prefix like 10.128.7.0/24 (see 'ipop route --help')");
+		return EXIT_USAGE;
+	}
+	if (!o->control[0])
+		ctl_default_path(o->control, sizeof o->control, false);
+	char line[128];
+	snprintf(line, sizeof line, "route %s %s\n", o->target, o->args[0]);
+	struct buf_str ans = { 0 };
+	int rc = cli_ctl_ask(o->control, line, &ans, 5000);
+	if (rc < 0 || !ans.len) {
+		buf_str_free(&ans);
+		return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
+	}
+	int code = strncmp(ans.s, "ok", 2) ? EXIT_FAIL : EXIT_OK;
+	if (code)
+		fprintf(stderr, "ipop: route %s %s: %.*s\n", o->target, o->args[0],
+			(int)strcspn(ans.s + 6, "\n"), ans.s + 6);
+	buf_str_free(&ans);
+	return code;
+}
+
 static int cli_main(int argc, char **argv)
 {
 	static const struct {
@@ -6752,6 +7110,8 @@ static int cli_main(int argc, char **argv)
 		{ "dht", "get", CMD_DHT_GET, cli_usage_dht, cli_dht },
 		{ "dht", "put", CMD_DHT_PUT, cli_usage_dht, cli_dht },
 		{ "dht", "create", CMD_DHT_CREATE, cli_usage_dht, cli_dht },
+		{ "route", "add", CMD_ROUTE, cli_usage_route, cli_route },
+		{ "route", "del", CMD_ROUTE, cli_usage_route, cli_route },
 	};
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		fputs(cli_usage_main, argc < 2 ? stderr : stdout);
@@ -6771,7 +7131,8 @@ static int cli_main(int argc, char **argv)
 		snprintf(cmdname, sizeof cmdname, "%s%s%s", cmds[i].name, cmds[i].sub ? " " : "",
 			 cmds[i].sub ? cmds[i].sub : "");
 		static struct cli_opts o;
-		o = (struct cli_opts){ .cmd = cmds[i].cmd, .log_level = LOG_INFO, .interval_s = 1, .wait_s = 2 };
+		o = (struct cli_opts){ .cmd = cmds[i].cmd, .log_level = LOG_INFO, .interval_s = 1, .wait_s = 2,
+				       .target = cmds[i].cmd == CMD_ROUTE ? cmds[i].sub : NULL };
 		if (cli_parse_args(&o, argc - skip, argv + skip, cmdname) < 0)
 			return EXIT_USAGE;
 		if (o.help) {
@@ -6780,8 +7141,9 @@ static int cli_main(int argc, char **argv)
 		}
 		return cmds[i].run(&o);
 	}
-	if (!strcmp(argv[1], "dht") && argc > 2 && (!strcmp(argv[2], "--help") || !strcmp(argv[2], "-h"))) {
-		fputs(cli_usage_dht, stdout);
+	if ((!strcmp(argv[1], "dht") || !strcmp(argv[1], "route")) && argc > 2 &&
+	    (!strcmp(argv[2], "--help") || !strcmp(argv[2], "-h"))) {
+		fputs(!strcmp(argv[1], "dht") ? cli_usage_dht : cli_usage_route, stdout);
 		return EXIT_OK;
 	}
 	if (!strcmp(argv[1], "ca") || !strcmp(argv[1], "cert") || !strcmp(argv[1], "dht")) {
