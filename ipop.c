@@ -105,6 +105,7 @@ enum {
 	LINK_ENDPOINTS_MAX = 8,        /* advertised endpoints per node (wire cap) */
 	LINK_TCP_WQUEUE_BYTES = 1 << 20, /* per TCP link; over it packets are dropped */
 	LINK_TABLE_MAX = 4096,         /* links per node; new dials/accepts refused past it */
+	LINK_UDP_BUFFER_BYTES = 4 << 20, /* socket buffers: ~3000 full packets of burst */
 };
 
 enum {
@@ -3414,6 +3415,18 @@ static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t e
 	}
 }
 
+/* Bursts from a fast local sender (a TCP window's worth of packets) must not
+ * overflow the kernel's default ~200 KB UDP buffers between two loop turns.
+ * The kernel caps the request at net.core.[rw]mem_max unless we may force. */
+static void link_udp_buffers(int fd)
+{
+	int size = LINK_UDP_BUFFER_BYTES;
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0)
+		setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+	if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) < 0)
+		setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+}
+
 static int link_udp_dial_socket(struct node *n)
 {
 	for (unsigned i = 0; i < n->n_listeners; i++)
@@ -3424,6 +3437,7 @@ static int link_udp_dial_socket(struct node *n)
 	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
+	link_udp_buffers(fd);
 	if (ev_fd_watch(&n->loop, fd, EPOLLIN, link_udp_readable, n) < 0) {
 		close(fd);
 		return -EMFILE;
@@ -6443,6 +6457,8 @@ static int cli_listener_open(struct node *n, const struct endpoint *ep, char *er
 	int one = 1;
 	if (L->fd >= 0 && ep->proto == PROTO_TCP) /* TIME_WAIT only; two listeners still clash */
 		setsockopt(L->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (L->fd >= 0 && ep->proto == PROTO_UDP)
+		link_udp_buffers(L->fd);
 	socklen_t sl = sizeof L->sa;
 	if (L->fd < 0 || bind(L->fd, (struct sockaddr *)&L->sa, sizeof L->sa) < 0 ||
 	    (ep->proto == PROTO_TCP && listen(L->fd, 128) < 0) ||
