@@ -23,6 +23,9 @@
  *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
  *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors
  *   11  tap_   the tap device: frames, ARP answered on the host
+ *   12  lw_    user mode: lwIP in-process, relays between sockets and lwIP TCP
+ *   13  socks_ SOCKS5 server (RFC 1928) for user mode
+ *   14  fwd_   -L and -R port forwards
  *   15  ctl_   control socket: status text/JSON, overlay ping
  *   16  cli_   flags, config file, subcommands, main
  */
@@ -52,6 +55,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <net/if.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/random.h>
@@ -64,6 +68,12 @@
 
 #include "mbedtls/ctr_drbg.h"
 #include "mbedtls/entropy.h"
+#include "lwip/init.h"
+#include "lwip/ip4.h"
+#include "lwip/netif.h"
+#include "lwip/pbuf.h"
+#include "lwip/tcp.h"
+#include "lwip/timeouts.h"
 #include "mbedtls/chachapoly.h"
 #include "mbedtls/ecdh.h"
 #include "mbedtls/error.h"
@@ -2230,6 +2240,18 @@ struct ip_state {
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
 };
 
+/* User mode's state, owned by sections 12-14. */
+struct lw_state {
+	struct netif netif;
+	bool started;
+	struct ev_timer timer;
+	unsigned n_relays;
+	int socks_fd;                   /* -1: no SOCKS server */
+	struct endpoint socks;
+	struct fwd_spec *fwd;           /* -L and -R */
+	unsigned n_fwd;
+};
+
 /* The tap device's state, owned by section 11. */
 struct tap_state {
 	int fd;                         /* -1 without a tap */
@@ -2259,6 +2281,7 @@ struct node {
 	struct dht_state dht;
 	struct ip_state ip;
 	struct tap_state tap;
+	struct lw_state lw;
 	struct ctl *ctl;
 	uint64_t start_ms;
 	uint64_t counters_routed, counters_delivered;
@@ -4689,7 +4712,7 @@ enum {
 	IP_HDR_MIN_BYTES = 20,
 	IP_UNREACH_PER_S = 10,          /* ICMP errors generated per second, at most */
 	IP_UNREACH_QUOTE_BYTES = 28,    /* RFC 792: the header and 64 bits of data */
-	IP_PROTO_ICMP = 1,
+	IP_PROTOCOL_ICMP = 1,
 	IP_MAP_TTL_MS = 10000,          /* how long a looked-up mapping is trusted */
 	IP_MAP_RECHECK_MS = 1000,       /* a mismatching source older than this is looked up again */
 	IP_PUBLISH_TTL_S = 60,          /* lease of our "ip:X" records ... */
@@ -4713,7 +4736,7 @@ struct ip_map {
 	unsigned n_queued;
 };
 
-struct ip_hdr {
+struct ip_head {
 	uint8_t ihl_bytes, proto, ttl;
 	uint16_t total_len;
 	uint32_t src, dst;
@@ -4721,7 +4744,7 @@ struct ip_hdr {
 
 /* RFC 791 header checks: version 4, a sane header length, and a total length
  * that matches what we hold. */
-static bool ip_parse(const uint8_t *p, size_t len, struct ip_hdr *h)
+static bool ip_parse(const uint8_t *p, size_t len, struct ip_head *h)
 {
 	struct buf b = buf_of(p, len);
 	uint8_t vihl = buf_u8(&b);
@@ -4843,7 +4866,7 @@ static void ip_to_local(struct node *n, const uint8_t *pkt, size_t len)
 /* A packet from the local stack: ours to send, or dropped and counted. */
 static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 {
-	struct ip_hdr h;
+	struct ip_head h;
 	if (!ip_parse(pkt, len, &h))
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "local stack");
 	if (!ip_held_here(n, h.src))
@@ -4872,7 +4895,7 @@ static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
  * it comes from the unreachable address, as a LAN's last hop would say it. */
 static void ip_icmp_host_unreachable(struct node *n, const uint8_t *quote, size_t qlen)
 {
-	struct ip_hdr q;
+	struct ip_head q;
 	uint8_t pkt[IP_HDR_MIN_BYTES + 8 + IP_UNREACH_QUOTE_BYTES];
 	struct buf b = buf_of(quote, qlen);
 	if (qlen < IP_HDR_MIN_BYTES || qlen > IP_UNREACH_QUOTE_BYTES || (buf_u8(&b) >> 4) != 4)
@@ -4889,7 +4912,7 @@ static void ip_icmp_host_unreachable(struct node *n, const uint8_t *quote, size_
 	wbuf_u16(&w, (uint16_t)total);
 	wbuf_u32(&w, 0);
 	wbuf_u8(&w, 64);
-	wbuf_u8(&w, IP_PROTO_ICMP);
+	wbuf_u8(&w, IP_PROTOCOL_ICMP);
 	wbuf_u16(&w, 0);
 	wbuf_u32(&w, q.dst);
 	wbuf_u32(&w, q.src);
@@ -4928,7 +4951,7 @@ static void ip_stale_send(struct node *n, const struct wire_routed *r)
 /* A packet that arrived over the ring: check, then hand it to our stack. */
 static void ip_on_packet(struct node *n, const struct wire_routed *r)
 {
-	struct ip_hdr h;
+	struct ip_head h;
 	if (!ip_parse(r->payload, r->len, &h))
 		return ring_drop(n, DROP_BAD_IP, &r->src);
 	if (!n->ip.local || !ip_held_here(n, h.dst)) {
@@ -5301,6 +5324,714 @@ static void tap_close(struct node *n)
 	n->tap.fd = -1;
 }
 
+/* ===================================================================== 12 lw_
+ * User mode: lwIP inside the process owns the node's virtual IP, so a node
+ * without root still has a TCP/IP stack on the network: it answers ping,
+ * and TCP to and from it works.  lwIP runs NO_SYS on this event loop: its
+ * one netif hands IP packets to section 10 and takes them from it, and a
+ * timer drives sys_check_timeouts().  lwIP keeps global state, so a process
+ * runs one user-mode node.
+ * A relay joins one local socket to one lwIP TCP connection (SOCKS,
+ * -L and -R all use it).  Backpressure: data from lwIP is acknowledged to
+ * the peer (tcp_recved) only once written to the socket, and the socket is
+ * read only while lwIP has send buffer, so one connection holds at most
+ * TCP_WND (1 MiB) plus the socket buffers, whatever the sender does.
+ * ========================================================================= */
+
+enum {
+	LW_TIMER_MAX_MS = 250,
+	LW_CONNECT_TIMEOUT_MS = 10000,  /* SOCKS/-L connect attempts give up after this */
+	LW_RELAYS_MAX = 1024,           /* concurrent relayed connections; more are refused */
+	LW_READ_CHUNK_BYTES = 65535,    /* tcp_write takes a u16 length */
+};
+
+/* lwIP's port layer: its clock and random numbers (RFC 6528 ISNs below). */
+u32_t sys_now(void);
+u32_t sys_now(void)
+{
+	return (u32_t)(ev_clock_us() / 1000);
+}
+
+uint32_t ipop_lwip_rand(void)
+{
+	uint32_t r = 0;
+	while (getrandom(&r, sizeof r, 0) < 0 && errno == EINTR)
+		;
+	return r;
+}
+
+/* RFC 6528: ISN = M + F(4-tuple, secret), M a 4-microsecond clock.  lwIP's
+ * hook has no context argument, so the secret is a function-local static,
+ * drawn once from getrandom. */
+u32_t ipop_lwip_tcp_isn(const ip_addr_t *local_ip, u16_t local_port, const ip_addr_t *remote_ip,
+			u16_t remote_port)
+{
+	static uint8_t secret[32];
+	static bool have;
+	if (!have) {
+		while (getrandom(secret, sizeof secret, 0) < 0 && errno == EINTR)
+			;
+		have = true;
+	}
+	uint8_t tuple[12], h[32];
+	memcpy(tuple, &local_ip->addr, 4);
+	memcpy(tuple + 4, &remote_ip->addr, 4);
+	memcpy(tuple + 8, &local_port, 2);
+	memcpy(tuple + 10, &remote_port, 2);
+	sec_sha256(secret, sizeof secret, tuple, sizeof tuple, h);
+	return (u32_t)(ev_clock_us() / 4) + ((u32_t)h[0] << 24 | (u32_t)h[1] << 16 | (u32_t)h[2] << 8 | h[3]);
+}
+
+static err_t lw_netif_output(struct netif *netif, struct pbuf *p, const ip4_addr_t *ipaddr)
+{
+	struct node *n = netif->state;
+	uint8_t pkt[WIRE_MAX_PACKET_BYTES];
+	(void)ipaddr;
+	if (p->tot_len > sizeof pkt)
+		return ERR_BUF;
+	pbuf_copy_partial(p, pkt, p->tot_len, 0);
+	ip_from_local(n, pkt, p->tot_len);
+	return ERR_OK;
+}
+
+static err_t lw_netif_init(struct netif *netif)
+{
+	struct node *n = netif->state;
+	netif->name[0] = 'i';
+	netif->name[1] = 'p';
+	netif->output = lw_netif_output;
+	netif->mtu = (u16_t)n->ip.mtu;
+	netif->flags = NETIF_FLAG_LINK_UP;
+	return ERR_OK;
+}
+
+/* A packet from the ring for our virtual IP: into lwIP. */
+static int lw_write_ip(struct node *n, const uint8_t *pkt, size_t len)
+{
+	struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
+	if (!p)
+		return -ENOMEM;
+	pbuf_take(p, pkt, (u16_t)len);
+	if (n->lw.netif.input(p, &n->lw.netif) != ERR_OK) {
+		pbuf_free(p);
+		return -EIO;
+	}
+	return 0;
+}
+
+static int64_t lw_tick(struct ev_loop *loop, struct ev_timer *t)
+{
+	(void)loop;
+	(void)t;
+	sys_check_timeouts();
+	u32_t next = sys_timeouts_sleeptime();
+	return next > LW_TIMER_MAX_MS ? LW_TIMER_MAX_MS : (next ? next : 1);
+}
+
+static void lw_start(struct node *n)
+{
+	ip4_addr_t ip, mask, gw;
+	lwip_init();
+	ip.addr = htonl(n->self.vip);
+	mask.addr = htonl(n->ip.mask);
+	gw.addr = 0;
+	netif_add(&n->lw.netif, &ip, &mask, &gw, n, lw_netif_init, ip4_input);
+	netif_set_default(&n->lw.netif);
+	netif_set_up(&n->lw.netif);
+	n->lw.started = true;
+	n->ip.local = true;
+	n->ip.write_local = lw_write_ip;
+	ev_timer_init(&n->lw.timer, lw_tick);
+	ev_timer_arm(&n->loop, &n->lw.timer, LW_TIMER_MAX_MS);
+}
+
+/* ---- relays: a local socket <-> an lwIP TCP connection ------------------ */
+
+struct lw_relay {
+	struct node *n;
+	int fd;
+	struct tcp_pcb *pcb;
+	uint8_t *out;                   /* from lwIP, not yet written to fd */
+	size_t out_len, out_cap;
+	bool fd_eof, pcb_eof, reading;
+	void (*on_connect)(struct lw_relay *r, err_t err);  /* outbound connects */
+	void *owner;                    /* the SOCKS client, if any */
+	struct ev_timer timer;          /* connect timeout */
+};
+
+/* Free a relay; ERR_ABRT if its pcb had to be aborted (a callback that
+ * freed it must then return ERR_ABRT to lwIP). */
+static err_t lw_relay_free(struct lw_relay *r)
+{
+	struct node *n = r->n;
+	err_t rc = ERR_OK;
+	if (r->pcb) {
+		tcp_arg(r->pcb, NULL);
+		tcp_recv(r->pcb, NULL);
+		tcp_sent(r->pcb, NULL);
+		tcp_err(r->pcb, NULL);
+		if (tcp_close(r->pcb) != ERR_OK) {
+			tcp_abort(r->pcb);
+			rc = ERR_ABRT;
+		}
+	}
+	if (r->fd >= 0) {
+		ev_fd_forget(&n->loop, r->fd);
+		close(r->fd);
+	}
+	ev_timer_cancel(&n->loop, &r->timer);
+	free(r->out);
+	free(r);
+	n->lw.n_relays--;
+	return rc;
+}
+
+static void lw_relay_event(struct ev_loop *loop, int fd, void *arg, uint32_t events);
+
+static void lw_relay_watch(struct lw_relay *r)
+{
+	uint32_t ev = (r->reading ? EPOLLIN : 0) | (r->out_len ? EPOLLOUT : 0);
+	ev_fd_watch(&r->n->loop, r->fd, ev, lw_relay_event, r);
+}
+
+static bool lw_relay_done(const struct lw_relay *r)
+{
+	return r->fd_eof && r->pcb_eof && !r->out_len;
+}
+
+/* Write what lwIP gave us to the socket; acknowledge what was written. */
+static void lw_relay_flush(struct lw_relay *r)
+{
+	size_t done = 0;
+	while (done < r->out_len) {
+		ssize_t w = send(r->fd, r->out + done, r->out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w <= 0)
+			break;
+		done += (size_t)w;
+	}
+	memmove(r->out, r->out + done, r->out_len - done);
+	r->out_len -= done;
+	for (size_t left = done; left && r->pcb;) {
+		u16_t chunk = left > 0xffff ? 0xffff : (u16_t)left;
+		tcp_recved(r->pcb, chunk);
+		left -= chunk;
+	}
+	if (!r->out_len && r->pcb_eof)
+		shutdown(r->fd, SHUT_WR);
+	lw_relay_watch(r);
+}
+
+/* Read from the socket only as much as lwIP can take now. */
+static void lw_relay_pump(struct lw_relay *r)
+{
+	uint8_t buf[LW_READ_CHUNK_BYTES];
+	while (r->pcb && !r->fd_eof) {
+		u16_t room = tcp_sndbuf(r->pcb);
+		if (room == 0) {
+			r->reading = false;    /* resumed by lw_relay_sent */
+			break;
+		}
+		ssize_t got = recv(r->fd, buf, room < sizeof buf ? room : sizeof buf, MSG_DONTWAIT);
+		if (got < 0 && (errno == EAGAIN || errno == EINTR)) {
+			r->reading = true;
+			break;
+		}
+		if (got <= 0) {
+			r->fd_eof = true;
+			tcp_shutdown(r->pcb, 0, 1);
+			break;
+		}
+		if (tcp_write(r->pcb, buf, (u16_t)got, TCP_WRITE_FLAG_COPY) != ERR_OK) {
+			r->fd_eof = true;       /* lwIP out of memory: give up this stream */
+			break;
+		}
+	}
+	if (r->pcb)
+		tcp_output(r->pcb);
+	lw_relay_watch(r);
+}
+
+static void lw_relay_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct lw_relay *r = arg;
+	(void)loop;
+	(void)fd;
+	if (events & EPOLLOUT)
+		lw_relay_flush(r);
+	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+		lw_relay_pump(r);
+	if (lw_relay_done(r))
+		lw_relay_free(r);
+}
+
+static err_t lw_relay_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err)
+{
+	struct lw_relay *r = arg;
+	(void)pcb;
+	if (!r) {
+		if (p)
+			pbuf_free(p);
+		return ERR_OK;
+	}
+	if (!p || err != ERR_OK) {
+		r->pcb_eof = true;
+		lw_relay_flush(r);
+		if (p)
+			pbuf_free(p);
+		return lw_relay_done(r) ? lw_relay_free(r) : ERR_OK;
+	}
+	if (r->out_len + p->tot_len > r->out_cap) {
+		size_t cap = r->out_cap ? r->out_cap : 16384;
+		while (cap < r->out_len + p->tot_len)
+			cap *= 2;
+		uint8_t *o = realloc(r->out, cap);
+		if (!o) {
+			pbuf_free(p);
+			return ERR_MEM;
+		}
+		r->out = o;
+		r->out_cap = cap;
+	}
+	pbuf_copy_partial(p, r->out + r->out_len, p->tot_len, 0);
+	r->out_len += p->tot_len;
+	pbuf_free(p);
+	lw_relay_flush(r);
+	return ERR_OK;
+}
+
+static err_t lw_relay_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
+{
+	struct lw_relay *r = arg;
+	(void)pcb;
+	(void)len;
+	if (r && !r->reading && !r->fd_eof)
+		lw_relay_pump(r);
+	return ERR_OK;
+}
+
+/* lwIP already freed the pcb. */
+static void lw_relay_err(void *arg, err_t err)
+{
+	struct lw_relay *r = arg;
+	if (!r)
+		return;
+	r->pcb = NULL;
+	if (r->on_connect) {
+		void (*cb)(struct lw_relay *, err_t) = r->on_connect;
+		r->on_connect = NULL;
+		cb(r, err);
+		return;
+	}
+	r->pcb_eof = r->fd_eof = true;
+	r->out_len = 0;
+	lw_relay_free(r);
+}
+
+static void lw_relay_attach(struct lw_relay *r, struct tcp_pcb *pcb)
+{
+	r->pcb = pcb;
+	tcp_arg(pcb, r);
+	tcp_recv(pcb, lw_relay_recv);
+	tcp_sent(pcb, lw_relay_sent);
+	tcp_err(pcb, lw_relay_err);
+}
+
+/* Start relaying once both ends are connected. */
+static void lw_relay_run(struct lw_relay *r)
+{
+	ev_timer_cancel(&r->n->loop, &r->timer);
+	r->reading = true;
+	lw_relay_pump(r);
+}
+
+static int64_t lw_relay_connect_timeout(struct ev_loop *loop, struct ev_timer *t);
+
+static struct lw_relay *lw_relay_new(struct node *n, int fd)
+{
+	if (n->lw.n_relays >= LW_RELAYS_MAX)
+		return NULL;
+	struct lw_relay *r = calloc(1, sizeof *r);
+	if (!r)
+		return NULL;
+	r->n = n;
+	r->fd = fd;
+	ev_timer_init(&r->timer, lw_relay_connect_timeout);
+	n->lw.n_relays++;
+	return r;
+}
+
+static err_t lw_relay_connected(void *arg, struct tcp_pcb *pcb, err_t err)
+{
+	struct lw_relay *r = arg;
+	(void)pcb;
+	if (r && r->on_connect) {
+		void (*cb)(struct lw_relay *, err_t) = r->on_connect;
+		r->on_connect = NULL;
+		cb(r, err);
+	}
+	return ERR_OK;
+}
+
+static int64_t lw_relay_connect_timeout(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct lw_relay *r = container_of(t, struct lw_relay, timer);
+	(void)loop;
+	if (r->on_connect) {
+		void (*cb)(struct lw_relay *, err_t) = r->on_connect;
+		r->on_connect = NULL;
+		if (r->pcb) {
+			tcp_arg(r->pcb, NULL);
+			tcp_abort(r->pcb);
+			r->pcb = NULL;
+		}
+		cb(r, ERR_TIMEOUT);
+	}
+	return EV_TIMER_STOP;
+}
+
+/* Dial ip:port in the virtual network through lwIP; on_connect reports. */
+static int lw_relay_dial(struct lw_relay *r, uint32_t ip, uint16_t port,
+			 void (*on_connect)(struct lw_relay *r, err_t err))
+{
+	struct tcp_pcb *pcb = tcp_new();
+	ip_addr_t dst;
+	if (!pcb)
+		return -ENOMEM;
+	dst.addr = htonl(ip);
+	r->on_connect = on_connect;
+	lw_relay_attach(r, pcb);
+	ev_timer_arm(&r->n->loop, &r->timer, LW_CONNECT_TIMEOUT_MS);
+	if (tcp_connect(pcb, &dst, port, lw_relay_connected) != ERR_OK) {
+		r->on_connect = NULL;
+		return -EIO;
+	}
+	return 0;
+}
+
+/* ===================================================================== 13 socks_
+ * A SOCKS5 server (RFC 1928) for user mode: local programs reach virtual
+ * IPs through it (CONNECT).  Each client keeps its input until a message is
+ * whole, so TCP may split or merge them; every failure answers with the
+ * RFC's reply code and closes.  No authentication yet, so it listens on
+ * loopback unless --socks-public says otherwise.  Names and UDP ASSOCIATE
+ * are not served yet: they answer "host unreachable" and "command not
+ * supported".
+ * ========================================================================= */
+
+enum socks_reply {
+	SOCKS_OK = 0, SOCKS_FAILURE = 1, SOCKS_NET_UNREACHABLE = 3, SOCKS_HOST_UNREACHABLE = 4,
+	SOCKS_REFUSED = 5, SOCKS_TTL_EXPIRED = 6, SOCKS_BAD_COMMAND = 7, SOCKS_BAD_ADDRESS = 8,
+};
+
+enum socks_state { SOCKS_AWAIT_GREETING, SOCKS_AWAIT_REQUEST, SOCKS_CONNECTING };
+
+enum { SOCKS_VERSION = 5, SOCKS_CMD_CONNECT = 1, SOCKS_ATYP_IPV4 = 1, SOCKS_ATYP_NAME = 3, SOCKS_ATYP_IPV6 = 4 };
+
+struct socks_client {
+	struct node *n;
+	int fd;
+	enum socks_state state;
+	uint8_t in[4 + 1 + 255 + 2];    /* the longest request: a 255-byte name */
+	size_t in_len;
+	struct ev_timer timer;          /* negotiation must finish in time */
+};
+
+enum { SOCKS_NEGOTIATE_TIMEOUT_MS = 10000 };
+
+static void socks_client_free(struct socks_client *c)
+{
+	if (c->fd >= 0) {
+		ev_fd_forget(&c->n->loop, c->fd);
+		close(c->fd);
+	}
+	ev_timer_cancel(&c->n->loop, &c->timer);
+	free(c);
+}
+
+static void socks_reply(int fd, uint8_t code, uint32_t ip, uint16_t port)
+{
+	uint8_t r[10] = { SOCKS_VERSION, code, 0, SOCKS_ATYP_IPV4 };
+	struct wbuf w = wbuf_of(r + 4, 6);
+	wbuf_u32(&w, ip);
+	wbuf_u16(&w, port);
+	if (send(fd, r, sizeof r, MSG_NOSIGNAL | MSG_DONTWAIT) != (ssize_t)sizeof r)
+		return;                 /* the client is gone; nothing to tell */
+}
+
+static uint8_t socks_code_of(err_t err)
+{
+	return err == ERR_RST ? SOCKS_REFUSED : SOCKS_HOST_UNREACHABLE;
+}
+
+static void socks_connected(struct lw_relay *r, err_t err)
+{
+	struct node *n = r->n;
+	if (err != ERR_OK) {
+		socks_reply(r->fd, socks_code_of(err), 0, 0);
+		lw_relay_free(r);
+		return;
+	}
+	socks_reply(r->fd, SOCKS_OK, n->self.vip, r->pcb ? r->pcb->local_port : 0);
+	lw_relay_run(r);
+}
+
+/* Bytes a request needs, by its address type; 0 while unknown. */
+static size_t socks_request_len(const uint8_t *p, size_t len)
+{
+	if (len < 5)
+		return 0;
+	switch (p[3]) {
+	case SOCKS_ATYP_IPV4: return 10;
+	case SOCKS_ATYP_NAME: return 4 + 1 + (size_t)p[4] + 2;
+	case SOCKS_ATYP_IPV6: return 22;
+	default: return 4;
+	}
+}
+
+/* A whole CONNECT request: the destination, or -reply code. */
+static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uint32_t *ip, uint16_t *port)
+{
+	struct buf b = buf_of(p, len);
+	uint8_t ver = buf_u8(&b), cmd = buf_u8(&b);
+	buf_u8(&b);
+	uint8_t atyp = buf_u8(&b);
+	if (ver != SOCKS_VERSION)
+		return -SOCKS_FAILURE;
+	if (atyp == SOCKS_ATYP_IPV4) {
+		*ip = buf_u32(&b);
+	} else if (atyp == SOCKS_ATYP_NAME) {
+		char name[256];
+		uint8_t nl = buf_u8(&b);
+		buf_bytes(&b, name, nl);
+		name[nl] = 0;
+		struct in_addr ia;
+		if (inet_pton(AF_INET, name, &ia) != 1)
+			return -SOCKS_HOST_UNREACHABLE;   /* overlay names: not yet */
+		*ip = ntohl(ia.s_addr);
+	} else {
+		return -SOCKS_BAD_ADDRESS;
+	}
+	*port = buf_u16(&b);
+	if (b.bad)
+		return -SOCKS_FAILURE;
+	if (cmd != SOCKS_CMD_CONNECT)
+		return -SOCKS_BAD_COMMAND;
+	if (!ip_on_net(&n->ip, *ip))
+		return -SOCKS_NET_UNREACHABLE;
+	return 0;
+}
+
+/* Greeting (RFC 1928 section 3): we offer "no authentication" only. */
+static int socks_on_greeting(struct socks_client *c)
+{
+	if (c->in_len < 2 || c->in_len < 2u + c->in[1])
+		return 0;
+	bool noauth = false;
+	for (unsigned i = 0; i < c->in[1]; i++)
+		noauth |= c->in[2 + i] == 0;
+	uint8_t r[2] = { SOCKS_VERSION, noauth ? 0 : 0xff };
+	size_t used = 2u + c->in[1];
+	if (c->in[0] != SOCKS_VERSION || send(c->fd, r, 2, MSG_NOSIGNAL | MSG_DONTWAIT) != 2 || !noauth)
+		return -1;
+	memmove(c->in, c->in + used, c->in_len - used);
+	c->in_len -= used;
+	c->state = SOCKS_AWAIT_REQUEST;
+	return 1;
+}
+
+static int socks_on_request(struct socks_client *c)
+{
+	size_t need = socks_request_len(c->in, c->in_len);
+	if (!need || c->in_len < need)
+		return 0;
+	uint32_t ip;
+	uint16_t port;
+	int rc = socks_parse_request(c->n, c->in, need, &ip, &port);
+	struct lw_relay *r = rc < 0 ? NULL : lw_relay_new(c->n, c->fd);
+	if (rc < 0 || !r) {
+		socks_reply(c->fd, rc < 0 ? (uint8_t)-rc : SOCKS_FAILURE, 0, 0);
+		return -1;
+	}
+	/* The relay owns the socket from here. */
+	ev_fd_forget(&c->n->loop, c->fd);
+	c->fd = -1;
+	if (lw_relay_dial(r, ip, port, socks_connected) < 0) {
+		socks_reply(r->fd, SOCKS_FAILURE, 0, 0);
+		lw_relay_free(r);
+	}
+	return -1;                      /* the negotiation is over either way */
+}
+
+static void socks_client_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct socks_client *c = arg;
+	(void)loop;
+	(void)events;
+	ssize_t got = recv(fd, c->in + c->in_len, sizeof c->in - c->in_len, MSG_DONTWAIT);
+	if (got < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (got <= 0)
+		return socks_client_free(c);
+	c->in_len += (size_t)got;
+	int rc = 1;
+	while (rc > 0)
+		rc = c->state == SOCKS_AWAIT_GREETING ? socks_on_greeting(c) : socks_on_request(c);
+	if (rc < 0 || c->in_len == sizeof c->in)
+		socks_client_free(c);
+}
+
+static int64_t socks_client_timeout(struct ev_loop *loop, struct ev_timer *t)
+{
+	(void)loop;
+	socks_client_free(container_of(t, struct socks_client, timer));
+	return EV_TIMER_STOP;
+}
+
+static void socks_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
+{
+	struct node *n = arg;
+	(void)events;
+	for (int i = 0; i < 64; i++) {
+		int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			return;
+		struct socks_client *c = calloc(1, sizeof *c);
+		if (!c || ev_fd_watch(loop, fd, EPOLLIN, socks_client_event, c) < 0) {
+			free(c);
+			close(fd);
+			continue;
+		}
+		c->n = n;
+		c->fd = fd;
+		ev_timer_init(&c->timer, socks_client_timeout);
+		ev_timer_arm(loop, &c->timer, SOCKS_NEGOTIATE_TIMEOUT_MS);
+	}
+}
+
+/* A TCP listener for SOCKS or -L; err says which call failed and why. */
+static int socks_listen_tcp(struct node *n, const struct endpoint *ep, ev_fd_fn *fn, void *arg,
+			    const char *what, char *err, size_t errlen)
+{
+	struct sockaddr_in sa = link_sockaddr_of(ep);
+	int one = 1, fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd >= 0)
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 128) < 0 ||
+	    ev_fd_watch(&n->loop, fd, EPOLLIN, fn, arg) < 0) {
+		char ip[16];
+		buf_ip_str(ep->ip, ip);
+		snprintf(err, errlen, "cannot listen for %s on %s:%u: %s", what, ip, ep->port, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* ===================================================================== 14 fwd_
+ * Port forwards for user mode, like ssh's: -L [BIND:]PORT:VIP:VPORT makes a
+ * local TCP port reach a virtual host; -R VPORT:HOST:PORT makes a local
+ * service reachable at this node's virtual IP.  Both are relays (section
+ * 12); -R accepts in lwIP and connects out locally.
+ * ========================================================================= */
+
+struct fwd_spec {
+	struct node *n;
+	bool remote;                    /* -R */
+	struct endpoint local;          /* -L: where we listen; -R: what we connect to */
+	uint32_t vip;                   /* -L: the virtual host */
+	uint16_t vport;                 /* -L: its port; -R: our virtual port */
+	int fd;                         /* -L listener */
+	struct tcp_pcb *pcb;            /* -R listener */
+};
+
+static void fwd_local_connected(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct lw_relay *r = arg;
+	int e = 0;
+	socklen_t el = sizeof e;
+	(void)loop;
+	(void)events;
+	getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &el);
+	if (e) {
+		log_info("fwd", "-R: local service refused: %s", strerror(e));
+		lw_relay_free(r);
+		return;
+	}
+	lw_relay_run(r);
+}
+
+/* -R: a connection to our virtual port; connect out to the local service. */
+static err_t fwd_remote_accept(void *arg, struct tcp_pcb *pcb, err_t err)
+{
+	struct fwd_spec *f = arg;
+	if (err != ERR_OK || !pcb)
+		return ERR_VAL;
+	struct sockaddr_in sa = link_sockaddr_of(&f->local);
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	struct lw_relay *r = fd < 0 ? NULL : lw_relay_new(f->n, fd);
+	if (!r || (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS)) {
+		if (r)
+			lw_relay_free(r);
+		else if (fd >= 0)
+			close(fd);
+		tcp_abort(pcb);
+		return ERR_ABRT;
+	}
+	lw_relay_attach(r, pcb);
+	ev_fd_watch(&f->n->loop, fd, EPOLLOUT, fwd_local_connected, r);
+	return ERR_OK;
+}
+
+static void fwd_dialled(struct lw_relay *r, err_t err)
+{
+	if (err != ERR_OK) {
+		log_info("fwd", "-L: the virtual host did not accept (%s)", lwip_strerr(err));
+		lw_relay_free(r);
+		return;
+	}
+	lw_relay_run(r);
+}
+
+static void fwd_local_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
+{
+	struct fwd_spec *f = arg;
+	(void)loop;
+	(void)events;
+	for (int i = 0; i < 64; i++) {
+		int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			return;
+		struct lw_relay *r = lw_relay_new(f->n, fd);
+		if (!r) {
+			close(fd);
+			continue;
+		}
+		if (lw_relay_dial(r, f->vip, f->vport, fwd_dialled) < 0)
+			lw_relay_free(r);
+	}
+}
+
+static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errlen)
+{
+	f->n = n;
+	if (!f->remote) {
+		f->fd = socks_listen_tcp(n, &f->local, fwd_local_accept, f, "-L", err, errlen);
+		return f->fd < 0 ? -1 : 0;
+	}
+	struct tcp_pcb *pcb = tcp_new();
+	if (!pcb || tcp_bind(pcb, IP_ADDR_ANY, f->vport) != ERR_OK) {
+		snprintf(err, errlen, "-R: cannot listen on virtual port %u", f->vport);
+		if (pcb)
+			tcp_close(pcb);
+		return -1;
+	}
+	f->pcb = tcp_listen(pcb);
+	tcp_arg(f->pcb, f);
+	tcp_accept(f->pcb, fwd_remote_accept);
+	return 0;
+}
+
 /* ===================================================================== 15 ctl_
  * The control socket: a per-user unix stream socket (mode 0600) on which the
  * CLI asks a running node one question per connection, as one text line:
@@ -5445,6 +6176,12 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 		buf_printf(o, "\"interface\":{\"name\":\"%s\",\"mtu\":%d},", n->tap.name, n->ip.mtu);
 	else
 		buf_printf(o, "\"interface\":null,");
+	buf_printf(o, "\"mode\":\"%s\",", n->tap.fd >= 0 ? "tap" : n->lw.started ? "user" : "none");
+	if (n->lw.socks_fd >= 0) {
+		char sip[16];
+		buf_ip_str(n->lw.socks.ip, sip);
+		buf_printf(o, "\"socks\":\"%s:%u\",\"relays\":%u,", sip, n->lw.socks.port, n->lw.n_relays);
+	}
 	buf_printf(o, "\"ip_traffic\":{\"tx_packets\":%llu,\"rx_packets\":%llu,\"tx_bytes\":%llu,"
 		   "\"rx_bytes\":%llu},", (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets,
 		   (unsigned long long)n->ip.tx_bytes, (unsigned long long)n->ip.rx_bytes);
@@ -5816,7 +6553,7 @@ static void ctl_close(struct ctl *ctl)
 enum cli_cmd {
 	CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4, CMD_GENKEY = 8, CMD_CA_INIT = 16,
 	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64, CMD_DHT_GET = 128, CMD_DHT_PUT = 256, CMD_DHT_CREATE = 512,
-	CMD_ROUTE = 1024,
+	CMD_ROUTE = 1024, CMD_NC = 2048,
 };
 
 enum { CMD_DHT = CMD_DHT_GET | CMD_DHT_PUT | CMD_DHT_CREATE };
@@ -5826,9 +6563,12 @@ enum cli_key {
 	KEY_VERBOSE, KEY_QUIET, KEY_JSON, KEY_COUNT, KEY_INTERVAL, KEY_WAIT, KEY_HELP,
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
 	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
+	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD,
 };
 
-enum cli_mode { MODE_AUTO, MODE_TAP, MODE_NONE };
+enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NONE };
+
+enum { CLI_FWD_MAX = 16 };
 
 struct cli_flag {
 	const char *name;
@@ -5848,6 +6588,10 @@ static const struct cli_flag cli_flags[] = {
 	{ "crl", 0, true, true, KEY_CRL, CMD_UP },
 	{ "insecure", 0, false, true, KEY_INSECURE, CMD_UP },
 	{ "mode", 0, true, true, KEY_MODE, CMD_UP },
+	{ "socks", 0, true, true, KEY_SOCKS, CMD_UP | CMD_NC },
+	{ "socks-public", 0, false, true, KEY_SOCKS_PUBLIC, CMD_UP },
+	{ "local-forward", 'L', true, true, KEY_LOCAL_FWD, CMD_UP },
+	{ "remote-forward", 'R', true, true, KEY_REMOTE_FWD, CMD_UP },
 	{ "dev", 0, true, true, KEY_DEV, CMD_UP },
 	{ "mtu", 0, true, true, KEY_MTU, CMD_UP },
 	{ "out", 'o', true, false, KEY_OUT, CMD_GENKEY | CMD_CA_INIT | CMD_CERT_ISSUE },
@@ -5897,6 +6641,10 @@ struct cli_opts {
 	char secret_file[256], cert_dir[256], crl[256], out[256], ca_dir[256], cert[256], name[64];
 	bool insecure;
 	enum cli_mode mode;
+	char socks[64];
+	bool socks_public;
+	struct fwd_spec fwd[CLI_FWD_MAX];
+	unsigned n_fwd;
 	char dev[16];
 	long mtu;
 	struct sec_grant grant;         /* cert issue: --ip, --route-for, --name */
@@ -5919,6 +6667,7 @@ static const char cli_usage_main[] =
 	"  ca revoke   add a certificate to the network's revocation list\n"
 	"  dht      get, put or create a DHT record through the running node\n"
 	"  route    add or del a prefix this node routes for (VMs behind it)\n"
+	"  nc       join stdin/stdout to a virtual host's TCP port (ssh ProxyCommand)\n"
 	"  version  print the version\n"
 	"\n"
 	"'ipop COMMAND --help' describes each command.  See ipop(1).\n";
@@ -5937,8 +6686,14 @@ static const char cli_usage_up[] =
 	"  --insecure         no authentication or encryption (all nodes must agree)\n"
 	"\n"
 	"A node with a virtual IP gives this host an interface on the network:\n"
-	"  --mode auto|tap|none  auto (default): a tap device when permitted, else\n"
-	"                     none; tap: fail without the privilege; none: only route\n"
+	"  --mode auto|tap|user|none  auto (default): a tap device when permitted,\n"
+	"                     else user mode; tap: fail without the privilege; user:\n"
+	"                     lwIP in-process, reached by SOCKS5 and forwards; none:\n"
+	"                     only route\n"
+	"  --socks ADDR:PORT  user mode SOCKS5 server (default 127.0.0.1:1080; off)\n"
+	"  --socks-public     allow a non-loopback --socks address (no auth yet)\n"
+	"  -L [BIND:]PORT:VIP:VPORT  forward a local TCP port to a virtual host\n"
+	"  -R VPORT:HOST:PORT expose a local service on this node's virtual IP\n"
 	"  --dev NAME         tap device name (default ipop%%d: ipop0, ipop1, ...)\n"
 	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
 	"  --route-for CIDR   also hold these IPs (VMs, containers behind this host;\n"
@@ -6002,6 +6757,13 @@ static const char cli_usage_route[] =
 	"for VMs or containers behind this host.  Each IP is published in the DHT;\n"
 	"when an IP moves to another node ('route del' here, 'route add' there),\n"
 	"senders follow within seconds.  At most /24.\n";
+
+static const char cli_usage_nc[] =
+	"usage: ipop nc [--socks ADDR:PORT] VIP PORT\n"
+	"\n"
+	"Join standard input and output to TCP PORT of virtual host VIP, through the\n"
+	"SOCKS5 server of a user-mode node on this host (default 127.0.0.1:1080).\n"
+	"For ssh:  ssh -o ProxyCommand='ipop nc %h %p' user@10.128.0.5\n";
 
 static const char cli_usage_status[] =
 	"usage: ipop status [--json] [--control PATH]\n"
@@ -6100,6 +6862,92 @@ static int cli_parse_seconds(const char *s, double *out, double max)
 }
 
 static int cli_load_config(struct cli_opts *o, const char *path);
+
+static int cli_resolve(const struct cli_uri *u, struct endpoint *ep, char *err, size_t errlen)
+{
+	struct addrinfo hints = { .ai_family = AF_INET }, *res = NULL;
+	int rc = getaddrinfo(u->host, NULL, &hints, &res);
+	if (rc != 0 || !res) {
+		snprintf(err, errlen, "cannot resolve host '%s': %s", u->host, gai_strerror(rc));
+		return -1;
+	}
+	const struct sockaddr_in *sa = (const struct sockaddr_in *)(void *)res->ai_addr;
+	*ep = (struct endpoint){ .proto = u->proto, .ip = ntohl(sa->sin_addr.s_addr), .port = u->port };
+	freeaddrinfo(res);
+	return 0;
+}
+
+static int cli_port(const char *s, uint16_t *port)
+{
+	char *end;
+	long p = strtol(s, &end, 10);
+	if (*end || !*s || p < 1 || p > 65535)
+		return -1;
+	*port = (uint16_t)p;
+	return 0;
+}
+
+static int cli_ipv4(const char *s, uint32_t *ip)
+{
+	struct in_addr ia;
+	if (inet_pton(AF_INET, s, &ia) != 1)
+		return -1;
+	*ip = ntohl(ia.s_addr);
+	return 0;
+}
+
+/* -L [BIND:]PORT:VIP:VPORT and -R VPORT:HOST:PORT, as ssh spells them. */
+static int cli_parse_forward(struct cli_opts *o, const char *v, bool remote)
+{
+	char buf[160], *part[4];
+	int k = 0;
+	if (strlen(v) >= sizeof buf || o->n_fwd >= CLI_FWD_MAX)
+		goto bad;
+	strcpy(buf, v);
+	for (char *save = NULL, *t = strtok_r(buf, ":", &save); t && k < 4; t = strtok_r(NULL, ":", &save))
+		part[k++] = t;
+	struct fwd_spec *f = &o->fwd[o->n_fwd];
+	*f = (struct fwd_spec){ .remote = remote, .fd = -1, .local = { .proto = PROTO_TCP, .ip = 0x7f000001u } };
+	if (remote) {
+		struct cli_uri u = { .proto = PROTO_TCP };
+		char e[300];
+		if (k != 3 || cli_port(part[0], &f->vport) < 0 || cli_port(part[2], &u.port) < 0 ||
+		    strlen(part[1]) >= sizeof u.host)
+			goto bad;
+		strcpy(u.host, part[1]);
+		if (cli_resolve(&u, &f->local, e, sizeof e) < 0) {
+			cli_fail("-R %s: %s", v, e);
+			return -1;
+		}
+	} else {
+		int i = k == 4 ? 1 : 0;
+		if ((k != 3 && k != 4) || (k == 4 && cli_ipv4(part[0], &f->local.ip) < 0) ||
+		    cli_port(part[i], &f->local.port) < 0 || cli_ipv4(part[i + 1], &f->vip) < 0 ||
+		    cli_port(part[i + 2], &f->vport) < 0)
+			goto bad;
+	}
+	o->n_fwd++;
+	return 0;
+bad:
+	cli_fail("bad %s '%s': %s", remote ? "-R" : "-L", v, remote ? "VPORT:HOST:PORT, like -R 22:127.0.0.1:22" :
+		 "[BIND:]PORT:VIP:VPORT, like -L 8080:10.128.0.2:80");
+	return -1;
+}
+
+/* --socks ADDR:PORT | PORT | off; the default in user mode is 127.0.0.1:1080. */
+static int cli_parse_socks(const char *s, struct endpoint *ep, bool *off)
+{
+	char host[64];
+	const char *colon = strrchr(s, ':');
+	*off = !strcmp(s, "off");
+	*ep = (struct endpoint){ .proto = PROTO_TCP, .ip = 0x7f000001u, .port = 1080 };
+	if (*off || !*s)
+		return 0;
+	if (!colon)
+		return cli_port(s, &ep->port);
+	snprintf(host, sizeof host, "%.*s", (int)(colon - s), s);
+	return cli_ipv4(host, &ep->ip) < 0 || cli_port(colon + 1, &ep->port) < 0 ? -1 : 0;
+}
 
 static int cli_path(const struct cli_flag *f, const char *v, char out[256])
 {
@@ -6253,12 +7101,26 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 		}
 		return 0;
 	case KEY_MODE:
-		if (!strcmp(v, "auto") || !strcmp(v, "tap") || !strcmp(v, "none")) {
-			o->mode = !strcmp(v, "auto") ? MODE_AUTO : !strcmp(v, "tap") ? MODE_TAP : MODE_NONE;
-			return 0;
-		}
-		cli_fail("bad --mode '%s': auto, tap or none (user mode is not built yet)", v);
+		for (int m = MODE_AUTO; m <= MODE_NONE; m++)
+			if (!strcmp(v, (const char *[]){ "auto", "tap", "user", "none" }[m])) {
+				o->mode = (enum cli_mode)m;
+				return 0;
+			}
+		cli_fail("bad --mode '%s': auto, tap, user or none", v);
 		return -1;
+	case KEY_SOCKS:
+		if (strlen(v) >= sizeof o->socks || !*v) {
+			cli_fail("bad --socks '%s': ADDR:PORT, PORT or off", v);
+			return -1;
+		}
+		strcpy(o->socks, v);
+		return 0;
+	case KEY_SOCKS_PUBLIC:
+		o->socks_public = true;
+		return 0;
+	case KEY_LOCAL_FWD:
+	case KEY_REMOTE_FWD:
+		return cli_parse_forward(o, v, f->key == KEY_REMOTE_FWD);
 	case KEY_DEV:
 		if (!*v || strlen(v) >= sizeof o->dev || strchr(v, '/') || strchr(v, ' ')) {
 			cli_fail("bad --dev '%s': an interface name of 1 to 15 characters", v);
@@ -6401,8 +7263,8 @@ static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char 
 		} else if (o->cmd == CMD_PING && !o->target) {
 			o->target = a;
 			continue;
-		} else if ((o->cmd & CMD_DHT || o->cmd == CMD_ROUTE) &&
-			   o->n_args < (o->cmd == CMD_DHT_PUT || o->cmd == CMD_DHT_CREATE ? 2 : 1)) {
+		} else if ((o->cmd & CMD_DHT || o->cmd == CMD_ROUTE || o->cmd == CMD_NC) &&
+			   o->n_args < (o->cmd == CMD_DHT_PUT || o->cmd == CMD_DHT_CREATE || o->cmd == CMD_NC ? 2 : 1)) {
 			o->args[o->n_args++] = a;
 			continue;
 		} else {
@@ -6429,19 +7291,6 @@ static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char 
 	return 0;
 }
 
-static int cli_resolve(const struct cli_uri *u, struct endpoint *ep, char *err, size_t errlen)
-{
-	struct addrinfo hints = { .ai_family = AF_INET }, *res = NULL;
-	int rc = getaddrinfo(u->host, NULL, &hints, &res);
-	if (rc != 0 || !res) {
-		snprintf(err, errlen, "cannot resolve host '%s': %s", u->host, gai_strerror(rc));
-		return -1;
-	}
-	const struct sockaddr_in *sa = (const struct sockaddr_in *)(void *)res->ai_addr;
-	*ep = (struct endpoint){ .proto = u->proto, .ip = ntohl(sa->sin_addr.s_addr), .port = u->port };
-	freeaddrinfo(res);
-	return 0;
-}
 
 /* ---- node setup (ipop up) ------------------------------------------ */
 
@@ -6521,11 +7370,46 @@ static void cli_node_free(struct node *n)
 	if (n->udp_dial_fd >= 0)
 		close(n->udp_dial_fd);
 	tap_close(n);
+	if (n->lw.socks_fd > 0)
+		close(n->lw.socks_fd);
+	for (unsigned i = 0; i < n->lw.n_fwd; i++)
+		if (n->lw.fwd[i].fd >= 0)
+			close(n->lw.fwd[i].fd);
+	free(n->lw.fwd);
 	ip_stop(n);
 	dht_stop(n);
 	sec_creds_free(&n->sec);
 	sec_rng_free(&n->rng);
 	ev_fini(&n->loop);
+}
+
+/* User mode: lwIP owns the virtual IP; SOCKS and forwards reach it. */
+static int cli_node_user_mode(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	bool off;
+	lw_start(n);
+	n->lw.socks_fd = -1;
+	if (cli_parse_socks(o->socks, &n->lw.socks, &off) < 0) {
+		snprintf(err, errlen, "bad --socks '%s': ADDR:PORT, PORT or off", o->socks);
+		return -2;
+	}
+	if (!off && (n->lw.socks.ip >> 24) != 127 && !o->socks_public) {
+		snprintf(err, errlen, "--socks %s is reachable from other hosts and has no authentication; "
+			 "add --socks-public if that is what you want", o->socks);
+		return -2;
+	}
+	if (!off && (n->lw.socks_fd = socks_listen_tcp(n, &n->lw.socks, socks_accept, n, "SOCKS", err, errlen)) < 0) {
+		snprintf(err + strlen(err), errlen - strlen(err), " (choose another with --socks ADDR:PORT, or --socks off)");
+		return -1;
+	}
+	n->lw.fwd = calloc(CLI_FWD_MAX, sizeof *n->lw.fwd);
+	for (unsigned i = 0; n->lw.fwd && i < o->n_fwd; i++) {
+		n->lw.fwd[i] = o->fwd[i];
+		if (fwd_start(n, &n->lw.fwd[i], err, errlen) < 0)
+			return -1;
+		n->lw.n_fwd++;
+	}
+	return 0;
 }
 
 /* The local interface: a tap when the node has a virtual IP and may open one. */
@@ -6553,17 +7437,28 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 		if (!n->ip.n_routes || !ip_route_has(&n->ip, r.net))
 			n->ip.routes[n->ip.n_routes++] = r;
 	}
-	if (!n->self.vip || o->mode == MODE_NONE)
-		return 0;
-	int rc = tap_open(n, o->dev[0] ? o->dev : "ipop%d", err, errlen);
-	if (rc == -EPERM && o->mode == MODE_AUTO) {
-		log_warn("cli", "%s; continuing without a local interface: this node routes for "
-			 "others (use --mode none to silence this)", err);
+	if (!n->self.vip || o->mode == MODE_NONE) {
+		if (o->n_fwd || o->socks[0]) {
+			snprintf(err, errlen, "-L, -R and --socks need a virtual IP (--ip) and user mode");
+			return -2;
+		}
 		return 0;
 	}
-	if (rc < 0 && rc == -EPERM)
-		snprintf(err + strlen(err), errlen - strlen(err), "; without root, run with --mode none");
-	return rc < 0 ? -1 : 0;
+	if (o->mode != MODE_USER) {
+		int rc = tap_open(n, o->dev[0] ? o->dev : "ipop%d", err, errlen);
+		if (rc == 0 && (o->n_fwd || o->socks[0]))
+			log_warn("cli", "tap mode: -L, -R and --socks are for user mode; use the kernel's own "
+				 "sockets (ssh -L, socat) on %s", n->tap.name);
+		if (rc == 0)
+			return 0;
+		if (rc != -EPERM || o->mode == MODE_TAP) {
+			if (rc == -EPERM)
+				snprintf(err + strlen(err), errlen - strlen(err), "; without root, use --mode user");
+			return -1;
+		}
+		log_info("cli", "%s: running in user mode instead (lwIP in-process)", err);
+	}
+	return cli_node_user_mode(n, o, err, errlen);
 }
 
 /* Load the network credentials; -2 for a usage error, -1 for a bad file. */
@@ -6621,7 +7516,7 @@ static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err
 /* -2: a usage error (exit 2), -1: anything else (exit 1). */
 static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
-	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1 };
+	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1 };
 	if (ev_init(&n->loop) < 0 || sec_rng_init(&n->rng) < 0 || sec_creds_init(&n->sec) < 0) {
 		snprintf(err, errlen, "cannot start the event loop or random generator: %s", strerror(errno));
 		return -1;
@@ -6688,6 +7583,13 @@ static void cli_log_start(const struct node *n)
 	log_info("cli", "node %s, virtual ip %s, security: %s", addr, ip, sec_mode_names[n->sec.mode]);
 	if (n->tap.fd >= 0)
 		log_info("cli", "interface %s: %s/%u, mtu %d", n->tap.name, ip, n->vip_prefix, n->ip.mtu);
+	if (n->lw.started) {
+		char sip[16];
+		buf_ip_str(n->lw.socks.ip, sip);
+		log_info("cli", "user mode: %s/%u in lwIP; SOCKS5 %s%s:%u", ip, n->vip_prefix,
+			 n->lw.socks_fd >= 0 ? "on " : "off", n->lw.socks_fd >= 0 ? sip : "",
+			 n->lw.socks_fd >= 0 ? n->lw.socks.port : 0);
+	}
 	for (unsigned i = 0; i < n->n_listeners; i++) {
 		char uri[40];
 		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);
@@ -7108,6 +8010,88 @@ static int cli_route(struct cli_opts *o)
 	return code;
 }
 
+/* RFC 1928 client side, blocking: greeting, CONNECT, reply. */
+static int cli_nc_connect(const struct endpoint *socks, uint32_t ip, uint16_t port, const char **why)
+{
+	static const char *const replies[] = { "succeeded", "general failure", "not allowed",
+		"network unreachable", "host unreachable", "connection refused", "TTL expired",
+		"command not supported", "address type not supported" };
+	struct sockaddr_in sa = link_sockaddr_of(socks);
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	uint8_t req[10] = { SOCKS_VERSION, SOCKS_CMD_CONNECT, 0, SOCKS_ATYP_IPV4 }, r[10];
+	struct wbuf w = wbuf_of(req + 4, 6);
+	wbuf_u32(&w, ip);
+	wbuf_u16(&w, port);
+	*why = "no SOCKS server (is a user-mode 'ipop up' running? see --socks)";
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+	    send(fd, "\x05\x01\x00", 3, MSG_NOSIGNAL) != 3 || recv(fd, r, 2, MSG_WAITALL) != 2)
+		goto fail;
+	*why = "the SOCKS server wants authentication";
+	if (r[0] != SOCKS_VERSION || r[1] != 0)
+		goto fail;
+	*why = "the SOCKS server closed the connection";
+	if (send(fd, req, sizeof req, MSG_NOSIGNAL) != (ssize_t)sizeof req || recv(fd, r, 10, MSG_WAITALL) != 10)
+		goto fail;
+	if (r[1] != SOCKS_OK) {
+		*why = r[1] < ARRAY_LEN(replies) ? replies[r[1]] : "failure";
+		goto fail;
+	}
+	return fd;
+fail:
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
+/* Copy stdin to the connection and the connection to stdout until both end. */
+static int cli_nc(struct cli_opts *o)
+{
+	struct endpoint socks;
+	bool off;
+	uint32_t ip;
+	uint16_t port;
+	const char *why;
+	if (o->n_args != 2 || cli_ipv4(o->args[0], &ip) < 0 || cli_port(o->args[1], &port) < 0 ||
+	    cli_parse_socks(o->socks, &socks, &off) < 0 || off) {
+		cli_fail("nc: expected VIP PORT, like: ipop nc 10.128.0.5 22");
+		return EXIT_USAGE;
+	}
+	int fd = cli_nc_connect(&socks, ip, port, &why);
+	if (fd < 0) {
+		cli_fail("nc %s %u: %s", o->args[0], port, why);
+		return EXIT_FAIL;
+	}
+	struct pollfd p[2] = { { .fd = STDIN_FILENO, .events = POLLIN }, { .fd = fd, .events = POLLIN } };
+	char buf[65536];
+	signal(SIGPIPE, SIG_IGN);
+	while (p[1].fd >= 0) {
+		if (poll(p, 2, -1) < 0 && errno != EINTR)
+			break;
+		for (int i = 0; i < 2; i++) {
+			if (p[i].fd < 0 || !(p[i].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			ssize_t r = read(p[i].fd, buf, sizeof buf);
+			int out = i == 0 ? fd : STDOUT_FILENO;
+			if (r <= 0) {
+				if (i == 0)
+					shutdown(fd, SHUT_WR);
+				p[i].fd = -1;
+				continue;
+			}
+			for (ssize_t off2 = 0; off2 < r;) {
+				ssize_t wr = write(out, buf + off2, (size_t)(r - off2));
+				if (wr <= 0) {
+					close(fd);
+					return EXIT_FAIL;
+				}
+				off2 += wr;
+			}
+		}
+	}
+	close(fd);
+	return EXIT_OK;
+}
+
 static int cli_main(int argc, char **argv)
 {
 	static const struct {
@@ -7128,6 +8112,7 @@ static int cli_main(int argc, char **argv)
 		{ "dht", "create", CMD_DHT_CREATE, cli_usage_dht, cli_dht },
 		{ "route", "add", CMD_ROUTE, cli_usage_route, cli_route },
 		{ "route", "del", CMD_ROUTE, cli_usage_route, cli_route },
+		{ "nc", NULL, CMD_NC, cli_usage_nc, cli_nc },
 	};
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		fputs(cli_usage_main, argc < 2 ? stderr : stdout);

@@ -27,7 +27,10 @@
  * in order of appearance (UDP: 1 = the dial, 2 = the first responder link an
  * HS_INIT creates; TCP: 1 = the UDP dial, 2 = the stream link).
  * At the end of every input all links are closed and link_reap frees them,
- * so inputs do not leak links into each other.
+ * so inputs do not leak links into each other.  Other node state (drop
+ * counters, ring bookkeeping, DHT records and pending lookups, IP mappings)
+ * carries over from input to input, as it would in a running node; timers
+ * never run (no event loop), so nothing expires.
  *
  * Nothing leaves the process: sendto() from ipop.c is swallowed (answers go
  * to the fake source, and connect-to-me payloads make the node dial whatever
@@ -104,8 +107,9 @@ static int fuzz_node_up(struct node *n, const char *secret)
 		fprintf(stderr, "fuzz_link: node init: %s\n", err);
 		return -1;
 	}
-	link_start(n);
+	link_start(n);          /* the start sequence of cli_up */
 	ring_start(n);
+	dht_start(n);
 	memset(n->sec.cookie_key[0], FUZZ_COOKIE_KEY0, SEC_KEY_BYTES);
 	memset(n->sec.cookie_key[1], FUZZ_COOKIE_KEY1, SEC_KEY_BYTES);
 	n->ip.local = true;

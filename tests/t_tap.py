@@ -21,6 +21,15 @@ gets a veth (tt-eth in the host, ttp-NAME on the bridge) with
     15 s naming 10.128.0.2; h2 keeps working.
  7. as user nobody: --mode tap exits non-zero within 5 s mentioning the
     privilege; --mode auto keeps running and logs a warning.
+ 8. a "VM" namespace tt-vm with 10.128.7.5/32 sits behind h1 on a veth
+    (h1 forwards; `ipop route add` on h1's running node): kernel ping
+    h2 -> 10.128.7.5 works, `ipop dht get ip:10.128.7.5` on h2 exits 0, and
+    the VM pings 10.128.0.2.
+ 9. mobility: h2 pings 10.128.7.5 every 0.2 s for 15 s and streams 20 MB
+    over TCP to the VM (1 MB chunks, 0.5 s apart, ~10 s); 2 s in the VM
+    moves to h3 (`route del` on h1, new veth to h3, `route add` on h3).
+    Replies must resume within 5 s of the move and the transfer must
+    complete with a matching sha256.
 
 Steps after 1 are independent checks: a failure is recorded and the test
 goes on; the exit status is non-zero if any failed.  Node logs of a failed
@@ -56,6 +65,9 @@ PORT = 4000
 N_ROUTERS = int(os.environ.get("IPOP_TAP_ROUTERS", "20"))
 FILE_MB = int(os.environ.get("IPOP_TAP_FILE_MB", "200"))
 MARKER = "hello-over-ipop"
+VM_NS = "tt-vm"
+VM_IP = "10.128.7.5"
+VM_PEER = "tt-tovm"        # the host's end of the VM's veth
 
 
 # --------------------------------------------------------------------------
@@ -646,8 +658,8 @@ class TapTest:
                                   "hops %r (want >= 2) for 20 s; %s" % (kok, best_hops, where))
             time.sleep(0.5)
         self.result("after blocking h1<->h4: kernel ping h1->%s ok; overlay ping hops %r "
-                    "(%.1f s after link death, %d tries)"
-                    % (h4.vip, hops, time.monotonic() - t_block - t_dead, tries))
+                    "(%.1f s after link death, %d tries); %s"
+                    % (h4.vip, hops, time.monotonic() - t_block - t_dead, tries, where))
         _ = ook
 
     # ---- step 6
@@ -749,6 +761,206 @@ class TapTest:
                 check(warn, "--mode auto without privilege logged no warning")
                 self.result("unprivileged --mode auto: kept running 2 s, warned: %r" % warn[0].strip())
 
+    # ---- steps 8, 9: a VM behind a host, then moved to another host
+    def ctl(self, node, args, timeout=10):
+        """ipop CLI against node's control socket; (rc, output)."""
+        rc, out, err = sh([ipop_bin()] + list(args) + ["--control", node.ctl],
+                          timeout=timeout, check_rc=False)
+        return rc, (out + err).strip()
+
+    def attach_vm(self, host, vm_if):
+        """veth vm_if (in VM_NS, with VM_IP) <-> VM_PEER (in host); the host
+        forwards; the VM's default route points at the host's virtual IP."""
+        sh(["ip", "link", "add", vm_if, "netns", VM_NS, "type", "veth",
+            "peer", "name", VM_PEER, "netns", host.ns])
+        sh(["ip", "-n", VM_NS, "addr", "add", VM_IP + "/32", "dev", vm_if])
+        sh(["ip", "-n", VM_NS, "link", "set", vm_if, "up"])
+        sh(["ip", "-n", VM_NS, "route", "add", host.vip, "dev", vm_if])
+        sh(["ip", "-n", VM_NS, "route", "replace", "default", "via", host.vip, "dev", vm_if,
+            "onlink"])
+        sh(["ip", "-n", host.ns, "link", "set", VM_PEER, "up"])
+        sh(["ip", "-n", host.ns, "route", "add", VM_IP + "/32", "dev", VM_PEER])
+        nsx(host.ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        nsx(host.ns, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])
+
+    def dht_get(self, node, key):
+        """(rc, value bytes, stderr bytes) of `ipop dht get KEY` on node."""
+        try:
+            p = subprocess.run([ipop_bin(), "dht", "get", key, "--control", node.ctl],
+                               capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return None, b"", b"timeout"
+        return p.returncode, p.stdout, p.stderr
+
+    def describe_holder(self, val):
+        """Length of a DHT value and which host's ring address it is."""
+        v = val[:-1] if len(val) == 21 and val.endswith(b"\n") else val
+        who = [n.name for n in self.hosts if n.address and bytes.fromhex(n.address) == v]
+        return "%d-byte value%s" % (len(val), " = ring address of " + who[0] if who else
+                                    " (no host's ring address: %s)" % v.hex()[:48])
+
+    def vm_ping(self, src_ns, dst, count=3, wait=2):
+        rc, out, err = nsx(src_ns, ["ping", "-n", "-c", str(count), "-W", str(wait), dst],
+                           timeout=count * (wait + 1) + 5, check_rc=False)
+        return rc == 0, (out + err).strip()
+
+    def step_vm(self):
+        h1, h2 = self.hosts[0], self.hosts[1]
+        sh(["ip", "netns", "add", VM_NS])
+        sh(["ip", "-n", VM_NS, "link", "set", "lo", "up"])
+        self.attach_vm(h1, "tt-vmeth")
+        t0 = time.monotonic()
+        rc, out = self.ctl(h1, ["route", "add", VM_IP + "/32"])
+        check(rc == 0, "ipop route add %s/32 on h1: rc=%s %r" % (VM_IP, rc, out[-300:]))
+        log("h1: ipop route add %s/32: %r" % (VM_IP, out[-200:]))
+        # kernel ping h2 -> VM, polled up to 15 s (the DHT record may lag)
+        deadline = t0 + 15
+        tries = 0
+        while True:
+            tries += 1
+            ok, out = self.kping(h2, VM_IP, count=2, wait=2)
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                print("  last kernel ping h2 -> %s:\n    %s" % (VM_IP, out.replace("\n", "\n    ")),
+                      flush=True)
+                self.dump_logs(["h1", "h2"], 15)
+                raise TestFailure("kernel ping h2 -> %s (VM behind h1) failed for 15 s after "
+                                  "route add" % VM_IP)
+            time.sleep(0.5)
+        el = time.monotonic() - t0
+        m = re.search(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/", out)
+        self.result("VM %s behind h1: kernel ping from h2 ok %.2f s after route add (%d tries, avg rtt %s ms)"
+                    % (VM_IP, el, tries, m.group(1) if m else "?"))
+        # the DHT record
+        rc, val, err = self.dht_get(h2, "ip:" + VM_IP)
+        check(rc == 0, "ipop dht get ip:%s on h2: rc=%s %r" % (VM_IP, rc, (val + err)[-300:]))
+        self.result("ipop dht get ip:%s on h2: rc=0, %s" % (VM_IP, self.describe_holder(val)))
+        # VM -> h2
+        ok, out = self.vm_ping(VM_NS, h2.vip)
+        if not ok:
+            print("  VM ping %s:\n    %s" % (h2.vip, out.replace("\n", "\n    ")), flush=True)
+            self.dump_logs(["h1", "h2"], 15)
+        check(ok, "kernel ping from the VM to %s failed" % h2.vip)
+        self.result("VM -> %s kernel ping ok" % h2.vip)
+
+    def step_mobility(self):
+        h1, h2, h3 = self.hosts[0], self.hosts[1], self.hosts[2]
+        check(VM_NS in list_tt_netns(), "no VM namespace (step 8 failed early)")
+        nbytes = 20 * 1024 * 1024
+        src = os.path.join(self.dir, "vm.src")
+        dst = os.path.join(self.dir, "vm.dst")
+        sh(["sh", "-c", "head -c %d /dev/urandom > '%s'" % (nbytes, src)], timeout=30)
+        want = sha256_file(src)
+        port = 5001
+        lst = Proc("socat-vm", ["ip", "netns", "exec", VM_NS, "socat", "-u",
+                                "TCP-LISTEN:%d,reuseaddr" % port,
+                                "OPEN:%s,creat,trunc,wronly" % dst],
+                   os.path.join(self.dir, "socat-vm.log"))
+        # throttled sender: 1 MB chunks, 0.5 s apart (~10 s); after EOF wait
+        # for the listener to close so every byte is known to be delivered
+        client = (
+            "import socket,sys,time\n"
+            "f=open(sys.argv[1],'rb'); s=socket.create_connection((sys.argv[2],int(sys.argv[3])),10)\n"
+            "s.settimeout(60); t0=time.monotonic(); n=0\n"
+            "while True:\n"
+            "    b=f.read(1<<20)\n"
+            "    if not b: break\n"
+            "    s.sendall(b); n+=len(b)\n"
+            "    print('%.2f sent %d' % (time.monotonic()-t0, n), flush=True)\n"
+            "    time.sleep(0.5)\n"
+            "s.shutdown(socket.SHUT_WR)\n"
+            "while s.recv(4096): pass\n"
+            "print('%.2f done %d' % (time.monotonic()-t0, n), flush=True)\n")
+        pingp = sender = None
+        try:
+            check(self.wait_listen(VM_NS, ":%d" % port, 10, lst),
+                  "socat listener in the VM not up: %s" % lst.log_tail(5))
+            pinglog = os.path.join(self.dir, "mobility-ping.log")
+            pingp = Proc("ping-vm", ["ip", "netns", "exec", h2.ns, "ping", "-n", "-D", "-i", "0.2",
+                                     "-w", "15", "-W", "1", VM_IP], pinglog)
+            sender = Proc("sender-vm", ["ip", "netns", "exec", h2.ns, sys.executable, "-c", client,
+                                        src, VM_IP, str(port)],
+                          os.path.join(self.dir, "sender-vm.log"))
+            t_start = time.time()
+            time.sleep(2)
+            # the move: h1 stops routing, the VM's link moves to h3, h3 starts
+            t_move = time.time()
+            rc, out = self.ctl(h1, ["route", "del", VM_IP + "/32"])
+            check(rc == 0, "ipop route del on h1: rc=%s %r" % (rc, out[-300:]))
+            sh(["ip", "-n", h1.ns, "link", "del", VM_PEER])
+            self.attach_vm(h3, "tt-vmeth2")
+            rc, out = self.ctl(h3, ["route", "add", VM_IP + "/32"])
+            check(rc == 0, "ipop route add on h3: rc=%s %r" % (rc, out[-300:]))
+            t_moved = time.time()
+            log("VM moved h1 -> h3 in %.2f s (started %.2f s after ping/transfer)"
+                % (t_moved - t_move, t_move - t_start))
+            prc = pingp.wait(25)
+            src_rc = sender.wait(60)
+            lrc = lst.wait(20)
+            # ping analysis: replies (seq, wall time)
+            text = pingp.log_text()
+            replies = [(int(m.group(2)), float(m.group(1))) for m in
+                       re.finditer(r"^\[(\d+\.\d+)\].*icmp_seq=(\d+) ttl", text, re.M)]
+            seqs = sorted(set(q for q, _ in replies))
+            m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+            sent_n, recv_n = (int(m.group(1)), int(m.group(2))) if m else (-1, len(seqs))
+            gap, gap_at = 0, None
+            for a, b in zip(seqs, seqs[1:]):
+                if b - a - 1 > gap:
+                    gap, gap_at = b - a - 1, (a, b)
+            after = [t for _, t in replies if t >= t_moved]
+            first_after = (after[0] - t_moved) if after else None
+            before = [t for _, t in replies if t < t_move]
+            last_before = (t_move - before[-1]) if before else None
+            # longest silence between consecutive replies around the move
+            ts = sorted(t for _, t in replies)
+            silence = max([b - a for a, b in zip(ts, ts[1:])] or [0])
+            detail = ("ping: %d sent, %d received; longest icmp_seq gap %d missing (%.1f s) %s; "
+                      "longest silence between replies %.2f s; last reply before the move %s s "
+                      "before it, first %s s after the move completed"
+                      % (sent_n, recv_n, gap, gap * 0.2, "between seq %d and %d" % gap_at if gap_at else "",
+                         silence, "%.2f" % last_before if last_before is not None else "none",
+                         "%.2f" % first_after if first_after is not None else "none"))
+            log(detail)
+            ok_ping = first_after is not None and first_after <= 5.0 and gap * 0.2 <= 5.0
+            if not ok_ping:
+                print("  ping log tail:\n%s" % pingp.log_tail(30), flush=True)
+                self.dump_logs(["h1", "h2", "h3"], 15)
+                self.fail("9 mobility", "ping replies did not resume within 5 s of the move: " + detail)
+            else:
+                self.result("VM moved h1 -> h3 (%.2f s of commands): %s" % (t_moved - t_move, detail))
+            _ = prc
+            # the transfer
+            got = os.path.getsize(dst) if os.path.exists(dst) else -1
+            have = sha256_file(dst) if got >= 0 else ""
+            slog = sender.log_text().strip().splitlines()
+            if not (src_rc == 0 and lrc == 0 and got == nbytes and have == want):
+                print("  sender log:\n%s\n  listener log:\n%s"
+                      % (sender.log_tail(30), lst.log_tail(10)), flush=True)
+                rc_, ss, _ = nsx(h2.ns, ["ss", "-tni", "dst", VM_IP], check_rc=False)
+                print("  ss in h2:\n    " + ss.replace("\n", "\n    "), flush=True)
+            check(src_rc == 0, "TCP sender across the move: rc=%s (None = still running after 60 s)"
+                  % src_rc)
+            check(lrc == 0, "socat listener in the VM: rc=%s" % lrc)
+            check(got == nbytes and have == want,
+                  "TCP transfer across the move: got %d/%d bytes, sha256 %s vs %s"
+                  % (got, nbytes, have[:16], want[:16]))
+            self.result("20 MB TCP h2 -> VM across the move: complete, sha256 %s... matches (%s)"
+                        % (want[:16], slog[-1] if slog else ""))
+            rc, val, err = self.dht_get(h2, "ip:" + VM_IP)
+            self.result("after the move: ipop dht get ip:%s on h2: rc=%s, %s"
+                        % (VM_IP, rc, self.describe_holder(val) if rc == 0 else err[-200:]))
+        finally:
+            for p in (sender, pingp, lst):
+                if p is not None:
+                    p.stop()
+            for f in (src, dst):
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
+
     # ---- cleanup
     def close(self, failed):
         if self._closed:
@@ -837,7 +1049,8 @@ def main():
             raise
         for name, fn in (("2 iperf3", t.step_iperf), ("3 ssh", t.step_ssh),
                          ("4 file copy", t.step_file), ("5 multi-hop", t.step_multihop),
-                         ("6 duplicate-ip", t.step_duplicate), ("7 unprivileged", t.step_unpriv)):
+                         ("6 duplicate-ip", t.step_duplicate), ("7 unprivileged", t.step_unpriv),
+                         ("8 vm behind h1", t.step_vm), ("9 mobility", t.step_mobility)):
             log("---- step %s" % name)
             ts = time.monotonic()
             try:
