@@ -68,6 +68,9 @@
 
 #include "mbedtls/ctr_drbg.h"
 #include "mbedtls/entropy.h"
+/* glibc's <netinet/tcp.h> names its TCP_MSS option like lwIP's MSS setting;
+ * ours is lwIP's (vendor/lwipopts.h).  musl does not define it. */
+#undef TCP_MSS
 #include "lwip/init.h"
 #include "lwip/ip4.h"
 #include "lwip/netif.h"
@@ -2286,6 +2289,7 @@ struct node {
 	uint64_t start_ms;
 	uint64_t counters_routed, counters_delivered;
 	int exit_code;                  /* set by whoever stops the loop for good */
+	char name[64];                  /* --name: published as name:N -> virtual IP */
 	uint64_t reject_logged_ms;      /* rate limit for handshake refusal lines */
 };
 
@@ -3297,6 +3301,8 @@ static void link_input(struct node *n, struct link *tcp, int fd, const struct so
 {
 	uint8_t type;
 	uint8_t proto = tcp ? PROTO_TCP : PROTO_UDP;
+	if (len > WIRE_MAX_RECORD_BYTES)        /* callers cap it too; this is the contract */
+		return link_drop_from(n, DROP_BAD_FRAME, proto, from);
 	switch (wire_classify(pkt, len, false, &type)) {
 	case WIRE_OK:
 		break;
@@ -4599,6 +4605,8 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 {
 	struct dht_state *d = &n->dht;
 	size_t klen = strlen(key);
+	if (!d->pending)
+		return -ENODEV;         /* dht_start has not run */
 	if (klen == 0 || klen > DHT_KEY_MAX_BYTES || vlen > DHT_VALUE_MAX_BYTES || ttl_s > DHT_TTL_MAX_S)
 		return -EINVAL;
 	if (done && d->n_pending >= DHT_PENDING_MAX)
@@ -5078,6 +5086,14 @@ static int64_t ip_publish_tick(struct ev_loop *loop, struct ev_timer *t)
 	(void)loop;
 	for (unsigned i = 0; i < n->ip.n_routes; i++)
 		ip_publish(n, &n->ip.routes[i]);
+	if (n->name[0] && n->self.vip) {
+		char key[80];
+		uint8_t v[4];
+		struct wbuf w = wbuf_of(v, 4);
+		wbuf_u32(&w, n->self.vip);
+		snprintf(key, sizeof key, "name:%s", n->name);
+		dht_request(n, DHT_PUT, key, v, 4, IP_PUBLISH_TTL_S, NULL, NULL);
+	}
 	return n->ring.joined ? IP_PUBLISH_EVERY_MS : 1000;
 }
 
@@ -5723,7 +5739,7 @@ enum socks_reply {
 	SOCKS_REFUSED = 5, SOCKS_TTL_EXPIRED = 6, SOCKS_BAD_COMMAND = 7, SOCKS_BAD_ADDRESS = 8,
 };
 
-enum socks_state { SOCKS_AWAIT_GREETING, SOCKS_AWAIT_REQUEST, SOCKS_CONNECTING };
+enum socks_state { SOCKS_AWAIT_GREETING, SOCKS_AWAIT_REQUEST, SOCKS_RESOLVING };
 
 enum { SOCKS_VERSION = 5, SOCKS_CMD_CONNECT = 1, SOCKS_ATYP_IPV4 = 1, SOCKS_ATYP_NAME = 3, SOCKS_ATYP_IPV6 = 4 };
 
@@ -5733,6 +5749,7 @@ struct socks_client {
 	enum socks_state state;
 	uint8_t in[4 + 1 + 255 + 2];    /* the longest request: a 255-byte name */
 	size_t in_len;
+	uint16_t port;                  /* SOCKS_RESOLVING: the port asked for */
 	struct ev_timer timer;          /* negotiation must finish in time */
 };
 
@@ -5740,6 +5757,7 @@ enum { SOCKS_NEGOTIATE_TIMEOUT_MS = 10000 };
 
 static void socks_client_free(struct socks_client *c)
 {
+	dht_forget(c->n, c);
 	if (c->fd >= 0) {
 		ev_fd_forget(&c->n->loop, c->fd);
 		close(c->fd);
@@ -5788,8 +5806,10 @@ static size_t socks_request_len(const uint8_t *p, size_t len)
 	}
 }
 
-/* A whole CONNECT request: the destination, or -reply code. */
-static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uint32_t *ip, uint16_t *port)
+/* A whole CONNECT request: 0 and the destination, 1 and a name to look up
+ * ("alice" or "alice.ipop"), or -reply code. */
+static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uint32_t *ip, uint16_t *port,
+			       char name[256])
 {
 	struct buf b = buf_of(p, len);
 	uint8_t ver = buf_u8(&b), cmd = buf_u8(&b);
@@ -5800,13 +5820,19 @@ static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uin
 	if (atyp == SOCKS_ATYP_IPV4) {
 		*ip = buf_u32(&b);
 	} else if (atyp == SOCKS_ATYP_NAME) {
-		char name[256];
 		uint8_t nl = buf_u8(&b);
 		buf_bytes(&b, name, nl);
 		name[nl] = 0;
 		struct in_addr ia;
-		if (inet_pton(AF_INET, name, &ia) != 1)
-			return -SOCKS_HOST_UNREACHABLE;   /* overlay names: not yet */
+		if (inet_pton(AF_INET, name, &ia) != 1) {
+			size_t l = strlen(name);
+			if (l > 5 && !strcmp(name + l - 5, ".ipop"))
+				name[l - 5] = 0;
+			*port = buf_u16(&b);
+			if (cmd != SOCKS_CMD_CONNECT)
+				return -SOCKS_BAD_COMMAND;
+			return b.bad || !*name || strlen(name) != (size_t)strcspn(name, " \t\r\n") ? -SOCKS_FAILURE : 1;
+		}
 		*ip = ntohl(ia.s_addr);
 	} else {
 		return -SOCKS_BAD_ADDRESS;
@@ -5839,27 +5865,61 @@ static int socks_on_greeting(struct socks_client *c)
 	return 1;
 }
 
-static int socks_on_request(struct socks_client *c)
+/* Hand the socket to a relay and dial; the negotiation is over after this. */
+static void socks_dial(struct socks_client *c, uint32_t ip, uint16_t port)
 {
-	size_t need = socks_request_len(c->in, c->in_len);
-	if (!need || c->in_len < need)
-		return 0;
-	uint32_t ip;
-	uint16_t port;
-	int rc = socks_parse_request(c->n, c->in, need, &ip, &port);
-	struct lw_relay *r = rc < 0 ? NULL : lw_relay_new(c->n, c->fd);
-	if (rc < 0 || !r) {
-		socks_reply(c->fd, rc < 0 ? (uint8_t)-rc : SOCKS_FAILURE, 0, 0);
-		return -1;
+	struct lw_relay *r = ip_on_net(&c->n->ip, ip) ? lw_relay_new(c->n, c->fd) : NULL;
+	if (!r) {
+		socks_reply(c->fd, ip_on_net(&c->n->ip, ip) ? SOCKS_FAILURE : SOCKS_NET_UNREACHABLE, 0, 0);
+		return;
 	}
-	/* The relay owns the socket from here. */
 	ev_fd_forget(&c->n->loop, c->fd);
-	c->fd = -1;
+	c->fd = -1;                     /* the relay owns the socket from here */
 	if (lw_relay_dial(r, ip, port, socks_connected) < 0) {
 		socks_reply(r->fd, SOCKS_FAILURE, 0, 0);
 		lw_relay_free(r);
 	}
-	return -1;                      /* the negotiation is over either way */
+}
+
+/* The DHT answered "name:N" (a 4-byte IPv4 address), or did not. */
+static void socks_resolved(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	struct socks_client *c = arg;
+	(void)n;
+	if (reply && reply->status == DHT_OK && reply->value_len == 4) {
+		struct buf b = buf_of(reply->value, 4);
+		socks_dial(c, buf_u32(&b), c->port);
+	} else {
+		socks_reply(c->fd, SOCKS_HOST_UNREACHABLE, 0, 0);
+	}
+	socks_client_free(c);
+}
+
+static int socks_on_request(struct socks_client *c)
+{
+	size_t need = socks_request_len(c->in, c->in_len);
+	if (c->state == SOCKS_RESOLVING || !need || c->in_len < need)
+		return 0;
+	uint32_t ip;
+	uint16_t port;
+	char name[256], key[300];
+	int rc = socks_parse_request(c->n, c->in, need, &ip, &port, name);
+	if (rc < 0) {
+		socks_reply(c->fd, (uint8_t)-rc, 0, 0);
+		return -1;
+	}
+	if (rc == 0) {
+		socks_dial(c, ip, port);
+		return -1;
+	}
+	snprintf(key, sizeof key, "name:%s", name);
+	c->state = SOCKS_RESOLVING;
+	c->port = port;
+	if (dht_request(c->n, DHT_GET, key, NULL, 0, 0, socks_resolved, c) < 0) {
+		socks_reply(c->fd, SOCKS_HOST_UNREACHABLE, 0, 0);
+		return -1;
+	}
+	return 0;
 }
 
 static void socks_client_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
@@ -6597,7 +6657,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "out", 'o', true, false, KEY_OUT, CMD_GENKEY | CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "ca", 0, true, false, KEY_CA, CMD_CERT_ISSUE | CMD_CA_REVOKE },
 	{ "route-for", 0, true, true, KEY_ROUTE_FOR, CMD_CERT_ISSUE | CMD_UP },
-	{ "name", 0, true, false, KEY_NAME, CMD_CA_INIT | CMD_CERT_ISSUE },
+	{ "name", 0, true, true, KEY_NAME, CMD_CA_INIT | CMD_CERT_ISSUE | CMD_UP },
 	{ "days", 0, true, false, KEY_DAYS, CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
@@ -6696,6 +6756,8 @@ static const char cli_usage_up[] =
 	"  -R VPORT:HOST:PORT expose a local service on this node's virtual IP\n"
 	"  --dev NAME         tap device name (default ipop%%d: ipop0, ipop1, ...)\n"
 	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
+	"  --name NAME        publish NAME for this node's IP (SOCKS resolves NAME\n"
+	"                     and NAME.ipop)\n"
 	"  --route-for CIDR   also hold these IPs (VMs, containers behind this host;\n"
 	"                     published in the DHT; repeatable; at most /24 each)\n"
 	"\n"
@@ -7492,6 +7554,16 @@ static int cli_node_creds(struct node *n, const struct cli_opts *o, char *err, s
  * or random for a router-only node. */
 static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
+	snprintf(n->name, sizeof n->name, "%s", o->name);
+	if (n->sec.mode == SEC_CERT && o->name[0] && strcmp(o->name, n->sec.own_grant.name)) {
+		snprintf(err, errlen, "--name %s is not the name in this node's certificate (%s)", o->name,
+			 n->sec.own_grant.name[0] ? n->sec.own_grant.name : "none");
+		return -2;
+	}
+	if (n->sec.mode == SEC_CERT && !o->name[0] &&
+	    strspn(n->sec.own_grant.name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") ==
+	    strlen(n->sec.own_grant.name))
+		snprintf(n->name, sizeof n->name, "%s", n->sec.own_grant.name);
 	n->self.vip = o->has_ip ? o->ip : 0;
 	n->vip_prefix = o->has_ip ? o->prefix : 16;
 	if (n->sec.mode == SEC_CERT) {

@@ -23,13 +23,14 @@ Per path and round:
   setup    (ipop only) clock starts just before h2's node is started and
            stops when `ipop ping -c 1 -W 1 10.128.0.1 --control H2SOCK`
            first succeeds (polled back to back, 5 ms apart)
-  ping     kernel ping h1 -> h2: 200 pings, -i 0.01; the "avg" of the line
+  ping     kernel ping h1 -> h2: 200 pings, -i 0.01; the "avg" of the
+           summary line, and the median of the 200 per-packet times
   oping    (ipop only) `ipop ping -c 50 -i 0.02` h2 -> h1 (overlay echo, 1
            hop, timed inside the node); median of the "time=" fields
   iperf1   iperf3 TCP h1 -> h2, 1 stream, T s; received bits/s.  During it,
            CPU of both ipop processes (utime+stime from /proc/PID/stat,
            before/after), reported as CPU-seconds per GB received and as %
-           of one core
+           of one core; also the whole machine's busy share (/proc/stat)
   iperf4   the same with -P 4 (no CPU sampling)
 The table shows, per metric, the median over the rounds (min-max in
 brackets) and ratios of medians: to plain veth, and udp secure/insecure.
@@ -250,15 +251,18 @@ def setup_underlay():
 # measurements
 
 def kernel_ping(dst):
-    """PINGS pings h1 -> dst, -i 0.01; {avg_ms, min_ms, max_ms, mdev_ms, loss_pct}."""
-    rc, out, err = nsx(HOSTS[0], ["ping", "-n", "-q", "-c", str(PINGS), "-i", "0.01", "-W", "1",
+    """PINGS pings h1 -> dst, -i 0.01; {avg_ms, min_ms, max_ms, mdev_ms, loss_pct}
+    from the summary line, median_ms of the per-packet times."""
+    rc, out, err = nsx(HOSTS[0], ["ping", "-n", "-c", str(PINGS), "-i", "0.01", "-W", "1",
                                   dst], timeout=PINGS * 0.05 + 20, check_rc=False)
     m = PING_RTT_RE.search(out)
     loss = PING_LOSS_RE.search(out)
     if not m:
         raise BenchError("ping %s: no rtt line (rc=%s): %s" % (dst, rc, (out + err).strip()[-200:]))
     mn, avg, mx, mdev = (float(x) for x in m.groups())
+    each = [float(x) for x in OPING_RE.findall(out)]
     return {"avg_ms": avg, "min_ms": mn, "max_ms": mx, "mdev_ms": mdev,
+            "median_ms": median(each), "n": len(each),
             "loss_pct": float(loss.group(1)) if loss else None}
 
 
@@ -435,6 +439,8 @@ METRICS = [
     ("tput1", "iperf3 TCP, 1 stream (Gbit/s)", lambda r: r["iperf1"]["gbps"], "%.3f"),
     ("tput4", "iperf3 TCP, 4 streams (Gbit/s)", lambda r: r["iperf4"]["gbps"], "%.3f"),
     ("ping", "kernel ping avg, %d x 10 ms (ms)" % PINGS, lambda r: r["ping"]["avg_ms"], "%.3f"),
+    ("ping_med", "kernel ping, median of the %d (ms)" % PINGS,
+     lambda r: r["ping"]["median_ms"], "%.3f"),
     ("cpu_gb", "ipop CPU per GB, 1 stream (CPU-s/GB)", lambda r: r["iperf1"]["cpu_s_per_gb"], "%.2f"),
     ("cpu_pct", "ipop CPU during 1 stream (% of a core, 2 nodes)",
      lambda r: r["iperf1"]["cpu_pct_core"], "%.0f"),
@@ -444,6 +450,9 @@ METRICS = [
     ("oping", "ipop ping RTT h2 -> h1, median of %d (ms)" % OPINGS,
      lambda r: r["oping_median_ms"], "%.3f"),
 ]
+
+
+NO_RATIO = {"busy"}  # context, not a result: no ratios
 
 
 def summarize(rounds):
@@ -499,7 +508,8 @@ def table(summ, paths, ratio_pairs):
         if not any(summ.get(p, {}).get(key) for p in paths):
             continue
         row = [label] + [cell(summ, p, key, fmt) for p in paths]
-        row += [fmt_ratio(ratio(summ, a, b, key)) for a, b in ratio_pairs]
+        row += [fmt_ratio(ratio(summ, a, b, key)) if key not in NO_RATIO else ""
+                for a, b in ratio_pairs]
         rows.append(row)
     w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"

@@ -216,26 +216,33 @@ def case_1(net, nodes):
 
 
 class Prober:
-    """Background loops: each reader repeats `dht get key` back to back and
-    one loop polls the holder set; every result is kept with its start and
-    end time (seconds since t0)."""
+    """Background probes from t0 on: each reader starts a `dht get key`
+    every `every` s (overlapping: a lost request does not delay the next
+    one) and one loop polls the holder set; every result is kept with its
+    start and end time (seconds since t0)."""
 
-    def __init__(self, net, readers, key, t0, every=0.2):
+    def __init__(self, net, readers, key, t0, every=0.25):
         self.net, self.readers, self.key, self.t0, self.every = net, readers, key, t0, every
         self.gets = {n: [] for n in readers}      # n -> [(start, end, (rc,out,err))]
         self.polls = []                            # [(start, end, holders, counts)]
         self.stop_ev = threading.Event()
+        self.workers = []
         self.threads = [threading.Thread(target=self._get_loop, args=(n,), daemon=True) for n in readers]
         self.threads.append(threading.Thread(target=self._poll_loop, daemon=True))
 
     def now(self):
         return time.monotonic() - self.t0
 
+    def _one_get(self, n):
+        s = self.now()
+        r = dht(n, "get", self.key, timeout=8)
+        self.gets[n].append((s, self.now(), r))
+
     def _get_loop(self, n):
         while not self.stop_ev.is_set():
-            s = self.now()
-            r = dht(n, "get", self.key, timeout=8)
-            self.gets[n].append((s, self.now(), r))
+            w = threading.Thread(target=self._one_get, args=(n,), daemon=True)
+            w.start()
+            self.workers.append(w)
             self.stop_ev.wait(self.every)
 
     def _poll_loop(self):
@@ -254,16 +261,19 @@ class Prober:
         self.stop_ev.set()
         for t in self.threads:
             t.join(12)
+        for w in list(self.workers):      # lost requests end within ~5 s
+            w.join(10)
 
     def first_ok_get(self, n, value):
-        """End time of the first successful get from n after which every
-        later get from n succeeded too; None if the last one failed."""
+        """End time of the earliest successful get from n such that every
+        get started after it succeeded too (only finished gets count);
+        None if the last one failed."""
+        gs = sorted(self.gets[n])
         t = None
-        for s, e, r in self.gets[n]:
-            if got_value(r, value):
-                t = e if t is None else t
-            else:
-                t = None
+        for i, (s, e, r) in enumerate(gs):
+            if got_value(r, value) and all(got_value(x[2], value) for x in gs[i:]):
+                t = e
+                break
         return t
 
     def first_holders(self, want):
@@ -278,17 +288,19 @@ class Prober:
     def timeline(self, value):
         for n, gs in self.gets.items():
             parts, prev = [], None
-            for s, e, r in gs:
+            for s, e, r in sorted(gs):
                 what = "ok" if got_value(r, value) else \
                     ("rc=%s %s" % (r[0], (r[2].strip().split(": ")[-1] or r[1].strip())[:30]))
                 if what == prev and parts:
                     parts[-1][1] = e
                     parts[-1][2] += 1
+                    parts[-1][4] = s
                 else:
-                    parts.append([s, e, 1, what])
+                    parts.append([s, e, 1, what, s])
                 prev = what
-            log("  gets from %s: %s" % (n.name, "; ".join("%.1f-%.1fs %s x%d" % (a, b, w, k)
-                                                          for a, b, k, w in parts)))
+            log("  gets from %s (by start time): %s"
+                % (n.name, "; ".join("started %.2f-%.2fs: %s x%d (last ended %.2fs)" % (a, parts[j][4], w, k, b)
+                                     for j, (a, b, k, w, _) in enumerate(parts))))
         parts, prev = [], None
         for s, e, hs, c in self.polls:
             what = names(hs)
