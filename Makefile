@@ -34,7 +34,7 @@ TEST_DEFS   = -std=c11 -D_GNU_SOURCE -DIPOP_NO_MAIN -I.
 SAN_FLAGS   = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 HDRS        = $(wildcard vendor/*.h vendor/lwip-port/arch/*.h)
 
-.PHONY: all deps test unit unit-asan fuzz bench clean distclean
+.PHONY: all deps test unit unit-asan fuzz bench demo clean distclean
 
 all:
 	./build.sh
@@ -106,6 +106,9 @@ else
 endif
 
 # ---------------------------------------------------------------- benchmarks
+demo: all
+	./tests/demo.sh
+
 bench: all
 	@shopt -s nullglob; benches=(tests/bench*.sh); \
 	if [ $${#benches[@]} -eq 0 ]; then echo "no benchmarks yet (tests/bench*.sh)"; exit 0; fi; \

@@ -2234,6 +2234,7 @@ struct ip_state {
 	struct ip_map *cache;           /* IP_MAP_CACHE_MAX slots */
 	unsigned n_cache;
 	struct ev_timer publish;
+	unsigned publish_rounds;
 	bool local;                     /* this host has an interface on the network */
 	uint32_t net, mask;             /* the virtual network, from --ip A.B.C.D/P */
 	int mtu;
@@ -5080,10 +5081,13 @@ static void ip_publish(struct node *n, const struct ip_route *r)
 	}
 }
 
+/* Publish our routed IPs and name: at once when we join, then every 20 s. */
 static int64_t ip_publish_tick(struct ev_loop *loop, struct ev_timer *t)
 {
 	struct node *n = container_of(t, struct node, ip.publish);
 	(void)loop;
+	if (!n->ring.joined)
+		return 200;
 	for (unsigned i = 0; i < n->ip.n_routes; i++)
 		ip_publish(n, &n->ip.routes[i]);
 	if (n->name[0] && n->self.vip) {
@@ -5094,7 +5098,8 @@ static int64_t ip_publish_tick(struct ev_loop *loop, struct ev_timer *t)
 		snprintf(key, sizeof key, "name:%s", n->name);
 		dht_request(n, DHT_PUT, key, v, 4, IP_PUBLISH_TTL_S, NULL, NULL);
 	}
-	return n->ring.joined ? IP_PUBLISH_EVERY_MS : 1000;
+	/* The first round may land before the near links settle: repeat soon. */
+	return ++n->ip.publish_rounds < 3 ? 1000 : IP_PUBLISH_EVERY_MS;
 }
 
 /* Start or stop routing for a prefix (--route-for, 'ipop route'). */
@@ -5128,7 +5133,7 @@ static void ip_start(struct node *n, int mtu)
 {
 	n->ip.cache = calloc(IP_MAP_CACHE_MAX, sizeof *n->ip.cache);
 	ev_timer_init(&n->ip.publish, ip_publish_tick);
-	ev_timer_arm(&n->loop, &n->ip.publish, 1000);
+	ev_timer_arm(&n->loop, &n->ip.publish, 200);
 	n->ip.mask = n->vip_prefix ? ~0u << (32 - n->vip_prefix) : 0;
 	n->ip.net = n->self.vip & n->ip.mask;
 	n->ip.mtu = mtu ? mtu : IP_MTU_DEFAULT;

@@ -331,7 +331,7 @@ def run_probe(net, readers, key, value, want, t0, limit):
     ht = pr.first_holders(want)
     ts = list(gt.values()) + [ht]
     worst = None if any(t is None for t in ts) else max(ts)
-    return worst, gt, ht
+    return worst, gt, ht, pr
 
 
 def case_3(net, nodes, key, value):
@@ -351,7 +351,17 @@ def case_3(net, nodes, key, value):
     log("killed %s (holders %s); survivor holder %s; new nearest %s"
         % (names(victims), names(want), survivor.name, names(after)))
     readers = [n for n in live if n not in want][:3] + [survivor]
-    worst, gt, ht = run_probe(net, readers, key, value, after, t, SURVIVE_S + 4)
+    worst, gt, ht, pr = run_probe(net, readers, key, value, after, t, SURVIVE_S + 4)
+    nf = sorted((s, e, n.name) for n, gs in pr.gets.items() for s, e, r in gs
+                if r[0] == 1 and "not found" in r[2])
+    n_all = sum(len(gs) for gs in pr.gets.values())
+    n_to = sum(1 for gs in pr.gets.values() for _, _, r in gs if "timeout" in r[2])
+    log("  info: %d probe gets: %d timed out, %d answered 'not found'" % (n_all, n_to, len(nf)))
+    if nf:
+        log("  NOTE: false 'not found' while a copy survived (holders then: %s): %s"
+            % ("; ".join(sorted({names(hs) for s0, e0, hs, _ in pr.polls
+                                 if any(s0 <= e and e0 >= s for s, e, _ in nf)})),
+               ", ".join("%s get started %.2fs ended %.2fs" % (nm, s, e) for s, e, nm in nf)))
     log("case 3: reads ok from (s after kill) %s; holders %s right from %s"
         % ({k: (round(v, 2) if v is not None else None) for k, v in gt.items()}, names(after),
            "%.2fs" % ht if ht is not None else "never"))
