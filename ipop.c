@@ -733,7 +733,8 @@ static void ev_run_once(struct ev_loop *loop)
 /* ===================================================================== 04 sec_
  * mbedTLS glue.  SHA-1 maps virtual IPs to ring addresses; a CTR-DRBG seeded
  * from getrandom gives every other random byte (nonces, far-link targets).
- * The next security work (link authentication) lives here too.
+ * Below that: the primitives of the link handshake and records, the replay
+ * window, cookies, certificates and revocation (docs/SECURITY.md).
  * ========================================================================= */
 
 /* mbedTLS calls this for entropy (MBEDTLS_ENTROPY_HARDWARE_ALT): musl's
@@ -1497,8 +1498,9 @@ static int sec_cert_write(struct sec_rng *r, mbedtls_pk_context *subject_key, mb
 
 /* ===================================================================== 05 wire_
  * Overlay messages (docs/PROTOCOL.md is the reference).  Every packet starts
- * with version and type bytes.  Link messages (HELLO .. BYE) travel one link;
- * ROUTED carries an inner message across the ring.  Each type has one decoder
+ * with version and type bytes.  Handshake messages and sealed DATA records
+ * travel one link; inside a record, PING .. BYE stay on the link and ROUTED
+ * carries an inner message across the ring.  Each type has one decoder
  * that fills a typed struct and demands the exact length, and one encoder.
  * Beyond this section only the typed structs travel.
  * To add a message: a type number, a struct, an encode/decode pair, a fuzz
@@ -3623,8 +3625,8 @@ static ring_addr ring_dist(const ring_addr *a, const ring_addr *b)
 	return wire_addr_cmp(&x, &y) <= 0 ? x : y;
 }
 
-/* True when x lies strictly inside the clockwise arc from a to b.  The DHT's
- * ownership checks use it next; the unit tests pin it down now. */
+/* True when x lies strictly inside the clockwise arc from a to b.  Kept for
+ * range checks (DHT hand-over by arcs); the unit tests pin it down. */
 __attribute__((unused))
 static bool ring_between(const ring_addr *a, const ring_addr *x, const ring_addr *b)
 {
@@ -4488,12 +4490,16 @@ static struct wire_dht dht_wire_of(const struct dht_record *r, uint8_t op, uint6
 	};
 }
 
-static void dht_send(struct node *n, uint8_t mode, const ring_addr *dst, const struct wire_dht *m)
+/* -EMSGSIZE when the message (value, certificate, signature) does not fit
+ * one routed packet: in certificate networks that leaves ~800 value bytes. */
+static int dht_send(struct node *n, uint8_t mode, const ring_addr *dst, const struct wire_dht *m)
 {
 	uint8_t payload[WIRE_MAX_PACKET_BYTES];
 	ssize_t len = dht_encode(payload, sizeof payload - WIRE_ROUTED_FIXED_BYTES - RING_ADDR_BYTES, m);
-	if (len > 0)
-		ring_send(n, mode, dst, NULL, INNER_DHT, payload, (size_t)len);
+	if (len <= 0)
+		return -EMSGSIZE;
+	ring_send(n, mode, dst, NULL, INNER_DHT, payload, (size_t)len);
+	return 0;
 }
 
 /* The up links that, with us, are the DHT_REPLICAS nodes nearest to key. */
@@ -4550,6 +4556,17 @@ static bool dht_push(struct node *n, struct dht_record *r, uint64_t now)
 static void dht_pending_done(struct node *n, uint32_t token, const struct wire_dht *reply)
 {
 	struct dht_state *d = &n->dht;
+	struct wire_dht refused;
+	char key[DHT_KEY_MAX_BYTES + 1];
+	if (reply && reply->status == DHT_OK && n->sec.mode == SEC_CERT && reply->cert_len) {
+		/* Readers check too: a holder could return anything. */
+		memcpy(key, reply->key, reply->key_len);
+		key[reply->key_len] = 0;
+		if (strlen(key) != reply->key_len || !dht_authorized(n, reply, key)) {
+			refused = (struct wire_dht){ .op = DHT_REPLY, .status = DHT_REFUSED, .token = token };
+			reply = &refused;
+		}
+	}
 	for (unsigned i = 0; i < d->n_pending; i++) {
 		if (d->pending[i].token != token || !reply)
 			continue;
@@ -4630,7 +4647,11 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 		}
 	}
 	ring_addr hash = dht_hash(key, klen);
-	dht_send(n, MODE_NEAREST, &hash, &m);
+	if (dht_send(n, MODE_NEAREST, &hash, &m) < 0) {
+		if (done)
+			d->n_pending--;         /* ours was the last one added */
+		return -EMSGSIZE;
+	}
 	return 0;
 }
 
@@ -5475,6 +5496,7 @@ struct lw_relay {
 	uint8_t *out;                   /* from lwIP, not yet written to fd */
 	size_t out_len, out_cap;
 	bool fd_eof, pcb_eof, reading;
+	bool fd_connecting;             /* -R: the local connect is still in progress */
 	void (*on_connect)(struct lw_relay *r, err_t err);  /* outbound connects */
 	void *owner;                    /* the SOCKS client, if any */
 	struct ev_timer timer;          /* connect timeout */
@@ -5524,6 +5546,8 @@ static bool lw_relay_done(const struct lw_relay *r)
 static void lw_relay_flush(struct lw_relay *r)
 {
 	size_t done = 0;
+	if (r->fd_connecting)
+		return;                 /* kept until the socket is connected */
 	while (done < r->out_len) {
 		ssize_t w = send(r->fd, r->out + done, r->out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (w <= 0)
@@ -5661,7 +5685,9 @@ static void lw_relay_attach(struct lw_relay *r, struct tcp_pcb *pcb)
 static void lw_relay_run(struct lw_relay *r)
 {
 	ev_timer_cancel(&r->n->loop, &r->timer);
+	r->fd_connecting = false;
 	r->reading = true;
+	lw_relay_flush(r);
 	lw_relay_pump(r);
 }
 
@@ -5734,9 +5760,9 @@ static int lw_relay_dial(struct lw_relay *r, uint32_t ip, uint16_t port,
  * IPs through it (CONNECT).  Each client keeps its input until a message is
  * whole, so TCP may split or merge them; every failure answers with the
  * RFC's reply code and closes.  No authentication yet, so it listens on
- * loopback unless --socks-public says otherwise.  Names and UDP ASSOCIATE
- * are not served yet: they answer "host unreachable" and "command not
- * supported".
+ * loopback unless --socks-public says otherwise.  Names ("alice",
+ * "alice.ipop") are looked up in the DHT (name:alice).  UDP ASSOCIATE is
+ * not served yet: it answers "command not supported".
  * ========================================================================= */
 
 enum socks_reply {
@@ -6044,6 +6070,7 @@ static err_t fwd_remote_accept(void *arg, struct tcp_pcb *pcb, err_t err)
 		return ERR_ABRT;
 	}
 	lw_relay_attach(r, pcb);
+	r->fd_connecting = true;
 	ev_fd_watch(&f->n->loop, fd, EPOLLOUT, fwd_local_connected, r);
 	return ERR_OK;
 }
@@ -6376,7 +6403,8 @@ static void ctl_cmd_dht(struct ctl_client *c, char **a, int na)
 					 (uint32_t)ttl, ctl_dht_done, c);
 	}
 	if (rc < 0) {
-		buf_printf(&c->out, "error %s\n", rc == -EBUSY ? "busy" : "usage");
+		buf_printf(&c->out, "error %s\n", rc == -EBUSY ? "busy" :
+			   rc == -EMSGSIZE ? "too large for one packet (value plus certificate)" : "usage");
 		ctl_client_flush(c);
 	}
 }
@@ -6759,7 +6787,7 @@ static const char cli_usage_up[] =
 	"  --socks-public     allow a non-loopback --socks address (no auth yet)\n"
 	"  -L [BIND:]PORT:VIP:VPORT  forward a local TCP port to a virtual host\n"
 	"  -R VPORT:HOST:PORT expose a local service on this node's virtual IP\n"
-	"  --dev NAME         tap device name (default ipop%%d: ipop0, ipop1, ...)\n"
+	"  --dev NAME         tap device name (default ipop%d: ipop0, ipop1, ...)\n"
 	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
 	"  --name NAME        publish NAME for this node's IP (SOCKS resolves NAME\n"
 	"                     and NAME.ipop)\n"
@@ -7493,9 +7521,11 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 			return -2;
 		}
 		if (n->sec.mode == SEC_CERT) {
-			char key[24];
+			char key[24], key2[24], last[16];
+			buf_ip_str(r.net | (r.len < 32 ? ~0u >> r.len : 0), last);
 			snprintf(key, sizeof key, "ip:%s", net);
-			if (!dht_key_granted(&n->sec.own_grant, key)) {
+			snprintf(key2, sizeof key2, "ip:%s", last);
+			if (!dht_key_granted(&n->sec.own_grant, key) || !dht_key_granted(&n->sec.own_grant, key2)) {
 				snprintf(err, errlen, "--route-for %s/%u is not granted by this node's certificate "
 					 "(issue one with 'ipop cert issue --route-for')", net, r.len);
 				return -2;
@@ -7971,7 +8001,7 @@ static int cli_cert_issue(struct cli_opts *o)
 	return EXIT_OK;
 }
 
-/* Append a serial to DIR/crl.txt (created private to the CA owner's group). */
+/* Append a serial to DIR/crl.txt (mode 0644: the list is public). */
 static int cli_ca_revoke(struct cli_opts *o)
 {
 	char err[600], path[512], line[400], hex[2 * SEC_SERIAL_MAX_BYTES + 1];
@@ -8048,7 +8078,13 @@ static int cli_dht(struct cli_opts *o)
 	uint8_t bytes[DHT_VALUE_MAX_BYTES];
 	int code = EXIT_OK;
 	if (sscanf(ans.s, "value %u %63s %2049s", &ttl, owner, hex) == 3 && buf_unhex(hex, bytes, strlen(hex) / 2)) {
-		fwrite(bytes, 1, strlen(hex) / 2, stdout);
+		size_t vlen2 = strlen(hex) / 2, printable = 0;
+		for (size_t i = 0; i < vlen2; i++)
+			printable += isprint(bytes[i]) || bytes[i] == '\t';
+		if (printable == vlen2)
+			fwrite(bytes, 1, vlen2, stdout);
+		else
+			fputs(hex, stdout);    /* binary (an ip: mapping is a ring address): hex */
 		putchar('\n');
 	} else if (sscanf(ans.s, "value %u %63s", &ttl, owner) == 2) {
 		putchar('\n');                 /* an empty value */
@@ -8224,9 +8260,10 @@ static int cli_main(int argc, char **argv)
 		fputs(!strcmp(argv[1], "dht") ? cli_usage_dht : cli_usage_route, stdout);
 		return EXIT_OK;
 	}
-	if (!strcmp(argv[1], "ca") || !strcmp(argv[1], "cert") || !strcmp(argv[1], "dht")) {
+	if (!strcmp(argv[1], "ca") || !strcmp(argv[1], "cert") || !strcmp(argv[1], "dht") || !strcmp(argv[1], "route")) {
 		cli_fail("'%s' needs a subcommand: %s (see 'ipop --help')", argv[1],
-			 !strcmp(argv[1], "ca") ? "init or revoke" : !strcmp(argv[1], "dht") ? "get, put or create" : "issue");
+			 !strcmp(argv[1], "ca") ? "init or revoke" : !strcmp(argv[1], "dht") ? "get, put or create" :
+			 !strcmp(argv[1], "route") ? "add or del" : "issue");
 		return EXIT_USAGE;
 	}
 	cli_fail("unknown command '%s' (see 'ipop --help')", argv[1]);

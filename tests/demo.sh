@@ -54,7 +54,7 @@ done
 
 step "carol fetches alice's page through her SOCKS proxy, by name"
 if command -v curl >/dev/null; then
-	curl -s --max-time 10 --socks5-hostname "127.0.0.1:${SOCKS[carol]}" http://alice.ipop/
+	curl -s --max-time 10 --socks5-hostname "127.0.0.1:${SOCKS[carol]}" http://alice.ipop/ || { for f in "$DIR"/*.log; do echo "## $f"; tail -n 6 "$f"; done; "$IPOP" status --control "$DIR/carol.sock" --json; exit 1; }
 else
 	printf 'GET / HTTP/1.0\r\nHost: alice\r\n\r\n' |
 		"$IPOP" nc --socks "127.0.0.1:${SOCKS[carol]}" 10.128.0.1 80 | tail -1

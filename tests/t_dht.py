@@ -25,6 +25,7 @@ Cases 1, 3, 4 run first, while the secret network holds only one key, so
 forms in parallel.
 Env: IPOP_TEST_VERBOSE, IPOP_KEEP_LOGS, IPOP_TEST_LOGDIR (see lib.py).
 """
+import hashlib
 import os
 import signal
 import sys
@@ -34,7 +35,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import (Net, TestFailure, check, log, run_cli, free_port, sha1_ip,  # noqa: E402
                  wait_ring, short, main_wrapper, ipop_bin, RING)
-import hashlib  # noqa: E402
 
 N = 12
 RING_S = 20            # ring formation limit

@@ -1,0 +1,1290 @@
+#!/usr/bin/env python3
+"""User-mode (unprivileged, lwIP + SOCKS5 + forwards) integration test;
+needs root to build network namespaces, runs the user-mode nodes as nobody.
+
+Every namespace, bridge and veth this test makes is named "tu*"; leftover
+"tu-*" namespaces are removed at start (their processes killed), and all of
+it (namespaces, ipop, servers, sshd) is removed on exit, failure, SIGTERM
+or SIGINT.  Only processes this test started are ever signalled.
+
+Layout: namespace tu-sw holds bridge tubr0; hosts tu-a, tu-b, tu-c, tu-d
+each get a veth (tu-eth, peer tupN on the bridge) with 192.168.95.N/24.
+  B  tu-b  root, --mode tap, --ip 10.128.0.2/16 --name bob; python http
+           server on 10.128.0.2:8000 (index.html + a 200 MB random file)
+  A  tu-a  nobody, --mode auto (falls back to user mode), --ip 10.128.0.1/16,
+           SOCKS5 on 127.0.0.1:1080, -R 80:127.0.0.1:9000 (http server in
+           tu-a), -L 8081:10.128.0.2:8000
+  C  tu-c  nobody, --ip 10.128.0.3/16 --socks off, -R 7:127.0.0.1:9007
+           (echo server), -R 80:127.0.0.1:9000 (http server in tu-c)
+  D  tu-d  nobody, --ip 10.128.0.4/16, SOCKS5 on 127.0.0.1:1080,
+           -L 9107:10.128.0.3:7, -L 9180:10.128.0.3:80
+
+ 1. A runs as nobody, status mode "user"; curl in tu-a through A's SOCKS
+    gets B's page by IP, as bob.ipop and as bob (--socks5-hostname); an
+    unknown name fails with curl exit 97 in < 5 s.
+ 2. 200 MB download from B through A's SOCKS: sha256 matches; MB/s, A's RSS.
+ 3. ssh from tu-a to sshd on 10.128.0.2 with ProxyCommand='ipop nc %h %p'.
+ 4. -R: curl in tu-b to http://10.128.0.1:80/ gets A's local page; kernel
+    ping tu-b -> 10.128.0.1 (lwIP answers); -L: curl in tu-a to
+    127.0.0.1:8081 gets B's page.
+ 5. C and D, both user mode: D reaches C's -R services through -L only
+    (http page; echo of 100 KB with half-close); then 100 concurrent
+    connections through D's SOCKS to C's -R echo port, each echoing a
+    distinct 64 KB payload; all 100 must match.
+ 6. malformed SOCKS against A: wrong version, truncated greeting/request,
+    no acceptable method, unknown command, UDP ASSOCIATE (reply 7 only; UDP
+    relaying is not implemented and not tested), ATYP 4 and unknown ATYP,
+    255-byte name, 10 KB garbage (raw and after a greeting), a net outside
+    the virtual network, a refused port, a virtual IP nobody holds; then a
+    normal curl through SOCKS works and A is alive.
+ 7. backpressure: a SOCKS client asks for the 200 MB file and reads nothing
+    for 5 s: A's VmRSS stays under 64 MB; then it reads on; sha256 matches.
+
+Steps after the setup are independent checks: a failure is recorded and the
+test goes on; the exit status is non-zero if any failed.  Node logs of a
+failed run are kept in build/test-logs/t_user-nodes (or $IPOP_TEST_LOGDIR).
+Env: IPOP_USER_FILE_MB (default 200), IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE.
+"""
+import atexit
+import ctypes
+import hashlib
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib import TestFailure, check, log, ipop_bin, REPO  # noqa: E402
+
+NS_PREFIX = "tu-"
+SW = "tu-sw"
+BR = "tubr0"
+UNDERLAY = "192.168.95.%d"
+VNET = "10.128.0.%d"
+PORT = 4000
+FILE_MB = int(os.environ.get("IPOP_USER_FILE_MB", "200"))
+RSS_LIMIT_MB = 64
+STALL_S = 5
+N_CONC = 100
+CONC_BYTES = 64 * 1024
+SOCKS = "127.0.0.1:1080"
+MARKER = "hello-over-ipop-nc"
+
+# --------------------------------------------------------------------------
+# helper programs run inside the namespaces (written to the test dir)
+
+HELPER = r'''
+import hashlib, json, random, socket, socketserver, struct, sys, threading, time
+from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
+
+
+def socks_open(sh, sp, ip, port, timeout=15):
+    """SOCKS5 CONNECT to ip:port (IPv4); returns the socket, or raises."""
+    s = socket.create_connection((sh, sp), timeout)
+    s.settimeout(timeout)
+    s.sendall(b"\x05\x01\x00")
+    if recvn(s, 2) != b"\x05\x00":
+        raise RuntimeError("greeting refused")
+    s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(ip) + struct.pack(">H", port))
+    r = recvn(s, 10)
+    if r[1] != 0:
+        raise RuntimeError("SOCKS reply %d" % r[1])
+    return s
+
+
+def recvn(s, n):
+    b = b""
+    while len(b) < n:
+        x = s.recv(n - len(b))
+        if not x:
+            raise RuntimeError("EOF after %d of %d bytes" % (len(b), n))
+        b += x
+    return b
+
+
+def payload(i, n):
+    return random.Random(i).randbytes(n)
+
+
+def cmd_http(bind, port, d):
+    class H(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=d, **kw)
+
+        def log_message(self, *a):
+            pass
+
+    class S(ThreadingHTTPServer):
+        request_queue_size = 512
+        daemon_threads = True
+        allow_reuse_address = True
+    S((bind, int(port)), H).serve_forever()
+
+
+def cmd_echo(bind, port):
+    class E(socketserver.BaseRequestHandler):
+        def handle(self):
+            s = self.request
+            try:
+                while True:
+                    b = s.recv(65536)
+                    if not b:
+                        break
+                    s.sendall(b)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    class S(socketserver.ThreadingTCPServer):
+        request_queue_size = 512
+        daemon_threads = True
+        allow_reuse_address = True
+    S((bind, int(port)), E).serve_forever()
+
+
+def cmd_echo1(host, port, size):
+    """One echo through a forward, with half-close: send, SHUT_WR, read to EOF."""
+    size = int(size)
+    p = payload(12345, size)
+    t = time.monotonic()
+    s = socket.create_connection((host, int(port)), 10)
+    s.settimeout(20)
+    got = []
+    def rd():
+        try:
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                got.append(b)
+        except OSError as e:
+            got.append(("ERR %r" % e).encode())
+    th = threading.Thread(target=rd)
+    th.start()
+    s.sendall(p)
+    s.shutdown(socket.SHUT_WR)
+    th.join(30)
+    data = b"".join(got)
+    print(json.dumps({"ok": data == p, "sent": len(p), "got": len(data),
+                      "s": time.monotonic() - t}))
+
+
+def cmd_conc(sh, sp, ip, port, n, size):
+    """n concurrent SOCKS connections, all established before any sends its
+    distinct payload; each reads its echo back (exactly len bytes)."""
+    n, size, port, sp = int(n), int(size), int(port), int(sp)
+    res = [None] * n
+    lock = threading.Condition()
+    state = {"ready": 0}
+    go = threading.Event()
+    t0 = time.monotonic()
+    def worker(i):
+        s = None
+        try:
+            try:
+                s = socks_open(sh, sp, ip, port, timeout=30)
+            finally:
+                with lock:
+                    state["ready"] += 1
+                    lock.notify_all()
+            go.wait(60)
+            p = payload(i, size)
+            s.settimeout(60)
+            s.sendall(p)
+            back = recvn(s, len(p))
+            res[i] = "ok" if back == p else "MISMATCH (%d bytes)" % len(back)
+        except Exception as e:
+            res[i] = "ERR %r" % (e,)
+        finally:
+            if s is not None:
+                s.close()
+    ths = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in ths:
+        t.start()
+    with lock:
+        lock.wait_for(lambda: state["ready"] >= n, 60)
+    t_conn = time.monotonic() - t0
+    go.set()
+    for t in ths:
+        t.join(120)
+    bad = {i: r for i, r in enumerate(res) if r != "ok"}
+    print(json.dumps({"n": n, "ok": n - len(bad), "connect_s": t_conn,
+                      "total_s": time.monotonic() - t0,
+                      "bad": {str(k): str(v) for k, v in list(bad.items())[:10]}}))
+
+
+def read_close(s, limit=3.0):
+    """Read until the peer closes; (data, how): how = eof|reset|timeout."""
+    data = b""
+    s.settimeout(limit)
+    t = time.monotonic()
+    while True:
+        try:
+            b = s.recv(4096)
+        except socket.timeout:
+            return data, "timeout"
+        except (ConnectionResetError, BrokenPipeError):
+            return data, "reset"
+        if not b:
+            return data, "eof"
+        data += b
+        if time.monotonic() - t > limit:
+            return data, "timeout"
+
+
+def cmd_malformed(sh, sp, vip):
+    sp = int(sp)
+    out = []
+    def case(name, fn):
+        t = time.monotonic()
+        try:
+            ok, detail = fn()
+        except Exception as e:
+            ok, detail = False, "exception %r" % (e,)
+        out.append({"case": name, "ok": ok, "detail": detail, "s": round(time.monotonic() - t, 3)})
+    def conn():
+        s = socket.create_connection((sh, sp), 5)
+        s.settimeout(5)
+        return s
+    def greet(s):
+        s.sendall(b"\x05\x01\x00")
+        r = recvn(s, 2)
+        if r != b"\x05\x00":
+            raise RuntimeError("greeting reply %r" % r)
+    def alive_greeting():
+        s = conn()
+        try:
+            greet(s)
+        finally:
+            s.close()
+        return True
+    def send_safe(s, b):
+        try:
+            s.sendall(b)
+            return "sent"
+        except (BrokenPipeError, ConnectionResetError) as e:
+            return "send failed %s" % type(e).__name__
+    def expect_closed_no_reply(req, limit=3.0):
+        s = conn()
+        try:
+            how_send = send_safe(s, req)
+            data, how = read_close(s, limit)
+            return (how in ("eof", "reset") and not data,
+                    "%s; got %r then %s" % (how_send, data[:16], how))
+        finally:
+            s.close()
+    def expect_reply(req, want, limit=5.0, greeting=True):
+        s = conn()
+        try:
+            if greeting:
+                greet(s)
+            s.sendall(req)
+            data, how = read_close(s, limit)
+            code = data[1] if len(data) >= 2 else None
+            ok = code in want and len(data) == 10 and data[0] == 5 and how in ("eof", "reset")
+            return ok, "reply %r (code %s, want %s), then %s" % (data[:16], code, want, how)
+        finally:
+            s.close()
+    ip = socket.inet_aton(vip)
+    p80 = struct.pack(">H", 80)
+
+    # background: a virtual IP nobody holds; lwIP's connect must give up
+    slow = {}
+    def unheld():
+        t = time.monotonic()
+        slow["r"] = expect_reply(b"\x05\x01\x00\x01" + socket.inet_aton(vip.rsplit(".", 1)[0] + ".99")
+                                 + p80, (1, 4, 6), limit=20.0)
+        slow["s"] = time.monotonic() - t
+    bg = threading.Thread(target=unheld)
+    bg.start()
+    # background: a client that stalls in the greeting must be dropped
+    idle = {}
+    def idler():
+        t = time.monotonic()
+        s = conn()
+        try:
+            s.sendall(b"\x05\x01")
+            data, how = read_close(s, 20.0)
+            idle["r"] = (how in ("eof", "reset") and not data, "got %r then %s" % (data[:16], how))
+        finally:
+            s.close()
+        idle["s"] = time.monotonic() - t
+    bg2 = threading.Thread(target=idler)
+    bg2.start()
+
+    case("wrong version (a SOCKS4 CONNECT) -> closed, no reply",
+         lambda: expect_closed_no_reply(b"\x04\x01\x00\x50" + ip + b"\x00"))
+    def trunc_greeting():
+        s = conn()
+        s.sendall(b"\x05")
+        s.close()
+        time.sleep(0.2)
+        return alive_greeting(), "sent 1 byte, closed; a new greeting is then answered"
+    case("truncated greeting then close -> server fine", trunc_greeting)
+    def trunc_request():
+        s = conn()
+        greet(s)
+        s.sendall(b"\x05\x01\x00\x01\x0a")
+        s.close()
+        time.sleep(0.2)
+        return alive_greeting(), "greeting + 5 request bytes, closed; a new greeting is then answered"
+    case("truncated request then close -> server fine", trunc_request)
+    def no_method():
+        s = conn()
+        try:
+            s.sendall(b"\x05\x01\x02")
+            data, how = read_close(s, 3.0)
+            return data == b"\x05\xff" and how in ("eof", "reset"), "got %r then %s" % (data, how)
+        finally:
+            s.close()
+    case("greeting without 'no auth' -> 05 ff and closed", no_method)
+    case("unknown command 0x09 -> reply 7",
+         lambda: expect_reply(b"\x05\x09\x00\x01" + ip + p80, (7,)))
+    case("UDP ASSOCIATE (cmd 3, not implemented) -> reply 7",
+         lambda: expect_reply(b"\x05\x03\x00\x01" + ip + p80, (7,)))
+    case("ATYP 4 (IPv6) -> reply 8",
+         lambda: expect_reply(b"\x05\x01\x00\x04" + bytes(15) + b"\x01" + p80, (8,)))
+    case("ATYP 9 (unknown) -> reply 8",
+         lambda: expect_reply(b"\x05\x01\x00\x09" + ip + p80, (8,)))
+    case("255-byte domain name -> reply 4 or 1",
+         lambda: expect_reply(b"\x05\x01\x00\x03\xff" + b"a" * 250 + b".ipop" + p80, (1, 4), limit=8.0))
+    case("IPv4 outside the virtual network (192.0.2.1) -> reply 3",
+         lambda: expect_reply(b"\x05\x01\x00\x01" + socket.inet_aton("192.0.2.1") + p80, (3,)))
+    case("closed port on a live virtual host (%s.2:1) -> reply 5" % vip.rsplit(".", 1)[0],
+         lambda: expect_reply(b"\x05\x01\x00\x01" + socket.inet_aton(vip.rsplit(".", 1)[0] + ".2")
+                              + struct.pack(">H", 1), (5,), limit=12.0))
+    rng = random.Random(7)
+    garbage = bytes([0x47]) + rng.randbytes(10 * 1024 - 1)
+    def garbage_raw():
+        s = conn()
+        try:
+            how_send = send_safe(s, garbage)
+            data, how = read_close(s, 3.0)
+            return how in ("eof", "reset") and not data, "%s; got %r then %s" % (how_send, data[:16], how)
+        finally:
+            s.close()
+    case("10 KB garbage -> closed", garbage_raw)
+    def garbage_after_greeting():
+        s = conn()
+        try:
+            greet(s)
+            how_send = send_safe(s, b"\x05" + garbage[1:])
+            data, how = read_close(s, 3.0)
+            ok = how in ("eof", "reset") and (not data or (len(data) == 10 and data[1] != 0))
+            return ok, "%s; got %r then %s" % (how_send, data[:16], how)
+        finally:
+            s.close()
+    case("greeting + 10 KB garbage -> failure reply or closed", garbage_after_greeting)
+    http_get = ("GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % vip).encode()
+    dst_b = socket.inet_aton(vip.rsplit(".", 1)[0] + ".2") + struct.pack(">H", 8000)
+    def pipelined():
+        s = conn()
+        try:
+            s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + dst_b + http_get)
+            data, how = read_close(s, 5.0)
+            ok = data[:2] == b"\x05\x00" and data[2:4] == b"\x00\x01" and b" 200 " in data[12:40]
+            return ok, "got %r... (%d bytes) then %s" % (data[:30], len(data), how)
+        finally:
+            s.close()
+    case("greeting + CONNECT + GET in one write -> reply 0, page", pipelined)
+    def bytewise():
+        s = conn()
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for b in b"\x05\x01\x00" + b"\x05\x01\x00\x01" + dst_b:
+                s.sendall(bytes([b]))
+                time.sleep(0.01)
+            r = recvn(s, 12)
+            s.sendall(http_get)
+            data, how = read_close(s, 5.0)
+            data = r + data
+            ok = data[:2] == b"\x05\x00" and data[2:4] == b"\x00\x01" and b" 200 " in data[12:40]
+            return ok, "got %r... (%d bytes) then %s" % (data[:30], len(data), how)
+        finally:
+            s.close()
+    case("greeting + CONNECT one byte per write -> reply 0, page", bytewise)
+    bg.join(30)
+    bg2.join(30)
+    ok, detail = idle.get("r", (False, "no result"))
+    out.append({"case": "idle after 2 greeting bytes -> closed by the server (timeout)",
+                "ok": ok and idle.get("s", 99) < 15, "detail": detail, "s": round(idle.get("s", -1), 3)})
+    ok, detail = slow.get("r", (False, "no result"))
+    out.append({"case": "virtual IP nobody holds (.99) -> reply 4/6/1 within 20 s", "ok": ok,
+                "detail": detail, "s": round(slow.get("s", -1), 3)})
+    print(json.dumps(out))
+
+
+def cmd_stall(sh, sp, ip, port, path, stall):
+    """GET path through SOCKS; read the headers and a little, stop reading
+    for `stall` s, then read to the end."""
+    s = socks_open(sh, int(sp), ip, int(port))
+    s.settimeout(60)
+    s.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (path, ip)).encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        b = s.recv(65536)
+        if not b:
+            raise RuntimeError("EOF in headers")
+        buf += b
+    hdr, body = buf.split(b"\r\n\r\n", 1)
+    m = [l for l in hdr.decode(errors="replace").split("\r\n") if l.lower().startswith("content-length:")]
+    clen = int(m[0].split(":")[1]) if m else -1
+    h = hashlib.sha256(body)
+    n = len(body)
+    print("STALL %d" % n, flush=True)
+    time.sleep(float(stall))
+    print("RESUME", flush=True)
+    t = time.monotonic()
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    el = time.monotonic() - t
+    print(json.dumps({"bytes": n, "content_length": clen, "sha256": h.hexdigest(), "resume_s": el}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    globals()["cmd_" + sys.argv[1]](*sys.argv[2:])
+'''
+
+
+# --------------------------------------------------------------------------
+# process / namespace helpers (the t_tap style)
+
+def _pdeathsig():
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def sh(args, timeout=30, check_rc=True, input=None):
+    """Run a short command; returns (rc, out, err). rc None on timeout."""
+    try:
+        p = subprocess.run(args, capture_output=True, timeout=timeout, text=True,
+                           errors="replace", input=input,
+                           stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        if check_rc:
+            raise TestFailure("timeout after %ss: %s" % (timeout, " ".join(args)))
+        return None, out, err
+    if check_rc and p.returncode != 0:
+        raise TestFailure("command failed rc=%d: %s: %s" % (p.returncode, " ".join(args),
+                                                            (p.stderr or p.stdout).strip()[-300:]))
+    return p.returncode, p.stdout, p.stderr
+
+
+def nsx(ns, args, **kw):
+    return sh(["ip", "netns", "exec", ns] + list(args), **kw)
+
+
+def list_tu_netns():
+    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
+    return [line.split()[0] for line in out.splitlines()
+            if line.split() and line.split()[0].startswith(NS_PREFIX)]
+
+
+def remove_tu_netns(quiet=False):
+    """Kill every process in a tu-* namespace (only this test's processes
+    live there) and delete the namespaces; veths and the bridge go with them."""
+    names = list_tu_netns()
+    for nm in names:
+        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
+        for p in out.split():
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    for nm in names:
+        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
+        if rc != 0 and not quiet:
+            print("  cleanup: ip netns del %s: %s" % (nm, err.strip()), flush=True)
+    return names
+
+
+class Proc:
+    """A long-running process (started from the main thread only, since
+    PR_SET_PDEATHSIG fires when the creating thread exits)."""
+    all = []
+
+    def __init__(self, name, argv, logpath):
+        self.name = name
+        self.argv = argv
+        self.logpath = logpath
+        lf = open(logpath, "ab")
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                  start_new_session=True, preexec_fn=_pdeathsig)
+        lf.close()
+        self.t0 = time.monotonic()
+        Proc.all.append(self)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def rc(self):
+        return self.p.poll()
+
+    def wait(self, timeout):
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, sig)
+            except OSError:
+                try:
+                    self.p.send_signal(sig)
+                except OSError:
+                    pass
+
+    def stop(self, timeout=3):
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            if self.wait(timeout) is None:
+                self.kill(signal.SIGKILL)
+                self.wait(5)
+
+    def log_text(self):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n=25):
+        lines = self.log_text().splitlines()
+        return "\n".join("    | " + line for line in lines[-n:]) or "    | (empty log)"
+
+
+def proc_status(pid):
+    """{key: value} of /proc/PID/status, {} if gone."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return {}
+
+
+def rss_mb(pid):
+    v = proc_status(pid).get("VmRSS", "")
+    m = re.match(r"\s*(\d+)\s*kB", v)
+    return int(m.group(1)) / 1024.0 if m else None
+
+
+def n_fds(pid):
+    try:
+        return len(os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return None
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+class RssSampler:
+    """Samples a pid's VmRSS every `every` s in a thread (reading /proc only)."""
+
+    def __init__(self, pid, every=0.05):
+        self.pid = pid
+        self.every = every
+        self.samples = []           # (monotonic, MB)
+        self._stop = threading.Event()
+        self.th = threading.Thread(target=self._run, daemon=True)
+        self.th.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            r = rss_mb(self.pid)
+            if r is not None:
+                self.samples.append((time.monotonic(), r))
+            self._stop.wait(self.every)
+
+    def stop(self):
+        self._stop.set()
+        self.th.join(2)
+
+    def max_between(self, t0=None, t1=None):
+        v = [r for t, r in self.samples if (t0 is None or t >= t0) and (t1 is None or t <= t1)]
+        return max(v) if v else None
+
+
+# --------------------------------------------------------------------------
+# nodes
+
+class Node:
+    def __init__(self, t, name, ns, idx, user, extra=()):
+        self.t = t
+        self.name = name
+        self.ns = ns
+        self.idx = idx
+        self.uip = UNDERLAY % idx
+        self.vip = VNET % idx
+        self.user = user            # True: run as the unprivileged user
+        self.extra = list(extra)
+        d = t.udir if user else t.dir
+        self.ctl = os.path.join(d, "%s.sock" % name)
+        self.logpath = os.path.join(t.dir, "%s.log" % name)
+        self.proc = None
+
+    def start(self, bootstrap=None):
+        t = self.t
+        if self.user:
+            a = ["ip", "netns", "exec", self.ns, "setpriv", "--reuid=%d" % t.uid,
+                 "--regid=%d" % t.gid, "--clear-groups", "--inh-caps=-all", "--",
+                 t.ubin, "up", "--secret-file", t.ukey]
+        else:
+            a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up", "--secret-file", t.key]
+        a += ["--listen", "udp://%s:%d" % (self.uip, PORT), "--control", self.ctl,
+              "--ip", self.vip + "/16"]
+        if bootstrap:
+            a += ["--bootstrap", bootstrap]
+        if os.environ.get("IPOP_TEST_VERBOSE"):
+            a.append("-v")
+        a += self.extra
+        self.proc = Proc(self.name, a, self.logpath)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc is not None and self.proc.alive()
+
+    def status(self, timeout=5):
+        try:
+            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
+                               capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            return None
+        if p.returncode != 0:
+            return None
+        try:
+            d = json.loads(p.stdout)
+        except ValueError:
+            return None
+        return d if isinstance(d, dict) else None
+
+
+# --------------------------------------------------------------------------
+# the test
+
+class UserTest:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ipop-t_user-", dir="/tmp")
+        self.key = os.path.join(self.dir, "net.key")
+        self.udir = None
+        self.nodes = {}
+        self.failures = []
+        self.results = []
+        self.made_run_sshd = False
+        self._closed = False
+        self.done = False
+        self.helper = os.path.join(self.dir, "helper.py")
+        with open(self.helper, "w") as f:
+            f.write(HELPER)
+        os.chmod(self.dir, 0o755)       # helper.py readable for nobody too (not needed now)
+
+    # ---- underlay
+    def add_ns(self, ns, idx):
+        sh(["ip", "netns", "add", ns])
+        port = "tup%d" % idx
+        sh(["ip", "-n", SW, "link", "add", port, "type", "veth", "peer", "name", "tu-eth",
+            "netns", ns])
+        sh(["ip", "-n", SW, "link", "set", port, "master", BR, "up"])
+        sh(["ip", "-n", ns, "addr", "add", UNDERLAY % idx + "/24", "dev", "tu-eth"])
+        sh(["ip", "-n", ns, "link", "set", "tu-eth", "up"])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+    def setup_underlay(self):
+        sh(["ip", "netns", "add", SW])
+        sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
+        sh(["ip", "-n", SW, "link", "set", BR, "up"])
+        for name, idx in (("tu-a", 1), ("tu-b", 2), ("tu-c", 3), ("tu-d", 4)):
+            self.add_ns(name, idx)
+
+    # ---- helpers
+    def fail(self, step, msg):
+        self.failures.append("%s: %s" % (step, msg))
+        log("FAIL [%s] %s" % (step, msg))
+
+    def result(self, text):
+        self.results.append(text)
+        log("RESULT " + text)
+
+    def dump_logs(self, names, n=20):
+        for nm in names:
+            nd = self.nodes.get(nm)
+            if nd and nd.proc:
+                print("  log tail of %s (alive=%s rc=%s):\n%s"
+                      % (nm, nd.alive(), nd.proc.rc(), nd.proc.log_tail(n)), flush=True)
+
+    def check_alive(self, names):
+        dead = [nm for nm in names if not self.nodes[nm].alive()]
+        if dead:
+            self.dump_logs(dead, 40)
+        check(not dead, "node(s) exited: %s" % ", ".join(
+            "%s rc=%s" % (nm, self.nodes[nm].proc.rc()) for nm in dead))
+
+    def wait_listen(self, ns, addr_port, timeout=10, proc=None):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            rc, out, _ = nsx(ns, ["ss", "-Hltn"], check_rc=False, timeout=5)
+            if any(addr_port in line for line in out.splitlines()):
+                return True
+            if proc is not None and not proc.alive():
+                return False
+            time.sleep(0.1)
+        return False
+
+    def helper_proc(self, name, ns, args):
+        p = Proc(name, ["ip", "netns", "exec", ns, sys.executable, self.helper] + list(args),
+                 os.path.join(self.dir, "%s.log" % name))
+        return p
+
+    def helper_run(self, ns, args, timeout):
+        rc, out, err = nsx(ns, [sys.executable, self.helper] + list(args), timeout=timeout,
+                           check_rc=False)
+        return rc, out, err
+
+    def curl(self, ns, url, socks=None, hostname=False, timeout=15, extra=()):
+        """(rc, body, stderr, seconds)."""
+        a = ["curl", "-sS", "--max-time", str(timeout)]
+        if socks:
+            a += ["--socks5-hostname" if hostname else "--socks5", socks]
+        a += list(extra) + [url]
+        t = time.monotonic()
+        rc, out, err = nsx(ns, a, timeout=timeout + 10, check_rc=False)
+        return rc, out, err, time.monotonic() - t
+
+    def wait_status(self, nodes, timeout):
+        t0 = time.monotonic()
+        pending = list(nodes)
+        while pending:
+            for n in pending:
+                if not n.alive():
+                    print("  %s exited rc=%s; log:\n%s" % (n.name, n.proc.rc(), n.proc.log_tail()),
+                          flush=True)
+                    raise TestFailure("%s died during startup" % n.name)
+            pending = [n for n in pending if n.status(timeout=3) is None]
+            if pending and time.monotonic() - t0 > timeout:
+                for n in pending:
+                    print("  %s not answering status; log:\n%s" % (n.name, n.proc.log_tail(10)),
+                          flush=True)
+                raise TestFailure("%d node(s) not answering status after %ds"
+                                  % (len(pending), timeout))
+            if pending:
+                time.sleep(0.1)
+        return time.monotonic() - t0
+
+    # ---- setup: nodes, servers, files
+    def setup(self):
+        pw = pwd.getpwnam("nobody")
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+        sh([ipop_bin(), "genkey", "--out", self.key])
+        os.chmod(self.key, 0o600)
+        # the unprivileged user's dir: its own copy of the binary and the key
+        self.udir = tempfile.mkdtemp(prefix="ipop-t_user-nobody-", dir="/tmp")
+        self.ubin = os.path.join(self.udir, "ipop")
+        shutil.copy(ipop_bin(), self.ubin)
+        os.chmod(self.ubin, 0o755)
+        self.ukey = os.path.join(self.udir, "net.key")
+        shutil.copy(self.key, self.ukey)
+        os.chown(self.ukey, self.uid, self.gid)
+        os.chmod(self.ukey, 0o600)
+        os.chown(self.udir, self.uid, self.gid)
+        os.chmod(self.udir, 0o700)
+        # web roots and the big file
+        self.www = {}
+        for h in ("a", "b", "c"):
+            d = os.path.join(self.dir, "www-" + h)
+            os.mkdir(d)
+            tok = "page-from-%s-%s" % (h.upper(), os.urandom(6).hex())
+            with open(os.path.join(d, "index.html"), "w") as f:
+                f.write(tok + "\n")
+            self.www[h] = tok
+        self.big = os.path.join(self.dir, "www-b", "big.bin")
+        self.big_bytes = FILE_MB * 1024 * 1024
+        sh(["sh", "-c", "head -c %d /dev/urandom > '%s'" % (self.big_bytes, self.big)], timeout=60)
+        self.big_sha = sha256_file(self.big)
+
+        boot = "udp://%s:%d" % (UNDERLAY % 2, PORT)
+        b = Node(self, "B", "tu-b", 2, user=False, extra=["--mode", "tap", "--name", "bob"])
+        a = Node(self, "A", "tu-a", 1, user=True,
+                 extra=["-R", "80:127.0.0.1:9000", "-L", "8081:%s:8000" % VNET % 2])
+        c = Node(self, "C", "tu-c", 3, user=True,
+                 extra=["--socks", "off", "-R", "7:127.0.0.1:9007", "-R", "80:127.0.0.1:9000"])
+        d = Node(self, "D", "tu-d", 4, user=True,
+                 extra=["-L", "9107:%s:7" % VNET % 3, "-L", "9180:%s:80" % VNET % 3])
+        for n in (a, b, c, d):
+            self.nodes[n.name] = n
+        # local services behind the -R forwards first
+        srv = [self.helper_proc("http-a", "tu-a", ["http", "127.0.0.1", "9000", os.path.join(self.dir, "www-a")]),
+               self.helper_proc("http-c", "tu-c", ["http", "127.0.0.1", "9000", os.path.join(self.dir, "www-c")]),
+               self.helper_proc("echo-c", "tu-c", ["echo", "127.0.0.1", "9007"])]
+        t0 = time.monotonic()
+        b.start()
+        self.wait_status([b], 10)
+        for n in (a, c, d):
+            n.start(bootstrap=boot)
+        self.wait_status([a, b, c, d], 10)
+        # B's tap carries 10.128.0.2 now: its http server binds there
+        deadline = time.monotonic() + 10
+        while True:
+            rc, out, _ = nsx("tu-b", ["ip", "-o", "-4", "addr"], check_rc=False)
+            if VNET % 2 + "/16" in out:
+                break
+            check(time.monotonic() < deadline, "tu-b has no %s/16 after 10 s: %s" % (VNET % 2, out))
+            time.sleep(0.1)
+        srv.append(self.helper_proc("http-b", "tu-b", ["http", VNET % 2, "8000", os.path.join(self.dir, "www-b")]))
+        for p, ns, ap in zip(srv, ("tu-a", "tu-c", "tu-c", "tu-b"),
+                             ("127.0.0.1:9000", "127.0.0.1:9000", "127.0.0.1:9007", VNET % 2 + ":8000")):
+            check(self.wait_listen(ns, ap, 10, p), "%s not listening on %s: %s" % (p.name, ap, p.log_tail(5)))
+        self.result("setup: B (tap, root) + A, C, D (nobody) answering status %.2f s after B started; "
+                    "%d MB file sha256 %s..." % (time.monotonic() - t0, FILE_MB, self.big_sha[:16]))
+
+    # ---- step 1
+    def step_socks_names(self):
+        a = self.nodes["A"]
+        st = a.status() or {}
+        ps = proc_status(a.pid)
+        uid = (ps.get("Uid") or "").split()
+        name = ps.get("Name", "")
+        log("A: pid %d Name=%s Uid=%s; status mode=%r socks=%r interface=%r relays=%r"
+            % (a.pid, name, uid, st.get("mode"), st.get("socks"), st.get("interface"), st.get("relays")))
+        check(name == "ipop" and uid and all(u == str(self.uid) for u in uid),
+              "A is not ipop running as nobody: Name=%r Uid=%r" % (name, uid))
+        check(st.get("mode") == "user", "A status mode=%r, want 'user'" % st.get("mode"))
+        check(st.get("socks") == SOCKS, "A status socks=%r, want %r" % (st.get("socks"), SOCKS))
+        check(st.get("interface") is None, "A status interface=%r, want null" % st.get("interface"))
+        lines = [ln for ln in a.proc.log_text().splitlines() if "user mode" in ln]
+        self.result("A runs as uid %s, status mode=user socks=%s; log: %r"
+                    % (uid[0], st.get("socks"), lines[0].strip() if lines else None))
+        for nm in ("C", "D"):
+            s2 = self.nodes[nm].status() or {}
+            check(s2.get("mode") == "user", "%s status mode=%r, want 'user'" % (nm, s2.get("mode")))
+        self.result("C, D status mode=user; C socks=%r (--socks off), D socks=%r"
+                    % ((self.nodes["C"].status() or {}).get("socks"), (self.nodes["D"].status() or {}).get("socks")))
+        # by IP: the ring needs a moment; poll up to 20 s
+        t0 = time.monotonic()
+        tries = 0
+        while True:
+            tries += 1
+            rc, out, err, el = self.curl("tu-a", "http://%s:8000/" % VNET % 2, socks=SOCKS, timeout=5)
+            if rc == 0 and self.www["b"] in out:
+                break
+            if time.monotonic() - t0 > 20:
+                self.dump_logs(["A", "B"], 20)
+                raise TestFailure("curl --socks5 %s http://%s:8000/ in tu-a: rc=%s %r (20 s of tries)"
+                                  % (SOCKS, VNET % 2, rc, (err or out)[-300:]))
+            time.sleep(0.3)
+        self.result("curl --socks5 via A -> http://%s:8000/ ok (%.2f s after nodes up, %d tries, last %.3f s)"
+                    % (VNET % 2, time.monotonic() - t0, tries, el))
+        # by name, as bob.ipop and as bob; B's name record may lag a moment
+        for host in ("bob.ipop", "bob"):
+            t0 = time.monotonic()
+            tries = 0
+            while True:
+                tries += 1
+                rc, out, err, el = self.curl("tu-a", "http://%s:8000/" % host, socks=SOCKS,
+                                             hostname=True, timeout=8)
+                if rc == 0 and self.www["b"] in out:
+                    break
+                if time.monotonic() - t0 > 15:
+                    self.dump_logs(["A", "B"], 15)
+                    raise TestFailure("curl --socks5-hostname http://%s:8000/: rc=%s %r (15 s of tries)"
+                                      % (host, rc, (err or out)[-300:]))
+                time.sleep(0.3)
+            self.result("curl --socks5-hostname http://%s:8000/ -> B's page (%d tries, last %.3f s)"
+                        % (host, tries, el))
+        # an unknown name
+        bogus = "nosuch%s.ipop" % os.urandom(3).hex()
+        rc, out, err, el = self.curl("tu-a", "http://%s:8000/" % bogus, socks=SOCKS, hostname=True,
+                                     timeout=15)
+        log("unknown name %s: curl rc=%s in %.2f s: %r" % (bogus, rc, el, err.strip()[-200:]))
+        check(rc == 97 and el < 5.0, "unknown name %s: curl rc=%s after %.2f s (want 97 in < 5 s): %r"
+              % (bogus, rc, el, err.strip()[-200:]))
+        self.result("unknown name %s: curl exit 97 in %.2f s (%s)" % (bogus, el, err.strip()[-120:]))
+        self.check_alive(["A", "B"])
+
+    # ---- step 2
+    def step_download(self):
+        a = self.nodes["A"]
+        rss0 = rss_mb(a.pid)
+        samp = RssSampler(a.pid, 0.1)
+        argv = ["ip", "netns", "exec", "tu-a", "curl", "-sS", "--fail", "--max-time", "120",
+                "--socks5", SOCKS, "http://%s:8000/big.bin" % VNET % 2]
+        h = hashlib.sha256()
+        n = 0
+        t = time.monotonic()
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, preexec_fn=_pdeathsig)
+        try:
+            while True:
+                b = p.stdout.read(1 << 20)
+                if not b:
+                    break
+                h.update(b)
+                n += len(b)
+            rc = p.wait(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        el = time.monotonic() - t
+        err = p.stderr.read().decode(errors="replace")
+        samp.stop()
+        rmax = samp.max_between()
+        got = h.hexdigest()
+        if not (rc == 0 and n == self.big_bytes and got == self.big_sha):
+            self.dump_logs(["A", "B"], 20)
+        check(rc == 0 and n == self.big_bytes and got == self.big_sha,
+              "%d MB download via SOCKS: curl rc=%s, %d/%d bytes, sha256 %s vs %s: %r"
+              % (FILE_MB, rc, n, self.big_bytes, got[:16], self.big_sha[:16], err.strip()[-300:]))
+        self.result("%d MB B -> A via SOCKS: %.2f s, %.1f MB/s, sha256 %s... matches; A VmRSS %.1f MB "
+                    "before, max %.1f MB during" % (FILE_MB, el, n / 1e6 / el, got[:16], rss0 or -1,
+                                                   rmax or -1))
+
+    # ---- step 3
+    def step_ssh(self):
+        d = os.path.join(self.dir, "ssh")
+        os.mkdir(d, 0o700)
+        hk = os.path.join(d, "host_ed25519")
+        ck = os.path.join(d, "client_ed25519")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
+        ak = os.path.join(d, "authorized_keys")
+        shutil.copy(ck + ".pub", ak)
+        os.chmod(ak, 0o600)
+        cfg = os.path.join(d, "sshd_config")
+        with open(cfg, "w") as f:
+            f.write("\n".join([
+                "Port 22", "ListenAddress %s" % VNET % 2, "HostKey %s" % hk,
+                "PidFile %s" % os.path.join(d, "sshd.pid"),
+                "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
+                "PubkeyAuthentication yes", "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
+                "AllowUsers root", "X11Forwarding no", "PrintMotd no", "LogLevel VERBOSE", ""]))
+        if not os.path.isdir("/run/sshd"):
+            os.makedirs("/run/sshd", 0o755)
+            self.made_run_sshd = True
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        rc, out, err = sh([sshd, "-t", "-f", cfg], check_rc=False)
+        check(rc == 0, "sshd -t rejects the config: %s" % (err or out).strip())
+        srv = Proc("sshd", ["ip", "netns", "exec", "tu-b", sshd, "-f", cfg, "-D", "-e"],
+                   os.path.join(self.dir, "sshd.log"))
+        try:
+            check(self.wait_listen("tu-b", "%s:22" % VNET % 2, 10, srv),
+                  "sshd not listening on %s:22: %s" % (VNET % 2, srv.log_tail(10)))
+            proxy = "%s nc %%h %%p" % ipop_bin()
+            t = time.monotonic()
+            rc, out, err = nsx("tu-a", ["ssh", "-F", "/dev/null", "-i", ck, "-o", "IdentitiesOnly=yes",
+                                        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                                        "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+                                        "-o", "LogLevel=ERROR", "-o", "ProxyCommand=" + proxy,
+                                        "root@%s" % VNET % 2, "echo", MARKER], timeout=30, check_rc=False)
+            el = time.monotonic() - t
+            if not (rc == 0 and MARKER in out):
+                print("  sshd log:\n%s" % srv.log_tail(20), flush=True)
+                self.dump_logs(["A"], 15)
+            check(rc == 0 and MARKER in out,
+                  "ssh -o ProxyCommand='ipop nc %%h %%p' root@%s: rc=%s out=%r err=%r"
+                  % (VNET % 2, rc, out[-200:], err[-300:]))
+            self.result("ssh -o ProxyCommand='ipop nc %%h %%p' root@%s echo (in tu-a, via A's SOCKS): "
+                        "printed %r in %.2f s" % (VNET % 2, out.strip(), el))
+        finally:
+            srv.stop()
+
+    # ---- step 4
+    def step_remote(self):
+        rc, out, err, el = self.curl("tu-b", "http://%s:80/" % VNET % 1, timeout=10)
+        if not (rc == 0 and self.www["a"] in out):
+            self.dump_logs(["A"], 15)
+        check(rc == 0 and self.www["a"] in out,
+              "-R: curl http://%s:80/ in tu-b: rc=%s out=%r err=%r" % (VNET % 1, rc, out[-100:], err[-300:]))
+        self.result("-R 80:127.0.0.1:9000 on A: plain curl in tu-b http://%s:80/ -> A's local page (%.3f s)"
+                    % (VNET % 1, el))
+        rc, out, err = nsx("tu-b", ["ping", "-n", "-c", "3", "-W", "2", VNET % 1], timeout=20,
+                           check_rc=False)
+        m = re.search(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/", out)
+        check(rc == 0, "kernel ping tu-b -> %s (lwIP): rc=%s\n    %s" % (VNET % 1, rc, (out + err).strip()))
+        self.result("kernel ping tu-b -> %s (A's lwIP) ok, 3/3, avg rtt %s ms" % (VNET % 1, m.group(1) if m else "?"))
+        rc, out, err, el = self.curl("tu-a", "http://127.0.0.1:8081/", timeout=10)
+        check(rc == 0 and self.www["b"] in out,
+              "-L 8081:%s:8000 on A: curl 127.0.0.1:8081 in tu-a: rc=%s out=%r err=%r"
+              % (VNET % 2, rc, out[-100:], err[-300:]))
+        self.result("-L 8081:%s:8000 on A: curl in tu-a http://127.0.0.1:8081/ -> B's page (%.3f s)"
+                    % (VNET % 2, el))
+
+    # ---- step 5
+    def step_user_pair(self):
+        dn = self.nodes["D"]
+        t0 = time.monotonic()
+        tries = 0
+        while True:
+            tries += 1
+            rc, out, err, el = self.curl("tu-d", "http://127.0.0.1:9180/", timeout=5)
+            if rc == 0 and self.www["c"] in out:
+                break
+            if time.monotonic() - t0 > 15:
+                self.dump_logs(["C", "D"], 20)
+                raise TestFailure("D -L 9180 -> C -R 80: curl rc=%s %r (15 s of tries)"
+                                  % (rc, (err or out)[-300:]))
+            time.sleep(0.3)
+        self.result("D -L 9180:%s:80 -> C -R 80:127.0.0.1:9000: curl in tu-d -> C's page "
+                    "(%d tries, last %.3f s)" % (VNET % 3, tries, el))
+        rc, out, err = self.helper_run("tu-d", ["echo1", "127.0.0.1", "9107", "100000"], timeout=40)
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            r = {}
+        if not r.get("ok"):
+            self.dump_logs(["C", "D"], 20)
+        check(r.get("ok"), "D -L 9107 -> C -R 7 echo of 100000 bytes with half-close: rc=%s %r %r"
+              % (rc, out[-300:], err[-300:]))
+        self.result("D -L 9107:%s:7 -> C -R 7 echo: 100000 bytes back intact after SHUT_WR (%.3f s)"
+                    % (VNET % 3, r["s"]))
+        # 100 concurrent through D's SOCKS to C's -R echo port
+        fd0 = n_fds(dn.pid)
+        rc, out, err = self.helper_run("tu-d", ["conc", "127.0.0.1", "1080", VNET % 3, "7",
+                                                str(N_CONC), str(CONC_BYTES)], timeout=150)
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            r = {}
+        st = dn.status() or {}
+        if r.get("ok") != N_CONC:
+            self.dump_logs(["C", "D"], 25)
+        check(r.get("ok") == N_CONC,
+              "%d concurrent SOCKS connections D -> %s:7 (C -R echo): %s/%d ok; failures %r; rc=%s err=%r"
+              % (N_CONC, VNET % 3, r.get("ok"), N_CONC, r.get("bad"), rc, err[-300:]))
+        self.result("%d concurrent SOCKS connections via D -> %s:7 (C's -R echo): all %d distinct %d KB "
+                    "payloads echoed intact; all connected in %.2f s, done in %.2f s; D fds %s -> %s, "
+                    "relays now %s" % (N_CONC, VNET % 3, N_CONC, CONC_BYTES // 1024, r["connect_s"],
+                                       r["total_s"], fd0, n_fds(dn.pid), st.get("relays")))
+        self.check_alive(["C", "D"])
+
+    # ---- step 6
+    def step_malformed(self):
+        a = self.nodes["A"]
+        fd0 = n_fds(a.pid)
+        rc, out, err = self.helper_run("tu-a", ["malformed", "127.0.0.1", "1080", VNET % 1], timeout=90)
+        try:
+            cases = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise TestFailure("malformed-SOCKS client produced no result: rc=%s %r %r"
+                              % (rc, out[-300:], err[-500:]))
+        bad = []
+        for c in cases:
+            print("    %-4s %-62s %6.3f s  %s" % ("ok" if c["ok"] else "FAIL", c["case"], c["s"], c["detail"]),
+                  flush=True)
+            if not c["ok"]:
+                bad.append("%s (%s)" % (c["case"], c["detail"]))
+        self.check_alive(["A"])
+        rc, out2, err2, el = self.curl("tu-a", "http://%s:8000/" % VNET % 2, socks=SOCKS, timeout=10)
+        alive_ok = rc == 0 and self.www["b"] in out2
+        st = a.status() or {}
+        info = "A alive, fds %s -> %s, relays %s" % (fd0, n_fds(a.pid), st.get("relays"))
+        if bad or not alive_ok:
+            self.dump_logs(["A"], 20)
+        check(alive_ok, "after the malformed SOCKS cases, curl via SOCKS: rc=%s %r" % (rc, err2[-300:]))
+        check(not bad, "%d/%d malformed-SOCKS case(s) failed: %s" % (len(bad), len(cases), "; ".join(bad)))
+        self.result("malformed SOCKS: all %d cases as expected; then curl via SOCKS ok (%.3f s); %s"
+                    % (len(cases), el, info))
+
+    # ---- step 7
+    def step_backpressure(self):
+        a = self.nodes["A"]
+        rss0 = rss_mb(a.pid)
+        samp = RssSampler(a.pid, 0.05)
+        cl = self.helper_proc("stall-client", "tu-a", ["stall", "127.0.0.1", "1080", VNET % 2, "8000",
+                                                       "/big.bin", str(STALL_S)])
+        t_stall = t_resume = None
+        sendq = None
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and cl.alive():
+                txt = cl.log_text()
+                if t_stall is None and "STALL" in txt:
+                    t_stall = time.monotonic()
+                if t_stall is not None and sendq is None and time.monotonic() - t_stall > STALL_S - 1.5:
+                    rc, out, _ = nsx("tu-b", ["ss", "-Htn", "state", "established", "sport", "= :8000"],
+                                     check_rc=False)
+                    sendq = [int(ln.split()[1]) for ln in out.splitlines() if len(ln.split()) > 2]
+                if "RESUME" in txt:
+                    t_resume = time.monotonic()
+                    break
+                time.sleep(0.05)
+            rc = cl.wait(120)
+        finally:
+            cl.stop()
+            samp.stop()
+        txt = cl.log_text()
+        m = [ln for ln in txt.splitlines() if ln.startswith("{")]
+        r = json.loads(m[-1]) if m else {}
+        if t_stall is None or t_resume is None or not r:
+            self.dump_logs(["A"], 20)
+            raise TestFailure("stall client: rc=%s, output:\n%s" % (rc, cl.log_tail(15)))
+        during = samp.max_between(t_stall, t_resume)
+        after = samp.max_between(t_resume)
+        log("A VmRSS: %.1f MB before, max %.1f MB during the %d s stall, max %.1f MB while reading on; "
+            "B's server Send-Q during the stall: %s" % (rss0, during, STALL_S, after or -1, sendq))
+        ok_data = r.get("bytes") == self.big_bytes and r.get("sha256") == self.big_sha
+        if not ok_data or during is None or during >= RSS_LIMIT_MB:
+            self.dump_logs(["A"], 20)
+        check(during is not None and during < RSS_LIMIT_MB,
+              "A's VmRSS reached %.1f MB while the SOCKS client read nothing for %d s (limit %d MB)"
+              % (during or -1, STALL_S, RSS_LIMIT_MB))
+        check(ok_data, "after the stall: %s/%d bytes, sha256 %s vs %s"
+              % (r.get("bytes"), self.big_bytes, str(r.get("sha256"))[:16], self.big_sha[:16]))
+        self.result("backpressure: client read nothing for %d s: A VmRSS %.1f MB before, max %.1f MB "
+                    "during (< %d), max %.1f MB after; B's socket Send-Q %s bytes; then %d MB completed "
+                    "in %.2f s, sha256 matches" % (STALL_S, rss0, during, RSS_LIMIT_MB, after or -1, sendq,
+                                                   FILE_MB, r["resume_s"]))
+        self.check_alive(["A", "B"])
+
+    # ---- cleanup
+    def close(self, failed):
+        if self._closed:
+            return
+        self._closed = True
+        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sg, signal.SIG_IGN)     # finish cleaning up
+        for p in reversed(Proc.all):
+            p.kill(signal.SIGKILL)
+        for p in Proc.all:
+            p.wait(5)
+        remove_tu_netns()
+        left = list_tu_netns()
+        if left:
+            print("  cleanup: namespaces left: %s" % left, flush=True)
+        if self.made_run_sshd:
+            try:
+                os.rmdir("/run/sshd")
+            except OSError:
+                pass
+        if failed or os.environ.get("IPOP_KEEP_LOGS"):
+            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
+            dst = os.path.join(base, "t_user-nodes")
+            try:
+                shutil.rmtree(dst, ignore_errors=True)
+                os.makedirs(dst, exist_ok=True)
+                for f in os.listdir(self.dir):
+                    if f.endswith(".log"):
+                        shutil.copy(os.path.join(self.dir, f), dst)
+                print("node logs kept in %s" % dst, flush=True)
+            except OSError as e:
+                print("could not keep logs: %r" % e, flush=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.udir:
+            shutil.rmtree(self.udir, ignore_errors=True)
+
+
+_test = None
+
+
+def _cleanup():
+    if _test is not None:
+        _test.close(failed=bool(_test.failures) or not _test.done)
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main():
+    global _test
+    atexit.register(_cleanup)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    if os.geteuid() != 0:
+        print("FAIL: t_user needs root (network namespaces; the nodes run as nobody)", flush=True)
+        sys.exit(1)
+    ipop_bin()
+    for tool in ("ip", "ping", "curl", "sshd", "ssh", "ssh-keygen", "ss", "setpriv"):
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("FAIL: missing tool %s (see .ci/run)" % tool, flush=True)
+            sys.exit(1)
+    old = remove_tu_netns(quiet=True)
+    if old:
+        log("removed leftover namespaces: %s" % " ".join(old))
+    t = UserTest()
+    _test = t
+    log("t_user: dir %s, %d MB file" % (t.dir, FILE_MB))
+    log("note: SOCKS5 UDP ASSOCIATE is not implemented in ipop (answers 'command not supported'); "
+        "only that reply is checked (step 6), UDP relaying is not tested")
+    try:
+        t.setup_underlay()
+        try:
+            t.setup()
+        except TestFailure as e:
+            t.fail("0 setup", str(e))
+            raise
+        for name, fn in (("1 socks+names", t.step_socks_names), ("2 200MB download", t.step_download),
+                         ("3 ssh via ipop nc", t.step_ssh), ("4 -R/-L/ping", t.step_remote),
+                         ("5 two user-mode nodes", t.step_user_pair), ("6 malformed socks", t.step_malformed),
+                         ("7 backpressure", t.step_backpressure)):
+            log("---- step %s" % name)
+            ts = time.monotonic()
+            try:
+                fn()
+            except TestFailure as e:
+                t.fail(name, str(e))
+            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
+        t.done = True
+    except TestFailure:
+        pass
+    except SystemExit as e:
+        log("interrupted (exit %s): cleaning up" % e.code)
+        t.close(failed=True)
+        raise
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        t.fail("exception", "unexpected exception (see traceback)")
+    print("", flush=True)
+    print("==== t_user summary", flush=True)
+    for r in t.results:
+        print("  ok   " + r, flush=True)
+    for f in t.failures:
+        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
+    print("  skip SOCKS5 UDP ASSOCIATE relaying: not implemented in ipop (reply 7 checked only)", flush=True)
+    t.close(failed=bool(t.failures))
+    if t.failures:
+        log("FAIL: %d check(s) failed" % len(t.failures))
+        sys.exit(1)
+    log("PASS")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
