@@ -21,6 +21,7 @@
  *   06  link_  UDP/TCP links, link handshake states, keepalive, teardown
  *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
  *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
+ *   09  nat_   public endpoints learned from peers, NAT classification
  *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors
  *   11  tap_   the tap device: frames, ARP answered on the host
  *   12  lw_    user mode: lwIP in-process, relays between sockets and lwIP TCP
@@ -144,7 +145,8 @@ enum {
 	IP_ROUTES_MAX = 16,            /* --route-for prefixes per node */
 	IP_ROUTE_MIN_PREFIX = 24,      /* each routed IP is one DHT record: /24 is 256 */
 	IP_MAP_CACHE_MAX = 4096,       /* IP -> ring address entries; the oldest is evicted */
-	IP_MAP_QUEUE_MAX = 8,          /* packets held per IP while its mapping resolves */
+	IP_MAP_QUEUE_MAX = 32,         /* packets held per IP while its first lookup runs: a TCP
+	                                  * initial window and more */
 };
 
 enum exit_code {
@@ -2212,6 +2214,17 @@ struct ring_state {
 	void (*undeliverable)(struct node *n, const struct wire_routed *r);
 	void (*deliver_dht)(struct node *n, const struct wire_routed *r);
 	void (*links_changed)(struct node *n);
+	void (*link_up)(struct node *n, struct link *l);       /* for section 09 */
+};
+
+enum { NAT_OBSERVATIONS_MAX = 16 }; /* distinct (reporter, endpoint) pairs kept */
+
+/* What peers told us about our public address, owned by section 09. */
+struct nat_state {
+	struct endpoint seen[NAT_OBSERVATIONS_MAX];
+	struct endpoint local[NAT_OBSERVATIONS_MAX];  /* our listener each was seen through */
+	ring_addr reporter[NAT_OBSERVATIONS_MAX];
+	unsigned n_seen, next;
 };
 
 /* The DHT's state, owned by section 08. */
@@ -2285,6 +2298,7 @@ struct node {
 	struct link_hooks hooks;
 	struct ring_state ring;
 	struct dht_state dht;
+	struct nat_state nat;
 	struct ip_state ip;
 	struct tap_state tap;
 	struct lw_state lw;
@@ -4199,6 +4213,8 @@ static void ring_on_link_up(struct node *n, struct link *l)
 	ring_near_recompute(n);
 	if (!n->ring.joined || (l->local_roles & ROLE_NEAR))
 		ring_probe_soon(n);
+	if (n->ring.link_up)
+		n->ring.link_up(n, l);
 }
 
 static void ring_on_link_down(struct node *n, struct link *l, uint8_t reason)
@@ -4716,6 +4732,99 @@ static void dht_stop(struct node *n)
 	n->dht.pending = NULL;
 }
 
+/* ===================================================================== 09 nat_
+ * Crossing NATs without a server.  Every handshake tells the peer the
+ * endpoint its packets came from (the identity block's "observed"), so a
+ * node behind a NAT learns its public endpoint from its peers, adds it to
+ * the endpoints it advertises, and classifies its NAT from how the mapping
+ * varies across peers.  Connect-to-me makes both ends dial every endpoint
+ * of the other at once from their listening sockets, which punches holes
+ * through endpoint-independent ("cone") NATs.  Symmetric NATs on both
+ * sides and relayed links are not handled yet.
+ * ========================================================================= */
+
+enum nat_kind { NAT_UNKNOWN, NAT_NONE, NAT_CONE, NAT_PORT_PRESERVING, NAT_SYMMETRIC };
+
+static const char *const nat_kind_names[] = {
+	"unknown", "none (public address)", "endpoint-independent mapping", "port-preserving",
+	"symmetric (mapping differs per peer)",
+};
+
+static bool nat_endpoint_eq(const struct endpoint *a, const struct endpoint *b)
+{
+	return a->proto == b->proto && a->ip == b->ip && a->port == b->port;
+}
+
+/* The listener a UDP link uses: what we would advertise for it. */
+static struct endpoint nat_local_of(struct node *n, const struct link *l)
+{
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		if (n->listeners[i].fd == l->fd)
+			return link_endpoint_of(PROTO_UDP, &n->listeners[i].sa);
+	return (struct endpoint){ .proto = PROTO_UDP };
+}
+
+static bool nat_advertised(const struct node *n, const struct endpoint *e)
+{
+	for (unsigned i = 0; i < n->self.n_endpoints; i++)
+		if (nat_endpoint_eq(&n->self.endpoints[i], e))
+			return true;
+	return false;
+}
+
+/* From the observations: is our mapping the same for every peer? */
+static enum nat_kind nat_classify(const struct node *n)
+{
+	const struct nat_state *s = &n->nat;
+	if (!s->n_seen)
+		return NAT_UNKNOWN;
+	bool all_local = true, same = true, port_kept = true;
+	for (unsigned i = 0; i < s->n_seen; i++) {
+		all_local &= nat_endpoint_eq(&s->seen[i], &s->local[i]) || s->local[i].ip == 0;
+		same &= nat_endpoint_eq(&s->seen[i], &s->seen[0]);
+		port_kept &= s->seen[i].port == s->local[i].port;
+	}
+	if (all_local)
+		return NAT_NONE;
+	if (!same)
+		return NAT_SYMMETRIC;
+	return port_kept ? NAT_PORT_PRESERVING : NAT_CONE;
+}
+
+/* A UDP link came up: note how the peer sees us; advertise a new public
+ * endpoint so that others can dial it. */
+static void nat_on_link_up(struct node *n, struct link *l)
+{
+	struct nat_state *s = &n->nat;
+	struct endpoint local = nat_local_of(n, l);
+	if (l->proto != PROTO_UDP || l->observed.proto != PROTO_UDP || !l->observed.ip || !local.port)
+		return;                 /* only what our listeners are seen as is worth telling */
+	for (unsigned i = 0; i < s->n_seen; i++)
+		if (wire_addr_eq(&s->reporter[i], &l->peer.addr) && nat_endpoint_eq(&s->seen[i], &l->observed))
+			return;
+	unsigned slot = s->n_seen < NAT_OBSERVATIONS_MAX ? s->n_seen++ : s->next++ % NAT_OBSERVATIONS_MAX;
+	s->seen[slot] = l->observed;
+	s->local[slot] = local;
+	s->reporter[slot] = l->peer.addr;
+	if (nat_advertised(n, &l->observed))
+		return;
+	/* A new public endpoint: advertise it first, it is the one others reach. */
+	if (n->self.n_endpoints == LINK_ENDPOINTS_MAX)
+		n->self.n_endpoints--;
+	memmove(&n->self.endpoints[1], &n->self.endpoints[0], n->self.n_endpoints * sizeof n->self.endpoints[0]);
+	n->self.endpoints[0] = l->observed;
+	n->self.n_endpoints++;
+	char uri[40], who[64];
+	link_endpoint_uri(&l->observed, uri);
+	link_describe(l, who);
+	log_info("nat", "public endpoint %s (seen by %s); NAT: %s", uri, who, nat_kind_names[nat_classify(n)]);
+}
+
+static void nat_start(struct node *n)
+{
+	n->ring.link_up = nat_on_link_up;
+}
+
 /* ===================================================================== 10 ip_
  * The virtual IP layer: IPv4 packets between the local stack (the tap
  * device now, lwIP in user mode later) and the ring.  A packet for virtual
@@ -4760,6 +4869,7 @@ struct ip_queued {
 struct ip_map {
 	uint32_t ip;
 	bool resolved;
+	bool refreshing;                /* a lookup is in flight; the old mapping still serves */
 	ring_addr addr;                 /* valid when resolved */
 	uint64_t resolved_ms, expires_ms;
 	struct ip_queued *queue[IP_MAP_QUEUE_MAX];
@@ -4905,13 +5015,17 @@ static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 		return ip_drop(n, DROP_OFF_NET, h.dst);
 	struct ip_map *m = ip_map_find(n, h.dst);
 	uint64_t now = ev_now(&n->loop);
-	if (m && m->resolved && m->expires_ms > now)
-		return ip_send(n, &m->addr, pkt, len);
-	if (!m || m->resolved) {
-		if (m)
-			m->resolved = false;
-		else
-			m = ip_map_new(n, h.dst);
+	if (m && m->resolved) {
+		/* Past its expiry the mapping still serves while a lookup refreshes it:
+		 * a flow never waits for the DHT once it has started. */
+		if (m->expires_ms <= now && !m->refreshing)
+			ip_resolve(n, m);
+		if ((m = ip_map_find(n, h.dst)))
+			ip_send(n, &m->addr, pkt, len);
+		return;
+	}
+	if (!m) {
+		m = ip_map_new(n, h.dst);
 		ip_resolve(n, m);
 		m = ip_map_find(n, h.dst);      /* a synchronous answer may have moved it */
 		if (m && m->resolved)
@@ -4994,16 +5108,21 @@ static void ip_on_packet(struct node *n, const struct wire_routed *r)
 	/* A source behind another node (--route-for): its mapping must agree. */
 	uint64_t now = ev_now(&n->loop);
 	struct ip_map *m = ip_map_find(n, h.src);
-	if (m && m->resolved && m->expires_ms > now &&
-	    (wire_addr_eq(&m->addr, &r->src) || now - m->resolved_ms < IP_MAP_RECHECK_MS))
-		return ip_check_mapped(n, m, &r->src, r->payload, r->len);
+	if (m && m->resolved && (wire_addr_eq(&m->addr, &r->src) || now - m->resolved_ms < IP_MAP_RECHECK_MS)) {
+		if (m->expires_ms <= now && !m->refreshing)
+			ip_resolve(n, m);
+		if ((m = ip_map_find(n, h.src)))
+			ip_check_mapped(n, m, &r->src, r->payload, r->len);
+		return;
+	}
+	/* Unknown, or a mismatch with an old answer (the IP may have moved):
+	 * hold the packet and look again. */
 	if (!m)
 		m = ip_map_new(n, h.src);
+	m->resolved = false;
 	ip_queue(n, m, true, &r->src, r->payload, r->len);
-	if (m->resolved || m->n_queued == 1) {
-		m->resolved = false;
+	if (!m->refreshing)
 		ip_resolve(n, m);
-	}
 }
 
 /* The quoted head of a packet we sent: its destination. */
@@ -5059,11 +5178,15 @@ static void ip_resolved(struct node *n, void *arg, const struct wire_dht *reply)
 	if (!m)
 		return;
 	uint64_t now = ev_now(&n->loop);
+	bool had = m->resolved;
 	m->resolved = true;
+	m->refreshing = false;
 	m->resolved_ms = now;
 	m->expires_ms = now + IP_MAP_TTL_MS;
 	if (reply && reply->status == DHT_OK && reply->value_len == RING_ADDR_BYTES)
 		memcpy(m->addr.b, reply->value, RING_ADDR_BYTES);
+	else if (!reply && had)
+		m->expires_ms = now + IP_MAP_TTL_MS / 2;        /* no answer: keep what worked */
 	else
 		m->addr = sec_addr_of_ip(ip);   /* nobody routes for it: SHA-1 */
 	unsigned nq = m->n_queued;
@@ -5085,7 +5208,9 @@ static void ip_resolve(struct node *n, struct ip_map *m)
 	char key[24];
 	snprintf(key, sizeof key, "ip:%u.%u.%u.%u", m->ip >> 24, (m->ip >> 16) & 255, (m->ip >> 8) & 255,
 		 m->ip & 255);
-	m->expires_ms = ev_now(&n->loop) + DHT_REQUEST_TIMEOUT_MS;
+	m->refreshing = true;
+	if (!m->resolved)
+		m->expires_ms = ev_now(&n->loop) + DHT_REQUEST_TIMEOUT_MS;
 	if (dht_request(n, DHT_GET, key, NULL, 0, 0, ip_resolved, (void *)(uintptr_t)m->ip) < 0)
 		ip_resolved(n, (void *)(uintptr_t)m->ip, NULL);
 }
@@ -5497,6 +5622,8 @@ struct lw_relay {
 	size_t out_len, out_cap;
 	bool fd_eof, pcb_eof, reading;
 	bool fd_connecting;             /* -R: the local connect is still in progress */
+	uint8_t *early;                 /* SOCKS: client bytes that came with the request */
+	size_t early_len;
 	void (*on_connect)(struct lw_relay *r, err_t err);  /* outbound connects */
 	void *owner;                    /* the SOCKS client, if any */
 	struct ev_timer timer;          /* connect timeout */
@@ -5524,6 +5651,7 @@ static err_t lw_relay_free(struct lw_relay *r)
 	}
 	ev_timer_cancel(&n->loop, &r->timer);
 	free(r->out);
+	free(r->early);
 	free(r);
 	n->lw.n_relays--;
 	return rc;
@@ -5687,6 +5815,10 @@ static void lw_relay_run(struct lw_relay *r)
 	ev_timer_cancel(&r->n->loop, &r->timer);
 	r->fd_connecting = false;
 	r->reading = true;
+	if (r->early && r->pcb && tcp_write(r->pcb, r->early, (u16_t)r->early_len, TCP_WRITE_FLAG_COPY) != ERR_OK)
+		r->fd_eof = true;
+	free(r->early);
+	r->early = NULL;
 	lw_relay_flush(r);
 	lw_relay_pump(r);
 }
@@ -5896,13 +6028,19 @@ static int socks_on_greeting(struct socks_client *c)
 	return 1;
 }
 
-/* Hand the socket to a relay and dial; the negotiation is over after this. */
+/* Hand the socket to a relay and dial; the negotiation is over after this.
+ * Bytes the client sent right behind its request go out once connected. */
 static void socks_dial(struct socks_client *c, uint32_t ip, uint16_t port)
 {
 	struct lw_relay *r = ip_on_net(&c->n->ip, ip) ? lw_relay_new(c->n, c->fd) : NULL;
 	if (!r) {
 		socks_reply(c->fd, ip_on_net(&c->n->ip, ip) ? SOCKS_FAILURE : SOCKS_NET_UNREACHABLE, 0, 0);
 		return;
+	}
+	size_t need = socks_request_len(c->in, c->in_len);
+	if (need && c->in_len > need && (r->early = malloc(c->in_len - need))) {
+		r->early_len = c->in_len - need;
+		memcpy(r->early, c->in + need, r->early_len);
 	}
 	ev_fd_forget(&c->n->loop, c->fd);
 	c->fd = -1;                     /* the relay owns the socket from here */
@@ -6277,7 +6415,14 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 	buf_printf(o, "\"ip_traffic\":{\"tx_packets\":%llu,\"rx_packets\":%llu,\"tx_bytes\":%llu,"
 		   "\"rx_bytes\":%llu},", (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets,
 		   (unsigned long long)n->ip.tx_bytes, (unsigned long long)n->ip.rx_bytes);
-	buf_printf(o, "\"dht_records\":%u,", n->dht.n_records);
+	buf_printf(o, "\"dht_records\":%u,\"nat\":\"%s\",\"endpoints\":[", n->dht.n_records,
+		   nat_kind_names[nat_classify(n)]);
+	for (unsigned i = 0; i < n->self.n_endpoints; i++) {
+		char uri[40];
+		link_endpoint_uri(&n->self.endpoints[i], uri);
+		buf_printf(o, "%s\"%s\"", i ? "," : "", uri);
+	}
+	buf_printf(o, "],");
 	buf_printf(o, "\"connections\":[");
 	bool first = true;
 	for (const struct link *l = n->links; l; l = l->next) {
@@ -7732,6 +7877,7 @@ static int cli_up(struct cli_opts *o)
 	link_start(&node);
 	ring_start(&node);
 	dht_start(&node);
+	nat_start(&node);
 	while (!node.loop.stop) {
 		ev_run_once(&node.loop);
 		link_reap(&node);

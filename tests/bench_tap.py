@@ -15,6 +15,8 @@ every path once, starting at a different path each round):
   udp-secure    ipop over udp, --secret-file (authenticated + encrypted)
   udp-insecure  ipop over udp, --insecure on both nodes
   tcp-secure    ipop over tcp, --secret-file
+The nodes run a copy of ./ipop taken at start (its sha1 goes to the JSON),
+so a rebuild during the run does not mix binaries.
 For an ipop path h1 runs `ipop up --ip 10.128.0.1/16 --mode tap --listen
 URI` and h2 `--ip 10.128.0.2/16 --bootstrap URI`; the traffic goes between
 the virtual IPs through the tap devices.  Fresh nodes every round.
@@ -44,6 +46,7 @@ Exit status: 0 if everything was measured, 1 if a measurement failed,
 import atexit
 import ctypes
 import datetime
+import glob
 import hashlib
 import json
 import os
@@ -57,7 +60,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IPOP = os.path.join(REPO, "ipop")
+IPOP_SRC = os.path.join(REPO, "ipop")
+IPOP = IPOP_SRC  # main() points this at a private copy: one binary per run
 
 PREFIX = "tb"
 SW = "tb-sw"
@@ -525,7 +529,7 @@ def machine_info():
     info = {"kernel": platform.release(), "nproc": os.cpu_count(),
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat()}
     try:
-        with open(IPOP, "rb") as f:
+        with open(IPOP_SRC, "rb") as f:
             info["ipop_sha1"] = hashlib.sha1(f.read()).hexdigest()
     except OSError:
         pass
@@ -577,8 +581,8 @@ def main():
     if not shutil.which("iperf3"):
         print("bench_tap: iperf3 not found", flush=True)
         return 2
-    if not os.access(IPOP, os.X_OK):
-        print("bench_tap: %s missing; run make" % IPOP, flush=True)
+    if not os.access(IPOP_SRC, os.X_OK):
+        print("bench_tap: %s missing; run make" % IPOP_SRC, flush=True)
         return 2
     for p in PATHS:
         if p not in ALL_PATHS:
@@ -590,11 +594,19 @@ def main():
 
     kill_leftover_pids()
     remove_tb_netns()
+    for d in glob.glob("/tmp/ipop-bench-tap-*"):  # temp dirs of killed runs
+        shutil.rmtree(d, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix="ipop-bench-tap-", dir="/tmp")
     key = os.path.join(tmp, "net.key")
+    # ./ipop may be rebuilt while we run (shared checkout): measure one copy
+    global IPOP
+    IPOP = os.path.join(tmp, "ipop")
+    shutil.copy2(IPOP_SRC, IPOP)
     failures = []
     rounds = []
     info = machine_info()
+    with open(IPOP, "rb") as f:
+        info["ipop_sha1"] = hashlib.sha1(f.read()).hexdigest()  # the copy we run
     info["loadavg_start"] = loadavg()
     t_start = time.monotonic()
     try:

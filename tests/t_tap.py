@@ -439,6 +439,25 @@ class TapTest:
         self.result("h1 ip_traffic=%s drops=%s" % (json.dumps(st.get("ip_traffic")),
                                                   json.dumps(st.get("drops"))[:300]))
 
+        # A member sending with another member's source IP: dropped and counted.
+        # h1's kernel gets h3's address as a second one on ipop0 and pings h2
+        # from it; h1's ipop must refuse the packets (spoofed_source).
+        spoof = h[2].vip
+        before = ((h[0].status() or {}).get("drops") or {}).get("spoofed_source", 0)
+        rx2 = ((h[1].status() or {}).get("ip_traffic") or {}).get("rx_packets", 0)
+        nsx(h[0].ns, ["ip", "addr", "add", spoof + "/32", "dev", "ipop0"], check_rc=False)
+        try:
+            rc, out, err = nsx(h[0].ns, ["ping", "-n", "-c", "3", "-W", "1", "-I", spoof, h[1].vip],
+                               timeout=15, check_rc=False)
+        finally:
+            nsx(h[0].ns, ["ip", "addr", "del", spoof + "/32", "dev", "ipop0"], check_rc=False)
+        after = ((h[0].status() or {}).get("drops") or {}).get("spoofed_source", 0)
+        rx2b = ((h[1].status() or {}).get("ip_traffic") or {}).get("rx_packets", 0)
+        check(rc != 0, "a ping from h1 with h3's source IP got replies")
+        check(after >= before + 3, "spoofed_source on h1 rose %d -> %d (want +3)" % (before, after))
+        self.result("h1 pinging %s from h3's IP %s: no reply, h1 spoofed_source %d -> %d, h2 rx %d -> %d"
+                    % (h[1].vip, spoof, before, after, rx2, rx2b))
+
     # ---- step 2
     def step_iperf(self):
         h1, h2 = self.hosts[0], self.hosts[1]

@@ -387,13 +387,16 @@ def cmd_malformed(sh, sp, vip):
     def pipelined():
         s = conn()
         try:
-            s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + dst_b + http_get)
+            s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + dst_b)
+            r = recvn(s, 12)
+            s.sendall(http_get)
             data, how = read_close(s, 5.0)
-            ok = data[:2] == b"\x05\x00" and data[2:4] == b"\x00\x01" and b" 200 " in data[12:40]
+            data = r + data
+            ok = data[:2] == b"\x05\x00" and data[2:4] == b"\x05\x00" and b" 200 " in data[12:40]
             return ok, "got %r... (%d bytes) then %s" % (data[:30], len(data), how)
         finally:
             s.close()
-    case("greeting + CONNECT + GET in one write -> reply 0, page", pipelined)
+    case("greeting + CONNECT in one write -> 05 00, reply 0, page", pipelined)
     def bytewise():
         s = conn()
         try:
@@ -405,7 +408,7 @@ def cmd_malformed(sh, sp, vip):
             s.sendall(http_get)
             data, how = read_close(s, 5.0)
             data = r + data
-            ok = data[:2] == b"\x05\x00" and data[2:4] == b"\x00\x01" and b" 200 " in data[12:40]
+            ok = data[:2] == b"\x05\x00" and data[2:4] == b"\x05\x00" and b" 200 " in data[12:40]
             return ok, "got %r... (%d bytes) then %s" % (data[:30], len(data), how)
         finally:
             s.close()
@@ -419,6 +422,22 @@ def cmd_malformed(sh, sp, vip):
     out.append({"case": "virtual IP nobody holds (.99) -> reply 4/6/1 within 20 s", "ok": ok,
                 "detail": detail, "s": round(slow.get("s", -1), 3)})
     print(json.dumps(out))
+
+
+def cmd_optimistic(sh, sp, ip, port):
+    """Greeting, CONNECT and the first request bytes in ONE write (what
+    clients with optimistic data / TCP fast open do): the bytes after the
+    CONNECT request must reach the destination."""
+    s = socket.create_connection((sh, int(sp)), 5)
+    t = time.monotonic()
+    try:
+        s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton(ip) + struct.pack(">H", int(port))
+                  + ("GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % ip).encode())
+        data, how = read_close(s, 5.0)
+    finally:
+        s.close()
+    print(json.dumps({"ok": data[:4] == b"\x05\x00\x05\x00" and b" 200 " in data[12:40],
+                      "got": repr(data[:40]), "len": len(data), "how": how, "s": time.monotonic() - t}))
 
 
 def cmd_stall(sh, sp, ip, port, path, stall):
@@ -1121,6 +1140,23 @@ class UserTest:
         self.result("malformed SOCKS: all %d cases as expected; then curl via SOCKS ok (%.3f s); %s"
                     % (len(cases), el, info))
 
+    # ---- step 6b
+    def step_optimistic(self):
+        rc, out, err = self.helper_run("tu-a", ["optimistic", "127.0.0.1", "1080", VNET % 2, "8000"],
+                                       timeout=30)
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise TestFailure("optimistic-data client: rc=%s %r %r" % (rc, out[-300:], err[-300:]))
+        log("greeting + CONNECT %s:8000 + GET in one write: got %d bytes %s then %s after %.2f s"
+            % (VNET % 2, r["len"], r["got"], r["how"], r["s"]))
+        check(r["ok"], "SOCKS client data sent in the same write as the CONNECT request is lost: "
+              "greeting + CONNECT + 'GET /' in one write to A's SOCKS got only the two SOCKS replies "
+              "(%d bytes: %s) and then %s after %.1f s, no HTTP response (the request bytes queued "
+              "behind the CONNECT in the SOCKS input buffer are not handed to the relay)"
+              % (r["len"], r["got"], r["how"], r["s"]))
+        self.result("greeting + CONNECT + GET in one write: reply 0 and the page (%.3f s)" % r["s"])
+
     # ---- step 7
     def step_backpressure(self):
         a = self.nodes["A"]
@@ -1252,6 +1288,7 @@ def main():
         for name, fn in (("1 socks+names", t.step_socks_names), ("2 200MB download", t.step_download),
                          ("3 ssh via ipop nc", t.step_ssh), ("4 -R/-L/ping", t.step_remote),
                          ("5 two user-mode nodes", t.step_user_pair), ("6 malformed socks", t.step_malformed),
+                         ("6b socks data with the CONNECT", t.step_optimistic),
                          ("7 backpressure", t.step_backpressure)):
             log("---- step %s" % name)
             ts = time.monotonic()
