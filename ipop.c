@@ -1564,6 +1564,7 @@ enum bye_reason {
 	BYE_SELF = 4,           /* the link reached its own node */
 	BYE_UNEXPECTED = 5,     /* the dialled endpoint is another node */
 	BYE_REVOKED = 6,        /* the peer's certificate was revoked */
+	BYE_CONFLICT = 7,       /* an older node holds your address: stop */
 	BYE__END
 };
 
@@ -2689,6 +2690,14 @@ static bool link_resolve_duplicate(struct link *l)
 	for (struct link *o = n->links; o; o = o->next) {
 		if (o == l || o->state != LINK_UP || !wire_addr_eq(&o->peer.addr, &l->peer.addr))
 			continue;
+		if (o->peer.instance != l->peer.instance) {
+			/* Two processes claim one address: the younger must stop. */
+			bool l_younger = l->peer.started > o->peer.started ||
+					 (l->peer.started == o->peer.started && l->peer.instance > o->peer.instance);
+			struct link *young = l_younger ? l : o;
+			link_close(young, BYE_CONFLICT);
+			return young != l;
+		}
 		const ring_addr *li = l->initiator ? &n->self.addr : &l->peer.addr;
 		const ring_addr *oi = o->initiator ? &n->self.addr : &o->peer.addr;
 		int c = wire_addr_cmp(li, oi);
@@ -3203,7 +3212,10 @@ static void link_on_bye(struct link *l, uint8_t reason)
 	char who[64];
 	link_describe(l, who);
 	log_info("link", "peer closed %s (reason %u)", who, reason);
+	struct node *n = l->node;
 	link_teardown(l, reason, false);
+	if (reason == BYE_CONFLICT && n->hooks.conflict)
+		n->hooks.conflict(n, NULL);     /* a neighbour saw an older holder of our address */
 }
 
 static void link_on_roles(struct link *l, uint8_t roles)
@@ -4002,7 +4014,7 @@ static void ring_on_conflict(struct node *n, const struct peer_info *other)
 	char ip[16], addr[2 * RING_ADDR_BYTES + 1];
 	buf_ip_str(n->self.vip, ip);
 	ring_addr_hex(&n->self.addr, addr);
-	bool younger = n->self.started > other->started ||
+	bool younger = !other || n->self.started > other->started ||
 		       (n->self.started == other->started && n->self.instance > other->instance);
 	if (!younger) {
 		log_drop(&n->drops, DROP_SELF_LINK, ev_now(&n->loop), "a newer node that claims our address");

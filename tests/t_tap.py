@@ -512,6 +512,9 @@ class TapTest:
                 "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
                 "PubkeyAuthentication yes", "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
+                # bash started by sshd skips ~/.bashrc when SHLVL is set: root's rc
+                # file on a developer machine may do slow things (pyenv init).
+                "SetEnv SHLVL=1",
                 "AllowUsers root", "X11Forwarding no", "PrintMotd no", "LogLevel VERBOSE", ""]))
         if not os.path.isdir("/run/sshd"):
             os.makedirs("/run/sshd", 0o755)

@@ -37,6 +37,8 @@ each get a veth (tu-eth, peer tupN on the bridge) with 192.168.95.N/24.
     255-byte name, 10 KB garbage (raw and after a greeting), a net outside
     the virtual network, a refused port, a virtual IP nobody holds; then a
     normal curl through SOCKS works and A is alive.
+ 6b. greeting + CONNECT + the first request bytes in one write (optimistic
+    data): the bytes after the CONNECT must reach the destination.
  7. backpressure: a SOCKS client asks for the 200 MB file and reads nothing
     for 5 s: A's VmRSS stays under 64 MB; then it reads on; sha256 matches.
 
@@ -1005,6 +1007,9 @@ class UserTest:
         shutil.copy(ck + ".pub", ak)
         os.chmod(ak, 0o600)
         cfg = os.path.join(d, "sshd_config")
+        # SetEnv SHLVL=1: bash run by sshd then skips ~/.bashrc, whose
+        # contents (e.g. pyenv init waiting on a stale rehash lock) must not
+        # decide whether this step passes
         with open(cfg, "w") as f:
             f.write("\n".join([
                 "Port 22", "ListenAddress %s" % VNET % 2, "HostKey %s" % hk,
@@ -1012,7 +1017,8 @@ class UserTest:
                 "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
                 "PubkeyAuthentication yes", "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
-                "AllowUsers root", "X11Forwarding no", "PrintMotd no", "LogLevel VERBOSE", ""]))
+                "AllowUsers root", "X11Forwarding no", "PrintMotd no", "SetEnv SHLVL=1",
+                "LogLevel VERBOSE", ""]))
         if not os.path.isdir("/run/sshd"):
             os.makedirs("/run/sshd", 0o755)
             self.made_run_sshd = True
