@@ -7256,8 +7256,8 @@ static int cli_grant_route(struct cli_opts *o, const char *v)
 	return 0;
 }
 
-/* Apply one flag or config key; on error print one line and return -1. */
-static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v)
+/* The run-time flags: addresses, control socket, logging, ping options. */
+static int cli_apply_basic(struct cli_opts *o, const struct cli_flag *f, const char *v)
 {
 	char *end;
 	switch (f->key) {
@@ -7327,6 +7327,16 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 	case KEY_HELP:
 		o->help = true;
 		return 0;
+	default:
+		return -1;
+	}
+}
+
+/* Credentials, modes, front ends, certificate issuing. */
+static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const char *v)
+{
+	char *end;
+	switch (f->key) {
 	case KEY_INSECURE:
 		if (v && *v && strcmp(v, "true") && strcmp(v, "yes")) {
 			cli_fail("bad insecure value '%s': write just 'insecure' (or leave the key out)", v);
@@ -7404,8 +7414,15 @@ static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v
 			return -1;
 		}
 		return 0;
+	default:
+		return -1;
 	}
-	return -1;
+}
+
+/* Apply one flag or config key; on error print one line and return -1. */
+static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v)
+{
+	return f->key <= KEY_HELP ? cli_apply_basic(o, f, v) : cli_apply_more(o, f, v);
 }
 
 static const struct cli_flag *cli_flag_find(const char *name, char short_name, unsigned cmd)
