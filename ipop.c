@@ -78,6 +78,7 @@
 #include "lwip/pbuf.h"
 #include "lwip/tcp.h"
 #include "lwip/timeouts.h"
+#include "lwip/udp.h"
 #include "mbedtls/chachapoly.h"
 #include "mbedtls/ecdh.h"
 #include "mbedtls/error.h"
@@ -5905,8 +5906,8 @@ static int lw_relay_dial(struct lw_relay *r, uint32_t ip, uint16_t port,
  * whole, so TCP may split or merge them; every failure answers with the
  * RFC's reply code and closes.  No authentication yet, so it listens on
  * loopback unless --socks-public says otherwise.  Names ("alice",
- * "alice.ipop") are looked up in the DHT (name:alice).  UDP ASSOCIATE is
- * not served yet: it answers "command not supported".
+ * "alice.ipop") are looked up in the DHT (name:alice).  UDP ASSOCIATE
+ * relays datagrams to IPv4 virtual hosts (names in UDP headers: not yet).
  * ========================================================================= */
 
 enum socks_reply {
@@ -5916,7 +5917,8 @@ enum socks_reply {
 
 enum socks_state { SOCKS_AWAIT_GREETING, SOCKS_AWAIT_REQUEST, SOCKS_RESOLVING };
 
-enum { SOCKS_VERSION = 5, SOCKS_CMD_CONNECT = 1, SOCKS_ATYP_IPV4 = 1, SOCKS_ATYP_NAME = 3, SOCKS_ATYP_IPV6 = 4 };
+enum { SOCKS_VERSION = 5, SOCKS_CMD_CONNECT = 1, SOCKS_CMD_UDP_ASSOCIATE = 3, SOCKS_ATYP_IPV4 = 1,
+       SOCKS_ATYP_NAME = 3, SOCKS_ATYP_IPV6 = 4 };
 
 struct socks_client {
 	struct node *n;
@@ -6015,11 +6017,147 @@ static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uin
 	*port = buf_u16(&b);
 	if (b.bad)
 		return -SOCKS_FAILURE;
+	if (cmd == SOCKS_CMD_UDP_ASSOCIATE)
+		return 2;               /* the address is the client's own: not checked */
 	if (cmd != SOCKS_CMD_CONNECT)
 		return -SOCKS_BAD_COMMAND;
 	if (!ip_on_net(&n->ip, *ip))
 		return -SOCKS_NET_UNREACHABLE;
 	return 0;
+}
+
+/* ---- UDP ASSOCIATE (RFC 1928 section 7) ----------------------------------
+ * A UDP socket on loopback takes the client's datagrams (a SOCKS UDP header,
+ * then data) and sends the data from an lwIP UDP port to the virtual host;
+ * replies come back with the header naming their source.  The association
+ * lasts as long as the client's TCP connection. */
+
+enum { SOCKS_UDP_HDR_BYTES = 10 };     /* RSV RSV FRAG ATYP=1 ADDR(4) PORT(2) */
+
+struct socks_udp {
+	struct node *n;
+	int tcp_fd, udp_fd;
+	struct udp_pcb *pcb;
+	struct sockaddr_in client;
+	bool have_client;
+};
+
+static void socks_udp_free(struct socks_udp *u)
+{
+	struct ev_loop *loop = &u->n->loop;
+	ev_fd_forget(loop, u->tcp_fd);
+	ev_fd_forget(loop, u->udp_fd);
+	close(u->tcp_fd);
+	close(u->udp_fd);
+	if (u->pcb)
+		udp_remove(u->pcb);
+	free(u);
+}
+
+/* From the virtual network: header + data, to the client. */
+static void socks_udp_from_lwip(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr, u16_t port)
+{
+	struct socks_udp *u = arg;
+	uint8_t d[SOCKS_UDP_HDR_BYTES + WIRE_MAX_PACKET_BYTES];
+	(void)pcb;
+	if (u->have_client && p->tot_len <= WIRE_MAX_PACKET_BYTES) {
+		struct wbuf w = wbuf_of(d, SOCKS_UDP_HDR_BYTES);
+		wbuf_u16(&w, 0);
+		wbuf_u8(&w, 0);
+		wbuf_u8(&w, SOCKS_ATYP_IPV4);
+		wbuf_u32(&w, ntohl(addr->addr));
+		wbuf_u16(&w, port);
+		pbuf_copy_partial(p, d + SOCKS_UDP_HDR_BYTES, p->tot_len, 0);
+		sendto(u->udp_fd, d, SOCKS_UDP_HDR_BYTES + p->tot_len, MSG_DONTWAIT,
+		       (struct sockaddr *)&u->client, sizeof u->client);
+	}
+	pbuf_free(p);
+}
+
+/* From the client: only unfragmented IPv4 destinations in our network. */
+static void socks_udp_from_client(struct socks_udp *u)
+{
+	uint8_t d[SOCKS_UDP_HDR_BYTES + WIRE_MAX_PACKET_BYTES];
+	struct sockaddr_in from;
+	socklen_t fl = sizeof from;
+	ssize_t r = recvfrom(u->udp_fd, d, sizeof d, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+	if (r < SOCKS_UDP_HDR_BYTES)
+		return;
+	if (u->have_client && !link_sockaddr_eq(&from, &u->client))
+		return;                 /* only the first sender is our client */
+	struct buf b = buf_of(d, (size_t)r);
+	uint16_t rsv = buf_u16(&b);
+	uint8_t frag = buf_u8(&b), atyp = buf_u8(&b);
+	uint32_t ip = buf_u32(&b);
+	uint16_t port = buf_u16(&b);
+	if (rsv || frag || atyp != SOCKS_ATYP_IPV4 || !ip_on_net(&u->n->ip, ip))
+		return;
+	u->client = from;
+	u->have_client = true;
+	size_t len = (size_t)r - SOCKS_UDP_HDR_BYTES;
+	struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)len, PBUF_RAM);
+	if (!p)
+		return;
+	pbuf_take(p, d + SOCKS_UDP_HDR_BYTES, (u16_t)len);
+	ip_addr_t dst;
+	dst.addr = htonl(ip);
+	udp_sendto(u->pcb, p, &dst, port);
+	pbuf_free(p);
+}
+
+static void socks_udp_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct socks_udp *u = arg;
+	char junk[256];
+	(void)loop;
+	(void)events;
+	if (fd == u->udp_fd) {
+		for (int i = 0; i < 64; i++)
+			socks_udp_from_client(u);
+		return;
+	}
+	ssize_t r = recv(fd, junk, sizeof junk, MSG_DONTWAIT);
+	if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
+		socks_udp_free(u);      /* the TCP connection ended: so does the association */
+}
+
+/* Answer UDP ASSOCIATE with a relay socket on the address the client used. */
+static int socks_udp_start(struct socks_client *c)
+{
+	struct sockaddr_in local;
+	socklen_t ll = sizeof local;
+	struct socks_udp *u = calloc(1, sizeof *u);
+	if (!u || getsockname(c->fd, (struct sockaddr *)&local, &ll) < 0)
+		goto fail;
+	u->n = c->n;
+	u->tcp_fd = c->fd;
+	local.sin_port = 0;
+	u->udp_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	ll = sizeof local;
+	if (u->udp_fd < 0 || bind(u->udp_fd, (struct sockaddr *)&local, sizeof local) < 0 ||
+	    getsockname(u->udp_fd, (struct sockaddr *)&local, &ll) < 0 || !(u->pcb = udp_new()) ||
+	    udp_bind(u->pcb, IP_ADDR_ANY, 0) != ERR_OK)
+		goto fail;
+	udp_recv(u->pcb, socks_udp_from_lwip, u);
+	ev_fd_forget(&c->n->loop, c->fd);
+	c->fd = -1;                     /* the association owns the TCP socket now */
+	if (ev_fd_watch(&u->n->loop, u->tcp_fd, EPOLLIN, socks_udp_event, u) < 0 ||
+	    ev_fd_watch(&u->n->loop, u->udp_fd, EPOLLIN, socks_udp_event, u) < 0) {
+		socks_udp_free(u);
+		return -1;
+	}
+	socks_reply(u->tcp_fd, SOCKS_OK, ntohl(local.sin_addr.s_addr), ntohs(local.sin_port));
+	return -1;                      /* negotiation over */
+fail:
+	if (u) {
+		if (u->udp_fd > 0)
+			close(u->udp_fd);
+		if (u->pcb)
+			udp_remove(u->pcb);
+		free(u);
+	}
+	socks_reply(c->fd, SOCKS_FAILURE, 0, 0);
+	return -1;
 }
 
 /* Greeting (RFC 1928 section 3): we offer "no authentication" only. */
@@ -6093,6 +6231,8 @@ static int socks_on_request(struct socks_client *c)
 		socks_dial(c, ip, port);
 		return -1;
 	}
+	if (rc == 2)
+		return socks_udp_start(c);
 	snprintf(key, sizeof key, "name:%s", name);
 	c->state = SOCKS_RESOLVING;
 	c->port = port;

@@ -1,0 +1,661 @@
+#!/usr/bin/env python3
+"""NAT traversal integration test; needs root (network namespaces, nftables).
+
+Every namespace and veth this test makes is named "tn*"; leftovers with that
+prefix are removed at start, and everything (namespaces, ipop) is removed on
+exit, failure, SIGTERM or SIGINT.  The root namespace is not touched.
+
+Lab ("public internet" 203.0.113.0/24 exists only inside tn-net):
+
+    tn-pub 203.0.113.10 (bootstrap, --mode none)
+       |
+    tn-net bridge tnbr0 ---- tn-ra wan 203.0.113.1 | lan 10.1.1.1 ---- tn-a 10.1.1.2
+                        \\--- tn-rb wan 203.0.113.2 | lan 10.2.2.1 ---- tn-b 10.2.2.2
+
+The routers forward and masquerade out of "wan" (nftables); hosts run
+`ipop up --mode none --ip 10.128.0.N/16 --listen udp://10.x.x.2:4000
+--bootstrap udp://203.0.113.10:4000`.
+
+ 1. both hosts learn a public endpoint (status "endpoints" holds
+    udp://203.0.113.x:PORT) within 10 s and "nat" is not "unknown".
+ 2. cone NAT on both sides: within 20 s host A has an up link whose address
+    is B's ring address (hole punched through both NATs); `ipop ping` A->B
+    succeeds with hops=1.  On failure: node logs and the routers' conntrack
+    tables (/proc/net/nf_conntrack) are printed.
+ 3. symmetric NAT on tn-rb (masquerade random,fully-random), B restarted:
+    a direct link is reported (not expected yet); pings A<->B must work
+    through the public node (hops >= 2 when there is no direct link).
+
+Exit status non-zero if any check failed.  Node logs of a failed run are kept
+in build/test-logs/t_nat-nodes (or $IPOP_TEST_LOGDIR).
+Env: IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE (nodes run with -v).
+"""
+import atexit
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib import TestFailure, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
+
+PREFIX = "tn"
+NET = "tn-net"
+BR = "tnbr0"
+PUB_NS, PUB_IP = "tn-pub", "203.0.113.10"
+PORT = 4000
+SITES = {
+    # name: (router ns, host ns, router wan ip, lan prefix, vip)
+    "a": ("tn-ra", "tn-a", "203.0.113.1", "10.1.1", "10.128.0.1"),
+    "b": ("tn-rb", "tn-b", "203.0.113.2", "10.2.2", "10.128.0.2"),
+}
+PUBLIC_EP = re.compile(r"^udp://203\.0\.113\.\d+:\d+$")
+
+
+def _pdeathsig():
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def sh(args, timeout=30, check_rc=True, input=None):
+    """Run a short command; returns (rc, out, err). rc None on timeout."""
+    try:
+        p = subprocess.run(args, capture_output=True, timeout=timeout, text=True,
+                           errors="replace", input=input,
+                           stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        if check_rc:
+            raise TestFailure("timeout after %ss: %s" % (timeout, " ".join(args)))
+        return None, "", ""
+    if check_rc and p.returncode != 0:
+        raise TestFailure("command failed rc=%d: %s: %s" % (p.returncode, " ".join(args),
+                                                            (p.stderr or p.stdout).strip()[-300:]))
+    return p.returncode, p.stdout, p.stderr
+
+
+def nsx(ns, args, **kw):
+    return sh(["ip", "netns", "exec", ns] + list(args), **kw)
+
+
+def list_tn_netns():
+    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
+    return [ln.split()[0] for ln in (out or "").splitlines()
+            if ln.split() and ln.split()[0].startswith(PREFIX + "-")]
+
+
+def remove_tn_netns(quiet=False):
+    """Kill every process in a tn-* namespace (only this test's processes live
+    there) and delete the namespaces; their veths and the bridge go with them."""
+    names = list_tn_netns()
+    for nm in names:
+        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
+        for p in (out or "").split():
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    for nm in names:
+        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
+        if rc != 0 and not quiet:
+            print("  cleanup: ip netns del %s: %s" % (nm, (err or "").strip()), flush=True)
+    return names
+
+
+class Proc:
+    all = []
+
+    def __init__(self, name, argv, logpath):
+        self.name = name
+        self.logpath = logpath
+        lf = open(logpath, "ab")
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                  start_new_session=True, preexec_fn=_pdeathsig)
+        lf.close()
+        Proc.all.append(self)
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def wait(self, timeout):
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, sig)      # our own session, by PID
+            except OSError:
+                pass
+
+    def stop(self, timeout=5):
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            if self.wait(timeout) is None:
+                self.kill(signal.SIGKILL)
+                self.wait(5)
+
+    def log_text(self):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n=25):
+        lines = self.log_text().splitlines()
+        return "\n".join("    | " + ln for ln in lines[-n:]) or "    | (empty log)"
+
+
+class Node:
+    def __init__(self, t, name, ns, uip, vip=None, bootstrap=None):
+        self.t, self.name, self.ns, self.uip, self.vip = t, name, ns, uip, vip
+        self.bootstrap = bootstrap
+        self.port = PORT
+        self.ctl = os.path.join(t.dir, "%s.sock" % name)
+        self.logpath = os.path.join(t.dir, "%s.log" % name)
+        self.proc = None
+        self.address = sha1_ip(vip) if vip else None
+
+    def start(self):
+        try:
+            os.unlink(self.ctl)
+        except OSError:
+            pass
+        with open(self.logpath, "ab") as f:
+            f.write(("---- start %s\n" % time.strftime("%H:%M:%S")).encode())
+        a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up", "--mode", "none",
+             "--listen", "udp://%s:%d" % (self.uip, self.port),
+             "--secret-file", self.t.key, "--control", self.ctl]
+        if self.vip:
+            a += ["--ip", self.vip + "/16"]
+        if self.bootstrap:
+            a += ["--bootstrap", self.bootstrap]
+        a += ["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"]
+        self.proc = Proc(self.name, a, self.logpath)
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.alive()
+
+    def status(self, timeout=8):
+        try:
+            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
+                               capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            return None
+        if p.returncode != 0:
+            return None
+        try:
+            d = json.loads(p.stdout)
+        except ValueError:
+            return None
+        if isinstance(d, dict) and d.get("address"):
+            d["address"] = str(d["address"]).lower()
+            if self.address is None:
+                self.address = d["address"]
+        return d if isinstance(d, dict) else None
+
+    def oping(self, target, count=3, wait=3):
+        """Overlay echo. Returns (ok, hops, output)."""
+        try:
+            p = subprocess.run([ipop_bin(), "ping", "--control", self.ctl, target,
+                                "-c", str(count), "-i", "0.3", "-W", str(wait)],
+                               capture_output=True, text=True, timeout=count * (wait + 1) + 15,
+                               stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            return False, [], "timeout"
+        out = (p.stdout + p.stderr).strip()
+        return p.returncode == 0, [int(h) for h in re.findall(r"hops=(\d+)", out)], out
+
+
+def direct_link(st, addr):
+    """The up link of status st to ring address addr, or None."""
+    for c in (st or {}).get("connections", []):
+        if c.get("state") == "up" and str(c.get("address")).lower() == addr:
+            return c
+    return None
+
+
+def conn_summary(st):
+    out = []
+    for c in (st or {}).get("connections", []):
+        out.append("%s %s %s %s %s" % (c.get("state"), c.get("direction"), c.get("uri"),
+                                       str(c.get("address"))[:10], ",".join(c.get("roles") or [])))
+    return "; ".join(out) or "(none)"
+
+
+class NatTest:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ipop-t_nat-", dir="/tmp")
+        self.key = os.path.join(self.dir, "net.key")
+        self.failures = []
+        self.results = []
+        self.nodes = {}
+        self._closed = False
+        self.done = False
+
+    def fail(self, step, msg):
+        self.failures.append("%s: %s" % (step, msg))
+        log("FAIL [%s] %s" % (step, msg))
+
+    def result(self, text):
+        self.results.append(text)
+        log("RESULT " + text)
+
+    # ---- lab
+    def veth_to_bridge(self, ns, ifname, port, ip):
+        sh(["ip", "-n", NET, "link", "add", port, "type", "veth", "peer", "name", ifname,
+            "netns", ns])
+        sh(["ip", "-n", NET, "link", "set", port, "master", BR, "up"])
+        sh(["ip", "-n", ns, "addr", "add", ip + "/24", "dev", ifname])
+        sh(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+    def setup_lab(self):
+        for ns in (NET, PUB_NS) + tuple(x for s in SITES.values() for x in s[:2]):
+            sh(["ip", "netns", "add", ns])
+            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        sh(["ip", "-n", NET, "link", "add", BR, "type", "bridge"])
+        sh(["ip", "-n", NET, "link", "set", BR, "up"])
+        self.veth_to_bridge(PUB_NS, "tn-eth", "tnp-pub", PUB_IP)
+        for name, (rns, hns, wan, lan, _vip) in SITES.items():
+            self.veth_to_bridge(rns, "wan", "tnp-%s" % name, wan)
+            sh(["ip", "-n", rns, "link", "add", "lan", "type", "veth", "peer", "name", "tn-eth",
+                "netns", hns])
+            sh(["ip", "-n", rns, "addr", "add", lan + ".1/24", "dev", "lan"])
+            sh(["ip", "-n", rns, "link", "set", "lan", "up"])
+            sh(["ip", "-n", hns, "addr", "add", lan + ".2/24", "dev", "tn-eth"])
+            sh(["ip", "-n", hns, "link", "set", "tn-eth", "up"])
+            sh(["ip", "-n", hns, "route", "add", "default", "via", lan + ".1"])
+            nsx(rns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            self.set_nat(name, "masquerade")
+        # sanity: each host reaches the public node through its NAT
+        for name, (rns, hns, *_r) in SITES.items():
+            rc, out, err = nsx(hns, ["ping", "-n", "-c", "1", "-W", "3", PUB_IP], check_rc=False,
+                               timeout=15)
+            check(rc == 0, "lab: %s cannot ping %s: %s" % (hns, PUB_IP, (out + err).strip()[-200:]))
+
+    def set_nat(self, site, action):
+        rns = SITES[site][0]
+        nsx(rns, ["nft", "delete", "table", "ip", "nat"], check_rc=False)
+        script = ("add table ip nat\n"
+                  "add chain ip nat post { type nat hook postrouting priority 100; }\n"
+                  "add rule ip nat post oifname \"wan\" %s\n" % action)
+        nsx(rns, ["nft", "-f", "-"], input=script)
+        self.flush_conntrack(site)
+
+    def flush_conntrack(self, site):
+        # without the conntrack tool: a rule change does not drop existing
+        # entries, but the restarted node's new flows are new entries anyway
+        pass
+
+    def conntrack(self, site):
+        rns = SITES[site][0]
+        rc, out, _ = nsx(rns, ["cat", "/proc/net/nf_conntrack"], check_rc=False, timeout=10)
+        if rc != 0:
+            return "(no /proc/net/nf_conntrack)"
+        lines = [ln for ln in out.splitlines() if "udp" in ln]
+        return "\n".join("    " + re.sub(r"\s+", " ", ln) for ln in lines) or "    (no udp entries)"
+
+    def nft_counters(self, site):
+        rc, out, _ = nsx(SITES[site][0], ["nft", "list", "ruleset"], check_rc=False)
+        return out
+
+    def wait_status(self, nodes, timeout):
+        t0 = time.monotonic()
+        pending = list(nodes)
+        while pending:
+            for n in pending:
+                if not n.alive():
+                    raise TestFailure("%s exited rc=%s; log:\n%s"
+                                      % (n.name, n.proc.p.poll(), n.proc.log_tail()))
+            pending = [n for n in pending if n.status(timeout=5) is None]
+            if pending and time.monotonic() - t0 > timeout:
+                raise TestFailure("%s not answering status after %d s"
+                                  % (", ".join(n.name for n in pending), timeout))
+            if pending:
+                time.sleep(0.2)
+
+    def dump(self, names, n=30):
+        for nm in names:
+            nd = self.nodes.get(nm)
+            if nd and nd.proc:
+                print("  log tail of %s (alive=%s):\n%s" % (nm, nd.alive(), nd.proc.log_tail(n)),
+                      flush=True)
+
+    def diagnose(self, a, b):
+        for nd in (a, b, self.nodes["pub"]):
+            st = nd.status()
+            print("  %s: nat=%r endpoints=%s\n    connections: %s"
+                  % (nd.name, (st or {}).get("nat"), (st or {}).get("endpoints"), conn_summary(st)),
+                  flush=True)
+        for site in SITES:
+            print("  conntrack in %s:\n%s" % (SITES[site][0], self.conntrack(site)), flush=True)
+        self.dump(["a", "b", "pub"], 40)
+
+    # ---- steps
+    def start_nodes(self):
+        sh([ipop_bin(), "genkey", "--out", self.key])
+        os.chmod(self.key, 0o600)
+        boot = "udp://%s:%d" % (PUB_IP, PORT)
+        pub = Node(self, "pub", PUB_NS, PUB_IP)
+        self.nodes["pub"] = pub
+        pub.start()
+        self.wait_status([pub], 15)
+        for name, (rns, hns, wan, lan, vip) in SITES.items():
+            self.nodes[name] = Node(self, name, hns, lan + ".2", vip=vip, bootstrap=boot)
+            self.nodes[name].start()
+        self.wait_status([self.nodes["a"], self.nodes["b"]], 15)
+
+    def wait_public(self, nodes, timeout):
+        """Wait for public endpoints; returns {name: (endpoint, nat)} or raises."""
+        t0 = time.monotonic()
+        got = {}
+        while True:
+            for n in nodes:
+                if n.name in got:
+                    continue
+                st = n.status()
+                eps = [e for e in (st or {}).get("endpoints", []) if PUBLIC_EP.match(str(e))]
+                nat = (st or {}).get("nat")
+                if eps and nat and nat != "unknown":
+                    got[n.name] = (eps[0], nat, time.monotonic() - t0, st.get("endpoints"))
+            if len(got) == len(nodes):
+                return got
+            if time.monotonic() - t0 > timeout:
+                for n in nodes:
+                    if n.name not in got:
+                        st = n.status()
+                        print("  %s: nat=%r endpoints=%s" % (n.name, (st or {}).get("nat"),
+                                                           (st or {}).get("endpoints")), flush=True)
+                self.dump([n.name for n in nodes if n.name not in got], 20)
+                raise TestFailure("no public endpoint / NAT kind within %d s on %s"
+                                  % (timeout, ", ".join(n.name for n in nodes if n.name not in got)))
+            time.sleep(0.3)
+
+    def step_public(self):
+        a, b = self.nodes["a"], self.nodes["b"]
+        got = self.wait_public([a, b], 10)
+        for nm in ("a", "b"):
+            ep, nat, el, eps = got[nm]
+            wan = SITES[nm][2]
+            check(ep.startswith("udp://%s:" % wan),
+                  "%s learned public endpoint %s, expected its router's %s" % (nm, ep, wan))
+            self.result("host %s: public endpoint %s after %.1f s, NAT: %s (advertises %s)"
+                        % (nm, ep, el, nat, eps))
+            lg = self.nodes[nm].proc.log_text()
+            m = re.search(r"nat: public endpoint .*", lg)
+            if m:
+                log("  %s log: %s" % (nm, m.group(0).strip()))
+
+    def wait_direct(self, a, b, timeout):
+        """(link, elapsed) once a has an up link to b's ring address; (None, timeout)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            c = direct_link(a.status(), b.address)
+            if c:
+                return c, time.monotonic() - t0
+            time.sleep(0.3)
+        return None, timeout
+
+    def ping_both(self, a, b, step):
+        res = {}
+        for src, dst in ((a, b), (b, a)):
+            ok, hops, out = False, [], ""
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                ok, hops, out = src.oping(dst.vip, count=3, wait=3)
+                if ok:
+                    break
+                time.sleep(1)
+            res[(src.name, dst.name)] = (ok, hops, out)
+            if not ok:
+                self.fail(step, "ipop ping %s -> %s (%s) failed:\n    %s"
+                          % (src.name, dst.name, dst.vip, out.replace("\n", "\n    ")[-600:]))
+        return res
+
+    def restart_hosts(self, names, port):
+        """Stop the hosts, then start them on a new listen port: new flows, so
+        no conntrack entry of the old run (it outlives a rule change) applies."""
+        a = self.nodes["a"]
+        for nm in names:
+            self.nodes[nm].proc.stop(5)
+        for nm in names:
+            self.nodes[nm].port = port
+            self.nodes[nm].start()
+        self.wait_status([self.nodes[nm] for nm in names], 15)
+        _ = a
+
+    def mapping_clash(self, site):
+        """Conntrack entries whose masquerade changed the host's source port,
+        and unreplied inbound entries to the router itself that caused it."""
+        rns, hns, wan, lan, _vip = SITES[site]
+        host = lan + ".2"
+        rc, out, _ = nsx(rns, ["cat", "/proc/net/nf_conntrack"], check_rc=False, timeout=10)
+        notes = []
+        for ln in (out or "").splitlines():
+            m = re.search(r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+) .*?src=(\S+) dst=(\S+) "
+                          r"sport=(\d+) dport=(\d+)", ln)
+            if not m or "udp" not in ln:
+                continue
+            osrc, odst, osp, odp, rsrc, rdst, rsp, rdp = m.groups()
+            if osrc == host and rdst == wan and rdp != osp:
+                notes.append("%s: %s:%s -> %s:%s was mapped to %s:%s (port NOT preserved)"
+                             % (rns, osrc, osp, odst, odp, wan, rdp))
+            if odst == wan and rdst == osrc and "UNREPLIED" in ln and osrc.startswith("203.0.113."):
+                notes.append("%s: unreplied inbound %s:%s -> %s:%s terminated at the router "
+                             "(arrived before the host's own punch, not forwarded)"
+                             % (rns, osrc, osp, odst, odp))
+        return notes
+
+    def step_direct(self, label, step, timeout=20):
+        a, b = self.nodes["a"], self.nodes["b"]
+        c, el = self.wait_direct(a, b, timeout)
+        if c:
+            self.result("%s: A has a direct up link to B after %.1f s: uri %s direction %s "
+                        "(hole punched)" % (label, el, c.get("uri"), c.get("direction")))
+            cb = direct_link(b.status(), a.address)
+            log("  B's side: %s" % (("uri %s direction %s" % (cb.get("uri"), cb.get("direction")))
+                                    if cb else "no up link to A (!)"))
+        else:
+            log("%s: no direct A-B link within %d s; diagnosing" % (label, timeout))
+            self.diagnose(a, b)
+            why = self.mapping_clash("a") + self.mapping_clash("b")
+            for w in why:
+                log("  WHY: " + w)
+        res = self.ping_both(a, b, step)
+        ok, hops, out = res[("a", "b")]
+        if ok:
+            self.result("%s: ipop ping A -> B ok, hops=%s" % (label, hops))
+        okb, hopsb, _ = res[("b", "a")]
+        if okb:
+            self.result("%s: ipop ping B -> A ok, hops=%s" % (label, hopsb))
+        if not c:
+            self.fail(step, "no direct A<->B link through two port-restricted cone NATs within "
+                      "%d s (pings went %s hops)%s" % (timeout, hops, "".join(
+                          "\n  " + w for w in why)))
+        elif ok and hops and max(hops) != 1:
+            self.fail(step, "direct link up but ping A -> B took hops=%s (expected 1)" % hops)
+
+    def step_cone(self):
+        self.step_direct("cone/cone (masquerade only)", "2 cone")
+
+    def step_cone_fw(self):
+        """The routers as typical home routers: unsolicited inbound packets to
+        the router itself are dropped (ct state new), which keeps a peer's early
+        punch from claiming the conntrack tuple that the host's mapping needs."""
+        for site in SITES:
+            nsx(SITES[site][0], ["nft", "-f", "-"], input=(
+                "add table ip filter\n"
+                "add chain ip filter input { type filter hook input priority 0; policy accept; }\n"
+                "add rule ip filter input iifname \"wan\" ct state new drop\n"))
+        self.restart_hosts(["a", "b"], PORT + 1)
+        self.wait_public([self.nodes["a"], self.nodes["b"]], 10)
+        self.step_direct("cone/cone + router input firewall", "2b cone+firewall")
+
+    def step_symmetric(self):
+        a, b = self.nodes["a"], self.nodes["b"]
+        b.proc.stop(5)
+        self.set_nat("b", "masquerade random,fully-random")
+        # wait until A's link to the old B is gone, so a new direct link is visible
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20 and direct_link(a.status(), b.address):
+            time.sleep(0.5)
+        gone = direct_link(a.status(), b.address) is None
+        log("B stopped; NAT on tn-rb now symmetric; A's old link to B %s after %.1f s"
+            % ("gone" if gone else "STILL UP", time.monotonic() - t0))
+        b.port = PORT + 2       # a new flow: the old mapping's conntrack entry does not apply
+        b.start()
+        self.wait_status([b], 15)
+        got = self.wait_public([b], 10)
+        ep, nat, el, eps = got["b"]
+        self.result("symmetric: host b public endpoint %s, NAT: %s (advertises %s)" % (ep, nat, eps))
+        # observation from only one peer cannot tell symmetric; wait a bit for more
+        c, el = self.wait_direct(a, b, 15)
+        st_b = b.status()
+        self.result("symmetric: B's NAT classification after %.1f s more: %r, endpoints %s"
+                    % (el, (st_b or {}).get("nat"), (st_b or {}).get("endpoints")))
+        if c:
+            self.result("symmetric: A has a direct link to B (not expected yet): uri %s dir %s"
+                        % (c.get("uri"), c.get("direction")))
+        else:
+            self.result("symmetric: no direct A-B link within 15 s (expected for now)")
+            log("  A connections: %s" % conn_summary(a.status()))
+            log("  B connections: %s" % conn_summary(st_b))
+        # how tn-rb mapped B's listening port per destination (symmetric: differs)
+        rc, out, _ = nsx(SITES["b"][0], ["cat", "/proc/net/nf_conntrack"], check_rc=False, timeout=10)
+        maps = sorted(set("%s:%s->%s" % (m.group(1), m.group(2), m.group(3)) for m in re.finditer(
+            r"src=10\.2\.2\.2 dst=(\S+) sport=%d dport=(\d+) .*?dst=203\.0\.113\.2 sport=\d+ dport=(\d+)"
+            % b.port, out or "")))
+        self.result("symmetric: tn-rb mappings of B's :%d per destination: %s"
+                    % (b.port, ", ".join(maps) or "(none)"))
+        nat = (st_b or {}).get("nat", "")
+        if "symmetric" not in str(nat):
+            self.result("NOTE (ipop): B behind a symmetric NAT classifies it as %r: it has "
+                        "observations from %s only" % (nat, "one peer (the public node)" if not c
+                                                      else "its peers"))
+        res = self.ping_both(a, b, "3 symmetric")
+        for (s, d), (ok, hops, out) in res.items():
+            if not ok:
+                continue
+            self.result("symmetric: ipop ping %s -> %s ok, hops=%s" % (s.upper(), d.upper(), hops))
+            if not c and hops and min(hops) < 2:
+                self.fail("3 symmetric", "no direct link yet %s -> %s took hops=%s (expected >= 2)"
+                          % (s, d, hops))
+
+    # ---- cleanup
+    def close(self, failed):
+        if self._closed:
+            return
+        self._closed = True
+        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sg, signal.SIG_IGN)
+        for p in reversed(Proc.all):
+            p.kill(signal.SIGKILL)
+        for p in Proc.all:
+            p.wait(5)
+        remove_tn_netns()
+        left = list_tn_netns()
+        if left:
+            print("  cleanup: namespaces left: %s" % left, flush=True)
+        if failed or os.environ.get("IPOP_KEEP_LOGS"):
+            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
+            dst = os.path.join(base, "t_nat-nodes")
+            try:
+                shutil.rmtree(dst, ignore_errors=True)
+                os.makedirs(dst, exist_ok=True)
+                for f in os.listdir(self.dir):
+                    if f.endswith(".log"):
+                        shutil.copy(os.path.join(self.dir, f), dst)
+                print("node logs kept in %s" % dst, flush=True)
+            except OSError as e:
+                print("could not keep logs: %r" % e, flush=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_test = None
+
+
+def _cleanup():
+    if _test is not None:
+        _test.close(failed=bool(_test.failures) or not _test.done)
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main():
+    global _test
+    atexit.register(_cleanup)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    if os.geteuid() != 0:
+        print("FAIL: t_nat needs root (network namespaces, nftables)", flush=True)
+        sys.exit(1)
+    ipop_bin()
+    for tool in ("ip", "ping", "nft", "sysctl"):
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("FAIL: missing tool %s (see .ci/run)" % tool, flush=True)
+            sys.exit(1)
+    old = remove_tn_netns(quiet=True)
+    if old:
+        log("removed leftover namespaces: %s" % " ".join(old))
+    t = NatTest()
+    _test = t
+    log("t_nat: dir %s" % t.dir)
+    try:
+        t.setup_lab()
+        t.start_nodes()
+        log("lab up; public node and hosts a, b running")
+        try:
+            t.step_public()
+        except TestFailure as e:
+            t.fail("1 public endpoint", str(e))
+        for name, fn in (("2 cone", t.step_cone), ("2b cone+firewall", t.step_cone_fw),
+                         ("3 symmetric", t.step_symmetric)):
+            log("---- step %s" % name)
+            ts = time.monotonic()
+            try:
+                fn()
+            except TestFailure as e:
+                t.fail(name, str(e))
+            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
+        t.done = True
+    except TestFailure as e:
+        t.fail("setup", str(e))
+    except SystemExit as e:
+        log("interrupted (exit %s): cleaning up" % e.code)
+        t.close(failed=True)
+        raise
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        t.fail("exception", "unexpected exception (see traceback)")
+    print("", flush=True)
+    print("==== t_nat summary", flush=True)
+    for r in t.results:
+        print("  ok   " + r, flush=True)
+    for f in t.failures:
+        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
+    t.close(failed=bool(t.failures))
+    if t.failures:
+        log("FAIL: %d check(s) failed" % len(t.failures))
+        sys.exit(1)
+    log("PASS")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
