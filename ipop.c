@@ -2266,8 +2266,12 @@ struct lw_state {
 	struct netif netif;
 	bool started;
 	struct ev_timer timer;
+	struct pbuf *inq, *inq_tail;    /* packets for lwIP, chained through p->next */
+	unsigned n_inq;
+	struct ev_timer input_timer;
 	unsigned n_relays;
 	int socks_fd;                   /* -1: no SOCKS server */
+	char *socks_auth;               /* --socks-auth: "user:password" lines, or NULL */
 	struct endpoint socks;
 	struct fwd_spec *fwd;           /* -L and -R */
 	unsigned n_fwd;
@@ -5523,6 +5527,7 @@ enum {
 	LW_CONNECT_TIMEOUT_MS = 10000,  /* SOCKS/-L connect attempts give up after this */
 	LW_RELAYS_MAX = 1024,           /* concurrent relayed connections; more are refused */
 	LW_READ_CHUNK_BYTES = 65535,    /* tcp_write takes a u16 length */
+	LW_INPUT_QUEUE_MAX = 4096,      /* packets waiting for lwIP between loop turns */
 };
 
 /* lwIP's port layer: its clock and random numbers (RFC 6528 ISNs below). */
@@ -5585,17 +5590,45 @@ static err_t lw_netif_init(struct netif *netif)
 	return ERR_OK;
 }
 
-/* A packet from the ring for our virtual IP: into lwIP. */
+/* Hand queued packets to lwIP, from the event loop: never from inside an
+ * lwIP call, which is not reentrant. */
+static int64_t lw_input_flush(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, lw.input_timer);
+	(void)loop;
+	/* Detach the queue first: lwIP may send to ourselves while it works,
+	 * and those packets start a new queue for the next turn. */
+	struct pbuf *list = n->lw.inq;
+	n->lw.inq = n->lw.inq_tail = NULL;
+	n->lw.n_inq = 0;
+	while (list) {
+		struct pbuf *p = list;
+		list = p->next;
+		p->next = NULL;
+		if (n->lw.netif.input(p, &n->lw.netif) != ERR_OK)
+			pbuf_free(p);
+	}
+	return EV_TIMER_STOP;
+}
+
+/* A packet from the ring for our virtual IP: queued for lwIP.  A packet to
+ * ourselves arrives here while lwIP is still sending it, hence the queue. */
 static int lw_write_ip(struct node *n, const uint8_t *pkt, size_t len)
 {
+	if (n->lw.n_inq >= LW_INPUT_QUEUE_MAX)
+		return -ENOBUFS;
 	struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
 	if (!p)
 		return -ENOMEM;
 	pbuf_take(p, pkt, (u16_t)len);
-	if (n->lw.netif.input(p, &n->lw.netif) != ERR_OK) {
-		pbuf_free(p);
-		return -EIO;
-	}
+	if (n->lw.inq_tail)
+		n->lw.inq_tail->next = p;
+	else
+		n->lw.inq = p;
+	n->lw.inq_tail = p;
+	n->lw.n_inq++;
+	if (!ev_timer_armed(&n->lw.input_timer))
+		ev_timer_arm(&n->loop, &n->lw.input_timer, 0);
 	return 0;
 }
 
@@ -5623,6 +5656,7 @@ static void lw_start(struct node *n)
 	n->ip.write_local = lw_write_ip;
 	ev_timer_init(&n->lw.timer, lw_tick);
 	ev_timer_arm(&n->loop, &n->lw.timer, LW_TIMER_MAX_MS);
+	ev_timer_init(&n->lw.input_timer, lw_input_flush);
 }
 
 /* ---- relays: a local socket <-> an lwIP TCP connection ------------------ */
@@ -5904,8 +5938,8 @@ static int lw_relay_dial(struct lw_relay *r, uint32_t ip, uint16_t port,
  * A SOCKS5 server (RFC 1928) for user mode: local programs reach virtual
  * IPs through it (CONNECT).  Each client keeps its input until a message is
  * whole, so TCP may split or merge them; every failure answers with the
- * RFC's reply code and closes.  No authentication yet, so it listens on
- * loopback unless --socks-public says otherwise.  Names ("alice",
+ * RFC's reply code and closes.  With --socks-auth it requires RFC 1929
+ * logins; without, it listens on loopback unless --socks-public says so.  Names ("alice",
  * "alice.ipop") are looked up in the DHT (name:alice).  UDP ASSOCIATE
  * relays datagrams to IPv4 virtual hosts (names in UDP headers: not yet).
  * ========================================================================= */
@@ -5915,7 +5949,7 @@ enum socks_reply {
 	SOCKS_REFUSED = 5, SOCKS_TTL_EXPIRED = 6, SOCKS_BAD_COMMAND = 7, SOCKS_BAD_ADDRESS = 8,
 };
 
-enum socks_state { SOCKS_AWAIT_GREETING, SOCKS_AWAIT_REQUEST, SOCKS_RESOLVING };
+enum socks_state { SOCKS_AWAIT_GREETING, SOCKS_AWAIT_LOGIN, SOCKS_AWAIT_REQUEST, SOCKS_RESOLVING };
 
 enum { SOCKS_VERSION = 5, SOCKS_CMD_CONNECT = 1, SOCKS_CMD_UDP_ASSOCIATE = 3, SOCKS_ATYP_IPV4 = 1,
        SOCKS_ATYP_NAME = 3, SOCKS_ATYP_IPV6 = 4 };
@@ -5924,7 +5958,7 @@ struct socks_client {
 	struct node *n;
 	int fd;
 	enum socks_state state;
-	uint8_t in[4 + 1 + 255 + 2];    /* the longest request: a 255-byte name */
+	uint8_t in[1 + 1 + 255 + 1 + 255]; /* the longest message: an RFC 1929 login */
 	size_t in_len;
 	uint16_t port;                  /* SOCKS_RESOLVING: the port asked for */
 	struct ev_timer timer;          /* negotiation must finish in time */
@@ -6160,20 +6194,54 @@ fail:
 	return -1;
 }
 
-/* Greeting (RFC 1928 section 3): we offer "no authentication" only. */
+static void socks_consume(struct socks_client *c, size_t used)
+{
+	memmove(c->in, c->in + used, c->in_len - used);
+	c->in_len -= used;
+}
+
+/* Greeting (RFC 1928 section 3): "no authentication", or username and
+ * password (RFC 1929) when --socks-auth is set, which is then required. */
 static int socks_on_greeting(struct socks_client *c)
 {
 	if (c->in_len < 2 || c->in_len < 2u + c->in[1])
 		return 0;
-	bool noauth = false;
+	uint8_t want = c->n->lw.socks_auth ? 2 : 0;
+	bool offered = false;
 	for (unsigned i = 0; i < c->in[1]; i++)
-		noauth |= c->in[2 + i] == 0;
-	uint8_t r[2] = { SOCKS_VERSION, noauth ? 0 : 0xff };
-	size_t used = 2u + c->in[1];
-	if (c->in[0] != SOCKS_VERSION || send(c->fd, r, 2, MSG_NOSIGNAL | MSG_DONTWAIT) != 2 || !noauth)
+		offered |= c->in[2 + i] == want;
+	uint8_t r[2] = { SOCKS_VERSION, offered ? want : 0xff };
+	if (c->in[0] != SOCKS_VERSION || send(c->fd, r, 2, MSG_NOSIGNAL | MSG_DONTWAIT) != 2 || !offered)
 		return -1;
-	memmove(c->in, c->in + used, c->in_len - used);
-	c->in_len -= used;
+	socks_consume(c, 2u + c->in[1]);
+	c->state = want ? SOCKS_AWAIT_LOGIN : SOCKS_AWAIT_REQUEST;
+	return 1;
+}
+
+/* RFC 1929: VER=1, ULEN, UNAME, PLEN, PASSWD; compared in constant time
+ * against every line of the --socks-auth file. */
+static int socks_on_login(struct socks_client *c)
+{
+	const uint8_t *p = c->in;
+	if (c->in_len < 2 || c->in_len < 3u + p[1] || c->in_len < 3u + p[1] + p[2 + p[1]])
+		return 0;
+	size_t ul = p[1], pl = p[2 + ul];
+	char cred[2 * 256 + 2];
+	memcpy(cred, p + 2, ul);
+	cred[ul] = ':';
+	memcpy(cred + ul + 1, p + 3 + ul, pl);
+	size_t cl = ul + 1 + pl;
+	bool ok = false;
+	for (const char *line = c->n->lw.socks_auth; line && *line;) {
+		size_t ll = strcspn(line, "\n");
+		ok |= ll == cl && sec_equal(line, cred, cl);
+		line += ll + (line[ll] == '\n');
+	}
+	sec_wipe(cred, sizeof cred);
+	uint8_t r[2] = { 1, ok && p[0] == 1 ? 0 : 1 };
+	if (send(c->fd, r, 2, MSG_NOSIGNAL | MSG_DONTWAIT) != 2 || r[1])
+		return -1;
+	socks_consume(c, 3 + ul + pl);
 	c->state = SOCKS_AWAIT_REQUEST;
 	return 1;
 }
@@ -6256,7 +6324,8 @@ static void socks_client_event(struct ev_loop *loop, int fd, void *arg, uint32_t
 	c->in_len += (size_t)got;
 	int rc = 1;
 	while (rc > 0)
-		rc = c->state == SOCKS_AWAIT_GREETING ? socks_on_greeting(c) : socks_on_request(c);
+		rc = c->state == SOCKS_AWAIT_GREETING ? socks_on_greeting(c) :
+		     c->state == SOCKS_AWAIT_LOGIN ? socks_on_login(c) : socks_on_request(c);
 	if (rc < 0 || c->in_len == sizeof c->in)
 		socks_client_free(c);
 }
@@ -6953,7 +7022,7 @@ enum cli_key {
 	KEY_VERBOSE, KEY_QUIET, KEY_JSON, KEY_COUNT, KEY_INTERVAL, KEY_WAIT, KEY_HELP,
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
 	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
-	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD,
+	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NONE };
@@ -6980,6 +7049,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "mode", 0, true, true, KEY_MODE, CMD_UP },
 	{ "socks", 0, true, true, KEY_SOCKS, CMD_UP | CMD_NC },
 	{ "socks-public", 0, false, true, KEY_SOCKS_PUBLIC, CMD_UP },
+	{ "socks-auth", 0, true, true, KEY_SOCKS_AUTH, CMD_UP },
 	{ "local-forward", 'L', true, true, KEY_LOCAL_FWD, CMD_UP },
 	{ "remote-forward", 'R', true, true, KEY_REMOTE_FWD, CMD_UP },
 	{ "dev", 0, true, true, KEY_DEV, CMD_UP },
@@ -7032,6 +7102,7 @@ struct cli_opts {
 	bool insecure;
 	enum cli_mode mode;
 	char socks[64];
+	char socks_auth[256];
 	bool socks_public;
 	struct fwd_spec fwd[CLI_FWD_MAX];
 	unsigned n_fwd;
@@ -7081,7 +7152,8 @@ static const char cli_usage_up[] =
 	"                     lwIP in-process, reached by SOCKS5 and forwards; none:\n"
 	"                     only route\n"
 	"  --socks ADDR:PORT  user mode SOCKS5 server (default 127.0.0.1:1080; off)\n"
-	"  --socks-public     allow a non-loopback --socks address (no auth yet)\n"
+	"  --socks-auth FILE  require RFC 1929 logins: 'user:password' lines (mode 600)\n"
+	"  --socks-public     allow a non-loopback --socks address without logins\n"
 	"  -L [BIND:]PORT:VIP:VPORT  forward a local TCP port to a virtual host\n"
 	"  -R VPORT:HOST:PORT expose a local service on this node's virtual IP\n"
 	"  --dev NAME         tap device name (default ipop%d: ipop0, ipop1, ...)\n"
@@ -7520,6 +7592,8 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 	case KEY_SOCKS_PUBLIC:
 		o->socks_public = true;
 		return 0;
+	case KEY_SOCKS_AUTH:
+		return cli_path(f, v, o->socks_auth);
 	case KEY_LOCAL_FWD:
 	case KEY_REMOTE_FWD:
 		return cli_parse_forward(o, v, f->key == KEY_REMOTE_FWD);
@@ -7785,6 +7859,9 @@ static void cli_node_free(struct node *n)
 		if (n->lw.fwd[i].fd >= 0)
 			close(n->lw.fwd[i].fd);
 	free(n->lw.fwd);
+	if (n->lw.socks_auth)
+		sec_wipe(n->lw.socks_auth, strlen(n->lw.socks_auth));
+	free(n->lw.socks_auth);
 	ip_stop(n);
 	dht_stop(n);
 	sec_creds_free(&n->sec);
@@ -7802,9 +7879,16 @@ static int cli_node_user_mode(struct node *n, const struct cli_opts *o, char *er
 		snprintf(err, errlen, "bad --socks '%s': ADDR:PORT, PORT or off", o->socks);
 		return -2;
 	}
-	if (!off && (n->lw.socks.ip >> 24) != 127 && !o->socks_public) {
-		snprintf(err, errlen, "--socks %s is reachable from other hosts and has no authentication; "
-			 "add --socks-public if that is what you want", o->socks);
+	if (o->socks_auth[0]) {
+		uint8_t *text;
+		size_t len;
+		if (sec_read_file(o->socks_auth, true, &text, &len, err, errlen) < 0)
+			return -1;
+		n->lw.socks_auth = (char *)text;        /* user:password lines */
+	}
+	if (!off && (n->lw.socks.ip >> 24) != 127 && !o->socks_public && !n->lw.socks_auth) {
+		snprintf(err, errlen, "--socks %s is reachable from other hosts: require logins with "
+			 "--socks-auth FILE, or add --socks-public if an open proxy is what you want", o->socks);
 		return -2;
 	}
 	if (!off && (n->lw.socks_fd = socks_listen_tcp(n, &n->lw.socks, socks_accept, n, "SOCKS", err, errlen)) < 0) {
