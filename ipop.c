@@ -57,7 +57,9 @@
 #include <string.h>
 #include <net/if.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/epoll.h>
+#include <sys/wait.h>
 #include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/signalfd.h>
@@ -2313,6 +2315,7 @@ struct node {
 	uint64_t counters_routed, counters_delivered;
 	int exit_code;                  /* set by whoever stops the loop for good */
 	char name[64];                  /* --name: published as name:N -> virtual IP */
+	pid_t ns_child;                 /* namespace mode: the command we run, or 0 */
 	uint64_t reject_logged_ms;      /* rate limit for handshake refusal lines */
 };
 
@@ -5464,7 +5467,9 @@ static void tap_disable_ipv6(struct node *n)
 
 /* Open and configure the tap.  -EPERM when we lack the privilege, so that
  * the caller can fall back or say what is missing. */
-static int tap_open(struct node *n, const char *name, char *err, size_t errlen)
+/* Create and configure the device: no event loop involved, so namespace
+ * mode's child can do it too.  -EPERM when we lack the privilege. */
+static int tap_create(struct node *n, const char *name, char *err, size_t errlen)
 {
 	struct ifreq ifr = { 0 };
 	n->tap.fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
@@ -5487,16 +5492,160 @@ static int tap_open(struct node *n, const char *name, char *err, size_t errlen)
 	}
 	snprintf(n->tap.name, sizeof n->tap.name, "%s", ifr.ifr_name);
 	memcpy(n->tap.gw_mac, tap_gw_mac, 6);
-	if (tap_configure(n, err, errlen) < 0 ||
-	    ev_fd_watch(&n->loop, n->tap.fd, EPOLLIN, tap_readable, n) < 0) {
+	if (tap_configure(n, err, errlen) < 0) {
+		e = errno;
 		close(n->tap.fd);
 		n->tap.fd = -1;
-		return errno == EPERM ? -EPERM : -1;
+		return e == EPERM ? -EPERM : -1;
 	}
-	n->ip.local = true;
-	n->ip.write_local = tap_write_ip;
 	tap_disable_ipv6(n);
 	return 0;
+}
+
+/* The device is ours: its frames go through this node. */
+static int tap_attach(struct node *n)
+{
+	if (ev_fd_watch(&n->loop, n->tap.fd, EPOLLIN, tap_readable, n) < 0)
+		return -1;
+	n->ip.local = true;
+	n->ip.write_local = tap_write_ip;
+	return 0;
+}
+
+static int tap_open(struct node *n, const char *name, char *err, size_t errlen)
+{
+	int rc = tap_create(n, name, err, errlen);
+	if (rc == 0 && tap_attach(n) < 0) {
+		snprintf(err, errlen, "cannot watch tap device %s", n->tap.name);
+		close(n->tap.fd);
+		n->tap.fd = -1;
+		return -1;
+	}
+	return rc;
+}
+
+/* ---- namespace mode ------------------------------------------------------
+ * Unprivileged, for programs that need a real kernel interface (MPI, anything
+ * that listens): a child makes a user and network namespace in which it is
+ * root, creates the tap there, hands its fd back over a socketpair and runs
+ * the command.  The overlay sockets stay with us in the host's namespace. */
+
+struct tap_ns_msg {
+	int status;                     /* 0, or -1 with err set */
+	uint8_t mac[6];
+	char name[16];
+	char err[300];
+};
+
+static int tap_ns_write(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	ssize_t w = fd < 0 ? -1 : write(fd, text, strlen(text));
+	if (fd >= 0)
+		close(fd);
+	return w == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+/* Root in a fresh user namespace, owning a fresh network namespace. */
+static int tap_ns_enter(uid_t uid, gid_t gid, char *err, size_t errlen)
+{
+	char map[64];
+	if (unshare(CLONE_NEWUSER | CLONE_NEWNET) < 0) {
+		snprintf(err, errlen, "cannot create a user and network namespace: %s (unprivileged user "
+			 "namespaces are off on this host; use --mode user)", strerror(errno));
+		return -1;
+	}
+	snprintf(map, sizeof map, "0 %u 1\n", (unsigned)uid);
+	if (tap_ns_write("/proc/self/setgroups", "deny") < 0 || tap_ns_write("/proc/self/uid_map", map) < 0)
+		goto fail;
+	snprintf(map, sizeof map, "0 %u 1\n", (unsigned)gid);
+	if (tap_ns_write("/proc/self/gid_map", map) < 0)
+		goto fail;
+	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr = { .ifr_name = "lo" };
+	if (sock >= 0 && ioctl(sock, SIOCGIFFLAGS, &ifr) == 0) {
+		ifr.ifr_flags |= IFF_UP;
+		ioctl(sock, SIOCSIFFLAGS, &ifr);
+	}
+	if (sock >= 0)
+		close(sock);
+	return 0;
+fail:
+	snprintf(err, errlen, "cannot map our user id into the namespace: %s", strerror(errno));
+	return -1;
+}
+
+/* The child: namespace, tap, fd to the parent, then the command. */
+static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *const argv[])
+{
+	struct tap_ns_msg m = { 0 };
+	sigset_t all;
+	sigfillset(&all);
+	sigprocmask(SIG_UNBLOCK, &all, NULL);
+	signal(SIGPIPE, SIG_DFL);
+	m.status = tap_ns_enter(uid, gid, m.err, sizeof m.err) < 0 ||
+		   tap_create(n, "ipop0", m.err, sizeof m.err) < 0 ? -1 : 0;
+	if (m.status < 0 && access("/dev/net/tun", R_OK | W_OK) < 0 && errno == EACCES)
+		snprintf(m.err, sizeof m.err, "/dev/net/tun is not open to unprivileged users here (an admin "
+			 "can allow it: chmod 0666 /dev/net/tun); use --mode user instead");
+	memcpy(m.mac, n->tap.kernel_mac, 6);
+	snprintf(m.name, sizeof m.name, "%s", n->tap.name);
+	char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
+	struct iovec iov = { .iov_base = &m, .iov_len = sizeof m };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	if (m.status == 0) {
+		mh.msg_control = cbuf;
+		mh.msg_controllen = sizeof cbuf;
+		struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(c), &n->tap.fd, sizeof(int));
+	}
+	if (sendmsg(sock, &mh, 0) < 0 || m.status < 0)
+		_exit(126);
+	close(sock);
+	close(n->tap.fd);
+	execvp(argv[0], argv);
+	fprintf(stderr, "ipop: cannot run %s: %s\n", argv[0], strerror(errno));
+	_exit(127);
+}
+
+/* Start the command in its namespace; adopt the tap it made for us. */
+static int tap_ns_spawn(struct node *n, char *const argv[], char *err, size_t errlen)
+{
+	int sp[2];
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) {
+		snprintf(err, errlen, "socketpair: %s", strerror(errno));
+		return -1;
+	}
+	uid_t uid = geteuid();
+	gid_t gid = getegid();
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(sp[0]);
+		tap_ns_child(n, sp[1], uid, gid, argv);
+	}
+	close(sp[1]);
+	struct tap_ns_msg m;
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { .iov_base = &m, .iov_len = sizeof m };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf };
+	ssize_t r = pid < 0 ? -1 : recvmsg(sp[0], &mh, MSG_CMSG_CLOEXEC);
+	close(sp[0]);
+	struct cmsghdr *c = r == (ssize_t)sizeof m ? CMSG_FIRSTHDR(&mh) : NULL;
+	if (r != (ssize_t)sizeof m || m.status < 0 || !c || c->cmsg_type != SCM_RIGHTS) {
+		snprintf(err, errlen, "%s", r == (ssize_t)sizeof m && m.err[0] ? m.err : "namespace setup failed");
+		if (pid > 0)
+			waitpid(pid, NULL, 0);
+		return -1;
+	}
+	memcpy(&n->tap.fd, CMSG_DATA(c), sizeof(int));
+	memcpy(n->tap.kernel_mac, m.mac, 6);
+	memcpy(n->tap.gw_mac, tap_gw_mac, 6);
+	snprintf(n->tap.name, sizeof n->tap.name, "%s", m.name);
+	n->ns_child = pid;
+	return tap_attach(n);
 }
 
 static void tap_close(struct node *n)
@@ -7025,7 +7174,9 @@ enum cli_key {
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
 };
 
-enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NONE };
+enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NS, MODE_NONE };
+
+static const char *const cli_mode_names[] = { "auto", "tap", "user", "ns", "none" };
 
 enum { CLI_FWD_MAX = 16 };
 
@@ -7095,6 +7246,7 @@ struct cli_opts {
 	long count;
 	double interval_s, wait_s;
 	const char *target;
+	char **exec_argv;               /* up --mode ns ... -- CMD ARGS */
 	const char *args[2];            /* dht KEY [VALUE] */
 	int n_args;
 	int config_depth;
@@ -7137,6 +7289,7 @@ static const char cli_usage_up[] =
 	"usage: ipop up (--secret-file FILE | --cert-dir DIR [--crl FILE] | --insecure)\n"
 	"               [--ip A.B.C.D[/PREFIX]] [--listen URI]... [--bootstrap URI]...\n"
 	"               [--config FILE] [--control PATH] [-v|-q] [--log-level LEVEL]\n"
+	"               [--mode ns ... -- CMD [ARGS...]]\n"
 	"\n"
 	"Run a node in the foreground until SIGINT or SIGTERM (a graceful leave).\n"
 	"Every link is authenticated and encrypted; choose how members prove it:\n"
@@ -7147,10 +7300,12 @@ static const char cli_usage_up[] =
 	"  --insecure         no authentication or encryption (all nodes must agree)\n"
 	"\n"
 	"A node with a virtual IP gives this host an interface on the network:\n"
-	"  --mode auto|tap|user|none  auto (default): a tap device when permitted,\n"
+	"  --mode auto|tap|user|ns|none  auto (default): a tap device when permitted,\n"
 	"                     else user mode; tap: fail without the privilege; user:\n"
-	"                     lwIP in-process, reached by SOCKS5 and forwards; none:\n"
-	"                     only route\n"
+	"                     lwIP in-process, reached by SOCKS5 and forwards; ns: no\n"
+	"                     root needed: run the command after '--' in a new user\n"
+	"                     and network namespace with a real interface; none: only\n"
+	"                     route\n"
 	"  --socks ADDR:PORT  user mode SOCKS5 server (default 127.0.0.1:1080; off)\n"
 	"  --socks-auth FILE  require RFC 1929 logins: 'user:password' lines (mode 600)\n"
 	"  --socks-public     allow a non-loopback --socks address without logins\n"
@@ -7576,11 +7731,11 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 		return 0;
 	case KEY_MODE:
 		for (int m = MODE_AUTO; m <= MODE_NONE; m++)
-			if (!strcmp(v, (const char *[]){ "auto", "tap", "user", "none" }[m])) {
+			if (!strcmp(v, cli_mode_names[m])) {
 				o->mode = (enum cli_mode)m;
 				return 0;
 			}
-		cli_fail("bad --mode '%s': auto, tap, user or none", v);
+		cli_fail("bad --mode '%s': auto, tap, user, ns or none", v);
 		return -1;
 	case KEY_SOCKS:
 		if (strlen(v) >= sizeof o->socks || !*v) {
@@ -7722,6 +7877,10 @@ static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char 
 	for (int i = 0; i < argc; i++) {
 		char *a = argv[i], *val = NULL;
 		const struct cli_flag *f = NULL;
+		if (!strcmp(a, "--") && o->cmd == CMD_UP) {
+			o->exec_argv = i + 1 < argc ? &argv[i + 1] : NULL;
+			break;
+		}
 		if (a[0] == '-' && a[1] == '-' && a[2]) {
 			char name[64];
 			char *eq = strchr(a + 2, '=');
@@ -7932,6 +8091,13 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 		if (!n->ip.n_routes || !ip_route_has(&n->ip, r.net))
 			n->ip.routes[n->ip.n_routes++] = r;
 	}
+	if ((o->mode == MODE_NS) != (o->exec_argv != NULL) || (o->mode == MODE_NS && !n->self.vip)) {
+		snprintf(err, errlen, "--mode ns needs --ip and a command after '--' (and a command after '--' "
+			 "needs --mode ns): ipop up --mode ns --ip 10.128.0.5/16 ... -- mpirun ...");
+		return -2;
+	}
+	if (o->mode == MODE_NS)
+		return tap_ns_spawn(n, o->exec_argv, err, errlen);
 	if (!n->self.vip || o->mode == MODE_NONE) {
 		if (o->n_fwd || o->socks[0]) {
 			snprintf(err, errlen, "-L, -R and --socks need a virtual IP (--ip) and user mode");
@@ -8052,16 +8218,30 @@ static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, si
 	return 0;
 }
 
+/* Namespace mode: when the command ends, so does the node, with its status. */
+static void cli_reap_child(struct node *n)
+{
+	int st;
+	if (!n->ns_child || waitpid(n->ns_child, &st, WNOHANG) != n->ns_child)
+		return;
+	n->ns_child = 0;
+	n->exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+	log_info("cli", "the command exited (status %d): leaving the ring", n->exit_code);
+	n->loop.stop = true;
+}
+
 static void cli_signal_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct signalfd_siginfo si;
-	(void)arg;
 	(void)events;
-	while (read(fd, &si, sizeof si) == (ssize_t)sizeof si)
-		if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
+	while (read(fd, &si, sizeof si) == (ssize_t)sizeof si) {
+		if (si.ssi_signo == SIGCHLD) {
+			cli_reap_child(arg);
+		} else if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
 			log_info("cli", "signal %u: leaving the ring", si.ssi_signo);
 			loop->stop = true;
 		}
+	}
 }
 
 static int cli_signals_open(struct node *n, int *sfd)
@@ -8070,13 +8250,15 @@ static int cli_signals_open(struct node *n, int *sfd)
 	sigemptyset(&set);
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGCHLD);
 	signal(SIGPIPE, SIG_IGN);
 	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
 		return -errno;
 	*sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (*sfd < 0)
 		return -errno;
-	return ev_fd_watch(&n->loop, *sfd, EPOLLIN, cli_signal_event, NULL);
+	cli_reap_child(n);              /* a command that ended before we listened */
+	return ev_fd_watch(&n->loop, *sfd, EPOLLIN, cli_signal_event, n);
 }
 
 static void cli_log_start(const struct node *n)
@@ -8135,6 +8317,8 @@ static int cli_up(struct cli_opts *o)
 		ev_run_once(&node.loop);
 		link_reap(&node);
 	}
+	if (node.ns_child > 0)
+		kill(node.ns_child, SIGTERM);   /* we leave: the command loses its network */
 	ring_leave(&node);
 	ctl_close(&ctl);
 	cli_node_free(&node);

@@ -9,10 +9,10 @@ Lab ("public internet" 203.0.113.0/24 exists only inside tn-net):
 
     tn-pub 203.0.113.10 (bootstrap, --mode none)
        |
-    tn-net bridge tnbr0 ---- tn-ra wan 203.0.113.1 | lan 10.1.1.1 ---- tn-a 10.1.1.2
-                        \\--- tn-rb wan 203.0.113.2 | lan 10.2.2.1 ---- tn-b 10.2.2.2
+    tn-net bridge tnbr0 ---- tn-ra tnwan 203.0.113.1 | tnlan 10.1.1.1 ---- tn-a 10.1.1.2
+                        \\--- tn-rb tnwan 203.0.113.2 | tnlan 10.2.2.1 ---- tn-b 10.2.2.2
 
-The routers forward and masquerade out of "wan" (nftables); hosts run
+The routers forward and masquerade out of "tnwan" (nftables); hosts run
 `ipop up --mode none --ip 10.128.0.N/16 --listen udp://10.x.x.2:4000
 --bootstrap udp://203.0.113.10:4000`.
 
@@ -22,7 +22,14 @@ The routers forward and masquerade out of "wan" (nftables); hosts run
     is B's ring address (hole punched through both NATs); `ipop ping` A->B
     succeeds with hops=1.  On failure: node logs and the routers' conntrack
     tables (/proc/net/nf_conntrack) are printed.
- 3. symmetric NAT on tn-rb (masquerade random,fully-random), B restarted:
+ 2b. the same with a typical home-router input firewall on both routers
+    (iifname tnwan ct state new drop; hosts restarted on port 4001): the
+    direct link must form and ping A->B must take hops=1.  Without it (step
+    2) a peer's punch that reaches a router before the host's own punch
+    leaves a conntrack entry to the router itself; the host's mapping then
+    clashes with it and masquerade picks another port, so neither side's
+    punches ever match (reported as WHY lines from the conntrack tables).
+ 3. symmetric NAT on tn-rb (masquerade random,fully-random), B restarted on port 4002:
     a direct link is reported (not expected yet); pings A<->B must work
     through the public node (hops >= 2 when there is no direct link).
 
@@ -270,11 +277,11 @@ class NatTest:
         sh(["ip", "-n", NET, "link", "set", BR, "up"])
         self.veth_to_bridge(PUB_NS, "tn-eth", "tnp-pub", PUB_IP)
         for name, (rns, hns, wan, lan, _vip) in SITES.items():
-            self.veth_to_bridge(rns, "wan", "tnp-%s" % name, wan)
-            sh(["ip", "-n", rns, "link", "add", "lan", "type", "veth", "peer", "name", "tn-eth",
+            self.veth_to_bridge(rns, "tnwan", "tnp-%s" % name, wan)
+            sh(["ip", "-n", rns, "link", "add", "tnlan", "type", "veth", "peer", "name", "tn-eth",
                 "netns", hns])
-            sh(["ip", "-n", rns, "addr", "add", lan + ".1/24", "dev", "lan"])
-            sh(["ip", "-n", rns, "link", "set", "lan", "up"])
+            sh(["ip", "-n", rns, "addr", "add", lan + ".1/24", "dev", "tnlan"])
+            sh(["ip", "-n", rns, "link", "set", "tnlan", "up"])
             sh(["ip", "-n", hns, "addr", "add", lan + ".2/24", "dev", "tn-eth"])
             sh(["ip", "-n", hns, "link", "set", "tn-eth", "up"])
             sh(["ip", "-n", hns, "route", "add", "default", "via", lan + ".1"])
@@ -291,7 +298,7 @@ class NatTest:
         nsx(rns, ["nft", "delete", "table", "ip", "nat"], check_rc=False)
         script = ("add table ip nat\n"
                   "add chain ip nat post { type nat hook postrouting priority 100; }\n"
-                  "add rule ip nat post oifname \"wan\" %s\n" % action)
+                  "add rule ip nat post oifname \"tnwan\" %s\n" % action)
         nsx(rns, ["nft", "-f", "-"], input=script)
         self.flush_conntrack(site)
 
@@ -499,7 +506,7 @@ class NatTest:
             nsx(SITES[site][0], ["nft", "-f", "-"], input=(
                 "add table ip filter\n"
                 "add chain ip filter input { type filter hook input priority 0; policy accept; }\n"
-                "add rule ip filter input iifname \"wan\" ct state new drop\n"))
+                "add rule ip filter input iifname \"tnwan\" ct state new drop\n"))
         self.restart_hosts(["a", "b"], PORT + 1)
         self.wait_public([self.nodes["a"], self.nodes["b"]], 10)
         self.step_direct("cone/cone + router input firewall", "2b cone+firewall")
