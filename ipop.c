@@ -4808,6 +4808,15 @@ static enum nat_kind nat_classify(const struct node *n)
 		return NAT_NONE;
 	if (!same)
 		return NAT_SYMMETRIC;
+	unsigned reporters = 0;         /* one peer's word says nothing about variation */
+	for (unsigned i = 0; i < s->n_seen; i++) {
+		bool seen_before = false;
+		for (unsigned j = 0; j < i; j++)
+			seen_before |= wire_addr_eq(&s->reporter[j], &s->reporter[i]);
+		reporters += !seen_before;
+	}
+	if (reporters < 2)
+		return NAT_UNKNOWN;
 	return port_kept ? NAT_PORT_PRESERVING : NAT_CONE;
 }
 
