@@ -6543,9 +6543,15 @@ static int socks_listen_tcp(struct node *n, const struct endpoint *ep, ev_fd_fn 
  * 12); -R accepts in lwIP and connects out locally.
  * ========================================================================= */
 
+struct fwd_udp_session;
+
 struct fwd_spec {
 	struct node *n;
 	bool remote;                    /* -R */
+	bool udp;                       /* udp/ prefix: datagrams, not a stream */
+	struct udp_pcb *upcb;           /* -R udp/: our virtual port */
+	struct fwd_udp_session *sess;   /* udp/: one per client (FWD_UDP_SESSIONS_MAX) */
+	unsigned n_sess;
 	struct endpoint local;          /* -L: where we listen; -R: what we connect to */
 	uint32_t vip;                   /* -L: the virtual host */
 	uint16_t vport;                 /* -L: its port; -R: our virtual port */
@@ -6621,9 +6627,172 @@ static void fwd_local_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t 
 	}
 }
 
+/* ---- udp/ forwards: a session per client, so replies find their way back.
+ * -L udp/: a local socket; each local client gets its own lwIP UDP port.
+ * -R udp/: our virtual port; each remote peer gets its own local socket
+ * connected to the service.  The least recently used session makes room. */
+
+enum { FWD_UDP_SESSIONS_MAX = 64 };
+
+struct fwd_udp_session {
+	struct fwd_spec *f;
+	bool used;
+	struct sockaddr_in peer;        /* -L: the local client; -R: the virtual peer */
+	struct udp_pcb *pcb;            /* -L */
+	int fd;                         /* -R: connected to the local service */
+	uint64_t last_ms;
+};
+
+static void fwd_udp_session_end(struct fwd_udp_session *u)
+{
+	if (u->pcb)
+		udp_remove(u->pcb);
+	if (u->fd >= 0) {
+		ev_fd_forget(&u->f->n->loop, u->fd);
+		close(u->fd);
+	}
+	u->used = false;
+	u->pcb = NULL;
+	u->fd = -1;
+}
+
+static struct fwd_udp_session *fwd_udp_session_find(struct fwd_spec *f, const struct sockaddr_in *peer)
+{
+	struct fwd_udp_session *lru = &f->sess[0];
+	for (unsigned i = 0; i < FWD_UDP_SESSIONS_MAX; i++) {
+		struct fwd_udp_session *u = &f->sess[i];
+		if (u->used && link_sockaddr_eq(&u->peer, peer)) {
+			u->last_ms = ev_now(&f->n->loop);
+			return u;
+		}
+		if (!u->used || (lru->used && u->last_ms < lru->last_ms))
+			lru = u;
+	}
+	if (lru->used)
+		fwd_udp_session_end(lru);
+	*lru = (struct fwd_udp_session){ .f = f, .used = true, .peer = *peer, .fd = -1,
+					 .last_ms = ev_now(&f->n->loop) };
+	return lru;
+}
+
+static void fwd_udp_to_lwip(struct udp_pcb *pcb, const uint8_t *d, size_t len, uint32_t ip, uint16_t port)
+{
+	struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)len, PBUF_RAM);
+	if (!p)
+		return;
+	pbuf_take(p, d, (u16_t)len);
+	ip_addr_t dst;
+	dst.addr = htonl(ip);
+	udp_sendto(pcb, p, &dst, port);
+	pbuf_free(p);
+}
+
+/* -L: a reply from the virtual host, to the local client of this session. */
+static void fwd_udp_from_vip(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr, u16_t port)
+{
+	struct fwd_udp_session *u = arg;
+	uint8_t d[WIRE_MAX_PACKET_BYTES];
+	(void)pcb, (void)addr, (void)port;
+	if (p->tot_len <= sizeof d) {
+		pbuf_copy_partial(p, d, p->tot_len, 0);
+		sendto(u->f->fd, d, p->tot_len, MSG_DONTWAIT, (struct sockaddr *)&u->peer, sizeof u->peer);
+	}
+	pbuf_free(p);
+}
+
+static void fwd_udp_local_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct fwd_spec *f = arg;
+	uint8_t d[WIRE_MAX_PACKET_BYTES];
+	(void)loop, (void)events;
+	for (int i = 0; i < 64; i++) {
+		struct sockaddr_in from;
+		socklen_t fl = sizeof from;
+		ssize_t r = recvfrom(fd, d, sizeof d, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+		if (r < 0)
+			return;
+		struct fwd_udp_session *u = fwd_udp_session_find(f, &from);
+		if (!u->pcb && (!(u->pcb = udp_new()) || udp_bind(u->pcb, IP_ADDR_ANY, 0) != ERR_OK)) {
+			fwd_udp_session_end(u);
+			continue;
+		}
+		udp_recv(u->pcb, fwd_udp_from_vip, u);
+		fwd_udp_to_lwip(u->pcb, d, (size_t)r, f->vip, f->vport);
+	}
+}
+
+/* -R: the local service answered; back to the virtual peer. */
+static void fwd_udp_service_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct fwd_udp_session *u = arg;
+	uint8_t d[WIRE_MAX_PACKET_BYTES];
+	(void)loop, (void)events;
+	for (int i = 0; i < 64; i++) {
+		ssize_t r = recv(fd, d, sizeof d, MSG_DONTWAIT);
+		if (r < 0)
+			return;
+		fwd_udp_to_lwip(u->f->upcb, d, (size_t)r, ntohl(u->peer.sin_addr.s_addr), ntohs(u->peer.sin_port));
+	}
+}
+
+/* -R: a datagram to our virtual port, for the local service. */
+static void fwd_udp_from_remote(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr, u16_t port)
+{
+	struct fwd_spec *f = arg;
+	uint8_t d[WIRE_MAX_PACKET_BYTES];
+	struct sockaddr_in peer = { .sin_family = AF_INET, .sin_port = htons(port) };
+	peer.sin_addr.s_addr = addr->addr;
+	(void)pcb;
+	size_t len = p->tot_len <= sizeof d ? p->tot_len : 0;
+	pbuf_copy_partial(p, d, (u16_t)len, 0);
+	pbuf_free(p);
+	struct fwd_udp_session *u = fwd_udp_session_find(f, &peer);
+	if (u->fd < 0) {
+		struct sockaddr_in svc = link_sockaddr_of(&f->local);
+		u->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		if (u->fd < 0 || connect(u->fd, (struct sockaddr *)&svc, sizeof svc) < 0 ||
+		    ev_fd_watch(&f->n->loop, u->fd, EPOLLIN, fwd_udp_service_readable, u) < 0) {
+			fwd_udp_session_end(u);
+			return;
+		}
+	}
+	if (len && send(u->fd, d, len, MSG_DONTWAIT) < 0)
+		log_debug("fwd", "-R udp/: local service: %s", strerror(errno));
+}
+
+static int fwd_udp_start(struct node *n, struct fwd_spec *f, char *err, size_t errlen)
+{
+	if (!(f->sess = calloc(FWD_UDP_SESSIONS_MAX, sizeof *f->sess))) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	for (unsigned i = 0; i < FWD_UDP_SESSIONS_MAX; i++)
+		f->sess[i].fd = -1;
+	if (f->remote) {
+		if (!(f->upcb = udp_new()) || udp_bind(f->upcb, IP_ADDR_ANY, f->vport) != ERR_OK) {
+			snprintf(err, errlen, "-R udp/: cannot use virtual port %u", f->vport);
+			return -1;
+		}
+		udp_recv(f->upcb, fwd_udp_from_remote, f);
+		return 0;
+	}
+	struct sockaddr_in sa = link_sockaddr_of(&f->local);
+	f->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (f->fd < 0 || bind(f->fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+	    ev_fd_watch(&n->loop, f->fd, EPOLLIN, fwd_udp_local_readable, f) < 0) {
+		char ip[16];
+		buf_ip_str(f->local.ip, ip);
+		snprintf(err, errlen, "-L udp/: cannot listen on %s:%u: %s", ip, f->local.port, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
 static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errlen)
 {
 	f->n = n;
+	if (f->udp)
+		return fwd_udp_start(n, f, err, errlen);
 	if (!f->remote) {
 		f->fd = socks_listen_tcp(n, &f->local, fwd_local_accept, f, "-L", err, errlen);
 		return f->fd < 0 ? -1 : 0;
@@ -7318,8 +7487,8 @@ static const char cli_usage_up[] =
 	"  --socks ADDR:PORT  user mode SOCKS5 server (default 127.0.0.1:1080; off)\n"
 	"  --socks-auth FILE  require RFC 1929 logins: 'user:password' lines (mode 600)\n"
 	"  --socks-public     allow a non-loopback --socks address without logins\n"
-	"  -L [BIND:]PORT:VIP:VPORT  forward a local TCP port to a virtual host\n"
-	"  -R VPORT:HOST:PORT expose a local service on this node's virtual IP\n"
+	"  -L [udp/][BIND:]PORT:VIP:VPORT  forward a local port to a virtual host\n"
+	"  -R [udp/]VPORT:HOST:PORT  expose a local service on this node's virtual IP\n"
 	"  --dev NAME         tap device name (default ipop%d: ipop0, ipop1, ...)\n"
 	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
 	"  --name NAME        publish NAME for this node's IP (SOCKS resolves NAME\n"
@@ -7525,17 +7694,20 @@ static int cli_ipv4(const char *s, uint32_t *ip)
 }
 
 /* -L [BIND:]PORT:VIP:VPORT and -R VPORT:HOST:PORT, as ssh spells them. */
-static int cli_parse_forward(struct cli_opts *o, const char *v, bool remote)
+static int cli_parse_forward(struct cli_opts *o, const char *v0, bool remote)
 {
 	char buf[160], *part[4];
 	int k = 0;
+	bool udp = !strncmp(v0, "udp/", 4);
+	const char *v = udp ? v0 + 4 : v0;
 	if (strlen(v) >= sizeof buf || o->n_fwd >= CLI_FWD_MAX)
 		goto bad;
 	strcpy(buf, v);
 	for (char *save = NULL, *t = strtok_r(buf, ":", &save); t && k < 4; t = strtok_r(NULL, ":", &save))
 		part[k++] = t;
 	struct fwd_spec *f = &o->fwd[o->n_fwd];
-	*f = (struct fwd_spec){ .remote = remote, .fd = -1, .local = { .proto = PROTO_TCP, .ip = 0x7f000001u } };
+	*f = (struct fwd_spec){ .remote = remote, .udp = udp, .fd = -1,
+				.local = { .proto = udp ? PROTO_UDP : PROTO_TCP, .ip = 0x7f000001u } };
 	if (remote) {
 		struct cli_uri u = { .proto = PROTO_TCP };
 		char e[300];
@@ -7557,8 +7729,9 @@ static int cli_parse_forward(struct cli_opts *o, const char *v, bool remote)
 	o->n_fwd++;
 	return 0;
 bad:
-	cli_fail("bad %s '%s': %s", remote ? "-R" : "-L", v, remote ? "VPORT:HOST:PORT, like -R 22:127.0.0.1:22" :
-		 "[BIND:]PORT:VIP:VPORT, like -L 8080:10.128.0.2:80");
+	cli_fail("bad %s '%s': %s", remote ? "-R" : "-L", v0, remote ?
+		 "[udp/]VPORT:HOST:PORT, like -R 22:127.0.0.1:22" :
+		 "[udp/][BIND:]PORT:VIP:VPORT, like -L 8080:10.128.0.2:80");
 	return -1;
 }
 
@@ -8023,9 +8196,14 @@ static void cli_node_free(struct node *n)
 	tap_close(n);
 	if (n->lw.socks_fd > 0)
 		close(n->lw.socks_fd);
-	for (unsigned i = 0; i < n->lw.n_fwd; i++)
+	for (unsigned i = 0; i < n->lw.n_fwd; i++) {
 		if (n->lw.fwd[i].fd >= 0)
 			close(n->lw.fwd[i].fd);
+		for (unsigned j = 0; n->lw.fwd[i].sess && j < FWD_UDP_SESSIONS_MAX; j++)
+			if (n->lw.fwd[i].sess[j].fd >= 0)
+				close(n->lw.fwd[i].sess[j].fd);
+		free(n->lw.fwd[i].sess);
+	}
 	free(n->lw.fwd);
 	if (n->lw.socks_auth)
 		sec_wipe(n->lw.socks_auth, strlen(n->lw.socks_auth));
