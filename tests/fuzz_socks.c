@@ -7,7 +7,8 @@
  * when a request is whole and socks_parse_request parses exactly that much.
  * Invariants: a request is never parsed past its claimed length, a parse
  * either fails with an RFC 1928 reply code (1..8) or yields a destination
- * (0) or a name to look up (1), and names are NUL-terminated.
+ * (0), a name to look up (1) or a UDP association (2), and names are
+ * NUL-terminated.
  * The same input, as text, goes to cli_parse_forward for -L. */
 #include "../ipop.c"
 
@@ -44,7 +45,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			uint16_t port = 0;
 			char name[256];
 			int rc = socks_parse_request(&fz_node, p, need, &ip, &port, name);
-			if (rc < -8 || rc > 1)
+			if (rc < -8 || rc > 2)     /* 2: UDP ASSOCIATE */
 				abort();
 			if (rc == 1 && strlen(name) > 255)
 				abort();
