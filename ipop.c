@@ -16,18 +16,18 @@
  *   01  log_   log lines, rate limits, drop counters
  *   02  buf_   byte cursors: bounded big-endian get/put, hex, string builder
  *   03  ev_    epoll loop, fd table, timer heap, monotonic clock
- *   04  sec_   mbedTLS glue: SHA-1 addressing, random bytes
+ *   04  sec_   mbedTLS glue: addressing, random, handshake/record crypto, certificates
  *   05  wire_  overlay messages: one decode/encode pair per message type
- *   06  link_  UDP/TCP links, link handshake states, keepalive, teardown
+ *   06  link_  UDP/TCP links: the authenticated handshake, sealed records, keepalive
  *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
  *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
  *   09  nat_   public endpoints learned from peers, NAT classification
  *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors
- *   11  tap_   the tap device: frames, ARP answered on the host
+ *   11  tap_   the tap device: frames, ARP answered on the host; namespace mode
  *   12  lw_    user mode: lwIP in-process, relays between sockets and lwIP TCP
  *   13  socks_ SOCKS5 server (RFC 1928) for user mode
  *   14  fwd_   -L and -R port forwards
- *   15  ctl_   control socket: status text/JSON, overlay ping
+ *   15  ctl_   control socket: status text/JSON, overlay ping, dht, route
  *   16  cli_   flags, config file, subcommands, main
  */
 #ifndef _GNU_SOURCE
