@@ -7024,7 +7024,13 @@ static void ctl_status_text(struct node *n, struct buf_str *o)
 	if (n->tap.fd >= 0)
 		buf_printf(o, "interface %s, mtu %d; ip packets out %llu, in %llu\n", n->tap.name, n->ip.mtu,
 			   (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets);
-	buf_printf(o, "\nconnections (%u)\n  %-8s %-12s %-15s %-26s %-11s %3s %8s %9s %9s\n",
+	buf_printf(o, "nat       %s\nendpoints", nat_kind_names[nat_classify(n)]);
+	for (unsigned i = 0; i < n->self.n_endpoints; i++) {
+		char uri[40];
+		link_endpoint_uri(&n->self.endpoints[i], uri);
+		buf_printf(o, " %s", uri);
+	}
+	buf_printf(o, "\n\nconnections (%u)\n  %-8s %-12s %-15s %-26s %-11s %3s %8s %9s %9s\n",
 		   n->n_links, "TYPE", "ADDRESS", "IP", "URI", "STATE", "DIR", "RTT ms", "TX pkts", "RX pkts");
 	for (const struct link *l = n->links; l; l = l->next)
 		if (l->state != LINK_CLOSED)
@@ -7339,7 +7345,7 @@ static void ctl_close(struct ctl *ctl)
 enum cli_cmd {
 	CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4, CMD_GENKEY = 8, CMD_CA_INIT = 16,
 	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64, CMD_DHT_GET = 128, CMD_DHT_PUT = 256, CMD_DHT_CREATE = 512,
-	CMD_ROUTE = 1024, CMD_NC = 2048,
+	CMD_ROUTE = 1024, CMD_NC = 2048, CMD_RESOLVE = 4096,
 };
 
 enum { CMD_DHT = CMD_DHT_GET | CMD_DHT_PUT | CMD_DHT_CREATE };
@@ -7390,7 +7396,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "days", 0, true, false, KEY_DAYS, CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
-	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE },
+	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE | CMD_RESOLVE },
 	{ "ttl", 0, true, false, KEY_TTL, CMD_DHT_PUT | CMD_DHT_CREATE },
 	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
 	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
@@ -7459,6 +7465,7 @@ static const char cli_usage_main[] =
 	"  dht      get, put or create a DHT record through the running node\n"
 	"  route    add or del a prefix this node routes for (VMs behind it)\n"
 	"  nc       join stdin/stdout to a virtual host's TCP port (ssh ProxyCommand)\n"
+	"  resolve  print the virtual IP a name (--name) stands for\n"
 	"  version  print the version\n"
 	"\n"
 	"'ipop COMMAND --help' describes each command.  See ipop(1).\n";
@@ -7554,6 +7561,13 @@ static const char cli_usage_route[] =
 	"for VMs or containers behind this host.  Each IP is published in the DHT;\n"
 	"when an IP moves to another node ('route del' here, 'route add' there),\n"
 	"senders follow within seconds.  At most /24.\n";
+
+static const char cli_usage_resolve[] =
+	"usage: ipop resolve NAME [--control PATH]\n"
+	"\n"
+	"Look NAME (or NAME.ipop) up in the overlay's DHT through the running node\n"
+	"and print the virtual IP it was published for (ipop up --name NAME).\n"
+	"Exit 1 when nobody published it.\n";
 
 static const char cli_usage_nc[] =
 	"usage: ipop nc [--socks ADDR:PORT] VIP PORT\n"
@@ -8087,7 +8101,7 @@ static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char 
 		} else if (o->cmd == CMD_PING && !o->target) {
 			o->target = a;
 			continue;
-		} else if ((o->cmd & CMD_DHT || o->cmd == CMD_ROUTE || o->cmd == CMD_NC) &&
+		} else if ((o->cmd & CMD_DHT || o->cmd == CMD_ROUTE || o->cmd == CMD_NC || o->cmd == CMD_RESOLVE) &&
 			   o->n_args < (o->cmd == CMD_DHT_PUT || o->cmd == CMD_DHT_CREATE || o->cmd == CMD_NC ? 2 : 1)) {
 			o->args[o->n_args++] = a;
 			continue;
@@ -8975,6 +8989,41 @@ static int cli_nc(struct cli_opts *o)
 	return EXIT_OK;
 }
 
+/* "alice" or "alice.ipop" -> the IPv4 address in the name:alice record. */
+static int cli_resolve_name(struct cli_opts *o)
+{
+	char name[DHT_KEY_MAX_BYTES + 8], line[DHT_KEY_MAX_BYTES + 32];
+	if (o->n_args != 1 || strlen(o->args[0]) >= DHT_KEY_MAX_BYTES - 5 || strpbrk(o->args[0], " \t\r\n")) {
+		cli_fail("resolve: expected one NAME (see 'ipop resolve --help')");
+		return EXIT_USAGE;
+	}
+	snprintf(name, sizeof name, "%s", o->args[0]);
+	size_t l = strlen(name);
+	if (l > 5 && !strcmp(name + l - 5, ".ipop"))
+		name[l - 5] = 0;
+	if (!o->control[0])
+		ctl_default_path(o->control, sizeof o->control, false);
+	snprintf(line, sizeof line, "dht get name:%s\n", name);
+	struct buf_str ans = { 0 };
+	int rc = cli_ctl_ask(o->control, line, &ans, DHT_REQUEST_TIMEOUT_MS + 2000);
+	if (rc < 0 || !ans.len) {
+		buf_str_free(&ans);
+		return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
+	}
+	unsigned ttl;
+	char owner[64], hex[16];
+	uint8_t v[4];
+	int code = EXIT_FAIL;
+	if (sscanf(ans.s, "value %u %63s %15s", &ttl, owner, hex) == 3 && strlen(hex) == 8 && buf_unhex(hex, v, 4)) {
+		printf("%u.%u.%u.%u\n", v[0], v[1], v[2], v[3]);
+		code = EXIT_OK;
+	} else {
+		cli_fail("resolve %s: not found (is a node running with --name %s?)", name, name);
+	}
+	buf_str_free(&ans);
+	return code;
+}
+
 static int cli_main(int argc, char **argv)
 {
 	static const struct {
@@ -8996,6 +9045,7 @@ static int cli_main(int argc, char **argv)
 		{ "route", "add", CMD_ROUTE, cli_usage_route, cli_route },
 		{ "route", "del", CMD_ROUTE, cli_usage_route, cli_route },
 		{ "nc", NULL, CMD_NC, cli_usage_nc, cli_nc },
+		{ "resolve", NULL, CMD_RESOLVE, cli_usage_resolve, cli_resolve_name },
 	};
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		fputs(cli_usage_main, argc < 2 ? stderr : stdout);

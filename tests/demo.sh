@@ -60,6 +60,9 @@ else
 		"$IPOP" nc --socks "127.0.0.1:${SOCKS[carol]}" 10.128.0.1 80 | tail -1
 fi
 
+step "names: ipop resolve"
+"$IPOP" resolve --control "$DIR/bob.sock" alice.ipop
+
 step "overlay pings"
 "$IPOP" ping --control "$DIR/bob.sock" -c 3 -i 0.2 10.128.0.1
 "$IPOP" ping --control "$DIR/carol.sock" -c 3 -i 0.2 10.128.0.2

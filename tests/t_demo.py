@@ -16,6 +16,8 @@ checks = [
     (p.returncode == 0, "demo.sh exited %d" % p.returncode),
     ("Hello from alice, over ipop" in out, "the page fetched through SOCKS by name"),
     (out.count("0% loss") >= 2 and "100% loss" not in out, "overlay pings without loss"),
+    ("10.128.0.1" in out.split("ipop resolve", 1)[-1].split("overlay pings", 1)[0],
+     "ipop resolve alice.ipop printed alice's virtual IP"),
     (not [l for l in os.popen("ls /tmp").read().split() if l.startswith("ipop-demo-")],
      "the demo cleaned up its temp dir"),
 ]
