@@ -135,6 +135,30 @@ def _pdeathsig():
         pass
 
 
+def sh(args, timeout=30, check_rc=True, input=None):
+    """Run a short command; returns (rc, out, err). rc None on timeout.
+    With check_rc, a failure or timeout raises TestFailure."""
+    try:
+        p = subprocess.run(args, capture_output=True, timeout=timeout, text=True,
+                           errors="replace", input=input,
+                           stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        if check_rc:
+            raise TestFailure("timeout after %ss: %s" % (timeout, " ".join(args)))
+        return None, out, err
+    if check_rc and p.returncode != 0:
+        raise TestFailure("command failed rc=%d: %s: %s" % (p.returncode, " ".join(args),
+                                                            (p.stderr or p.stdout).strip()[-300:]))
+    return p.returncode, p.stdout, p.stderr
+
+
+def nsx(ns, args, **kw):
+    """sh() inside network namespace ns."""
+    return sh(["ip", "netns", "exec", ns] + list(args), **kw)
+
+
 # --------------------------------------------------------------------------
 # cleanup registry
 

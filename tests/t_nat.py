@@ -50,7 +50,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import TestFailure, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
+from lib import TestFailure, sh, nsx, _pdeathsig, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
 
 PREFIX = "tn"
 NET = "tn-net"
@@ -65,32 +65,10 @@ SITES = {
 PUBLIC_EP = re.compile(r"^udp://203\.0\.113\.\d+:\d+$")
 
 
-def _pdeathsig():
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
-def sh(args, timeout=30, check_rc=True, input=None):
-    """Run a short command; returns (rc, out, err). rc None on timeout."""
-    try:
-        p = subprocess.run(args, capture_output=True, timeout=timeout, text=True,
-                           errors="replace", input=input,
-                           stdin=None if input is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        if check_rc:
-            raise TestFailure("timeout after %ss: %s" % (timeout, " ".join(args)))
-        return None, "", ""
-    if check_rc and p.returncode != 0:
-        raise TestFailure("command failed rc=%d: %s: %s" % (p.returncode, " ".join(args),
-                                                            (p.stderr or p.stdout).strip()[-300:]))
-    return p.returncode, p.stdout, p.stderr
 
 
-def nsx(ns, args, **kw):
-    return sh(["ip", "netns", "exec", ns] + list(args), **kw)
 
 
 def list_tn_netns():

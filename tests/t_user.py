@@ -83,7 +83,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import TestFailure, check, log, ipop_bin, REPO  # noqa: E402
+from lib import TestFailure, sh, nsx, _pdeathsig, check, log, ipop_bin, REPO  # noqa: E402
 
 NS_PREFIX = "tu-"
 SW = "tu-sw"
@@ -668,34 +668,10 @@ if __name__ == "__main__":
 # --------------------------------------------------------------------------
 # process / namespace helpers (the t_tap style)
 
-def _pdeathsig():
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
-def sh(args, timeout=30, check_rc=True, input=None):
-    """Run a short command; returns (rc, out, err). rc None on timeout."""
-    try:
-        p = subprocess.run(args, capture_output=True, timeout=timeout, text=True,
-                           errors="replace", input=input,
-                           stdin=None if input is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        if check_rc:
-            raise TestFailure("timeout after %ss: %s" % (timeout, " ".join(args)))
-        return None, out, err
-    if check_rc and p.returncode != 0:
-        raise TestFailure("command failed rc=%d: %s: %s" % (p.returncode, " ".join(args),
-                                                            (p.stderr or p.stdout).strip()[-300:]))
-    return p.returncode, p.stdout, p.stderr
 
 
-def nsx(ns, args, **kw):
-    return sh(["ip", "netns", "exec", ns] + list(args), **kw)
 
 
 def list_tu_netns():
