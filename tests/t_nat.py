@@ -50,7 +50,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import TestFailure, sh, nsx, _pdeathsig, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
+from lib import TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
 
 PREFIX = "tn"
 NET = "tn-net"
@@ -95,51 +95,6 @@ def remove_tn_netns(quiet=False):
     return names
 
 
-class Proc:
-    all = []
-
-    def __init__(self, name, argv, logpath):
-        self.name = name
-        self.logpath = logpath
-        lf = open(logpath, "ab")
-        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                  start_new_session=True, preexec_fn=_pdeathsig)
-        lf.close()
-        Proc.all.append(self)
-
-    def alive(self):
-        return self.p.poll() is None
-
-    def wait(self, timeout):
-        try:
-            return self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, sig)      # our own session, by PID
-            except OSError:
-                pass
-
-    def stop(self, timeout=5):
-        if self.alive():
-            self.kill(signal.SIGTERM)
-            if self.wait(timeout) is None:
-                self.kill(signal.SIGKILL)
-                self.wait(5)
-
-    def log_text(self):
-        try:
-            with open(self.logpath, "rb") as f:
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n=25):
-        lines = self.log_text().splitlines()
-        return "\n".join("    | " + ln for ln in lines[-n:]) or "    | (empty log)"
 
 
 class Node:

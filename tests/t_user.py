@@ -83,7 +83,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import TestFailure, sh, nsx, _pdeathsig, check, log, ipop_bin, REPO  # noqa: E402
+from lib import TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, REPO  # noqa: E402
 
 NS_PREFIX = "tu-"
 SW = "tu-sw"
@@ -698,65 +698,6 @@ def remove_tu_netns(quiet=False):
     return names
 
 
-class Proc:
-    """A long-running process (started from the main thread only, since
-    PR_SET_PDEATHSIG fires when the creating thread exits)."""
-    all = []
-
-    def __init__(self, name, argv, logpath):
-        self.name = name
-        self.argv = argv
-        self.logpath = logpath
-        lf = open(logpath, "ab")
-        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                  start_new_session=True, preexec_fn=_pdeathsig)
-        lf.close()
-        self.t0 = time.monotonic()
-        Proc.all.append(self)
-
-    @property
-    def pid(self):
-        return self.p.pid
-
-    def alive(self):
-        return self.p.poll() is None
-
-    def rc(self):
-        return self.p.poll()
-
-    def wait(self, timeout):
-        try:
-            return self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, sig)
-            except OSError:
-                try:
-                    self.p.send_signal(sig)
-                except OSError:
-                    pass
-
-    def stop(self, timeout=3):
-        if self.alive():
-            self.kill(signal.SIGTERM)
-            if self.wait(timeout) is None:
-                self.kill(signal.SIGKILL)
-                self.wait(5)
-
-    def log_text(self):
-        try:
-            with open(self.logpath, "rb") as f:
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n=25):
-        lines = self.log_text().splitlines()
-        return "\n".join("    | " + line for line in lines[-n:]) or "    | (empty log)"
 
 
 def proc_status(pid):
