@@ -161,7 +161,9 @@ enum exit_code {
 
 typedef struct { uint8_t b[RING_ADDR_BYTES]; } ring_addr;
 
-enum link_proto { PROTO_UDP = 1, PROTO_TCP = 2 };
+/* PROTO_RELAY links have no socket of their own: their records travel
+ * inside another link's records through a peer both ends reach (section 06). */
+enum link_proto { PROTO_UDP = 1, PROTO_TCP = 2, PROTO_RELAY = 3 };
 
 /* A transport endpoint: IPv4 address and port in host order. */
 struct endpoint {
@@ -1526,6 +1528,9 @@ enum wire_type {
 	WIRE_ROLES = 9,         /* why I keep this link (near/far/leaf bits) */
 	WIRE_BYE = 10,          /* I am closing this link, and why */
 	WIRE_ROUTED = 11,       /* an inner message routed over the ring */
+	WIRE_RELAY = 12,        /* to a relay: pass this record on to the node named */
+	WIRE_RELAYED = 13,      /* from a relay: this record comes from the node named */
+	WIRE_PUNCH = 14,        /* over a relayed link: I am dialling you directly now */
 	WIRE__TYPE_END
 };
 
@@ -1593,6 +1598,13 @@ enum {
 	WIRE_HS_INIT_COOKIE_OFFSET = WIRE_HS_INIT_MAC1_OFFSET - SEC_MAC_BYTES,
 	WIRE_DATA_HDR_BYTES = WIRE_HDR_BYTES + 4 + 1 + 8,
 	WIRE_DATA_OVERHEAD_BYTES = WIRE_DATA_HDR_BYTES + SEC_TAG_BYTES,
+	WIRE_MAX_RECORD_BYTES = WIRE_MAX_PACKET_BYTES + WIRE_DATA_OVERHEAD_BYTES,
+	/* RELAY and RELAYED wrap a whole record, so they are the one message
+	 * larger than WIRE_MAX_PACKET_BYTES; a relay leg's UDP datagram may then
+	 * exceed 1472 bytes and be fragmented by IP (docs/PROTOCOL.md). */
+	WIRE_RELAY_HDR_BYTES = WIRE_HDR_BYTES + RING_ADDR_BYTES,
+	WIRE_MAX_MSG_BYTES = WIRE_RELAY_HDR_BYTES + WIRE_MAX_RECORD_BYTES,
+	WIRE_MAX_WIRE_BYTES = WIRE_MAX_MSG_BYTES + WIRE_DATA_OVERHEAD_BYTES,
 };
 
 struct wire_hs_init {
@@ -1649,6 +1661,13 @@ struct wire_identity {
 	const uint8_t *cert;
 	uint8_t sig_len;
 	const uint8_t *sig;
+};
+
+/* RELAY and RELAYED: a record of a relayed link, and the node at its far end. */
+struct wire_relay {
+	ring_addr addr;
+	const uint8_t *rec;
+	size_t len;
 };
 
 struct wire_ping {
@@ -1965,6 +1984,36 @@ static ssize_t wire_byte_encode(uint8_t *out, size_t cap, uint8_t type, uint8_t 
 	return wbuf_done(&w);
 }
 
+static int wire_relay_decode(const uint8_t *p, size_t len, struct wire_relay *m)
+{
+	struct buf b = wire_body(p, len);
+	buf_bytes(&b, m->addr.b, RING_ADDR_BYTES);
+	m->rec = b.p;
+	m->len = b.bad ? 0 : (size_t)(b.end - b.p);
+	return b.bad || m->len < WIRE_HDR_BYTES || m->len > WIRE_MAX_RECORD_BYTES ? -EBADMSG : 0;
+}
+
+static ssize_t wire_relay_encode(uint8_t *out, size_t cap, uint8_t type, const struct wire_relay *m)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	wire_header_put(&w, type);
+	wbuf_bytes(&w, m->addr.b, RING_ADDR_BYTES);
+	wbuf_bytes(&w, m->rec, m->len);
+	return wbuf_done(&w);
+}
+
+/* The receiver index of an outer packet other than HS_INIT (HS_RESP names
+ * its sender first); false when the packet is too short to hold one. */
+static bool wire_outer_receiver(const uint8_t *p, size_t len, uint32_t *idx)
+{
+	size_t off = WIRE_HDR_BYTES + (p[1] == WIRE_HS_RESP ? 4 : 0);
+	if (len < off + 4)
+		return false;
+	struct buf b = buf_of(p + off, 4);
+	*idx = buf_u32(&b);
+	return true;
+}
+
 static int wire_routed_decode(const uint8_t *p, size_t len, struct wire_routed *r)
 {
 	struct buf b = wire_body(p, len);
@@ -2128,7 +2177,6 @@ enum {
 	LINK_REKEY_MS = 120000,         /* ratchet each direction's key this often */
 	LINK_REKEY_GRACE_MS = 10000,    /* keep the previous receive key for stragglers */
 	LINK_FIN_CACHE_MS = 10000,      /* resend our HS_FIN if HS_RESP repeats until then */
-	WIRE_MAX_RECORD_BYTES = WIRE_MAX_PACKET_BYTES + WIRE_DATA_OVERHEAD_BYTES,
 };
 
 /* Handshake scratch: wiped once the link is up. */
@@ -2158,8 +2206,12 @@ struct link {
 	enum link_state state;
 	uint8_t proto;
 	bool initiator;
-	int fd;                         /* UDP: shared socket; TCP: owned stream */
+	int fd;                         /* UDP: shared socket; TCP: owned stream; relay: -1 */
 	struct sockaddr_in remote;
+	ring_addr relay_via;            /* relay: the peer our records pass through */
+	uint64_t relay_last_ms;         /* when records of relayed links last used this one */
+	uint64_t upgrade_ms;            /* relay: next try to go direct (section 09) */
+	uint32_t upgrade_backoff_ms;
 	uint32_t local_idx, peer_idx;   /* receiver indices in every message */
 	bool confirmed;                 /* the peer proved it accepted us (see link_on_hs_reject) */
 	struct peer_info peer;          /* valid when peer_known */
@@ -2192,6 +2244,8 @@ struct link_hooks {
 	void (*roles)(struct node *n, struct link *l);
 	void (*routed)(struct node *n, struct link *l, const uint8_t *pkt, size_t len);
 	void (*conflict)(struct node *n, const struct peer_info *other);
+	void (*dial_failed)(struct node *n, struct link *l);   /* a dial's handshake timed out */
+	void (*punch)(struct node *n, struct link *l);         /* a relayed peer dials us now */
 };
 
 struct listener {
@@ -2218,17 +2272,38 @@ struct ring_state {
 	void (*undeliverable)(struct node *n, const struct wire_routed *r);
 	void (*deliver_dht)(struct node *n, const struct wire_routed *r);
 	void (*links_changed)(struct node *n);
-	void (*link_up)(struct node *n, struct link *l);       /* for section 09 */
+	/* For section 09: */
+	void (*link_up)(struct node *n, struct link *l);
+	void (*dialing)(struct node *n, const struct peer_info *pi, uint8_t want);
+	void (*ctm_reply)(struct node *n, const struct wire_ctm_reply *m);
 };
 
-enum { NAT_OBSERVATIONS_MAX = 16 }; /* distinct (reporter, endpoint) pairs kept */
+enum {
+	NAT_OBSERVATIONS_MAX = 16,      /* distinct (reporter, endpoint) pairs kept */
+	NAT_PLANS_MAX = 16,             /* peers being linked, with their fallbacks */
+};
 
-/* What peers told us about our public address, owned by section 09. */
+/* A peer we are dialling, and what to try when the dial fails: its TCP
+ * endpoints, then a relayed link through one of its neighbours. */
+struct nat_plan {
+	struct peer_info target;
+	uint8_t want;
+	bool tcp_tried, await_relay;
+	unsigned next_cand;
+	uint64_t until_ms;
+	unsigned n_cand;
+	struct peer_info cand[RING_CTM_NEIGHBOURS_MAX];
+};
+
+/* Section 09's state: what peers told us about our public address, and
+ * the fallback plans of dials under way. */
 struct nat_state {
 	struct endpoint seen[NAT_OBSERVATIONS_MAX];
 	struct endpoint local[NAT_OBSERVATIONS_MAX];  /* our listener each was seen through */
 	ring_addr reporter[NAT_OBSERVATIONS_MAX];
 	unsigned n_seen, next;
+	struct nat_plan plans[NAT_PLANS_MAX];
+	struct ev_timer tick;
 };
 
 /* The DHT's state, owned by section 08. */
@@ -2313,6 +2388,7 @@ struct node {
 	struct ctl *ctl;
 	uint64_t start_ms;
 	uint64_t counters_routed, counters_delivered;
+	uint64_t relayed_packets, relayed_bytes;        /* records we passed on for others */
 	int exit_code;                  /* set by whoever stops the loop for good */
 	char name[64];                  /* --name: published as name:N -> virtual IP */
 	pid_t ns_child;                 /* namespace mode: the command we run, or 0 */
@@ -2351,11 +2427,24 @@ static bool link_sockaddr_eq(const struct sockaddr_in *a, const struct sockaddr_
 }
 
 /* "udp://127.0.0.1:4000 (3f2a1b2c4d5e)" for log lines. */
+/* Where a link's records go: udp://IP:PORT, tcp://IP:PORT or relay://VIA
+ * (VIA: the relay's short ring address). */
+static void link_uri(const struct link *l, char out[40])
+{
+	char via[13];
+	if (l->proto == PROTO_RELAY) {
+		link_addr_short(&l->relay_via, via);
+		snprintf(out, 40, "relay://%s", via);
+		return;
+	}
+	struct endpoint e = link_endpoint_of(l->proto, &l->remote);
+	link_endpoint_uri(&e, out);
+}
+
 static void link_describe(const struct link *l, char out[64])
 {
 	char uri[40], id[13] = "?";
-	struct endpoint e = link_endpoint_of(l->proto, &l->remote);
-	link_endpoint_uri(&e, uri);
+	link_uri(l, uri);
 	if (l->peer_known)
 		link_addr_short(&l->peer.addr, id);
 	snprintf(out, 64, "%s (%s)", uri, id);
@@ -2405,6 +2494,12 @@ static bool link_secure(const struct link *l)
 	return l->node->sec.mode != SEC_INSECURE;
 }
 
+/* Handshakes over UDP and relays are retransmitted; TCP delivers or fails. */
+static bool link_lossy(const struct link *l)
+{
+	return l->proto != PROTO_TCP;
+}
+
 static int64_t link_timer_fn(struct ev_loop *loop, struct ev_timer *t);
 
 static struct link *link_new(struct node *n, uint8_t proto, int fd,
@@ -2415,7 +2510,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	struct link *l = calloc(1, sizeof *l);
 	if (!l)
 		return NULL;
-	if (proto == PROTO_TCP && !(l->rbuf = malloc(WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_RECORD_BYTES))) {
+	if (proto == PROTO_TCP && !(l->rbuf = malloc(WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES))) {
 		free(l);
 		return NULL;
 	}
@@ -2513,6 +2608,32 @@ static int link_tcp_enqueue(struct link *l, const uint8_t *pkt, size_t len)
 	return l->state == LINK_CONNECTING ? 0 : link_tcp_flush(l);
 }
 
+static int link_send(struct link *l, const uint8_t *msg, size_t len);
+
+/* A direct up link to this peer: the only kind that may carry relays. */
+static struct link *link_find_direct(struct node *n, const ring_addr *a)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state == LINK_UP && l->proto != PROTO_RELAY && wire_addr_eq(&l->peer.addr, a))
+			return l;
+	return NULL;
+}
+
+/* A relayed link's record goes to its relay inside a RELAY message. */
+static int link_relay_send(struct link *l, const uint8_t *pkt, size_t len)
+{
+	struct link *via = link_find_direct(l->node, &l->relay_via);
+	if (!via)
+		return -ENETUNREACH;    /* the keepalive will notice and close us */
+	struct wire_relay m = { .addr = l->peer_known ? l->peer.addr : l->expect, .rec = pkt, .len = len };
+	uint8_t msg[WIRE_MAX_MSG_BYTES];
+	ssize_t mlen = wire_relay_encode(msg, sizeof msg, WIRE_RELAY, &m);
+	if (mlen < 0)
+		return -EMSGSIZE;
+	via->relay_last_ms = ev_now(&l->node->loop);
+	return link_send(via, msg, (size_t)mlen);
+}
+
 /* Put bytes on the wire as they are; a failure is counted, never fatal. */
 static int link_send_raw(struct link *l, const uint8_t *pkt, size_t len)
 {
@@ -2523,6 +2644,8 @@ static int link_send_raw(struct link *l, const uint8_t *pkt, size_t len)
 		ssize_t w = sendto(l->fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)&l->remote,
 				   sizeof l->remote);
 		rc = w < 0 ? -errno : 0;
+	} else if (l->proto == PROTO_RELAY) {
+		rc = link_relay_send(l, pkt, len);
 	} else {
 		rc = link_tcp_enqueue(l, pkt, len);
 	}
@@ -2553,11 +2676,11 @@ static void link_rekey_tx(struct link *l)
 /* Send one message on an up link inside a DATA record. */
 static int link_send(struct link *l, const uint8_t *msg, size_t len)
 {
-	uint8_t rec[WIRE_MAX_RECORD_BYTES];
+	uint8_t rec[WIRE_MAX_WIRE_BYTES];
 	if (l->state != LINK_UP)
 		return -ENOTCONN;
-	if (len > WIRE_MAX_PACKET_BYTES)
-		return -EMSGSIZE;
+	if (len > (l->proto == PROTO_RELAY ? WIRE_MAX_PACKET_BYTES : WIRE_MAX_MSG_BYTES))
+		return -EMSGSIZE;       /* relayed records must fit inside a RELAY */
 	bool secure = link_secure(l);
 	if (secure)
 		link_rekey_tx(l);
@@ -2607,6 +2730,8 @@ static void link_hs_resend(struct link *l)
 
 /* ---- teardown and timers ---------------------------------------------- */
 
+static void link_relays_lost(struct node *n, const ring_addr *via);
+
 /* Tear a link down.  A BYE goes out only on an up link, and only when the
  * peer did not close first: a peer that never finished the handshake holds
  * no state worth telling.  reason 0 means the link failed (dead, reset). */
@@ -2627,11 +2752,25 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 	}
 	if (was_up && n->hooks.down)
 		n->hooks.down(n, l, reason);
+	if (l->proto != PROTO_RELAY && l->peer_known)
+		link_relays_lost(n, &l->peer.addr);
 }
 
 static void link_close(struct link *l, uint8_t reason)
 {
 	link_teardown(l, reason, true);
+}
+
+/* Our link to a relay is gone: so is every link we relayed through it.
+ * (A node that relays for others keeps nothing to clean: its part is
+ * stateless.) */
+static void link_relays_lost(struct node *n, const ring_addr *via)
+{
+	if (link_find_direct(n, via))
+		return;                 /* a duplicate closed; another direct link remains */
+	for (struct link *r = n->links; r; r = r->next)
+		if (r->proto == PROTO_RELAY && r->state != LINK_CLOSED && wire_addr_eq(&r->relay_via, via))
+			link_teardown(r, 0, false);
 }
 
 static int64_t link_keepalive(struct link *l)
@@ -2654,7 +2793,7 @@ static void link_hs_init_send(struct link *l);
 static int64_t link_hs_timeout(struct link *l)
 {
 	uint64_t age = ev_now(&l->node->loop) - l->created_ms;
-	if (l->proto == PROTO_UDP && ++l->hs.tries < LINK_HELLO_TRIES) {
+	if (link_lossy(l) && ++l->hs.tries < LINK_HELLO_TRIES) {
 		if (l->state == LINK_AWAIT_RESP)
 			link_hs_init_send(l);
 		else
@@ -2666,6 +2805,8 @@ static int64_t link_hs_timeout(struct link *l)
 	if (l->initiator)       /* a silent responder: down, or not of our network */
 		link_drop(l, DROP_HS_TIMEOUT);
 	link_close(l, 0);
+	if (l->initiator && l->expect_set && l->node->hooks.dial_failed)
+		l->node->hooks.dial_failed(l->node, l);
 	return EV_TIMER_STOP;
 }
 
@@ -2705,6 +2846,12 @@ static bool link_resolve_duplicate(struct link *l)
 			struct link *young = l_younger ? l : o;
 			link_close(young, BYE_CONFLICT);
 			return young != l;
+		}
+		if ((l->proto == PROTO_RELAY) != (o->proto == PROTO_RELAY)) {
+			/* Both ends know which is relayed: the direct one wins. */
+			struct link *loser = l->proto == PROTO_RELAY ? l : o;
+			link_close(loser, BYE_DUPLICATE);
+			return loser != l;
 		}
 		const ring_addr *li = l->initiator ? &n->self.addr : &l->peer.addr;
 		const ring_addr *oi = o->initiator ? &n->self.addr : &o->peer.addr;
@@ -2775,7 +2922,10 @@ static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t
 	struct node *n = l->node;
 	uint8_t plain[WIRE_MAX_PACKET_BYTES], sig[SEC_SIG_MAX_BYTES];
 	size_t sig_len = 0;
-	struct wire_identity id = { .info = n->self, .observed = link_endpoint_of(l->proto, &l->remote) };
+	/* Through a relay we see no address of the peer's: "observed" stays
+	 * 0.0.0.0:0, which section 09 ignores. */
+	uint8_t proto = l->proto == PROTO_RELAY ? PROTO_UDP : l->proto;
+	struct wire_identity id = { .info = n->self, .observed = link_endpoint_of(proto, &l->remote) };
 	if (n->sec.mode == SEC_CERT) {
 		if (sec_sign(&n->sec, &n->rng, l->hs.h, sig, &sig_len) < 0)
 			return -1;
@@ -2893,7 +3043,7 @@ static void link_hs_begin(struct link *l)
 	link_transcript_init(l, pkt);
 	l->state = LINK_AWAIT_RESP;
 	link_hs_init_send(l);
-	ev_timer_arm(&n->loop, &l->timer, l->proto == PROTO_UDP ? LINK_HELLO_RETRY_MS : LINK_HANDSHAKE_TIMEOUT_MS);
+	ev_timer_arm(&n->loop, &l->timer, link_lossy(l) ? LINK_HELLO_RETRY_MS : LINK_HANDSHAKE_TIMEOUT_MS);
 }
 
 /* ck = HKDF-Extract(salt, X25519(ours, theirs)). */
@@ -2965,11 +3115,11 @@ static void link_hs_respond(struct link *l, const struct wire_hs_init *m, const 
 	l->state = LINK_AWAIT_FIN;
 	link_hs_cache(l, pkt, (size_t)len);
 	link_send_raw(l, pkt, (size_t)len);
-	ev_timer_arm(&n->loop, &l->timer, l->proto == PROTO_UDP ? LINK_HELLO_RETRY_MS : LINK_HANDSHAKE_TIMEOUT_MS);
+	ev_timer_arm(&n->loop, &l->timer, link_lossy(l) ? LINK_HELLO_RETRY_MS : LINK_HANDSHAKE_TIMEOUT_MS);
 }
 
 /* A mode mismatch is a configuration error on one side: say so plainly. */
-static void link_send_reject(struct node *n, int fd, const struct sockaddr_in *to, struct link *tcp,
+static void link_send_reject(struct node *n, int fd, const struct sockaddr_in *to, struct link *stream,
 			     uint32_t receiver, uint8_t reason)
 {
 	struct wire_hs_reject r = { .receiver = receiver, .reason = reason, .mode = (uint8_t)n->sec.mode };
@@ -2977,8 +3127,8 @@ static void link_send_reject(struct node *n, int fd, const struct sockaddr_in *t
 	ssize_t len = wire_hs_reject_encode(pkt, sizeof pkt, &r);
 	if (len < 0)
 		return;
-	if (tcp)
-		link_send_raw(tcp, pkt, (size_t)len);
+	if (stream)
+		link_send_raw(stream, pkt, (size_t)len);
 	else
 		sendto(fd, pkt, (size_t)len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
 }
@@ -3006,26 +3156,26 @@ static struct link *link_find_responder(struct node *n, int fd, const struct soc
 
 /* HS_INIT: every check that needs no state comes first, so a stranger or a
  * spoofed source costs an HMAC, never a link record. */
-static void link_on_hs_init(struct node *n, struct link *tcp, int fd, const struct sockaddr_in *from,
+static void link_on_hs_init(struct node *n, struct link *stream, int fd, const struct sockaddr_in *from,
 			    const uint8_t *pkt, size_t len)
 {
 	struct wire_hs_init m;
-	uint8_t proto = tcp ? PROTO_TCP : PROTO_UDP;
+	uint8_t proto = stream ? PROTO_TCP : PROTO_UDP;
 	uint8_t mac[SEC_MAC_BYTES];
 	if (wire_hs_init_decode(pkt, len, &m) < 0)
 		return link_drop_from(n, DROP_MALFORMED, proto, from);
 	if (m.mode != n->sec.mode) {
 		link_drop_from(n, DROP_MODE_MISMATCH, proto, from);
-		return link_send_reject(n, fd, from, tcp, m.sender, REJECT_MODE_MISMATCH);
+		return link_send_reject(n, fd, from, stream, m.sender, REJECT_MODE_MISMATCH);
 	}
 	if (n->sec.mode != SEC_INSECURE) {
 		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, mac);
 		if (!sec_equal(mac, m.mac1, sizeof mac))
 			return link_drop_from(n, DROP_NOT_MEMBER, proto, from);
 	}
-	if (!tcp && !sec_cookie_valid(&n->sec, from, m.cookie))
+	if (!stream && !sec_cookie_valid(&n->sec, from, m.cookie))
 		return link_send_cookie(n, fd, from, m.sender);
-	struct link *l = tcp;
+	struct link *l = stream;
 	if (!l) {
 		struct link *old = link_find_responder(n, fd, from, m.sender);
 		if (old) {
@@ -3099,7 +3249,7 @@ static void link_on_hs_fin(struct link *l, const struct wire_hs_fin *m)
 	sec_wipe(k, sizeof k);
 	if (!ok) {
 		/* The initiator counts itself up already: tell it, or it waits 4 s. */
-		link_send_reject(l->node, l->fd, &l->remote, l->proto == PROTO_TCP ? l : NULL, l->peer_idx,
+		link_send_reject(l->node, l->fd, &l->remote, l->proto != PROTO_UDP ? l : NULL, l->peer_idx,
 				 REJECT_REFUSED);
 		return link_close(l, 0);
 	}
@@ -3168,7 +3318,7 @@ static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, 
 static void link_on_data(struct link *l, const struct wire_data *d, const uint8_t *pkt,
 			 const struct sockaddr_in *from)
 {
-	uint8_t plain[WIRE_MAX_RECORD_BYTES], next[32], type;
+	uint8_t plain[WIRE_MAX_WIRE_BYTES], next[32], type;
 	size_t plen = d->len;
 	bool advance = false;
 	if (l->state != LINK_UP)
@@ -3237,12 +3387,140 @@ static void link_on_roles(struct link *l, uint8_t roles)
 		l->node->hooks.roles(l->node, l);
 }
 
+/* ---- relayed links ------------------------------------------------------
+ * When no direct path exists (symmetric NATs on both sides, UDP blocked),
+ * two nodes link through a peer R both reach.  The relayed link is a link
+ * like any other: its own end-to-end handshake and keys, roles, keepalives;
+ * only its transport differs.  Its records travel to R inside RELAY
+ * messages on our direct link to R, and R passes each on as RELAYED on its
+ * direct link to the far end, naming the sender it authenticated.  R keeps
+ * no state per relayed link and cannot read or forge what it carries.
+ * ------------------------------------------------------------------------- */
+
+static void link_input(struct node *n, struct link *stream, int fd, const struct sockaddr_in *from,
+		       const uint8_t *pkt, size_t len);
+
+static const ring_addr *link_far_addr(const struct link *l)
+{
+	return l->peer_known ? &l->peer.addr : &l->expect;
+}
+
+/* Dial a peer through a relay we link directly. */
+static struct link *link_dial_relay(struct node *n, const ring_addr *via, const ring_addr *peer,
+				    uint8_t want)
+{
+	struct sockaddr_in none = { .sin_family = AF_INET };
+	struct link *l = link_new(n, PROTO_RELAY, -1, &none, true);
+	if (!l) {
+		log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), "relay dial");
+		return NULL;
+	}
+	l->relay_via = *via;
+	l->expect = *peer;
+	l->expect_set = true;
+	l->want_roles = want;
+	link_hs_begin(l);
+	return l;
+}
+
+/* We are the relay: pass a record on between two peers we link directly.
+ * Relayed links never carry relays, so a record takes at most two legs. */
+static void link_relay_forward(struct link *from, const struct wire_relay *m)
+{
+	struct node *n = from->node;
+	struct link *to = from->proto == PROTO_RELAY ? NULL : link_find_direct(n, &m->addr);
+	if (!to)
+		return link_drop(from, DROP_NO_ROUTE);
+	struct wire_relay out = { .addr = from->peer.addr, .rec = m->rec, .len = m->len };
+	uint8_t msg[WIRE_MAX_MSG_BYTES];
+	ssize_t len = wire_relay_encode(msg, sizeof msg, WIRE_RELAYED, &out);
+	if (len < 0)
+		return;
+	from->relay_last_ms = to->relay_last_ms = ev_now(&n->loop);
+	if (link_send(to, msg, (size_t)len) == 0) {
+		n->relayed_packets++;
+		n->relayed_bytes += m->len;
+	}
+}
+
+/* An HS_INIT through a relay: the responder link it makes, or NULL when it
+ * repeats one we answered (then our answer goes again). */
+static struct link *link_relay_responder(struct link *via, const struct wire_relay *m)
+{
+	struct node *n = via->node;
+	struct wire_hs_init hi;
+	if (wire_hs_init_decode(m->rec, m->len, &hi) < 0) {
+		link_drop(via, DROP_MALFORMED);
+		return NULL;
+	}
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->proto == PROTO_RELAY && !l->initiator && l->state != LINK_CLOSED &&
+		    l->peer_idx == hi.sender && wire_addr_eq(&l->relay_via, &via->peer.addr) &&
+		    wire_addr_eq(link_far_addr(l), &m->addr)) {
+			if (l->state == LINK_AWAIT_FIN)
+				link_hs_resend(l);
+			return NULL;
+		}
+	struct sockaddr_in none = { .sin_family = AF_INET };
+	struct link *l = link_new(n, PROTO_RELAY, -1, &none, false);
+	if (!l) {
+		log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), "relay accept");
+		return NULL;
+	}
+	/* The relay vouches for the sender's address; the handshake checks the
+	 * identity against it (expect), so a lying relay gets nowhere. */
+	l->relay_via = via->peer.addr;
+	l->expect = m->addr;
+	l->expect_set = true;
+	l->state = LINK_AWAIT_INIT;
+	return l;
+}
+
+/* A record of one of our relayed links, arrived from its relay. */
+static void link_relay_input(struct link *via, const struct wire_relay *m)
+{
+	struct node *n = via->node;
+	struct sockaddr_in none = { .sin_family = AF_INET };
+	struct link *l;
+	uint32_t idx;
+	if (via->proto == PROTO_RELAY)
+		return link_drop(via, DROP_MALFORMED);
+	via->relay_last_ms = ev_now(&n->loop);
+	if (m->rec[1] == WIRE_HS_INIT) {
+		if (!(l = link_relay_responder(via, m)))
+			return;
+	} else if (!wire_outer_receiver(m->rec, m->len, &idx) || !(l = link_find_index(n, idx)) ||
+		   l->proto != PROTO_RELAY || !wire_addr_eq(&l->relay_via, &via->peer.addr) ||
+		   !wire_addr_eq(link_far_addr(l), &m->addr)) {
+		return link_drop(via, DROP_UNKNOWN_SENDER);
+	}
+	link_input(n, l, -1, &none, m->rec, m->len);
+	if (l->state == LINK_AWAIT_INIT)        /* the HS_INIT failed its checks */
+		link_teardown(l, 0, false);
+}
+
 /* A message that came out of an authenticated record. */
 static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, size_t len)
 {
 	struct wire_ping ping;
+	struct wire_relay relay;
 	uint8_t v;
 	switch (type) {
+	case WIRE_RELAY:
+	case WIRE_RELAYED:
+		if (wire_relay_decode(pkt, len, &relay) < 0)
+			goto malformed;
+		if (type == WIRE_RELAY)
+			link_relay_forward(l, &relay);
+		else
+			link_relay_input(l, &relay);
+		return;
+	case WIRE_PUNCH:
+		if (wire_byte_decode(pkt, len, &v) < 0)
+			goto malformed;
+		if (l->proto == PROTO_RELAY && l->node->hooks.punch)
+			l->node->hooks.punch(l->node, l);
+		return;
 	case WIRE_PING:
 	case WIRE_PONG:
 		if (wire_ping_decode(pkt, len, &ping) < 0)
@@ -3275,20 +3553,20 @@ malformed:
 /* The link a handshake reply or record names: on TCP the stream's own link,
  * which must carry that index; on UDP a lookup by index.  Handshake replies
  * must also come from the address we dialled; records may roam. */
-static struct link *link_for_index(struct node *n, struct link *tcp, int fd, uint32_t idx,
+static struct link *link_for_index(struct node *n, struct link *stream, int fd, uint32_t idx,
 				   const struct sockaddr_in *from, bool handshake)
 {
-	struct link *l = tcp ? tcp : link_find_index(n, idx);
-	if (!l || l->local_idx != idx || (!tcp && (l->proto != PROTO_UDP || l->fd != fd)) ||
-	    (handshake && !tcp && !link_sockaddr_eq(&l->remote, from))) {
-		link_drop_from(n, DROP_UNKNOWN_SENDER, tcp ? PROTO_TCP : PROTO_UDP, from);
+	struct link *l = stream ? stream : link_find_index(n, idx);
+	if (!l || l->local_idx != idx || (!stream && (l->proto != PROTO_UDP || l->fd != fd)) ||
+	    (handshake && !stream && !link_sockaddr_eq(&l->remote, from))) {
+		link_drop_from(n, DROP_UNKNOWN_SENDER, stream ? PROTO_TCP : PROTO_UDP, from);
 		return NULL;
 	}
 	return l;
 }
 
 /* Decode a handshake reply or record and hand it to its link. */
-static void link_dispatch(struct node *n, struct link *tcp, int fd, const struct sockaddr_in *from,
+static void link_dispatch(struct node *n, struct link *stream, int fd, const struct sockaddr_in *from,
 			  uint8_t type, const uint8_t *pkt, size_t len)
 {
 	struct wire_hs_cookie c;
@@ -3301,27 +3579,27 @@ static void link_dispatch(struct node *n, struct link *tcp, int fd, const struct
 	switch (type) {
 	case WIRE_HS_COOKIE:
 		if (!(bad = wire_hs_cookie_decode(pkt, len, &c) < 0) &&
-		    (l = link_for_index(n, tcp, fd, c.receiver, from, true)))
+		    (l = link_for_index(n, stream, fd, c.receiver, from, true)))
 			link_on_hs_cookie(l, &c);
 		break;
 	case WIRE_HS_RESP:
 		if (!(bad = wire_hs_resp_decode(pkt, len, &r) < 0) &&
-		    (l = link_for_index(n, tcp, fd, r.receiver, from, true)))
+		    (l = link_for_index(n, stream, fd, r.receiver, from, true)))
 			link_on_hs_resp(l, &r);
 		break;
 	case WIRE_HS_FIN:
 		if (!(bad = wire_hs_fin_decode(pkt, len, &f) < 0) &&
-		    (l = link_for_index(n, tcp, fd, f.receiver, from, true)))
+		    (l = link_for_index(n, stream, fd, f.receiver, from, true)))
 			link_on_hs_fin(l, &f);
 		break;
 	case WIRE_HS_REJECT:
 		if (!(bad = wire_hs_reject_decode(pkt, len, &j) < 0) &&
-		    (l = link_for_index(n, tcp, fd, j.receiver, from, true)))
+		    (l = link_for_index(n, stream, fd, j.receiver, from, true)))
 			link_on_hs_reject(l, &j);
 		break;
 	default:
 		if (!(bad = wire_data_decode(pkt, len, &d) < 0) &&
-		    (l = link_for_index(n, tcp, fd, d.receiver, from, false))) {
+		    (l = link_for_index(n, stream, fd, d.receiver, from, false))) {
 			l->rx_packets++;
 			l->rx_bytes += len;
 			link_on_data(l, &d, pkt, from);
@@ -3329,16 +3607,18 @@ static void link_dispatch(struct node *n, struct link *tcp, int fd, const struct
 		break;
 	}
 	if (bad)
-		link_drop_from(n, DROP_MALFORMED, tcp ? PROTO_TCP : PROTO_UDP, from);
+		link_drop_from(n, DROP_MALFORMED, stream ? PROTO_TCP : PROTO_UDP, from);
 }
 
-/* One packet off the wire: classify before trusting, then dispatch. */
-static void link_input(struct node *n, struct link *tcp, int fd, const struct sockaddr_in *from,
+/* One packet off the wire: classify before trusting, then dispatch.
+ * stream is the link the transport already names (a TCP stream's, or a
+ * relayed link's); NULL for UDP, where from and the packet's index tell. */
+static void link_input(struct node *n, struct link *stream, int fd, const struct sockaddr_in *from,
 		       const uint8_t *pkt, size_t len)
 {
 	uint8_t type;
-	uint8_t proto = tcp ? PROTO_TCP : PROTO_UDP;
-	if (len > WIRE_MAX_RECORD_BYTES)        /* callers cap it too; this is the contract */
+	uint8_t proto = stream ? PROTO_TCP : PROTO_UDP;
+	if (len > WIRE_MAX_WIRE_BYTES)          /* callers cap it too; this is the contract */
 		return link_drop_from(n, DROP_BAD_FRAME, proto, from);
 	switch (wire_classify(pkt, len, false, &type)) {
 	case WIRE_OK:
@@ -3351,15 +3631,15 @@ static void link_input(struct node *n, struct link *tcp, int fd, const struct so
 		return link_drop_from(n, DROP_MALFORMED, proto, from);
 	}
 	if (type == WIRE_HS_INIT)
-		link_on_hs_init(n, tcp, fd, from, pkt, len);
+		link_on_hs_init(n, stream, fd, from, pkt, len);
 	else
-		link_dispatch(n, tcp, fd, from, type, pkt, len);
+		link_dispatch(n, stream, fd, from, type, pkt, len);
 }
 
 static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
-	uint8_t pkt[WIRE_MAX_RECORD_BYTES + 1];
+	uint8_t pkt[WIRE_MAX_WIRE_BYTES + 1];
 	(void)loop;
 	(void)events;
 	/* Bounded per wake-up so one busy socket cannot starve the rest. */
@@ -3371,7 +3651,7 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 			return;
 		if (fl != sizeof from || from.sin_family != AF_INET)
 			continue;
-		if ((size_t)r > WIRE_MAX_RECORD_BYTES) {
+		if ((size_t)r > WIRE_MAX_WIRE_BYTES) {
 			link_drop_from(n, DROP_BAD_FRAME, PROTO_UDP, &from);
 			continue;
 		}
@@ -3385,7 +3665,7 @@ static bool link_tcp_frames(struct link *l)
 	struct node *n = l->node;
 	for (;;) {
 		ssize_t r = recv(l->fd, l->rbuf + l->rlen,
-				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_RECORD_BYTES - l->rlen, MSG_DONTWAIT);
+				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES - l->rlen, MSG_DONTWAIT);
 		if (r == 0)
 			return false;
 		if (r < 0)
@@ -3393,7 +3673,7 @@ static bool link_tcp_frames(struct link *l)
 		l->rlen += (size_t)r;
 		while (l->rlen >= WIRE_TCP_FRAME_HDR_BYTES && l->state != LINK_CLOSED) {
 			size_t flen = (size_t)l->rbuf[0] << 8 | l->rbuf[1];
-			if (flen == 0 || flen > WIRE_MAX_RECORD_BYTES) {
+			if (flen == 0 || flen > WIRE_MAX_WIRE_BYTES) {
 				link_drop(l, DROP_BAD_FRAME);
 				return false;
 			}
@@ -3931,6 +4211,33 @@ static void ring_send(struct node *n, uint8_t mode, const ring_addr *dst, const 
 
 /* ---- connect-to-me -------------------------------------------------- */
 
+/* Dial pi's endpoints at once (every one of them: one may be the hole a NAT
+ * opens), on one transport: only_proto, or else the first of UDP and TCP
+ * that we listen on and pi has, or else whatever pi has.  Returns the
+ * number of dials started. */
+static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, uint8_t want,
+				   uint8_t only_proto)
+{
+	bool have[3] = { false, false, false };
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		have[n->listeners[i].proto] = true;
+	static const uint8_t order[4] = { PROTO_UDP, PROTO_TCP, PROTO_TCP, PROTO_UDP };
+	unsigned dialled = 0;
+	for (unsigned pass = 0; pass < 4 && !dialled; pass++) {
+		uint8_t proto = order[pass];
+		if ((only_proto && proto != only_proto) || (pass < 2 && !have[proto]))
+			continue;
+		for (unsigned i = 0; i < pi->n_endpoints && dialled < RING_DIAL_ENDPOINTS_MAX; i++) {
+			const struct endpoint *ep = &pi->endpoints[i];
+			if (ep->proto != proto || ep->port == 0)
+				continue;
+			if (link_dial(n, ep, &pi->addr, want))
+				dialled++;
+		}
+	}
+	return dialled;
+}
+
 /* Dial a peer unless a link to it exists or is under way; want is the role
  * we will give the link. */
 static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
@@ -3944,24 +4251,9 @@ static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
 			ring_roles_set(l, l->local_roles | want);
 		return;
 	}
-	bool have[3] = { false, false, false };
-	for (unsigned i = 0; i < n->n_listeners; i++)
-		have[n->listeners[i].proto] = true;
-	/* Prefer a transport we listen on (UDP first), else whatever the peer has. */
-	static const uint8_t order[4] = { PROTO_UDP, PROTO_TCP, PROTO_TCP, PROTO_UDP };
-	unsigned dialled = 0;
-	for (unsigned pass = 0; pass < 4 && !dialled; pass++) {
-		uint8_t proto = order[pass];
-		if (pass < 2 && !have[proto])
-			continue;
-		for (unsigned i = 0; i < pi->n_endpoints && dialled < RING_DIAL_ENDPOINTS_MAX; i++) {
-			const struct endpoint *ep = &pi->endpoints[i];
-			if (ep->proto != proto || ep->port == 0)
-				continue;
-			if (link_dial(n, ep, &pi->addr, want))
-				dialled++;
-		}
-	}
+	if (n->ring.dialing)
+		n->ring.dialing(n, pi, want);
+	ring_dial_endpoints(n, pi, want, 0);
 }
 
 /* Our near peers' infos, for a connect-to-me reply; skips the requester
@@ -4060,6 +4352,8 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 			want = ROLE_FAR;
 	}
 	ring_dial(n, &m.from, want);
+	if (n->ring.ctm_reply)
+		n->ring.ctm_reply(n, &m);
 	for (unsigned i = 0; i < m.n_neighbours; i++)
 		if (!wire_addr_eq(&m.neighbours[i].addr, &n->self.addr) &&
 		    ring_would_be_near(n, &m.neighbours[i].addr))
@@ -4192,7 +4486,8 @@ static void ring_close_unneeded(struct node *n)
 	uint64_t now = ev_now(&n->loop);
 	for (struct link *l = n->links; l; l = l->next)
 		if (ring_link_usable(l) && !l->local_roles && !l->peer_roles &&
-		    now - l->up_ms > LINK_UNNEEDED_GRACE_MS)
+		    now - l->up_ms > LINK_UNNEEDED_GRACE_MS &&
+		    now - l->relay_last_ms > LINK_UNNEEDED_GRACE_MS)     /* relays need their legs */
 			link_close(l, BYE_UNNEEDED);
 }
 
@@ -4759,9 +5054,20 @@ static void dht_stop(struct node *n)
  * the endpoints it advertises, and classifies its NAT from how the mapping
  * varies across peers.  Connect-to-me makes both ends dial every endpoint
  * of the other at once from their listening sockets, which punches holes
- * through endpoint-independent ("cone") NATs.  Symmetric NATs on both
- * sides and relayed links are not handled yet.
+ * through endpoint-independent ("cone") NATs.  When every direct dial to a
+ * peer fails, a UDP dial falls back to the peer's TCP endpoints, and then
+ * to a relayed link (section 06) through one of the peer's near neighbours
+ * that we link directly, or dial for the purpose.  A relayed link keeps
+ * trying to go direct (both ends dial at once, on a PUNCH), with backoff;
+ * when a direct link comes up it replaces the relayed one.
  * ========================================================================= */
+
+enum {
+	NAT_PLAN_MS = 30000,            /* a dial's fallback plan lives this long */
+	NAT_TICK_MS = 1000,
+	NAT_UPGRADE_FIRST_MS = 5000,    /* first try to turn a relayed link direct */
+	NAT_UPGRADE_MAX_MS = 120000,    /* and the backoff's cap */
+};
 
 enum nat_kind { NAT_UNKNOWN, NAT_NONE, NAT_CONE, NAT_PORT_PRESERVING, NAT_SYMMETRIC };
 
@@ -4822,7 +5128,7 @@ static enum nat_kind nat_classify(const struct node *n)
 
 /* A UDP link came up: note how the peer sees us; advertise a new public
  * endpoint so that others can dial it. */
-static void nat_on_link_up(struct node *n, struct link *l)
+static void nat_learn_endpoint(struct node *n, struct link *l)
 {
 	struct nat_state *s = &n->nat;
 	struct endpoint local = nat_local_of(n, l);
@@ -4849,9 +5155,170 @@ static void nat_on_link_up(struct node *n, struct link *l)
 	log_info("nat", "public endpoint %s (seen by %s); NAT: %s", uri, who, nat_kind_names[nat_classify(n)]);
 }
 
+/* ---- fallback plans: TCP, then relays ------------------------------------ */
+
+static struct nat_plan *nat_plan_find(struct node *n, const ring_addr *a)
+{
+	uint64_t now = ev_now(&n->loop);
+	for (unsigned i = 0; i < NAT_PLANS_MAX; i++) {
+		struct nat_plan *p = &n->nat.plans[i];
+		if (p->until_ms > now && wire_addr_eq(&p->target.addr, a))
+			return p;
+	}
+	return NULL;
+}
+
+/* ring_dial is starting: remember the peer, so a failure has a plan. */
+static void nat_on_dialing(struct node *n, const struct peer_info *pi, uint8_t want)
+{
+	uint64_t now = ev_now(&n->loop);
+	struct nat_plan *p = nat_plan_find(n, &pi->addr), *oldest = &n->nat.plans[0];
+	if (!p) {
+		for (unsigned i = 0; i < NAT_PLANS_MAX && !p; i++) {
+			struct nat_plan *q = &n->nat.plans[i];
+			if (q->until_ms <= now)
+				p = q;
+			else if (q->until_ms < oldest->until_ms)
+				oldest = q;
+		}
+		p = p ? p : oldest;
+		*p = (struct nat_plan){ .target = *pi };
+	}
+	p->target = *pi;
+	p->want |= want;
+	p->until_ms = now + NAT_PLAN_MS;
+}
+
+/* A connect-to-me reply lists the peer's near neighbours: the nodes that
+ * can relay for us if no direct path exists. */
+static void nat_on_ctm_reply(struct node *n, const struct wire_ctm_reply *m)
+{
+	struct nat_plan *p = nat_plan_find(n, &m->from.addr);
+	if (!p)
+		return;
+	p->n_cand = 0;
+	p->next_cand = 0;
+	for (unsigned i = 0; i < m->n_neighbours; i++)
+		if (!wire_addr_eq(&m->neighbours[i].addr, &n->self.addr))
+			p->cand[p->n_cand++] = m->neighbours[i];
+}
+
+/* Relay through the first candidate we link directly; with none linked,
+ * dial one, and come back when it is up (nat_on_link_up). */
+static void nat_try_relay(struct node *n, struct nat_plan *p)
+{
+	char who[13], via[13];
+	link_addr_short(&p->target.addr, who);
+	p->await_relay = false;
+	for (unsigned i = p->next_cand; i < p->n_cand; i++) {
+		const struct peer_info *c = &p->cand[i];
+		if (wire_addr_eq(&c->addr, &p->target.addr) || !link_find_direct(n, &c->addr))
+			continue;
+		p->next_cand = i + 1;
+		link_addr_short(&c->addr, via);
+		log_info("nat", "no direct path to %s: relaying through %s", who, via);
+		link_dial_relay(n, &c->addr, &p->target.addr, p->want);
+		return;
+	}
+	for (unsigned i = p->next_cand; i < p->n_cand; i++) {
+		const struct peer_info *c = &p->cand[i];
+		if (wire_addr_eq(&c->addr, &p->target.addr) || wire_addr_eq(&c->addr, &n->self.addr))
+			continue;
+		link_addr_short(&c->addr, via);
+		log_info("nat", "no direct path to %s: linking %s to relay through it", who, via);
+		p->await_relay = true;
+		ring_dial(n, c, 0);
+		return;
+	}
+	log_info("nat", "no direct path to %s and no relay known; routing through the ring", who);
+}
+
+/* Every dial to a peer timed out: take the plan's next step. */
+static void nat_on_dial_failed(struct node *n, struct link *l)
+{
+	struct nat_plan *p = nat_plan_find(n, &l->expect);
+	if (!p || link_find_peer(n, &l->expect, false))
+		return;                 /* no plan, or another attempt is still running */
+	if (l->proto == PROTO_UDP && !p->tcp_tried) {
+		p->tcp_tried = true;
+		if (ring_dial_endpoints(n, &p->target, p->want, PROTO_TCP))
+			return;
+	}
+	nat_try_relay(n, p);
+}
+
+/* ---- upgrading relayed links ----------------------------------------------- */
+
+/* Dial the peer of a relayed link directly, and tell it to dial us at the
+ * same moment: two punches that cross open both NATs (cone NATs; a
+ * symmetric NAT maps the direct dial to a new port, so it fails there). */
+static void nat_upgrade(struct node *n, struct link *l)
+{
+	link_send_byte(l, WIRE_PUNCH, 0);
+	ring_dial_endpoints(n, &l->peer, l->local_roles, 0);
+}
+
+static void nat_on_punch(struct node *n, struct link *l)
+{
+	ring_dial_endpoints(n, &l->peer, l->local_roles, 0);
+}
+
+static int64_t nat_tick(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, nat.tick);
+	uint64_t now = ev_now(loop);
+	for (struct link *l = n->links; l; l = l->next) {
+		if (l->proto != PROTO_RELAY || l->state != LINK_UP || now < l->upgrade_ms)
+			continue;
+		/* Both ends would do this; the lower address alone asks. */
+		if (wire_addr_cmp(&n->self.addr, &l->peer.addr) < 0 && !link_find_direct(n, &l->peer.addr))
+			nat_upgrade(n, l);
+		l->upgrade_backoff_ms = l->upgrade_backoff_ms * 2 > NAT_UPGRADE_MAX_MS ? NAT_UPGRADE_MAX_MS
+										: l->upgrade_backoff_ms * 2;
+		l->upgrade_ms = now + l->upgrade_backoff_ms;
+	}
+	return NAT_TICK_MS;
+}
+
+static void nat_on_link_up(struct node *n, struct link *l)
+{
+	char who[13], via[13];
+	if (l->proto == PROTO_RELAY) {
+		link_addr_short(&l->peer.addr, who);
+		link_addr_short(&l->relay_via, via);
+		log_info("nat", "relayed link to %s through %s is up", who, via);
+		l->upgrade_backoff_ms = NAT_UPGRADE_FIRST_MS;
+		l->upgrade_ms = ev_now(&n->loop) + NAT_UPGRADE_FIRST_MS;
+	} else {
+		nat_learn_endpoint(n, l);
+	}
+	for (unsigned i = 0; i < NAT_PLANS_MAX; i++) {
+		struct nat_plan *p = &n->nat.plans[i];
+		if (p->until_ms <= ev_now(&n->loop))
+			continue;
+		if (wire_addr_eq(&p->target.addr, &l->peer.addr)) {
+			p->until_ms = 0;        /* linked: the plan is done */
+			continue;
+		}
+		if (!p->await_relay || l->proto == PROTO_RELAY || link_find_peer(n, &p->target.addr, false))
+			continue;
+		for (unsigned c = p->next_cand; c < p->n_cand; c++)
+			if (wire_addr_eq(&p->cand[c].addr, &l->peer.addr)) {
+				nat_try_relay(n, p);
+				break;
+			}
+	}
+}
+
 static void nat_start(struct node *n)
 {
 	n->ring.link_up = nat_on_link_up;
+	n->ring.dialing = nat_on_dialing;
+	n->ring.ctm_reply = nat_on_ctm_reply;
+	n->hooks.dial_failed = nat_on_dial_failed;
+	n->hooks.punch = nat_on_punch;
+	ev_timer_init(&n->nat.tick, nat_tick);
+	ev_timer_arm(&n->loop, &n->nat.tick, NAT_TICK_MS);
 }
 
 /* ===================================================================== 10 ip_
@@ -6886,12 +7353,26 @@ static void ctl_client_flush(struct ctl_client *c)
 	ctl_client_close(c);
 }
 
+static const char *ctl_transport_name(const struct link *l)
+{
+	return l->proto == PROTO_RELAY ? "relay" : l->proto == PROTO_TCP ? "tcp" : "udp";
+}
+
+/* A relayed link's relay: its virtual IP when it has one, else its short address. */
+static void ctl_relay_name(const struct link *l, char out[16])
+{
+	struct link *via = link_find_direct(l->node, &l->relay_via);
+	if (via && via->peer.vip)
+		buf_ip_str(via->peer.vip, out);
+	else
+		link_addr_short(&l->relay_via, out);
+}
+
 static void ctl_json_link(struct buf_str *o, const struct link *l, uint64_t now)
 {
 	char addr[2 * RING_ADDR_BYTES + 1] = "", ip[16], uri[40];
 	uint8_t roles = l->local_roles | l->peer_roles;
-	struct endpoint e = link_endpoint_of(l->proto, &l->remote);
-	link_endpoint_uri(&e, uri);
+	link_uri(l, uri);
 	if (l->peer_known)
 		ring_addr_hex(&l->peer.addr, addr);
 	else if (l->expect_set)
@@ -6912,6 +7393,14 @@ static void ctl_json_link(struct buf_str *o, const struct link *l, uint64_t now)
 	}
 	buf_printf(o, "\"uri\":\"%s\",\"state\":\"%s\",\"direction\":\"%s\",", uri,
 		   link_state_names[l->state], l->initiator ? "out" : "in");
+	buf_printf(o, "\"transport\":\"%s\",\"path\":\"%s\",", ctl_transport_name(l),
+		   l->proto == PROTO_RELAY ? "relayed" : "direct");
+	if (l->proto == PROTO_RELAY) {
+		char via[2 * RING_ADDR_BYTES + 1], name[16];
+		ring_addr_hex(&l->relay_via, via);
+		ctl_relay_name(l, name);
+		buf_printf(o, "\"relay_via\":\"%s\",\"relay_via_name\":\"%s\",", via, name);
+	}
 	if (l->rtt_ms >= 0)
 		buf_printf(o, "\"rtt_ms\":%.3f,", l->rtt_ms);
 	else
@@ -6980,8 +7469,10 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 		ctl_json_link(o, l, now);
 		first = false;
 	}
-	buf_printf(o, "],\"counters\":{\"routed\":%llu,\"delivered\":%llu},\"drops\":{",
-		   (unsigned long long)n->counters_routed, (unsigned long long)n->counters_delivered);
+	buf_printf(o, "],\"counters\":{\"routed\":%llu,\"delivered\":%llu,\"relayed_packets\":%llu,"
+		   "\"relayed_bytes\":%llu},\"drops\":{",
+		   (unsigned long long)n->counters_routed, (unsigned long long)n->counters_delivered,
+		   (unsigned long long)n->relayed_packets, (unsigned long long)n->relayed_bytes);
 	for (int i = 0; i < DROP__COUNT; i++)
 		buf_printf(o, "%s\"%s\":%llu", i ? "," : "", drop_names[i],
 			   (unsigned long long)n->drops.count[i]);
@@ -6991,8 +7482,13 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 static void ctl_text_link(struct buf_str *o, const struct link *l)
 {
 	char addr[13] = "?", ip[16] = "-", uri[40], rtt[16] = "-";
-	struct endpoint e = link_endpoint_of(l->proto, &l->remote);
-	link_endpoint_uri(&e, uri);
+	if (l->proto == PROTO_RELAY) {
+		char via[16];
+		ctl_relay_name(l, via);
+		snprintf(uri, sizeof uri, "relay via %s", via);
+	} else {
+		link_uri(l, uri);
+	}
 	if (l->peer_known)
 		link_addr_short(&l->peer.addr, addr);
 	if (l->peer_known && l->peer.vip)
@@ -7031,10 +7527,13 @@ static void ctl_status_text(struct node *n, struct buf_str *o)
 		buf_printf(o, " %s", uri);
 	}
 	buf_printf(o, "\n\nconnections (%u)\n  %-8s %-12s %-15s %-26s %-11s %3s %8s %9s %9s\n",
-		   n->n_links, "TYPE", "ADDRESS", "IP", "URI", "STATE", "DIR", "RTT ms", "TX pkts", "RX pkts");
+		   n->n_links, "TYPE", "ADDRESS", "IP", "PATH", "STATE", "DIR", "RTT ms", "TX pkts", "RX pkts");
 	for (const struct link *l = n->links; l; l = l->next)
 		if (l->state != LINK_CLOSED)
 			ctl_text_link(o, l);
+	if (n->relayed_packets)
+		buf_printf(o, "\nrelayed   %llu packets, %llu bytes for peers without a direct path\n",
+			   (unsigned long long)n->relayed_packets, (unsigned long long)n->relayed_bytes);
 	buf_printf(o, "\ndrops    ");
 	bool any = false;
 	for (int i = 0; i < DROP__COUNT; i++)

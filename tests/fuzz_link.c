@@ -15,7 +15,7 @@
  *                [u16 len][packet] framing inside), written into a socketpair
  *                whose other end is a PROTO_TCP link, then link_tcp_frames;
  *                else each chunk is one UDP datagram for link_input from the
- *                fake source (datagrams over WIRE_MAX_RECORD_BYTES are dropped
+ *                fake source (datagrams over WIRE_MAX_WIRE_BYTES are dropped
  *                first, as link_udp_readable does)
  *   FL_FIXUP     UDP: patch a valid cookie and mac1 into every HS_INIT-sized
  *                HS_INIT before feeding it, so mutations of HS_INIT survive
@@ -233,7 +233,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 				break;
 			if (!link_tcp_frames(tl) && tl->state != LINK_CLOSED)
 				link_close(tl, 0);      /* as link_tcp_event does */
-		} else if (len <= WIRE_MAX_RECORD_BYTES) {
+		} else if (len <= WIRE_MAX_WIRE_BYTES) {
 			/* An exact heap copy: ASan sees any read past the datagram. */
 			uint8_t *pkt = malloc(len ? len : 1);
 			if (!pkt)
