@@ -2829,6 +2829,11 @@ static int64_t link_timer_fn(struct ev_loop *loop, struct ev_timer *t)
 
 /* ---- becoming up ------------------------------------------------------- */
 
+static int link_transport_rank(const struct link *l)
+{
+	return l->proto == PROTO_UDP ? 2 : l->proto == PROTO_TCP ? 1 : 0;
+}
+
 /* Two up links to one peer: keep the one dialled by the lower ring address,
  * so both ends pick the same survivor.  When the same node dialled both, only
  * that node closes the newer one (the other waits for its BYE).
@@ -2847,9 +2852,11 @@ static bool link_resolve_duplicate(struct link *l)
 			link_close(young, BYE_CONFLICT);
 			return young != l;
 		}
-		if ((l->proto == PROTO_RELAY) != (o->proto == PROTO_RELAY)) {
-			/* Both ends know which is relayed: the direct one wins. */
-			struct link *loser = l->proto == PROTO_RELAY ? l : o;
+		if (l->proto != o->proto) {
+			/* Both ends see the same transports: direct beats relayed, and
+			 * UDP beats TCP (no head-of-line blocking; and only UDP links
+			 * teach us the public endpoint that hole punching needs). */
+			struct link *loser = link_transport_rank(l) < link_transport_rank(o) ? l : o;
 			link_close(loser, BYE_DUPLICATE);
 			return loser != l;
 		}

@@ -1,0 +1,673 @@
+#!/usr/bin/env python3
+"""The NAT lab: every pair of site types, the paper's firewalled sites, and a
+NAT mapping that changes.  Needs root (network namespaces, nftables, tap).
+
+Every namespace this test makes is named "tl-*" (veths "tl*"); leftovers
+are removed at start, and everything is removed on exit, failure, SIGTERM or
+SIGINT.  The root namespace is not touched.
+
+A "public internet" (203.0.113.0/24, a bridge in tl-net) holds the public
+node tl-pub (203.0.113.10) and the sites.  Five site types, two sites each
+(x = a, b), so that a pair of one type crosses two separate NATs:
+
+  F  full cone: explicit mapping rules (snat to the router's address with the
+     port kept, dnat of the UDP port range back to the host)   router tl-rfx
+  P  port-restricted cone: masquerade                          router tl-rpx
+  S  symmetric: masquerade random,fully-random                 router tl-rsx
+  T  outbound TCP only: masquerade, UDP from the LAN dropped   router tl-rtx
+  W  no NAT, a stateful firewall on the host that admits only replies to its
+     own connections (public address, no router)
+
+Every NAT router also drops unsolicited packets to itself (ct state new on
+its WAN), as home routers do (t_nat step 2b shows why that matters).  Hosts
+tl-h<site>.
+
+ 1. Matrix.  For each of the 15 unordered pairs of types, a network of its
+    own (its own key, public node on port 5000+k, virtual net 10.(100+k).0/24,
+    hosts in tap mode on port 4000+k): within 30 s the two hosts link, and
+    the link is direct where the NAT pair allows it (F with anything but T,
+    P-P, P-W, W-W) and relayed through the public node elsewhere.  Then,
+    over the tap devices: ping, and a 20 MB file (IPOP_NATLAB_MB) sent with
+    socat from x to y arrives with the same sha256.
+    Prints the matrix and a table (time to link, path, RTT, throughput).
+ 2. The paper's case: three firewalled sites (P a, P b, W a), no inbound
+    traffic allowed anywhere except to the public node; all three form one
+    virtual LAN (ping and ssh each to each over tap); the public node is
+    killed; after it, every pair still pings and ssh still works.
+ 3. A mapping that changes: the conntrack tables of the two routers of the
+    S-F pair are flushed (conntrack -F); the link recovers (tap ping works
+    again) within 30 s.
+
+Exit status non-zero if any check failed.  Node logs of a failed run are kept
+in build/test-logs/t_natlab-nodes (or $IPOP_TEST_LOGDIR).
+Env: IPOP_NATLAB_MB (file size, default 20), IPOP_NATLAB_PAIRS (e.g. "PS,TT":
+run only these), IPOP_NATLAB_STEPS (e.g. "1,3"), IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE.
+"""
+import atexit
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib import TestFailure, sh, nsx, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
+
+PREFIX = "tl"
+NET, BR = "tl-net", "tlbr0"
+PUB_NS, PUB_IP = "tl-pub", "203.0.113.10"
+KINDS = "FPSTW"
+KIND_NAMES = {"F": "full cone", "P": "port-restricted cone", "S": "symmetric",
+              "T": "outbound TCP only", "W": "firewall, no NAT"}
+FILE_MB = int(os.environ.get("IPOP_NATLAB_MB", "20"))
+MARKER = "ipop-natlab-ssh-ok"
+
+
+def expected_path(x, y):
+    """Where a direct link is possible for NAT types x and y."""
+    s = {x, y}
+    if "T" in s:
+        return "relayed"        # no UDP out; nobody but the public node takes TCP in
+    if "S" in s:
+        return "direct" if s == {"S", "F"} else "relayed"  # only a full cone takes any port
+    return "direct"             # F, P, W: endpoints are kept, so punching works
+
+
+class Site:
+    def __init__(self, kind, x, n):
+        self.kind, self.x, self.n = kind, x, n
+        self.name = "%s%s" % (kind.lower(), x)              # e.g. "pa"
+        self.wan = "203.0.113.%d" % (20 + n)
+        self.router = None if kind == "W" else "tl-r%s" % self.name
+        self.host = "tl-h%s" % self.name
+        self.ip = self.wan if kind == "W" else "10.%d.0.2" % n
+        self.lan = None if kind == "W" else "10.%d.0" % n
+
+
+def sites():
+    out, n = {}, 1
+    for k in KINDS:
+        for x in "ab":
+            s = Site(k, x, n)
+            out[s.name] = s
+            n += 1
+    return out
+
+
+def list_netns():
+    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
+    return [ln.split()[0] for ln in (out or "").splitlines()
+            if ln.split() and ln.split()[0].startswith(PREFIX + "-")]
+
+
+def remove_netns(quiet=False):
+    names = list_netns()
+    for nm in names:
+        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
+        for p in (out or "").split():
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    for nm in names:
+        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
+        if rc != 0 and not quiet:
+            print("  cleanup: ip netns del %s: %s" % (nm, (err or "").strip()), flush=True)
+    return names
+
+
+class Node:
+    """One ipop process: a public node (mode none) or a host (tap)."""
+
+    def __init__(self, t, name, ns, ip, port, key, vip=None, boot_port=None, dev=None):
+        self.t, self.name, self.ns, self.ip, self.port, self.key = t, name, ns, ip, port, key
+        self.vip, self.boot_port, self.dev = vip, boot_port, dev
+        self.ctl = os.path.join(t.dir, "%s.sock" % name)
+        self.logpath = os.path.join(t.dir, "%s.log" % name)
+        self.address = sha1_ip(vip) if vip else None
+        self.proc = None
+
+    def start(self):
+        a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up",
+             "--listen", "udp://%s:%d" % (self.ip, self.port),
+             "--listen", "tcp://%s:%d" % (self.ip, self.port),
+             "--secret-file", self.key, "--control", self.ctl]
+        if self.vip:
+            a += ["--mode", "tap", "--dev", self.dev, "--ip", self.vip + "/24"]
+        else:
+            a += ["--mode", "none"]
+        if self.boot_port:
+            a += ["--bootstrap", "udp://%s:%d" % (PUB_IP, self.boot_port),
+                  "--bootstrap", "tcp://%s:%d" % (PUB_IP, self.boot_port)]
+        a += ["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"]
+        self.proc = Proc(self.name, a, self.logpath)
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.alive()
+
+    def status(self, timeout=8):
+        try:
+            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
+                               capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            return None
+        if p.returncode != 0:
+            return None
+        try:
+            d = json.loads(p.stdout)
+        except ValueError:
+            return None
+        if isinstance(d, dict) and d.get("address") and self.address is None:
+            self.address = str(d["address"]).lower()
+        return d if isinstance(d, dict) else None
+
+
+def up_link(st, addr):
+    for c in (st or {}).get("connections", []):
+        if c.get("state") == "up" and str(c.get("address")).lower() == addr:
+            return c
+    return None
+
+
+def conn_summary(st):
+    return "; ".join("%s %s %s %s" % (c.get("state"), c.get("direction"), c.get("uri"),
+                                      str(c.get("address"))[:10])
+                     for c in (st or {}).get("connections", [])) or "(none)"
+
+
+def ping(ns, ip, count=3, wait=2):
+    """(ok, avg_ms, output) of a kernel ping over the tap devices."""
+    rc, out, err = nsx(ns, ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(wait), ip],
+                       check_rc=False, timeout=count * wait + 10)
+    m = re.search(r"= [\d.]+/([\d.]+)/", out or "")
+    return rc == 0, float(m.group(1)) if m else None, (out or "") + (err or "")
+
+
+class Pair:
+    def __init__(self, k, x, y):
+        self.k, self.x, self.y = k, x, y            # x, y: Site
+        self.label = "%s-%s" % (x.kind, y.kind)
+        self.expect = expected_path(x.kind, y.kind)
+        self.net = "10.%d.0" % (100 + k)
+        self.nodes = {}
+        self.path = None
+        self.link_s = None
+        self.uri = None
+        self.rtt = None
+        self.mbps = None
+        self.notes = []
+
+
+class NatLab:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ipop-t_natlab-", dir="/tmp")
+        self.sites = sites()
+        self.failures, self.results = [], []
+        self.pairs = []
+        self.done = False
+        self._closed = False
+
+    def fail(self, step, msg):
+        self.failures.append("%s: %s" % (step, msg))
+        log("FAIL [%s] %s" % (step, msg))
+
+    def result(self, text):
+        self.results.append(text)
+        log("RESULT " + text)
+
+    # ---- the lab
+    def veth_to_bridge(self, ns, ifname, port, ip):
+        sh(["ip", "-n", NET, "link", "add", port, "type", "veth", "peer", "name", ifname,
+            "netns", ns])
+        sh(["ip", "-n", NET, "link", "set", port, "master", BR, "up"])
+        sh(["ip", "-n", ns, "addr", "add", ip + "/24", "dev", ifname])
+        sh(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+    def nft(self, ns, script):
+        nsx(ns, ["nft", "-f", "-"], input=script)
+
+    def nat_rules(self, s):
+        lan = s.lan + ".0/24"
+        if s.kind == "F":
+            post = "ip saddr %s snat to %s" % (lan, s.wan)
+            pre = "add rule ip nat pre iifname \"tlwan\" udp dport 4000-4999 dnat to %s\n" % s.ip
+        elif s.kind == "S":
+            post, pre = "masquerade random,fully-random", ""
+        else:
+            post, pre = "masquerade", ""
+        script = ("add table ip nat\n"
+                  "add chain ip nat pre { type nat hook prerouting priority -100; }\n"
+                  "add chain ip nat post { type nat hook postrouting priority 100; }\n"
+                  "add rule ip nat post oifname \"tlwan\" %s\n%s"
+                  "add table ip filter\n"
+                  "add chain ip filter input { type filter hook input priority 0; policy accept; }\n"
+                  "add rule ip filter input iifname \"tlwan\" ct state new drop\n"
+                  "add chain ip filter forwarding { type filter hook forward priority 0; policy accept; }\n"
+                  % (post, pre))
+        if s.kind == "T":
+            script += "add rule ip filter forwarding iifname \"tllan\" meta l4proto udp drop\n"
+        return script
+
+    def setup_lab(self):
+        names = [NET, PUB_NS] + [s.host for s in self.sites.values()] + \
+                [s.router for s in self.sites.values() if s.router]
+        for ns in names:
+            sh(["ip", "netns", "add", ns])
+            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        sh(["ip", "-n", NET, "link", "add", BR, "type", "bridge"])
+        sh(["ip", "-n", NET, "link", "set", BR, "up"])
+        self.veth_to_bridge(PUB_NS, "tl-eth", "tlp-pub", PUB_IP)
+        for s in self.sites.values():
+            if s.kind == "W":
+                self.veth_to_bridge(s.host, "tl-eth", "tlp-%s" % s.name, s.wan)
+                # the site's perimeter: the uplink only (the virtual LAN is inside)
+                self.nft(s.host, "add table inet fw\n"
+                         "add chain inet fw in { type filter hook input priority 0; policy accept; }\n"
+                         "add rule inet fw in iifname \"tl-eth\" ct state established,related accept\n"
+                         "add rule inet fw in iifname \"tl-eth\" drop\n")
+                continue
+            self.veth_to_bridge(s.router, "tlwan", "tlp-%s" % s.name, s.wan)
+            sh(["ip", "-n", s.router, "link", "add", "tllan", "type", "veth", "peer", "name",
+                "tl-eth", "netns", s.host])
+            sh(["ip", "-n", s.router, "addr", "add", s.lan + ".1/24", "dev", "tllan"])
+            sh(["ip", "-n", s.router, "link", "set", "tllan", "up"])
+            sh(["ip", "-n", s.host, "addr", "add", s.ip + "/24", "dev", "tl-eth"])
+            sh(["ip", "-n", s.host, "link", "set", "tl-eth", "up"])
+            sh(["ip", "-n", s.host, "route", "add", "default", "via", s.lan + ".1"])
+            nsx(s.router, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            self.nft(s.router, self.nat_rules(s))
+        for s in self.sites.values():
+            rc, out, err = nsx(s.host, ["ping", "-n", "-c", "1", "-W", "3", PUB_IP], check_rc=False,
+                               timeout=15)
+            check(rc == 0, "lab: %s cannot ping %s: %s" % (s.host, PUB_IP, (out + err).strip()[-200:]))
+
+    def key(self, name):
+        path = os.path.join(self.dir, name + ".key")
+        sh([ipop_bin(), "genkey", "--out", path])
+        os.chmod(path, 0o600)
+        return path
+
+    # ---- 1. the matrix
+    def make_pairs(self):
+        only = [p.strip().upper() for p in os.environ.get("IPOP_NATLAB_PAIRS", "").split(",") if p.strip()]
+        k = 0
+        for a, b in itertools.combinations_with_replacement(KINDS, 2):
+            if only and a + b not in only and b + a not in only:
+                continue
+            p = Pair(k, self.sites[a.lower() + "a"], self.sites[b.lower() + "b"])
+            self.pairs.append(p)
+            k += 1
+
+    def start_pair(self, p):
+        key = self.key("pair%d" % p.k)
+        pub = Node(self, "pub%d" % p.k, PUB_NS, PUB_IP, 5000 + p.k, key)
+        p.nodes["pub"] = pub.start()
+        for i, s in enumerate((p.x, p.y)):
+            nd = Node(self, "p%d-%s" % (p.k, s.name), s.host, s.ip, 4000 + p.k, key,
+                      vip="%s.%d" % (p.net, i + 1), boot_port=5000 + p.k, dev="tlt%d" % p.k)
+            p.nodes["xy"[i]] = nd
+
+    def wait_link(self, p, timeout=30):
+        """Wait for the x-y link; for an expected direct one, give a relayed
+        link time to upgrade.  Sets p.path, p.link_s, p.uri."""
+        x, y = p.nodes["x"], p.nodes["y"]
+        t0 = time.monotonic()
+        first = None
+        while time.monotonic() - t0 < timeout:
+            c = up_link(x.status(), y.address)
+            if c:
+                first = first or time.monotonic() - t0
+                p.path, p.uri = c.get("path"), c.get("uri")
+                if c.get("path") == "direct":
+                    p.link_s = time.monotonic() - t0
+                    return
+                if p.expect == "relayed" and time.monotonic() - t0 > 12:
+                    break       # past the first upgrade try (5 s after the relay came up)
+                p.link_s = first
+            time.sleep(0.4)
+
+    def check_pair(self, p, src_file, digest):
+        """Ping and a file from x to y over the tap devices."""
+        x, y = p.nodes["x"], p.nodes["y"]
+        ok, avg, out = False, None, ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ok, avg, out = ping(p.x.host, y.vip, count=5)
+            if ok:
+                break
+            time.sleep(1)
+        p.rtt = avg
+        if not ok:
+            p.notes.append("ping %s -> %s failed: %s" % (x.vip, y.vip, out.strip()[-200:]))
+            return
+        dst = os.path.join(self.dir, "recv%d" % p.k)
+        port = 9000 + p.k
+        srv = subprocess.Popen(["ip", "netns", "exec", p.y.host, "socat", "-u",
+                                "TCP-LISTEN:%d,bind=%s,reuseaddr" % (port, y.vip),
+                                "CREATE:%s" % dst], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            time.sleep(0.5)
+            t = time.monotonic()
+            rc, _, err = nsx(p.x.host, ["socat", "-u", "OPEN:%s" % src_file,
+                                        "TCP:%s:%d,connect-timeout=10" % (y.vip, port)],
+                             check_rc=False, timeout=120)
+            srv.wait(timeout=60)
+            el = time.monotonic() - t
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            p.notes.append("file transfer timed out")
+            return
+        got = hashlib.sha256(open(dst, "rb").read()).hexdigest() if os.path.exists(dst) else None
+        if rc != 0 or got != digest:
+            p.notes.append("file transfer rc=%s, sha256 %s (expected %s): %s"
+                           % (rc, (got or "none")[:16], digest[:16], (err or "").strip()[-200:]))
+            return
+        p.mbps = FILE_MB * 8 / el
+        os.unlink(dst)
+
+    def step_matrix(self):
+        self.make_pairs()
+        src = os.path.join(self.dir, "file.src")
+        with open(src, "wb") as f:
+            f.write(os.urandom(FILE_MB * 1024 * 1024))
+        digest = hashlib.sha256(open(src, "rb").read()).hexdigest()
+        for p in self.pairs:
+            self.start_pair(p)
+        time.sleep(0.5)
+        for p in self.pairs:
+            for nd in p.nodes.values():
+                nd.start()
+        with concurrent.futures.ThreadPoolExecutor(len(self.pairs)) as ex:
+            list(ex.map(self.wait_link, self.pairs))
+        # transfers a few at a time: 2 cores, and each is a measurement
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            list(ex.map(lambda p: self.check_pair(p, src, digest), self.pairs))
+        self.report_matrix()
+        for p in self.pairs:
+            step = "1 matrix %s" % p.label
+            if p.path is None:
+                self.fail(step, "no link between %s and %s within 30 s\n  x: %s\n  y: %s"
+                          % (p.x.name, p.y.name, conn_summary(p.nodes["x"].status()),
+                             conn_summary(p.nodes["y"].status())))
+                self.dump(p)
+            elif p.path != p.expect:
+                self.fail(step, "%s link (%s), expected %s" % (p.path, p.uri, p.expect))
+                self.dump(p)
+            for note in p.notes:
+                self.fail(step, note)
+
+    def report_matrix(self):
+        cell = {}
+        for p in self.pairs:
+            cell[(p.x.kind, p.y.kind)] = cell[(p.y.kind, p.x.kind)] = p
+        lines = ["matrix (D direct, R relayed, - no link; * = not as expected):",
+                 "        " + "".join("%-4s" % k for k in KINDS)]
+        for a in KINDS:
+            row = "     %s  " % a
+            for b in KINDS:
+                p = cell.get((a, b))
+                if not p:
+                    row += "    "
+                    continue
+                c = {"direct": "D", "relayed": "R"}.get(p.path, "-")
+                row += "%-4s" % (c + ("*" if p.path != p.expect else ""))
+            lines.append(row)
+        lines.append("types: " + ", ".join("%s %s" % (k, v) for k, v in KIND_NAMES.items()))
+        lines.append("%-6s %-8s %-8s %-28s %9s %9s %11s" % ("pair", "expect", "path", "uri",
+                                                            "link s", "rtt ms", "Mbit/s"))
+        for p in self.pairs:
+            lines.append("%-6s %-8s %-8s %-28s %9s %9s %11s" % (
+                p.label, p.expect, p.path or "-", p.uri or "-",
+                "%.1f" % p.link_s if p.link_s is not None else "-",
+                "%.3f" % p.rtt if p.rtt is not None else "-",
+                "%.0f" % p.mbps if p.mbps is not None else "-"))
+        for ln in lines:
+            self.result(ln)
+
+    def dump(self, p, n=25):
+        for nd in p.nodes.values():
+            if nd.proc:
+                print("  log tail of %s (alive=%s):\n%s" % (nd.name, nd.alive(), nd.proc.log_tail(n)),
+                      flush=True)
+
+    def stop_pairs(self, keep=()):
+        for p in self.pairs:
+            if p.label in keep:
+                continue
+            for nd in p.nodes.values():
+                if nd.proc:
+                    nd.proc.stop(3)
+
+    # ---- 2. the paper's case
+    def sshd(self, ns, vip, d, hk, ak):
+        cfg = os.path.join(d, "sshd_%s" % vip)
+        with open(cfg, "w") as f:
+            f.write("\n".join([
+                "Port 22", "ListenAddress %s" % vip, "HostKey %s" % hk,
+                "PidFile %s" % os.path.join(d, "sshd_%s.pid" % vip),
+                "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
+                "PubkeyAuthentication yes", "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
+                "SetEnv SHLVL=1", "AllowUsers root", "X11Forwarding no", "PrintMotd no", ""]))
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        return Proc("sshd-%s" % vip, ["ip", "netns", "exec", ns, sshd, "-f", cfg, "-D", "-e"],
+                    os.path.join(self.dir, "sshd_%s.log" % vip))
+
+    def ssh(self, ns, ck, vip):
+        rc, out, err = nsx(ns, ["ssh", "-F", "/dev/null", "-i", ck, "-o", "IdentitiesOnly=yes",
+                                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+                                "-o", "LogLevel=ERROR", "root@%s" % vip, "echo", MARKER],
+                           timeout=40, check_rc=False)
+        return rc == 0 and MARKER in (out or ""), (err or out or "").strip()[-200:]
+
+    def all_pairs_talk(self, hosts, ck, when):
+        ok = True
+        for (sa, na), (sb, nb) in itertools.permutations(hosts, 2):
+            good, avg, out = False, None, ""
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not good:
+                good, avg, out = ping(sa.host, nb.vip, count=3)
+                if not good:
+                    time.sleep(1)
+            sok, serr = self.ssh(sa.host, ck, nb.vip) if good else (False, "no ping")
+            self.result("paper %s: %s -> %s: ping %s (avg %s ms), ssh %s"
+                        % (when, sa.name, sb.name, "ok" if good else "FAILED", avg,
+                           "ok" if sok else "FAILED"))
+            if not good or not sok:
+                ok = False
+                self.fail("2 paper " + when, "%s -> %s (%s): ping %s, ssh: %s"
+                          % (sa.name, sb.name, nb.vip, out.strip()[-200:] if not good else "ok", serr))
+        return ok
+
+    def step_paper(self):
+        key = self.key("paper")
+        pub = Node(self, "paper-pub", PUB_NS, PUB_IP, 6000, key).start()
+        chosen = [self.sites["pa"], self.sites["pb"], self.sites["wa"]]
+        nodes = []
+        for i, s in enumerate(chosen):
+            nodes.append((s, Node(self, "paper-%s" % s.name, s.host, s.ip, 6001, key,
+                                  vip="10.99.0.%d" % (i + 1), boot_port=6000, dev="tlpp")))
+        time.sleep(0.3)
+        for _, nd in nodes:
+            nd.start()
+        d = os.path.join(self.dir, "ssh")
+        os.mkdir(d, 0o700)
+        hk, ck = os.path.join(d, "host"), os.path.join(d, "client")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
+        ak = os.path.join(d, "authorized_keys")
+        shutil.copy(ck + ".pub", ak)
+        os.chmod(ak, 0o600)
+        if not os.path.isdir("/run/sshd"):
+            os.makedirs("/run/sshd", 0o755)
+        # all three linked to each other (a 4-node ring: everyone is a near neighbour)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 30:
+            missing = [(a.name, b.name) for (a, na), (b, nb) in itertools.permutations(nodes, 2)
+                       if not up_link(na.status(), nb.address)]
+            if not missing:
+                break
+            time.sleep(0.5)
+        links = []
+        for (a, na), (b, nb) in itertools.combinations(nodes, 2):
+            c = up_link(na.status(), nb.address)
+            links.append("%s-%s %s" % (a.name, b.name, c.get("path") if c else "none"))
+        self.result("paper: links after %.1f s: %s" % (time.monotonic() - t0, ", ".join(links)))
+        srvs = []
+        for s, nd in nodes:
+            srvs.append(self.sshd(s.host, nd.vip, d, hk, ak))
+        time.sleep(1)
+        try:
+            self.all_pairs_talk([(s, nd) for s, nd in nodes], ck, "with the public node")
+            pub.proc.kill(signal.SIGKILL)
+            t = time.monotonic()
+            self.result("paper: public node killed (SIGKILL)")
+            time.sleep(6)       # past the 4 s dead-link timeout: the ring forgets it
+            self.all_pairs_talk([(s, nd) for s, nd in nodes], ck, "without it")
+            self.result("paper: sites still talk %.1f s after the public node died"
+                        % (time.monotonic() - t))
+        finally:
+            for srv in srvs:
+                srv.stop()
+            for _, nd in nodes:
+                nd.proc.stop(3)
+
+    # ---- 3. a mapping that changes
+    def step_flush(self):
+        p = next((p for p in self.pairs if {p.x.kind, p.y.kind} == {"S", "F"}), None)
+        if p is None:
+            return
+        x, y = p.nodes["x"], p.nodes["y"]
+        ok, _, out = ping(p.x.host, y.vip, count=2)
+        check(ok, "S-F pair does not ping before the flush: %s" % out.strip()[-200:])
+        for s in (p.x, p.y):
+            nsx(s.router, ["conntrack", "-F"], check_rc=False)
+        t0 = time.monotonic()
+        back = None
+        while time.monotonic() - t0 < 30:
+            ok, _, _ = ping(p.x.host, y.vip, count=1, wait=1)
+            ok2, _, _ = ping(p.y.host, x.vip, count=1, wait=1) if ok else (False, 0, "")
+            if ok and ok2:
+                back = time.monotonic() - t0
+                break
+            time.sleep(0.5)
+        c = up_link(x.status(), y.address)
+        if back is None:
+            self.fail("3 flush", "S-F pair not pinging 30 s after both routers' conntrack flush; "
+                      "x: %s" % conn_summary(x.status()))
+            self.dump(p)
+        else:
+            self.result("flush: S-F pair pings both ways %.1f s after both routers' conntrack "
+                        "tables were flushed; link now %s %s" % (back, c and c.get("path"),
+                                                                  c and c.get("uri")))
+
+    # ---- cleanup
+    def close(self, failed):
+        if self._closed:
+            return
+        self._closed = True
+        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sg, signal.SIG_IGN)
+        for p in reversed(Proc.all):
+            p.kill(signal.SIGKILL)
+        for p in Proc.all:
+            p.wait(5)
+        remove_netns()
+        left = list_netns()
+        if left:
+            print("  cleanup: namespaces left: %s" % left, flush=True)
+        if failed or os.environ.get("IPOP_KEEP_LOGS"):
+            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
+            dst = os.path.join(base, "t_natlab-nodes")
+            shutil.rmtree(dst, ignore_errors=True)
+            os.makedirs(dst, exist_ok=True)
+            for f in os.listdir(self.dir):
+                if f.endswith(".log"):
+                    shutil.copy(os.path.join(self.dir, f), dst)
+            print("node logs kept in %s" % dst, flush=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_lab = None
+
+
+def _cleanup():
+    if _lab is not None:
+        _lab.close(failed=bool(_lab.failures) or not _lab.done)
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main():
+    global _lab
+    atexit.register(_cleanup)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    if os.geteuid() != 0:
+        print("FAIL: t_natlab needs root (network namespaces, nftables, tap)", flush=True)
+        sys.exit(1)
+    ipop_bin()
+    for tool in ("ip", "ping", "nft", "sysctl", "socat", "conntrack", "sshd", "ssh", "ssh-keygen"):
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("FAIL: missing tool %s (see .ci/run)" % tool, flush=True)
+            sys.exit(1)
+    old = remove_netns(quiet=True)
+    if old:
+        log("removed leftover namespaces: %s" % " ".join(old))
+    lab = _lab = NatLab()
+    log("t_natlab: dir %s, file %d MB" % (lab.dir, FILE_MB))
+    try:
+        lab.setup_lab()
+        log("lab up: %d sites" % len(lab.sites))
+        steps = os.environ.get("IPOP_NATLAB_STEPS", "1,3,2").split(",")
+        for name, fn in (("1 matrix", lab.step_matrix), ("3 flush", lab.step_flush),
+                         ("2 paper", lambda: (lab.stop_pairs(), lab.step_paper()))):
+            if name.split()[0] not in steps:
+                continue
+            log("---- step %s" % name)
+            ts = time.monotonic()
+            try:
+                fn()
+            except TestFailure as e:
+                lab.fail(name, str(e))
+            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
+        lab.done = True
+    except TestFailure as e:
+        lab.fail("setup", str(e))
+    except SystemExit as e:
+        log("interrupted (exit %s): cleaning up" % e.code)
+        lab.close(failed=True)
+        raise
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        lab.fail("exception", "unexpected exception (see traceback)")
+    print("", flush=True)
+    print("==== t_natlab summary", flush=True)
+    for r in lab.results:
+        print("  ok   " + r, flush=True)
+    for f in lab.failures:
+        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
+    lab.close(failed=bool(lab.failures))
+    if lab.failures:
+        log("FAIL: %d check(s) failed" % len(lab.failures))
+        sys.exit(1)
+    log("PASS")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
