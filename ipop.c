@@ -2304,6 +2304,9 @@ struct nat_state {
 	unsigned n_seen, next;
 	struct nat_plan plans[NAT_PLANS_MAX];
 	struct ev_timer tick;
+	struct endpoint own[LINK_ENDPOINTS_MAX];      /* our listeners' endpoints, from the start */
+	unsigned n_own;
+	int kind;                       /* enum nat_kind, as last classified */
 };
 
 /* The DHT's state, owned by section 08. */
@@ -5076,16 +5079,52 @@ enum {
 	NAT_UPGRADE_MAX_MS = 120000,    /* and the backoff's cap */
 };
 
-enum nat_kind { NAT_UNKNOWN, NAT_NONE, NAT_CONE, NAT_PORT_PRESERVING, NAT_SYMMETRIC };
+enum nat_kind {
+	NAT_UNKNOWN, NAT_NONE, NAT_CONE, NAT_PORT_PRESERVING, NAT_SYMMETRIC_STEP, NAT_SYMMETRIC
+};
 
 static const char *const nat_kind_names[] = {
 	"unknown", "none (public address)", "endpoint-independent mapping", "port-preserving",
-	"symmetric (mapping differs per peer)",
+	"symmetric with a regular port step (predictable)", "symmetric (random ports per peer)",
 };
+
+enum {
+	NAT_STEP_MAX = 16,              /* larger steps are not told from random ports */
+	NAT_PREDICT = 2,                /* predicted endpoints advertised for a stepping NAT */
+};
+
 
 static bool nat_endpoint_eq(const struct endpoint *a, const struct endpoint *b)
 {
 	return a->proto == b->proto && a->ip == b->ip && a->port == b->port;
+}
+
+/* A symmetric NAT that hands out ports in a regular step (+1, +2, ...) maps
+ * our next peer to the highest port seen plus the step.  The step, or 0 when
+ * the mapped ports (sorted, one public IP, one listener) are not evenly
+ * spaced: at least three are needed to see a step twice. */
+static int nat_port_step(const struct nat_state *s, uint16_t *top)
+{
+	uint16_t ports[NAT_OBSERVATIONS_MAX];
+	unsigned k = 0;
+	for (unsigned i = 0; i < s->n_seen; i++) {
+		if (s->seen[i].ip != s->seen[0].ip || !nat_endpoint_eq(&s->local[i], &s->local[0]))
+			return 0;
+		unsigned j = k++;
+		for (; j > 0 && ports[j - 1] > s->seen[i].port; j--)   /* insertion sort */
+			ports[j] = ports[j - 1];
+		ports[j] = s->seen[i].port;
+	}
+	if (k < 3)
+		return 0;
+	int step = ports[1] - ports[0];
+	for (unsigned i = 2; i < k; i++)
+		if (ports[i] - ports[i - 1] != step)
+			return 0;
+	if (step <= 0 || step > NAT_STEP_MAX)
+		return 0;
+	*top = ports[k - 1];
+	return step;
 }
 
 /* The listener a UDP link uses: what we would advertise for it. */
@@ -5117,10 +5156,11 @@ static enum nat_kind nat_classify(const struct node *n)
 		same &= nat_endpoint_eq(&s->seen[i], &s->seen[0]);
 		port_kept &= s->seen[i].port == s->local[i].port;
 	}
+	uint16_t top;
 	if (all_local)
 		return NAT_NONE;
 	if (!same)
-		return NAT_SYMMETRIC;
+		return nat_port_step(s, &top) ? NAT_SYMMETRIC_STEP : NAT_SYMMETRIC;
 	unsigned reporters = 0;         /* one peer's word says nothing about variation */
 	for (unsigned i = 0; i < s->n_seen; i++) {
 		bool seen_before = false;
@@ -5133,8 +5173,36 @@ static enum nat_kind nat_classify(const struct node *n)
 	return port_kept ? NAT_PORT_PRESERVING : NAT_CONE;
 }
 
-/* A UDP link came up: note how the peer sees us; advertise a new public
- * endpoint so that others can dial it. */
+/* What we advertise: the public endpoints peers can dial (the observed
+ * ones, most recent first; for a stepping symmetric NAT the predicted next
+ * ones; none for a random symmetric NAT, whose mappings serve one peer
+ * each), then our listeners' own endpoints, which peers on our LAN reach. */
+static void nat_advertise(struct node *n)
+{
+	struct nat_state *s = &n->nat;
+	struct endpoint out[LINK_ENDPOINTS_MAX];
+	unsigned k = 0;
+	uint16_t top = 0;
+	s->kind = nat_classify(n);
+	int step = s->kind == NAT_SYMMETRIC_STEP ? nat_port_step(s, &top) : 0;
+	for (int i = 1; step && i <= NAT_PREDICT; i++)
+		out[k++] = (struct endpoint){ .proto = PROTO_UDP, .ip = s->seen[0].ip,
+					      .port = (uint16_t)(top + i * step) };
+	for (unsigned i = s->n_seen; !step && s->kind != NAT_SYMMETRIC && i-- > 0 &&
+	     k < LINK_ENDPOINTS_MAX - s->n_own;) {
+		bool dup = false;
+		for (unsigned j = 0; j < k; j++)
+			dup |= nat_endpoint_eq(&out[j], &s->seen[i]);
+		if (!dup && (s->seen[i].ip != s->local[i].ip || s->seen[i].port != s->local[i].port))
+			out[k++] = s->seen[i];
+	}
+	for (unsigned i = 0; i < s->n_own && k < LINK_ENDPOINTS_MAX; i++)
+		out[k++] = s->own[i];
+	memcpy(n->self.endpoints, out, k * sizeof out[0]);
+	n->self.n_endpoints = (uint8_t)k;
+}
+
+/* A UDP link came up: note how the peer sees us, and advertise anew. */
 static void nat_learn_endpoint(struct node *n, struct link *l)
 {
 	struct nat_state *s = &n->nat;
@@ -5148,18 +5216,15 @@ static void nat_learn_endpoint(struct node *n, struct link *l)
 	s->seen[slot] = l->observed;
 	s->local[slot] = local;
 	s->reporter[slot] = l->peer.addr;
-	if (nat_advertised(n, &l->observed))
+	bool known = nat_advertised(n, &l->observed);
+	int before = s->kind;
+	nat_advertise(n);
+	if (known && s->kind == before)
 		return;
-	/* A new public endpoint: advertise it first, it is the one others reach. */
-	if (n->self.n_endpoints == LINK_ENDPOINTS_MAX)
-		n->self.n_endpoints--;
-	memmove(&n->self.endpoints[1], &n->self.endpoints[0], n->self.n_endpoints * sizeof n->self.endpoints[0]);
-	n->self.endpoints[0] = l->observed;
-	n->self.n_endpoints++;
 	char uri[40], who[64];
 	link_endpoint_uri(&l->observed, uri);
 	link_describe(l, who);
-	log_info("nat", "public endpoint %s (seen by %s); NAT: %s", uri, who, nat_kind_names[nat_classify(n)]);
+	log_info("nat", "seen as %s by %s; NAT: %s", uri, who, nat_kind_names[s->kind]);
 }
 
 /* ---- fallback plans: TCP, then relays ------------------------------------ */
@@ -5324,6 +5389,8 @@ static void nat_start(struct node *n)
 	n->ring.ctm_reply = nat_on_ctm_reply;
 	n->hooks.dial_failed = nat_on_dial_failed;
 	n->hooks.punch = nat_on_punch;
+	n->nat.n_own = n->self.n_endpoints;
+	memcpy(n->nat.own, n->self.endpoints, sizeof n->nat.own);
 	ev_timer_init(&n->nat.tick, nat_tick);
 	ev_timer_arm(&n->loop, &n->nat.tick, NAT_TICK_MS);
 }

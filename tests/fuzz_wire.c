@@ -17,7 +17,7 @@
 enum {
 	F_CLASSIFY_OUTER, F_CLASSIFY_INNER, F_HS_INIT, F_HS_COOKIE, F_HS_RESP, F_HS_FIN,
 	F_HS_REJECT, F_DATA, F_IDENTITY, F_PING, F_BYTE, F_ROUTED, F_CTM_REQ, F_CTM_REPLY,
-	F_ECHO_REQ, F_ECHO_REPLY, F__COUNT
+	F_ECHO_REQ, F_ECHO_REPLY, F_RELAY, F__COUNT
 };
 
 static void die(const char *what, size_t len)
@@ -93,6 +93,12 @@ static ssize_t enc_ping(uint8_t *o, size_t c, const void *m, uint8_t t, bool r)
 {
 	(void)r;
 	return wire_ping_encode(o, c, t, m);
+}
+
+static ssize_t enc_relay(uint8_t *o, size_t c, const void *m, uint8_t t, bool r)
+{
+	(void)r;
+	return wire_relay_encode(o, c, t, m);
 }
 
 static ssize_t enc_byte(uint8_t *o, size_t c, const void *m, uint8_t t, bool r)
@@ -294,6 +300,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		struct wire_echo m;
 		if (wire_echo_decode(p, len, reply, &m) == 0)
 			round_trip(p, len, 0, enc_echo, &m, 0, reply);
+		break;
+	}
+	case F_RELAY: {
+		struct wire_relay m;
+		uint32_t idx;
+		if (wire_relay_decode(p, len, &m) == 0) {
+			check_view(p, len, m.rec, m.len);
+			if (m.len < WIRE_HDR_BYTES || m.len > WIRE_MAX_RECORD_BYTES)
+				die("relay accepted a record of a bad size", len);
+			(void)wire_outer_receiver(m.rec, m.len, &idx);
+			round_trip(p, len, WIRE_HDR_BYTES, enc_relay, &m, len && (p[1] & 1) ? WIRE_RELAYED
+										 : WIRE_RELAY, false);
+		}
 		break;
 	}
 	}

@@ -335,6 +335,87 @@ static void test_wire_small(void)
 	check_truncations(dec_echo_reply, pkt, (size_t)len);
 }
 
+/* RELAY/RELAYED round trip, size limits, and the outer receiver peek. */
+static void test_wire_relay(void)
+{
+	uint8_t rec[WIRE_MAX_RECORD_BYTES + 1], msg[WIRE_MAX_MSG_BYTES + 64], type;
+	memset(rec, 0x5a, sizeof rec);
+	rec[0] = WIRE_VERSION;
+	rec[1] = WIRE_DATA;
+	struct wire_relay m = { .rec = rec, .len = WIRE_MAX_RECORD_BYTES }, d;
+	memset(m.addr.b, 0xa7, RING_ADDR_BYTES);
+	ssize_t len = wire_relay_encode(msg, sizeof msg, WIRE_RELAY, &m);
+	CHECK(len == WIRE_MAX_MSG_BYTES);
+	CHECK(wire_classify(msg, (size_t)len, true, &type) == WIRE_OK && type == WIRE_RELAY);
+	CHECK(wire_relay_decode(msg, (size_t)len, &d) == 0 && wire_addr_eq(&d.addr, &m.addr) &&
+	      d.len == m.len && memcmp(d.rec, rec, d.len) == 0);
+	m.len = WIRE_MAX_RECORD_BYTES + 1;              /* a record never exceeds its limit */
+	len = wire_relay_encode(msg, sizeof msg, WIRE_RELAYED, &m);
+	CHECK(len > 0 && wire_relay_decode(msg, (size_t)len, &d) < 0);
+	m.len = 1;                                      /* nor is it shorter than a header */
+	len = wire_relay_encode(msg, sizeof msg, WIRE_RELAYED, &m);
+	CHECK(len > 0 && wire_relay_decode(msg, (size_t)len, &d) < 0);
+	uint32_t idx = 0;
+	uint8_t resp[12] = { WIRE_VERSION, WIRE_HS_RESP, 0, 0, 0, 1, 0, 0, 0, 9 };
+	CHECK(wire_outer_receiver(resp, sizeof resp, &idx) && idx == 9);       /* after the sender */
+	uint8_t fin[6] = { WIRE_VERSION, WIRE_HS_FIN, 0, 0, 1, 2 };
+	CHECK(wire_outer_receiver(fin, sizeof fin, &idx) && idx == 0x102);
+	CHECK(!wire_outer_receiver(fin, 5, &idx));
+}
+
+/* NAT classification and what a node advertises from its observations. */
+static void nat_observe(struct node *n, uint32_t ip, uint16_t port, uint8_t who)
+{
+	struct nat_state *s = &n->nat;
+	s->seen[s->n_seen] = (struct endpoint){ PROTO_UDP, ip, port };
+	s->local[s->n_seen] = (struct endpoint){ PROTO_UDP, 0x0a000002, 4000 };
+	memset(s->reporter[s->n_seen].b, who, RING_ADDR_BYTES);
+	s->n_seen++;
+}
+
+static void test_nat_classify(void)
+{
+	static struct node n;
+	uint16_t top = 0;
+	memset(&n, 0, sizeof n);
+	n.nat.own[0] = (struct endpoint){ PROTO_UDP, 0x0a000002, 4000 };
+	n.nat.n_own = 1;
+	CHECK(nat_classify(&n) == NAT_UNKNOWN);
+	nat_observe(&n, 0xcb007101, 4000, 1);
+	CHECK(nat_classify(&n) == NAT_UNKNOWN);         /* one reporter tells nothing */
+	nat_advertise(&n);
+	CHECK(n.self.n_endpoints == 2 && n.self.endpoints[0].ip == 0xcb007101 &&
+	      n.self.endpoints[1].ip == 0x0a000002);     /* public first, then the LAN's */
+	nat_observe(&n, 0xcb007101, 4000, 2);
+	CHECK(nat_classify(&n) == NAT_PORT_PRESERVING);
+	n.nat.n_seen = 0;
+	nat_observe(&n, 0xcb007101, 31000, 1);
+	nat_observe(&n, 0xcb007101, 31000, 2);
+	CHECK(nat_classify(&n) == NAT_CONE);
+	n.nat.n_seen = 0;                               /* +2 per new peer: predictable */
+	nat_observe(&n, 0xcb007101, 31004, 3);
+	nat_observe(&n, 0xcb007101, 31000, 1);
+	nat_observe(&n, 0xcb007101, 31002, 2);
+	CHECK(nat_classify(&n) == NAT_SYMMETRIC_STEP);
+	CHECK(nat_port_step(&n.nat, &top) == 2 && top == 31004);
+	nat_advertise(&n);
+	CHECK(n.self.n_endpoints == NAT_PREDICT + 1 && n.self.endpoints[0].port == 31006 &&
+	      n.self.endpoints[1].port == 31008 && n.self.endpoints[2].port == 4000);
+	nat_observe(&n, 0xcb007101, 40111, 4);          /* uneven: random */
+	CHECK(nat_classify(&n) == NAT_SYMMETRIC && !nat_port_step(&n.nat, &top));
+	nat_advertise(&n);
+	CHECK(n.self.n_endpoints == 1 && n.self.endpoints[0].port == 4000);  /* no useless mappings */
+	n.nat.n_seen = 0;
+	nat_observe(&n, 0xcb007101, 31000, 1);
+	nat_observe(&n, 0xcb007101, 31000 + NAT_STEP_MAX + 1, 2);
+	nat_observe(&n, 0xcb007101, 31000 + 2 * (NAT_STEP_MAX + 1), 3);
+	CHECK(nat_classify(&n) == NAT_SYMMETRIC);       /* too large a step to trust */
+	n.nat.n_seen = 0;
+	nat_observe(&n, 0x0a000002, 4000, 1);
+	nat_observe(&n, 0x0a000002, 4000, 2);
+	CHECK(nat_classify(&n) == NAT_NONE);
+}
+
 static void test_wire_routed(void)
 {
 	uint8_t payload[300], pkt[WIRE_MAX_PACKET_BYTES];
@@ -791,6 +872,8 @@ int main(void)
 	test_wire_handshake();
 	test_wire_small();
 	test_wire_routed();
+	test_wire_relay();
+	test_nat_classify();
 	test_wire_ctm();
 	test_timers();
 	test_config();
