@@ -47,6 +47,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <netinet/udp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -65,6 +66,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -2336,6 +2338,7 @@ struct ip_state {
 	uint32_t net, mask;             /* the virtual network, from --ip A.B.C.D/P */
 	int mtu;
 	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
+	void (*flush_local)(struct node *n);    /* at the end of a loop turn, if set */
 	uint64_t unreach_window_ms;     /* ICMP error rate limit */
 	unsigned unreach_in_window;
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
@@ -2363,9 +2366,47 @@ struct tap_state {
 	char name[16];                  /* IFNAMSIZ */
 	uint8_t kernel_mac[6];          /* the interface's own MAC: frames we write go there */
 	uint8_t gw_mac[6];              /* the virtual gateway every virtual IP resolves to */
+	bool vnet;                      /* frames carry a virtio-net header (offloads on) */
+	uint64_t tso_frames, tso_segments, gro_frames, gro_segments;
+	uint8_t *gro;                   /* a TCP super-frame being built (section 11) */
+	size_t gro_len, gro_hlen;
+	unsigned gro_segs;
+	uint16_t gro_mss;
+	bool gro_ended;
 };
 
 enum { LINK_SEC_TICK_MS = 2000 }; /* revocation list check and cookie rotation */
+
+enum {
+	LINK_BATCH = 64,                /* datagrams per sendmmsg/recvmmsg */
+	LINK_GSO_MAX_BYTES = 60000,     /* one UDP_SEGMENT message: under 64 KiB */
+};
+
+/* UDP datagrams queued in one loop turn, sent together at its end (section
+ * 06, "batching").  Buffers are allocated on first use. */
+struct link_tx {
+	uint8_t *buf;                   /* LINK_BATCH * WIRE_MAX_WIRE_BYTES */
+	size_t used;
+	unsigned n;
+	bool no_gso;                    /* the kernel refused UDP_SEGMENT once */
+	int fd[LINK_BATCH];
+	struct sockaddr_in to[LINK_BATCH];
+	struct iovec iov[LINK_BATCH];
+	uint16_t seg[LINK_BATCH];       /* segment size; a shorter segment ends a message */
+	bool ended[LINK_BATCH];
+	struct mmsghdr msgs[LINK_BATCH];
+	union {
+		char buf[CMSG_SPACE(sizeof(uint16_t))];
+		struct cmsghdr align;
+	} cmsg[LINK_BATCH];
+};
+
+struct link_rx {
+	uint8_t *buf;                   /* LINK_BATCH * (WIRE_MAX_WIRE_BYTES + 1) */
+	struct mmsghdr msgs[LINK_BATCH];
+	struct iovec iov[LINK_BATCH];
+	struct sockaddr_in from[LINK_BATCH];
+};
 
 struct node {
 	struct ev_loop loop;
@@ -2379,6 +2420,8 @@ struct node {
 	struct listener listeners[LISTEN_MAX];
 	unsigned n_listeners;
 	int udp_dial_fd;                /* ephemeral UDP socket when no UDP listener */
+	struct link_tx tx;
+	struct link_rx rx;
 	struct link *links;
 	unsigned n_links;
 	struct link_hooks hooks;
@@ -2542,8 +2585,11 @@ static void link_hs_wipe(struct link *l)
 
 /* Free closed links; called once per loop turn, after every callback, so a
  * handler may close any link, its own included, without a use-after-free. */
+static void link_tx_flush(struct node *n);
+
 static void link_reap(struct node *n)
 {
+	link_tx_flush(n);       /* the end of a loop turn: what it queued leaves now */
 	for (struct link **pp = &n->links; *pp;) {
 		struct link *l = *pp;
 		if (l->state != LINK_CLOSED) {
@@ -2611,6 +2657,111 @@ static int link_tcp_enqueue(struct link *l, const uint8_t *pkt, size_t len)
 	return l->state == LINK_CONNECTING ? 0 : link_tcp_flush(l);
 }
 
+/* ---- batching ----------------------------------------------------------
+ * A loop turn that reads 64 frames from the tap device must not make 64
+ * sendto calls: UDP records are queued and leave in one sendmmsg at the end
+ * of the turn (link_reap), or when the queue fills.  Consecutive records of
+ * one size to one address share a message with UDP_SEGMENT (GSO), so the
+ * kernel's UDP and IP layers run once for the lot.  A record larger than
+ * 1472 bytes (a RELAY) goes alone: GSO segments may not be fragmented. */
+
+static void link_tx_drop(struct node *n, unsigned count)
+{
+	for (unsigned i = 0; i < count; i++)
+		log_drop(&n->drops, DROP_TX_ERROR, ev_now(&n->loop), "udp send");
+}
+
+/* A message the kernel refused as GSO: its segments one by one. */
+static void link_tx_unbatch(struct node *n, unsigned i)
+{
+	struct link_tx *t = &n->tx;
+	const uint8_t *p = t->iov[i].iov_base;
+	size_t left = t->iov[i].iov_len;
+	while (left) {
+		size_t len = left < t->seg[i] ? left : t->seg[i];
+		if (sendto(t->fd[i], p, len, MSG_DONTWAIT, (struct sockaddr *)&t->to[i], sizeof t->to[i]) < 0)
+			link_tx_drop(n, 1);
+		p += len;
+		left -= len;
+	}
+}
+
+/* Send everything queued: one sendmmsg per run of one socket. */
+static void link_tx_flush(struct node *n)
+{
+	struct link_tx *t = &n->tx;
+	for (unsigned i = 0; i < t->n; i++) {
+		struct msghdr *h = &t->msgs[i].msg_hdr;
+		*h = (struct msghdr){ .msg_name = &t->to[i], .msg_namelen = sizeof t->to[i],
+				      .msg_iov = &t->iov[i], .msg_iovlen = 1 };
+		if (t->iov[i].iov_len > t->seg[i]) {
+			h->msg_control = t->cmsg[i].buf;
+			h->msg_controllen = sizeof t->cmsg[i].buf;
+			struct cmsghdr *c = CMSG_FIRSTHDR(h);
+			c->cmsg_level = SOL_UDP;
+			c->cmsg_type = UDP_SEGMENT;
+			c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+			memcpy(CMSG_DATA(c), &t->seg[i], sizeof(uint16_t));
+		}
+	}
+	for (unsigned i = 0; i < t->n;) {
+		unsigned end = i;
+		while (end < t->n && t->fd[end] == t->fd[i])
+			end++;
+		while (i < end) {
+			int r = sendmmsg(t->fd[i], &t->msgs[i], end - i, MSG_DONTWAIT);
+			if (r > 0) {
+				i += (unsigned)r;
+			} else if (r < 0 && errno == EINTR) {
+				continue;
+			} else if (t->iov[i].iov_len > t->seg[i] && (errno == EIO || errno == EINVAL ||
+								   errno == ENOPROTOOPT)) {
+				t->no_gso = true;       /* an old kernel, or a path MTU below a segment */
+				link_tx_unbatch(n, i++);
+			} else {
+				link_tx_drop(n, 1);     /* a full buffer drops, as sendto would */
+				i++;
+			}
+		}
+	}
+	t->n = 0;
+	t->used = 0;
+}
+
+/* Queue one datagram; 0, or -errno. */
+static int link_udp_queue(struct node *n, int fd, const struct sockaddr_in *to, const uint8_t *pkt,
+			  size_t len)
+{
+	struct link_tx *t = &n->tx;
+	if (!t->buf && !(t->buf = malloc(LINK_BATCH * WIRE_MAX_WIRE_BYTES))) {
+		ssize_t w = sendto(fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
+		return w < 0 ? -errno : 0;
+	}
+	if (t->n) {
+		unsigned i = t->n - 1;
+		if (!t->no_gso && !t->ended[i] && t->fd[i] == fd && len <= t->seg[i] &&
+		    t->seg[i] <= WIRE_MAX_RECORD_BYTES && t->iov[i].iov_len + len <= LINK_GSO_MAX_BYTES &&
+		    t->used + len <= LINK_BATCH * WIRE_MAX_WIRE_BYTES && link_sockaddr_eq(&t->to[i], to)) {
+			memcpy(t->buf + t->used, pkt, len);
+			t->used += len;
+			t->iov[i].iov_len += len;
+			t->ended[i] = len < t->seg[i];
+			return 0;
+		}
+	}
+	if (t->n == LINK_BATCH || t->used + len > LINK_BATCH * WIRE_MAX_WIRE_BYTES)
+		link_tx_flush(n);
+	unsigned i = t->n++;
+	memcpy(t->buf + t->used, pkt, len);
+	t->iov[i] = (struct iovec){ t->buf + t->used, len };
+	t->used += len;
+	t->fd[i] = fd;
+	t->to[i] = *to;
+	t->seg[i] = (uint16_t)len;
+	t->ended[i] = false;
+	return 0;
+}
+
 static int link_send(struct link *l, const uint8_t *msg, size_t len);
 
 /* A direct up link to this peer: the only kind that may carry relays. */
@@ -2644,9 +2795,7 @@ static int link_send_raw(struct link *l, const uint8_t *pkt, size_t len)
 	if (l->state == LINK_CLOSED)
 		return -ENOTCONN;
 	if (l->proto == PROTO_UDP) {
-		ssize_t w = sendto(l->fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)&l->remote,
-				   sizeof l->remote);
-		rc = w < 0 ? -errno : 0;
+		rc = link_udp_queue(l->node, l->fd, &l->remote, pkt, len);
 	} else if (l->proto == PROTO_RELAY) {
 		rc = link_relay_send(l, pkt, len);
 	} else {
@@ -3646,26 +3795,43 @@ static void link_input(struct node *n, struct link *stream, int fd, const struct
 		link_dispatch(n, stream, fd, from, type, pkt, len);
 }
 
+/* One datagram off a UDP socket. */
+static void link_udp_datagram(struct node *n, int fd, const struct sockaddr_in *from, socklen_t fl,
+			      const uint8_t *pkt, size_t len)
+{
+	if (fl != sizeof *from || from->sin_family != AF_INET)
+		return;
+	if (len > WIRE_MAX_WIRE_BYTES)
+		return link_drop_from(n, DROP_BAD_FRAME, PROTO_UDP, from);
+	link_input(n, NULL, fd, from, pkt, len);
+}
+
+/* Up to LINK_BATCH datagrams per recvmmsg, a few calls per wake-up at most,
+ * so one busy socket cannot starve the rest. */
 static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
-	uint8_t pkt[WIRE_MAX_WIRE_BYTES + 1];
+	struct link_rx *x = &n->rx;
+	enum { SLOT = WIRE_MAX_WIRE_BYTES + 1 };
 	(void)loop;
 	(void)events;
-	/* Bounded per wake-up so one busy socket cannot starve the rest. */
-	for (int i = 0; i < 64; i++) {
-		struct sockaddr_in from;
-		socklen_t fl = sizeof from;
-		ssize_t r = recvfrom(fd, pkt, sizeof pkt, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
-		if (r < 0)
-			return;
-		if (fl != sizeof from || from.sin_family != AF_INET)
-			continue;
-		if ((size_t)r > WIRE_MAX_WIRE_BYTES) {
-			link_drop_from(n, DROP_BAD_FRAME, PROTO_UDP, &from);
-			continue;
+	if (!x->buf && !(x->buf = malloc(LINK_BATCH * SLOT)))
+		return;
+	for (int round = 0; round < 4; round++) {
+		for (unsigned i = 0; i < LINK_BATCH; i++) {
+			x->iov[i] = (struct iovec){ x->buf + i * SLOT, SLOT };
+			x->msgs[i].msg_hdr = (struct msghdr){ .msg_name = &x->from[i],
+							      .msg_namelen = sizeof x->from[i],
+							      .msg_iov = &x->iov[i], .msg_iovlen = 1 };
 		}
-		link_input(n, NULL, fd, &from, pkt, (size_t)r);
+		int r = recvmmsg(fd, x->msgs, LINK_BATCH, MSG_DONTWAIT, NULL);
+		if (r <= 0)
+			return;
+		for (int i = 0; i < r; i++)
+			link_udp_datagram(n, fd, &x->from[i], x->msgs[i].msg_hdr.msg_namelen,
+					  x->iov[i].iov_base, x->msgs[i].msg_len);
+		if (r < LINK_BATCH)
+			return;
 	}
 }
 
@@ -5870,8 +6036,16 @@ static void ip_start(struct node *n, int mtu)
 
 enum {
 	TAP_TUNSETIFF = 0x400454ca,     /* _IOW('T', 202, int) */
+	TAP_TUNGETIFF = 0x800454d2,     /* _IOR('T', 210, unsigned int) */
+	TAP_TUNSETOFFLOAD = 0x400454d0, /* _IOW('T', 208, unsigned int) */
 	TAP_IFF_TAP = 0x0002,
 	TAP_IFF_NO_PI = 0x1000,
+	TAP_IFF_VNET_HDR = 0x4000,
+	TAP_TUN_F_CSUM = 0x01,          /* we finish checksums the kernel left partial */
+	TAP_TUN_F_TSO4 = 0x02,          /* we cut TCP super-frames into segments */
+	TAP_VNET_HDR_BYTES = 10,        /* struct virtio_net_hdr */
+	TAP_VNET_F_NEEDS_CSUM = 1,
+	TAP_VNET_GSO_TCPV4 = 1,
 	TAP_ETH_HDR_BYTES = 14,
 	TAP_ETH_P_IP = 0x0800,
 	TAP_ETH_P_ARP = 0x0806,
@@ -5881,18 +6055,152 @@ enum {
 
 static const uint8_t tap_gw_mac[6] = { 0x02, 0x69, 0x70, 0x6f, 0x70, 0x01 }; /* "ipop", local bit */
 
+/* With offloads on, every frame we write starts with a virtio-net header;
+ * ours is all zeros: a whole frame, checksums done. */
+static int tap_write_frame(struct node *n, const uint8_t *frame, size_t len)
+{
+	static const uint8_t none[TAP_VNET_HDR_BYTES];
+	struct iovec v[2] = { { (void *)none, sizeof none }, { (void *)frame, len } };
+	size_t want = len + (n->tap.vnet ? sizeof none : 0);
+	ssize_t w = n->tap.vnet ? writev(n->tap.fd, v, 2) : write(n->tap.fd, frame, len);
+	return w == (ssize_t)want ? 0 : -EIO;
+}
+
+/* Internet checksums (RFC 1071), for the offloads below. */
+static uint32_t tap_csum_add(uint32_t sum, const uint8_t *p, size_t len)
+{
+	for (; len > 1; p += 2, len -= 2)
+		sum += (uint32_t)p[0] << 8 | p[1];
+	if (len)
+		sum += (uint32_t)p[0] << 8;
+	return sum;
+}
+
+static uint16_t tap_csum_fold(uint32_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+static void tap_put16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+/* ---- receive coalescing ---------------------------------------------------
+ * The mirror of TSO: consecutive segments of one TCP flow delivered in one
+ * loop turn are written as one super-frame (GRO), so the receiving stack
+ * runs once per 64 KiB.  Only plain in-order data segments join: the same
+ * addresses, ports, TTL, TOS, ack, window and options, ACK alone (PSH may
+ * end a run), each as long as the first but the last.  The kernel finishes
+ * the checksum (NEEDS_CSUM); the records carrying them were authenticated. */
+
+enum { TAP_GRO_MAX_BYTES = 62000 };
+
+static uint32_t tap_get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* The TCP header length of a packet that may join a super-frame, or 0. */
+static size_t tap_gro_candidate(const uint8_t *pkt, size_t len)
+{
+	if (len < 40 || pkt[0] != 0x45 || pkt[9] != 6 || (pkt[6] & 0x3f) || pkt[7])
+		return 0;               /* IPv4 without options, TCP, not a fragment */
+	size_t thl = (size_t)(pkt[32] >> 4) * 4;
+	uint8_t fl = pkt[33];
+	if (thl < 20 || 20 + thl >= len || (size_t)(pkt[2] << 8 | pkt[3]) != len ||
+	    (fl & ~0x08) != 0x10)
+		return 0;               /* data, and flags ACK (or ACK+PSH) only */
+	return thl;
+}
+
+static void tap_gro_flush(struct node *n)
+{
+	struct tap_state *t = &n->tap;
+	if (!t->gro_len)
+		return;
+	uint8_t *f = t->gro + TAP_VNET_HDR_BYTES, *ip = f + TAP_ETH_HDR_BYTES;
+	size_t iplen = t->gro_len - TAP_ETH_HDR_BYTES;
+	memset(t->gro, 0, TAP_VNET_HDR_BYTES);
+	if (t->gro_segs > 1) {
+		tap_put16(ip + 2, (uint16_t)iplen);
+		ip[10] = ip[11] = 0;
+		tap_put16(ip + 10, tap_csum_fold(tap_csum_add(0, ip, 20)));
+		uint32_t sum = tap_csum_add(0, ip + 12, 8) + 6 + (uint32_t)(iplen - 20);
+		tap_put16(ip + 36, (uint16_t)~tap_csum_fold(sum));     /* the partial sum, for the kernel */
+		uint8_t *h = t->gro;
+		size_t cstart = TAP_ETH_HDR_BYTES + 20;
+		h[0] = TAP_VNET_F_NEEDS_CSUM;
+		h[1] = TAP_VNET_GSO_TCPV4;
+		h[2] = (uint8_t)t->gro_hlen, h[3] = (uint8_t)(t->gro_hlen >> 8);
+		h[4] = (uint8_t)t->gro_mss, h[5] = (uint8_t)(t->gro_mss >> 8);
+		h[6] = (uint8_t)cstart, h[7] = (uint8_t)(cstart >> 8);
+		h[8] = 16;
+		t->gro_frames++;
+		t->gro_segments += t->gro_segs;
+	}
+	if (write(t->fd, t->gro, TAP_VNET_HDR_BYTES + t->gro_len) != (ssize_t)(TAP_VNET_HDR_BYTES + t->gro_len))
+		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), t->name);
+	t->gro_len = 0;
+}
+
+/* Append to the super-frame being built, or start one; false when the
+ * packet must go alone (after the super-frame, to keep the order). */
+static bool tap_gro_add(struct node *n, const uint8_t *pkt, size_t len)
+{
+	struct tap_state *t = &n->tap;
+	size_t thl = tap_gro_candidate(pkt, len);
+	if (!thl || (!t->gro && !(t->gro = malloc(TAP_VNET_HDR_BYTES + TAP_ETH_HDR_BYTES + 65536))))
+		return false;
+	size_t hlen = 20 + thl, plen = len - hlen;
+	uint8_t *f = t->gro + TAP_VNET_HDR_BYTES, *g = f + TAP_ETH_HDR_BYTES;
+	if (t->gro_len) {
+		size_t gplen = t->gro_len - t->gro_hlen;
+		if (!t->gro_ended && plen <= t->gro_mss && TAP_ETH_HDR_BYTES + hlen == t->gro_hlen &&
+		    t->gro_len + plen <= TAP_GRO_MAX_BYTES && pkt[1] == g[1] && pkt[8] == g[8] &&
+		    !memcmp(pkt + 12, g + 12, 8) && !memcmp(pkt + 20, g + 20, 4) &&      /* addrs, ports */
+		    tap_get32(pkt + 24) == tap_get32(g + 24) + (uint32_t)gplen &&       /* next in order */
+		    !memcmp(pkt + 28, g + 28, 4) && !memcmp(pkt + 34, g + 34, 2) &&      /* ack, window */
+		    !memcmp(pkt + 40, g + 40, thl - 20) && !(g[33] & 0x08)) {           /* options; no PSH yet */
+			memcpy(f + t->gro_len, pkt + hlen, plen);
+			t->gro_len += plen;
+			t->gro_segs++;
+			g[33] |= pkt[33] & 0x08;
+			t->gro_ended = plen < t->gro_mss || (pkt[33] & 0x08);
+			return true;
+		}
+		tap_gro_flush(n);
+	}
+	memcpy(f, n->tap.kernel_mac, 6);
+	memcpy(f + 6, n->tap.gw_mac, 6);
+	f[12] = TAP_ETH_P_IP >> 8;
+	f[13] = TAP_ETH_P_IP & 255;
+	memcpy(g, pkt, len);
+	t->gro_len = TAP_ETH_HDR_BYTES + len;
+	t->gro_hlen = TAP_ETH_HDR_BYTES + hlen;
+	t->gro_mss = (uint16_t)plen;
+	t->gro_segs = 1;
+	t->gro_ended = (pkt[33] & 0x08) != 0;
+	return true;
+}
+
 static int tap_write_ip(struct node *n, const uint8_t *pkt, size_t len)
 {
 	uint8_t frame[TAP_ETH_HDR_BYTES + WIRE_MAX_PACKET_BYTES];
 	if (len > WIRE_MAX_PACKET_BYTES)
 		return -EMSGSIZE;
+	if (n->tap.vnet && tap_gro_add(n, pkt, len))
+		return 0;
+	tap_gro_flush(n);
 	memcpy(frame, n->tap.kernel_mac, 6);
 	memcpy(frame + 6, n->tap.gw_mac, 6);
 	frame[12] = TAP_ETH_P_IP >> 8;
 	frame[13] = TAP_ETH_P_IP & 255;
 	memcpy(frame + TAP_ETH_HDR_BYTES, pkt, len);
-	ssize_t w = write(n->tap.fd, frame, TAP_ETH_HDR_BYTES + len);
-	return w == (ssize_t)(TAP_ETH_HDR_BYTES + len) ? 0 : -EIO;
+	return tap_write_frame(n, frame, TAP_ETH_HDR_BYTES + len);
 }
 
 /* RFC 826: answer "who has T?" for any other address on the virtual network
@@ -5925,7 +6233,8 @@ static void tap_on_arp(struct node *n, const uint8_t *f, size_t len)
 	wbuf_u32(&w, tpa);
 	wbuf_bytes(&w, sha, 6);
 	wbuf_u32(&w, spa);
-	if (write(n->tap.fd, reply, sizeof reply) != (ssize_t)sizeof reply)
+	tap_gro_flush(n);
+	if (tap_write_frame(n, reply, sizeof reply) < 0)
 		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "tap arp");
 }
 
@@ -5942,17 +6251,99 @@ static void tap_frame(struct node *n, const uint8_t *f, size_t len)
 		log_drop(&n->drops, DROP_NOT_IPV4, ev_now(&n->loop), n->tap.name);
 }
 
+/* ---- offloads ------------------------------------------------------------
+ * With IFF_VNET_HDR and TUNSETOFFLOAD the kernel hands us TCP super-frames
+ * of up to 64 KiB (TSO) with the checksum left partial, instead of 45
+ * frames of one MTU: one read instead of 45, and the sending TCP stack runs
+ * once per 64 KiB.  We cut them into MTU-sized segments here, as a NIC
+ * would, so the overlay still carries ordinary IP packets. */
+
+/* The kernel left the L4 checksum partial: the pseudo-header's sum is in
+ * the checksum field; add the bytes from start on and store the result. */
+static bool tap_finish_csum(uint8_t *f, size_t len, size_t start, size_t off)
+{
+	if (start + off + 2 > len)
+		return false;
+	tap_put16(f + start + off, tap_csum_fold(tap_csum_add(0, f + start, len - start)));
+	return true;
+}
+
+/* One TCP/IPv4 segment of a super-frame: headers copied, lengths, IP id,
+ * sequence number, flags and both checksums made right for it. */
+static void tap_tso_segment(struct node *n, const uint8_t *f, size_t hlen, size_t ip_off, size_t tcp_off,
+			    const uint8_t *payload, size_t plen, unsigned k, bool last, uint8_t *out)
+{
+	memcpy(out, f, hlen);
+	memcpy(out + hlen, payload, plen);
+	uint8_t *ip = out + ip_off, *tcp = out + tcp_off;
+	size_t ihl = tcp_off - ip_off;
+	tap_put16(ip + 2, (uint16_t)(hlen - ip_off + plen));
+	tap_put16(ip + 4, (uint16_t)((ip[4] << 8 | ip[5]) + k));
+	ip[10] = ip[11] = 0;
+	tap_put16(ip + 10, tap_csum_fold(tap_csum_add(0, ip, ihl)));
+	uint32_t seq = (uint32_t)tcp[4] << 24 | (uint32_t)tcp[5] << 16 | (uint32_t)tcp[6] << 8 | tcp[7];
+	seq += (uint32_t)(payload - (f + hlen));
+	tcp[4] = (uint8_t)(seq >> 24), tcp[5] = (uint8_t)(seq >> 16), tcp[6] = (uint8_t)(seq >> 8), tcp[7] = (uint8_t)seq;
+	if (!last)
+		tcp[13] &= (uint8_t)~0x09;      /* FIN and PSH only on the last segment */
+	if (k)
+		tcp[13] &= (uint8_t)~0x80;      /* CWR only on the first */
+	size_t l4 = hlen - tcp_off + plen;
+	uint32_t sum = tap_csum_add(0, ip + 12, 8) + 6 + (uint32_t)l4;
+	tcp[16] = tcp[17] = 0;
+	tap_put16(tcp + 16, tap_csum_fold(tap_csum_add(sum, tcp, l4)));
+	tap_frame(n, out, hlen + plen);
+}
+
+/* A frame read with its virtio-net header: cut, or finish, then handle. */
+static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
+{
+	if (len < TAP_VNET_HDR_BYTES + TAP_ETH_HDR_BYTES)
+		return;
+	uint8_t flags = buf[0], gso = buf[1];
+	uint16_t gso_size = (uint16_t)(buf[4] | buf[5] << 8);                /* little-endian */
+	uint16_t cstart = (uint16_t)(buf[6] | buf[7] << 8), coff = (uint16_t)(buf[8] | buf[9] << 8);
+	uint8_t *f = buf + TAP_VNET_HDR_BYTES;
+	len -= TAP_VNET_HDR_BYTES;
+	if ((gso & 0x7f) == 0) {
+		if ((flags & TAP_VNET_F_NEEDS_CSUM) && !tap_finish_csum(f, len, cstart, coff))
+			return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), n->tap.name);
+		return tap_frame(n, f, len);
+	}
+	size_t ip_off = TAP_ETH_HDR_BYTES, ihl = (size_t)(f[ip_off] & 15) * 4;
+	size_t tcp_off = ip_off + ihl;
+	if ((gso & 0x7f) != TAP_VNET_GSO_TCPV4 || len < tcp_off + 20 || ihl < 20 || !gso_size)
+		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
+	size_t hlen = tcp_off + (size_t)(f[tcp_off + 12] >> 4) * 4;
+	if (hlen > len || hlen < tcp_off + 20)
+		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
+	uint8_t out[TAP_ETH_HDR_BYTES + 60 + 60 + IP_MTU_MAX];
+	size_t plen = len - hlen;
+	if (hlen + gso_size > sizeof out)
+		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
+	n->tap.tso_frames++;
+	unsigned k = 0;
+	for (size_t off = 0; off < plen; off += gso_size, k++) {
+		size_t seg = plen - off < gso_size ? plen - off : gso_size;
+		tap_tso_segment(n, f, hlen, ip_off, tcp_off, f + hlen + off, seg, k, off + seg == plen, out);
+	}
+	n->tap.tso_segments += k;
+}
+
 static void tap_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
-	uint8_t frame[TAP_ETH_HDR_BYTES + 65536];
+	static uint8_t frame[TAP_VNET_HDR_BYTES + TAP_ETH_HDR_BYTES + 65536];
 	(void)loop;
 	(void)events;
 	for (int i = 0; i < TAP_FRAMES_PER_WAKE; i++) {
 		ssize_t r = read(fd, frame, sizeof frame);
 		if (r <= 0)
 			return;
-		tap_frame(n, frame, (size_t)r);
+		if (n->tap.vnet)
+			tap_vnet_frame(n, frame, (size_t)r);
+		else
+			tap_frame(n, frame, (size_t)r);
 	}
 }
 
@@ -6026,7 +6417,7 @@ static int tap_create(struct node *n, const char *name, char *err, size_t errlen
 	int e = errno;
 	if (n->tap.fd >= 0) {
 		snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
-		ifr.ifr_flags = TAP_IFF_TAP | TAP_IFF_NO_PI;
+		ifr.ifr_flags = TAP_IFF_TAP | TAP_IFF_NO_PI | TAP_IFF_VNET_HDR;
 		if (ioctl(n->tap.fd, TAP_TUNSETIFF, &ifr) < 0) {
 			e = errno;
 			close(n->tap.fd);
@@ -6055,10 +6446,19 @@ static int tap_create(struct node *n, const char *name, char *err, size_t errlen
 /* The device is ours: its frames go through this node. */
 static int tap_attach(struct node *n)
 {
+	/* Offloads: the device may come from a namespace child, so ask it. */
+	struct ifreq ifr = { 0 };
+	unsigned off = TAP_TUN_F_CSUM | TAP_TUN_F_TSO4;
+	n->tap.vnet = ioctl(n->tap.fd, TAP_TUNGETIFF, &ifr) == 0 && (ifr.ifr_flags & TAP_IFF_VNET_HDR);
+	if (getenv("IPOP_NO_OFFLOAD"))  /* for benchmarks: the frames keep their header */
+		off = 0;
+	if (n->tap.vnet && ioctl(n->tap.fd, TAP_TUNSETOFFLOAD, off) < 0)
+		log_info("tap", "no offloads on %s: %s", n->tap.name, strerror(errno));
 	if (ev_fd_watch(&n->loop, n->tap.fd, EPOLLIN, tap_readable, n) < 0)
 		return -1;
 	n->ip.local = true;
 	n->ip.write_local = tap_write_ip;
+	n->ip.flush_local = tap_gro_flush;
 	return 0;
 }
 
@@ -6205,6 +6605,8 @@ static void tap_close(struct node *n)
 	ev_fd_forget(&n->loop, n->tap.fd);
 	close(n->tap.fd);              /* a non-persistent tap vanishes with its fd */
 	n->tap.fd = -1;
+	free(n->tap.gro);
+	n->tap.gro = NULL;
 }
 
 /* ===================================================================== 12 lw_
@@ -7514,7 +7916,11 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 		   n->ring.joined ? "true" : "false", n->ring.n_estimate);
 	ctl_json_listen(o, n);
 	if (n->tap.fd >= 0)
-		buf_printf(o, "\"interface\":{\"name\":\"%s\",\"mtu\":%d},", n->tap.name, n->ip.mtu);
+		buf_printf(o, "\"interface\":{\"name\":\"%s\",\"mtu\":%d,\"offload\":%s,\"tso_frames\":%llu,"
+			   "\"tso_segments\":%llu,\"gro_frames\":%llu,\"gro_segments\":%llu},", n->tap.name,
+			   n->ip.mtu, n->tap.vnet ? "true" : "false", (unsigned long long)n->tap.tso_frames,
+			   (unsigned long long)n->tap.tso_segments, (unsigned long long)n->tap.gro_frames,
+			   (unsigned long long)n->tap.gro_segments);
 	else
 		buf_printf(o, "\"interface\":null,");
 	buf_printf(o, "\"mode\":\"%s\",", n->tap.fd >= 0 ? "tap" : n->lw.started ? "user" : "none");
@@ -8780,6 +9186,8 @@ static void cli_node_free(struct node *n)
 		close(n->listeners[i].fd);
 	if (n->udp_dial_fd >= 0)
 		close(n->udp_dial_fd);
+	free(n->tx.buf);
+	free(n->rx.buf);
 	tap_close(n);
 	if (n->lw.socks_fd > 0)
 		close(n->lw.socks_fd);
@@ -9090,6 +9498,8 @@ static int cli_up(struct cli_opts *o)
 	while (!node.loop.stop) {
 		ev_run_once(&node.loop);
 		link_reap(&node);
+		if (node.ip.flush_local)
+			node.ip.flush_local(&node);
 	}
 	if (node.ns_child > 0)
 		kill(node.ns_child, SIGTERM);   /* we leave: the command loses its network */

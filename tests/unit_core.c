@@ -734,6 +734,7 @@ static void test_secure_pair(uint8_t proto)
 	CHECK(la && lb && la->keys.tx_epoch >= 4 && lb->keys.rx_epoch == la->keys.tx_epoch);
 	CHECK(a.drops.count[DROP_AUTH_FAILED] == 0 && b.drops.count[DROP_AUTH_FAILED] == 0);
 	ring_leave(&a);
+	link_tx_flush(&a);                                 /* the end of a's loop turn */
 	for (int i = 0; i < 50 && link_find_peer(&b, &a.self.addr, true); i++)
 		ev_run_once(&b.loop);
 	CHECK(link_find_peer(&b, &a.self.addr, true) == NULL);
@@ -762,6 +763,7 @@ static void test_replay_tamper(void)
 	int fd = b.listeners[0].fd;
 	for (int i = 0; i < 2; i++) {
 		link_send_ping(la, WIRE_PING, 77 + (uint32_t)i, 1);
+		link_tx_flush(&a);
 		usleep(2000);
 		socklen_t fl = sizeof from;
 		r[i] = recvfrom(fd, pkt[i], sizeof pkt[i], MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
