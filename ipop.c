@@ -2219,6 +2219,9 @@ struct ring_state {
 	void (*deliver_dht)(struct node *n, const struct wire_routed *r);
 	void (*links_changed)(struct node *n);
 	void (*link_up)(struct node *n, struct link *l);       /* for section 09 */
+	/* Another node holds our ring address and we are younger: true if the
+	 * owner of our address (section 10's lease) takes another instead. */
+	bool (*readdress)(struct node *n);
 };
 
 enum { NAT_OBSERVATIONS_MAX = 16 }; /* distinct (reporter, endpoint) pairs kept */
@@ -2246,6 +2249,18 @@ struct ip_route {
 	uint8_t len;
 };
 
+/* --ip auto: the address lease, owned by section 10 (ip_lease_). */
+struct ip_lease {
+	bool on;
+	uint8_t state;                  /* enum ip_lease_state */
+	uint32_t candidate;             /* the address being claimed or held */
+	unsigned tries, renewals;
+	uint32_t gen;                   /* bumped per claim: late replies are ignored */
+	uint64_t started_ms;
+	struct ev_timer timer;
+	char path[256];                 /* state file: address and ring address */
+};
+
 /* The virtual IP layer's state, owned by section 10. */
 struct ip_state {
 	struct ip_route routes[IP_ROUTES_MAX];  /* --route-for: IPs we hold besides our own */
@@ -2258,6 +2273,8 @@ struct ip_state {
 	uint32_t net, mask;             /* the virtual network, from --ip A.B.C.D/P */
 	int mtu;
 	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
+	int (*local_addr_set)(struct node *n); /* the interface takes a leased address */
+	struct ip_lease lease;
 	uint64_t unreach_window_ms;     /* ICMP error rate limit */
 	unsigned unreach_in_window;
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
@@ -4028,6 +4045,8 @@ static void ring_on_conflict(struct node *n, const struct peer_info *other)
 		log_drop(&n->drops, DROP_SELF_LINK, ev_now(&n->loop), "a newer node that claims our address");
 		return;
 	}
+	if (n->ring.readdress && n->ring.readdress(n))
+		return;
 	if (n->self.vip)
 		log_err("ring", "another node already holds virtual IP %s (ring address %s); "
 			"choose another --ip", ip, addr);
@@ -4268,6 +4287,21 @@ static void ring_leave(struct node *n)
 	n->hooks.down = NULL;
 	for (struct link *l = n->links; l; l = l->next)
 		link_close(l, BYE_LEAVING);
+}
+
+/* Join again under another ring address: every link closes (peers learned
+ * the old address in the handshake) and the bootstrap peers are dialled
+ * afresh.  For auto-addressed nodes whose saved address proved taken. */
+static void ring_rejoin(struct node *n, const ring_addr *addr)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state != LINK_CLOSED)
+			link_close(l, BYE_LEAVING);
+	n->self.addr = *addr;
+	n->self.instance = sec_random_u64(&n->rng);
+	n->ring.joined = false;
+	n->ring.next_boot_ms = 0;
+	n->ring.boot_backoff_ms = 0;
 }
 
 static void ring_start(struct node *n)
@@ -5296,6 +5330,254 @@ static int ip_route_set(struct node *n, uint32_t net, uint8_t len, bool add)
 	return 0;
 }
 
+/* ---- ip_lease_: --ip auto, an address leased from the DHT ----------------
+ * As IPOP's DHCP over the DHT: a node claims a free address of --net with an
+ * atomic create of "ip:A.B.C.D" -> its ring address, so of two claimants of
+ * one address only one succeeds at the node holding the key.  The record is
+ * the lease (IP_PUBLISH_TTL_S), renewed by creating it again (its owner
+ * may), and it is also the mapping ip_resolve looks up: an auto node's ring
+ * address is random, not SHA-1 of its IP.  Address and ring address are
+ * kept in a state file, so a restarted node renews its own lease at once.
+ * Two claims made while the ring is still forming can both land (at two
+ * different "nearest" nodes); replication then keeps one, and the early
+ * renewals (ip_lease_checks_ms) tell the other to draw again.  A node whose
+ * saved ring address turns out to be in use (a copied state file) joins
+ * again under a random one.  Candidates: the saved address, then
+ * SHA-256(ring address, try) over the net's host addresses, never the
+ * network, broadcast or gateway address.
+ *   WAIT_JOIN --joined (or alone, or 5 s)--> CLAIMING --create ok--> HELD
+ *   CLAIMING --exists--> CLAIMING (next candidate); HELD --exists--> CLAIMING */
+
+enum ip_lease_state { IP_LEASE_WAIT_JOIN, IP_LEASE_CLAIMING, IP_LEASE_HELD };
+
+enum {
+	IP_LEASE_JOIN_WAIT_MS = 5000,   /* claim anyway when the ring has not formed by then */
+	IP_LEASE_POLL_MS = 200,         /* join check while waiting */
+	IP_LEASE_RETRY_MS = 1000,       /* after a request that got no answer */
+	IP_LEASE_TRIES_MAX = 64,        /* candidates in a row; then pause: the net may be full */
+	IP_LEASE_PAUSE_MS = 10000,
+};
+
+/* Renewal delays after a claim: the first ones catch a double claim while
+ * replicas settle; then every IP_PUBLISH_EVERY_MS (three per lease). */
+static const uint32_t ip_lease_checks_ms[] = { 2000, 3000, 5000, 10000 };
+
+/* The address the *.ipop resolver answers on: the net's last host address
+ * (10.128.255.254 in a /16), which no leased address takes.  0 if the net
+ * has no room for one (/31, /32). */
+static uint32_t ip_gateway(const struct ip_state *ip)
+{
+	return ~ip->mask < 3 ? 0 : (ip->net | ~ip->mask) - 1;
+}
+
+/* Candidate `try` for the node at ring address a: a host address of the
+ * net, never the network (offset 0), gateway or broadcast address; 0 if
+ * the net has no such address. */
+static uint32_t ip_lease_pick(uint32_t net, uint32_t mask, const ring_addr *a, unsigned try)
+{
+	uint32_t span = ~mask;          /* the last offset: broadcast */
+	if (span < 3)
+		return 0;
+	uint8_t t[4] = { (uint8_t)(try >> 24), (uint8_t)(try >> 16), (uint8_t)(try >> 8), (uint8_t)try }, h[32];
+	sec_sha256(a->b, RING_ADDR_BYTES, t, sizeof t, h);
+	uint32_t r = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+	return (net & mask) | (1 + r % (span - 2));     /* offsets 1 .. span-2 */
+}
+
+static bool ip_lease_usable(const struct ip_state *ip, uint32_t a)
+{
+	uint32_t off = a & ~ip->mask;
+	return ip_on_net(ip, a) && off != 0 && off != ~ip->mask && a != ip_gateway(ip);
+}
+
+/* The state file: "ip A.B.C.D" and "addr HEX" lines (and "net", which must
+ * match).  Missing or foreign values stay 0 / unset. */
+static void ip_lease_load(const char *path, const struct ip_state *ip, uint32_t *vip, ring_addr *addr,
+			  bool *have_addr)
+{
+	char line[128], net[32], want[32], v[64];
+	FILE *f = fopen(path, "r");
+	*vip = 0;
+	*have_addr = false;
+	if (!f)
+		return;
+	buf_ip_str(ip->net, net);
+	snprintf(want, sizeof want, "%s/%d", net, __builtin_popcount(ip->mask));
+	bool same_net = true;
+	uint32_t saved = 0;
+	struct in_addr ia;
+	while (fgets(line, sizeof line, f)) {
+		if (sscanf(line, "net %31s", v) == 1)
+			same_net = !strcmp(v, want);
+		else if (sscanf(line, "ip %15s", v) == 1 && inet_pton(AF_INET, v, &ia) == 1)
+			saved = ntohl(ia.s_addr);
+		else if (sscanf(line, "addr %40s", v) == 1 && buf_unhex(v, addr->b, RING_ADDR_BYTES))
+			*have_addr = true;
+	}
+	fclose(f);
+	if (same_net && ip_lease_usable(ip, saved))
+		*vip = saved;
+}
+
+/* Write the state file whole (a temporary file renamed over it), private. */
+static void ip_lease_save(struct node *n)
+{
+	const struct ip_lease *ls = &n->ip.lease;
+	char tmp[300], ip[16], net[16], addr[2 * RING_ADDR_BYTES + 1];
+	if (!ls->path[0])
+		return;
+	snprintf(tmp, sizeof tmp, "%s.tmp", ls->path);
+	buf_ip_str(n->self.vip, ip);
+	buf_ip_str(n->ip.net, net);
+	ring_addr_hex(&n->self.addr, addr);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	FILE *f = fd < 0 ? NULL : fdopen(fd, "w");
+	if (f) {
+		fprintf(f, "# ipop --ip auto: this node's leased address; delete the file to draw another\n"
+			"net %s/%d\nip %s\naddr %s\n", net, __builtin_popcount(n->ip.mask), ip, addr);
+		if (fclose(f) == 0 && rename(tmp, ls->path) == 0)
+			return;
+	} else if (fd >= 0) {
+		close(fd);
+	}
+	log_warn("ip", "cannot write state file %s: %s (the address may change on restart)", ls->path,
+		 strerror(errno));
+	unlink(tmp);
+}
+
+static void ip_lease_reply(struct node *n, void *arg, const struct wire_dht *reply);
+
+/* Create (or renew) "ip:CANDIDATE" -> our ring address. */
+static void ip_lease_claim(struct node *n)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	char key[24], ip[16];
+	buf_ip_str(ls->candidate, ip);
+	snprintf(key, sizeof key, "ip:%s", ip);
+	ls->gen++;
+	if (dht_request(n, DHT_CREATE, key, n->self.addr.b, RING_ADDR_BYTES, IP_PUBLISH_TTL_S, ip_lease_reply,
+			(void *)(uintptr_t)ls->gen) < 0)
+		ev_timer_arm(&n->loop, &ls->timer, IP_LEASE_RETRY_MS);
+}
+
+/* The create succeeded: the address is ours (again) until the lease ends. */
+static void ip_lease_granted(struct node *n)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	uint64_t next = ls->renewals < ARRAY_LEN(ip_lease_checks_ms) ? ip_lease_checks_ms[ls->renewals] :
+			IP_PUBLISH_EVERY_MS;
+	ls->renewals++;
+	ev_timer_arm(&n->loop, &ls->timer, next);
+	if (ls->state == IP_LEASE_HELD)
+		return;
+	char ip[16];
+	buf_ip_str(ls->candidate, ip);
+	ls->state = IP_LEASE_HELD;
+	ls->tries = 0;
+	n->self.vip = ls->candidate;
+	log_info("ip", "leased %s/%d (--ip auto)", ip, __builtin_popcount(n->ip.mask));
+	ip_lease_save(n);
+	if (n->ip.local_addr_set && n->ip.local_addr_set(n) < 0)
+		log_err("ip", "the interface did not take %s", ip);
+	n->ip.publish_rounds = 0;
+	ev_timer_arm(&n->loop, &n->ip.publish, 0);      /* publish our name now */
+}
+
+/* Someone else holds the candidate: draw the next one. */
+static void ip_lease_taken(struct node *n)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	char ip[16];
+	buf_ip_str(ls->candidate, ip);
+	if (ls->state == IP_LEASE_HELD) {
+		log_warn("ip", "another node holds %s (claimed while the ring formed): drawing another address", ip);
+		n->self.vip = 0;
+	} else {
+		log_info("ip", "%s is taken: trying another address", ip);
+	}
+	ls->state = IP_LEASE_CLAIMING;
+	ls->renewals = 0;
+	uint64_t delay = 0;
+	if (++ls->tries % IP_LEASE_TRIES_MAX == 0) {
+		log_warn("ip", "%d addresses in a row were taken: is --net full?  Trying again in %d s",
+			 IP_LEASE_TRIES_MAX, IP_LEASE_PAUSE_MS / 1000);
+		delay = IP_LEASE_PAUSE_MS;
+	}
+	ls->candidate = ip_lease_pick(n->ip.net, n->ip.mask, &n->self.addr, ls->tries);
+	ev_timer_arm(&n->loop, &ls->timer, delay);
+}
+
+static void ip_lease_reply(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	if ((uint32_t)(uintptr_t)arg != ls->gen)
+		return;                 /* an answer for an address we moved on from */
+	if (reply && reply->status == DHT_OK)
+		ip_lease_granted(n);
+	else if (reply && (reply->status == DHT_EXISTS || reply->status == DHT_REFUSED))
+		ip_lease_taken(n);
+	else                            /* no answer, or the holder is full: ask again */
+		ev_timer_arm(&n->loop, &ls->timer, IP_LEASE_RETRY_MS);
+}
+
+static int64_t ip_lease_tick(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, ip.lease.timer);
+	struct ip_lease *ls = &n->ip.lease;
+	if (ls->state == IP_LEASE_WAIT_JOIN) {
+		bool waited = ev_now(loop) - ls->started_ms >= IP_LEASE_JOIN_WAIT_MS;
+		if (!n->ring.joined && n->ring.n_boot && !waited)
+			return IP_LEASE_POLL_MS;
+		ls->state = IP_LEASE_CLAIMING;
+	}
+	ip_lease_claim(n);
+	return EV_TIMER_STOP;           /* the reply arms the next step */
+}
+
+/* Our saved ring address is in use by an older node (a copied state file):
+ * join again under a random address and claim afresh.  Deferred to the
+ * timer: the conflict hook runs inside link code, which must not see every
+ * link close under it. */
+static int64_t ip_lease_rejoin(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, ip.lease.timer);
+	struct ip_lease *ls = &n->ip.lease;
+	ring_addr a;
+	sec_random(&n->rng, a.b, RING_ADDR_BYTES);
+	ring_rejoin(n, &a);
+	n->self.vip = 0;
+	ls->state = IP_LEASE_WAIT_JOIN;
+	ls->renewals = 0;
+	ls->gen++;
+	ls->started_ms = ev_now(loop);
+	t->fn = ip_lease_tick;
+	return IP_LEASE_POLL_MS;
+}
+
+static bool ip_lease_readdress(struct node *n)
+{
+	struct ev_timer *t = &n->ip.lease.timer;
+	if (t->fn == ip_lease_rejoin)
+		return true;            /* already on its way */
+	log_warn("ip", "another node runs with our saved ring address (a copied state file?): "
+		 "joining again as a new node");
+	t->fn = ip_lease_rejoin;
+	ev_timer_arm(&n->loop, t, 0);
+	return true;
+}
+
+static void ip_lease_start(struct node *n)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	ev_timer_init(&ls->timer, ip_lease_tick);
+	ls->started_ms = ev_now(&n->loop);
+	ls->state = IP_LEASE_WAIT_JOIN;
+	if (!ls->candidate)
+		ls->candidate = ip_lease_pick(n->ip.net, n->ip.mask, &n->self.addr, 0);
+	n->ring.readdress = ip_lease_readdress;
+	ev_timer_arm(&n->loop, &ls->timer, IP_LEASE_POLL_MS);
+}
+
 static void ip_stop(struct node *n)
 {
 	while (n->ip.n_cache)
@@ -5310,10 +5592,12 @@ static void ip_start(struct node *n, int mtu)
 	ev_timer_init(&n->ip.publish, ip_publish_tick);
 	ev_timer_arm(&n->loop, &n->ip.publish, 200);
 	n->ip.mask = n->vip_prefix ? ~0u << (32 - n->vip_prefix) : 0;
-	n->ip.net = n->self.vip & n->ip.mask;
+	n->ip.net = (n->self.vip ? n->self.vip : n->ip.net) & n->ip.mask;  /* --ip, or --net */
 	n->ip.mtu = mtu ? mtu : IP_MTU_DEFAULT;
 	n->ring.deliver_ip = ip_deliver;
 	n->ring.undeliverable = ip_undeliverable;
+	if (n->ip.lease.on)
+		ip_lease_start(n);
 }
 
 /* ===================================================================== 11 tap_
@@ -5439,12 +5723,16 @@ static int tap_configure(struct node *n, char *err, size_t errlen)
 	struct ifreq ifr = { 0 };
 	int rc = -1;
 	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", n->tap.name);
-	tap_sockaddr(&ifr.ifr_addr, n->self.vip);
-	if (sock < 0 || tap_ioctl(sock, SIOCSIFADDR, &ifr, "set the address", err, errlen) < 0)
+	if (sock < 0)
 		goto out;
-	tap_sockaddr(&ifr.ifr_netmask, n->ip.mask);
-	if (tap_ioctl(sock, SIOCSIFNETMASK, &ifr, "set the netmask", err, errlen) < 0)
-		goto out;
+	if (n->self.vip) {              /* --ip auto: not before the lease */
+		tap_sockaddr(&ifr.ifr_addr, n->self.vip);
+		if (tap_ioctl(sock, SIOCSIFADDR, &ifr, "set the address", err, errlen) < 0)
+			goto out;
+		tap_sockaddr(&ifr.ifr_netmask, n->ip.mask);
+		if (tap_ioctl(sock, SIOCSIFNETMASK, &ifr, "set the netmask", err, errlen) < 0)
+			goto out;
+	}
 	ifr.ifr_mtu = n->ip.mtu;
 	if (tap_ioctl(sock, SIOCSIFMTU, &ifr, "set the MTU", err, errlen) < 0 ||
 	    tap_ioctl(sock, SIOCGIFHWADDR, &ifr, "read the MAC address", err, errlen) < 0)
@@ -5511,6 +5799,16 @@ static int tap_create(struct node *n, const char *name, char *err, size_t errlen
 	return 0;
 }
 
+/* A leased address (--ip auto) arrived, or changed. */
+static int tap_addr_set(struct node *n)
+{
+	char err[200];
+	if (tap_configure(n, err, sizeof err) == 0)
+		return 0;
+	log_err("tap", "%s", err);
+	return -1;
+}
+
 /* The device is ours: its frames go through this node. */
 static int tap_attach(struct node *n)
 {
@@ -5518,6 +5816,7 @@ static int tap_attach(struct node *n)
 		return -1;
 	n->ip.local = true;
 	n->ip.write_local = tap_write_ip;
+	n->ip.local_addr_set = tap_addr_set;
 	return 0;
 }
 
@@ -5799,6 +6098,15 @@ static int64_t lw_tick(struct ev_loop *loop, struct ev_timer *t)
 	return next > LW_TIMER_MAX_MS ? LW_TIMER_MAX_MS : (next ? next : 1);
 }
 
+/* A leased address (--ip auto) arrived, or changed. */
+static int lw_addr_set(struct node *n)
+{
+	ip4_addr_t ip;
+	ip.addr = htonl(n->self.vip);
+	netif_set_ipaddr(&n->lw.netif, &ip);
+	return 0;
+}
+
 static void lw_start(struct node *n)
 {
 	ip4_addr_t ip, mask, gw;
@@ -5812,6 +6120,7 @@ static void lw_start(struct node *n)
 	n->lw.started = true;
 	n->ip.local = true;
 	n->ip.write_local = lw_write_ip;
+	n->ip.local_addr_set = lw_addr_set;
 	ev_timer_init(&n->lw.timer, lw_tick);
 	ev_timer_arm(&n->loop, &n->lw.timer, LW_TIMER_MAX_MS);
 	ev_timer_init(&n->lw.input_timer, lw_input_flush);
@@ -7356,6 +7665,7 @@ enum cli_key {
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
 	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
+	KEY_NET, KEY_STATE_FILE,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NS, MODE_NONE };
@@ -7377,6 +7687,8 @@ static const struct cli_flag cli_flags[] = {
 	{ "listen", 0, true, true, KEY_LISTEN, CMD_UP },
 	{ "bootstrap", 0, true, true, KEY_BOOTSTRAP, CMD_UP },
 	{ "ip", 0, true, true, KEY_IP, CMD_UP | CMD_CERT_ISSUE },
+	{ "net", 0, true, true, KEY_NET, CMD_UP },
+	{ "state-file", 0, true, true, KEY_STATE_FILE, CMD_UP },
 	{ "secret-file", 0, true, true, KEY_SECRET_FILE, CMD_UP },
 	{ "cert-dir", 0, true, true, KEY_CERT_DIR, CMD_UP },
 	{ "crl", 0, true, true, KEY_CRL, CMD_UP },
@@ -7421,9 +7733,10 @@ struct cli_opts {
 	unsigned n_listen;
 	struct cli_uri boot[BOOTSTRAP_MAX];
 	unsigned n_boot;
-	bool has_ip;
-	uint32_t ip;
-	uint8_t prefix;
+	bool has_ip, ip_auto, has_net;
+	uint32_t ip, net;
+	uint8_t prefix, net_len;
+	char state_file[256];
 	char control[108];
 	int log_level;
 	bool json, help;
@@ -7472,7 +7785,8 @@ static const char cli_usage_main[] =
 
 static const char cli_usage_up[] =
 	"usage: ipop up (--secret-file FILE | --cert-dir DIR [--crl FILE] | --insecure)\n"
-	"               [--ip A.B.C.D[/PREFIX]] [--listen URI]... [--bootstrap URI]...\n"
+	"               [--ip A.B.C.D[/PREFIX] | --ip auto --net CIDR]\n"
+	"               [--listen URI]... [--bootstrap URI]...\n"
 	"               [--config FILE] [--control PATH] [-v|-q] [--log-level LEVEL]\n"
 	"               [--mode ns ... -- CMD [ARGS...]]\n"
 	"\n"
@@ -7505,6 +7819,13 @@ static const char cli_usage_up[] =
 	"\n"
 	"  --ip A.B.C.D[/P]   this node's virtual IP (ring address = SHA-1 of it);\n"
 	"                     without it the node only routes (random ring address)\n"
+	"  --ip auto          lease a free address of --net from the DHT; kept across\n"
+	"                     restarts in the state file; another one on conflict\n"
+	"  --net CIDR         the virtual network, e.g. 10.128.0.0/16 (for --ip auto;\n"
+	"                     its last address, .255.254 in a /16, is the gateway)\n"
+	"  --state-file FILE  where --ip auto keeps its lease (default\n"
+	"                     $XDG_STATE_HOME/ipop/ or ~/.local/state/ipop/, one file\n"
+	"                     per network)\n"
 	"  --listen URI       udp://HOST:PORT or tcp://HOST:PORT; repeatable\n"
 	"                     (default udp://0.0.0.0:4000)\n"
 	"  --bootstrap URI    a peer to join through, same form; repeatable\n"
@@ -7819,6 +8140,23 @@ static int cli_grant_route(struct cli_opts *o, const char *v)
 	return 0;
 }
 
+/* --net 10.128.0.0/16: the network --ip auto draws from. */
+static int cli_parse_net(struct cli_opts *o, const char *v)
+{
+	char ip[20], tail;
+	unsigned plen;
+	struct in_addr ia;
+	if (sscanf(v, "%19[0-9.]/%u%c", ip, &plen, &tail) != 2 || plen < 1 || plen > 30 ||
+	    inet_pton(AF_INET, ip, &ia) != 1) {
+		cli_fail("bad --net '%s': a prefix like 10.128.0.0/16 (/1 to /30)", v);
+		return -1;
+	}
+	o->net = ntohl(ia.s_addr) & ~0u << (32 - plen);
+	o->net_len = (uint8_t)plen;
+	o->has_net = true;
+	return 0;
+}
+
 /* The run-time flags: addresses, control socket, logging, ping options. */
 static int cli_apply_basic(struct cli_opts *o, const struct cli_flag *f, const char *v)
 {
@@ -7842,6 +8180,12 @@ static int cli_apply_basic(struct cli_opts *o, const struct cli_flag *f, const c
 	case KEY_IP:
 		if (o->cmd == CMD_CERT_ISSUE)
 			return cli_grant_ip(o, v);
+		if (!strcmp(v, "auto")) {
+			o->ip_auto = true;
+			o->has_ip = false;
+			return 0;
+		}
+		o->ip_auto = false;
 		if (cli_parse_ip(v, o) < 0) {
 			cli_fail("bad --ip '%s': expected an IPv4 address like 10.128.0.5 or 10.128.0.5/16", v);
 			return -1;
@@ -7918,6 +8262,10 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 				f->key == KEY_CA ? o->ca_dir : o->cert);
 	case KEY_ROUTE_FOR:
 		return cli_grant_route(o, v);
+	case KEY_NET:
+		return cli_parse_net(o, v);
+	case KEY_STATE_FILE:
+		return cli_path(f, v, o->state_file);
 	case KEY_TTL:
 		o->days = strtol(v, &end, 10);
 		if (*end || !*v || o->days < 1 || o->days > DHT_TTL_MAX_S) {
@@ -8299,7 +8647,7 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 	}
 	if (o->mode == MODE_NS)
 		return tap_ns_spawn(n, o->exec_argv, err, errlen);
-	if (!n->self.vip || o->mode == MODE_NONE) {
+	if ((!n->self.vip && !n->ip.lease.on) || o->mode == MODE_NONE) {
 		if (o->n_fwd || o->socks[0]) {
 			snprintf(err, errlen, "-L, -R and --socks need a virtual IP (--ip) and user mode");
 			return -2;
@@ -8350,6 +8698,82 @@ static int cli_node_creds(struct node *n, const struct cli_opts *o, char *err, s
 	return sec_crl_refresh(&n->sec, err, errlen) < 0 ? -1 : 0;
 }
 
+/* mkdir -p for the state directory; private, like the control socket's. */
+static int cli_mkdirs(const char *path)
+{
+	char d[256];
+	snprintf(d, sizeof d, "%s", path);
+	for (char *p = d + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = 0;
+		if (mkdir(d, 0700) < 0 && errno != EEXIST)
+			return -errno;
+		*p = '/';
+	}
+	return mkdir(d, 0700) < 0 && errno != EEXIST ? -errno : 0;
+}
+
+/* The --ip auto state file: --state-file, else one per network (its prefix
+ * and a hash of its credentials) under $XDG_STATE_HOME/ipop or
+ * ~/.local/state/ipop. */
+static int cli_lease_path(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	char *out = n->ip.lease.path, dir[200], net[16], id[9];
+	const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+	if (o->state_file[0]) {
+		snprintf(out, sizeof n->ip.lease.path, "%s", o->state_file);
+		return 0;
+	}
+	if (xdg && *xdg == '/')
+		snprintf(dir, sizeof dir, "%s/ipop", xdg);
+	else if (home && *home == '/')
+		snprintf(dir, sizeof dir, "%s/.local/state/ipop", home);
+	else {
+		snprintf(err, errlen, "--ip auto: no state directory ($XDG_STATE_HOME and $HOME unset): "
+			 "give --state-file FILE");
+		return -2;
+	}
+	int rc = cli_mkdirs(dir);
+	if (rc < 0) {
+		snprintf(err, errlen, "cannot create state directory %s: %s (or give --state-file FILE)", dir,
+			 strerror(-rc));
+		return -1;
+	}
+	uint8_t h[32];
+	sec_sha256("ipop state", 10, n->sec.salt, SEC_KEY_BYTES, h);
+	buf_hex(h, 4, id);
+	buf_ip_str(o->net, net);
+	snprintf(out, sizeof n->ip.lease.path, "%s/lease-%s-%u-%s", dir, net, o->net_len, id);
+	return 0;
+}
+
+/* --ip auto: the saved lease, or a random ring address to claim one with. */
+static int cli_node_lease(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	bool have_addr;
+	if (n->sec.mode == SEC_CERT) {
+		snprintf(err, errlen, "--ip auto is for --secret-file and --insecure networks: in a "
+			 "certificate network the certificate names the node's IP");
+		return -2;
+	}
+	if (o->mode == MODE_NS) {
+		snprintf(err, errlen, "--ip auto does not work with --mode ns yet: give --ip A.B.C.D");
+		return -2;
+	}
+	int rc = cli_lease_path(n, o, err, errlen);
+	if (rc < 0)
+		return rc;
+	n->vip_prefix = o->net_len;
+	n->ip.net = o->net;
+	n->ip.mask = ~0u << (32 - o->net_len);
+	n->ip.lease.on = true;
+	ip_lease_load(n->ip.lease.path, &n->ip, &n->ip.lease.candidate, &n->self.addr, &have_addr);
+	if (!have_addr)
+		sec_random(&n->rng, n->self.addr.b, RING_ADDR_BYTES);
+	return 0;
+}
+
 /* The node's virtual IP and ring address: from --ip, from its certificate,
  * or random for a router-only node. */
 static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
@@ -8366,6 +8790,17 @@ static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err
 		snprintf(n->name, sizeof n->name, "%s", n->sec.own_grant.name);
 	n->self.vip = o->has_ip ? o->ip : 0;
 	n->vip_prefix = o->has_ip ? o->prefix : 16;
+	if (o->ip_auto)
+		return cli_node_lease(n, o, err, errlen);
+	if (o->has_net && o->has_ip && (o->ip & ~0u << (32 - o->net_len)) != o->net) {
+		char ip[16], net[16];
+		buf_ip_str(o->ip, ip);
+		buf_ip_str(o->net, net);
+		snprintf(err, errlen, "--ip %s is not in --net %s/%u", ip, net, o->net_len);
+		return -2;
+	}
+	if (o->has_net && o->has_ip)
+		n->vip_prefix = o->net_len;
 	if (n->sec.mode == SEC_CERT) {
 		const struct sec_grant *g = &n->sec.own_grant;
 		if (!o->has_ip && g->n_ips)
@@ -8392,6 +8827,11 @@ static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, si
 	if (ev_init(&n->loop) < 0 || sec_rng_init(&n->rng) < 0 || sec_creds_init(&n->sec) < 0) {
 		snprintf(err, errlen, "cannot start the event loop or random generator: %s", strerror(errno));
 		return -1;
+	}
+	if (o->ip_auto && !o->has_net) {
+		snprintf(err, errlen, "--ip auto needs --net, the network to draw from: "
+			 "--ip auto --net 10.128.0.0/16");
+		return -2;
 	}
 	n->start_ms = ev_now(&n->loop);
 	n->self.instance = sec_random_u64(&n->rng);

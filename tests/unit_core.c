@@ -518,6 +518,29 @@ static void test_next_hop(void)
 	fake_node_free(&n);
 }
 
+/* --ip auto: candidates stay inside the net and off its reserved
+ * addresses; the gateway is the last host address. */
+static void test_lease_pick(void)
+{
+	struct ip_state ip = { .net = 0x0a800000u, .mask = 0xffff0000u };
+	CHECK(ip_gateway(&ip) == 0x0a80fffeu);
+	ring_addr a = addr_small(7);
+	bool differ = false;
+	for (unsigned t = 0; t < 2000; t++) {
+		uint32_t c = ip_lease_pick(ip.net, ip.mask, &a, t);
+		CHECK(ip_lease_usable(&ip, c));
+		differ |= c != ip_lease_pick(ip.net, ip.mask, &a, 0);
+	}
+	CHECK(differ);
+	CHECK(ip_lease_pick(ip.net, ip.mask, &a, 3) == ip_lease_pick(ip.net, ip.mask, &a, 3));
+	struct ip_state p30 = { .net = 0xc0a80004u, .mask = 0xfffffffcu };     /* one usable host */
+	CHECK(ip_lease_pick(p30.net, p30.mask, &a, 9) == 0xc0a80005u);
+	CHECK(ip_gateway(&p30) == 0xc0a80006u);
+	CHECK(ip_lease_pick(0xc0a80004u, 0xfffffffeu, &a, 0) == 0);          /* /31: none */
+	CHECK(!ip_lease_usable(&ip, 0x0a800000u) && !ip_lease_usable(&ip, 0x0a80ffffu) &&
+	      !ip_lease_usable(&ip, 0x0a80fffeu) && !ip_lease_usable(&ip, 0x0a810001u));
+}
+
 /* The contents list at the top of ipop.c names every section banner. */
 static void test_contents(void)
 {
@@ -796,6 +819,7 @@ int main(void)
 	test_config();
 	test_next_hop();
 	test_contents();
+	test_lease_pick();
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
 	CHECK(mkdtemp(unit_dir) != NULL);
 	test_secure_pair(PROTO_UDP);
