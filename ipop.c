@@ -22,7 +22,8 @@
  *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
  *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
  *   09  nat_   public endpoints learned from peers, NAT classification
- *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors
+ *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors;
+ *              the *.ipop resolver (dns_); --ip auto leases (ip_lease_)
  *   11  tap_   the tap device: frames, ARP answered on the host; namespace mode
  *   12  lw_    user mode: lwIP in-process, relays between sockets and lwIP TCP
  *   13  socks_ SOCKS5 server (RFC 1928) for user mode
@@ -2275,6 +2276,8 @@ struct ip_state {
 	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
 	int (*local_addr_set)(struct node *n); /* the interface takes a leased address */
 	struct ip_lease lease;
+	unsigned dns_pending;           /* resolver lookups in flight */
+	uint64_t dns_answers[16];       /* by rcode */
 	uint64_t unreach_window_ms;     /* ICMP error rate limit */
 	unsigned unreach_in_window;
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
@@ -5066,6 +5069,259 @@ static void ip_to_local(struct node *n, const uint8_t *pkt, size_t len)
 		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "local stack");
 }
 
+/* The address the *.ipop resolver answers on: the net's last host address
+ * (10.128.255.254 in a /16), which no leased address takes.  0 if the net
+ * has no room for one (/31, /32). */
+static uint32_t ip_gateway(const struct ip_state *ip)
+{
+	return ~ip->mask < 3 ? 0 : (ip->net | ~ip->mask) - 1;
+}
+
+/* ---- dns_: the *.ipop resolver on the gateway address ---------------------
+ * Tap nodes answer DNS (RFC 1035) on the virtual gateway address: A records
+ * for NAME.ipop from the DHT's "name:NAME" records (our own name at once),
+ * NODATA for other types of those names, NXDOMAIN when nobody published the
+ * name, REFUSED for names outside .ipop (we recurse for nobody) and FORMERR
+ * or NOTIMP for what is not one standard query.  A query is one UDP
+ * datagram of at most DNS_MSG_MAX_BYTES; the answer echoes its question.
+ * Lookups wait for the DHT in a bounded table of heap copies. */
+
+enum {
+	DNS_PORT = 53,
+	DNS_HDR_BYTES = 12,
+	DNS_MSG_MAX_BYTES = 512,        /* RFC 1035 4.2.1: UDP messages without EDNS */
+	DNS_NAME_MAX_BYTES = 253,       /* dotted, without the root's dot */
+	DNS_LABEL_MAX_BYTES = 63,
+	DNS_TYPE_A = 1,
+	DNS_CLASS_IN = 1,
+	DNS_TTL_S = 10,                 /* as long as a looked-up mapping is trusted */
+	DNS_PENDING_MAX = 64,           /* lookups in flight; more get SERVFAIL */
+	UDP_HDR_BYTES = 8,
+	IP_PROTOCOL_UDP = 17,
+};
+
+enum dns_rcode { DNS_NOERROR = 0, DNS_FORMERR = 1, DNS_SERVFAIL = 2, DNS_NXDOMAIN = 3, DNS_NOTIMP = 4,
+		 DNS_REFUSED = 5 };
+
+struct dns_query {
+	uint16_t id, flags, qtype, qclass;
+	char name[DNS_NAME_MAX_BYTES + 1];  /* lowercase; bytes other than [a-z0-9_-] are '?' */
+	size_t question_end;            /* header + question: echoed in the answer */
+};
+
+/* RFC 1035 4.1: a header, then one question: labels (no compression: a
+ * lone question never needs it), QTYPE, QCLASS.  Returns 0, or the rcode to
+ * answer with (FORMERR, NOTIMP); -1 for a datagram not worth an answer (a
+ * response, or too short to carry an id). */
+static int dns_parse_query(const uint8_t *p, size_t len, struct dns_query *q)
+{
+	struct buf b = buf_of(p, len);
+	q->id = buf_u16(&b);
+	q->flags = buf_u16(&b);
+	uint16_t qd = buf_u16(&b);
+	buf_u16(&b);
+	buf_u16(&b);
+	buf_u16(&b);
+	q->name[0] = 0;
+	q->question_end = 0;
+	if (b.bad || (q->flags & 0x8000) || len > DNS_MSG_MAX_BYTES)
+		return -1;
+	if (((q->flags >> 11) & 15) != 0)
+		return DNS_NOTIMP;      /* not a standard query */
+	if (qd != 1)
+		return DNS_FORMERR;
+	size_t nlen = 0;
+	for (uint8_t l = buf_u8(&b); l && !b.bad; l = buf_u8(&b)) {
+		const uint8_t *label = buf_view(&b, l);
+		/* A pointer (0xc0 and up) is longer than any label: refused here too. */
+		if (l > DNS_LABEL_MAX_BYTES || !label || nlen + (nlen != 0) + l > DNS_NAME_MAX_BYTES)
+			return DNS_FORMERR;
+		if (nlen)
+			q->name[nlen++] = '.';
+		for (unsigned i = 0; i < l; i++) {
+			int c = tolower(label[i]);
+			q->name[nlen++] = (char)(isalnum(c) || c == '-' || c == '_' ? c : '?');
+		}
+		q->name[nlen] = 0;      /* a name even when a later label fails */
+	}
+	q->name[nlen] = 0;
+	q->qtype = buf_u16(&b);
+	q->qclass = buf_u16(&b);
+	if (b.bad)
+		return DNS_FORMERR;
+	q->question_end = (size_t)(b.p - p);
+	return 0;
+}
+
+/* The answer to a parsed query: header, the question as asked, and one A
+ * record when ip is nonzero.  Without a whole question (FORMERR, NOTIMP)
+ * only the header goes back.  Bytes written, or -1 if cap is too small. */
+static ssize_t dns_answer(uint8_t *out, size_t cap, const uint8_t *query, const struct dns_query *q,
+			  uint8_t rcode, uint32_t ip)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	bool question = q->question_end > DNS_HDR_BYTES;
+	wbuf_u16(&w, q->id);
+	/* QR, opcode 0, AA, RD as asked, RA 0: authoritative for .ipop only. */
+	wbuf_u16(&w, (uint16_t)(0x8000 | 0x0400 | (q->flags & 0x0100) | (rcode & 15)));
+	wbuf_u16(&w, question);
+	wbuf_u16(&w, ip != 0);
+	wbuf_u16(&w, 0);
+	wbuf_u16(&w, 0);
+	if (question)
+		wbuf_bytes(&w, query + DNS_HDR_BYTES, q->question_end - DNS_HDR_BYTES);
+	if (ip) {
+		wbuf_u16(&w, 0xc000 | DNS_HDR_BYTES);  /* the name: a pointer to the question's */
+		wbuf_u16(&w, DNS_TYPE_A);
+		wbuf_u16(&w, DNS_CLASS_IN);
+		wbuf_u32(&w, DNS_TTL_S);
+		wbuf_u16(&w, 4);
+		wbuf_u32(&w, ip);
+	}
+	return wbuf_done(&w);
+}
+
+/* "alice.ipop" -> "alice"; NULL when the name is not one label under .ipop. */
+static const char *dns_ipop_label(const char *name, char out[DNS_LABEL_MAX_BYTES + 1])
+{
+	size_t l = strlen(name);
+	if (l <= 5 || strcmp(name + l - 5, ".ipop") || l - 5 > DNS_LABEL_MAX_BYTES)
+		return NULL;
+	memcpy(out, name, l - 5);
+	out[l - 5] = 0;
+	return strchr(out, '.') || strchr(out, '?') ? NULL : out;
+}
+
+/* A lookup waiting for the DHT: the query and where to answer. */
+struct dns_pending {
+	uint32_t client_ip;
+	uint16_t client_port;
+	uint16_t len;
+	uint8_t query[DNS_MSG_MAX_BYTES];
+};
+
+/* RFC 768: the checksum over the pseudo-header and the datagram. */
+static uint16_t dns_udp_checksum(uint32_t src, uint32_t dst, const uint8_t *udp, size_t len)
+{
+	uint8_t pseudo[12 + UDP_HDR_BYTES + DNS_MSG_MAX_BYTES + 64];
+	struct wbuf w = wbuf_of(pseudo, sizeof pseudo);
+	wbuf_u32(&w, src);
+	wbuf_u32(&w, dst);
+	wbuf_u8(&w, 0);
+	wbuf_u8(&w, IP_PROTOCOL_UDP);
+	wbuf_u16(&w, (uint16_t)len);
+	wbuf_bytes(&w, udp, len);
+	ssize_t n = wbuf_done(&w);
+	uint16_t c = n < 0 ? 0 : ip_checksum(pseudo, (size_t)n);
+	return c ? c : 0xffff;          /* 0 means "no checksum" */
+}
+
+/* Wrap a DNS message in UDP and IPv4 from the gateway and hand it to the
+ * local stack. */
+static void dns_send(struct node *n, uint32_t dst, uint16_t dport, const uint8_t *msg, size_t mlen)
+{
+	uint8_t pkt[IP_HDR_MIN_BYTES + UDP_HDR_BYTES + DNS_MSG_MAX_BYTES + 64];
+	uint32_t src = ip_gateway(&n->ip);
+	size_t total = IP_HDR_MIN_BYTES + UDP_HDR_BYTES + mlen;
+	struct wbuf w = wbuf_of(pkt, sizeof pkt);
+	wbuf_u8(&w, 0x45);
+	wbuf_u8(&w, 0);
+	wbuf_u16(&w, (uint16_t)total);
+	wbuf_u32(&w, 0);
+	wbuf_u8(&w, 64);
+	wbuf_u8(&w, IP_PROTOCOL_UDP);
+	wbuf_u16(&w, 0);
+	wbuf_u32(&w, src);
+	wbuf_u32(&w, dst);
+	wbuf_u16(&w, DNS_PORT);
+	wbuf_u16(&w, dport);
+	wbuf_u16(&w, (uint16_t)(UDP_HDR_BYTES + mlen));
+	wbuf_u16(&w, 0);
+	wbuf_bytes(&w, msg, mlen);
+	if (wbuf_done(&w) < 0 || !n->ip.write_local)
+		return;
+	uint16_t c = ip_checksum(pkt, IP_HDR_MIN_BYTES);
+	pkt[10] = (uint8_t)(c >> 8);
+	pkt[11] = (uint8_t)c;
+	c = dns_udp_checksum(src, dst, pkt + IP_HDR_MIN_BYTES, UDP_HDR_BYTES + mlen);
+	pkt[IP_HDR_MIN_BYTES + 6] = (uint8_t)(c >> 8);
+	pkt[IP_HDR_MIN_BYTES + 7] = (uint8_t)c;
+	n->ip.write_local(n, pkt, total);
+}
+
+static void dns_reply(struct node *n, const struct dns_pending *d, const struct dns_query *q, uint8_t rcode,
+		      uint32_t ip)
+{
+	uint8_t out[DNS_MSG_MAX_BYTES + 16];    /* the question plus one A record */
+	ssize_t len = dns_answer(out, sizeof out, d->query, q, rcode, ip);
+	if (len > 0)
+		dns_send(n, d->client_ip, d->client_port, out, (size_t)len);
+	n->ip.dns_answers[rcode & 15]++;
+}
+
+static void dns_resolved(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	struct dns_pending *d = arg;
+	struct dns_query q;
+	n->ip.dns_pending--;
+	if (dns_parse_query(d->query, d->len, &q) == 0) {
+		if (!reply)
+			dns_reply(n, d, &q, DNS_SERVFAIL, 0);
+		else if (reply->status != DHT_OK || reply->value_len != 4)
+			dns_reply(n, d, &q, DNS_NXDOMAIN, 0);
+		else if (q.qtype != DNS_TYPE_A)
+			dns_reply(n, d, &q, DNS_NOERROR, 0);    /* the name exists: no data of this type */
+		else
+			dns_reply(n, d, &q, DNS_NOERROR, (uint32_t)reply->value[0] << 24 |
+				  (uint32_t)reply->value[1] << 16 | (uint32_t)reply->value[2] << 8 | reply->value[3]);
+	}
+	free(d);
+}
+
+/* One query from the local stack: answer now (our name, errors) or look
+ * the name up. */
+static void dns_on_query(struct node *n, uint32_t client, uint16_t port, const uint8_t *msg, size_t len)
+{
+	struct dns_pending d0 = { .client_ip = client, .client_port = port };
+	struct dns_query q;
+	char label[DNS_LABEL_MAX_BYTES + 1], key[DNS_LABEL_MAX_BYTES + 8];
+	if (len > sizeof d0.query)
+		return;
+	memcpy(d0.query, msg, len);
+	d0.len = (uint16_t)len;
+	int rc = dns_parse_query(msg, len, &q);
+	if (rc < 0)
+		return;
+	if (rc > 0)
+		return dns_reply(n, &d0, &q, (uint8_t)rc, 0);
+	if (q.qclass != DNS_CLASS_IN || !dns_ipop_label(q.name, label))
+		return dns_reply(n, &d0, &q, strlen(q.name) > 5 && !strcmp(q.name + strlen(q.name) - 5, ".ipop") ?
+				 DNS_NXDOMAIN : DNS_REFUSED, 0);
+	if (n->name[0] && n->self.vip && !strcmp(label, n->name))
+		return dns_reply(n, &d0, &q, DNS_NOERROR, q.qtype == DNS_TYPE_A ? n->self.vip : 0);
+	struct dns_pending *d = n->ip.dns_pending < DNS_PENDING_MAX ? malloc(sizeof *d) : NULL;
+	snprintf(key, sizeof key, "name:%s", label);
+	if (d)
+		*d = d0;
+	if (!d || dht_request(n, DHT_GET, key, NULL, 0, 0, dns_resolved, d) < 0) {
+		free(d);
+		return dns_reply(n, &d0, &q, DNS_SERVFAIL, 0);
+	}
+	n->ip.dns_pending++;
+}
+
+/* A packet from the local stack for the gateway address: DNS, or dropped. */
+static void dns_gateway_packet(struct node *n, const uint8_t *pkt, size_t len, const struct ip_head *h)
+{
+	struct buf b = buf_of(pkt + h->ihl_bytes, len - h->ihl_bytes);
+	uint16_t sport = buf_u16(&b), dport = buf_u16(&b), ulen = buf_u16(&b);
+	buf_u16(&b);
+	if (h->proto != IP_PROTOCOL_UDP || b.bad || dport != DNS_PORT || ulen < UDP_HDR_BYTES ||
+	    ulen > len - h->ihl_bytes)
+		return ip_drop(n, DROP_NOT_FOR_US, h->dst);
+	dns_on_query(n, h->src, sport, b.p, ulen - UDP_HDR_BYTES);
+}
+
 /* A packet from the local stack: ours to send, or dropped and counted. */
 static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 {
@@ -5074,6 +5330,8 @@ static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "local stack");
 	if (!ip_held_here(n, h.src))
 		return ip_drop(n, DROP_SPOOFED_SOURCE, h.src);
+	if (h.dst && h.dst == ip_gateway(&n->ip))
+		return dns_gateway_packet(n, pkt, len, &h);
 	if (!ip_on_net(&n->ip, h.dst) || h.dst == (n->ip.net | ~n->ip.mask))
 		return ip_drop(n, DROP_OFF_NET, h.dst);
 	struct ip_map *m = ip_map_find(n, h.dst);
@@ -5361,14 +5619,6 @@ enum {
 /* Renewal delays after a claim: the first ones catch a double claim while
  * replicas settle; then every IP_PUBLISH_EVERY_MS (three per lease). */
 static const uint32_t ip_lease_checks_ms[] = { 2000, 3000, 5000, 10000 };
-
-/* The address the *.ipop resolver answers on: the net's last host address
- * (10.128.255.254 in a /16), which no leased address takes.  0 if the net
- * has no room for one (/31, /32). */
-static uint32_t ip_gateway(const struct ip_state *ip)
-{
-	return ~ip->mask < 3 ? 0 : (ip->net | ~ip->mask) - 1;
-}
 
 /* Candidate `try` for the node at ring address a: a host address of the
  * net, never the network (offset 0), gateway or broadcast address; 0 if
@@ -7665,7 +7915,7 @@ enum cli_key {
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
 	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
-	KEY_NET, KEY_STATE_FILE,
+	KEY_NET, KEY_STATE_FILE, KEY_DNS,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NS, MODE_NONE };
@@ -7689,6 +7939,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "ip", 0, true, true, KEY_IP, CMD_UP | CMD_CERT_ISSUE },
 	{ "net", 0, true, true, KEY_NET, CMD_UP },
 	{ "state-file", 0, true, true, KEY_STATE_FILE, CMD_UP },
+	{ "dns", 0, false, true, KEY_DNS, CMD_UP },
 	{ "secret-file", 0, true, true, KEY_SECRET_FILE, CMD_UP },
 	{ "cert-dir", 0, true, true, KEY_CERT_DIR, CMD_UP },
 	{ "crl", 0, true, true, KEY_CRL, CMD_UP },
@@ -7737,6 +7988,7 @@ struct cli_opts {
 	uint32_t ip, net;
 	uint8_t prefix, net_len;
 	char state_file[256];
+	bool dns;
 	char control[108];
 	int log_level;
 	bool json, help;
@@ -7813,7 +8065,10 @@ static const char cli_usage_up[] =
 	"  --dev NAME         tap device name (default ipop%d: ipop0, ipop1, ...)\n"
 	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
 	"  --name NAME        publish NAME for this node's IP (SOCKS resolves NAME\n"
-	"                     and NAME.ipop)\n"
+	"                     and NAME.ipop; tap nodes answer DNS for NAME.ipop on\n"
+	"                     the gateway address, the net's last host address)\n"
+	"  --dns              point this host's resolver at the gateway for .ipop\n"
+	"                     names (resolvectl; else print the line to add)\n"
 	"  --route-for CIDR   also hold these IPs (VMs, containers behind this host;\n"
 	"                     published in the DHT; repeatable; at most /24 each)\n"
 	"\n"
@@ -8266,6 +8521,13 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 		return cli_parse_net(o, v);
 	case KEY_STATE_FILE:
 		return cli_path(f, v, o->state_file);
+	case KEY_DNS:
+		if (v && *v && strcmp(v, "true") && strcmp(v, "yes")) {
+			cli_fail("bad dns value '%s': write just 'dns' (or leave the key out)", v);
+			return -1;
+		}
+		o->dns = true;
+		return 0;
 	case KEY_TTL:
 		o->days = strtol(v, &end, 10);
 		if (*end || !*v || o->days < 1 || o->days > DHT_TTL_MAX_S) {
@@ -8926,6 +9188,47 @@ static void cli_log_start(const struct node *n)
 	}
 }
 
+/* Run a helper program quietly and wait for it (at startup only). */
+static int cli_run_quiet(char *const argv[])
+{
+	pid_t pid = fork();
+	if (pid == 0) {
+		int fd = open("/dev/null", O_RDWR);
+		if (fd >= 0) {
+			dup2(fd, 0);
+			dup2(fd, 1);
+			dup2(fd, 2);
+		}
+		execvp(argv[0], argv);
+		_exit(127);
+	}
+	int st;
+	if (pid < 0 || waitpid(pid, &st, 0) != pid)
+		return -1;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* --dns: send .ipop queries to the gateway through systemd-resolved when
+ * it runs; never by rewriting /etc/resolv.conf behind the user's back. */
+static void cli_dns_setup(const struct node *n)
+{
+	char gw[16], dev[16];
+	buf_ip_str(ip_gateway(&n->ip), gw);
+	if (n->tap.fd < 0 || !ip_gateway(&n->ip)) {
+		log_warn("cli", "--dns is for tap mode (user mode's SOCKS server resolves NAME.ipop itself)");
+		return;
+	}
+	snprintf(dev, sizeof dev, "%s", n->tap.name);
+	char *set_dns[] = { "resolvectl", "dns", dev, gw, NULL };
+	char *set_domain[] = { "resolvectl", "domain", dev, "~ipop", NULL };
+	if (cli_run_quiet(set_dns) == 0 && cli_run_quiet(set_domain) == 0) {
+		log_info("cli", "--dns: resolvectl sends *.ipop queries to %s on %s", gw, dev);
+		return;
+	}
+	log_info("cli", "--dns: resolvectl is not available; to resolve NAME.ipop, add the line "
+		 "'nameserver %s' to /etc/resolv.conf (it answers only .ipop names)", gw);
+}
+
 static int cli_up(struct cli_opts *o)
 {
 	static struct node node;        /* large; static keeps it off the stack */
@@ -8943,6 +9246,8 @@ static int cli_up(struct cli_opts *o)
 		cli_node_free(&node);
 		return rc == -2 ? EXIT_USAGE : EXIT_FAIL;
 	}
+	if (o->dns)
+		cli_dns_setup(&node);
 	if (cli_signals_open(&node, &sfd) < 0) {
 		cli_fail("cannot set up signal handling: %s", strerror(errno));
 		ctl_close(&ctl);

@@ -15,6 +15,9 @@ removed at start, everything removed on exit, failure or signal).
  4. bad values: --ip auto without --net exits 2 with one line naming --net.
 Every check prints PASS or FAIL; the exit status is non-zero if any failed.
 """
+import glob
+import http.server
+import threading
 import ipaddress
 import json
 import os
@@ -25,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (Net, free_port, log, run_cli, ipop_bin, TestFailure)  # noqa: E402
+from lib import (Net, free_port, log, run_cli, ipop_bin, TestFailure, sh, nsx, Proc)  # noqa: E402
 
 NET = ipaddress.ip_network("10.128.0.0/16")
 GATEWAY = "10.128.255.254"
@@ -66,6 +69,185 @@ def good_addr(ip):
 
 
 # --------------------------------------------------------------------------
+# tz* namespaces (part 5)
+
+PREFIX = "tz"
+SW = "tz-sw"
+BR = "tzbr0"
+MARKER = "hello-from-alice"
+
+
+def list_tz_netns():
+    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
+    return [ln.split()[0] for ln in out.splitlines() if ln.split() and ln.split()[0].startswith(PREFIX)]
+
+
+def remove_tz():
+    """Kill what runs in our namespaces (only this test's processes) and
+    delete them, with their /etc/netns files."""
+    names = list_tz_netns()
+    for nm in names:
+        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
+        for p in out.split():
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    for nm in names:
+        sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
+    for d in glob.glob("/etc/netns/%s-*" % PREFIX):
+        shutil.rmtree(d, ignore_errors=True)
+    return names
+
+
+def dns_query(ns, name, qtype=1):
+    """rcode and A addresses of one query to the gateway, from namespace ns
+    (a raw UDP query in Python: no dig needed)."""
+    code = r"""
+import socket, struct, sys
+name, qtype = sys.argv[1], int(sys.argv[2])
+q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+for l in name.split("."):
+    q += bytes([len(l)]) + l.encode()
+q += b"\0" + struct.pack(">HH", qtype, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+for _ in range(3):
+    s.sendto(q, ("%s", 53))
+    try:
+        r = s.recv(600)
+        break
+    except socket.timeout:
+        r = b""
+if len(r) < 12:
+    print("timeout"); sys.exit(0)
+rcode, an = r[3] & 15, struct.unpack(">H", r[6:8])[0]
+ips = [socket.inet_ntoa(r[i - 4:i]) for i in [len(r)] if an]
+print(rcode, " ".join(ips))
+""" % GATEWAY
+    rc, out, err = nsx(ns, ["python3", "-c", code, name, str(qtype)], check_rc=False, timeout=20)
+    return out.strip() or err.strip()[-200:]
+
+
+def part_tap_dns(tdir, key):
+    """alice and bob: tap nodes with --ip auto in tz-h1/tz-h2; sshd on alice;
+    bob's namespace resolves through the gateway (/etc/netns resolv.conf)."""
+    remove_tz()
+    sh(["ip", "netns", "add", SW])
+    sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
+    sh(["ip", "-n", SW, "link", "set", BR, "up"])
+    for i in (1, 2):
+        ns = "tz-h%d" % i
+        sh(["ip", "netns", "add", ns])
+        sh(["ip", "-n", SW, "link", "add", "tzp%d" % i, "type", "veth", "peer", "name", "tz-eth", "netns", ns])
+        sh(["ip", "-n", SW, "link", "set", "tzp%d" % i, "master", BR, "up"])
+        sh(["ip", "-n", ns, "addr", "add", "192.168.91.%d/24" % i, "dev", "tz-eth"])
+        sh(["ip", "-n", ns, "link", "set", "tz-eth", "up"])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+    os.makedirs("/etc/netns/tz-h2", exist_ok=True)
+    with open("/etc/netns/tz-h2/resolv.conf", "w") as f:
+        f.write("nameserver %s\n" % GATEWAY)
+    procs = {}
+    for i, name in ((1, "alice"), (2, "bob")):
+        a = ["ip", "netns", "exec", "tz-h%d" % i, ipop_bin(), "up", "--listen", "udp://192.168.91.%d:4000" % i,
+             "--secret-file", key, "--control", os.path.join(tdir, "%s.sock" % name), "--mode", "tap",
+             "--name", name, "--dns"] + auto_flags(os.path.join(tdir, "%s.lease" % name))
+        if i == 2:
+            a += ["--bootstrap", "udp://192.168.91.1:4000"]
+        procs[name] = Proc(name, a, os.path.join(tdir, "%s.log" % name))
+    try:
+        ctl = {nm: os.path.join(tdir, "%s.sock" % nm) for nm in procs}
+        t0 = time.monotonic()
+        ips = {}
+        while time.monotonic() - t0 < 20 and len(ips) < 2:
+            for nm in procs:
+                rc, out, _ = run_cli(["status", "--json", "--control", ctl[nm]], timeout=3)
+                if rc == 0 and json.loads(out).get("ip"):
+                    ips[nm] = json.loads(out)["ip"]
+            time.sleep(0.3)
+        log("tap: leased %s in %.1f s" % (ips, time.monotonic() - t0))
+        if not result(len(ips) == 2, "tap: alice and bob leased addresses (%s)" % ips):
+            for p in procs.values():
+                print(p.log_tail(15), flush=True)
+            return
+        result("resolvectl" in procs["bob"].log_text() and GATEWAY in procs["bob"].log_text(),
+               "tap: --dns names the resolver setup or the line to add")
+        t0 = time.monotonic()
+        ans = None
+        while time.monotonic() - t0 < 10:
+            ans = dns_query("tz-h2", "alice.ipop")
+            if ans == "0 %s" % ips["alice"]:
+                break
+            time.sleep(0.5)
+        result(ans == "0 %s" % ips["alice"], "dns: alice.ipop A -> %r in %.1f s (want 0 %s)"
+               % (ans, time.monotonic() - t0, ips["alice"]))
+        ans = dns_query("tz-h2", "nosuch.ipop")
+        result(ans == "3", "dns: nosuch.ipop -> NXDOMAIN (%r)" % ans)
+        ans = dns_query("tz-h2", "example.com")
+        result(ans == "5", "dns: example.com -> REFUSED (%r)" % ans)
+        ans = dns_query("tz-h2", "alice.ipop", qtype=28)
+        result(ans == "0", "dns: alice.ipop AAAA -> NOERROR, no data (%r)" % ans)
+        ans = dns_query("tz-h2", "bob.ipop")
+        result(ans == "0 %s" % ips["bob"], "dns: bob.ipop (the asking node's own name) -> %r" % ans)
+        rc, out, err = nsx("tz-h2", ["getent", "hosts", "alice.ipop"], check_rc=False, timeout=15)
+        result(rc == 0 and ips["alice"] in out, "getent hosts alice.ipop: rc=%s %r" % (rc, out.strip()))
+        rc, out, err = nsx("tz-h2", ["getent", "hosts", "nosuch.ipop"], check_rc=False, timeout=15)
+        result(rc == 2, "getent hosts nosuch.ipop: not found (rc=%s)" % rc)
+        if shutil.which("dig"):
+            rc, out, err = nsx("tz-h2", ["dig", "+time=2", "+tries=2", "nosuch.ipop"], check_rc=False)
+            result("NXDOMAIN" in out, "dig nosuch.ipop: NXDOMAIN")
+        tap_ssh(tdir, ips)
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def tap_ssh(tdir, ips):
+    d = os.path.join(tdir, "ssh")
+    os.mkdir(d, 0o700)
+    hk, ck = os.path.join(d, "host"), os.path.join(d, "client")
+    sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
+    sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
+    ak = os.path.join(d, "authorized_keys")
+    shutil.copy(ck + ".pub", ak)
+    os.chmod(ak, 0o600)
+    cfg = os.path.join(d, "sshd_config")
+    with open(cfg, "w") as f:
+        f.write("\n".join([
+            "Port 22", "ListenAddress %s" % ips["alice"], "HostKey %s" % hk,
+            "PidFile %s" % os.path.join(d, "sshd.pid"), "AuthorizedKeysFile %s" % ak,
+            "PermitRootLogin prohibit-password", "PubkeyAuthentication yes", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no", "SetEnv SHLVL=1",
+            "AllowUsers root", "X11Forwarding no", "PrintMotd no", ""]))
+    made_run = not os.path.isdir("/run/sshd")
+    if made_run:
+        os.makedirs("/run/sshd", 0o755)
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    srv = Proc("sshd", ["ip", "netns", "exec", "tz-h1", sshd, "-f", cfg, "-D", "-e"], os.path.join(tdir, "sshd.log"))
+    try:
+        t0 = time.monotonic()
+        rc = out = err = None
+        while time.monotonic() - t0 < 20:
+            rc, out, err = nsx("tz-h2", ["ssh", "-F", "/dev/null", "-i", ck, "-o", "IdentitiesOnly=yes",
+                                         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                                         "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5",
+                                         "-o", "LogLevel=ERROR", "root@alice.ipop", "echo", MARKER],
+                               timeout=30, check_rc=False)
+            if rc == 0:
+                break
+            time.sleep(1)
+        result(rc == 0 and MARKER in out, "ssh root@alice.ipop from bob: rc=%s %r in %.1f s %s"
+               % (rc, (out or "").strip(), time.monotonic() - t0, (err or "").strip()[-200:]))
+    finally:
+        srv.stop()
+        if made_run:
+            try:
+                os.rmdir("/run/sshd")
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------
 # 1-4: leases on loopback
 
 
@@ -101,7 +283,7 @@ def part_lease(net):
 
 
 def part_restart(net, nodes, ips):
-    n = nodes[5]
+    n = nodes[len(nodes) // 2]
     before = ips[n]
     n.send(signal.SIGTERM)
     n.wait(5)
@@ -148,6 +330,56 @@ def part_conflict(net, seed):
     result(st[0].get("address") != st[1].get("address"), "conflict: distinct ring addresses")
 
 
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("%s %s\n" % (MARKER, self.headers.get("Host"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def part_user_socks(net, seed):
+    """User mode: alice exposes a local web server on her leased address
+    (-R 80:...); carol's SOCKS server resolves alice.ipop for curl."""
+    web = http.server.HTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    socks = free_port()
+    alice = net.add(udp=free_port(), bootstrap=[seed.udp_uri],
+                    extra=auto_flags(os.path.join(net.dir, "ualice")) +
+                    ["--mode", "user", "--socks", "off", "--name", "ualice",
+                     "-R", "80:127.0.0.1:%d" % web.server_address[1]])
+    carol = net.add(udp=free_port(), bootstrap=[seed.udp_uri],
+                    extra=auto_flags(os.path.join(net.dir, "ucarol")) +
+                    ["--mode", "user", "--socks", "127.0.0.1:%d" % socks])
+    try:
+        alice.start()
+        carol.start()
+        net.wait_ready([alice, carol], timeout=10)
+        ips, took = wait_ips([alice, carol], 20)
+        result(all(ips.values()), "user: both leased (%s) in %.1f s" % (list(ips.values()), took))
+        t0 = time.monotonic()
+        rc = out = err = None
+        while time.monotonic() - t0 < 15:
+            rc, out, err = sh(["curl", "-sS", "--max-time", "5", "--socks5-hostname", "127.0.0.1:%d" % socks,
+                               "http://ualice.ipop/"], check_rc=False, timeout=10)
+            if rc == 0:
+                break
+            time.sleep(0.5)
+        result(rc == 0 and MARKER in out, "user: curl --socks5-hostname http://ualice.ipop/: rc=%s %r in %.1f s"
+               % (rc, (out or err or "").strip()[:100], time.monotonic() - t0))
+        rc, out, err = sh(["curl", "-sS", "--max-time", "8", "--socks5-hostname", "127.0.0.1:%d" % socks,
+                           "http://nosuch.ipop/"], check_rc=False, timeout=15)
+        result(rc != 0, "user: curl http://nosuch.ipop/ fails (rc=%s %s)" % (rc, (err or "").strip()[:80]))
+    finally:
+        web.shutdown()
+        for n in (alice, carol):
+            n.kill(signal.SIGTERM)
+
+
 def part_bad_values(net):
     rc, out, err = run_cli(["up", "--ip", "auto", "--insecure", "--control",
                             os.path.join(net.dir, "bad.sock")], timeout=5)
@@ -165,6 +397,14 @@ def main():
             part_restart(net, nodes, ips)
             part_conflict(net, nodes[0])
             part_bad_values(net)
+            part_user_socks(net, nodes[0])
+            if os.geteuid() == 0:
+                try:
+                    part_tap_dns(net.dir, net.secret())
+                finally:
+                    remove_tz()
+            else:
+                log("SKIP tap/DNS part: needs root")
             if not all(ok for ok, _ in results):
                 net.failed = True
     except TestFailure as e:
