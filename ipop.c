@@ -4016,6 +4016,17 @@ static void ring_ctm_send(struct node *n, uint8_t mode, const ring_addr *target,
 		ring_send(n, mode, target, NULL, INNER_CTM_REQ, payload, (size_t)len);
 }
 
+/* A peer's own word on itself (the "from" of its connect-to-me messages):
+ * its virtual IP may be newer than the handshake's (--ip auto leases it
+ * after joining).  Only the same process's links are refreshed. */
+static void ring_peer_refresh(struct node *n, const struct peer_info *from)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state == LINK_UP && l->peer_known && wire_addr_eq(&l->peer.addr, &from->addr) &&
+		    l->peer.instance == from->instance)
+			l->peer.vip = from->vip;
+}
+
 static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 {
 	struct wire_ctm_req q;
@@ -4026,6 +4037,7 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	}
 	if (wire_addr_eq(&q.from.addr, &n->self.addr))
 		return;
+	ring_peer_refresh(n, &q.from);
 	struct wire_ctm_reply m = { .token = q.token, .want = q.want, .from = n->self };
 	m.n_neighbours = ring_near_infos(n, m.neighbours, &q.from);
 	uint8_t payload[WIRE_MAX_PACKET_BYTES];
@@ -4074,6 +4086,7 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 	for (unsigned i = 0; i < m.n_neighbours; i++)
 		if (ring_is_conflict(n, &m.neighbours[i]))
 			return ring_on_conflict(n, &m.neighbours[i]);
+	ring_peer_refresh(n, &m.from);
 	uint8_t want = 0;
 	if ((m.want & ROLE_FAR) && m.token == n->ring.far_token && n->ring.far_pending_until_ms) {
 		n->ring.far_pending_until_ms = 0;
@@ -5564,6 +5577,11 @@ static int64_t ip_publish_tick(struct ev_loop *loop, struct ev_timer *t)
 		wbuf_u32(&w, n->self.vip);
 		snprintf(key, sizeof key, "name:%s", n->name);
 		dht_request(n, DHT_PUT, key, v, 4, IP_PUBLISH_TTL_S, NULL, NULL);
+		/* The reverse, "host:A.B.C.D" -> NAME, labels maps (ipop map). */
+		char ip[16];
+		buf_ip_str(n->self.vip, ip);
+		snprintf(key, sizeof key, "host:%s", ip);
+		dht_request(n, DHT_PUT, key, (const uint8_t *)n->name, strlen(n->name), IP_PUBLISH_TTL_S, NULL, NULL);
 	}
 	/* The first round may land before the near links settle: repeat soon. */
 	return ++n->ip.publish_rounds < 3 ? 1000 : IP_PUBLISH_EVERY_MS;
@@ -7372,7 +7390,7 @@ static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errle
 /* ===================================================================== 15 ctl_
  * The control socket: a per-user unix stream socket (mode 0600) on which the
  * CLI asks a running node one question per connection, as one text line:
- *   "status json" | "status text" | "ping TARGET TIMEOUT_MS"
+ *   "status json" | "status text" | "ping TARGET TIMEOUT_MS" | "map"
  * and reads the answer until the node closes.  Clients are a fixed table;
  * the answer is written without blocking, so a stuck client costs one slot
  * until its idle timer closes it.  To add a command: a ctl_cmd_* function
@@ -7691,6 +7709,34 @@ static void ctl_cmd_route(struct ctl_client *c, const char *op, const char *cidr
 	ctl_client_flush(c);
 }
 
+/* What a link is on a map.  Today the main ring role; a relayed link (when
+ * section 09 has them) will say "relayed" here, and the map draws any kind. */
+static const char *ctl_link_kind(const struct link *l)
+{
+	return ring_role_main(l->local_roles | l->peer_roles);
+}
+
+/* "map": the ring as this node knows it, one line per node for ipop map:
+ *   self ADDRESS IP|- NAME|-
+ *   link KIND ADDRESS IP|-      (one per up link) */
+static void ctl_map(struct node *n, struct buf_str *o)
+{
+	char addr[2 * RING_ADDR_BYTES + 1], ip[16] = "-";
+	ring_addr_hex(&n->self.addr, addr);
+	if (n->self.vip)
+		buf_ip_str(n->self.vip, ip);
+	buf_printf(o, "self %s %s %s\n", addr, ip, n->name[0] ? n->name : "-");
+	for (const struct link *l = n->links; l; l = l->next) {
+		if (l->state != LINK_UP || !l->peer_known)
+			continue;
+		ring_addr_hex(&l->peer.addr, addr);
+		snprintf(ip, sizeof ip, "-");
+		if (l->peer.vip)
+			buf_ip_str(l->peer.vip, ip);
+		buf_printf(o, "link %s %s %s\n", ctl_link_kind(l), addr, ip);
+	}
+}
+
 static void ctl_execute(struct ctl_client *c, char *line)
 {
 	char *save = NULL, *a[6] = { 0 };
@@ -7710,6 +7756,8 @@ static void ctl_execute(struct ctl_client *c, char *line)
 		ctl_status_json(c->ctl->node, &c->out);
 	else if (cmd && !strcmp(cmd, "status"))
 		ctl_status_text(c->ctl->node, &c->out);
+	else if (cmd && !strcmp(cmd, "map"))
+		ctl_map(c->ctl->node, &c->out);
 	else if (cmd && !strcmp(cmd, "ping")) {
 		ctl_cmd_ping(c, a1, a2);
 		return;
@@ -7904,7 +7952,7 @@ static void ctl_close(struct ctl *ctl)
 enum cli_cmd {
 	CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4, CMD_GENKEY = 8, CMD_CA_INIT = 16,
 	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64, CMD_DHT_GET = 128, CMD_DHT_PUT = 256, CMD_DHT_CREATE = 512,
-	CMD_ROUTE = 1024, CMD_NC = 2048, CMD_RESOLVE = 4096,
+	CMD_ROUTE = 1024, CMD_NC = 2048, CMD_RESOLVE = 4096, CMD_MAP = 8192,
 };
 
 enum { CMD_DHT = CMD_DHT_GET | CMD_DHT_PUT | CMD_DHT_CREATE };
@@ -7915,7 +7963,7 @@ enum cli_key {
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
 	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
-	KEY_NET, KEY_STATE_FILE, KEY_DNS,
+	KEY_NET, KEY_STATE_FILE, KEY_DNS, KEY_SVG,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NS, MODE_NONE };
@@ -7940,6 +7988,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "net", 0, true, true, KEY_NET, CMD_UP },
 	{ "state-file", 0, true, true, KEY_STATE_FILE, CMD_UP },
 	{ "dns", 0, false, true, KEY_DNS, CMD_UP },
+	{ "svg", 0, true, false, KEY_SVG, CMD_MAP },
 	{ "secret-file", 0, true, true, KEY_SECRET_FILE, CMD_UP },
 	{ "cert-dir", 0, true, true, KEY_CERT_DIR, CMD_UP },
 	{ "crl", 0, true, true, KEY_CRL, CMD_UP },
@@ -7959,7 +8008,8 @@ static const struct cli_flag cli_flags[] = {
 	{ "days", 0, true, false, KEY_DAYS, CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
-	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE | CMD_RESOLVE },
+	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE | CMD_RESOLVE |
+	  CMD_MAP },
 	{ "ttl", 0, true, false, KEY_TTL, CMD_DHT_PUT | CMD_DHT_CREATE },
 	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
 	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
@@ -7989,6 +8039,7 @@ struct cli_opts {
 	uint8_t prefix, net_len;
 	char state_file[256];
 	bool dns;
+	char svg[256];                  /* map --svg FILE */
 	char control[108];
 	int log_level;
 	bool json, help;
@@ -8031,6 +8082,7 @@ static const char cli_usage_main[] =
 	"  route    add or del a prefix this node routes for (VMs behind it)\n"
 	"  nc       join stdin/stdout to a virtual host's TCP port (ssh ProxyCommand)\n"
 	"  resolve  print the virtual IP a name (--name) stands for\n"
+	"  map      draw the ring as the running node knows it (--svg FILE)\n"
 	"  version  print the version\n"
 	"\n"
 	"'ipop COMMAND --help' describes each command.  See ipop(1).\n";
@@ -8144,6 +8196,15 @@ static const char cli_usage_resolve[] =
 	"Look NAME (or NAME.ipop) up in the overlay's DHT through the running node\n"
 	"and print the virtual IP it was published for (ipop up --name NAME).\n"
 	"Exit 1 when nobody published it.\n";
+
+static const char cli_usage_map[] =
+	"usage: ipop map [--svg FILE] [--control PATH]\n"
+	"\n"
+	"The ring as the running node knows it: itself and the nodes it has links\n"
+	"to, placed on a circle by ring address, each link drawn by kind (near,\n"
+	"far, shortcut, relayed, leaf) and labelled with virtual IPs and names.\n"
+	"--svg FILE writes an SVG picture (- for standard output); without it the\n"
+	"node's answer is printed as text.\n";
 
 static const char cli_usage_nc[] =
 	"usage: ipop nc [--socks ADDR:PORT] VIP PORT\n"
@@ -8521,6 +8582,8 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 		return cli_parse_net(o, v);
 	case KEY_STATE_FILE:
 		return cli_path(f, v, o->state_file);
+	case KEY_SVG:
+		return cli_path(f, v, o->svg);
 	case KEY_DNS:
 		if (v && *v && strcmp(v, "true") && strcmp(v, "yes")) {
 			cli_fail("bad dns value '%s': write just 'dns' (or leave the key out)", v);
@@ -9769,6 +9832,191 @@ static int cli_resolve_name(struct cli_opts *o)
 	return code;
 }
 
+/* ---- ipop map: the ring as one node knows it, as SVG ------------------ */
+
+enum {
+	MAP_PEERS_MAX = 256,            /* links drawn; a node keeps a few dozen */
+	MAP_NAME_LOOKUPS_MAX = 64,      /* "host:IP" lookups, one control connection each */
+	MAP_SIZE_PX = 800,
+	MAP_RADIUS_PX = 280,
+};
+
+struct cli_map_node {
+	char kind[16], addr[2 * RING_ADDR_BYTES + 1], ip[16], name[64];
+};
+
+/* How each link kind is drawn; kinds not listed (new ones) take the last
+ * row's style, so the map never needs to know every kind in advance. */
+static const struct {
+	const char *kind, *color, *dash;
+	double width;
+} cli_map_styles[] = {
+	{ "near", "#1f77b4", "none", 2.5 },
+	{ "far", "#ff7f0e", "7 4", 1.5 },
+	{ "shortcut", "#2ca02c", "2 3", 1.5 },
+	{ "relayed", "#d62728", "8 3 2 3", 1.5 },
+	{ "leaf", "#7f7f7f", "1 3", 1.0 },
+	{ NULL, "#9467bd", "4 2", 1.0 },
+};
+
+static unsigned cli_map_style(const char *kind)
+{
+	unsigned i = 0;
+	while (cli_map_styles[i].kind && strcmp(cli_map_styles[i].kind, kind))
+		i++;
+	return i;
+}
+
+/* XML-escape s for text and attribute values; cut to fit cap. */
+static void cli_xml_escape(const char *s, char *out, size_t cap)
+{
+	size_t o = 0;
+	for (; *s; s++) {
+		const char *e = *s == '&' ? "&amp;" : *s == '<' ? "&lt;" : *s == '>' ? "&gt;" :
+				*s == '"' ? "&quot;" : *s == '\'' ? "&apos;" : NULL;
+		char one[2] = { *s, 0 };
+		if ((unsigned char)*s < 0x20)
+			e = "?";                /* control characters are not XML */
+		const char *add = e ? e : one;
+		size_t l = strlen(add);
+		if (o + l + 1 > cap)
+			break;
+		memcpy(out + o, add, l);
+		o += l;
+	}
+	out[o] = 0;
+}
+
+/* A ring address's place on the circle: its top 32 bits as a fraction of a
+ * turn, clockwise from the top. */
+static void cli_map_xy(const char *addr, double r, double *x, double *y)
+{
+	uint8_t top[4] = { 0 };
+	char h[9];
+	snprintf(h, sizeof h, "%.8s", addr);
+	buf_unhex(h, top, 4);
+	double turn = ((double)((uint32_t)top[0] << 24 | (uint32_t)top[1] << 16 | top[2] << 8 | top[3])) / 4294967296.0;
+	*x = MAP_SIZE_PX / 2.0 + r * sin(2 * M_PI * turn);
+	*y = MAP_SIZE_PX / 2.0 - r * cos(2 * M_PI * turn);
+}
+
+static void cli_map_label(FILE *f, const struct cli_map_node *m, bool self)
+{
+	double x, y, lx, ly;
+	char ip[64], name[200], short_addr[13];
+	cli_map_xy(m->addr, MAP_RADIUS_PX, &x, &y);
+	cli_map_xy(m->addr, MAP_RADIUS_PX + 16, &lx, &ly);
+	snprintf(short_addr, sizeof short_addr, "%.12s", m->addr);
+	cli_xml_escape(strcmp(m->ip, "-") ? m->ip : short_addr, ip, sizeof ip);
+	cli_xml_escape(strcmp(m->name, "-") ? m->name : "", name, sizeof name);
+	fprintf(f, "  <g class=\"node%s\" data-address=\"%s\">\n"
+		"    <circle cx=\"%.1f\" cy=\"%.1f\" r=\"%d\" fill=\"%s\" stroke=\"#222\"/>\n"
+		"    <text x=\"%.1f\" y=\"%.1f\" text-anchor=\"%s\" font-size=\"12\">%s%s%s</text>\n  </g>\n",
+		self ? " self" : "", m->addr, x, y, self ? 9 : 6, self ? "#d62728" : "#fff", lx, ly + 4,
+		lx >= MAP_SIZE_PX / 2.0 ? "start" : "end", ip, name[0] ? " " : "", name);
+}
+
+/* The picture: the ring, one line per link from us, nodes on top, a legend
+ * of the kinds drawn. */
+static void cli_map_svg(FILE *f, const struct cli_map_node *self, const struct cli_map_node *peers, unsigned np)
+{
+	bool used[ARRAY_LEN(cli_map_styles)] = { false };
+	char title[200];
+	double sx, sy;
+	cli_map_xy(self->addr, MAP_RADIUS_PX, &sx, &sy);
+	cli_xml_escape(strcmp(self->ip, "-") ? self->ip : self->addr, title, sizeof title);
+	fprintf(f, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+		"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" viewBox=\"0 0 %d %d\">\n"
+		"  <title>ipop ring as %s knows it</title>\n"
+		"  <rect width=\"100%%\" height=\"100%%\" fill=\"#fff\"/>\n"
+		"  <circle cx=\"%d\" cy=\"%d\" r=\"%d\" fill=\"none\" stroke=\"#ccc\"/>\n",
+		MAP_SIZE_PX, MAP_SIZE_PX, MAP_SIZE_PX, MAP_SIZE_PX, title, MAP_SIZE_PX / 2, MAP_SIZE_PX / 2,
+		MAP_RADIUS_PX);
+	for (unsigned i = 0; i < np; i++) {
+		double x, y;
+		unsigned st = cli_map_style(peers[i].kind);
+		char kind[64];
+		used[st] = true;
+		cli_xml_escape(peers[i].kind, kind, sizeof kind);
+		cli_map_xy(peers[i].addr, MAP_RADIUS_PX, &x, &y);
+		fprintf(f, "  <line class=\"link %s\" data-kind=\"%s\" data-peer=\"%s\" x1=\"%.1f\" y1=\"%.1f\" "
+			"x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"%.1f\" stroke-dasharray=\"%s\"/>\n",
+			kind, kind, peers[i].addr, sx, sy, x, y, cli_map_styles[st].color, cli_map_styles[st].width,
+			cli_map_styles[st].dash);
+	}
+	for (unsigned i = 0; i < np; i++)
+		cli_map_label(f, &peers[i], false);
+	cli_map_label(f, self, true);
+	int y = 20;
+	for (unsigned i = 0; i < ARRAY_LEN(cli_map_styles); i++) {
+		if (!used[i])
+			continue;
+		fprintf(f, "  <line x1=\"10\" y1=\"%d\" x2=\"40\" y2=\"%d\" stroke=\"%s\" stroke-width=\"%.1f\" "
+			"stroke-dasharray=\"%s\"/><text x=\"46\" y=\"%d\" font-size=\"12\">%s</text>\n", y, y,
+			cli_map_styles[i].color, cli_map_styles[i].width, cli_map_styles[i].dash, y + 4,
+			cli_map_styles[i].kind ? cli_map_styles[i].kind : "other");
+		y += 18;
+	}
+	fprintf(f, "</svg>\n");
+}
+
+/* The name a node published for ip ("host:IP"), or "-". */
+static void cli_map_name(const char *control, const char *ip, char out[64])
+{
+	char line[64], owner[64], hex[2 * 63 + 2];
+	unsigned ttl;
+	struct buf_str ans = { 0 };
+	snprintf(out, 64, "-");
+	snprintf(line, sizeof line, "dht get host:%s\n", ip);
+	if (cli_ctl_ask(control, line, &ans, DHT_REQUEST_TIMEOUT_MS + 2000) == 0 && ans.len &&
+	    sscanf(ans.s, "value %u %63s %127s", &ttl, owner, hex) == 3 && strlen(hex) / 2 < 64 &&
+	    buf_unhex(hex, (uint8_t *)out, strlen(hex) / 2))
+		out[strlen(hex) / 2] = 0;
+	buf_str_free(&ans);
+}
+
+static int cli_map(struct cli_opts *o)
+{
+	static struct cli_map_node self, peers[MAP_PEERS_MAX];
+	unsigned np = 0, lookups = 0;
+	if (!o->control[0])
+		ctl_default_path(o->control, sizeof o->control, false);
+	struct buf_str ans = { 0 };
+	int rc = cli_ctl_ask(o->control, "map\n", &ans, 5000);
+	if (rc < 0 || !ans.len || strncmp(ans.s, "self ", 5)) {
+		buf_str_free(&ans);
+		return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
+	}
+	if (!o->svg[0]) {
+		fputs(ans.s, stdout);
+		buf_str_free(&ans);
+		return EXIT_OK;
+	}
+	char *save = NULL;
+	for (char *l = strtok_r(ans.s, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+		struct cli_map_node m = { .name = "-" };
+		if (sscanf(l, "self %40s %15s %63s", m.addr, m.ip, m.name) == 3)
+			self = m;
+		else if (np < MAP_PEERS_MAX && sscanf(l, "link %15s %40s %15s", m.kind, m.addr, m.ip) == 3)
+			peers[np++] = m;
+	}
+	buf_str_free(&ans);
+	for (unsigned i = 0; i < np && lookups < MAP_NAME_LOOKUPS_MAX; i++)
+		if (strcmp(peers[i].ip, "-") && ++lookups)
+			cli_map_name(o->control, peers[i].ip, peers[i].name);
+	FILE *f = strcmp(o->svg, "-") ? fopen(o->svg, "w") : stdout;
+	if (!f) {
+		cli_fail("map: cannot write %s: %s", o->svg, strerror(errno));
+		return EXIT_FAIL;
+	}
+	cli_map_svg(f, &self, peers, np);
+	if (f != stdout ? fclose(f) != 0 : fflush(f) != 0) {
+		cli_fail("map: cannot write %s: %s", o->svg, strerror(errno));
+		return EXIT_FAIL;
+	}
+	return EXIT_OK;
+}
+
 static int cli_main(int argc, char **argv)
 {
 	static const struct {
@@ -9791,6 +10039,7 @@ static int cli_main(int argc, char **argv)
 		{ "route", "del", CMD_ROUTE, cli_usage_route, cli_route },
 		{ "nc", NULL, CMD_NC, cli_usage_nc, cli_nc },
 		{ "resolve", NULL, CMD_RESOLVE, cli_usage_resolve, cli_resolve_name },
+		{ "map", NULL, CMD_MAP, cli_usage_map, cli_map },
 	};
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		fputs(cli_usage_main, argc < 2 ? stderr : stdout);

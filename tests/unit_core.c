@@ -592,6 +592,18 @@ static void test_dns(void)
 	CHECK(dns_answer(out, 20, msg, &q, DNS_NOERROR, 1) == -1);
 }
 
+/* ipop map: labels are escaped for XML and cut whole, never mid-entity. */
+static void test_svg_escape(void)
+{
+	char out[32];
+	cli_xml_escape("a<b>&\"c'\x01", out, sizeof out);
+	CHECK(!strcmp(out, "a&lt;b&gt;&amp;&quot;c&apos;?"));
+	cli_xml_escape("&&&&&&&", out, 12);
+	CHECK(!strcmp(out, "&amp;&amp;"));
+	CHECK(cli_map_style("near") == 0 && cli_map_style("relayed") == 3 &&
+	      cli_map_styles[cli_map_style("something-new")].kind == NULL);
+}
+
 /* The contents list at the top of ipop.c names every section banner. */
 static void test_contents(void)
 {
@@ -872,6 +884,7 @@ int main(void)
 	test_contents();
 	test_lease_pick();
 	test_dns();
+	test_svg_escape();
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
 	CHECK(mkdtemp(unit_dir) != NULL);
 	test_secure_pair(PROTO_UDP);
