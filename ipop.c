@@ -7499,6 +7499,18 @@ static void ctl_json_link(struct buf_str *o, const struct link *l, uint64_t now)
 		   (unsigned long long)l->tx_bytes, (unsigned long long)l->rx_bytes);
 }
 
+/* A user's string (a path) as a JSON string. */
+static void ctl_json_string(struct buf_str *o, const char *s)
+{
+	buf_printf(o, "\"");
+	for (; *s; s++)
+		if (*s == '"' || *s == '\\' || (unsigned char)*s < 0x20)
+			buf_printf(o, "\\u%04x", (unsigned char)*s);
+		else
+			buf_printf(o, "%c", *s);
+	buf_printf(o, "\"");
+}
+
 static void ctl_json_listen(struct buf_str *o, const struct node *n)
 {
 	buf_printf(o, "\"listen\":[");
@@ -7508,7 +7520,18 @@ static void ctl_json_listen(struct buf_str *o, const struct node *n)
 		link_endpoint_uri(&e, uri);
 		buf_printf(o, "%s\"%s\"", i ? "," : "", uri);
 	}
-	buf_printf(o, "],");
+	buf_printf(o, "],\"bootstrap\":[");
+	for (unsigned i = 0; i < n->ring.n_boot; i++) {
+		char uri[40];
+		link_endpoint_uri(&n->ring.boot[i], uri);
+		buf_printf(o, "%s\"%s\"", i ? "," : "", uri);
+	}
+	buf_printf(o, "],\"crl\":");
+	if (n->sec.crl_path[0])
+		ctl_json_string(o, n->sec.crl_path);
+	else
+		buf_printf(o, "null");
+	buf_printf(o, ",");
 }
 
 static void ctl_status_json(struct node *n, struct buf_str *o)
@@ -8040,6 +8063,8 @@ struct cli_opts {
 	char state_file[256];
 	bool dns;
 	char svg[256];                  /* map --svg FILE */
+	int argc;                       /* the arguments after the command: SIGHUP parses them again */
+	char **argv;
 	char control[108];
 	int log_level;
 	bool json, help;
@@ -8095,6 +8120,7 @@ static const char cli_usage_up[] =
 	"               [--mode ns ... -- CMD [ARGS...]]\n"
 	"\n"
 	"Run a node in the foreground until SIGINT or SIGTERM (a graceful leave).\n"
+	"SIGHUP re-reads the config file: bootstrap, crl and log-level apply at once.\n"
 	"Every link is authenticated and encrypted; choose how members prove it:\n"
 	"  --secret-file FILE a shared network secret (create: ipop genkey > net.key)\n"
 	"  --cert-dir DIR     ca.crt, node.crt, node.key from 'ipop cert issue'; the\n"
@@ -8869,7 +8895,8 @@ static void cli_self_endpoints(struct node *n)
 	}
 }
 
-static int cli_signals_open(struct node *n, int *sfd);
+struct cli_run;
+static int cli_signals_open(struct cli_run *r, int *sfd);
 
 static void cli_node_free(struct node *n)
 {
@@ -9196,13 +9223,71 @@ static void cli_reap_child(struct node *n)
 	n->loop.stop = true;
 }
 
+/* What the signal handler works with: the node and how it was started. */
+struct cli_run {
+	struct node *n;
+	const struct cli_opts *o;
+};
+
+/* New bootstrap peers; false (and a warning) if one does not resolve. */
+static bool cli_reload_boot(struct node *n, const struct cli_opts *o)
+{
+	struct endpoint boot[BOOTSTRAP_MAX];
+	char err[300];
+	for (unsigned i = 0; i < o->n_boot; i++)
+		if (cli_resolve(&o->boot[i], &boot[i], err, sizeof err) < 0) {
+			log_warn("cli", "SIGHUP: bootstrap %s: keeping the previous peers", err);
+			return false;
+		}
+	memcpy(n->ring.boot, boot, o->n_boot * sizeof boot[0]);
+	n->ring.n_boot = o->n_boot;
+	n->ring.boot_backoff_ms = 0;
+	n->ring.next_boot_ms = 0;
+	return true;
+}
+
+/* SIGHUP: parse the command line, and so the config file, again and apply
+ * what changes without touching links: bootstrap peers, the revocation list
+ * (read now; links of newly revoked certificates close), the log level.
+ * Anything else needs a restart.  A bad file keeps the running settings.
+ * Bootstrap host names resolve here, blocking: an operator's action. */
+static void cli_reload(struct cli_run *r)
+{
+	static struct cli_opts o;       /* large: off the stack */
+	struct node *n = r->n;
+	o = (struct cli_opts){ .cmd = CMD_UP, .log_level = LOG_INFO };
+	if (cli_parse_args(&o, r->o->argc, r->o->argv, "up") < 0) {
+		log_warn("cli", "SIGHUP: the configuration has an error (above): keeping the running one");
+		return;
+	}
+	if (o.crl[0] && n->sec.mode != SEC_CERT) {
+		log_warn("cli", "SIGHUP: crl needs a certificate network: keeping the running configuration");
+		return;
+	}
+	if (!cli_reload_boot(n, &o))
+		return;
+	log_cfg.level = o.log_level;
+	if (strcmp(n->sec.crl_path, o.crl)) {
+		snprintf(n->sec.crl_path, sizeof n->sec.crl_path, "%s", o.crl);
+		if (!o.crl[0])
+			n->sec.n_revoked = 0;   /* no list any more; an unreadable new one keeps the old */
+	}
+	n->sec.crl_mtime = (struct timespec){ 0 };     /* read it now, changed or not */
+	ev_timer_arm(&n->loop, &n->sec_timer, 0);
+	log_info("cli", "SIGHUP: reloaded: %u bootstrap peer(s), revocation list %s, log level %s", n->ring.n_boot,
+		 n->sec.crl_path[0] ? n->sec.crl_path : "none", log_level_names[log_cfg.level]);
+}
+
 static void cli_signal_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct signalfd_siginfo si;
+	struct cli_run *r = arg;
 	(void)events;
 	while (read(fd, &si, sizeof si) == (ssize_t)sizeof si) {
 		if (si.ssi_signo == SIGCHLD) {
-			cli_reap_child(arg);
+			cli_reap_child(r->n);
+		} else if (si.ssi_signo == SIGHUP) {
+			cli_reload(r);
 		} else if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
 			log_info("cli", "signal %u: leaving the ring", si.ssi_signo);
 			loop->stop = true;
@@ -9210,13 +9295,15 @@ static void cli_signal_event(struct ev_loop *loop, int fd, void *arg, uint32_t e
 	}
 }
 
-static int cli_signals_open(struct node *n, int *sfd)
+static int cli_signals_open(struct cli_run *r, int *sfd)
 {
+	struct node *n = r->n;
 	sigset_t set;
 	sigemptyset(&set);
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGCHLD);
+	sigaddset(&set, SIGHUP);
 	signal(SIGPIPE, SIG_IGN);
 	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
 		return -errno;
@@ -9224,7 +9311,7 @@ static int cli_signals_open(struct node *n, int *sfd)
 	if (*sfd < 0)
 		return -errno;
 	cli_reap_child(n);              /* a command that ended before we listened */
-	return ev_fd_watch(&n->loop, *sfd, EPOLLIN, cli_signal_event, n);
+	return ev_fd_watch(&n->loop, *sfd, EPOLLIN, cli_signal_event, r);
 }
 
 static void cli_log_start(const struct node *n)
@@ -9296,6 +9383,8 @@ static int cli_up(struct cli_opts *o)
 {
 	static struct node node;        /* large; static keeps it off the stack */
 	static struct ctl ctl;
+	static struct cli_run run;
+	run = (struct cli_run){ .n = &node, .o = o };
 	char err[1200];
 	int sfd = -1;
 	log_cfg.level = o->log_level;
@@ -9311,7 +9400,7 @@ static int cli_up(struct cli_opts *o)
 	}
 	if (o->dns)
 		cli_dns_setup(&node);
-	if (cli_signals_open(&node, &sfd) < 0) {
+	if (cli_signals_open(&run, &sfd) < 0) {
 		cli_fail("cannot set up signal handling: %s", strerror(errno));
 		ctl_close(&ctl);
 		cli_node_free(&node);
@@ -10063,6 +10152,8 @@ static int cli_main(int argc, char **argv)
 				       .target = cmds[i].cmd == CMD_ROUTE ? cmds[i].sub : NULL };
 		if (cli_parse_args(&o, argc - skip, argv + skip, cmdname) < 0)
 			return EXIT_USAGE;
+		o.argc = argc - skip;
+		o.argv = argv + skip;
 		if (o.help) {
 			fputs(cmds[i].usage, stdout);
 			return EXIT_OK;

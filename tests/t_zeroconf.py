@@ -429,6 +429,83 @@ def part_map():
                % out.splitlines()[:1])
 
 
+def up_ages(st):
+    return {c["address"]: c["age_ms"] for c in (st or {}).get("connections", []) if c.get("state") == "up"}
+
+
+def part_sighup():
+    """A certificate ring of 3; the third node reads bootstrap and crl from a
+    config file.  SIGHUP after changing the bootstrap keeps every link (the
+    same ones, ages running on: no new handshake); SIGHUP after pointing crl
+    at a list that revokes the second node closes that link only."""
+    with Net("t_zeroconf-hup") as net:
+        ca = os.path.join(net.dir, "ca")
+        run_cli(["ca", "init", "--out", ca], timeout=20)
+        certs = []
+        for i in (1, 2, 3):
+            cd = os.path.join(net.dir, "cert%d" % i)
+            rc, _, err = run_cli(["cert", "issue", "--ca", ca, "--ip", "10.131.0.%d" % i, "--out", cd], timeout=20)
+            if not result(rc == 0, "sighup: cert issue %d (%s)" % (i, err.strip()[-100:])):
+                return
+            certs.append(cd)
+        crl1, crl2 = os.path.join(net.dir, "crl1"), os.path.join(net.dir, "crl2")
+        open(crl1, "w").close()
+        a = net.add(udp=free_port(), creds=["--cert-dir", certs[0]])
+        b = net.add(udp=free_port(), creds=["--cert-dir", certs[1]], bootstrap=[a.udp_uri])
+        conf = os.path.join(net.dir, "c.conf")
+
+        def write_conf(boot, crl):
+            with open(conf + ".tmp", "w") as f:
+                f.write("cert-dir = %s\ncrl = %s\nbootstrap = %s\n" % (certs[2], crl, boot))
+            os.rename(conf + ".tmp", conf)
+        write_conf(a.udp_uri, crl1)
+        c = net.add(udp=free_port(), creds=["--config", conf])
+        for n in (a, b, c):
+            n.start()
+        net.wait_ready([a, b, c])
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 15 and len(up_ages(c.status())) < 2:
+            time.sleep(0.3)
+        st0 = c.status()
+        before = up_ages(st0)
+        if not result(len(before) == 2 and st0.get("bootstrap") == [a.udp_uri],
+                      "sighup: ring of 3 up, c has %d links, bootstrap %s" % (len(before), st0.get("bootstrap"))):
+            return
+        write_conf(b.udp_uri, crl1)
+        t1 = time.monotonic()
+        c.send(signal.SIGHUP)
+        time.sleep(2)
+        st1 = c.status()
+        after = up_ages(st1)
+        waited_ms = (time.monotonic() - t1) * 1000
+        kept = set(after) == set(before) and all(after[k] >= before[k] + waited_ms - 500 for k in before)
+        log("sighup 1: links %s -> %s (ms), bootstrap %s" % (sorted(before.values()), sorted(after.values()),
+                                                               st1.get("bootstrap") if st1 else None))
+        result(c.alive() and st1 is not None, "sighup: the node keeps running")
+        result(kept, "sighup: same %d links, no new handshake (ages ran on by >= %.0f ms)" % (len(after), waited_ms - 500))
+        result(st1 and st1.get("bootstrap") == [b.udp_uri], "sighup: new bootstrap %s applies" % (st1 or {}).get("bootstrap"))
+        result("SIGHUP: reloaded" in open(c.logpath).read(), "sighup: logged the reload")
+        rc, out, err = run_cli(["ca", "revoke", "--ca", ca, "--cert", os.path.join(certs[1], "node.crt")], timeout=20)
+        shutil.copy(os.path.join(ca, "crl.txt"), crl2)
+        write_conf(b.udp_uri, crl2)
+        c.send(signal.SIGHUP)
+        b_addr = b.status()["address"]
+        a_addr = a.status()["address"]
+        t2 = time.monotonic()
+        st2 = None
+        while time.monotonic() - t2 < 5:
+            st2 = c.status()
+            if st2 and b_addr not in up_ages(st2):
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - t2
+        ages = up_ages(st2)
+        result(st2 and st2.get("crl") == crl2, "sighup: crl is now %s" % (st2 or {}).get("crl"))
+        result(st2 and b_addr not in ages, "sighup: the revoked node's link closed in %.1f s" % took)
+        result(a_addr in ages and ages[a_addr] >= after.get(a_addr, 0),
+               "sighup: the other link stayed up (age %s ms)" % ages.get(a_addr))
+
+
 def part_bad_values(net):
     rc, out, err = run_cli(["up", "--ip", "auto", "--insecure", "--control",
                             os.path.join(net.dir, "bad.sock")], timeout=5)
@@ -455,6 +532,8 @@ def main():
                 part_user_socks(net, nodes[0])
         if want("map"):
             part_map()
+        if want("sighup"):
+            part_sighup()
         if want("tap") and os.geteuid() == 0:
             with Net("t_zeroconf-tap") as net:
                 try:
