@@ -7397,7 +7397,10 @@ static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errle
  * and a line in ctl_execute.
  * ========================================================================= */
 
-enum { CTL_IDLE_TIMEOUT_MS = 10000 };
+enum {
+	CTL_IDLE_TIMEOUT_MS = 10000,
+	CTL_METRICS_TIMEOUT_MS = 5000,  /* a scrape sends its request at once */
+};
 
 struct ctl_client {
 	struct ctl *ctl;
@@ -7407,12 +7410,14 @@ struct ctl_client {
 	struct buf_str out;
 	size_t out_off;
 	uint32_t ping_id;               /* nonzero while an echo is outstanding */
+	bool http;                      /* a --metrics client: HTTP/1.0, not a command line */
 	struct ev_timer timer;          /* idle or ping timeout */
 };
 
 struct ctl {
 	struct node *node;
 	int fd;
+	int metrics_fd;                 /* --metrics listener, or -1 */
 	char path[108];                 /* sizeof sun_path */
 	uint32_t next_ping_id;
 	struct ctl_client clients[CTL_CLIENTS_MAX];
@@ -7789,6 +7794,8 @@ static void ctl_execute(struct ctl_client *c, char *line)
 	ctl_client_flush(c);
 }
 
+static void ctl_metrics_request(struct ctl_client *c);
+
 static void ctl_client_readable(struct ctl_client *c)
 {
 	ssize_t r = recv(c->fd, c->in + c->in_len, sizeof c->in - 1 - c->in_len, MSG_DONTWAIT);
@@ -7800,6 +7807,8 @@ static void ctl_client_readable(struct ctl_client *c)
 		return;
 	c->in_len += (size_t)r;
 	c->in[c->in_len] = 0;
+	if (c->http)
+		return ctl_metrics_request(c);
 	char *nl = strchr(c->in, '\n');
 	if (nl) {
 		*nl = 0;
@@ -7869,10 +7878,124 @@ static void ctl_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events
 		c->fd = fd;
 		c->in_len = 0;
 		c->out_off = 0;
-		ev_timer_arm(loop, &c->timer, CTL_IDLE_TIMEOUT_MS);
+		c->http = lfd == ctl->metrics_fd;
+		ev_timer_arm(loop, &c->timer, c->http ? CTL_METRICS_TIMEOUT_MS : CTL_IDLE_TIMEOUT_MS);
 		return;
 	}
 	close(fd);                      /* table full: the CLI sees EOF and says so */
+}
+
+/* ---- --metrics: counters for Prometheus over HTTP/1.0 ------------------
+ * A scraper connects, sends "GET /metrics HTTP/1.x" and headers, and reads
+ * the text exposition format (version 0.0.4) until we close.  Metrics
+ * clients share the control clients' table (CTL_CLIENTS_MAX: more are
+ * refused), their non-blocking writer and their timer; a request larger
+ * than one control line, or slower than CTL_METRICS_TIMEOUT_MS, is dropped.
+ * To add a metric: one ctl_metric call in ctl_metrics_text. */
+
+__attribute__((format(printf, 5, 6)))
+static void ctl_metric(struct buf_str *o, const char *name, const char *type, const char *help,
+		       const char *fmt, ...)
+{
+	char line[256];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	if (help)
+		buf_printf(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+	buf_printf(o, "%s%s\n", name, line);
+}
+
+static void ctl_metrics_links(struct node *n, struct buf_str *o)
+{
+	uint64_t tx = 0, rx = 0, txb = 0, rxb = 0;
+	unsigned by_kind[5] = { 0 }, up = 0;
+	static const char *const kinds[] = { "near", "far", "shortcut", "leaf", "none" };
+	for (const struct link *l = n->links; l; l = l->next) {
+		tx += l->tx_packets, rx += l->rx_packets, txb += l->tx_bytes, rxb += l->rx_bytes;
+		if (l->state != LINK_UP)
+			continue;
+		up++;
+		for (unsigned k = 0; k < ARRAY_LEN(kinds); k++)
+			by_kind[k] += !strcmp(ctl_link_kind(l), kinds[k]);
+	}
+	ctl_metric(o, "ipop_links", "gauge", "Links by state (up or in a handshake).", "{state=\"up\"} %u", up);
+	ctl_metric(o, "ipop_links", "gauge", NULL, "{state=\"handshake\"} %u", n->n_links - up);
+	for (unsigned k = 0; k < ARRAY_LEN(kinds); k++)
+		ctl_metric(o, "ipop_links_up", "gauge", k ? NULL : "Up links by kind.", "{kind=\"%s\"} %u", kinds[k],
+			   by_kind[k]);
+	ctl_metric(o, "ipop_link_packets_total", "counter", "Overlay packets on current links.",
+		   "{direction=\"tx\"} %llu", (unsigned long long)tx);
+	ctl_metric(o, "ipop_link_packets_total", "counter", NULL, "{direction=\"rx\"} %llu", (unsigned long long)rx);
+	ctl_metric(o, "ipop_link_bytes_total", "counter", "Overlay bytes on current links.",
+		   "{direction=\"tx\"} %llu", (unsigned long long)txb);
+	ctl_metric(o, "ipop_link_bytes_total", "counter", NULL, "{direction=\"rx\"} %llu", (unsigned long long)rxb);
+}
+
+static void ctl_metrics_text(struct node *n, struct buf_str *o)
+{
+	static const char *const rcodes[] = { "noerror", "formerr", "servfail", "nxdomain", "notimp", "refused" };
+	ctl_metric(o, "ipop_uptime_seconds", "gauge", "Seconds since the node started.", " %llu",
+		   (unsigned long long)((ev_now(&n->loop) - n->start_ms) / 1000));
+	ctl_metric(o, "ipop_ring_joined", "gauge", "1 once the node has neighbours on both sides.", " %d",
+		   n->ring.joined);
+	ctl_metric(o, "ipop_ring_size_estimate", "gauge", "Nodes in the ring, estimated from neighbour gaps.",
+		   " %.1f", n->ring.n_estimate);
+	ctl_metrics_links(n, o);
+	ctl_metric(o, "ipop_routed_total", "counter", "Overlay packets forwarded for others.", " %llu",
+		   (unsigned long long)n->counters_routed);
+	ctl_metric(o, "ipop_delivered_total", "counter", "Overlay packets delivered here.", " %llu",
+		   (unsigned long long)n->counters_delivered);
+	ctl_metric(o, "ipop_ip_packets_total", "counter", "Virtual IP packets.", "{direction=\"tx\"} %llu",
+		   (unsigned long long)n->ip.tx_packets);
+	ctl_metric(o, "ipop_ip_packets_total", "counter", NULL, "{direction=\"rx\"} %llu",
+		   (unsigned long long)n->ip.rx_packets);
+	ctl_metric(o, "ipop_ip_bytes_total", "counter", "Virtual IP bytes.", "{direction=\"tx\"} %llu",
+		   (unsigned long long)n->ip.tx_bytes);
+	ctl_metric(o, "ipop_ip_bytes_total", "counter", NULL, "{direction=\"rx\"} %llu",
+		   (unsigned long long)n->ip.rx_bytes);
+	ctl_metric(o, "ipop_dht_records", "gauge", "DHT records held here.", " %u", n->dht.n_records);
+	ctl_metric(o, "ipop_dht_pending", "gauge", "DHT requests waiting for a reply.", " %u", n->dht.n_pending);
+	ctl_metric(o, "ipop_ip_leased", "gauge", "1 while --ip auto holds its lease.", " %d",
+		   n->ip.lease.on && n->self.vip != 0);
+	for (unsigned i = 0; i < ARRAY_LEN(rcodes); i++)
+		ctl_metric(o, "ipop_dns_answers_total", "counter", i ? NULL : "*.ipop resolver answers by rcode.",
+			   "{rcode=\"%s\"} %llu", rcodes[i], (unsigned long long)n->ip.dns_answers[i]);
+	for (int i = 0; i < DROP__COUNT; i++)
+		ctl_metric(o, "ipop_drops_total", "counter", i ? NULL : "Dropped packets by reason.",
+			   "{reason=\"%s\"} %llu", drop_names[i], (unsigned long long)n->drops.count[i]);
+	if (n->lw.started)
+		ctl_metric(o, "ipop_relays", "gauge", "User mode TCP relays open.", " %u", n->lw.n_relays);
+}
+
+/* The request so far: answer once its headers end; GET / or /metrics only. */
+static void ctl_metrics_request(struct ctl_client *c)
+{
+	struct buf_str body = { 0 };
+	if (!strstr(c->in, "\r\n\r\n") && !strstr(c->in, "\n\n")) {
+		if (c->in_len == sizeof c->in - 1)
+			ctl_client_close(c);    /* headers larger than we take */
+		return;
+	}
+	ev_fd_watch(&c->ctl->node->loop, c->fd, 0, ctl_client_event, c);
+	bool get = !strncmp(c->in, "GET ", 4), ok = get && (!strncmp(c->in + 4, "/metrics", 8) ||
+							    !strncmp(c->in + 4, "/ ", 2));
+	if (ok)
+		ctl_metrics_text(c->ctl->node, &body);
+	else
+		buf_printf(&body, "%s\n", get ? "not found: try /metrics" : "only GET");
+	buf_printf(&c->out, "HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n%s",
+		   ok ? "200 OK" : get ? "404 Not Found" : "405 Method Not Allowed",
+		   ok ? "text/plain; version=0.0.4; charset=utf-8" : "text/plain", body.len, body.s ? body.s : "");
+	buf_str_free(&body);
+	ctl_client_flush(c);
+}
+
+static int ctl_metrics_open(struct ctl *ctl, const struct endpoint *ep, char *err, size_t errlen)
+{
+	ctl->metrics_fd = socks_listen_tcp(ctl->node, ep, ctl_accept, ctl, "--metrics", err, errlen);
+	return ctl->metrics_fd < 0 ? -1 : 0;
 }
 
 /* The per-user default: $XDG_RUNTIME_DIR/ipop.sock, else /tmp/ipop-UID/ipop.sock. */
@@ -7912,7 +8035,7 @@ static int ctl_connect(const char *path)
  * On failure err says which call failed and why. */
 static int ctl_open(struct ctl *ctl, struct node *n, const char *path, char *err, size_t errlen)
 {
-	*ctl = (struct ctl){ .node = n, .fd = -1 };
+	*ctl = (struct ctl){ .node = n, .fd = -1, .metrics_fd = -1 };
 	for (unsigned i = 0; i < CTL_CLIENTS_MAX; i++) {
 		ctl->clients[i] = (struct ctl_client){ .ctl = ctl, .fd = -1 };
 		ev_timer_init(&ctl->clients[i].timer, ctl_client_timeout);
@@ -7959,7 +8082,11 @@ static void ctl_close(struct ctl *ctl)
 		close(ctl->fd);
 		unlink(ctl->path);
 	}
-	ctl->fd = -1;
+	if (ctl->metrics_fd >= 0) {
+		ev_fd_forget(&ctl->node->loop, ctl->metrics_fd);
+		close(ctl->metrics_fd);
+	}
+	ctl->fd = ctl->metrics_fd = -1;
 }
 
 /* ===================================================================== 16 cli_
@@ -7986,7 +8113,7 @@ enum cli_key {
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
 	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
-	KEY_NET, KEY_STATE_FILE, KEY_DNS, KEY_SVG,
+	KEY_NET, KEY_STATE_FILE, KEY_DNS, KEY_SVG, KEY_METRICS,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NS, MODE_NONE };
@@ -8011,6 +8138,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "net", 0, true, true, KEY_NET, CMD_UP },
 	{ "state-file", 0, true, true, KEY_STATE_FILE, CMD_UP },
 	{ "dns", 0, false, true, KEY_DNS, CMD_UP },
+	{ "metrics", 0, true, true, KEY_METRICS, CMD_UP },
 	{ "svg", 0, true, false, KEY_SVG, CMD_MAP },
 	{ "secret-file", 0, true, true, KEY_SECRET_FILE, CMD_UP },
 	{ "cert-dir", 0, true, true, KEY_CERT_DIR, CMD_UP },
@@ -8063,6 +8191,8 @@ struct cli_opts {
 	char state_file[256];
 	bool dns;
 	char svg[256];                  /* map --svg FILE */
+	bool has_metrics;
+	struct endpoint metrics;        /* --metrics ADDR:PORT */
 	int argc;                       /* the arguments after the command: SIGHUP parses them again */
 	char **argv;
 	char control[108];
@@ -8145,6 +8275,8 @@ static const char cli_usage_up[] =
 	"  --name NAME        publish NAME for this node's IP (SOCKS resolves NAME\n"
 	"                     and NAME.ipop; tap nodes answer DNS for NAME.ipop on\n"
 	"                     the gateway address, the net's last host address)\n"
+	"  --metrics ADDR:PORT  serve counters for Prometheus (HTTP GET /metrics);\n"
+	"                     PORT alone listens on 127.0.0.1\n"
 	"  --dns              point this host's resolver at the gateway for .ipop\n"
 	"                     names (resolvectl; else print the line to add)\n"
 	"  --route-for CIDR   also hold these IPs (VMs, containers behind this host;\n"
@@ -8608,6 +8740,15 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 		return cli_parse_net(o, v);
 	case KEY_STATE_FILE:
 		return cli_path(f, v, o->state_file);
+	case KEY_METRICS: {
+		bool off;
+		if (cli_parse_socks(v, &o->metrics, &off) < 0 || !*v) {
+			cli_fail("bad --metrics '%s': ADDR:PORT, PORT (on 127.0.0.1) or off", v);
+			return -1;
+		}
+		o->has_metrics = !off;
+		return 0;
+	}
 	case KEY_SVG:
 		return cli_path(f, v, o->svg);
 	case KEY_DNS:
@@ -9397,6 +9538,12 @@ static int cli_up(struct cli_opts *o)
 		cli_fail("%s", err);
 		cli_node_free(&node);
 		return rc == -2 ? EXIT_USAGE : EXIT_FAIL;
+	}
+	if (o->has_metrics && ctl_metrics_open(&ctl, &o->metrics, err, sizeof err) < 0) {
+		cli_fail("%s (choose another with --metrics ADDR:PORT)", err);
+		ctl_close(&ctl);
+		cli_node_free(&node);
+		return EXIT_FAIL;
 	}
 	if (o->dns)
 		cli_dns_setup(&node);

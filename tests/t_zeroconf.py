@@ -16,6 +16,8 @@ removed at start, everything removed on exit, failure or signal).
 Every check prints PASS or FAIL; the exit status is non-zero if any failed.
 """
 import glob
+import re
+import socket
 import http.server
 import threading
 import xml.etree.ElementTree as ET
@@ -385,17 +387,62 @@ def part_user_socks(net, seed):
             n.kill(signal.SIGTERM)
 
 
+PROM_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? (-?[0-9.]+(e[+-]?[0-9]+)?)$')
+
+
+def part_metrics(node, port):
+    """--metrics: Prometheus text over HTTP/1.0, next to idle connections."""
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        rc, out, err = sh(["curl", "-sS", "-i", "--max-time", "5", "http://127.0.0.1:%d/metrics" % port],
+                          check_rc=False, timeout=10)
+    finally:
+        for sk in idle:
+            sk.close()
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
+    if not result(rc == 0 and head.startswith("HTTP/1.0 200") and "text/plain; version=0.0.4" in head,
+                  "metrics: GET /metrics answers 200 text/plain 0.0.4 with 3 idle clients open (rc=%s %r)"
+                  % (rc, head[:60])):
+        return
+    samples, bad, typed = {}, [], set()
+    for line in body.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            m = PROM_LINE.match(line)
+            if not m or m.group(1) not in typed:
+                bad.append(line)
+            else:
+                samples[m.group(1) + (m.group(2) or "")] = float(m.group(4))
+    up = len([c for c in node.status()["connections"] if c["state"] == "up"])
+    log("metrics: %d samples, %d bad lines; links up %s (status %d)"
+        % (len(samples), len(bad), samples.get('ipop_links{state="up"}'), up))
+    result(not bad and len(samples) > 20, "metrics: %d samples parse as Prometheus text, each typed (bad: %r)"
+           % (len(samples), bad[:3]))
+    result(samples.get('ipop_links{state="up"}') == up, "metrics: ipop_links{state=\"up\"} = %s = status's %d"
+           % (samples.get('ipop_links{state="up"}'), up))
+    result(samples.get("ipop_ring_joined") == 1 and 'ipop_drops_total{reason="malformed"}' in samples and
+           samples.get('ipop_link_packets_total{direction="rx"}', 0) > 0,
+           "metrics: ring_joined 1, drop counters by reason, link packet counters")
+    rc, out, err = sh(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+                       "http://127.0.0.1:%d/other" % port], check_rc=False, timeout=10)
+    result(out == "404", "metrics: other paths get 404 (%s)" % out)
+
+
 def part_map():
     """A ring of 4 named nodes; `ipop map --svg` of one of them."""
     with Net("t_zeroconf-map") as net:
         seed = net.add(udp=free_port(), ip="10.129.0.1", extra=["--name", "m1"])
         nodes = [seed] + [net.add(udp=free_port(), ip="10.129.0.%d" % i, bootstrap=[seed.udp_uri],
                                   extra=["--name", "m%d" % i]) for i in range(2, 5)]
+        metrics = free_port()
+        nodes[1].extra += ["--metrics", "127.0.0.1:%d" % metrics]
         for n in nodes:
             n.start()
         net.wait_ready(nodes)
         time.sleep(4)                           # links settle, names are published
         me = nodes[1]
+        part_metrics(me, metrics)
         svg = os.path.join(net.dir, "map.svg")
         rc, out, err = run_cli(["map", "--svg", svg, "--control", me.ctl], timeout=30)
         if not result(rc == 0 and os.path.exists(svg), "map: ipop map --svg exits 0 (rc=%s %s)"
