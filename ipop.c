@@ -7393,8 +7393,9 @@ static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errle
  *   "status json" | "status text" | "ping TARGET TIMEOUT_MS" | "map"
  * and reads the answer until the node closes.  Clients are a fixed table;
  * the answer is written without blocking, so a stuck client costs one slot
- * until its idle timer closes it.  To add a command: a ctl_cmd_* function
- * and a line in ctl_execute.
+ * until its idle timer closes it.  --metrics scrapes (HTTP/1.0) use the same
+ * table and writer.  To add a command: a ctl_cmd_* function and a line in
+ * ctl_execute.
  * ========================================================================= */
 
 enum {
@@ -8736,28 +8737,6 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 				f->key == KEY_CA ? o->ca_dir : o->cert);
 	case KEY_ROUTE_FOR:
 		return cli_grant_route(o, v);
-	case KEY_NET:
-		return cli_parse_net(o, v);
-	case KEY_STATE_FILE:
-		return cli_path(f, v, o->state_file);
-	case KEY_METRICS: {
-		bool off;
-		if (cli_parse_socks(v, &o->metrics, &off) < 0 || !*v) {
-			cli_fail("bad --metrics '%s': ADDR:PORT, PORT (on 127.0.0.1) or off", v);
-			return -1;
-		}
-		o->has_metrics = !off;
-		return 0;
-	}
-	case KEY_SVG:
-		return cli_path(f, v, o->svg);
-	case KEY_DNS:
-		if (v && *v && strcmp(v, "true") && strcmp(v, "yes")) {
-			cli_fail("bad dns value '%s': write just 'dns' (or leave the key out)", v);
-			return -1;
-		}
-		o->dns = true;
-		return 0;
 	case KEY_TTL:
 		o->days = strtol(v, &end, 10);
 		if (*end || !*v || o->days < 1 || o->days > DHT_TTL_MAX_S) {
@@ -8824,9 +8803,42 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 	}
 }
 
+/* The zero-configuration flags: leases, resolver, metrics, map. */
+static int cli_apply_zeroconf(struct cli_opts *o, const struct cli_flag *f, const char *v)
+{
+	switch (f->key) {
+	case KEY_NET:
+		return cli_parse_net(o, v);
+	case KEY_STATE_FILE:
+		return cli_path(f, v, o->state_file);
+	case KEY_METRICS: {
+		bool off;
+		if (cli_parse_socks(v, &o->metrics, &off) < 0 || !*v) {
+			cli_fail("bad --metrics '%s': ADDR:PORT, PORT (on 127.0.0.1) or off", v);
+			return -1;
+		}
+		o->has_metrics = !off;
+		return 0;
+	}
+	case KEY_SVG:
+		return cli_path(f, v, o->svg);
+	case KEY_DNS:
+		if (v && *v && strcmp(v, "true") && strcmp(v, "yes")) {
+			cli_fail("bad dns value '%s': write just 'dns' (or leave the key out)", v);
+			return -1;
+		}
+		o->dns = true;
+		return 0;
+	default:
+		return -1;
+	}
+}
+
 /* Apply one flag or config key; on error print one line and return -1. */
 static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v)
 {
+	if (f->key >= KEY_NET)
+		return cli_apply_zeroconf(o, f, v);
 	return f->key <= KEY_HELP ? cli_apply_basic(o, f, v) : cli_apply_more(o, f, v);
 }
 
