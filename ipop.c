@@ -22,7 +22,8 @@
  *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
  *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
  *   09  nat_   public endpoints learned from peers, NAT classification
- *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors
+ *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors;
+ *              the *.ipop resolver (dns_); --ip auto leases (ip_lease_)
  *   11  tap_   the tap device: frames, ARP answered on the host; namespace mode
  *   12  lw_    user mode: lwIP in-process, relays between sockets and lwIP TCP
  *   13  socks_ SOCKS5 server (RFC 1928) for user mode
@@ -2278,6 +2279,9 @@ struct ring_state {
 	void (*link_up)(struct node *n, struct link *l);
 	void (*dialing)(struct node *n, const struct peer_info *pi, uint8_t want);
 	void (*ctm_reply)(struct node *n, const struct wire_ctm_reply *m);
+	/* Another node holds our ring address and we are younger: true if the
+	 * owner of our address (section 10's lease) takes another instead. */
+	bool (*readdress)(struct node *n);
 };
 
 enum {
@@ -2326,6 +2330,18 @@ struct ip_route {
 	uint8_t len;
 };
 
+/* --ip auto: the address lease, owned by section 10 (ip_lease_). */
+struct ip_lease {
+	bool on;
+	uint8_t state;                  /* enum ip_lease_state */
+	uint32_t candidate;             /* the address being claimed or held */
+	unsigned tries, renewals;
+	uint32_t gen;                   /* bumped per claim: late replies are ignored */
+	uint64_t started_ms;
+	struct ev_timer timer;
+	char path[256];                 /* state file: address and ring address */
+};
+
 /* The virtual IP layer's state, owned by section 10. */
 struct ip_state {
 	struct ip_route routes[IP_ROUTES_MAX];  /* --route-for: IPs we hold besides our own */
@@ -2339,6 +2355,10 @@ struct ip_state {
 	int mtu;
 	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
 	void (*flush_local)(struct node *n);    /* at the end of a loop turn, if set */
+	int (*local_addr_set)(struct node *n); /* the interface takes a leased address */
+	struct ip_lease lease;
+	unsigned dns_pending;           /* resolver lookups in flight */
+	uint64_t dns_answers[16];       /* by rcode */
 	uint64_t unreach_window_ms;     /* ICMP error rate limit */
 	unsigned unreach_in_window;
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
@@ -4464,6 +4484,17 @@ static void ring_ctm_send(struct node *n, uint8_t mode, const ring_addr *target,
 		ring_send(n, mode, target, NULL, INNER_CTM_REQ, payload, (size_t)len);
 }
 
+/* A peer's own word on itself (the "from" of its connect-to-me messages):
+ * its virtual IP may be newer than the handshake's (--ip auto leases it
+ * after joining).  Only the same process's links are refreshed. */
+static void ring_peer_refresh(struct node *n, const struct peer_info *from)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state == LINK_UP && l->peer_known && wire_addr_eq(&l->peer.addr, &from->addr) &&
+		    l->peer.instance == from->instance)
+			l->peer.vip = from->vip;
+}
+
 static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 {
 	struct wire_ctm_req q;
@@ -4474,6 +4505,7 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	}
 	if (wire_addr_eq(&q.from.addr, &n->self.addr))
 		return;
+	ring_peer_refresh(n, &q.from);
 	struct wire_ctm_reply m = { .token = q.token, .want = q.want, .from = n->self };
 	m.n_neighbours = ring_near_infos(n, m.neighbours, &q.from);
 	uint8_t payload[WIRE_MAX_PACKET_BYTES];
@@ -4496,6 +4528,8 @@ static void ring_on_conflict(struct node *n, const struct peer_info *other)
 		log_drop(&n->drops, DROP_SELF_LINK, ev_now(&n->loop), "a newer node that claims our address");
 		return;
 	}
+	if (n->ring.readdress && n->ring.readdress(n))
+		return;
 	if (n->self.vip)
 		log_err("ring", "another node already holds virtual IP %s (ring address %s); "
 			"choose another --ip", ip, addr);
@@ -4520,6 +4554,7 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 	for (unsigned i = 0; i < m.n_neighbours; i++)
 		if (ring_is_conflict(n, &m.neighbours[i]))
 			return ring_on_conflict(n, &m.neighbours[i]);
+	ring_peer_refresh(n, &m.from);
 	uint8_t want = 0;
 	if ((m.want & ROLE_FAR) && m.token == n->ring.far_token && n->ring.far_pending_until_ms) {
 		n->ring.far_pending_until_ms = 0;
@@ -4739,6 +4774,21 @@ static void ring_leave(struct node *n)
 	n->hooks.down = NULL;
 	for (struct link *l = n->links; l; l = l->next)
 		link_close(l, BYE_LEAVING);
+}
+
+/* Join again under another ring address: every link closes (peers learned
+ * the old address in the handshake) and the bootstrap peers are dialled
+ * afresh.  For auto-addressed nodes whose saved address proved taken. */
+static void ring_rejoin(struct node *n, const ring_addr *addr)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state != LINK_CLOSED)
+			link_close(l, BYE_LEAVING);
+	n->self.addr = *addr;
+	n->self.instance = sec_random_u64(&n->rng);
+	n->ring.joined = false;
+	n->ring.next_boot_ms = 0;
+	n->ring.boot_backoff_ms = 0;
 }
 
 static void ring_start(struct node *n)
@@ -5739,6 +5789,259 @@ static void ip_to_local(struct node *n, const uint8_t *pkt, size_t len)
 		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "local stack");
 }
 
+/* The address the *.ipop resolver answers on: the net's last host address
+ * (10.128.255.254 in a /16), which no leased address takes.  0 if the net
+ * has no room for one (/31, /32). */
+static uint32_t ip_gateway(const struct ip_state *ip)
+{
+	return ~ip->mask < 3 ? 0 : (ip->net | ~ip->mask) - 1;
+}
+
+/* ---- dns_: the *.ipop resolver on the gateway address ---------------------
+ * Tap nodes answer DNS (RFC 1035) on the virtual gateway address: A records
+ * for NAME.ipop from the DHT's "name:NAME" records (our own name at once),
+ * NODATA for other types of those names, NXDOMAIN when nobody published the
+ * name, REFUSED for names outside .ipop (we recurse for nobody) and FORMERR
+ * or NOTIMP for what is not one standard query.  A query is one UDP
+ * datagram of at most DNS_MSG_MAX_BYTES; the answer echoes its question.
+ * Lookups wait for the DHT in a bounded table of heap copies. */
+
+enum {
+	DNS_PORT = 53,
+	DNS_HDR_BYTES = 12,
+	DNS_MSG_MAX_BYTES = 512,        /* RFC 1035 4.2.1: UDP messages without EDNS */
+	DNS_NAME_MAX_BYTES = 253,       /* dotted, without the root's dot */
+	DNS_LABEL_MAX_BYTES = 63,
+	DNS_TYPE_A = 1,
+	DNS_CLASS_IN = 1,
+	DNS_TTL_S = 10,                 /* as long as a looked-up mapping is trusted */
+	DNS_PENDING_MAX = 64,           /* lookups in flight; more get SERVFAIL */
+	UDP_HDR_BYTES = 8,
+	IP_PROTOCOL_UDP = 17,
+};
+
+enum dns_rcode { DNS_NOERROR = 0, DNS_FORMERR = 1, DNS_SERVFAIL = 2, DNS_NXDOMAIN = 3, DNS_NOTIMP = 4,
+		 DNS_REFUSED = 5 };
+
+struct dns_query {
+	uint16_t id, flags, qtype, qclass;
+	char name[DNS_NAME_MAX_BYTES + 1];  /* lowercase; bytes other than [a-z0-9_-] are '?' */
+	size_t question_end;            /* header + question: echoed in the answer */
+};
+
+/* RFC 1035 4.1: a header, then one question: labels (no compression: a
+ * lone question never needs it), QTYPE, QCLASS.  Returns 0, or the rcode to
+ * answer with (FORMERR, NOTIMP); -1 for a datagram not worth an answer (a
+ * response, or too short to carry an id). */
+static int dns_parse_query(const uint8_t *p, size_t len, struct dns_query *q)
+{
+	struct buf b = buf_of(p, len);
+	q->id = buf_u16(&b);
+	q->flags = buf_u16(&b);
+	uint16_t qd = buf_u16(&b);
+	buf_u16(&b);
+	buf_u16(&b);
+	buf_u16(&b);
+	q->name[0] = 0;
+	q->question_end = 0;
+	if (b.bad || (q->flags & 0x8000) || len > DNS_MSG_MAX_BYTES)
+		return -1;
+	if (((q->flags >> 11) & 15) != 0)
+		return DNS_NOTIMP;      /* not a standard query */
+	if (qd != 1)
+		return DNS_FORMERR;
+	size_t nlen = 0;
+	for (uint8_t l = buf_u8(&b); l && !b.bad; l = buf_u8(&b)) {
+		const uint8_t *label = buf_view(&b, l);
+		/* A pointer (0xc0 and up) is longer than any label: refused here too. */
+		if (l > DNS_LABEL_MAX_BYTES || !label || nlen + (nlen != 0) + l > DNS_NAME_MAX_BYTES)
+			return DNS_FORMERR;
+		if (nlen)
+			q->name[nlen++] = '.';
+		for (unsigned i = 0; i < l; i++) {
+			int c = tolower(label[i]);
+			q->name[nlen++] = (char)(isalnum(c) || c == '-' || c == '_' ? c : '?');
+		}
+		q->name[nlen] = 0;      /* a name even when a later label fails */
+	}
+	q->name[nlen] = 0;
+	q->qtype = buf_u16(&b);
+	q->qclass = buf_u16(&b);
+	if (b.bad)
+		return DNS_FORMERR;
+	q->question_end = (size_t)(b.p - p);
+	return 0;
+}
+
+/* The answer to a parsed query: header, the question as asked, and one A
+ * record when ip is nonzero.  Without a whole question (FORMERR, NOTIMP)
+ * only the header goes back.  Bytes written, or -1 if cap is too small. */
+static ssize_t dns_answer(uint8_t *out, size_t cap, const uint8_t *query, const struct dns_query *q,
+			  uint8_t rcode, uint32_t ip)
+{
+	struct wbuf w = wbuf_of(out, cap);
+	bool question = q->question_end > DNS_HDR_BYTES;
+	wbuf_u16(&w, q->id);
+	/* QR, opcode 0, AA, RD as asked, RA 0: authoritative for .ipop only. */
+	wbuf_u16(&w, (uint16_t)(0x8000 | 0x0400 | (q->flags & 0x0100) | (rcode & 15)));
+	wbuf_u16(&w, question);
+	wbuf_u16(&w, ip != 0);
+	wbuf_u16(&w, 0);
+	wbuf_u16(&w, 0);
+	if (question)
+		wbuf_bytes(&w, query + DNS_HDR_BYTES, q->question_end - DNS_HDR_BYTES);
+	if (ip) {
+		wbuf_u16(&w, 0xc000 | DNS_HDR_BYTES);  /* the name: a pointer to the question's */
+		wbuf_u16(&w, DNS_TYPE_A);
+		wbuf_u16(&w, DNS_CLASS_IN);
+		wbuf_u32(&w, DNS_TTL_S);
+		wbuf_u16(&w, 4);
+		wbuf_u32(&w, ip);
+	}
+	return wbuf_done(&w);
+}
+
+/* "alice.ipop" -> "alice"; NULL when the name is not one label under .ipop. */
+static const char *dns_ipop_label(const char *name, char out[DNS_LABEL_MAX_BYTES + 1])
+{
+	size_t l = strlen(name);
+	if (l <= 5 || strcmp(name + l - 5, ".ipop") || l - 5 > DNS_LABEL_MAX_BYTES)
+		return NULL;
+	memcpy(out, name, l - 5);
+	out[l - 5] = 0;
+	return strchr(out, '.') || strchr(out, '?') ? NULL : out;
+}
+
+/* A lookup waiting for the DHT: the query and where to answer. */
+struct dns_pending {
+	uint32_t client_ip;
+	uint16_t client_port;
+	uint16_t len;
+	uint8_t query[DNS_MSG_MAX_BYTES];
+};
+
+/* RFC 768: the checksum over the pseudo-header and the datagram. */
+static uint16_t dns_udp_checksum(uint32_t src, uint32_t dst, const uint8_t *udp, size_t len)
+{
+	uint8_t pseudo[12 + UDP_HDR_BYTES + DNS_MSG_MAX_BYTES + 64];
+	struct wbuf w = wbuf_of(pseudo, sizeof pseudo);
+	wbuf_u32(&w, src);
+	wbuf_u32(&w, dst);
+	wbuf_u8(&w, 0);
+	wbuf_u8(&w, IP_PROTOCOL_UDP);
+	wbuf_u16(&w, (uint16_t)len);
+	wbuf_bytes(&w, udp, len);
+	ssize_t n = wbuf_done(&w);
+	uint16_t c = n < 0 ? 0 : ip_checksum(pseudo, (size_t)n);
+	return c ? c : 0xffff;          /* 0 means "no checksum" */
+}
+
+/* Wrap a DNS message in UDP and IPv4 from the gateway and hand it to the
+ * local stack. */
+static void dns_send(struct node *n, uint32_t dst, uint16_t dport, const uint8_t *msg, size_t mlen)
+{
+	uint8_t pkt[IP_HDR_MIN_BYTES + UDP_HDR_BYTES + DNS_MSG_MAX_BYTES + 64];
+	uint32_t src = ip_gateway(&n->ip);
+	size_t total = IP_HDR_MIN_BYTES + UDP_HDR_BYTES + mlen;
+	struct wbuf w = wbuf_of(pkt, sizeof pkt);
+	wbuf_u8(&w, 0x45);
+	wbuf_u8(&w, 0);
+	wbuf_u16(&w, (uint16_t)total);
+	wbuf_u32(&w, 0);
+	wbuf_u8(&w, 64);
+	wbuf_u8(&w, IP_PROTOCOL_UDP);
+	wbuf_u16(&w, 0);
+	wbuf_u32(&w, src);
+	wbuf_u32(&w, dst);
+	wbuf_u16(&w, DNS_PORT);
+	wbuf_u16(&w, dport);
+	wbuf_u16(&w, (uint16_t)(UDP_HDR_BYTES + mlen));
+	wbuf_u16(&w, 0);
+	wbuf_bytes(&w, msg, mlen);
+	if (wbuf_done(&w) < 0 || !n->ip.write_local)
+		return;
+	uint16_t c = ip_checksum(pkt, IP_HDR_MIN_BYTES);
+	pkt[10] = (uint8_t)(c >> 8);
+	pkt[11] = (uint8_t)c;
+	c = dns_udp_checksum(src, dst, pkt + IP_HDR_MIN_BYTES, UDP_HDR_BYTES + mlen);
+	pkt[IP_HDR_MIN_BYTES + 6] = (uint8_t)(c >> 8);
+	pkt[IP_HDR_MIN_BYTES + 7] = (uint8_t)c;
+	n->ip.write_local(n, pkt, total);
+}
+
+static void dns_reply(struct node *n, const struct dns_pending *d, const struct dns_query *q, uint8_t rcode,
+		      uint32_t ip)
+{
+	uint8_t out[DNS_MSG_MAX_BYTES + 16];    /* the question plus one A record */
+	ssize_t len = dns_answer(out, sizeof out, d->query, q, rcode, ip);
+	if (len > 0)
+		dns_send(n, d->client_ip, d->client_port, out, (size_t)len);
+	n->ip.dns_answers[rcode & 15]++;
+}
+
+static void dns_resolved(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	struct dns_pending *d = arg;
+	struct dns_query q;
+	n->ip.dns_pending--;
+	if (dns_parse_query(d->query, d->len, &q) == 0) {
+		if (!reply)
+			dns_reply(n, d, &q, DNS_SERVFAIL, 0);
+		else if (reply->status != DHT_OK || reply->value_len != 4)
+			dns_reply(n, d, &q, DNS_NXDOMAIN, 0);
+		else if (q.qtype != DNS_TYPE_A)
+			dns_reply(n, d, &q, DNS_NOERROR, 0);    /* the name exists: no data of this type */
+		else
+			dns_reply(n, d, &q, DNS_NOERROR, (uint32_t)reply->value[0] << 24 |
+				  (uint32_t)reply->value[1] << 16 | (uint32_t)reply->value[2] << 8 | reply->value[3]);
+	}
+	free(d);
+}
+
+/* One query from the local stack: answer now (our name, errors) or look
+ * the name up. */
+static void dns_on_query(struct node *n, uint32_t client, uint16_t port, const uint8_t *msg, size_t len)
+{
+	struct dns_pending d0 = { .client_ip = client, .client_port = port };
+	struct dns_query q;
+	char label[DNS_LABEL_MAX_BYTES + 1], key[DNS_LABEL_MAX_BYTES + 8];
+	if (len > sizeof d0.query)
+		return;
+	memcpy(d0.query, msg, len);
+	d0.len = (uint16_t)len;
+	int rc = dns_parse_query(msg, len, &q);
+	if (rc < 0)
+		return;
+	if (rc > 0)
+		return dns_reply(n, &d0, &q, (uint8_t)rc, 0);
+	if (q.qclass != DNS_CLASS_IN || !dns_ipop_label(q.name, label))
+		return dns_reply(n, &d0, &q, strlen(q.name) > 5 && !strcmp(q.name + strlen(q.name) - 5, ".ipop") ?
+				 DNS_NXDOMAIN : DNS_REFUSED, 0);
+	if (n->name[0] && n->self.vip && !strcmp(label, n->name))
+		return dns_reply(n, &d0, &q, DNS_NOERROR, q.qtype == DNS_TYPE_A ? n->self.vip : 0);
+	struct dns_pending *d = n->ip.dns_pending < DNS_PENDING_MAX ? malloc(sizeof *d) : NULL;
+	snprintf(key, sizeof key, "name:%s", label);
+	if (d)
+		*d = d0;
+	if (!d || dht_request(n, DHT_GET, key, NULL, 0, 0, dns_resolved, d) < 0) {
+		free(d);
+		return dns_reply(n, &d0, &q, DNS_SERVFAIL, 0);
+	}
+	n->ip.dns_pending++;
+}
+
+/* A packet from the local stack for the gateway address: DNS, or dropped. */
+static void dns_gateway_packet(struct node *n, const uint8_t *pkt, size_t len, const struct ip_head *h)
+{
+	struct buf b = buf_of(pkt + h->ihl_bytes, len - h->ihl_bytes);
+	uint16_t sport = buf_u16(&b), dport = buf_u16(&b), ulen = buf_u16(&b);
+	buf_u16(&b);
+	if (h->proto != IP_PROTOCOL_UDP || b.bad || dport != DNS_PORT || ulen < UDP_HDR_BYTES ||
+	    ulen > len - h->ihl_bytes)
+		return ip_drop(n, DROP_NOT_FOR_US, h->dst);
+	dns_on_query(n, h->src, sport, b.p, ulen - UDP_HDR_BYTES);
+}
+
 /* A packet from the local stack: ours to send, or dropped and counted. */
 static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 {
@@ -5747,6 +6050,8 @@ static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "local stack");
 	if (!ip_held_here(n, h.src))
 		return ip_drop(n, DROP_SPOOFED_SOURCE, h.src);
+	if (h.dst && h.dst == ip_gateway(&n->ip))
+		return dns_gateway_packet(n, pkt, len, &h);
 	if (!ip_on_net(&n->ip, h.dst) || h.dst == (n->ip.net | ~n->ip.mask))
 		return ip_drop(n, DROP_OFF_NET, h.dst);
 	struct ip_map *m = ip_map_find(n, h.dst);
@@ -5979,6 +6284,11 @@ static int64_t ip_publish_tick(struct ev_loop *loop, struct ev_timer *t)
 		wbuf_u32(&w, n->self.vip);
 		snprintf(key, sizeof key, "name:%s", n->name);
 		dht_request(n, DHT_PUT, key, v, 4, IP_PUBLISH_TTL_S, NULL, NULL);
+		/* The reverse, "host:A.B.C.D" -> NAME, labels maps (ipop map). */
+		char ip[16];
+		buf_ip_str(n->self.vip, ip);
+		snprintf(key, sizeof key, "host:%s", ip);
+		dht_request(n, DHT_PUT, key, (const uint8_t *)n->name, strlen(n->name), IP_PUBLISH_TTL_S, NULL, NULL);
 	}
 	/* The first round may land before the near links settle: repeat soon. */
 	return ++n->ip.publish_rounds < 3 ? 1000 : IP_PUBLISH_EVERY_MS;
@@ -6003,6 +6313,246 @@ static int ip_route_set(struct node *n, uint32_t net, uint8_t len, bool add)
 	return 0;
 }
 
+/* ---- ip_lease_: --ip auto, an address leased from the DHT ----------------
+ * As IPOP's DHCP over the DHT: a node claims a free address of --net with an
+ * atomic create of "ip:A.B.C.D" -> its ring address, so of two claimants of
+ * one address only one succeeds at the node holding the key.  The record is
+ * the lease (IP_PUBLISH_TTL_S), renewed by creating it again (its owner
+ * may), and it is also the mapping ip_resolve looks up: an auto node's ring
+ * address is random, not SHA-1 of its IP.  Address and ring address are
+ * kept in a state file, so a restarted node renews its own lease at once.
+ * Two claims made while the ring is still forming can both land (at two
+ * different "nearest" nodes); replication then keeps one, and the early
+ * renewals (ip_lease_checks_ms) tell the other to draw again.  A node whose
+ * saved ring address turns out to be in use (a copied state file) joins
+ * again under a random one.  Candidates: the saved address, then
+ * SHA-256(ring address, try) over the net's host addresses, never the
+ * network, broadcast or gateway address.
+ *   WAIT_JOIN --joined (or alone, or 5 s)--> CLAIMING --create ok--> HELD
+ *   CLAIMING --exists--> CLAIMING (next candidate); HELD --exists--> CLAIMING */
+
+enum ip_lease_state { IP_LEASE_WAIT_JOIN, IP_LEASE_CLAIMING, IP_LEASE_HELD };
+
+enum {
+	IP_LEASE_JOIN_WAIT_MS = 5000,   /* claim anyway when the ring has not formed by then */
+	IP_LEASE_POLL_MS = 200,         /* join check while waiting */
+	IP_LEASE_RETRY_MS = 1000,       /* after a request that got no answer */
+	IP_LEASE_TRIES_MAX = 64,        /* candidates in a row; then pause: the net may be full */
+	IP_LEASE_PAUSE_MS = 10000,
+};
+
+/* Renewal delays after a claim: the first ones catch a double claim while
+ * replicas settle; then every IP_PUBLISH_EVERY_MS (three per lease). */
+static const uint32_t ip_lease_checks_ms[] = { 2000, 3000, 5000, 10000 };
+
+/* Candidate `try` for the node at ring address a: a host address of the
+ * net, never the network (offset 0), gateway or broadcast address; 0 if
+ * the net has no such address. */
+static uint32_t ip_lease_pick(uint32_t net, uint32_t mask, const ring_addr *a, unsigned try)
+{
+	uint32_t span = ~mask;          /* the last offset: broadcast */
+	if (span < 3)
+		return 0;
+	uint8_t t[4] = { (uint8_t)(try >> 24), (uint8_t)(try >> 16), (uint8_t)(try >> 8), (uint8_t)try }, h[32];
+	sec_sha256(a->b, RING_ADDR_BYTES, t, sizeof t, h);
+	uint32_t r = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+	return (net & mask) | (1 + r % (span - 2));     /* offsets 1 .. span-2 */
+}
+
+static bool ip_lease_usable(const struct ip_state *ip, uint32_t a)
+{
+	uint32_t off = a & ~ip->mask;
+	return ip_on_net(ip, a) && off != 0 && off != ~ip->mask && a != ip_gateway(ip);
+}
+
+/* The state file: "ip A.B.C.D" and "addr HEX" lines (and "net", which must
+ * match).  Missing or foreign values stay 0 / unset. */
+static void ip_lease_load(const char *path, const struct ip_state *ip, uint32_t *vip, ring_addr *addr,
+			  bool *have_addr)
+{
+	char line[128], net[32], want[32], v[64];
+	FILE *f = fopen(path, "r");
+	*vip = 0;
+	*have_addr = false;
+	if (!f)
+		return;
+	buf_ip_str(ip->net, net);
+	snprintf(want, sizeof want, "%s/%d", net, __builtin_popcount(ip->mask));
+	bool same_net = true;
+	uint32_t saved = 0;
+	struct in_addr ia;
+	while (fgets(line, sizeof line, f)) {
+		if (sscanf(line, "net %31s", v) == 1)
+			same_net = !strcmp(v, want);
+		else if (sscanf(line, "ip %15s", v) == 1 && inet_pton(AF_INET, v, &ia) == 1)
+			saved = ntohl(ia.s_addr);
+		else if (sscanf(line, "addr %40s", v) == 1 && buf_unhex(v, addr->b, RING_ADDR_BYTES))
+			*have_addr = true;
+	}
+	fclose(f);
+	if (same_net && ip_lease_usable(ip, saved))
+		*vip = saved;
+}
+
+/* Write the state file whole (a temporary file renamed over it), private. */
+static void ip_lease_save(struct node *n)
+{
+	const struct ip_lease *ls = &n->ip.lease;
+	char tmp[300], ip[16], net[16], addr[2 * RING_ADDR_BYTES + 1];
+	if (!ls->path[0])
+		return;
+	snprintf(tmp, sizeof tmp, "%s.tmp", ls->path);
+	buf_ip_str(n->self.vip, ip);
+	buf_ip_str(n->ip.net, net);
+	ring_addr_hex(&n->self.addr, addr);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	FILE *f = fd < 0 ? NULL : fdopen(fd, "w");
+	if (f) {
+		fprintf(f, "# ipop --ip auto: this node's leased address; delete the file to draw another\n"
+			"net %s/%d\nip %s\naddr %s\n", net, __builtin_popcount(n->ip.mask), ip, addr);
+		if (fclose(f) == 0 && rename(tmp, ls->path) == 0)
+			return;
+	} else if (fd >= 0) {
+		close(fd);
+	}
+	log_warn("ip", "cannot write state file %s: %s (the address may change on restart)", ls->path,
+		 strerror(errno));
+	unlink(tmp);
+}
+
+static void ip_lease_reply(struct node *n, void *arg, const struct wire_dht *reply);
+
+/* Create (or renew) "ip:CANDIDATE" -> our ring address. */
+static void ip_lease_claim(struct node *n)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	char key[24], ip[16];
+	buf_ip_str(ls->candidate, ip);
+	snprintf(key, sizeof key, "ip:%s", ip);
+	ls->gen++;
+	if (dht_request(n, DHT_CREATE, key, n->self.addr.b, RING_ADDR_BYTES, IP_PUBLISH_TTL_S, ip_lease_reply,
+			(void *)(uintptr_t)ls->gen) < 0)
+		ev_timer_arm(&n->loop, &ls->timer, IP_LEASE_RETRY_MS);
+}
+
+/* The create succeeded: the address is ours (again) until the lease ends. */
+static void ip_lease_granted(struct node *n)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	uint64_t next = ls->renewals < ARRAY_LEN(ip_lease_checks_ms) ? ip_lease_checks_ms[ls->renewals] :
+			IP_PUBLISH_EVERY_MS;
+	ls->renewals++;
+	ev_timer_arm(&n->loop, &ls->timer, next);
+	if (ls->state == IP_LEASE_HELD)
+		return;
+	char ip[16];
+	buf_ip_str(ls->candidate, ip);
+	ls->state = IP_LEASE_HELD;
+	ls->tries = 0;
+	n->self.vip = ls->candidate;
+	log_info("ip", "leased %s/%d (--ip auto)", ip, __builtin_popcount(n->ip.mask));
+	ip_lease_save(n);
+	if (n->ip.local_addr_set && n->ip.local_addr_set(n) < 0)
+		log_err("ip", "the interface did not take %s", ip);
+	n->ip.publish_rounds = 0;
+	ev_timer_arm(&n->loop, &n->ip.publish, 0);      /* publish our name now */
+}
+
+/* Someone else holds the candidate: draw the next one. */
+static void ip_lease_taken(struct node *n)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	char ip[16];
+	buf_ip_str(ls->candidate, ip);
+	if (ls->state == IP_LEASE_HELD) {
+		log_warn("ip", "another node holds %s (claimed while the ring formed): drawing another address", ip);
+		n->self.vip = 0;
+	} else {
+		log_info("ip", "%s is taken: trying another address", ip);
+	}
+	ls->state = IP_LEASE_CLAIMING;
+	ls->renewals = 0;
+	uint64_t delay = 0;
+	if (++ls->tries % IP_LEASE_TRIES_MAX == 0) {
+		log_warn("ip", "%d addresses in a row were taken: is --net full?  Trying again in %d s",
+			 IP_LEASE_TRIES_MAX, IP_LEASE_PAUSE_MS / 1000);
+		delay = IP_LEASE_PAUSE_MS;
+	}
+	ls->candidate = ip_lease_pick(n->ip.net, n->ip.mask, &n->self.addr, ls->tries);
+	ev_timer_arm(&n->loop, &ls->timer, delay);
+}
+
+static void ip_lease_reply(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	if ((uint32_t)(uintptr_t)arg != ls->gen)
+		return;                 /* an answer for an address we moved on from */
+	if (reply && reply->status == DHT_OK)
+		ip_lease_granted(n);
+	else if (reply && (reply->status == DHT_EXISTS || reply->status == DHT_REFUSED))
+		ip_lease_taken(n);
+	else                            /* no answer, or the holder is full: ask again */
+		ev_timer_arm(&n->loop, &ls->timer, IP_LEASE_RETRY_MS);
+}
+
+static int64_t ip_lease_tick(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, ip.lease.timer);
+	struct ip_lease *ls = &n->ip.lease;
+	if (ls->state == IP_LEASE_WAIT_JOIN) {
+		bool waited = ev_now(loop) - ls->started_ms >= IP_LEASE_JOIN_WAIT_MS;
+		if (!n->ring.joined && n->ring.n_boot && !waited)
+			return IP_LEASE_POLL_MS;
+		ls->state = IP_LEASE_CLAIMING;
+	}
+	ip_lease_claim(n);
+	return EV_TIMER_STOP;           /* the reply arms the next step */
+}
+
+/* Our saved ring address is in use by an older node (a copied state file):
+ * join again under a random address and claim afresh.  Deferred to the
+ * timer: the conflict hook runs inside link code, which must not see every
+ * link close under it. */
+static int64_t ip_lease_rejoin(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct node *n = container_of(t, struct node, ip.lease.timer);
+	struct ip_lease *ls = &n->ip.lease;
+	ring_addr a;
+	sec_random(&n->rng, a.b, RING_ADDR_BYTES);
+	ring_rejoin(n, &a);
+	n->self.vip = 0;
+	ls->state = IP_LEASE_WAIT_JOIN;
+	ls->renewals = 0;
+	ls->gen++;
+	ls->started_ms = ev_now(loop);
+	t->fn = ip_lease_tick;
+	return IP_LEASE_POLL_MS;
+}
+
+static bool ip_lease_readdress(struct node *n)
+{
+	struct ev_timer *t = &n->ip.lease.timer;
+	if (t->fn == ip_lease_rejoin)
+		return true;            /* already on its way */
+	log_warn("ip", "another node runs with our saved ring address (a copied state file?): "
+		 "joining again as a new node");
+	t->fn = ip_lease_rejoin;
+	ev_timer_arm(&n->loop, t, 0);
+	return true;
+}
+
+static void ip_lease_start(struct node *n)
+{
+	struct ip_lease *ls = &n->ip.lease;
+	ev_timer_init(&ls->timer, ip_lease_tick);
+	ls->started_ms = ev_now(&n->loop);
+	ls->state = IP_LEASE_WAIT_JOIN;
+	if (!ls->candidate)
+		ls->candidate = ip_lease_pick(n->ip.net, n->ip.mask, &n->self.addr, 0);
+	n->ring.readdress = ip_lease_readdress;
+	ev_timer_arm(&n->loop, &ls->timer, IP_LEASE_POLL_MS);
+}
+
 static void ip_stop(struct node *n)
 {
 	while (n->ip.n_cache)
@@ -6017,10 +6567,12 @@ static void ip_start(struct node *n, int mtu)
 	ev_timer_init(&n->ip.publish, ip_publish_tick);
 	ev_timer_arm(&n->loop, &n->ip.publish, 200);
 	n->ip.mask = n->vip_prefix ? ~0u << (32 - n->vip_prefix) : 0;
-	n->ip.net = n->self.vip & n->ip.mask;
+	n->ip.net = (n->self.vip ? n->self.vip : n->ip.net) & n->ip.mask;  /* --ip, or --net */
 	n->ip.mtu = mtu ? mtu : IP_MTU_DEFAULT;
 	n->ring.deliver_ip = ip_deliver;
 	n->ring.undeliverable = ip_undeliverable;
+	if (n->ip.lease.on)
+		ip_lease_start(n);
 }
 
 /* ===================================================================== 11 tap_
@@ -6371,12 +6923,16 @@ static int tap_configure(struct node *n, char *err, size_t errlen)
 	struct ifreq ifr = { 0 };
 	int rc = -1;
 	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", n->tap.name);
-	tap_sockaddr(&ifr.ifr_addr, n->self.vip);
-	if (sock < 0 || tap_ioctl(sock, SIOCSIFADDR, &ifr, "set the address", err, errlen) < 0)
+	if (sock < 0)
 		goto out;
-	tap_sockaddr(&ifr.ifr_netmask, n->ip.mask);
-	if (tap_ioctl(sock, SIOCSIFNETMASK, &ifr, "set the netmask", err, errlen) < 0)
-		goto out;
+	if (n->self.vip) {              /* --ip auto: not before the lease */
+		tap_sockaddr(&ifr.ifr_addr, n->self.vip);
+		if (tap_ioctl(sock, SIOCSIFADDR, &ifr, "set the address", err, errlen) < 0)
+			goto out;
+		tap_sockaddr(&ifr.ifr_netmask, n->ip.mask);
+		if (tap_ioctl(sock, SIOCSIFNETMASK, &ifr, "set the netmask", err, errlen) < 0)
+			goto out;
+	}
 	ifr.ifr_mtu = n->ip.mtu;
 	if (tap_ioctl(sock, SIOCSIFMTU, &ifr, "set the MTU", err, errlen) < 0 ||
 	    tap_ioctl(sock, SIOCGIFHWADDR, &ifr, "read the MAC address", err, errlen) < 0)
@@ -6443,6 +6999,16 @@ static int tap_create(struct node *n, const char *name, char *err, size_t errlen
 	return 0;
 }
 
+/* A leased address (--ip auto) arrived, or changed. */
+static int tap_addr_set(struct node *n)
+{
+	char err[200];
+	if (tap_configure(n, err, sizeof err) == 0)
+		return 0;
+	log_err("tap", "%s", err);
+	return -1;
+}
+
 /* The device is ours: its frames go through this node. */
 static int tap_attach(struct node *n)
 {
@@ -6459,6 +7025,7 @@ static int tap_attach(struct node *n)
 	n->ip.local = true;
 	n->ip.write_local = tap_write_ip;
 	n->ip.flush_local = tap_gro_flush;
+	n->ip.local_addr_set = tap_addr_set;
 	return 0;
 }
 
@@ -6742,6 +7309,15 @@ static int64_t lw_tick(struct ev_loop *loop, struct ev_timer *t)
 	return next > LW_TIMER_MAX_MS ? LW_TIMER_MAX_MS : (next ? next : 1);
 }
 
+/* A leased address (--ip auto) arrived, or changed. */
+static int lw_addr_set(struct node *n)
+{
+	ip4_addr_t ip;
+	ip.addr = htonl(n->self.vip);
+	netif_set_ipaddr(&n->lw.netif, &ip);
+	return 0;
+}
+
 static void lw_start(struct node *n)
 {
 	ip4_addr_t ip, mask, gw;
@@ -6755,6 +7331,7 @@ static void lw_start(struct node *n)
 	n->lw.started = true;
 	n->ip.local = true;
 	n->ip.write_local = lw_write_ip;
+	n->ip.local_addr_set = lw_addr_set;
 	ev_timer_init(&n->lw.timer, lw_tick);
 	ev_timer_arm(&n->loop, &n->lw.timer, LW_TIMER_MAX_MS);
 	ev_timer_init(&n->lw.input_timer, lw_input_flush);
@@ -7756,14 +8333,18 @@ static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errle
 /* ===================================================================== 15 ctl_
  * The control socket: a per-user unix stream socket (mode 0600) on which the
  * CLI asks a running node one question per connection, as one text line:
- *   "status json" | "status text" | "ping TARGET TIMEOUT_MS"
+ *   "status json" | "status text" | "ping TARGET TIMEOUT_MS" | "map"
  * and reads the answer until the node closes.  Clients are a fixed table;
  * the answer is written without blocking, so a stuck client costs one slot
- * until its idle timer closes it.  To add a command: a ctl_cmd_* function
- * and a line in ctl_execute.
+ * until its idle timer closes it.  --metrics scrapes (HTTP/1.0) use the same
+ * table and writer.  To add a command: a ctl_cmd_* function and a line in
+ * ctl_execute.
  * ========================================================================= */
 
-enum { CTL_IDLE_TIMEOUT_MS = 10000 };
+enum {
+	CTL_IDLE_TIMEOUT_MS = 10000,
+	CTL_METRICS_TIMEOUT_MS = 5000,  /* a scrape sends its request at once */
+};
 
 struct ctl_client {
 	struct ctl *ctl;
@@ -7773,12 +8354,14 @@ struct ctl_client {
 	struct buf_str out;
 	size_t out_off;
 	uint32_t ping_id;               /* nonzero while an echo is outstanding */
+	bool http;                      /* a --metrics client: HTTP/1.0, not a command line */
 	struct ev_timer timer;          /* idle or ping timeout */
 };
 
 struct ctl {
 	struct node *node;
 	int fd;
+	int metrics_fd;                 /* --metrics listener, or -1 */
 	char path[108];                 /* sizeof sun_path */
 	uint32_t next_ping_id;
 	struct ctl_client clients[CTL_CLIENTS_MAX];
@@ -7887,6 +8470,18 @@ static void ctl_json_link(struct buf_str *o, const struct link *l, uint64_t now)
 		   (unsigned long long)l->tx_bytes, (unsigned long long)l->rx_bytes);
 }
 
+/* A user's string (a path) as a JSON string. */
+static void ctl_json_string(struct buf_str *o, const char *s)
+{
+	buf_printf(o, "\"");
+	for (; *s; s++)
+		if (*s == '"' || *s == '\\' || (unsigned char)*s < 0x20)
+			buf_printf(o, "\\u%04x", (unsigned char)*s);
+		else
+			buf_printf(o, "%c", *s);
+	buf_printf(o, "\"");
+}
+
 static void ctl_json_listen(struct buf_str *o, const struct node *n)
 {
 	buf_printf(o, "\"listen\":[");
@@ -7896,7 +8491,18 @@ static void ctl_json_listen(struct buf_str *o, const struct node *n)
 		link_endpoint_uri(&e, uri);
 		buf_printf(o, "%s\"%s\"", i ? "," : "", uri);
 	}
-	buf_printf(o, "],");
+	buf_printf(o, "],\"bootstrap\":[");
+	for (unsigned i = 0; i < n->ring.n_boot; i++) {
+		char uri[40];
+		link_endpoint_uri(&n->ring.boot[i], uri);
+		buf_printf(o, "%s\"%s\"", i ? "," : "", uri);
+	}
+	buf_printf(o, "],\"crl\":");
+	if (n->sec.crl_path[0])
+		ctl_json_string(o, n->sec.crl_path);
+	else
+		buf_printf(o, "null");
+	buf_printf(o, ",");
 }
 
 static void ctl_status_json(struct node *n, struct buf_str *o)
@@ -8111,6 +8717,34 @@ static void ctl_cmd_route(struct ctl_client *c, const char *op, const char *cidr
 	ctl_client_flush(c);
 }
 
+/* What a link is on a map.  Today the main ring role; a relayed link (when
+ * section 09 has them) will say "relayed" here, and the map draws any kind. */
+static const char *ctl_link_kind(const struct link *l)
+{
+	return ring_role_main(l->local_roles | l->peer_roles);
+}
+
+/* "map": the ring as this node knows it, one line per node for ipop map:
+ *   self ADDRESS IP|- NAME|-
+ *   link KIND ADDRESS IP|-      (one per up link) */
+static void ctl_map(struct node *n, struct buf_str *o)
+{
+	char addr[2 * RING_ADDR_BYTES + 1], ip[16] = "-";
+	ring_addr_hex(&n->self.addr, addr);
+	if (n->self.vip)
+		buf_ip_str(n->self.vip, ip);
+	buf_printf(o, "self %s %s %s\n", addr, ip, n->name[0] ? n->name : "-");
+	for (const struct link *l = n->links; l; l = l->next) {
+		if (l->state != LINK_UP || !l->peer_known)
+			continue;
+		ring_addr_hex(&l->peer.addr, addr);
+		snprintf(ip, sizeof ip, "-");
+		if (l->peer.vip)
+			buf_ip_str(l->peer.vip, ip);
+		buf_printf(o, "link %s %s %s\n", ctl_link_kind(l), addr, ip);
+	}
+}
+
 static void ctl_execute(struct ctl_client *c, char *line)
 {
 	char *save = NULL, *a[6] = { 0 };
@@ -8130,6 +8764,8 @@ static void ctl_execute(struct ctl_client *c, char *line)
 		ctl_status_json(c->ctl->node, &c->out);
 	else if (cmd && !strcmp(cmd, "status"))
 		ctl_status_text(c->ctl->node, &c->out);
+	else if (cmd && !strcmp(cmd, "map"))
+		ctl_map(c->ctl->node, &c->out);
 	else if (cmd && !strcmp(cmd, "ping")) {
 		ctl_cmd_ping(c, a1, a2);
 		return;
@@ -8137,6 +8773,8 @@ static void ctl_execute(struct ctl_client *c, char *line)
 		buf_printf(&c->out, "error unknown command\n");
 	ctl_client_flush(c);
 }
+
+static void ctl_metrics_request(struct ctl_client *c);
 
 static void ctl_client_readable(struct ctl_client *c)
 {
@@ -8149,6 +8787,8 @@ static void ctl_client_readable(struct ctl_client *c)
 		return;
 	c->in_len += (size_t)r;
 	c->in[c->in_len] = 0;
+	if (c->http)
+		return ctl_metrics_request(c);
 	char *nl = strchr(c->in, '\n');
 	if (nl) {
 		*nl = 0;
@@ -8218,10 +8858,124 @@ static void ctl_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events
 		c->fd = fd;
 		c->in_len = 0;
 		c->out_off = 0;
-		ev_timer_arm(loop, &c->timer, CTL_IDLE_TIMEOUT_MS);
+		c->http = lfd == ctl->metrics_fd;
+		ev_timer_arm(loop, &c->timer, c->http ? CTL_METRICS_TIMEOUT_MS : CTL_IDLE_TIMEOUT_MS);
 		return;
 	}
 	close(fd);                      /* table full: the CLI sees EOF and says so */
+}
+
+/* ---- --metrics: counters for Prometheus over HTTP/1.0 ------------------
+ * A scraper connects, sends "GET /metrics HTTP/1.x" and headers, and reads
+ * the text exposition format (version 0.0.4) until we close.  Metrics
+ * clients share the control clients' table (CTL_CLIENTS_MAX: more are
+ * refused), their non-blocking writer and their timer; a request larger
+ * than one control line, or slower than CTL_METRICS_TIMEOUT_MS, is dropped.
+ * To add a metric: one ctl_metric call in ctl_metrics_text. */
+
+__attribute__((format(printf, 5, 6)))
+static void ctl_metric(struct buf_str *o, const char *name, const char *type, const char *help,
+		       const char *fmt, ...)
+{
+	char line[256];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	if (help)
+		buf_printf(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+	buf_printf(o, "%s%s\n", name, line);
+}
+
+static void ctl_metrics_links(struct node *n, struct buf_str *o)
+{
+	uint64_t tx = 0, rx = 0, txb = 0, rxb = 0;
+	unsigned by_kind[5] = { 0 }, up = 0;
+	static const char *const kinds[] = { "near", "far", "shortcut", "leaf", "none" };
+	for (const struct link *l = n->links; l; l = l->next) {
+		tx += l->tx_packets, rx += l->rx_packets, txb += l->tx_bytes, rxb += l->rx_bytes;
+		if (l->state != LINK_UP)
+			continue;
+		up++;
+		for (unsigned k = 0; k < ARRAY_LEN(kinds); k++)
+			by_kind[k] += !strcmp(ctl_link_kind(l), kinds[k]);
+	}
+	ctl_metric(o, "ipop_links", "gauge", "Links by state (up or in a handshake).", "{state=\"up\"} %u", up);
+	ctl_metric(o, "ipop_links", "gauge", NULL, "{state=\"handshake\"} %u", n->n_links - up);
+	for (unsigned k = 0; k < ARRAY_LEN(kinds); k++)
+		ctl_metric(o, "ipop_links_up", "gauge", k ? NULL : "Up links by kind.", "{kind=\"%s\"} %u", kinds[k],
+			   by_kind[k]);
+	ctl_metric(o, "ipop_link_packets_total", "counter", "Overlay packets on current links.",
+		   "{direction=\"tx\"} %llu", (unsigned long long)tx);
+	ctl_metric(o, "ipop_link_packets_total", "counter", NULL, "{direction=\"rx\"} %llu", (unsigned long long)rx);
+	ctl_metric(o, "ipop_link_bytes_total", "counter", "Overlay bytes on current links.",
+		   "{direction=\"tx\"} %llu", (unsigned long long)txb);
+	ctl_metric(o, "ipop_link_bytes_total", "counter", NULL, "{direction=\"rx\"} %llu", (unsigned long long)rxb);
+}
+
+static void ctl_metrics_text(struct node *n, struct buf_str *o)
+{
+	static const char *const rcodes[] = { "noerror", "formerr", "servfail", "nxdomain", "notimp", "refused" };
+	ctl_metric(o, "ipop_uptime_seconds", "gauge", "Seconds since the node started.", " %llu",
+		   (unsigned long long)((ev_now(&n->loop) - n->start_ms) / 1000));
+	ctl_metric(o, "ipop_ring_joined", "gauge", "1 once the node has neighbours on both sides.", " %d",
+		   n->ring.joined);
+	ctl_metric(o, "ipop_ring_size_estimate", "gauge", "Nodes in the ring, estimated from neighbour gaps.",
+		   " %.1f", n->ring.n_estimate);
+	ctl_metrics_links(n, o);
+	ctl_metric(o, "ipop_routed_total", "counter", "Overlay packets forwarded for others.", " %llu",
+		   (unsigned long long)n->counters_routed);
+	ctl_metric(o, "ipop_delivered_total", "counter", "Overlay packets delivered here.", " %llu",
+		   (unsigned long long)n->counters_delivered);
+	ctl_metric(o, "ipop_ip_packets_total", "counter", "Virtual IP packets.", "{direction=\"tx\"} %llu",
+		   (unsigned long long)n->ip.tx_packets);
+	ctl_metric(o, "ipop_ip_packets_total", "counter", NULL, "{direction=\"rx\"} %llu",
+		   (unsigned long long)n->ip.rx_packets);
+	ctl_metric(o, "ipop_ip_bytes_total", "counter", "Virtual IP bytes.", "{direction=\"tx\"} %llu",
+		   (unsigned long long)n->ip.tx_bytes);
+	ctl_metric(o, "ipop_ip_bytes_total", "counter", NULL, "{direction=\"rx\"} %llu",
+		   (unsigned long long)n->ip.rx_bytes);
+	ctl_metric(o, "ipop_dht_records", "gauge", "DHT records held here.", " %u", n->dht.n_records);
+	ctl_metric(o, "ipop_dht_pending", "gauge", "DHT requests waiting for a reply.", " %u", n->dht.n_pending);
+	ctl_metric(o, "ipop_ip_leased", "gauge", "1 while --ip auto holds its lease.", " %d",
+		   n->ip.lease.on && n->self.vip != 0);
+	for (unsigned i = 0; i < ARRAY_LEN(rcodes); i++)
+		ctl_metric(o, "ipop_dns_answers_total", "counter", i ? NULL : "*.ipop resolver answers by rcode.",
+			   "{rcode=\"%s\"} %llu", rcodes[i], (unsigned long long)n->ip.dns_answers[i]);
+	for (int i = 0; i < DROP__COUNT; i++)
+		ctl_metric(o, "ipop_drops_total", "counter", i ? NULL : "Dropped packets by reason.",
+			   "{reason=\"%s\"} %llu", drop_names[i], (unsigned long long)n->drops.count[i]);
+	if (n->lw.started)
+		ctl_metric(o, "ipop_relays", "gauge", "User mode TCP relays open.", " %u", n->lw.n_relays);
+}
+
+/* The request so far: answer once its headers end; GET / or /metrics only. */
+static void ctl_metrics_request(struct ctl_client *c)
+{
+	struct buf_str body = { 0 };
+	if (!strstr(c->in, "\r\n\r\n") && !strstr(c->in, "\n\n")) {
+		if (c->in_len == sizeof c->in - 1)
+			ctl_client_close(c);    /* headers larger than we take */
+		return;
+	}
+	ev_fd_watch(&c->ctl->node->loop, c->fd, 0, ctl_client_event, c);
+	bool get = !strncmp(c->in, "GET ", 4), ok = get && (!strncmp(c->in + 4, "/metrics", 8) ||
+							    !strncmp(c->in + 4, "/ ", 2));
+	if (ok)
+		ctl_metrics_text(c->ctl->node, &body);
+	else
+		buf_printf(&body, "%s\n", get ? "not found: try /metrics" : "only GET");
+	buf_printf(&c->out, "HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n%s",
+		   ok ? "200 OK" : get ? "404 Not Found" : "405 Method Not Allowed",
+		   ok ? "text/plain; version=0.0.4; charset=utf-8" : "text/plain", body.len, body.s ? body.s : "");
+	buf_str_free(&body);
+	ctl_client_flush(c);
+}
+
+static int ctl_metrics_open(struct ctl *ctl, const struct endpoint *ep, char *err, size_t errlen)
+{
+	ctl->metrics_fd = socks_listen_tcp(ctl->node, ep, ctl_accept, ctl, "--metrics", err, errlen);
+	return ctl->metrics_fd < 0 ? -1 : 0;
 }
 
 /* The per-user default: $XDG_RUNTIME_DIR/ipop.sock, else /tmp/ipop-UID/ipop.sock. */
@@ -8261,7 +9015,7 @@ static int ctl_connect(const char *path)
  * On failure err says which call failed and why. */
 static int ctl_open(struct ctl *ctl, struct node *n, const char *path, char *err, size_t errlen)
 {
-	*ctl = (struct ctl){ .node = n, .fd = -1 };
+	*ctl = (struct ctl){ .node = n, .fd = -1, .metrics_fd = -1 };
 	for (unsigned i = 0; i < CTL_CLIENTS_MAX; i++) {
 		ctl->clients[i] = (struct ctl_client){ .ctl = ctl, .fd = -1 };
 		ev_timer_init(&ctl->clients[i].timer, ctl_client_timeout);
@@ -8308,7 +9062,11 @@ static void ctl_close(struct ctl *ctl)
 		close(ctl->fd);
 		unlink(ctl->path);
 	}
-	ctl->fd = -1;
+	if (ctl->metrics_fd >= 0) {
+		ev_fd_forget(&ctl->node->loop, ctl->metrics_fd);
+		close(ctl->metrics_fd);
+	}
+	ctl->fd = ctl->metrics_fd = -1;
 }
 
 /* ===================================================================== 16 cli_
@@ -8324,7 +9082,7 @@ static void ctl_close(struct ctl *ctl)
 enum cli_cmd {
 	CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4, CMD_GENKEY = 8, CMD_CA_INIT = 16,
 	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64, CMD_DHT_GET = 128, CMD_DHT_PUT = 256, CMD_DHT_CREATE = 512,
-	CMD_ROUTE = 1024, CMD_NC = 2048, CMD_RESOLVE = 4096,
+	CMD_ROUTE = 1024, CMD_NC = 2048, CMD_RESOLVE = 4096, CMD_MAP = 8192,
 };
 
 enum { CMD_DHT = CMD_DHT_GET | CMD_DHT_PUT | CMD_DHT_CREATE };
@@ -8335,6 +9093,7 @@ enum cli_key {
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
 	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
+	KEY_NET, KEY_STATE_FILE, KEY_DNS, KEY_SVG, KEY_METRICS,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NS, MODE_NONE };
@@ -8356,6 +9115,11 @@ static const struct cli_flag cli_flags[] = {
 	{ "listen", 0, true, true, KEY_LISTEN, CMD_UP },
 	{ "bootstrap", 0, true, true, KEY_BOOTSTRAP, CMD_UP },
 	{ "ip", 0, true, true, KEY_IP, CMD_UP | CMD_CERT_ISSUE },
+	{ "net", 0, true, true, KEY_NET, CMD_UP },
+	{ "state-file", 0, true, true, KEY_STATE_FILE, CMD_UP },
+	{ "dns", 0, false, true, KEY_DNS, CMD_UP },
+	{ "metrics", 0, true, true, KEY_METRICS, CMD_UP },
+	{ "svg", 0, true, false, KEY_SVG, CMD_MAP },
 	{ "secret-file", 0, true, true, KEY_SECRET_FILE, CMD_UP },
 	{ "cert-dir", 0, true, true, KEY_CERT_DIR, CMD_UP },
 	{ "crl", 0, true, true, KEY_CRL, CMD_UP },
@@ -8375,7 +9139,8 @@ static const struct cli_flag cli_flags[] = {
 	{ "days", 0, true, false, KEY_DAYS, CMD_CA_INIT | CMD_CERT_ISSUE },
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
-	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE | CMD_RESOLVE },
+	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE | CMD_RESOLVE |
+	  CMD_MAP },
 	{ "ttl", 0, true, false, KEY_TTL, CMD_DHT_PUT | CMD_DHT_CREATE },
 	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
 	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
@@ -8400,9 +9165,16 @@ struct cli_opts {
 	unsigned n_listen;
 	struct cli_uri boot[BOOTSTRAP_MAX];
 	unsigned n_boot;
-	bool has_ip;
-	uint32_t ip;
-	uint8_t prefix;
+	bool has_ip, ip_auto, has_net;
+	uint32_t ip, net;
+	uint8_t prefix, net_len;
+	char state_file[256];
+	bool dns;
+	char svg[256];                  /* map --svg FILE */
+	bool has_metrics;
+	struct endpoint metrics;        /* --metrics ADDR:PORT */
+	int argc;                       /* the arguments after the command: SIGHUP parses them again */
+	char **argv;
 	char control[108];
 	int log_level;
 	bool json, help;
@@ -8445,17 +9217,20 @@ static const char cli_usage_main[] =
 	"  route    add or del a prefix this node routes for (VMs behind it)\n"
 	"  nc       join stdin/stdout to a virtual host's TCP port (ssh ProxyCommand)\n"
 	"  resolve  print the virtual IP a name (--name) stands for\n"
+	"  map      draw the ring as the running node knows it (--svg FILE)\n"
 	"  version  print the version\n"
 	"\n"
 	"'ipop COMMAND --help' describes each command.  See ipop(1).\n";
 
 static const char cli_usage_up[] =
 	"usage: ipop up (--secret-file FILE | --cert-dir DIR [--crl FILE] | --insecure)\n"
-	"               [--ip A.B.C.D[/PREFIX]] [--listen URI]... [--bootstrap URI]...\n"
+	"               [--ip A.B.C.D[/PREFIX] | --ip auto --net CIDR]\n"
+	"               [--listen URI]... [--bootstrap URI]...\n"
 	"               [--config FILE] [--control PATH] [-v|-q] [--log-level LEVEL]\n"
 	"               [--mode ns ... -- CMD [ARGS...]]\n"
 	"\n"
 	"Run a node in the foreground until SIGINT or SIGTERM (a graceful leave).\n"
+	"SIGHUP re-reads the config file: bootstrap, crl and log-level apply at once.\n"
 	"Every link is authenticated and encrypted; choose how members prove it:\n"
 	"  --secret-file FILE a shared network secret (create: ipop genkey > net.key)\n"
 	"  --cert-dir DIR     ca.crt, node.crt, node.key from 'ipop cert issue'; the\n"
@@ -8478,12 +9253,24 @@ static const char cli_usage_up[] =
 	"  --dev NAME         tap device name (default ipop%d: ipop0, ipop1, ...)\n"
 	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
 	"  --name NAME        publish NAME for this node's IP (SOCKS resolves NAME\n"
-	"                     and NAME.ipop)\n"
+	"                     and NAME.ipop; tap nodes answer DNS for NAME.ipop on\n"
+	"                     the gateway address, the net's last host address)\n"
+	"  --metrics ADDR:PORT  serve counters for Prometheus (HTTP GET /metrics);\n"
+	"                     PORT alone listens on 127.0.0.1\n"
+	"  --dns              point this host's resolver at the gateway for .ipop\n"
+	"                     names (resolvectl; else print the line to add)\n"
 	"  --route-for CIDR   also hold these IPs (VMs, containers behind this host;\n"
 	"                     published in the DHT; repeatable; at most /24 each)\n"
 	"\n"
 	"  --ip A.B.C.D[/P]   this node's virtual IP (ring address = SHA-1 of it);\n"
 	"                     without it the node only routes (random ring address)\n"
+	"  --ip auto          lease a free address of --net from the DHT; kept across\n"
+	"                     restarts in the state file; another one on conflict\n"
+	"  --net CIDR         the virtual network, e.g. 10.128.0.0/16 (for --ip auto;\n"
+	"                     its last address, .255.254 in a /16, is the gateway)\n"
+	"  --state-file FILE  where --ip auto keeps its lease (default\n"
+	"                     $XDG_STATE_HOME/ipop/ or ~/.local/state/ipop/, one file\n"
+	"                     per network)\n"
 	"  --listen URI       udp://HOST:PORT or tcp://HOST:PORT; repeatable\n"
 	"                     (default udp://0.0.0.0:4000)\n"
 	"  --bootstrap URI    a peer to join through, same form; repeatable\n"
@@ -8547,6 +9334,15 @@ static const char cli_usage_resolve[] =
 	"Look NAME (or NAME.ipop) up in the overlay's DHT through the running node\n"
 	"and print the virtual IP it was published for (ipop up --name NAME).\n"
 	"Exit 1 when nobody published it.\n";
+
+static const char cli_usage_map[] =
+	"usage: ipop map [--svg FILE] [--control PATH]\n"
+	"\n"
+	"The ring as the running node knows it: itself and the nodes it has links\n"
+	"to, placed on a circle by ring address, each link drawn by kind (near,\n"
+	"far, shortcut, relayed, leaf) and labelled with virtual IPs and names.\n"
+	"--svg FILE writes an SVG picture (- for standard output); without it the\n"
+	"node's answer is printed as text.\n";
 
 static const char cli_usage_nc[] =
 	"usage: ipop nc [--socks ADDR:PORT] VIP PORT\n"
@@ -8798,6 +9594,23 @@ static int cli_grant_route(struct cli_opts *o, const char *v)
 	return 0;
 }
 
+/* --net 10.128.0.0/16: the network --ip auto draws from. */
+static int cli_parse_net(struct cli_opts *o, const char *v)
+{
+	char ip[20], tail;
+	unsigned plen;
+	struct in_addr ia;
+	if (sscanf(v, "%19[0-9.]/%u%c", ip, &plen, &tail) != 2 || plen < 1 || plen > 30 ||
+	    inet_pton(AF_INET, ip, &ia) != 1) {
+		cli_fail("bad --net '%s': a prefix like 10.128.0.0/16 (/1 to /30)", v);
+		return -1;
+	}
+	o->net = ntohl(ia.s_addr) & ~0u << (32 - plen);
+	o->net_len = (uint8_t)plen;
+	o->has_net = true;
+	return 0;
+}
+
 /* The run-time flags: addresses, control socket, logging, ping options. */
 static int cli_apply_basic(struct cli_opts *o, const struct cli_flag *f, const char *v)
 {
@@ -8821,6 +9634,12 @@ static int cli_apply_basic(struct cli_opts *o, const struct cli_flag *f, const c
 	case KEY_IP:
 		if (o->cmd == CMD_CERT_ISSUE)
 			return cli_grant_ip(o, v);
+		if (!strcmp(v, "auto")) {
+			o->ip_auto = true;
+			o->has_ip = false;
+			return 0;
+		}
+		o->ip_auto = false;
 		if (cli_parse_ip(v, o) < 0) {
 			cli_fail("bad --ip '%s': expected an IPv4 address like 10.128.0.5 or 10.128.0.5/16", v);
 			return -1;
@@ -8963,9 +9782,42 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 	}
 }
 
+/* The zero-configuration flags: leases, resolver, metrics, map. */
+static int cli_apply_zeroconf(struct cli_opts *o, const struct cli_flag *f, const char *v)
+{
+	switch (f->key) {
+	case KEY_NET:
+		return cli_parse_net(o, v);
+	case KEY_STATE_FILE:
+		return cli_path(f, v, o->state_file);
+	case KEY_METRICS: {
+		bool off;
+		if (cli_parse_socks(v, &o->metrics, &off) < 0 || !*v) {
+			cli_fail("bad --metrics '%s': ADDR:PORT, PORT (on 127.0.0.1) or off", v);
+			return -1;
+		}
+		o->has_metrics = !off;
+		return 0;
+	}
+	case KEY_SVG:
+		return cli_path(f, v, o->svg);
+	case KEY_DNS:
+		if (v && *v && strcmp(v, "true") && strcmp(v, "yes")) {
+			cli_fail("bad dns value '%s': write just 'dns' (or leave the key out)", v);
+			return -1;
+		}
+		o->dns = true;
+		return 0;
+	default:
+		return -1;
+	}
+}
+
 /* Apply one flag or config key; on error print one line and return -1. */
 static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v)
 {
+	if (f->key >= KEY_NET)
+		return cli_apply_zeroconf(o, f, v);
 	return f->key <= KEY_HELP ? cli_apply_basic(o, f, v) : cli_apply_more(o, f, v);
 }
 
@@ -9175,7 +10027,8 @@ static void cli_self_endpoints(struct node *n)
 	}
 }
 
-static int cli_signals_open(struct node *n, int *sfd);
+struct cli_run;
+static int cli_signals_open(struct cli_run *r, int *sfd);
 
 static void cli_node_free(struct node *n)
 {
@@ -9280,7 +10133,7 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 	}
 	if (o->mode == MODE_NS)
 		return tap_ns_spawn(n, o->exec_argv, err, errlen);
-	if (!n->self.vip || o->mode == MODE_NONE) {
+	if ((!n->self.vip && !n->ip.lease.on) || o->mode == MODE_NONE) {
 		if (o->n_fwd || o->socks[0]) {
 			snprintf(err, errlen, "-L, -R and --socks need a virtual IP (--ip) and user mode");
 			return -2;
@@ -9331,6 +10184,82 @@ static int cli_node_creds(struct node *n, const struct cli_opts *o, char *err, s
 	return sec_crl_refresh(&n->sec, err, errlen) < 0 ? -1 : 0;
 }
 
+/* mkdir -p for the state directory; private, like the control socket's. */
+static int cli_mkdirs(const char *path)
+{
+	char d[256];
+	snprintf(d, sizeof d, "%s", path);
+	for (char *p = d + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = 0;
+		if (mkdir(d, 0700) < 0 && errno != EEXIST)
+			return -errno;
+		*p = '/';
+	}
+	return mkdir(d, 0700) < 0 && errno != EEXIST ? -errno : 0;
+}
+
+/* The --ip auto state file: --state-file, else one per network (its prefix
+ * and a hash of its credentials) under $XDG_STATE_HOME/ipop or
+ * ~/.local/state/ipop. */
+static int cli_lease_path(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	char *out = n->ip.lease.path, dir[200], net[16], id[9];
+	const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+	if (o->state_file[0]) {
+		snprintf(out, sizeof n->ip.lease.path, "%s", o->state_file);
+		return 0;
+	}
+	if (xdg && *xdg == '/')
+		snprintf(dir, sizeof dir, "%s/ipop", xdg);
+	else if (home && *home == '/')
+		snprintf(dir, sizeof dir, "%s/.local/state/ipop", home);
+	else {
+		snprintf(err, errlen, "--ip auto: no state directory ($XDG_STATE_HOME and $HOME unset): "
+			 "give --state-file FILE");
+		return -2;
+	}
+	int rc = cli_mkdirs(dir);
+	if (rc < 0) {
+		snprintf(err, errlen, "cannot create state directory %s: %s (or give --state-file FILE)", dir,
+			 strerror(-rc));
+		return -1;
+	}
+	uint8_t h[32];
+	sec_sha256("ipop state", 10, n->sec.salt, SEC_KEY_BYTES, h);
+	buf_hex(h, 4, id);
+	buf_ip_str(o->net, net);
+	snprintf(out, sizeof n->ip.lease.path, "%s/lease-%s-%u-%s", dir, net, o->net_len, id);
+	return 0;
+}
+
+/* --ip auto: the saved lease, or a random ring address to claim one with. */
+static int cli_node_lease(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	bool have_addr;
+	if (n->sec.mode == SEC_CERT) {
+		snprintf(err, errlen, "--ip auto is for --secret-file and --insecure networks: in a "
+			 "certificate network the certificate names the node's IP");
+		return -2;
+	}
+	if (o->mode == MODE_NS) {
+		snprintf(err, errlen, "--ip auto does not work with --mode ns yet: give --ip A.B.C.D");
+		return -2;
+	}
+	int rc = cli_lease_path(n, o, err, errlen);
+	if (rc < 0)
+		return rc;
+	n->vip_prefix = o->net_len;
+	n->ip.net = o->net;
+	n->ip.mask = ~0u << (32 - o->net_len);
+	n->ip.lease.on = true;
+	ip_lease_load(n->ip.lease.path, &n->ip, &n->ip.lease.candidate, &n->self.addr, &have_addr);
+	if (!have_addr)
+		sec_random(&n->rng, n->self.addr.b, RING_ADDR_BYTES);
+	return 0;
+}
+
 /* The node's virtual IP and ring address: from --ip, from its certificate,
  * or random for a router-only node. */
 static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
@@ -9347,6 +10276,17 @@ static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err
 		snprintf(n->name, sizeof n->name, "%s", n->sec.own_grant.name);
 	n->self.vip = o->has_ip ? o->ip : 0;
 	n->vip_prefix = o->has_ip ? o->prefix : 16;
+	if (o->ip_auto)
+		return cli_node_lease(n, o, err, errlen);
+	if (o->has_net && o->has_ip && (o->ip & ~0u << (32 - o->net_len)) != o->net) {
+		char ip[16], net[16];
+		buf_ip_str(o->ip, ip);
+		buf_ip_str(o->net, net);
+		snprintf(err, errlen, "--ip %s is not in --net %s/%u", ip, net, o->net_len);
+		return -2;
+	}
+	if (o->has_net && o->has_ip)
+		n->vip_prefix = o->net_len;
 	if (n->sec.mode == SEC_CERT) {
 		const struct sec_grant *g = &n->sec.own_grant;
 		if (!o->has_ip && g->n_ips)
@@ -9373,6 +10313,11 @@ static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, si
 	if (ev_init(&n->loop) < 0 || sec_rng_init(&n->rng) < 0 || sec_creds_init(&n->sec) < 0) {
 		snprintf(err, errlen, "cannot start the event loop or random generator: %s", strerror(errno));
 		return -1;
+	}
+	if (o->ip_auto && !o->has_net) {
+		snprintf(err, errlen, "--ip auto needs --net, the network to draw from: "
+			 "--ip auto --net 10.128.0.0/16");
+		return -2;
 	}
 	n->start_ms = ev_now(&n->loop);
 	n->self.instance = sec_random_u64(&n->rng);
@@ -9412,13 +10357,71 @@ static void cli_reap_child(struct node *n)
 	n->loop.stop = true;
 }
 
+/* What the signal handler works with: the node and how it was started. */
+struct cli_run {
+	struct node *n;
+	const struct cli_opts *o;
+};
+
+/* New bootstrap peers; false (and a warning) if one does not resolve. */
+static bool cli_reload_boot(struct node *n, const struct cli_opts *o)
+{
+	struct endpoint boot[BOOTSTRAP_MAX];
+	char err[300];
+	for (unsigned i = 0; i < o->n_boot; i++)
+		if (cli_resolve(&o->boot[i], &boot[i], err, sizeof err) < 0) {
+			log_warn("cli", "SIGHUP: bootstrap %s: keeping the previous peers", err);
+			return false;
+		}
+	memcpy(n->ring.boot, boot, o->n_boot * sizeof boot[0]);
+	n->ring.n_boot = o->n_boot;
+	n->ring.boot_backoff_ms = 0;
+	n->ring.next_boot_ms = 0;
+	return true;
+}
+
+/* SIGHUP: parse the command line, and so the config file, again and apply
+ * what changes without touching links: bootstrap peers, the revocation list
+ * (read now; links of newly revoked certificates close), the log level.
+ * Anything else needs a restart.  A bad file keeps the running settings.
+ * Bootstrap host names resolve here, blocking: an operator's action. */
+static void cli_reload(struct cli_run *r)
+{
+	static struct cli_opts o;       /* large: off the stack */
+	struct node *n = r->n;
+	o = (struct cli_opts){ .cmd = CMD_UP, .log_level = LOG_INFO };
+	if (cli_parse_args(&o, r->o->argc, r->o->argv, "up") < 0) {
+		log_warn("cli", "SIGHUP: the configuration has an error (above): keeping the running one");
+		return;
+	}
+	if (o.crl[0] && n->sec.mode != SEC_CERT) {
+		log_warn("cli", "SIGHUP: crl needs a certificate network: keeping the running configuration");
+		return;
+	}
+	if (!cli_reload_boot(n, &o))
+		return;
+	log_cfg.level = o.log_level;
+	if (strcmp(n->sec.crl_path, o.crl)) {
+		snprintf(n->sec.crl_path, sizeof n->sec.crl_path, "%s", o.crl);
+		if (!o.crl[0])
+			n->sec.n_revoked = 0;   /* no list any more; an unreadable new one keeps the old */
+	}
+	n->sec.crl_mtime = (struct timespec){ 0 };     /* read it now, changed or not */
+	ev_timer_arm(&n->loop, &n->sec_timer, 0);
+	log_info("cli", "SIGHUP: reloaded: %u bootstrap peer(s), revocation list %s, log level %s", n->ring.n_boot,
+		 n->sec.crl_path[0] ? n->sec.crl_path : "none", log_level_names[log_cfg.level]);
+}
+
 static void cli_signal_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct signalfd_siginfo si;
+	struct cli_run *r = arg;
 	(void)events;
 	while (read(fd, &si, sizeof si) == (ssize_t)sizeof si) {
 		if (si.ssi_signo == SIGCHLD) {
-			cli_reap_child(arg);
+			cli_reap_child(r->n);
+		} else if (si.ssi_signo == SIGHUP) {
+			cli_reload(r);
 		} else if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
 			log_info("cli", "signal %u: leaving the ring", si.ssi_signo);
 			loop->stop = true;
@@ -9426,13 +10429,15 @@ static void cli_signal_event(struct ev_loop *loop, int fd, void *arg, uint32_t e
 	}
 }
 
-static int cli_signals_open(struct node *n, int *sfd)
+static int cli_signals_open(struct cli_run *r, int *sfd)
 {
+	struct node *n = r->n;
 	sigset_t set;
 	sigemptyset(&set);
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGCHLD);
+	sigaddset(&set, SIGHUP);
 	signal(SIGPIPE, SIG_IGN);
 	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
 		return -errno;
@@ -9440,7 +10445,7 @@ static int cli_signals_open(struct node *n, int *sfd)
 	if (*sfd < 0)
 		return -errno;
 	cli_reap_child(n);              /* a command that ended before we listened */
-	return ev_fd_watch(&n->loop, *sfd, EPOLLIN, cli_signal_event, n);
+	return ev_fd_watch(&n->loop, *sfd, EPOLLIN, cli_signal_event, r);
 }
 
 static void cli_log_start(const struct node *n)
@@ -9467,10 +10472,53 @@ static void cli_log_start(const struct node *n)
 	}
 }
 
+/* Run a helper program quietly and wait for it (at startup only). */
+static int cli_run_quiet(char *const argv[])
+{
+	pid_t pid = fork();
+	if (pid == 0) {
+		int fd = open("/dev/null", O_RDWR);
+		if (fd >= 0) {
+			dup2(fd, 0);
+			dup2(fd, 1);
+			dup2(fd, 2);
+		}
+		execvp(argv[0], argv);
+		_exit(127);
+	}
+	int st;
+	if (pid < 0 || waitpid(pid, &st, 0) != pid)
+		return -1;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* --dns: send .ipop queries to the gateway through systemd-resolved when
+ * it runs; never by rewriting /etc/resolv.conf behind the user's back. */
+static void cli_dns_setup(const struct node *n)
+{
+	char gw[16], dev[16];
+	buf_ip_str(ip_gateway(&n->ip), gw);
+	if (n->tap.fd < 0 || !ip_gateway(&n->ip)) {
+		log_warn("cli", "--dns is for tap mode (user mode's SOCKS server resolves NAME.ipop itself)");
+		return;
+	}
+	snprintf(dev, sizeof dev, "%s", n->tap.name);
+	char *set_dns[] = { "resolvectl", "dns", dev, gw, NULL };
+	char *set_domain[] = { "resolvectl", "domain", dev, "~ipop", NULL };
+	if (cli_run_quiet(set_dns) == 0 && cli_run_quiet(set_domain) == 0) {
+		log_info("cli", "--dns: resolvectl sends *.ipop queries to %s on %s", gw, dev);
+		return;
+	}
+	log_info("cli", "--dns: resolvectl is not available; to resolve NAME.ipop, add the line "
+		 "'nameserver %s' to /etc/resolv.conf (it answers only .ipop names)", gw);
+}
+
 static int cli_up(struct cli_opts *o)
 {
 	static struct node node;        /* large; static keeps it off the stack */
 	static struct ctl ctl;
+	static struct cli_run run;
+	run = (struct cli_run){ .n = &node, .o = o };
 	char err[1200];
 	int sfd = -1;
 	log_cfg.level = o->log_level;
@@ -9484,7 +10532,15 @@ static int cli_up(struct cli_opts *o)
 		cli_node_free(&node);
 		return rc == -2 ? EXIT_USAGE : EXIT_FAIL;
 	}
-	if (cli_signals_open(&node, &sfd) < 0) {
+	if (o->has_metrics && ctl_metrics_open(&ctl, &o->metrics, err, sizeof err) < 0) {
+		cli_fail("%s (choose another with --metrics ADDR:PORT)", err);
+		ctl_close(&ctl);
+		cli_node_free(&node);
+		return EXIT_FAIL;
+	}
+	if (o->dns)
+		cli_dns_setup(&node);
+	if (cli_signals_open(&run, &sfd) < 0) {
 		cli_fail("cannot set up signal handling: %s", strerror(errno));
 		ctl_close(&ctl);
 		cli_node_free(&node);
@@ -10007,6 +11063,191 @@ static int cli_resolve_name(struct cli_opts *o)
 	return code;
 }
 
+/* ---- ipop map: the ring as one node knows it, as SVG ------------------ */
+
+enum {
+	MAP_PEERS_MAX = 256,            /* links drawn; a node keeps a few dozen */
+	MAP_NAME_LOOKUPS_MAX = 64,      /* "host:IP" lookups, one control connection each */
+	MAP_SIZE_PX = 800,
+	MAP_RADIUS_PX = 280,
+};
+
+struct cli_map_node {
+	char kind[16], addr[2 * RING_ADDR_BYTES + 1], ip[16], name[64];
+};
+
+/* How each link kind is drawn; kinds not listed (new ones) take the last
+ * row's style, so the map never needs to know every kind in advance. */
+static const struct {
+	const char *kind, *color, *dash;
+	double width;
+} cli_map_styles[] = {
+	{ "near", "#1f77b4", "none", 2.5 },
+	{ "far", "#ff7f0e", "7 4", 1.5 },
+	{ "shortcut", "#2ca02c", "2 3", 1.5 },
+	{ "relayed", "#d62728", "8 3 2 3", 1.5 },
+	{ "leaf", "#7f7f7f", "1 3", 1.0 },
+	{ NULL, "#9467bd", "4 2", 1.0 },
+};
+
+static unsigned cli_map_style(const char *kind)
+{
+	unsigned i = 0;
+	while (cli_map_styles[i].kind && strcmp(cli_map_styles[i].kind, kind))
+		i++;
+	return i;
+}
+
+/* XML-escape s for text and attribute values; cut to fit cap. */
+static void cli_xml_escape(const char *s, char *out, size_t cap)
+{
+	size_t o = 0;
+	for (; *s; s++) {
+		const char *e = *s == '&' ? "&amp;" : *s == '<' ? "&lt;" : *s == '>' ? "&gt;" :
+				*s == '"' ? "&quot;" : *s == '\'' ? "&apos;" : NULL;
+		char one[2] = { *s, 0 };
+		if ((unsigned char)*s < 0x20)
+			e = "?";                /* control characters are not XML */
+		const char *add = e ? e : one;
+		size_t l = strlen(add);
+		if (o + l + 1 > cap)
+			break;
+		memcpy(out + o, add, l);
+		o += l;
+	}
+	out[o] = 0;
+}
+
+/* A ring address's place on the circle: its top 32 bits as a fraction of a
+ * turn, clockwise from the top. */
+static void cli_map_xy(const char *addr, double r, double *x, double *y)
+{
+	uint8_t top[4] = { 0 };
+	char h[9];
+	snprintf(h, sizeof h, "%.8s", addr);
+	buf_unhex(h, top, 4);
+	double turn = ((double)((uint32_t)top[0] << 24 | (uint32_t)top[1] << 16 | top[2] << 8 | top[3])) / 4294967296.0;
+	*x = MAP_SIZE_PX / 2.0 + r * sin(2 * M_PI * turn);
+	*y = MAP_SIZE_PX / 2.0 - r * cos(2 * M_PI * turn);
+}
+
+static void cli_map_label(FILE *f, const struct cli_map_node *m, bool self)
+{
+	double x, y, lx, ly;
+	char ip[64], name[200], short_addr[13];
+	cli_map_xy(m->addr, MAP_RADIUS_PX, &x, &y);
+	cli_map_xy(m->addr, MAP_RADIUS_PX + 16, &lx, &ly);
+	snprintf(short_addr, sizeof short_addr, "%.12s", m->addr);
+	cli_xml_escape(strcmp(m->ip, "-") ? m->ip : short_addr, ip, sizeof ip);
+	cli_xml_escape(strcmp(m->name, "-") ? m->name : "", name, sizeof name);
+	fprintf(f, "  <g class=\"node%s\" data-address=\"%s\">\n"
+		"    <circle cx=\"%.1f\" cy=\"%.1f\" r=\"%d\" fill=\"%s\" stroke=\"#222\"/>\n"
+		"    <text x=\"%.1f\" y=\"%.1f\" text-anchor=\"%s\" font-size=\"12\">%s%s%s</text>\n  </g>\n",
+		self ? " self" : "", m->addr, x, y, self ? 9 : 6, self ? "#d62728" : "#fff", lx, ly + 4,
+		lx >= MAP_SIZE_PX / 2.0 ? "start" : "end", ip, name[0] ? " " : "", name);
+}
+
+/* The picture: the ring, one line per link from us, nodes on top, a legend
+ * of the kinds drawn. */
+static void cli_map_svg(FILE *f, const struct cli_map_node *self, const struct cli_map_node *peers, unsigned np)
+{
+	bool used[ARRAY_LEN(cli_map_styles)] = { false };
+	char title[200];
+	double sx, sy;
+	cli_map_xy(self->addr, MAP_RADIUS_PX, &sx, &sy);
+	cli_xml_escape(strcmp(self->ip, "-") ? self->ip : self->addr, title, sizeof title);
+	fprintf(f, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+		"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" viewBox=\"0 0 %d %d\">\n"
+		"  <title>ipop ring as %s knows it</title>\n"
+		"  <rect width=\"100%%\" height=\"100%%\" fill=\"#fff\"/>\n"
+		"  <circle cx=\"%d\" cy=\"%d\" r=\"%d\" fill=\"none\" stroke=\"#ccc\"/>\n",
+		MAP_SIZE_PX, MAP_SIZE_PX, MAP_SIZE_PX, MAP_SIZE_PX, title, MAP_SIZE_PX / 2, MAP_SIZE_PX / 2,
+		MAP_RADIUS_PX);
+	for (unsigned i = 0; i < np; i++) {
+		double x, y;
+		unsigned st = cli_map_style(peers[i].kind);
+		char kind[64];
+		used[st] = true;
+		cli_xml_escape(peers[i].kind, kind, sizeof kind);
+		cli_map_xy(peers[i].addr, MAP_RADIUS_PX, &x, &y);
+		fprintf(f, "  <line class=\"link %s\" data-kind=\"%s\" data-peer=\"%s\" x1=\"%.1f\" y1=\"%.1f\" "
+			"x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"%.1f\" stroke-dasharray=\"%s\"/>\n",
+			kind, kind, peers[i].addr, sx, sy, x, y, cli_map_styles[st].color, cli_map_styles[st].width,
+			cli_map_styles[st].dash);
+	}
+	for (unsigned i = 0; i < np; i++)
+		cli_map_label(f, &peers[i], false);
+	cli_map_label(f, self, true);
+	int y = 20;
+	for (unsigned i = 0; i < ARRAY_LEN(cli_map_styles); i++) {
+		if (!used[i])
+			continue;
+		fprintf(f, "  <line x1=\"10\" y1=\"%d\" x2=\"40\" y2=\"%d\" stroke=\"%s\" stroke-width=\"%.1f\" "
+			"stroke-dasharray=\"%s\"/><text x=\"46\" y=\"%d\" font-size=\"12\">%s</text>\n", y, y,
+			cli_map_styles[i].color, cli_map_styles[i].width, cli_map_styles[i].dash, y + 4,
+			cli_map_styles[i].kind ? cli_map_styles[i].kind : "other");
+		y += 18;
+	}
+	fprintf(f, "</svg>\n");
+}
+
+/* The name a node published for ip ("host:IP"), or "-". */
+static void cli_map_name(const char *control, const char *ip, char out[64])
+{
+	char line[64], owner[64], hex[2 * 63 + 2];
+	unsigned ttl;
+	struct buf_str ans = { 0 };
+	snprintf(out, 64, "-");
+	snprintf(line, sizeof line, "dht get host:%s\n", ip);
+	if (cli_ctl_ask(control, line, &ans, DHT_REQUEST_TIMEOUT_MS + 2000) == 0 && ans.len &&
+	    sscanf(ans.s, "value %u %63s %127s", &ttl, owner, hex) == 3 && strlen(hex) / 2 < 64 &&
+	    buf_unhex(hex, (uint8_t *)out, strlen(hex) / 2))
+		out[strlen(hex) / 2] = 0;
+	buf_str_free(&ans);
+}
+
+static int cli_map(struct cli_opts *o)
+{
+	static struct cli_map_node self, peers[MAP_PEERS_MAX];
+	unsigned np = 0, lookups = 0;
+	if (!o->control[0])
+		ctl_default_path(o->control, sizeof o->control, false);
+	struct buf_str ans = { 0 };
+	int rc = cli_ctl_ask(o->control, "map\n", &ans, 5000);
+	if (rc < 0 || !ans.len || strncmp(ans.s, "self ", 5)) {
+		buf_str_free(&ans);
+		return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
+	}
+	if (!o->svg[0]) {
+		fputs(ans.s, stdout);
+		buf_str_free(&ans);
+		return EXIT_OK;
+	}
+	char *save = NULL;
+	for (char *l = strtok_r(ans.s, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+		struct cli_map_node m = { .name = "-" };
+		if (sscanf(l, "self %40s %15s %63s", m.addr, m.ip, m.name) == 3)
+			self = m;
+		else if (np < MAP_PEERS_MAX && sscanf(l, "link %15s %40s %15s", m.kind, m.addr, m.ip) == 3)
+			peers[np++] = m;
+	}
+	buf_str_free(&ans);
+	for (unsigned i = 0; i < np && lookups < MAP_NAME_LOOKUPS_MAX; i++)
+		if (strcmp(peers[i].ip, "-") && ++lookups)
+			cli_map_name(o->control, peers[i].ip, peers[i].name);
+	FILE *f = strcmp(o->svg, "-") ? fopen(o->svg, "w") : stdout;
+	if (!f) {
+		cli_fail("map: cannot write %s: %s", o->svg, strerror(errno));
+		return EXIT_FAIL;
+	}
+	cli_map_svg(f, &self, peers, np);
+	if (f != stdout ? fclose(f) != 0 : fflush(f) != 0) {
+		cli_fail("map: cannot write %s: %s", o->svg, strerror(errno));
+		return EXIT_FAIL;
+	}
+	return EXIT_OK;
+}
+
 static int cli_main(int argc, char **argv)
 {
 	static const struct {
@@ -10029,6 +11270,7 @@ static int cli_main(int argc, char **argv)
 		{ "route", "del", CMD_ROUTE, cli_usage_route, cli_route },
 		{ "nc", NULL, CMD_NC, cli_usage_nc, cli_nc },
 		{ "resolve", NULL, CMD_RESOLVE, cli_usage_resolve, cli_resolve_name },
+		{ "map", NULL, CMD_MAP, cli_usage_map, cli_map },
 	};
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		fputs(cli_usage_main, argc < 2 ? stderr : stdout);
@@ -10052,6 +11294,8 @@ static int cli_main(int argc, char **argv)
 				       .target = cmds[i].cmd == CMD_ROUTE ? cmds[i].sub : NULL };
 		if (cli_parse_args(&o, argc - skip, argv + skip, cmdname) < 0)
 			return EXIT_USAGE;
+		o.argc = argc - skip;
+		o.argv = argv + skip;
 		if (o.help) {
 			fputs(cmds[i].usage, stdout);
 			return EXIT_OK;

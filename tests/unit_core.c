@@ -599,6 +599,92 @@ static void test_next_hop(void)
 	fake_node_free(&n);
 }
 
+/* --ip auto: candidates stay inside the net and off its reserved
+ * addresses; the gateway is the last host address. */
+static void test_lease_pick(void)
+{
+	struct ip_state ip = { .net = 0x0a800000u, .mask = 0xffff0000u };
+	CHECK(ip_gateway(&ip) == 0x0a80fffeu);
+	ring_addr a = addr_small(7);
+	bool differ = false;
+	for (unsigned t = 0; t < 2000; t++) {
+		uint32_t c = ip_lease_pick(ip.net, ip.mask, &a, t);
+		CHECK(ip_lease_usable(&ip, c));
+		differ |= c != ip_lease_pick(ip.net, ip.mask, &a, 0);
+	}
+	CHECK(differ);
+	CHECK(ip_lease_pick(ip.net, ip.mask, &a, 3) == ip_lease_pick(ip.net, ip.mask, &a, 3));
+	struct ip_state p30 = { .net = 0xc0a80004u, .mask = 0xfffffffcu };     /* one usable host */
+	CHECK(ip_lease_pick(p30.net, p30.mask, &a, 9) == 0xc0a80005u);
+	CHECK(ip_gateway(&p30) == 0xc0a80006u);
+	CHECK(ip_lease_pick(0xc0a80004u, 0xfffffffeu, &a, 0) == 0);          /* /31: none */
+	CHECK(!ip_lease_usable(&ip, 0x0a800000u) && !ip_lease_usable(&ip, 0x0a80ffffu) &&
+	      !ip_lease_usable(&ip, 0x0a80fffeu) && !ip_lease_usable(&ip, 0x0a810001u));
+}
+
+/* The resolver's parser and encoder, table-driven: what each query gets. */
+static void test_dns(void)
+{
+	static const struct {
+		const char *hex;
+		int rc;
+		const char *name;
+	} cases[] = {
+		/* id 1234, RD, one question alice.ipop A IN */
+		{ "123401000001000000000000" "05616c69636504697070f0" "00010001", DNS_FORMERR, "alice" },
+		{ "123401000001000000000000" "05416c696365" "0469706f7000" "00010001", 0, "alice.ipop" },
+		{ "123401000001000000000001" "03626f62" "0469706f7000" "001c0001" "0000291000000000000000", 0,
+		  "bob.ipop" },                                   /* AAAA with an EDNS OPT record */
+		{ "123409000001000000000000" "0178046970" "6f7000" "00010001", DNS_NOTIMP, "" },  /* IQUERY */
+		{ "123401000002000000000000" "0178046970" "6f7000" "00010001", DNS_FORMERR, "" }, /* 2 questions */
+		{ "123401000001000000000000" "c00c" "00010001", DNS_FORMERR, "" },               /* pointer */
+		{ "123401000001000000000000" "0178046970" "6f7000" "0001", DNS_FORMERR, "x.ipop" }, /* short */
+		{ "123481800001000000000000" "0178046970" "6f7000" "00010001", -1, "" },         /* a response */
+		{ "1234", -1, "" },
+		{ "123401000001000000000000" "03612e62" "0469706f7000" "00010001", 0, "a?b.ipop" },
+	};
+	for (unsigned i = 0; i < ARRAY_LEN(cases); i++) {
+		uint8_t msg[128];
+		size_t len = strlen(cases[i].hex) / 2;
+		struct dns_query q;
+		CHECK(buf_unhex(cases[i].hex, msg, len));
+		int rc = dns_parse_query(msg, len, &q);
+		CHECK(rc == cases[i].rc);
+		if (rc >= 0 && cases[i].name[0])
+			CHECK(!strcmp(q.name, cases[i].name) || rc != 0);
+	}
+	uint8_t msg[64], out[128];
+	size_t len = 28;
+	struct dns_query q;
+	CHECK(buf_unhex("abcd01000001000000000000" "05616c696365046970" "6f7000" "00010001", msg, len));
+	CHECK(dns_parse_query(msg, len, &q) == 0 && q.qtype == DNS_TYPE_A && q.question_end == len);
+	char label[DNS_LABEL_MAX_BYTES + 1];
+	CHECK(dns_ipop_label(q.name, label) && !strcmp(label, "alice"));
+	CHECK(!dns_ipop_label("a.b.ipop", label) && !dns_ipop_label("ipop", label) &&
+	      !dns_ipop_label("example.com", label));
+	ssize_t n = dns_answer(out, sizeof out, msg, &q, DNS_NOERROR, 0x0a800005u);
+	CHECK(n == (ssize_t)len + 16);
+	char hex[2 * 128 + 1];
+	buf_hex(out, (size_t)n, hex);
+	CHECK(!strcmp(hex, "abcd85000001000100000000" "05616c696365046970" "6f7000" "00010001"
+		      "c00c00010001" "0000000a" "0004" "0a800005"));
+	n = dns_answer(out, sizeof out, msg, &q, DNS_NXDOMAIN, 0);
+	CHECK(n == (ssize_t)len && out[3] == 3 && out[7] == 0);
+	CHECK(dns_answer(out, 20, msg, &q, DNS_NOERROR, 1) == -1);
+}
+
+/* ipop map: labels are escaped for XML and cut whole, never mid-entity. */
+static void test_svg_escape(void)
+{
+	char out[32];
+	cli_xml_escape("a<b>&\"c'\x01", out, sizeof out);
+	CHECK(!strcmp(out, "a&lt;b&gt;&amp;&quot;c&apos;?"));
+	cli_xml_escape("&&&&&&&", out, 12);
+	CHECK(!strcmp(out, "&amp;&amp;"));
+	CHECK(cli_map_style("near") == 0 && cli_map_style("relayed") == 3 &&
+	      cli_map_styles[cli_map_style("something-new")].kind == NULL);
+}
+
 /* The contents list at the top of ipop.c names every section banner. */
 static void test_contents(void)
 {
@@ -881,6 +967,9 @@ int main(void)
 	test_config();
 	test_next_hop();
 	test_contents();
+	test_lease_pick();
+	test_dns();
+	test_svg_escape();
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
 	CHECK(mkdtemp(unit_dir) != NULL);
 	test_secure_pair(PROTO_UDP);
