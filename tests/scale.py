@@ -334,9 +334,10 @@ class Scale:
         return rate
 
     def dht_get(self, via, key, timeout=6.0):
-        out = ctl_ask(via.ctl, "dht get %s" % key, timeout) or ""
+        """(owner, value hex) or (None, the node's answer)."""
+        out = ctl_ask(via.ctl, "dht get %s" % key, timeout) or "no answer"
         m = re.match(r"value (\d+) ([0-9a-f]{40}) ([0-9a-f]*)", out)
-        return (m.group(2), m.group(3)) if m else None
+        return (m.group(2), m.group(3)) if m else (None, out.strip())
 
     def dht_put(self, via, key, value, ttl=3600):
         out = ctl_ask(via.ctl, "dht put %d %s %s" % (ttl, key, value.encode().hex()), 6.0) or ""
@@ -367,32 +368,40 @@ class Scale:
 
         def one(job):
             kind, key, want = job
+            first = None
             for attempt in range(2):
                 via = self.rng.choice(vias)
                 if kind == "put":
                     r = self.dht_get(via, key)
-                    ok = r is not None and bytes.fromhex(r[1]).decode(errors="replace") == want
+                    ok = r[0] is not None and bytes.fromhex(r[1]).decode(errors="replace") == want
                 elif kind == "ip":
                     r = self.dht_get(via, key)
-                    ok = r is not None and r[0] == want.address and r[1] == want.address
+                    ok = r[0] == want.address and r[1] == want.address
                 else:
                     rc, out, err = run_cli(["resolve", "--control", via.ctl, key], timeout=10)
                     ok = rc == 0 and out.strip() == want.ip
                     r = (rc, out.strip(), err.strip()[-100:])
                 if ok:
-                    return kind, True, attempt
+                    return kind, True, first
                 if kind != "put" and want in self.killed_at:
-                    return kind, None, attempt      # its owner left meanwhile
+                    return kind, None, first        # its owner left meanwhile
+                first = first or str(r[-1])[:40]
                 time.sleep(2)
             return kind, False, (key, r)
         res = list(self.dht_pool.map(one, jobs))
         summary = {}
         for kind in ("put", "ip", "name"):
             rs = [r for r in res if r[0] == kind and r[1] is not None]
-            summary[kind] = (sum(1 for r in rs if r[1]), len(rs), sum(1 for r in rs if r[1] and r[2]))
+            summary[kind] = (sum(1 for r in rs if r[1]), len(rs), sum(1 for r in rs if r[1] and r[2] is not None))
         log("%s: dht records found: put %d/%d, ip %d/%d, name %d/%d (%d needed the retry)"
             % (label, summary["put"][0], summary["put"][1], summary["ip"][0], summary["ip"][1],
                summary["name"][0], summary["name"][1], sum(v[2] for v in summary.values())))
+        why = {}
+        for r in res:
+            if r[1] and r[2]:
+                why[r[2]] = why.get(r[2], 0) + 1
+        if why:
+            log("%s: first answers of the retried reads: %s" % (label, why))
         for r in res:
             if r[1] is False:
                 log("   MISSING %s %r" % (r[0], r[2]))
