@@ -7,6 +7,8 @@
 #   make unit-asan  same with host gcc + ASan/UBSan                     -> build/tests/NAME-asan
 #   make fuzz       build + run tests/fuzz_*.c (clang libFuzzer), FUZZ_SECONDS each (default 60)
 #   make bench      run tests/bench*.sh
+#   make scale      1000 nodes on loopback: join, ring, idle cost, routing, churn, DHT (tests/scale.py;
+#                   about 10 minutes, loads the whole machine; SCALE_ARGS="--nodes 300 ..." for less)
 #   make clean / distclean
 #
 # Test sources include ipop.c (#include "../ipop.c") and are compiled with -DIPOP_NO_MAIN.
@@ -34,7 +36,7 @@ TEST_DEFS   = -std=c11 -D_GNU_SOURCE -DIPOP_NO_MAIN -I.
 SAN_FLAGS   = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 HDRS        = $(wildcard vendor/*.h vendor/lwip-port/arch/*.h)
 
-.PHONY: all deps test unit unit-asan fuzz bench demo clean distclean
+.PHONY: all deps test unit unit-asan fuzz bench demo scale clean distclean
 
 all:
 	./build.sh
@@ -113,6 +115,12 @@ bench: all
 	@shopt -s nullglob; benches=(tests/bench*.sh); \
 	if [ $${#benches[@]} -eq 0 ]; then echo "no benchmarks yet (tests/bench*.sh)"; exit 0; fi; \
 	for b in "$${benches[@]}"; do echo "== $$b"; bash "$$b"; done
+
+# ---------------------------------------------------------------- scale (issue 8)
+SCALE_ARGS ?= --nodes 1000 --join-seconds 60 --churn-minutes 5 --churn-rate 0.1
+
+scale: all
+	python3 tests/scale.py $(SCALE_ARGS)
 
 # ---------------------------------------------------------------- cleanup
 clean:

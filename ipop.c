@@ -118,6 +118,8 @@ enum {
 enum {
 	LINK_KEEPALIVE_MS = 1000,      /* ping every link this often: RTT + liveness */
 	LINK_DEAD_MS = 4000,           /* silence after which a link is dead (< 5 s) */
+	LINK_QUIET_MS = 1500,          /* silence after which routing avoids a link: one
+	                                * keepalive missed, plus 500 ms of scheduling slack */
 	LINK_HELLO_RETRY_MS = 500,     /* UDP handshake retransmit */
 	LINK_HELLO_TRIES = 6,          /* 3 s of retries, then the dial failed */
 	LINK_HANDSHAKE_TIMEOUT_MS = 5000, /* TCP connect + hello, or accepted and silent */
@@ -2226,6 +2228,7 @@ struct link {
 	uint8_t local_roles, peer_roles;
 	struct endpoint observed;       /* how the peer sees us */
 	uint64_t created_ms, up_ms, last_rx_ms;
+	uint64_t ping_rx_ms;            /* the peer's last PING: it keeps the link alive for both */
 	uint32_t ping_seq;
 	double rtt_ms;                  /* smoothed, < 0 until the first pong */
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
@@ -2945,6 +2948,22 @@ static void link_relays_lost(struct node *n, const ring_addr *via)
 			link_teardown(r, 0, false);
 }
 
+/* Milliseconds to the node's next keepalive tick.  Every link of a node
+ * pings on the same 1 s grid (its phase set by the node's start time), so
+ * the node wakes once per second for all of them, not once per link: with
+ * a thousand processes on two cores, wake-ups are most of an idle node's
+ * cost (docs/SCALING.md). */
+static int64_t link_keepalive_delay(const struct node *n)
+{
+	uint64_t now = ev_now(&n->loop);
+	return (int64_t)(LINK_KEEPALIVE_MS - (now - n->start_ms) % LINK_KEEPALIVE_MS);
+}
+
+/* One end of a link pinging is enough: the other hears the PING, answers
+ * it, and skips its own.  Whichever end's tick comes first keeps pinging,
+ * so an idle link carries 2 packets a second instead of 4.  The quiet end
+ * still notices a dead peer: with no PING in an interval it pings itself,
+ * and LINK_DEAD_MS of silence closes the link as before. */
 static int64_t link_keepalive(struct link *l)
 {
 	uint64_t now = ev_now(&l->node->loop);
@@ -2956,8 +2975,9 @@ static int64_t link_keepalive(struct link *l)
 		link_close(l, 0);
 		return EV_TIMER_STOP;
 	}
-	link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_clock_us());
-	return LINK_KEEPALIVE_MS;
+	if (!l->ping_rx_ms || now - l->ping_rx_ms >= LINK_KEEPALIVE_MS)
+		link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_clock_us());
+	return link_keepalive_delay(l->node);
 }
 
 static void link_hs_init_send(struct link *l);
@@ -3054,7 +3074,7 @@ static void link_became_up(struct link *l)
 	l->state = LINK_UP;
 	l->up_ms = l->last_rx_ms = l->keys.tx_epoch_ms = ev_now(&n->loop);
 	l->hs.tries = 0;
-	ev_timer_arm(&n->loop, &l->timer, LINK_KEEPALIVE_MS);
+	ev_timer_arm(&n->loop, &l->timer, (uint64_t)link_keepalive_delay(n));
 	char who[64];
 	link_describe(l, who);
 	log_info("link", "up: %s, %s, %s%s%s", who, l->initiator ? "dialled" : "accepted",
@@ -3704,9 +3724,10 @@ static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, 
 	case WIRE_PONG:
 		if (wire_ping_decode(pkt, len, &ping) < 0)
 			goto malformed;
-		if (type == WIRE_PING)
+		if (type == WIRE_PING) {
+			l->ping_rx_ms = ev_now(&l->node->loop);
 			link_send_ping(l, WIRE_PONG, ping.seq, ping.t_us);
-		else
+		} else
 			link_on_pong(l, &ping);
 		return;
 	case WIRE_ROLES:
@@ -4306,22 +4327,38 @@ static unsigned ring_far_target(double n_est)
 
 /* ---- routing -------------------------------------------------------- */
 
+/* A link that has missed a keepalive: its peer may have crashed, and
+ * LINK_DEAD_MS will tell.  Until then every message greedy routing sends
+ * that way is lost, so routing passes it over while another link still
+ * makes progress: a crashed node black-holes traffic for about
+ * LINK_QUIET_MS instead of LINK_DEAD_MS (docs/SCALING.md, churn). */
+static bool ring_link_quiet(const struct node *n, const struct link *l)
+{
+	return ev_now(&n->loop) - l->last_rx_ms > LINK_QUIET_MS;
+}
+
 /* The up link that lowers the metric most, or NULL when no neighbour is
- * closer than this node. */
+ * closer than this node.  A quiet link is the choice only when no other
+ * link lowers the metric at all. */
 static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr *target)
 {
-	ring_addr best = ring_metric(mode, &n->self.addr, target);
-	struct link *hop = NULL;
+	ring_addr best = ring_metric(mode, &n->self.addr, target), best_quiet = best;
+	struct link *hop = NULL, *quiet = NULL;
 	for (struct link *l = n->links; l; l = l->next) {
 		if (!ring_link_usable(l))
 			continue;
 		ring_addr m = ring_metric(mode, &l->peer.addr, target);
-		if (wire_addr_cmp(&m, &best) < 0) {
+		if (ring_link_quiet(n, l)) {
+			if (wire_addr_cmp(&m, &best_quiet) < 0) {
+				best_quiet = m;
+				quiet = l;
+			}
+		} else if (wire_addr_cmp(&m, &best) < 0) {
 			best = m;
 			hop = l;
 		}
 	}
-	return hop;
+	return hop ? hop : quiet;
 }
 
 static void ring_drop(struct node *n, enum drop_reason why, const ring_addr *src)
@@ -4824,6 +4861,7 @@ enum {
 	DHT_TTL_MAX_S = 86400,
 	DHT_RECORDS_MAX = 65536,        /* per node; new keys are refused past it */
 	DHT_MAINT_MS = 2000,
+	DHT_HANDOVER_MS = 200,          /* links changed: push records this soon (see dht_links_changed) */
 	DHT_REQUEST_TIMEOUT_MS = 3000,
 	DHT_PENDING_MAX = 1024,         /* outstanding lookups: CLI requests and IP mappings */
 };
@@ -5236,10 +5274,17 @@ static int64_t dht_maint(struct ev_loop *loop, struct ev_timer *t)
 	return DHT_MAINT_MS;
 }
 
-/* Links changed: records may belong elsewhere now. */
+/* Links changed: records may belong elsewhere now.  Push them soon, not at
+ * the next DHT_MAINT_MS: a node that just joined next to a key is where
+ * gets for it land, and until a holder hands the record over it answers
+ * "not found".  Under churn (10% of a thousand nodes a minute) that gap
+ * made reads fail; DHT_HANDOVER_MS also batches a burst of link changes. */
 static void dht_links_changed(struct node *n)
 {
-	n->dht.links_epoch++;
+	struct dht_state *d = &n->dht;
+	d->links_epoch++;
+	if (ev_timer_armed(&d->maint) && d->maint.when_ms > ev_now(&n->loop) + DHT_HANDOVER_MS)
+		ev_timer_arm(&n->loop, &d->maint, DHT_HANDOVER_MS);
 }
 
 /* A requester that went away: drop its pending requests unanswered. */
