@@ -34,7 +34,8 @@ need_tools() {
     local -a missing_pkgs=()
     local pair cmd pkg
     for pair in musl-gcc:musl-tools make:make tar:tar xz:xz-utils bzip2:bzip2 \
-                gcc:gcc cc:gcc ar:binutils strip:binutils sha256sum:coreutils file:file; do
+                gcc:gcc cc:gcc ar:binutils strip:binutils sha256sum:coreutils file:file \
+                autoreconf:autoconf automake:automake libtoolize:libtool; do
         cmd=${pair%%:*}; pkg=${pair#*:}
         command -v "$cmd" >/dev/null 2>&1 || missing_pkgs+=("$pkg")
     done
@@ -177,19 +178,20 @@ variant_dep_cflags() {
 include_flags() {
     local mb lw
     mb=$(src_dir mbedtls); lw=$(src_dir lwip)
-    echo "-I$VENDOR -I$VENDOR/lwip-port -I$lw/src/include -I$mb/include $MBEDTLS_CFG_DEF"
+    # libsodium's headers are the same for every variant: take the musl install's.
+    echo "-I$VENDOR -I$VENDOR/lwip-port -I$lw/src/include -I$mb/include -I$CACHE/sodium-musl/include $MBEDTLS_CFG_DEF"
 }
 libs_for() {
     local d=$CACHE/$1/lib
     local extra="-lm"
-    echo "$d/libmbedtls.a $d/libmbedx509.a $d/libmbedcrypto.a $d/liblwip.a $extra"
+    echo "$d/libmbedtls.a $d/libmbedx509.a $d/libmbedcrypto.a $d/liblwip.a $CACHE/sodium-$1/lib/libsodium.a $extra"
 }
 
 # ---------------------------------------------------------------- deps
 config_hash() {
-    # anything that should trigger a dependency rebuild
+    # anything that should trigger a dependency rebuild (libsodium has its own stamp)
     {
-        cat "$PINS"
+        grep -v '^libsodium ' "$PINS"
         (cd "$VENDOR" && find . -type f -name '*.h' -print0 | sort -z | xargs -0 sha256sum)
         echo "$1 $(variant_cc "$1") $(variant_dep_cflags "$1")"
         "$(variant_cc "$1")" --version 2>/dev/null | head -1
@@ -257,6 +259,38 @@ build_variant() {
     log "deps ($v) built in $((SECONDS - t0)) s -> $out/lib"
 }
 
+# libsodium (its ChaCha20-Poly1305 for the records: docs/PERFORMANCE.md says
+# why): the release tarball's own configure, out of tree, static only, into
+# .cache/sodium-VARIANT with its own stamp.
+build_sodium() {
+    local v=$1 cc cflags out stamp want src t0
+    cc=$(variant_cc "$v"); cflags=$(variant_dep_cflags "$v")
+    out=$CACHE/sodium-$v; stamp=$out/.ipop-stamp
+    src=$(src_dir libsodium)
+    want=$(printf '%s\n' "$(grep '^libsodium ' "$PINS")" "$cc $cflags" "sodium-recipe-v1" | sha256sum | awk '{print $1}')
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$out/lib/libsodium.a" ]; then
+        return 0
+    fi
+    t0=$SECONDS
+    log "building libsodium ($v, $cc $cflags) ..."
+    rm -rf "$out" "$out.build"
+    mkdir -p "$out.build"
+    # The Debian orig tarball is the git tree: generate configure once.
+    if [ ! -x "$src/configure" ] && ! (cd "$src" && ./autogen.sh -s) > "$CACHE/sodium-autogen.log" 2>&1; then
+        tail -20 "$CACHE/sodium-autogen.log" >&2
+        die "libsodium: autogen.sh failed (needs autoconf, automake, libtool); log: $CACHE/sodium-autogen.log"
+    fi
+    if ! (cd "$out.build" && "$src/configure" --prefix="$out" --disable-shared --enable-static \
+            --disable-debug --without-pthreads CC="$cc" CFLAGS="$cflags" \
+            && make -j"$JOBS" && make install) > "$CACHE/sodium-$v-build.log" 2>&1; then
+        tail -40 "$CACHE/sodium-$v-build.log" >&2
+        die "libsodium build ($v) failed; full log: $CACHE/sodium-$v-build.log"
+    fi
+    rm -rf "$out.build"
+    echo "$want" > "$stamp"
+    log "libsodium ($v) built in $((SECONDS - t0)) s -> $out/lib"
+}
+
 # Serialise concurrent build.sh runs that share .cache (e.g. two shells, make -j).
 lock_cache() {
     [ -n "${IPOP_CACHE_LOCKED:-}" ] && return 0
@@ -273,8 +307,10 @@ ensure_deps() {
     load_pins
     unpack_pin lwip
     unpack_pin mbedtls
+    unpack_pin libsodium
     local v
-    for v in "$@"; do build_variant "$v"; done
+    for v in "$@"; do build_variant "$v"; build_sodium "$v"; done
+    [ -f "$CACHE/sodium-musl/include/sodium.h" ] || build_sodium musl    # the headers
 }
 
 print_flags() {
@@ -296,12 +332,12 @@ print_flags() {
 # ---------------------------------------------------------------- ipop
 build_ipop() {
     [ -f "$ROOT/ipop.c" ] || die "ipop.c not found in $ROOT"
-    local t0=$SECONDS out=$ROOT/ipop
+    local t0=$SECONDS out=${IPOP_OUT:-$ROOT/ipop}   # IPOP_OUT: build elsewhere (e.g. during a test run)
     local -a cc_cmd libs
     read -r -a libs <<< "$(libs_for musl)"
     cc_cmd=(musl-gcc -static -O2 -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror
          -I"$VENDOR" -I"$VENDOR/lwip-port" -I"$(src_dir lwip)/src/include" -I"$(src_dir mbedtls)/include"
-         '-DMBEDTLS_CONFIG_FILE="ipop_mbedtls_config.h"'
+         -I"$CACHE/sodium-musl/include" '-DMBEDTLS_CONFIG_FILE="ipop_mbedtls_config.h"'
          "$ROOT/ipop.c" -o "$out.tmp"
          "${libs[@]}")
     log "compiling ipop.c"
@@ -315,7 +351,7 @@ build_ipop() {
     esac
     mv "$out.tmp" "$out"
     local kb=$(( ($(stat -c %s "$out") + 1023) / 1024 ))
-    echo "ipop: built ./ipop ($kb KB, static) in $((SECONDS - t0)) s"
+    echo "ipop: built ${out#$ROOT/} ($kb KB, static) in $((SECONDS - t0)) s"
 }
 
 # ---------------------------------------------------------------- main

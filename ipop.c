@@ -84,7 +84,7 @@
 #include "lwip/tcp.h"
 #include "lwip/timeouts.h"
 #include "lwip/udp.h"
-#include "mbedtls/chachapoly.h"
+#include "sodium.h"
 #include "mbedtls/ecdh.h"
 #include "mbedtls/error.h"
 #include "mbedtls/hkdf.h"
@@ -746,7 +746,10 @@ static void ev_run_once(struct ev_loop *loop)
  * mbedTLS glue.  SHA-1 maps virtual IPs to ring addresses; a CTR-DRBG seeded
  * from getrandom gives every other random byte (nonces, far-link targets).
  * Below that: the primitives of the link handshake and records, the replay
- * window, cookies, certificates and revocation (docs/SECURITY.md).
+ * window, cookies, certificates and revocation (docs/SECURITY.md).  The one
+ * primitive not from mbedTLS is the AEAD, ChaCha20-Poly1305 (RFC 8439):
+ * libsodium's vectorised code is three times mbedTLS's portable C here, and
+ * it capped the data path (docs/PERFORMANCE.md, "Profile").
  * ========================================================================= */
 
 /* mbedTLS calls this for entropy (MBEDTLS_ENTROPY_HARDWARE_ALT): musl's
@@ -883,7 +886,6 @@ struct sec_creds {
 	uint8_t cookie_key[2][SEC_KEY_BYTES];
 	uint64_t cookie_rotated_ms;
 	mbedtls_ecp_group x25519;
-	mbedtls_chachapoly_context aead;
 };
 
 static const mbedtls_md_info_t *sec_md(void)
@@ -995,8 +997,9 @@ static void sec_seal(struct sec_creds *s, const uint8_t key[SEC_KEY_BYTES], uint
 {
 	uint8_t nonce[12];
 	sec_nonce(nonce, epoch, counter);
-	mbedtls_chachapoly_setkey(&s->aead, key);
-	mbedtls_chachapoly_encrypt_and_tag(&s->aead, len, nonce, aad, aad_len, in, out, out + len);
+	(void)s;
+	crypto_aead_chacha20poly1305_ietf_encrypt_detached(out, out + len, NULL, in, len, aad, aad_len,
+							   NULL, nonce, key);
 }
 
 /* Decrypt len bytes (tag included) to out; false if forged or corrupted. */
@@ -1008,9 +1011,10 @@ static bool sec_open(struct sec_creds *s, const uint8_t key[SEC_KEY_BYTES], uint
 		return false;
 	uint8_t nonce[12];
 	sec_nonce(nonce, epoch, counter);
-	mbedtls_chachapoly_setkey(&s->aead, key);
-	return mbedtls_chachapoly_auth_decrypt(&s->aead, len - SEC_TAG_BYTES, nonce, aad, aad_len,
-					       in + len - SEC_TAG_BYTES, in, out) == 0;
+	(void)s;
+	return crypto_aead_chacha20poly1305_ietf_decrypt_detached(out, NULL, in, len - SEC_TAG_BYTES,
+								  in + len - SEC_TAG_BYTES, aad, aad_len,
+								  nonce, key) == 0;
 }
 
 /* ---- replay window (RFC 6479 style bitmap) --------------------------- */
@@ -1390,9 +1394,8 @@ static int sec_creds_init(struct sec_creds *s)
 	mbedtls_x509_crt_init(&s->own);
 	mbedtls_pk_init(&s->key);
 	mbedtls_ecp_group_init(&s->x25519);
-	mbedtls_chachapoly_init(&s->aead);
 	s->revoked = calloc(SEC_REVOKED_MAX, sizeof *s->revoked);
-	if (!s->revoked || mbedtls_ecp_group_load(&s->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
+	if (!s->revoked || sodium_init() < 0 || mbedtls_ecp_group_load(&s->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
 		return -1;
 	return 0;
 }
@@ -1403,7 +1406,6 @@ static void sec_creds_free(struct sec_creds *s)
 	mbedtls_x509_crt_free(&s->own);
 	mbedtls_pk_free(&s->key);
 	mbedtls_ecp_group_free(&s->x25519);
-	mbedtls_chachapoly_free(&s->aead);
 	free(s->revoked);
 	sec_wipe(s, sizeof *s);
 }
