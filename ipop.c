@@ -2414,6 +2414,7 @@ struct link_tx {
 	size_t used;
 	unsigned n;
 	bool no_gso;                    /* the kernel refused UDP_SEGMENT once */
+	bool tcp_pending;               /* some TCP link has queued frames to write */
 	int fd[LINK_BATCH];
 	struct sockaddr_in to[LINK_BATCH];
 	struct iovec iov[LINK_BATCH];
@@ -2679,7 +2680,10 @@ static int link_tcp_enqueue(struct link *l, const uint8_t *pkt, size_t len)
 	l->wq[l->wq_len + 1] = (uint8_t)len;
 	memcpy(l->wq + l->wq_len + 2, pkt, len);
 	l->wq_len += WIRE_TCP_FRAME_HDR_BYTES + len;
-	return l->state == LINK_CONNECTING ? 0 : link_tcp_flush(l);
+	/* Written at the end of the loop turn (link_tx_flush), with the rest of
+	 * the turn's frames: one send() for many records. */
+	l->node->tx.tcp_pending = true;
+	return 0;
 }
 
 /* ---- batching ----------------------------------------------------------
@@ -2711,10 +2715,22 @@ static void link_tx_unbatch(struct node *n, unsigned i)
 	}
 }
 
+/* Write every TCP link's queued frames (those still connecting wait). */
+static void link_tcp_flush_all(struct node *n)
+{
+	n->tx.tcp_pending = false;
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->proto == PROTO_TCP && l->state != LINK_CLOSED && l->state != LINK_CONNECTING &&
+		    l->wq_len > l->wq_off && !l->want_writable && link_tcp_flush(l) < 0)
+			link_drop(l, DROP_TX_ERROR);    /* the stream's error event closes it */
+}
+
 /* Send everything queued: one sendmmsg per run of one socket. */
 static void link_tx_flush(struct node *n)
 {
 	struct link_tx *t = &n->tx;
+	if (t->tcp_pending)
+		link_tcp_flush_all(n);
 	for (unsigned i = 0; i < t->n; i++) {
 		struct msghdr *h = &t->msgs[i].msg_hdr;
 		*h = (struct msghdr){ .msg_name = &t->to[i], .msg_namelen = sizeof t->to[i],
