@@ -301,6 +301,10 @@ def run_variant(tmp, variant, blocks, ubin):
             report(re.search(r"^tr-h1$", out, re.M) and re.search(r"^tr-h2$", out, re.M),
                    "user: ssh -o ProxyCommand='ipop nc %h %p' reached host 1's and host 2's sshd (-R 22) "
                    "and ran `hostname` there")
+            report(re.search(r"^hello from host 3$", out, re.M) and
+                   os.path.exists(os.path.join(hosts[1].dir, "hello.txt")),
+                   "user: scp through `ipop nc` put hello.txt in host 2's home, and ssh to "
+                   "$(ipop resolve h2) read it back")
         for p in nodes:         # Ctrl-C in each host's terminal
             stop(p, sig=signal.SIGINT)
         report(all(p.returncode == 0 for p in nodes),
@@ -338,7 +342,7 @@ def start_sshds(tmp, hosts):
             f.write("\n".join(["Port 22", "ListenAddress 127.0.0.1", "HostKey " + hk, "PidFile none",
                                "UsePAM no", "StrictModes no", "PasswordAuthentication no",
                                "KbdInteractiveAuthentication no", "AllowUsers nobody", "PrintMotd no",
-                               "LogLevel VERBOSE", ""]))
+                               "Subsystem sftp internal-sftp", "LogLevel VERBOSE", ""]))
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         out.append(h.start("sshd", "exec %s -D -e -f %s" % (sshd, q(cfg)), as_root=True))
     for h, p in zip(hosts[:2], out):
