@@ -17,6 +17,10 @@ them on three machines:
         namespaces' private mounts only (what an admin's chmod 0666 does):
         the allgather stand-in for an MPI job must finish on all three hosts.
 
+Then the Troubleshooting section: the user's mistakes in ERROR_CASES are
+made on host 1, and the one line each prints must be quoted word for word
+in that section, with the documented exit code.
+
 Only `HOST1=...` lines are rewritten (to host 1's bridge address); a block
 that needs anything else to run here fails the test, so the README cannot
 drift from the program.  Each host runs in a fresh directory that is its
@@ -157,15 +161,18 @@ class Host:
             os.chown(dst, self.user, self.user)
         return dst
 
-    def argv(self, script, tun=False, as_root=False):
+    def argv(self, script, tun=False, as_root=False, tun_mode=None):
         """Run shell text in this host: own namespace, hostname, mounts, user."""
         pre = ["hostname %s" % self.name]
         if self.passwd:
             pre.append("mount --bind %s /etc/passwd" % q(self.passwd))
-        if tun:
+        if tun or tun_mode:
+            # what `chmod 0666 /dev/net/tun` does, in this host's mounts only
+            # (tun_mode: the other way round, a tun device users may not open)
             dev = os.path.join(self.dir, ".dev")
             pre += ["mkdir -p %s" % q(dev), "mount -t tmpfs -o mode=755 tmpfs %s" % q(dev),
-                    "mknod -m 666 %s/tun c 10 200" % q(dev), "mount --bind %s/tun /dev/net/tun" % q(dev)]
+                    "mknod -m %s %s/tun c 10 200" % (tun_mode or "666", q(dev)),
+                    "mount --bind %s/tun /dev/net/tun" % q(dev)]
         env = ["HOME=" + self.dir, "PATH=%s:%s" % (os.path.dirname(self.bin), PATH),
                "XDG_RUNTIME_DIR=" + self.run, "LANG=C.UTF-8"]
         if self.user is not None and not as_root:
@@ -353,6 +360,59 @@ def start_sshds(tmp, hosts):
     return out
 
 
+# ---------------------------------------------------------------- troubleshooting
+
+# (what the user did, shell setup, the command, its documented exit code).
+# The command runs as the unprivileged user on host 1 in its home, with a
+# /dev/net/tun it may not open; the first "ipop: " line it prints must
+# appear word for word in the README's Troubleshooting section (after the
+# home directory is written as the README's /run/user/1000).
+ERROR_CASES = [
+    ("tap without root", "", "ipop up --mode tap --secret-file net.key --ip 10.128.0.1/16", 1),
+    ("ns without tun access", "", "ipop up --mode ns --secret-file net.key --ip 10.128.0.1/16 -- true", 1),
+    ("key readable by others", "chmod 644 net.key",
+     "ipop up --secret-file net.key --ip 10.128.0.1/16", 1),
+    ("privileged port", "", "ipop up --secret-file net.key --mode none --listen udp://127.0.0.1:22", 1),
+    ("port 4000 taken", "python3 -c 'import socket,time; s=socket.socket(2,2); s.bind((\"0.0.0.0\",4000)); "
+     "time.sleep(20)' >/dev/null 2>&1 & sleep 1", "ipop up --secret-file net.key --mode user --ip 10.128.0.1/16", 1),
+    ("SOCKS port taken", "python3 -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.1\",1080)); "
+     "s.listen(); time.sleep(20)' >/dev/null 2>&1 & sleep 1", "ipop up --secret-file net.key --mode user --ip 10.128.0.1/16", 1),
+    ("second node on the control socket",
+     "ipop up --secret-file net.key --mode none --listen udp://127.0.0.1:4001 >/dev/null 2>&1 & sleep 1",
+     "ipop up --secret-file net.key --mode none --listen udp://127.0.0.1:4002", 1),
+    ("no node", "", "ipop status", 3),
+    ("nc without SOCKS", "", "ipop nc 10.128.0.2 22", 1),
+    ("nc with a name", "", "ipop nc h2 22", 2),
+    ("no credentials", "", "ipop up --ip 10.128.0.1/16", 2),
+    ("public SOCKS", "", "ipop up --secret-file net.key --mode user --ip 10.128.0.1/16 --socks 0.0.0.0:1080", 2),
+    ("ns without a command", "", "ipop up --secret-file net.key --mode ns --ip 10.128.0.1/16", 2),
+    ("ip auto without net", "", "ipop up --secret-file net.key --ip auto", 2),
+    ("unknown option", "", "ipop up --secret-file net.key --bogus", 2),
+    ("bad MTU", "", "ipop up --secret-file net.key --mode user --ip 10.128.0.1/16 --mtu 2000", 2),
+]
+
+
+def run_errors(tmp, ubin):
+    text = open(README).read()
+    sec = text[text.index("## Troubleshooting"):text.index("## Exit codes")]
+    h = Host(tmp, "errors", 1, NOBODY)
+    h.bin = ubin
+    sh(ubin, "genkey", "--out", os.path.join(h.dir, "net.key"))
+    os.chown(os.path.join(h.dir, "net.key"), NOBODY, NOBODY)
+    for what, setup, cmd, code in ERROR_CASES:
+        # the mistake, then undo it: the key's mode, whatever ran in the background
+        script = ("%s\n%s\nrc=$?; chmod 600 net.key; kill $(jobs -p) 2>/dev/null; wait; exit $rc\n"
+                  % (setup, cmd))
+        p = subprocess.run(h.argv(script, tun=False, tun_mode="600"), capture_output=True, text=True,
+                           timeout=30, stdin=subprocess.DEVNULL)
+        lines = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("ipop: ")]
+        line = lines[0].replace(h.run, "/run/user/1000") if lines else ""
+        ok = bool(line) and ("`%s`" % line) in sec and p.returncode == code
+        if not report(ok, "troubleshooting: %s: `%s` exits %s (documented: %d) with a line the README "
+                      "quotes" % (what, cmd.split(";")[0], p.returncode, code)):
+            print("    printed: %r\n    stderr: %s" % (line, (p.stdout + p.stderr).strip()[-300:]))
+
+
 # ---------------------------------------------------------------- main
 
 def main():
@@ -378,11 +438,14 @@ def main():
         ubin = os.path.join(bdir, "ipop")
         shutil.copy(IPOP, ubin)
         os.chmod(ubin, 0o755)
-        for variant in ("tap", "user", "ns"):
+        for variant in ("tap", "user", "ns", "errors"):
             log("== %s" % variant)
             underlay()
             try:
-                run_variant(tmp, variant, blocks, ubin)
+                if variant == "errors":
+                    run_errors(tmp, ubin)
+                else:
+                    run_variant(tmp, variant, blocks, ubin)
             except Exception as e:  # a README block the test cannot run is a failure too
                 report(False, "%s: %s" % (variant, e))
             finally:
