@@ -48,6 +48,7 @@ NOBODY = 65534
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 T0 = time.monotonic()
 procs = []                   # Popen objects, each its own process group
+made_dirs = []               # system directories this test created, removed at the end
 results = []
 
 
@@ -109,6 +110,11 @@ def cleanup():
             pass
     for ns in HOSTS + [SW]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    while made_dirs:
+        try:
+            os.rmdir(made_dirs.pop())
+        except OSError:
+            pass
 
 
 def underlay():
@@ -351,6 +357,9 @@ def start_sshds(tmp, hosts):
                                "KbdInteractiveAuthentication no", "AllowUsers nobody", "PrintMotd no",
                                "Subsystem sftp internal-sftp", "LogLevel VERBOSE", ""]))
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not os.path.isdir("/run/sshd"):      # sshd's privilege separation directory
+            os.makedirs("/run/sshd", 0o755)
+            made_dirs.append("/run/sshd")
         out.append(h.start("sshd", "exec %s -D -e -f %s" % (sshd, q(cfg)), as_root=True))
     for h, p in zip(hosts[:2], out):
         ok = wait_for(lambda: "127.0.0.1:22 " in sh("ip", "netns", "exec", h.ns, "ss", "-Hltn",
