@@ -309,8 +309,7 @@ class NatLab:
 
     def start_pair(self, p):
         key = self.key("pair%d" % p.k)
-        pub = Node(self, "pub%d" % p.k, PUB_NS, PUB_IP, 5000 + p.k, key)
-        p.nodes["pub"] = pub.start()
+        p.nodes["pub"] = Node(self, "pub%d" % p.k, PUB_NS, PUB_IP, 5000 + p.k, key)
         for i, s in enumerate((p.x, p.y)):
             nd = Node(self, "p%d-%s" % (p.k, s.name), s.host, s.ip, 4000 + p.k, key,
                       vip="%s.%d" % (p.net, i + 1), boot_port=5000 + p.k, dev="tlt%d" % p.k)
@@ -383,10 +382,11 @@ class NatLab:
         digest = hashlib.sha256(open(src, "rb").read()).hexdigest()
         for p in self.pairs:
             self.start_pair(p)
-        time.sleep(0.5)
+            p.nodes["pub"].start()
+        time.sleep(0.5)                 # the public nodes listen before the hosts dial
         for p in self.pairs:
-            for nd in p.nodes.values():
-                nd.start()
+            for name in "xy":
+                p.nodes[name].start()
         with concurrent.futures.ThreadPoolExecutor(len(self.pairs)) as ex:
             list(ex.map(self.wait_link, self.pairs))
         # transfers a few at a time: 2 cores, and each is a measurement
