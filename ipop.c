@@ -4489,6 +4489,23 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 	return dialled;
 }
 
+/* Dials to a peer are under way, but its info may be newer than theirs (it
+ * learned its public endpoint since): dial the UDP endpoints not yet tried,
+ * or the punch that needs them comes only with the next probe. */
+static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t want)
+{
+	for (unsigned i = 0; i < pi->n_endpoints; i++) {
+		const struct endpoint *ep = &pi->endpoints[i];
+		struct sockaddr_in sa = link_sockaddr_of(ep);
+		bool tried = ep->proto != PROTO_UDP || !ep->port;
+		for (struct link *l = n->links; l && !tried; l = l->next)
+			tried = l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->initiator &&
+				link_sockaddr_eq(&l->remote, &sa);
+		if (!tried)
+			link_dial(n, ep, &pi->addr, want);
+	}
+}
+
 /* Dial a peer unless a link to it exists or is under way; want is the role
  * we will give the link. */
 static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
@@ -4500,6 +4517,8 @@ static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
 		l->want_roles |= want;
 		if (l->state == LINK_UP)
 			ring_roles_set(l, l->local_roles | want);
+		else
+			ring_dial_fresh(n, pi, want);
 		return;
 	}
 	if (n->ring.dialing)
@@ -5354,7 +5373,9 @@ static void dht_stop(struct node *n)
 enum {
 	NAT_PLAN_MS = 30000,            /* a dial's fallback plan lives this long */
 	NAT_TICK_MS = 1000,
-	NAT_UPGRADE_FIRST_MS = 5000,    /* first try to turn a relayed link direct */
+	NAT_UPGRADE_FIRST_MS = 1000,    /* first try to turn a relayed link direct: its
+					 * handshake just told both ends each other's
+					 * current endpoints */
 	NAT_UPGRADE_MAX_MS = 120000,    /* and the backoff's cap */
 };
 
@@ -5500,6 +5521,9 @@ static void nat_learn_endpoint(struct node *n, struct link *l)
 	nat_advertise(n);
 	if (known && s->kind == before)
 		return;
+	/* Neighbours may hold our old endpoints (a TCP link can beat the UDP one
+	 * that taught us this): tell them again, so their dials punch through. */
+	ring_probe_soon(n);
 	char uri[40], who[64];
 	link_endpoint_uri(&l->observed, uri);
 	link_describe(l, who);
