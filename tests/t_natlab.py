@@ -37,6 +37,11 @@ tl-h<site>.
  3. A mapping that changes: the conntrack tables of the two routers of the
     S-F pair are flushed (conntrack -F); the link recovers (tap ping works
     again) within 30 s.
+ 4. Upgrade under a live session: the P-P pair's direct path is blocked
+    (nftables on one router) until the pair relays; a TCP session starts
+    (a line every 50 ms for 20 s, socat over the tap devices); the block is
+    lifted; the relayed link must turn direct within 45 s, and every line
+    must arrive, in order, on the one connection.
 
 Exit status non-zero if any check failed.  Node logs of a failed run are kept
 in build/test-logs/t_natlab-nodes (or $IPOP_TEST_LOGDIR).
@@ -572,6 +577,81 @@ class NatLab:
                         "tables were flushed; link now %s %s" % (back, c and c.get("path"),
                                                                   c and c.get("uri")))
 
+    # ---- 4. a relayed link turns direct under a live TCP session
+    def block(self, site, other, on):
+        """Drop (or stop dropping) what site's router forwards to or from the
+        other site's public address: a path that is briefly unusable."""
+        r = self.sites[site].router
+        nsx(r, ["nft", "delete", "table", "ip", "tlblock"], check_rc=False)
+        if on:
+            wan = self.sites[other].wan
+            self.nft(r, "add table ip tlblock\n"
+                     "add chain ip tlblock forwarding { type filter hook forward priority -10; }\n"
+                     "add rule ip tlblock forwarding ip daddr %s drop\n"
+                     "add rule ip tlblock forwarding ip saddr %s drop\n" % (wan, wan))
+
+    def wait_path(self, x, y, path, timeout):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            c = up_link(x.status(), y.address)
+            if c and c.get("path") == path:
+                return time.monotonic() - t0
+            time.sleep(0.3)
+        return None
+
+    def step_upgrade(self):
+        p = next((p for p in self.pairs if p.x.kind == p.y.kind == "P"), None)
+        if p is None:
+            return
+        x, y = p.nodes["x"], p.nodes["y"]
+        self.block(p.x.name, p.y.name, True)
+        try:
+            el = self.wait_path(x, y, "relayed", 40)
+            check(el is not None, "P-P pair not relayed 40 s after its direct path was blocked: %s"
+                  % conn_summary(x.status()))
+            self.result("upgrade: direct path blocked; P-P pair relayed after %.1f s" % el)
+            out = os.path.join(self.dir, "session.out")
+            port = 9500
+            srv = subprocess.Popen(["ip", "netns", "exec", p.y.host, "socat", "-u",
+                                    "TCP-LISTEN:%d,bind=%s,reuseaddr" % (port, y.vip),
+                                    "CREATE:%s" % out], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.5)
+            lines = 400     # one line every 50 ms: 20 s of a live session
+            cli = subprocess.Popen(["ip", "netns", "exec", p.x.host, "bash", "-c",
+                                    "for i in $(seq 0 %d); do echo line-$i; sleep 0.05; done | "
+                                    "socat -u STDIN TCP:%s:%d,connect-timeout=10" % (lines - 1, y.vip, port)],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+            time.sleep(3)
+            c = up_link(x.status(), y.address)
+            check(c and c.get("path") == "relayed", "session did not start on the relayed link")
+            self.block(p.x.name, p.y.name, False)
+            el = self.wait_path(x, y, "direct", 45)
+            if el is None:
+                self.fail("4 upgrade", "relayed link did not turn direct within 45 s of the path "
+                          "opening: %s" % conn_summary(x.status()))
+            else:
+                self.result("upgrade: direct path open again; the link turned direct %.1f s later" % el)
+            try:
+                crc = cli.wait(timeout=60)
+                srv.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                cli.kill()
+                srv.kill()
+                crc = None
+            got = open(out).read().split() if os.path.exists(out) else []
+            want = ["line-%d" % i for i in range(lines)]
+            if crc != 0 or got != want:
+                self.fail("4 upgrade", "the TCP session across the upgrade: client rc=%s, %d of %d "
+                          "lines, in order: %s; %s" % (crc, len(got), lines, got == want[:len(got)],
+                                                       (cli.stderr.read() or b"").decode()[-200:]))
+            else:
+                self.result("upgrade: a TCP session (%d lines over 20 s) ran across the switch from "
+                            "relayed to direct with every line in order" % lines)
+        finally:
+            self.block(p.x.name, p.y.name, False)
+
     # ---- cleanup
     def close(self, failed):
         if self._closed:
@@ -632,8 +712,9 @@ def main():
     try:
         lab.setup_lab()
         log("lab up: %d sites" % len(lab.sites))
-        steps = os.environ.get("IPOP_NATLAB_STEPS", "1,3,2").split(",")
+        steps = os.environ.get("IPOP_NATLAB_STEPS", "1,3,4,2").split(",")
         for name, fn in (("1 matrix", lab.step_matrix), ("3 flush", lab.step_flush),
+                         ("4 upgrade", lab.step_upgrade),
                          ("2 paper", lambda: (lab.stop_pairs(), lab.step_paper()))):
             if name.split()[0] not in steps:
                 continue
