@@ -51,6 +51,7 @@ Exit status 0 if every path that could run was measured, 1 if a
 measurement failed, 2 if not root / iperf3 missing.
 """
 import datetime
+import glob
 import hashlib
 import json
 import os
@@ -726,6 +727,8 @@ def main():
         signal.signal(s, _on_signal)
     bt.kill_leftover_pids()
     remove_netns()
+    for d in glob.glob("/tmp/ipop-bench-peers-*"):  # temp dirs of killed runs
+        shutil.rmtree(d, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix="ipop-bench-peers-", dir="/tmp")
     os.chmod(tmp, 0o755)
     load0 = bt.loadavg()
@@ -764,7 +767,7 @@ def main():
                 b.skip[p] = "failed: " + " ".join(x.strip(" |") for x in errs[0].splitlines())[:300]
     finally:
         cleanup()
-    shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     load1 = bt.loadavg()
     summ = summarize(rounds, PATHS)
     tab, notes = table(summ, PATHS, b.skip)
