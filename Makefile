@@ -6,7 +6,11 @@
 #   make unit       build + run tests/unit_*.c against the musl deps   -> build/tests/NAME
 #   make unit-asan  same with host gcc + ASan/UBSan                     -> build/tests/NAME-asan
 #   make fuzz       build + run tests/fuzz_*.c (clang libFuzzer), FUZZ_SECONDS each (default 60)
-#   make bench      run tests/bench*.sh
+#   make bench      ipop vs plain veth vs the peers (tinc, nebula, wireguard-go, yggdrasil, n2n,
+#                   ssh -L), one interleaved run, one table (tests/bench_peers.sh; root; ~15 min)
+#   make bench-detail  the older per-topic benchmarks (tests/bench_{tap,user,ring}.sh)
+#   make perfcheck  instructions per forwarded packet (callgrind on tests/perf_fwd.c) against
+#                   tests/perfcheck.expected; fails when the hot path got slower (not in `make test`)
 #   make scale      1000 nodes on loopback: join, ring, idle cost, routing, churn, DHT (tests/scale.py;
 #                   about 10 minutes, loads the whole machine; SCALE_ARGS="--nodes 300 ..." for less)
 #   make clean / distclean
@@ -36,7 +40,7 @@ TEST_DEFS   = -std=c11 -D_GNU_SOURCE -DIPOP_NO_MAIN -I.
 SAN_FLAGS   = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 HDRS        = $(wildcard vendor/*.h vendor/lwip-port/arch/*.h)
 
-.PHONY: all deps test unit unit-asan fuzz bench demo scale clean distclean
+.PHONY: all deps test unit unit-asan fuzz bench bench-detail perfcheck demo scale clean distclean
 
 all:
 	./build.sh
@@ -112,9 +116,19 @@ demo: all
 	./tests/demo.sh
 
 bench: all
-	@shopt -s nullglob; benches=(tests/bench*.sh); \
-	if [ $${#benches[@]} -eq 0 ]; then echo "no benchmarks yet (tests/bench*.sh)"; exit 0; fi; \
-	for b in "$${benches[@]}"; do echo "== $$b"; bash "$$b"; done
+	bash tests/bench_peers.sh
+
+bench-detail: all
+	@for b in tests/bench_tap.sh tests/bench_user.sh tests/bench_ring.sh; do echo "== $$b"; bash "$$b"; done
+
+# ---------------------------------------------------------------- perfcheck (issue 7)
+# The same flags as ./ipop (-O2, musl, static) plus -g for callgrind's symbols.
+build/perf/%: tests/%.c ipop.c $(HDRS) | deps
+	@mkdir -p $(@D)
+	musl-gcc -static -O2 -g $(TEST_DEFS) $(TEST_WARN) $(MUSL_CFLAGS) $< -o $@ $(MUSL_LIBS)
+
+perfcheck: build/perf/perf_fwd
+	bash tests/perfcheck.sh build/perf/perf_fwd
 
 # ---------------------------------------------------------------- scale (issue 8)
 SCALE_ARGS ?= --nodes 1000 --join-seconds 60 --churn-minutes 5 --churn-rate 0.1
