@@ -8831,6 +8831,8 @@ static void ctl_cmd_route(struct ctl_client *c, const char *op, const char *cidr
  * section 09 has them) will say "relayed" here, and the map draws any kind. */
 static const char *ctl_link_kind(const struct link *l)
 {
+	if (l->proto == PROTO_RELAY)
+		return "relayed";       /* drawn as such whatever its role */
 	return ring_role_main(l->local_roles | l->peer_roles);
 }
 

@@ -610,6 +610,13 @@ class NatLab:
             check(el is not None, "P-P pair not relayed 40 s after its direct path was blocked: %s"
                   % conn_summary(x.status()))
             self.result("upgrade: direct path blocked; P-P pair relayed after %.1f s" % el)
+            svg = os.path.join(self.dir, "relayed.svg")
+            rc, _, err = sh([ipop_bin(), "map", "--svg", svg, "--control", x.ctl], check_rc=False)
+            text = open(svg).read() if rc == 0 and os.path.exists(svg) else ""
+            check('data-kind="relayed" data-peer="%s' % y.address[:8] in text or
+                  ('data-kind="relayed"' in text and y.vip in text),
+                  "ipop map does not draw the relayed link (rc=%s %s)" % (rc, err.strip()[-200:]))
+            self.result("upgrade: ipop map draws the link as relayed")
             out = os.path.join(self.dir, "session.out")
             port = 9500
             srv = subprocess.Popen(["ip", "netns", "exec", p.y.host, "socat", "-u",
