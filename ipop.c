@@ -556,6 +556,7 @@ struct ev_timer {
 struct ev_file {
 	ev_fd_fn *fn;
 	void *arg;
+	uint32_t events;
 };
 
 struct ev_loop {
@@ -609,11 +610,14 @@ static int ev_fd_watch(struct ev_loop *loop, int fd, uint32_t events,
 {
 	if (fd < 0 || fd >= EV_FD_MAX)
 		return -EMFILE;
+	struct ev_file *f = &loop->files[fd];
+	if (f->fn == fn && f->arg == arg && f->events == events)
+		return 0;               /* no change: callers re-assert per packet */
 	struct epoll_event ev = { .events = events, .data.fd = fd };
-	int op = loop->files[fd].fn ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+	int op = f->fn ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
 	if (epoll_ctl(loop->epfd, op, fd, &ev) < 0)
 		return -errno;
-	loop->files[fd] = (struct ev_file){ .fn = fn, .arg = arg };
+	*f = (struct ev_file){ .fn = fn, .arg = arg, .events = events };
 	return 0;
 }
 
@@ -2387,6 +2391,7 @@ struct lw_state {
 	unsigned n_inq;
 	struct ev_timer input_timer;
 	unsigned n_relays;
+	struct lw_relay *dirty;         /* relays with bytes for their socket this turn */
 	int socks_fd;                   /* -1: no SOCKS server */
 	char *socks_auth;               /* --socks-auth: "user:password" lines, or NULL */
 	struct endpoint socks;
@@ -7428,6 +7433,8 @@ static int lw_addr_set(struct node *n)
 	return 0;
 }
 
+static void lw_flush_dirty(struct node *n);
+
 static void lw_start(struct node *n)
 {
 	ip4_addr_t ip, mask, gw;
@@ -7441,6 +7448,7 @@ static void lw_start(struct node *n)
 	n->lw.started = true;
 	n->ip.local = true;
 	n->ip.write_local = lw_write_ip;
+	n->ip.flush_local = lw_flush_dirty;
 	n->ip.local_addr_set = lw_addr_set;
 	ev_timer_init(&n->lw.timer, lw_tick);
 	ev_timer_arm(&n->loop, &n->lw.timer, LW_TIMER_MAX_MS);
@@ -7462,6 +7470,8 @@ struct lw_relay {
 	void (*on_connect)(struct lw_relay *r, err_t err);  /* outbound connects */
 	void *owner;                    /* the SOCKS client, if any */
 	struct ev_timer timer;          /* connect timeout */
+	struct lw_relay *dirty_next;    /* on n->lw.dirty */
+	bool dirty;
 };
 
 /* Free a relay; ERR_ABRT if its pcb had to be aborted (a callback that
@@ -7470,6 +7480,11 @@ static err_t lw_relay_free(struct lw_relay *r)
 {
 	struct node *n = r->n;
 	err_t rc = ERR_OK;
+	for (struct lw_relay **pp = &n->lw.dirty; r->dirty && *pp; pp = &(*pp)->dirty_next)
+		if (*pp == r) {
+			*pp = r->dirty_next;
+			break;
+		}
 	if (r->pcb) {
 		tcp_arg(r->pcb, NULL);
 		tcp_recv(r->pcb, NULL);
@@ -7603,8 +7618,24 @@ static err_t lw_relay_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t
 	pbuf_copy_partial(p, r->out + r->out_len, p->tot_len, 0);
 	r->out_len += p->tot_len;
 	pbuf_free(p);
-	lw_relay_flush(r);
+	if (!r->dirty) {                /* written at the end of the turn, all at once */
+		r->dirty = true;
+		r->dirty_next = r->n->lw.dirty;
+		r->n->lw.dirty = r;
+	}
 	return ERR_OK;
+}
+
+/* The end of a loop turn: one send per relay for all the segments lwIP
+ * handed it, instead of one per segment. */
+static void lw_flush_dirty(struct node *n)
+{
+	struct lw_relay *r;
+	while ((r = n->lw.dirty)) {
+		n->lw.dirty = r->dirty_next;
+		r->dirty = false;
+		lw_relay_flush(r);
+	}
 }
 
 static err_t lw_relay_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
@@ -10665,9 +10696,9 @@ static int cli_up(struct cli_opts *o)
 	nat_start(&node);
 	while (!node.loop.stop) {
 		ev_run_once(&node.loop);
-		link_reap(&node);
-		if (node.ip.flush_local)
+		if (node.ip.flush_local)        /* first: it may make lwIP send */
 			node.ip.flush_local(&node);
+		link_reap(&node);
 	}
 	if (node.ns_child > 0)
 		kill(node.ns_child, SIGTERM);   /* we leave: the command loses its network */
