@@ -4677,9 +4677,13 @@ static bool ring_sc_room(struct node *n, double pps)
 	return true;
 }
 
-/* Shortcuts the peers asked for may pass the cap: trim the least used. */
+/* Shortcuts the peers asked for may pass the cap: trim the least used.
+ * A shortcut whose peer left the traffic table (evicted) counts as idle. */
 static void ring_sc_enforce_cap(struct node *n)
 {
+	for (struct link *l = n->links; l; l = l->next)
+		if (ring_link_usable(l) && (l->local_roles & ROLE_SHORTCUT) && !ring_sc_find(n, &l->peer.addr, false))
+			ring_sc_drop(n, l, "no traffic counted");
 	struct link *links[RING_SC_MAX_LIMIT * 2];
 	double rates[RING_SC_MAX_LIMIT * 2];
 	unsigned pending, k = ring_sc_collect(n, links, rates, &pending);
@@ -4792,10 +4796,16 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	}
 	if (wire_addr_eq(&q.from.addr, &n->self.addr))
 		return;
-	if ((q.want & ROLE_SHORTCUT) && !link_find_peer(n, &q.from.addr, false) &&
-	    !ring_sc_room(n, ring_sc_rate(n, &q.from.addr))) {
-		n->ring.sc.refused++;   /* our cap is full of busier shortcuts; it retries */
-		return;
+	uint8_t want = 0;
+	if (q.want & ROLE_SHORTCUT) {
+		if (!link_find_peer(n, &q.from.addr, false) && !ring_sc_room(n, ring_sc_rate(n, &q.from.addr))) {
+			n->ring.sc.refused++;   /* our cap is full of busier shortcuts; it retries */
+			return;
+		}
+		/* Ours too from the start (unless we make none), so our cap counts
+		 * it at once and our idle timer ends it; the slot is its clock. */
+		if (n->ring.sc.pps && ring_sc_find(n, &q.from.addr, true))
+			want = ROLE_SHORTCUT;
 	}
 	ring_peer_refresh(n, &q.from);
 	struct wire_ctm_reply m = { .token = q.token, .want = q.want, .from = n->self };
@@ -4804,7 +4814,7 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	ssize_t len = wire_ctm_reply_encode(payload, sizeof payload, &m);
 	if (len > 0)
 		ring_send(n, MODE_EXACT, &q.from.addr, &q.reply_via, INNER_CTM_REPLY, payload, (size_t)len);
-	ring_dial(n, &q.from, 0);       /* both ends dial at once */
+	ring_dial(n, &q.from, want);    /* both ends dial at once */
 }
 
 /* Two nodes claim one ring address (one virtual IP).  The one started later
@@ -5109,8 +5119,12 @@ static void ring_sc_upkeep(struct node *n)
 	struct ring_shortcuts *sc = &n->ring.sc;
 	uint64_t now = ev_now(&n->loop), elapsed = now - sc->last_tick_ms;
 	sc->last_tick_ms = now;
-	if (!sc->pps)
+	if (!sc->pps) {                 /* turned off (SIGHUP): ours go now */
+		for (struct link *l = n->links; l; l = l->next)
+			if (l->state != LINK_CLOSED && ((l->local_roles | l->want_roles) & ROLE_SHORTCUT))
+				ring_sc_drop(n, l, "shortcuts turned off");
 		return;
+	}
 	for (unsigned i = 0; i < RING_SC_SLOTS; i++) {
 		struct ring_sc_peer *p = &sc->peers[i];
 		if (!p->used)
