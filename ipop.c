@@ -19,7 +19,7 @@
  *   04  sec_   mbedTLS glue: addressing, random, handshake/record crypto, certificates
  *   05  wire_  overlay messages: one decode/encode pair per message type
  *   06  link_  UDP/TCP links: the authenticated handshake, sealed records, keepalive
- *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
+ *   07  ring_  ring arithmetic; near, far, leaf, shortcut roles; greedy routing; joins
  *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
  *   09  nat_   public endpoints learned from peers, NAT classification
  *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors;
@@ -4188,9 +4188,15 @@ static void link_start(struct node *n)
  *   far   about log2(N)/2 links to targets at harmonically distributed
  *         distances (Symphony/Brunet), N estimated from near spacing;
  *   leaf  a joining node's links to its bootstrap peers, dropped once it has
- *         near links on both sides.
+ *         near links on both sides;
+ *   shortcut  a direct link to a peer whose IP traffic with us passes
+ *         --shortcut-pps (section 10 counts packets, ring_sc_count), until
+ *         --shortcut-idle passes without one; at most --shortcut-max.
+ * Far links go, among candidates of equal ring progress, to the lowest RTT.
  * Routing is greedy over every up link by the delivery mode's metric; each
  * hop strictly lowers the metric, so paths cannot loop (TTL is a backstop).
+ * Among links that lower it, a stalled (slow) or silent (quiet) neighbour is
+ * taken only when no better one does.
  * Joins and repairs: every RING_PROBE_MS (and at once after a near link dies)
  * a node routes connect-to-me requests to its own successor (SUCC of addr+1)
  * and predecessor (PRED of addr-1).  The node that answers replies with its
@@ -5123,6 +5129,7 @@ static void ring_sc_upkeep(struct node *n)
 		for (struct link *l = n->links; l; l = l->next)
 			if (l->state != LINK_CLOSED && ((l->local_roles | l->want_roles) & ROLE_SHORTCUT))
 				ring_sc_drop(n, l, "shortcuts turned off");
+		memset(sc->peers, 0, sizeof sc->peers);        /* rates start afresh when turned on */
 		return;
 	}
 	for (unsigned i = 0; i < RING_SC_SLOTS; i++) {
