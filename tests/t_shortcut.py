@@ -300,6 +300,8 @@ def main():
             t_sc, c = wait_for(on_shortcut, 10)
             check(t_sc is not None, "no shortcut A -> B within 10 s of SIGHUP; A log:\n%s" % A.log_tail(20))
             if not rnd:
+                time.sleep(1)   # the side that did not ask rates its peer at its next tick
+                c = on_shortcut() or c
                 log("3. shortcut A -> B %.1fs after SIGHUP: roles %s, rate %s pkt/s, path %s"
                     % (t_sc, c.get("roles"), c.get("rate_pps"), c.get("path")))
                 check(c.get("rate_pps") is not None and c["rate_pps"] >= 50, "shortcut rate %r" % c.get("rate_pps"))
@@ -309,6 +311,12 @@ def main():
                 line = [ln for ln in text_st.splitlines() if ln.strip().startswith("shortcut ")]
                 check(line and "pkt/s" in line[0], "text status shows no shortcut line with its rate:\n%s" % text_st)
                 log("3. text status: %s" % line[0].strip())
+                svg = os.path.join(net.dir, "map.svg")
+                rc, out, err = run_cli(["map", "--control", A.ctl])
+                check(("link shortcut %s" % baddr) in out, "ipop map lists no shortcut to B:\n%s" % out)
+                rc, out, err = run_cli(["map", "--control", A.ctl, "--svg", svg])
+                check(rc == 0 and "#2ca02c" in open(svg).read(), "the map does not draw the shortcut style")
+                log("3. ipop map: link kind shortcut, drawn in the shortcut style")
             time.sleep(1)
             after.append(throughput(sink, MEASURE_S / 2))
             check(send.error is None, "transfer broke: %s" % send.error)
