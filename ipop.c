@@ -2274,7 +2274,7 @@ enum {
 	/* Peers whose IP traffic is counted for shortcuts.  A node talks to tens
 	 * of peers at once, seldom hundreds; 256 slots with 8-slot probing keep a
 	 * per-packet lookup to at most 8 compares.  Full: the quietest entry of
-	 * the probe window that is not a shortcut is evicted. */
+	 * the probe window whose peer we have no link to is evicted. */
 	RING_SC_SLOTS = 256,
 	RING_SC_PROBE = 8,
 	RING_SC_WINDOW_MS = 2000,      /* the rate's time constant: a flow counts within ~2 s */
@@ -4594,22 +4594,28 @@ static bool ring_sc_only(const struct link *l)
 	return l->state != LINK_CLOSED && (r & ROLE_SHORTCUT) && !(r & ~ROLE_SHORTCUT);
 }
 
-/* SHA-1 addresses are uniform: their first bytes are a fine hash. */
+/* SHA-1 addresses are uniform: their first bytes are a fine hash.  The
+ * per-packet path is the first loop; only a new peer pays for the second. */
 static struct ring_sc_peer *ring_sc_find(struct node *n, const ring_addr *a, bool add)
 {
-	struct ring_sc_peer *free_slot = NULL, *quiet = NULL;
 	unsigned h = (unsigned)(a->b[0] | a->b[1] << 8);
 	for (unsigned i = 0; i < RING_SC_PROBE; i++) {
 		struct ring_sc_peer *p = &n->ring.sc.peers[(h + i) % RING_SC_SLOTS];
 		if (p->used && wire_addr_eq(&p->addr, a))
 			return p;
+	}
+	if (!add)
+		return NULL;
+	struct ring_sc_peer *free_slot = NULL, *quiet = NULL;
+	for (unsigned i = 0; i < RING_SC_PROBE && !free_slot; i++) {
+		struct ring_sc_peer *p = &n->ring.sc.peers[(h + i) % RING_SC_SLOTS];
 		if (!p->used)
-			free_slot = free_slot ? free_slot : p;
+			free_slot = p;
 		else if ((!quiet || p->pps < quiet->pps) && !link_find_peer(n, &p->addr, false))
 			quiet = p;
 	}
 	struct ring_sc_peer *p = free_slot ? free_slot : quiet;
-	if (!add || !p)
+	if (!p)
 		return NULL;
 	*p = (struct ring_sc_peer){ .addr = *a, .used = true, .last_ms = ev_now(&n->loop) };
 	return p;

@@ -33,7 +33,9 @@ IPOP_SC_MEASURE_S / 2 seconds, IPOP_SC_ROUNDS rounds of ring path then
 shortcut, interleaved so both see the same background load; medians) go to
 the JSON file named by IPOP_SC_JSON (docs/PERFORMANCE.md, "Shortcuts").
 
-Env: IPOP_SC_MEASURE_S (6), IPOP_SC_ROUNDS (3), IPOP_SC_JSON, IPOP_TEST_SEED.
+Env: IPOP_SC_MEASURE_S (6), IPOP_SC_ROUNDS (5), IPOP_SC_JSON, IPOP_TEST_SEED,
+IPOP_SC_CPU (the CPU every process of the test runs on; default the
+highest one allowed; "any" does not pin).
 """
 import json
 import os
@@ -54,7 +56,7 @@ N = 30
 N_END = 10
 MEASURE_S = float(os.environ.get("IPOP_SC_MEASURE_S", "6"))
 IDLE_S = 5
-ROUNDS = int(os.environ.get("IPOP_SC_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("IPOP_SC_ROUNDS", "5"))
 PORT_LO, PORT_HI = 36000, 37999
 VPORT = 5001
 
@@ -225,6 +227,13 @@ def main():
     seed = int(os.environ.get("IPOP_TEST_SEED", str(int(time.time() * 1000) % 1000000)))
     random.seed(seed)
     log("t_shortcut: N=%d (%d user-mode endpoints) seed=%d" % (N, N_END, seed))
+    # Every process of this test (nodes, sender, sink) on one CPU: on
+    # loopback a hop costs CPU, and with the whole path on one core the
+    # routers' share shows in throughput whatever else the machine runs.
+    cpu = os.environ.get("IPOP_SC_CPU", str(max(os.sched_getaffinity(0))))
+    if cpu != "any":
+        os.sched_setaffinity(0, {int(cpu)})
+        log("pinned to CPU %s (IPOP_SC_CPU=any: not pinned)" % cpu)
     sink = Sink()
     with Net("tc_shortcut") as net:
         seed_node = net.add(udp=free_port(PORT_LO, PORT_HI))
