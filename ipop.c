@@ -3090,6 +3090,14 @@ static int link_transport_rank(const struct link *l)
 	return l->proto == PROTO_UDP ? 2 : l->proto == PROTO_TCP ? 1 : 0;
 }
 
+/* The losing link's dial may have wanted a role (a shortcut asked for by
+ * connect-to-me): the survivor inherits the wish, so it is not lost. */
+static void link_close_duplicate(struct link *loser, struct link *winner)
+{
+	winner->want_roles |= loser->want_roles;
+	link_close(loser, BYE_DUPLICATE);
+}
+
 /* Two up links to one peer: keep the one dialled by the lower ring address,
  * so both ends pick the same survivor.  When the same node dialled both, only
  * that node closes the newer one (the other waits for its BYE).
@@ -3113,7 +3121,7 @@ static bool link_resolve_duplicate(struct link *l)
 			 * UDP beats TCP (no head-of-line blocking; and only UDP links
 			 * teach us the public endpoint that hole punching needs). */
 			struct link *loser = link_transport_rank(l) < link_transport_rank(o) ? l : o;
-			link_close(loser, BYE_DUPLICATE);
+			link_close_duplicate(loser, loser == l ? o : l);
 			return loser != l;
 		}
 		const ring_addr *li = l->initiator ? &n->self.addr : &l->peer.addr;
@@ -3121,11 +3129,11 @@ static bool link_resolve_duplicate(struct link *l)
 		int c = wire_addr_cmp(li, oi);
 		if (c != 0) {
 			struct link *loser = c < 0 ? o : l;
-			link_close(loser, BYE_DUPLICATE);
+			link_close_duplicate(loser, loser == l ? o : l);
 			return loser != l;
 		}
 		if (l->initiator) {
-			link_close(l, BYE_DUPLICATE);
+			link_close_duplicate(l, o);
 			return false;
 		}
 	}
@@ -4587,10 +4595,13 @@ static int ring_sc_victim(const double *rates, unsigned n, double pps)
 	return v >= 0 && pps > 2 * rates[v] ? v : -1;
 }
 
-/* A link kept only as a shortcut, by either end: what the cap counts. */
+/* A link kept only as a shortcut, by either end: what the cap counts.  An
+ * up link's wish counts too: one that won a duplicate race inherits it
+ * (link_close_duplicate) before its roles catch up. */
 static bool ring_sc_only(const struct link *l)
 {
-	uint8_t r = l->state == LINK_UP ? l->local_roles | l->peer_roles : l->want_roles;
+	uint8_t r = l->state == LINK_UP ? l->local_roles | l->peer_roles | (l->want_roles & ROLE_SHORTCUT)
+					: l->want_roles;
 	return l->state != LINK_CLOSED && (r & ROLE_SHORTCUT) && !(r & ~ROLE_SHORTCUT);
 }
 
@@ -4636,17 +4647,32 @@ static double ring_sc_rate(struct node *n, const ring_addr *a)
 	return p ? p->pps : -1;
 }
 
-/* Stop keeping l as a shortcut; close it if nothing else keeps it. */
+/* Stop keeping the peer of l as a shortcut, on l and on any parallel dial
+ * to it; close those links if nothing else keeps them. */
 static void ring_sc_drop(struct node *n, struct link *l, const char *why)
 {
 	char who[64];
 	link_describe(l, who);
 	log_info("ring", "shortcut %s closes: %s", who, why);
-	l->want_roles &= (uint8_t)~ROLE_SHORTCUT;
-	ring_roles_set(l, l->local_roles & (uint8_t)~ROLE_SHORTCUT);
-	if (!l->local_roles && !(l->peer_roles & ~ROLE_SHORTCUT))
-		link_close(l, BYE_UNNEEDED);
-	(void)n;
+	ring_addr a = l->peer_known ? l->peer.addr : l->expect;
+	for (struct link *o = n->links; o; o = o->next) {
+		if (o->state == LINK_CLOSED || !wire_addr_eq(o->peer_known ? &o->peer.addr : &o->expect, &a))
+			continue;
+		o->want_roles &= (uint8_t)~ROLE_SHORTCUT;
+		ring_roles_set(o, o->local_roles & (uint8_t)~ROLE_SHORTCUT);
+		if (!o->local_roles && !(o->peer_roles & ~ROLE_SHORTCUT))
+			link_close(o, BYE_UNNEEDED);
+	}
+}
+
+/* Parallel dials to one peer's endpoints are one shortcut. */
+static bool ring_sc_listed(const struct link *l, struct link *const *links, unsigned k)
+{
+	const ring_addr *a = l->peer_known ? &l->peer.addr : &l->expect;
+	for (unsigned i = 0; i < k; i++)
+		if (wire_addr_eq(links[i]->peer_known ? &links[i]->peer.addr : &links[i]->expect, a))
+			return true;
+	return false;
 }
 
 /* The shortcut-only links and their rates; returns how many, and counts
@@ -4656,7 +4682,7 @@ static unsigned ring_sc_collect(struct node *n, struct link **links, double *rat
 	unsigned k = 0;
 	uint64_t now = ev_now(&n->loop);
 	for (struct link *l = n->links; l && k < RING_SC_MAX_LIMIT * 2; l = l->next)
-		if (ring_sc_only(l)) {
+		if (ring_sc_only(l) && !ring_sc_listed(l, links, k)) {
 			double r = l->peer_known ? ring_sc_rate(n, &l->peer.addr) : 0;
 			links[k] = l;
 			rates[k++] = r > 0 ? r : 0;
@@ -5091,8 +5117,8 @@ static void ring_sc_want(struct node *n, struct ring_sc_peer *p, struct link *l)
 	uint64_t now = ev_now(&n->loop);
 	if (l && !ring_link_usable(l))
 		return;                 /* a dial is under way */
-	if (l && (l->local_roles & (ROLE_SHORTCUT | ROLE_NEAR | ROLE_FAR)))
-		return;                 /* already one hop, and kept */
+	if (l && ((l->local_roles & (ROLE_SHORTCUT | ROLE_NEAR | ROLE_FAR)) || (l->peer_roles & (ROLE_NEAR | ROLE_FAR))))
+		return;                 /* already one hop, and kept for the ring by one end */
 	if (!l && p->dial_ms && now - p->dial_ms < RING_SC_RETRY_MS)
 		return;
 	if (!ring_sc_room(n, p->pps))
@@ -5175,6 +5201,8 @@ static void ring_on_link_up(struct node *n, struct link *l)
 	l->local_roles = l->want_roles;
 	link_send_byte(l, WIRE_ROLES, l->local_roles);
 	ring_near_recompute(n);
+	if (ring_sc_only(l) && n->ring.sc.pps)
+		ring_sc_enforce_cap(n);
 	if (!n->ring.joined || (l->local_roles & ROLE_NEAR))
 		ring_probe_soon(n);
 	if (n->ring.link_up)
@@ -5190,10 +5218,12 @@ static void ring_on_link_down(struct node *n, struct link *l, uint8_t reason)
 		ring_probe_soon(n);
 }
 
+/* Peer roles matter to ring_close_unneeded, and to the shortcut cap: a
+ * peer may make a link we already have its shortcut without asking. */
 static void ring_on_roles(struct node *n, struct link *l)
 {
-	(void)n;
-	(void)l;        /* peer roles only matter to ring_close_unneeded */
+	if ((l->peer_roles & ROLE_SHORTCUT) && n->ring.sc.pps)
+		ring_sc_enforce_cap(n);
 }
 
 static void ring_on_routed(struct node *n, struct link *l, const uint8_t *pkt, size_t len)

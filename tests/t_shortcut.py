@@ -22,7 +22,8 @@ loopback; every process started here is killed on exit.
  4. A fresh transfer with shortcuts on from the start: a shortcut within 10 s.
  5. Traffic stops: the shortcut closes after shortcut-idle (5 s), not before.
  6. The cap: shortcut-max 2 on every endpoint; A sends to four endpoints at
-    once; A never has more than 2 shortcut links (polled for 12 s), and has 2.
+    once; A never has more than 2 links kept only as shortcuts (polled every
+    250 ms for 12 s), and has 2.
  7. A stalled router: R, on the greedy path of a router pair P -> Q, is
     paused with SIGSTOP for 300 ms of every 900 ms.  R's neighbours mark it
     slow, P -> Q routes around it, and P -> Q's ping RTT stays near the
@@ -382,20 +383,27 @@ def main():
         time.sleep(1)           # a lower cap trims at the next tick
         others = [e for e in ends if e is not A][:4]
         senders = [Sender(A.socks, e.vip) for e in others]
-        worst, counts, t0 = 0, [], time.monotonic()
+        # The cap counts links kept only as shortcuts (PROTOCOL.md 10.1); a
+        # link the peer keeps as near or far is one hop anyway.
+        worst, mine_max, counts, t0 = 0, 0, [], time.monotonic()
         while time.monotonic() - t0 < 12:
             st = A.status()
             k = len(shortcut_only(st))
             mine = sum(1 for c in st.get("connections", []) if c.get("state") == "up" and
                        (c.get("local_roles", 0) & 8))
             counts.append(k)
-            worst = max(worst, k, mine)
+            if k > 2 and worst <= 2:
+                log("6. over the cap: %s" % [(short(c.get("address")), c.get("roles"), c.get("local_roles"),
+                                              c.get("peer_roles"), c.get("state"), c.get("age_ms"))
+                                             for c in st.get("connections", []) if "shortcut" in c.get("roles", [])])
+            worst = max(worst, k)
+            mine_max = max(mine_max, mine)
             time.sleep(0.25)
         for s in senders:
             s.stop()
         st = A.status()
-        log("6. cap 2, traffic to %d endpoints: shortcut links per poll max %d, last %s; "
-            "opened %s trimmed %s refused %s" % (len(others), worst, counts[-5:],
+        log("6. cap 2, traffic to %d endpoints: shortcut links per poll max %d (with our role: max %d), "
+            "last %s; opened %s trimmed %s refused %s" % (len(others), worst, mine_max, counts[-5:],
                                                 st["shortcuts"]["opened"], st["shortcuts"]["trimmed"],
                                                 st["shortcuts"]["refused"]))
         check(worst <= 2, "A had %d shortcut links over a cap of 2" % worst)
