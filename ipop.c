@@ -19,7 +19,7 @@
  *   04  sec_   mbedTLS glue: addressing, random, handshake/record crypto, certificates
  *   05  wire_  overlay messages: one decode/encode pair per message type
  *   06  link_  UDP/TCP links: the authenticated handshake, sealed records, keepalive
- *   07  ring_  ring arithmetic; near, far, leaf roles; greedy routing; joins
+ *   07  ring_  ring arithmetic; near, far, leaf, shortcut roles; greedy routing; joins
  *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
  *   09  nat_   public endpoints learned from peers, NAT classification
  *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors;
@@ -128,6 +128,13 @@ enum {
 	LINK_TCP_WQUEUE_BYTES = 1 << 20, /* per TCP link; over it packets are dropped */
 	LINK_TABLE_MAX = 4096,         /* links per node; new dials/accepts refused past it */
 	LINK_UDP_BUFFER_BYTES = 4 << 20, /* socket buffers: ~3000 full packets of burst */
+	/* A pong this much later than the link's floor RTT (plus LINK_SPIKE_FACTOR
+	 * times the floor), or a peer's PING this much past its 1 s grid, means
+	 * the peer stalled: an overloaded or paused process.  50 ms is far above
+	 * loopback and LAN jitter and below what a stalled router costs a flow. */
+	LINK_SPIKE_MS = 50,
+	LINK_SPIKE_FACTOR = 3,
+	LINK_BUSY_PACKETS = 4,         /* records per keepalive interval beyond pings: a busy link */
 };
 
 enum {
@@ -2237,6 +2244,9 @@ struct link {
 	uint64_t ping_rx_ms;            /* the peer's last PING: it keeps the link alive for both */
 	uint32_t ping_seq;
 	double rtt_ms;                  /* smoothed, < 0 until the first pong */
+	double rtt_floor_ms;            /* the lowest sample, creeping up 1% a pong; < 0 at first */
+	uint64_t rtt_spike_ms;          /* last sign the peer stalled (LINK_SPIKE_MS); 0: never */
+	uint64_t ping_tx_mark;          /* tx_packets at the last keepalive tick */
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
 	struct ev_timer timer;          /* handshake retry/timeout, then keepalive */
 	struct link_hs hs;
@@ -2266,8 +2276,56 @@ struct listener {
 	struct sockaddr_in sa;
 };
 
+enum {
+	/* Peers whose IP traffic is counted for shortcuts.  A node talks to tens
+	 * of peers at once, seldom hundreds; 256 slots with 8-slot probing keep a
+	 * per-packet lookup to at most 8 compares.  Full: the quietest entry of
+	 * the probe window whose peer we have no link to is evicted. */
+	RING_SC_SLOTS = 256,
+	RING_SC_PROBE = 8,
+	RING_SC_WINDOW_MS = 2000,      /* the rate's time constant: a flow counts within ~2 s */
+	RING_SC_RETRY_MS = 5000,       /* between connect-to-me requests for one shortcut */
+	RING_SC_MAX_LIMIT = 64,        /* --shortcut-max's ceiling: well under LINK_TABLE_MAX */
+	RING_SC_PPS_DEFAULT = 20,      /* a chat or ssh session stays routed; a transfer does not */
+	RING_SC_MAX_DEFAULT = 8,
+	RING_SC_IDLE_DEFAULT_S = 30,
+	RING_SLOW_HOLD_MS = 15000,     /* a stalled neighbour is passed over this long */
+	RING_SLOW_QUEUE_BYTES = LINK_TCP_WQUEUE_BYTES / 4,     /* a TCP link backing up */
+	RING_PNS_CANDIDATES = 3,       /* far candidates dialled to compare RTTs */
+	RING_PNS_DECIDE_MS = 2500,     /* time for every candidate's first pong (1 s grid) */
+};
+
+/* One peer's IP traffic, both directions (ring_sc_count). */
+struct ring_sc_peer {
+	ring_addr addr;
+	bool used;
+	uint32_t packets;               /* since the last tick */
+	double pps;                     /* decayed rate, packets per second */
+	uint64_t last_ms;               /* the last tick that saw a packet */
+	uint64_t dial_ms;               /* the last connect-to-me for a shortcut */
+};
+
+/* Shortcuts (section 07): configuration, the traffic table, counters. */
+struct ring_shortcuts {
+	unsigned pps;                   /* --shortcut-pps: 0 disables shortcuts */
+	unsigned max;                   /* --shortcut-max */
+	uint64_t idle_ms;               /* --shortcut-idle */
+	uint64_t last_tick_ms;
+	uint64_t opened, idled, trimmed, refused;
+	struct ring_sc_peer peers[RING_SC_SLOTS];
+};
+
+/* Proximity neighbour selection: the far candidates being measured. */
+struct ring_pns {
+	unsigned n;
+	ring_addr cand[RING_PNS_CANDIDATES];
+	uint64_t decide_ms;             /* 0: nothing pending */
+};
+
 /* Ring upkeep state, owned by section 07. */
 struct ring_state {
+	struct ring_shortcuts sc;
+	struct ring_pns pns;
 	struct ev_timer tick;
 	uint64_t next_probe_ms;
 	uint64_t next_boot_ms, boot_backoff_ms;
@@ -2606,6 +2664,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	l->remote = *remote;
 	l->initiator = initiator;
 	l->rtt_ms = -1;
+	l->rtt_floor_ms = -1;
 	l->created_ms = ev_now(&n->loop);
 	do
 		l->local_idx = (uint32_t)sec_random_u64(&n->rng);
@@ -3007,7 +3066,12 @@ static int64_t link_keepalive(struct link *l)
 		link_close(l, 0);
 		return EV_TIMER_STOP;
 	}
-	if (!l->ping_rx_ms || now - l->ping_rx_ms >= LINK_KEEPALIVE_MS)
+	/* Both ends ping until each has an RTT, and while the link carries
+	 * traffic: routing weighs a busy link's RTT (section 07), and the end
+	 * that only answers pings would never measure it. */
+	bool busy = l->tx_packets - l->ping_tx_mark > LINK_BUSY_PACKETS;
+	l->ping_tx_mark = l->tx_packets;
+	if (!l->ping_rx_ms || now - l->ping_rx_ms >= LINK_KEEPALIVE_MS || l->rtt_ms < 0 || busy)
 		link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_clock_us());
 	return link_keepalive_delay(l->node);
 }
@@ -3058,6 +3122,14 @@ static int link_transport_rank(const struct link *l)
 	return l->proto == PROTO_UDP ? 2 : l->proto == PROTO_TCP ? 1 : 0;
 }
 
+/* The losing link's dial may have wanted a role (a shortcut asked for by
+ * connect-to-me): the survivor inherits the wish, so it is not lost. */
+static void link_close_duplicate(struct link *loser, struct link *winner)
+{
+	winner->want_roles |= loser->want_roles;
+	link_close(loser, BYE_DUPLICATE);
+}
+
 /* Two up links to one peer: keep the one dialled by the lower ring address,
  * so both ends pick the same survivor.  When the same node dialled both, only
  * that node closes the newer one (the other waits for its BYE).
@@ -3081,7 +3153,7 @@ static bool link_resolve_duplicate(struct link *l)
 			 * UDP beats TCP (no head-of-line blocking; and only UDP links
 			 * teach us the public endpoint that hole punching needs). */
 			struct link *loser = link_transport_rank(l) < link_transport_rank(o) ? l : o;
-			link_close(loser, BYE_DUPLICATE);
+			link_close_duplicate(loser, loser == l ? o : l);
 			return loser != l;
 		}
 		const ring_addr *li = l->initiator ? &n->self.addr : &l->peer.addr;
@@ -3089,11 +3161,11 @@ static bool link_resolve_duplicate(struct link *l)
 		int c = wire_addr_cmp(li, oi);
 		if (c != 0) {
 			struct link *loser = c < 0 ? o : l;
-			link_close(loser, BYE_DUPLICATE);
+			link_close_duplicate(loser, loser == l ? o : l);
 			return loser != l;
 		}
 		if (l->initiator) {
-			link_close(l, BYE_DUPLICATE);
+			link_close_duplicate(l, o);
 			return false;
 		}
 	}
@@ -3587,6 +3659,12 @@ static void link_on_data(struct link *l, const struct wire_data *d, const uint8_
 	}
 }
 
+/* Is an RTT sample a sharp rise over the link's floor?  Pure, for tests. */
+static bool link_rtt_spiked(double floor_ms, double sample_ms)
+{
+	return floor_ms >= 0 && sample_ms > LINK_SPIKE_FACTOR * floor_ms + LINK_SPIKE_MS;
+}
+
 static void link_on_pong(struct link *l, const struct wire_ping *m)
 {
 	uint64_t now = ev_clock_us();
@@ -3594,6 +3672,23 @@ static void link_on_pong(struct link *l, const struct wire_ping *m)
 		return;
 	double sample = (double)(now - m->t_us) / 1000.0;
 	l->rtt_ms = l->rtt_ms < 0 ? sample : 0.875 * l->rtt_ms + 0.125 * sample;
+	if (link_rtt_spiked(l->rtt_floor_ms, sample))
+		l->rtt_spike_ms = ev_now(&l->node->loop);
+	/* The floor creeps up so that a path that really got longer (a roam)
+	 * stops counting as a spike after a few minutes of pongs. */
+	l->rtt_floor_ms = l->rtt_floor_ms < 0 || sample < l->rtt_floor_ms ? sample
+									   : l->rtt_floor_ms * 1.01 + 0.001;
+}
+
+/* A peer's PING arrives on its 1 s grid; one far past it means the peer
+ * stalled, which the end that only answers pings sees no other way. */
+static void link_on_ping(struct link *l)
+{
+	uint64_t now = ev_now(&l->node->loop);
+	if (l->ping_rx_ms && now - l->ping_rx_ms > LINK_KEEPALIVE_MS + LINK_SPIKE_MS &&
+	    now - l->ping_rx_ms < 2 * LINK_KEEPALIVE_MS)
+		l->rtt_spike_ms = now;
+	l->ping_rx_ms = now;
 }
 
 static void link_on_bye(struct link *l, uint8_t reason)
@@ -3757,7 +3852,7 @@ static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, 
 		if (wire_ping_decode(pkt, len, &ping) < 0)
 			goto malformed;
 		if (type == WIRE_PING) {
-			l->ping_rx_ms = ev_now(&l->node->loop);
+			link_on_ping(l);
 			link_send_ping(l, WIRE_PONG, ping.seq, ping.t_us);
 		} else
 			link_on_pong(l, &ping);
@@ -4133,9 +4228,15 @@ static void link_start(struct node *n)
  *   far   about log2(N)/2 links to targets at harmonically distributed
  *         distances (Symphony/Brunet), N estimated from near spacing;
  *   leaf  a joining node's links to its bootstrap peers, dropped once it has
- *         near links on both sides.
+ *         near links on both sides;
+ *   shortcut  a direct link to a peer whose IP traffic with us passes
+ *         --shortcut-pps (section 10 counts packets, ring_sc_count), until
+ *         --shortcut-idle passes without one; at most --shortcut-max.
+ * Far links go, among candidates of equal ring progress, to the lowest RTT.
  * Routing is greedy over every up link by the delivery mode's metric; each
  * hop strictly lowers the metric, so paths cannot loop (TTL is a backstop).
+ * Among links that lower it, a stalled (slow) or silent (quiet) neighbour is
+ * taken only when no better one does.
  * Joins and repairs: every RING_PROBE_MS (and at once after a near link dies)
  * a node routes connect-to-me requests to its own successor (SUCC of addr+1)
  * and predecessor (PRED of addr-1).  The node that answers replies with its
@@ -4369,28 +4470,50 @@ static bool ring_link_quiet(const struct node *n, const struct link *l)
 	return ev_now(&n->loop) - l->last_rx_ms > LINK_QUIET_MS;
 }
 
+/* A neighbour that stalled lately (section 06 saw a pong, or the peer's
+ * PING, far later than the link's floor) or whose TCP queue backs up:
+ * packets sent that way wait behind it.  A stall is remembered for
+ * RING_SLOW_HOLD_MS, since a paused or CPU-starved process stalls in bursts
+ * and a keepalive samples it once a second. */
+static bool ring_link_slow(const struct node *n, const struct link *l)
+{
+	uint64_t now = ev_now(&n->loop);
+	return (l->rtt_spike_ms && now - l->rtt_spike_ms < RING_SLOW_HOLD_MS) ||
+	       (l->proto == PROTO_TCP && l->wq_len - l->wq_off > RING_SLOW_QUEUE_BYTES);
+}
+
+enum ring_hop_class { HOP_GOOD, HOP_SLOW, HOP_QUIET, HOP__CLASSES };
+
+/* How routing ranks a link: a quiet one last, a slow one after every good
+ * one, except that a slow link to the target itself is still the way there. */
+static enum ring_hop_class ring_hop_class(const struct node *n, const struct link *l, const ring_addr *m)
+{
+	static const ring_addr zero;
+	if (ring_link_quiet(n, l))
+		return HOP_QUIET;
+	return ring_link_slow(n, l) && !wire_addr_eq(m, &zero) ? HOP_SLOW : HOP_GOOD;
+}
+
 /* The up link that lowers the metric most, or NULL when no neighbour is
- * closer than this node.  A quiet link is the choice only when no other
- * link lowers the metric at all. */
+ * closer than this node.  A slow link is the choice only when no good link
+ * lowers the metric at all, a quiet one only when no other does.  Every
+ * choice still lowers the metric, so paths stay loop-free. */
 static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr *target)
 {
-	ring_addr best = ring_metric(mode, &n->self.addr, target), best_quiet = best;
-	struct link *hop = NULL, *quiet = NULL;
+	ring_addr self = ring_metric(mode, &n->self.addr, target);
+	ring_addr best[HOP__CLASSES] = { self, self, self };
+	struct link *hop[HOP__CLASSES] = { NULL, NULL, NULL };
 	for (struct link *l = n->links; l; l = l->next) {
 		if (!ring_link_usable(l))
 			continue;
 		ring_addr m = ring_metric(mode, &l->peer.addr, target);
-		if (ring_link_quiet(n, l)) {
-			if (wire_addr_cmp(&m, &best_quiet) < 0) {
-				best_quiet = m;
-				quiet = l;
-			}
-		} else if (wire_addr_cmp(&m, &best) < 0) {
-			best = m;
-			hop = l;
+		enum ring_hop_class c = ring_hop_class(n, l, &m);
+		if (wire_addr_cmp(&m, &best[c]) < 0) {
+			best[c] = m;
+			hop[c] = l;
 		}
 	}
-	return hop ? hop : quiet;
+	return hop[HOP_GOOD] ? hop[HOP_GOOD] : hop[HOP_SLOW] ? hop[HOP_SLOW] : hop[HOP_QUIET];
 }
 
 static void ring_drop(struct node *n, enum drop_reason why, const ring_addr *src)
@@ -4472,6 +4595,175 @@ static void ring_send(struct node *n, uint8_t mode, const ring_addr *dst, const 
 		r.via = *via;
 	}
 	ring_route(n, &r);
+}
+
+/* ---- traffic counts and the shortcut cap ----------------------------------
+ * Section 10 reports every IP packet to or from a peer (ring_sc_count): one
+ * probe of a small hash table and an increment.  Each tick turns the counts
+ * into a decayed rate (ring_rate_decay), and ring_sc_upkeep (below) acts on
+ * the rates.  The cap counts links kept only as shortcuts, by either end,
+ * plus requests under way; a newcomer takes the least used one's place. */
+
+/* The rate after elapsed_ms in which `packets` were seen: an exponential
+ * moving average with time constant window_ms, so a steady flow of r pps
+ * converges to r and a stopped one decays by 1/e per window. */
+static double ring_rate_decay(double pps, uint32_t packets, uint64_t elapsed_ms, uint64_t window_ms)
+{
+	if (!elapsed_ms)
+		return pps;
+	double keep = exp(-(double)elapsed_ms / (double)window_ms);
+	return pps * keep + (1.0 - keep) * packets * 1000.0 / (double)elapsed_ms;
+}
+
+/* Which of n shortcuts to trim for a newcomer at pps: the least used, when
+ * the newcomer carries more than twice its rate (the margin keeps two
+ * similar flows from trading one slot back and forth); -1: none. */
+static int ring_sc_victim(const double *rates, unsigned n, double pps)
+{
+	int v = -1;
+	for (unsigned i = 0; i < n; i++)
+		if (v < 0 || rates[i] < rates[v])
+			v = (int)i;
+	return v >= 0 && pps > 2 * rates[v] ? v : -1;
+}
+
+/* A link kept only as a shortcut, by either end: what the cap counts.  An
+ * up link's wish counts too: one that won a duplicate race inherits it
+ * (link_close_duplicate) before its roles catch up. */
+static bool ring_sc_only(const struct link *l)
+{
+	uint8_t r = l->state == LINK_UP ? l->local_roles | l->peer_roles | (l->want_roles & ROLE_SHORTCUT)
+					: l->want_roles;
+	return l->state != LINK_CLOSED && (r & ROLE_SHORTCUT) && !(r & ~ROLE_SHORTCUT);
+}
+
+/* SHA-1 addresses are uniform: their first bytes are a fine hash.  The
+ * per-packet path is the first loop; only a new peer pays for the second. */
+static struct ring_sc_peer *ring_sc_find(struct node *n, const ring_addr *a, bool add)
+{
+	unsigned h = (unsigned)(a->b[0] | a->b[1] << 8);
+	for (unsigned i = 0; i < RING_SC_PROBE; i++) {
+		struct ring_sc_peer *p = &n->ring.sc.peers[(h + i) % RING_SC_SLOTS];
+		if (p->used && wire_addr_eq(&p->addr, a))
+			return p;
+	}
+	if (!add)
+		return NULL;
+	struct ring_sc_peer *free_slot = NULL, *quiet = NULL;
+	for (unsigned i = 0; i < RING_SC_PROBE && !free_slot; i++) {
+		struct ring_sc_peer *p = &n->ring.sc.peers[(h + i) % RING_SC_SLOTS];
+		if (!p->used)
+			free_slot = p;
+		else if ((!quiet || p->pps < quiet->pps) && !link_find_peer(n, &p->addr, false))
+			quiet = p;
+	}
+	struct ring_sc_peer *p = free_slot ? free_slot : quiet;
+	if (!p)
+		return NULL;
+	*p = (struct ring_sc_peer){ .addr = *a, .used = true, .last_ms = ev_now(&n->loop) };
+	return p;
+}
+
+/* Section 10's report: one IP packet to or from the node at a. */
+static void ring_sc_count(struct node *n, const ring_addr *a)
+{
+	struct ring_sc_peer *p;
+	if (n->ring.sc.pps && (p = ring_sc_find(n, a, true)))
+		p->packets++;
+}
+
+/* A peer's traffic rate, or -1 when it is not counted. */
+static double ring_sc_rate(struct node *n, const ring_addr *a)
+{
+	struct ring_sc_peer *p = ring_sc_find(n, a, false);
+	return p ? p->pps : -1;
+}
+
+/* Stop keeping the peer of l as a shortcut, on l and on any parallel dial
+ * to it; close those links if nothing else keeps them. */
+static void ring_sc_drop(struct node *n, struct link *l, const char *why)
+{
+	char who[64];
+	link_describe(l, who);
+	log_info("ring", "shortcut %s closes: %s", who, why);
+	ring_addr a = l->peer_known ? l->peer.addr : l->expect;
+	for (struct link *o = n->links; o; o = o->next) {
+		if (o->state == LINK_CLOSED || !wire_addr_eq(o->peer_known ? &o->peer.addr : &o->expect, &a))
+			continue;
+		o->want_roles &= (uint8_t)~ROLE_SHORTCUT;
+		ring_roles_set(o, o->local_roles & (uint8_t)~ROLE_SHORTCUT);
+		if (!o->local_roles && !(o->peer_roles & ~ROLE_SHORTCUT))
+			link_close(o, BYE_UNNEEDED);
+	}
+}
+
+/* Parallel dials to one peer's endpoints are one shortcut. */
+static bool ring_sc_listed(const struct link *l, struct link *const *links, unsigned k)
+{
+	const ring_addr *a = l->peer_known ? &l->peer.addr : &l->expect;
+	for (unsigned i = 0; i < k; i++)
+		if (wire_addr_eq(links[i]->peer_known ? &links[i]->peer.addr : &links[i]->expect, a))
+			return true;
+	return false;
+}
+
+/* The shortcut-only links and their rates; returns how many, and counts
+ * our requests still under way in *pending. */
+static unsigned ring_sc_collect(struct node *n, struct link **links, double *rates, unsigned *pending)
+{
+	unsigned k = 0;
+	uint64_t now = ev_now(&n->loop);
+	for (struct link *l = n->links; l && k < RING_SC_MAX_LIMIT * 2; l = l->next)
+		if (ring_sc_only(l) && !ring_sc_listed(l, links, k)) {
+			double r = l->peer_known ? ring_sc_rate(n, &l->peer.addr) : 0;
+			links[k] = l;
+			rates[k++] = r > 0 ? r : 0;
+		}
+	*pending = 0;
+	for (unsigned i = 0; i < RING_SC_SLOTS; i++) {
+		const struct ring_sc_peer *p = &n->ring.sc.peers[i];
+		*pending += p->used && p->dial_ms && now - p->dial_ms < RING_SC_RETRY_MS &&
+			    !link_find_peer(n, &p->addr, false);
+	}
+	return k;
+}
+
+/* Room for one more shortcut, for a peer at pps: under the cap, or once
+ * the least used shortcut is trimmed. */
+static bool ring_sc_room(struct node *n, double pps)
+{
+	struct link *links[RING_SC_MAX_LIMIT * 2];
+	double rates[RING_SC_MAX_LIMIT * 2];
+	unsigned pending, k = ring_sc_collect(n, links, rates, &pending);
+	while (k + pending >= n->ring.sc.max) {
+		int v = ring_sc_victim(rates, k, pps);
+		if (v < 0)
+			return false;
+		n->ring.sc.trimmed++;
+		ring_sc_drop(n, links[v], "trimmed for a busier peer");
+		links[v] = links[--k];
+		rates[v] = rates[k];
+	}
+	return true;
+}
+
+/* Shortcuts the peers asked for may pass the cap: trim the least used.
+ * A shortcut whose peer left the traffic table (evicted) counts as idle. */
+static void ring_sc_enforce_cap(struct node *n)
+{
+	for (struct link *l = n->links; l; l = l->next)
+		if (ring_link_usable(l) && (l->local_roles & ROLE_SHORTCUT) && !ring_sc_find(n, &l->peer.addr, false))
+			ring_sc_drop(n, l, "no traffic counted");
+	struct link *links[RING_SC_MAX_LIMIT * 2];
+	double rates[RING_SC_MAX_LIMIT * 2];
+	unsigned pending, k = ring_sc_collect(n, links, rates, &pending);
+	while (k > n->ring.sc.max) {
+		int v = ring_sc_victim(rates, k, INFINITY);
+		n->ring.sc.trimmed++;
+		ring_sc_drop(n, links[v], "over --shortcut-max");
+		links[v] = links[--k];
+		rates[v] = rates[k];
+	}
 }
 
 /* ---- connect-to-me -------------------------------------------------- */
@@ -4593,6 +4885,17 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	}
 	if (wire_addr_eq(&q.from.addr, &n->self.addr))
 		return;
+	uint8_t want = 0;
+	if (q.want & ROLE_SHORTCUT) {
+		if (!link_find_peer(n, &q.from.addr, false) && !ring_sc_room(n, ring_sc_rate(n, &q.from.addr))) {
+			n->ring.sc.refused++;   /* our cap is full of busier shortcuts; it retries */
+			return;
+		}
+		/* Ours too from the start (unless we make none), so our cap counts
+		 * it at once and our idle timer ends it; the slot is its clock. */
+		if (n->ring.sc.pps && ring_sc_find(n, &q.from.addr, true))
+			want = ROLE_SHORTCUT;
+	}
 	ring_peer_refresh(n, &q.from);
 	struct wire_ctm_reply m = { .token = q.token, .want = q.want, .from = n->self };
 	m.n_neighbours = ring_near_infos(n, m.neighbours, &q.from);
@@ -4600,7 +4903,7 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	ssize_t len = wire_ctm_reply_encode(payload, sizeof payload, &m);
 	if (len > 0)
 		ring_send(n, MODE_EXACT, &q.from.addr, &q.reply_via, INNER_CTM_REPLY, payload, (size_t)len);
-	ring_dial(n, &q.from, 0);       /* both ends dial at once */
+	ring_dial(n, &q.from, want);    /* both ends dial at once */
 }
 
 /* Two nodes claim one ring address (one virtual IP).  The one started later
@@ -4632,6 +4935,27 @@ static bool ring_is_conflict(struct node *n, const struct peer_info *pi)
 	return wire_addr_eq(&pi->addr, &n->self.addr) && pi->instance != n->self.instance;
 }
 
+/* Proximity neighbour selection: the node that answered a far request
+ * and its near neighbours make the same ring progress (they sit a node or
+ * two apart around the far target), so dial up to RING_PNS_CANDIDATES of
+ * them, role-less, and give the far role to the lowest RTT once each had
+ * time for a pong (ring_pns_upkeep).  The others fade as unneeded links. */
+static void ring_pns_start(struct node *n, const struct wire_ctm_reply *m)
+{
+	struct ring_pns *s = &n->ring.pns;
+	s->n = 0;
+	s->cand[s->n++] = m->from.addr;
+	for (unsigned i = 0; i < m->n_neighbours && s->n < RING_PNS_CANDIDATES; i++) {
+		const struct peer_info *c = &m->neighbours[i];
+		if (wire_addr_eq(&c->addr, &n->self.addr) || ring_in_set(&c->addr, s->cand, s->n))
+			continue;
+		s->cand[s->n++] = c->addr;
+		ring_dial(n, c, 0);
+	}
+	s->decide_ms = ev_now(&n->loop) + RING_PNS_DECIDE_MS;
+	n->ring.far_pending_until_ms = s->decide_ms + RING_TICK_MS;
+}
+
 static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 {
 	struct wire_ctm_reply m;
@@ -4644,12 +4968,11 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 			return ring_on_conflict(n, &m.neighbours[i]);
 	ring_peer_refresh(n, &m.from);
 	uint8_t want = 0;
-	if ((m.want & ROLE_FAR) && m.token == n->ring.far_token && n->ring.far_pending_until_ms) {
-		n->ring.far_pending_until_ms = 0;
-		struct link *l = link_find_peer(n, &m.from.addr, true);
-		if (!l || !(l->local_roles & ROLE_NEAR))
-			want = ROLE_FAR;
-	}
+	if ((m.want & ROLE_FAR) && m.token == n->ring.far_token && n->ring.far_pending_until_ms)
+		ring_pns_start(n, &m);
+	struct ring_sc_peer *p = (m.want & ROLE_SHORTCUT) ? ring_sc_find(n, &m.from.addr, false) : NULL;
+	if (p && p->dial_ms && ev_now(&n->loop) - p->dial_ms < RING_SC_RETRY_MS)
+		want |= ROLE_SHORTCUT;
 	ring_dial(n, &m.from, want);
 	if (n->ring.ctm_reply)
 		n->ring.ctm_reply(n, &m);
@@ -4803,11 +5126,115 @@ static void ring_bootstrap_upkeep(struct node *n)
 	n->ring.next_boot_ms = now + n->ring.boot_backoff_ms;
 }
 
+/* The far candidates had time for a pong: the lowest RTT that is not
+ * slow gets the far role; without any RTT, the first one that is up. */
+static void ring_pns_upkeep(struct node *n)
+{
+	struct ring_pns *s = &n->ring.pns;
+	if (!s->decide_ms || ev_now(&n->loop) < s->decide_ms)
+		return;
+	s->decide_ms = 0;
+	struct link *best = NULL;
+	for (unsigned i = 0; i < s->n; i++) {
+		struct link *l = link_find_peer(n, &s->cand[i], true);
+		if (!l || !ring_link_usable(l) || (l->local_roles & ROLE_NEAR))
+			continue;
+		bool better = !best || (best->rtt_ms < 0 && l->rtt_ms >= 0) ||
+			      (ring_link_slow(n, best) && !ring_link_slow(n, l)) ||
+			      (l->rtt_ms >= 0 && l->rtt_ms < best->rtt_ms &&
+			       ring_link_slow(n, l) == ring_link_slow(n, best));
+		if (better)
+			best = l;
+	}
+	n->ring.far_pending_until_ms = 0;
+	if (!best)
+		return;
+	char who[64];
+	link_describe(best, who);
+	log_debug("ring", "far link %s: %.3f ms, the lowest RTT of %u candidates", who, best->rtt_ms, s->n);
+	ring_roles_set(best, best->local_roles | ROLE_FAR);
+}
+
+/* ---- shortcuts --------------------------------------------------------
+ * A peer whose IP traffic passes --shortcut-pps gets a direct link through
+ * the same path as a ring neighbour: a connect-to-me routed to its address
+ * with want = ROLE_SHORTCUT, both ends dialling, TCP and relays as
+ * fallbacks (section 09).  Greedy routing then finds the peer one hop away
+ * by itself.  The role goes after --shortcut-idle without a packet, and
+ * ring_close_unneeded closes a link nobody keeps. */
+
+static void ring_sc_want(struct node *n, struct ring_sc_peer *p, struct link *l)
+{
+	uint64_t now = ev_now(&n->loop);
+	if (l && !ring_link_usable(l))
+		return;                 /* a dial is under way */
+	if (l && ((l->local_roles & (ROLE_SHORTCUT | ROLE_NEAR | ROLE_FAR)) || (l->peer_roles & (ROLE_NEAR | ROLE_FAR))))
+		return;                 /* already one hop, and kept for the ring by one end */
+	if (!l && p->dial_ms && now - p->dial_ms < RING_SC_RETRY_MS)
+		return;
+	if (!ring_sc_room(n, p->pps))
+		return;
+	char who[13];
+	link_addr_short(&p->addr, who);
+	log_info("ring", "shortcut to %s: %.0f packets/s %s", who, p->pps,
+		 l ? "on the link we have" : "over the ring: asking for a link");
+	n->ring.sc.opened++;
+	if (l) {
+		l->want_roles |= ROLE_SHORTCUT;
+		ring_roles_set(l, l->local_roles | ROLE_SHORTCUT);
+		return;
+	}
+	p->dial_ms = now;
+	ring_ctm_send(n, MODE_EXACT, &p->addr, ROLE_SHORTCUT, 0);
+}
+
+static void ring_sc_peer_upkeep(struct node *n, struct ring_sc_peer *p, uint64_t now)
+{
+	struct link *l = link_find_peer(n, &p->addr, false);
+	bool idle = now - p->last_ms >= n->ring.sc.idle_ms;
+	if (l && ((l->local_roles | l->want_roles) & ROLE_SHORTCUT) && idle) {
+		n->ring.sc.idled++;
+		ring_sc_drop(n, l, "idle");
+	} else if (!idle && p->pps >= n->ring.sc.pps) {
+		ring_sc_want(n, p, l);
+	}
+	if (!l && idle && p->pps < 0.01)
+		p->used = false;
+}
+
+/* Once a tick: counts become rates, rates become shortcuts. */
+static void ring_sc_upkeep(struct node *n)
+{
+	struct ring_shortcuts *sc = &n->ring.sc;
+	uint64_t now = ev_now(&n->loop), elapsed = now - sc->last_tick_ms;
+	sc->last_tick_ms = now;
+	if (!sc->pps) {                 /* turned off (SIGHUP): ours go now */
+		for (struct link *l = n->links; l; l = l->next)
+			if (l->state != LINK_CLOSED && ((l->local_roles | l->want_roles) & ROLE_SHORTCUT))
+				ring_sc_drop(n, l, "shortcuts turned off");
+		memset(sc->peers, 0, sizeof sc->peers);        /* rates start afresh when turned on */
+		return;
+	}
+	for (unsigned i = 0; i < RING_SC_SLOTS; i++) {
+		struct ring_sc_peer *p = &sc->peers[i];
+		if (!p->used)
+			continue;
+		p->pps = ring_rate_decay(p->pps, p->packets, elapsed, RING_SC_WINDOW_MS);
+		if (p->packets)
+			p->last_ms = now;
+		p->packets = 0;
+		ring_sc_peer_upkeep(n, p, now);
+	}
+	ring_sc_enforce_cap(n);
+}
+
 static int64_t ring_tick(struct ev_loop *loop, struct ev_timer *t)
 {
 	struct node *n = container_of(t, struct node, ring.tick);
 	ring_bootstrap_upkeep(n);
+	ring_sc_upkeep(n);
 	ring_close_unneeded(n);
+	ring_pns_upkeep(n);
 	ring_far_upkeep(n);
 	if (ev_now(loop) >= n->ring.next_probe_ms)
 		ring_probe(n);
@@ -4825,6 +5252,8 @@ static void ring_on_link_up(struct node *n, struct link *l)
 	l->local_roles = l->want_roles;
 	link_send_byte(l, WIRE_ROLES, l->local_roles);
 	ring_near_recompute(n);
+	if (ring_sc_only(l) && n->ring.sc.pps)
+		ring_sc_enforce_cap(n);
 	if (!n->ring.joined || (l->local_roles & ROLE_NEAR))
 		ring_probe_soon(n);
 	if (n->ring.link_up)
@@ -4840,10 +5269,12 @@ static void ring_on_link_down(struct node *n, struct link *l, uint8_t reason)
 		ring_probe_soon(n);
 }
 
+/* Peer roles matter to ring_close_unneeded, and to the shortcut cap: a
+ * peer may make a link we already have its shortcut without asking. */
 static void ring_on_roles(struct node *n, struct link *l)
 {
-	(void)n;
-	(void)l;        /* peer roles only matter to ring_close_unneeded */
+	if ((l->peer_roles & ROLE_SHORTCUT) && n->ring.sc.pps)
+		ring_sc_enforce_cap(n);
 }
 
 static void ring_on_routed(struct node *n, struct link *l, const uint8_t *pkt, size_t len)
@@ -4884,6 +5315,10 @@ static void ring_start(struct node *n)
 	n->hooks = (struct link_hooks){ .up = ring_on_link_up, .down = ring_on_link_down,
 					.roles = ring_on_roles, .routed = ring_on_routed,
 					.conflict = ring_on_conflict };
+	if (!n->ring.sc.max)            /* cli_ sets all three; tests may not */
+		n->ring.sc = (struct ring_shortcuts){ .pps = RING_SC_PPS_DEFAULT, .max = RING_SC_MAX_DEFAULT,
+						      .idle_ms = RING_SC_IDLE_DEFAULT_S * 1000 };
+	n->ring.sc.last_tick_ms = ev_now(&n->loop);
 	ev_timer_init(&n->ring.tick, ring_tick);
 	ev_timer_arm(&n->loop, &n->ring.tick, 0);
 }
@@ -5879,6 +6314,7 @@ static void ip_send(struct node *n, const ring_addr *to, const uint8_t *pkt, siz
 {
 	n->ip.tx_packets++;
 	n->ip.tx_bytes += len;
+	ring_sc_count(n, to);           /* a busy peer gets a shortcut (section 07) */
 	ring_send(n, MODE_EXACT, to, NULL, INNER_IP, pkt, len);
 }
 
@@ -6258,6 +6694,7 @@ static void ip_on_packet(struct node *n, const struct wire_routed *r)
 		ip_drop(n, DROP_NOT_FOR_US, h.dst);
 		return ip_stale_send(n, r);
 	}
+	ring_sc_count(n, &r->src);
 	ring_addr claimed = ip_addr_of(n, h.src);
 	if (wire_addr_eq(&claimed, &r->src))
 		return ip_to_local(n, r->payload, r->len);
@@ -8605,6 +9042,12 @@ static void ctl_json_link(struct buf_str *o, const struct link *l, uint64_t now)
 		buf_printf(o, "\"rtt_ms\":%.3f,", l->rtt_ms);
 	else
 		buf_printf(o, "\"rtt_ms\":null,");
+	buf_printf(o, "\"slow\":%s,", l->state == LINK_UP && ring_link_slow(l->node, l) ? "true" : "false");
+	double pps = l->peer_known ? ring_sc_rate(l->node, &l->peer.addr) : -1;
+	if (pps >= 0)       /* why a shortcut exists: the IP traffic with its peer */
+		buf_printf(o, "\"rate_pps\":%.1f,", pps);
+	else
+		buf_printf(o, "\"rate_pps\":null,");
 	buf_printf(o, "\"age_ms\":%llu,\"tx_packets\":%llu,\"rx_packets\":%llu,\"tx_bytes\":%llu,"
 		   "\"rx_bytes\":%llu}", (unsigned long long)(now - l->created_ms),
 		   (unsigned long long)l->tx_packets, (unsigned long long)l->rx_packets,
@@ -8671,6 +9114,11 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 	else
 		buf_printf(o, "\"interface\":null,");
 	buf_printf(o, "\"mode\":\"%s\",", n->tap.fd >= 0 ? "tap" : n->lw.started ? "user" : "none");
+	const struct ring_shortcuts *sc = &n->ring.sc;
+	buf_printf(o, "\"shortcuts\":{\"pps\":%u,\"max\":%u,\"idle_s\":%llu,\"opened\":%llu,\"idle\":%llu,"
+		   "\"trimmed\":%llu,\"refused\":%llu},", sc->pps, sc->max, (unsigned long long)(sc->idle_ms / 1000),
+		   (unsigned long long)sc->opened, (unsigned long long)sc->idled,
+		   (unsigned long long)sc->trimmed, (unsigned long long)sc->refused);
 	if (n->lw.socks_fd >= 0) {
 		char sip[16];
 		buf_ip_str(n->lw.socks.ip, sip);
@@ -8722,10 +9170,16 @@ static void ctl_text_link(struct buf_str *o, const struct link *l)
 		buf_ip_str(l->peer.vip, ip);
 	if (l->rtt_ms >= 0)
 		snprintf(rtt, sizeof rtt, "%.3f", l->rtt_ms);
-	buf_printf(o, "  %-8s %-12s %-15s %-26s %-11s %3s %8s %9llu %9llu\n",
+	char why[32] = "";
+	double pps = l->peer_known ? ring_sc_rate(l->node, &l->peer.addr) : -1;
+	if ((l->local_roles | l->peer_roles) & ROLE_SHORTCUT)
+		snprintf(why, sizeof why, pps >= 0 ? "  %.0f pkt/s" : "  (peer's)", pps);
+	if (l->state == LINK_UP && ring_link_slow(l->node, l))
+		snprintf(why + strlen(why), sizeof why - strlen(why), "  slow");
+	buf_printf(o, "  %-8s %-12s %-15s %-26s %-11s %3s %8s %9llu %9llu%s\n",
 		   ring_role_main(l->local_roles | l->peer_roles), addr, ip, uri,
 		   link_state_names[l->state], l->initiator ? "out" : "in", rtt,
-		   (unsigned long long)l->tx_packets, (unsigned long long)l->rx_packets);
+		   (unsigned long long)l->tx_packets, (unsigned long long)l->rx_packets, why);
 }
 
 static void ctl_status_text(struct node *n, struct buf_str *o)
@@ -8758,6 +9212,15 @@ static void ctl_status_text(struct node *n, struct buf_str *o)
 	for (const struct link *l = n->links; l; l = l->next)
 		if (l->state != LINK_CLOSED)
 			ctl_text_link(o, l);
+	const struct ring_shortcuts *sc = &n->ring.sc;
+	if (sc->pps)
+		buf_printf(o, "\nshortcuts over %u pkt/s, at most %u, closed after %llu s idle; opened %llu, "
+			   "idle %llu, trimmed %llu, refused %llu\n", sc->pps, sc->max,
+			   (unsigned long long)(sc->idle_ms / 1000), (unsigned long long)sc->opened,
+			   (unsigned long long)sc->idled, (unsigned long long)sc->trimmed,
+			   (unsigned long long)sc->refused);
+	else
+		buf_printf(o, "\nshortcuts off (--shortcut-pps 0)\n");
 	if (n->relayed_packets)
 		buf_printf(o, "\nrelayed   %llu packets, %llu bytes for peers without a direct path\n",
 			   (unsigned long long)n->relayed_packets, (unsigned long long)n->relayed_bytes);
@@ -9237,6 +9700,7 @@ enum cli_key {
 	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
 	KEY_NET, KEY_STATE_FILE, KEY_DNS, KEY_SVG, KEY_METRICS,
+	KEY_SHORTCUT_PPS, KEY_SHORTCUT_MAX, KEY_SHORTCUT_IDLE,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NS, MODE_NONE };
@@ -9262,6 +9726,9 @@ static const struct cli_flag cli_flags[] = {
 	{ "state-file", 0, true, true, KEY_STATE_FILE, CMD_UP },
 	{ "dns", 0, false, true, KEY_DNS, CMD_UP },
 	{ "metrics", 0, true, true, KEY_METRICS, CMD_UP },
+	{ "shortcut-pps", 0, true, true, KEY_SHORTCUT_PPS, CMD_UP },
+	{ "shortcut-max", 0, true, true, KEY_SHORTCUT_MAX, CMD_UP },
+	{ "shortcut-idle", 0, true, true, KEY_SHORTCUT_IDLE, CMD_UP },
 	{ "svg", 0, true, false, KEY_SVG, CMD_MAP },
 	{ "secret-file", 0, true, true, KEY_SECRET_FILE, CMD_UP },
 	{ "cert-dir", 0, true, true, KEY_CERT_DIR, CMD_UP },
@@ -9316,6 +9783,8 @@ struct cli_opts {
 	char svg[256];                  /* map --svg FILE */
 	bool has_metrics;
 	struct endpoint metrics;        /* --metrics ADDR:PORT */
+	long sc_pps, sc_max, sc_idle_s; /* --shortcut-*: 0 (max, idle) or unset (pps): the default */
+	bool sc_pps_set;
 	int argc;                       /* the arguments after the command: SIGHUP parses them again */
 	char **argv;
 	char control[108];
@@ -9373,7 +9842,8 @@ static const char cli_usage_up[] =
 	"               [--mode ns ... -- CMD [ARGS...]]\n"
 	"\n"
 	"Run a node in the foreground until SIGINT or SIGTERM (a graceful leave).\n"
-	"SIGHUP re-reads the config file: bootstrap, crl and log-level apply at once.\n"
+	"SIGHUP re-reads the config file: bootstrap, crl, log-level and shortcut-*\n"
+	"apply at once.\n"
 	"Every link is authenticated and encrypted; choose how members prove it:\n"
 	"  --secret-file FILE a shared network secret (create: ipop genkey > net.key)\n"
 	"  --cert-dir DIR     ca.crt, node.crt, node.key from 'ipop cert issue'; the\n"
@@ -9404,6 +9874,12 @@ static const char cli_usage_up[] =
 	"                     names (resolvectl; else print the line to add)\n"
 	"  --route-for CIDR   also hold these IPs (VMs, containers behind this host;\n"
 	"                     published in the DHT; repeatable; at most /24 each)\n"
+	"  --shortcut-pps N   link directly to a peer whose IP traffic with us passes\n"
+	"                     N packets/s (default 20; 0: never)\n"
+	"  --shortcut-max N   keep at most N shortcut links, trimming the least used\n"
+	"                     (default 8, 1 to 64)\n"
+	"  --shortcut-idle S  close a shortcut after S seconds without traffic\n"
+	"                     (default 30)\n"
 	"\n"
 	"  --ip A.B.C.D[/P]   this node's virtual IP (ring address = SHA-1 of it);\n"
 	"                     without it the node only routes (random ring address)\n"
@@ -9956,9 +10432,31 @@ static int cli_apply_zeroconf(struct cli_opts *o, const struct cli_flag *f, cons
 	}
 }
 
+/* The shortcut flags: whole numbers in a range. */
+static int cli_apply_shortcut(struct cli_opts *o, const struct cli_flag *f, const char *v)
+{
+	static const struct { long lo, hi; const char *what; } range[] = {
+		[KEY_SHORTCUT_PPS - KEY_SHORTCUT_PPS] = { 0, 1000000, "packets per second, 0 to 1000000 (0: no shortcuts)" },
+		[KEY_SHORTCUT_MAX - KEY_SHORTCUT_PPS] = { 1, RING_SC_MAX_LIMIT, "links, 1 to 64" },
+		[KEY_SHORTCUT_IDLE - KEY_SHORTCUT_PPS] = { 1, 86400, "seconds, 1 to 86400" },
+	};
+	unsigned i = (unsigned)(f->key - KEY_SHORTCUT_PPS);
+	char *end;
+	long x = strtol(v, &end, 10);
+	if (*end || !*v || x < range[i].lo || x > range[i].hi) {
+		cli_fail("bad --%s '%s': %s", f->name, v, range[i].what);
+		return -1;
+	}
+	*(f->key == KEY_SHORTCUT_PPS ? &o->sc_pps : f->key == KEY_SHORTCUT_MAX ? &o->sc_max : &o->sc_idle_s) = x;
+	o->sc_pps_set |= f->key == KEY_SHORTCUT_PPS;
+	return 0;
+}
+
 /* Apply one flag or config key; on error print one line and return -1. */
 static int cli_apply(struct cli_opts *o, const struct cli_flag *f, const char *v)
 {
+	if (f->key >= KEY_SHORTCUT_PPS)
+		return cli_apply_shortcut(o, f, v);
 	if (f->key >= KEY_NET)
 		return cli_apply_zeroconf(o, f, v);
 	return f->key <= KEY_HELP ? cli_apply_basic(o, f, v) : cli_apply_more(o, f, v);
@@ -10528,6 +11026,15 @@ static bool cli_reload_boot(struct node *n, const struct cli_opts *o)
  * (read now; links of newly revoked certificates close), the log level.
  * Anything else needs a restart.  A bad file keeps the running settings.
  * Bootstrap host names resolve here, blocking: an operator's action. */
+/* --shortcut-pps, -max, -idle, at start and on SIGHUP; the next ring tick
+ * applies them (a lower cap trims at once). */
+static void cli_shortcuts_set(struct node *n, const struct cli_opts *o)
+{
+	n->ring.sc.pps = o->sc_pps_set ? (unsigned)o->sc_pps : RING_SC_PPS_DEFAULT;
+	n->ring.sc.max = o->sc_max ? (unsigned)o->sc_max : RING_SC_MAX_DEFAULT;
+	n->ring.sc.idle_ms = (uint64_t)(o->sc_idle_s ? o->sc_idle_s : RING_SC_IDLE_DEFAULT_S) * 1000;
+}
+
 static void cli_reload(struct cli_run *r)
 {
 	static struct cli_opts o;       /* large: off the stack */
@@ -10544,6 +11051,7 @@ static void cli_reload(struct cli_run *r)
 	if (!cli_reload_boot(n, &o))
 		return;
 	log_cfg.level = o.log_level;
+	cli_shortcuts_set(n, &o);
 	if (strcmp(n->sec.crl_path, o.crl)) {
 		snprintf(n->sec.crl_path, sizeof n->sec.crl_path, "%s", o.crl);
 		if (!o.crl[0])
@@ -10551,8 +11059,10 @@ static void cli_reload(struct cli_run *r)
 	}
 	n->sec.crl_mtime = (struct timespec){ 0 };     /* read it now, changed or not */
 	ev_timer_arm(&n->loop, &n->sec_timer, 0);
-	log_info("cli", "SIGHUP: reloaded: %u bootstrap peer(s), revocation list %s, log level %s", n->ring.n_boot,
-		 n->sec.crl_path[0] ? n->sec.crl_path : "none", log_level_names[log_cfg.level]);
+	log_info("cli", "SIGHUP: reloaded: %u bootstrap peer(s), revocation list %s, log level %s, shortcuts "
+		 "over %u pkt/s (at most %u, %llu s idle)", n->ring.n_boot,
+		 n->sec.crl_path[0] ? n->sec.crl_path : "none", log_level_names[log_cfg.level], n->ring.sc.pps,
+		 n->ring.sc.max, (unsigned long long)(n->ring.sc.idle_ms / 1000));
 }
 
 static void cli_signal_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
@@ -10691,6 +11201,7 @@ static int cli_up(struct cli_opts *o)
 	}
 	cli_log_start(&node);
 	link_start(&node);
+	cli_shortcuts_set(&node, o);
 	ring_start(&node);
 	dht_start(&node);
 	nat_start(&node);

@@ -951,6 +951,79 @@ static void test_insecure_pair(void)
 	cli_node_free(&b);
 }
 
+/* Shortcuts: the decayed rate, the trimming choice, the traffic table,
+ * the stall test on RTT samples, and routing around a stalled neighbour. */
+static void test_shortcuts(void)
+{
+	double r = 0;
+	for (int i = 0; i < 40; i++)                       /* 100 pps, 20 s of 500 ms ticks */
+		r = ring_rate_decay(r, 50, 500, RING_SC_WINDOW_MS);
+	CHECK(r > 99 && r < 101);
+	CHECK(ring_rate_decay(r, 0, 0, RING_SC_WINDOW_MS) == r);       /* no time, no change */
+	double first = ring_rate_decay(0, 500, 500, RING_SC_WINDOW_MS);  /* 1000 pps starts */
+	CHECK(first > 20 * 10);                            /* past a 20 pps threshold in one tick */
+	for (int i = 0; i < 4; i++)                        /* stopped for one window: 1/e */
+		r = ring_rate_decay(r, 0, 500, RING_SC_WINDOW_MS);
+	CHECK(r > 100 / M_E - 1 && r < 100 / M_E + 1);
+	r = ring_rate_decay(100, 0, 2000, RING_SC_WINDOW_MS);  /* one long tick: the same */
+	CHECK(r > 100 / M_E - 1 && r < 100 / M_E + 1);
+
+	double rates[] = { 5, 1, 3 };
+	CHECK(ring_sc_victim(rates, 3, 10) == 1);          /* the least used goes */
+	CHECK(ring_sc_victim(rates, 3, 2) == -1);          /* not twice as busy: keep it */
+	CHECK(ring_sc_victim(rates, 3, INFINITY) == 1);
+	CHECK(ring_sc_victim(rates, 0, 10) == -1);
+
+	CHECK(!link_rtt_spiked(-1, 500));                  /* no floor yet */
+	CHECK(!link_rtt_spiked(0.3, 10));                  /* jitter on loopback */
+	CHECK(link_rtt_spiked(0.3, 60));
+	CHECK(!link_rtt_spiked(20, 100) && link_rtt_spiked(20, 120));
+
+	struct node n;
+	ring_addr self = addr_top(0x10);
+	ring_addr peers[] = { addr_top(0x20), addr_top(0x30), addr_top(0x08), addr_top(0x90), addr_top(0xf0) };
+	fake_node(&n, &self, peers, ARRAY_LEN(peers));
+	uint64_t now = ev_now(&n.loop);
+	struct link *l90 = NULL;
+	for (struct link *l = n.links; l; l = l->next) {
+		l->last_rx_ms = now;                       /* none quiet */
+		if (wire_addr_eq(&l->peer.addr, &peers[3]))
+			l90 = l;
+	}
+	ring_addr t = addr_top(0x85);
+	CHECK(ring_next_hop(&n, MODE_NEAREST, &t) == l90);
+	l90->rtt_spike_ms = now;                           /* 0x90 stalled: 0x30 is next best */
+	struct link *h = ring_next_hop(&n, MODE_NEAREST, &t);
+	CHECK(h && wire_addr_eq(&h->peer.addr, &peers[1]));
+	CHECK(ring_next_hop(&n, MODE_EXACT, &peers[3]) == l90);   /* still the way to itself */
+	for (struct link *l = n.links; l; l = l->next)
+		l->rtt_spike_ms = now;                     /* all stalled: greedy as before */
+	CHECK(ring_next_hop(&n, MODE_NEAREST, &t) == l90);
+
+	/* The table: a peer is found again; a full probe window evicts the
+	 * quietest; an uncounted peer has no rate. */
+	n.ring.sc.pps = 20;
+	ring_addr a = addr_top(0x42);
+	for (int i = 0; i < 1000; i++)
+		ring_sc_count(&n, &a);
+	struct ring_sc_peer *p = ring_sc_find(&n, &a, false);
+	CHECK(p && p->packets == 1000);
+	p->pps = 50;
+	CHECK(ring_sc_rate(&n, &a) == 50);
+	for (unsigned i = 1; i < RING_SC_PROBE + 4; i++) {  /* same hash, other addresses */
+		ring_addr b = a;
+		b.b[19] = (uint8_t)i;
+		ring_sc_count(&n, &b);
+	}
+	CHECK(ring_sc_find(&n, &a, false) != NULL);        /* the busy one stays */
+	ring_addr none = addr_top(0x77);
+	CHECK(ring_sc_rate(&n, &none) < 0);
+	n.ring.sc.pps = 0;
+	ring_sc_count(&n, &none);                          /* off: nothing counted */
+	CHECK(ring_sc_rate(&n, &none) < 0);
+	fake_node_free(&n);
+}
+
 int main(void)
 {
 	log_cfg.level = LOG_ERROR;
@@ -966,6 +1039,7 @@ int main(void)
 	test_timers();
 	test_config();
 	test_next_hop();
+	test_shortcuts();
 	test_contents();
 	test_lease_pick();
 	test_dns();
