@@ -865,6 +865,17 @@ enum {
 
 enum sec_mode { SEC_INSECURE = 0, SEC_PSK = 1, SEC_CERT = 2, SEC__MODE_END };
 
+/* The record AEAD.  Both are RFC AEADs with a 96-bit nonce and a 16-byte
+ * tag, so records look alike on the wire.  ChaCha20-Poly1305 is the one
+ * every node has; AES-256-GCM is offered only where the CPU has AES-NI and
+ * carry-less multiply, where libsodium runs it at about twice ChaCha's speed
+ * (docs/PERFORMANCE.md).  Identity blocks are always sealed with ChaCha. */
+enum sec_cipher { SEC_CHACHA20_POLY1305 = 0, SEC_AES256_GCM = 1, SEC__CIPHER_END };
+
+enum { SEC_CIPHERS_BASE = 1u << SEC_CHACHA20_POLY1305 };
+
+static const char *const sec_cipher_names[SEC__CIPHER_END] = { "chacha20-poly1305", "aes-256-gcm" };
+
 static const char *const sec_mode_names[SEC__MODE_END] = { "insecure", "secret", "certificate" };
 
 struct sec_serial {
@@ -897,6 +908,7 @@ struct sec_creds {
 	uint8_t cookie_key[2][SEC_KEY_BYTES];
 	uint64_t cookie_rotated_ms;
 	mbedtls_ecp_group x25519;
+	uint8_t ciphers;                /* bit per enum sec_cipher this node offers */
 };
 
 static const mbedtls_md_info_t *sec_md(void)
@@ -1002,19 +1014,22 @@ static void sec_nonce(uint8_t nonce[12], uint32_t epoch, uint64_t counter)
 }
 
 /* Encrypt len bytes in place-safe fashion to out (len + 16 bytes). */
-static void sec_seal(struct sec_creds *s, const uint8_t key[SEC_KEY_BYTES], uint32_t epoch,
+static void sec_seal(uint8_t cipher, const uint8_t key[SEC_KEY_BYTES], uint32_t epoch,
 		     uint64_t counter, const uint8_t *aad, size_t aad_len,
 		     const uint8_t *in, size_t len, uint8_t *out)
 {
 	uint8_t nonce[12];
 	sec_nonce(nonce, epoch, counter);
-	(void)s;
-	crypto_aead_chacha20poly1305_ietf_encrypt_detached(out, out + len, NULL, in, len, aad, aad_len,
-							   NULL, nonce, key);
+	if (cipher == SEC_AES256_GCM)
+		crypto_aead_aes256gcm_encrypt_detached(out, out + len, NULL, in, len, aad, aad_len,
+						       NULL, nonce, key);
+	else
+		crypto_aead_chacha20poly1305_ietf_encrypt_detached(out, out + len, NULL, in, len, aad,
+								   aad_len, NULL, nonce, key);
 }
 
 /* Decrypt len bytes (tag included) to out; false if forged or corrupted. */
-static bool sec_open(struct sec_creds *s, const uint8_t key[SEC_KEY_BYTES], uint32_t epoch,
+static bool sec_open(uint8_t cipher, const uint8_t key[SEC_KEY_BYTES], uint32_t epoch,
 		     uint64_t counter, const uint8_t *aad, size_t aad_len,
 		     const uint8_t *in, size_t len, uint8_t *out)
 {
@@ -1022,10 +1037,30 @@ static bool sec_open(struct sec_creds *s, const uint8_t key[SEC_KEY_BYTES], uint
 		return false;
 	uint8_t nonce[12];
 	sec_nonce(nonce, epoch, counter);
-	(void)s;
-	return crypto_aead_chacha20poly1305_ietf_decrypt_detached(out, NULL, in, len - SEC_TAG_BYTES,
-								  in + len - SEC_TAG_BYTES, aad, aad_len,
-								  nonce, key) == 0;
+	const uint8_t *tag = in + len - SEC_TAG_BYTES;
+	if (cipher == SEC_AES256_GCM)
+		return crypto_aead_aes256gcm_decrypt_detached(out, NULL, in, len - SEC_TAG_BYTES, tag, aad,
+							      aad_len, nonce, key) == 0;
+	return crypto_aead_chacha20poly1305_ietf_decrypt_detached(out, NULL, in, len - SEC_TAG_BYTES, tag,
+								  aad, aad_len, nonce, key) == 0;
+}
+
+/* The record ciphers this process offers.  IPOP_CIPHER=chacha20-poly1305
+ * withholds AES-GCM (for comparisons, or where AES-NI is emulated slowly). */
+static uint8_t sec_ciphers_offered(void)
+{
+	uint8_t c = SEC_CIPHERS_BASE;
+	const char *want = getenv("IPOP_CIPHER");
+	bool chacha_only = want && !strcmp(want, sec_cipher_names[SEC_CHACHA20_POLY1305]);
+	if (crypto_aead_aes256gcm_is_available() && !chacha_only)
+		c |= 1u << SEC_AES256_GCM;
+	return c;
+}
+
+/* Both ends pick from what both offer, fastest first; ChaCha is always there. */
+static uint8_t sec_cipher_pick(uint8_t ours, uint8_t theirs)
+{
+	return (ours & theirs & (1u << SEC_AES256_GCM)) ? SEC_AES256_GCM : SEC_CHACHA20_POLY1305;
 }
 
 /* ---- replay window (RFC 6479 style bitmap) --------------------------- */
@@ -1408,6 +1443,7 @@ static int sec_creds_init(struct sec_creds *s)
 	s->revoked = calloc(SEC_REVOKED_MAX, sizeof *s->revoked);
 	if (!s->revoked || sodium_init() < 0 || mbedtls_ecp_group_load(&s->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
 		return -1;
+	s->ciphers = sec_ciphers_offered();
 	return 0;
 }
 
@@ -1679,6 +1715,7 @@ struct wire_identity {
 	const uint8_t *cert;
 	uint8_t sig_len;
 	const uint8_t *sig;
+	uint8_t ciphers;                /* record AEADs offered (bit per enum sec_cipher) */
 };
 
 /* RELAY and RELAYED: a record of a relayed link, and the node at its far end. */
@@ -1952,6 +1989,9 @@ static int wire_identity_decode(const uint8_t *p, size_t len, struct wire_identi
 	if (m->sig_len > SEC_SIG_MAX_BYTES)
 		b.bad = true;
 	m->sig = buf_view(&b, m->sig_len);
+	m->ciphers = buf_u8(&b);
+	if (!(m->ciphers & SEC_CIPHERS_BASE))
+		b.bad = true;           /* every node can do ChaCha: anything else is garbage */
 	return wire_finish(&b);
 }
 
@@ -1964,6 +2004,7 @@ static ssize_t wire_identity_encode(uint8_t *out, size_t cap, const struct wire_
 	wbuf_bytes(&w, m->cert, m->cert_len);
 	wbuf_u8(&w, m->sig_len);
 	wbuf_bytes(&w, m->sig, m->sig_len);
+	wbuf_u8(&w, m->ciphers);
 	return wbuf_done(&w);
 }
 
@@ -2214,6 +2255,7 @@ struct link_keys {
 	uint8_t tx[SEC_KEY_BYTES], rx[SEC_KEY_BYTES], rx_prev[SEC_KEY_BYTES];
 	uint32_t tx_epoch, rx_epoch;
 	uint64_t tx_counter;            /* continues across epochs */
+	uint8_t cipher;                 /* enum sec_cipher, agreed in the handshake */
 	uint64_t tx_epoch_ms, rx_prev_until_ms;
 	struct sec_replay replay;
 };
@@ -2954,7 +2996,7 @@ static int link_send(struct link *l, const uint8_t *msg, size_t len)
 			       .counter = l->keys.tx_counter++ };
 	wire_data_header_put(rec, &d);
 	if (secure)
-		sec_seal(&l->node->sec, l->keys.tx, l->keys.tx_epoch, d.counter, rec, WIRE_DATA_HDR_BYTES,
+		sec_seal(l->keys.cipher, l->keys.tx, l->keys.tx_epoch, d.counter, rec, WIRE_DATA_HDR_BYTES,
 			 msg, len, rec + WIRE_DATA_HDR_BYTES);
 	else
 		memcpy(rec + WIRE_DATA_HDR_BYTES, msg, len);
@@ -3181,8 +3223,9 @@ static void link_became_up(struct link *l)
 	ev_timer_arm(&n->loop, &l->timer, (uint64_t)link_keepalive_delay(n));
 	char who[64];
 	link_describe(l, who);
-	log_info("link", "up: %s, %s, %s%s%s", who, l->initiator ? "dialled" : "accepted",
-		 sec_mode_names[n->sec.mode], l->grant.name[0] ? " of " : "", l->grant.name);
+	log_info("link", "up: %s, %s, %s%s%s%s%s", who, l->initiator ? "dialled" : "accepted",
+		 sec_mode_names[n->sec.mode], l->grant.name[0] ? " of " : "", l->grant.name,
+		 link_secure(l) ? ", " : "", link_secure(l) ? sec_cipher_names[l->keys.cipher] : "");
 	/* Dials still under way to this peer are left to finish: the peer may
 	 * already count them as up, and link_resolve_duplicate settles it the
 	 * same way on both ends. */
@@ -3228,7 +3271,8 @@ static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t
 	/* Through a relay we see no address of the peer's: "observed" stays
 	 * 0.0.0.0:0, which section 09 ignores. */
 	uint8_t proto = l->proto == PROTO_RELAY ? PROTO_UDP : l->proto;
-	struct wire_identity id = { .info = n->self, .observed = link_endpoint_of(proto, &l->remote) };
+	struct wire_identity id = { .info = n->self, .observed = link_endpoint_of(proto, &l->remote),
+				    .ciphers = n->sec.ciphers };
 	if (n->sec.mode == SEC_CERT) {
 		if (sec_sign(&n->sec, &n->rng, l->hs.h, sig, &sig_len) < 0)
 			return -1;
@@ -3244,7 +3288,7 @@ static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t
 		memcpy(out, plain, (size_t)len);
 		return len;
 	}
-	sec_seal(&n->sec, key, 0, 0, l->hs.h, 32, plain, (size_t)len, out);
+	sec_seal(SEC_CHACHA20_POLY1305, key, 0, 0, l->hs.h, 32, plain, (size_t)len, out);
 	sec_wipe(plain, sizeof plain);
 	return len + SEC_TAG_BYTES;
 }
@@ -3282,7 +3326,7 @@ static bool link_identity_accept(struct link *l, const uint8_t key[32], const ui
 	size_t plen = link_secure(l) ? len - SEC_TAG_BYTES : len;
 	if (len > sizeof plain || (link_secure(l) && len < SEC_TAG_BYTES)) {
 		why = "malformed identity";
-	} else if (link_secure(l) && !sec_open(&n->sec, key, 0, 0, l->hs.h, 32, sealed, len, plain)) {
+	} else if (link_secure(l) && !sec_open(SEC_CHACHA20_POLY1305, key, 0, 0, l->hs.h, 32, sealed, len, plain)) {
 		link_drop(l, DROP_AUTH_FAILED);
 		return false;
 	} else if (!link_secure(l)) {
@@ -3313,6 +3357,7 @@ static bool link_identity_accept(struct link *l, const uint8_t key[32], const ui
 	l->peer = id.info;
 	l->peer_known = true;
 	l->observed = id.observed;
+	l->keys.cipher = sec_cipher_pick(n->sec.ciphers, id.ciphers);
 	return true;
 }
 
@@ -3634,7 +3679,7 @@ static void link_on_data(struct link *l, const struct wire_data *d, const uint8_
 			return link_drop(l, DROP_REPLAY);
 		uint32_t epoch = advance ? l->keys.rx_epoch + 1 : (uint8_t)d->epoch == (uint8_t)l->keys.rx_epoch
 				 ? l->keys.rx_epoch : l->keys.rx_epoch - 1;
-		if (!sec_open(&l->node->sec, key, epoch, d->counter, pkt, WIRE_DATA_HDR_BYTES, d->body, d->len, plain))
+		if (!sec_open(l->keys.cipher, key, epoch, d->counter, pkt, WIRE_DATA_HDR_BYTES, d->body, d->len, plain))
 			return link_drop(l, DROP_AUTH_FAILED);
 		sec_replay_commit(&l->keys.replay, d->counter);
 		if (advance)
@@ -9032,6 +9077,10 @@ static void ctl_json_link(struct buf_str *o, const struct link *l, uint64_t now)
 		   link_state_names[l->state], l->initiator ? "out" : "in");
 	buf_printf(o, "\"transport\":\"%s\",\"path\":\"%s\",", ctl_transport_name(l),
 		   l->proto == PROTO_RELAY ? "relayed" : "direct");
+	if (l->state == LINK_UP && link_secure(l))
+		buf_printf(o, "\"cipher\":\"%s\",", sec_cipher_names[l->keys.cipher]);
+	else
+		buf_printf(o, "\"cipher\":null,");
 	if (l->proto == PROTO_RELAY) {
 		char via[2 * RING_ADDR_BYTES + 1], name[16];
 		ring_addr_hex(&l->relay_via, via);
@@ -9113,7 +9162,14 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 			   (unsigned long long)n->tap.gro_segments);
 	else
 		buf_printf(o, "\"interface\":null,");
-	buf_printf(o, "\"mode\":\"%s\",", n->tap.fd >= 0 ? "tap" : n->lw.started ? "user" : "none");
+	buf_printf(o, "\"mode\":\"%s\",\"security\":\"%s\",\"ciphers\":[", n->tap.fd >= 0 ? "tap" :
+		   n->lw.started ? "user" : "none", sec_mode_names[n->sec.mode]);
+	for (int c = SEC__CIPHER_END - 1, first = 1; c >= 0 && n->sec.mode != SEC_INSECURE; c--)
+		if (n->sec.ciphers & (1u << c)) {
+			buf_printf(o, "%s\"%s\"", first ? "" : ",", sec_cipher_names[c]);
+			first = 0;
+		}
+	buf_printf(o, "],");
 	const struct ring_shortcuts *sc = &n->ring.sc;
 	buf_printf(o, "\"shortcuts\":{\"pps\":%u,\"max\":%u,\"idle_s\":%llu,\"opened\":%llu,\"idle\":%llu,"
 		   "\"trimmed\":%llu,\"refused\":%llu},", sc->pps, sc->max, (unsigned long long)(sc->idle_ms / 1000),

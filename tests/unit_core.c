@@ -289,11 +289,15 @@ static void test_wire_handshake(void)
 	memset(cert, 0x30, sizeof cert);
 	memset(sig, 0x31, sizeof sig);
 	struct wire_identity id = { .info = sample_info(4, 2), .observed = { PROTO_TCP, 0x0a000001u, 99 },
-				    .cert_len = sizeof cert, .cert = cert, .sig_len = sizeof sig, .sig = sig }, id2;
+				    .cert_len = sizeof cert, .cert = cert, .sig_len = sizeof sig, .sig = sig,
+				    .ciphers = 3 }, id2;
 	len = wire_identity_encode(pkt, sizeof pkt, &id);
 	CHECK(len > 0 && wire_identity_decode(pkt, (size_t)len, &id2) == 0 && info_eq(&id.info, &id2.info) &&
 	      id2.observed.port == 99 && id2.cert_len == sizeof cert && id2.sig_len == sizeof sig &&
-	      !memcmp(id2.cert, cert, sizeof cert) && !memcmp(id2.sig, sig, sizeof sig));
+	      !memcmp(id2.cert, cert, sizeof cert) && !memcmp(id2.sig, sig, sizeof sig) && id2.ciphers == 3);
+	pkt[len - 1] = 2;                                  /* no ChaCha: refused */
+	CHECK(wire_identity_decode(pkt, (size_t)len, &id2) < 0);
+	pkt[len - 1] = 3;
 	check_truncations(dec_identity, pkt, (size_t)len);
 
 	/* DATA: header round trip; an empty body is refused. */
@@ -801,6 +805,8 @@ static void test_secure_pair(uint8_t proto)
 	CHECK(la && lb && la->peer_idx == lb->local_idx && lb->peer_idx == la->local_idx);
 	CHECK(la && lb && !memcmp(la->keys.tx, lb->keys.rx, 32) && !memcmp(la->keys.rx, lb->keys.tx, 32));
 	CHECK(la && memcmp(la->keys.tx, la->keys.rx, 32) != 0);
+	uint8_t want = crypto_aead_aes256gcm_is_available() ? SEC_AES256_GCM : SEC_CHACHA20_POLY1305;
+	CHECK(la && lb && la->keys.cipher == want && lb->keys.cipher == want);
 	pump(&a, &b, 20);
 	la = link_find_peer(&a, &b.self.addr, true);
 	lb = link_find_peer(&b, &a.self.addr, true);
@@ -827,6 +833,35 @@ static void test_secure_pair(uint8_t proto)
 	link_reap(&a);
 	cli_node_free(&a);
 	cli_node_free(&b);
+}
+
+/* A node that offers only ChaCha20-Poly1305 (no AES-NI, or
+ * IPOP_CIPHER=chacha20-poly1305) and one that also offers AES-GCM agree on
+ * ChaCha, whichever end dials, and records pass both ways. */
+static void test_cipher_mix(void)
+{
+	for (int dialer = 0; dialer < 2; dialer++) {
+		static struct node a, b;
+		const char *key = unit_key("a.key", KEY_A);
+		CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
+		a.sec.ciphers = SEC_CIPHERS_BASE;
+		struct node *from = dialer ? &b : &a, *to = dialer ? &a : &b;
+		CHECK(link_dial(from, &to->self.endpoints[0], &to->self.addr, 0) != NULL);
+		pump_until_up(&a, &b, 400);
+		struct link *la = link_find_peer(&a, &b.self.addr, true), *lb = link_find_peer(&b, &a.self.addr, true);
+		CHECK(la && lb && la->keys.cipher == SEC_CHACHA20_POLY1305 && lb->keys.cipher == SEC_CHACHA20_POLY1305);
+		CHECK(sec_cipher_pick(SEC_CIPHERS_BASE | 2, SEC_CIPHERS_BASE | 2) == SEC_AES256_GCM);
+		CHECK(sec_cipher_pick(SEC_CIPHERS_BASE | 2, SEC_CIPHERS_BASE) == SEC_CHACHA20_POLY1305);
+		pump(&a, &b, 20);
+		a.ring.echo_reply = echo_seen;
+		echo_got = 0;
+		ring_echo_send(&a, &b.self.addr, 41);
+		pump(&a, &b, 10);
+		CHECK(echo_got == 41);
+		CHECK(a.drops.count[DROP_AUTH_FAILED] == 0 && b.drops.count[DROP_AUTH_FAILED] == 0);
+		cli_node_free(&a);
+		cli_node_free(&b);
+	}
 }
 
 /* Replayed and tampered records are dropped and counted; a fresh one passes. */
@@ -1049,6 +1084,7 @@ int main(void)
 	test_secure_pair(PROTO_UDP);
 	test_secure_pair(PROTO_TCP);
 	test_replay_tamper();
+	test_cipher_mix();
 	test_refusals();
 	test_insecure_pair();
 	test_duplicate_ip();
