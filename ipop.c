@@ -2519,6 +2519,7 @@ enum { LINK_SEC_TICK_MS = 2000 }; /* revocation list check and cookie rotation *
 enum {
 	LINK_BATCH = 64,                /* datagrams per sendmmsg/recvmmsg */
 	LINK_GSO_MAX_BYTES = 60000,     /* one UDP_SEGMENT message: under 64 KiB */
+	LINK_RX_SLOT_BYTES = 65536,     /* a UDP_GRO datagram: up to 64 KiB of records */
 };
 
 /* UDP datagrams queued in one loop turn, sent together at its end (section
@@ -2542,10 +2543,14 @@ struct link_tx {
 };
 
 struct link_rx {
-	uint8_t *buf;                   /* LINK_BATCH * (WIRE_MAX_WIRE_BYTES + 1) */
+	uint8_t *buf;                   /* LINK_BATCH * LINK_RX_SLOT_BYTES */
 	struct mmsghdr msgs[LINK_BATCH];
 	struct iovec iov[LINK_BATCH];
 	struct sockaddr_in from[LINK_BATCH];
+	union {                         /* a UDP_GRO control message per datagram */
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} ctl[LINK_BATCH];
 };
 
 struct node {
@@ -4019,15 +4024,45 @@ static void link_udp_datagram(struct node *n, int fd, const struct sockaddr_in *
 	link_input(n, NULL, fd, from, pkt, len);
 }
 
+/* The segment size of a datagram the kernel coalesced (UDP_GRO), else 0. */
+static size_t link_gro_size(const struct msghdr *m)
+{
+	for (const struct cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR((struct msghdr *)m, (struct cmsghdr *)c))
+		if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+			int size;
+			memcpy(&size, CMSG_DATA(c), sizeof size);
+			return size > 0 ? (size_t)size : 0;
+		}
+	return 0;
+}
+
+/* A received buffer is one datagram, or with UDP_GRO a train of segments of
+ * one size (the last may be shorter) from one sender: the records a peer's
+ * UDP_SEGMENT send carried, delivered in one piece so the kernel skipped
+ * cutting and queueing each. */
+static void link_udp_received(struct node *n, int fd, const struct msghdr *m, const uint8_t *buf, size_t len)
+{
+	const struct sockaddr_in *from = m->msg_name;
+	size_t seg = link_gro_size(m);
+	if (m->msg_flags & MSG_TRUNC)
+		return link_drop_from(n, DROP_BAD_FRAME, PROTO_UDP, from);
+	if (!seg || seg >= len)
+		return link_udp_datagram(n, fd, from, m->msg_namelen, buf, len);
+	for (size_t off = 0; off < len; off += seg)
+		link_udp_datagram(n, fd, from, m->msg_namelen, buf + off, len - off < seg ? len - off : seg);
+}
+
 /* Up to LINK_BATCH datagrams per recvmmsg, a few calls per wake-up at most,
  * so one busy socket cannot starve the rest. */
 static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
 	struct link_rx *x = &n->rx;
-	enum { SLOT = WIRE_MAX_WIRE_BYTES + 1 };
+	enum { SLOT = LINK_RX_SLOT_BYTES };
 	(void)loop;
 	(void)events;
+	/* 4 MiB of address space; pages are only resident once a datagram
+	 * (or a coalesced train) has been written into them. */
 	if (!x->buf && !(x->buf = malloc(LINK_BATCH * SLOT)))
 		return;
 	for (int round = 0; round < 4; round++) {
@@ -4035,14 +4070,15 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 			x->iov[i] = (struct iovec){ x->buf + i * SLOT, SLOT };
 			x->msgs[i].msg_hdr = (struct msghdr){ .msg_name = &x->from[i],
 							      .msg_namelen = sizeof x->from[i],
-							      .msg_iov = &x->iov[i], .msg_iovlen = 1 };
+							      .msg_iov = &x->iov[i], .msg_iovlen = 1,
+							      .msg_control = x->ctl[i].buf,
+							      .msg_controllen = sizeof x->ctl[i].buf };
 		}
 		int r = recvmmsg(fd, x->msgs, LINK_BATCH, MSG_DONTWAIT, NULL);
 		if (r <= 0)
 			return;
 		for (int i = 0; i < r; i++)
-			link_udp_datagram(n, fd, &x->from[i], x->msgs[i].msg_hdr.msg_namelen,
-					  x->iov[i].iov_base, x->msgs[i].msg_len);
+			link_udp_received(n, fd, &x->msgs[i].msg_hdr, x->iov[i].iov_base, x->msgs[i].msg_len);
 		if (r < LINK_BATCH)
 			return;
 	}
@@ -4160,6 +4196,11 @@ static void link_udp_buffers(int fd)
 		setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
 	if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) < 0)
 		setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+	/* Accept coalesced trains (link_udp_received splits them); older
+	 * kernels refuse the option and deliver datagram by datagram. */
+	int one = 1;
+	if (!getenv("IPOP_NO_OFFLOAD"))
+		setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof one);
 }
 
 static int link_udp_dial_socket(struct node *n)
