@@ -243,6 +243,7 @@ enum drop_reason {
 	DROP_OFF_NET,           /* a local packet for outside the virtual network */
 	DROP_BAD_IP,            /* an IP header that does not parse */
 	DROP_LOCAL_WRITE,       /* the local interface refused a packet */
+	DROP_TOO_BIG,           /* a message grew past what its next link carries */
 	DROP__COUNT
 };
 
@@ -272,6 +273,7 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_OFF_NET] = "off_net",
 	[DROP_BAD_IP] = "bad_ip",
 	[DROP_LOCAL_WRITE] = "local_write",
+	[DROP_TOO_BIG] = "too_big",
 };
 
 struct log_drops {
@@ -2992,8 +2994,10 @@ static int link_send(struct link *l, const uint8_t *msg, size_t len)
 	uint8_t rec[WIRE_MAX_WIRE_BYTES];
 	if (l->state != LINK_UP)
 		return -ENOTCONN;
-	if (len > (l->proto == PROTO_RELAY ? WIRE_MAX_PACKET_BYTES : WIRE_MAX_MSG_BYTES))
+	if (len > (l->proto == PROTO_RELAY ? WIRE_MAX_PACKET_BYTES : WIRE_MAX_MSG_BYTES)) {
+		link_drop(l, DROP_TOO_BIG);
 		return -EMSGSIZE;       /* relayed records must fit inside a RELAY */
+	}
 	bool secure = link_secure(l);
 	if (secure)
 		link_rekey_tx(l);
@@ -4621,7 +4625,7 @@ static void ring_forward(struct node *n, struct link *hop, const struct wire_rou
 	uint8_t pkt[WIRE_MAX_PACKET_BYTES];
 	ssize_t len = wire_routed_encode(pkt, sizeof pkt, &f);
 	if (len < 0)
-		return;
+		return ring_drop(n, DROP_TOO_BIG, &r->src);
 	n->counters_routed++;
 	link_send(hop, pkt, (size_t)len);
 }
