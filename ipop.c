@@ -7309,7 +7309,11 @@ static void tap_put16(uint8_t *p, uint16_t v)
  * end a run), each as long as the first but the last.  The kernel finishes
  * the checksum (NEEDS_CSUM); the records carrying them were authenticated. */
 
-enum { TAP_GRO_MAX_BYTES = 62000 };
+/* An IP datagram's length field caps a super-frame.  The sender's kernel
+ * cuts TSO frames of 48 segments of 1,308 bytes (MTU 1360 with timestamps):
+ * 62,836 bytes of IP, which must fit in one super-frame or the last
+ * segment goes alone and the kernel's receive path runs twice per frame. */
+enum { TAP_GRO_MAX_BYTES = TAP_ETH_HDR_BYTES + 65535 };
 
 static uint32_t tap_get32(const uint8_t *p)
 {
