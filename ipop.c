@@ -5364,6 +5364,7 @@ enum {
 	DHT_REQUEST_TIMEOUT_MS = 3000,
 	DHT_RETRY_MS = 1000,            /* resend a request unanswered this long: 2 tries more in the 3 s */
 	DHT_REPUBLISH_MS = 30000,       /* push a record again after this long without a push */
+	DHT_RELEASE_WINDOW_MS = 2000,   /* RELEASE counts this long after our push: the answer to it */
 	DHT_PENDING_MAX = 1024,         /* outstanding lookups: CLI requests and IP mappings */
 };
 
@@ -5743,12 +5744,13 @@ static void dht_release_check(struct node *n, const struct wire_routed *rt, cons
 }
 
 /* A neighbour sees three nodes nearer to the key than us: drop our copy.
- * It has just received the copy from us, so the record lives on. */
+ * It has just received the copy from us, so the record lives on; a RELEASE
+ * that answers no recent push of ours is ignored. */
 static void dht_on_release(struct node *n, const struct wire_routed *rt, const struct wire_dht *m)
 {
 	struct link *from = link_find_direct(n, &rt->src);
 	struct dht_record *r = dht_find(&n->dht, (const char *)m->key, m->key_len);
-	if (r && from && ring_link_usable(from))
+	if (r && from && ring_link_usable(from) && ev_now(&n->loop) - r->pushed_ms <= DHT_RELEASE_WINDOW_MS)
 		dht_record_free(&n->dht, r);
 }
 
@@ -5853,6 +5855,15 @@ static uint32_t dht_quiet_sig(struct node *n)
 	return sig;
 }
 
+/* Milliseconds to the next DHT_MAINT_MS step of the node's keepalive grid
+ * (link_keepalive_delay: every 1 s from the node's start): every other
+ * check shares the keepalives' wake-up, and idle wake-ups are most of an
+ * idle node's cost (docs/SCALING.md). */
+static int64_t dht_maint_delay(const struct node *n)
+{
+	return (int64_t)(DHT_MAINT_MS - (ev_now(&n->loop) - n->start_ms) % DHT_MAINT_MS);
+}
+
 static int64_t dht_maint(struct ev_loop *loop, struct ev_timer *t)
 {
 	struct node *n = container_of(t, struct node, dht.maint);
@@ -5872,7 +5883,7 @@ static int64_t dht_maint(struct ev_loop *loop, struct ev_timer *t)
 		else
 			i++;
 	}
-	return DHT_MAINT_MS;
+	return dht_maint_delay(n);
 }
 
 /* We leave: hand every record to the DHT_REPLICAS nodes nearest its key
@@ -5918,7 +5929,7 @@ static void dht_start(struct node *n)
 	n->ring.deliver_dht = dht_deliver;
 	n->ring.links_changed = dht_links_changed;
 	ev_timer_init(&n->dht.maint, dht_maint);
-	ev_timer_arm(&n->loop, &n->dht.maint, DHT_MAINT_MS);
+	ev_timer_arm(&n->loop, &n->dht.maint, dht_maint_delay(n));
 }
 
 static void dht_stop(struct node *n)
