@@ -43,6 +43,7 @@ SURVIVE_S = 8.0        # case 3
 LEAVE_AFTER_S = 4.0    # case 4: second get after
 LEAVE_SETTLE_S = 4.0   # case 4: extra time allowed for 3 holders (after the 4 s)
 STABLE_S = 1.5         # case 3: reads and holders must stay right this long (3 DHT_MAINT_MS)
+OBSERVE_S = 6.5        # case 3: watched at least this long (LINK_DEAD_MS 4 s + 1 s keepalive grid + slack)
 TTL_S = 3              # case 5
 TTL_CHECK_S = 6.0
 
@@ -321,12 +322,16 @@ def run_probe(net, readers, key, value, want, t0, limit):
     deadline = t0 + limit
 
     def settled():
-        # right, and right for STABLE_S since: a stray 4th copy is pushed
-        # and released within ~1 s while links re-form (PROTOCOL.md 14,
-        # RELEASE); stopping 0.5 s after the first right poll failed runs
-        # whose set was right and stable a second later.
+        # right, right for STABLE_S since, and watched until OBSERVE_S: the
+        # links to the dead close up to ~5 s after the kill and start one
+        # more round of hand-overs, whose outcome must be right too.  A
+        # stray 4th copy pushed by a node not yet linked to a new
+        # neighbour is released within ~1 s (PROTOCOL.md 14, RELEASE);
+        # stopping 0.5 s after the first right poll failed runs whose set
+        # was right and stable a second later, and missed copies that stay.
         ts = [pr.first_ok_get(n, value) for n in readers] + [pr.first_holders(want)]
-        return all(t is not None for t in ts) and pr.now() - max(ts) >= STABLE_S
+        return (all(t is not None for t in ts) and pr.now() - max(ts) >= STABLE_S
+                and pr.now() >= min(OBSERVE_S, limit))
     while time.monotonic() < deadline and not settled():
         time.sleep(0.1)
     time.sleep(0.5)          # a few more results: it must stay right
