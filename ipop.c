@@ -2432,7 +2432,8 @@ struct dht_state {
 	unsigned n_records;
 	struct dht_pending *pending;    /* DHT_PENDING_MAX slots */
 	unsigned n_pending;
-	uint32_t links_epoch;           /* bumped when links come or go */
+	uint32_t links_epoch;           /* bumped when links come or go, or go quiet */
+	uint32_t quiet_sig;             /* which up links were quiet at the last dht_maint */
 	struct ev_timer maint;
 };
 
@@ -4587,7 +4588,13 @@ static enum ring_hop_class ring_hop_class(const struct node *n, const struct lin
 /* The up link that lowers the metric most, or NULL when no neighbour is
  * closer than this node.  A slow link is the choice only when no good link
  * lowers the metric at all, a quiet one only when no other does.  Every
- * choice still lowers the metric, so paths stay loop-free. */
+ * choice still lowers the metric, so paths stay loop-free.
+ * NEAREST never takes a quiet link: the message may end wherever greedy
+ * routing stops, and here beats a likely black hole.  Next to a crashed
+ * node's keys the quiet link is always the only progress, so until
+ * LINK_DEAD_MS closed it every DHT request for those keys was lost (t_dht
+ * case 3: 80% of gets timed out for 4.3-5.4 s although two copies lived);
+ * here is the next nearest node, which holds a copy. */
 static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr *target)
 {
 	ring_addr self = ring_metric(mode, &n->self.addr, target);
@@ -4603,6 +4610,8 @@ static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr 
 			hop[c] = l;
 		}
 	}
+	if (mode == MODE_NEAREST)
+		return hop[HOP_GOOD] ? hop[HOP_GOOD] : hop[HOP_SLOW];
 	return hop[HOP_GOOD] ? hop[HOP_GOOD] : hop[HOP_SLOW] ? hop[HOP_SLOW] : hop[HOP_QUIET];
 }
 
@@ -5419,9 +5428,13 @@ static void ring_start(struct node *n)
  * next nearest, DHT_REPLICAS copies in all.  put overwrites, create only
  * fills an empty (or expired, or own) slot, get reads; every record carries
  * a lease (TTL) that its owner refreshes.  Each node re-checks its records
- * every DHT_MAINT_MS: it pushes each to the nodes that should hold it (itself
- * and its near links nearest the key) and drops those it should no longer
- * hold, so records follow joins and leaves.
+ * DHT_MAINT_MS after its links changed or one went quiet: it pushes each to
+ * the nodes that should hold it (itself and its live links nearest the key)
+ * and drops those it should no longer hold, so records follow joins, leaves
+ * and crashes.  A node that leaves hands its records over first; a record
+ * not pushed for DHT_REPUBLISH_MS is pushed again (a REPLICA may be lost);
+ * a neighbour told by RELEASE that three nodes are nearer drops its copy;
+ * a request without reply is sent again every DHT_RETRY_MS.
  * In certificate networks a record is signed by its owner and carries the
  * owner's certificate; holders and readers check it, and keys that claim an
  * address ("ip:A.B.C.D", "name:N") must be granted by that certificate.
@@ -5436,13 +5449,17 @@ enum {
 	DHT_KEY_MAX_BYTES = 96,
 	DHT_TTL_MAX_S = 86400,
 	DHT_RECORDS_MAX = 65536,        /* per node; new keys are refused past it */
-	DHT_MAINT_MS = 2000,
+	DHT_MAINT_MS = 500,             /* expiry, quiet links, retries: a scan of the tables, no traffic */
 	DHT_HANDOVER_MS = 200,          /* links changed: push records this soon (see dht_links_changed) */
 	DHT_REQUEST_TIMEOUT_MS = 3000,
+	DHT_RETRY_MS = 1000,            /* resend a request unanswered this long: 2 tries more in the 3 s */
+	DHT_REPUBLISH_MS = 30000,       /* push a record again after this long without a push */
+	DHT_RELEASE_WINDOW_MS = 2000,   /* RELEASE counts this long after our push: the answer to it */
 	DHT_PENDING_MAX = 1024,         /* outstanding lookups: CLI requests and IP mappings */
 };
 
-enum dht_op { DHT_PUT = 1, DHT_CREATE = 2, DHT_GET = 3, DHT_REPLY = 4, DHT_REPLICA = 5, DHT__OP_END };
+enum dht_op { DHT_PUT = 1, DHT_CREATE = 2, DHT_GET = 3, DHT_REPLY = 4, DHT_REPLICA = 5, DHT_RELEASE = 6,
+	      DHT__OP_END };
 
 enum dht_status { DHT_OK = 0, DHT_NOT_FOUND = 1, DHT_EXISTS = 2, DHT_REFUSED = 3, DHT_FULL = 4 };
 
@@ -5512,6 +5529,7 @@ struct dht_record {
 	ring_addr owner;
 	uint64_t expires_ms;
 	uint32_t links_epoch;           /* node->dht.links_epoch when last pushed */
+	uint64_t pushed_ms;             /* when last pushed (DHT_REPUBLISH_MS) */
 	uint16_t value_len, cert_len;
 	uint8_t sig_len;
 	uint8_t *blob;                  /* value, then cert; one allocation */
@@ -5522,6 +5540,10 @@ struct dht_record {
 struct dht_pending {
 	uint32_t token;
 	uint64_t deadline_ms;
+	uint64_t sent_ms;               /* last (re)sent: DHT_RETRY_MS */
+	ring_addr hash;
+	uint8_t *msg;                   /* the encoded request, sent again as is */
+	uint16_t msg_len;
 	void (*done)(struct node *n, void *arg, const struct wire_dht *reply);
 	void *arg;
 };
@@ -5673,15 +5695,20 @@ static int dht_send(struct node *n, uint8_t mode, const ring_addr *dst, const st
 	return 0;
 }
 
-/* The up links that, with us, are the DHT_REPLICAS nodes nearest to key. */
-static unsigned dht_holders(struct node *n, const ring_addr *key, struct link **out, bool *self_in)
+/* The up links that, with us (unless we leave), are the DHT_REPLICAS nodes
+ * nearest to key.  A quiet link does not count: its peer has most likely
+ * crashed (LINK_QUIET_MS), and counting it handed records to the dead for
+ * LINK_DEAD_MS, while the node that should hold them, which sees a live
+ * neighbour in its place, never got one. */
+static unsigned dht_holders(struct node *n, const ring_addr *key, bool leaving, struct link **out,
+			    bool *self_in)
 {
 	ring_addr dist[DHT_REPLICAS];
 	unsigned k = 0;
 	*self_in = false;
 	ring_addr ds = ring_dist(&n->self.addr, key);
 	for (struct link *l = n->links; l; l = l->next) {
-		if (!ring_link_usable(l))
+		if (!ring_link_usable(l) || ring_link_quiet(n, l))
 			continue;
 		bool dup = false;
 		for (unsigned j = 0; j < k; j++)
@@ -5707,21 +5734,32 @@ static unsigned dht_holders(struct node *n, const ring_addr *key, struct link **
 	unsigned nearer = 0;
 	for (unsigned i = 0; i < k; i++)
 		nearer += wire_addr_cmp(&dist[i], &ds) < 0;
-	*self_in = nearer < DHT_REPLICAS;
+	*self_in = !leaving && nearer < DHT_REPLICAS;
 	return k < DHT_REPLICAS - (*self_in ? 1 : 0) ? k : DHT_REPLICAS - (*self_in ? 1 : 0);
 }
 
 /* Push a record to the nodes that should hold it; false if we should not. */
-static bool dht_push(struct node *n, struct dht_record *r, uint64_t now)
+static bool dht_push(struct node *n, struct dht_record *r, uint64_t now, bool leaving)
 {
 	struct link *holders[DHT_REPLICAS] = { 0 };
 	bool self_in;
-	unsigned k = dht_holders(n, &r->hash, holders, &self_in);
+	unsigned k = dht_holders(n, &r->hash, leaving, holders, &self_in);
 	struct wire_dht m = dht_wire_of(r, DHT_REPLICA, now);
 	for (unsigned i = 0; i < k; i++)
 		dht_send(n, MODE_EXACT, &holders[i]->peer.addr, &m);
 	r->links_epoch = n->dht.links_epoch;
+	r->pushed_ms = now;
 	return self_in;
+}
+
+/* Take pending request i out of the table; the caller runs its done(). */
+static struct dht_pending dht_pending_take(struct dht_state *d, unsigned i)
+{
+	struct dht_pending p = d->pending[i];
+	d->pending[i] = d->pending[--d->n_pending];
+	free(p.msg);
+	p.msg = NULL;
+	return p;
 }
 
 static void dht_pending_done(struct node *n, uint32_t token, const struct wire_dht *reply)
@@ -5741,8 +5779,7 @@ static void dht_pending_done(struct node *n, uint32_t token, const struct wire_d
 	for (unsigned i = 0; i < d->n_pending; i++) {
 		if (d->pending[i].token != token || !reply)
 			continue;
-		struct dht_pending p = d->pending[i];
-		d->pending[i] = d->pending[--d->n_pending];
+		struct dht_pending p = dht_pending_take(d, i);
 		p.done(n, p.arg, reply);
 		return;
 	}
@@ -5767,9 +5804,44 @@ static void dht_on_request(struct node *n, const struct wire_routed *rt, const s
 		reply.status = (uint8_t)dht_store(n, m, m->op == DHT_CREATE);
 		struct dht_record *r = dht_find(&n->dht, (const char *)m->key, m->key_len);
 		if (reply.status == DHT_OK && r)
-			dht_push(n, r, now);
+			dht_push(n, r, now, false);
 	}
 	dht_send(n, MODE_EXACT, &rt->src, &reply);
+}
+
+/* A REPLICA came from a neighbour that we see three live nodes nearer to
+ * the key than (us or our links): it holds a copy it should not.  It cannot
+ * know: with RING_NEAR_PER_SIDE = 2 a node sees at most two nodes between
+ * itself and the key, so the fourth nearest takes itself for the third and
+ * keeps a copy pushed to it in error (a holder that had not yet linked to a
+ * new neighbour) until the lease ends.  Tell it to drop its copy. */
+static void dht_release_check(struct node *n, const struct wire_routed *rt, const struct wire_dht *m)
+{
+	struct link *from = link_find_direct(n, &rt->src);
+	if (!from || !ring_link_usable(from) || ring_link_quiet(n, from))
+		return;         /* we cannot rank a node we do not see */
+	struct link *holders[DHT_REPLICAS] = { 0 };
+	bool self_in;
+	ring_addr hash = dht_hash((const char *)m->key, m->key_len);
+	unsigned k = dht_holders(n, &hash, false, holders, &self_in);
+	if (k + self_in < DHT_REPLICAS)
+		return;
+	for (unsigned i = 0; i < k; i++)
+		if (holders[i] == from)
+			return;
+	struct wire_dht rel = { .op = DHT_RELEASE, .key_len = m->key_len, .key = m->key };
+	dht_send(n, MODE_EXACT, &rt->src, &rel);
+}
+
+/* A neighbour sees three nodes nearer to the key than us: drop our copy.
+ * It has just received the copy from us, so the record lives on; a RELEASE
+ * that answers no recent push of ours is ignored. */
+static void dht_on_release(struct node *n, const struct wire_routed *rt, const struct wire_dht *m)
+{
+	struct link *from = link_find_direct(n, &rt->src);
+	struct dht_record *r = dht_find(&n->dht, (const char *)m->key, m->key_len);
+	if (r && from && ring_link_usable(from) && ev_now(&n->loop) - r->pushed_ms <= DHT_RELEASE_WINDOW_MS)
+		dht_record_free(&n->dht, r);
 }
 
 static void dht_deliver(struct node *n, const struct wire_routed *r)
@@ -5782,7 +5854,10 @@ static void dht_deliver(struct node *n, const struct wire_routed *r)
 		return dht_pending_done(n, m.token, &m);
 	case DHT_REPLICA:
 		dht_store(n, &m, false);
+		dht_release_check(n, r, &m);
 		return;
+	case DHT_RELEASE:
+		return dht_on_release(n, r, &m);
 	default:
 		return dht_on_request(n, r, &m);
 	}
@@ -5801,9 +5876,6 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 	if (done && d->n_pending >= DHT_PENDING_MAX)
 		return -EBUSY;
 	uint32_t token = (uint32_t)sec_random_u64(&n->rng);
-	if (done)               /* without done: fire and forget (publications) */
-		d->pending[d->n_pending++] = (struct dht_pending){ .token = token, .done = done, .arg = arg,
-			.deadline_ms = ev_now(&n->loop) + DHT_REQUEST_TIMEOUT_MS };
 	struct wire_dht m = { .op = op, .token = token, .key_len = (uint8_t)klen, .key = (const uint8_t *)key,
 			      .owner = n->self.addr, .ttl_s = ttl_s, .value_len = (uint16_t)vlen, .value = value };
 	uint8_t sig[SEC_SIG_MAX_BYTES], h[32];
@@ -5817,13 +5889,69 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 			m.sig_len = (uint8_t)sig_len;
 		}
 	}
-	ring_addr hash = dht_hash(key, klen);
-	if (dht_send(n, MODE_NEAREST, &hash, &m) < 0) {
-		if (done)
-			d->n_pending--;         /* ours was the last one added */
+	uint8_t payload[WIRE_MAX_PACKET_BYTES];
+	ssize_t len = dht_encode(payload, sizeof payload - WIRE_ROUTED_FIXED_BYTES - RING_ADDR_BYTES, &m);
+	if (len <= 0)
 		return -EMSGSIZE;
+	ring_addr hash = dht_hash(key, klen);
+	if (done) {             /* without done: fire and forget (publications) */
+		uint8_t *copy = malloc((size_t)len);
+		if (!copy)
+			return -ENOMEM;
+		memcpy(copy, payload, (size_t)len);
+		uint64_t now = ev_now(&n->loop);
+		d->pending[d->n_pending++] = (struct dht_pending){ .token = token, .done = done, .arg = arg,
+			.deadline_ms = now + DHT_REQUEST_TIMEOUT_MS, .sent_ms = now, .hash = hash,
+			.msg = copy, .msg_len = (uint16_t)len };
 	}
+	ring_send(n, MODE_NEAREST, &hash, NULL, INNER_DHT, payload, (size_t)len);
 	return 0;
+}
+
+/* Time out requests past their deadline; send the others again when
+ * unanswered for DHT_RETRY_MS.  A request or its reply is lost when it meets
+ * a node as it leaves or crashes; the retry, routed afresh, goes around it.
+ * A late reply to an earlier try is answered like any other: the token. */
+static void dht_pending_upkeep(struct node *n, uint64_t now)
+{
+	struct dht_state *d = &n->dht;
+	for (unsigned i = 0; i < d->n_pending;) {
+		struct dht_pending *p = &d->pending[i];
+		if (p->deadline_ms <= now) {
+			struct dht_pending gone = dht_pending_take(d, i);
+			gone.done(n, gone.arg, NULL);
+			continue;
+		}
+		if (now - p->sent_ms >= DHT_RETRY_MS) {
+			p->sent_ms = now;
+			ring_send(n, MODE_NEAREST, &p->hash, NULL, INNER_DHT, p->msg, p->msg_len);
+		}
+		i++;
+	}
+}
+
+/* Which up links are quiet, as a sum of their addresses' first 32 bits
+ * (SHA-1 addresses are uniform, so two sets rarely sum alike).  A link
+ * going quiet (or waking) changes who should hold which record, and nothing
+ * else reports it: links_epoch moves only when links come and go, which for
+ * a crashed peer is LINK_DEAD_MS later. */
+static uint32_t dht_quiet_sig(struct node *n)
+{
+	uint32_t sig = 0;
+	for (struct link *l = n->links; l; l = l->next)
+		if (ring_link_usable(l) && ring_link_quiet(n, l))
+			sig += ((uint32_t)l->peer.addr.b[0] << 24 | (uint32_t)l->peer.addr.b[1] << 16 |
+				(uint32_t)l->peer.addr.b[2] << 8 | l->peer.addr.b[3]) | 1;
+	return sig;
+}
+
+/* Milliseconds to the next DHT_MAINT_MS step of the node's keepalive grid
+ * (link_keepalive_delay: every 1 s from the node's start): every other
+ * check shares the keepalives' wake-up, and idle wake-ups are most of an
+ * idle node's cost (docs/SCALING.md). */
+static int64_t dht_maint_delay(const struct node *n)
+{
+	return (int64_t)(DHT_MAINT_MS - (ev_now(&n->loop) - n->start_ms) % DHT_MAINT_MS);
 }
 
 static int64_t dht_maint(struct ev_loop *loop, struct ev_timer *t)
@@ -5831,23 +5959,33 @@ static int64_t dht_maint(struct ev_loop *loop, struct ev_timer *t)
 	struct node *n = container_of(t, struct node, dht.maint);
 	struct dht_state *d = &n->dht;
 	uint64_t now = ev_now(loop);
-	for (unsigned i = 0; i < d->n_pending;) {
-		if (d->pending[i].deadline_ms > now) {
-			i++;
-			continue;
-		}
-		struct dht_pending p = d->pending[i];
-		d->pending[i] = d->pending[--d->n_pending];
-		p.done(n, p.arg, NULL);
+	dht_pending_upkeep(n, now);
+	uint32_t quiet = dht_quiet_sig(n);
+	if (quiet != d->quiet_sig) {
+		d->quiet_sig = quiet;
+		d->links_epoch++;
 	}
 	for (unsigned i = 0; i < d->n_records;) {
 		struct dht_record *r = &d->records[i];
-		if (r->expires_ms <= now || (r->links_epoch != d->links_epoch && !dht_push(n, r, now)))
+		bool due = r->links_epoch != d->links_epoch || now - r->pushed_ms >= DHT_REPUBLISH_MS;
+		if (r->expires_ms <= now || (due && !dht_push(n, r, now, false)))
 			dht_record_free(d, r);  /* expired, or handed to nearer nodes */
 		else
 			i++;
 	}
-	return DHT_MAINT_MS;
+	return dht_maint_delay(n);
+}
+
+/* We leave: hand every record to the DHT_REPLICAS nodes nearest its key
+ * but us, before the BYEs go.  The two other holders would push it to the
+ * new third only once they see our BYE; a record we alone held (a write
+ * whose REPLICAs were still on the way) would be lost. */
+static void dht_leave(struct node *n)
+{
+	uint64_t now = ev_now(&n->loop);
+	for (unsigned i = 0; i < n->dht.n_records; i++)
+		if (n->dht.records[i].expires_ms > now)
+			dht_push(n, &n->dht.records[i], now, true);
 }
 
 /* Links changed: records may belong elsewhere now.  Push them soon, not at
@@ -5869,7 +6007,7 @@ static void dht_forget(struct node *n, void *arg)
 	struct dht_state *d = &n->dht;
 	for (unsigned i = 0; i < d->n_pending;)
 		if (d->pending[i].arg == arg)
-			d->pending[i] = d->pending[--d->n_pending];
+			dht_pending_take(d, i);
 		else
 			i++;
 }
@@ -5881,13 +6019,15 @@ static void dht_start(struct node *n)
 	n->ring.deliver_dht = dht_deliver;
 	n->ring.links_changed = dht_links_changed;
 	ev_timer_init(&n->dht.maint, dht_maint);
-	ev_timer_arm(&n->loop, &n->dht.maint, DHT_MAINT_MS);
+	ev_timer_arm(&n->loop, &n->dht.maint, dht_maint_delay(n));
 }
 
 static void dht_stop(struct node *n)
 {
 	while (n->dht.n_records)
 		dht_record_free(&n->dht, &n->dht.records[0]);
+	while (n->dht.pending && n->dht.n_pending)
+		dht_pending_take(&n->dht, 0);
 	free(n->dht.records);
 	free(n->dht.pending);
 	n->dht.records = NULL;
@@ -11336,6 +11476,8 @@ static int cli_up(struct cli_opts *o)
 	}
 	if (node.ns_child > 0)
 		kill(node.ns_child, SIGTERM);   /* we leave: the command loses its network */
+	dht_leave(&node);
+	link_reap(&node);               /* the hand-over leaves before the BYEs */
 	ring_leave(&node);
 	ctl_close(&ctl);
 	cli_node_free(&node);

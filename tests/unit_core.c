@@ -577,6 +577,8 @@ static void test_next_hop(void)
 	ring_addr self = addr_top(0x10);
 	ring_addr peers[] = { addr_top(0x20), addr_top(0x30), addr_top(0x08), addr_top(0x90), addr_top(0xf0) };
 	fake_node(&n, &self, peers, ARRAY_LEN(peers));
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = ev_now(&n.loop);           /* none quiet */
 	ring_addr t = addr_top(0x85);
 	struct link *h = ring_next_hop(&n, MODE_NEAREST, &t);
 	CHECK(h && wire_addr_eq(&h->peer.addr, &peers[3]));
@@ -1066,6 +1068,37 @@ static void test_shortcuts(void)
 	for (struct link *l = n.links; l; l = l->next)
 		l->rtt_spike_ms = now;                     /* all stalled: greedy as before */
 	CHECK(ring_next_hop(&n, MODE_NEAREST, &t) == l90);
+
+	/* A quiet link (a likely crash): NEAREST takes the next best, or ends
+	 * here rather than go that way; EXACT to the peer itself still goes. */
+	for (struct link *l = n.links; l; l = l->next)
+		l->rtt_spike_ms = 0;
+	n.loop.now_ms += LINK_QUIET_MS + 1;
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = n.loop.now_ms;
+	l90->last_rx_ms = now;
+	h = ring_next_hop(&n, MODE_NEAREST, &t);
+	CHECK(h && wire_addr_eq(&h->peer.addr, &peers[1]));
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = now;                       /* every link quiet: end here */
+	CHECK(ring_next_hop(&n, MODE_NEAREST, &t) == NULL);
+	CHECK(ring_next_hop(&n, MODE_SUCC, &t) != NULL);   /* other modes: greedy as before */
+	CHECK(ring_next_hop(&n, MODE_EXACT, &peers[3]) == l90);
+
+	/* DHT holders: the quiet 0x90 does not count, so for a key at 0x60 we
+	 * (0x10) are among the 3 nearest live nodes with 0x30 and 0x20... */
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = n.loop.now_ms;
+	l90->last_rx_ms = now;
+	struct link *hl[DHT_REPLICAS];
+	bool self_in;
+	ring_addr k60 = addr_top(0x60);
+	unsigned kh = dht_holders(&n, &k60, false, hl, &self_in);
+	CHECK(kh == 2 && self_in && wire_addr_eq(&hl[0]->peer.addr, &peers[1]) &&
+	      wire_addr_eq(&hl[1]->peer.addr, &peers[0]));
+	/* ...and leaving, we name three others: 0x08 in our place. */
+	kh = dht_holders(&n, &k60, true, hl, &self_in);
+	CHECK(kh == 3 && !self_in && wire_addr_eq(&hl[2]->peer.addr, &peers[2]));
 
 	/* The table: a peer is found again; a full probe window evicts the
 	 * quietest; an uncounted peer has no rate. */
