@@ -118,6 +118,7 @@ enum {
 enum {
 	LINK_KEEPALIVE_MS = 1000,      /* ping every link this often: RTT + liveness */
 	LINK_DEAD_MS = 4000,           /* silence after which a link is dead (< 5 s) */
+	LINK_REFUSED_CONFIRM_MS = 100, /* a second "port unreachable" this long after the first closes */
 	LINK_QUIET_MS = 1500,          /* silence after which routing avoids a link: one
 	                                * keepalive missed, plus 500 ms of scheduling slack */
 	LINK_HELLO_RETRY_MS = 500,     /* UDP handshake retransmit */
@@ -2285,6 +2286,7 @@ struct link {
 	uint8_t local_roles, peer_roles;
 	struct endpoint observed;       /* how the peer sees us */
 	uint64_t created_ms, up_ms, last_rx_ms;
+	uint64_t refused_ms;            /* the peer's host said its port is closed (ICMP), see link_udp_errors */
 	uint64_t ping_rx_ms;            /* the peer's last PING: it keeps the link alive for both */
 	uint32_t ping_seq;
 	double rtt_ms;                  /* smoothed, < 0 until the first pong */
@@ -2849,6 +2851,13 @@ static void link_tcp_flush_all(struct node *n)
 }
 
 /* Send everything queued: one sendmmsg per run of one socket. */
+/* Errors the socket reports once to the next send or receive (sk_err):
+ * with IP_RECVERR, an ICMP error an earlier datagram provoked (section 06). */
+static bool link_udp_soft_error(int e)
+{
+	return e == ECONNREFUSED || e == EHOSTUNREACH || e == ENETUNREACH || e == EHOSTDOWN;
+}
+
 static void link_tx_flush(struct node *n)
 {
 	struct link_tx *t = &n->tx;
@@ -2868,6 +2877,7 @@ static void link_tx_flush(struct node *n)
 			memcpy(CMSG_DATA(c), &t->seg[i], sizeof(uint16_t));
 		}
 	}
+	int soft = 0;
 	for (unsigned i = 0; i < t->n;) {
 		unsigned end = i;
 		while (end < t->n && t->fd[end] == t->fd[i])
@@ -2876,8 +2886,8 @@ static void link_tx_flush(struct node *n)
 			int r = sendmmsg(t->fd[i], &t->msgs[i], end - i, MSG_DONTWAIT);
 			if (r > 0) {
 				i += (unsigned)r;
-			} else if (r < 0 && errno == EINTR) {
-				continue;
+			} else if (r < 0 && (errno == EINTR || (link_udp_soft_error(errno) && soft++ < 8))) {
+				continue;       /* an ICMP error from an earlier datagram, reported here once */
 			} else if (t->iov[i].iov_len > t->seg[i] && (errno == EIO || errno == EINVAL ||
 								   errno == ENOPROTOOPT)) {
 				t->no_gso = true;       /* an old kernel, or a path MTU below a segment */
@@ -3123,7 +3133,8 @@ static int64_t link_keepalive(struct link *l)
 	 * that only answers pings would never measure it. */
 	bool busy = l->tx_packets - l->ping_tx_mark > LINK_BUSY_PACKETS;
 	l->ping_tx_mark = l->tx_packets;
-	if (!l->ping_rx_ms || now - l->ping_rx_ms >= LINK_KEEPALIVE_MS || l->rtt_ms < 0 || busy)
+	bool refused = l->refused_ms > l->last_rx_ms;
+	if (!l->ping_rx_ms || now - l->ping_rx_ms >= LINK_KEEPALIVE_MS || l->rtt_ms < 0 || busy || refused)
 		link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_clock_us());
 	return link_keepalive_delay(l->node);
 }
@@ -4057,6 +4068,73 @@ static void link_udp_received(struct node *n, int fd, const struct msghdr *m, co
 		link_udp_datagram(n, fd, from, m->msg_namelen, buf + off, len - off < seg ? len - off : seg);
 }
 
+/* ---- ICMP errors ---------------------------------------------------------
+ * With IP_RECVERR the kernel queues an error for each ICMP message our UDP
+ * datagrams provoke, naming the datagram's destination.  "Port unreachable"
+ * from a peer's host means its process is gone (a crash, SIGKILL): the
+ * link turns quiet at once, so routing and the DHT stop using it, and a
+ * PING LINK_REFUSED_CONFIRM_MS later asks again; a second refusal closes
+ * it, seconds before LINK_DEAD_MS of silence would.  Anything heard from
+ * the peer clears the mark.  An off-path attacker forging ICMP must guess
+ * both ends' addresses and ports, and gains a reroute or a re-dial. */
+
+/* <linux/errqueue.h>'s struct sock_extended_err (a fixed kernel ABI; musl
+ * ships no kernel headers). */
+struct link_ee {
+	uint32_t ee_errno;
+	uint8_t ee_origin, ee_type, ee_code, ee_pad;
+	uint32_t ee_info, ee_data;
+};
+
+enum { LINK_EE_ORIGIN_ICMP = 2, LINK_ICMP_UNREACH = 3, LINK_ICMP_PORT_UNREACH = 3 };
+
+static void link_refused(struct node *n, int fd, const struct sockaddr_in *dst)
+{
+	uint64_t now = ev_now(&n->loop);
+	for (struct link *l = n->links; l; l = l->next) {
+		if (l->proto != PROTO_UDP || l->fd != fd || l->state != LINK_UP || !link_sockaddr_eq(&l->remote, dst))
+			continue;
+		if (l->refused_ms > l->last_rx_ms && now - l->refused_ms >= LINK_REFUSED_CONFIRM_MS) {
+			char who[64];
+			link_describe(l, who);
+			log_info("link", "%s dead: its port is closed (ICMP port unreachable, twice)", who);
+			link_close(l, 0);
+			continue;
+		}
+		if (l->refused_ms > l->last_rx_ms)
+			continue;               /* already asked */
+		l->refused_ms = now;    /* link_keepalive asks again after the confirm delay */
+		ev_timer_arm(&n->loop, &l->timer, LINK_REFUSED_CONFIRM_MS);
+	}
+}
+
+static void link_udp_errors(struct node *n, int fd)
+{
+	for (int i = 0; i < 64; i++) {
+		struct sockaddr_in dst;
+		uint8_t data[64];
+		union {
+			char buf[CMSG_SPACE(sizeof(struct link_ee) + sizeof(struct sockaddr_in))];
+			struct cmsghdr align;
+		} ctl;
+		struct iovec iov = { data, sizeof data };
+		struct msghdr m = { .msg_name = &dst, .msg_namelen = sizeof dst, .msg_iov = &iov, .msg_iovlen = 1,
+				    .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf };
+		if (recvmsg(fd, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0)
+			return;
+		for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+			if (c->cmsg_level != IPPROTO_IP || c->cmsg_type != IP_RECVERR)
+				continue;
+			struct link_ee ee;
+			memcpy(&ee, CMSG_DATA(c), sizeof ee);
+			if (ee.ee_origin == LINK_EE_ORIGIN_ICMP && ee.ee_type == LINK_ICMP_UNREACH &&
+			    ee.ee_code == LINK_ICMP_PORT_UNREACH &&
+			    m.msg_namelen == sizeof dst && dst.sin_family == AF_INET)
+				link_refused(n, fd, &dst);
+		}
+	}
+}
+
 /* Up to LINK_BATCH datagrams per recvmmsg, a few calls per wake-up at most,
  * so one busy socket cannot starve the rest. */
 static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
@@ -4065,7 +4143,8 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 	struct link_rx *x = &n->rx;
 	enum { SLOT = LINK_RX_SLOT_BYTES };
 	(void)loop;
-	(void)events;
+	if (events & EPOLLERR)
+		link_udp_errors(n, fd);
 	/* 4 MiB of address space; pages are only resident once a datagram
 	 * (or a coalesced train) has been written into them. */
 	if (!x->buf && !(x->buf = malloc(LINK_BATCH * SLOT)))
@@ -4080,6 +4159,10 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 							      .msg_controllen = sizeof x->ctl[i].buf };
 		}
 		int r = recvmmsg(fd, x->msgs, LINK_BATCH, MSG_DONTWAIT, NULL);
+		if (r < 0 && link_udp_soft_error(errno)) {
+			link_udp_errors(n, fd);         /* reported once, then gone: read on */
+			continue;
+		}
 		if (r <= 0)
 			return;
 		for (int i = 0; i < r; i++)
@@ -4206,6 +4289,7 @@ static void link_udp_buffers(int fd)
 	int one = 1;
 	if (!getenv("IPOP_NO_OFFLOAD"))
 		setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof one);
+	setsockopt(fd, IPPROTO_IP, IP_RECVERR, &one, sizeof one);     /* link_udp_errors */
 }
 
 static int link_udp_dial_socket(struct node *n)
@@ -4558,7 +4642,8 @@ static unsigned ring_far_target(double n_est)
  * LINK_QUIET_MS instead of LINK_DEAD_MS (docs/SCALING.md, churn). */
 static bool ring_link_quiet(const struct node *n, const struct link *l)
 {
-	return ev_now(&n->loop) - l->last_rx_ms > LINK_QUIET_MS;
+	return ev_now(&n->loop) - l->last_rx_ms > LINK_QUIET_MS ||
+	       (l->refused_ms && l->refused_ms >= l->last_rx_ms);
 }
 
 /* A neighbour that stalled lately (section 06 saw a pong, or the peer's

@@ -898,6 +898,33 @@ static void test_cipher_mix(void)
 	}
 }
 
+/* A peer whose process died (its port closed) is found out from the ICMP
+ * "port unreachable" our next datagrams provoke: the link closes within a
+ * few hundred ms of the first send, not after LINK_DEAD_MS of silence. */
+static void test_icmp_refused(void)
+{
+	static struct node a, b;
+	const char *key = unit_key("a.key", KEY_A);
+	CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
+	CHECK(link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0) != NULL);
+	pump_until_up(&a, &b, 400);
+	pump(&a, &b, 20);
+	struct link *la = link_find_peer(&a, &b.self.addr, true);
+	CHECK(la != NULL);
+	close(b.listeners[0].fd);                          /* b "crashes": its port is gone */
+	uint64_t t0 = ev_clock_us();
+	ring_echo_send(&a, &b.self.addr, 77);
+	while (link_find_peer(&a, &b.self.addr, true) && ev_clock_us() - t0 < 3000000) {
+		ev_run_once(&a.loop);
+		link_reap(&a);
+	}
+	uint64_t took_ms = (ev_clock_us() - t0) / 1000;
+	CHECK(link_find_peer(&a, &b.self.addr, true) == NULL);
+	CHECK(took_ms < LINK_DEAD_MS / 2);
+	cli_node_free(&a);
+	cli_node_free(&b);
+}
+
 /* Replayed and tampered records are dropped and counted; a fresh one passes. */
 static void test_replay_tamper(void)
 {
@@ -1151,6 +1178,7 @@ int main(void)
 	test_secure_pair(PROTO_TCP);
 	test_replay_tamper();
 	test_cipher_mix();
+	test_icmp_refused();
 	test_refusals();
 	test_insecure_pair();
 	test_duplicate_ip();
