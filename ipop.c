@@ -2448,6 +2448,8 @@ struct lw_state {
 	struct pbuf *inq, *inq_tail;    /* packets for lwIP, chained through p->next */
 	unsigned n_inq;
 	struct ev_timer input_timer;
+	struct lw_pkt *pkt_free;        /* recycled input buffers, LW_PKT_FREE_MAX at most */
+	unsigned n_pkt_free;
 	unsigned n_relays;
 	struct lw_relay *dirty;         /* relays with bytes for their socket this turn */
 	int socks_fd;                   /* -1: no SOCKS server */
@@ -7748,6 +7750,20 @@ enum {
 	LW_RELAYS_MAX = 1024,           /* concurrent relayed connections; more are refused */
 	LW_READ_CHUNK_BYTES = 65535,    /* tcp_write takes a u16 length */
 	LW_INPUT_QUEUE_MAX = 4096,      /* packets waiting for lwIP between loop turns */
+	/* Input buffers kept for reuse: a 1 MiB window is about 770 full
+	 * segments in flight; more than that are freed. */
+	LW_PKT_FREE_MAX = 1024,
+};
+
+/* One packet for lwIP in a buffer of ours: lwIP frees it through
+ * lw_pkt_free, which keeps it for the next packet.  A malloc per packet
+ * made musl's allocator map and unmap groups all the time (TLB shootdowns:
+ * about half the CPU of a download). */
+struct lw_pkt {
+	struct pbuf_custom pc;          /* first: lwIP's pbuf is ours */
+	struct lw_state *lw;
+	struct lw_pkt *next;            /* on lw->pkt_free */
+	uint8_t data[WIRE_MAX_PACKET_BYTES];
 };
 
 /* lwIP's port layer: its clock and random numbers (RFC 6528 ISNs below). */
@@ -7831,16 +7847,50 @@ static int64_t lw_input_flush(struct ev_loop *loop, struct ev_timer *t)
 	return EV_TIMER_STOP;
 }
 
+static void lw_pkt_free(struct pbuf *p)
+{
+	struct lw_pkt *k = (struct lw_pkt *)p;
+	struct lw_state *lw = k->lw;
+	if (lw->n_pkt_free >= LW_PKT_FREE_MAX) {
+		free(k);
+		return;
+	}
+	k->next = lw->pkt_free;
+	lw->pkt_free = k;
+	lw->n_pkt_free++;
+}
+
+/* A pbuf holding a copy of pkt, from the free list if it has one. */
+static struct pbuf *lw_pkt_new(struct lw_state *lw, const uint8_t *pkt, size_t len)
+{
+	struct lw_pkt *k = lw->pkt_free;
+	if (len > sizeof k->data) {     /* not from the overlay: none so far */
+		struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
+		if (p)
+			pbuf_take(p, pkt, (u16_t)len);
+		return p;
+	}
+	if (k) {
+		lw->pkt_free = k->next;
+		lw->n_pkt_free--;
+	} else if (!(k = malloc(sizeof *k))) {
+		return NULL;
+	}
+	k->lw = lw;
+	k->pc.custom_free_function = lw_pkt_free;
+	memcpy(k->data, pkt, len);
+	return pbuf_alloced_custom(PBUF_RAW, (u16_t)len, PBUF_REF, &k->pc, k->data, sizeof k->data);
+}
+
 /* A packet from the ring for our virtual IP: queued for lwIP.  A packet to
  * ourselves arrives here while lwIP is still sending it, hence the queue. */
 static int lw_write_ip(struct node *n, const uint8_t *pkt, size_t len)
 {
 	if (n->lw.n_inq >= LW_INPUT_QUEUE_MAX)
 		return -ENOBUFS;
-	struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
+	struct pbuf *p = lw_pkt_new(&n->lw, pkt, len);
 	if (!p)
 		return -ENOMEM;
-	pbuf_take(p, pkt, (u16_t)len);
 	if (n->lw.inq_tail)
 		n->lw.inq_tail->next = p;
 	else
