@@ -8032,6 +8032,16 @@ static void lw_relay_flush(struct lw_relay *r)
 		return;                 /* kept until the socket is connected */
 	while (done < r->out_len) {
 		ssize_t w = send(r->fd, r->out + done, r->out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+			/* The local end is gone (EPIPE, ECONNRESET): nothing it was
+			 * sent will be read.  Kept, the bytes made EPOLLOUT fire
+			 * forever, a busy loop, and lwIP's side never closed. */
+			r->out_len = 0;
+			r->fd_eof = r->pcb_eof = true;
+			return;         /* lw_relay_done: the caller frees it */
+		}
 		if (w <= 0)
 			break;
 		done += (size_t)w;
@@ -8139,6 +8149,8 @@ static void lw_flush_dirty(struct node *n)
 		n->lw.dirty = r->dirty_next;
 		r->dirty = false;
 		lw_relay_flush(r);
+		if (lw_relay_done(r))
+			lw_relay_free(r);
 	}
 }
 
