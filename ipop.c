@@ -7741,7 +7741,11 @@ static void tap_close(struct node *n)
  * -L and -R all use it).  Backpressure: data from lwIP is acknowledged to
  * the peer (tcp_recved) only once written to the socket, and the socket is
  * read only while lwIP has send buffer, so one connection holds at most
- * TCP_WND (1 MiB) plus the socket buffers, whatever the sender does.
+ * TCP_WND (1 MiB) plus the socket buffers, whatever the sender does, and
+ * its send ring (TCP_SND_BUF, 1 MiB of address space; pages are touched
+ * only as far as uploads reach).  Bytes for lwIP stay in that ring until
+ * acknowledged, so lwIP's segments point into it instead of copies, and a
+ * relay is freed only once they are acknowledged (or the pcb is gone).
  * ========================================================================= */
 
 enum {
@@ -7749,6 +7753,9 @@ enum {
 	LW_CONNECT_TIMEOUT_MS = 10000,  /* SOCKS/-L connect attempts give up after this */
 	LW_RELAYS_MAX = 1024,           /* concurrent relayed connections; more are refused */
 	LW_READ_CHUNK_BYTES = 65535,    /* tcp_write takes a u16 length */
+	/* A relay's bytes for lwIP wait in its ring until acknowledged; lwIP
+	 * holds no more than its send buffer, so that is the ring's size. */
+	LW_SEND_RING_BYTES = TCP_SND_BUF,
 	LW_INPUT_QUEUE_MAX = 4096,      /* packets waiting for lwIP between loop turns */
 	/* Input buffers kept for reuse: a 1 MiB window is about 770 full
 	 * segments in flight; more than that are freed. */
@@ -7967,6 +7974,8 @@ struct lw_relay {
 	struct tcp_pcb *pcb;
 	uint8_t *out;                   /* from lwIP, not yet written to fd */
 	size_t out_len, out_cap;
+	uint8_t *ring;                  /* from fd, LW_SEND_RING_BYTES: lwIP's segments point here */
+	size_t ring_head, ring_len;     /* oldest byte lwIP has not seen acknowledged; bytes held */
 	bool fd_eof, pcb_eof, reading;
 	bool fd_connecting;             /* -R: the local connect is still in progress */
 	uint8_t *early;                 /* SOCKS: client bytes that came with the request */
@@ -7994,7 +8003,10 @@ static err_t lw_relay_free(struct lw_relay *r)
 		tcp_recv(r->pcb, NULL);
 		tcp_sent(r->pcb, NULL);
 		tcp_err(r->pcb, NULL);
-		if (tcp_close(r->pcb) != ERR_OK) {
+		/* Unacknowledged segments point into the ring, freed below:
+		 * only an abort drops them now (lw_relay_done waits for the
+		 * acknowledgements, so this is an error path). */
+		if (r->ring_len || tcp_close(r->pcb) != ERR_OK) {
 			tcp_abort(r->pcb);
 			rc = ERR_ABRT;
 		}
@@ -8005,6 +8017,7 @@ static err_t lw_relay_free(struct lw_relay *r)
 	}
 	ev_timer_cancel(&n->loop, &r->timer);
 	free(r->out);
+	free(r->ring);
 	free(r->early);
 	free(r);
 	n->lw.n_relays--;
@@ -8015,13 +8028,17 @@ static void lw_relay_event(struct ev_loop *loop, int fd, void *arg, uint32_t eve
 
 static void lw_relay_watch(struct lw_relay *r)
 {
-	uint32_t ev = (r->reading ? EPOLLIN : 0) | (r->out_len ? EPOLLOUT : 0);
+	if (r->fd_eof && r->pcb_eof && !r->out_len) {
+		ev_fd_forget(&r->n->loop, r->fd);      /* only acknowledgements are awaited */
+		return;
+	}
+	uint32_t ev = (r->reading && !r->fd_eof ? EPOLLIN : 0) | (r->out_len ? EPOLLOUT : 0);
 	ev_fd_watch(&r->n->loop, r->fd, ev, lw_relay_event, r);
 }
 
 static bool lw_relay_done(const struct lw_relay *r)
 {
-	return r->fd_eof && r->pcb_eof && !r->out_len;
+	return r->fd_eof && r->pcb_eof && !r->out_len && (!r->ring_len || !r->pcb);
 }
 
 /* Write what lwIP gave us to the socket; acknowledge what was written. */
@@ -8058,17 +8075,44 @@ static void lw_relay_flush(struct lw_relay *r)
 	lw_relay_watch(r);
 }
 
+/* Where the next bytes for lwIP go in the ring, and how many fit there
+ * without wrapping. */
+static size_t lw_ring_space(const struct lw_relay *r, size_t *at)
+{
+	size_t tail = (r->ring_head + r->ring_len) % LW_SEND_RING_BYTES;
+	*at = tail;
+	if (r->ring_len == LW_SEND_RING_BYTES)
+		return 0;
+	return tail >= r->ring_head ? LW_SEND_RING_BYTES - tail : r->ring_head - tail;
+}
+
+/* Hand len bytes at the ring's tail to lwIP without a copy: its segments
+ * point into the ring until acknowledged (lw_relay_sent).  Copying them
+ * (TCP_WRITE_FLAG_COPY) cost a 1.4 KB malloc per segment, which made musl
+ * map and unmap memory all the time: a third of an upload's CPU. */
+static err_t lw_ring_write(struct lw_relay *r, size_t at, size_t len)
+{
+	err_t e = tcp_write(r->pcb, r->ring + at, (u16_t)len, 0);
+	if (e == ERR_OK)
+		r->ring_len += len;
+	return e;
+}
+
 /* Read from the socket only as much as lwIP can take now. */
 static void lw_relay_pump(struct lw_relay *r)
 {
-	uint8_t buf[LW_READ_CHUNK_BYTES];
+	if (!r->ring && !(r->ring = malloc(LW_SEND_RING_BYTES)))
+		r->fd_eof = true;       /* no memory: give up this stream */
 	while (r->pcb && !r->fd_eof) {
-		u16_t room = tcp_sndbuf(r->pcb);
+		size_t at, room = lw_ring_space(r, &at);
+		size_t snd = tcp_sndbuf(r->pcb);
+		room = room < snd ? room : snd;
+		room = room < LW_READ_CHUNK_BYTES ? room : LW_READ_CHUNK_BYTES;
 		if (room == 0) {
 			r->reading = false;    /* resumed by lw_relay_sent */
 			break;
 		}
-		ssize_t got = recv(r->fd, buf, room < sizeof buf ? room : sizeof buf, MSG_DONTWAIT);
+		ssize_t got = recv(r->fd, r->ring + at, room, MSG_DONTWAIT);
 		if (got < 0 && (errno == EAGAIN || errno == EINTR)) {
 			r->reading = true;
 			break;
@@ -8078,7 +8122,7 @@ static void lw_relay_pump(struct lw_relay *r)
 			tcp_shutdown(r->pcb, 0, 1);
 			break;
 		}
-		if (tcp_write(r->pcb, buf, (u16_t)got, TCP_WRITE_FLAG_COPY) != ERR_OK) {
+		if (lw_ring_write(r, at, (size_t)got) != ERR_OK) {
 			r->fd_eof = true;       /* lwIP out of memory: give up this stream */
 			break;
 		}
@@ -8093,6 +8137,10 @@ static void lw_relay_event(struct ev_loop *loop, int fd, void *arg, uint32_t eve
 	struct lw_relay *r = arg;
 	(void)loop;
 	(void)fd;
+	if ((events & (EPOLLHUP | EPOLLERR)) && r->fd_eof && !r->fd_connecting) {
+		r->out_len = 0;         /* shut both ways: nothing more reaches the local end */
+		r->pcb_eof = true;
+	}
 	if (events & EPOLLOUT)
 		lw_relay_flush(r);
 	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
@@ -8116,6 +8164,10 @@ static err_t lw_relay_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t
 		if (p)
 			pbuf_free(p);
 		return lw_relay_done(r) ? lw_relay_free(r) : ERR_OK;
+	}
+	if (r->pcb_eof) {               /* the local end is gone: dropped, never acknowledged */
+		pbuf_free(p);
+		return ERR_OK;
 	}
 	if (r->out_len + p->tot_len > r->out_cap) {
 		size_t cap = r->out_cap ? r->out_cap : 16384;
@@ -8154,14 +8206,19 @@ static void lw_flush_dirty(struct node *n)
 	}
 }
 
+/* lwIP got len more bytes acknowledged: their ring space is free. */
 static err_t lw_relay_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
 {
 	struct lw_relay *r = arg;
 	(void)pcb;
-	(void)len;
-	if (r && !r->reading && !r->fd_eof)
+	if (!r)
+		return ERR_OK;
+	size_t n = len < r->ring_len ? len : r->ring_len;    /* a FIN is no ring byte */
+	r->ring_head = (r->ring_head + n) % LW_SEND_RING_BYTES;
+	r->ring_len -= n;
+	if (!r->reading && !r->fd_eof)
 		lw_relay_pump(r);
-	return ERR_OK;
+	return lw_relay_done(r) ? lw_relay_free(r) : ERR_OK;
 }
 
 /* lwIP already freed the pcb. */
@@ -8191,13 +8248,25 @@ static void lw_relay_attach(struct lw_relay *r, struct tcp_pcb *pcb)
 	tcp_err(pcb, lw_relay_err);
 }
 
+/* SOCKS: the client's bytes that came with its request go first. */
+static err_t lw_relay_early(struct lw_relay *r)
+{
+	size_t at;
+	if (!r->ring && !(r->ring = malloc(LW_SEND_RING_BYTES)))
+		return ERR_MEM;
+	if (lw_ring_space(r, &at) < r->early_len)
+		return ERR_MEM;
+	memcpy(r->ring + at, r->early, r->early_len);
+	return lw_ring_write(r, at, r->early_len);
+}
+
 /* Start relaying once both ends are connected. */
 static void lw_relay_run(struct lw_relay *r)
 {
 	ev_timer_cancel(&r->n->loop, &r->timer);
 	r->fd_connecting = false;
 	r->reading = true;
-	if (r->early && r->pcb && tcp_write(r->pcb, r->early, (u16_t)r->early_len, TCP_WRITE_FLAG_COPY) != ERR_OK)
+	if (r->early && r->pcb && lw_relay_early(r) != ERR_OK)
 		r->fd_eof = true;
 	free(r->early);
 	r->early = NULL;
