@@ -8206,7 +8206,17 @@ static void lw_flush_dirty(struct node *n)
 	}
 }
 
-/* lwIP got len more bytes acknowledged: their ring space is free. */
+/* How many bytes lwIP and the ring can take now. */
+static size_t lw_relay_room(const struct lw_relay *r)
+{
+	size_t snd = tcp_sndbuf(r->pcb), ring = LW_SEND_RING_BYTES - r->ring_len;
+	return snd < ring ? snd : ring;
+}
+
+/* lwIP got len more bytes acknowledged: their ring space is free.  A full
+ * relay reads again only once 64 KiB fit: resuming on every ACK (two
+ * segments) meant a 2.6 KB recv per ACK, and as many window updates from
+ * the local kernel. */
 static err_t lw_relay_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
 {
 	struct lw_relay *r = arg;
@@ -8216,7 +8226,7 @@ static err_t lw_relay_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
 	size_t n = len < r->ring_len ? len : r->ring_len;    /* a FIN is no ring byte */
 	r->ring_head = (r->ring_head + n) % LW_SEND_RING_BYTES;
 	r->ring_len -= n;
-	if (!r->reading && !r->fd_eof)
+	if (!r->reading && !r->fd_eof && lw_relay_room(r) >= LW_READ_CHUNK_BYTES)
 		lw_relay_pump(r);
 	return lw_relay_done(r) ? lw_relay_free(r) : ERR_OK;
 }
