@@ -2495,6 +2495,8 @@ struct lw_state {
 	struct pbuf *inq, *inq_tail;    /* packets for lwIP, chained through p->next */
 	unsigned n_inq;
 	struct ev_timer input_timer;
+	struct lw_pkt *pkt_free;        /* recycled input buffers, LW_PKT_FREE_MAX at most */
+	unsigned n_pkt_free;
 	unsigned n_relays;
 	struct lw_relay *dirty;         /* relays with bytes for their socket this turn */
 	int socks_fd;                   /* -1: no SOCKS server */
@@ -6489,6 +6491,7 @@ enum {
 	IP_UNREACH_PER_S = 10,          /* ICMP errors generated per second, at most */
 	IP_UNREACH_QUOTE_BYTES = 28,    /* RFC 792: the header and 64 bits of data */
 	IP_PROTOCOL_ICMP = 1,
+	IP_PROTOCOL_TCP = 6,
 	IP_MAP_TTL_MS = 10000,          /* how long a looked-up mapping is trusted */
 	IP_MAP_RECHECK_MS = 1000,       /* a mismatching source older than this is looked up again */
 	IP_PUBLISH_TTL_S = 60,          /* lease of our "ip:X" records ... */
@@ -6548,6 +6551,33 @@ static uint16_t ip_checksum(const uint8_t *p, size_t len)
 		sum += (uint32_t)p[len - 1] << 8;
 	while (sum >> 16)
 		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+/* RFC 1071 sum of len bytes added to sum, eight bytes per step.  The one's
+ * complement sum does not depend on byte order (RFC 1071 2.B), so words are
+ * loaded in host order and the folded result is stored the same way:
+ * ip_sum_fold's value, written with memcpy, is the checksum field. */
+static uint64_t ip_sum_add(uint64_t sum, const uint8_t *p, size_t len)
+{
+	for (; len >= 8; p += 8, len -= 8) {
+		uint64_t w;
+		memcpy(&w, p, 8);
+		sum += w;
+		sum += sum < w;         /* the end-around carry */
+	}
+	uint64_t t = 0;
+	memcpy(&t, p, len);             /* the tail, zero-padded as RFC 1071 pads */
+	sum += t;
+	return sum + (sum < t);
+}
+
+static uint16_t ip_sum_fold(uint64_t sum)
+{
+	sum = (sum & 0xffffffffu) + (sum >> 32);
+	sum = (sum & 0xffffffffu) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
 	return (uint16_t)~sum;
 }
 
@@ -8076,7 +8106,11 @@ static void tap_close(struct node *n)
  * -L and -R all use it).  Backpressure: data from lwIP is acknowledged to
  * the peer (tcp_recved) only once written to the socket, and the socket is
  * read only while lwIP has send buffer, so one connection holds at most
- * TCP_WND (1 MiB) plus the socket buffers, whatever the sender does.
+ * TCP_WND (1 MiB) plus the socket buffers, whatever the sender does, and
+ * its send ring (TCP_SND_BUF, 1 MiB of address space; pages are touched
+ * only as far as uploads reach).  Bytes for lwIP stay in that ring until
+ * acknowledged, so lwIP's segments point into it instead of copies, and a
+ * relay is freed only once they are acknowledged (or the pcb is gone).
  * ========================================================================= */
 
 enum {
@@ -8084,7 +8118,27 @@ enum {
 	LW_CONNECT_TIMEOUT_MS = 10000,  /* SOCKS/-L connect attempts give up after this */
 	LW_RELAYS_MAX = 1024,           /* concurrent relayed connections; more are refused */
 	LW_READ_CHUNK_BYTES = 65535,    /* tcp_write takes a u16 length */
+	/* A relay's bytes for lwIP wait in its ring until acknowledged; lwIP
+	 * holds no more than its send buffer, so that is the ring's size. */
+	LW_SEND_RING_BYTES = TCP_SND_BUF,
 	LW_INPUT_QUEUE_MAX = 4096,      /* packets waiting for lwIP between loop turns */
+	/* Input buffers kept for reuse, 384 KB at most.  lwIP frees an
+	 * in-order packet as soon as the relay has copied it, so a turn needs
+	 * about one receive batch of them; only out-of-order segments live
+	 * longer.  Beyond this they go back to malloc.  (1,024 cost the same
+	 * CPU and kept 1.5 MB resident after a download.) */
+	LW_PKT_FREE_MAX = 256,
+};
+
+/* One packet for lwIP in a buffer of ours: lwIP frees it through
+ * lw_pkt_free, which keeps it for the next packet.  A malloc per packet
+ * made musl's allocator map and unmap groups all the time (TLB shootdowns:
+ * about half the CPU of a download). */
+struct lw_pkt {
+	struct pbuf_custom pc;          /* first: lwIP's pbuf is ours */
+	struct lw_state *lw;
+	struct lw_pkt *next;            /* on lw->pkt_free */
+	uint8_t data[WIRE_MAX_PACKET_BYTES];
 };
 
 /* lwIP's port layer: its clock and random numbers (RFC 6528 ISNs below). */
@@ -8124,6 +8178,23 @@ u32_t ipop_lwip_tcp_isn(const ip_addr_t *local_ip, u16_t local_port, const ip_ad
 	return (u32_t)(ev_clock_us() / 4) + ((u32_t)h[0] << 24 | (u32_t)h[1] << 16 | (u32_t)h[2] << 8 | h[3]);
 }
 
+/* lwIP leaves TCP checksums to us (lw_checksum_flags): its 16-bit loop
+ * was 11 % of an upload's user instructions, ip_sum_add takes 8 bytes a
+ * step over a packet that the copy just brought into the cache. */
+static void lw_tcp_checksum_put(uint8_t *pkt, size_t len)
+{
+	size_t ihl = (size_t)(pkt[0] & 0x0f) * 4;
+	if (len < IP_HDR_MIN_BYTES || pkt[9] != IP_PROTOCOL_TCP || ihl < IP_HDR_MIN_BYTES ||
+	    len < ihl + 20 || (pkt[6] & 0x3f) || pkt[7])
+		return;                 /* not TCP, or a fragment (lwIP sends none) */
+	size_t tlen = len - ihl;
+	uint8_t pseudo[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, IP_PROTOCOL_TCP, (uint8_t)(tlen >> 8), (uint8_t)tlen };
+	memcpy(pseudo, pkt + 12, 8);    /* source and destination address */
+	pkt[ihl + 16] = pkt[ihl + 17] = 0;
+	uint16_t c = ip_sum_fold(ip_sum_add(ip_sum_add(0, pseudo, sizeof pseudo), pkt + ihl, tlen));
+	memcpy(pkt + ihl + 16, &c, 2);
+}
+
 static err_t lw_netif_output(struct netif *netif, struct pbuf *p, const ip4_addr_t *ipaddr)
 {
 	struct node *n = netif->state;
@@ -8132,6 +8203,7 @@ static err_t lw_netif_output(struct netif *netif, struct pbuf *p, const ip4_addr
 	if (p->tot_len > sizeof pkt)
 		return ERR_BUF;
 	pbuf_copy_partial(p, pkt, p->tot_len, 0);
+	lw_tcp_checksum_put(pkt, p->tot_len);
 	ip_from_local(n, pkt, p->tot_len);
 	return ERR_OK;
 }
@@ -8147,6 +8219,22 @@ static err_t lw_netif_init(struct netif *netif)
 	return ERR_OK;
 }
 
+/* Which checksums lwIP computes and checks.  With secure links every
+ * packet on the input queue passed the link's AEAD or was made in this
+ * process (lwIP's own packets to itself, section 10's DNS answers and ICMP
+ * errors), so checking its IP, TCP, UDP and ICMP checksums again finds
+ * nothing: about a tenth of a download's user instructions.  Outgoing checksums
+ * are always made, TCP's by lw_tcp_checksum_put: the far end's kernel
+ * checks them. */
+static u16_t lw_checksum_flags(const struct node *n)
+{
+	u16_t gen = NETIF_CHECKSUM_GEN_IP | NETIF_CHECKSUM_GEN_UDP | NETIF_CHECKSUM_GEN_ICMP;
+	if (n->sec.mode != SEC_INSECURE)
+		return gen;
+	return gen | NETIF_CHECKSUM_CHECK_IP | NETIF_CHECKSUM_CHECK_UDP | NETIF_CHECKSUM_CHECK_TCP |
+	       NETIF_CHECKSUM_CHECK_ICMP;
+}
+
 /* Hand queued packets to lwIP, from the event loop: never from inside an
  * lwIP call, which is not reentrant. */
 static int64_t lw_input_flush(struct ev_loop *loop, struct ev_timer *t)
@@ -8158,6 +8246,7 @@ static int64_t lw_input_flush(struct ev_loop *loop, struct ev_timer *t)
 	struct pbuf *list = n->lw.inq;
 	n->lw.inq = n->lw.inq_tail = NULL;
 	n->lw.n_inq = 0;
+	NETIF_SET_CHECKSUM_CTRL(&n->lw.netif, lw_checksum_flags(n));
 	while (list) {
 		struct pbuf *p = list;
 		list = p->next;
@@ -8168,16 +8257,50 @@ static int64_t lw_input_flush(struct ev_loop *loop, struct ev_timer *t)
 	return EV_TIMER_STOP;
 }
 
+static void lw_pkt_free(struct pbuf *p)
+{
+	struct lw_pkt *k = (struct lw_pkt *)p;
+	struct lw_state *lw = k->lw;
+	if (lw->n_pkt_free >= LW_PKT_FREE_MAX) {
+		free(k);
+		return;
+	}
+	k->next = lw->pkt_free;
+	lw->pkt_free = k;
+	lw->n_pkt_free++;
+}
+
+/* A pbuf holding a copy of pkt, from the free list if it has one. */
+static struct pbuf *lw_pkt_new(struct lw_state *lw, const uint8_t *pkt, size_t len)
+{
+	struct lw_pkt *k = lw->pkt_free;
+	if (len > sizeof k->data) {     /* not from the overlay: none so far */
+		struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
+		if (p)
+			pbuf_take(p, pkt, (u16_t)len);
+		return p;
+	}
+	if (k) {
+		lw->pkt_free = k->next;
+		lw->n_pkt_free--;
+	} else if (!(k = malloc(sizeof *k))) {
+		return NULL;
+	}
+	k->lw = lw;
+	k->pc.custom_free_function = lw_pkt_free;
+	memcpy(k->data, pkt, len);
+	return pbuf_alloced_custom(PBUF_RAW, (u16_t)len, PBUF_REF, &k->pc, k->data, sizeof k->data);
+}
+
 /* A packet from the ring for our virtual IP: queued for lwIP.  A packet to
  * ourselves arrives here while lwIP is still sending it, hence the queue. */
 static int lw_write_ip(struct node *n, const uint8_t *pkt, size_t len)
 {
 	if (n->lw.n_inq >= LW_INPUT_QUEUE_MAX)
 		return -ENOBUFS;
-	struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
+	struct pbuf *p = lw_pkt_new(&n->lw, pkt, len);
 	if (!p)
 		return -ENOMEM;
-	pbuf_take(p, pkt, (u16_t)len);
 	if (n->lw.inq_tail)
 		n->lw.inq_tail->next = p;
 	else
@@ -8218,6 +8341,7 @@ static void lw_start(struct node *n)
 	gw.addr = 0;
 	netif_add(&n->lw.netif, &ip, &mask, &gw, n, lw_netif_init, ip4_input);
 	netif_set_default(&n->lw.netif);
+	NETIF_SET_CHECKSUM_CTRL(&n->lw.netif, lw_checksum_flags(n));
 	netif_set_up(&n->lw.netif);
 	n->lw.started = true;
 	n->ip.local = true;
@@ -8237,6 +8361,8 @@ struct lw_relay {
 	struct tcp_pcb *pcb;
 	uint8_t *out;                   /* from lwIP, not yet written to fd */
 	size_t out_len, out_cap;
+	uint8_t *ring;                  /* from fd, LW_SEND_RING_BYTES: lwIP's segments point here */
+	size_t ring_head, ring_len;     /* oldest byte lwIP has not seen acknowledged; bytes held */
 	bool fd_eof, pcb_eof, reading;
 	bool fd_connecting;             /* -R: the local connect is still in progress */
 	uint8_t *early;                 /* SOCKS: client bytes that came with the request */
@@ -8264,7 +8390,10 @@ static err_t lw_relay_free(struct lw_relay *r)
 		tcp_recv(r->pcb, NULL);
 		tcp_sent(r->pcb, NULL);
 		tcp_err(r->pcb, NULL);
-		if (tcp_close(r->pcb) != ERR_OK) {
+		/* Unacknowledged segments point into the ring, freed below:
+		 * only an abort drops them now (lw_relay_done waits for the
+		 * acknowledgements, so this is an error path). */
+		if (r->ring_len || tcp_close(r->pcb) != ERR_OK) {
 			tcp_abort(r->pcb);
 			rc = ERR_ABRT;
 		}
@@ -8275,6 +8404,7 @@ static err_t lw_relay_free(struct lw_relay *r)
 	}
 	ev_timer_cancel(&n->loop, &r->timer);
 	free(r->out);
+	free(r->ring);
 	free(r->early);
 	free(r);
 	n->lw.n_relays--;
@@ -8285,13 +8415,17 @@ static void lw_relay_event(struct ev_loop *loop, int fd, void *arg, uint32_t eve
 
 static void lw_relay_watch(struct lw_relay *r)
 {
-	uint32_t ev = (r->reading ? EPOLLIN : 0) | (r->out_len ? EPOLLOUT : 0);
+	if (r->fd_eof && r->pcb_eof && !r->out_len) {
+		ev_fd_forget(&r->n->loop, r->fd);      /* only acknowledgements are awaited */
+		return;
+	}
+	uint32_t ev = (r->reading && !r->fd_eof ? EPOLLIN : 0) | (r->out_len ? EPOLLOUT : 0);
 	ev_fd_watch(&r->n->loop, r->fd, ev, lw_relay_event, r);
 }
 
 static bool lw_relay_done(const struct lw_relay *r)
 {
-	return r->fd_eof && r->pcb_eof && !r->out_len;
+	return r->fd_eof && r->pcb_eof && !r->out_len && (!r->ring_len || !r->pcb);
 }
 
 /* Write what lwIP gave us to the socket; acknowledge what was written. */
@@ -8302,6 +8436,16 @@ static void lw_relay_flush(struct lw_relay *r)
 		return;                 /* kept until the socket is connected */
 	while (done < r->out_len) {
 		ssize_t w = send(r->fd, r->out + done, r->out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+			/* The local end is gone (EPIPE, ECONNRESET): nothing it was
+			 * sent will be read.  Kept, the bytes made EPOLLOUT fire
+			 * forever, a busy loop, and lwIP's side never closed. */
+			r->out_len = 0;
+			r->fd_eof = r->pcb_eof = true;
+			return;         /* lw_relay_done: the caller frees it */
+		}
 		if (w <= 0)
 			break;
 		done += (size_t)w;
@@ -8318,17 +8462,44 @@ static void lw_relay_flush(struct lw_relay *r)
 	lw_relay_watch(r);
 }
 
+/* Where the next bytes for lwIP go in the ring, and how many fit there
+ * without wrapping. */
+static size_t lw_ring_space(const struct lw_relay *r, size_t *at)
+{
+	size_t tail = (r->ring_head + r->ring_len) % LW_SEND_RING_BYTES;
+	*at = tail;
+	if (r->ring_len == LW_SEND_RING_BYTES)
+		return 0;
+	return tail >= r->ring_head ? LW_SEND_RING_BYTES - tail : r->ring_head - tail;
+}
+
+/* Hand len bytes at the ring's tail to lwIP without a copy: its segments
+ * point into the ring until acknowledged (lw_relay_sent).  Copying them
+ * (TCP_WRITE_FLAG_COPY) cost a 1.4 KB malloc per segment, which made musl
+ * map and unmap memory all the time: a third of an upload's CPU. */
+static err_t lw_ring_write(struct lw_relay *r, size_t at, size_t len)
+{
+	err_t e = tcp_write(r->pcb, r->ring + at, (u16_t)len, 0);
+	if (e == ERR_OK)
+		r->ring_len += len;
+	return e;
+}
+
 /* Read from the socket only as much as lwIP can take now. */
 static void lw_relay_pump(struct lw_relay *r)
 {
-	uint8_t buf[LW_READ_CHUNK_BYTES];
+	if (!r->ring && !(r->ring = malloc(LW_SEND_RING_BYTES)))
+		r->fd_eof = true;       /* no memory: give up this stream */
 	while (r->pcb && !r->fd_eof) {
-		u16_t room = tcp_sndbuf(r->pcb);
+		size_t at, room = lw_ring_space(r, &at);
+		size_t snd = tcp_sndbuf(r->pcb);
+		room = room < snd ? room : snd;
+		room = room < LW_READ_CHUNK_BYTES ? room : LW_READ_CHUNK_BYTES;
 		if (room == 0) {
 			r->reading = false;    /* resumed by lw_relay_sent */
 			break;
 		}
-		ssize_t got = recv(r->fd, buf, room < sizeof buf ? room : sizeof buf, MSG_DONTWAIT);
+		ssize_t got = recv(r->fd, r->ring + at, room, MSG_DONTWAIT);
 		if (got < 0 && (errno == EAGAIN || errno == EINTR)) {
 			r->reading = true;
 			break;
@@ -8338,7 +8509,7 @@ static void lw_relay_pump(struct lw_relay *r)
 			tcp_shutdown(r->pcb, 0, 1);
 			break;
 		}
-		if (tcp_write(r->pcb, buf, (u16_t)got, TCP_WRITE_FLAG_COPY) != ERR_OK) {
+		if (lw_ring_write(r, at, (size_t)got) != ERR_OK) {
 			r->fd_eof = true;       /* lwIP out of memory: give up this stream */
 			break;
 		}
@@ -8353,6 +8524,10 @@ static void lw_relay_event(struct ev_loop *loop, int fd, void *arg, uint32_t eve
 	struct lw_relay *r = arg;
 	(void)loop;
 	(void)fd;
+	if ((events & (EPOLLHUP | EPOLLERR)) && r->fd_eof && !r->fd_connecting) {
+		r->out_len = 0;         /* shut both ways: nothing more reaches the local end */
+		r->pcb_eof = true;
+	}
 	if (events & EPOLLOUT)
 		lw_relay_flush(r);
 	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
@@ -8376,6 +8551,10 @@ static err_t lw_relay_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t
 		if (p)
 			pbuf_free(p);
 		return lw_relay_done(r) ? lw_relay_free(r) : ERR_OK;
+	}
+	if (r->pcb_eof) {               /* the local end is gone: dropped, never acknowledged */
+		pbuf_free(p);
+		return ERR_OK;
 	}
 	if (r->out_len + p->tot_len > r->out_cap) {
 		size_t cap = r->out_cap ? r->out_cap : 16384;
@@ -8409,17 +8588,34 @@ static void lw_flush_dirty(struct node *n)
 		n->lw.dirty = r->dirty_next;
 		r->dirty = false;
 		lw_relay_flush(r);
+		if (lw_relay_done(r))
+			lw_relay_free(r);
 	}
 }
 
+/* How many bytes lwIP and the ring can take now. */
+static size_t lw_relay_room(const struct lw_relay *r)
+{
+	size_t snd = tcp_sndbuf(r->pcb), ring = LW_SEND_RING_BYTES - r->ring_len;
+	return snd < ring ? snd : ring;
+}
+
+/* lwIP got len more bytes acknowledged: their ring space is free.  A full
+ * relay reads again only once 64 KiB fit: resuming on every ACK (two
+ * segments) meant a 2.6 KB recv per ACK, and as many window updates from
+ * the local kernel. */
 static err_t lw_relay_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
 {
 	struct lw_relay *r = arg;
 	(void)pcb;
-	(void)len;
-	if (r && !r->reading && !r->fd_eof)
+	if (!r)
+		return ERR_OK;
+	size_t n = len < r->ring_len ? len : r->ring_len;    /* a FIN is no ring byte */
+	r->ring_head = (r->ring_head + n) % LW_SEND_RING_BYTES;
+	r->ring_len -= n;
+	if (!r->reading && !r->fd_eof && lw_relay_room(r) >= LW_READ_CHUNK_BYTES)
 		lw_relay_pump(r);
-	return ERR_OK;
+	return lw_relay_done(r) ? lw_relay_free(r) : ERR_OK;
 }
 
 /* lwIP already freed the pcb. */
@@ -8449,13 +8645,25 @@ static void lw_relay_attach(struct lw_relay *r, struct tcp_pcb *pcb)
 	tcp_err(pcb, lw_relay_err);
 }
 
+/* SOCKS: the client's bytes that came with its request go first. */
+static err_t lw_relay_early(struct lw_relay *r)
+{
+	size_t at;
+	if (!r->ring && !(r->ring = malloc(LW_SEND_RING_BYTES)))
+		return ERR_MEM;
+	if (lw_ring_space(r, &at) < r->early_len)
+		return ERR_MEM;
+	memcpy(r->ring + at, r->early, r->early_len);
+	return lw_ring_write(r, at, r->early_len);
+}
+
 /* Start relaying once both ends are connected. */
 static void lw_relay_run(struct lw_relay *r)
 {
 	ev_timer_cancel(&r->n->loop, &r->timer);
 	r->fd_connecting = false;
 	r->reading = true;
-	if (r->early && r->pcb && tcp_write(r->pcb, r->early, (u16_t)r->early_len, TCP_WRITE_FLAG_COPY) != ERR_OK)
+	if (r->early && r->pcb && lw_relay_early(r) != ERR_OK)
 		r->fd_eof = true;
 	free(r->early);
 	r->early = NULL;
