@@ -6542,18 +6542,6 @@ static bool ip_parse(const uint8_t *p, size_t len, struct ip_head *h)
 }
 
 /* RFC 1071 ones' complement sum. */
-static uint16_t ip_checksum(const uint8_t *p, size_t len)
-{
-	uint32_t sum = 0;
-	for (size_t i = 0; i + 1 < len; i += 2)
-		sum += (uint32_t)(p[i] << 8 | p[i + 1]);
-	if (len & 1)
-		sum += (uint32_t)p[len - 1] << 8;
-	while (sum >> 16)
-		sum = (sum & 0xffff) + (sum >> 16);
-	return (uint16_t)~sum;
-}
-
 /* RFC 1071 sum of len bytes added to sum, eight bytes per step.  The one's
  * complement sum does not depend on byte order (RFC 1071 2.B), so words are
  * loaded in host order and the folded result is stored the same way:
@@ -6579,6 +6567,12 @@ static uint16_t ip_sum_fold(uint64_t sum)
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	return (uint16_t)~sum;
+}
+
+/* The checksum of len bytes as a number (the field's big-endian value). */
+static uint16_t ip_checksum(const uint8_t *p, size_t len)
+{
+	return ntohs(ip_sum_fold(ip_sum_add(0, p, len)));
 }
 
 static bool ip_on_net(const struct ip_state *ip, uint32_t a)
@@ -7515,32 +7509,14 @@ static int tap_write_frame(struct node *n, const uint8_t *frame, size_t len)
 	return w == (ssize_t)want ? 0 : -EIO;
 }
 
-/* Internet checksums (RFC 1071), for the offloads below.  The sum is taken
- * over native 32-bit words into 64 bits and folded once; one's complement
- * addition does not care about byte order (RFC 1071 2(B)), so swapping the
- * folded 16 bits gives the big-endian word sum.  Every segment cut from a
- * TSO super-frame is summed here: a byte at a time it was 13 % of the
- * sender's CPU.  p starts at an even offset of the checksummed stream. */
+/* Internet checksums (RFC 1071) for the offloads below, as big-endian
+ * partial sums the callers chain (pseudo-header, header, payload); the
+ * summing is section 10's ip_sum_add, eight bytes a step.  Every segment
+ * cut from a TSO super-frame is summed here: a byte pair at a time it was
+ * 13 % of the sender's CPU.  p starts at an even offset of the stream. */
 static uint32_t tap_csum_add(uint32_t sum, const uint8_t *p, size_t len)
 {
-	uint64_t acc = 0;
-	for (; len >= 4; p += 4, len -= 4) {
-		uint32_t w;
-		memcpy(&w, p, 4);
-		acc += w;
-	}
-	if (len >= 2) {
-		uint16_t h;
-		memcpy(&h, p, 2);
-		acc += h;
-		p += 2;
-		len -= 2;
-	}
-	if (len)                        /* the odd byte is the high half of a big-endian word */
-		acc += (uint16_t)ntohs((uint16_t)p[0] << 8);
-	while (acc >> 16)
-		acc = (acc & 0xffff) + (acc >> 16);
-	return sum + ntohs((uint16_t)acc);
+	return sum + ntohs((uint16_t)~ip_sum_fold(ip_sum_add(0, p, len)));
 }
 
 static uint16_t tap_csum_fold(uint32_t sum)
