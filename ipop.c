@@ -2369,8 +2369,19 @@ struct ring_pns {
 };
 
 /* Ring upkeep state, owned by section 07. */
+/* The last next hop chosen: a burst of packets to one destination in one
+ * millisecond asks ring_next_hop the same question. */
+struct ring_hop_memo {
+	ring_addr target;
+	uint8_t mode;
+	uint32_t links_gen;
+	uint64_t now_ms;
+	struct link *hop;               /* a good-class hop, or NULL: no memo */
+};
+
 struct ring_state {
 	struct ring_shortcuts sc;
+	struct ring_hop_memo memo;
 	struct ring_pns pns;
 	struct ev_timer tick;
 	uint64_t next_probe_ms;
@@ -2576,6 +2587,7 @@ struct node {
 	struct link_rx rx;
 	struct link *links;
 	unsigned n_links;
+	uint32_t links_gen;             /* bumped when a link comes up, goes, or changes class */
 	struct link_hooks hooks;
 	struct ring_state ring;
 	struct dht_state dht;
@@ -3074,6 +3086,7 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 	if (was_up && tell_peer && reason)
 		link_send_byte(l, WIRE_BYE, reason);
 	l->state = LINK_CLOSED;
+	n->links_gen++;
 	ev_timer_cancel(&n->loop, &l->timer);
 	if (l->proto == PROTO_TCP && l->fd >= 0) {
 		ev_fd_forget(&n->loop, l->fd);
@@ -3241,6 +3254,7 @@ static void link_became_up(struct link *l)
 {
 	struct node *n = l->node;
 	l->state = LINK_UP;
+	n->links_gen++;
 	l->up_ms = l->last_rx_ms = l->keys.tx_epoch_ms = ev_now(&n->loop);
 	l->hs.tries = 0;
 	ev_timer_arm(&n->loop, &l->timer, (uint64_t)link_keepalive_delay(n));
@@ -3740,8 +3754,10 @@ static void link_on_pong(struct link *l, const struct wire_ping *m)
 		return;
 	double sample = (double)(now - m->t_us) / 1000.0;
 	l->rtt_ms = l->rtt_ms < 0 ? sample : 0.875 * l->rtt_ms + 0.125 * sample;
-	if (link_rtt_spiked(l->rtt_floor_ms, sample))
+	if (link_rtt_spiked(l->rtt_floor_ms, sample)) {
 		l->rtt_spike_ms = ev_now(&l->node->loop);
+		l->node->links_gen++;
+	}
 	/* The floor creeps up so that a path that really got longer (a roam)
 	 * stops counting as a spike after a few minutes of pongs. */
 	l->rtt_floor_ms = l->rtt_floor_ms < 0 || sample < l->rtt_floor_ms ? sample
@@ -3754,8 +3770,10 @@ static void link_on_ping(struct link *l)
 {
 	uint64_t now = ev_now(&l->node->loop);
 	if (l->ping_rx_ms && now - l->ping_rx_ms > LINK_KEEPALIVE_MS + LINK_SPIKE_MS &&
-	    now - l->ping_rx_ms < 2 * LINK_KEEPALIVE_MS)
+	    now - l->ping_rx_ms < 2 * LINK_KEEPALIVE_MS) {
 		l->rtt_spike_ms = now;
+		l->node->links_gen++;
+	}
 	l->ping_rx_ms = now;
 }
 
@@ -4106,6 +4124,7 @@ static void link_refused(struct node *n, int fd, const struct sockaddr_in *dst)
 		if (l->refused_ms > l->last_rx_ms)
 			continue;               /* already asked */
 		l->refused_ms = now;    /* link_keepalive asks again after the confirm delay */
+		n->links_gen++;
 		ev_timer_arm(&n->loop, &l->timer, LINK_REFUSED_CONFIRM_MS);
 	}
 }
@@ -4684,6 +4703,11 @@ static enum ring_hop_class ring_hop_class(const struct node *n, const struct lin
  * here is the next nearest node, which holds a copy. */
 static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr *target)
 {
+	struct ring_hop_memo *mo = &n->ring.memo;
+	uint64_t now = ev_now(&n->loop);
+	if (mo->hop && mo->links_gen == n->links_gen && mo->now_ms == now && mo->mode == mode &&
+	    wire_addr_eq(&mo->target, target) && !(mo->hop->proto == PROTO_TCP && ring_link_slow(n, mo->hop)))
+		return mo->hop;         /* a TCP queue that filled since is the one class change left */
 	ring_addr self = ring_metric(mode, &n->self.addr, target);
 	ring_addr best[HOP__CLASSES] = { self, self, self };
 	struct link *hop[HOP__CLASSES] = { NULL, NULL, NULL };
@@ -4697,6 +4721,8 @@ static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr 
 			hop[c] = l;
 		}
 	}
+	*mo = (struct ring_hop_memo){ .target = *target, .mode = mode, .links_gen = n->links_gen,
+				      .now_ms = now, .hop = hop[HOP_GOOD] };
 	if (mode == MODE_NEAREST)
 		return hop[HOP_GOOD] ? hop[HOP_GOOD] : hop[HOP_SLOW];
 	return hop[HOP_GOOD] ? hop[HOP_GOOD] : hop[HOP_SLOW] ? hop[HOP_SLOW] : hop[HOP_QUIET];
