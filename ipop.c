@@ -2312,7 +2312,8 @@ struct nat_state {
 	struct endpoint local[NAT_OBSERVATIONS_MAX];  /* our listener each was seen through */
 	ring_addr reporter[NAT_OBSERVATIONS_MAX];
 	unsigned n_seen, next;
-	struct nat_plan plans[NAT_PLANS_MAX];
+	struct nat_plan *plans;         /* NAT_PLANS_MAX, from nat_start: 20 KB a simulated node
+	                                * (section 15b) does without */
 	struct ev_timer tick;
 	struct endpoint own[LINK_ENDPOINTS_MAX];      /* our listeners' endpoints, from the start */
 	unsigned n_own;
@@ -2444,8 +2445,8 @@ struct node {
 	struct listener listeners[LISTEN_MAX];
 	unsigned n_listeners;
 	int udp_dial_fd;                /* ephemeral UDP socket when no UDP listener */
-	struct link_tx tx;
-	struct link_rx rx;
+	struct link_tx *tx;             /* allocated on first use: a simulated node */
+	struct link_rx *rx;             /* (section 15b) has neither */
 	struct link *links;
 	unsigned n_links;
 	struct link_hooks hooks;
@@ -2701,7 +2702,7 @@ static void link_tx_drop(struct node *n, unsigned count)
 /* A message the kernel refused as GSO: its segments one by one. */
 static void link_tx_unbatch(struct node *n, unsigned i)
 {
-	struct link_tx *t = &n->tx;
+	struct link_tx *t = n->tx;
 	const uint8_t *p = t->iov[i].iov_base;
 	size_t left = t->iov[i].iov_len;
 	while (left) {
@@ -2716,7 +2717,9 @@ static void link_tx_unbatch(struct node *n, unsigned i)
 /* Send everything queued: one sendmmsg per run of one socket. */
 static void link_tx_flush(struct node *n)
 {
-	struct link_tx *t = &n->tx;
+	struct link_tx *t = n->tx;
+	if (!t)
+		return;
 	for (unsigned i = 0; i < t->n; i++) {
 		struct msghdr *h = &t->msgs[i].msg_hdr;
 		*h = (struct msghdr){ .msg_name = &t->to[i], .msg_namelen = sizeof t->to[i],
@@ -2759,10 +2762,12 @@ static void link_tx_flush(struct node *n)
 static int link_udp_queue(struct node *n, int fd, const struct sockaddr_in *to, const uint8_t *pkt,
 			  size_t len)
 {
-	struct link_tx *t = &n->tx;
 	if (n->udp_send)        /* simulated (section 15b): no socket, no batch */
 		return n->udp_send(n, to, pkt, len);
-	if (!t->buf && !(t->buf = malloc(LINK_BATCH * WIRE_MAX_WIRE_BYTES))) {
+	if (!n->tx)
+		n->tx = calloc(1, sizeof *n->tx);
+	struct link_tx *t = n->tx;
+	if (!t || (!t->buf && !(t->buf = malloc(LINK_BATCH * WIRE_MAX_WIRE_BYTES)))) {
 		ssize_t w = sendto(fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
 		return w < 0 ? -errno : 0;
 	}
@@ -3858,11 +3863,13 @@ static void link_udp_datagram(struct node *n, int fd, const struct sockaddr_in *
 static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
-	struct link_rx *x = &n->rx;
 	enum { SLOT = WIRE_MAX_WIRE_BYTES + 1 };
 	(void)loop;
 	(void)events;
-	if (!x->buf && !(x->buf = malloc(LINK_BATCH * SLOT)))
+	if (!n->rx)
+		n->rx = calloc(1, sizeof *n->rx);
+	struct link_rx *x = n->rx;
+	if (!x || (!x->buf && !(x->buf = malloc(LINK_BATCH * SLOT))))
 		return;
 	for (int round = 0; round < 4; round++) {
 		for (unsigned i = 0; i < LINK_BATCH; i++) {
@@ -5673,6 +5680,10 @@ static void nat_on_link_up(struct node *n, struct link *l)
 
 static void nat_start(struct node *n)
 {
+	if (!n->nat.plans && !(n->nat.plans = calloc(NAT_PLANS_MAX, sizeof *n->nat.plans))) {
+		log_warn("nat", "out of memory: no fallbacks (TCP, relays) for failed dials");
+		return;
+	}
 	n->ring.link_up = nat_on_link_up;
 	n->ring.dialing = nat_on_dialing;
 	n->ring.ctm_reply = nat_on_ctm_reply;
@@ -11167,8 +11178,13 @@ static void cli_node_free(struct node *n)
 		close(n->listeners[i].fd);
 	if (n->udp_dial_fd >= 0)
 		close(n->udp_dial_fd);
-	free(n->tx.buf);
-	free(n->rx.buf);
+	if (n->tx)
+		free(n->tx->buf);
+	if (n->rx)
+		free(n->rx->buf);
+	free(n->tx);
+	free(n->rx);
+	free(n->nat.plans);
 	tap_close(n);
 	if (n->lw.socks_fd > 0)
 		close(n->lw.socks_fd);
