@@ -9187,9 +9187,11 @@ enum {
 	SIM_LATENCY_SPAN_MS = 50,       /* one-way latency of a pair: 1..50 ms */
 	SIM_SETTLE_MS = 30000,          /* after the last join: far links need ~1 s each */
 	SIM_PROBE_TIMEOUT_MS = 3000,    /* as tests/scale.py's pings */
-	SIM_PROBE_SPREAD_MS = 5000,     /* a measurement's probes start over this long */
+	SIM_PROBE_SPREAD_MS = 2000,     /* a measurement's probes start over this long */
+	SIM_IDLE_MS = 5000,             /* the idle-traffic window */
 	SIM_DHT_TTL_S = 3600,
-	SIM_DHT_WAIT_MS = 5000,         /* after the puts, before churn */
+	SIM_DHT_WAIT_MS = 3000,         /* after the puts, before churn: replicas pushed */
+	SIM_JOIN_SECONDS_MAX = 20,      /* default join rate: N / 20 per s, at least 1000 */
 	SIM_AFTER_CHURN_MS = 10000,     /* churn stops; then reads and probes */
 	SIM_MEMBER_AGE_MS = 10000,      /* churn probes: both ends up this long */
 	SIM_CHURN_PROBES_PER_S = 50,
@@ -9724,8 +9726,11 @@ static void sim_dht_put_all(struct sim *s)
  * retry 2 s later for those not found (as tests/scale.py does). */
 static uint32_t sim_dht_get_all(struct sim *s)
 {
+	uint32_t found = 0;
 	memset(s->dht_found, 0, s->n_keys * sizeof *s->dht_found);
-	for (int round = 0; round < 2; round++) {
+	for (int round = 0; round < 2 && found < s->n_keys; round++) {
+		if (round == 1)
+			sim_run_until(s, s->now_ms + 2000);     /* the retry, 2 s later */
 		for (uint32_t k = 0; k < s->n_keys; k++) {
 			if (s->dht_found[k])
 				continue;
@@ -9738,11 +9743,11 @@ static uint32_t sim_dht_get_all(struct sim *s)
 			if (k % 16 == 15)
 				sim_run_until(s, s->now_ms + 1);
 		}
-		sim_run_until(s, s->now_ms + DHT_REQUEST_TIMEOUT_MS + DHT_MAINT_MS + 2000);
+		sim_run_until(s, s->now_ms + DHT_REQUEST_TIMEOUT_MS + 500);
+		found = 0;
+		for (uint32_t k = 0; k < s->n_keys; k++)
+			found += s->dht_found[k];
 	}
-	uint32_t found = 0;
-	for (uint32_t k = 0; k < s->n_keys; k++)
-		found += s->dht_found[k];
 	return found;
 }
 
@@ -9855,7 +9860,9 @@ struct sim_result {
 	uint64_t join_control_pkts, join_keepalive_pkts;
 	uint32_t consistent, consistent_after;
 	struct sim_links links;
-	double idle_pkts_per_node_s;
+	double idle_pkts_per_node_s, idle_control_per_node_s;
+	double join_node_s;             /* node-seconds lived during join and settle */
+	double join_msgs_per_node;      /* control datagrams beyond idle upkeep, per node */
 	struct sim_hops hops, hops_churn, hops_after;
 	uint32_t dht_put_ok, dht_found;
 	uint32_t replaced;
@@ -9910,6 +9917,8 @@ static int sim_join(struct sim *s, const struct sim_opts *o, struct sim_result *
 	r->settle_s = SIM_SETTLE_MS / 1000.0;
 	r->join_control_pkts = s->st.control_pkts;
 	r->join_keepalive_pkts = s->st.keepalive_pkts;
+	for (uint32_t i = 0; i < s->n_nodes; i++)
+		r->join_node_s += (double)(s->now_ms - s->nodes[i]->born_ms) / 1000;
 	return 0;
 }
 
@@ -9990,9 +9999,15 @@ static int sim_run(struct sim *s, const struct sim_opts *o, struct sim_result *r
 	r->consistent = sim_ring_consistent(s);
 	r->links = sim_links_of(s);
 	r->rss_kb = sim_proc_kb("VmRSS:");
-	uint64_t before = s->st.control_pkts + s->st.keepalive_pkts;
-	sim_run_until(s, s->now_ms + 10000);           /* idle: what upkeep costs */
-	r->idle_pkts_per_node_s = (double)(s->st.control_pkts + s->st.keepalive_pkts - before) / s->n_alive / 10.0;
+	uint64_t before = s->st.control_pkts + s->st.keepalive_pkts, ctl_before = s->st.control_pkts;
+	sim_run_until(s, s->now_ms + SIM_IDLE_MS);     /* idle: what upkeep costs */
+	double node_s = (double)s->n_alive * SIM_IDLE_MS / 1000;
+	r->idle_pkts_per_node_s = (double)(s->st.control_pkts + s->st.keepalive_pkts - before) / node_s;
+	r->idle_control_per_node_s = (double)(s->st.control_pkts - ctl_before) / node_s;
+	/* Joining costs what the join phase sent beyond the upkeep (probes,
+	 * far-link checks, DHT hand-over) its nodes would have sent anyway. */
+	r->join_msgs_per_node = ((double)r->join_control_pkts - r->idle_control_per_node_s * r->join_node_s) /
+				o->nodes;
 	sim_probe_round(s, o->probes, SIM_PROBE_SPREAD_MS);
 	r->hops = sim_hops_of(s, 0);
 	sim_dht_put_all(s);
@@ -10040,15 +10055,17 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 {
 	struct buf_str b = { 0 };
 	double n0 = o->nodes, mem = (double)r->rss_kb * 1024 / n0;
-	double join_msgs = (double)r->join_control_pkts / n0;
+	double join_msgs = r->join_msgs_per_node;
 	if (o->json) {
 		buf_printf(&b, "{\"nodes\":%u,\"seed\":%llu,\"churn\":%g,\"duration_s\":%g,\"join_rate\":%g,"
 			   "\"log2n\":%.3f,\"join_s\":%.1f,\"join_msgs_per_node\":%.2f,"
-			   "\"join_keepalives_per_node\":%.2f,\"ring_consistent\":%u,\"links_mean\":%.2f,"
-			   "\"links_p50\":%u,\"links_max\":%u,\"idle_pkts_per_node_s\":%.2f,",
+			   "\"join_control_per_node\":%.2f,\"join_keepalives_per_node\":%.2f,\"ring_consistent\":%u,"
+			   "\"links_mean\":%.2f,\"links_p50\":%u,\"links_max\":%u,\"idle_pkts_per_node_s\":%.2f,"
+			   "\"idle_control_per_node_s\":%.3f,",
 			   o->nodes, (unsigned long long)o->seed, o->churn, o->duration_s, o->join_rate, log2(n0),
-			   r->join_s, join_msgs, (double)r->join_keepalive_pkts / n0, r->consistent, r->links.mean,
-			   r->links.p50, r->links.max, r->idle_pkts_per_node_s);
+			   r->join_s, join_msgs, (double)r->join_control_pkts / n0, (double)r->join_keepalive_pkts / n0,
+			   r->consistent, r->links.mean, r->links.p50, r->links.max, r->idle_pkts_per_node_s,
+			   r->idle_control_per_node_s);
 		sim_report_hops(&b, true, "routing", &r->hops);
 		if (r->replaced)
 			sim_report_hops(&b, true, "routing_churn", &r->hops_churn);
@@ -10068,12 +10085,14 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 			   o->nodes, (unsigned long long)o->seed, o->churn, o->duration_s, o->join_rate);
 		buf_printf(&b, "%-22s %.1f s virtual (+%.0f s settle), %.2f s wall\n", "join", r->join_s,
 			   r->settle_s, r->wall_join_s);
-		buf_printf(&b, "%-22s %.1f control + %.1f keepalive datagrams per node\n", "join messages",
-			   join_msgs, (double)r->join_keepalive_pkts / n0);
+		buf_printf(&b, "%-22s %.1f per node beyond upkeep (all sent in join + settle: %.1f control, "
+			   "%.1f keepalive)\n", "join messages", join_msgs, (double)r->join_control_pkts / n0,
+			   (double)r->join_keepalive_pkts / n0);
 		buf_printf(&b, "%-22s %u/%u nodes hold their 2+2 true neighbours\n", "ring", r->consistent, o->nodes);
 		buf_printf(&b, "%-22s mean %.2f p50 %u max %u\n", "up links per node", r->links.mean, r->links.p50,
 			   r->links.max);
-		buf_printf(&b, "%-22s %.2f datagrams sent per node per s\n", "idle traffic", r->idle_pkts_per_node_s);
+		buf_printf(&b, "%-22s %.2f datagrams sent per node per s (%.2f not keepalives)\n", "idle traffic",
+			   r->idle_pkts_per_node_s, r->idle_control_per_node_s);
 		buf_printf(&b, "%-22s %.0f B (RSS %llu kB after the join; struct node %zu B, links %.0f B, "
 			   "DHT slots %.0f B per node)\n", "memory per node", mem, (unsigned long long)r->rss_kb,
 			   sizeof(struct sim_node), (double)r->links.link_bytes / n0, (double)r->links.dht_bytes / n0);
@@ -10109,7 +10128,8 @@ static const char sim_usage[] =
 	"                     default 0), half crashed, half shut down\n"
 	"  --duration SECONDS length of the churn phase (default 60 with --churn)\n"
 	"  --seed S           random seed (default 1)\n"
-	"  --join-rate R      nodes started per virtual second (default 1000)\n"
+	"  --join-rate R      nodes started per virtual second (default N/20,\n"
+	"                     at least 1000)\n"
 	"  --probes P         echo probes between random pairs per measurement\n"
 	"                     (default 10000)\n"
 	"  --dht-keys K       DHT records put before churn, read back after (default 1000)\n"
@@ -10133,7 +10153,7 @@ static int sim_number(const char *flag, const char *v, double lo, double hi, dou
 
 static int sim_parse_args(struct sim_opts *o, int argc, char **argv, bool *help)
 {
-	*o = (struct sim_opts){ .seed = 1, .join_rate = 1000, .probes = 10000, .dht_keys = 1000, .duration_s = -1 };
+	*o = (struct sim_opts){ .seed = 1, .probes = 10000, .dht_keys = 1000, .duration_s = -1 };
 	*help = false;
 	for (int i = 0; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -10181,6 +10201,8 @@ static int sim_parse_args(struct sim_opts *o, int argc, char **argv, bool *help)
 	}
 	if (o->duration_s < 0)
 		o->duration_s = o->churn > 0 ? 60 : 0;
+	if (!o->join_rate)
+		o->join_rate = fmax(1000, (double)o->nodes / SIM_JOIN_SECONDS_MAX);
 	return 0;
 }
 
