@@ -9185,7 +9185,7 @@ enum {
 	SIM_FD = INT_MAX,               /* a simulated node's "socket": never a real fd, never used */
 	SIM_LATENCY_MIN_MS = 1,
 	SIM_LATENCY_SPAN_MS = 50,       /* one-way latency of a pair: 1..50 ms */
-	SIM_SETTLE_MS = 30000,          /* after the last join: far links need ~1 s each */
+	SIM_SETTLE_MS = 15000,          /* after the last join: far links need ~1 s each, ~9 of them */
 	SIM_PROBE_TIMEOUT_MS = 3000,    /* as tests/scale.py's pings */
 	SIM_PROBE_SPREAD_MS = 2000,     /* a measurement's probes start over this long */
 	SIM_IDLE_MS = 5000,             /* the idle-traffic window */
