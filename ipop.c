@@ -9646,13 +9646,13 @@ static void sim_probe_send(struct sim *s)
 struct sim_hops {
 	uint32_t sent, ok;
 	double mean;
-	int p50, p99, max;
+	int p50, p90, p99, max;
 	uint32_t hist[RING_MAX_HOPS + 1];
 };
 
 static struct sim_hops sim_hops_of(const struct sim *s, uint32_t first)
 {
-	struct sim_hops h = { .p99 = -1, .max = -1, .p50 = -1 };
+	struct sim_hops h = { .p50 = -1, .p90 = -1, .p99 = -1, .max = -1 };
 	uint64_t sum = 0;
 	for (uint32_t i = first; i < s->n_probes; i++) {
 		const struct sim_probe *p = &s->probes[i];
@@ -9673,6 +9673,8 @@ static struct sim_hops sim_hops_of(const struct sim *s, uint32_t first)
 			h.max = k;
 		if (h.p50 < 0 && acc * 2 >= h.ok && h.ok)
 			h.p50 = k;
+		if (h.p90 < 0 && acc * 10 >= h.ok * 9ull && h.ok)
+			h.p90 = k;
 		if (h.p99 < 0 && acc * 100 >= h.ok * 99ull && h.ok)
 			h.p99 = k;
 	}
@@ -10042,11 +10044,11 @@ static void sim_report_hops(struct buf_str *b, bool json, const char *name, cons
 	double rate = h->sent ? 100.0 * h->ok / h->sent : 0;
 	if (json)
 		buf_printf(b, "\"%s\":{\"sent\":%u,\"ok\":%u,\"success_pct\":%.3f,\"hops_mean\":%.3f,"
-			   "\"hops_p50\":%d,\"hops_p99\":%d,\"hops_max\":%d},", name, h->sent, h->ok, rate, h->mean,
-			   h->p50, h->p99, h->max);
+			   "\"hops_p50\":%d,\"hops_p90\":%d,\"hops_p99\":%d,\"hops_max\":%d},", name, h->sent, h->ok,
+			   rate, h->mean, h->p50, h->p90, h->p99, h->max);
 	else
-		buf_printf(b, "%-22s %u/%u ok (%.2f %%), hops mean %.2f p50 %d p99 %d max %d\n", name, h->ok,
-			   h->sent, rate, h->mean, h->p50, h->p99, h->max);
+		buf_printf(b, "%-22s %u/%u ok (%.2f %%), hops mean %.2f p50 %d p90 %d p99 %d max %d\n", name,
+			   h->ok, h->sent, rate, h->mean, h->p50, h->p90, h->p99, h->max);
 }
 
 /* Text for people, or one JSON object (--json) for scripts.  Wall-clock
@@ -10143,7 +10145,7 @@ static int sim_number(const char *flag, const char *v, double lo, double hi, dou
 	errno = 0;
 	double d = v ? strtod(v, &end) : 0;
 	if (!v || errno || end == v || *end || !(d >= lo && d <= hi)) {
-		fprintf(stderr, "ipop: simulate: %s needs a number from %g to %g%s%s%s\n", flag, lo, hi,
+		fprintf(stderr, "ipop: simulate: %s needs a number from %.10g to %.10g%s%s%s\n", flag, lo, hi,
 			v ? " (got '" : "", v ? v : "", v ? "')" : "");
 		return -1;
 	}
