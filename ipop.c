@@ -9195,6 +9195,7 @@ enum {
 	SIM_AFTER_CHURN_MS = 10000,     /* churn stops; then reads and probes */
 	SIM_MEMBER_AGE_MS = 10000,      /* churn probes: both ends up this long */
 	SIM_CHURN_PROBES_PER_S = 50,
+	SIM_PROGRESS_MS = 5000,         /* virtual time between --progress lines */
 };
 
 struct sim;
@@ -9249,9 +9250,22 @@ struct sim {
 	char **dht_keys;
 	uint32_t n_keys;
 	bool *dht_found;                /* this read round's answers, by key */
+	bool progress;                  /* --progress: a line on stderr per SIM_PROGRESS_MS */
+	uint64_t next_progress_ms, t0_us;
 	uint32_t dht_put_ok;
 	uint64_t events;
 };
+
+static uint64_t sim_proc_kb(const char *field);
+
+/* --progress: where a long run is, on stderr (stdout keeps the report). */
+static void sim_progress(struct sim *s)
+{
+	s->next_progress_ms = s->now_ms + SIM_PROGRESS_MS;
+	fprintf(stderr, "ipop simulate: %.0f s virtual, %u nodes, %llu events, %zu in flight, RSS %llu kB, "
+		"%.1f s wall\n", (double)s->now_ms / 1000, s->n_alive, (unsigned long long)s->events, s->q_len,
+		(unsigned long long)sim_proc_kb("VmRSS:"), (double)(ev_clock_us() - s->t0_us) / 1e6);
+}
 
 static uint64_t sim_mix(uint64_t x)
 {
@@ -9594,6 +9608,8 @@ static void sim_run_until(struct sim *s, uint64_t until)
 		if (t > until)
 			break;
 		s->now_ms = t;
+		if (s->progress && t >= s->next_progress_ms)
+			sim_progress(s);
 		s->events++;
 		if (tp <= tn) {
 			sim_deliver(s, sim_q_pop(s));
@@ -9854,7 +9870,7 @@ struct sim_opts {
 	double duration_s;              /* of the churn phase */
 	double join_rate;               /* nodes started per virtual second */
 	uint32_t probes, dht_keys;
-	bool json;
+	bool json, progress;
 };
 
 struct sim_result {
@@ -9883,7 +9899,8 @@ static double sim_wall_s(uint64_t t0_us)
 static int sim_setup(struct sim *s, const struct sim_opts *o)
 {
 	uint64_t replace = (uint64_t)ceil(o->churn * o->nodes * o->duration_s / 60.0) + 2;
-	*s = (struct sim){ .seed = sim_mix(o->seed), .rng = o->seed, .n_keys = o->dht_keys };
+	*s = (struct sim){ .seed = sim_mix(o->seed), .rng = o->seed, .n_keys = o->dht_keys,
+			   .progress = o->progress, .t0_us = ev_clock_us() };
 	s->cap = (uint32_t)(o->nodes + replace > SIM_NODES_MAX ? SIM_NODES_MAX : o->nodes + replace);
 	s->probes_cap = 3 * o->probes + (uint32_t)(SIM_CHURN_PROBES_PER_S * o->duration_s) + 16;
 	s->nodes = calloc(s->cap, sizeof *s->nodes);
@@ -10121,6 +10138,7 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 static const char sim_usage[] =
 	"usage: ipop simulate --nodes N [--churn RATE] [--duration SECONDS] [--seed S]\n"
 	"                     [--join-rate R] [--probes P] [--dht-keys K] [--json]\n"
+	"                     [--progress]\n"
 	"\n"
 	"Run N nodes in one process, in virtual time, over an in-memory network:\n"
 	"the ring, join, routing and DHT code of 'ipop up' in insecure mode, with\n"
@@ -10136,6 +10154,7 @@ static const char sim_usage[] =
 	"                     (default 10000)\n"
 	"  --dht-keys K       DHT records put before churn, read back after (default 1000)\n"
 	"  --json             one JSON object instead of text\n"
+	"  --progress         a line on stderr every 5 virtual seconds\n"
 	"Reports hops (mean, p99, max), join messages, links and memory per node,\n"
 	"routing success and DHT survival.  Exit status 0, 1 on failure, 2 on usage.\n";
 
@@ -10165,6 +10184,9 @@ static int sim_parse_args(struct sim_opts *o, int argc, char **argv, bool *help)
 			return 0;
 		} else if (!strcmp(a, "--json")) {
 			o->json = true;
+			continue;
+		} else if (!strcmp(a, "--progress")) {
+			o->progress = true;
 			continue;
 		} else if (!strcmp(a, "--nodes")) {
 			if (sim_number(a, v, 2, SIM_NODES_MAX, &d) < 0)
