@@ -575,6 +575,7 @@ struct ev_loop {
 	uint64_t now_ms;
 	int max_wait_ms;        /* cap on one epoll wait; tests shorten it */
 	bool stop;
+	bool virtual_time;      /* a simulated node (section 15b): now_ms is all there is */
 };
 
 static uint64_t ev_clock_us(void)
@@ -587,6 +588,13 @@ static uint64_t ev_clock_us(void)
 static uint64_t ev_now(const struct ev_loop *loop)
 {
 	return loop->now_ms;
+}
+
+/* Microseconds for round-trip times: the real clock, or in a simulation the
+ * virtual one, so that RTT-driven choices stay deterministic there. */
+static uint64_t ev_now_us(const struct ev_loop *loop)
+{
+	return loop->virtual_time ? loop->now_ms * 1000 : ev_clock_us();
 }
 
 static int ev_init(struct ev_loop *loop)
@@ -3083,7 +3091,7 @@ static int64_t link_keepalive(struct link *l)
 	bool busy = l->tx_packets - l->ping_tx_mark > LINK_BUSY_PACKETS;
 	l->ping_tx_mark = l->tx_packets;
 	if (!l->ping_rx_ms || now - l->ping_rx_ms >= LINK_KEEPALIVE_MS || l->rtt_ms < 0 || busy)
-		link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_clock_us());
+		link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_now_us(&l->node->loop));
 	return link_keepalive_delay(l->node);
 }
 
@@ -3678,7 +3686,7 @@ static bool link_rtt_spiked(double floor_ms, double sample_ms)
 
 static void link_on_pong(struct link *l, const struct wire_ping *m)
 {
-	uint64_t now = ev_clock_us();
+	uint64_t now = ev_now_us(&l->node->loop);
 	if (m->t_us > now)
 		return;
 	double sample = (double)(now - m->t_us) / 1000.0;
@@ -4999,7 +5007,7 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 
 static void ring_echo_send(struct node *n, const ring_addr *dst, uint32_t id)
 {
-	struct wire_echo m = { .id = id, .t_us = ev_clock_us() };
+	struct wire_echo m = { .id = id, .t_us = ev_now_us(&n->loop) };
 	uint8_t payload[32];
 	ssize_t len = wire_echo_encode(payload, sizeof payload, false, &m);
 	if (len > 0)
@@ -5014,7 +5022,7 @@ static void ring_on_echo(struct node *n, const struct wire_routed *r, bool reply
 		return;
 	}
 	if (reply) {
-		uint64_t now = ev_clock_us();
+		uint64_t now = ev_now_us(&n->loop);
 		if (n->ring.echo_reply)
 			n->ring.echo_reply(n, m.id, now > m.t_us ? now - m.t_us : 0, m.req_hops);
 		return;
@@ -10050,7 +10058,7 @@ static struct sim_node *sim_node_new(struct sim *s, uint32_t idx)
 		return NULL;
 	struct node *n = &sn->n;
 	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1, .udp_send = sim_udp_send };
-	n->loop = (struct ev_loop){ .epfd = -1, .now_ms = s->now_ms, .max_wait_ms = 1000 };
+	n->loop = (struct ev_loop){ .epfd = -1, .now_ms = s->now_ms, .max_wait_ms = 1000, .virtual_time = true };
 	if (sim_rng_seed(&n->rng, s->seed, idx) < 0) {
 		free(sn);
 		return NULL;
