@@ -159,6 +159,32 @@ def nsx(ns, args, **kw):
     return sh(["ip", "netns", "exec", ns] + list(args), **kw)
 
 
+def list_netns(prefix):
+    """Names of the network namespaces starting with prefix."""
+    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
+    return [ln.split()[0] for ln in (out or "").splitlines()
+            if ln.split() and ln.split()[0].startswith(prefix)]
+
+
+def remove_netns(prefix, quiet=False):
+    """Kill every process in the namespaces starting with prefix (only the
+    calling test's processes live there) and delete them; their veths and
+    bridges go with them.  Returns the names removed."""
+    names = list_netns(prefix)
+    for nm in names:
+        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
+        for p in (out or "").split():
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    for nm in names:
+        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
+        if rc != 0 and not quiet:
+            print("  cleanup: ip netns del %s: %s" % (nm, (err or "").strip()), flush=True)
+    return names
+
+
 class Proc:
     """A long-running process (started from the main thread only, since
     PR_SET_PDEATHSIG fires when the creating thread exits)."""

@@ -15,6 +15,12 @@ mkdir -p "$LOGDIR"
 PASS=0
 FAIL=0
 FAILED_NAMES=()
+FLAKY_NAMES=()
+# An integration test that fails is run once more (IPOP_TEST_RETRY=0: never):
+# on this shared 2-core machine a few timing windows (t_dht's convergence
+# checks above all) fail now and then.  A pass on the retry is reported as
+# FLAKY with the first run's log kept, so it stays visible; two failures fail.
+RETRY=${IPOP_TEST_RETRY:-1}
 PY_TIMEOUT=${IPOP_TEST_TIMEOUT:-600}
 UNIT_TIMEOUT=${IPOP_UNIT_TIMEOUT:-300}
 
@@ -87,6 +93,17 @@ for f in tests/t_*.py; do
     name=$(basename "$f" .py)
     want "$name" || continue
     run_test "$name" "$PY_TIMEOUT" python3 "$f"
+    if [ "$RETRY" -gt 0 ] && [ ${#FAILED_NAMES[@]} -gt 0 ] && [ "${FAILED_NAMES[-1]}" = "$name" ]; then
+        FAIL=$((FAIL - 1))
+        unset 'FAILED_NAMES[-1]'
+        logf="$LOGDIR/$(logname "$name").log"
+        mv "$logf" "${logf%.log}.first-failure.log"
+        echo "    retrying $name once (first run's log: ${logf%.log}.first-failure.log)"
+        run_test "$name (retry)" "$PY_TIMEOUT" python3 "$f"
+        if [ ${#FAILED_NAMES[@]} -eq 0 ] || [ "${FAILED_NAMES[-1]}" != "$name (retry)" ]; then
+            FLAKY_NAMES+=("$name")
+        fi
+    fi
 done
 
 # ---- (c) optional short fuzz pass: `make fuzz-short` if the Makefile has
@@ -102,6 +119,9 @@ fi
 
 if [ ${#FAILED_NAMES[@]} -gt 0 ]; then
     echo "failed: ${FAILED_NAMES[*]}"
+fi
+if [ ${#FLAKY_NAMES[@]} -gt 0 ]; then
+    echo "FLAKY (failed once, passed on the retry; see build/test-logs/*.first-failure.log): ${FLAKY_NAMES[*]}"
 fi
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" -eq 0 ]

@@ -50,7 +50,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
+from lib import list_netns, remove_netns, TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
 
 PREFIX = "tn"
 NET = "tn-net"
@@ -71,28 +71,14 @@ PUBLIC_EP = re.compile(r"^udp://203\.0\.113\.\d+:\d+$")
 
 
 
+
 def list_tn_netns():
-    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
-    return [ln.split()[0] for ln in (out or "").splitlines()
-            if ln.split() and ln.split()[0].startswith(PREFIX + "-")]
+    return list_netns(PREFIX + "-")
+
 
 
 def remove_tn_netns(quiet=False):
-    """Kill every process in a tn-* namespace (only this test's processes live
-    there) and delete the namespaces; their veths and the bridge go with them."""
-    names = list_tn_netns()
-    for nm in names:
-        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
-        for p in (out or "").split():
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-    for nm in names:
-        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
-        if rc != 0 and not quiet:
-            print("  cleanup: ip netns del %s: %s" % (nm, (err or "").strip()), flush=True)
-    return names
+    return remove_netns(PREFIX + "-", quiet)
 
 
 

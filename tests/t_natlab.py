@@ -63,7 +63,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import TestFailure, sh, nsx, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
+from lib import list_netns, remove_netns, TestFailure, sh, nsx, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
 
 PREFIX = "tl"
 NET, BR = "tl-net", "tlbr0"
@@ -106,26 +106,8 @@ def sites():
     return out
 
 
-def list_netns():
-    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
-    return [ln.split()[0] for ln in (out or "").splitlines()
-            if ln.split() and ln.split()[0].startswith(PREFIX + "-")]
 
 
-def remove_netns(quiet=False):
-    names = list_netns()
-    for nm in names:
-        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
-        for p in (out or "").split():
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-    for nm in names:
-        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
-        if rc != 0 and not quiet:
-            print("  cleanup: ip netns del %s: %s" % (nm, (err or "").strip()), flush=True)
-    return names
 
 
 class Node:
@@ -670,8 +652,8 @@ class NatLab:
             p.kill(signal.SIGKILL)
         for p in Proc.all:
             p.wait(5)
-        remove_netns()
-        left = list_netns()
+        remove_netns(PREFIX + "-")
+        left = list_netns(PREFIX + "-")
         if left:
             print("  cleanup: namespaces left: %s" % left, flush=True)
         if failed or os.environ.get("IPOP_KEEP_LOGS"):
@@ -711,7 +693,7 @@ def main():
         if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
             print("FAIL: missing tool %s (see .ci/run)" % tool, flush=True)
             sys.exit(1)
-    old = remove_netns(quiet=True)
+    old = remove_netns(PREFIX + "-", quiet=True)
     if old:
         log("removed leftover namespaces: %s" % " ".join(old))
     lab = _lab = NatLab()

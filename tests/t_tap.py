@@ -53,7 +53,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, sha1_ip, up_conns,  # noqa: E402
+from lib import (list_netns, remove_netns, TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, sha1_ip, up_conns,  # noqa: E402
                  near_up, true_neighbors, REPO)
 
 PREFIX = "tt"
@@ -79,32 +79,14 @@ VM_PEER = "tt-tovm"        # the host's end of the VM's veth
 
 
 
+
 def list_tt_netns():
-    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
-    names = []
-    for line in out.splitlines():
-        nm = line.split()[0] if line.split() else ""
-        if nm.startswith(PREFIX):
-            names.append(nm)
-    return names
+    return list_netns(PREFIX)
+
 
 
 def remove_tt_netns(quiet=False):
-    """Kill every process in a tt* namespace (only our test's processes live
-    there) and delete the namespaces; the veths and the bridge go with them."""
-    names = list_tt_netns()
-    for nm in names:
-        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
-        for p in out.split():
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-    for nm in names:
-        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
-        if rc != 0 and not quiet:
-            print("  cleanup: ip netns del %s: %s" % (nm, err.strip()), flush=True)
-    return names
+    return remove_netns(PREFIX, quiet)
 
 
 

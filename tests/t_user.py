@@ -83,7 +83,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, REPO  # noqa: E402
+from lib import list_netns, remove_netns, TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, REPO  # noqa: E402
 
 NS_PREFIX = "tu-"
 SW = "tu-sw"
@@ -674,28 +674,14 @@ if __name__ == "__main__":
 
 
 
+
 def list_tu_netns():
-    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
-    return [line.split()[0] for line in out.splitlines()
-            if line.split() and line.split()[0].startswith(NS_PREFIX)]
+    return list_netns(NS_PREFIX)
+
 
 
 def remove_tu_netns(quiet=False):
-    """Kill every process in a tu-* namespace (only this test's processes
-    live there) and delete the namespaces; veths and the bridge go with them."""
-    names = list_tu_netns()
-    for nm in names:
-        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
-        for p in out.split():
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-    for nm in names:
-        rc, _, err = sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
-        if rc != 0 and not quiet:
-            print("  cleanup: ip netns del %s: %s" % (nm, err.strip()), flush=True)
-    return names
+    return remove_netns(NS_PREFIX, quiet)
 
 
 
