@@ -2204,6 +2204,11 @@ enum {
 	LINK_REKEY_MS = 120000,         /* ratchet each direction's key this often */
 	LINK_REKEY_GRACE_MS = 10000,    /* keep the previous receive key for stragglers */
 	LINK_FIN_CACHE_MS = 10000,      /* resend our HS_FIN if HS_RESP repeats until then */
+	/* After we close an up UDP link with a BYE, the peer keeps routing over
+	 * it until the BYE arrives: up to a round trip of messages are already
+	 * on their way.  A closed link takes those for this long (a round trip
+	 * near LINK_DEAD_MS would have closed the link as dead), then is freed. */
+	LINK_DRAIN_MS = 2000,
 };
 
 /* Handshake scratch: wiped once the link is up. */
@@ -2250,6 +2255,7 @@ struct link {
 	uint8_t local_roles, peer_roles;
 	struct endpoint observed;       /* how the peer sees us */
 	uint64_t created_ms, up_ms, last_rx_ms;
+	uint64_t drain_until_ms;        /* closed by our BYE: routes the peer's stragglers till then */
 	uint64_t ping_rx_ms;            /* the peer's last PING: it keeps the link alive for both */
 	uint32_t ping_seq;
 	double rtt_ms;                  /* smoothed, < 0 until the first pong */
@@ -2633,6 +2639,16 @@ static struct link *link_find_index(struct node *n, uint32_t idx)
 	return NULL;
 }
 
+/* A closed link still taking the peer's messages in flight (LINK_DRAIN_MS). */
+static struct link *link_find_draining(struct node *n, uint32_t idx)
+{
+	uint64_t now = ev_now(&n->loop);
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state == LINK_CLOSED && l->drain_until_ms > now && l->local_idx == idx)
+			return l;
+	return NULL;
+}
+
 /* A live or pending link to the node with this ring address. */
 static struct link *link_find_peer(struct node *n, const ring_addr *a, bool up_only)
 {
@@ -2681,7 +2697,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	l->created_ms = ev_now(&n->loop);
 	do
 		l->local_idx = (uint32_t)sec_random_u64(&n->rng);
-	while (l->local_idx == 0 || link_find_index(n, l->local_idx));
+	while (l->local_idx == 0 || link_find_index(n, l->local_idx) || link_find_draining(n, l->local_idx));
 	ev_timer_init(&l->timer, link_timer_fn);
 	l->next = n->links;
 	n->links = l;
@@ -2704,7 +2720,7 @@ static void link_reap(struct node *n)
 	link_tx_flush(n);       /* the end of a loop turn: what it queued leaves now */
 	for (struct link **pp = &n->links; *pp;) {
 		struct link *l = *pp;
-		if (l->state != LINK_CLOSED) {
+		if (l->state != LINK_CLOSED || l->drain_until_ms > ev_now(&n->loop)) {
 			pp = &l->next;
 			continue;
 		}
@@ -3028,6 +3044,8 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 	struct node *n = l->node;
 	if (was_up && tell_peer && reason)
 		link_send_byte(l, WIRE_BYE, reason);
+	if (was_up && tell_peer && reason && reason != BYE_LEAVING && l->proto == PROTO_UDP)
+		l->drain_until_ms = ev_now(&n->loop) + LINK_DRAIN_MS;
 	l->state = LINK_CLOSED;
 	ev_timer_cancel(&n->loop, &l->timer);
 	if (l->proto == PROTO_TCP && l->fd >= 0) {
@@ -3637,31 +3655,59 @@ static void link_rx_advance(struct link *l, const uint8_t next[32])
 static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, size_t len);
 
 /* Open a DATA record: epoch key, replay check, authenticate, then commit. */
+/* A record's plaintext into plain (WIRE_MAX_WIRE_BYTES), its length into
+ * *plen; false (counted) when it does not authenticate or is a replay. */
+static bool link_data_open(struct link *l, const struct wire_data *d, const uint8_t *pkt, uint8_t *plain,
+			   size_t *plen)
+{
+	uint8_t next[32];
+	bool advance = false;
+	if (!link_secure(l)) {
+		memcpy(plain, d->body, d->len);
+		*plen = d->len;
+		return true;
+	}
+	const uint8_t *key = link_rx_key(l, d->epoch, next, &advance);
+	if (!key || d->len < SEC_TAG_BYTES + WIRE_HDR_BYTES)
+		return link_drop(l, DROP_AUTH_FAILED), false;
+	if (!sec_replay_ok(&l->keys.replay, d->counter))
+		return link_drop(l, DROP_REPLAY), false;
+	uint32_t epoch = advance ? l->keys.rx_epoch + 1 : (uint8_t)d->epoch == (uint8_t)l->keys.rx_epoch
+			 ? l->keys.rx_epoch : l->keys.rx_epoch - 1;
+	if (!sec_open(&l->node->sec, key, epoch, d->counter, pkt, WIRE_DATA_HDR_BYTES, d->body, d->len, plain))
+		return link_drop(l, DROP_AUTH_FAILED), false;
+	sec_replay_commit(&l->keys.replay, d->counter);
+	if (advance)
+		link_rx_advance(l, next);
+	*plen = d->len - SEC_TAG_BYTES;
+	return true;
+}
+
+/* A record on a link we closed, sent before the peer had our BYE: routed
+ * messages go on their way (the ring no longer routes over this link, so
+ * they leave by another), the peer's BYE ends the drain, the rest (pings,
+ * roles) no longer matter. */
+static void link_on_straggler(struct link *l, const struct wire_data *d, const uint8_t *pkt)
+{
+	uint8_t plain[WIRE_MAX_WIRE_BYTES], type;
+	size_t plen;
+	if (!link_data_open(l, d, pkt, plain, &plen) || wire_classify(plain, plen, true, &type) != WIRE_OK)
+		return;
+	if (type == WIRE_BYE)
+		l->drain_until_ms = 0;
+	else if (type == WIRE_ROUTED && l->node->hooks.routed)
+		l->node->hooks.routed(l->node, l, plain, plen);
+}
+
 static void link_on_data(struct link *l, const struct wire_data *d, const uint8_t *pkt,
 			 const struct sockaddr_in *from)
 {
-	uint8_t plain[WIRE_MAX_WIRE_BYTES], next[32], type;
-	size_t plen = d->len;
-	bool advance = false;
+	uint8_t plain[WIRE_MAX_WIRE_BYTES], type;
+	size_t plen;
 	if (l->state != LINK_UP)
 		return link_drop(l, DROP_WRONG_STATE);
-	if (link_secure(l)) {
-		const uint8_t *key = link_rx_key(l, d->epoch, next, &advance);
-		if (!key || d->len < SEC_TAG_BYTES + WIRE_HDR_BYTES)
-			return link_drop(l, DROP_AUTH_FAILED);
-		if (!sec_replay_ok(&l->keys.replay, d->counter))
-			return link_drop(l, DROP_REPLAY);
-		uint32_t epoch = advance ? l->keys.rx_epoch + 1 : (uint8_t)d->epoch == (uint8_t)l->keys.rx_epoch
-				 ? l->keys.rx_epoch : l->keys.rx_epoch - 1;
-		if (!sec_open(&l->node->sec, key, epoch, d->counter, pkt, WIRE_DATA_HDR_BYTES, d->body, d->len, plain))
-			return link_drop(l, DROP_AUTH_FAILED);
-		sec_replay_commit(&l->keys.replay, d->counter);
-		if (advance)
-			link_rx_advance(l, next);
-		plen = d->len - SEC_TAG_BYTES;
-	} else {
-		memcpy(plain, d->body, d->len);
-	}
+	if (!link_data_open(l, d, pkt, plain, &plen))
+		return;
 	if (l->proto == PROTO_UDP && !link_sockaddr_eq(&l->remote, from))
 		l->remote = *from;      /* authenticated: follow the peer to its new address */
 	l->last_rx_ms = ev_now(&l->node->loop);
@@ -3944,8 +3990,12 @@ static void link_dispatch(struct node *n, struct link *stream, int fd, const str
 			link_on_hs_reject(l, &j);
 		break;
 	default:
-		if (!(bad = wire_data_decode(pkt, len, &d) < 0) &&
-		    (l = link_for_index(n, stream, fd, d.receiver, from, false))) {
+		if ((bad = wire_data_decode(pkt, len, &d) < 0))
+			break;
+		if (!stream && !link_find_index(n, d.receiver) && (l = link_find_draining(n, d.receiver)) &&
+		    l->fd == fd)
+			link_on_straggler(l, &d, pkt);
+		else if ((l = link_for_index(n, stream, fd, d.receiver, from, false))) {
 			l->rx_packets++;
 			l->rx_bytes += len;
 			link_on_data(l, &d, pkt, from);
@@ -10125,8 +10175,10 @@ static void sim_node_free(struct sim *s, uint32_t idx)
 	struct sim_node *sn = s->nodes[idx];
 	struct node *n = &sn->n;
 	sim_heap_remove(s, idx);
-	for (struct link *l = n->links; l; l = l->next)
+	for (struct link *l = n->links; l; l = l->next) {
 		l->state = LINK_CLOSED;
+		l->drain_until_ms = 0;
+	}
 	link_reap(n);
 	dht_stop(n);
 	free(n->loop.heap);
@@ -11821,8 +11873,10 @@ static int cli_signals_open(struct cli_run *r, int *sfd);
 
 static void cli_node_free(struct node *n)
 {
-	for (struct link *l = n->links; l; l = l->next)
+	for (struct link *l = n->links; l; l = l->next) {
 		link_close(l, 0);
+		l->drain_until_ms = 0;
+	}
 	link_reap(n);
 	for (unsigned i = 0; i < n->n_listeners; i++)
 		close(n->listeners[i].fd);

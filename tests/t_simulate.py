@@ -7,10 +7,11 @@ twice.  Asserts:
   * determinism: the two 500-node runs report the same numbers (all but
     wall-clock time and memory), and another seed gives other numbers
   * every node holds its 2+2 true ring neighbours after the join
-  * routing success >= 99% right after the join (a flash crowd: 2000 nodes
-    in 2 virtual seconds, probed 15 s later; the far-link choice by RTT,
-    which dials 3 candidates per far link, leaves 0.4-1.6% of the probes
-    lost at that moment: docs/SCALING.md), hops mean and p99 <= log2 N
+  * routing success >= 99.9% right after the join (a flash crowd: 2000 nodes
+    in 2 virtual seconds, probed 20 s later, while the far candidates that
+    lost the RTT comparison are being closed; before closed links drained
+    the peer's messages in flight, 1.4% were lost: docs/SCALING.md), hops
+    mean and p99 <= log2 N
   * every DHT record put before the churn is read back after it
   * >= 98% of the probes during churn succeed (as t_scale.py; a crashed
     node black-holes its links for LINK_QUIET_MS), and >= 99.9% after it
@@ -75,7 +76,7 @@ def test_run():
     log2n = math.log2(n)
     check(a["ring_consistent"] == n, "ring consistent after the join: %d/%d" % (a["ring_consistent"], n))
     r = a["routing"]
-    check(r["success_pct"] >= 99.0, "routing without churn %.3f%% >= 99%%" % r["success_pct"])
+    check(r["success_pct"] >= 99.9, "routing without churn %.3f%% >= 99.9%%" % r["success_pct"])
     check(r["hops_mean"] <= log2n and r["hops_p99"] <= log2n,
           "hops mean %.2f, p99 %d <= log2 N = %.2f (max %d)" % (r["hops_mean"], r["hops_p99"], log2n, r["hops_max"]))
     check(a["replaced"] >= 90, "churn replaced %d nodes" % a["replaced"])

@@ -937,6 +937,39 @@ static void test_duplicate_ip(void)
 	cli_node_free(&b);
 }
 
+/* A link closed with a BYE still routes what the peer sent before the BYE
+ * reached it (a flash crowd's extra far candidates are closed while their
+ * peers route over them: docs/SCALING.md), and is freed after the drain. */
+static void test_link_drain(void)
+{
+	static struct node a, b;
+	const char *key = unit_key("a.key", KEY_A);
+	CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
+	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	pump_until_up(&a, &b, 400);
+	pump(&a, &b, 20);
+	struct link *la = link_find_peer(&a, &b.self.addr, true);
+	CHECK(la != NULL);
+	if (!la)
+		return;
+	uint64_t delivered = a.counters_delivered, unknown = a.drops.count[DROP_UNKNOWN_SENDER];
+	ring_echo_send(&b, &a.self.addr, 5);               /* on its way when a closes */
+	link_tx_flush(&b);
+	link_close(la, BYE_UNNEEDED);
+	link_tx_flush(&a);
+	usleep(2000);
+	ev_run_once(&a.loop);
+	link_reap(&a);
+	CHECK(a.counters_delivered == delivered + 1 && a.drops.count[DROP_UNKNOWN_SENDER] == unknown);
+	CHECK(la->state == LINK_CLOSED && la->drain_until_ms > ev_now(&a.loop) && !link_find_peer(&a, &b.self.addr, false));
+	unsigned links = a.n_links;
+	la->drain_until_ms = 1;                            /* the drain is over */
+	link_reap(&a);
+	CHECK(a.n_links == links - 1);
+	cli_node_free(&a);
+	cli_node_free(&b);
+}
+
 /* An insecure pair (both --insecure) still links and carries plain records. */
 static void test_insecure_pair(void)
 {
@@ -1051,6 +1084,7 @@ int main(void)
 	test_replay_tamper();
 	test_refusals();
 	test_insecure_pair();
+	test_link_drain();
 	test_duplicate_ip();
 	char cmd[128];
 	snprintf(cmd, sizeof cmd, "rm -rf %s", unit_dir);
