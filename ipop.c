@@ -2327,7 +2327,9 @@ struct ring_shortcuts {
 	uint64_t idle_ms;               /* --shortcut-idle */
 	uint64_t last_tick_ms;
 	uint64_t opened, idled, trimmed, refused;
-	struct ring_sc_peer peers[RING_SC_SLOTS];
+	struct ring_sc_peer *peers;      /* RING_SC_SLOTS, from the first packet counted: 14 KB
+	                                * that a node carrying no IP traffic (a router, or
+	                                * a simulated node) does without */
 };
 
 /* Proximity neighbour selection: the far candidates being measured. */
@@ -2538,6 +2540,8 @@ struct node {
 	bool tcp_pending;               /* some TCP link has queued frames to write */
 	struct link *links;
 	unsigned n_links;
+	struct link **link_slots;       /* by local_idx % LINK_TABLE_MAX (link_find_index) */
+	unsigned n_link_slots;          /* grows by doubling up to LINK_TABLE_MAX */
 	struct link_hooks hooks;
 	struct ring_state ring;
 	struct dht_state dht;
@@ -2629,24 +2633,51 @@ static void link_drop_from(struct node *n, enum drop_reason why, uint8_t proto,
 	log_drop(&n->drops, why, ev_now(&n->loop), who);
 }
 
-/* Linear in the number of links: a node holds tens of links (2x2 near,
- * log N far, a few leaf/shortcut), so a scan beats a hash table here. */
+/* Our receiver index is ours to choose: its low bits name the link's slot
+ * in n->link_slots, the high bits are random.  Every record names its link
+ * with one array read instead of a walk over the link list, which was a
+ * third of a large simulation's time (a node holds ~20 links of 1 kB spread
+ * over memory: a cache miss each).  LINK_TABLE_MAX links fit the bits. */
+enum { LINK_SLOT_MASK = LINK_TABLE_MAX - 1, LINK_SLOTS_MIN = 16 };
+_Static_assert((LINK_TABLE_MAX & LINK_SLOT_MASK) == 0, "LINK_TABLE_MAX is a power of two");
+
+static struct link *link_slot_of(struct node *n, uint32_t idx)
+{
+	uint32_t i = idx & LINK_SLOT_MASK;
+	struct link *l = i < n->n_link_slots ? n->link_slots[i] : NULL;
+	return l && l->local_idx == idx ? l : NULL;
+}
+
+/* A free slot for a new link (growing the table), or -ENOMEM. */
+static int link_slot_take(struct node *n, struct link *l)
+{
+	unsigned i = 0;
+	while (i < n->n_link_slots && n->link_slots[i])
+		i++;
+	if (i == n->n_link_slots) {
+		unsigned cap = n->n_link_slots ? n->n_link_slots * 2 : LINK_SLOTS_MIN;
+		struct link **t = cap <= LINK_TABLE_MAX ? realloc(n->link_slots, cap * sizeof *t) : NULL;
+		if (!t)
+			return -ENOMEM;
+		memset(t + n->n_link_slots, 0, (cap - n->n_link_slots) * sizeof *t);
+		n->link_slots = t;
+		n->n_link_slots = cap;
+	}
+	n->link_slots[i] = l;
+	return (int)i;
+}
+
 static struct link *link_find_index(struct node *n, uint32_t idx)
 {
-	for (struct link *l = n->links; l; l = l->next)
-		if (l->state != LINK_CLOSED && l->local_idx == idx)
-			return l;
-	return NULL;
+	struct link *l = link_slot_of(n, idx);
+	return l && l->state != LINK_CLOSED ? l : NULL;
 }
 
 /* A closed link still taking the peer's messages in flight (LINK_DRAIN_MS). */
 static struct link *link_find_draining(struct node *n, uint32_t idx)
 {
-	uint64_t now = ev_now(&n->loop);
-	for (struct link *l = n->links; l; l = l->next)
-		if (l->state == LINK_CLOSED && l->drain_until_ms > now && l->local_idx == idx)
-			return l;
-	return NULL;
+	struct link *l = link_slot_of(n, idx);
+	return l && l->state == LINK_CLOSED && l->drain_until_ms > ev_now(&n->loop) ? l : NULL;
 }
 
 /* A live or pending link to the node with this ring address. */
@@ -2695,9 +2726,15 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	l->rtt_ms = -1;
 	l->rtt_floor_ms = -1;
 	l->created_ms = ev_now(&n->loop);
+	int slot = link_slot_take(n, l);
+	if (slot < 0) {
+		free(l->rbuf);
+		free(l);
+		return NULL;
+	}
 	do
-		l->local_idx = (uint32_t)sec_random_u64(&n->rng);
-	while (l->local_idx == 0 || link_find_index(n, l->local_idx) || link_find_draining(n, l->local_idx));
+		l->local_idx = ((uint32_t)sec_random_u64(&n->rng) & ~(uint32_t)LINK_SLOT_MASK) | (uint32_t)slot;
+	while (l->local_idx == 0);
 	ev_timer_init(&l->timer, link_timer_fn);
 	l->next = n->links;
 	n->links = l;
@@ -2726,6 +2763,8 @@ static void link_reap(struct node *n)
 		}
 		*pp = l->next;
 		n->n_links--;
+		if (link_slot_of(n, l->local_idx) == l)
+			n->link_slots[l->local_idx & LINK_SLOT_MASK] = NULL;
 		link_hs_wipe(l);
 		sec_wipe(&l->keys, sizeof l->keys);
 		free(l->rbuf);
@@ -3992,8 +4031,7 @@ static void link_dispatch(struct node *n, struct link *stream, int fd, const str
 	default:
 		if ((bad = wire_data_decode(pkt, len, &d) < 0))
 			break;
-		if (!stream && !link_find_index(n, d.receiver) && (l = link_find_draining(n, d.receiver)) &&
-		    l->fd == fd)
+		if (!stream && (l = link_find_draining(n, d.receiver)) && l->proto == PROTO_UDP && l->fd == fd)
 			link_on_straggler(l, &d, pkt);
 		else if ((l = link_for_index(n, stream, fd, d.receiver, from, false))) {
 			l->rx_packets++;
@@ -4713,6 +4751,8 @@ static bool ring_sc_only(const struct link *l)
 static struct ring_sc_peer *ring_sc_find(struct node *n, const ring_addr *a, bool add)
 {
 	unsigned h = (unsigned)(a->b[0] | a->b[1] << 8);
+	if (!n->ring.sc.peers && (!add || !(n->ring.sc.peers = calloc(RING_SC_SLOTS, sizeof *n->ring.sc.peers))))
+		return NULL;
 	for (unsigned i = 0; i < RING_SC_PROBE; i++) {
 		struct ring_sc_peer *p = &n->ring.sc.peers[(h + i) % RING_SC_SLOTS];
 		if (p->used && wire_addr_eq(&p->addr, a))
@@ -4791,7 +4831,7 @@ static unsigned ring_sc_collect(struct node *n, struct link **links, double *rat
 			rates[k++] = r > 0 ? r : 0;
 		}
 	*pending = 0;
-	for (unsigned i = 0; i < RING_SC_SLOTS; i++) {
+	for (unsigned i = 0; n->ring.sc.peers && i < RING_SC_SLOTS; i++) {
 		const struct ring_sc_peer *p = &n->ring.sc.peers[i];
 		*pending += p->used && p->dial_ms && now - p->dial_ms < RING_SC_RETRY_MS &&
 			    !link_find_peer(n, &p->addr, false);
@@ -5283,10 +5323,11 @@ static void ring_sc_upkeep(struct node *n)
 		for (struct link *l = n->links; l; l = l->next)
 			if (l->state != LINK_CLOSED && ((l->local_roles | l->want_roles) & ROLE_SHORTCUT))
 				ring_sc_drop(n, l, "shortcuts turned off");
-		memset(sc->peers, 0, sizeof sc->peers);        /* rates start afresh when turned on */
+		free(sc->peers);                /* rates start afresh when turned on */
+		sc->peers = NULL;
 		return;
 	}
-	for (unsigned i = 0; i < RING_SC_SLOTS; i++) {
+	for (unsigned i = 0; sc->peers && i < RING_SC_SLOTS; i++) {
 		struct ring_sc_peer *p = &sc->peers[i];
 		if (!p->used)
 			continue;
@@ -10181,6 +10222,8 @@ static void sim_node_free(struct sim *s, uint32_t idx)
 	}
 	link_reap(n);
 	dht_stop(n);
+	free(n->ring.sc.peers);
+	free(n->link_slots);
 	free(n->loop.heap);
 	mbedtls_ctr_drbg_free(&n->rng.drbg);
 	free(sn);
@@ -11889,6 +11932,10 @@ static void cli_node_free(struct node *n)
 	free(n->tx);
 	free(n->rx);
 	free(n->nat.plans);
+	free(n->ring.sc.peers);
+	free(n->link_slots);
+	n->link_slots = NULL;
+	n->n_link_slots = 0;
 	tap_close(n);
 	if (n->lw.socks_fd > 0)
 		close(n->lw.socks_fd);
