@@ -2227,7 +2227,6 @@ struct link_hs {
 struct link_keys {
 	uint8_t tx[SEC_KEY_BYTES], rx[SEC_KEY_BYTES], rx_prev[SEC_KEY_BYTES];
 	uint32_t tx_epoch, rx_epoch;
-	uint64_t tx_counter;            /* continues across epochs */
 	uint64_t tx_epoch_ms, rx_prev_until_ms;
 	struct sec_replay replay;
 };
@@ -2248,7 +2247,7 @@ struct link {
 	bool confirmed;                 /* the peer proved it accepted us (see link_on_hs_reject) */
 	struct peer_info peer;          /* valid when peer_known */
 	bool peer_known;
-	struct sec_grant grant;         /* what the peer's certificate allows */
+	struct sec_grant *grant;        /* what the peer's certificate allows; certificate mode only */
 	ring_addr expect;               /* the node this dial is meant to reach */
 	bool expect_set;
 	uint8_t want_roles;             /* roles to take on once up */
@@ -2265,7 +2264,9 @@ struct link {
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
 	struct ev_timer timer;          /* handshake retry/timeout, then keepalive */
 	struct link_hs hs;
-	struct link_keys keys;
+	struct link_keys *keys;         /* secure modes only: an insecure link (a simulated one)
+	                                * does without these 392 bytes */
+	uint64_t tx_counter;            /* records sent; the nonce, continuing across epochs */
 	uint8_t *rbuf;                  /* TCP: one partial frame */
 	size_t rlen;
 	uint8_t *wq;                    /* TCP: bytes not yet written */
@@ -2718,6 +2719,13 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 		free(l);
 		return NULL;
 	}
+	if ((n->sec.mode != SEC_INSECURE && !(l->keys = calloc(1, sizeof *l->keys))) ||
+	    (n->sec.mode == SEC_CERT && !(l->grant = calloc(1, sizeof *l->grant)))) {
+		free(l->keys);
+		free(l->rbuf);
+		free(l);
+		return NULL;
+	}
 	l->node = n;
 	l->proto = proto;
 	l->fd = fd;
@@ -2728,6 +2736,8 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	l->created_ms = ev_now(&n->loop);
 	int slot = link_slot_take(n, l);
 	if (slot < 0) {
+		free(l->keys);
+		free(l->grant);
 		free(l->rbuf);
 		free(l);
 		return NULL;
@@ -2766,11 +2776,27 @@ static void link_reap(struct node *n)
 		if (link_slot_of(n, l->local_idx) == l)
 			n->link_slots[l->local_idx & LINK_SLOT_MASK] = NULL;
 		link_hs_wipe(l);
-		sec_wipe(&l->keys, sizeof l->keys);
+		if (l->keys)
+			sec_wipe(l->keys, sizeof *l->keys);
+		free(l->keys);
+		free(l->grant);
 		free(l->rbuf);
 		free(l->wq);
 		free(l);
 	}
+}
+
+/* Free every link, draining ones too, and the slot table: the node goes. */
+static void link_free_all(struct node *n)
+{
+	for (struct link *l = n->links; l; l = l->next) {
+		l->state = LINK_CLOSED;
+		l->drain_until_ms = 0;
+	}
+	link_reap(n);
+	free(n->link_slots);
+	n->link_slots = NULL;
+	n->n_link_slots = 0;
 }
 
 /* ---- sending ---------------------------------------------------------- */
@@ -3003,14 +3029,14 @@ static int link_send_raw(struct link *l, const uint8_t *pkt, size_t len)
 static void link_rekey_tx(struct link *l)
 {
 	uint64_t now = ev_now(&l->node->loop);
-	if (now - l->keys.tx_epoch_ms < l->node->rekey_ms)
+	if (now - l->keys->tx_epoch_ms < l->node->rekey_ms)
 		return;
 	uint8_t next[SEC_KEY_BYTES];
-	sec_expand(l->keys.tx, "ipop-v2 rekey", NULL, next);
-	memcpy(l->keys.tx, next, sizeof next);
+	sec_expand(l->keys->tx, "ipop-v2 rekey", NULL, next);
+	memcpy(l->keys->tx, next, sizeof next);
 	sec_wipe(next, sizeof next);
-	l->keys.tx_epoch++;
-	l->keys.tx_epoch_ms = now;
+	l->keys->tx_epoch++;
+	l->keys->tx_epoch_ms = now;
 }
 
 /* Send one message on an up link inside a DATA record. */
@@ -3024,11 +3050,11 @@ static int link_send(struct link *l, const uint8_t *msg, size_t len)
 	bool secure = link_secure(l);
 	if (secure)
 		link_rekey_tx(l);
-	struct wire_data d = { .receiver = l->peer_idx, .epoch = (uint8_t)l->keys.tx_epoch,
-			       .counter = l->keys.tx_counter++ };
+	struct wire_data d = { .receiver = l->peer_idx, .epoch = secure ? (uint8_t)l->keys->tx_epoch : 0,
+			       .counter = l->tx_counter++ };
 	wire_data_header_put(rec, &d);
 	if (secure)
-		sec_seal(&l->node->sec, l->keys.tx, l->keys.tx_epoch, d.counter, rec, WIRE_DATA_HDR_BYTES,
+		sec_seal(&l->node->sec, l->keys->tx, l->keys->tx_epoch, d.counter, rec, WIRE_DATA_HDR_BYTES,
 			 msg, len, rec + WIRE_DATA_HDR_BYTES);
 	else
 		memcpy(rec + WIRE_DATA_HDR_BYTES, msg, len);
@@ -3252,13 +3278,16 @@ static void link_became_up(struct link *l)
 {
 	struct node *n = l->node;
 	l->state = LINK_UP;
-	l->up_ms = l->last_rx_ms = l->keys.tx_epoch_ms = ev_now(&n->loop);
+	l->up_ms = l->last_rx_ms = ev_now(&n->loop);
+	if (l->keys)
+		l->keys->tx_epoch_ms = l->up_ms;
 	l->hs.tries = 0;
 	ev_timer_arm(&n->loop, &l->timer, (uint64_t)link_keepalive_delay(n));
 	char who[64];
 	link_describe(l, who);
 	log_info("link", "up: %s, %s, %s%s%s", who, l->initiator ? "dialled" : "accepted",
-		 sec_mode_names[n->sec.mode], l->grant.name[0] ? " of " : "", l->grant.name);
+		 sec_mode_names[n->sec.mode], l->grant && l->grant->name[0] ? " of " : "",
+		 l->grant ? l->grant->name : "");
 	/* Dials still under way to this peer are left to finish: the peer may
 	 * already count them as up, and link_resolve_duplicate settles it the
 	 * same way on both ends. */
@@ -3332,14 +3361,14 @@ static const char *link_cert_refusal(struct link *l, const struct wire_identity 
 	mbedtls_x509_crt crt;
 	const char *why = NULL;
 	mbedtls_x509_crt_init(&crt);
-	if (sec_cert_check(&n->sec, id->cert, id->cert_len, &crt, &l->grant, &why) < 0)
+	if (sec_cert_check(&n->sec, id->cert, id->cert_len, &crt, l->grant, &why) < 0)
 		goto out;
 	if (!sec_verify(&crt, l->hs.h, id->sig, id->sig_len)) {
 		why = "bad handshake signature";
 		goto out;
 	}
 	ring_addr want;
-	if (!sec_cert_addr(&crt, &l->grant, id->info.vip, &want))
+	if (!sec_cert_addr(&crt, l->grant, id->info.vip, &want))
 		why = "virtual IP not in its certificate";
 	else if (!wire_addr_eq(&want, &id->info.addr))
 		why = "ring address does not match its certificate";
@@ -3446,8 +3475,8 @@ static void link_hs_finish(struct link *l)
 		uint8_t i2r[32], r2i[32];
 		sec_expand(l->hs.ck, "ipop-v2 i2r", l->hs.h, i2r);
 		sec_expand(l->hs.ck, "ipop-v2 r2i", l->hs.h, r2i);
-		memcpy(l->keys.tx, l->initiator ? i2r : r2i, 32);
-		memcpy(l->keys.rx, l->initiator ? r2i : i2r, 32);
+		memcpy(l->keys->tx, l->initiator ? i2r : r2i, 32);
+		memcpy(l->keys->rx, l->initiator ? r2i : i2r, 32);
 		sec_wipe(i2r, 32);
 		sec_wipe(r2i, 32);
 	}
@@ -3670,25 +3699,25 @@ static void link_on_hs_reject(struct link *l, const struct wire_hs_reject *m)
 static const uint8_t *link_rx_key(struct link *l, uint8_t epoch, uint8_t next[32], bool *advance)
 {
 	*advance = false;
-	if (epoch == (uint8_t)l->keys.rx_epoch)
-		return l->keys.rx;
-	if (epoch == (uint8_t)(l->keys.rx_epoch + 1)) {
-		sec_expand(l->keys.rx, "ipop-v2 rekey", NULL, next);
+	if (epoch == (uint8_t)l->keys->rx_epoch)
+		return l->keys->rx;
+	if (epoch == (uint8_t)(l->keys->rx_epoch + 1)) {
+		sec_expand(l->keys->rx, "ipop-v2 rekey", NULL, next);
 		*advance = true;
 		return next;
 	}
-	if (epoch == (uint8_t)(l->keys.rx_epoch - 1) && l->keys.rx_epoch > 0 &&
-	    ev_now(&l->node->loop) < l->keys.rx_prev_until_ms)
-		return l->keys.rx_prev;
+	if (epoch == (uint8_t)(l->keys->rx_epoch - 1) && l->keys->rx_epoch > 0 &&
+	    ev_now(&l->node->loop) < l->keys->rx_prev_until_ms)
+		return l->keys->rx_prev;
 	return NULL;
 }
 
 static void link_rx_advance(struct link *l, const uint8_t next[32])
 {
-	memcpy(l->keys.rx_prev, l->keys.rx, 32);
-	memcpy(l->keys.rx, next, 32);
-	l->keys.rx_epoch++;
-	l->keys.rx_prev_until_ms = ev_now(&l->node->loop) + LINK_REKEY_GRACE_MS;
+	memcpy(l->keys->rx_prev, l->keys->rx, 32);
+	memcpy(l->keys->rx, next, 32);
+	l->keys->rx_epoch++;
+	l->keys->rx_prev_until_ms = ev_now(&l->node->loop) + LINK_REKEY_GRACE_MS;
 }
 
 static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, size_t len);
@@ -3709,13 +3738,13 @@ static bool link_data_open(struct link *l, const struct wire_data *d, const uint
 	const uint8_t *key = link_rx_key(l, d->epoch, next, &advance);
 	if (!key || d->len < SEC_TAG_BYTES + WIRE_HDR_BYTES)
 		return link_drop(l, DROP_AUTH_FAILED), false;
-	if (!sec_replay_ok(&l->keys.replay, d->counter))
+	if (!sec_replay_ok(&l->keys->replay, d->counter))
 		return link_drop(l, DROP_REPLAY), false;
-	uint32_t epoch = advance ? l->keys.rx_epoch + 1 : (uint8_t)d->epoch == (uint8_t)l->keys.rx_epoch
-			 ? l->keys.rx_epoch : l->keys.rx_epoch - 1;
+	uint32_t epoch = advance ? l->keys->rx_epoch + 1 : (uint8_t)d->epoch == (uint8_t)l->keys->rx_epoch
+			 ? l->keys->rx_epoch : l->keys->rx_epoch - 1;
 	if (!sec_open(&l->node->sec, key, epoch, d->counter, pkt, WIRE_DATA_HDR_BYTES, d->body, d->len, plain))
 		return link_drop(l, DROP_AUTH_FAILED), false;
-	sec_replay_commit(&l->keys.replay, d->counter);
+	sec_replay_commit(&l->keys->replay, d->counter);
 	if (advance)
 		link_rx_advance(l, next);
 	*plen = d->len - SEC_TAG_BYTES;
@@ -4308,7 +4337,8 @@ static int64_t link_sec_tick(struct ev_loop *loop, struct ev_timer *t)
 		log_err("sec", "this node's own certificate is revoked by %s: peers will refuse it",
 			n->sec.crl_path);
 	for (struct link *l = n->links; l; l = l->next)
-		if (l->state == LINK_UP && l->grant.serial.len && sec_revoked(&n->sec, &l->grant.serial)) {
+		if (l->state == LINK_UP && l->grant && l->grant->serial.len &&
+		    sec_revoked(&n->sec, &l->grant->serial)) {
 			char who[64];
 			link_describe(l, who);
 			log_warn("sec", "closing %s: its certificate is revoked", who);
@@ -10216,14 +10246,9 @@ static void sim_node_free(struct sim *s, uint32_t idx)
 	struct sim_node *sn = s->nodes[idx];
 	struct node *n = &sn->n;
 	sim_heap_remove(s, idx);
-	for (struct link *l = n->links; l; l = l->next) {
-		l->state = LINK_CLOSED;
-		l->drain_until_ms = 0;
-	}
-	link_reap(n);
+	link_free_all(n);
 	dht_stop(n);
 	free(n->ring.sc.peers);
-	free(n->link_slots);
 	free(n->loop.heap);
 	mbedtls_ctr_drbg_free(&n->rng.drbg);
 	free(sn);
@@ -11916,11 +11941,9 @@ static int cli_signals_open(struct cli_run *r, int *sfd);
 
 static void cli_node_free(struct node *n)
 {
-	for (struct link *l = n->links; l; l = l->next) {
+	for (struct link *l = n->links; l; l = l->next)
 		link_close(l, 0);
-		l->drain_until_ms = 0;
-	}
-	link_reap(n);
+	link_free_all(n);
 	for (unsigned i = 0; i < n->n_listeners; i++)
 		close(n->listeners[i].fd);
 	if (n->udp_dial_fd >= 0)
@@ -11933,9 +11956,7 @@ static void cli_node_free(struct node *n)
 	free(n->rx);
 	free(n->nat.plans);
 	free(n->ring.sc.peers);
-	free(n->link_slots);
-	n->link_slots = NULL;
-	n->n_link_slots = 0;
+	n->ring.sc.peers = NULL;
 	tap_close(n);
 	if (n->lw.socks_fd > 0)
 		close(n->lw.socks_fd);

@@ -560,9 +560,8 @@ static void fake_node(struct node *n, const ring_addr *self, const ring_addr *pe
 
 static void fake_node_free(struct node *n)
 {
-	for (struct link *l = n->links; l; l = l->next)
-		l->state = LINK_CLOSED;
-	link_reap(n);
+	link_free_all(n);
+	free(n->ring.sc.peers);
 	sec_rng_free(&n->rng);
 	ev_fini(&n->loop);
 }
@@ -799,8 +798,8 @@ static void test_secure_pair(uint8_t proto)
 	struct link *la = link_find_peer(&a, &b.self.addr, true), *lb = link_find_peer(&b, &a.self.addr, true);
 	CHECK(la && lb && la->initiator && !lb->initiator);
 	CHECK(la && lb && la->peer_idx == lb->local_idx && lb->peer_idx == la->local_idx);
-	CHECK(la && lb && !memcmp(la->keys.tx, lb->keys.rx, 32) && !memcmp(la->keys.rx, lb->keys.tx, 32));
-	CHECK(la && memcmp(la->keys.tx, la->keys.rx, 32) != 0);
+	CHECK(la && lb && !memcmp(la->keys->tx, lb->keys->rx, 32) && !memcmp(la->keys->rx, lb->keys->tx, 32));
+	CHECK(la && memcmp(la->keys->tx, la->keys->rx, 32) != 0);
 	pump(&a, &b, 20);
 	la = link_find_peer(&a, &b.self.addr, true);
 	lb = link_find_peer(&b, &a.self.addr, true);
@@ -817,7 +816,7 @@ static void test_secure_pair(uint8_t proto)
 	}
 	la = link_find_peer(&a, &b.self.addr, true);
 	lb = link_find_peer(&b, &a.self.addr, true);
-	CHECK(la && lb && la->keys.tx_epoch >= 4 && lb->keys.rx_epoch == la->keys.tx_epoch);
+	CHECK(la && lb && la->keys->tx_epoch >= 4 && lb->keys->rx_epoch == la->keys->tx_epoch);
 	CHECK(a.drops.count[DROP_AUTH_FAILED] == 0 && b.drops.count[DROP_AUTH_FAILED] == 0);
 	ring_leave(&a);
 	link_tx_flush(&a);                                 /* the end of a's loop turn */
