@@ -2232,40 +2232,45 @@ struct link_keys {
 };
 
 struct link {
-	struct node *node;
+	/* What every scan reads (link_find_*, ring_next_hop, ring_side_nearest)
+	 * comes first, within the first two cache lines, peer.addr included:
+	 * a node walks its ~20 links per routed message, each a cache miss in
+	 * a large simulation. */
 	struct link *next;              /* node->links */
 	enum link_state state;
 	uint8_t proto;
+	bool peer_known;
+	uint8_t local_roles, peer_roles;
+	uint32_t local_idx, peer_idx;   /* receiver indices in every message */
+	uint64_t last_rx_ms;
+	uint64_t rtt_spike_ms;          /* last sign the peer stalled (LINK_SPIKE_MS); 0: never */
+	struct peer_info peer;          /* valid when peer_known */
+	struct node *node;
 	bool initiator;
+	bool confirmed;                 /* the peer proved it accepted us (see link_on_hs_reject) */
 	int fd;                         /* UDP: shared socket; TCP: owned stream; relay: -1 */
 	struct sockaddr_in remote;
 	ring_addr relay_via;            /* relay: the peer our records pass through */
 	uint64_t relay_last_ms;         /* when records of relayed links last used this one */
 	uint64_t upgrade_ms;            /* relay: next try to go direct (section 09) */
 	uint32_t upgrade_backoff_ms;
-	uint32_t local_idx, peer_idx;   /* receiver indices in every message */
-	bool confirmed;                 /* the peer proved it accepted us (see link_on_hs_reject) */
-	struct peer_info peer;          /* valid when peer_known */
-	bool peer_known;
 	struct sec_grant *grant;        /* what the peer's certificate allows; certificate mode only */
 	ring_addr expect;               /* the node this dial is meant to reach */
 	bool expect_set;
 	uint8_t want_roles;             /* roles to take on once up */
-	uint8_t local_roles, peer_roles;
 	struct endpoint observed;       /* how the peer sees us */
-	uint64_t created_ms, up_ms, last_rx_ms;
+	uint64_t created_ms, up_ms;
 	uint64_t drain_until_ms;        /* closed by our BYE: routes the peer's stragglers till then */
 	uint64_t ping_rx_ms;            /* the peer's last PING: it keeps the link alive for both */
 	uint32_t ping_seq;
 	double rtt_ms;                  /* smoothed, < 0 until the first pong */
 	double rtt_floor_ms;            /* the lowest sample, creeping up 1% a pong; < 0 at first */
-	uint64_t rtt_spike_ms;          /* last sign the peer stalled (LINK_SPIKE_MS); 0: never */
 	uint64_t ping_tx_mark;          /* tx_packets at the last keepalive tick */
 	uint64_t tx_packets, rx_packets, tx_bytes, rx_bytes;
 	struct ev_timer timer;          /* handshake retry/timeout, then keepalive */
 	struct link_hs hs;
 	struct link_keys *keys;         /* secure modes only: an insecure link (a simulated one)
-	                                * does without these 392 bytes */
+	                                * does without these 384 bytes */
 	uint64_t tx_counter;            /* records sent; the nonce, continuing across epochs */
 	uint8_t *rbuf;                  /* TCP: one partial frame */
 	size_t rlen;
