@@ -2211,13 +2211,21 @@ enum {
 	LINK_DRAIN_MS = 2000,
 };
 
-/* Handshake scratch: wiped once the link is up. */
-struct link_hs {
+/* Handshake secrets and transcript: allocated with the link, wiped and
+ * freed once it is up (link_hs_finish).  Only the AWAIT_* handlers, which
+ * check the state first, read them. */
+struct link_hs_scratch {
 	uint8_t e_priv[32], e_pub[32];
 	uint8_t h[32];                  /* transcript hash so far */
 	uint8_t ck[32];                 /* HKDF-Extract(salt, X25519(e_i, e_r)) */
 	uint8_t cookie[SEC_MAC_BYTES];
 	bool has_cookie;
+};
+
+/* Handshake state; the retransmit cache outlives the scratch (HS_FIN is
+ * resent on an up link). */
+struct link_hs {
+	struct link_hs_scratch *s;      /* NULL once up: 160 bytes an up link does without */
 	uint8_t *cached;                /* our last handshake packet, for retransmits */
 	size_t cached_len;
 	uint64_t cached_until_ms;
@@ -2724,8 +2732,10 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 		free(l);
 		return NULL;
 	}
-	if ((n->sec.mode != SEC_INSECURE && !(l->keys = calloc(1, sizeof *l->keys))) ||
+	if (!(l->hs.s = calloc(1, sizeof *l->hs.s)) ||
+	    (n->sec.mode != SEC_INSECURE && !(l->keys = calloc(1, sizeof *l->keys))) ||
 	    (n->sec.mode == SEC_CERT && !(l->grant = calloc(1, sizeof *l->grant)))) {
+		free(l->hs.s);
 		free(l->keys);
 		free(l->rbuf);
 		free(l);
@@ -2741,6 +2751,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	l->created_ms = ev_now(&n->loop);
 	int slot = link_slot_take(n, l);
 	if (slot < 0) {
+		free(l->hs.s);
 		free(l->keys);
 		free(l->grant);
 		free(l->rbuf);
@@ -2760,7 +2771,10 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 static void link_hs_wipe(struct link *l)
 {
 	free(l->hs.cached);
-	sec_wipe(&l->hs, sizeof l->hs);
+	if (l->hs.s)
+		sec_wipe(l->hs.s, sizeof *l->hs.s);
+	free(l->hs.s);
+	memset(&l->hs, 0, sizeof l->hs);
 }
 
 /* Free closed links; called once per loop turn, after every callback, so a
@@ -3314,8 +3328,8 @@ static void link_mix(uint8_t h[32], const void *data, size_t len)
 static void link_transcript_init(struct link *l, const uint8_t *init_pkt)
 {
 	uint8_t mode = (uint8_t)l->node->sec.mode;
-	sec_sha256("ipop-v2 handshake", 17, &mode, 1, l->hs.h);
-	link_mix(l->hs.h, init_pkt, WIRE_HS_INIT_COOKIE_OFFSET);
+	sec_sha256("ipop-v2 handshake", 17, &mode, 1, l->hs.s->h);
+	link_mix(l->hs.s->h, init_pkt, WIRE_HS_INIT_COOKIE_OFFSET);
 }
 
 static void link_mix_resp(struct link *l, uint32_t idx_r, const uint8_t e_r[32])
@@ -3324,7 +3338,7 @@ static void link_mix_resp(struct link *l, uint32_t idx_r, const uint8_t e_r[32])
 	struct wbuf w = wbuf_of(b, sizeof b);
 	wbuf_u32(&w, idx_r);
 	wbuf_bytes(&w, e_r, 32);
-	link_mix(l->hs.h, b, sizeof b);
+	link_mix(l->hs.s->h, b, sizeof b);
 }
 
 /* Our identity block, signed over the transcript so far when we hold a
@@ -3340,7 +3354,7 @@ static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t
 	uint8_t proto = l->proto == PROTO_RELAY ? PROTO_UDP : l->proto;
 	struct wire_identity id = { .info = n->self, .observed = link_endpoint_of(proto, &l->remote) };
 	if (n->sec.mode == SEC_CERT) {
-		if (sec_sign(&n->sec, &n->rng, l->hs.h, sig, &sig_len) < 0)
+		if (sec_sign(&n->sec, &n->rng, l->hs.s->h, sig, &sig_len) < 0)
 			return -1;
 		id.cert = n->sec.own.raw.p;
 		id.cert_len = (uint16_t)n->sec.own.raw.len;
@@ -3354,7 +3368,7 @@ static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t
 		memcpy(out, plain, (size_t)len);
 		return len;
 	}
-	sec_seal(&n->sec, key, 0, 0, l->hs.h, 32, plain, (size_t)len, out);
+	sec_seal(&n->sec, key, 0, 0, l->hs.s->h, 32, plain, (size_t)len, out);
 	sec_wipe(plain, sizeof plain);
 	return len + SEC_TAG_BYTES;
 }
@@ -3368,7 +3382,7 @@ static const char *link_cert_refusal(struct link *l, const struct wire_identity 
 	mbedtls_x509_crt_init(&crt);
 	if (sec_cert_check(&n->sec, id->cert, id->cert_len, &crt, l->grant, &why) < 0)
 		goto out;
-	if (!sec_verify(&crt, l->hs.h, id->sig, id->sig_len)) {
+	if (!sec_verify(&crt, l->hs.s->h, id->sig, id->sig_len)) {
 		why = "bad handshake signature";
 		goto out;
 	}
@@ -3392,7 +3406,7 @@ static bool link_identity_accept(struct link *l, const uint8_t key[32], const ui
 	size_t plen = link_secure(l) ? len - SEC_TAG_BYTES : len;
 	if (len > sizeof plain || (link_secure(l) && len < SEC_TAG_BYTES)) {
 		why = "malformed identity";
-	} else if (link_secure(l) && !sec_open(&n->sec, key, 0, 0, l->hs.h, 32, sealed, len, plain)) {
+	} else if (link_secure(l) && !sec_open(&n->sec, key, 0, 0, l->hs.s->h, 32, sealed, len, plain)) {
 		link_drop(l, DROP_AUTH_FAILED);
 		return false;
 	} else if (!link_secure(l)) {
@@ -3430,9 +3444,9 @@ static void link_hs_init_send(struct link *l)
 {
 	struct node *n = l->node;
 	struct wire_hs_init m = { .sender = l->local_idx, .mode = (uint8_t)n->sec.mode };
-	memcpy(m.e, l->hs.e_pub, 32);
-	if (l->hs.has_cookie)
-		memcpy(m.cookie, l->hs.cookie, sizeof m.cookie);
+	memcpy(m.e, l->hs.s->e_pub, 32);
+	if (l->hs.s->has_cookie)
+		memcpy(m.cookie, l->hs.s->cookie, sizeof m.cookie);
 	uint8_t pkt[WIRE_HS_INIT_BYTES];
 	if (wire_hs_init_encode(pkt, sizeof pkt, &m) != WIRE_HS_INIT_BYTES)
 		return;
@@ -3445,12 +3459,12 @@ static void link_hs_init_send(struct link *l)
 static void link_hs_begin(struct link *l)
 {
 	struct node *n = l->node;
-	if (link_secure(l) && sec_x25519_keypair(&n->sec, &n->rng, l->hs.e_priv, l->hs.e_pub) < 0) {
+	if (link_secure(l) && sec_x25519_keypair(&n->sec, &n->rng, l->hs.s->e_priv, l->hs.s->e_pub) < 0) {
 		link_close(l, 0);
 		return;
 	}
 	struct wire_hs_init m = { .sender = l->local_idx, .mode = (uint8_t)n->sec.mode };
-	memcpy(m.e, l->hs.e_pub, 32);
+	memcpy(m.e, l->hs.s->e_pub, 32);
 	uint8_t pkt[WIRE_HS_INIT_BYTES];
 	wire_hs_init_encode(pkt, sizeof pkt, &m);
 	link_transcript_init(l, pkt);
@@ -3466,9 +3480,9 @@ static int link_hs_chain(struct link *l, const uint8_t peer_e[32])
 	uint8_t dh[32];
 	if (!link_secure(l))
 		return 0;
-	if (sec_x25519(&n->sec, &n->rng, l->hs.e_priv, peer_e, dh) < 0)
+	if (sec_x25519(&n->sec, &n->rng, l->hs.s->e_priv, peer_e, dh) < 0)
 		return -1;
-	mbedtls_hkdf_extract(sec_md(), n->sec.salt, SEC_KEY_BYTES, dh, sizeof dh, l->hs.ck);
+	mbedtls_hkdf_extract(sec_md(), n->sec.salt, SEC_KEY_BYTES, dh, sizeof dh, l->hs.s->ck);
 	sec_wipe(dh, sizeof dh);
 	return 0;
 }
@@ -3478,8 +3492,8 @@ static void link_hs_finish(struct link *l)
 {
 	if (link_secure(l)) {
 		uint8_t i2r[32], r2i[32];
-		sec_expand(l->hs.ck, "ipop-v2 i2r", l->hs.h, i2r);
-		sec_expand(l->hs.ck, "ipop-v2 r2i", l->hs.h, r2i);
+		sec_expand(l->hs.s->ck, "ipop-v2 i2r", l->hs.s->h, i2r);
+		sec_expand(l->hs.s->ck, "ipop-v2 r2i", l->hs.s->h, r2i);
 		memcpy(l->keys->tx, l->initiator ? i2r : r2i, 32);
 		memcpy(l->keys->rx, l->initiator ? r2i : i2r, 32);
 		sec_wipe(i2r, 32);
@@ -3506,25 +3520,25 @@ static void link_hs_respond(struct link *l, const struct wire_hs_init *m, const 
 	uint8_t pkt[WIRE_MAX_RECORD_BYTES], sealed[WIRE_MAX_PACKET_BYTES], k[32];
 	l->peer_idx = m->sender;
 	link_transcript_init(l, init_pkt);
-	if (link_secure(l) && (sec_x25519_keypair(&n->sec, &n->rng, l->hs.e_priv, l->hs.e_pub) < 0 ||
+	if (link_secure(l) && (sec_x25519_keypair(&n->sec, &n->rng, l->hs.s->e_priv, l->hs.s->e_pub) < 0 ||
 			       link_hs_chain(l, m->e) < 0)) {
 		link_drop(l, DROP_REFUSED);
 		link_close(l, 0);
 		return;
 	}
-	link_mix_resp(l, l->local_idx, l->hs.e_pub);
-	sec_expand(l->hs.ck, "ipop-v2 resp", l->hs.h, k);
+	link_mix_resp(l, l->local_idx, l->hs.s->e_pub);
+	sec_expand(l->hs.s->ck, "ipop-v2 resp", l->hs.s->h, k);
 	ssize_t slen = link_identity_seal(l, k, sealed, sizeof sealed);
 	struct wire_hs_resp r = { .sender = l->local_idx, .receiver = m->sender, .len = (uint16_t)slen,
 				  .sealed = sealed };
-	memcpy(r.e, l->hs.e_pub, 32);
+	memcpy(r.e, l->hs.s->e_pub, 32);
 	ssize_t len = slen < 0 ? -1 : wire_hs_resp_encode(pkt, sizeof pkt, &r);
 	sec_wipe(k, sizeof k);
 	if (len < 0) {
 		link_close(l, 0);
 		return;
 	}
-	link_mix(l->hs.h, sealed, (size_t)slen);
+	link_mix(l->hs.s->h, sealed, (size_t)slen);
 	l->state = LINK_AWAIT_FIN;
 	link_hs_cache(l, pkt, (size_t)len);
 	link_send_raw(l, pkt, (size_t)len);
@@ -3608,8 +3622,8 @@ static void link_on_hs_cookie(struct link *l, const struct wire_hs_cookie *m)
 {
 	if (l->state != LINK_AWAIT_RESP || !l->initiator)
 		return link_drop(l, DROP_WRONG_STATE);
-	memcpy(l->hs.cookie, m->cookie, sizeof l->hs.cookie);
-	l->hs.has_cookie = true;
+	memcpy(l->hs.s->cookie, m->cookie, sizeof l->hs.s->cookie);
+	l->hs.s->has_cookie = true;
 	link_hs_init_send(l);
 }
 
@@ -3627,21 +3641,21 @@ static void link_on_hs_resp(struct link *l, const struct wire_hs_resp *m)
 		return link_close(l, 0);
 	}
 	link_mix_resp(l, m->sender, m->e);
-	sec_expand(l->hs.ck, "ipop-v2 resp", l->hs.h, k);
+	sec_expand(l->hs.s->ck, "ipop-v2 resp", l->hs.s->h, k);
 	bool ok = link_identity_accept(l, k, m->sealed, m->len);
 	sec_wipe(k, sizeof k);
 	if (!ok)
 		return link_close(l, 0);
 	l->peer_idx = m->sender;
-	link_mix(l->hs.h, m->sealed, m->len);
-	sec_expand(l->hs.ck, "ipop-v2 fin", l->hs.h, k);
+	link_mix(l->hs.s->h, m->sealed, m->len);
+	sec_expand(l->hs.s->ck, "ipop-v2 fin", l->hs.s->h, k);
 	ssize_t slen = link_identity_seal(l, k, sealed, sizeof sealed);
 	sec_wipe(k, sizeof k);
 	struct wire_hs_fin f = { .receiver = m->sender, .len = (uint16_t)slen, .sealed = sealed };
 	ssize_t len = slen < 0 ? -1 : wire_hs_fin_encode(pkt, sizeof pkt, &f);
 	if (len < 0)
 		return link_close(l, 0);
-	link_mix(l->hs.h, sealed, (size_t)slen);
+	link_mix(l->hs.s->h, sealed, (size_t)slen);
 	link_hs_cache(l, pkt, (size_t)len);
 	link_send_raw(l, pkt, (size_t)len);
 	link_hs_finish(l);
@@ -3657,7 +3671,7 @@ static void link_on_hs_fin(struct link *l, const struct wire_hs_fin *m)
 		return;                         /* a resent HS_FIN */
 	if (l->state != LINK_AWAIT_FIN)
 		return link_drop(l, DROP_WRONG_STATE);
-	sec_expand(l->hs.ck, "ipop-v2 fin", l->hs.h, k);
+	sec_expand(l->hs.s->ck, "ipop-v2 fin", l->hs.s->h, k);
 	bool ok = link_identity_accept(l, k, m->sealed, m->len);
 	sec_wipe(k, sizeof k);
 	if (!ok) {
@@ -3666,7 +3680,7 @@ static void link_on_hs_fin(struct link *l, const struct wire_hs_fin *m)
 				 REJECT_REFUSED);
 		return link_close(l, 0);
 	}
-	link_mix(l->hs.h, m->sealed, m->len);
+	link_mix(l->hs.s->h, m->sealed, m->len);
 	l->confirmed = true;
 	link_hs_finish(l);
 	link_became_up(l);
