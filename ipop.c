@@ -2554,6 +2554,7 @@ struct node {
 	bool tcp_pending;               /* some TCP link has queued frames to write */
 	struct link *links;
 	unsigned n_links;
+	bool reap_pending;              /* a link closed (or drains) since link_reap last freed all */
 	struct link **link_slots;       /* by local_idx % LINK_TABLE_MAX (link_find_index) */
 	unsigned n_link_slots;          /* grows by doubling up to LINK_TABLE_MAX */
 	struct link_hooks hooks;
@@ -2784,9 +2785,13 @@ static void link_tx_flush(struct node *n);
 static void link_reap(struct node *n)
 {
 	link_tx_flush(n);       /* the end of a loop turn: what it queued leaves now */
+	if (!n->reap_pending)
+		return;         /* most turns close nothing: no walk over every link */
+	n->reap_pending = false;
 	for (struct link **pp = &n->links; *pp;) {
 		struct link *l = *pp;
 		if (l->state != LINK_CLOSED || l->drain_until_ms > ev_now(&n->loop)) {
+			n->reap_pending |= l->state == LINK_CLOSED;     /* still draining */
 			pp = &l->next;
 			continue;
 		}
@@ -2812,6 +2817,7 @@ static void link_free_all(struct node *n)
 		l->state = LINK_CLOSED;
 		l->drain_until_ms = 0;
 	}
+	n->reap_pending = true;
 	link_reap(n);
 	free(n->link_slots);
 	n->link_slots = NULL;
@@ -3131,6 +3137,7 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 	if (was_up && tell_peer && reason && reason != BYE_LEAVING && l->proto == PROTO_UDP)
 		l->drain_until_ms = ev_now(&n->loop) + LINK_DRAIN_MS;
 	l->state = LINK_CLOSED;
+	n->reap_pending = true;
 	ev_timer_cancel(&n->loop, &l->timer);
 	if (l->proto == PROTO_TCP && l->fd >= 0) {
 		ev_fd_forget(&n->loop, l->fd);
@@ -4252,8 +4259,10 @@ static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t e
 		struct link *l = sa.sin_family == AF_INET ? link_new(n, PROTO_TCP, fd, &sa, false) : NULL;
 		if (!l || ev_fd_watch(loop, fd, EPOLLIN, link_tcp_event, l) < 0) {
 			log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(loop), "tcp accept");
-			if (l)
+			if (l) {
 				l->state = LINK_CLOSED;
+				n->reap_pending = true;
+			}
 			close(fd);
 			continue;
 		}
