@@ -342,7 +342,7 @@ build_ipop() {
          "${libs[@]}")
     log "compiling ipop.c"
     "${cc_cmd[@]}" || { rm -f "$out.tmp"; die "compiling ipop.c failed"; }
-    strip "$out.tmp"
+    [ -n "${IPOP_NOSTRIP:-}" ] || strip "$out.tmp"     # IPOP_NOSTRIP=1: keep symbols for perf
     local desc
     desc=$(file -b "$out.tmp")
     case "$desc" in

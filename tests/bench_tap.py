@@ -15,6 +15,8 @@ every path once, starting at a different path each round):
   udp-secure    ipop over udp, --secret-file (authenticated + encrypted)
   udp-insecure  ipop over udp, --insecure on both nodes
   tcp-secure    ipop over tcp, --secret-file
+  udp-chacha    udp-secure with IPOP_CIPHER=chacha20-poly1305 on both nodes
+                (records sealed with ChaCha20-Poly1305 instead of AES-256-GCM)
 The nodes run a copy of ./ipop taken at start (its sha1 goes to the JSON),
 so a rebuild during the run does not mix binaries.
 For an ipop path h1 runs `ipop up --ip 10.128.0.1/16 --mode tap --listen
@@ -76,7 +78,7 @@ RUNS = int(os.environ.get("IPOP_BENCH_RUNS", "3"))
 IPERF_S = int(os.environ.get("IPOP_BENCH_IPERF_S", "5"))
 PINGS = int(os.environ.get("IPOP_BENCH_PINGS", "200"))
 OPINGS = int(os.environ.get("IPOP_BENCH_OPINGS", "50"))
-ALL_PATHS = ["veth", "udp-secure", "udp-insecure", "tcp-secure"]
+ALL_PATHS = ["veth", "udp-secure", "udp-insecure", "tcp-secure", "udp-chacha"]
 PATHS = [p for p in os.environ.get("IPOP_BENCH_PATHS", ",".join(ALL_PATHS)).split(",") if p]
 JSON_OUT = os.environ.get("IPOP_BENCH_JSON", os.path.join(REPO, "build", "bench", "tap.json"))
 PIDFILE = os.path.join(REPO, "build", "bench", "tap.pids")
@@ -146,12 +148,13 @@ class Proc:
     time, so a later run can remove exactly our leftovers."""
     live = []
 
-    def __init__(self, name, argv, logpath):
+    def __init__(self, name, argv, logpath, env=None):
         self.name = name
         self.logpath = logpath
         with open(logpath, "ab") as lf:
             self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                      start_new_session=True, preexec_fn=_pdeathsig)
+                                      start_new_session=True, preexec_fn=_pdeathsig,
+                                      env=dict(os.environ, **env) if env else None)
         self.pid = self.p.pid
         Proc.live.append(self)
         _pidfile_write()
@@ -330,7 +333,8 @@ def iperf(dst, streams, tmp, cpu_pids=()):
 class Overlay:
     """Two ipop nodes in tap mode, h1 listening, h2 bootstrapping from it."""
 
-    def __init__(self, tmp, key, transport, secure, port):
+    def __init__(self, tmp, key, transport, secure, port, env=None):
+        self.env = env
         self.tmp = tmp
         self.key = key
         self.transport = transport
@@ -346,7 +350,7 @@ class Overlay:
         a += ["--secret-file", self.key] if self.secure else ["--insecure"]
         if i == 2:
             a += ["--bootstrap", "%s://%s:%d" % (self.transport, UNDERLAY % 1, self.port)]
-        p = Proc("h%d" % i, a, os.path.join(self.tmp, "h%d-%d.log" % (i, self.port)))
+        p = Proc("h%d" % i, a, os.path.join(self.tmp, "h%d-%d.log" % (i, self.port)), self.env)
         self.nodes.append(p)
         return p
 
@@ -407,7 +411,10 @@ def measure_path(path, tmp, key, port):
         r["iperf4"] = iperf(dst, 4, tmp)
         return r
     transport, mode = path.split("-")
-    ov = Overlay(tmp, key, transport, mode == "secure", port)
+    if mode == "chacha":
+        ov = Overlay(tmp, key, transport, True, port, {"IPOP_CIPHER": "chacha20-poly1305"})
+    else:
+        ov = Overlay(tmp, key, transport, mode == "secure", port)
     try:
         r["setup_s"] = ov.up()
         time.sleep(0.3)
@@ -647,7 +654,7 @@ def main():
     veth_ratios = [(p, "veth") for p in PATHS if p != "veth" and "veth" in PATHS]
     sec_pairs = [(a, b) for a, b in [("udp-secure", "udp-insecure")] if a in PATHS and b in PATHS]
     t_all = table(summ, PATHS, veth_ratios + sec_pairs)
-    sec_paths = [p for p in ("udp-insecure", "udp-secure", "tcp-secure") if p in PATHS]
+    sec_paths = [p for p in ("udp-insecure", "udp-secure", "udp-chacha", "tcp-secure") if p in PATHS]
     t_sec = table(summ, sec_paths, sec_pairs)
 
     print()

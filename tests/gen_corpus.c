@@ -99,7 +99,7 @@ static size_t pkt_hs_init(uint8_t *out, struct node *n, bool fix)
 static size_t identity_plain(uint8_t *out, size_t cap)
 {
 	struct wire_identity id = { .info = peer_info_of(PEER_VIP, 2),
-				    .observed = { PROTO_UDP, 0x7f000001u, 9999 } };
+				    .observed = { PROTO_UDP, 0x7f000001u, 9999 }, .ciphers = SEC_CIPHERS_BASE };
 	ssize_t len = wire_identity_encode(out, cap, &id);
 	if (len < 0)
 		abort();
@@ -373,7 +373,7 @@ static void gen_wire(void)
 	memset(cert, 0x30, sizeof cert);
 	memset(sig, 0x31, sizeof sig);
 	struct wire_identity id = { .info = peer_info_of(PEER_VIP, 8), .observed = { PROTO_TCP, 1, 2 },
-				    .cert_len = sizeof cert, .cert = cert, .sig_len = sizeof sig, .sig = sig };
+				    .cert_len = sizeof cert, .cert = cert, .sig_len = sizeof sig, .sig = sig, .ciphers = 3 };
 	PUT(8, "identity-cert", wire_identity_encode(p, WIRE_MAX_RECORD_BYTES, &id));
 	PUT(10, "byte", wire_byte_encode(p, 8, WIRE_ROLES, ROLE_FAR));
 	for (int k = 3; k <= 8; k++) {

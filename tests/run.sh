@@ -17,9 +17,9 @@ FAIL=0
 FAILED_NAMES=()
 FLAKY_NAMES=()
 # An integration test that fails is run once more (IPOP_TEST_RETRY=0: never):
-# on this shared 2-core machine a few timing windows (t_dht's convergence
-# checks above all) fail now and then.  A pass on the retry is reported as
-# FLAKY with the first run's log kept, so it stays visible; two failures fail.
+# on this shared 2-core machine a timing window may fail now and then.  A
+# pass on the retry is reported as FLAKY with the first run's log kept, so
+# it stays visible; two failures fail.
 RETRY=${IPOP_TEST_RETRY:-1}
 PY_TIMEOUT=${IPOP_TEST_TIMEOUT:-600}
 UNIT_TIMEOUT=${IPOP_UNIT_TIMEOUT:-300}

@@ -283,6 +283,25 @@ def check_cert_identity(net, nodes):
                    % (n.name, n.vip, short(s.get("address")), s.get("ip"), short(want)))
 
 
+def check_ciphers(net, nodes, label):
+    """Every up link seals its records with AES-256-GCM when this CPU has
+    AES-NI and PCLMULQDQ (both ends are this machine), else ChaCha20-Poly1305;
+    status --json names it per link and lists what the node offers."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for ln in f:
+            if ln.startswith("flags"):
+                flags |= set(ln.split(":", 1)[1].split())
+    want = "aes-256-gcm" if {"aes", "pclmulqdq"} <= flags else "chacha20-poly1305"
+    st = net.statuses(nodes)
+    links = [c for s in st.values() for c in (s or {}).get("connections", []) if c.get("state") == "up"]
+    bad = [c.get("cipher") for c in links if c.get("cipher") != want]
+    offered = {tuple((s or {}).get("ciphers", [])) for s in st.values()}
+    check(links and not bad and offered == {tuple(dict.fromkeys([want, "chacha20-poly1305"]))},
+          "%s: %d up links all sealed with %s, offered %s (wrong: %s)"
+          % (label, len(links), want, sorted(offered), bad[:5]))
+
+
 # --------------------------------------------------------------------------
 
 
@@ -304,6 +323,8 @@ def cases_1_2_5(snet, cnet):
     log("rings formed: secret %.1fs, cert %.1fs (after %.1fs since start)"
         % (rs, rc, time.monotonic() - t))
     check_cert_identity(cnet, cn)
+    check_ciphers(snet, sn, "record cipher, secret ring")
+    check_ciphers(cnet, cn, "record cipher, cert ring")
     ping_all(snet, sn, "case 1: secret ring pings before intruder")
     ping_all(cnet, cn, "case 2: cert ring pings by IP", by_ip=True)
 

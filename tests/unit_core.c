@@ -289,11 +289,15 @@ static void test_wire_handshake(void)
 	memset(cert, 0x30, sizeof cert);
 	memset(sig, 0x31, sizeof sig);
 	struct wire_identity id = { .info = sample_info(4, 2), .observed = { PROTO_TCP, 0x0a000001u, 99 },
-				    .cert_len = sizeof cert, .cert = cert, .sig_len = sizeof sig, .sig = sig }, id2;
+				    .cert_len = sizeof cert, .cert = cert, .sig_len = sizeof sig, .sig = sig,
+				    .ciphers = 3 }, id2;
 	len = wire_identity_encode(pkt, sizeof pkt, &id);
 	CHECK(len > 0 && wire_identity_decode(pkt, (size_t)len, &id2) == 0 && info_eq(&id.info, &id2.info) &&
 	      id2.observed.port == 99 && id2.cert_len == sizeof cert && id2.sig_len == sizeof sig &&
-	      !memcmp(id2.cert, cert, sizeof cert) && !memcmp(id2.sig, sig, sizeof sig));
+	      !memcmp(id2.cert, cert, sizeof cert) && !memcmp(id2.sig, sig, sizeof sig) && id2.ciphers == 3);
+	pkt[len - 1] = 2;                                  /* no ChaCha: refused */
+	CHECK(wire_identity_decode(pkt, (size_t)len, &id2) < 0);
+	pkt[len - 1] = 3;
 	check_truncations(dec_identity, pkt, (size_t)len);
 
 	/* DATA: header round trip; an empty body is refused. */
@@ -572,6 +576,8 @@ static void test_next_hop(void)
 	ring_addr self = addr_top(0x10);
 	ring_addr peers[] = { addr_top(0x20), addr_top(0x30), addr_top(0x08), addr_top(0x90), addr_top(0xf0) };
 	fake_node(&n, &self, peers, ARRAY_LEN(peers));
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = ev_now(&n.loop);           /* none quiet */
 	ring_addr t = addr_top(0x85);
 	struct link *h = ring_next_hop(&n, MODE_NEAREST, &t);
 	CHECK(h && wire_addr_eq(&h->peer.addr, &peers[3]));
@@ -673,6 +679,30 @@ static void test_dns(void)
 }
 
 /* ipop map: labels are escaped for XML and cut whole, never mid-entity. */
+/* The word-at-a-time checksum equals RFC 1071's byte-pair definition for
+ * every length and alignment, chained sums included. */
+static void test_csum(void)
+{
+	uint8_t b[2100];
+	uint32_t x = 12345;
+	for (size_t i = 0; i < sizeof b; i++)
+		b[i] = (uint8_t)((x = x * 1103515245u + 12345u) >> 16);
+	int bad = 0;
+	for (size_t off = 0; off < 8; off++)
+		for (size_t len = 0; len < 2048; len += (len < 64 ? 1 : 97)) {
+			uint32_t ref = 7;
+			for (size_t i = 0; i + 1 < len; i += 2)
+				ref += (uint32_t)b[off + i] << 8 | b[off + i + 1];
+			if (len & 1)
+				ref += (uint32_t)b[off + len - 1] << 8;
+			bad += tap_csum_fold(tap_csum_add(7, b + off, len)) != tap_csum_fold(ref);
+		}
+	CHECK(bad == 0);
+	memset(b, 0xff, sizeof b);                         /* many carries */
+	CHECK(tap_csum_fold(tap_csum_add(0, b, 2000)) == 0);
+	CHECK(tap_csum_fold(tap_csum_add(tap_csum_add(0, b, 20), b + 20, 1381)) == tap_csum_fold(0xff00 + 700 * 0xffffu));
+}
+
 static void test_svg_escape(void)
 {
 	char out[32];
@@ -800,6 +830,8 @@ static void test_secure_pair(uint8_t proto)
 	CHECK(la && lb && la->peer_idx == lb->local_idx && lb->peer_idx == la->local_idx);
 	CHECK(la && lb && !memcmp(la->keys->tx, lb->keys->rx, 32) && !memcmp(la->keys->rx, lb->keys->tx, 32));
 	CHECK(la && memcmp(la->keys->tx, la->keys->rx, 32) != 0);
+	uint8_t want = crypto_aead_aes256gcm_is_available() ? SEC_AES256_GCM : SEC_CHACHA20_POLY1305;
+	CHECK(la && lb && la->keys->cipher == want && lb->keys->cipher == want);
 	pump(&a, &b, 20);
 	la = link_find_peer(&a, &b.self.addr, true);
 	lb = link_find_peer(&b, &a.self.addr, true);
@@ -814,6 +846,14 @@ static void test_secure_pair(uint8_t proto)
 		pump(&a, &b, 10);
 		CHECK(echo_got == id);
 	}
+	/* Stop ratcheting, then one more echo: b has seen a's last epoch even
+	 * if a ratcheted for a keepalive at the end of a busy pump. */
+	a.rekey_ms = b.rekey_ms = 3600000;
+	echo_got = 0;
+	ring_echo_send(&a, &b.self.addr, 9);
+	for (int i = 0; i < 100 && echo_got != 9; i++)
+		pump(&a, &b, 1);
+	CHECK(echo_got == 9);
 	la = link_find_peer(&a, &b.self.addr, true);
 	lb = link_find_peer(&b, &a.self.addr, true);
 	CHECK(la && lb && la->keys->tx_epoch >= 4 && lb->keys->rx_epoch == la->keys->tx_epoch);
@@ -826,6 +866,35 @@ static void test_secure_pair(uint8_t proto)
 	link_reap(&a);
 	cli_node_free(&a);
 	cli_node_free(&b);
+}
+
+/* A node that offers only ChaCha20-Poly1305 (no AES-NI, or
+ * IPOP_CIPHER=chacha20-poly1305) and one that also offers AES-GCM agree on
+ * ChaCha, whichever end dials, and records pass both ways. */
+static void test_cipher_mix(void)
+{
+	for (int dialer = 0; dialer < 2; dialer++) {
+		static struct node a, b;
+		const char *key = unit_key("a.key", KEY_A);
+		CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
+		a.sec.ciphers = SEC_CIPHERS_BASE;
+		struct node *from = dialer ? &b : &a, *to = dialer ? &a : &b;
+		CHECK(link_dial(from, &to->self.endpoints[0], &to->self.addr, 0) != NULL);
+		pump_until_up(&a, &b, 400);
+		struct link *la = link_find_peer(&a, &b.self.addr, true), *lb = link_find_peer(&b, &a.self.addr, true);
+		CHECK(la && lb && la->keys->cipher == SEC_CHACHA20_POLY1305 && lb->keys->cipher == SEC_CHACHA20_POLY1305);
+		CHECK(sec_cipher_pick(SEC_CIPHERS_BASE | 2, SEC_CIPHERS_BASE | 2) == SEC_AES256_GCM);
+		CHECK(sec_cipher_pick(SEC_CIPHERS_BASE | 2, SEC_CIPHERS_BASE) == SEC_CHACHA20_POLY1305);
+		pump(&a, &b, 20);
+		a.ring.echo_reply = echo_seen;
+		echo_got = 0;
+		ring_echo_send(&a, &b.self.addr, 41);
+		pump(&a, &b, 10);
+		CHECK(echo_got == 41);
+		CHECK(a.drops.count[DROP_AUTH_FAILED] == 0 && b.drops.count[DROP_AUTH_FAILED] == 0);
+		cli_node_free(&a);
+		cli_node_free(&b);
+	}
 }
 
 /* Replayed and tampered records are dropped and counted; a fresh one passes. */
@@ -1032,6 +1101,37 @@ static void test_shortcuts(void)
 		l->rtt_spike_ms = now;                     /* all stalled: greedy as before */
 	CHECK(ring_next_hop(&n, MODE_NEAREST, &t) == l90);
 
+	/* A quiet link (a likely crash): NEAREST takes the next best, or ends
+	 * here rather than go that way; EXACT to the peer itself still goes. */
+	for (struct link *l = n.links; l; l = l->next)
+		l->rtt_spike_ms = 0;
+	n.loop.now_ms += LINK_QUIET_MS + 1;
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = n.loop.now_ms;
+	l90->last_rx_ms = now;
+	h = ring_next_hop(&n, MODE_NEAREST, &t);
+	CHECK(h && wire_addr_eq(&h->peer.addr, &peers[1]));
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = now;                       /* every link quiet: end here */
+	CHECK(ring_next_hop(&n, MODE_NEAREST, &t) == NULL);
+	CHECK(ring_next_hop(&n, MODE_SUCC, &t) != NULL);   /* other modes: greedy as before */
+	CHECK(ring_next_hop(&n, MODE_EXACT, &peers[3]) == l90);
+
+	/* DHT holders: the quiet 0x90 does not count, so for a key at 0x60 we
+	 * (0x10) are among the 3 nearest live nodes with 0x30 and 0x20... */
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = n.loop.now_ms;
+	l90->last_rx_ms = now;
+	struct link *hl[DHT_REPLICAS];
+	bool self_in;
+	ring_addr k60 = addr_top(0x60);
+	unsigned kh = dht_holders(&n, &k60, false, hl, &self_in);
+	CHECK(kh == 2 && self_in && wire_addr_eq(&hl[0]->peer.addr, &peers[1]) &&
+	      wire_addr_eq(&hl[1]->peer.addr, &peers[0]));
+	/* ...and leaving, we name three others: 0x08 in our place. */
+	kh = dht_holders(&n, &k60, true, hl, &self_in);
+	CHECK(kh == 3 && !self_in && wire_addr_eq(&hl[2]->peer.addr, &peers[2]));
+
 	/* The table: a peer is found again; a full probe window evicts the
 	 * quietest; an uncounted peer has no rate. */
 	n.ring.sc.pps = 20;
@@ -1076,11 +1176,13 @@ int main(void)
 	test_lease_pick();
 	test_dns();
 	test_svg_escape();
+	test_csum();
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
 	CHECK(mkdtemp(unit_dir) != NULL);
 	test_secure_pair(PROTO_UDP);
 	test_secure_pair(PROTO_TCP);
 	test_replay_tamper();
+	test_cipher_mix();
 	test_refusals();
 	test_insecure_pair();
 	test_link_drain();
