@@ -3413,7 +3413,7 @@ static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t
 	 * 0.0.0.0:0, which section 09 ignores. */
 	uint8_t proto = l->proto == PROTO_RELAY ? PROTO_UDP : l->proto;
 	struct wire_identity id = { .info = n->self, .observed = link_endpoint_of(proto, &l->remote),
-				    .ciphers = n->sec.ciphers };
+				    .ciphers = n->sec.ciphers | SEC_CIPHERS_BASE };
 	if (n->sec.mode == SEC_CERT) {
 		if (sec_sign(&n->sec, &n->rng, l->hs.s->h, sig, &sig_len) < 0)
 			return -1;
