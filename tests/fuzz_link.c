@@ -160,10 +160,24 @@ static void renumber(struct node *n)
 	}
 	while (k-- > 0) {
 		if (n_known >= FUZZ_KNOWN_MAX)
-			return;
+			break;
 		known[n_known++] = fresh[k];
 		fresh[k]->local_idx = n_known;
 	}
+	/* The index names the link's slot (link_slot_of): file the renumbered
+	 * links under their new numbers, in a table of every slot. */
+	if (n->n_link_slots < LINK_TABLE_MAX) {
+		struct link **t = realloc(n->link_slots, LINK_TABLE_MAX * sizeof *t);
+		if (!t)
+			abort();
+		n->link_slots = t;
+		n->n_link_slots = LINK_TABLE_MAX;
+	}
+	for (unsigned i = 0; i < n->n_link_slots; i++)
+		n->link_slots[i] = NULL;
+	for (struct link *l = n->links; l; l = l->next)
+		if ((l->local_idx & LINK_SLOT_MASK) < n->n_link_slots)
+			n->link_slots[l->local_idx & LINK_SLOT_MASK] = l;
 }
 
 /* ---- one input ------------------------------------------------------------- */
