@@ -8361,6 +8361,71 @@ struct lw_pkt {
 	uint8_t data[WIRE_MAX_PACKET_BYTES];
 };
 
+/* ---- lwIP's heap (MEM_CUSTOM_ALLOCATOR in vendor/lwipopts.h) --------------
+ * lwIP allocates a pbuf or a segment per packet.  Straight from musl's
+ * malloc, an ACK's buffer freed right after it left was often the last
+ * object of its group, and musl unmapped the group: some 700 munmaps a
+ * second during a download, each with a TLB shootdown (a fifth of the
+ * user-mode node's CPU on this VM).  Freed blocks of three common sizes
+ * wait here for the next packet instead, LW_HEAP_KEEP per size at most.
+ * lwIP runs in one thread and its calls carry no node: one static cache. */
+
+enum { LW_HEAP_CLASSES = 3, LW_HEAP_KEEP = 128 };
+
+static const uint16_t lw_heap_sizes[LW_HEAP_CLASSES] = { 256, 768, 1792 };
+
+struct lw_heap_hdr {                    /* 16 bytes: keeps malloc's alignment */
+	struct lw_heap_hdr *next;       /* while cached */
+	uint32_t cls;                   /* LW_HEAP_CLASSES: a size past the classes */
+	uint32_t pad;
+};
+
+static struct {
+	struct lw_heap_hdr *free[LW_HEAP_CLASSES];
+	unsigned n_free[LW_HEAP_CLASSES];
+} lw_heap;
+
+void *ipop_lwip_malloc(size_t size)
+{
+	unsigned c = 0;
+	while (c < LW_HEAP_CLASSES && size > lw_heap_sizes[c])
+		c++;
+	struct lw_heap_hdr *h = c < LW_HEAP_CLASSES ? lw_heap.free[c] : NULL;
+	if (h) {
+		lw_heap.free[c] = h->next;
+		lw_heap.n_free[c]--;
+	} else if (!(h = malloc(sizeof *h + (c < LW_HEAP_CLASSES ? lw_heap_sizes[c] : size)))) {
+		return NULL;
+	}
+	h->cls = c;
+	return h + 1;
+}
+
+void ipop_lwip_free(void *p)
+{
+	if (!p)
+		return;
+	struct lw_heap_hdr *h = (struct lw_heap_hdr *)p - 1;
+	unsigned c = h->cls;
+	if (c < LW_HEAP_CLASSES && lw_heap.n_free[c] < LW_HEAP_KEEP) {
+		h->next = lw_heap.free[c];
+		lw_heap.free[c] = h;
+		lw_heap.n_free[c]++;
+		return;
+	}
+	free(h);
+}
+
+void *ipop_lwip_calloc(size_t n, size_t size)
+{
+	if (size && n > SIZE_MAX / size)
+		return NULL;
+	void *p = ipop_lwip_malloc(n * size);
+	if (p)
+		memset(p, 0, n * size);
+	return p;
+}
+
 /* lwIP's port layer: its clock and random numbers (RFC 6528 ISNs below). */
 u32_t sys_now(void);
 u32_t sys_now(void)

@@ -735,6 +735,26 @@ static void test_csum(void)
 	CHECK(tap_csum_fold(tap_csum_add(tap_csum_add(0, b, 20), b + 20, 1381)) == tap_csum_fold(0xff00 + 700 * 0xffffu));
 }
 
+/* lwIP's heap: a freed block comes back for the next request of its size
+ * class, zeroed by calloc; sizes past the classes go straight to malloc. */
+static void test_lw_heap(void)
+{
+	uint8_t *a = ipop_lwip_malloc(100);
+	CHECK(a && ((uintptr_t)a & 7) == 0);
+	memset(a, 0xee, 100);
+	ipop_lwip_free(a);
+	uint8_t *b = ipop_lwip_calloc(1, 200);             /* the same class: the same block */
+	CHECK(b == a && b[0] == 0 && b[199] == 0);
+	uint8_t *c = ipop_lwip_malloc(1500), *d = ipop_lwip_malloc(70000);
+	CHECK(c && d && c != b);
+	memset(d, 1, 70000);
+	ipop_lwip_free(b);
+	ipop_lwip_free(c);
+	ipop_lwip_free(d);
+	ipop_lwip_free(NULL);
+	CHECK(ipop_lwip_calloc(SIZE_MAX / 2, 4) == NULL);
+}
+
 static void test_svg_escape(void)
 {
 	char out[32];
@@ -1237,6 +1257,7 @@ int main(void)
 	test_dns();
 	test_svg_escape();
 	test_csum();
+	test_lw_heap();
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
 	CHECK(mkdtemp(unit_dir) != NULL);
 	test_secure_pair(PROTO_UDP);

@@ -15,7 +15,15 @@
 #define LWIP_NETIF_API              0
 
 /* ---- memory: everything from libc malloc ------------------------------ */
-#define MEM_LIBC_MALLOC             1
+/* libc's malloc behind a cache of freed blocks (ipop.c, lw_heap): lwIP
+ * allocates a pbuf or segment per packet, and through musl's allocator an
+ * ACK's buffer, freed right after it left, was often the last object of its
+ * group, so many packets cost an munmap and a TLB shootdown. */
+#define MEM_LIBC_MALLOC             0
+#define MEM_CUSTOM_ALLOCATOR        1
+#define MEM_CUSTOM_MALLOC           ipop_lwip_malloc
+#define MEM_CUSTOM_CALLOC           ipop_lwip_calloc
+#define MEM_CUSTOM_FREE             ipop_lwip_free
 #define MEMP_MEM_MALLOC             1
 #define MEM_ALIGNMENT               8
 /* With MEMP_MEM_MALLOC the MEMP_NUM_* counts are not enforced (every pool

@@ -6,6 +6,7 @@
  *   u32_t sys_now(void);             CLOCK_MONOTONIC milliseconds
  *   uint32_t ipop_lwip_rand(void);   random source for LWIP_RAND()
  *   u32_t ipop_lwip_tcp_isn(...);    TCP ISN hook (see ipop_lwip_hooks.h)
+ *   ipop_lwip_malloc/calloc/free     lwIP's heap (lwipopts.h, MEM_CUSTOM_ALLOCATOR)
  */
 #ifndef IPOP_LWIP_ARCH_CC_H
 #define IPOP_LWIP_ARCH_CC_H
@@ -47,6 +48,11 @@
 /* Random numbers: supplied by ipop.c (getrandom-backed). */
 uint32_t ipop_lwip_rand(void);
 #define LWIP_RAND() ((u32_t)ipop_lwip_rand())
+
+/* lwIP's heap: malloc with a cache of freed blocks in front (ipop.c, lw_heap). */
+void *ipop_lwip_malloc(size_t size);
+void *ipop_lwip_calloc(size_t n, size_t size);
+void ipop_lwip_free(void *p);
 
 /* NO_SYS=1 + SYS_LIGHTWEIGHT_PROT=0: protection is a no-op, but the type must exist. */
 typedef int sys_prot_t;
