@@ -9947,6 +9947,16 @@ struct sim_node {
 };
 
 /* A datagram in flight; the queue is a min-heap on (when, seq). */
+struct sim_pkt;
+
+/* A heap entry carries its keys, so sifting reads the heap array only: with
+ * 100 000 nodes, ~200 000 datagrams are in flight, and following each
+ * entry's pointer to compare was a cache miss per level (14 % of the run). */
+struct sim_qent {
+	uint64_t when_ms, seq;
+	struct sim_pkt *p;
+};
+
 struct sim_pkt {
 	uint64_t when_ms, seq;
 	uint32_t from, to;
@@ -9981,7 +9991,7 @@ struct sim {
 	struct sim_slot *heap;          /* nodes with timers, earliest first */
 	uint32_t *heap_pos;             /* by number: slot in heap, or UINT32_MAX */
 	uint32_t heap_len;
-	struct sim_pkt **q;
+	struct sim_qent *q;             /* datagrams in flight: a min-heap on (when, seq) */
 	size_t q_len, q_cap, q_peak;
 	struct sim_stats st;
 	struct sim_probe *probes;
@@ -10122,7 +10132,7 @@ static void sim_node_resched(struct sim *s, uint32_t i)
 
 /* ---- the network -------------------------------------------------------- */
 
-static bool sim_pkt_less(const struct sim_pkt *a, const struct sim_pkt *b)
+static bool sim_q_less(const struct sim_qent *a, const struct sim_qent *b)
 {
 	return a->when_ms < b->when_ms || (a->when_ms == b->when_ms && a->seq < b->seq);
 }
@@ -10131,18 +10141,19 @@ static int sim_q_push(struct sim *s, struct sim_pkt *p)
 {
 	if (s->q_len == s->q_cap) {
 		size_t cap = s->q_cap ? s->q_cap * 2 : 4096;
-		struct sim_pkt **q = realloc(s->q, cap * sizeof *q);
+		struct sim_qent *q = realloc(s->q, cap * sizeof *q);
 		if (!q)
 			return -ENOMEM;
 		s->q = q;
 		s->q_cap = cap;
 	}
+	struct sim_qent e = { .when_ms = p->when_ms, .seq = p->seq, .p = p };
 	size_t i = s->q_len++;
-	while (i > 0 && sim_pkt_less(p, s->q[(i - 1) / 2])) {
+	while (i > 0 && sim_q_less(&e, &s->q[(i - 1) / 2])) {
 		s->q[i] = s->q[(i - 1) / 2];
 		i = (i - 1) / 2;
 	}
-	s->q[i] = p;
+	s->q[i] = e;
 	if (s->q_len > s->q_peak)
 		s->q_peak = s->q_len;
 	return 0;
@@ -10150,21 +10161,22 @@ static int sim_q_push(struct sim *s, struct sim_pkt *p)
 
 static struct sim_pkt *sim_q_pop(struct sim *s)
 {
-	struct sim_pkt *top = s->q[0], *p = s->q[--s->q_len];
+	struct sim_pkt *top = s->q[0].p;
+	struct sim_qent last = s->q[--s->q_len];
 	size_t i = 0;
 	for (;;) {
 		size_t c = 2 * i + 1;
 		if (c >= s->q_len)
 			break;
-		if (c + 1 < s->q_len && sim_pkt_less(s->q[c + 1], s->q[c]))
+		if (c + 1 < s->q_len && sim_q_less(&s->q[c + 1], &s->q[c]))
 			c++;
-		if (!sim_pkt_less(s->q[c], p))
+		if (!sim_q_less(&s->q[c], &last))
 			break;
 		s->q[i] = s->q[c];
 		i = c;
 	}
 	if (s->q_len)
-		s->q[i] = p;
+		s->q[i] = last;
 	return top;
 }
 
@@ -10340,7 +10352,7 @@ static void sim_deliver(struct sim *s, struct sim_pkt *p)
 static void sim_run_until(struct sim *s, uint64_t until)
 {
 	for (;;) {
-		uint64_t tp = s->q_len ? s->q[0]->when_ms : UINT64_MAX;
+		uint64_t tp = s->q_len ? s->q[0].when_ms : UINT64_MAX;
 		uint64_t tn = s->heap_len ? s->heap[0].key : UINT64_MAX;
 		uint64_t t = tp < tn ? tp : tn;
 		if (t > until)
