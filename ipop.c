@@ -2168,10 +2168,13 @@ static ssize_t wire_echo_encode(uint8_t *out, size_t cap, bool reply, const stru
  *   initiator:  CONNECTING (TCP) -> AWAIT_RESP --HS_RESP/send FIN--> UP
  *   responder:  (UDP: nothing) / AWAIT_INIT (TCP) --HS_INIT--> AWAIT_FIN
  *               --HS_FIN--> UP
- *   any:        -> CLOSED (freed by link_reap at the end of the loop turn)
+ *   any:        -> CLOSED (freed by link_reap at the end of the loop turn;
+ *               an up UDP link we closed with a BYE first drains the peer's
+ *               routed messages in flight for LINK_DRAIN_MS)
  *
  * Messages after the handshake carry the receiver's link index, so a packet
- * finds its link with one lookup and a peer may change address (roam).
+ * finds its link with one lookup (the index's low bits are its slot in the
+ * node's table) and a peer may change address (roam).
  * Crossing dials make two links; link_resolve_duplicate keeps the one
  * dialled by the lower ring address, so both ends choose the same survivor.
  * Keys ratchet forward (HKDF) every rekey interval; the replay window spans
