@@ -2654,8 +2654,9 @@ static void link_drop_from(struct node *n, enum drop_reason why, uint8_t proto,
 /* Our receiver index is ours to choose: its low bits name the link's slot
  * in n->link_slots, the high bits are random.  Every record names its link
  * with one array read instead of a walk over the link list, which was a
- * third of a large simulation's time (a node holds ~20 links of 1 kB spread
- * over memory: a cache miss each).  LINK_TABLE_MAX links fit the bits. */
+ * third of a large simulation's time (a node holds ~20 links spread over
+ * memory: a cache miss each).  LINK_TABLE_MAX links fit the bits; 20 bits
+ * stay random, and records authenticate anyway. */
 enum { LINK_SLOT_MASK = LINK_TABLE_MAX - 1, LINK_SLOTS_MIN = 16 };
 _Static_assert((LINK_TABLE_MAX & LINK_SLOT_MASK) == 0, "LINK_TABLE_MAX is a power of two");
 
