@@ -4551,8 +4551,9 @@ static unsigned ring_side_nearest(struct node *n, bool right, ring_addr *out, un
 {
 	ring_addr dist[RING_NEAR_PER_SIDE];
 	unsigned k = 0;
-	for (struct link *l = n->links; l; l = l->next) {
-		if (!ring_link_usable(l))
+	for (unsigned s = 0; s < n->n_link_slots; s++) {
+		struct link *l = n->link_slots[s];
+		if (!l || !ring_link_usable(l))
 			continue;
 		ring_addr d = right ? ring_cw(&n->self.addr, &l->peer.addr)
 				    : ring_cw(&l->peer.addr, &n->self.addr);
@@ -4687,7 +4688,9 @@ static enum ring_hop_class ring_hop_class(const struct node *n, const struct lin
 }
 
 /* The up link that lowers the metric most, or NULL when no neighbour is
- * closer than this node.  A slow link is the choice only when no good link
+ * closer than this node.  Links are scanned in slot order (section 06's
+ * table of pointers): their loads overlap, where following next pointers
+ * waits for each link in turn (a quarter of a 100k simulation).  A slow link is the choice only when no good link
  * lowers the metric at all, a quiet one only when no other does.  Every
  * choice still lowers the metric, so paths stay loop-free. */
 static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr *target)
@@ -4695,8 +4698,9 @@ static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr 
 	ring_addr self = ring_metric(mode, &n->self.addr, target);
 	ring_addr best[HOP__CLASSES] = { self, self, self };
 	struct link *hop[HOP__CLASSES] = { NULL, NULL, NULL };
-	for (struct link *l = n->links; l; l = l->next) {
-		if (!ring_link_usable(l))
+	for (unsigned s = 0; s < n->n_link_slots; s++) {
+		struct link *l = n->link_slots[s];
+		if (!l || !ring_link_usable(l))
 			continue;
 		ring_addr m = ring_metric(mode, &l->peer.addr, target);
 		enum ring_hop_class c = ring_hop_class(n, l, &m);
