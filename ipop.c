@@ -68,6 +68,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
@@ -2995,6 +2996,20 @@ static bool link_udp_soft_error(int e)
 	return e == ECONNREFUSED || e == EHOSTUNREACH || e == ENETUNREACH || e == EHOSTDOWN;
 }
 
+/* One system call for a batch.  musl's sendmmsg is a loop of sendmsg calls
+ * on 64-bit hosts, since its msghdr pads int fields where the kernel has
+ * size_t ones (a user-mode download sent 61,000 ACK datagrams a second,
+ * each its own call).  Our headers are built with their padding zeroed, and
+ * on a little-endian host the layouts then agree. */
+static int link_sendmmsg(int fd, struct mmsghdr *m, unsigned n, int flags)
+{
+#if defined(SYS_sendmmsg) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	return (int)syscall(SYS_sendmmsg, fd, m, n, flags);
+#else
+	return sendmmsg(fd, m, n, flags);
+#endif
+}
+
 static void link_tx_flush(struct node *n)
 {
 	if (n->tcp_pending)
@@ -3009,6 +3024,7 @@ static void link_tx_flush(struct node *n)
 		if (t->iov[i].iov_len > t->seg[i]) {
 			h->msg_control = t->cmsg[i].buf;
 			h->msg_controllen = sizeof t->cmsg[i].buf;
+			memset(t->cmsg[i].buf, 0, sizeof t->cmsg[i].buf);     /* padding too: link_sendmmsg */
 			struct cmsghdr *c = CMSG_FIRSTHDR(h);
 			c->cmsg_level = SOL_UDP;
 			c->cmsg_type = UDP_SEGMENT;
@@ -3022,7 +3038,7 @@ static void link_tx_flush(struct node *n)
 		while (end < t->n && t->fd[end] == t->fd[i])
 			end++;
 		while (i < end) {
-			int r = sendmmsg(t->fd[i], &t->msgs[i], end - i, MSG_DONTWAIT);
+			int r = link_sendmmsg(t->fd[i], &t->msgs[i], end - i, MSG_DONTWAIT);
 			if (r > 0) {
 				i += (unsigned)r;
 			} else if (r < 0 && (errno == EINTR || (link_udp_soft_error(errno) && soft++ < 8))) {
