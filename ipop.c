@@ -3275,6 +3275,13 @@ static int64_t link_keepalive_delay(const struct node *n)
 	return (int64_t)(LINK_KEEPALIVE_MS - (now - n->start_ms) % LINK_KEEPALIVE_MS);
 }
 
+/* An ICMP "port unreachable" for the peer came after the last record from
+ * it (link_udp_errors): the link counts as quiet and is asked again. */
+static bool link_refused_pending(const struct link *l)
+{
+	return l->refused_ms && l->refused_ms >= l->last_rx_ms;
+}
+
 /* One end of a link pinging is enough: the other hears the PING, answers
  * it, and skips its own.  Whichever end's tick comes first keeps pinging,
  * so an idle link carries 2 packets a second instead of 4.  The quiet end
@@ -3296,7 +3303,7 @@ static int64_t link_keepalive(struct link *l)
 	 * that only answers pings would never measure it. */
 	bool busy = l->tx_packets - l->ping_tx_mark > LINK_BUSY_PACKETS;
 	l->ping_tx_mark = l->tx_packets;
-	bool refused = l->refused_ms > l->last_rx_ms;
+	bool refused = link_refused_pending(l);
 	if (!l->ping_rx_ms || now - l->ping_rx_ms >= LINK_KEEPALIVE_MS || l->rtt_ms < 0 || busy || refused)
 		link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_now_us(&l->node->loop));
 	return link_keepalive_delay(l->node);
@@ -4297,14 +4304,14 @@ static void link_refused(struct node *n, int fd, const struct sockaddr_in *dst)
 	for (struct link *l = n->links; l; l = l->next) {
 		if (l->proto != PROTO_UDP || l->fd != fd || l->state != LINK_UP || !link_sockaddr_eq(&l->remote, dst))
 			continue;
-		if (l->refused_ms > l->last_rx_ms && now - l->refused_ms >= LINK_REFUSED_CONFIRM_MS) {
+		if (link_refused_pending(l) && now - l->refused_ms >= LINK_REFUSED_CONFIRM_MS) {
 			char who[64];
 			link_describe(l, who);
 			log_info("link", "%s dead: its port is closed (ICMP port unreachable, twice)", who);
 			link_close(l, 0);
 			continue;
 		}
-		if (l->refused_ms > l->last_rx_ms)
+		if (link_refused_pending(l))
 			continue;               /* already asked */
 		l->refused_ms = now;    /* link_keepalive asks again after the confirm delay */
 		n->links_gen++;
@@ -4874,7 +4881,7 @@ static unsigned ring_far_target(double n_est)
 static bool ring_link_quiet(const struct node *n, const struct link *l)
 {
 	return ev_now(&n->loop) - l->last_rx_ms > LINK_QUIET_MS ||
-	       (l->refused_ms && l->refused_ms >= l->last_rx_ms);
+	       link_refused_pending(l);
 }
 
 /* A neighbour that stalled lately (section 06 saw a pong, or the peer's

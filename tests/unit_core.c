@@ -858,6 +858,17 @@ static void pump_until_up(struct node *a, struct node *b, int turns)
 		pump(a, b, 1);
 }
 
+/* from dials to, both loops turn until the link is up at both ends, then
+ * a few more turns drain what is still in flight. */
+static bool pair_link(struct node *from, struct node *to, struct node *a, struct node *b)
+{
+	if (!link_dial(from, &to->self.endpoints[0], &to->self.addr, 0))
+		return false;
+	pump_until_up(a, b, 400);
+	pump(a, b, 20);
+	return pair_up(a, b);
+}
+
 static uint32_t echo_got;
 
 static void echo_seen(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops)
@@ -930,14 +941,11 @@ static void test_cipher_mix(void)
 		const char *key = unit_key("a.key", KEY_A);
 		CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
 		a.sec.ciphers = SEC_CIPHERS_BASE;
-		struct node *from = dialer ? &b : &a, *to = dialer ? &a : &b;
-		CHECK(link_dial(from, &to->self.endpoints[0], &to->self.addr, 0) != NULL);
-		pump_until_up(&a, &b, 400);
+		CHECK(dialer ? pair_link(&b, &a, &a, &b) : pair_link(&a, &b, &a, &b));
 		struct link *la = link_find_peer(&a, &b.self.addr, true), *lb = link_find_peer(&b, &a.self.addr, true);
 		CHECK(la && lb && la->keys->cipher == SEC_CHACHA20_POLY1305 && lb->keys->cipher == SEC_CHACHA20_POLY1305);
 		CHECK(sec_cipher_pick(SEC_CIPHERS_BASE | 2, SEC_CIPHERS_BASE | 2) == SEC_AES256_GCM);
 		CHECK(sec_cipher_pick(SEC_CIPHERS_BASE | 2, SEC_CIPHERS_BASE) == SEC_CHACHA20_POLY1305);
-		pump(&a, &b, 20);
 		a.ring.echo_reply = echo_seen;
 		echo_got = 0;
 		ring_echo_send(&a, &b.self.addr, 41);
@@ -957,11 +965,7 @@ static void test_icmp_refused(void)
 	static struct node a, b;
 	const char *key = unit_key("a.key", KEY_A);
 	CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
-	CHECK(link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0) != NULL);
-	pump_until_up(&a, &b, 400);
-	pump(&a, &b, 20);
-	struct link *la = link_find_peer(&a, &b.self.addr, true);
-	CHECK(la != NULL);
+	CHECK(pair_link(&a, &b, &a, &b));
 	close(b.listeners[0].fd);                          /* b "crashes": its port is gone */
 	uint64_t t0 = ev_clock_us();
 	ring_echo_send(&a, &b.self.addr, 77);
@@ -982,9 +986,7 @@ static void test_replay_tamper(void)
 	static struct node a, b;
 	const char *key = unit_key("a.key", KEY_A);
 	CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
-	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
-	pump_until_up(&a, &b, 400);
-	pump(&a, &b, 20);                                  /* drain in-flight records */
+	pair_link(&a, &b, &a, &b);
 	struct link *la = link_find_peer(&a, &b.self.addr, true), *lb = link_find_peer(&b, &a.self.addr, true);
 	CHECK(la && lb);
 	if (!la || !lb)
@@ -1092,9 +1094,7 @@ static void test_link_drain(void)
 	static struct node a, b;
 	const char *key = unit_key("a.key", KEY_A);
 	CHECK(node_up(&a, PROTO_UDP, key) == 0 && node_up(&b, PROTO_UDP, key) == 0);
-	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
-	pump_until_up(&a, &b, 400);
-	pump(&a, &b, 20);
+	CHECK(pair_link(&a, &b, &a, &b));
 	struct link *la = link_find_peer(&a, &b.self.addr, true);
 	CHECK(la != NULL);
 	if (!la)
@@ -1172,6 +1172,8 @@ static void test_shortcuts(void)
 	}
 	ring_addr t = addr_top(0x85);
 	CHECK(next_hop_fresh(&n, MODE_NEAREST, &t) == l90);
+	CHECK(ring_next_hop(&n, MODE_NEAREST, &t) == l90);       /* the memo's answer */
+	CHECK(ring_next_hop(&n, MODE_NEAREST, &peers[1]) != l90);  /* another target: asked anew */
 	l90->rtt_spike_ms = now;                           /* 0x90 stalled: 0x30 is next best */
 	struct link *h = next_hop_fresh(&n, MODE_NEAREST, &t);
 	CHECK(h && wire_addr_eq(&h->peer.addr, &peers[1]));
@@ -1232,6 +1234,14 @@ static void test_shortcuts(void)
 	n.ring.sc.pps = 0;
 	ring_sc_count(&n, &none);                          /* off: nothing counted */
 	CHECK(ring_sc_rate(&n, &none) < 0);
+
+	/* Closing the hop ring_next_hop remembered voids its memo. */
+	for (struct link *l = n.links; l; l = l->next)
+		l->last_rx_ms = ev_now(&n.loop);
+	CHECK(next_hop_fresh(&n, MODE_EXACT, &peers[3]) == l90);
+	CHECK(ring_next_hop(&n, MODE_EXACT, &peers[3]) == l90);
+	link_teardown(l90, 0, false);
+	CHECK(ring_next_hop(&n, MODE_EXACT, &peers[3]) != l90);
 	fake_node_free(&n);
 }
 
