@@ -2372,6 +2372,8 @@ enum {
 	RING_SLOW_QUEUE_BYTES = LINK_TCP_WQUEUE_BYTES / 4,     /* a TCP link backing up */
 	RING_PNS_CANDIDATES = 3,       /* far candidates dialled to compare RTTs */
 	RING_PNS_DECIDE_MS = 2500,     /* time for every candidate's first pong (1 s grid) */
+	RING_FAR_PARALLEL = 3,         /* far requests under way at once */
+	RING_FAR_REPLY_MS = 3000,      /* a far request's reply, or another request */
 };
 
 /* One peer's IP traffic, both directions (ring_sc_count). */
@@ -2396,11 +2398,14 @@ struct ring_shortcuts {
 	                                * a simulated node) does without */
 };
 
-/* Proximity neighbour selection: the far candidates being measured. */
-struct ring_pns {
+/* A far request under way: its reply, then (proximity neighbour
+ * selection) the candidates being measured. */
+struct ring_far_req {
+	uint32_t token;
+	uint64_t until_ms;              /* 0: a free slot */
+	uint64_t decide_ms;             /* 0: no reply yet */
 	unsigned n;
 	ring_addr cand[RING_PNS_CANDIDATES];
-	uint64_t decide_ms;             /* 0: nothing pending */
 };
 
 /* Ring upkeep state, owned by section 07. */
@@ -2417,12 +2422,10 @@ struct ring_hop_memo {
 struct ring_state {
 	struct ring_shortcuts sc;
 	struct ring_hop_memo memo;
-	struct ring_pns pns;
+	struct ring_far_req far[RING_FAR_PARALLEL];
 	struct ev_timer tick;
 	uint64_t next_probe_ms;
 	uint64_t next_boot_ms, boot_backoff_ms;
-	uint32_t far_token;
-	uint64_t far_pending_until_ms;
 	double n_estimate;
 	bool joined;
 	struct endpoint boot[BOOTSTRAP_MAX];
@@ -5374,9 +5377,8 @@ static bool ring_is_conflict(struct node *n, const struct peer_info *pi)
  * two apart around the far target), so dial up to RING_PNS_CANDIDATES of
  * them, role-less, and give the far role to the lowest RTT once each had
  * time for a pong (ring_pns_upkeep).  The others fade as unneeded links. */
-static void ring_pns_start(struct node *n, const struct wire_ctm_reply *m)
+static void ring_pns_start(struct node *n, struct ring_far_req *s, const struct wire_ctm_reply *m)
 {
-	struct ring_pns *s = &n->ring.pns;
 	s->n = 0;
 	s->cand[s->n++] = m->from.addr;
 	for (unsigned i = 0; i < m->n_neighbours && s->n < RING_PNS_CANDIDATES; i++) {
@@ -5387,7 +5389,18 @@ static void ring_pns_start(struct node *n, const struct wire_ctm_reply *m)
 		ring_dial(n, c, 0);
 	}
 	s->decide_ms = ev_now(&n->loop) + RING_PNS_DECIDE_MS;
-	n->ring.far_pending_until_ms = s->decide_ms + RING_TICK_MS;
+	s->until_ms = s->decide_ms + RING_TICK_MS;
+}
+
+/* The far request a connect-to-me reply answers, if still waiting. */
+static struct ring_far_req *ring_far_waiting(struct node *n, uint32_t token)
+{
+	for (unsigned i = 0; i < RING_FAR_PARALLEL; i++) {
+		struct ring_far_req *f = &n->ring.far[i];
+		if (f->until_ms && !f->decide_ms && f->token == token)
+			return f;
+	}
+	return NULL;
 }
 
 static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
@@ -5402,8 +5415,9 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 			return ring_on_conflict(n, &m.neighbours[i]);
 	ring_peer_refresh(n, &m.from);
 	uint8_t want = 0;
-	if ((m.want & ROLE_FAR) && m.token == n->ring.far_token && n->ring.far_pending_until_ms)
-		ring_pns_start(n, &m);
+	struct ring_far_req *f = (m.want & ROLE_FAR) ? ring_far_waiting(n, m.token) : NULL;
+	if (f)
+		ring_pns_start(n, f, &m);
 	struct ring_sc_peer *p = (m.want & ROLE_SHORTCUT) ? ring_sc_find(n, &m.from.addr, false) : NULL;
 	if (p && p->dial_ms && ev_now(&n->loop) - p->dial_ms < RING_SC_RETRY_MS)
 		want |= ROLE_SHORTCUT;
@@ -5508,20 +5522,23 @@ static unsigned ring_count_role(struct node *n, uint8_t role, struct link **one)
 
 /* Ask for one more far link at a harmonically distributed distance:
  * d = N^(u-1) of the ring for u uniform in [0,1). */
-static void ring_far_request(struct node *n, double n_est)
+static void ring_far_request(struct node *n, struct ring_far_req *f, double n_est)
 {
-	double f = exp(log(n_est) * (sec_random_unit(&n->rng) - 1.0));
+	double frac = exp(log(n_est) * (sec_random_unit(&n->rng) - 1.0));
 	ring_addr off;
 	sec_random(&n->rng, off.b, sizeof off.b);
-	uint64_t top = f >= 1.0 ? UINT64_MAX : (uint64_t)(f * 18446744073709551616.0);
+	uint64_t top = frac >= 1.0 ? UINT64_MAX : (uint64_t)(frac * 18446744073709551616.0);
 	struct wbuf w = wbuf_of(off.b, 8);
 	wbuf_u64(&w, top);
 	ring_addr target = ring_add(&n->self.addr, &off);
-	n->ring.far_token = (uint32_t)sec_random_u64(&n->rng);
-	n->ring.far_pending_until_ms = ev_now(&n->loop) + 3000;
-	ring_ctm_send(n, MODE_NEAREST, &target, ROLE_FAR, n->ring.far_token);
+	*f = (struct ring_far_req){ .token = (uint32_t)sec_random_u64(&n->rng),
+				    .until_ms = ev_now(&n->loop) + RING_FAR_REPLY_MS };
+	ring_ctm_send(n, MODE_NEAREST, &target, ROLE_FAR, f->token);
 }
 
+/* Up to RING_FAR_PARALLEL far requests at once: one at a time, each a
+ * routed request, dials and RING_PNS_DECIDE_MS of RTT comparison, a node
+ * that wants 9 far links (N = 100 000) took half a minute to get them. */
 static void ring_far_upkeep(struct node *n)
 {
 	n->ring.n_estimate = ring_estimate_n(n);
@@ -5531,10 +5548,23 @@ static void ring_far_upkeep(struct node *n)
 	struct link *one = NULL;
 	unsigned have = ring_count_role(n, ROLE_FAR, &one);
 	uint64_t now = ev_now(&n->loop);
-	if (have > want + 1 && one)
+	if (have > want + 1 && one) {
 		ring_roles_set(one, one->local_roles & (uint8_t)~ROLE_FAR);
-	else if (have < want && now >= n->ring.far_pending_until_ms)
-		ring_far_request(n, n->ring.n_estimate);
+		return;
+	}
+	unsigned pending = 0;
+	struct ring_far_req *free_slot = NULL;
+	for (unsigned i = 0; i < RING_FAR_PARALLEL; i++) {
+		struct ring_far_req *f = &n->ring.far[i];
+		if (f->until_ms && now >= f->until_ms)
+			f->until_ms = f->decide_ms = 0;         /* no reply: it was lost */
+		if (f->until_ms)
+			pending++;
+		else
+			free_slot = f;
+	}
+	if (have + pending < want && free_slot)
+		ring_far_request(n, free_slot, n->ring.n_estimate);
 }
 
 static void ring_close_unneeded(struct node *n)
@@ -5560,18 +5590,34 @@ static void ring_bootstrap_upkeep(struct node *n)
 	n->ring.next_boot_ms = now + n->ring.boot_backoff_ms;
 }
 
-/* The far candidates had time for a pong: the lowest RTT that is not
- * slow gets the far role; without any RTT, the first one that is up. */
-static void ring_pns_upkeep(struct node *n)
+/* A far candidate that may get the role: up, and neither a near
+ * neighbour nor already far (another request may have picked it). */
+static struct link *ring_pns_link(struct node *n, const ring_addr *a)
 {
-	struct ring_pns *s = &n->ring.pns;
-	if (!s->decide_ms || ev_now(&n->loop) < s->decide_ms)
-		return;
-	s->decide_ms = 0;
+	struct link *l = link_find_peer(n, a, true);
+	return l && ring_link_usable(l) && !(l->local_roles & (ROLE_NEAR | ROLE_FAR)) ? l : NULL;
+}
+
+/* Every candidate has an RTT, or is gone: no reason to wait longer. */
+static bool ring_pns_measured(struct node *n, const struct ring_far_req *s)
+{
+	for (unsigned i = 0; i < s->n; i++) {
+		struct link *l = link_find_peer(n, &s->cand[i], false);
+		if (l && (l->state != LINK_UP || l->rtt_ms < 0))
+			return false;
+	}
+	return true;
+}
+
+/* The far candidates had time for a pong (or all have one): the lowest
+ * RTT that is not slow gets the far role; without any RTT, the first one
+ * that is up. */
+static void ring_pns_decide(struct node *n, struct ring_far_req *s)
+{
 	struct link *best = NULL;
 	for (unsigned i = 0; i < s->n; i++) {
-		struct link *l = link_find_peer(n, &s->cand[i], true);
-		if (!l || !ring_link_usable(l) || (l->local_roles & ROLE_NEAR))
+		struct link *l = ring_pns_link(n, &s->cand[i]);
+		if (!l)
 			continue;
 		bool better = !best || (best->rtt_ms < 0 && l->rtt_ms >= 0) ||
 			      (ring_link_slow(n, best) && !ring_link_slow(n, l)) ||
@@ -5580,13 +5626,23 @@ static void ring_pns_upkeep(struct node *n)
 		if (better)
 			best = l;
 	}
-	n->ring.far_pending_until_ms = 0;
+	s->until_ms = s->decide_ms = 0;
 	if (!best)
 		return;
 	char who[64];
 	link_describe(best, who);
 	log_debug("ring", "far link %s: %.3f ms, the lowest RTT of %u candidates", who, best->rtt_ms, s->n);
 	ring_roles_set(best, best->local_roles | ROLE_FAR);
+}
+
+static void ring_pns_upkeep(struct node *n)
+{
+	uint64_t now = ev_now(&n->loop);
+	for (unsigned i = 0; i < RING_FAR_PARALLEL; i++) {
+		struct ring_far_req *s = &n->ring.far[i];
+		if (s->decide_ms && (now >= s->decide_ms || ring_pns_measured(n, s)))
+			ring_pns_decide(n, s);
+	}
 }
 
 /* ---- shortcuts --------------------------------------------------------
@@ -5660,7 +5716,10 @@ static void ring_sc_upkeep(struct node *n)
 		p->packets = 0;
 		ring_sc_peer_upkeep(n, p, now);
 	}
-	ring_sc_enforce_cap(n);
+	/* Without counted traffic we hold no shortcut of our own, and a peer's
+	 * is checked against the cap as it comes (ring_on_roles, link up). */
+	if (sc->peers)
+		ring_sc_enforce_cap(n);
 }
 
 static int64_t ring_tick(struct ev_loop *loop, struct ev_timer *t)
@@ -6317,6 +6376,8 @@ static int64_t dht_maint(struct ev_loop *loop, struct ev_timer *t)
 	struct dht_state *d = &n->dht;
 	uint64_t now = ev_now(loop);
 	dht_pending_upkeep(n, now);
+	if (!d->n_records)
+		return dht_maint_delay(n);      /* a scan of every link for nothing to push */
 	uint32_t quiet = dht_quiet_sig(n);
 	if (quiet != d->quiet_sig) {
 		d->quiet_sig = quiet;
@@ -10579,7 +10640,8 @@ enum {
 	SIM_FD = INT_MAX,               /* a simulated node's "socket": never a real fd, never used */
 	SIM_LATENCY_MIN_MS = 1,
 	SIM_LATENCY_SPAN_MS = 50,       /* one-way latency of a pair: 1..50 ms */
-	SIM_SETTLE_MS = 15000,          /* after the last join: far links need ~1 s each, ~9 of them */
+	SIM_SETTLE_MS = 15000,          /* after the last join, at most: see sim_settled */
+	SIM_SETTLE_STEP_MS = 1000,
 	SIM_PROBE_TIMEOUT_MS = 3000,    /* as tests/scale.py's pings */
 	SIM_PROBE_SPREAD_MS = 2000,     /* a measurement's probes start over this long */
 	SIM_IDLE_MS = 5000,             /* the idle-traffic window */
@@ -10590,6 +10652,8 @@ enum {
 	SIM_MEMBER_AGE_MS = 10000,      /* churn probes: both ends up this long */
 	SIM_CHURN_PROBES_PER_S = 50,
 	SIM_PROGRESS_MS = 5000,         /* virtual time between --progress lines */
+	SIM_PKT_SMALL = 128,            /* datagram buffers kept for reuse: keepalives, roles */
+	SIM_PKT_LARGE = 640,            /* handshakes, routed requests and replies */
 };
 
 struct sim;
@@ -10613,9 +10677,13 @@ struct sim_qent {
 };
 
 struct sim_pkt {
-	uint64_t when_ms, seq;
+	union {
+		uint64_t when_ms;
+		struct sim_pkt *next_free;      /* on a free list */
+	};
+	uint64_t seq;
 	uint32_t from, to;
-	uint16_t len;
+	uint16_t len, cap;
 	uint8_t data[];
 };
 
@@ -10629,6 +10697,7 @@ struct sim_probe {
 
 struct sim_stats {
 	uint64_t control_pkts, keepalive_pkts, lost_pkts, bytes;
+	uint64_t folded_pkts;           /* keepalives and their answers applied without a delivery */
 };
 
 struct sim_slot {
@@ -10648,6 +10717,8 @@ struct sim {
 	uint32_t heap_len;
 	struct sim_qent *q;             /* datagrams in flight: a min-heap on (when, seq) */
 	size_t q_len, q_cap, q_peak;
+	struct sim_pkt *free_small, *free_large;        /* malloc was a seventh of a 100k run */
+	bool exact_keepalives;          /* --exact-keepalives: deliver every one as a datagram */
 	struct sim_stats st;
 	struct sim_probe *probes;
 	uint32_t n_probes, probes_cap;
@@ -10855,6 +10926,65 @@ static bool sim_is_keepalive(const uint8_t *pkt, size_t len)
 	       (pkt[WIRE_DATA_HDR_BYTES + 1] == WIRE_PING || pkt[WIRE_DATA_HDR_BYTES + 1] == WIRE_PONG);
 }
 
+static struct sim_pkt *sim_pkt_new(struct sim *s, size_t len)
+{
+	struct sim_pkt **list = len <= SIM_PKT_SMALL ? &s->free_small : len <= SIM_PKT_LARGE ? &s->free_large : NULL;
+	size_t cap = len <= SIM_PKT_SMALL ? SIM_PKT_SMALL : len <= SIM_PKT_LARGE ? SIM_PKT_LARGE : len;
+	struct sim_pkt *p = list && *list ? *list : malloc(sizeof *p + cap);
+	if (p && list && *list == p)
+		*list = p->next_free;
+	if (p)
+		p->cap = (uint16_t)cap;
+	return p;
+}
+
+static void sim_pkt_free(struct sim *s, struct sim_pkt *p)
+{
+	struct sim_pkt **list = p->cap == SIM_PKT_SMALL ? &s->free_small : p->cap == SIM_PKT_LARGE ? &s->free_large : NULL;
+	if (!list)
+		return free(p);
+	p->next_free = *list;
+	*list = p;
+}
+
+/* A keepalive between two live nodes whose link is up and measured at both
+ * ends is not delivered: its effects are applied at once, on both ends, as
+ * the PING and its PONG would apply them (liveness stamps, counters; the
+ * PONG's RTT sample would equal the one already held, latencies being fixed
+ * per pair).  Keepalives were ~70 % of the datagrams of an idle simulated
+ * network.  A PING to a dead or departed node still travels, and is lost,
+ * so failure detection runs unchanged; --exact-keepalives turns this off. */
+static bool sim_keepalive_fold(struct sim *s, struct sim_node *from, uint32_t to, const uint8_t *pkt,
+			       size_t len)
+{
+	struct sim_node *dn = s->nodes[to];
+	struct wire_data d;
+	if (s->exact_keepalives || !dn || pkt[WIRE_DATA_HDR_BYTES + 1] != WIRE_PING ||
+	    wire_data_decode(pkt, len, &d) < 0)
+		return false;
+	struct link *b = link_find_index(&dn->n, d.receiver);
+	if (!b || b->local_idx != d.receiver || b->state != LINK_UP || b->rtt_ms < 0 || !b->confirmed)
+		return false;
+	struct link *a = link_find_index(&from->n, b->peer_idx);
+	if (!a || a->local_idx != b->peer_idx || a->peer_idx != d.receiver || a->state != LINK_UP ||
+	    a->rtt_ms < 0 || !a->confirmed)
+		return false;
+	dn->n.loop.now_ms = s->now_ms;
+	b->rx_packets++;
+	b->rx_bytes += len;
+	b->last_rx_ms = s->now_ms;
+	link_on_ping(b);
+	b->tx_packets++;                /* the PONG */
+	b->tx_bytes += len;
+	a->rx_packets++;
+	a->rx_bytes += len;
+	a->last_rx_ms = s->now_ms;
+	s->st.keepalive_pkts++;         /* the PONG; the PING is counted by the caller */
+	s->st.bytes += len;
+	s->st.folded_pkts += 2;
+	return true;
+}
+
 /* node->udp_send: the datagram leaves for the delivery queue. */
 static int sim_udp_send(struct node *n, const struct sockaddr_in *to, const uint8_t *pkt, size_t len)
 {
@@ -10864,19 +10994,25 @@ static int sim_udp_send(struct node *n, const struct sockaddr_in *to, const uint
 	if (ip <= SIM_BASE_IP || ip - SIM_BASE_IP - 1 >= s->n_nodes || ntohs(to->sin_port) != SIM_PORT)
 		return -EHOSTUNREACH;
 	uint32_t dst = ip - SIM_BASE_IP - 1;
-	if (sim_is_keepalive(pkt, len))
+	bool keepalive = sim_is_keepalive(pkt, len);
+	if (keepalive)
 		s->st.keepalive_pkts++;
 	else
 		s->st.control_pkts++;
 	s->st.bytes += len;
-	struct sim_pkt *p = malloc(sizeof *p + len);
+	if (keepalive && sim_keepalive_fold(s, sn, dst, pkt, len))
+		return 0;
+	struct sim_pkt *p = sim_pkt_new(s, len);
 	if (!p)
 		return -ENOMEM;
-	*p = (struct sim_pkt){ .when_ms = s->now_ms + sim_latency_ms(s, sn->idx, dst), .seq = s->seq++,
-			       .from = sn->idx, .to = dst, .len = (uint16_t)len };
+	p->when_ms = s->now_ms + sim_latency_ms(s, sn->idx, dst);
+	p->seq = s->seq++;
+	p->from = sn->idx;
+	p->to = dst;
+	p->len = (uint16_t)len;
 	memcpy(p->data, pkt, len);
 	if (sim_q_push(s, p) < 0) {
-		free(p);
+		sim_pkt_free(s, p);
 		return -ENOMEM;
 	}
 	return 0;
@@ -10989,14 +11125,14 @@ static void sim_deliver(struct sim *s, struct sim_pkt *p)
 	struct sim_node *sn = s->nodes[p->to];
 	if (!sn) {
 		s->st.lost_pkts++;
-		free(p);
+		sim_pkt_free(s, p);
 		return;
 	}
 	uint32_t to = p->to;
 	struct sockaddr_in from = sim_sockaddr(p->from);
 	sn->n.loop.now_ms = s->now_ms;
 	link_input(&sn->n, NULL, SIM_FD, &from, p->data, p->len);
-	free(p);
+	sim_pkt_free(s, p);
 	/* No link_reap here: closed links wait for the node's next timer (a
 	 * keepalive tick at most 1 s away); every scan skips them meanwhile,
 	 * and walking a node's links per datagram was a fifth of the run. */
@@ -11216,6 +11352,8 @@ static uint32_t sim_ring_consistent(struct sim *s)
 struct sim_links {
 	double mean;
 	uint32_t p50, max;
+	double far_mean;                /* far roles we hold, per node */
+	uint32_t far_short;             /* nodes holding fewer than they want */
 	uint64_t link_bytes;            /* struct link records, all nodes */
 	uint64_t dht_bytes;             /* record and pending slots, all nodes */
 };
@@ -11235,16 +11373,21 @@ static struct sim_links sim_links_of(struct sim *s)
 		return r;
 	for (uint32_t i = 0; i < s->n_alive; i++) {
 		struct node *n = &s->nodes[s->alive[i]]->n;
+		unsigned far = 0;
 		for (struct link *l = n->links; l; l = l->next) {
 			c[i] += l->state == LINK_UP;
+			far += l->state == LINK_UP && (l->local_roles & ROLE_FAR);
 			r.link_bytes += sizeof *l;
 		}
+		r.far_mean += far;
+		r.far_short += far < ring_far_target(ring_estimate_n(n));
 		r.dht_bytes += (uint64_t)n->dht.records_cap * sizeof *n->dht.records +
 			       (uint64_t)n->dht.pending_cap * sizeof *n->dht.pending;
 		sum += c[i];
 	}
 	qsort(c, s->n_alive, sizeof *c, sim_u32_cmp);
 	r.mean = s->n_alive ? (double)sum / s->n_alive : 0;
+	r.far_mean = s->n_alive ? r.far_mean / s->n_alive : 0;
 	r.p50 = s->n_alive ? c[s->n_alive / 2] : 0;
 	r.max = s->n_alive ? c[s->n_alive - 1] : 0;
 	free(c);
@@ -11275,7 +11418,7 @@ struct sim_opts {
 	double duration_s;              /* of the churn phase */
 	double join_rate;               /* nodes started per virtual second */
 	uint32_t probes, dht_keys;
-	bool json, progress;
+	bool json, progress, exact_keepalives;
 };
 
 struct sim_result {
@@ -11305,7 +11448,8 @@ static int sim_setup(struct sim *s, const struct sim_opts *o)
 {
 	uint64_t replace = (uint64_t)ceil(o->churn * o->nodes * o->duration_s / 60.0) + 2;
 	*s = (struct sim){ .seed = sim_mix(o->seed), .rng = o->seed, .n_keys = o->dht_keys,
-			   .progress = o->progress, .t0_us = ev_clock_us() };
+			   .progress = o->progress, .exact_keepalives = o->exact_keepalives,
+			   .t0_us = ev_clock_us() };
 	s->cap = (uint32_t)(o->nodes + replace > SIM_NODES_MAX ? SIM_NODES_MAX : o->nodes + replace);
 	s->probes_cap = 3 * o->probes + (uint32_t)(SIM_CHURN_PROBES_PER_S * o->duration_s) + 16;
 	s->nodes = calloc(s->cap, sizeof *s->nodes);
@@ -11327,6 +11471,17 @@ static int sim_setup(struct sim *s, const struct sim_opts *o)
 	return 0;
 }
 
+/* Settled: every node holds its true ring neighbours, and 99 % hold the far
+ * links they want.  Measuring starts then, or after SIM_SETTLE_MS; at
+ * N = 100 000 each settle second costs ~3 M events. */
+static bool sim_settled(struct sim *s)
+{
+	if (sim_ring_consistent(s) != s->n_alive)
+		return false;
+	struct sim_links l = sim_links_of(s);
+	return (uint64_t)l.far_short * 100 <= s->n_alive;
+}
+
 /* Start the nodes at join_rate, each from two random earlier ones. */
 static int sim_join(struct sim *s, const struct sim_opts *o, struct sim_result *r)
 {
@@ -11337,8 +11492,11 @@ static int sim_join(struct sim *s, const struct sim_opts *o, struct sim_result *
 			return rc;
 	}
 	r->join_s = (double)s->now_ms / 1000;
-	sim_run_until(s, s->now_ms + SIM_SETTLE_MS);
-	r->settle_s = SIM_SETTLE_MS / 1000.0;
+	uint64_t start = s->now_ms;
+	do
+		sim_run_until(s, s->now_ms + SIM_SETTLE_STEP_MS);
+	while (s->now_ms - start < SIM_SETTLE_MS && !sim_settled(s));
+	r->settle_s = (double)(s->now_ms - start) / 1000;
 	r->join_control_pkts = s->st.control_pkts;
 	r->join_keepalive_pkts = s->st.keepalive_pkts;
 	for (uint32_t i = 0; i < s->n_nodes; i++)
@@ -11484,12 +11642,12 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 		buf_printf(&b, "{\"nodes\":%u,\"seed\":%llu,\"churn\":%g,\"duration_s\":%g,\"join_rate\":%g,"
 			   "\"log2n\":%.3f,\"join_s\":%.1f,\"join_msgs_per_node\":%.2f,"
 			   "\"join_control_per_node\":%.2f,\"join_keepalives_per_node\":%.2f,\"ring_consistent\":%u,"
-			   "\"links_mean\":%.2f,\"links_p50\":%u,\"links_max\":%u,\"idle_pkts_per_node_s\":%.2f,"
-			   "\"idle_control_per_node_s\":%.3f,",
+			   "\"links_mean\":%.2f,\"links_p50\":%u,\"links_max\":%u,\"far_mean\":%.2f,"
+			   "\"far_short\":%u,\"idle_pkts_per_node_s\":%.2f,\"idle_control_per_node_s\":%.3f,",
 			   o->nodes, (unsigned long long)o->seed, o->churn, o->duration_s, o->join_rate, log2(n0),
 			   r->join_s, join_msgs, (double)r->join_control_pkts / n0, (double)r->join_keepalive_pkts / n0,
-			   r->consistent, r->links.mean, r->links.p50, r->links.max, r->idle_pkts_per_node_s,
-			   r->idle_control_per_node_s);
+			   r->consistent, r->links.mean, r->links.p50, r->links.max, r->links.far_mean,
+			   r->links.far_short, r->idle_pkts_per_node_s, r->idle_control_per_node_s);
 		sim_report_hops(&b, true, "routing", &r->hops);
 		if (r->replaced)
 			sim_report_hops(&b, true, "routing_churn", &r->hops_churn);
@@ -11515,6 +11673,8 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 		buf_printf(&b, "%-22s %u/%u nodes hold their 2+2 true neighbours\n", "ring", r->consistent, o->nodes);
 		buf_printf(&b, "%-22s mean %.2f p50 %u max %u\n", "up links per node", r->links.mean, r->links.p50,
 			   r->links.max);
+		buf_printf(&b, "%-22s mean %.2f per node; %u nodes hold fewer than they want\n", "far links",
+			   r->links.far_mean, r->links.far_short);
 		buf_printf(&b, "%-22s %.2f datagrams sent per node per s (%.2f not keepalives)\n", "idle traffic",
 			   r->idle_pkts_per_node_s, r->idle_control_per_node_s);
 		buf_printf(&b, "%-22s %.0f B (RSS %llu kB after the join; struct node %zu B, links %.0f B, "
@@ -11543,7 +11703,7 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 static const char sim_usage[] =
 	"usage: ipop simulate --nodes N [--churn RATE] [--duration SECONDS] [--seed S]\n"
 	"                     [--join-rate R] [--probes P] [--dht-keys K] [--json]\n"
-	"                     [--progress]\n"
+	"                     [--progress] [--exact-keepalives]\n"
 	"\n"
 	"Run N nodes in one process, in virtual time, over an in-memory network:\n"
 	"the ring, join, routing and DHT code of 'ipop up' in insecure mode, with\n"
@@ -11560,6 +11720,8 @@ static const char sim_usage[] =
 	"  --dht-keys K       DHT records put before churn, read back after (default 1000)\n"
 	"  --json             one JSON object instead of text\n"
 	"  --progress         a line on stderr every 5 virtual seconds\n"
+	"  --exact-keepalives deliver every keepalive between live nodes as a\n"
+	"                     datagram (default: applied at once, at both ends)\n"
 	"Reports hops (mean, p99, max), join messages, links and memory per node,\n"
 	"routing success and DHT survival.  Exit status 0, 1 on failure, 2 on usage.\n";
 
@@ -11592,6 +11754,9 @@ static int sim_parse_args(struct sim_opts *o, int argc, char **argv, bool *help)
 			continue;
 		} else if (!strcmp(a, "--progress")) {
 			o->progress = true;
+			continue;
+		} else if (!strcmp(a, "--exact-keepalives")) {
+			o->exact_keepalives = true;
 			continue;
 		} else if (!strcmp(a, "--nodes")) {
 			if (sim_number(a, v, 2, SIM_NODES_MAX, &d) < 0)
