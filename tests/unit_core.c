@@ -597,7 +597,7 @@ static void fake_node(struct node *n, const ring_addr *self, const ring_addr *pe
 static void fake_node_free(struct node *n)
 {
 	link_free_all(n);
-	free(n->ring.sc.peers);
+	ring_free(n);
 	sec_rng_free(&n->rng);
 	ev_fini(&n->loop);
 }
@@ -634,6 +634,92 @@ static void test_next_hop(void)
 	double est = ring_estimate_n(&n);                  /* 4 gaps over 0xf0..0x30 = 64/256 */
 	CHECK(est > 15.9 && est < 16.1);
 	fake_node_free(&n);
+}
+
+static void rand_bytes(uint64_t *x, uint8_t *b, size_t len)
+{
+	for (size_t i = 0; i < len; i++) {
+		*x = *x * 6364136223846793005ull + 1442695040888963407ull;
+		b[i] = (uint8_t)(*x >> 56);
+	}
+}
+
+/* The reference ring_next_hop: every up link read and classed, as the
+ * ring view's one-read fast path must answer. */
+static struct link *next_hop_reference(struct node *n, uint8_t mode, const ring_addr *target)
+{
+	ring_addr self = ring_metric(mode, &n->self.addr, target);
+	ring_addr best[HOP__CLASSES] = { self, self, self };
+	struct link *hop[HOP__CLASSES] = { NULL, NULL, NULL };
+	for (unsigned s = 0; s < n->n_link_slots; s++) {
+		struct link *l = n->link_slots[s];
+		if (!l || !ring_link_usable(l))
+			continue;
+		ring_addr m = ring_metric(mode, &l->peer.addr, target);
+		enum ring_hop_class c = ring_hop_class(n, l, &m);
+		if (wire_addr_cmp(&m, &best[c]) < 0) {
+			best[c] = m;
+			hop[c] = l;
+		}
+	}
+	if (mode == MODE_NEAREST)
+		return hop[HOP_GOOD] ? hop[HOP_GOOD] : hop[HOP_SLOW];
+	return hop[HOP_GOOD] ? hop[HOP_GOOD] : hop[HOP_SLOW] ? hop[HOP_SLOW] : hop[HOP_QUIET];
+}
+
+/* Random nodes: links up, closed, quiet, slow, duplicated; the view-based
+ * answer equals the full scan's for every mode, and a closed link leaves
+ * the view once links_gen moves. */
+static void test_next_hop_view(void)
+{
+	uint64_t x = 7;
+	unsigned differ = 0, found = 0;
+	for (int round = 0; round < 300; round++) {
+		ring_addr self, peers[24];
+		unsigned k = 1 + round % 24;
+		rand_bytes(&x, self.b, sizeof self.b);
+		for (unsigned i = 0; i < k; i++) {
+			rand_bytes(&x, peers[i].b, sizeof peers[i].b);
+			if (i && round % 5 == 0)
+				peers[i] = peers[i - 1];        /* two links to one peer */
+		}
+		struct node n;
+		fake_node(&n, &self, peers, k);
+		n.loop.now_ms = 100000;
+		unsigned i = 0;
+		for (struct link *l = n.links; l; l = l->next, i++) {
+			unsigned pick = (unsigned)((x = x * 6364136223846793005ull + 1442695040888963407ull) >> 33) % 8;
+			l->last_rx_ms = pick == 0 ? 1000 : n.loop.now_ms;         /* quiet */
+			l->rtt_spike_ms = pick == 1 ? n.loop.now_ms - 10 : 0;     /* slow */
+			if (pick == 2)
+				link_teardown(l, 0, false);                       /* closed, not yet reaped */
+		}
+		n.links_gen++;
+		for (int q = 0; q < 20; q++) {
+			ring_addr t;
+			rand_bytes(&x, t.b, sizeof t.b);
+			if (q == 0)
+				t = peers[0];
+			for (uint8_t mode = MODE_EXACT; mode <= MODE_PRED; mode++) {
+				n.loop.now_ms++;                /* no memo */
+				struct link *want = next_hop_reference(&n, mode, &t), *got = ring_next_hop(&n, mode, &t);
+				differ += want != got;
+				found += got != NULL;
+			}
+		}
+		link_reap(&n);
+		for (struct link *l = n.links; l; l = l->next)
+			CHECK(l->state != LINK_CLOSED);
+		ring_addr side[RING_NEAR_PER_SIDE];
+		unsigned got = ring_side_nearest(&n, true, side, RING_NEAR_PER_SIDE);
+		unsigned usable = 0;
+		for (struct link *l = n.links; l; l = l->next)
+			usable += ring_link_usable(l);
+		CHECK(got == (usable < RING_NEAR_PER_SIDE ? usable : RING_NEAR_PER_SIDE) || round % 5 == 0);
+		fake_node_free(&n);
+	}
+	CHECK(differ == 0);
+	CHECK(found > 10000);
 }
 
 /* --ip auto: candidates stay inside the net and off its reserved
@@ -1261,6 +1347,7 @@ int main(void)
 	test_timers();
 	test_config();
 	test_next_hop();
+	test_next_hop_view();
 	test_shortcuts();
 	test_contents();
 	test_lease_pick();
