@@ -2423,9 +2423,10 @@ struct ring_hop_memo {
  * when links_gen moves: routing and the neighbour scans read these 32-byte
  * entries instead of each link's own cache line.  In a 100k simulation the
  * load of every link's state was four fifths of ring_next_hop's time. */
+_Static_assert(LINK_TABLE_MAX <= 65536, "ring_view_ent.slot is 16 bits");
 struct ring_view_ent {
 	ring_addr addr;
-	struct link *l;
+	uint16_t slot;                  /* the link: node->link_slots[slot] (22 bytes, not 32) */
 };
 
 struct ring_view {
@@ -4807,7 +4808,7 @@ static const struct ring_view *ring_view(struct node *n)
 	for (unsigned s = 0; s < n->n_link_slots && v->n < v->cap; s++) {
 		struct link *l = n->link_slots[s];
 		if (l && ring_link_usable(l))
-			v->e[v->n++] = (struct ring_view_ent){ .addr = l->peer.addr, .l = l };
+			v->e[v->n++] = (struct ring_view_ent){ .addr = l->peer.addr, .slot = (uint16_t)s };
 	}
 	v->links_gen = n->links_gen;
 	v->valid = true;
@@ -4995,16 +4996,17 @@ static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr 
 			first = &v->e[i];
 		}
 	}
-	if (first && ring_hop_class(n, first->l, &best[HOP_GOOD]) == HOP_GOOD)
-		hop[HOP_GOOD] = first->l;
+	if (first && ring_hop_class(n, n->link_slots[first->slot], &best[HOP_GOOD]) == HOP_GOOD)
+		hop[HOP_GOOD] = n->link_slots[first->slot];
 	else {
 		best[HOP_GOOD] = self;
 		for (unsigned i = 0; i < v->n; i++) {
 			ring_addr m = ring_metric(mode, &v->e[i].addr, target);
-			enum ring_hop_class c = ring_hop_class(n, v->e[i].l, &m);
+			struct link *l = n->link_slots[v->e[i].slot];
+			enum ring_hop_class c = ring_hop_class(n, l, &m);
 			if (wire_addr_cmp(&m, &best[c]) < 0) {
 				best[c] = m;
-				hop[c] = v->e[i].l;
+				hop[c] = l;
 			}
 		}
 	}
