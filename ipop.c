@@ -4796,7 +4796,7 @@ static const struct ring_view *ring_view(struct node *n)
 	if (v->valid && v->links_gen == n->links_gen)
 		return v;
 	if (v->cap < n->n_links) {
-		unsigned cap = n->n_links + n->n_links / 2 + 4;
+		unsigned cap = n->n_links + 4;
 		struct ring_view_ent *e = realloc(v->e, cap * sizeof *e);
 		if (e) {
 			v->e = e;
