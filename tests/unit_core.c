@@ -1196,7 +1196,8 @@ static void test_link_drain(void)
 	CHECK(a.counters_delivered == delivered + 1 && a.drops.count[DROP_UNKNOWN_SENDER] == unknown);
 	CHECK(la->state == LINK_CLOSED && la->drain_until_ms > ev_now(&a.loop) && !link_find_peer(&a, &b.self.addr, false));
 	unsigned links = a.n_links;
-	la->drain_until_ms = 1;                            /* the drain is over */
+	CHECK(a.reap_drain_ms == la->drain_until_ms);     /* the next walk: when the drain ends */
+	la->drain_until_ms = a.reap_drain_ms = 1;          /* the drain is over, as 2 s later */
 	link_reap(&a);
 	CHECK(a.n_links == links - 1);
 	cli_node_free(&a);
