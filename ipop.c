@@ -796,17 +796,23 @@ int mbedtls_hardware_poll(void *data, unsigned char *output, size_t len, size_t 
 	return 0;
 }
 
+/* The entropy context (832 bytes) is out of line: a simulated node's
+ * generator (section 15b) is seeded once from the seed and never reseeds,
+ * so it has none, and its CTR-DRBG is the same as a real node's. */
 struct sec_rng {
-	mbedtls_entropy_context entropy;
 	mbedtls_ctr_drbg_context drbg;
+	mbedtls_entropy_context *entropy;       /* NULL only on a simulated node */
 };
 
 static int sec_rng_init(struct sec_rng *r)
 {
-	mbedtls_entropy_init(&r->entropy);
 	mbedtls_ctr_drbg_init(&r->drbg);
+	r->entropy = malloc(sizeof *r->entropy);
+	if (!r->entropy)
+		return -ENOMEM;
+	mbedtls_entropy_init(r->entropy);
 	static const char pers[] = "ipop node rng";
-	int rc = mbedtls_ctr_drbg_seed(&r->drbg, mbedtls_entropy_func, &r->entropy,
+	int rc = mbedtls_ctr_drbg_seed(&r->drbg, mbedtls_entropy_func, r->entropy,
 				       (const unsigned char *)pers, sizeof pers - 1);
 	return rc ? -EIO : 0;
 }
@@ -814,7 +820,10 @@ static int sec_rng_init(struct sec_rng *r)
 static void sec_rng_free(struct sec_rng *r)
 {
 	mbedtls_ctr_drbg_free(&r->drbg);
-	mbedtls_entropy_free(&r->entropy);
+	if (r->entropy)
+		mbedtls_entropy_free(r->entropy);
+	free(r->entropy);
+	r->entropy = NULL;
 }
 
 static void sec_random(struct sec_rng *r, void *out, size_t n)
@@ -907,10 +916,8 @@ struct sec_grant {
 	char name[64];
 };
 
-struct sec_creds {
-	enum sec_mode mode;
-	uint8_t salt[SEC_KEY_BYTES];    /* HKDF salt: the secret, or SHA-256 of the CA cert */
-	uint8_t mac1_key[SEC_KEY_BYTES];/* gates every handshake start: members only */
+/* The mbedTLS contexts of the secure modes, out of line (2.1 KB). */
+struct sec_ctx {
 	mbedtls_x509_crt ca, own;
 	mbedtls_pk_context key;
 	struct sec_grant own_grant;
@@ -918,9 +925,19 @@ struct sec_creds {
 	unsigned n_revoked;
 	char crl_path[256];
 	struct timespec crl_mtime;
+	mbedtls_ecp_group x25519;
+};
+
+struct sec_creds {
+	enum sec_mode mode;
+	uint8_t salt[SEC_KEY_BYTES];    /* HKDF salt: the secret, or SHA-256 of the CA cert */
+	uint8_t mac1_key[SEC_KEY_BYTES];/* gates every handshake start: members only */
+	/* From sec_creds_init, which every `ipop up` runs whatever its mode;
+	 * NULL only on a simulated node (section 15b), which runs insecure:
+	 * no X25519, no certificate, nothing here is read. */
+	struct sec_ctx *ctx;
 	uint8_t cookie_key[2][SEC_KEY_BYTES];
 	uint64_t cookie_rotated_ms;
-	mbedtls_ecp_group x25519;
 	uint8_t ciphers;                /* bit per enum sec_cipher this node offers */
 };
 
@@ -985,9 +1002,9 @@ static int sec_x25519_keypair(struct sec_creds *s, struct sec_rng *r, uint8_t pr
 	size_t olen = 0;
 	mbedtls_mpi_init(&d);
 	mbedtls_ecp_point_init(&q);
-	int rc = mbedtls_ecdh_gen_public(&s->x25519, &d, &q, sec_rng_cb, r);
+	int rc = mbedtls_ecdh_gen_public(&s->ctx->x25519, &d, &q, sec_rng_cb, r);
 	if (!rc)
-		rc = mbedtls_ecp_point_write_binary(&s->x25519, &q, MBEDTLS_ECP_PF_UNCOMPRESSED, &olen, pub, 32);
+		rc = mbedtls_ecp_point_write_binary(&s->ctx->x25519, &q, MBEDTLS_ECP_PF_UNCOMPRESSED, &olen, pub, 32);
 	if (!rc)
 		rc = mbedtls_mpi_write_binary_le(&d, priv, 32);
 	mbedtls_mpi_free(&d);
@@ -1006,9 +1023,9 @@ static int sec_x25519(struct sec_creds *s, struct sec_rng *r, const uint8_t priv
 	mbedtls_ecp_point_init(&q);
 	int rc = mbedtls_mpi_read_binary_le(&d, priv, 32);
 	if (!rc)
-		rc = mbedtls_ecp_point_read_binary(&s->x25519, &q, peer, 32);
+		rc = mbedtls_ecp_point_read_binary(&s->ctx->x25519, &q, peer, 32);
 	if (!rc)
-		rc = mbedtls_ecdh_compute_shared(&s->x25519, &z, &q, &d, sec_rng_cb, r);
+		rc = mbedtls_ecdh_compute_shared(&s->ctx->x25519, &z, &q, &d, sec_rng_cb, r);
 	if (!rc && mbedtls_mpi_cmp_int(&z, 0) == 0)
 		rc = -1;
 	if (!rc)
@@ -1240,8 +1257,8 @@ static void sec_grant_of(const mbedtls_x509_crt *c, struct sec_grant *g)
 
 static bool sec_revoked(const struct sec_creds *s, const struct sec_serial *serial)
 {
-	for (unsigned i = 0; i < s->n_revoked; i++)
-		if (s->revoked[i].len == serial->len && !memcmp(s->revoked[i].b, serial->b, serial->len))
+	for (unsigned i = 0; i < s->ctx->n_revoked; i++)
+		if (s->ctx->revoked[i].len == serial->len && !memcmp(s->ctx->revoked[i].b, serial->b, serial->len))
 			return true;
 	return false;
 }
@@ -1278,7 +1295,7 @@ static int sec_cert_check(struct sec_creds *s, const uint8_t *der, size_t len, m
 		*why = "unparsable certificate";
 		return -1;
 	}
-	if (mbedtls_x509_crt_verify(crt, &s->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
+	if (mbedtls_x509_crt_verify(crt, &s->ctx->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
 		*why = flags & MBEDTLS_X509_BADCERT_EXPIRED ? "certificate expired" :
 		       flags & MBEDTLS_X509_BADCERT_FUTURE ? "certificate not yet valid" :
 		       "certificate not issued by this network's CA";
@@ -1299,7 +1316,7 @@ static int sec_cert_check(struct sec_creds *s, const uint8_t *der, size_t len, m
 static int sec_sign(struct sec_creds *s, struct sec_rng *r, const uint8_t hash[32],
 		    uint8_t *sig, size_t *sig_len)
 {
-	return mbedtls_pk_sign(&s->key, MBEDTLS_MD_SHA256, hash, 32, sig, SEC_SIG_MAX_BYTES, sig_len,
+	return mbedtls_pk_sign(&s->ctx->key, MBEDTLS_MD_SHA256, hash, 32, sig, SEC_SIG_MAX_BYTES, sig_len,
 			       sec_rng_cb, r) ? -1 : 0;
 }
 
@@ -1331,12 +1348,12 @@ static int sec_crl_parse(struct sec_creds *s, const char *text, char *err, size_
 		if (n >= SEC_REVOKED_MAX || ser.len == 0 || ser.len > SEC_SERIAL_MAX_BYTES ||
 		    !buf_unhex(tok, ser.b, ser.len)) {
 			snprintf(err, errlen, "%s:%d: expected a certificate serial in hex (at most %d entries)",
-				 s->crl_path, lineno, SEC_REVOKED_MAX);
+				 s->ctx->crl_path, lineno, SEC_REVOKED_MAX);
 			return -1;
 		}
-		s->revoked[n++] = ser;
+		s->ctx->revoked[n++] = ser;
 	}
-	s->n_revoked = n;
+	s->ctx->n_revoked = n;
 	return 0;
 }
 
@@ -1345,23 +1362,23 @@ static int sec_crl_parse(struct sec_creds *s, const char *text, char *err, size_
 static int sec_crl_refresh(struct sec_creds *s, char *err, size_t errlen)
 {
 	struct stat st;
-	if (!s->crl_path[0])
+	if (!s->ctx->crl_path[0])
 		return 0;
-	if (stat(s->crl_path, &st) < 0) {
-		snprintf(err, errlen, "cannot read revocation list %s: %s", s->crl_path, strerror(errno));
+	if (stat(s->ctx->crl_path, &st) < 0) {
+		snprintf(err, errlen, "cannot read revocation list %s: %s", s->ctx->crl_path, strerror(errno));
 		return -1;
 	}
-	if (st.st_mtim.tv_sec == s->crl_mtime.tv_sec && st.st_mtim.tv_nsec == s->crl_mtime.tv_nsec)
+	if (st.st_mtim.tv_sec == s->ctx->crl_mtime.tv_sec && st.st_mtim.tv_nsec == s->ctx->crl_mtime.tv_nsec)
 		return 0;
 	uint8_t *text;
 	size_t len;
-	if (sec_read_file(s->crl_path, false, &text, &len, err, errlen) < 0)
+	if (sec_read_file(s->ctx->crl_path, false, &text, &len, err, errlen) < 0)
 		return -1;
 	int rc = sec_crl_parse(s, (const char *)text, err, errlen);
 	free(text);
 	if (rc < 0)
 		return -1;
-	s->crl_mtime = st.st_mtim;
+	s->ctx->crl_mtime = st.st_mtim;
 	return 1;
 }
 
@@ -1416,45 +1433,47 @@ static int sec_load_cert_dir(struct sec_creds *s, struct sec_rng *r, const char 
 {
 	char path[512];
 	snprintf(path, sizeof path, "%s/ca.crt", dir);
-	if (sec_parse_pem(path, false, &s->ca, NULL, r, err, errlen) < 0)
+	if (sec_parse_pem(path, false, &s->ctx->ca, NULL, r, err, errlen) < 0)
 		return -1;
 	snprintf(path, sizeof path, "%s/node.crt", dir);
-	if (sec_parse_pem(path, false, &s->own, NULL, r, err, errlen) < 0)
+	if (sec_parse_pem(path, false, &s->ctx->own, NULL, r, err, errlen) < 0)
 		return -1;
 	snprintf(path, sizeof path, "%s/node.key", dir);
-	if (sec_parse_pem(path, true, NULL, &s->key, r, err, errlen) < 0)
+	if (sec_parse_pem(path, true, NULL, &s->ctx->key, r, err, errlen) < 0)
 		return -1;
 	uint32_t flags = 0;
-	if (mbedtls_x509_crt_verify(&s->own, &s->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
+	if (mbedtls_x509_crt_verify(&s->ctx->own, &s->ctx->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
 		snprintf(err, errlen, "%s/node.crt is not valid under %s/ca.crt (%s)", dir, dir,
 			 flags & MBEDTLS_X509_BADCERT_EXPIRED ? "expired" : "wrong CA");
 		return -1;
 	}
-	if (mbedtls_pk_check_pair(&s->own.pk, &s->key, sec_rng_cb, r) != 0) {
+	if (mbedtls_pk_check_pair(&s->ctx->own.pk, &s->ctx->key, sec_rng_cb, r) != 0) {
 		snprintf(err, errlen, "%s/node.key does not match %s/node.crt", dir, dir);
 		return -1;
 	}
-	if (s->own.raw.len > SEC_CERT_MAX_BYTES) {
+	if (s->ctx->own.raw.len > SEC_CERT_MAX_BYTES) {
 		snprintf(err, errlen, "%s/node.crt is too large (%zu bytes, at most %d)", dir,
-			 s->own.raw.len, SEC_CERT_MAX_BYTES);
+			 s->ctx->own.raw.len, SEC_CERT_MAX_BYTES);
 		return -1;
 	}
-	sec_grant_of(&s->own, &s->own_grant);
+	sec_grant_of(&s->ctx->own, &s->ctx->own_grant);
 	s->mode = SEC_CERT;
-	sec_sha256("ipop-v2 ca", 10, s->ca.raw.p, s->ca.raw.len, s->salt);
-	sec_sha256("ipop-v2 mac1", 12, s->ca.raw.p, s->ca.raw.len, s->mac1_key);
+	sec_sha256("ipop-v2 ca", 10, s->ctx->ca.raw.p, s->ctx->ca.raw.len, s->salt);
+	sec_sha256("ipop-v2 mac1", 12, s->ctx->ca.raw.p, s->ctx->ca.raw.len, s->mac1_key);
 	return 0;
 }
 
 static int sec_creds_init(struct sec_creds *s)
 {
-	*s = (struct sec_creds){ .mode = SEC_INSECURE };
-	mbedtls_x509_crt_init(&s->ca);
-	mbedtls_x509_crt_init(&s->own);
-	mbedtls_pk_init(&s->key);
-	mbedtls_ecp_group_init(&s->x25519);
-	s->revoked = calloc(SEC_REVOKED_MAX, sizeof *s->revoked);
-	if (!s->revoked || sodium_init() < 0 || mbedtls_ecp_group_load(&s->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
+	*s = (struct sec_creds){ .mode = SEC_INSECURE, .ctx = calloc(1, sizeof *s->ctx) };
+	if (!s->ctx)
+		return -1;
+	mbedtls_x509_crt_init(&s->ctx->ca);
+	mbedtls_x509_crt_init(&s->ctx->own);
+	mbedtls_pk_init(&s->ctx->key);
+	mbedtls_ecp_group_init(&s->ctx->x25519);
+	s->ctx->revoked = calloc(SEC_REVOKED_MAX, sizeof *s->ctx->revoked);
+	if (!s->ctx->revoked || sodium_init() < 0 || mbedtls_ecp_group_load(&s->ctx->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
 		return -1;
 	s->ciphers = sec_ciphers_offered();
 	return 0;
@@ -1462,11 +1481,15 @@ static int sec_creds_init(struct sec_creds *s)
 
 static void sec_creds_free(struct sec_creds *s)
 {
-	mbedtls_x509_crt_free(&s->ca);
-	mbedtls_x509_crt_free(&s->own);
-	mbedtls_pk_free(&s->key);
-	mbedtls_ecp_group_free(&s->x25519);
-	free(s->revoked);
+	if (s->ctx) {
+		mbedtls_x509_crt_free(&s->ctx->ca);
+		mbedtls_x509_crt_free(&s->ctx->own);
+		mbedtls_pk_free(&s->ctx->key);
+		mbedtls_ecp_group_free(&s->ctx->x25519);
+		free(s->ctx->revoked);
+		sec_wipe(s->ctx, sizeof *s->ctx);
+		free(s->ctx);
+	}
 	sec_wipe(s, sizeof *s);
 }
 
@@ -2484,6 +2507,7 @@ struct dht_state {
 	unsigned n_records, records_cap;
 	struct dht_pending *pending;    /* pending_cap slots, grown up to DHT_PENDING_MAX */
 	unsigned n_pending, pending_cap;
+	bool started;                   /* dht_start ran (both arrays wait for a first use) */
 	uint32_t links_epoch;           /* bumped when links come or go, or go quiet */
 	uint32_t quiet_sig;             /* which up links were quiet at the last dht_maint */
 	struct ev_timer maint;
@@ -2516,8 +2540,10 @@ struct ip_addr_memo {
 
 /* The virtual IP layer's state, owned by section 10. */
 struct ip_state {
-	struct ip_addr_memo addr_memo[IP_ADDR_MEMO];     /* SHA-1 of recent source IPs */
-	struct ip_route routes[IP_ROUTES_MAX];  /* --route-for: IPs we hold besides our own */
+	/* Both arrays are allocated on first use: a node carrying no IP traffic
+	 * (a router, a simulated node) does without their 1.9 KB. */
+	struct ip_addr_memo *addr_memo; /* IP_ADDR_MEMO: SHA-1 of recent source IPs */
+	struct ip_route *routes;        /* IP_ROUTES_MAX: --route-for, IPs we hold besides our own */
 	unsigned n_routes;
 	struct ip_map *cache;           /* IP_MAP_CACHE_MAX slots */
 	unsigned n_cache;
@@ -3474,8 +3500,8 @@ static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t
 	if (n->sec.mode == SEC_CERT) {
 		if (sec_sign(&n->sec, &n->rng, l->hs.s->h, sig, &sig_len) < 0)
 			return -1;
-		id.cert = n->sec.own.raw.p;
-		id.cert_len = (uint16_t)n->sec.own.raw.len;
+		id.cert = n->sec.ctx->own.raw.p;
+		id.cert_len = (uint16_t)n->sec.ctx->own.raw.len;
 		id.sig = sig;
 		id.sig_len = (uint8_t)sig_len;
 	}
@@ -4587,10 +4613,10 @@ static int64_t link_sec_tick(struct ev_loop *loop, struct ev_timer *t)
 		log_warn("sec", "%s (keeping the previous list)", err);
 	if (changed <= 0)
 		return LINK_SEC_TICK_MS;
-	log_info("sec", "revocation list %s: %u serials", n->sec.crl_path, n->sec.n_revoked);
-	if (n->sec.mode == SEC_CERT && sec_revoked(&n->sec, &n->sec.own_grant.serial))
+	log_info("sec", "revocation list %s: %u serials", n->sec.ctx->crl_path, n->sec.ctx->n_revoked);
+	if (n->sec.mode == SEC_CERT && sec_revoked(&n->sec, &n->sec.ctx->own_grant.serial))
 		log_err("sec", "this node's own certificate is revoked by %s: peers will refuse it",
-			n->sec.crl_path);
+			n->sec.ctx->crl_path);
 	for (struct link *l = n->links; l; l = l->next)
 		if (l->state == LINK_UP && l->grant && l->grant->serial.len &&
 		    sec_revoked(&n->sec, &l->grant->serial)) {
@@ -6284,8 +6310,8 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 {
 	struct dht_state *d = &n->dht;
 	size_t klen = strlen(key);
-	if (!d->pending)
-		return -ENODEV;         /* dht_start has not run */
+	if (!d->started)
+		return -ENODEV;
 	if (klen == 0 || klen > DHT_KEY_MAX_BYTES || vlen > DHT_VALUE_MAX_BYTES || ttl_s > DHT_TTL_MAX_S)
 		return -EINVAL;
 	if (done && d->n_pending == d->pending_cap &&
@@ -6299,8 +6325,8 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 	if (op != DHT_GET && n->sec.mode == SEC_CERT) {
 		dht_sig_hash(&m, h);
 		if (sec_sign(&n->sec, &n->rng, h, sig, &sig_len) == 0) {
-			m.cert = n->sec.own.raw.p;
-			m.cert_len = (uint16_t)n->sec.own.raw.len;
+			m.cert = n->sec.ctx->own.raw.p;
+			m.cert_len = (uint16_t)n->sec.ctx->own.raw.len;
 			m.sig = sig;
 			m.sig_len = (uint8_t)sig_len;
 		}
@@ -6430,10 +6456,11 @@ static void dht_forget(struct node *n, void *arg)
 			i++;
 }
 
+/* The record and request arrays are allocated by their first record and
+ * first request: most nodes of a large simulation hold neither. */
 static void dht_start(struct node *n)
 {
-	dht_grow((void **)&n->dht.records, &n->dht.records_cap, DHT_RECORDS_MAX, sizeof *n->dht.records);
-	dht_grow((void **)&n->dht.pending, &n->dht.pending_cap, DHT_PENDING_MAX, sizeof *n->dht.pending);
+	n->dht.started = true;
 	n->ring.deliver_dht = dht_deliver;
 	n->ring.links_changed = dht_links_changed;
 	ev_timer_init(&n->dht.maint, dht_maint);
@@ -6451,6 +6478,7 @@ static void dht_stop(struct node *n)
 	n->dht.records = NULL;
 	n->dht.pending = NULL;
 	n->dht.records_cap = n->dht.pending_cap = 0;
+	n->dht.started = false;
 }
 
 /* ===================================================================== 09 nat_
@@ -7350,6 +7378,8 @@ static void ip_stale_send(struct node *n, const struct wire_routed *r)
  * (make perfcheck). */
 static ring_addr ip_addr_of(struct node *n, uint32_t ip)
 {
+	if (!n->ip.addr_memo && !(n->ip.addr_memo = calloc(IP_ADDR_MEMO, sizeof *n->ip.addr_memo)))
+		return sec_addr_of_ip(ip);      /* out of memory: the same answer, unmemoised */
 	struct ip_addr_memo *m = &n->ip.addr_memo[(ip ^ ip >> 11 ^ ip >> 23) % IP_ADDR_MEMO];
 	if (!m->valid || m->ip != ip) {
 		m->ip = ip;
@@ -7521,6 +7551,15 @@ static int64_t ip_publish_tick(struct ev_loop *loop, struct ev_timer *t)
 	return ++n->ip.publish_rounds < 3 ? 1000 : IP_PUBLISH_EVERY_MS;
 }
 
+/* Room for one more routed prefix: false when IP_ROUTES_MAX are held or
+ * the array cannot be allocated. */
+static bool ip_route_room(struct ip_state *ip)
+{
+	if (ip->n_routes >= IP_ROUTES_MAX)
+		return false;
+	return ip->routes || (ip->routes = calloc(IP_ROUTES_MAX, sizeof *ip->routes));
+}
+
 /* Start or stop routing for a prefix (--route-for, 'ipop route'). */
 static int ip_route_set(struct node *n, uint32_t net, uint8_t len, bool add)
 {
@@ -7533,7 +7572,7 @@ static int ip_route_set(struct node *n, uint32_t net, uint8_t len, bool add)
 	}
 	if (!add)
 		return -ENOENT;
-	if (n->ip.n_routes >= IP_ROUTES_MAX || len < IP_ROUTE_MIN_PREFIX)
+	if (len < IP_ROUTE_MIN_PREFIX || !ip_route_room(&n->ip))
 		return -ENOSPC;
 	n->ip.routes[n->ip.n_routes++] = (struct ip_route){ net, len };
 	ip_publish(n, &n->ip.routes[n->ip.n_routes - 1]);
@@ -7785,7 +7824,12 @@ static void ip_stop(struct node *n)
 	while (n->ip.n_cache)
 		ip_map_drop(n, &n->ip.cache[0]);
 	free(n->ip.cache);
+	free(n->ip.addr_memo);
+	free(n->ip.routes);
 	n->ip.cache = NULL;
+	n->ip.addr_memo = NULL;
+	n->ip.routes = NULL;
+	n->ip.n_routes = 0;
 }
 
 static void ip_start(struct node *n, int mtu)
@@ -10008,8 +10052,8 @@ static void ctl_json_listen(struct buf_str *o, const struct node *n)
 		buf_printf(o, "%s\"%s\"", i ? "," : "", uri);
 	}
 	buf_printf(o, "],\"crl\":");
-	if (n->sec.crl_path[0])
-		ctl_json_string(o, n->sec.crl_path);
+	if (n->sec.ctx->crl_path[0])
+		ctl_json_string(o, n->sec.ctx->crl_path);
 	else
 		buf_printf(o, "null");
 	buf_printf(o, ",");
@@ -10243,7 +10287,7 @@ static void ctl_cmd_route(struct ctl_client *c, const char *op, const char *cidr
 		uint32_t net = ntohl(ia.s_addr) & (len ? ~0u << (32 - len) : 0);
 		char key[24];
 		snprintf(key, sizeof key, "ip:%s", ip);
-		if (n->sec.mode == SEC_CERT && !strcmp(op, "add") && !dht_key_granted(&n->sec.own_grant, key))
+		if (n->sec.mode == SEC_CERT && !strcmp(op, "add") && !dht_key_granted(&n->sec.ctx->own_grant, key))
 			rc = -EPERM;
 		else
 			rc = ip_route_set(n, net, (uint8_t)len, !strcmp(op, "add"));
@@ -12914,14 +12958,19 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 			buf_ip_str(r.net | (r.len < 32 ? ~0u >> r.len : 0), last);
 			snprintf(key, sizeof key, "ip:%s", net);
 			snprintf(key2, sizeof key2, "ip:%s", last);
-			if (!dht_key_granted(&n->sec.own_grant, key) || !dht_key_granted(&n->sec.own_grant, key2)) {
+			if (!dht_key_granted(&n->sec.ctx->own_grant, key) || !dht_key_granted(&n->sec.ctx->own_grant, key2)) {
 				snprintf(err, errlen, "--route-for %s/%u is not granted by this node's certificate "
 					 "(issue one with 'ipop cert issue --route-for')", net, r.len);
 				return -2;
 			}
 		}
-		if (!n->ip.n_routes || !ip_route_has(&n->ip, r.net))
-			n->ip.routes[n->ip.n_routes++] = r;
+		if (n->ip.n_routes && ip_route_has(&n->ip, r.net))
+			continue;
+		if (!ip_route_room(&n->ip)) {    /* at most SEC_CERT_ROUTES_MAX here: out of memory */
+			snprintf(err, errlen, "--route-for %s/%u: out of memory", net, r.len);
+			return -1;
+		}
+		n->ip.routes[n->ip.n_routes++] = r;
 	}
 	if ((o->mode == MODE_NS) != (o->exec_argv != NULL) || (o->mode == MODE_NS && !n->self.vip)) {
 		snprintf(err, errlen, "--mode ns needs --ip and a command after '--' (and a command after '--' "
@@ -12977,7 +13026,7 @@ static int cli_node_creds(struct node *n, const struct cli_opts *o, char *err, s
 	}
 	if (sec_load_cert_dir(&n->sec, &n->rng, o->cert_dir, err, errlen) < 0)
 		return -1;
-	snprintf(n->sec.crl_path, sizeof n->sec.crl_path, "%s", o->crl);
+	snprintf(n->sec.ctx->crl_path, sizeof n->sec.ctx->crl_path, "%s", o->crl);
 	return sec_crl_refresh(&n->sec, err, errlen) < 0 ? -1 : 0;
 }
 
@@ -13062,15 +13111,15 @@ static int cli_node_lease(struct node *n, const struct cli_opts *o, char *err, s
 static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
 	snprintf(n->name, sizeof n->name, "%s", o->name);
-	if (n->sec.mode == SEC_CERT && o->name[0] && strcmp(o->name, n->sec.own_grant.name)) {
+	if (n->sec.mode == SEC_CERT && o->name[0] && strcmp(o->name, n->sec.ctx->own_grant.name)) {
 		snprintf(err, errlen, "--name %s is not the name in this node's certificate (%s)", o->name,
-			 n->sec.own_grant.name[0] ? n->sec.own_grant.name : "none");
+			 n->sec.ctx->own_grant.name[0] ? n->sec.ctx->own_grant.name : "none");
 		return -2;
 	}
 	if (n->sec.mode == SEC_CERT && !o->name[0] &&
-	    strspn(n->sec.own_grant.name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") ==
-	    strlen(n->sec.own_grant.name))
-		snprintf(n->name, sizeof n->name, "%s", n->sec.own_grant.name);
+	    strspn(n->sec.ctx->own_grant.name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") ==
+	    strlen(n->sec.ctx->own_grant.name))
+		snprintf(n->name, sizeof n->name, "%s", n->sec.ctx->own_grant.name);
 	n->self.vip = o->has_ip ? o->ip : 0;
 	n->vip_prefix = o->has_ip ? o->prefix : 16;
 	if (o->ip_auto)
@@ -13085,10 +13134,10 @@ static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err
 	if (o->has_net && o->has_ip)
 		n->vip_prefix = o->net_len;
 	if (n->sec.mode == SEC_CERT) {
-		const struct sec_grant *g = &n->sec.own_grant;
+		const struct sec_grant *g = &n->sec.ctx->own_grant;
 		if (!o->has_ip && g->n_ips)
 			n->self.vip = g->ips[0];
-		if (!sec_cert_addr(&n->sec.own, g, n->self.vip, &n->self.addr)) {
+		if (!sec_cert_addr(&n->sec.ctx->own, g, n->self.vip, &n->self.addr)) {
 			char ip[16];
 			buf_ip_str(n->self.vip, ip);
 			snprintf(err, errlen, "--ip %s is not in this node's certificate (%s/node.crt)",
@@ -13208,16 +13257,16 @@ static void cli_reload(struct cli_run *r)
 		return;
 	log_cfg.level = o.log_level;
 	cli_shortcuts_set(n, &o);
-	if (strcmp(n->sec.crl_path, o.crl)) {
-		snprintf(n->sec.crl_path, sizeof n->sec.crl_path, "%s", o.crl);
+	if (strcmp(n->sec.ctx->crl_path, o.crl)) {
+		snprintf(n->sec.ctx->crl_path, sizeof n->sec.ctx->crl_path, "%s", o.crl);
 		if (!o.crl[0])
-			n->sec.n_revoked = 0;   /* no list any more; an unreadable new one keeps the old */
+			n->sec.ctx->n_revoked = 0;   /* no list any more; an unreadable new one keeps the old */
 	}
-	n->sec.crl_mtime = (struct timespec){ 0 };     /* read it now, changed or not */
+	n->sec.ctx->crl_mtime = (struct timespec){ 0 };     /* read it now, changed or not */
 	ev_timer_arm(&n->loop, &n->sec_timer, 0);
 	log_info("cli", "SIGHUP: reloaded: %u bootstrap peer(s), revocation list %s, log level %s, shortcuts "
 		 "over %u pkt/s (at most %u, %llu s idle)", n->ring.n_boot,
-		 n->sec.crl_path[0] ? n->sec.crl_path : "none", log_level_names[log_cfg.level], n->ring.sc.pps,
+		 n->sec.ctx->crl_path[0] ? n->sec.ctx->crl_path : "none", log_level_names[log_cfg.level], n->ring.sc.pps,
 		 n->ring.sc.max, (unsigned long long)(n->ring.sc.idle_ms / 1000));
 }
 
