@@ -10698,6 +10698,7 @@ enum {
 	SIM_PROGRESS_MS = 5000,         /* virtual time between --progress lines */
 	SIM_PKT_SMALL = 128,            /* datagram buffers kept for reuse: keepalives, roles */
 	SIM_PKT_LARGE = 640,            /* handshakes, routed requests and replies */
+	SIM_SLAB_NODES = 256,           /* nodes allocated at once: see sim_node_alloc */
 };
 
 struct sim;
@@ -10705,6 +10706,7 @@ struct sim;
 struct sim_node {
 	struct node n;
 	struct sim *sim;
+	struct sim_node *next_free;     /* on sim->free_nodes */
 	uint32_t idx;
 	uint64_t born_ms;
 };
@@ -10762,6 +10764,8 @@ struct sim {
 	struct sim_qent *q;             /* datagrams in flight: a min-heap on (when, seq) */
 	size_t q_len, q_cap, q_peak;
 	struct sim_pkt *free_small, *free_large;        /* malloc was a seventh of a 100k run */
+	struct sim_node *slab, *free_nodes;             /* sim_node_alloc */
+	unsigned slab_left;
 	bool exact_keepalives;          /* --exact-keepalives: deliver every one as a datagram */
 	struct sim_stats st;
 	struct sim_probe *probes;
@@ -11066,18 +11070,45 @@ static int sim_udp_send(struct node *n, const struct sockaddr_in *to, const uint
 
 static void sim_on_echo_reply(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
 
+/* A zeroed node from a slab of SIM_SLAB_NODES, or one a stopped node left.
+ * malloc rounds a 4 KB node up to its size class (musl: 5.4 KB), a third
+ * more per node; slabs hold them end to end.  Slabs are never returned:
+ * the process ends with the simulation. */
+static struct sim_node *sim_node_alloc(struct sim *s)
+{
+	struct sim_node *sn = s->free_nodes;
+	if (sn) {
+		s->free_nodes = sn->next_free;
+		memset(sn, 0, sizeof *sn);
+		return sn;
+	}
+	if (!s->slab_left) {
+		if (!(s->slab = calloc(SIM_SLAB_NODES, sizeof *s->slab)))
+			return NULL;
+		s->slab_left = SIM_SLAB_NODES;
+	}
+	s->slab_left--;
+	return s->slab++;
+}
+
+static void sim_node_release(struct sim *s, struct sim_node *sn)
+{
+	sn->next_free = s->free_nodes;
+	s->free_nodes = sn;
+}
+
 /* A node as cli_node_init makes one, minus sockets and credentials:
  * insecure mode, a random ring address, one UDP "listener". */
 static struct sim_node *sim_node_new(struct sim *s, uint32_t idx)
 {
-	struct sim_node *sn = calloc(1, sizeof *sn);
+	struct sim_node *sn = sim_node_alloc(s);
 	if (!sn)
 		return NULL;
 	struct node *n = &sn->n;
 	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1, .udp_send = sim_udp_send };
 	n->loop = (struct ev_loop){ .epfd = -1, .now_ms = s->now_ms, .max_wait_ms = 1000, .virtual_time = true };
 	if (sim_rng_seed(&n->rng, s->seed, idx) < 0) {
-		free(sn);
+		sim_node_release(s, sn);
 		return NULL;
 	}
 	sn->sim = s;
@@ -11147,7 +11178,7 @@ static void sim_node_free(struct sim *s, uint32_t idx)
 	free(n->ring.sc.peers);
 	free(n->loop.heap);
 	mbedtls_ctr_drbg_free(&n->rng.drbg);
-	free(sn);
+	sim_node_release(s, sn);
 	s->nodes[idx] = NULL;
 }
 
