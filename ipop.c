@@ -2311,6 +2311,17 @@ struct link_keys {
 	struct sec_replay replay;
 };
 
+/* A TCP link's stream, out of line: most links are UDP (all of a
+ * simulated node's), and 48 bytes less put struct link in musl's 496-byte
+ * size class instead of 576. */
+struct link_tcp {
+	size_t rlen;
+	uint8_t *wq;                    /* bytes not yet written */
+	size_t wq_len, wq_off, wq_cap;
+	bool want_writable;
+	uint8_t rbuf[WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES];   /* one partial frame */
+};
+
 struct link {
 	/* What every scan reads (link_find_*, ring_next_hop, ring_side_nearest)
 	 * comes first, within the first two cache lines, peer.addr included:
@@ -2334,6 +2345,7 @@ struct link {
 	uint64_t relay_last_ms;         /* when records of relayed links last used this one */
 	uint64_t upgrade_ms;            /* relay: next try to go direct (section 09) */
 	uint32_t upgrade_backoff_ms;
+	uint32_t ping_seq;
 	struct sec_grant *grant;        /* what the peer's certificate allows; certificate mode only */
 	ring_addr expect;               /* the node this dial is meant to reach */
 	bool expect_set;
@@ -2343,7 +2355,6 @@ struct link {
 	uint64_t refused_ms;            /* the peer's host said its port is closed (ICMP), see link_udp_errors */
 	uint64_t drain_until_ms;        /* closed by our BYE: routes the peer's stragglers till then */
 	uint64_t ping_rx_ms;            /* the peer's last PING: it keeps the link alive for both */
-	uint32_t ping_seq;
 	double rtt_ms;                  /* smoothed, < 0 until the first pong */
 	double rtt_floor_ms;            /* the lowest sample, creeping up 1% a pong; < 0 at first */
 	uint64_t ping_tx_mark;          /* tx_packets at the last keepalive tick */
@@ -2353,11 +2364,7 @@ struct link {
 	struct link_keys *keys;         /* secure modes only: an insecure link (a simulated one)
 	                                * does without these 384 bytes */
 	uint64_t tx_counter;            /* records sent; the nonce, continuing across epochs */
-	uint8_t *rbuf;                  /* TCP: one partial frame */
-	size_t rlen;
-	uint8_t *wq;                    /* TCP: bytes not yet written */
-	size_t wq_len, wq_off, wq_cap;
-	bool want_writable;
+	struct link_tcp *tcp;           /* TCP only: the stream's buffers */
 };
 
 /* How links report to the ring (section 07).  Pointers, so the ring stays
@@ -2487,8 +2494,10 @@ struct nat_plan {
 };
 
 /* Section 09's state: what peers told us about our public address, and
- * the fallback plans of dials under way. */
+ * the fallback plans of dials under way.  Allocated by nat_start: a
+ * simulated node (section 15b) does without its 850 bytes. */
 struct nat_state {
+	struct node *node;              /* the owner, for the tick */
 	struct endpoint seen[NAT_OBSERVATIONS_MAX];
 	struct endpoint local[NAT_OBSERVATIONS_MAX];  /* our listener each was seen through */
 	ring_addr reporter[NAT_OBSERVATIONS_MAX];
@@ -2659,7 +2668,7 @@ struct node {
 	struct link_hooks hooks;
 	struct ring_state ring;
 	struct dht_state dht;
-	struct nat_state nat;
+	struct nat_state *nat;          /* NULL until nat_start */
 	struct ip_state ip;
 	struct tap_state tap;
 	struct lw_state lw;
@@ -2829,7 +2838,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	struct link *l = calloc(1, sizeof *l);
 	if (!l)
 		return NULL;
-	if (proto == PROTO_TCP && !(l->rbuf = malloc(WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES))) {
+	if (proto == PROTO_TCP && !(l->tcp = calloc(1, sizeof *l->tcp))) {
 		free(l);
 		return NULL;
 	}
@@ -2838,7 +2847,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	    (n->sec.mode == SEC_CERT && !(l->grant = calloc(1, sizeof *l->grant)))) {
 		free(l->hs.s);
 		free(l->keys);
-		free(l->rbuf);
+		free(l->tcp);
 		free(l);
 		return NULL;
 	}
@@ -2855,7 +2864,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 		free(l->hs.s);
 		free(l->keys);
 		free(l->grant);
-		free(l->rbuf);
+		free(l->tcp);
 		free(l);
 		return NULL;
 	}
@@ -2904,8 +2913,9 @@ static void link_reap(struct node *n)
 			sec_wipe(l->keys, sizeof *l->keys);
 		free(l->keys);
 		free(l->grant);
-		free(l->rbuf);
-		free(l->wq);
+		if (l->tcp)
+			free(l->tcp->wq);
+		free(l->tcp);
 		free(l);
 	}
 }
@@ -2931,47 +2941,49 @@ static void link_tcp_watch(struct link *l);
 /* Write queued TCP bytes; keep the rest for EPOLLOUT.  0, or -errno. */
 static int link_tcp_flush(struct link *l)
 {
-	while (l->wq_off < l->wq_len) {
-		ssize_t w = send(l->fd, l->wq + l->wq_off, l->wq_len - l->wq_off, MSG_NOSIGNAL);
+	struct link_tcp *t = l->tcp;
+	while (t->wq_off < t->wq_len) {
+		ssize_t w = send(l->fd, t->wq + t->wq_off, t->wq_len - t->wq_off, MSG_NOSIGNAL);
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			break;
 		if (w < 0)
 			return -errno;
-		l->wq_off += (size_t)w;
+		t->wq_off += (size_t)w;
 	}
-	if (l->wq_off == l->wq_len)
-		l->wq_off = l->wq_len = 0;
+	if (t->wq_off == t->wq_len)
+		t->wq_off = t->wq_len = 0;
 	link_tcp_watch(l);
 	return 0;
 }
 
 static int link_tcp_enqueue(struct link *l, const uint8_t *pkt, size_t len)
 {
-	size_t need = l->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
-	if (need - l->wq_off > LINK_TCP_WQUEUE_BYTES)
+	struct link_tcp *t = l->tcp;
+	size_t need = t->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
+	if (need - t->wq_off > LINK_TCP_WQUEUE_BYTES)
 		return -ENOBUFS;
-	if (need > l->wq_cap) {
-		if (l->wq_off) {        /* slide the unsent tail to the front first */
-			memmove(l->wq, l->wq + l->wq_off, l->wq_len - l->wq_off);
-			l->wq_len -= l->wq_off;
-			l->wq_off = 0;
-			need = l->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
+	if (need > t->wq_cap) {
+		if (t->wq_off) {        /* slide the unsent tail to the front first */
+			memmove(t->wq, t->wq + t->wq_off, t->wq_len - t->wq_off);
+			t->wq_len -= t->wq_off;
+			t->wq_off = 0;
+			need = t->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
 		}
-		size_t cap = l->wq_cap ? l->wq_cap : 4096;
+		size_t cap = t->wq_cap ? t->wq_cap : 4096;
 		while (cap < need)
 			cap *= 2;
-		uint8_t *q = realloc(l->wq, cap);
+		uint8_t *q = realloc(t->wq, cap);
 		if (!q)
 			return -ENOMEM;
-		l->wq = q;
-		l->wq_cap = cap;
+		t->wq = q;
+		t->wq_cap = cap;
 	}
-	l->wq[l->wq_len] = (uint8_t)(len >> 8);
-	l->wq[l->wq_len + 1] = (uint8_t)len;
-	memcpy(l->wq + l->wq_len + 2, pkt, len);
-	l->wq_len += WIRE_TCP_FRAME_HDR_BYTES + len;
+	t->wq[t->wq_len] = (uint8_t)(len >> 8);
+	t->wq[t->wq_len + 1] = (uint8_t)len;
+	memcpy(t->wq + t->wq_len + 2, pkt, len);
+	t->wq_len += WIRE_TCP_FRAME_HDR_BYTES + len;
 	/* Written at the end of the loop turn (link_tx_flush), with the rest of
 	 * the turn's frames: one send() for many records. */
 	l->node->tcp_pending = true;
@@ -3013,7 +3025,7 @@ static void link_tcp_flush_all(struct node *n)
 	n->tcp_pending = false;
 	for (struct link *l = n->links; l; l = l->next)
 		if (l->proto == PROTO_TCP && l->state != LINK_CLOSED && l->state != LINK_CONNECTING &&
-		    l->wq_len > l->wq_off && !l->want_writable && link_tcp_flush(l) < 0)
+		    l->tcp->wq_len > l->tcp->wq_off && !l->tcp->want_writable && link_tcp_flush(l) < 0)
 			link_drop(l, DROP_TX_ERROR);    /* the stream's error event closes it */
 }
 
@@ -4417,26 +4429,27 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 /* Take whole frames out of the TCP read buffer.  false: close the link. */
 static bool link_tcp_frames(struct link *l)
 {
+	struct link_tcp *t = l->tcp;
 	struct node *n = l->node;
 	for (;;) {
-		ssize_t r = recv(l->fd, l->rbuf + l->rlen,
-				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES - l->rlen, MSG_DONTWAIT);
+		ssize_t r = recv(l->fd, t->rbuf + t->rlen,
+				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES - t->rlen, MSG_DONTWAIT);
 		if (r == 0)
 			return false;
 		if (r < 0)
 			return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
-		l->rlen += (size_t)r;
-		while (l->rlen >= WIRE_TCP_FRAME_HDR_BYTES && l->state != LINK_CLOSED) {
-			size_t flen = (size_t)l->rbuf[0] << 8 | l->rbuf[1];
+		t->rlen += (size_t)r;
+		while (t->rlen >= WIRE_TCP_FRAME_HDR_BYTES && l->state != LINK_CLOSED) {
+			size_t flen = (size_t)t->rbuf[0] << 8 | t->rbuf[1];
 			if (flen == 0 || flen > WIRE_MAX_WIRE_BYTES) {
 				link_drop(l, DROP_BAD_FRAME);
 				return false;
 			}
-			if (l->rlen < WIRE_TCP_FRAME_HDR_BYTES + flen)
+			if (t->rlen < WIRE_TCP_FRAME_HDR_BYTES + flen)
 				break;
-			link_input(n, l, l->fd, &l->remote, l->rbuf + 2, flen);
-			l->rlen -= WIRE_TCP_FRAME_HDR_BYTES + flen;
-			memmove(l->rbuf, l->rbuf + WIRE_TCP_FRAME_HDR_BYTES + flen, l->rlen);
+			link_input(n, l, l->fd, &l->remote, t->rbuf + 2, flen);
+			t->rlen -= WIRE_TCP_FRAME_HDR_BYTES + flen;
+			memmove(t->rbuf, t->rbuf + WIRE_TCP_FRAME_HDR_BYTES + flen, t->rlen);
 		}
 		if (l->state == LINK_CLOSED)
 			return true;
@@ -4484,10 +4497,10 @@ static void link_tcp_watch(struct link *l)
 {
 	if (l->state == LINK_CLOSED || l->fd < 0)
 		return;
-	bool want = l->state == LINK_CONNECTING || l->wq_len > l->wq_off;
-	if (want == l->want_writable)
+	bool want = l->state == LINK_CONNECTING || l->tcp->wq_len > l->tcp->wq_off;
+	if (want == l->tcp->want_writable)
 		return;
-	l->want_writable = want;
+	l->tcp->want_writable = want;
 	ev_fd_watch(&l->node->loop, l->fd, EPOLLIN | (want ? EPOLLOUT : 0), link_tcp_event, l);
 }
 
@@ -4922,7 +4935,7 @@ static bool ring_link_slow(const struct node *n, const struct link *l)
 {
 	uint64_t now = ev_now(&n->loop);
 	return (l->rtt_spike_ms && now - l->rtt_spike_ms < RING_SLOW_HOLD_MS) ||
-	       (l->proto == PROTO_TCP && l->wq_len - l->wq_off > RING_SLOW_QUEUE_BYTES);
+	       (l->proto == PROTO_TCP && l->tcp->wq_len - l->tcp->wq_off > RING_SLOW_QUEUE_BYTES);
 }
 
 enum ring_hop_class { HOP_GOOD, HOP_SLOW, HOP_QUIET, HOP__CLASSES };
@@ -6573,8 +6586,8 @@ static bool nat_advertised(const struct node *n, const struct endpoint *e)
 /* From the observations: is our mapping the same for every peer? */
 static enum nat_kind nat_classify(const struct node *n)
 {
-	const struct nat_state *s = &n->nat;
-	if (!s->n_seen)
+	const struct nat_state *s = n->nat;
+	if (!s || !s->n_seen)           /* no nat_start (out of memory): nothing learnt */
 		return NAT_UNKNOWN;
 	bool all_local = true, same = true, port_kept = true;
 	for (unsigned i = 0; i < s->n_seen; i++) {
@@ -6605,7 +6618,7 @@ static enum nat_kind nat_classify(const struct node *n)
  * each), then our listeners' own endpoints, which peers on our LAN reach. */
 static void nat_advertise(struct node *n)
 {
-	struct nat_state *s = &n->nat;
+	struct nat_state *s = n->nat;
 	struct endpoint out[LINK_ENDPOINTS_MAX];
 	unsigned k = 0;
 	uint16_t top = 0;
@@ -6631,7 +6644,7 @@ static void nat_advertise(struct node *n)
 /* A UDP link came up: note how the peer sees us, and advertise anew. */
 static void nat_learn_endpoint(struct node *n, struct link *l)
 {
-	struct nat_state *s = &n->nat;
+	struct nat_state *s = n->nat;
 	struct endpoint local = nat_local_of(n, l);
 	if (l->proto != PROTO_UDP || l->observed.proto != PROTO_UDP || !l->observed.ip || !local.port)
 		return;                 /* only what our listeners are seen as is worth telling */
@@ -6662,7 +6675,7 @@ static struct nat_plan *nat_plan_find(struct node *n, const ring_addr *a)
 {
 	uint64_t now = ev_now(&n->loop);
 	for (unsigned i = 0; i < NAT_PLANS_MAX; i++) {
-		struct nat_plan *p = &n->nat.plans[i];
+		struct nat_plan *p = &n->nat->plans[i];
 		if (p->until_ms > now && wire_addr_eq(&p->target.addr, a))
 			return p;
 	}
@@ -6673,10 +6686,10 @@ static struct nat_plan *nat_plan_find(struct node *n, const ring_addr *a)
 static void nat_on_dialing(struct node *n, const struct peer_info *pi, uint8_t want)
 {
 	uint64_t now = ev_now(&n->loop);
-	struct nat_plan *p = nat_plan_find(n, &pi->addr), *oldest = &n->nat.plans[0];
+	struct nat_plan *p = nat_plan_find(n, &pi->addr), *oldest = &n->nat->plans[0];
 	if (!p) {
 		for (unsigned i = 0; i < NAT_PLANS_MAX && !p; i++) {
-			struct nat_plan *q = &n->nat.plans[i];
+			struct nat_plan *q = &n->nat->plans[i];
 			if (q->until_ms <= now)
 				p = q;
 			else if (q->until_ms < oldest->until_ms)
@@ -6766,7 +6779,7 @@ static void nat_on_punch(struct node *n, struct link *l)
 
 static int64_t nat_tick(struct ev_loop *loop, struct ev_timer *t)
 {
-	struct node *n = container_of(t, struct node, nat.tick);
+	struct node *n = container_of(t, struct nat_state, tick)->node;
 	uint64_t now = ev_now(loop);
 	for (struct link *l = n->links; l; l = l->next) {
 		if (l->proto != PROTO_RELAY || l->state != LINK_UP || now < l->upgrade_ms)
@@ -6794,7 +6807,7 @@ static void nat_on_link_up(struct node *n, struct link *l)
 		nat_learn_endpoint(n, l);
 	}
 	for (unsigned i = 0; i < NAT_PLANS_MAX; i++) {
-		struct nat_plan *p = &n->nat.plans[i];
+		struct nat_plan *p = &n->nat->plans[i];
 		if (p->until_ms <= ev_now(&n->loop))
 			continue;
 		if (wire_addr_eq(&p->target.addr, &l->peer.addr)) {
@@ -6813,7 +6826,9 @@ static void nat_on_link_up(struct node *n, struct link *l)
 
 static void nat_start(struct node *n)
 {
-	if (!n->nat.plans && !(n->nat.plans = calloc(NAT_PLANS_MAX, sizeof *n->nat.plans))) {
+	if (!n->nat && (n->nat = calloc(1, sizeof *n->nat)))
+		n->nat->node = n;
+	if (!n->nat || (!n->nat->plans && !(n->nat->plans = calloc(NAT_PLANS_MAX, sizeof *n->nat->plans)))) {
 		log_warn("nat", "out of memory: no fallbacks (TCP, relays) for failed dials");
 		return;
 	}
@@ -6822,10 +6837,10 @@ static void nat_start(struct node *n)
 	n->ring.ctm_reply = nat_on_ctm_reply;
 	n->hooks.dial_failed = nat_on_dial_failed;
 	n->hooks.punch = nat_on_punch;
-	n->nat.n_own = n->self.n_endpoints;
-	memcpy(n->nat.own, n->self.endpoints, sizeof n->nat.own);
-	ev_timer_init(&n->nat.tick, nat_tick);
-	ev_timer_arm(&n->loop, &n->nat.tick, NAT_TICK_MS);
+	n->nat->n_own = n->self.n_endpoints;
+	memcpy(n->nat->own, n->self.endpoints, sizeof n->nat->own);
+	ev_timer_init(&n->nat->tick, nat_tick);
+	ev_timer_arm(&n->loop, &n->nat->tick, NAT_TICK_MS);
 }
 
 /* ===================================================================== 10 ip_
@@ -12910,7 +12925,10 @@ static void cli_node_free(struct node *n)
 		free(n->rx->buf);
 	free(n->tx);
 	free(n->rx);
-	free(n->nat.plans);
+	if (n->nat)
+		free(n->nat->plans);
+	free(n->nat);
+	n->nat = NULL;
 	free(n->ring.sc.peers);
 	n->ring.sc.peers = NULL;
 	tap_close(n);
