@@ -796,17 +796,23 @@ int mbedtls_hardware_poll(void *data, unsigned char *output, size_t len, size_t 
 	return 0;
 }
 
+/* The entropy context (832 bytes) is out of line: a simulated node's
+ * generator (section 15b) is seeded once from the seed and never reseeds,
+ * so it has none, and its CTR-DRBG is the same as a real node's. */
 struct sec_rng {
-	mbedtls_entropy_context entropy;
 	mbedtls_ctr_drbg_context drbg;
+	mbedtls_entropy_context *entropy;       /* NULL only on a simulated node */
 };
 
 static int sec_rng_init(struct sec_rng *r)
 {
-	mbedtls_entropy_init(&r->entropy);
 	mbedtls_ctr_drbg_init(&r->drbg);
+	r->entropy = malloc(sizeof *r->entropy);
+	if (!r->entropy)
+		return -ENOMEM;
+	mbedtls_entropy_init(r->entropy);
 	static const char pers[] = "ipop node rng";
-	int rc = mbedtls_ctr_drbg_seed(&r->drbg, mbedtls_entropy_func, &r->entropy,
+	int rc = mbedtls_ctr_drbg_seed(&r->drbg, mbedtls_entropy_func, r->entropy,
 				       (const unsigned char *)pers, sizeof pers - 1);
 	return rc ? -EIO : 0;
 }
@@ -814,7 +820,10 @@ static int sec_rng_init(struct sec_rng *r)
 static void sec_rng_free(struct sec_rng *r)
 {
 	mbedtls_ctr_drbg_free(&r->drbg);
-	mbedtls_entropy_free(&r->entropy);
+	if (r->entropy)
+		mbedtls_entropy_free(r->entropy);
+	free(r->entropy);
+	r->entropy = NULL;
 }
 
 static void sec_random(struct sec_rng *r, void *out, size_t n)
@@ -907,10 +916,8 @@ struct sec_grant {
 	char name[64];
 };
 
-struct sec_creds {
-	enum sec_mode mode;
-	uint8_t salt[SEC_KEY_BYTES];    /* HKDF salt: the secret, or SHA-256 of the CA cert */
-	uint8_t mac1_key[SEC_KEY_BYTES];/* gates every handshake start: members only */
+/* The mbedTLS contexts of the secure modes, out of line (2.1 KB). */
+struct sec_ctx {
 	mbedtls_x509_crt ca, own;
 	mbedtls_pk_context key;
 	struct sec_grant own_grant;
@@ -918,9 +925,19 @@ struct sec_creds {
 	unsigned n_revoked;
 	char crl_path[256];
 	struct timespec crl_mtime;
+	mbedtls_ecp_group x25519;
+};
+
+struct sec_creds {
+	enum sec_mode mode;
+	uint8_t salt[SEC_KEY_BYTES];    /* HKDF salt: the secret, or SHA-256 of the CA cert */
+	uint8_t mac1_key[SEC_KEY_BYTES];/* gates every handshake start: members only */
+	/* From sec_creds_init, which every `ipop up` runs whatever its mode;
+	 * NULL only on a simulated node (section 15b), which runs insecure:
+	 * no X25519, no certificate, nothing here is read. */
+	struct sec_ctx *ctx;
 	uint8_t cookie_key[2][SEC_KEY_BYTES];
 	uint64_t cookie_rotated_ms;
-	mbedtls_ecp_group x25519;
 	uint8_t ciphers;                /* bit per enum sec_cipher this node offers */
 };
 
@@ -985,9 +1002,9 @@ static int sec_x25519_keypair(struct sec_creds *s, struct sec_rng *r, uint8_t pr
 	size_t olen = 0;
 	mbedtls_mpi_init(&d);
 	mbedtls_ecp_point_init(&q);
-	int rc = mbedtls_ecdh_gen_public(&s->x25519, &d, &q, sec_rng_cb, r);
+	int rc = mbedtls_ecdh_gen_public(&s->ctx->x25519, &d, &q, sec_rng_cb, r);
 	if (!rc)
-		rc = mbedtls_ecp_point_write_binary(&s->x25519, &q, MBEDTLS_ECP_PF_UNCOMPRESSED, &olen, pub, 32);
+		rc = mbedtls_ecp_point_write_binary(&s->ctx->x25519, &q, MBEDTLS_ECP_PF_UNCOMPRESSED, &olen, pub, 32);
 	if (!rc)
 		rc = mbedtls_mpi_write_binary_le(&d, priv, 32);
 	mbedtls_mpi_free(&d);
@@ -1006,9 +1023,9 @@ static int sec_x25519(struct sec_creds *s, struct sec_rng *r, const uint8_t priv
 	mbedtls_ecp_point_init(&q);
 	int rc = mbedtls_mpi_read_binary_le(&d, priv, 32);
 	if (!rc)
-		rc = mbedtls_ecp_point_read_binary(&s->x25519, &q, peer, 32);
+		rc = mbedtls_ecp_point_read_binary(&s->ctx->x25519, &q, peer, 32);
 	if (!rc)
-		rc = mbedtls_ecdh_compute_shared(&s->x25519, &z, &q, &d, sec_rng_cb, r);
+		rc = mbedtls_ecdh_compute_shared(&s->ctx->x25519, &z, &q, &d, sec_rng_cb, r);
 	if (!rc && mbedtls_mpi_cmp_int(&z, 0) == 0)
 		rc = -1;
 	if (!rc)
@@ -1240,8 +1257,8 @@ static void sec_grant_of(const mbedtls_x509_crt *c, struct sec_grant *g)
 
 static bool sec_revoked(const struct sec_creds *s, const struct sec_serial *serial)
 {
-	for (unsigned i = 0; i < s->n_revoked; i++)
-		if (s->revoked[i].len == serial->len && !memcmp(s->revoked[i].b, serial->b, serial->len))
+	for (unsigned i = 0; i < s->ctx->n_revoked; i++)
+		if (s->ctx->revoked[i].len == serial->len && !memcmp(s->ctx->revoked[i].b, serial->b, serial->len))
 			return true;
 	return false;
 }
@@ -1278,7 +1295,7 @@ static int sec_cert_check(struct sec_creds *s, const uint8_t *der, size_t len, m
 		*why = "unparsable certificate";
 		return -1;
 	}
-	if (mbedtls_x509_crt_verify(crt, &s->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
+	if (mbedtls_x509_crt_verify(crt, &s->ctx->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
 		*why = flags & MBEDTLS_X509_BADCERT_EXPIRED ? "certificate expired" :
 		       flags & MBEDTLS_X509_BADCERT_FUTURE ? "certificate not yet valid" :
 		       "certificate not issued by this network's CA";
@@ -1299,7 +1316,7 @@ static int sec_cert_check(struct sec_creds *s, const uint8_t *der, size_t len, m
 static int sec_sign(struct sec_creds *s, struct sec_rng *r, const uint8_t hash[32],
 		    uint8_t *sig, size_t *sig_len)
 {
-	return mbedtls_pk_sign(&s->key, MBEDTLS_MD_SHA256, hash, 32, sig, SEC_SIG_MAX_BYTES, sig_len,
+	return mbedtls_pk_sign(&s->ctx->key, MBEDTLS_MD_SHA256, hash, 32, sig, SEC_SIG_MAX_BYTES, sig_len,
 			       sec_rng_cb, r) ? -1 : 0;
 }
 
@@ -1331,12 +1348,12 @@ static int sec_crl_parse(struct sec_creds *s, const char *text, char *err, size_
 		if (n >= SEC_REVOKED_MAX || ser.len == 0 || ser.len > SEC_SERIAL_MAX_BYTES ||
 		    !buf_unhex(tok, ser.b, ser.len)) {
 			snprintf(err, errlen, "%s:%d: expected a certificate serial in hex (at most %d entries)",
-				 s->crl_path, lineno, SEC_REVOKED_MAX);
+				 s->ctx->crl_path, lineno, SEC_REVOKED_MAX);
 			return -1;
 		}
-		s->revoked[n++] = ser;
+		s->ctx->revoked[n++] = ser;
 	}
-	s->n_revoked = n;
+	s->ctx->n_revoked = n;
 	return 0;
 }
 
@@ -1345,23 +1362,23 @@ static int sec_crl_parse(struct sec_creds *s, const char *text, char *err, size_
 static int sec_crl_refresh(struct sec_creds *s, char *err, size_t errlen)
 {
 	struct stat st;
-	if (!s->crl_path[0])
+	if (!s->ctx->crl_path[0])
 		return 0;
-	if (stat(s->crl_path, &st) < 0) {
-		snprintf(err, errlen, "cannot read revocation list %s: %s", s->crl_path, strerror(errno));
+	if (stat(s->ctx->crl_path, &st) < 0) {
+		snprintf(err, errlen, "cannot read revocation list %s: %s", s->ctx->crl_path, strerror(errno));
 		return -1;
 	}
-	if (st.st_mtim.tv_sec == s->crl_mtime.tv_sec && st.st_mtim.tv_nsec == s->crl_mtime.tv_nsec)
+	if (st.st_mtim.tv_sec == s->ctx->crl_mtime.tv_sec && st.st_mtim.tv_nsec == s->ctx->crl_mtime.tv_nsec)
 		return 0;
 	uint8_t *text;
 	size_t len;
-	if (sec_read_file(s->crl_path, false, &text, &len, err, errlen) < 0)
+	if (sec_read_file(s->ctx->crl_path, false, &text, &len, err, errlen) < 0)
 		return -1;
 	int rc = sec_crl_parse(s, (const char *)text, err, errlen);
 	free(text);
 	if (rc < 0)
 		return -1;
-	s->crl_mtime = st.st_mtim;
+	s->ctx->crl_mtime = st.st_mtim;
 	return 1;
 }
 
@@ -1416,45 +1433,47 @@ static int sec_load_cert_dir(struct sec_creds *s, struct sec_rng *r, const char 
 {
 	char path[512];
 	snprintf(path, sizeof path, "%s/ca.crt", dir);
-	if (sec_parse_pem(path, false, &s->ca, NULL, r, err, errlen) < 0)
+	if (sec_parse_pem(path, false, &s->ctx->ca, NULL, r, err, errlen) < 0)
 		return -1;
 	snprintf(path, sizeof path, "%s/node.crt", dir);
-	if (sec_parse_pem(path, false, &s->own, NULL, r, err, errlen) < 0)
+	if (sec_parse_pem(path, false, &s->ctx->own, NULL, r, err, errlen) < 0)
 		return -1;
 	snprintf(path, sizeof path, "%s/node.key", dir);
-	if (sec_parse_pem(path, true, NULL, &s->key, r, err, errlen) < 0)
+	if (sec_parse_pem(path, true, NULL, &s->ctx->key, r, err, errlen) < 0)
 		return -1;
 	uint32_t flags = 0;
-	if (mbedtls_x509_crt_verify(&s->own, &s->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
+	if (mbedtls_x509_crt_verify(&s->ctx->own, &s->ctx->ca, NULL, NULL, &flags, NULL, NULL) != 0) {
 		snprintf(err, errlen, "%s/node.crt is not valid under %s/ca.crt (%s)", dir, dir,
 			 flags & MBEDTLS_X509_BADCERT_EXPIRED ? "expired" : "wrong CA");
 		return -1;
 	}
-	if (mbedtls_pk_check_pair(&s->own.pk, &s->key, sec_rng_cb, r) != 0) {
+	if (mbedtls_pk_check_pair(&s->ctx->own.pk, &s->ctx->key, sec_rng_cb, r) != 0) {
 		snprintf(err, errlen, "%s/node.key does not match %s/node.crt", dir, dir);
 		return -1;
 	}
-	if (s->own.raw.len > SEC_CERT_MAX_BYTES) {
+	if (s->ctx->own.raw.len > SEC_CERT_MAX_BYTES) {
 		snprintf(err, errlen, "%s/node.crt is too large (%zu bytes, at most %d)", dir,
-			 s->own.raw.len, SEC_CERT_MAX_BYTES);
+			 s->ctx->own.raw.len, SEC_CERT_MAX_BYTES);
 		return -1;
 	}
-	sec_grant_of(&s->own, &s->own_grant);
+	sec_grant_of(&s->ctx->own, &s->ctx->own_grant);
 	s->mode = SEC_CERT;
-	sec_sha256("ipop-v2 ca", 10, s->ca.raw.p, s->ca.raw.len, s->salt);
-	sec_sha256("ipop-v2 mac1", 12, s->ca.raw.p, s->ca.raw.len, s->mac1_key);
+	sec_sha256("ipop-v2 ca", 10, s->ctx->ca.raw.p, s->ctx->ca.raw.len, s->salt);
+	sec_sha256("ipop-v2 mac1", 12, s->ctx->ca.raw.p, s->ctx->ca.raw.len, s->mac1_key);
 	return 0;
 }
 
 static int sec_creds_init(struct sec_creds *s)
 {
-	*s = (struct sec_creds){ .mode = SEC_INSECURE };
-	mbedtls_x509_crt_init(&s->ca);
-	mbedtls_x509_crt_init(&s->own);
-	mbedtls_pk_init(&s->key);
-	mbedtls_ecp_group_init(&s->x25519);
-	s->revoked = calloc(SEC_REVOKED_MAX, sizeof *s->revoked);
-	if (!s->revoked || sodium_init() < 0 || mbedtls_ecp_group_load(&s->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
+	*s = (struct sec_creds){ .mode = SEC_INSECURE, .ctx = calloc(1, sizeof *s->ctx) };
+	if (!s->ctx)
+		return -1;
+	mbedtls_x509_crt_init(&s->ctx->ca);
+	mbedtls_x509_crt_init(&s->ctx->own);
+	mbedtls_pk_init(&s->ctx->key);
+	mbedtls_ecp_group_init(&s->ctx->x25519);
+	s->ctx->revoked = calloc(SEC_REVOKED_MAX, sizeof *s->ctx->revoked);
+	if (!s->ctx->revoked || sodium_init() < 0 || mbedtls_ecp_group_load(&s->ctx->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
 		return -1;
 	s->ciphers = sec_ciphers_offered();
 	return 0;
@@ -1462,11 +1481,15 @@ static int sec_creds_init(struct sec_creds *s)
 
 static void sec_creds_free(struct sec_creds *s)
 {
-	mbedtls_x509_crt_free(&s->ca);
-	mbedtls_x509_crt_free(&s->own);
-	mbedtls_pk_free(&s->key);
-	mbedtls_ecp_group_free(&s->x25519);
-	free(s->revoked);
+	if (s->ctx) {
+		mbedtls_x509_crt_free(&s->ctx->ca);
+		mbedtls_x509_crt_free(&s->ctx->own);
+		mbedtls_pk_free(&s->ctx->key);
+		mbedtls_ecp_group_free(&s->ctx->x25519);
+		free(s->ctx->revoked);
+		sec_wipe(s->ctx, sizeof *s->ctx);
+		free(s->ctx);
+	}
 	sec_wipe(s, sizeof *s);
 }
 
@@ -2288,6 +2311,17 @@ struct link_keys {
 	struct sec_replay replay;
 };
 
+/* A TCP link's stream, out of line: most links are UDP (all of a
+ * simulated node's), and 48 bytes less put struct link in musl's 496-byte
+ * size class instead of 576. */
+struct link_tcp {
+	size_t rlen;
+	uint8_t *wq;                    /* bytes not yet written */
+	size_t wq_len, wq_off, wq_cap;
+	bool want_writable;
+	uint8_t rbuf[WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES];   /* one partial frame */
+};
+
 struct link {
 	/* What every scan reads (link_find_*, ring_next_hop, ring_side_nearest)
 	 * comes first, within the first two cache lines, peer.addr included:
@@ -2311,6 +2345,7 @@ struct link {
 	uint64_t relay_last_ms;         /* when records of relayed links last used this one */
 	uint64_t upgrade_ms;            /* relay: next try to go direct (section 09) */
 	uint32_t upgrade_backoff_ms;
+	uint32_t ping_seq;
 	struct sec_grant *grant;        /* what the peer's certificate allows; certificate mode only */
 	ring_addr expect;               /* the node this dial is meant to reach */
 	bool expect_set;
@@ -2320,7 +2355,6 @@ struct link {
 	uint64_t refused_ms;            /* the peer's host said its port is closed (ICMP), see link_udp_errors */
 	uint64_t drain_until_ms;        /* closed by our BYE: routes the peer's stragglers till then */
 	uint64_t ping_rx_ms;            /* the peer's last PING: it keeps the link alive for both */
-	uint32_t ping_seq;
 	double rtt_ms;                  /* smoothed, < 0 until the first pong */
 	double rtt_floor_ms;            /* the lowest sample, creeping up 1% a pong; < 0 at first */
 	uint64_t ping_tx_mark;          /* tx_packets at the last keepalive tick */
@@ -2330,11 +2364,7 @@ struct link {
 	struct link_keys *keys;         /* secure modes only: an insecure link (a simulated one)
 	                                * does without these 384 bytes */
 	uint64_t tx_counter;            /* records sent; the nonce, continuing across epochs */
-	uint8_t *rbuf;                  /* TCP: one partial frame */
-	size_t rlen;
-	uint8_t *wq;                    /* TCP: bytes not yet written */
-	size_t wq_len, wq_off, wq_cap;
-	bool want_writable;
+	struct link_tcp *tcp;           /* TCP only: the stream's buffers */
 };
 
 /* How links report to the ring (section 07).  Pointers, so the ring stays
@@ -2482,8 +2512,10 @@ struct nat_plan {
 };
 
 /* Section 09's state: what peers told us about our public address, and
- * the fallback plans of dials under way. */
+ * the fallback plans of dials under way.  Allocated by nat_start: a
+ * simulated node (section 15b) does without its 850 bytes. */
 struct nat_state {
+	struct node *node;              /* the owner, for the tick */
 	struct endpoint seen[NAT_OBSERVATIONS_MAX];
 	struct endpoint local[NAT_OBSERVATIONS_MAX];  /* our listener each was seen through */
 	ring_addr reporter[NAT_OBSERVATIONS_MAX];
@@ -2502,6 +2534,7 @@ struct dht_state {
 	unsigned n_records, records_cap;
 	struct dht_pending *pending;    /* pending_cap slots, grown up to DHT_PENDING_MAX */
 	unsigned n_pending, pending_cap;
+	bool started;                   /* dht_start ran (both arrays wait for a first use) */
 	uint32_t links_epoch;           /* bumped when links come or go, or go quiet */
 	uint32_t quiet_sig;             /* which up links were quiet at the last dht_maint */
 	struct ev_timer maint;
@@ -2534,8 +2567,10 @@ struct ip_addr_memo {
 
 /* The virtual IP layer's state, owned by section 10. */
 struct ip_state {
-	struct ip_addr_memo addr_memo[IP_ADDR_MEMO];     /* SHA-1 of recent source IPs */
-	struct ip_route routes[IP_ROUTES_MAX];  /* --route-for: IPs we hold besides our own */
+	/* Both arrays are allocated on first use: a node carrying no IP traffic
+	 * (a router, a simulated node) does without their 1.9 KB. */
+	struct ip_addr_memo *addr_memo; /* IP_ADDR_MEMO: SHA-1 of recent source IPs */
+	struct ip_route *routes;        /* IP_ROUTES_MAX: --route-for, IPs we hold besides our own */
 	unsigned n_routes;
 	struct ip_map *cache;           /* IP_MAP_CACHE_MAX slots */
 	unsigned n_cache;
@@ -2652,7 +2687,7 @@ struct node {
 	struct link_hooks hooks;
 	struct ring_state ring;
 	struct dht_state dht;
-	struct nat_state nat;
+	struct nat_state *nat;          /* NULL until nat_start */
 	struct ip_state ip;
 	struct tap_state tap;
 	struct lw_state lw;
@@ -2832,7 +2867,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	struct link *l = calloc(1, sizeof *l);
 	if (!l)
 		return NULL;
-	if (proto == PROTO_TCP && !(l->rbuf = malloc(WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES))) {
+	if (proto == PROTO_TCP && !(l->tcp = calloc(1, sizeof *l->tcp))) {
 		free(l);
 		return NULL;
 	}
@@ -2841,7 +2876,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 	    (n->sec.mode == SEC_CERT && !(l->grant = calloc(1, sizeof *l->grant)))) {
 		free(l->hs.s);
 		free(l->keys);
-		free(l->rbuf);
+		free(l->tcp);
 		free(l);
 		return NULL;
 	}
@@ -2858,7 +2893,7 @@ static struct link *link_new(struct node *n, uint8_t proto, int fd,
 		free(l->hs.s);
 		free(l->keys);
 		free(l->grant);
-		free(l->rbuf);
+		free(l->tcp);
 		free(l);
 		return NULL;
 	}
@@ -2910,8 +2945,9 @@ static void link_reap(struct node *n)
 			sec_wipe(l->keys, sizeof *l->keys);
 		free(l->keys);
 		free(l->grant);
-		free(l->rbuf);
-		free(l->wq);
+		if (l->tcp)
+			free(l->tcp->wq);
+		free(l->tcp);
 		free(l);
 	}
 }
@@ -2937,47 +2973,49 @@ static void link_tcp_watch(struct link *l);
 /* Write queued TCP bytes; keep the rest for EPOLLOUT.  0, or -errno. */
 static int link_tcp_flush(struct link *l)
 {
-	while (l->wq_off < l->wq_len) {
-		ssize_t w = send(l->fd, l->wq + l->wq_off, l->wq_len - l->wq_off, MSG_NOSIGNAL);
+	struct link_tcp *t = l->tcp;
+	while (t->wq_off < t->wq_len) {
+		ssize_t w = send(l->fd, t->wq + t->wq_off, t->wq_len - t->wq_off, MSG_NOSIGNAL);
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			break;
 		if (w < 0)
 			return -errno;
-		l->wq_off += (size_t)w;
+		t->wq_off += (size_t)w;
 	}
-	if (l->wq_off == l->wq_len)
-		l->wq_off = l->wq_len = 0;
+	if (t->wq_off == t->wq_len)
+		t->wq_off = t->wq_len = 0;
 	link_tcp_watch(l);
 	return 0;
 }
 
 static int link_tcp_enqueue(struct link *l, const uint8_t *pkt, size_t len)
 {
-	size_t need = l->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
-	if (need - l->wq_off > LINK_TCP_WQUEUE_BYTES)
+	struct link_tcp *t = l->tcp;
+	size_t need = t->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
+	if (need - t->wq_off > LINK_TCP_WQUEUE_BYTES)
 		return -ENOBUFS;
-	if (need > l->wq_cap) {
-		if (l->wq_off) {        /* slide the unsent tail to the front first */
-			memmove(l->wq, l->wq + l->wq_off, l->wq_len - l->wq_off);
-			l->wq_len -= l->wq_off;
-			l->wq_off = 0;
-			need = l->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
+	if (need > t->wq_cap) {
+		if (t->wq_off) {        /* slide the unsent tail to the front first */
+			memmove(t->wq, t->wq + t->wq_off, t->wq_len - t->wq_off);
+			t->wq_len -= t->wq_off;
+			t->wq_off = 0;
+			need = t->wq_len + WIRE_TCP_FRAME_HDR_BYTES + len;
 		}
-		size_t cap = l->wq_cap ? l->wq_cap : 4096;
+		size_t cap = t->wq_cap ? t->wq_cap : 4096;
 		while (cap < need)
 			cap *= 2;
-		uint8_t *q = realloc(l->wq, cap);
+		uint8_t *q = realloc(t->wq, cap);
 		if (!q)
 			return -ENOMEM;
-		l->wq = q;
-		l->wq_cap = cap;
+		t->wq = q;
+		t->wq_cap = cap;
 	}
-	l->wq[l->wq_len] = (uint8_t)(len >> 8);
-	l->wq[l->wq_len + 1] = (uint8_t)len;
-	memcpy(l->wq + l->wq_len + 2, pkt, len);
-	l->wq_len += WIRE_TCP_FRAME_HDR_BYTES + len;
+	t->wq[t->wq_len] = (uint8_t)(len >> 8);
+	t->wq[t->wq_len + 1] = (uint8_t)len;
+	memcpy(t->wq + t->wq_len + 2, pkt, len);
+	t->wq_len += WIRE_TCP_FRAME_HDR_BYTES + len;
 	/* Written at the end of the loop turn (link_tx_flush), with the rest of
 	 * the turn's frames: one send() for many records. */
 	l->node->tcp_pending = true;
@@ -3019,7 +3057,7 @@ static void link_tcp_flush_all(struct node *n)
 	n->tcp_pending = false;
 	for (struct link *l = n->links; l; l = l->next)
 		if (l->proto == PROTO_TCP && l->state != LINK_CLOSED && l->state != LINK_CONNECTING &&
-		    l->wq_len > l->wq_off && !l->want_writable && link_tcp_flush(l) < 0)
+		    l->tcp->wq_len > l->tcp->wq_off && !l->tcp->want_writable && link_tcp_flush(l) < 0)
 			link_drop(l, DROP_TX_ERROR);    /* the stream's error event closes it */
 }
 
@@ -3507,8 +3545,8 @@ static ssize_t link_identity_seal(struct link *l, const uint8_t key[32], uint8_t
 	if (n->sec.mode == SEC_CERT) {
 		if (sec_sign(&n->sec, &n->rng, l->hs.s->h, sig, &sig_len) < 0)
 			return -1;
-		id.cert = n->sec.own.raw.p;
-		id.cert_len = (uint16_t)n->sec.own.raw.len;
+		id.cert = n->sec.ctx->own.raw.p;
+		id.cert_len = (uint16_t)n->sec.ctx->own.raw.len;
 		id.sig = sig;
 		id.sig_len = (uint8_t)sig_len;
 	}
@@ -4426,26 +4464,27 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 /* Take whole frames out of the TCP read buffer.  false: close the link. */
 static bool link_tcp_frames(struct link *l)
 {
+	struct link_tcp *t = l->tcp;
 	struct node *n = l->node;
 	for (;;) {
-		ssize_t r = recv(l->fd, l->rbuf + l->rlen,
-				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES - l->rlen, MSG_DONTWAIT);
+		ssize_t r = recv(l->fd, t->rbuf + t->rlen,
+				 WIRE_TCP_FRAME_HDR_BYTES + WIRE_MAX_WIRE_BYTES - t->rlen, MSG_DONTWAIT);
 		if (r == 0)
 			return false;
 		if (r < 0)
 			return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
-		l->rlen += (size_t)r;
-		while (l->rlen >= WIRE_TCP_FRAME_HDR_BYTES && l->state != LINK_CLOSED) {
-			size_t flen = (size_t)l->rbuf[0] << 8 | l->rbuf[1];
+		t->rlen += (size_t)r;
+		while (t->rlen >= WIRE_TCP_FRAME_HDR_BYTES && l->state != LINK_CLOSED) {
+			size_t flen = (size_t)t->rbuf[0] << 8 | t->rbuf[1];
 			if (flen == 0 || flen > WIRE_MAX_WIRE_BYTES) {
 				link_drop(l, DROP_BAD_FRAME);
 				return false;
 			}
-			if (l->rlen < WIRE_TCP_FRAME_HDR_BYTES + flen)
+			if (t->rlen < WIRE_TCP_FRAME_HDR_BYTES + flen)
 				break;
-			link_input(n, l, l->fd, &l->remote, l->rbuf + 2, flen);
-			l->rlen -= WIRE_TCP_FRAME_HDR_BYTES + flen;
-			memmove(l->rbuf, l->rbuf + WIRE_TCP_FRAME_HDR_BYTES + flen, l->rlen);
+			link_input(n, l, l->fd, &l->remote, t->rbuf + 2, flen);
+			t->rlen -= WIRE_TCP_FRAME_HDR_BYTES + flen;
+			memmove(t->rbuf, t->rbuf + WIRE_TCP_FRAME_HDR_BYTES + flen, t->rlen);
 		}
 		if (l->state == LINK_CLOSED)
 			return true;
@@ -4493,10 +4532,10 @@ static void link_tcp_watch(struct link *l)
 {
 	if (l->state == LINK_CLOSED || l->fd < 0)
 		return;
-	bool want = l->state == LINK_CONNECTING || l->wq_len > l->wq_off;
-	if (want == l->want_writable)
+	bool want = l->state == LINK_CONNECTING || l->tcp->wq_len > l->tcp->wq_off;
+	if (want == l->tcp->want_writable)
 		return;
-	l->want_writable = want;
+	l->tcp->want_writable = want;
 	ev_fd_watch(&l->node->loop, l->fd, EPOLLIN | (want ? EPOLLOUT : 0), link_tcp_event, l);
 }
 
@@ -4622,10 +4661,10 @@ static int64_t link_sec_tick(struct ev_loop *loop, struct ev_timer *t)
 		log_warn("sec", "%s (keeping the previous list)", err);
 	if (changed <= 0)
 		return LINK_SEC_TICK_MS;
-	log_info("sec", "revocation list %s: %u serials", n->sec.crl_path, n->sec.n_revoked);
-	if (n->sec.mode == SEC_CERT && sec_revoked(&n->sec, &n->sec.own_grant.serial))
+	log_info("sec", "revocation list %s: %u serials", n->sec.ctx->crl_path, n->sec.ctx->n_revoked);
+	if (n->sec.mode == SEC_CERT && sec_revoked(&n->sec, &n->sec.ctx->own_grant.serial))
 		log_err("sec", "this node's own certificate is revoked by %s: peers will refuse it",
-			n->sec.crl_path);
+			n->sec.ctx->crl_path);
 	for (struct link *l = n->links; l; l = l->next)
 		if (l->state == LINK_UP && l->grant && l->grant->serial.len &&
 		    sec_revoked(&n->sec, &l->grant->serial)) {
@@ -4977,7 +5016,7 @@ static bool ring_link_slow(const struct node *n, const struct link *l)
 {
 	uint64_t now = ev_now(&n->loop);
 	return (l->rtt_spike_ms && now - l->rtt_spike_ms < RING_SLOW_HOLD_MS) ||
-	       (l->proto == PROTO_TCP && l->wq_len - l->wq_off > RING_SLOW_QUEUE_BYTES);
+	       (l->proto == PROTO_TCP && l->tcp->wq_len - l->tcp->wq_off > RING_SLOW_QUEUE_BYTES);
 }
 
 enum ring_hop_class { HOP_GOOD, HOP_SLOW, HOP_QUIET, HOP__CLASSES };
@@ -6381,8 +6420,8 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 {
 	struct dht_state *d = &n->dht;
 	size_t klen = strlen(key);
-	if (!d->pending)
-		return -ENODEV;         /* dht_start has not run */
+	if (!d->started)
+		return -ENODEV;
 	if (klen == 0 || klen > DHT_KEY_MAX_BYTES || vlen > DHT_VALUE_MAX_BYTES || ttl_s > DHT_TTL_MAX_S)
 		return -EINVAL;
 	if (done && d->n_pending == d->pending_cap &&
@@ -6396,8 +6435,8 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 	if (op != DHT_GET && n->sec.mode == SEC_CERT) {
 		dht_sig_hash(&m, h);
 		if (sec_sign(&n->sec, &n->rng, h, sig, &sig_len) == 0) {
-			m.cert = n->sec.own.raw.p;
-			m.cert_len = (uint16_t)n->sec.own.raw.len;
+			m.cert = n->sec.ctx->own.raw.p;
+			m.cert_len = (uint16_t)n->sec.ctx->own.raw.len;
 			m.sig = sig;
 			m.sig_len = (uint8_t)sig_len;
 		}
@@ -6528,10 +6567,11 @@ static void dht_forget(struct node *n, void *arg)
 			i++;
 }
 
+/* The record and request arrays are allocated by their first record and
+ * first request: most nodes of a large simulation hold neither. */
 static void dht_start(struct node *n)
 {
-	dht_grow((void **)&n->dht.records, &n->dht.records_cap, DHT_RECORDS_MAX, sizeof *n->dht.records);
-	dht_grow((void **)&n->dht.pending, &n->dht.pending_cap, DHT_PENDING_MAX, sizeof *n->dht.pending);
+	n->dht.started = true;
 	n->ring.deliver_dht = dht_deliver;
 	n->ring.links_changed = dht_links_changed;
 	ev_timer_init(&n->dht.maint, dht_maint);
@@ -6549,6 +6589,7 @@ static void dht_stop(struct node *n)
 	n->dht.records = NULL;
 	n->dht.pending = NULL;
 	n->dht.records_cap = n->dht.pending_cap = 0;
+	n->dht.started = false;
 }
 
 /* ===================================================================== 09 nat_
@@ -6643,8 +6684,8 @@ static bool nat_advertised(const struct node *n, const struct endpoint *e)
 /* From the observations: is our mapping the same for every peer? */
 static enum nat_kind nat_classify(const struct node *n)
 {
-	const struct nat_state *s = &n->nat;
-	if (!s->n_seen)
+	const struct nat_state *s = n->nat;
+	if (!s || !s->n_seen)           /* no nat_start (out of memory): nothing learnt */
 		return NAT_UNKNOWN;
 	bool all_local = true, same = true, port_kept = true;
 	for (unsigned i = 0; i < s->n_seen; i++) {
@@ -6675,7 +6716,7 @@ static enum nat_kind nat_classify(const struct node *n)
  * each), then our listeners' own endpoints, which peers on our LAN reach. */
 static void nat_advertise(struct node *n)
 {
-	struct nat_state *s = &n->nat;
+	struct nat_state *s = n->nat;
 	struct endpoint out[LINK_ENDPOINTS_MAX];
 	unsigned k = 0;
 	uint16_t top = 0;
@@ -6701,7 +6742,7 @@ static void nat_advertise(struct node *n)
 /* A UDP link came up: note how the peer sees us, and advertise anew. */
 static void nat_learn_endpoint(struct node *n, struct link *l)
 {
-	struct nat_state *s = &n->nat;
+	struct nat_state *s = n->nat;
 	struct endpoint local = nat_local_of(n, l);
 	if (l->proto != PROTO_UDP || l->observed.proto != PROTO_UDP || !l->observed.ip || !local.port)
 		return;                 /* only what our listeners are seen as is worth telling */
@@ -6732,7 +6773,7 @@ static struct nat_plan *nat_plan_find(struct node *n, const ring_addr *a)
 {
 	uint64_t now = ev_now(&n->loop);
 	for (unsigned i = 0; i < NAT_PLANS_MAX; i++) {
-		struct nat_plan *p = &n->nat.plans[i];
+		struct nat_plan *p = &n->nat->plans[i];
 		if (p->until_ms > now && wire_addr_eq(&p->target.addr, a))
 			return p;
 	}
@@ -6743,10 +6784,10 @@ static struct nat_plan *nat_plan_find(struct node *n, const ring_addr *a)
 static void nat_on_dialing(struct node *n, const struct peer_info *pi, uint8_t want)
 {
 	uint64_t now = ev_now(&n->loop);
-	struct nat_plan *p = nat_plan_find(n, &pi->addr), *oldest = &n->nat.plans[0];
+	struct nat_plan *p = nat_plan_find(n, &pi->addr), *oldest = &n->nat->plans[0];
 	if (!p) {
 		for (unsigned i = 0; i < NAT_PLANS_MAX && !p; i++) {
-			struct nat_plan *q = &n->nat.plans[i];
+			struct nat_plan *q = &n->nat->plans[i];
 			if (q->until_ms <= now)
 				p = q;
 			else if (q->until_ms < oldest->until_ms)
@@ -6836,7 +6877,7 @@ static void nat_on_punch(struct node *n, struct link *l)
 
 static int64_t nat_tick(struct ev_loop *loop, struct ev_timer *t)
 {
-	struct node *n = container_of(t, struct node, nat.tick);
+	struct node *n = container_of(t, struct nat_state, tick)->node;
 	uint64_t now = ev_now(loop);
 	for (struct link *l = n->links; l; l = l->next) {
 		if (l->proto != PROTO_RELAY || l->state != LINK_UP || now < l->upgrade_ms)
@@ -6864,7 +6905,7 @@ static void nat_on_link_up(struct node *n, struct link *l)
 		nat_learn_endpoint(n, l);
 	}
 	for (unsigned i = 0; i < NAT_PLANS_MAX; i++) {
-		struct nat_plan *p = &n->nat.plans[i];
+		struct nat_plan *p = &n->nat->plans[i];
 		if (p->until_ms <= ev_now(&n->loop))
 			continue;
 		if (wire_addr_eq(&p->target.addr, &l->peer.addr)) {
@@ -6883,7 +6924,9 @@ static void nat_on_link_up(struct node *n, struct link *l)
 
 static void nat_start(struct node *n)
 {
-	if (!n->nat.plans && !(n->nat.plans = calloc(NAT_PLANS_MAX, sizeof *n->nat.plans))) {
+	if (!n->nat && (n->nat = calloc(1, sizeof *n->nat)))
+		n->nat->node = n;
+	if (!n->nat || (!n->nat->plans && !(n->nat->plans = calloc(NAT_PLANS_MAX, sizeof *n->nat->plans)))) {
 		log_warn("nat", "out of memory: no fallbacks (TCP, relays) for failed dials");
 		return;
 	}
@@ -6892,10 +6935,10 @@ static void nat_start(struct node *n)
 	n->ring.ctm_reply = nat_on_ctm_reply;
 	n->hooks.dial_failed = nat_on_dial_failed;
 	n->hooks.punch = nat_on_punch;
-	n->nat.n_own = n->self.n_endpoints;
-	memcpy(n->nat.own, n->self.endpoints, sizeof n->nat.own);
-	ev_timer_init(&n->nat.tick, nat_tick);
-	ev_timer_arm(&n->loop, &n->nat.tick, NAT_TICK_MS);
+	n->nat->n_own = n->self.n_endpoints;
+	memcpy(n->nat->own, n->self.endpoints, sizeof n->nat->own);
+	ev_timer_init(&n->nat->tick, nat_tick);
+	ev_timer_arm(&n->loop, &n->nat->tick, NAT_TICK_MS);
 }
 
 /* ===================================================================== 10 ip_
@@ -7448,6 +7491,8 @@ static void ip_stale_send(struct node *n, const struct wire_routed *r)
  * (make perfcheck). */
 static ring_addr ip_addr_of(struct node *n, uint32_t ip)
 {
+	if (!n->ip.addr_memo && !(n->ip.addr_memo = calloc(IP_ADDR_MEMO, sizeof *n->ip.addr_memo)))
+		return sec_addr_of_ip(ip);      /* out of memory: the same answer, unmemoised */
 	struct ip_addr_memo *m = &n->ip.addr_memo[(ip ^ ip >> 11 ^ ip >> 23) % IP_ADDR_MEMO];
 	if (!m->valid || m->ip != ip) {
 		m->ip = ip;
@@ -7619,6 +7664,15 @@ static int64_t ip_publish_tick(struct ev_loop *loop, struct ev_timer *t)
 	return ++n->ip.publish_rounds < 3 ? 1000 : IP_PUBLISH_EVERY_MS;
 }
 
+/* Room for one more routed prefix: false when IP_ROUTES_MAX are held or
+ * the array cannot be allocated. */
+static bool ip_route_room(struct ip_state *ip)
+{
+	if (ip->n_routes >= IP_ROUTES_MAX)
+		return false;
+	return ip->routes || (ip->routes = calloc(IP_ROUTES_MAX, sizeof *ip->routes));
+}
+
 /* Start or stop routing for a prefix (--route-for, 'ipop route'). */
 static int ip_route_set(struct node *n, uint32_t net, uint8_t len, bool add)
 {
@@ -7631,7 +7685,7 @@ static int ip_route_set(struct node *n, uint32_t net, uint8_t len, bool add)
 	}
 	if (!add)
 		return -ENOENT;
-	if (n->ip.n_routes >= IP_ROUTES_MAX || len < IP_ROUTE_MIN_PREFIX)
+	if (len < IP_ROUTE_MIN_PREFIX || !ip_route_room(&n->ip))
 		return -ENOSPC;
 	n->ip.routes[n->ip.n_routes++] = (struct ip_route){ net, len };
 	ip_publish(n, &n->ip.routes[n->ip.n_routes - 1]);
@@ -7883,7 +7937,12 @@ static void ip_stop(struct node *n)
 	while (n->ip.n_cache)
 		ip_map_drop(n, &n->ip.cache[0]);
 	free(n->ip.cache);
+	free(n->ip.addr_memo);
+	free(n->ip.routes);
 	n->ip.cache = NULL;
+	n->ip.addr_memo = NULL;
+	n->ip.routes = NULL;
+	n->ip.n_routes = 0;
 }
 
 static void ip_start(struct node *n, int mtu)
@@ -10106,8 +10165,8 @@ static void ctl_json_listen(struct buf_str *o, const struct node *n)
 		buf_printf(o, "%s\"%s\"", i ? "," : "", uri);
 	}
 	buf_printf(o, "],\"crl\":");
-	if (n->sec.crl_path[0])
-		ctl_json_string(o, n->sec.crl_path);
+	if (n->sec.ctx->crl_path[0])
+		ctl_json_string(o, n->sec.ctx->crl_path);
 	else
 		buf_printf(o, "null");
 	buf_printf(o, ",");
@@ -10341,7 +10400,7 @@ static void ctl_cmd_route(struct ctl_client *c, const char *op, const char *cidr
 		uint32_t net = ntohl(ia.s_addr) & (len ? ~0u << (32 - len) : 0);
 		char key[24];
 		snprintf(key, sizeof key, "ip:%s", ip);
-		if (n->sec.mode == SEC_CERT && !strcmp(op, "add") && !dht_key_granted(&n->sec.own_grant, key))
+		if (n->sec.mode == SEC_CERT && !strcmp(op, "add") && !dht_key_granted(&n->sec.ctx->own_grant, key))
 			rc = -EPERM;
 		else
 			rc = ip_route_set(n, net, (uint8_t)len, !strcmp(op, "add"));
@@ -10754,6 +10813,7 @@ enum {
 	SIM_PROGRESS_MS = 5000,         /* virtual time between --progress lines */
 	SIM_PKT_SMALL = 128,            /* datagram buffers kept for reuse: keepalives, roles */
 	SIM_PKT_LARGE = 640,            /* handshakes, routed requests and replies */
+	SIM_SLAB_NODES = 256,           /* nodes allocated at once: see sim_node_alloc */
 };
 
 struct sim;
@@ -10761,6 +10821,7 @@ struct sim;
 struct sim_node {
 	struct node n;
 	struct sim *sim;
+	struct sim_node *next_free;     /* on sim->free_nodes */
 	uint32_t idx;
 	uint64_t born_ms;
 };
@@ -10818,6 +10879,8 @@ struct sim {
 	struct sim_qent *q;             /* datagrams in flight: a min-heap on (when, seq) */
 	size_t q_len, q_cap, q_peak;
 	struct sim_pkt *free_small, *free_large;        /* malloc was a seventh of a 100k run */
+	struct sim_node *slab, *free_nodes;             /* sim_node_alloc */
+	unsigned slab_left;
 	bool exact_keepalives;          /* --exact-keepalives: deliver every one as a datagram */
 	struct sim_stats st;
 	struct sim_probe *probes;
@@ -11124,18 +11187,45 @@ static int sim_udp_send(struct node *n, const struct sockaddr_in *to, const uint
 
 static void sim_on_echo_reply(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
 
+/* A zeroed node from a slab of SIM_SLAB_NODES, or one a stopped node left.
+ * malloc rounds a 4 KB node up to its size class (musl: 5.4 KB), a third
+ * more per node; slabs hold them end to end.  Slabs are never returned:
+ * the process ends with the simulation. */
+static struct sim_node *sim_node_alloc(struct sim *s)
+{
+	struct sim_node *sn = s->free_nodes;
+	if (sn) {
+		s->free_nodes = sn->next_free;
+		memset(sn, 0, sizeof *sn);
+		return sn;
+	}
+	if (!s->slab_left) {
+		if (!(s->slab = calloc(SIM_SLAB_NODES, sizeof *s->slab)))
+			return NULL;
+		s->slab_left = SIM_SLAB_NODES;
+	}
+	s->slab_left--;
+	return s->slab++;
+}
+
+static void sim_node_release(struct sim *s, struct sim_node *sn)
+{
+	sn->next_free = s->free_nodes;
+	s->free_nodes = sn;
+}
+
 /* A node as cli_node_init makes one, minus sockets and credentials:
  * insecure mode, a random ring address, one UDP "listener". */
 static struct sim_node *sim_node_new(struct sim *s, uint32_t idx)
 {
-	struct sim_node *sn = calloc(1, sizeof *sn);
+	struct sim_node *sn = sim_node_alloc(s);
 	if (!sn)
 		return NULL;
 	struct node *n = &sn->n;
 	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1, .udp_send = sim_udp_send };
 	n->loop = (struct ev_loop){ .epfd = -1, .now_ms = s->now_ms, .max_wait_ms = 1000, .virtual_time = true };
 	if (sim_rng_seed(&n->rng, s->seed, idx) < 0) {
-		free(sn);
+		sim_node_release(s, sn);
 		return NULL;
 	}
 	sn->sim = s;
@@ -11205,7 +11295,7 @@ static void sim_node_free(struct sim *s, uint32_t idx)
 	ring_free(n);
 	free(n->loop.heap);
 	mbedtls_ctr_drbg_free(&n->rng.drbg);
-	free(sn);
+	sim_node_release(s, sn);
 	s->nodes[idx] = NULL;
 }
 
@@ -12955,7 +13045,10 @@ static void cli_node_free(struct node *n)
 		free(n->rx->buf);
 	free(n->tx);
 	free(n->rx);
-	free(n->nat.plans);
+	if (n->nat)
+		free(n->nat->plans);
+	free(n->nat);
+	n->nat = NULL;
 	ring_free(n);
 	tap_close(n);
 	if (n->lw.socks_fd > 0)
@@ -13033,14 +13126,19 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 			buf_ip_str(r.net | (r.len < 32 ? ~0u >> r.len : 0), last);
 			snprintf(key, sizeof key, "ip:%s", net);
 			snprintf(key2, sizeof key2, "ip:%s", last);
-			if (!dht_key_granted(&n->sec.own_grant, key) || !dht_key_granted(&n->sec.own_grant, key2)) {
+			if (!dht_key_granted(&n->sec.ctx->own_grant, key) || !dht_key_granted(&n->sec.ctx->own_grant, key2)) {
 				snprintf(err, errlen, "--route-for %s/%u is not granted by this node's certificate "
 					 "(issue one with 'ipop cert issue --route-for')", net, r.len);
 				return -2;
 			}
 		}
-		if (!n->ip.n_routes || !ip_route_has(&n->ip, r.net))
-			n->ip.routes[n->ip.n_routes++] = r;
+		if (n->ip.n_routes && ip_route_has(&n->ip, r.net))
+			continue;
+		if (!ip_route_room(&n->ip)) {    /* at most SEC_CERT_ROUTES_MAX here: out of memory */
+			snprintf(err, errlen, "--route-for %s/%u: out of memory", net, r.len);
+			return -1;
+		}
+		n->ip.routes[n->ip.n_routes++] = r;
 	}
 	if ((o->mode == MODE_NS) != (o->exec_argv != NULL) || (o->mode == MODE_NS && !n->self.vip)) {
 		snprintf(err, errlen, "--mode ns needs --ip and a command after '--' (and a command after '--' "
@@ -13096,7 +13194,7 @@ static int cli_node_creds(struct node *n, const struct cli_opts *o, char *err, s
 	}
 	if (sec_load_cert_dir(&n->sec, &n->rng, o->cert_dir, err, errlen) < 0)
 		return -1;
-	snprintf(n->sec.crl_path, sizeof n->sec.crl_path, "%s", o->crl);
+	snprintf(n->sec.ctx->crl_path, sizeof n->sec.ctx->crl_path, "%s", o->crl);
 	return sec_crl_refresh(&n->sec, err, errlen) < 0 ? -1 : 0;
 }
 
@@ -13181,15 +13279,15 @@ static int cli_node_lease(struct node *n, const struct cli_opts *o, char *err, s
 static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
 	snprintf(n->name, sizeof n->name, "%s", o->name);
-	if (n->sec.mode == SEC_CERT && o->name[0] && strcmp(o->name, n->sec.own_grant.name)) {
+	if (n->sec.mode == SEC_CERT && o->name[0] && strcmp(o->name, n->sec.ctx->own_grant.name)) {
 		snprintf(err, errlen, "--name %s is not the name in this node's certificate (%s)", o->name,
-			 n->sec.own_grant.name[0] ? n->sec.own_grant.name : "none");
+			 n->sec.ctx->own_grant.name[0] ? n->sec.ctx->own_grant.name : "none");
 		return -2;
 	}
 	if (n->sec.mode == SEC_CERT && !o->name[0] &&
-	    strspn(n->sec.own_grant.name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") ==
-	    strlen(n->sec.own_grant.name))
-		snprintf(n->name, sizeof n->name, "%s", n->sec.own_grant.name);
+	    strspn(n->sec.ctx->own_grant.name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") ==
+	    strlen(n->sec.ctx->own_grant.name))
+		snprintf(n->name, sizeof n->name, "%s", n->sec.ctx->own_grant.name);
 	n->self.vip = o->has_ip ? o->ip : 0;
 	n->vip_prefix = o->has_ip ? o->prefix : 16;
 	if (o->ip_auto)
@@ -13204,10 +13302,10 @@ static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err
 	if (o->has_net && o->has_ip)
 		n->vip_prefix = o->net_len;
 	if (n->sec.mode == SEC_CERT) {
-		const struct sec_grant *g = &n->sec.own_grant;
+		const struct sec_grant *g = &n->sec.ctx->own_grant;
 		if (!o->has_ip && g->n_ips)
 			n->self.vip = g->ips[0];
-		if (!sec_cert_addr(&n->sec.own, g, n->self.vip, &n->self.addr)) {
+		if (!sec_cert_addr(&n->sec.ctx->own, g, n->self.vip, &n->self.addr)) {
 			char ip[16];
 			buf_ip_str(n->self.vip, ip);
 			snprintf(err, errlen, "--ip %s is not in this node's certificate (%s/node.crt)",
@@ -13327,16 +13425,16 @@ static void cli_reload(struct cli_run *r)
 		return;
 	log_cfg.level = o.log_level;
 	cli_shortcuts_set(n, &o);
-	if (strcmp(n->sec.crl_path, o.crl)) {
-		snprintf(n->sec.crl_path, sizeof n->sec.crl_path, "%s", o.crl);
+	if (strcmp(n->sec.ctx->crl_path, o.crl)) {
+		snprintf(n->sec.ctx->crl_path, sizeof n->sec.ctx->crl_path, "%s", o.crl);
 		if (!o.crl[0])
-			n->sec.n_revoked = 0;   /* no list any more; an unreadable new one keeps the old */
+			n->sec.ctx->n_revoked = 0;   /* no list any more; an unreadable new one keeps the old */
 	}
-	n->sec.crl_mtime = (struct timespec){ 0 };     /* read it now, changed or not */
+	n->sec.ctx->crl_mtime = (struct timespec){ 0 };     /* read it now, changed or not */
 	ev_timer_arm(&n->loop, &n->sec_timer, 0);
 	log_info("cli", "SIGHUP: reloaded: %u bootstrap peer(s), revocation list %s, log level %s, shortcuts "
 		 "over %u pkt/s (at most %u, %llu s idle)", n->ring.n_boot,
-		 n->sec.crl_path[0] ? n->sec.crl_path : "none", log_level_names[log_cfg.level], n->ring.sc.pps,
+		 n->sec.ctx->crl_path[0] ? n->sec.ctx->crl_path : "none", log_level_names[log_cfg.level], n->ring.sc.pps,
 		 n->ring.sc.max, (unsigned long long)(n->ring.sc.idle_ms / 1000));
 }
 

@@ -393,7 +393,7 @@ static void test_wire_relay(void)
 /* NAT classification and what a node advertises from its observations. */
 static void nat_observe(struct node *n, uint32_t ip, uint16_t port, uint8_t who)
 {
-	struct nat_state *s = &n->nat;
+	struct nat_state *s = n->nat;
 	s->seen[s->n_seen] = (struct endpoint){ PROTO_UDP, ip, port };
 	s->local[s->n_seen] = (struct endpoint){ PROTO_UDP, 0x0a000002, 4000 };
 	memset(s->reporter[s->n_seen].b, who, RING_ADDR_BYTES);
@@ -403,10 +403,12 @@ static void nat_observe(struct node *n, uint32_t ip, uint16_t port, uint8_t who)
 static void test_nat_classify(void)
 {
 	static struct node n;
+	static struct nat_state ns;
 	uint16_t top = 0;
 	memset(&n, 0, sizeof n);
-	n.nat.own[0] = (struct endpoint){ PROTO_UDP, 0x0a000002, 4000 };
-	n.nat.n_own = 1;
+	n.nat = &ns;
+	n.nat->own[0] = (struct endpoint){ PROTO_UDP, 0x0a000002, 4000 };
+	n.nat->n_own = 1;
 	CHECK(nat_classify(&n) == NAT_UNKNOWN);
 	nat_observe(&n, 0xcb007101, 4000, 1);
 	CHECK(nat_classify(&n) == NAT_UNKNOWN);         /* one reporter tells nothing */
@@ -415,29 +417,29 @@ static void test_nat_classify(void)
 	      n.self.endpoints[1].ip == 0x0a000002);     /* public first, then the LAN's */
 	nat_observe(&n, 0xcb007101, 4000, 2);
 	CHECK(nat_classify(&n) == NAT_PORT_PRESERVING);
-	n.nat.n_seen = 0;
+	n.nat->n_seen = 0;
 	nat_observe(&n, 0xcb007101, 31000, 1);
 	nat_observe(&n, 0xcb007101, 31000, 2);
 	CHECK(nat_classify(&n) == NAT_CONE);
-	n.nat.n_seen = 0;                               /* +2 per new peer: predictable */
+	n.nat->n_seen = 0;                               /* +2 per new peer: predictable */
 	nat_observe(&n, 0xcb007101, 31004, 3);
 	nat_observe(&n, 0xcb007101, 31000, 1);
 	nat_observe(&n, 0xcb007101, 31002, 2);
 	CHECK(nat_classify(&n) == NAT_SYMMETRIC_STEP);
-	CHECK(nat_port_step(&n.nat, &top) == 2 && top == 31004);
+	CHECK(nat_port_step(n.nat, &top) == 2 && top == 31004);
 	nat_advertise(&n);
 	CHECK(n.self.n_endpoints == NAT_PREDICT + 1 && n.self.endpoints[0].port == 31006 &&
 	      n.self.endpoints[1].port == 31008 && n.self.endpoints[2].port == 4000);
 	nat_observe(&n, 0xcb007101, 40111, 4);          /* uneven: random */
-	CHECK(nat_classify(&n) == NAT_SYMMETRIC && !nat_port_step(&n.nat, &top));
+	CHECK(nat_classify(&n) == NAT_SYMMETRIC && !nat_port_step(n.nat, &top));
 	nat_advertise(&n);
 	CHECK(n.self.n_endpoints == 1 && n.self.endpoints[0].port == 4000);  /* no useless mappings */
-	n.nat.n_seen = 0;
+	n.nat->n_seen = 0;
 	nat_observe(&n, 0xcb007101, 31000, 1);
 	nat_observe(&n, 0xcb007101, 31000 + NAT_STEP_MAX + 1, 2);
 	nat_observe(&n, 0xcb007101, 31000 + 2 * (NAT_STEP_MAX + 1), 3);
 	CHECK(nat_classify(&n) == NAT_SYMMETRIC);       /* too large a step to trust */
-	n.nat.n_seen = 0;
+	n.nat->n_seen = 0;
 	nat_observe(&n, 0x0a000002, 4000, 1);
 	nat_observe(&n, 0x0a000002, 4000, 2);
 	CHECK(nat_classify(&n) == NAT_NONE);
