@@ -69,12 +69,21 @@ def test_run():
     check(not diff, "same seed, same numbers (differ: %s)" % diff)
     e = run_json(small + ["--seed", "8"])
     check(c["events"] != e["events"] and c["routing"] != e["routing"], "another seed, other numbers")
+    # Keepalives between live nodes are folded (no datagram); delivering
+    # every one must not change the ring, and folding must save events.
+    x = run_json(small + ["--seed", "7", "--exact-keepalives"])
+    check(x["ring_consistent"] == c["ring_consistent"] == 500 and x["routing"]["success_pct"] == 100.0 and
+          c["events"] < 0.8 * x["events"],
+          "folded keepalives: ring %d/%d, events %d against %d delivered one by one"
+          % (c["ring_consistent"], x["ring_consistent"], c["events"], x["events"]))
     a = run_json(ARGS)
     log("2000 nodes: " + json.dumps(a))
 
     n = a["nodes"]
     log2n = math.log2(n)
     check(a["ring_consistent"] == n, "ring consistent after the join: %d/%d" % (a["ring_consistent"], n))
+    check(a["far_short"] * 100 <= n, "far links: mean %.2f, %d nodes short of their target"
+          % (a["far_mean"], a["far_short"]))
     r = a["routing"]
     check(r["success_pct"] >= 99.9, "routing without churn %.3f%% >= 99.9%%" % r["success_pct"])
     check(r["hops_mean"] <= log2n and r["hops_p99"] <= log2n,
