@@ -2377,6 +2377,10 @@ struct link_hooks {
 	void (*conflict)(struct node *n, const struct peer_info *other);
 	void (*dial_failed)(struct node *n, struct link *l);   /* a dial's handshake timed out */
 	void (*punch)(struct node *n, struct link *l);         /* a relayed peer dials us now */
+	/* An HS_COOKIE answered an RTT probe of ours (link_probe): true if the
+	 * token was one; the cookie lets a dial to `from` skip its round trip. */
+	bool (*probe_reply)(struct node *n, uint32_t token, const struct sockaddr_in *from,
+			    const uint8_t cookie[SEC_MAC_BYTES]);
 };
 
 struct listener {
@@ -2400,8 +2404,8 @@ enum {
 	RING_SC_IDLE_DEFAULT_S = 30,
 	RING_SLOW_HOLD_MS = 15000,     /* a stalled neighbour is passed over this long */
 	RING_SLOW_QUEUE_BYTES = LINK_TCP_WQUEUE_BYTES / 4,     /* a TCP link backing up */
-	RING_PNS_CANDIDATES = 3,       /* far candidates dialled to compare RTTs */
-	RING_PNS_DECIDE_MS = 2500,     /* time for every candidate's first pong (1 s grid) */
+	RING_PNS_CANDIDATES = 3,       /* far candidates probed to compare RTTs */
+	RING_PNS_PROBE_MS = 1000,      /* the probes' answers, at most; all in: at once */
 	RING_FAR_PARALLEL = 3,         /* far requests under way at once */
 	RING_FAR_REPLY_MS = 3000,      /* a far request's reply, or another request */
 };
@@ -2428,14 +2432,31 @@ struct ring_shortcuts {
 	                                * a simulated node) does without */
 };
 
-/* A far request under way: its reply, then (proximity neighbour
- * selection) the candidates being measured. */
+/* A far candidate (proximity neighbour selection): probed, and dialled
+ * only if its RTT is the lowest. */
+struct ring_pns_cand {
+	ring_addr addr;
+	uint32_t token;                 /* its probe's sender index (link_probe) */
+	int32_t rtt_us;                 /* -1 until the probe's answer */
+	struct endpoint ep;             /* the endpoint that answered */
+	uint8_t cookie[SEC_MAC_BYTES];  /* and its cookie, for the dial */
+};
+
+enum ring_far_state {
+	FAR_FREE,
+	FAR_ASKED,                      /* the connect-to-me is out; awaiting its reply */
+	FAR_PROBING,                    /* the candidates' probes are out */
+	FAR_DIALLING,                   /* the lowest RTT won; its link is coming up */
+};
+
+/* A far request under way, from the connect-to-me to the chosen link. */
 struct ring_far_req {
-	uint32_t token;
-	uint64_t until_ms;              /* 0: a free slot */
-	uint64_t decide_ms;             /* 0: no reply yet */
-	unsigned n;
-	ring_addr cand[RING_PNS_CANDIDATES];
+	uint8_t state;
+	uint8_t n, winner;              /* candidates, and the one chosen */
+	uint32_t token;                 /* the connect-to-me's */
+	uint64_t until_ms;              /* this state's deadline */
+	uint64_t probed_us;             /* when the probes left */
+	struct ring_pns_cand cand[RING_PNS_CANDIDATES];
 };
 
 /* Ring upkeep state, owned by section 07. */
@@ -4254,8 +4275,10 @@ static void link_dispatch(struct node *n, struct link *stream, int fd, const str
 	bool bad;
 	switch (type) {
 	case WIRE_HS_COOKIE:
-		if (!(bad = wire_hs_cookie_decode(pkt, len, &c) < 0) &&
-		    (l = link_for_index(n, stream, fd, c.receiver, from, true)))
+		if (!(bad = wire_hs_cookie_decode(pkt, len, &c) < 0) && !stream && n->hooks.probe_reply &&
+		    n->hooks.probe_reply(n, c.receiver, from, c.cookie))
+			break;
+		if (!bad && (l = link_for_index(n, stream, fd, c.receiver, from, true)))
 			link_on_hs_cookie(l, &c);
 		break;
 	case WIRE_HS_RESP:
@@ -4620,8 +4643,10 @@ static int link_tcp_dial_socket(const struct sockaddr_in *sa)
 
 /* Start a handshake towards an endpoint; expect (may be NULL) is the ring
  * address the dial must reach, want the roles to take on once up. */
+/* Dial ep; a cookie the peer gave us (link_probe) goes in the first
+ * HS_INIT and saves the cookie round trip. */
 static struct link *link_dial(struct node *n, const struct endpoint *ep,
-			      const ring_addr *expect, uint8_t want)
+			      const ring_addr *expect, uint8_t want, const uint8_t *cookie)
 {
 	struct sockaddr_in sa = link_sockaddr_of(ep);
 	int fd = ep->proto == PROTO_UDP ? link_udp_dial_socket(n) : link_tcp_dial_socket(&sa);
@@ -4640,6 +4665,10 @@ static struct link *link_dial(struct node *n, const struct endpoint *ep,
 		l->expect_set = true;
 	}
 	if (ep->proto == PROTO_UDP) {
+		if (cookie) {
+			memcpy(l->hs.s->cookie, cookie, SEC_MAC_BYTES);
+			l->hs.s->has_cookie = true;
+		}
 		link_hs_begin(l);
 	} else {
 		l->state = LINK_CONNECTING;
@@ -4647,6 +4676,24 @@ static struct link *link_dial(struct node *n, const struct endpoint *ep,
 		ev_timer_arm(&n->loop, &l->timer, LINK_HANDSHAKE_TIMEOUT_MS);
 	}
 	return l;
+}
+
+/* An RTT probe: an HS_INIT without a cookie, whose sender index is a token
+ * and not a link.  The responder answers with HS_COOKIE and keeps nothing
+ * (link_on_hs_init checks the cookie before it makes a link), so a probe
+ * costs each end one datagram and no state; the answer comes back through
+ * hooks.probe_reply.  Proximity neighbour selection (section 07) measures
+ * its far candidates this way instead of linking with all of them. */
+static void link_probe(struct node *n, const struct sockaddr_in *to, uint32_t token)
+{
+	int fd = link_udp_dial_socket(n);
+	struct wire_hs_init m = { .sender = token, .mode = (uint8_t)n->sec.mode };
+	uint8_t pkt[WIRE_HS_INIT_BYTES];
+	if (fd < 0 || wire_hs_init_encode(pkt, sizeof pkt, &m) != WIRE_HS_INIT_BYTES)
+		return;
+	if (n->sec.mode != SEC_INSECURE)
+		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, pkt + WIRE_HS_INIT_MAC1_OFFSET);
+	link_udp_queue(n, fd, to, pkt, sizeof pkt);
 }
 
 /* Every LINK_SEC_TICK_MS: rotate the cookie secret, re-read the revocation
@@ -4869,16 +4916,6 @@ static const struct ring_view *ring_view(struct node *n)
 	v->links_gen = n->links_gen;
 	v->valid = true;
 	return v;
-}
-
-/* The usable link to the peer at a, from the view: no walk over the links. */
-static struct link *ring_view_find(struct node *n, const ring_addr *a)
-{
-	const struct ring_view *v = ring_view(n);
-	for (unsigned i = 0; i < v->n; i++)
-		if (wire_addr_eq(&v->e[i].addr, a))
-			return n->link_slots[v->e[i].slot];
-	return NULL;
 }
 
 static void ring_free(struct node *n)
@@ -5358,7 +5395,7 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 			const struct endpoint *ep = &pi->endpoints[i];
 			if (ep->proto != proto || ep->port == 0)
 				continue;
-			if (link_dial(n, ep, &pi->addr, want))
+			if (link_dial(n, ep, &pi->addr, want, NULL))
 				dialled++;
 		}
 	}
@@ -5378,7 +5415,7 @@ static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t 
 			tried = l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->initiator &&
 				link_sockaddr_eq(&l->remote, &sa);
 		if (!tried)
-			link_dial(n, ep, &pi->addr, want);
+			link_dial(n, ep, &pi->addr, want, NULL);
 	}
 }
 
@@ -5507,22 +5544,41 @@ static bool ring_is_conflict(struct node *n, const struct peer_info *pi)
 
 /* Proximity neighbour selection: the node that answered a far request
  * and its near neighbours make the same ring progress (they sit a node or
- * two apart around the far target), so dial up to RING_PNS_CANDIDATES of
- * them, role-less, and give the far role to the lowest RTT once each had
- * time for a pong (ring_pns_upkeep).  The others fade as unneeded links. */
-static void ring_pns_start(struct node *n, struct ring_far_req *s, const struct wire_ctm_reply *m)
+ * two apart around the far target), so probe up to RING_PNS_CANDIDATES of
+ * them (link_probe: one round trip, no link) and dial the lowest RTT
+ * (ring_pns_decide).  Dialling them all to compare keepalive RTTs cost
+ * two handshakes and two closes per far link, a third of a joining node's
+ * messages (docs/SCALING.md). */
+static void ring_pns_add(struct node *n, struct ring_far_req *f, const struct peer_info *pi)
 {
-	s->n = 0;
-	s->cand[s->n++] = m->from.addr;
-	for (unsigned i = 0; i < m->n_neighbours && s->n < RING_PNS_CANDIDATES; i++) {
-		const struct peer_info *c = &m->neighbours[i];
-		if (wire_addr_eq(&c->addr, &n->self.addr) || ring_in_set(&c->addr, s->cand, s->n))
+	struct ring_pns_cand *c = &f->cand[f->n++];
+	*c = (struct ring_pns_cand){ .addr = pi->addr, .token = (uint32_t)sec_random_u64(&n->rng),
+				     .rtt_us = -1 };
+	for (unsigned i = 0, sent = 0; i < pi->n_endpoints && sent < RING_DIAL_ENDPOINTS_MAX; i++) {
+		const struct endpoint *ep = &pi->endpoints[i];
+		if (ep->proto != PROTO_UDP || ep->port == 0)
 			continue;
-		s->cand[s->n++] = c->addr;
-		ring_dial(n, c, 0);
+		struct sockaddr_in sa = link_sockaddr_of(ep);
+		link_probe(n, &sa, c->token);
+		sent++;
 	}
-	s->decide_ms = ev_now(&n->loop) + RING_PNS_DECIDE_MS;
-	s->until_ms = s->decide_ms + RING_TICK_MS;
+}
+
+static void ring_pns_start(struct node *n, struct ring_far_req *f, const struct wire_ctm_reply *m)
+{
+	f->n = 0;
+	f->probed_us = ev_now_us(&n->loop);
+	ring_pns_add(n, f, &m->from);
+	for (unsigned i = 0; i < m->n_neighbours && f->n < RING_PNS_CANDIDATES; i++) {
+		const struct peer_info *c = &m->neighbours[i];
+		bool seen = wire_addr_eq(&c->addr, &n->self.addr);
+		for (unsigned j = 0; j < f->n && !seen; j++)
+			seen = wire_addr_eq(&c->addr, &f->cand[j].addr);
+		if (!seen)
+			ring_pns_add(n, f, c);
+	}
+	f->state = FAR_PROBING;
+	f->until_ms = ev_now(&n->loop) + RING_PNS_PROBE_MS;
 }
 
 /* The far request a connect-to-me reply answers, if still waiting. */
@@ -5530,7 +5586,7 @@ static struct ring_far_req *ring_far_waiting(struct node *n, uint32_t token)
 {
 	for (unsigned i = 0; i < RING_FAR_PARALLEL; i++) {
 		struct ring_far_req *f = &n->ring.far[i];
-		if (f->until_ms && !f->decide_ms && f->token == token)
+		if (f->state == FAR_ASKED && f->token == token)
 			return f;
 	}
 	return NULL;
@@ -5665,13 +5721,13 @@ static void ring_far_request(struct node *n, struct ring_far_req *f, double n_es
 	struct wbuf w = wbuf_of(off.b, 8);
 	wbuf_u64(&w, top);
 	ring_addr target = ring_add(&n->self.addr, &off);
-	*f = (struct ring_far_req){ .token = (uint32_t)sec_random_u64(&n->rng),
+	*f = (struct ring_far_req){ .state = FAR_ASKED, .token = (uint32_t)sec_random_u64(&n->rng),
 				    .until_ms = ev_now(&n->loop) + RING_FAR_REPLY_MS };
 	ring_ctm_send(n, MODE_NEAREST, &target, ROLE_FAR, f->token);
 }
 
 /* Up to RING_FAR_PARALLEL far requests at once: one at a time, each a
- * routed request, dials and RING_PNS_DECIDE_MS of RTT comparison, a node
+ * routed request, probes and a dial, a node
  * that wants 9 far links (N = 100 000) took half a minute to get them. */
 static void ring_far_upkeep(struct node *n)
 {
@@ -5690,9 +5746,9 @@ static void ring_far_upkeep(struct node *n)
 	struct ring_far_req *free_slot = NULL;
 	for (unsigned i = 0; i < RING_FAR_PARALLEL; i++) {
 		struct ring_far_req *f = &n->ring.far[i];
-		if (f->until_ms && now >= f->until_ms)
-			f->until_ms = f->decide_ms = 0;         /* no reply: it was lost */
-		if (f->until_ms)
+		if (f->state == FAR_ASKED && now >= f->until_ms)
+			f->state = FAR_FREE;                    /* no reply: it was lost */
+		if (f->state != FAR_FREE)
 			pending++;
 		else
 			free_slot = f;
@@ -5719,65 +5775,111 @@ static void ring_bootstrap_upkeep(struct node *n)
 	if (n->links || !n->ring.n_boot || now < n->ring.next_boot_ms)
 		return;
 	for (unsigned i = 0; i < n->ring.n_boot; i++)
-		link_dial(n, &n->ring.boot[i], NULL, ROLE_LEAF);
+		link_dial(n, &n->ring.boot[i], NULL, ROLE_LEAF, NULL);
 	uint64_t b = n->ring.boot_backoff_ms ? n->ring.boot_backoff_ms * 2 : 1000;
 	n->ring.boot_backoff_ms = b > RING_BOOT_RETRY_MAX_MS ? RING_BOOT_RETRY_MAX_MS : b;
 	n->ring.next_boot_ms = now + n->ring.boot_backoff_ms;
 }
 
-/* A far candidate that may get the role: up, and neither a near
- * neighbour nor already far (another request may have picked it). */
-static struct link *ring_pns_link(struct node *n, const ring_addr *a)
+/* A candidate that may get the far role: answered, not slow, and neither
+ * a near neighbour nor already far (another request may have chosen it). */
+static bool ring_pns_eligible(struct node *n, const struct ring_pns_cand *c)
 {
-	struct link *l = ring_view_find(n, a);
-	return l && !(l->local_roles & (ROLE_NEAR | ROLE_FAR)) ? l : NULL;
+	struct link *l = link_find_peer(n, &c->addr, false);
+	return c->rtt_us >= 0 &&
+	       !(l && (((l->local_roles | l->want_roles) & (ROLE_NEAR | ROLE_FAR)) ||
+		       (l->state == LINK_UP && ring_link_slow(n, l))));
 }
 
-/* Every candidate is up with an RTT: no reason to wait longer.  (One
- * that failed holds the choice to RING_PNS_DECIDE_MS.) */
-static bool ring_pns_measured(struct node *n, const struct ring_far_req *s)
+/* The far role to a candidate: on its link if there is one (the node that
+ * answered is being linked by the connect-to-me anyway), else a dial to
+ * the endpoint that answered, with its cookie. */
+static void ring_pns_give(struct node *n, const struct ring_pns_cand *c)
 {
-	for (unsigned i = 0; i < s->n; i++) {
-		struct link *l = ring_view_find(n, &s->cand[i]);
-		if (!l || l->rtt_ms < 0)
-			return false;
+	struct link *l = link_find_peer(n, &c->addr, false);
+	if (l) {
+		l->want_roles |= ROLE_FAR;
+		if (l->state == LINK_UP)
+			ring_roles_set(l, l->local_roles | ROLE_FAR);
+	} else if (c->rtt_us >= 0) {
+		link_dial(n, &c->ep, &c->addr, ROLE_FAR, c->cookie);
 	}
-	return true;
 }
 
-/* The far candidates had time for a pong (or all have one): the lowest
- * RTT that is not slow gets the far role; without any RTT, the first one
- * that is up. */
-static void ring_pns_decide(struct node *n, struct ring_far_req *s)
+/* Every probe answered, or RING_PNS_PROBE_MS passed: the lowest RTT gets
+ * the far role.  With no answer at all (a NAT the probes cannot cross)
+ * the node that answered the request does: its connect-to-me dial has
+ * punched the way. */
+static void ring_pns_decide(struct node *n, struct ring_far_req *f)
 {
-	struct link *best = NULL;
-	for (unsigned i = 0; i < s->n; i++) {
-		struct link *l = ring_pns_link(n, &s->cand[i]);
-		if (!l)
+	int best = -1;
+	for (unsigned i = 0; i < f->n; i++)
+		if (ring_pns_eligible(n, &f->cand[i]) && (best < 0 || f->cand[i].rtt_us < f->cand[best].rtt_us))
+			best = (int)i;
+	if (best < 0) {
+		struct link *l = f->n ? link_find_peer(n, &f->cand[0].addr, false) : NULL;
+		if (!l || ((l->local_roles | l->want_roles) & (ROLE_NEAR | ROLE_FAR))) {
+			f->state = FAR_FREE;
+			return;
+		}
+		best = 0;
+	}
+	const struct ring_pns_cand *c = &f->cand[best];
+	char addr[2 * RING_ADDR_BYTES + 1];
+	ring_addr_hex(&c->addr, addr);
+	log_debug("ring", "far link to %.12s: %.3f ms, the lowest RTT of %u candidates", addr,
+		  c->rtt_us / 1000.0, f->n);
+	ring_pns_give(n, c);
+	f->state = FAR_DIALLING;
+	f->winner = (uint8_t)best;
+	f->until_ms = ev_now(&n->loop) + LINK_HANDSHAKE_TIMEOUT_MS;
+}
+
+/* hooks.probe_reply: a far candidate's probe came back. */
+static bool ring_on_probe_reply(struct node *n, uint32_t token, const struct sockaddr_in *from,
+				const uint8_t cookie[SEC_MAC_BYTES])
+{
+	for (unsigned i = 0; i < RING_FAR_PARALLEL; i++) {
+		struct ring_far_req *f = &n->ring.far[i];
+		if (f->state != FAR_PROBING)
 			continue;
-		bool better = !best || (best->rtt_ms < 0 && l->rtt_ms >= 0) ||
-			      (ring_link_slow(n, best) && !ring_link_slow(n, l)) ||
-			      (l->rtt_ms >= 0 && l->rtt_ms < best->rtt_ms &&
-			       ring_link_slow(n, l) == ring_link_slow(n, best));
-		if (better)
-			best = l;
+		unsigned answered = 0;
+		bool mine = false;
+		for (unsigned j = 0; j < f->n; j++) {
+			struct ring_pns_cand *c = &f->cand[j];
+			if (c->token == token && c->rtt_us < 0) {
+				uint64_t rtt = ev_now_us(&n->loop) - f->probed_us;
+				c->rtt_us = rtt > INT32_MAX ? INT32_MAX : (int32_t)rtt;
+				c->ep = (struct endpoint){ .proto = PROTO_UDP, .ip = ntohl(from->sin_addr.s_addr),
+							   .port = ntohs(from->sin_port) };
+				memcpy(c->cookie, cookie, SEC_MAC_BYTES);
+				mine = true;
+			}
+			answered += c->rtt_us >= 0;
+		}
+		if (mine) {
+			if (answered == f->n)
+				ring_pns_decide(n, f);
+			return true;
+		}
 	}
-	s->until_ms = s->decide_ms = 0;
-	if (!best)
-		return;
-	char who[64];
-	link_describe(best, who);
-	log_debug("ring", "far link %s: %.3f ms, the lowest RTT of %u candidates", who, best->rtt_ms, s->n);
-	ring_roles_set(best, best->local_roles | ROLE_FAR);
+	return false;
 }
 
+/* Probes out of time are decided on what answered; a chosen link that is
+ * up (its role counted from now on) or failed frees the request. */
 static void ring_pns_upkeep(struct node *n)
 {
 	uint64_t now = ev_now(&n->loop);
 	for (unsigned i = 0; i < RING_FAR_PARALLEL; i++) {
-		struct ring_far_req *s = &n->ring.far[i];
-		if (s->decide_ms && (now >= s->decide_ms || ring_pns_measured(n, s)))
-			ring_pns_decide(n, s);
+		struct ring_far_req *f = &n->ring.far[i];
+		if (f->state == FAR_PROBING && now >= f->until_ms) {
+			ring_pns_decide(n, f);
+		} else if (f->state == FAR_DIALLING) {
+			struct link *l = link_find_peer(n, &f->cand[f->winner].addr, false);
+			if (!l || l->state == LINK_UP || now >= f->until_ms)
+				f->state = FAR_FREE;
+		}
 	}
 }
 
@@ -5944,7 +6046,7 @@ static void ring_start(struct node *n)
 {
 	n->hooks = (struct link_hooks){ .up = ring_on_link_up, .down = ring_on_link_down,
 					.roles = ring_on_roles, .routed = ring_on_routed,
-					.conflict = ring_on_conflict };
+					.conflict = ring_on_conflict, .probe_reply = ring_on_probe_reply };
 	if (!n->ring.sc.max)            /* cli_ sets all three; tests may not */
 		n->ring.sc = (struct ring_shortcuts){ .pps = RING_SC_PPS_DEFAULT, .max = RING_SC_MAX_DEFAULT,
 						      .idle_ms = RING_SC_IDLE_DEFAULT_S * 1000 };
@@ -11084,6 +11186,9 @@ static uint64_t sim_latency_ms(const struct sim *s, uint32_t a, uint32_t b)
 	return SIM_LATENCY_MIN_MS + sim_mix(s->seed ^ (lo << 32 | hi)) % SIM_LATENCY_SPAN_MS;
 }
 
+/* The mean RTT of a random pair: twice the mean of 1..50 ms. */
+#define SIM_PAIR_RTT_MS (2.0 * SIM_LATENCY_MIN_MS + (SIM_LATENCY_SPAN_MS - 1))
+
 /* Insecure records are plain: a keepalive is a DATA record holding PING or PONG. */
 static bool sim_is_keepalive(const uint8_t *pkt, size_t len)
 {
@@ -11562,6 +11667,7 @@ struct sim_links {
 	uint32_t p50, max;
 	double far_mean;                /* far roles we hold, per node */
 	uint32_t far_short;             /* nodes holding fewer than they want */
+	double far_rtt_ms;              /* mean RTT of far links: proximity selection at work */
 	uint64_t link_bytes;            /* struct link records, all nodes */
 	uint64_t dht_bytes;             /* record and pending slots, all nodes */
 };
@@ -11576,7 +11682,7 @@ static struct sim_links sim_links_of(struct sim *s)
 {
 	struct sim_links r = { 0 };
 	uint32_t *c = calloc(s->n_alive ? s->n_alive : 1, sizeof *c);
-	uint64_t sum = 0;
+	uint64_t sum = 0, far_links = 0;
 	if (!c)
 		return r;
 	for (uint32_t i = 0; i < s->n_alive; i++) {
@@ -11584,10 +11690,15 @@ static struct sim_links sim_links_of(struct sim *s)
 		unsigned far = 0;
 		for (struct link *l = n->links; l; l = l->next) {
 			c[i] += l->state == LINK_UP;
-			far += l->state == LINK_UP && (l->local_roles & ROLE_FAR);
 			r.link_bytes += sizeof *l;
+			if (l->state != LINK_UP || !(l->local_roles & ROLE_FAR))
+				continue;
+			far++;
+			uint32_t peer = ntohl(l->remote.sin_addr.s_addr) - SIM_BASE_IP - 1;
+			r.far_rtt_ms += 2.0 * (double)sim_latency_ms(s, s->alive[i], peer);
 		}
 		r.far_mean += far;
+		far_links += far;
 		r.far_short += far < ring_far_target(ring_estimate_n(n));
 		r.dht_bytes += (uint64_t)n->dht.records_cap * sizeof *n->dht.records +
 			       (uint64_t)n->dht.pending_cap * sizeof *n->dht.pending;
@@ -11596,6 +11707,7 @@ static struct sim_links sim_links_of(struct sim *s)
 	qsort(c, s->n_alive, sizeof *c, sim_u32_cmp);
 	r.mean = s->n_alive ? (double)sum / s->n_alive : 0;
 	r.far_mean = s->n_alive ? r.far_mean / s->n_alive : 0;
+	r.far_rtt_ms = far_links ? r.far_rtt_ms / (double)far_links : 0;
 	r.p50 = s->n_alive ? c[s->n_alive / 2] : 0;
 	r.max = s->n_alive ? c[s->n_alive - 1] : 0;
 	free(c);
@@ -11853,11 +11965,13 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 			   "\"log2n\":%.3f,\"join_s\":%.1f,\"join_msgs_per_node\":%.2f,"
 			   "\"join_control_per_node\":%.2f,\"join_keepalives_per_node\":%.2f,\"ring_consistent\":%u,"
 			   "\"links_mean\":%.2f,\"links_p50\":%u,\"links_max\":%u,\"far_mean\":%.2f,"
-			   "\"far_short\":%u,\"idle_pkts_per_node_s\":%.2f,\"idle_control_per_node_s\":%.3f,",
+			   "\"far_short\":%u,\"far_rtt_ms\":%.2f,\"pair_rtt_ms\":%.2f,"
+			   "\"idle_pkts_per_node_s\":%.2f,\"idle_control_per_node_s\":%.3f,",
 			   o->nodes, (unsigned long long)o->seed, o->churn, o->duration_s, o->join_rate, log2(n0),
 			   r->join_s, join_msgs, (double)r->join_control_pkts / n0, (double)r->join_keepalive_pkts / n0,
 			   r->consistent, r->links.mean, r->links.p50, r->links.max, r->links.far_mean,
-			   r->links.far_short, r->idle_pkts_per_node_s, r->idle_control_per_node_s);
+			   r->links.far_short, r->links.far_rtt_ms, SIM_PAIR_RTT_MS, r->idle_pkts_per_node_s,
+			   r->idle_control_per_node_s);
 		sim_report_hops(&b, true, "routing", &r->hops);
 		if (r->replaced)
 			sim_report_hops(&b, true, "routing_churn", &r->hops_churn);
@@ -11883,8 +11997,9 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 		buf_printf(&b, "%-22s %u/%u nodes hold their 2+2 true neighbours\n", "ring", r->consistent, o->nodes);
 		buf_printf(&b, "%-22s mean %.2f p50 %u max %u\n", "up links per node", r->links.mean, r->links.p50,
 			   r->links.max);
-		buf_printf(&b, "%-22s mean %.2f per node; %u nodes hold fewer than they want\n", "far links",
-			   r->links.far_mean, r->links.far_short);
+		buf_printf(&b, "%-22s mean %.2f per node; %u nodes hold fewer than they want; RTT %.1f ms "
+			   "(any pair: %.1f ms)\n", "far links", r->links.far_mean, r->links.far_short,
+			   r->links.far_rtt_ms, SIM_PAIR_RTT_MS);
 		buf_printf(&b, "%-22s %.2f datagrams sent per node per s (%.2f not keepalives)\n", "idle traffic",
 			   r->idle_pkts_per_node_s, r->idle_control_per_node_s);
 		buf_printf(&b, "%-22s %.0f B (RSS %llu kB after the join; struct node %zu B, links %.0f B, "

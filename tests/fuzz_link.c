@@ -211,7 +211,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		known[n_known++] = l;
 
 	struct endpoint src_ep = { PROTO_UDP, FUZZ_SRC_IP, FUZZ_SRC_PORT };
-	link_dial(n, &src_ep, NULL, 0);
+	link_dial(n, &src_ep, NULL, 0, NULL);
 	renumber(n);
 
 	int sp[2] = { -1, -1 };

@@ -146,7 +146,7 @@ int main(int argc, char **argv)
 		unlink(keyp);
 		rmdir(dir);
 	}
-	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0, NULL);
 	for (int i = 0; i < 2000 && !(link_find_peer(&a, &b.self.addr, true) &&
 				      link_find_peer(&b, &a.self.addr, true)); i++)
 		pump(&a, &b, 1);

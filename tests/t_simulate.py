@@ -84,6 +84,10 @@ def test_run():
     check(a["ring_consistent"] == n, "ring consistent after the join: %d/%d" % (a["ring_consistent"], n))
     check(a["far_short"] * 100 <= n, "far links: mean %.2f, %d nodes short of their target"
           % (a["far_mean"], a["far_short"]))
+    # Proximity neighbour selection keeps the lowest RTT of 3 probed
+    # candidates: about half a random pair's RTT (random choice: all of it).
+    check(a["far_rtt_ms"] <= 0.7 * a["pair_rtt_ms"],
+          "far links' RTT %.1f ms <= 0.7 x a random pair's %.1f ms" % (a["far_rtt_ms"], a["pair_rtt_ms"]))
     r = a["routing"]
     check(r["success_pct"] >= 99.9, "routing without churn %.3f%% >= 99.9%%" % r["success_pct"])
     check(r["hops_mean"] <= log2n and r["hops_p99"] <= log2n,

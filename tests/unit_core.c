@@ -950,7 +950,7 @@ static void pump_until_up(struct node *a, struct node *b, int turns)
  * a few more turns drain what is still in flight. */
 static bool pair_link(struct node *from, struct node *to, struct node *a, struct node *b)
 {
-	if (!link_dial(from, &to->self.endpoints[0], &to->self.addr, 0))
+	if (!link_dial(from, &to->self.endpoints[0], &to->self.addr, 0, NULL))
 		return false;
 	pump_until_up(a, b, 400);
 	pump(a, b, 20);
@@ -974,7 +974,7 @@ static void test_secure_pair(uint8_t proto)
 	static struct node a, b;
 	const char *key = unit_key("a.key", KEY_A);
 	CHECK(node_up(&a, proto, key) == 0 && node_up(&b, proto, key) == 0);
-	CHECK(link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0) != NULL);
+	CHECK(link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0, NULL) != NULL);
 	pump_until_up(&a, &b, 400);
 	struct link *la = link_find_peer(&a, &b.self.addr, true), *lb = link_find_peer(&b, &a.self.addr, true);
 	CHECK(la && lb && la->initiator && !lb->initiator);
@@ -1017,6 +1017,50 @@ static void test_secure_pair(uint8_t proto)
 	link_reap(&a);
 	cli_node_free(&a);
 	cli_node_free(&b);
+}
+
+/* Proximity neighbour selection probes a far candidate without a link: a
+ * cookie-less HS_INIT (valid mac1) comes back as HS_COOKIE with an RTT, and
+ * the winner is dialled with that cookie (no second round trip) and comes
+ * up far.  A probe from another network is dropped as a non-member: no
+ * answer, no link, and the request frees itself. */
+static void test_pns_probe(void)
+{
+	static struct node a, b, c;
+	CHECK(node_up(&a, PROTO_UDP, unit_key("a.key", KEY_A)) == 0 && node_up(&b, PROTO_UDP, unit_key("a.key", KEY_A)) == 0);
+	CHECK(node_up(&c, PROTO_UDP, unit_key("b.key", KEY_B)) == 0);
+	struct ring_far_req *f = &a.ring.far[0];
+	struct wire_ctm_reply m = { .from = b.self };
+	*f = (struct ring_far_req){ .state = FAR_ASKED, .token = 7, .until_ms = ev_now(&a.loop) + 60000 };
+	CHECK(ring_far_waiting(&a, 7) == f);
+	ring_pns_start(&a, f, &m);
+	CHECK(f->state == FAR_PROBING && f->n == 1 && f->cand[0].rtt_us < 0);
+	CHECK(a.n_links == 0 && b.n_links == 0);
+	for (int i = 0; i < 50 && f->state == FAR_PROBING; i++)
+		pump(&a, &b, 1);
+	CHECK(f->state == FAR_DIALLING && f->cand[0].rtt_us >= 0 && f->cand[0].ep.port == b.self.endpoints[0].port);
+	struct link *l = link_find_peer(&a, &b.self.addr, false);
+	CHECK(l && l->initiator && l->hs.s && l->hs.s->has_cookie && (l->want_roles & ROLE_FAR));
+	pump_until_up(&a, &b, 400);
+	l = link_find_peer(&a, &b.self.addr, true);
+	CHECK(l && (l->local_roles & ROLE_FAR));
+	pump(&a, &b, 5);
+	ring_pns_upkeep(&a);
+	CHECK(f->state == FAR_FREE);
+	CHECK(b.drops.count[DROP_NOT_MEMBER] == 0 && b.drops.count[DROP_UNKNOWN_SENDER] == 0);
+
+	/* c is of another network: b does not answer its probe. */
+	struct ring_far_req *g = &c.ring.far[0];
+	*g = (struct ring_far_req){ .state = FAR_ASKED, .token = 9, .until_ms = ev_now(&c.loop) + 60000 };
+	ring_pns_start(&c, g, &m);
+	pump(&c, &b, 20);
+	CHECK(g->state == FAR_PROBING && g->cand[0].rtt_us < 0 && b.drops.count[DROP_NOT_MEMBER] == 1);
+	g->until_ms = 0;
+	ring_pns_upkeep(&c);
+	CHECK(g->state == FAR_FREE && c.n_links == 0);
+	cli_node_free(&a);
+	cli_node_free(&b);
+	cli_node_free(&c);
 }
 
 /* A node that offers only ChaCha20-Poly1305 (no AES-NI, or
@@ -1129,7 +1173,7 @@ static void test_refusals(void)
 	static struct node a, b;
 	CHECK(node_up(&a, PROTO_UDP, unit_key("a.key", KEY_A)) == 0);
 	CHECK(node_up(&b, PROTO_UDP, unit_key("b.key", KEY_B)) == 0);
-	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0, NULL);
 	pump(&a, &b, 100);
 	CHECK(!pair_up(&a, &b) && b.drops.count[DROP_NOT_MEMBER] > 0 && b.n_links == 0);
 	cli_node_free(&a);
@@ -1137,7 +1181,7 @@ static void test_refusals(void)
 	log_cfg.level = -1;                                /* the mode error is expected */
 	CHECK(node_up(&a, PROTO_UDP, NULL) == 0);
 	CHECK(node_up(&b, PROTO_UDP, unit_key("b.key", KEY_B)) == 0);
-	struct link *l = link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	struct link *l = link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0, NULL);
 	CHECK(l != NULL);
 	pump(&a, &b, 50);
 	CHECK(!pair_up(&a, &b) && b.drops.count[DROP_MODE_MISMATCH] > 0 && b.n_links == 0 && a.n_links == 0);
@@ -1164,7 +1208,7 @@ static void test_duplicate_ip(void)
 	b.self.started = a.self.started + 1;
 	CHECK(wire_addr_eq(&a.self.addr, &b.self.addr) && a.self.instance != b.self.instance);
 	log_cfg.level = -1;
-	link_dial(&b, &a.self.endpoints[0], NULL, ROLE_LEAF);
+	link_dial(&b, &a.self.endpoints[0], NULL, ROLE_LEAF, NULL);
 	for (int i = 0; i < 200 && !b.loop.stop; i++)
 		pump(&a, &b, 1);
 	log_cfg.level = LOG_ERROR;
@@ -1213,7 +1257,7 @@ static void test_insecure_pair(void)
 	log_cfg.level = -1;
 	CHECK(node_up(&a, PROTO_TCP, NULL) == 0 && node_up(&b, PROTO_TCP, NULL) == 0);
 	log_cfg.level = LOG_ERROR;
-	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0);
+	link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0, NULL);
 	pump_until_up(&a, &b, 400);
 	CHECK(pair_up(&a, &b));
 	cli_node_free(&a);
@@ -1361,6 +1405,7 @@ int main(void)
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
 	CHECK(mkdtemp(unit_dir) != NULL);
 	test_secure_pair(PROTO_UDP);
+	test_pns_probe();
 	test_secure_pair(PROTO_TCP);
 	test_replay_tamper();
 	test_cipher_mix();
