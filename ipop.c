@@ -2408,6 +2408,8 @@ enum {
 	RING_PNS_PROBE_MS = 1000,      /* the probes' answers, at most; all in: at once */
 	RING_FAR_PARALLEL = 3,         /* far requests under way at once */
 	RING_FAR_REPLY_MS = 3000,      /* a far request's reply, or another request */
+	RING_CTM_DIAL_DELAY_MS = 250,  /* our dial after a connect-to-me reply, at the first tick after */
+	RING_DEFER_MAX = 8,            /* such dials waiting; more dial at once */
 };
 
 /* One peer's IP traffic, both directions (ring_sc_count). */
@@ -2459,6 +2461,14 @@ struct ring_far_req {
 	struct ring_pns_cand cand[RING_PNS_CANDIDATES];
 };
 
+/* Our dial to a connect-to-me's answerer, waiting to see whether its own
+ * dial gets through first (ring_defer_dial). */
+struct ring_deferred {
+	struct peer_info pi;
+	uint8_t want;
+	uint64_t at_ms;
+};
+
 /* Ring upkeep state, owned by section 07. */
 /* The last next hop chosen: a burst of packets to one destination in one
  * millisecond asks ring_next_hop the same question. */
@@ -2492,6 +2502,8 @@ struct ring_state {
 	struct ring_hop_memo memo;
 	struct ring_view view;
 	struct ring_far_req far[RING_FAR_PARALLEL];
+	struct ring_deferred *deferred;   /* RING_DEFER_MAX while any wait, else NULL */
+	unsigned n_deferred;
 	struct ev_timer tick;
 	uint64_t next_probe_ms;
 	uint64_t next_boot_ms, boot_backoff_ms;
@@ -4924,6 +4936,9 @@ static void ring_free(struct node *n)
 	n->ring.sc.peers = NULL;
 	free(n->ring.view.e);
 	n->ring.view = (struct ring_view){ 0 };
+	free(n->ring.deferred);
+	n->ring.deferred = NULL;
+	n->ring.n_deferred = 0;
 }
 
 /* The `want` closest distinct peers on one side, closest first.  Distances
@@ -5581,6 +5596,79 @@ static void ring_pns_start(struct node *n, struct ring_far_req *f, const struct 
 	f->until_ms = ev_now(&n->loop) + RING_PNS_PROBE_MS;
 }
 
+/* A link the peer at addr has begun with us: one we know is its, or a
+ * handshake in progress from one of its UDP endpoints eps (its identity
+ * comes with HS_FIN). */
+static struct link *ring_link_begun(struct node *n, const ring_addr *addr, const struct endpoint *eps,
+				    unsigned n_eps)
+{
+	struct link *l = link_find_peer(n, addr, false);
+	if (l)
+		return l;
+	link_for_each(n, l) {
+		if (l->state == LINK_CLOSED || l->initiator || l->proto != PROTO_UDP || l->peer_known)
+			continue;
+		for (unsigned i = 0; i < n_eps; i++) {
+			struct sockaddr_in sa = link_sockaddr_of(&eps[i]);
+			if (eps[i].proto == PROTO_UDP && link_sockaddr_eq(&l->remote, &sa))
+				return l;
+		}
+	}
+	return NULL;
+}
+
+/* The answerer of our connect-to-me dials us as it replies (both ends dial,
+ * which punches NATs: section 09), and its handshake is usually under way
+ * by the time the routed reply arrives, or soon after.  Dialling at once
+ * made a second link for link_resolve_duplicate to close: a fifth of a
+ * joining node's handshakes.  So our dial waits RING_CTM_DIAL_DELAY_MS (to
+ * the tick after) and is dropped if the answerer's link has begun; behind a
+ * NAT that stopped its dial, ours goes out that much later and meets the
+ * hole its dial opened on its side. */
+static void ring_defer_dial(struct node *n, const struct peer_info *pi, uint8_t want)
+{
+	struct ring_state *r = &n->ring;
+	if (wire_addr_eq(&pi->addr, &n->self.addr))
+		return;
+	if (link_find_peer(n, &pi->addr, false) || r->n_deferred == RING_DEFER_MAX)
+		return ring_dial(n, pi, want);
+	for (unsigned i = 0; i < r->n_deferred; i++)
+		if (wire_addr_eq(&r->deferred[i].pi.addr, &pi->addr)) {
+			r->deferred[i].want |= want;
+			return;
+		}
+	if (!r->deferred && !(r->deferred = calloc(RING_DEFER_MAX, sizeof *r->deferred)))
+		return ring_dial(n, pi, want);
+	r->deferred[r->n_deferred++] = (struct ring_deferred){ .pi = *pi, .want = want,
+							       .at_ms = ev_now(&n->loop) + RING_CTM_DIAL_DELAY_MS };
+}
+
+static void ring_deferred_upkeep(struct node *n)
+{
+	struct ring_state *r = &n->ring;
+	uint64_t now = ev_now(&n->loop);
+	for (unsigned i = 0; i < r->n_deferred;) {
+		struct ring_deferred d = r->deferred[i];
+		if (now < d.at_ms) {
+			i++;
+			continue;
+		}
+		r->deferred[i] = r->deferred[--r->n_deferred];
+		struct link *l = ring_link_begun(n, &d.pi.addr, d.pi.endpoints, d.pi.n_endpoints);
+		if (!l) {
+			ring_dial(n, &d.pi, d.want);
+		} else if (d.want) {
+			l->want_roles |= d.want;
+			if (l->state == LINK_UP)
+				ring_roles_set(l, l->local_roles | d.want);
+		}
+	}
+	if (!r->n_deferred) {
+		free(r->deferred);
+		r->deferred = NULL;
+	}
+}
+
 /* The far request a connect-to-me reply answers, if still waiting. */
 static struct ring_far_req *ring_far_waiting(struct node *n, uint32_t token)
 {
@@ -5610,7 +5698,7 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 	struct ring_sc_peer *p = (m.want & ROLE_SHORTCUT) ? ring_sc_find(n, &m.from.addr, false) : NULL;
 	if (p && p->dial_ms && ev_now(&n->loop) - p->dial_ms < RING_SC_RETRY_MS)
 		want |= ROLE_SHORTCUT;
-	ring_dial(n, &m.from, want);
+	ring_defer_dial(n, &m.from, want);
 	if (n->ring.ctm_reply)
 		n->ring.ctm_reply(n, &m);
 	for (unsigned i = 0; i < m.n_neighbours; i++)
@@ -5792,11 +5880,11 @@ static bool ring_pns_eligible(struct node *n, const struct ring_pns_cand *c)
 }
 
 /* The far role to a candidate: on its link if there is one (the node that
- * answered is being linked by the connect-to-me anyway), else a dial to
- * the endpoint that answered, with its cookie. */
+ * answered is linking with us for the connect-to-me), else a dial to the
+ * endpoint that answered, with its cookie. */
 static void ring_pns_give(struct node *n, const struct ring_pns_cand *c)
 {
-	struct link *l = link_find_peer(n, &c->addr, false);
+	struct link *l = ring_link_begun(n, &c->addr, &c->ep, c->rtt_us >= 0);
 	if (l) {
 		l->want_roles |= ROLE_FAR;
 		if (l->state == LINK_UP)
@@ -5876,7 +5964,8 @@ static void ring_pns_upkeep(struct node *n)
 		if (f->state == FAR_PROBING && now >= f->until_ms) {
 			ring_pns_decide(n, f);
 		} else if (f->state == FAR_DIALLING) {
-			struct link *l = link_find_peer(n, &f->cand[f->winner].addr, false);
+			const struct ring_pns_cand *c = &f->cand[f->winner];
+			struct link *l = ring_link_begun(n, &c->addr, &c->ep, c->rtt_us >= 0);
 			if (!l || l->state == LINK_UP || now >= f->until_ms)
 				f->state = FAR_FREE;
 		}
@@ -5968,6 +6057,7 @@ static int64_t ring_tick(struct ev_loop *loop, struct ev_timer *t)
 	ring_close_unneeded(n);
 	ring_pns_upkeep(n);
 	ring_far_upkeep(n);
+	ring_deferred_upkeep(n);
 	if (ev_now(loop) >= n->ring.next_probe_ms)
 		ring_probe(n);
 	uint64_t next = n->ring.next_probe_ms > ev_now(loop) ? n->ring.next_probe_ms - ev_now(loop) : 0;
