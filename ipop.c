@@ -2410,6 +2410,7 @@ enum {
 	RING_FAR_REPLY_MS = 3000,      /* a far request's reply, or another request */
 	RING_CTM_DIAL_DELAY_MS = 250,  /* our dial after a connect-to-me reply, at the first tick after */
 	RING_DEFER_MAX = 8,            /* such dials waiting; more dial at once */
+	RING_REACHABLE_MS = 600000,    /* an unasked-for UDP link this recent: others reach us */
 };
 
 /* One peer's IP traffic, both directions (ring_sc_count). */
@@ -2509,6 +2510,7 @@ struct ring_state {
 	uint64_t next_boot_ms, boot_backoff_ms;
 	double n_estimate;
 	bool joined;
+	uint64_t inbound_ms;            /* the last UDP link a peer began unasked (ring_reachable) */
 	struct endpoint boot[BOOTSTRAP_MAX];
 	unsigned n_boot;
 	void (*echo_reply)(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
@@ -5497,6 +5499,27 @@ static void ring_peer_refresh(struct node *n, const struct peer_info *from)
 			l->peer.vip = from->vip;
 }
 
+/* Peers reach us without our dialling first: a UDP link came up that a
+ * peer began while we had no dial of our own to its address under way (a
+ * NAT or firewall lets that through only for a hole we punched), within
+ * RING_REACHABLE_MS.  A simulated network (no NAT section) is open. */
+static bool ring_reachable(struct node *n)
+{
+	return !n->nat || (n->ring.inbound_ms && ev_now(&n->loop) - n->ring.inbound_ms < RING_REACHABLE_MS);
+}
+
+static void ring_note_inbound(struct node *n, const struct link *up)
+{
+	if (up->initiator || up->proto != PROTO_UDP)
+		return;
+	const struct link *l;
+	link_for_each(n, l)
+		if (l->initiator && l->proto == PROTO_UDP && l->state != LINK_CLOSED &&
+		    link_sockaddr_eq(&l->remote, &up->remote))
+			return;
+	n->ring.inbound_ms = ev_now(&n->loop);
+}
+
 static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 {
 	struct wire_ctm_req q;
@@ -5525,7 +5548,11 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	ssize_t len = wire_ctm_reply_encode(payload, sizeof payload, &m);
 	if (len > 0)
 		ring_send(n, MODE_EXACT, &q.from.addr, &q.reply_via, INNER_CTM_REPLY, payload, (size_t)len);
-	ring_dial(n, &q.from, want);    /* both ends dial at once */
+	/* Both ends dial, to punch NATs; but a far requester probes us first
+	 * and dials only if we win (section 12), so when peers reach us
+	 * unasked there is nothing to punch, and our link would mostly lose. */
+	if (q.want != ROLE_FAR || !ring_reachable(n))
+		ring_dial(n, &q.from, want);
 }
 
 /* Two nodes claim one ring address (one virtual IP).  The one started later
@@ -5698,7 +5725,8 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 	struct ring_sc_peer *p = (m.want & ROLE_SHORTCUT) ? ring_sc_find(n, &m.from.addr, false) : NULL;
 	if (p && p->dial_ms && ev_now(&n->loop) - p->dial_ms < RING_SC_RETRY_MS)
 		want |= ROLE_SHORTCUT;
-	ring_defer_dial(n, &m.from, want);
+	if (!f || want)         /* a far answer is probed, and dialled if it wins */
+		ring_defer_dial(n, &m.from, want);
 	if (n->ring.ctm_reply)
 		n->ring.ctm_reply(n, &m);
 	for (unsigned i = 0; i < m.n_neighbours; i++)
@@ -6071,6 +6099,7 @@ static void ring_on_link_up(struct node *n, struct link *l)
 	if (n->ring.links_changed)
 		n->ring.links_changed(n);
 	n->ring.boot_backoff_ms = 0;
+	ring_note_inbound(n, l);
 	l->local_roles = l->want_roles;
 	link_send_byte(l, WIRE_ROLES, l->local_roles);
 	ring_near_recompute(n);

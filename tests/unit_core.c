@@ -1029,6 +1029,9 @@ static void test_pns_probe(void)
 	static struct node a, b, c;
 	CHECK(node_up(&a, PROTO_UDP, unit_key("a.key", KEY_A)) == 0 && node_up(&b, PROTO_UDP, unit_key("a.key", KEY_A)) == 0);
 	CHECK(node_up(&c, PROTO_UDP, unit_key("b.key", KEY_B)) == 0);
+	nat_start(&a);
+	nat_start(&b);
+	CHECK(!ring_reachable(&a) && !ring_reachable(&b));
 	struct ring_far_req *f = &a.ring.far[0];
 	struct wire_ctm_reply m = { .from = b.self };
 	*f = (struct ring_far_req){ .state = FAR_ASKED, .token = 7, .until_ms = ev_now(&a.loop) + 60000 };
@@ -1044,6 +1047,9 @@ static void test_pns_probe(void)
 	pump_until_up(&a, &b, 400);
 	l = link_find_peer(&a, &b.self.addr, true);
 	CHECK(l && (l->local_roles & ROLE_FAR));
+	/* b took a link a began unasked: b is reachable (a far target that
+	 * need not dial back); a, which dialled, learned nothing. */
+	CHECK(ring_reachable(&b) && !ring_reachable(&a));
 	pump(&a, &b, 5);
 	ring_pns_upkeep(&a);
 	CHECK(f->state == FAR_FREE);
