@@ -208,7 +208,13 @@ class Scale:
         CPython then starts the child with vfork instead of copying the
         harness, which is what keeps a thousand starts near schedule while
         the nodes already running load both cores.  setpriv sets the same
-        PR_SET_PDEATHSIG (tied to this main thread) before it execs ipop."""
+        PR_SET_PDEATHSIG (tied to this main thread) before it execs ipop.
+
+        Each node then gets --node-nice: the harness stands for operators
+        on other machines, so a thousand nodes on two cores must not make
+        it late.  At nice 0 it started 1000 nodes in 120 s instead of 60
+        and replaced 4.5 % of them per minute instead of 10 %; the nodes'
+        order among themselves, and their CPU time, do not change."""
         t = time.monotonic()
         if not SETPRIV:
             n.start()
@@ -219,6 +225,11 @@ class Scale:
                                       start_new_session=True)
             lf.close()
             n.started_at = t
+        if self.a.node_nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, n.proc.pid, self.a.node_nice)
+            except OSError:
+                pass
         n.t_start = t
         return n
 
@@ -743,6 +754,8 @@ def parse_args(argv=None):
     p.add_argument("--dht-check-every", type=float, default=60)
     p.add_argument("--pairs-after", type=int, default=300)
     p.add_argument("--pool", type=int, default=16, help="parallel control-socket queries")
+    p.add_argument("--node-nice", type=int, default=10,
+                   help="nice value of every node, so the harness keeps its schedule (0: as the harness)")
     p.add_argument("--port-base", type=int, default=33000)
     p.add_argument("--seed", type=int, default=int(time.time() * 1000) % 1000000)
     p.add_argument("--json", default=None)
