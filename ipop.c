@@ -4903,6 +4903,14 @@ static void ring_roles_set(struct link *l, uint8_t roles)
 		link_send_byte(l, WIRE_ROLES, roles);
 }
 
+/* Give l these roles too: at once if it is up, else when it comes up. */
+static void ring_roles_add(struct link *l, uint8_t roles)
+{
+	l->want_roles |= roles;
+	if (l->state == LINK_UP)
+		ring_roles_set(l, l->local_roles | roles);
+}
+
 /* Every change to which links are usable (up, closed) bumps links_gen
  * (section 06), and a closed link is freed only after: an entry never
  * outlives its link.  Out of memory, the view holds the links that fit:
@@ -5444,10 +5452,8 @@ static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
 		return;
 	struct link *l = link_find_peer(n, &pi->addr, false);
 	if (l) {
-		l->want_roles |= want;
-		if (l->state == LINK_UP)
-			ring_roles_set(l, l->local_roles | want);
-		else
+		ring_roles_add(l, want);
+		if (l->state != LINK_UP)
 			ring_dial_fresh(n, pi, want);
 		return;
 	}
@@ -5682,13 +5688,10 @@ static void ring_deferred_upkeep(struct node *n)
 		}
 		r->deferred[i] = r->deferred[--r->n_deferred];
 		struct link *l = ring_link_begun(n, &d.pi.addr, d.pi.endpoints, d.pi.n_endpoints);
-		if (!l) {
+		if (!l)
 			ring_dial(n, &d.pi, d.want);
-		} else if (d.want) {
-			l->want_roles |= d.want;
-			if (l->state == LINK_UP)
-				ring_roles_set(l, l->local_roles | d.want);
-		}
+		else
+			ring_roles_add(l, d.want);
 	}
 	if (!r->n_deferred) {
 		free(r->deferred);
@@ -5913,13 +5916,10 @@ static bool ring_pns_eligible(struct node *n, const struct ring_pns_cand *c)
 static void ring_pns_give(struct node *n, const struct ring_pns_cand *c)
 {
 	struct link *l = ring_link_begun(n, &c->addr, &c->ep, c->rtt_us >= 0);
-	if (l) {
-		l->want_roles |= ROLE_FAR;
-		if (l->state == LINK_UP)
-			ring_roles_set(l, l->local_roles | ROLE_FAR);
-	} else if (c->rtt_us >= 0) {
+	if (l)
+		ring_roles_add(l, ROLE_FAR);
+	else if (c->rtt_us >= 0)
 		link_dial(n, &c->ep, &c->addr, ROLE_FAR, c->cookie);
-	}
 }
 
 /* Every probe answered, or RING_PNS_PROBE_MS passed: the lowest RTT gets
