@@ -4761,7 +4761,8 @@ static void link_start(struct node *n)
  *   shortcut  a direct link to a peer whose IP traffic with us passes
  *         --shortcut-pps (section 10 counts packets, ring_sc_count), until
  *         --shortcut-idle passes without one; at most --shortcut-max.
- * Far links go, among candidates of equal ring progress, to the lowest RTT.
+ * Far links go, among candidates of equal ring progress, to the lowest RTT,
+ * measured by a stateless probe (link_probe) before any of them is dialled.
  * Routing is greedy over every up link by the delivery mode's metric; each
  * hop strictly lowers the metric, so paths cannot loop (TTL is a backstop).
  * Among links that lower it, a stalled (slow) or silent (quiet) neighbour is
@@ -4769,7 +4770,9 @@ static void link_start(struct node *n)
  * Joins and repairs: every RING_PROBE_MS (and at once after a near link dies)
  * a node routes connect-to-me requests to its own successor (SUCC of addr+1)
  * and predecessor (PRED of addr-1).  The node that answers replies with its
- * near peers and dials the requester while the requester dials it.
+ * near peers and dials the requester; the requester dials it too unless
+ * that dial arrived first (ring_defer_dial), so NATs get punched from both
+ * sides without a duplicate link for every answer.
  * To add an inner message: a wire_ type, a ring_on_* handler, a case in
  * ring_deliver.
  * ========================================================================= */
@@ -5612,8 +5615,25 @@ static void ring_pns_add(struct node *n, struct ring_far_req *f, const struct pe
 	}
 }
 
+static bool ring_listens_udp(const struct node *n)
+{
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		if (n->listeners[i].proto == PROTO_UDP)
+			return true;
+	return false;
+}
+
 static void ring_pns_start(struct node *n, struct ring_far_req *f, const struct wire_ctm_reply *m)
 {
+	if (!ring_listens_udp(n)) {     /* probes are UDP: a TCP-only node takes the replier */
+		f->n = 1;
+		f->cand[0] = (struct ring_pns_cand){ .addr = m->from.addr, .rtt_us = -1 };
+		f->winner = 0;
+		f->state = FAR_DIALLING;
+		f->until_ms = ev_now(&n->loop) + LINK_HANDSHAKE_TIMEOUT_MS;
+		ring_dial(n, &m->from, ROLE_FAR);
+		return;
+	}
 	f->n = 0;
 	f->probed_us = ev_now_us(&n->loop);
 	ring_pns_add(n, f, &m->from);

@@ -1067,6 +1067,22 @@ static void test_pns_probe(void)
 	cli_node_free(&a);
 	cli_node_free(&b);
 	cli_node_free(&c);
+
+	/* TCP only: no probes (they are UDP); the replier is dialled and made far. */
+	static struct node d, e;
+	CHECK(node_up(&d, PROTO_TCP, unit_key("a.key", KEY_A)) == 0 && node_up(&e, PROTO_TCP, unit_key("a.key", KEY_A)) == 0);
+	struct ring_far_req *h = &d.ring.far[0];
+	struct wire_ctm_reply me = { .from = e.self };
+	*h = (struct ring_far_req){ .state = FAR_ASKED, .token = 5, .until_ms = ev_now(&d.loop) + 60000 };
+	ring_pns_start(&d, h, &me);
+	CHECK(h->state == FAR_DIALLING);
+	pump_until_up(&d, &e, 400);
+	l = link_find_peer(&d, &e.self.addr, true);
+	CHECK(l && l->proto == PROTO_TCP && (l->local_roles & ROLE_FAR));
+	ring_pns_upkeep(&d);
+	CHECK(h->state == FAR_FREE);
+	cli_node_free(&d);
+	cli_node_free(&e);
 }
 
 /* A node that offers only ChaCha20-Poly1305 (no AES-NI, or
