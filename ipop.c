@@ -130,6 +130,8 @@ enum {
 	LINK_ENDPOINTS_MAX = 8,        /* advertised endpoints per node (wire cap) */
 	LINK_TCP_WQUEUE_BYTES = 1 << 20, /* per TCP link; over it packets are dropped */
 	LINK_TABLE_MAX = 4096,         /* links per node; new dials/accepts refused past it */
+	LINK_CONTACT_SLOTS = 256,      /* addresses we sent a first packet to (link_note_contact) */
+	LINK_CONTACT_MS = 300000,      /* ... remembered this long: longer than NATs keep a hole */
 	LINK_UDP_BUFFER_BYTES = 4 << 20, /* socket buffers: ~3000 full packets of burst */
 	/* A pong this much later than the link's floor RTT (plus LINK_SPIKE_FACTOR
 	 * times the floor), or a peer's PING this much past its 1 s grid, means
@@ -2383,6 +2385,13 @@ struct link_hooks {
 			    const uint8_t cookie[SEC_MAC_BYTES]);
 };
 
+/* An address we sent a first packet to (a dial, a probe, a link's last record). */
+struct link_contact {
+	uint32_t ip;
+	uint16_t port;
+	uint64_t ms;
+};
+
 struct listener {
 	uint8_t proto;
 	int fd;
@@ -2459,6 +2468,7 @@ struct ring_far_req {
 	uint32_t token;                 /* the connect-to-me's */
 	uint64_t until_ms;              /* this state's deadline */
 	uint64_t probed_us;             /* when the probes left */
+	struct peer_info replier;       /* cand[0]: dialled as any peer if no probe is answered */
 	struct ring_pns_cand cand[RING_PNS_CANDIDATES];
 };
 
@@ -2720,6 +2730,7 @@ struct node {
 	struct link **link_slots;       /* by local_idx % LINK_TABLE_MAX (link_find_index) */
 	unsigned n_link_slots;          /* grows by doubling up to LINK_TABLE_MAX */
 	struct link_hooks hooks;
+	struct link_contact *contacts;  /* LINK_CONTACT_SLOTS once link_contacts_start ran, else NULL */
 	struct ring_state ring;
 	struct dht_state dht;
 	struct nat_state *nat;          /* NULL until nat_start */
@@ -3330,12 +3341,47 @@ static void link_relays_lost(struct node *n, const ring_addr *via);
 /* Tear a link down.  A BYE goes out only on an up link, and only when the
  * peer did not close first: a peer that never finished the handshake holds
  * no state worth telling.  reason 0 means the link failed (dead, reset). */
+/* ---- contacts -------------------------------------------------------------
+ * A NAT or stateful firewall lets a stranger's first packet in only through
+ * a hole we opened by sending to it.  So that the ring can tell a link a
+ * peer began unasked (ring_reachable) from one that came through our hole,
+ * the link layer remembers, once asked to (link_contacts_start), the
+ * addresses it sent a dial or probe to, or had a link with, for longer than
+ * a NAT keeps a hole.  A direct-mapped table: a collision forgets an older
+ * address, which can only make a node think itself less reachable. */
+static bool link_contacts_start(struct node *n)
+{
+	return n->contacts || (n->contacts = calloc(LINK_CONTACT_SLOTS, sizeof *n->contacts));
+}
+
+static struct link_contact *link_contact_slot(struct node *n, const struct sockaddr_in *sa)
+{
+	uint64_t h = ((uint64_t)sa->sin_addr.s_addr << 16 | sa->sin_port) * 0x9E3779B97F4A7C15ull;
+	return &n->contacts[h >> 56];   /* the top 8 bits: LINK_CONTACT_SLOTS = 256 */
+}
+
+static void link_note_contact(struct node *n, const struct sockaddr_in *to)
+{
+	if (n->contacts)
+		*link_contact_slot(n, to) = (struct link_contact){ .ip = to->sin_addr.s_addr,
+								   .port = to->sin_port, .ms = ev_now(&n->loop) };
+}
+
+static bool link_contacted(struct node *n, const struct sockaddr_in *sa)
+{
+	const struct link_contact *c = n->contacts ? link_contact_slot(n, sa) : NULL;
+	return c && c->ms && c->ip == sa->sin_addr.s_addr && c->port == sa->sin_port &&
+	       ev_now(&n->loop) - c->ms < LINK_CONTACT_MS;
+}
+
 static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 {
 	if (l->state == LINK_CLOSED)
 		return;
 	bool was_up = l->state == LINK_UP;
 	struct node *n = l->node;
+	if (l->proto == PROTO_UDP)
+		link_note_contact(n, &l->remote);       /* our records kept its hole open */
 	if (was_up && tell_peer && reason)
 		link_send_byte(l, WIRE_BYE, reason);
 	if (was_up && tell_peer && reason && reason != BYE_LEAVING && l->proto == PROTO_UDP)
@@ -3678,6 +3724,8 @@ static void link_hs_init_send(struct link *l)
 		return;
 	if (link_secure(l))
 		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, pkt + WIRE_HS_INIT_MAC1_OFFSET);
+	if (l->proto == PROTO_UDP)
+		link_note_contact(n, &l->remote);
 	link_send_raw(l, pkt, sizeof pkt);
 }
 
@@ -4656,9 +4704,9 @@ static int link_tcp_dial_socket(const struct sockaddr_in *sa)
 }
 
 /* Start a handshake towards an endpoint; expect (may be NULL) is the ring
- * address the dial must reach, want the roles to take on once up. */
-/* Dial ep; a cookie the peer gave us (link_probe) goes in the first
- * HS_INIT and saves the cookie round trip. */
+ * address the dial must reach, want the roles to take on once up.  A
+ * cookie the peer gave us (link_probe) goes in the first HS_INIT and saves
+ * the cookie round trip. */
 static struct link *link_dial(struct node *n, const struct endpoint *ep,
 			      const ring_addr *expect, uint8_t want, const uint8_t *cookie)
 {
@@ -4707,6 +4755,7 @@ static void link_probe(struct node *n, const struct sockaddr_in *to, uint32_t to
 		return;
 	if (n->sec.mode != SEC_INSECURE)
 		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, pkt + WIRE_HS_INIT_MAC1_OFFSET);
+	link_note_contact(n, to);
 	link_udp_queue(n, fd, to, pkt, sizeof pkt);
 }
 
@@ -5508,24 +5557,29 @@ static void ring_peer_refresh(struct node *n, const struct peer_info *from)
 			l->peer.vip = from->vip;
 }
 
-/* Peers reach us without our dialling first: a UDP link came up that a
- * peer began while we had no dial of our own to its address under way (a
- * NAT or firewall lets that through only for a hole we punched), within
- * RING_REACHABLE_MS.  A simulated network (no NAT section) is open. */
+/* Peers reach us without our opening the way: within RING_REACHABLE_MS a
+ * UDP link came up that a peer began from a public address we had not
+ * contacted (link_contacted: no dial, probe or link of ours there in the
+ * last 5 minutes), so no NAT or firewall of ours needs a punch.  A peer on
+ * a private network proves nothing for the rest of the world.  A simulated
+ * network (no NAT section) is open. */
 static bool ring_reachable(struct node *n)
 {
 	return !n->nat || (n->ring.inbound_ms && ev_now(&n->loop) - n->ring.inbound_ms < RING_REACHABLE_MS);
 }
 
+static bool ring_public_ip(uint32_t ip)        /* host order */
+{
+	uint8_t a = ip >> 24, b = (ip >> 16) & 0xff;
+	return !(a == 0 || a == 10 || a == 127 || (a == 100 && (b & 0xc0) == 64) || (a == 169 && b == 254) ||
+		 (a == 172 && (b & 0xf0) == 16) || (a == 192 && b == 168) || a >= 224);
+}
+
 static void ring_note_inbound(struct node *n, const struct link *up)
 {
-	if (up->initiator || up->proto != PROTO_UDP)
+	if (up->initiator || up->proto != PROTO_UDP || !n->contacts ||
+	    !ring_public_ip(ntohl(up->remote.sin_addr.s_addr)) || link_contacted(n, &up->remote))
 		return;
-	const struct link *l;
-	link_for_each(n, l)
-		if (l->initiator && l->proto == PROTO_UDP && l->state != LINK_CLOSED &&
-		    link_sockaddr_eq(&l->remote, &up->remote))
-			return;
 	n->ring.inbound_ms = ev_now(&n->loop);
 }
 
@@ -5636,6 +5690,7 @@ static void ring_pns_start(struct node *n, struct ring_far_req *f, const struct 
 	}
 	f->n = 0;
 	f->probed_us = ev_now_us(&n->loop);
+	f->replier = m->from;
 	ring_pns_add(n, f, &m->from);
 	for (unsigned i = 0; i < m->n_neighbours && f->n < RING_PNS_CANDIDATES; i++) {
 		const struct peer_info *c = &m->neighbours[i];
@@ -5692,6 +5747,8 @@ static void ring_defer_dial(struct node *n, const struct peer_info *pi, uint8_t 
 		}
 	if (!r->deferred && !(r->deferred = calloc(RING_DEFER_MAX, sizeof *r->deferred)))
 		return ring_dial(n, pi, want);
+	if (n->ring.dialing)    /* the plan now, so the reply's neighbours become its relays */
+		n->ring.dialing(n, pi, want);
 	r->deferred[r->n_deferred++] = (struct ring_deferred){ .pi = *pi, .want = want,
 							       .at_ms = ev_now(&n->loop) + RING_CTM_DIAL_DELAY_MS };
 }
@@ -5866,8 +5923,8 @@ static void ring_far_request(struct node *n, struct ring_far_req *f, double n_es
 }
 
 /* Up to RING_FAR_PARALLEL far requests at once: one at a time, each a
- * routed request, probes and a dial, a node
- * that wants 9 far links (N = 100 000) took half a minute to get them. */
+ * routed request, its probes and a dial, a node that wants 9 far links
+ * (N = 100 000) took half a minute to get them. */
 static void ring_far_upkeep(struct node *n)
 {
 	n->ring.n_estimate = ring_estimate_n(n);
@@ -5930,9 +5987,9 @@ static bool ring_pns_eligible(struct node *n, const struct ring_pns_cand *c)
 		       (l->state == LINK_UP && ring_link_slow(n, l))));
 }
 
-/* The far role to a candidate: on its link if there is one (the node that
- * answered is linking with us for the connect-to-me), else a dial to the
- * endpoint that answered, with its cookie. */
+/* The far role to a candidate: on the link it began with us if there is
+ * one (a replier that is not reachable dials back, ring_on_ctm_req), else
+ * a dial to the endpoint that answered the probe, with its cookie. */
 static void ring_pns_give(struct node *n, const struct ring_pns_cand *c)
 {
 	struct link *l = ring_link_begun(n, &c->addr, &c->ep, c->rtt_us >= 0);
@@ -5943,59 +6000,66 @@ static void ring_pns_give(struct node *n, const struct ring_pns_cand *c)
 }
 
 /* Every probe answered, or RING_PNS_PROBE_MS passed: the lowest RTT gets
- * the far role.  With no answer at all (a NAT the probes cannot cross)
- * the node that answered the request does: its connect-to-me dial has
- * punched the way. */
+ * the far role.  With no answer at all (a NAT or firewall the probes do
+ * not cross) the replier does, on the link its dial-back began or by a
+ * dial of ours with the NAT section's fallbacks (TCP, relays). */
 static void ring_pns_decide(struct node *n, struct ring_far_req *f)
 {
 	int best = -1;
 	for (unsigned i = 0; i < f->n; i++)
 		if (ring_pns_eligible(n, &f->cand[i]) && (best < 0 || f->cand[i].rtt_us < f->cand[best].rtt_us))
 			best = (int)i;
-	if (best < 0) {
-		struct link *l = f->n ? link_find_peer(n, &f->cand[0].addr, false) : NULL;
-		if (!l || ((l->local_roles | l->want_roles) & (ROLE_NEAR | ROLE_FAR))) {
-			f->state = FAR_FREE;
-			return;
-		}
-		best = 0;
-	}
-	const struct ring_pns_cand *c = &f->cand[best];
-	char addr[2 * RING_ADDR_BYTES + 1];
-	ring_addr_hex(&c->addr, addr);
-	log_debug("ring", "far link to %.12s: %.3f ms, the lowest RTT of %u candidates", addr,
-		  c->rtt_us / 1000.0, f->n);
-	ring_pns_give(n, c);
 	f->state = FAR_DIALLING;
-	f->winner = (uint8_t)best;
 	f->until_ms = ev_now(&n->loop) + LINK_HANDSHAKE_TIMEOUT_MS;
+	if (best >= 0) {
+		const struct ring_pns_cand *c = &f->cand[best];
+		char addr[2 * RING_ADDR_BYTES + 1];
+		ring_addr_hex(&c->addr, addr);
+		log_debug("ring", "far link to %.12s: %.3f ms, the lowest RTT of %u candidates", addr,
+			  c->rtt_us / 1000.0, f->n);
+		f->winner = (uint8_t)best;
+		return ring_pns_give(n, c);
+	}
+	const struct peer_info *r = &f->replier;
+	struct link *l = ring_link_begun(n, &r->addr, r->endpoints, r->n_endpoints);
+	f->winner = 0;
+	if (l && ((l->local_roles | l->want_roles) & (ROLE_NEAR | ROLE_FAR)))
+		f->state = FAR_FREE;
+	else if (l)
+		ring_roles_add(l, ROLE_FAR);
+	else
+		ring_dial(n, r, ROLE_FAR);
 }
 
-/* hooks.probe_reply: a far candidate's probe came back. */
+static bool ring_pns_all_answered(const struct ring_far_req *f)
+{
+	for (unsigned i = 0; i < f->n; i++)
+		if (f->cand[i].rtt_us < 0)
+			return false;
+	return true;
+}
+
+/* hooks.probe_reply: a far candidate's probe came back.  Its first answer
+ * counts; a second endpoint's, or one after the choice, is ours all the
+ * same (not an unknown sender). */
 static bool ring_on_probe_reply(struct node *n, uint32_t token, const struct sockaddr_in *from,
 				const uint8_t cookie[SEC_MAC_BYTES])
 {
 	for (unsigned i = 0; i < RING_FAR_PARALLEL; i++) {
 		struct ring_far_req *f = &n->ring.far[i];
-		if (f->state != FAR_PROBING)
-			continue;
-		unsigned answered = 0;
-		bool mine = false;
 		for (unsigned j = 0; j < f->n; j++) {
 			struct ring_pns_cand *c = &f->cand[j];
-			if (c->token == token && c->rtt_us < 0) {
+			if (c->token != token)
+				continue;
+			if (f->state == FAR_PROBING && c->rtt_us < 0) {
 				uint64_t rtt = ev_now_us(&n->loop) - f->probed_us;
 				c->rtt_us = rtt > INT32_MAX ? INT32_MAX : (int32_t)rtt;
 				c->ep = (struct endpoint){ .proto = PROTO_UDP, .ip = ntohl(from->sin_addr.s_addr),
 							   .port = ntohs(from->sin_port) };
 				memcpy(c->cookie, cookie, SEC_MAC_BYTES);
-				mine = true;
+				if (ring_pns_all_answered(f))
+					ring_pns_decide(n, f);
 			}
-			answered += c->rtt_us >= 0;
-		}
-		if (mine) {
-			if (answered == f->n)
-				ring_pns_decide(n, f);
 			return true;
 		}
 	}
@@ -6177,6 +6241,10 @@ static void ring_rejoin(struct node *n, const ring_addr *addr)
 	n->self.addr = *addr;
 	n->self.instance = sec_random_u64(&n->rng);
 	n->ring.joined = false;
+	memset(n->ring.far, 0, sizeof n->ring.far);     /* chosen for the old address */
+	free(n->ring.deferred);
+	n->ring.deferred = NULL;
+	n->ring.n_deferred = 0;
 	n->ring.next_boot_ms = 0;
 	n->ring.boot_backoff_ms = 0;
 }
@@ -7171,6 +7239,8 @@ static void nat_start(struct node *n)
 		log_warn("nat", "out of memory: no fallbacks (TCP, relays) for failed dials");
 		return;
 	}
+	if (!link_contacts_start(n))
+		log_warn("nat", "out of memory: far requests will always be dialled back");
 	n->ring.link_up = nat_on_link_up;
 	n->ring.dialing = nat_on_dialing;
 	n->ring.ctm_reply = nat_on_ctm_reply;
@@ -13303,6 +13373,8 @@ static void cli_node_free(struct node *n)
 		free(n->nat->plans);
 	free(n->nat);
 	n->nat = NULL;
+	free(n->contacts);
+	n->contacts = NULL;
 	ring_free(n);
 	tap_close(n);
 	if (n->lw.socks_fd > 0)

@@ -1047,9 +1047,25 @@ static void test_pns_probe(void)
 	pump_until_up(&a, &b, 400);
 	l = link_find_peer(&a, &b.self.addr, true);
 	CHECK(l && (l->local_roles & ROLE_FAR));
-	/* b took a link a began unasked: b is reachable (a far target that
-	 * need not dial back); a, which dialled, learned nothing. */
-	CHECK(ring_reachable(&b) && !ring_reachable(&a));
+	/* b took a link a began unasked, but from loopback: a private address
+	 * proves nothing for the rest of the world. */
+	CHECK(!ring_reachable(&b) && !ring_reachable(&a));
+	/* From a public address never contacted: reachable (a far target that
+	 * need not dial back).  One we dialled, probed or had a link with:
+	 * that came through our hole, not evidence. */
+	struct link pub = { .proto = PROTO_UDP, .node = &b };
+	pub.remote.sin_family = AF_INET;
+	pub.remote.sin_addr.s_addr = htonl(0xCB007105);  /* 203.0.113.5 */
+	pub.remote.sin_port = htons(4000);
+	pub.node = &a;
+	link_note_contact(&a, &pub.remote);
+	ring_note_inbound(&a, &pub);
+	CHECK(!ring_reachable(&a) && link_contacted(&a, &pub.remote));
+	ring_note_inbound(&b, &pub);
+	CHECK(ring_reachable(&b) && !link_contacted(&b, &pub.remote));
+	CHECK(ring_public_ip(0xCB007105) && !ring_public_ip(0x0A000001) && !ring_public_ip(0xAC100001) &&
+	      !ring_public_ip(0xC0A80101) && !ring_public_ip(0x7F000001) && !ring_public_ip(0x64400001) &&
+	      ring_public_ip(0xAC200001) && ring_public_ip(0x08080808));
 	pump(&a, &b, 5);
 	ring_pns_upkeep(&a);
 	CHECK(f->state == FAR_FREE);
@@ -1061,9 +1077,16 @@ static void test_pns_probe(void)
 	ring_pns_start(&c, g, &m);
 	pump(&c, &b, 20);
 	CHECK(g->state == FAR_PROBING && g->cand[0].rtt_us < 0 && b.drops.count[DROP_NOT_MEMBER] == 1);
+	/* No answer by the deadline: the replier is dialled as any peer (with
+	 * the NAT section's fallbacks), which fails the same way. */
 	g->until_ms = 0;
 	ring_pns_upkeep(&c);
-	CHECK(g->state == FAR_FREE && c.n_links == 0);
+	CHECK(g->state == FAR_DIALLING && c.n_links == 1);
+	pump(&c, &b, 20);
+	CHECK(b.drops.count[DROP_NOT_MEMBER] >= 2 && !link_find_peer(&c, &b.self.addr, true));
+	g->until_ms = 0;
+	ring_pns_upkeep(&c);
+	CHECK(g->state == FAR_FREE);
 	cli_node_free(&a);
 	cli_node_free(&b);
 	cli_node_free(&c);
