@@ -4669,6 +4669,14 @@ static void link_udp_buffers(int fd)
 	setsockopt(fd, IPPROTO_IP, IP_RECVERR, &one, sizeof one);     /* link_udp_errors */
 }
 
+static bool link_listens(const struct node *n, uint8_t proto)
+{
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		if (n->listeners[i].proto == proto)
+			return true;
+	return false;
+}
+
 static int link_udp_dial_socket(struct node *n)
 {
 	for (unsigned i = 0; i < n->n_listeners; i++)
@@ -5459,14 +5467,11 @@ static void ring_sc_enforce_cap(struct node *n)
 static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, uint8_t want,
 				   uint8_t only_proto)
 {
-	bool have[3] = { false, false, false };
-	for (unsigned i = 0; i < n->n_listeners; i++)
-		have[n->listeners[i].proto] = true;
 	static const uint8_t order[4] = { PROTO_UDP, PROTO_TCP, PROTO_TCP, PROTO_UDP };
 	unsigned dialled = 0;
 	for (unsigned pass = 0; pass < 4 && !dialled; pass++) {
 		uint8_t proto = order[pass];
-		if ((only_proto && proto != only_proto) || (pass < 2 && !have[proto]))
+		if ((only_proto && proto != only_proto) || (pass < 2 && !link_listens(n, proto)))
 			continue;
 		for (unsigned i = 0; i < pi->n_endpoints && dialled < RING_DIAL_ENDPOINTS_MAX; i++) {
 			const struct endpoint *ep = &pi->endpoints[i];
@@ -5669,17 +5674,9 @@ static void ring_pns_add(struct node *n, struct ring_far_req *f, const struct pe
 	}
 }
 
-static bool ring_listens_udp(const struct node *n)
-{
-	for (unsigned i = 0; i < n->n_listeners; i++)
-		if (n->listeners[i].proto == PROTO_UDP)
-			return true;
-	return false;
-}
-
 static void ring_pns_start(struct node *n, struct ring_far_req *f, const struct wire_ctm_reply *m)
 {
-	if (!ring_listens_udp(n)) {     /* probes are UDP: a TCP-only node takes the replier */
+	if (!link_listens(n, PROTO_UDP)) {     /* probes are UDP: a TCP-only node takes the replier */
 		f->n = 1;
 		f->cand[0] = (struct ring_pns_cand){ .addr = m->from.addr, .rtt_us = -1 };
 		f->winner = 0;
@@ -11170,6 +11167,7 @@ struct sim_probe {
 struct sim_stats {
 	uint64_t control_pkts, keepalive_pkts, lost_pkts, bytes;
 	uint64_t folded_pkts;           /* keepalives and their answers applied without a delivery */
+	uint64_t handshakes;            /* HS_FINs sent: links made, duplicates and losers included */
 };
 
 struct sim_slot {
@@ -11474,6 +11472,7 @@ static int sim_udp_send(struct node *n, const struct sockaddr_in *to, const uint
 		return -EHOSTUNREACH;
 	uint32_t dst = ip - SIM_BASE_IP - 1;
 	bool keepalive = sim_is_keepalive(pkt, len);
+	s->st.handshakes += pkt[1] == WIRE_HS_FIN;
 	if (keepalive)
 		s->st.keepalive_pkts++;
 	else
@@ -11952,7 +11951,7 @@ struct sim_opts {
 
 struct sim_result {
 	double join_s, settle_s;        /* virtual */
-	uint64_t join_control_pkts, join_keepalive_pkts;
+	uint64_t join_control_pkts, join_keepalive_pkts, join_handshakes;
 	uint32_t consistent, consistent_after;
 	struct sim_links links;
 	double idle_pkts_per_node_s, idle_control_per_node_s;
@@ -12028,6 +12027,7 @@ static int sim_join(struct sim *s, const struct sim_opts *o, struct sim_result *
 	r->settle_s = (double)(s->now_ms - start) / 1000;
 	r->join_control_pkts = s->st.control_pkts;
 	r->join_keepalive_pkts = s->st.keepalive_pkts;
+	r->join_handshakes = s->st.handshakes;
 	for (uint32_t i = 0; i < s->n_nodes; i++)
 		r->join_node_s += (double)(s->now_ms - s->nodes[i]->born_ms) / 1000;
 	return 0;
@@ -12173,12 +12173,13 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 		buf_printf(&b, "{\"nodes\":%u,\"seed\":%llu,\"churn\":%g,\"duration_s\":%g,\"join_rate\":%g,"
 			   "\"log2n\":%.3f,\"join_s\":%.1f,\"join_msgs_per_node\":%.2f,"
 			   "\"join_control_per_node\":%.2f,\"join_keepalives_per_node\":%.2f,\"ring_consistent\":%u,"
-			   "\"links_mean\":%.2f,\"links_p50\":%u,\"links_max\":%u,\"far_mean\":%.2f,"
-			   "\"far_short\":%u,\"far_rtt_ms\":%.2f,\"pair_rtt_ms\":%.2f,"
+			   "\"links_mean\":%.2f,\"links_p50\":%u,\"links_max\":%u,\"join_links_made_per_node\":%.2f,"
+			   "\"far_mean\":%.2f,\"far_short\":%u,\"far_rtt_ms\":%.2f,\"pair_rtt_ms\":%.2f,"
 			   "\"idle_pkts_per_node_s\":%.2f,\"idle_control_per_node_s\":%.3f,",
 			   o->nodes, (unsigned long long)o->seed, o->churn, o->duration_s, o->join_rate, log2(n0),
 			   r->join_s, join_msgs, (double)r->join_control_pkts / n0, (double)r->join_keepalive_pkts / n0,
-			   r->consistent, r->links.mean, r->links.p50, r->links.max, r->links.far_mean,
+			   r->consistent, r->links.mean, r->links.p50, r->links.max, (double)r->join_handshakes / n0,
+			   r->links.far_mean,
 			   r->links.far_short, r->links.far_rtt_ms, SIM_PAIR_RTT_MS, r->idle_pkts_per_node_s,
 			   r->idle_control_per_node_s);
 		sim_report_hops(&b, true, "routing", &r->hops);
@@ -12204,8 +12205,8 @@ static void sim_report(const struct sim *s, const struct sim_opts *o, const stru
 			   "%.1f keepalive)\n", "join messages", join_msgs, (double)r->join_control_pkts / n0,
 			   (double)r->join_keepalive_pkts / n0);
 		buf_printf(&b, "%-22s %u/%u nodes hold their 2+2 true neighbours\n", "ring", r->consistent, o->nodes);
-		buf_printf(&b, "%-22s mean %.2f p50 %u max %u\n", "up links per node", r->links.mean, r->links.p50,
-			   r->links.max);
+		buf_printf(&b, "%-22s mean %.2f p50 %u max %u (%.1f made in join + settle)\n", "up links per node",
+			   r->links.mean, r->links.p50, r->links.max, (double)r->join_handshakes / n0);
 		buf_printf(&b, "%-22s mean %.2f per node; %u nodes hold fewer than they want; RTT %.1f ms "
 			   "(any pair: %.1f ms)\n", "far links", r->links.far_mean, r->links.far_short,
 			   r->links.far_rtt_ms, SIM_PAIR_RTT_MS);
