@@ -272,11 +272,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	 * start another dial: close until none is left). */
 	for (int round = 0; round < 8; round++) {
 		bool open_left = false;
-		for (struct link *l = n->links; l; l = l->next)
+		for (struct link *l = n->links; l; l = l->next) {
 			if (l->state != LINK_CLOSED) {
 				link_close(l, 0);
 				open_left = true;
 			}
+			l->drain_until_ms = 0;  /* no clock runs here to end a drain */
+		}
+		n->reap_pending = true;
 		link_reap(n);
 		if (!open_left)
 			break;
