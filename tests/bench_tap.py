@@ -16,7 +16,9 @@ every path once, starting at a different path each round):
   udp-insecure  ipop over udp, --insecure on both nodes
   tcp-secure    ipop over tcp, --secret-file
   udp-chacha    udp-secure with IPOP_CIPHER=chacha20-poly1305 on both nodes
-                (records sealed with ChaCha20-Poly1305 instead of AES-256-GCM)
+                (records sealed with ChaCha20-Poly1305 instead of AEGIS-256)
+  udp-gcm       udp-secure with IPOP_CIPHER=aes-256-gcm (AES-256-GCM, the
+                record cipher before AEGIS-256)
 The nodes run a copy of ./ipop taken at start (its sha1 goes to the JSON),
 so a rebuild during the run does not mix binaries.
 For an ipop path h1 runs `ipop up --ip 10.128.0.1/16 --mode tap --listen
@@ -78,7 +80,7 @@ RUNS = int(os.environ.get("IPOP_BENCH_RUNS", "3"))
 IPERF_S = int(os.environ.get("IPOP_BENCH_IPERF_S", "5"))
 PINGS = int(os.environ.get("IPOP_BENCH_PINGS", "200"))
 OPINGS = int(os.environ.get("IPOP_BENCH_OPINGS", "50"))
-ALL_PATHS = ["veth", "udp-secure", "udp-insecure", "tcp-secure", "udp-chacha"]
+ALL_PATHS = ["veth", "udp-secure", "udp-insecure", "tcp-secure", "udp-chacha", "udp-gcm"]
 PATHS = [p for p in os.environ.get("IPOP_BENCH_PATHS", ",".join(ALL_PATHS)).split(",") if p]
 JSON_OUT = os.environ.get("IPOP_BENCH_JSON", os.path.join(REPO, "build", "bench", "tap.json"))
 PIDFILE = os.path.join(REPO, "build", "bench", "tap.pids")
@@ -411,8 +413,9 @@ def measure_path(path, tmp, key, port):
         r["iperf4"] = iperf(dst, 4, tmp)
         return r
     transport, mode = path.split("-")
-    if mode == "chacha":
-        ov = Overlay(tmp, key, transport, True, port, {"IPOP_CIPHER": "chacha20-poly1305"})
+    if mode in ("chacha", "gcm"):
+        cipher = {"chacha": "chacha20-poly1305", "gcm": "aes-256-gcm"}[mode]
+        ov = Overlay(tmp, key, transport, True, port, {"IPOP_CIPHER": cipher})
     else:
         ov = Overlay(tmp, key, transport, mode == "secure", port)
     try:
@@ -654,7 +657,7 @@ def main():
     veth_ratios = [(p, "veth") for p in PATHS if p != "veth" and "veth" in PATHS]
     sec_pairs = [(a, b) for a, b in [("udp-secure", "udp-insecure")] if a in PATHS and b in PATHS]
     t_all = table(summ, PATHS, veth_ratios + sec_pairs)
-    sec_paths = [p for p in ("udp-insecure", "udp-secure", "udp-chacha", "tcp-secure") if p in PATHS]
+    sec_paths = [p for p in ("udp-insecure", "udp-secure", "udp-chacha", "udp-gcm", "tcp-secure") if p in PATHS]
     t_sec = table(summ, sec_paths, sec_pairs)
 
     print()
