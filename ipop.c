@@ -5194,6 +5194,8 @@ static enum ring_hop_class ring_hop_class(const struct node *n, const struct lin
  * here is the next nearest node, which holds a copy. */
 static struct link *ring_next_hop(struct node *n, uint8_t mode, const ring_addr *target)
 {
+	if (wire_addr_eq(target, &n->self.addr))
+		return NULL;            /* our own metric is 0 in every mode: every packet for us */
 	struct ring_hop_memo *mo = &n->ring.memo;
 	uint64_t now = ev_now(&n->loop);
 	if (mo->hop && mo->links_gen == n->links_gen && mo->now_ms == now && mo->mode == mode &&
