@@ -2663,6 +2663,11 @@ struct ip_state {
 };
 
 /* User mode's state, owned by sections 12-14. */
+enum {
+	LW_ACKS_HELD = 8,               /* flows whose ACKs one input batch thins */
+	LW_ACK_BYTES = 40,              /* IPv4 and TCP headers, no options, no data */
+};
+
 struct lw_state {
 	struct netif netif;
 	bool started;
@@ -2672,8 +2677,12 @@ struct lw_state {
 	struct ev_timer input_timer;
 	struct lw_pkt *pkt_free;        /* recycled input buffers, LW_PKT_FREE_MAX at most */
 	unsigned n_pkt_free;
+	uint64_t inputs, inputs_seen;   /* packets queued for lwIP; as of the last tick */
 	unsigned n_relays;
 	struct lw_relay *dirty;         /* relays with bytes for their socket this turn */
+	bool in_batch;                  /* lw_input_flush is feeding lwIP: pure ACKs wait */
+	unsigned n_acks;
+	uint8_t acks[LW_ACKS_HELD][LW_ACK_BYTES];       /* the newest pure ACK per flow */
 	int socks_fd;                   /* -1: no SOCKS server */
 	char *socks_auth;               /* --socks-auth: "user:password" lines, or NULL */
 	struct endpoint socks;
@@ -8929,12 +8938,14 @@ enum {
 	 * holds no more than its send buffer, so that is the ring's size. */
 	LW_SEND_RING_BYTES = TCP_SND_BUF,
 	LW_INPUT_QUEUE_MAX = 4096,      /* packets waiting for lwIP between loop turns */
-	/* Input buffers kept for reuse, 384 KB at most.  lwIP frees an
-	 * in-order packet as soon as the relay has copied it, so a turn needs
-	 * about one receive batch of them; only out-of-order segments live
-	 * longer.  Beyond this they go back to malloc.  (1,024 cost the same
-	 * CPU and kept 1.5 MB resident after a download.) */
-	LW_PKT_FREE_MAX = 256,
+	/* Input buffers kept for reuse.  lwIP frees an in-order packet as
+	 * soon as the relay has copied it, so a turn needs one turn's input
+	 * of them: with UDP GRO that is up to the whole input queue (a cap
+	 * of 256 made musl map and unmap 32 KiB groups 1,100 times a second
+	 * during a download).  Once input stops for a tick, LW_PKT_FREE_IDLE
+	 * stay, so an idle node keeps 96 KB of them, not 6 MB. */
+	LW_PKT_FREE_MAX = LW_INPUT_QUEUE_MAX,
+	LW_PKT_FREE_IDLE = 64,
 };
 
 /* One packet for lwIP in a buffer of ours: lwIP frees it through
@@ -8954,10 +8965,13 @@ struct lw_pkt {
  * object of its group, and musl unmapped the group: some 700 munmaps a
  * second during a download, each with a TLB shootdown (a fifth of the
  * user-mode node's CPU on this VM).  Freed blocks of three common sizes
- * wait here for the next packet instead, LW_HEAP_KEEP per size at most.
+ * wait here for the next packet instead, LW_HEAP_KEEP per size at most:
+ * an upload keeps some 800 segments in flight, and with 128 the churn
+ * past the cache still cost a tenth of the node's CPU.  An idle node
+ * trims the cache to LW_HEAP_KEEP_IDLE (lw_idle_trim).
  * lwIP runs in one thread and its calls carry no node: one static cache. */
 
-enum { LW_HEAP_CLASSES = 3, LW_HEAP_KEEP = 128 };
+enum { LW_HEAP_CLASSES = 3, LW_HEAP_KEEP = 1024, LW_HEAP_KEEP_IDLE = 64 };
 
 static const uint16_t lw_heap_sizes[LW_HEAP_CLASSES] = { 256, 768, 1792 };
 
@@ -9001,6 +9015,17 @@ void ipop_lwip_free(void *p)
 		return;
 	}
 	free(h);
+}
+
+static void lw_heap_trim(unsigned keep)
+{
+	for (unsigned c = 0; c < LW_HEAP_CLASSES; c++)
+		while (lw_heap.n_free[c] > keep) {
+			struct lw_heap_hdr *h = lw_heap.free[c];
+			lw_heap.free[c] = h->next;
+			lw_heap.n_free[c]--;
+			free(h);
+		}
 }
 
 void *ipop_lwip_calloc(size_t n, size_t size)
@@ -9067,6 +9092,62 @@ static void lw_tcp_checksum_put(uint8_t *pkt, size_t len)
 	memcpy(pkt + ihl + 16, &c, 2);
 }
 
+/* ---- ACK thinning -----------------------------------------------------
+ * lwIP acknowledges every second segment.  A download brings tens of
+ * segments per loop turn, and each ACK cost a record here and a record
+ * plus a tap write at the sender: the sender's node was what held a
+ * download.  While one input batch is fed to lwIP, a pure ACK (no data,
+ * no options, flags ACK alone) waits; a newer one of the same flow with a
+ * higher ack number replaces it, as a receiver with GRO would have sent
+ * one ACK for the lot (RFC 5681 allows ACKing every second segment; the
+ * sender's kernel counts acknowledged bytes, not ACKs).  Duplicate ACKs
+ * and window updates (the same ack number) are not merged: fast
+ * retransmit counts them.  Anything else lwIP sends, and the end of the
+ * batch, sends what waits first, so the order on the wire is kept. */
+
+static bool lw_ack_is_pure(const uint8_t *pkt, size_t len)
+{
+	return len == LW_ACK_BYTES && pkt[0] == 0x45 && pkt[9] == IP_PROTOCOL_TCP &&
+	       !(pkt[6] & 0x3f) && !pkt[7] && pkt[32] == 0x50 && pkt[33] == 0x10;
+}
+
+static uint32_t lw_ack_number(const uint8_t *pkt)
+{
+	struct buf b = buf_of(pkt + 28, 4);
+	return buf_u32(&b);
+}
+
+static bool lw_ack_same_flow(const uint8_t *a, const uint8_t *b)
+{
+	return !memcmp(a + 12, b + 12, 8) && !memcmp(a + 20, b + 20, 4);   /* addresses, ports */
+}
+
+static void lw_acks_flush(struct node *n)
+{
+	unsigned k = n->lw.n_acks;
+	n->lw.n_acks = 0;
+	for (unsigned i = 0; i < k; i++)
+		ip_from_local(n, n->lw.acks[i], LW_ACK_BYTES);
+}
+
+/* Keep a pure ACK back; false if it must go now. */
+static bool lw_ack_hold(struct node *n, const uint8_t *pkt)
+{
+	struct lw_state *lw = &n->lw;
+	for (unsigned i = 0; i < lw->n_acks; i++) {
+		if (!lw_ack_same_flow(lw->acks[i], pkt))
+			continue;
+		if ((int32_t)(lw_ack_number(pkt) - lw_ack_number(lw->acks[i])) <= 0)
+			return false;   /* a duplicate or window update: counted by the sender */
+		memcpy(lw->acks[i], pkt, LW_ACK_BYTES);
+		return true;
+	}
+	if (lw->n_acks == LW_ACKS_HELD)
+		return false;
+	memcpy(lw->acks[lw->n_acks++], pkt, LW_ACK_BYTES);
+	return true;
+}
+
 static err_t lw_netif_output(struct netif *netif, struct pbuf *p, const ip4_addr_t *ipaddr)
 {
 	struct node *n = netif->state;
@@ -9076,6 +9157,9 @@ static err_t lw_netif_output(struct netif *netif, struct pbuf *p, const ip4_addr
 		return ERR_BUF;
 	pbuf_copy_partial(p, pkt, p->tot_len, 0);
 	lw_tcp_checksum_put(pkt, p->tot_len);
+	if (n->lw.in_batch && lw_ack_is_pure(pkt, p->tot_len) && lw_ack_hold(n, pkt))
+		return ERR_OK;
+	lw_acks_flush(n);
 	ip_from_local(n, pkt, p->tot_len);
 	return ERR_OK;
 }
@@ -9119,6 +9203,7 @@ static int64_t lw_input_flush(struct ev_loop *loop, struct ev_timer *t)
 	n->lw.inq = n->lw.inq_tail = NULL;
 	n->lw.n_inq = 0;
 	NETIF_SET_CHECKSUM_CTRL(&n->lw.netif, lw_checksum_flags(n));
+	n->lw.in_batch = true;
 	while (list) {
 		struct pbuf *p = list;
 		list = p->next;
@@ -9126,6 +9211,8 @@ static int64_t lw_input_flush(struct ev_loop *loop, struct ev_timer *t)
 		if (n->lw.netif.input(p, &n->lw.netif) != ERR_OK)
 			pbuf_free(p);
 	}
+	n->lw.in_batch = false;
+	lw_acks_flush(n);
 	return EV_TIMER_STOP;
 }
 
@@ -9179,15 +9266,33 @@ static int lw_write_ip(struct node *n, const uint8_t *pkt, size_t len)
 		n->lw.inq = p;
 	n->lw.inq_tail = p;
 	n->lw.n_inq++;
+	n->lw.inputs++;
 	if (!ev_timer_armed(&n->lw.input_timer))
 		ev_timer_arm(&n->loop, &n->lw.input_timer, 0);
 	return 0;
 }
 
+/* No input since the last tick: give the buffers a transfer needed back. */
+static void lw_idle_trim(struct lw_state *lw)
+{
+	if (lw->inputs != lw->inputs_seen) {
+		lw->inputs_seen = lw->inputs;
+		return;
+	}
+	while (lw->n_pkt_free > LW_PKT_FREE_IDLE) {
+		struct lw_pkt *k = lw->pkt_free;
+		lw->pkt_free = k->next;
+		lw->n_pkt_free--;
+		free(k);
+	}
+	lw_heap_trim(LW_HEAP_KEEP_IDLE);
+}
+
 static int64_t lw_tick(struct ev_loop *loop, struct ev_timer *t)
 {
+	struct node *n = container_of(t, struct node, lw.timer);
 	(void)loop;
-	(void)t;
+	lw_idle_trim(&n->lw);
 	sys_check_timeouts();
 	u32_t next = sys_timeouts_sleeptime();
 	return next > LW_TIMER_MAX_MS ? LW_TIMER_MAX_MS : (next ? next : 1);

@@ -843,6 +843,82 @@ static void test_lw_heap(void)
 	CHECK(ipop_lwip_calloc(SIZE_MAX / 2, 4) == NULL);
 }
 
+/* The heap cache trims to what an idle node keeps. */
+static void test_lw_heap_trim(void)
+{
+	void *p[200];
+	for (int i = 0; i < 200; i++)
+		CHECK((p[i] = ipop_lwip_malloc(100)) != NULL);
+	for (int i = 0; i < 200; i++)
+		ipop_lwip_free(p[i]);
+	CHECK(lw_heap.n_free[0] >= 200);
+	lw_heap_trim(LW_HEAP_KEEP_IDLE);
+	CHECK(lw_heap.n_free[0] == LW_HEAP_KEEP_IDLE);
+}
+
+/* A pure ACK: IPv4 without options, TCP without options or data, flags
+ * ACK alone, the given ports and ack number. */
+static void ack_make(uint8_t *pkt, uint16_t sport, uint32_t ack, uint8_t flags)
+{
+	memset(pkt, 0, LW_ACK_BYTES);
+	pkt[0] = 0x45;
+	pkt[3] = LW_ACK_BYTES;
+	pkt[8] = 64;
+	pkt[9] = IP_PROTOCOL_TCP;
+	pkt[12] = 10, pkt[13] = 128, pkt[15] = 1;
+	pkt[16] = 10, pkt[17] = 128, pkt[19] = 2;
+	pkt[20] = (uint8_t)(sport >> 8), pkt[21] = (uint8_t)sport;
+	pkt[22] = 0x14, pkt[23] = 0x51;
+	pkt[28] = (uint8_t)(ack >> 24), pkt[29] = (uint8_t)(ack >> 16);
+	pkt[30] = (uint8_t)(ack >> 8), pkt[31] = (uint8_t)ack;
+	pkt[32] = 0x50;
+	pkt[33] = flags;
+}
+
+/* ACK thinning: a newer pure ACK of a flow replaces the one waiting;
+ * duplicates, window updates, other flags and other packets do not merge. */
+static void test_lw_ack_thinning(void)
+{
+	static struct node n;
+	uint8_t a[LW_ACK_BYTES], big[LW_ACK_BYTES + 1];
+	memset(&n, 0, sizeof n);
+	ack_make(a, 40000, 1000, 0x10);
+	CHECK(lw_ack_is_pure(a, LW_ACK_BYTES));
+	CHECK(!lw_ack_is_pure(a, LW_ACK_BYTES - 1));
+	memcpy(big, a, LW_ACK_BYTES);
+	CHECK(!lw_ack_is_pure(big, sizeof big));           /* carries data */
+	ack_make(a, 40000, 1000, 0x18);
+	CHECK(!lw_ack_is_pure(a, LW_ACK_BYTES));           /* PSH */
+	ack_make(a, 40000, 1000, 0x11);
+	CHECK(!lw_ack_is_pure(a, LW_ACK_BYTES));           /* FIN */
+	ack_make(a, 40000, 1000, 0x10);
+	a[32] = 0x60;
+	CHECK(!lw_ack_is_pure(a, LW_ACK_BYTES));           /* options */
+	ack_make(a, 40000, 1000, 0x10);
+	a[6] = 0x20;
+	CHECK(!lw_ack_is_pure(a, LW_ACK_BYTES));           /* a fragment */
+
+	ack_make(a, 40000, 1000, 0x10);
+	CHECK(lw_ack_hold(&n, a) && n.lw.n_acks == 1);
+	ack_make(a, 40000, 5000, 0x10);
+	CHECK(lw_ack_hold(&n, a) && n.lw.n_acks == 1 && lw_ack_number(n.lw.acks[0]) == 5000);
+	ack_make(a, 40000, 5000, 0x10);
+	CHECK(!lw_ack_hold(&n, a) && n.lw.n_acks == 1);    /* a duplicate goes now */
+	ack_make(a, 40000, 4000, 0x10);
+	CHECK(!lw_ack_hold(&n, a));                        /* older: never replaces */
+	ack_make(a, 40000, 0xfffffff0u, 0x10);
+	CHECK(!lw_ack_hold(&n, a));                        /* "older" across the wrap */
+	ack_make(a, 40001, 7, 0x10);
+	CHECK(lw_ack_hold(&n, a) && n.lw.n_acks == 2);     /* another flow */
+	for (uint16_t port = 40002; n.lw.n_acks < LW_ACKS_HELD; port++) {
+		ack_make(a, port, 1, 0x10);
+		CHECK(lw_ack_hold(&n, a));
+	}
+	ack_make(a, 50000, 1, 0x10);
+	CHECK(!lw_ack_hold(&n, a) && n.lw.n_acks == LW_ACKS_HELD);  /* full: goes now */
+	n.lw.n_acks = 0;
+}
+
 static void test_svg_escape(void)
 {
 	char out[32];
@@ -1519,6 +1595,8 @@ int main(void)
 	test_svg_escape();
 	test_csum();
 	test_lw_heap();
+	test_lw_heap_trim();
+	test_lw_ack_thinning();
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
 	CHECK(mkdtemp(unit_dir) != NULL);
 	test_secure_pair(PROTO_UDP);
