@@ -1105,6 +1105,10 @@ static uint8_t sec_ciphers_offered(void)
 {
 	uint8_t c = SEC_CIPHERS_BASE;
 	const char *want = getenv("IPOP_CIPHER");
+	if (want && strcmp(want, sec_cipher_names[SEC_CHACHA20_POLY1305]) &&
+	    strcmp(want, sec_cipher_names[SEC_AES256_GCM]) && strcmp(want, sec_cipher_names[SEC_AEGIS256]))
+		log_warn("sec", "IPOP_CIPHER '%s' is none of aegis-256, aes-256-gcm, chacha20-poly1305: "
+			 "offering chacha20-poly1305 only", want);
 	if (sodium_runtime_has_aesni() && sodium_runtime_has_avx() &&
 	    (!want || !strcmp(want, sec_cipher_names[SEC_AEGIS256])))
 		c |= 1u << SEC_AEGIS256;
@@ -2677,7 +2681,7 @@ struct lw_state {
 	struct ev_timer input_timer;
 	struct lw_pkt *pkt_free;        /* recycled input buffers, LW_PKT_FREE_MAX at most */
 	unsigned n_pkt_free;
-	uint64_t inputs, inputs_seen;   /* packets queued for lwIP; as of the last tick */
+	uint64_t last_input_ms;         /* when a packet for lwIP last arrived */
 	unsigned n_relays;
 	struct lw_relay *dirty;         /* relays with bytes for their socket this turn */
 	bool in_batch;                  /* lw_input_flush is feeding lwIP: pure ACKs wait */
@@ -8942,10 +8946,11 @@ enum {
 	 * soon as the relay has copied it, so a turn needs one turn's input
 	 * of them: with UDP GRO that is up to the whole input queue (a cap
 	 * of 256 made musl map and unmap 32 KiB groups 1,100 times a second
-	 * during a download).  Once input stops for a tick, LW_PKT_FREE_IDLE
+	 * during a download).  Once input stops for LW_IDLE_TRIM_MS, LW_PKT_FREE_IDLE
 	 * stay, so an idle node keeps 96 KB of them, not 6 MB. */
 	LW_PKT_FREE_MAX = LW_INPUT_QUEUE_MAX,
 	LW_PKT_FREE_IDLE = 64,
+	LW_IDLE_TRIM_MS = 1000,
 };
 
 /* One packet for lwIP in a buffer of ours: lwIP frees it through
@@ -9100,10 +9105,12 @@ static void lw_tcp_checksum_put(uint8_t *pkt, size_t len)
  * no options, flags ACK alone) waits; a newer one of the same flow with a
  * higher ack number replaces it, as a receiver with GRO would have sent
  * one ACK for the lot (RFC 5681 allows ACKing every second segment; the
- * sender's kernel counts acknowledged bytes, not ACKs).  Duplicate ACKs
- * and window updates (the same ack number) are not merged: fast
- * retransmit counts them.  Anything else lwIP sends, and the end of the
- * batch, sends what waits first, so the order on the wire is kept. */
+ * sender's kernel counts acknowledged bytes, not ACKs).  A duplicate ACK
+ * or window update (the same ack number as the one waiting) is not merged
+ * but sent, after it: fast retransmit counts them.  A waiting one is only
+ * ever replaced by a higher ack number, which makes it moot.  Anything
+ * else lwIP sends, and the end of the batch, sends what waits first, so
+ * the order on the wire is kept. */
 
 static bool lw_ack_is_pure(const uint8_t *pkt, size_t len)
 {
@@ -9124,10 +9131,12 @@ static bool lw_ack_same_flow(const uint8_t *a, const uint8_t *b)
 
 static void lw_acks_flush(struct node *n)
 {
+	uint8_t acks[LW_ACKS_HELD][LW_ACK_BYTES];      /* a copy: sending must not see new ones */
 	unsigned k = n->lw.n_acks;
+	memcpy(acks, n->lw.acks, k * LW_ACK_BYTES);
 	n->lw.n_acks = 0;
 	for (unsigned i = 0; i < k; i++)
-		ip_from_local(n, n->lw.acks[i], LW_ACK_BYTES);
+		ip_from_local(n, acks[i], LW_ACK_BYTES);
 }
 
 /* Keep a pure ACK back; false if it must go now. */
@@ -9266,19 +9275,17 @@ static int lw_write_ip(struct node *n, const uint8_t *pkt, size_t len)
 		n->lw.inq = p;
 	n->lw.inq_tail = p;
 	n->lw.n_inq++;
-	n->lw.inputs++;
+	n->lw.last_input_ms = ev_now(&n->loop);
 	if (!ev_timer_armed(&n->lw.input_timer))
 		ev_timer_arm(&n->loop, &n->lw.input_timer, 0);
 	return 0;
 }
 
-/* No input since the last tick: give the buffers a transfer needed back. */
-static void lw_idle_trim(struct lw_state *lw)
+/* No input for a second: give the buffers a transfer needed back. */
+static void lw_idle_trim(struct lw_state *lw, uint64_t now)
 {
-	if (lw->inputs != lw->inputs_seen) {
-		lw->inputs_seen = lw->inputs;
+	if (now - lw->last_input_ms < LW_IDLE_TRIM_MS)
 		return;
-	}
 	while (lw->n_pkt_free > LW_PKT_FREE_IDLE) {
 		struct lw_pkt *k = lw->pkt_free;
 		lw->pkt_free = k->next;
@@ -9292,7 +9299,7 @@ static int64_t lw_tick(struct ev_loop *loop, struct ev_timer *t)
 {
 	struct node *n = container_of(t, struct node, lw.timer);
 	(void)loop;
-	lw_idle_trim(&n->lw);
+	lw_idle_trim(&n->lw, ev_now(&n->loop));
 	sys_check_timeouts();
 	u32_t next = sys_timeouts_sleeptime();
 	return next > LW_TIMER_MAX_MS ? LW_TIMER_MAX_MS : (next ? next : 1);
