@@ -870,8 +870,8 @@ static ring_addr sec_addr_of_ip(uint32_t ip)
  * Links run a Noise-style handshake built from mbedTLS primitives (see
  * docs/SECURITY.md and section 06): X25519 ephemerals for forward secrecy,
  * HKDF-SHA256 for keys, ChaCha20-Poly1305 for the identity blocks, the
- * fastest AEAD both ends run for the records (libsodium's), and for certificate networks an ECDSA P-256 signature over the
- * transcript.  These wrappers keep mbedTLS's return codes inside sec_: the
+ * fastest AEAD both ends run for the records (libsodium's), and for
+ * certificate networks an ECDSA P-256 signature over the transcript.  These wrappers keep mbedTLS's return codes inside sec_: the
  * callers see 0 / -1 (or bool). */
 
 enum {
@@ -1103,18 +1103,23 @@ static bool sec_open(uint8_t cipher, const uint8_t key[SEC_KEY_BYTES], uint32_t 
  * emulated slowly. */
 static uint8_t sec_ciphers_offered(void)
 {
-	uint8_t c = SEC_CIPHERS_BASE;
+	uint8_t allow = 0xff;           /* bits of the ciphers IPOP_CIPHER lets us offer */
 	const char *want = getenv("IPOP_CIPHER");
-	if (want && strcmp(want, sec_cipher_names[SEC_CHACHA20_POLY1305]) &&
-	    strcmp(want, sec_cipher_names[SEC_AES256_GCM]) && strcmp(want, sec_cipher_names[SEC_AEGIS256]))
-		log_warn("sec", "IPOP_CIPHER '%s' is none of aegis-256, aes-256-gcm, chacha20-poly1305: "
-			 "offering chacha20-poly1305 only", want);
-	if (sodium_runtime_has_aesni() && sodium_runtime_has_avx() &&
-	    (!want || !strcmp(want, sec_cipher_names[SEC_AEGIS256])))
+	if (want && *want) {
+		allow = SEC_CIPHERS_BASE;
+		for (uint8_t i = 0; i < SEC__CIPHER_END; i++)
+			if (!strcmp(want, sec_cipher_names[i]))
+				allow |= 1u << i;
+		if (allow == SEC_CIPHERS_BASE && strcmp(want, sec_cipher_names[SEC_CHACHA20_POLY1305]))
+			log_warn("sec", "IPOP_CIPHER '%s' is none of aegis-256, aes-256-gcm, chacha20-poly1305: "
+				 "offering chacha20-poly1305 only", want);
+	}
+	uint8_t c = SEC_CIPHERS_BASE;
+	if (sodium_runtime_has_aesni() && sodium_runtime_has_avx())
 		c |= 1u << SEC_AEGIS256;
-	if (crypto_aead_aes256gcm_is_available() && (!want || !strcmp(want, sec_cipher_names[SEC_AES256_GCM])))
+	if (crypto_aead_aes256gcm_is_available())
 		c |= 1u << SEC_AES256_GCM;
-	return c;
+	return c & allow;
 }
 
 /* Both ends pick from what both offer, fastest first; ChaCha is always there. */
@@ -3378,9 +3383,6 @@ static void link_hs_resend(struct link *l)
 
 static void link_relays_lost(struct node *n, const ring_addr *via);
 
-/* Tear a link down.  A BYE goes out only on an up link, and only when the
- * peer did not close first: a peer that never finished the handshake holds
- * no state worth telling.  reason 0 means the link failed (dead, reset). */
 /* ---- contacts -------------------------------------------------------------
  * A NAT or stateful firewall lets a stranger's first packet in only through
  * a hole we opened by sending to it.  So that the ring can tell a link a
@@ -3414,6 +3416,9 @@ static bool link_contacted(struct node *n, const struct sockaddr_in *sa)
 	       ev_now(&n->loop) - c->ms < LINK_CONTACT_MS;
 }
 
+/* Tear a link down.  A BYE goes out only on an up link, and only when the
+ * peer did not close first: a peer that never finished the handshake holds
+ * no state worth telling.  reason 0 means the link failed (dead, reset). */
 static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 {
 	if (l->state == LINK_CLOSED)
