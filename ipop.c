@@ -250,6 +250,7 @@ enum drop_reason {
 	DROP_BAD_IP,            /* an IP header that does not parse */
 	DROP_LOCAL_WRITE,       /* the local interface refused a packet */
 	DROP_TOO_BIG,           /* a message grew past what its next link carries */
+	DROP_OVERLAY_ENDPOINT,  /* an underlay address inside the virtual network (link_overlay_ip) */
 	DROP__COUNT
 };
 
@@ -280,6 +281,7 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_BAD_IP] = "bad_ip",
 	[DROP_LOCAL_WRITE] = "local_write",
 	[DROP_TOO_BIG] = "too_big",
+	[DROP_OVERLAY_ENDPOINT] = "overlay_endpoint",
 };
 
 struct log_drops {
@@ -2456,6 +2458,17 @@ enum {
 	RING_CTM_DIAL_DELAY_MS = 250,  /* our dial after a connect-to-me reply, at the first tick after */
 	RING_DEFER_MAX = 8,            /* such dials waiting; more dial at once */
 	RING_REACHABLE_MS = 600000,    /* an unasked-for UDP link this recent: others reach us */
+	/* A joined node dials one of its rendezvous peers (bootstraps and
+	 * remembered peers) it holds no link to, every RING_MERGE_MS on average
+	 * in a small network, and asks for its neighbours through it: two rings
+	 * a partition left behind find each other within about one period of
+	 * the heal.  The period grows with N so that the bootstraps of a large
+	 * network see a few such dials a second, not hundreds. */
+	RING_MERGE_MS = 10000,
+	RING_MERGE_PER_NODE_MS = 500,  /* ... plus this per node beyond RING_MERGE_FREE_NODES */
+	RING_MERGE_FREE_NODES = 20,
+	RING_REMEMBER_MAX = 16,        /* peers that worked, kept on disk for a restart */
+	RING_REMEMBER_SAVE_MS = 30000, /* a changed list is written at most this often */
 };
 
 /* One peer's IP traffic, both directions (ring_sc_count). */
@@ -2559,6 +2572,15 @@ struct ring_state {
 	uint64_t inbound_ms;            /* the last UDP link a peer began unasked (ring_reachable) */
 	struct endpoint boot[BOOTSTRAP_MAX];
 	unsigned n_boot;
+	void (*boot_resolve)(struct node *n);   /* look bootstrap host names up again (section 16) */
+	/* Peers we dialled and linked, most recent first: rejoin and merge
+	 * through them when the bootstraps are gone (ring_remember). */
+	struct endpoint remembered[RING_REMEMBER_MAX];
+	unsigned n_remembered;
+	char remember_path[288];        /* "": not kept on disk */
+	bool remember_dirty;
+	uint64_t remember_saved_ms, next_merge_ms;
+	unsigned merge_next;
 	void (*echo_reply)(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
 	/* Inner messages for the IP layer (section 10), and the ones routing
 	 * could not deliver. */
@@ -2604,9 +2626,11 @@ struct nat_state {
 	struct nat_plan *plans;         /* NAT_PLANS_MAX, from nat_start: 20 KB a simulated node
 	                                * (section 15b) does without */
 	struct ev_timer tick;
-	struct endpoint own[LINK_ENDPOINTS_MAX];      /* our listeners' endpoints, from the start */
+	struct endpoint own[LINK_ENDPOINTS_MAX];      /* our listeners' endpoints (nat_collect_own) */
 	unsigned n_own;
 	int kind;                       /* enum nat_kind, as last classified */
+	int ifaddr_fd;                  /* netlink: interface addresses came or went; -1: none */
+	struct ev_timer ifaddr_timer;   /* ... collect ours again once the burst settles */
 };
 
 /* The DHT's state, owned by section 08. */
@@ -2864,6 +2888,71 @@ static void link_drop_from(struct node *n, enum drop_reason why, uint8_t proto,
 	struct endpoint e = link_endpoint_of(proto, from);
 	link_endpoint_uri(&e, who);
 	log_drop(&n->drops, why, ev_now(&n->loop), who);
+}
+
+/* ---- the overlay never carries itself ------------------------------------
+ * A link whose underlay address lies inside the virtual network would run
+ * through ipop itself: its packets enter our tap, are routed over the very
+ * links the ring is made of, and it dies with any of them, taking relays
+ * and routes along (a wildcard listener once advertised the tap's own
+ * address, and peers dialled it).  So no such address is advertised,
+ * learnt, accepted or dialled: one of the virtual network (--ip's prefix),
+ * a virtual IP we hold or route for, a linked peer's virtual IP; nor, with an interface of ours, an address whose kernel
+ * route leaves through that interface (a route the user added into the
+ * overlay).  A router-only node knows no prefix; the others' checks cover it. */
+static bool link_overlay_ip(const struct node *n, uint32_t ip)
+{
+	if (!ip)
+		return false;
+	if ((n->ip.mask && (ip & n->ip.mask) == n->ip.net) || ip == n->self.vip)
+		return true;
+	for (unsigned i = 0; i < n->ip.n_routes; i++) {
+		uint32_t mask = n->ip.routes[i].len ? ~0u << (32 - n->ip.routes[i].len) : 0;
+		if ((ip & mask) == n->ip.routes[i].net)
+			return true;
+	}
+	for (const struct link *l = n->links; l; l = l->next)
+		if (l->peer_known && l->peer.vip == ip)
+			return true;
+	return false;
+}
+
+/* Would a datagram to ip leave through our own tap?  The kernel's answer:
+ * the source address a connected UDP socket gets is the interface's. */
+static bool link_route_via_tap(const struct node *n, uint32_t ip)
+{
+	if (!n->ip.local || n->tap.fd < 0 || !n->self.vip)
+		return false;
+	struct sockaddr_in to = link_sockaddr_of(&(struct endpoint){ PROTO_UDP, ip, 9 }), src;
+	socklen_t sl = sizeof src;
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	bool via = fd >= 0 && connect(fd, (struct sockaddr *)&to, sizeof to) == 0 &&
+		   getsockname(fd, (struct sockaddr *)&src, &sl) == 0 &&
+		   link_overlay_ip(n, ntohl(src.sin_addr.s_addr));
+	if (fd >= 0)
+		close(fd);
+	return via;
+}
+
+/* May a link run to or from this underlay address?  Counted when not. */
+static bool link_underlay_ok(struct node *n, uint8_t proto, const struct sockaddr_in *sa)
+{
+	uint32_t ip = ntohl(sa->sin_addr.s_addr);
+	if (!link_overlay_ip(n, ip) && !link_route_via_tap(n, ip))
+		return true;
+	link_drop_from(n, DROP_OVERLAY_ENDPOINT, proto, sa);
+	return false;
+}
+
+/* Drop the endpoints a peer advertised inside the overlay (an older node
+ * may still send them), so we neither dial nor pass them on. */
+static void link_scrub_endpoints(const struct node *n, struct peer_info *pi)
+{
+	uint8_t k = 0;
+	for (uint8_t i = 0; i < pi->n_endpoints; i++)
+		if (!link_overlay_ip(n, pi->endpoints[i].ip) && pi->endpoints[i].ip != pi->vip)
+			pi->endpoints[k++] = pi->endpoints[i];
+	pi->n_endpoints = k;
 }
 
 /* Our receiver index is ours to choose: its low bits name the link's slot
@@ -3750,6 +3839,7 @@ static bool link_identity_accept(struct link *l, const uint8_t key[32], const ui
 		return false;
 	}
 	l->peer = id.info;
+	link_scrub_endpoints(n, &l->peer);
 	l->peer_known = true;
 	l->observed = id.observed;
 	if (l->keys)
@@ -3929,6 +4019,8 @@ static void link_on_hs_init(struct node *n, struct link *stream, int fd, const s
 				link_hs_resend(old);
 			return;
 		}
+		if (!link_underlay_ok(n, PROTO_UDP, from))
+			return;
 		if (!(l = link_new(n, PROTO_UDP, fd, from, false)))
 			return link_drop_from(n, DROP_LINK_TABLE_FULL, proto, from);
 	} else if (l->state != LINK_AWAIT_INIT) {
@@ -4680,6 +4772,10 @@ static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t e
 		int fd = accept4(lfd, (struct sockaddr *)&sa, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0)
 			return;
+		if (sa.sin_family == AF_INET && !link_underlay_ok(n, PROTO_TCP, &sa)) {
+			close(fd);
+			continue;
+		}
 		int one = 1;
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 		struct link *l = sa.sin_family == AF_INET ? link_new(n, PROTO_TCP, fd, &sa, false) : NULL;
@@ -4765,6 +4861,8 @@ static struct link *link_dial(struct node *n, const struct endpoint *ep,
 			      const ring_addr *expect, uint8_t want, const uint8_t *cookie)
 {
 	struct sockaddr_in sa = link_sockaddr_of(ep);
+	if (!link_underlay_ok(n, ep->proto, &sa))
+		return NULL;
 	int fd = ep->proto == PROTO_UDP ? link_udp_dial_socket(n) : link_tcp_dial_socket(&sa);
 	if (fd < 0)
 		return NULL;
@@ -4805,7 +4903,8 @@ static void link_probe(struct node *n, const struct sockaddr_in *to, uint32_t to
 	int fd = link_udp_dial_socket(n);
 	struct wire_hs_init m = { .sender = token, .mode = (uint8_t)n->sec.mode };
 	uint8_t pkt[WIRE_HS_INIT_BYTES];
-	if (fd < 0 || wire_hs_init_encode(pkt, sizeof pkt, &m) != WIRE_HS_INIT_BYTES)
+	if (fd < 0 || !link_underlay_ok(n, PROTO_UDP, to) ||
+	    wire_hs_init_encode(pkt, sizeof pkt, &m) != WIRE_HS_INIT_BYTES)
 		return;
 	if (n->sec.mode != SEC_INSECURE)
 		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, pkt + WIRE_HS_INIT_MAC1_OFFSET);
@@ -6009,14 +6108,130 @@ static void ring_close_unneeded(struct node *n)
 			link_close(l, BYE_UNNEEDED);
 }
 
-/* With no link at all, dial the bootstrap peers, backing off to 30 s. */
+/* ---- rendezvous: bootstraps, remembered peers, merging split rings -------- */
+
+/* Rendezvous peer i: the bootstraps first, then the remembered peers. */
+static const struct endpoint *ring_rendezvous(const struct node *n, unsigned i)
+{
+	return i < n->ring.n_boot ? &n->ring.boot[i] : &n->ring.remembered[i - n->ring.n_boot];
+}
+
+/* A link to that endpoint exists or is being made, or it is one of ours. */
+static bool ring_endpoint_busy(const struct node *n, const struct endpoint *ep)
+{
+	struct sockaddr_in sa = link_sockaddr_of(ep);
+	for (const struct link *l = n->links; l; l = l->next)
+		if (l->state != LINK_CLOSED && l->proto == ep->proto && link_sockaddr_eq(&l->remote, &sa))
+			return true;
+	for (unsigned i = 0; i < n->self.n_endpoints; i++)
+		if (n->self.endpoints[i].ip == ep->ip && n->self.endpoints[i].port == ep->port)
+			return true;
+	return false;
+}
+
+/* A link we dialled came up: its endpoint worked, remember it first. */
+static void ring_remember(struct node *n, const struct link *l)
+{
+	if (!l->initiator || l->proto == PROTO_RELAY)
+		return;
+	struct endpoint e = link_endpoint_of(l->proto, &l->remote), *r = n->ring.remembered;
+	unsigned k = n->ring.n_remembered, at = k < RING_REMEMBER_MAX ? k : RING_REMEMBER_MAX - 1;
+	for (unsigned i = 0; i < k; i++)
+		if (r[i].proto == e.proto && r[i].ip == e.ip && r[i].port == e.port)
+			at = i;
+	if (at == 0 && k)
+		return;                 /* already the newest: nothing to write */
+	memmove(r + 1, r, at * sizeof *r);
+	r[0] = e;
+	n->ring.n_remembered = k > at ? k : at + 1;
+	n->ring.remember_dirty = true;
+}
+
+/* Write the remembered peers (a temporary file renamed over the old one:
+ * a crash leaves the previous list, never half of one). */
+static void ring_remember_save(struct node *n)
+{
+	char tmp[300], uri[40];
+	if (!n->ring.remember_path[0] || !n->ring.remember_dirty)
+		return;
+	n->ring.remember_dirty = false;
+	n->ring.remember_saved_ms = ev_now(&n->loop);
+	snprintf(tmp, sizeof tmp, "%s.tmp", n->ring.remember_path);
+	FILE *f = fopen(tmp, "w");
+	if (!f) {
+		log_debug("ring", "cannot write %s: %s", tmp, strerror(errno));
+		return;
+	}
+	fprintf(f, "# ipop: peers this node linked to, newest first; read at start\n");
+	for (unsigned i = 0; i < n->ring.n_remembered; i++) {
+		link_endpoint_uri(&n->ring.remembered[i], uri);
+		fprintf(f, "%s\n", uri);
+	}
+	if (fclose(f) != 0 || rename(tmp, n->ring.remember_path) < 0)
+		log_debug("ring", "cannot write %s: %s", n->ring.remember_path, strerror(errno));
+}
+
+/* Ask for our neighbours through a just-made link to a rendezvous peer:
+ * the request is routed from there, so if that peer is in another ring
+ * (a partition healed), that ring's nodes nearest to us answer and link
+ * with us, and the two rings zip together from here. */
+static void ring_merge_ask(struct node *n, struct link *l)
+{
+	ring_addr one = ring_one();
+	ring_addr target[2] = { ring_add(&n->self.addr, &one), ring_sub(&n->self.addr, &one) };
+	static const uint8_t modes[2] = { MODE_SUCC, MODE_PRED };
+	struct wire_ctm_req m = { .reply_via = l->peer.addr, .from = n->self };
+	uint8_t payload[WIRE_MAX_PACKET_BYTES];
+	ssize_t len = wire_ctm_req_encode(payload, sizeof payload, &m);
+	for (int i = 0; i < 2 && len > 0; i++) {
+		struct wire_routed r = { .mode = modes[i], .ttl = RING_MAX_HOPS, .src = n->self.addr,
+					 .dst = target[i], .inner = INNER_CTM_REQ, .len = (uint16_t)len,
+					 .payload = payload };
+		ring_forward(n, l, &r);
+	}
+}
+
+static uint64_t ring_merge_period(struct node *n)
+{
+	double extra = n->ring.n_estimate > RING_MERGE_FREE_NODES ? n->ring.n_estimate - RING_MERGE_FREE_NODES : 0;
+	double ms = RING_MERGE_MS + extra * RING_MERGE_PER_NODE_MS;
+	return (uint64_t)(ms * (0.5 + sec_random_unit(&n->rng)));     /* jitter: 0.5 to 1.5 periods */
+}
+
+/* Joined: now and then dial the next rendezvous peer we hold no link to. */
+static void ring_merge_upkeep(struct node *n)
+{
+	uint64_t now = ev_now(&n->loop);
+	unsigned total = n->ring.n_boot + n->ring.n_remembered;
+	if (!n->ring.joined || !total || now < n->ring.next_merge_ms)
+		return;
+	bool first = !n->ring.next_merge_ms;
+	n->ring.next_merge_ms = now + ring_merge_period(n);
+	if (first)
+		return;                 /* we just joined through them */
+	for (unsigned tries = 0; tries < total; tries++) {
+		const struct endpoint *ep = ring_rendezvous(n, n->ring.merge_next++ % total);
+		if (!ring_endpoint_busy(n, ep)) {
+			link_dial(n, ep, NULL, ROLE_LEAF, NULL);
+			return;
+		}
+	}
+}
+
+/* With no link at all, dial the bootstrap peers (their names looked up
+ * again: a host may have moved) and the remembered ones, backing off to 30 s. */
 static void ring_bootstrap_upkeep(struct node *n)
 {
 	uint64_t now = ev_now(&n->loop);
-	if (n->links || !n->ring.n_boot || now < n->ring.next_boot_ms)
+	if (now - n->ring.remember_saved_ms >= RING_REMEMBER_SAVE_MS)
+		ring_remember_save(n);
+	if (n->links || !(n->ring.n_boot + n->ring.n_remembered) || now < n->ring.next_boot_ms)
 		return;
-	for (unsigned i = 0; i < n->ring.n_boot; i++)
-		link_dial(n, &n->ring.boot[i], NULL, ROLE_LEAF, NULL);
+	if (n->ring.boot_resolve)
+		n->ring.boot_resolve(n);
+	for (unsigned i = 0; i < n->ring.n_boot + n->ring.n_remembered; i++)
+		if (!ring_endpoint_busy(n, ring_rendezvous(n, i)))
+			link_dial(n, ring_rendezvous(n, i), NULL, ROLE_LEAF, NULL);
 	uint64_t b = n->ring.boot_backoff_ms ? n->ring.boot_backoff_ms * 2 : 1000;
 	n->ring.boot_backoff_ms = b > RING_BOOT_RETRY_MAX_MS ? RING_BOOT_RETRY_MAX_MS : b;
 	n->ring.next_boot_ms = now + n->ring.boot_backoff_ms;
@@ -6210,6 +6425,7 @@ static int64_t ring_tick(struct ev_loop *loop, struct ev_timer *t)
 {
 	struct node *n = container_of(t, struct node, ring.tick);
 	ring_bootstrap_upkeep(n);
+	ring_merge_upkeep(n);
 	ring_sc_upkeep(n);
 	ring_close_unneeded(n);
 	ring_pns_upkeep(n);
@@ -6229,6 +6445,8 @@ static void ring_on_link_up(struct node *n, struct link *l)
 		n->ring.links_changed(n);
 	n->ring.boot_backoff_ms = 0;
 	ring_note_inbound(n, l);
+	ring_remember(n, l);
+	bool merge = n->ring.joined && (l->want_roles & ROLE_LEAF);
 	l->local_roles = l->want_roles;
 	link_send_byte(l, WIRE_ROLES, l->local_roles);
 	ring_near_recompute(n);
@@ -6236,6 +6454,8 @@ static void ring_on_link_up(struct node *n, struct link *l)
 		ring_sc_enforce_cap(n);
 	if (!n->ring.joined || (l->local_roles & ROLE_NEAR))
 		ring_probe_soon(n);
+	if (merge)
+		ring_merge_ask(n, l);
 	if (n->ring.link_up)
 		n->ring.link_up(n, l);
 }
@@ -7087,8 +7307,13 @@ static void nat_advertise(struct node *n)
 		if (!dup && (s->seen[i].ip != s->local[i].ip || s->seen[i].port != s->local[i].port))
 			out[k++] = s->seen[i];
 	}
-	for (unsigned i = 0; i < s->n_own && k < LINK_ENDPOINTS_MAX; i++)
-		out[k++] = s->own[i];
+	for (unsigned i = 0; i < s->n_own && k < LINK_ENDPOINTS_MAX; i++) {
+		bool dup = false;       /* seen as itself: a public address */
+		for (unsigned j = 0; j < k; j++)
+			dup |= nat_endpoint_eq(&out[j], &s->own[i]);
+		if (!dup)
+			out[k++] = s->own[i];
+	}
 	memcpy(n->self.endpoints, out, k * sizeof out[0]);
 	n->self.n_endpoints = (uint8_t)k;
 }
@@ -7098,7 +7323,8 @@ static void nat_learn_endpoint(struct node *n, struct link *l)
 {
 	struct nat_state *s = n->nat;
 	struct endpoint local = nat_local_of(n, l);
-	if (l->proto != PROTO_UDP || l->observed.proto != PROTO_UDP || !l->observed.ip || !local.port)
+	if (l->proto != PROTO_UDP || l->observed.proto != PROTO_UDP || !l->observed.ip || !local.port ||
+	    link_overlay_ip(n, l->observed.ip))
 		return;                 /* only what our listeners are seen as is worth telling */
 	for (unsigned i = 0; i < s->n_seen; i++)
 		if (wire_addr_eq(&s->reporter[i], &l->peer.addr) && nat_endpoint_eq(&s->seen[i], &l->observed))
@@ -7119,6 +7345,137 @@ static void nat_learn_endpoint(struct node *n, struct link *l)
 	link_endpoint_uri(&l->observed, uri);
 	link_describe(l, who);
 	log_info("nat", "seen as %s by %s; NAT: %s", uri, who, nat_kind_names[s->kind]);
+}
+
+/* ---- our own endpoints, and following the machine's -------------------------
+ * What we advertise besides the public endpoints: each listener's address,
+ * or for a wildcard listener every IPv4 interface address but loopback's
+ * (loopback if there is no other), never one inside the overlay (section
+ * 06, link_overlay_ip) nor our tap's.  Interfaces change under a running
+ * node (a laptop moves, DHCP renumbers, a tunnel comes up): a netlink
+ * socket tells us, and once a burst of changes settles we collect again. */
+enum {
+	NAT_IFADDR_SETTLE_MS = 300,     /* an interface change comes as several messages */
+	NAT_RTMGRP_IPV4_IFADDR = 0x10,  /* <linux/rtnetlink.h>, not on musl's include path */
+	NAT_NETLINK_ROUTE = 0,
+};
+
+struct nat_sockaddr_nl {                /* <linux/netlink.h>'s sockaddr_nl */
+	sa_family_t nl_family;
+	unsigned short nl_pad;
+	uint32_t nl_pid, nl_groups;
+};
+
+static void nat_own_add(struct endpoint *out, unsigned *k, struct endpoint e)
+{
+	for (unsigned i = 0; i < *k; i++)
+		if (nat_endpoint_eq(&out[i], &e))
+			return;
+	if (*k < LINK_ENDPOINTS_MAX)
+		out[(*k)++] = e;
+}
+
+static bool nat_if_usable(const struct node *n, const struct ifaddrs *it)
+{
+	if (!it->ifa_addr || it->ifa_addr->sa_family != AF_INET || !(it->ifa_flags & IFF_UP))
+		return false;
+	uint32_t ip = ntohl(((const struct sockaddr_in *)(const void *)it->ifa_addr)->sin_addr.s_addr);
+	bool tap = n->tap.fd >= 0 && n->tap.name[0] && !strcmp(it->ifa_name, n->tap.name);
+	return (ip >> 24) != 127 && !tap && !link_overlay_ip(n, ip);
+}
+
+/* For a wildcard listener: every usable interface address with its port. */
+static void nat_own_wildcard(const struct node *n, struct endpoint e, struct endpoint *out, unsigned *k)
+{
+	struct ifaddrs *ifs = NULL;
+	unsigned before = *k;
+	if (getifaddrs(&ifs) == 0) {
+		for (const struct ifaddrs *it = ifs; it; it = it->ifa_next)
+			if (nat_if_usable(n, it))
+				nat_own_add(out, k, (struct endpoint){ e.proto, ntohl(((const struct sockaddr_in *)
+						(const void *)it->ifa_addr)->sin_addr.s_addr), e.port });
+		freeifaddrs(ifs);
+	}
+	if (*k == before)
+		nat_own_add(out, k, (struct endpoint){ e.proto, 0x7f000001u, e.port });
+}
+
+static unsigned nat_collect_own(const struct node *n, struct endpoint out[LINK_ENDPOINTS_MAX])
+{
+	unsigned k = 0;
+	for (unsigned i = 0; i < n->n_listeners; i++) {
+		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);
+		if (e.ip == 0)
+			nat_own_wildcard(n, e, out, &k);
+		else if (!link_overlay_ip(n, e.ip))
+			nat_own_add(out, &k, e);
+	}
+	return k;
+}
+
+static bool nat_own_same(const struct nat_state *s, const struct endpoint *e, unsigned k)
+{
+	if (k != s->n_own)
+		return false;
+	for (unsigned i = 0; i < k; i++)
+		if (!nat_endpoint_eq(&s->own[i], &e[i]))
+			return false;
+	return true;
+}
+
+/* Interfaces settled: advertise the new set.  What peers told us we are
+ * seen as may be stale with it (a new uplink, a new NAT), so the
+ * observations start over from the UDP links still up, and the
+ * neighbours hear of the change at the next probe. */
+static int64_t nat_ifaddr_settled(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct nat_state *s = container_of(t, struct nat_state, ifaddr_timer);
+	struct node *n = s->node;
+	struct endpoint own[LINK_ENDPOINTS_MAX];
+	unsigned k = nat_collect_own(n, own);
+	(void)loop;
+	if (nat_own_same(s, own, k))
+		return EV_TIMER_STOP;
+	memcpy(s->own, own, sizeof own);
+	s->n_own = k;
+	s->n_seen = s->next = 0;
+	for (struct link *l = n->links; l; l = l->next)
+		if (l->state == LINK_UP && l->proto == PROTO_UDP)
+			nat_learn_endpoint(n, l);
+	nat_advertise(n);
+	ring_probe_soon(n);
+	char uri[40] = "none";
+	if (k)
+		link_endpoint_uri(&own[0], uri);
+	log_info("nat", "interface addresses changed: now %u local endpoint(s), first %s", k, uri);
+	return EV_TIMER_STOP;
+}
+
+static void nat_ifaddr_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct nat_state *s = arg;
+	char buf[8192];
+	(void)events;
+	while (recv(fd, buf, sizeof buf, MSG_DONTWAIT) > 0)
+		;                       /* what changed does not matter: we look again */
+	if (!ev_timer_armed(&s->ifaddr_timer))
+		ev_timer_arm(loop, &s->ifaddr_timer, NAT_IFADDR_SETTLE_MS);
+}
+
+/* Listen for address changes; without netlink (a sandbox) the set stays. */
+static void nat_watch_interfaces(struct node *n)
+{
+	struct nat_state *s = n->nat;
+	struct nat_sockaddr_nl sa = { .nl_family = AF_NETLINK, .nl_groups = NAT_RTMGRP_IPV4_IFADDR };
+	ev_timer_init(&s->ifaddr_timer, nat_ifaddr_settled);
+	s->ifaddr_fd = socket(AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, NAT_NETLINK_ROUTE);
+	if (s->ifaddr_fd >= 0 && (bind(s->ifaddr_fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+				  ev_fd_watch(&n->loop, s->ifaddr_fd, EPOLLIN, nat_ifaddr_readable, s) < 0)) {
+		close(s->ifaddr_fd);
+		s->ifaddr_fd = -1;
+	}
+	if (s->ifaddr_fd < 0)
+		log_debug("nat", "no netlink (%s): interface changes are not followed", strerror(errno));
 }
 
 /* ---- fallback plans: TCP, then relays ------------------------------------ */
@@ -7278,8 +7635,10 @@ static void nat_on_link_up(struct node *n, struct link *l)
 
 static void nat_start(struct node *n)
 {
-	if (!n->nat && (n->nat = calloc(1, sizeof *n->nat)))
+	if (!n->nat && (n->nat = calloc(1, sizeof *n->nat))) {
 		n->nat->node = n;
+		n->nat->ifaddr_fd = -1;
+	}
 	if (!n->nat || (!n->nat->plans && !(n->nat->plans = calloc(NAT_PLANS_MAX, sizeof *n->nat->plans)))) {
 		log_warn("nat", "out of memory: no fallbacks (TCP, relays) for failed dials");
 		return;
@@ -7293,6 +7652,7 @@ static void nat_start(struct node *n)
 	n->hooks.punch = nat_on_punch;
 	n->nat->n_own = n->self.n_endpoints;
 	memcpy(n->nat->own, n->self.endpoints, sizeof n->nat->own);
+	nat_watch_interfaces(n);
 	ev_timer_init(&n->nat->tick, nat_tick);
 	ev_timer_arm(&n->loop, &n->nat->tick, NAT_TICK_MS);
 }
@@ -13466,37 +13826,10 @@ static int cli_listener_open(struct node *n, const struct endpoint *ep, char *er
 	return 0;
 }
 
-static void cli_self_endpoint_add(struct node *n, uint8_t proto, uint32_t ip, uint16_t port)
-{
-	if (n->self.n_endpoints < LINK_ENDPOINTS_MAX)
-		n->self.endpoints[n->self.n_endpoints++] = (struct endpoint){ proto, ip, port };
-}
-
-/* What we advertise: each listener's address, or for a wildcard listener
- * every non-loopback IPv4 interface address (loopback if there is none). */
+/* What we advertise at the start (nat_start keeps it up to date). */
 static void cli_self_endpoints(struct node *n)
 {
-	for (unsigned i = 0; i < n->n_listeners; i++) {
-		struct endpoint e = link_endpoint_of(n->listeners[i].proto, &n->listeners[i].sa);
-		if (e.ip != 0) {
-			cli_self_endpoint_add(n, e.proto, e.ip, e.port);
-			continue;
-		}
-		struct ifaddrs *ifs = NULL;
-		unsigned before = n->self.n_endpoints;
-		if (getifaddrs(&ifs) == 0) {
-			for (struct ifaddrs *it = ifs; it; it = it->ifa_next) {
-				if (!it->ifa_addr || it->ifa_addr->sa_family != AF_INET)
-					continue;
-				uint32_t ip = ntohl(((struct sockaddr_in *)(void *)it->ifa_addr)->sin_addr.s_addr);
-				if ((ip >> 24) != 127)
-					cli_self_endpoint_add(n, e.proto, ip, e.port);
-			}
-			freeifaddrs(ifs);
-		}
-		if (n->self.n_endpoints == before)
-			cli_self_endpoint_add(n, e.proto, 0x7f000001u, e.port);
-	}
+	n->self.n_endpoints = (uint8_t)nat_collect_own(n, n->self.endpoints);
 }
 
 struct cli_run;
@@ -13517,6 +13850,8 @@ static void cli_node_free(struct node *n)
 		free(n->rx->buf);
 	free(n->tx);
 	free(n->rx);
+	if (n->nat && n->nat->ifaddr_fd >= 0)
+		close(n->nat->ifaddr_fd);
 	if (n->nat)
 		free(n->nat->plans);
 	free(n->nat);
@@ -13691,19 +14026,27 @@ static int cli_mkdirs(const char *path)
 /* The --ip auto state file: --state-file, else one per network (its prefix
  * and a hash of its credentials) under $XDG_STATE_HOME/ipop or
  * ~/.local/state/ipop. */
+/* $XDG_STATE_HOME/ipop or ~/.local/state/ipop; false with neither set. */
+static bool cli_state_dir(char dir[200])
+{
+	const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+	if (xdg && *xdg == '/')
+		snprintf(dir, 200, "%s/ipop", xdg);
+	else if (home && *home == '/')
+		snprintf(dir, 200, "%s/.local/state/ipop", home);
+	else
+		return false;
+	return true;
+}
+
 static int cli_lease_path(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
 	char *out = n->ip.lease.path, dir[200], net[16], id[9];
-	const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
 	if (o->state_file[0]) {
 		snprintf(out, sizeof n->ip.lease.path, "%s", o->state_file);
 		return 0;
 	}
-	if (xdg && *xdg == '/')
-		snprintf(dir, sizeof dir, "%s/ipop", xdg);
-	else if (home && *home == '/')
-		snprintf(dir, sizeof dir, "%s/.local/state/ipop", home);
-	else {
+	if (!cli_state_dir(dir)) {
 		snprintf(err, errlen, "--ip auto: no state directory ($XDG_STATE_HOME and $HOME unset): "
 			 "give --state-file FILE");
 		return -2;
@@ -13795,6 +14138,73 @@ static int cli_node_identity(struct node *n, const struct cli_opts *o, char *err
 }
 
 /* -2: a usage error (exit 2), -1: anything else (exit 1). */
+/* Where this node keeps the peers it linked to (ring_remember): next to
+ * the --ip auto state, one file per network and node, so that a restarted
+ * node rejoins through them when its bootstraps are gone.  With no state
+ * directory nothing is kept; that costs only this convenience. */
+static void cli_remember_path(struct node *n, const struct cli_opts *o, char out[288])
+{
+	char dir[200], id[9], who[24];
+	uint8_t h[32];
+	out[0] = 0;
+	if (n->ip.lease.on) {
+		snprintf(out, 288, "%s.peers", n->ip.lease.path);
+		return;
+	}
+	if (o->state_file[0]) {
+		snprintf(out, 288, "%s.peers", o->state_file);
+		return;
+	}
+	if (!cli_state_dir(dir) || cli_mkdirs(dir) < 0)
+		return;
+	sec_sha256("ipop state", 10, n->sec.salt, SEC_KEY_BYTES, h);
+	buf_hex(h, 4, id);
+	if (n->self.vip)
+		buf_ip_str(n->self.vip, who);
+	else
+		snprintf(who, sizeof who, "router-%u", n->n_listeners ? ntohs(n->listeners[0].sa.sin_port) : 0);
+	snprintf(out, 288, "%s/peers-%s-%s", dir, id, who);
+}
+
+/* Read the remembered peers: one URI a line, numbers only. */
+static void cli_remember_load(struct node *n, const struct cli_opts *o)
+{
+	char line[300];
+	cli_remember_path(n, o, n->ring.remember_path);
+	FILE *f = n->ring.remember_path[0] ? fopen(n->ring.remember_path, "r") : NULL;
+	while (f && fgets(line, sizeof line, f) && n->ring.n_remembered < RING_REMEMBER_MAX) {
+		struct cli_uri u;
+		uint32_t ip;
+		line[strcspn(line, "\r\n")] = 0;
+		if (line[0] == '#' || cli_parse_uri(line, &u, false) < 0 || cli_ipv4(u.host, &ip) < 0 ||
+		    link_overlay_ip(n, ip))
+			continue;
+		n->ring.remembered[n->ring.n_remembered++] = (struct endpoint){ u.proto, ip, u.port };
+	}
+	if (f)
+		fclose(f);
+	if (n->ring.n_remembered)
+		log_info("cli", "%u remembered peer(s) from %s", n->ring.n_remembered, n->ring.remember_path);
+}
+
+/* The running node's bootstrap URIs, for the ring's hook below. */
+static struct cli_uri cli_boot_uris[BOOTSTRAP_MAX];
+
+/* Before a node with no link dials its bootstraps: their names again (a
+ * host that moved, or DNS that was down at the start).  It blocks, but a
+ * node without links has nothing to keep alive; numbers cost nothing. */
+static void cli_boot_resolve(struct node *n)
+{
+	for (unsigned i = 0; i < n->ring.n_boot; i++) {
+		struct endpoint ep;
+		char err[300];
+		if (cli_resolve(&cli_boot_uris[i], &ep, err, sizeof err) == 0)
+			n->ring.boot[i] = ep;
+		else
+			log_warn("cli", "bootstrap %s (trying its last address)", err);
+	}
+}
+
 static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
 	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1 };
@@ -13822,6 +14232,8 @@ static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, si
 		}
 	}
 	n->ring.n_boot = o->n_boot;
+	memcpy(cli_boot_uris, o->boot, o->n_boot * sizeof o->boot[0]);
+	n->ring.boot_resolve = cli_boot_resolve;
 	struct cli_uri def = { .proto = PROTO_UDP, .host = "0.0.0.0", .port = 4000 };
 	for (unsigned i = 0; i < (o->n_listen ? o->n_listen : 1); i++) {
 		struct endpoint ep;
@@ -13830,6 +14242,7 @@ static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, si
 			return -1;
 	}
 	cli_self_endpoints(n);
+	cli_remember_load(n, o);
 	return 0;
 }
 
@@ -13862,6 +14275,7 @@ static bool cli_reload_boot(struct node *n, const struct cli_opts *o)
 			return false;
 		}
 	memcpy(n->ring.boot, boot, o->n_boot * sizeof boot[0]);
+	memcpy(cli_boot_uris, o->boot, o->n_boot * sizeof o->boot[0]);
 	n->ring.n_boot = o->n_boot;
 	n->ring.boot_backoff_ms = 0;
 	n->ring.next_boot_ms = 0;
@@ -14062,6 +14476,7 @@ static int cli_up(struct cli_opts *o)
 		kill(node.ns_child, SIGTERM);   /* we leave: the command loses its network */
 	dht_leave(&node);
 	link_reap(&node);               /* the hand-over leaves before the BYEs */
+	ring_remember_save(&node);
 	ring_leave(&node);
 	ctl_close(&ctl);
 	cli_node_free(&node);

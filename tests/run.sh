@@ -12,6 +12,10 @@ ROOT=$(pwd)
 FILTER=${1:-}
 LOGDIR=$ROOT/build/test-logs
 mkdir -p "$LOGDIR"
+# Nodes keep state (--ip auto leases, remembered peers) under
+# $XDG_STATE_HOME/ipop: the tests' own, fresh each run, not the user's.
+export XDG_STATE_HOME=$ROOT/build/test-state
+rm -rf "$XDG_STATE_HOME"
 PASS=0
 FAIL=0
 FAILED_NAMES=()

@@ -1,0 +1,1065 @@
+#!/usr/bin/env python3
+"""The IPOP paper's three-site experiment, run the way users run it (issue 17).
+Needs root (network namespaces, nftables, tap), ping, nft, sshd, ssh, scp,
+ssh-keygen, mpirun, mpicc and sha256sum.
+
+Every namespace this test makes is named "ts-*" (bridges and veths "ts*" or
+inside those namespaces); leftovers are removed at start, and everything
+(namespaces, processes) is removed on exit, failure, SIGTERM or SIGINT.  The
+root namespace is not touched.
+
+Lab ("internet" 203.0.113.0/24 is the bridge tsbr0 in ts-net):
+
+    ts-boot   203.0.113.10  public bootstrap, tap node 10.128.0.100
+    ts-pub2   203.0.113.11  public router-only node (no --ip)
+    ts-uf-r   203.0.113.1   masquerade; no inbound     LAN 10.1.1.0/24: ts-uf1, ts-uf2
+    ts-vims-r 203.0.113.2   masquerade random,fully-random (symmetric); no inbound
+                                                       LAN 10.2.2.0/24: ts-vims
+    ts-lsu-r  203.0.113.3   masquerade; no inbound; UDP out only to 203.0.113.10,
+                            TCP out anywhere            LAN 10.3.3.0/24: ts-lsu
+    ts-core   203.0.113.4   plain router (no NAT), for step 7:
+        ts-ma-r 198.51.100.2/30 masquerade only  LAN 10.5.5.0/24: ts-ma
+        ts-mb-r 198.51.100.6/30 masquerade only  LAN 10.6.6.0/24: ts-mb
+
+"No inbound" is `ct state established,related accept; iifname wan drop` in
+the router's input and forward hooks.  Site hosts run exactly the README's
+command plus a control socket and a log level (default --listen):
+
+    ipop up --ip 10.128.0.N/16 --mode tap --dev ipop0 \\
+            --bootstrap udp://203.0.113.10:4000 --secret-file KEY
+
+the bootstrap `ipop up --ip 10.128.0.100/16 --mode tap --dev ipop0
+--secret-file KEY`, ts-pub2 `ipop up --bootstrap udp://203.0.113.10:4000
+--secret-file KEY`.  Virtual IPs: uf1 .1, uf2 .2, vims .3, lsu .4, ma .5, mb .6.
+
+ 1. join: every site host pings (kernel ping over ipop0) every other host's
+    virtual IP; the join time is reported.
+ 2. no link or advertised endpoint ever uses an underlay address inside the
+    virtual network 10.128.0.0/16: every node's `status --json` (connections'
+    uri, endpoints) is polled every 2 s for the whole run, and every node log
+    is searched for udp://10.128. / tcp://10.128.
+ 3. ssh (`echo ok`) between every ordered pair of hosts at different sites
+    (sshd on each host's virtual IP), and a 10 MB scp per site pair with the
+    sha256 compared.
+ 4. Open MPI: mpirun (from uf1, over ssh) runs 4 ranks on uf1, uf2, vims and
+    lsu: MPI_Reduce of the ranks (= 6), and 10 MB from rank 0 to rank 3
+    whose checksum comes back; "MPI OK".
+ 5. bootstrap death: 20 pings/s between every pair of hosts at different
+    sites; ts-boot's ipop is SIGKILLed; 15 s later the longest gap between
+    two replies of each pair must be <= 1.0 s.
+ 6. split and heal: ts-boot restarted (same command); the internet bridge
+    drops everything between {ts-boot, UF, LSU} and {ts-pub2, VIMS} (LSU's
+    UDP may only go to the bootstrap, so it belongs with it) for
+    TS_PARTITION_S (default 60) s; each group must keep pinging inside; after
+    the block is lifted, within 30 s: one consistent ring over all nodes (each
+    node's 2 true successors and predecessors linked, up, role near), pings
+    across the former groups, and DHT reads of a record put before the split
+    and of the ip: mappings from the other side.
+ 7. bare masquerade: two more hosts (ts-ma, ts-mb) behind routers with only
+    `masquerade` (no firewall), with the plain router ts-core between the
+    NATs: a direct UDP link to the peer's router address within 20 s of both
+    joining, and `ipop ping` both ways with hops=1.
+
+Each check prints PASS/FAIL lines with numbers; the exit status is non-zero
+if any failed.  Node logs of a failed run are kept in
+build/test-logs/t_sites-nodes (or $IPOP_TEST_LOGDIR).
+Env: TS_STEPS (e.g. "1,2,5": which checks; 1 always runs, it is the
+prerequisite of the others), TS_PARTITION_S (default 60), TS_FILE_MB (10),
+IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE (nodes run with -v).
+"""
+import atexit
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib import (list_netns, remove_netns, TestFailure, sh, nsx, Proc, check, log,  # noqa: E402
+                 ipop_bin, sha1_ip, REPO, true_neighbors, near_up)
+
+PREFIX = "ts"
+NET, BR = "ts-net", "tsbr0"
+PORT = 4000
+BOOT_IP, PUB2_IP, CORE_IP = "203.0.113.10", "203.0.113.11", "203.0.113.4"
+BOOT_URI = "udp://%s:%d" % (BOOT_IP, PORT)
+BOOT_VIP = "10.128.0.100"
+PARTITION_S = float(os.environ.get("TS_PARTITION_S", "60"))
+FILE_MB = int(os.environ.get("TS_FILE_MB", "10"))
+HEAL_MAX_S = 30.0
+GAP_MAX_S = 1.0
+PROBE_S = 15.0
+IN_VNET = re.compile(r"(?:udp|tcp)://10\.128\.\d+\.\d+(?::\d+)?")
+TOOLS = ("ip", "ping", "nft", "sysctl", "sshd", "ssh", "scp", "ssh-keygen", "mpirun", "mpicc",
+         "sha256sum")
+
+
+class Site:
+    def __init__(self, name, wan, lan, nat, fw, hosts, udp_only_to=None, core=None):
+        self.name, self.wan, self.lan, self.nat, self.fw = name, wan, lan, nat, fw
+        self.router = "ts-%s-r" % name
+        self.hosts = hosts                  # [(host name, vip)]
+        self.udp_only_to = udp_only_to
+        self.core = core                    # (core side ip, prefix len) when behind ts-core
+
+
+SITES = [
+    Site("uf", "203.0.113.1", "10.1.1", "masquerade", True, [("uf1", "10.128.0.1"), ("uf2", "10.128.0.2")]),
+    Site("vims", "203.0.113.2", "10.2.2", "masquerade random,fully-random", True, [("vims", "10.128.0.3")]),
+    Site("lsu", "203.0.113.3", "10.3.3", "masquerade", True, [("lsu", "10.128.0.4")], udp_only_to=BOOT_IP),
+    Site("ma", "198.51.100.2", "10.5.5", "masquerade", False, [("ma", "10.128.0.5")], core="198.51.100.1"),
+    Site("mb", "198.51.100.6", "10.6.6", "masquerade", False, [("mb", "10.128.0.6")], core="198.51.100.5"),
+]
+SITE_OF = {h: s for s in SITES for h, _ in s.hosts}
+MAIN_HOSTS = ["uf1", "uf2", "vims", "lsu"]
+GROUP1 = {"boot", "uf1", "uf2", "lsu"}            # with the bootstrap: LSU's UDP only goes there
+GROUP2 = {"pub2", "vims"}
+G1_WANS = [BOOT_IP, "203.0.113.1", "203.0.113.3"]
+G2_WANS = [PUB2_IP, "203.0.113.2"]
+
+
+class Node:
+    def __init__(self, t, name, ns, vip=None, bootstrap=True):
+        self.t, self.name, self.ns, self.vip, self.bootstrap = t, name, ns, vip, bootstrap
+        self.ctl = os.path.join(t.dir, "%s.sock" % name)
+        self.logpath = os.path.join(t.dir, "%s.log" % name)
+        self.address = sha1_ip(vip) if vip else None
+        self.proc = None
+        self.killed = False
+        self.started = None
+        self.extra = []         # more flags (only the step 6 repair of ts-boot uses them)
+
+    def argv(self):
+        a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up"]
+        if self.vip:
+            a += ["--ip", self.vip + "/16", "--mode", "tap", "--dev", "ipop0"]
+        if self.bootstrap:
+            a += ["--bootstrap", BOOT_URI]
+        a += self.extra + ["--secret-file", self.t.key, "--control", self.ctl]
+        a += ["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"]
+        return a
+
+    def start(self):
+        try:
+            os.unlink(self.ctl)
+        except OSError:
+            pass
+        with open(self.logpath, "ab") as f:
+            f.write(("---- start %s: %s\n" % (time.strftime("%H:%M:%S"), " ".join(self.argv()))).encode())
+        self.proc = Proc(self.name, self.argv(), self.logpath)
+        self.killed = False
+        self.started = time.monotonic()
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.alive()
+
+    def status(self, timeout=5):
+        if self.proc is None or self.killed:
+            return None
+        try:
+            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
+                               capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            return None
+        if p.returncode != 0:
+            return None
+        try:
+            d = json.loads(p.stdout)
+        except ValueError:
+            return None
+        if not isinstance(d, dict):
+            return None
+        if d.get("address"):
+            d["address"] = str(d["address"]).lower()
+            if self.address is None:
+                self.address = d["address"]
+        self.t.monitor.scan(self, d)
+        return d
+
+    def cli(self, args, timeout=15):
+        try:
+            p = subprocess.run([ipop_bin()] + list(args) + ["--control", self.ctl],
+                               capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            return None, "", "timeout"
+        return p.returncode, p.stdout, p.stderr
+
+    def oping(self, target, count=3, wait=2, interval=0.3):
+        """Overlay echo (ipop ping). Returns (ok, hops, output)."""
+        rc, out, err = self.cli(["ping", target, "-c", str(count), "-i", str(interval), "-W", str(wait)],
+                                timeout=count * (wait + interval) + 15)
+        out = (out + err).strip()
+        return rc == 0, [int(h) for h in re.findall(r"hops=(\d+)", out)], out
+
+
+def up_link(st, addr, path=None):
+    for c in (st or {}).get("connections", []):
+        if c.get("state") == "up" and str(c.get("address")).lower() == addr and \
+                (path is None or c.get("path") == path):
+            return c
+    return None
+
+
+def conn_summary(st):
+    return "; ".join("%s %s %s %s %s %s" % (c.get("state"), c.get("direction"), c.get("path"), c.get("uri"),
+                                            c.get("ip") or str(c.get("address"))[:10],
+                                            ",".join(c.get("roles") or []))
+                     for c in (st or {}).get("connections", [])) or "(none)"
+
+
+class Monitor:
+    """Check 2: every status seen (the poller's, every 2 s, and the steps'
+    own) is searched for underlay addresses inside 10.128.0.0/16."""
+
+    def __init__(self, t):
+        self.t = t
+        self.hits = {}          # (node, what, value) -> (first seen s, count)
+        self.polls = 0
+        self.lock = threading.Lock()
+        self.stop_ev = threading.Event()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+        self.th = threading.Thread(target=self.run, daemon=True)
+
+    def start(self):
+        self.th.start()
+
+    def stop(self):
+        self.stop_ev.set()
+        self.th.join(15)
+        self.pool.shutdown(wait=False)
+
+    def run(self):
+        while not self.stop_ev.wait(2.0):
+            nodes = [n for n in list(self.t.nodes.values()) if n.alive() and not n.killed]
+            try:
+                list(self.pool.map(lambda n: n.status(timeout=5), nodes))
+            except Exception as e:     # keep polling; report at the end
+                log("monitor: %r" % e)
+
+    def scan(self, n, st):
+        now = time.monotonic() - self.t.t0
+        found = []
+        for e in st.get("endpoints") or []:
+            if IN_VNET.search(str(e)):
+                found.append(("advertises endpoint", str(e)))
+        for c in st.get("connections") or []:
+            u = str(c.get("uri"))
+            if IN_VNET.search(u):
+                found.append(("link to %s (%s, %s)" % (c.get("ip") or str(c.get("address"))[:10],
+                                                        c.get("state"), c.get("direction")), u))
+        with self.lock:
+            self.polls += 1
+            for what, val in found:
+                k = (n.name, what, val)
+                first, cnt = self.hits.get(k, (now, 0))
+                if cnt == 0:
+                    log("  check 2: %s %s %s (t=%.1fs)" % (n.name, what, val, now))
+                self.hits[k] = (first, cnt + 1)
+
+
+def kping(ns, ip, count=1, wait=1, interval=0.2):
+    """(ok, received, sent, output) of a kernel ping in namespace ns."""
+    rc, out, err = nsx(ns, ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), ip],
+                       check_rc=False, timeout=count * (wait + interval) + 10)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out or "")
+    sent, recv = (int(m.group(1)), int(m.group(2))) if m else (count, 0)
+    return rc == 0, recv, sent, ((out or "") + (err or "")).strip()
+
+
+class SitesTest:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ipop-t_sites-", dir="/tmp")
+        os.chmod(self.dir, 0o755)
+        self.key = os.path.join(self.dir, "net.key")
+        self.failures, self.passes = [], []
+        self.nodes = {}
+        self.sshds = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+        self.monitor = Monitor(self)
+        self.t0 = time.monotonic()
+        self.done = False
+        self._closed = False
+        self.steps = set(x.strip() for x in os.environ.get("TS_STEPS", "1,2,3,4,5,6,7").split(",") if x.strip())
+
+    # ---- reporting
+    def fail(self, step, msg):
+        self.failures.append("%s: %s" % (step, msg))
+        log("FAIL [%s] %s" % (step, msg))
+
+    def ok(self, step, msg):
+        self.passes.append("%s: %s" % (step, msg))
+        log("PASS [%s] %s" % (step, msg))
+
+    def dump(self, names, n=30):
+        for nm in names:
+            nd = self.nodes.get(nm)
+            if nd and nd.proc:
+                print("  log tail of %s (alive=%s):\n%s" % (nm, nd.alive(), nd.proc.log_tail(n)), flush=True)
+
+    def show_links(self, names):
+        for nm in names:
+            nd = self.nodes.get(nm)
+            if nd and nd.alive():
+                st = nd.status()
+                print("  %s: joined=%s nat=%s endpoints=%s\n    connections: %s"
+                      % (nm, (st or {}).get("joined"), (st or {}).get("nat"), (st or {}).get("endpoints"),
+                         conn_summary(st)), flush=True)
+
+    def check_alive(self):
+        for nd in self.nodes.values():
+            if nd.proc and not nd.killed and not nd.alive():
+                nd.killed = True
+                self.fail("crash", "%s exited rc=%s unexpectedly; log tail:\n%s"
+                          % (nd.name, nd.proc.rc(), nd.proc.log_tail(40)))
+
+    # ---- the lab
+    def veth_to_bridge(self, ns, ifname, port, ip, plen=24):
+        sh(["ip", "-n", NET, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns])
+        sh(["ip", "-n", NET, "link", "set", port, "master", BR, "up"])
+        sh(["ip", "-n", ns, "addr", "add", "%s/%d" % (ip, plen), "dev", ifname])
+        sh(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+    def nft(self, ns, script):
+        nsx(ns, ["nft", "-f", "-"], input=script)
+
+    def router_rules(self, s):
+        script = ("add table ip nat\n"
+                  "add chain ip nat post { type nat hook postrouting priority 100; }\n"
+                  "add rule ip nat post oifname \"wan\" %s\n" % s.nat)
+        if s.fw:
+            script += ("add table inet fw\n"
+                       "add chain inet fw input { type filter hook input priority 0; policy accept; }\n"
+                       "add rule inet fw input ct state established,related accept\n"
+                       "add rule inet fw input iifname \"wan\" drop\n"
+                       "add chain inet fw forward { type filter hook forward priority 0; policy accept; }\n"
+                       "add rule inet fw forward iifname \"wan\" ct state established,related accept\n"
+                       "add rule inet fw forward iifname \"wan\" drop\n")
+            if s.udp_only_to:
+                script += ("add rule inet fw forward iifname \"lan\" meta l4proto udp ip daddr != %s drop\n"
+                           % s.udp_only_to)
+        return script
+
+    def setup_lab(self):
+        names = [NET, "ts-boot", "ts-pub2", "ts-core"] + [s.router for s in SITES] + \
+                ["ts-" + h for s in SITES for h, _ in s.hosts]
+        for ns in names:
+            sh(["ip", "netns", "add", ns])
+            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        sh(["ip", "-n", NET, "link", "add", BR, "type", "bridge"])
+        sh(["ip", "-n", NET, "link", "set", BR, "up"])
+        self.veth_to_bridge("ts-boot", "eth0", "tsp-boot", BOOT_IP)
+        self.veth_to_bridge("ts-pub2", "eth0", "tsp-pub2", PUB2_IP)
+        self.veth_to_bridge("ts-core", "wan", "tsp-core", CORE_IP)
+        nsx("ts-core", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        for s in SITES:
+            r = s.router
+            if s.core:
+                sh(["ip", "-n", "ts-core", "link", "add", "c-" + s.name, "type", "veth", "peer", "name", "wan",
+                    "netns", r])
+                sh(["ip", "-n", "ts-core", "addr", "add", s.core + "/30", "dev", "c-" + s.name])
+                sh(["ip", "-n", "ts-core", "link", "set", "c-" + s.name, "up"])
+                sh(["ip", "-n", r, "addr", "add", s.wan + "/30", "dev", "wan"])
+                sh(["ip", "-n", r, "link", "set", "wan", "up"])
+                sh(["ip", "-n", r, "route", "add", "default", "via", s.core])
+            else:
+                self.veth_to_bridge(r, "wan", "tsp-" + s.name, s.wan)
+            sh(["ip", "-n", r, "link", "add", "lan", "type", "bridge"])
+            sh(["ip", "-n", r, "addr", "add", s.lan + ".1/24", "dev", "lan"])
+            sh(["ip", "-n", r, "link", "set", "lan", "up"])
+            for i, (h, _vip) in enumerate(s.hosts):
+                hns = "ts-" + h
+                sh(["ip", "-n", r, "link", "add", "l-" + h, "type", "veth", "peer", "name", "eth0", "netns", hns])
+                sh(["ip", "-n", r, "link", "set", "l-" + h, "master", "lan", "up"])
+                sh(["ip", "-n", hns, "addr", "add", "%s.%d/24" % (s.lan, 2 + i), "dev", "eth0"])
+                sh(["ip", "-n", hns, "link", "set", "eth0", "up"])
+                sh(["ip", "-n", hns, "route", "add", "default", "via", s.lan + ".1"])
+            nsx(r, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            self.nft(r, self.router_rules(s))
+        # everything on the bridge reaches the sites behind ts-core through it
+        for ns in ["ts-boot", "ts-pub2"] + [s.router for s in SITES if not s.core]:
+            sh(["ip", "-n", ns, "route", "add", "198.51.100.0/24", "via", CORE_IP])
+        # sanity: every host reaches both public nodes through its NAT
+        for s in SITES:
+            for h, _ in s.hosts:
+                for dst in (BOOT_IP, PUB2_IP):
+                    ok, _, _, out = kping("ts-" + h, dst, wait=3)
+                    check(ok, "lab: ts-%s cannot ping %s: %s" % (h, dst, out[-200:]))
+
+    # ---- nodes
+    def start_nodes(self):
+        sh([ipop_bin(), "genkey", "--out", self.key])
+        os.chmod(self.key, 0o600)
+        boot = self.nodes["boot"] = Node(self, "boot", "ts-boot", BOOT_VIP, bootstrap=False)
+        self.nodes["pub2"] = Node(self, "pub2", "ts-pub2")
+        for s in SITES:
+            for h, vip in s.hosts:
+                self.nodes[h] = Node(self, h, "ts-" + h, vip)
+        boot.start()
+        self.wait_status(["boot"], 15)
+        self.t_join = time.monotonic()
+        for nm in ["pub2"] + MAIN_HOSTS:
+            self.nodes[nm].start()
+        self.wait_status(["pub2"] + MAIN_HOSTS, 15)
+        self.monitor.start()
+
+    def wait_status(self, names, timeout):
+        t0 = time.monotonic()
+        pending = list(names)
+        while pending:
+            for nm in pending:
+                if not self.nodes[nm].alive():
+                    raise TestFailure("%s exited rc=%s; log:\n%s"
+                                      % (nm, self.nodes[nm].proc.rc(), self.nodes[nm].proc.log_tail()))
+            pending = [nm for nm in pending if self.nodes[nm].status() is None]
+            if pending and time.monotonic() - t0 > timeout:
+                raise TestFailure("%s not answering status after %d s" % (", ".join(pending), timeout))
+            if pending:
+                time.sleep(0.2)
+
+    def live(self):
+        return [n for n in self.nodes.values() if n.proc and not n.killed]
+
+    def statuses(self, nodes):
+        return dict(zip(nodes, self.pool.map(lambda n: n.status(), nodes)))
+
+    def ring_bad(self, nodes, sts):
+        """[(node, missing neighbour names)] against the true ring of nodes."""
+        addrs = {n.address: n for n in nodes if n.address}
+        truth = true_neighbors(list(addrs))
+        bad = []
+        for n in nodes:
+            st = sts.get(n)
+            if st is None or not n.address:
+                bad.append((n, ["(no status)"]))
+                continue
+            missing = truth[n.address] - near_up(st)
+            if missing or not st.get("joined"):
+                bad.append((n, sorted(addrs[a].name for a in missing) + ([] if st.get("joined") else ["(not joined)"])))
+        return bad
+
+    def pings(self, pairs, count=1, wait=1, interval=0.2):
+        """pairs: [(src host name, dst vip)] -> {pair: (ok, recv, sent, out)} in parallel."""
+        res = self.pool.map(lambda p: kping("ts-" + p[0], p[1], count, wait, interval), pairs)
+        return dict(zip(pairs, res))
+
+    def vip(self, nm):
+        return self.nodes[nm].vip
+
+    # ---- 1. join
+    def step_join(self):
+        pairs = [(a, self.vip(b)) for a, b in itertools.permutations(MAIN_HOSTS, 2)]
+        pending = set(pairs)
+        deadline = self.t_join + 60
+        while pending and time.monotonic() < deadline:
+            self.check_alive()
+            res = self.pings(sorted(pending))
+            pending = {p for p, r in res.items() if not r[0]}
+            if pending:
+                time.sleep(0.5)
+        el = time.monotonic() - self.t_join
+        if pending:
+            self.fail("1 join", "after %.1f s, %d of %d host pairs still do not ping: %s"
+                      % (el, len(pending), len(pairs), ", ".join("%s->%s" % p for p in sorted(pending))))
+            self.show_links(["boot", "pub2"] + MAIN_HOSTS)
+            self.dump(sorted({p[0] for p in pending}), 25)
+            return False
+        res = self.pings(pairs, count=5, wait=2)
+        lost = {p: r for p, r in res.items() if r[1] < r[2]}
+        bad = {p: r for p, r in res.items() if not r[0]}
+        if bad:
+            self.fail("1 join", "every pair pinged once within %.1f s, but then %d pair(s) failed 5 pings: %s"
+                      % (el, len(bad), ", ".join("%s->%s" % p for p in sorted(bad))))
+            return False
+        nodes = [self.nodes[n] for n in ["boot", "pub2"] + MAIN_HOSTS]
+        bad = self.ring_bad(nodes, self.statuses(nodes))
+        log("info: ring right after the join: %s" % ("consistent" if not bad else "; ".join(
+            "%s misses %s" % (n.name, ",".join(m)) for n, m in bad)))
+        self.ok("1 join", "all %d ordered host pairs ping over ipop0 %.1f s after the hosts started; "
+                "confirmation 5 pings each: %d pair(s) lost some (%s)"
+                % (len(pairs), el, len(lost), ", ".join("%s->%s %d/%d" % (p[0], p[1], r[1], r[2])
+                                                        for p, r in sorted(lost.items())) or "none"))
+        return True
+
+    # ---- 2. underlay addresses inside the virtual network
+    def step_no_vnet_underlay(self, final):
+        label = "2 no 10.128 underlay" + ("" if final else " (so far)")
+        log_hits = {}
+        for nd in self.nodes.values():
+            if nd.proc:
+                lines = [ln for ln in nd.proc.log_text().splitlines() if IN_VNET.search(ln)]
+                if lines:
+                    log_hits[nd.name] = lines
+        with self.monitor.lock:
+            hits = dict(self.monitor.hits)
+            polls = self.monitor.polls
+        if not hits and not log_hits:
+            self.ok(label, "%d statuses checked, %d node logs: no udp:// or tcp:// address in 10.128.0.0/16"
+                    % (polls, len(self.nodes)))
+            return
+        by_node = {}
+        for (nm, what, val), (first, cnt) in sorted(hits.items(), key=lambda kv: kv[1][0]):
+            by_node.setdefault(nm, []).append("%s %s (first at %.1fs, seen %dx)" % (what, val, first, cnt))
+        msg = ["%d of %d statuses show underlay addresses in the virtual network (%d distinct); "
+               "%d node log(s) mention them" % (sum(c for _, c in hits.values()), polls, len(hits), len(log_hits))]
+        for nm, items in by_node.items():
+            msg.append("  status %s: %s%s" % (nm, "; ".join(items[:4]), " ..." if len(items) > 4 else ""))
+        for nm, lines in log_hits.items():
+            msg.append("  log %s: %d line(s), e.g. %s" % (nm, len(lines), lines[0].strip()[:200]))
+        self.fail(label, "\n".join(msg))
+
+    # ---- 3. ssh and scp
+    def ensure_sshd(self):
+        if self.sshds:
+            return
+        d = os.path.join(self.dir, "ssh")
+        os.makedirs(d, 0o700, exist_ok=True)
+        self.ck = os.path.join(d, "client")
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.ck])
+        ak = os.path.join(d, "authorized_keys")
+        shutil.copy(self.ck + ".pub", ak)
+        os.chmod(ak, 0o600)
+        os.makedirs("/run/sshd", 0o755, exist_ok=True)
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        for h in MAIN_HOSTS:
+            hk = os.path.join(d, "host_%s" % h)
+            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
+            cfg = os.path.join(d, "sshd_%s" % h)
+            with open(cfg, "w") as f:
+                f.write("\n".join([
+                    "Port 22", "ListenAddress %s" % self.vip(h), "HostKey %s" % hk,
+                    "PidFile %s" % os.path.join(d, "sshd_%s.pid" % h),
+                    "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes", "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
+                    # bash then skips root's ~/.bashrc (slow pyenv init) for ssh commands
+                    "SetEnv SHLVL=1", "AllowUsers root", "X11Forwarding no", "PrintMotd no",
+                    "Subsystem sftp internal-sftp", "MaxStartups 50", ""]))
+            self.sshds[h] = Proc("sshd-" + h, ["ip", "netns", "exec", "ts-" + h, sshd, "-f", cfg, "-D", "-e"],
+                                 os.path.join(self.dir, "sshd_%s.log" % h))
+        self.ssh_wrapper = os.path.join(d, "ssh-agent.sh")
+        with open(self.ssh_wrapper, "w") as f:
+            f.write("#!/bin/sh\nexec ssh %s \"$@\"\n" % " ".join(self.ssh_opts()))
+        os.chmod(self.ssh_wrapper, 0o755)
+        deadline = time.monotonic() + 10
+        for h, p in self.sshds.items():
+            while "Server listening" not in p.log_text() and p.alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            check(p.alive() and "Server listening" in p.log_text(),
+                  "sshd on %s (%s) did not start: %s" % (h, self.vip(h), p.log_tail(5)))
+
+    def ssh_opts(self):
+        return ["-F", "/dev/null", "-i", self.ck, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "ConnectTimeout=15", "-o", "LogLevel=ERROR"]
+
+    def ssh(self, src, dst, command, timeout=40):
+        t = time.monotonic()
+        rc, out, err = nsx("ts-" + src, ["ssh"] + self.ssh_opts() + ["root@" + self.vip(dst), command],
+                           timeout=timeout, check_rc=False)
+        return rc, (out or ""), (err or "").strip(), time.monotonic() - t
+
+    def step_ssh(self):
+        self.ensure_sshd()
+        pairs = [(a, b) for a, b in itertools.permutations(MAIN_HOSTS, 2) if SITE_OF[a] is not SITE_OF[b]]
+        bad, secs = [], []
+        for a, b in pairs:
+            rc, out, err, el = self.ssh(a, b, "echo ok")
+            secs.append(el)
+            if rc != 0 or out.strip() != "ok":
+                st = self.nodes[a].status() or {}
+                bad.append("%s->%s at t=%.1fs: rc=%s %.1fs out=%r err=%s\n    %s's drops: %s; links: %s"
+                           % (a, b, time.monotonic() - self.t0, rc, el, out[-80:], err[-200:], a,
+                              {k: v for k, v in (st.get("drops") or {}).items() if v}, conn_summary(st)))
+        if bad:
+            self.fail("3 ssh", "%d of %d ordered pairs failed `ssh echo ok`:\n  %s"
+                      % (len(bad), len(pairs), "\n  ".join(bad)))
+        else:
+            self.ok("3 ssh", "`ssh VIP echo ok` works for all %d ordered pairs at different sites "
+                    "(%.2f s mean, %.2f s max)" % (len(pairs), sum(secs) / len(secs), max(secs)))
+        src = os.path.join(self.dir, "payload.bin")
+        with open(src, "wb") as f:
+            f.write(os.urandom(FILE_MB << 20))
+        want = hashlib.sha256(open(src, "rb").read()).hexdigest()
+        for a, b in (("uf1", "vims"), ("vims", "lsu"), ("lsu", "uf2")):
+            dst = os.path.join(self.dir, "recv-%s-%s.bin" % (a, b))
+            t = time.monotonic()
+            rc, out, err = nsx("ts-" + a, ["scp", "-q"] + self.ssh_opts() + [src, "root@%s:%s" % (self.vip(b), dst)],
+                               timeout=120, check_rc=False)
+            el = time.monotonic() - t
+            rc2, out2, err2, _ = self.ssh(a, b, "sha256sum " + dst)
+            got = (out2.split() or ["?"])[0]
+            if rc != 0 or got != want:
+                self.fail("3 scp", "%d MB %s -> %s: scp rc=%s after %.1f s (%s); remote sha256 %s, want %s"
+                          % (FILE_MB, a, b, rc, el, ((err or out or "").strip())[-200:], got[:16], want[:16]))
+            else:
+                self.ok("3 scp", "%d MB %s -> %s in %.1f s (%.1f MB/s), sha256 matches (computed on %s over ssh)"
+                        % (FILE_MB, a, b, el, FILE_MB / el, b))
+
+    # ---- 4. Open MPI
+    MPI_SRC = r"""
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#define N (%d << 20)
+static uint64_t fnv(const unsigned char *p, size_t n)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 1099511628211ULL; }
+	return h;
+}
+int main(int argc, char **argv)
+{
+	int rank, size, sum = 0;
+	char vip[64] = "none";
+	struct ifaddrs *ifa, *i;
+	MPI_Init(&argc, &argv);
+	MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+	MPI_Comm_size(MPI_COMM_WORLD, &size);
+	if (!getifaddrs(&ifa)) {
+		for (i = ifa; i; i = i->ifa_next)
+			if (i->ifa_addr && i->ifa_addr->sa_family == AF_INET && !strcmp(i->ifa_name, "ipop0"))
+				inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, vip, sizeof vip);
+		freeifaddrs(ifa);
+	}
+	printf("rank %%d of %%d on ipop0 %%s\n", rank, size, vip);
+	fflush(stdout);
+	MPI_Reduce(&rank, &sum, 1, MPI_INT, MPI_SUM, 0, MPI_COMM_WORLD);
+	unsigned char *buf = malloc(N);
+	uint64_t h = 0;
+	if (rank == 0) {
+		uint64_t x = 88172645463325252ULL;
+		for (size_t k = 0; k < N; k++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; buf[k] = (unsigned char)x; }
+		MPI_Send(buf, N, MPI_BYTE, size - 1, 1, MPI_COMM_WORLD);
+		MPI_Recv(&h, 1, MPI_UINT64_T, size - 1, 2, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+		uint64_t mine = fnv(buf, N);
+		printf("reduce sum %%d (want %%d); checksum local %%016llx remote %%016llx\n", sum,
+		       size * (size - 1) / 2, (unsigned long long)mine, (unsigned long long)h);
+		printf(sum == size * (size - 1) / 2 && h == mine ? "MPI OK\n" : "MPI BAD\n");
+	} else if (rank == size - 1) {
+		MPI_Recv(buf, N, MPI_BYTE, 0, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+		h = fnv(buf, N);
+		MPI_Send(&h, 1, MPI_UINT64_T, 0, 2, MPI_COMM_WORLD);
+	}
+	free(buf);
+	MPI_Finalize();
+	return 0;
+}
+"""
+
+    def step_mpi(self):
+        self.ensure_sshd()
+        src = os.path.join(self.dir, "mpi_sites.c")
+        prog = os.path.join(self.dir, "mpi_sites")
+        with open(src, "w") as f:
+            f.write(self.MPI_SRC % FILE_MB)
+        sh(["mpicc", "-O2", "-o", prog, src], timeout=120)
+        hosts = ["uf1", "uf2", "vims", "lsu"]
+        argv = ["mpirun", "--allow-run-as-root", "-np", "4",
+                "--host", ",".join(self.vip(h) for h in hosts),
+                "--mca", "plm_rsh_agent", self.ssh_wrapper,
+                "--mca", "btl_tcp_if_include", "ipop0", "--mca", "oob_tcp_if_include", "ipop0",
+                "--mca", "btl", "tcp,self", prog]
+        t = time.monotonic()
+        rc, out, err = nsx("ts-uf1", argv, timeout=120, check_rc=False)
+        el = time.monotonic() - t
+        out, err = out or "", err or ""
+        ranks = dict(re.findall(r"rank (\d+) of 4 on ipop0 (\S+)", out))
+        want = {str(i): self.vip(h) for i, h in enumerate(hosts)}
+        if rc == 0 and "MPI OK" in out and ranks == want:
+            m = re.search(r"reduce sum.*", out)
+            self.ok("4 mpi", "mpirun: 4 ranks on %s in %.1f s; %s; MPI OK"
+                    % (", ".join("%s=%s" % (h, self.vip(h)) for h in hosts), el, m.group(0) if m else ""))
+        else:
+            self.fail("4 mpi", "mpirun rc=%s after %.1f s (timeout 120 s); ranks seen %s (want %s); output:\n%s\n"
+                      "  stderr:\n%s" % (rc, el, ranks, want,
+                                          "\n".join("    | " + ln for ln in out.strip().splitlines()[-15:]),
+                                          "\n".join("    | " + ln for ln in err.strip().splitlines()[-15:])))
+
+    # ---- 5. bootstrap death
+    def step_boot_death(self):
+        pairs = [(a, b) for a, b in itertools.combinations(MAIN_HOSTS, 2) if SITE_OF[a] is not SITE_OF[b]]
+        outs = {}
+        procs = {}
+        total = 3 + PROBE_S + 1
+        for a, b in pairs:
+            lp = os.path.join(self.dir, "probe-%s-%s.txt" % (a, b))
+            outs[(a, b)] = lp
+            procs[(a, b)] = Proc("probe-%s-%s" % (a, b), ["ip", "netns", "exec", "ts-" + a, "ping", "-D", "-n",
+                                                          "-i", "0.05", "-W", "1", "-w", "%d" % total,
+                                                          self.vip(b)], lp)
+        time.sleep(3)       # probes running with the bootstrap alive: the before-picture
+        boot = self.nodes["boot"]
+        t_kill = time.time()
+        boot.killed = True
+        boot.proc.kill(signal.SIGKILL)
+        log("ts-boot's ipop SIGKILLed; probing %d pairs for %.0f s" % (len(pairs), PROBE_S))
+        end = t_kill + PROBE_S
+        while time.time() < end:
+            self.check_alive()
+            time.sleep(0.5)
+        for p in procs.values():
+            p.kill(signal.SIGINT)
+            p.wait(5)
+            p.kill(signal.SIGKILL)
+        worst = []
+        lines = []
+        for (a, b), lp in outs.items():
+            txt = open(lp, errors="replace").read()
+            ts = [float(x) for x in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", txt, re.M)]
+            win = [x for x in ts if t_kill - 1.0 <= x <= end]
+            edges = [t_kill - 1.0] + win + [end]
+            gaps = [(edges[i + 1] - edges[i], edges[i] - t_kill) for i in range(len(edges) - 1)]
+            gap, at = max(gaps)
+            after = len([x for x in ts if x > t_kill])
+            lines.append("%s<->%s longest gap %.2f s (starting %+.1f s from the kill), %d replies in the %.0f s "
+                         "after it (%d expected)" % (a, b, gap, at, after, PROBE_S, int(PROBE_S / 0.05)))
+            if gap > GAP_MAX_S:
+                worst.append((a, b))
+        msg = "bootstrap SIGKILLed; per pair:\n  " + "\n  ".join(lines)
+        if worst:
+            self.fail("5 boot death", msg + "\n  %d pair(s) above %.1f s" % (len(worst), GAP_MAX_S))
+            self.show_links(["pub2"] + MAIN_HOSTS)
+            self.dump(sorted({x for p in worst for x in p}), 25)
+        else:
+            self.ok("5 boot death", msg)
+
+    # ---- 6. split and heal
+    def set_block(self, on):
+        nsx(NET, ["nft", "delete", "table", "bridge", "tsblock"], check_rc=False)
+        if on:
+            g1, g2 = ", ".join(G1_WANS), ", ".join(G2_WANS)
+            self.nft(NET, "add table bridge tsblock\n"
+                     "add chain bridge tsblock split { type filter hook forward priority -10; policy accept; }\n"
+                     "add rule bridge tsblock split ip saddr { %s } ip daddr { %s } drop\n"
+                     "add rule bridge tsblock split ip saddr { %s } ip daddr { %s } drop\n" % (g1, g2, g2, g1))
+
+    def group_ok(self):
+        """(group1 ok, group2 ok, details) inside the partition."""
+        g1 = [(a, self.vip(b)) for a, b in (("uf1", "lsu"), ("lsu", "uf1"), ("uf2", "lsu"), ("lsu", "uf2"),
+                                             ("uf1", "uf2"), ("uf2", "uf1"))] + \
+             [(a, BOOT_VIP) for a in ("uf1", "uf2", "lsu")]
+        res = self.pings(g1)
+        bad1 = ["%s->%s" % p for p, r in res.items() if not r[0]]
+        pub2 = self.nodes["pub2"]
+        ok2, hops, out = self.nodes["vims"].oping(pub2.address, count=1, wait=1)
+        ok2b, _, out_b = pub2.oping(self.vip("vims"), count=1, wait=1)
+        bad2 = ([] if ok2 else ["vims->pub2 (ipop ping)"]) + ([] if ok2b else ["pub2->vims (ipop ping)"])
+        return not bad1, not bad2, bad1 + bad2
+
+    def heal_state(self, nodes, probe_key, probe_val):
+        """List of what is not healed yet (empty: healed)."""
+        sts = self.statuses(nodes)
+        bad = self.ring_bad(nodes, sts)
+        if bad:
+            return ["ring: " + "; ".join("%s misses %s" % (n.name, ",".join(m)) for n, m in bad)]
+        cross = [("uf1", self.vip("vims")), ("vims", self.vip("uf1")), ("lsu", self.vip("vims")),
+                 ("vims", self.vip("lsu")), ("uf2", self.vip("vims")), ("vims", BOOT_VIP)]
+        res = self.pings(cross)
+        why = ["ping %s->%s" % p for p, r in res.items() if not r[0]]
+        gets = [("vims", probe_key, probe_val), ("pub2", probe_key, probe_val), ("lsu", probe_key, probe_val)]
+        for nm, other in (("uf1", "vims"), ("vims", "uf1"), ("vims", "lsu"), ("pub2", "uf2"), ("lsu", "vims")):
+            gets.append((nm, "ip:" + self.vip(other), sha1_ip(self.vip(other))))
+
+        def get(g):
+            nm, key, want = g
+            rc, out, err = self.nodes[nm].cli(["dht", "get", key], timeout=15)
+            return g, rc == 0 and out.strip().lower() == want.lower(), (out + err).strip()[-100:]
+        for (nm, key, want), ok, out in self.pool.map(get, gets):
+            if not ok:
+                why.append("dht get %s on %s: %r" % (key, nm, out))
+        return why
+
+    def converge(self, nodes, timeout, probe=("ip:" + BOOT_VIP, sha1_ip(BOOT_VIP))):
+        """Poll heal_state until it is empty: (seconds, None) or (None, why)."""
+        t = time.monotonic()
+        why = ["not checked"]
+        while time.monotonic() - t < timeout:
+            self.check_alive()
+            why = self.heal_state(nodes, *probe)
+            if not why:
+                return time.monotonic() - t, None
+            time.sleep(1)
+        return None, why
+
+    def step_partition(self):
+        boot = self.nodes["boot"]
+        names = ["boot", "pub2"] + MAIN_HOSTS
+        nodes = [self.nodes[n] for n in names]
+        if boot.killed or not boot.alive():
+            boot.start()
+            self.wait_status(["boot"], 15)
+            log("ts-boot restarted with the same command")
+            el, why = self.converge(nodes, 30)
+            if why:
+                self.fail("6a rejoin", "ts-boot restarted with the README command: not one consistent, working "
+                          "network 30 s later: %s" % "; ".join(why)[:1500])
+                self.show_links(names)
+                # so that the split below starts from one network: the README's own advice,
+                # a second bootstrap address (a live member) for the restarted node
+                boot.proc.kill(signal.SIGKILL)
+                boot.proc.wait(5)
+                boot.extra = ["--bootstrap", "udp://%s:%d" % (PUB2_IP, PORT)]
+                boot.start()
+                self.wait_status(["boot"], 15)
+                log("ts-boot restarted once more, with --bootstrap udp://%s:%d as well, for the split" % (PUB2_IP, PORT))
+                el, why = self.converge(nodes, 45)
+                if why:
+                    self.fail("6 split/heal", "not one consistent network before the split even with ts-boot "
+                              "bootstrapping from ts-pub2 (45 s); splitting anyway: %s" % "; ".join(why)[:1500])
+                else:
+                    log("one network %.1f s after that restart" % el)
+            else:
+                self.ok("6a rejoin", "ts-boot restarted with the README command: one consistent ring, cross-site "
+                        "pings and DHT reads %.1f s later" % el)
+        else:
+            el, why = self.converge(nodes, 30)
+            if why:
+                self.fail("6 split/heal", "not one consistent network before the split (30 s); splitting anyway: %s"
+                          % "; ".join(why)[:1500])
+        probe_key = "ts-probe-%d" % os.getpid()
+        probe_val = "before-the-split-%d" % os.getpid()
+        rc, out, err = self.nodes["uf1"].cli(["dht", "put", probe_key, probe_val, "--ttl", "900"])
+        check(rc == 0, "dht put %s on uf1 failed: %s" % (probe_key, (out + err).strip()))
+        self.set_block(True)
+        try:
+            self.split_and_heal(nodes, names, probe_key, probe_val)
+        finally:
+            self.set_block(False)
+
+    def split_and_heal(self, nodes, names, probe_key, probe_val):
+        t_split = time.monotonic()
+        # the test's own sanity: the underlay is really split, and only between the groups
+        cut, _, _, _ = kping("ts-uf-r", PUB2_IP, wait=1)
+        same, _, _, _ = kping("ts-uf-r", BOOT_IP, wait=1)
+        check(not cut and same, "test error: the bridge rules do not split the underlay as intended "
+              "(uf-r->pub2 %s, uf-r->boot %s)" % (cut, same))
+        log("underlay split: {boot, UF, LSU} | {pub2, VIMS} for %.0f s" % PARTITION_S)
+        g1_at = g2_at = None
+        last = []
+        while time.monotonic() - t_split < PARTITION_S:
+            self.check_alive()
+            if g1_at is None or g2_at is None:
+                ok1, ok2, last = self.group_ok()
+                el = time.monotonic() - t_split
+                if ok1 and g1_at is None:
+                    g1_at = el
+                if ok2 and g2_at is None:
+                    g2_at = el
+            time.sleep(1)
+        leak = self.pings([("uf1", self.vip("vims")), ("vims", self.vip("lsu"))])
+        check(not any(r[0] for r in leak.values()), "test error: pings crossed the split")
+        ok1, ok2, now_bad = self.group_ok()
+        if g1_at is None or g2_at is None or not (ok1 and ok2):
+            self.fail("6 split", "inside the split: group {boot, uf1, uf2, lsu} pinging after %s, group "
+                      "{pub2, vims} after %s; at the end of the split: %s"
+                      % ("%.1f s" % g1_at if g1_at is not None else "never",
+                         "%.1f s" % g2_at if g2_at is not None else "never", ", ".join(now_bad) or "all ok"))
+            self.show_links(names)
+        else:
+            self.ok("6 split", "during the %.0f s split each group pings inside: {boot, uf1, uf2, lsu} after "
+                    "%.1f s, {pub2, vims} after %.1f s" % (PARTITION_S, g1_at, g2_at))
+        self.set_block(False)
+        t_heal = time.monotonic()
+        el, why = self.converge(nodes, HEAL_MAX_S + 15, (probe_key, probe_val))
+        el = time.monotonic() - t_heal if el is None else el
+        if why:
+            self.fail("6 heal", "not healed %.0f s after the split was lifted (limit %.0f s): %s"
+                      % (el, HEAL_MAX_S, "; ".join(why)[:2000]))
+            self.show_links(names)
+            self.dump(["pub2", "vims", "uf1"], 20)
+        elif el > HEAL_MAX_S:
+            self.fail("6 heal", "healed only %.1f s after the split was lifted (limit %.0f s)" % (el, HEAL_MAX_S))
+        else:
+            self.ok("6 heal", "%.1f s after the split was lifted: one consistent ring over %d nodes, pings across "
+                    "the former groups, DHT record from before the split and ip: mappings read on both sides"
+                    % (el, len(nodes)))
+
+    # ---- 7. bare masquerade, a router between the NATs
+    def step_bare(self):
+        boot = self.nodes["boot"]
+        if boot.killed or not boot.alive():
+            boot.start()
+            self.wait_status(["boot"], 15)
+        ma, mb = self.nodes["ma"], self.nodes["mb"]
+        ma.start()
+        mb.start()
+        self.wait_status(["ma", "mb"], 15)
+        t = time.monotonic()
+        joined = None
+        while time.monotonic() - t < 30:
+            if all((n.status() or {}).get("joined") for n in (ma, mb)):
+                joined = time.monotonic() - t
+                break
+            time.sleep(0.3)
+        if joined is None:
+            self.fail("7 bare masquerade", "ma/mb not joined 30 s after start")
+            self.show_links(["ma", "mb"])
+            self.dump(["ma", "mb"], 25)
+            return
+        t = time.monotonic()
+        wan_a, wan_b = SITE_OF["ma"].wan, SITE_OF["mb"].wan
+        ca = cb = None
+        while time.monotonic() - t < 20:
+            la = up_link(ma.status(), mb.address, "direct")
+            lb = up_link(mb.status(), ma.address, "direct")
+            ca = la if la and str(la.get("uri")).startswith("udp://%s:" % wan_b) else None
+            cb = lb if lb and str(lb.get("uri")).startswith("udp://%s:" % wan_a) else None
+            if ca and cb:
+                break
+            time.sleep(0.3)
+        el = time.monotonic() - t
+        if not (ca and cb):
+            sa, sb = ma.status(), mb.status()
+            self.fail("7 bare masquerade", "no direct UDP link between ma and mb (behind bare masquerade, ts-core "
+                      "between) within 20 s of both joining (joined after %.1f s); ma's link to mb: %s; mb's link "
+                      "to ma: %s" % (joined, [c.get("path") + " " + str(c.get("uri")) for c in (sa or {}).get(
+                          "connections", []) if str(c.get("address")).lower() == mb.address] or "none",
+                          [c.get("path") + " " + str(c.get("uri")) for c in (sb or {}).get("connections", [])
+                           if str(c.get("address")).lower() == ma.address] or "none"))
+            self.show_links(["ma", "mb"])
+            for s in ("ma", "mb"):
+                rc, out, _ = nsx(SITE_OF[s].router, ["cat", "/proc/net/nf_conntrack"], check_rc=False)
+                print("  conntrack udp in %s:\n%s" % (SITE_OF[s].router, "\n".join(
+                    "    " + re.sub(r"\s+", " ", ln) for ln in (out or "").splitlines() if "udp" in ln)[:3000]),
+                    flush=True)
+            self.dump(["ma", "mb"], 25)
+        else:
+            self.ok("7 bare masquerade", "direct UDP link %.1f s after both joined (join %.1f s): ma->%s, mb->%s"
+                    % (el, joined, ca.get("uri"), cb.get("uri")))
+        for a, b in ((ma, mb), (mb, ma)):
+            ok, hops, out = a.oping(b.vip, count=3, wait=2)
+            if not ok or not hops or set(hops) != {1}:
+                self.fail("7 bare masquerade", "ipop ping %s -> %s: ok=%s hops=%s (want all 1): %s"
+                          % (a.name, b.name, ok, hops, out.replace("\n", " | ")[-300:]))
+            else:
+                self.ok("7 bare masquerade", "ipop ping %s -> %s hops=%s" % (a.name, b.name, hops))
+
+    # ---- cleanup
+    def close(self, failed):
+        if self._closed:
+            return
+        self._closed = True
+        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sg, signal.SIG_IGN)
+        self.monitor.stop_ev.set()
+        for p in reversed(Proc.all):
+            p.kill(signal.SIGKILL)
+        for p in Proc.all:
+            p.wait(5)
+        remove_netns(PREFIX + "-")
+        left = list_netns(PREFIX + "-")
+        if left:
+            print("  cleanup: namespaces left: %s" % left, flush=True)
+        if failed or os.environ.get("IPOP_KEEP_LOGS"):
+            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
+            dst = os.path.join(base, "t_sites-nodes")
+            try:
+                shutil.rmtree(dst, ignore_errors=True)
+                os.makedirs(dst, exist_ok=True)
+                for f in os.listdir(self.dir):
+                    if f.endswith(".log"):
+                        shutil.copy(os.path.join(self.dir, f), dst)
+                print("node logs kept in %s" % dst, flush=True)
+            except OSError as e:
+                print("could not keep logs: %r" % e, flush=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_test = None
+
+
+def _cleanup():
+    if _test is not None:
+        _test.close(failed=bool(_test.failures) or not _test.done)
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main():
+    global _test
+    atexit.register(_cleanup)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    if os.geteuid() != 0:
+        print("FAIL: t_sites needs root (network namespaces, nftables, tap)", flush=True)
+        sys.exit(1)
+    ipop_bin()
+    for tool in TOOLS:
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("FAIL: missing tool %s (apt-get install iputils-ping nftables openssh-server "
+                  "openssh-client openmpi-bin libopenmpi-dev coreutils)" % tool, flush=True)
+            sys.exit(1)
+    old = remove_netns(PREFIX + "-", quiet=True)
+    if old:
+        log("removed leftover namespaces: %s" % " ".join(old))
+    t = _test = SitesTest()
+    log("t_sites: dir %s, steps %s, split %.0f s" % (t.dir, ",".join(sorted(t.steps)), PARTITION_S))
+    try:
+        t.setup_lab()
+        t.start_nodes()
+        log("lab up; ts-boot, ts-pub2 and hosts %s running" % ", ".join(MAIN_HOSTS))
+        log("---- step 1 join")
+        joined = t.step_join()
+        if "2" in t.steps:
+            t.step_no_vnet_underlay(final=False)
+        if not joined:
+            log("hosts never all pinged: skipping steps 3-6")
+        for name, fn in (("3 ssh/scp", t.step_ssh), ("4 mpi", t.step_mpi), ("5 boot death", t.step_boot_death),
+                         ("6 split/heal", t.step_partition), ("7 bare masquerade", t.step_bare)):
+            if name.split()[0] not in t.steps or (not joined and name[0] in "3456"):
+                continue
+            log("---- step %s" % name)
+            ts = time.monotonic()
+            try:
+                fn()
+            except TestFailure as e:
+                t.fail(name, str(e))
+            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
+        t.monitor.stop()
+        if "2" in t.steps:
+            t.step_no_vnet_underlay(final=True)
+        t.done = True
+    except TestFailure as e:
+        t.fail("setup", str(e))
+    except SystemExit as e:
+        log("interrupted (exit %s): cleaning up" % e.code)
+        t.close(failed=True)
+        raise
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        t.fail("exception", "unexpected exception (see traceback)")
+    print("", flush=True)
+    print("==== t_sites summary (%.0f s)" % (time.monotonic() - t.t0), flush=True)
+    for r in t.passes:
+        print("  PASS " + r.replace("\n", "\n       "), flush=True)
+    for f in t.failures:
+        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
+    t.close(failed=bool(t.failures))
+    if t.failures:
+        log("FAIL: %d check(s) failed" % len(t.failures))
+        sys.exit(1)
+    log("PASS")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
