@@ -125,6 +125,8 @@ enum {
 	                                * keepalive missed, plus 500 ms of scheduling slack */
 	LINK_HELLO_RETRY_MS = 500,     /* UDP handshake retransmit */
 	LINK_HELLO_TRIES = 6,          /* 3 s of retries, then the dial failed */
+	LINK_PUNCH_TRIES = 3,          /* a first dialer's hellos at a punch TTL (section 09): 1.5 s
+	                                * for the peer's dial to leave, 3 tries left after */
 	LINK_HANDSHAKE_TIMEOUT_MS = 5000, /* TCP connect + hello, or accepted and silent */
 	LINK_UNNEEDED_GRACE_MS = 5000, /* a role-less link lives this long after up */
 	LINK_ENDPOINTS_MAX = 8,        /* advertised endpoints per node (wire cap) */
@@ -2390,6 +2392,8 @@ struct link {
 	ring_addr expect;               /* the node this dial is meant to reach */
 	bool expect_set;
 	uint8_t want_roles;             /* roles to take on once up */
+	uint8_t punch_ttl;              /* UDP dial: the first LINK_PUNCH_TRIES hellos leave with
+	                                * this TTL (section 09), until the peer answers; 0: none */
 	struct endpoint observed;       /* how the peer sees us */
 	uint64_t created_ms, up_ms;
 	uint64_t refused_ms;            /* the peer's host said its port is closed (ICMP), see link_udp_errors */
@@ -2417,6 +2421,9 @@ struct link_hooks {
 	void (*conflict)(struct node *n, const struct peer_info *other);
 	void (*dial_failed)(struct node *n, struct link *l);   /* a dial's handshake timed out */
 	void (*punch)(struct node *n, struct link *l);         /* a relayed peer dials us now */
+	/* A router said a datagram of ours to dst ran out of TTL (ICMP time
+	 * exceeded, link_udp_errors). */
+	void (*ttl_expired)(struct node *n, const struct sockaddr_in *dst);
 	/* An HS_COOKIE answered an RTT probe of ours (link_probe): true if the
 	 * token was one; the cookie lets a dial to `from` skip its round trip. */
 	bool (*probe_reply)(struct node *n, uint32_t token, const struct sockaddr_in *from,
@@ -2600,6 +2607,10 @@ struct ring_state {
 enum {
 	NAT_OBSERVATIONS_MAX = 16,      /* distinct (reporter, endpoint) pairs kept */
 	NAT_PLANS_MAX = 16,             /* peers being linked, with their fallbacks */
+	/* Past the host's router (its NAT) and dead at the next router, which
+	 * on the internet is not the peer's NAT: sites are routers apart. */
+	NAT_PUNCH_TTL = 2,
+	NAT_HOPS_PROBED = 3,            /* routers inside the site told apart (nat_probe_hops) */
 };
 
 /* A peer we are dialling, and what to try when the dial fails: its TCP
@@ -2631,6 +2642,8 @@ struct nat_state {
 	int kind;                       /* enum nat_kind, as last classified */
 	int ifaddr_fd;                  /* netlink: interface addresses came or went; -1: none */
 	struct ev_timer ifaddr_timer;   /* ... collect ours again once the burst settles */
+	uint8_t punch_ttl;              /* a first dialer's hellos' TTL (ring_punch_ttl) */
+	struct endpoint hops_to;        /* our public endpoint, whose distance nat_probe_hops measures */
 };
 
 /* The DHT's state, owned by section 08. */
@@ -3348,6 +3361,35 @@ static int link_udp_queue(struct node *n, int fd, const struct sockaddr_in *to, 
 	return 0;
 }
 
+/* One datagram with a TTL of its own (a punch, section 09), past the batch:
+ * the TTL rides in a cmsg, since the socket serves every link. */
+static void link_udp_send_ttl(struct node *n, int fd, const struct sockaddr_in *to, const uint8_t *pkt,
+			      size_t len, int ttl)
+{
+	if (n->udp_send) {      /* simulated: no TTL */
+		n->udp_send(n, to, pkt, len);
+		return;
+	}
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} ctl;
+	memset(&ctl, 0, sizeof ctl);
+	struct iovec iov = { (void *)pkt, len };
+	struct msghdr m = { .msg_name = (void *)to, .msg_namelen = sizeof *to, .msg_iov = &iov, .msg_iovlen = 1,
+			    .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf };
+	struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+	c->cmsg_level = IPPROTO_IP;
+	c->cmsg_type = IP_TTL;
+	c->cmsg_len = CMSG_LEN(sizeof ttl);
+	memcpy(CMSG_DATA(c), &ttl, sizeof ttl);
+	for (int soft = 0; sendmsg(fd, &m, MSG_DONTWAIT) < 0; soft++)
+		if (errno != EINTR && (!link_udp_soft_error(errno) || soft >= 8)) {
+			link_tx_drop(n, 1);
+			return;
+		}
+}
+
 static int link_send(struct link *l, const uint8_t *msg, size_t len);
 
 /* A direct up link to this peer: the only kind that may carry relays. */
@@ -3861,7 +3903,10 @@ static void link_hs_init_send(struct link *l)
 		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, pkt + WIRE_HS_INIT_MAC1_OFFSET);
 	if (l->proto == PROTO_UDP)
 		link_note_contact(n, &l->remote);
-	link_send_raw(l, pkt, sizeof pkt);
+	if (l->punch_ttl && l->hs.tries < LINK_PUNCH_TRIES)
+		link_udp_send_ttl(n, l->fd, &l->remote, pkt, sizeof pkt, l->punch_ttl);
+	else
+		link_send_raw(l, pkt, sizeof pkt);
 }
 
 /* Initiator: a fresh ephemeral key, the transcript's start, HS_INIT. */
@@ -4035,6 +4080,7 @@ static void link_on_hs_cookie(struct link *l, const struct wire_hs_cookie *m)
 		return link_drop(l, DROP_WRONG_STATE);
 	memcpy(l->hs.s->cookie, m->cookie, sizeof l->hs.s->cookie);
 	l->hs.s->has_cookie = true;
+	l->punch_ttl = 0;       /* the peer answered: both NATs let us through */
 	link_hs_init_send(l);
 }
 
@@ -4595,7 +4641,7 @@ struct link_ee {
 	uint32_t ee_info, ee_data;
 };
 
-enum { LINK_EE_ORIGIN_ICMP = 2, LINK_ICMP_UNREACH = 3, LINK_ICMP_PORT_UNREACH = 3 };
+enum { LINK_EE_ORIGIN_ICMP = 2, LINK_ICMP_UNREACH = 3, LINK_ICMP_PORT_UNREACH = 3, LINK_ICMP_TIME_EXCEEDED = 11 };
 
 static void link_refused(struct node *n, int fd, const struct sockaddr_in *dst)
 {
@@ -4637,10 +4683,13 @@ static void link_udp_errors(struct node *n, int fd)
 				continue;
 			struct link_ee ee;
 			memcpy(&ee, CMSG_DATA(c), sizeof ee);
-			if (ee.ee_origin == LINK_EE_ORIGIN_ICMP && ee.ee_type == LINK_ICMP_UNREACH &&
-			    ee.ee_code == LINK_ICMP_PORT_UNREACH &&
-			    m.msg_namelen == sizeof dst && dst.sin_family == AF_INET)
+			if (ee.ee_origin != LINK_EE_ORIGIN_ICMP || m.msg_namelen != sizeof dst ||
+			    dst.sin_family != AF_INET)
+				continue;
+			if (ee.ee_type == LINK_ICMP_UNREACH && ee.ee_code == LINK_ICMP_PORT_UNREACH)
 				link_refused(n, fd, &dst);
+			else if (ee.ee_type == LINK_ICMP_TIME_EXCEEDED && n->hooks.ttl_expired)
+				n->hooks.ttl_expired(n, &dst);
 		}
 	}
 }
@@ -4856,9 +4905,9 @@ static int link_tcp_dial_socket(const struct sockaddr_in *sa)
 /* Start a handshake towards an endpoint; expect (may be NULL) is the ring
  * address the dial must reach, want the roles to take on once up.  A
  * cookie the peer gave us (link_probe) goes in the first HS_INIT and saves
- * the cookie round trip. */
-static struct link *link_dial(struct node *n, const struct endpoint *ep,
-			      const ring_addr *expect, uint8_t want, const uint8_t *cookie)
+ * the cookie round trip.  punch_ttl: see struct link. */
+static struct link *link_dial_ttl(struct node *n, const struct endpoint *ep, const ring_addr *expect,
+				  uint8_t want, const uint8_t *cookie, uint8_t punch_ttl)
 {
 	struct sockaddr_in sa = link_sockaddr_of(ep);
 	if (!link_underlay_ok(n, ep->proto, &sa))
@@ -4883,6 +4932,7 @@ static struct link *link_dial(struct node *n, const struct endpoint *ep,
 			memcpy(l->hs.s->cookie, cookie, SEC_MAC_BYTES);
 			l->hs.s->has_cookie = true;
 		}
+		l->punch_ttl = punch_ttl;
 		link_hs_begin(l);
 	} else {
 		l->state = LINK_CONNECTING;
@@ -4890,6 +4940,12 @@ static struct link *link_dial(struct node *n, const struct endpoint *ep,
 		ev_timer_arm(&n->loop, &l->timer, LINK_HANDSHAKE_TIMEOUT_MS);
 	}
 	return l;
+}
+
+static struct link *link_dial(struct node *n, const struct endpoint *ep,
+			      const ring_addr *expect, uint8_t want, const uint8_t *cookie)
+{
+	return link_dial_ttl(n, ep, expect, want, cookie, 0);
 }
 
 /* An RTT probe: an HS_INIT without a cookie, whose sender index is a token
@@ -5607,12 +5663,15 @@ static void ring_sc_enforce_cap(struct node *n)
 
 /* ---- connect-to-me -------------------------------------------------- */
 
+static uint8_t ring_punch_ttl(struct node *n, const struct peer_info *pi, const struct endpoint *ep);
+
 /* Dial pi's endpoints at once (every one of them: one may be the hole a NAT
  * opens), on one transport: only_proto, or else the first of UDP and TCP
- * that we listen on and pi has, or else whatever pi has.  Returns the
- * number of dials started. */
+ * that we listen on and pi has, or else whatever pi has.  first: pi dials
+ * us too, but only once our answer reaches it (ring_punch_ttl).  Returns
+ * the number of dials started. */
 static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, uint8_t want,
-				   uint8_t only_proto)
+				   uint8_t only_proto, bool first)
 {
 	static const uint8_t order[4] = { PROTO_UDP, PROTO_TCP, PROTO_TCP, PROTO_UDP };
 	unsigned dialled = 0;
@@ -5624,7 +5683,7 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 			const struct endpoint *ep = &pi->endpoints[i];
 			if (ep->proto != proto || ep->port == 0)
 				continue;
-			if (link_dial(n, ep, &pi->addr, want, NULL))
+			if (link_dial_ttl(n, ep, &pi->addr, want, NULL, first ? ring_punch_ttl(n, pi, ep) : 0))
 				dialled++;
 		}
 	}
@@ -5634,7 +5693,7 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 /* Dials to a peer are under way, but its info may be newer than theirs (it
  * learned its public endpoint since): dial the UDP endpoints not yet tried,
  * or the punch that needs them comes only with the next probe. */
-static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t want)
+static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t want, bool first)
 {
 	for (unsigned i = 0; i < pi->n_endpoints; i++) {
 		const struct endpoint *ep = &pi->endpoints[i];
@@ -5644,13 +5703,13 @@ static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t 
 			tried = l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->initiator &&
 				link_sockaddr_eq(&l->remote, &sa);
 		if (!tried)
-			link_dial(n, ep, &pi->addr, want, NULL);
+			link_dial_ttl(n, ep, &pi->addr, want, NULL, first ? ring_punch_ttl(n, pi, ep) : 0);
 	}
 }
 
 /* Dial a peer unless a link to it exists or is under way; want is the role
- * we will give the link. */
-static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
+ * we will give the link, first as for ring_dial_endpoints. */
+static void ring_dial_as(struct node *n, const struct peer_info *pi, uint8_t want, bool first)
 {
 	if (wire_addr_eq(&pi->addr, &n->self.addr))
 		return;
@@ -5658,12 +5717,17 @@ static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
 	if (l) {
 		ring_roles_add(l, want);
 		if (l->state != LINK_UP)
-			ring_dial_fresh(n, pi, want);
+			ring_dial_fresh(n, pi, want, first);
 		return;
 	}
 	if (n->ring.dialing)
 		n->ring.dialing(n, pi, want);
-	ring_dial_endpoints(n, pi, want, 0);
+	ring_dial_endpoints(n, pi, want, 0, first);
+}
+
+static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
+{
+	ring_dial_as(n, pi, want, false);
 }
 
 /* Our near peers' infos, for a connect-to-me reply; skips the requester
@@ -5727,6 +5791,27 @@ static bool ring_public_ip(uint32_t ip)        /* host order */
 		 (a == 172 && (b & 0xf0) == 16) || (a == 192 && b == 168) || a >= 224);
 }
 
+/* The TTL of our first hellos to ep when we dial first (0: the usual).
+ * From behind a NAT to a NAT'd peer's public endpoint, a hello that reaches
+ * the peer's NAT before the peer's own dial has left through it is, to a
+ * NAT that accepts packets for itself (Linux masquerade without an input
+ * firewall), a packet for the NAT: its conntrack entry then holds the
+ * tuple the peer's mapping needs, masquerade moves the mapping to another
+ * port, and neither side's packets ever match (t_nat step 2).  A TTL that
+ * opens our own NAT but runs out before the peer's (the routers between
+ * sites) leaves our NAT open for the peer's dial, which then meets a clean
+ * NAT at its end; our later hellos go at the usual TTL, in case the peer
+ * does not dial.  A reachable node has no NAT to open. */
+static uint8_t ring_punch_ttl(struct node *n, const struct peer_info *pi, const struct endpoint *ep)
+{
+	if (ep->proto != PROTO_UDP || ring_reachable(n) || !ring_public_ip(ep->ip))
+		return 0;
+	for (unsigned i = 0; i < pi->n_endpoints; i++)
+		if (!ring_public_ip(pi->endpoints[i].ip))     /* its own, behind a NAT */
+			return n->nat->punch_ttl;
+	return 0;
+}
+
 static void ring_note_inbound(struct node *n, const struct link *up)
 {
 	if (up->initiator || up->proto != PROTO_UDP || !n->contacts ||
@@ -5767,7 +5852,7 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	 * and dials only if we win (section 12), so when peers reach us
 	 * unasked there is nothing to punch, and our link would mostly lose. */
 	if (q.want != ROLE_FAR || !ring_reachable(n))
-		ring_dial(n, &q.from, want);
+		ring_dial_as(n, &q.from, want, true);
 }
 
 /* Two nodes claim one ring address (one virtual IP).  The one started later
@@ -7178,7 +7263,13 @@ static void dht_stop(struct node *n)
  * to a relayed link (section 06) through one of the peer's near neighbours
  * that we link directly, or dial for the purpose.  A relayed link keeps
  * trying to go direct (both ends dial at once, on a PUNCH), with backoff;
- * when a direct link comes up it replaces the relayed one.
+ * when a direct link comes up it replaces the relayed one.  Of two ends
+ * that dial at once, the one that dials first (it answers a connect-to-me
+ * or sends the PUNCH) sends its first hellos with a TTL that opens its own
+ * NAT and dies before the peer's (ring_punch_ttl): a Linux NAT without an
+ * input firewall takes an early hello for itself and then moves its host's
+ * mapping to another port.  The TTL is one more than the routers between
+ * us and our NAT, which nat_probe_hops counts.
  * ========================================================================= */
 
 enum {
@@ -7318,6 +7409,31 @@ static void nat_advertise(struct node *n)
 	n->self.n_endpoints = (uint8_t)k;
 }
 
+/* How many routers lie between us and our NAT, for ring_punch_ttl: a
+ * datagram to our own public address goes as far as the NAT that owns it,
+ * so with TTLs 1, 2, ... each router before that NAT answers "time
+ * exceeded" (nat_on_ttl_expired) and the NAT takes the rest for itself.
+ * Routers that send no such ICMP look like none: the punch TTL stays low. */
+static void nat_probe_hops(struct node *n, int fd, const struct endpoint *pub)
+{
+	struct nat_state *s = n->nat;
+	struct sockaddr_in to = link_sockaddr_of(pub);
+	s->hops_to = *pub;
+	s->punch_ttl = NAT_PUNCH_TTL;
+	for (int ttl = 1; ttl <= NAT_HOPS_PROBED; ttl++)
+		link_udp_send_ttl(n, fd, &to, NULL, 0, ttl);
+}
+
+static void nat_on_ttl_expired(struct node *n, const struct sockaddr_in *dst)
+{
+	struct nat_state *s = n->nat;
+	struct endpoint e = link_endpoint_of(PROTO_UDP, dst);
+	if (!nat_endpoint_eq(&e, &s->hops_to) || s->punch_ttl >= NAT_PUNCH_TTL + NAT_HOPS_PROBED)
+		return;
+	s->punch_ttl++;
+	log_info("nat", "a router lies between us and our NAT: punches leave with TTL %d", s->punch_ttl);
+}
+
 /* A UDP link came up: note how the peer sees us, and advertise anew. */
 static void nat_learn_endpoint(struct node *n, struct link *l)
 {
@@ -7333,6 +7449,11 @@ static void nat_learn_endpoint(struct node *n, struct link *l)
 	s->seen[slot] = l->observed;
 	s->local[slot] = local;
 	s->reporter[slot] = l->peer.addr;
+	bool own_ip = l->observed.ip == local.ip;
+	for (unsigned i = 0; i < s->n_own; i++)
+		own_ip |= l->observed.ip == s->own[i].ip;
+	if (!own_ip && l->observed.ip != s->hops_to.ip)
+		nat_probe_hops(n, l->fd, &l->observed);
 	bool known = nat_advertised(n, &l->observed);
 	int before = s->kind;
 	nat_advertise(n);
@@ -7564,7 +7685,7 @@ static void nat_on_dial_failed(struct node *n, struct link *l)
 		return;                 /* no plan, or another attempt is still running */
 	if (l->proto == PROTO_UDP && !p->tcp_tried) {
 		p->tcp_tried = true;
-		if (ring_dial_endpoints(n, &p->target, p->want, PROTO_TCP))
+		if (ring_dial_endpoints(n, &p->target, p->want, PROTO_TCP, false))
 			return;
 	}
 	nat_try_relay(n, p);
@@ -7578,12 +7699,12 @@ static void nat_on_dial_failed(struct node *n, struct link *l)
 static void nat_upgrade(struct node *n, struct link *l)
 {
 	link_send_byte(l, WIRE_PUNCH, 0);
-	ring_dial_endpoints(n, &l->peer, l->local_roles, 0);
+	ring_dial_endpoints(n, &l->peer, l->local_roles, 0, true);
 }
 
 static void nat_on_punch(struct node *n, struct link *l)
 {
-	ring_dial_endpoints(n, &l->peer, l->local_roles, 0);
+	ring_dial_endpoints(n, &l->peer, l->local_roles, 0, false);
 }
 
 static int64_t nat_tick(struct ev_loop *loop, struct ev_timer *t)
@@ -7638,6 +7759,7 @@ static void nat_start(struct node *n)
 	if (!n->nat && (n->nat = calloc(1, sizeof *n->nat))) {
 		n->nat->node = n;
 		n->nat->ifaddr_fd = -1;
+		n->nat->punch_ttl = NAT_PUNCH_TTL;
 	}
 	if (!n->nat || (!n->nat->plans && !(n->nat->plans = calloc(NAT_PLANS_MAX, sizeof *n->nat->plans)))) {
 		log_warn("nat", "out of memory: no fallbacks (TCP, relays) for failed dials");
@@ -7650,6 +7772,7 @@ static void nat_start(struct node *n)
 	n->ring.ctm_reply = nat_on_ctm_reply;
 	n->hooks.dial_failed = nat_on_dial_failed;
 	n->hooks.punch = nat_on_punch;
+	n->hooks.ttl_expired = nat_on_ttl_expired;
 	n->nat->n_own = n->self.n_endpoints;
 	memcpy(n->nat->own, n->self.endpoints, sizeof n->nat->own);
 	nat_watch_interfaces(n);
