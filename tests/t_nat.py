@@ -1,34 +1,42 @@
 #!/usr/bin/env python3
 """NAT traversal integration test; needs root (network namespaces, nftables).
 
-Every namespace and veth this test makes is named "tn*"; leftovers with that
-prefix are removed at start, and everything (namespaces, ipop) is removed on
-exit, failure, SIGTERM or SIGINT.  The root namespace is not touched.
+Every namespace this test makes is named "tn-*" ($IPOP_T_NAT_PREFIX-* when
+set, so that two checkouts can run it at once); leftovers with that prefix
+are removed at start, and everything (namespaces, ipop) is removed on exit,
+failure, SIGTERM or SIGINT.  The root namespace is not touched.
 
 Lab ("public internet" 203.0.113.0/24 exists only inside tn-net):
 
     tn-pub 203.0.113.10 (bootstrap, --mode none)
        |
-    tn-net bridge tnbr0 ---- tn-ra tnwan 203.0.113.1 | tnlan 10.1.1.1 ---- tn-a 10.1.1.2
-                        \\--- tn-rb tnwan 203.0.113.2 | tnlan 10.2.2.1 ---- tn-b 10.2.2.2
+    tn-net bridge tnbr0 -- tn-ca .1 | .17 -- tn-ra tnwan 203.0.113.18 | tnlan 10.1.1.1 ------ tn-a 10.1.1.2
+                       \\-- tn-cb .2 | .33 -- tn-rb tnwan 203.0.113.34 | tnlan 10.2.0.1 --
+                                                tn-lb 10.2.0.2 | 10.2.2.1 -- tn-b 10.2.2.2
 
+Between each site router and the bridge sits a plain forwarding router
+(tn-ca, tn-cb: an ISP's), so that two routers lie between the NATs, as
+between sites on the internet: a datagram whose TTL runs out past its own
+NAT does not reach the other one (t_nat once put both NATs on the bridge).
+Host b sits one router (tn-lb) deeper inside its site than host a.
 The routers forward and masquerade out of "tnwan" (nftables); hosts run
 `ipop up --mode none --ip 10.128.0.N/16 --listen udp://10.x.x.2:4000
 --bootstrap udp://203.0.113.10:4000`.
 
  1. both hosts learn a public endpoint (status "endpoints" holds
     udp://203.0.113.x:PORT) within 10 s and "nat" is not "unknown".
- 2. cone NAT on both sides (bare masquerade, no input firewall): a direct
-    link may not form (see 2b, reported, not asserted); then A and B must
-    link through a relay instead; `ipop ping` A<->B must succeed.  On
-    failure: node logs and the routers' conntrack tables are printed.
+ 2. cone NAT on both sides (bare masquerade, no input firewall, a common
+    site gateway): the direct link must form within 20 s and ping A->B must
+    take hops=1.  A peer's punch that reaches a router before the host's own
+    punch leaves a conntrack entry to the router itself; the host's mapping
+    then clashes with it and masquerade picks another port, so neither
+    side's punches ever match (printed as WHY lines from the conntrack
+    tables on failure, with node logs).  ipop's first punches have a TTL
+    that opens its own NAT but dies before the peer's (section 09 nat_):
+    host b must have learned that it needs TTL 3 (its log says so).
  2b. the same with a typical home-router input firewall on both routers
-    (iifname tnwan ct state new drop; hosts restarted on port 4001): the
-    direct link must form and ping A->B must take hops=1.  Without it (step
-    2) a peer's punch that reaches a router before the host's own punch
-    leaves a conntrack entry to the router itself; the host's mapping then
-    clashes with it and masquerade picks another port, so neither side's
-    punches ever match (reported as WHY lines from the conntrack tables).
+    (iifname tnwan ct state new drop; hosts restarted on port 4001), which
+    drops such early punches: the direct link must form, hops=1.
  3. symmetric NAT on tn-rb (masquerade random,fully-random), B restarted on port 4002:
     A and B must link through a relay (the public node) within 20 s, not
     directly; pings A<->B take one overlay hop (the relayed link).
@@ -52,16 +60,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import list_netns, remove_netns, TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
 
-PREFIX = "tn"
-NET = "tn-net"
-BR = "tnbr0"
-PUB_NS, PUB_IP = "tn-pub", "203.0.113.10"
+PREFIX = os.environ.get("IPOP_T_NAT_PREFIX") or "tn"
+NET = PREFIX + "-net"
+BR = "tnbr0"                    # interface names live inside the namespaces
+PUB_NS, PUB_IP = PREFIX + "-pub", "203.0.113.10"
 PORT = 4000
 SITES = {
     # name: (router ns, host ns, router wan ip, lan prefix, vip)
-    "a": ("tn-ra", "tn-a", "203.0.113.1", "10.1.1", "10.128.0.1"),
-    "b": ("tn-rb", "tn-b", "203.0.113.2", "10.2.2", "10.128.0.2"),
+    "a": (PREFIX + "-ra", PREFIX + "-a", "203.0.113.18", "10.1.1", "10.128.0.1"),
+    "b": (PREFIX + "-rb", PREFIX + "-b", "203.0.113.34", "10.2.2", "10.128.0.2"),
 }
+# the ISP router of each site: (ns, address on the bridge, its /28 towards the site router)
+CORES = {"a": (PREFIX + "-ca", "203.0.113.1", "203.0.113.16"),
+         "b": (PREFIX + "-cb", "203.0.113.2", "203.0.113.32")}
+# a router inside the site, between host and NAT: (ns, /24 prefix between it and the NAT)
+INNER = {"b": (PREFIX + "-lb", "10.2.0")}
 PUBLIC_EP = re.compile(r"^udp://203\.0\.113\.\d+:\d+$")
 
 
@@ -191,32 +204,55 @@ class NatTest:
         sh(["ip", "-n", NET, "link", "add", port, "type", "veth", "peer", "name", ifname,
             "netns", ns])
         sh(["ip", "-n", NET, "link", "set", port, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", ip + "/24", "dev", ifname])
+        sh(["ip", "-n", ns, "addr", "add", ip + "/28", "dev", ifname])
         sh(["ip", "-n", ns, "link", "set", ifname, "up"])
 
+    def veth_pair(self, ns1, if1, ip1, ns2, if2, ip2, plen):
+        sh(["ip", "-n", ns1, "link", "add", if1, "type", "veth", "peer", "name", if2, "netns", ns2])
+        for ns, ifn, ip in ((ns1, if1, ip1), (ns2, if2, ip2)):
+            sh(["ip", "-n", ns, "addr", "add", "%s/%d" % (ip, plen), "dev", ifn])
+            sh(["ip", "-n", ns, "link", "set", ifn, "up"])
+
     def setup_lab(self):
-        for ns in (NET, PUB_NS) + tuple(x for s in SITES.values() for x in s[:2]):
+        for ns in (NET, PUB_NS) + tuple(x for s in SITES.values() for x in s[:2]) + \
+                tuple(c[0] for c in CORES.values()) + tuple(i[0] for i in INNER.values()):
             sh(["ip", "netns", "add", ns])
             sh(["ip", "-n", ns, "link", "set", "lo", "up"])
         sh(["ip", "-n", NET, "link", "add", BR, "type", "bridge"])
         sh(["ip", "-n", NET, "link", "set", BR, "up"])
         self.veth_to_bridge(PUB_NS, "tn-eth", "tnp-pub", PUB_IP)
         for name, (rns, hns, wan, lan, _vip) in SITES.items():
-            self.veth_to_bridge(rns, "tnwan", "tnp-%s" % name, wan)
-            sh(["ip", "-n", rns, "link", "add", "tnlan", "type", "veth", "peer", "name", "tn-eth",
-                "netns", hns])
-            sh(["ip", "-n", rns, "addr", "add", lan + ".1/24", "dev", "tnlan"])
-            sh(["ip", "-n", rns, "link", "set", "tnlan", "up"])
-            sh(["ip", "-n", hns, "addr", "add", lan + ".2/24", "dev", "tn-eth"])
-            sh(["ip", "-n", hns, "link", "set", "tn-eth", "up"])
+            cns, cip, cnet = CORES[name]
+            self.veth_to_bridge(cns, "tnup", "tnp-%s" % name, cip)
+            core_side = cnet[:cnet.rindex(".") + 1] + str(int(cnet.rsplit(".", 1)[1]) + 1)
+            self.veth_pair(cns, "tndown", core_side, rns, "tnwan", wan, 28)
+            if name in INNER:
+                ins, inet = INNER[name]
+                self.veth_pair(rns, "tnlan", inet + ".1", ins, "tnup", inet + ".2", 24)
+                self.veth_pair(ins, "tnlan", lan + ".1", hns, "tn-eth", lan + ".2", 24)
+                sh(["ip", "-n", ins, "route", "add", "default", "via", inet + ".1"])
+                sh(["ip", "-n", rns, "route", "add", lan + ".0/24", "via", inet + ".2"])
+                nsx(ins, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            else:
+                self.veth_pair(rns, "tnlan", lan + ".1", hns, "tn-eth", lan + ".2", 24)
             sh(["ip", "-n", hns, "route", "add", "default", "via", lan + ".1"])
-            nsx(rns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            sh(["ip", "-n", rns, "route", "add", "default", "via", core_side])
+            sh(["ip", "-n", PUB_NS, "route", "add", cnet + "/28", "via", cip])
+            for other, (_ons, oip, onet) in CORES.items():
+                if other != name:       # the other site's transit net, via its ISP router
+                    sh(["ip", "-n", cns, "route", "add", onet + "/28", "via", oip])
+            for ns in (cns, rns):
+                nsx(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             self.set_nat(name, "masquerade")
         # sanity: each host reaches the public node through its NAT
         for name, (rns, hns, *_r) in SITES.items():
             rc, out, err = nsx(hns, ["ping", "-n", "-c", "1", "-W", "3", PUB_IP], check_rc=False,
                                timeout=15)
             check(rc == 0, "lab: %s cannot ping %s: %s" % (hns, PUB_IP, (out + err).strip()[-200:]))
+        # and the other site's router three hops away (ISP, ISP, router)
+        rc, out, err = nsx(SITES["a"][1], ["ping", "-n", "-c", "1", "-W", "3", SITES["b"][2]],
+                           check_rc=False, timeout=15)
+        check(rc == 0, "lab: host a cannot ping %s: %s" % (SITES["b"][2], (out + err).strip()[-200:]))
 
     def set_nat(self, site, action):
         rns = SITES[site][0]
@@ -393,7 +429,7 @@ class NatTest:
                              % (rns, osrc, osp, odst, odp))
         return notes
 
-    def step_direct(self, label, step, timeout=20, require_direct=True):
+    def step_direct(self, label, step, timeout=20):
         a, b = self.nodes["a"], self.nodes["b"]
         c, el = self.wait_direct(a, b, timeout)
         if c:
@@ -415,18 +451,7 @@ class NatTest:
         okb, hopsb, _ = res[("b", "a")]
         if okb:
             self.result("%s: ipop ping B -> A ok, hops=%s" % (label, hopsb))
-        if not c and not require_direct:
-            r, _ = self.wait_direct(a, b, 10, "relayed")
-            self.result("%s: no direct link (known limit, reported, not asserted): a peer's early "
-                        "punch reaches the other router itself and its conntrack entry claims the "
-                        "tuple the host's mapping needs; %s" % (label, (
-                            "A and B link through a relay (%s)" % r.get("uri")) if r else
-                            "pings flow through the ring"))
-            if not r:
-                self.fail(step, "neither a direct nor a relayed A-B link within %d s" % (timeout + 10))
-            if not ok or not okb:
-                self.fail(step, "pings A<->B failed")
-        elif not c:
+        if not c:
             self.fail(step, "no direct A<->B link through two port-restricted cone NATs within "
                       "%d s (pings went %s hops)%s" % (timeout, hops, "".join(
                           "\n  " + w for w in why)))
@@ -436,10 +461,14 @@ class NatTest:
     def step_cone(self):
         # Routers without an input firewall accept a peer's early punch for
         # themselves; then masquerade must pick another port and the punch
-        # deadlocks.  Real home routers drop such packets (step 2b); ipop does
-        # not yet work around the bare case (a low-TTL first punch cannot
-        # help when the two NATs are adjacent, as here).
-        self.step_direct("cone/cone (masquerade only)", "2 cone", require_direct=False)
+        # deadlocks, unless each host's first punches die between the NATs.
+        self.step_direct("cone/cone (masquerade only)", "2 cone")
+        for nm, want in (("a", None), ("b", 3)):
+            m = re.findall(r"punches leave with TTL (\d+)", self.nodes[nm].proc.log_text())
+            self.result("host %s: punch TTL %s" % (nm, m[-1] if m else "2 (no router inside its site)"))
+            if want and (not m or int(m[-1]) != want):
+                self.fail("2 cone", "host %s, %d router(s) behind its NAT, did not learn punch TTL %d"
+                          % (nm, want - 1, want))
 
     def step_cone_fw(self):
         """The routers as typical home routers: unsolicited inbound packets to
@@ -493,10 +522,10 @@ class NatTest:
         # how tn-rb mapped B's listening port per destination (symmetric: differs)
         rc, out, _ = nsx(SITES["b"][0], ["cat", "/proc/net/nf_conntrack"], check_rc=False, timeout=10)
         maps = sorted(set("%s:%s->%s" % (m.group(1), m.group(2), m.group(3)) for m in re.finditer(
-            r"src=10\.2\.2\.2 dst=(\S+) sport=%d dport=(\d+) .*?dst=203\.0\.113\.2 sport=\d+ dport=(\d+)"
-            % b.port, out or "")))
-        self.result("symmetric: tn-rb mappings of B's :%d per destination: %s"
-                    % (b.port, ", ".join(maps) or "(none)"))
+            r"src=10\.2\.2\.2 dst=(\S+) sport=%d dport=(\d+) .*?dst=%s sport=\d+ dport=(\d+)"
+            % (b.port, re.escape(SITES["b"][2])), out or "")))
+        self.result("symmetric: %s mappings of B's :%d per destination: %s"
+                    % (SITES["b"][0], b.port, ", ".join(maps) or "(none)"))
         nat = (st_b or {}).get("nat", "")
         if "symmetric" not in str(nat):
             self.result("NOTE (ipop): B behind a symmetric NAT classifies it as %r: it has "
