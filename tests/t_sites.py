@@ -138,7 +138,10 @@ class Node:
         self.extra = []         # more flags (only the step 6 repair of ts-boot uses them)
 
     def argv(self):
-        a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up"]
+        # each host its own state directory (remembered peers), as on separate machines,
+        # and nothing left in root's home
+        a = ["ip", "netns", "exec", self.ns, "env", "XDG_STATE_HOME=" + os.path.join(self.t.dir, "state-" + self.name),
+             ipop_bin(), "up"]
         if self.vip:
             a += ["--ip", self.vip + "/16", "--mode", "tap", "--dev", "ipop0"]
         if self.bootstrap:
@@ -226,6 +229,7 @@ class Monitor:
         self.t = t
         self.hits = {}          # (node, what, value) -> (first seen s, count)
         self.polls = 0
+        self.bad_polls = 0      # statuses with at least one hit
         self.lock = threading.Lock()
         self.stop_ev = threading.Event()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
@@ -256,14 +260,15 @@ class Monitor:
         for c in st.get("connections") or []:
             u = str(c.get("uri"))
             if IN_VNET.search(u):
-                found.append(("link to %s (%s, %s)" % (c.get("ip") or str(c.get("address"))[:10],
+                found.append(("link to %s (%s, %s)" % (c.get("ip") or str(c.get("address") or "?")[:10],
                                                         c.get("state"), c.get("direction")), u))
         with self.lock:
             self.polls += 1
+            self.bad_polls += bool(found)
             for what, val in found:
                 k = (n.name, what, val)
                 first, cnt = self.hits.get(k, (now, 0))
-                if cnt == 0:
+                if cnt == 0 and len(self.hits) < 12:
                     log("  check 2: %s %s %s (t=%.1fs)" % (n.name, what, val, now))
                 self.hits[k] = (first, cnt + 1)
 
@@ -502,7 +507,7 @@ class SitesTest:
                     log_hits[nd.name] = lines
         with self.monitor.lock:
             hits = dict(self.monitor.hits)
-            polls = self.monitor.polls
+            polls, bad_polls = self.monitor.polls, self.monitor.bad_polls
         if not hits and not log_hits:
             self.ok(label, "%d statuses checked, %d node logs: no udp:// or tcp:// address in 10.128.0.0/16"
                     % (polls, len(self.nodes)))
@@ -510,8 +515,8 @@ class SitesTest:
         by_node = {}
         for (nm, what, val), (first, cnt) in sorted(hits.items(), key=lambda kv: kv[1][0]):
             by_node.setdefault(nm, []).append("%s %s (first at %.1fs, seen %dx)" % (what, val, first, cnt))
-        msg = ["%d of %d statuses show underlay addresses in the virtual network (%d distinct); "
-               "%d node log(s) mention them" % (sum(c for _, c in hits.values()), polls, len(hits), len(log_hits))]
+        msg = ["%d of %d statuses show underlay addresses inside 10.128.0.0/16 (%d distinct node/use/address); "
+               "%d node log(s) mention them" % (bad_polls, polls, len(hits), len(log_hits))]
         for nm, items in by_node.items():
             msg.append("  status %s: %s%s" % (nm, "; ".join(items[:4]), " ..." if len(items) > 4 else ""))
         for nm, lines in log_hits.items():
@@ -573,16 +578,17 @@ class SitesTest:
         self.ensure_sshd()
         pairs = [(a, b) for a, b in itertools.permutations(MAIN_HOSTS, 2) if SITE_OF[a] is not SITE_OF[b]]
         bad, secs = [], []
-        for a, b in pairs:
-            rc, out, err, el = self.ssh(a, b, "echo ok")
+        t_ssh = time.monotonic() - self.t0
+        for (a, b), (rc, out, err, el) in zip(pairs, self.pool.map(lambda p: self.ssh(p[0], p[1], "echo ok", 25),
+                                                                   pairs)):
             secs.append(el)
             if rc != 0 or out.strip() != "ok":
                 st = self.nodes[a].status() or {}
                 bad.append("%s->%s at t=%.1fs: rc=%s %.1fs out=%r err=%s\n    %s's drops: %s; links: %s"
-                           % (a, b, time.monotonic() - self.t0, rc, el, out[-80:], err[-200:], a,
+                           % (a, b, t_ssh, rc, el, out[-80:], err[-200:] or "(timeout)" * (rc is None), a,
                               {k: v for k, v in (st.get("drops") or {}).items() if v}, conn_summary(st)))
         if bad:
-            self.fail("3 ssh", "%d of %d ordered pairs failed `ssh echo ok`:\n  %s"
+            self.fail("3 ssh", "%d of %d ordered pairs failed `ssh echo ok` (run in parallel, 25 s each):\n  %s"
                       % (len(bad), len(pairs), "\n  ".join(bad)))
         else:
             self.ok("3 ssh", "`ssh VIP echo ok` works for all %d ordered pairs at different sites "
@@ -595,9 +601,9 @@ class SitesTest:
             dst = os.path.join(self.dir, "recv-%s-%s.bin" % (a, b))
             t = time.monotonic()
             rc, out, err = nsx("ts-" + a, ["scp", "-q"] + self.ssh_opts() + [src, "root@%s:%s" % (self.vip(b), dst)],
-                               timeout=120, check_rc=False)
+                               timeout=60, check_rc=False)
             el = time.monotonic() - t
-            rc2, out2, err2, _ = self.ssh(a, b, "sha256sum " + dst)
+            rc2, out2, err2, _ = self.ssh(a, b, "sha256sum " + dst, 25)
             got = (out2.split() or ["?"])[0]
             if rc != 0 or got != want:
                 self.fail("3 scp", "%d MB %s -> %s: scp rc=%s after %.1f s (%s); remote sha256 %s, want %s"
@@ -686,6 +692,9 @@ int main(int argc, char **argv)
             self.ok("4 mpi", "mpirun: 4 ranks on %s in %.1f s; %s; MPI OK"
                     % (", ".join("%s=%s" % (h, self.vip(h)) for h in hosts), el, m.group(0) if m else ""))
         else:
+            reach = self.pool.map(lambda h: (h, self.ssh("uf1", h, "echo ok", 20)), hosts[1:])
+            log("  after the failure, ssh from uf1: %s" % ", ".join(
+                "%s %s" % (h, "ok" if r[0] == 0 else "FAILED (%s)" % (r[2][-80:] or "timeout")) for h, r in reach))
             self.fail("4 mpi", "mpirun rc=%s after %.1f s (timeout 120 s); ranks seen %s (want %s); output:\n%s\n"
                       "  stderr:\n%s" % (rc, el, ranks, want,
                                           "\n".join("    | " + ln for ln in out.strip().splitlines()[-15:]),
@@ -762,8 +771,20 @@ int main(int argc, char **argv)
         bad2 = ([] if ok2 else ["vims->pub2 (ipop ping)"]) + ([] if ok2b else ["pub2->vims (ipop ping)"])
         return not bad1, not bad2, bad1 + bad2
 
-    def heal_state(self, nodes, probe_key, probe_val):
-        """List of what is not healed yet (empty: healed)."""
+    def put_records(self, tag):
+        """DHT records put from uf1 and vims: [(key, value)]; failures recorded."""
+        recs = []
+        for nm in ("uf1", "vims"):
+            key, val = "ts-%s-%s-%d" % (tag, nm, os.getpid()), "put-by-%s-%s" % (nm, tag)
+            rc, out, err = self.nodes[nm].cli(["dht", "put", key, val, "--ttl", "900"])
+            if rc != 0:
+                self.fail("6 dht", "dht put %s on %s failed: %s" % (key, nm, (out + err).strip()[-200:]))
+            recs.append((key, val))
+        return recs
+
+    def heal_state(self, nodes, recs):
+        """List of what is not healed yet (empty: healed): one consistent ring,
+        pings across the sites, every record of recs read on every node."""
         sts = self.statuses(nodes)
         bad = self.ring_bad(nodes, sts)
         if bad:
@@ -772,26 +793,45 @@ int main(int argc, char **argv)
                  ("vims", self.vip("lsu")), ("uf2", self.vip("vims")), ("vims", BOOT_VIP)]
         res = self.pings(cross)
         why = ["ping %s->%s" % p for p, r in res.items() if not r[0]]
-        gets = [("vims", probe_key, probe_val), ("pub2", probe_key, probe_val), ("lsu", probe_key, probe_val)]
-        for nm, other in (("uf1", "vims"), ("vims", "uf1"), ("vims", "lsu"), ("pub2", "uf2"), ("lsu", "vims")):
-            gets.append((nm, "ip:" + self.vip(other), sha1_ip(self.vip(other))))
+        gets = [(n, k, v) for n in nodes for k, v in recs]
 
         def get(g):
-            nm, key, want = g
-            rc, out, err = self.nodes[nm].cli(["dht", "get", key], timeout=15)
-            return g, rc == 0 and out.strip().lower() == want.lower(), (out + err).strip()[-100:]
-        for (nm, key, want), ok, out in self.pool.map(get, gets):
+            nd, key, want = g
+            rc, out, err = nd.cli(["dht", "get", key], timeout=15)
+            return g, rc == 0 and out.strip() == want, (out + err).strip()[-100:]
+        for (nd, key, want), ok, out in self.pool.map(get, gets):
             if not ok:
-                why.append("dht get %s on %s: %r" % (key, nm, out))
+                why.append("dht get %s on %s: %r" % (key, nd.name, out))
         return why
 
-    def converge(self, nodes, timeout, probe=("ip:" + BOOT_VIP, sha1_ip(BOOT_VIP))):
+    def restart_boot(self, extra=()):
+        """(Re)start ts-boot once no node holds an up link to its old instance
+        (a node restarted while its peers still hold its ghost is told that
+        another node holds its address, and exits)."""
+        boot = self.nodes["boot"]
+        if boot.alive():
+            boot.proc.kill(signal.SIGKILL)
+            boot.proc.wait(5)
+        boot.killed = True
+        t = time.monotonic()
+        while time.monotonic() - t < 20:
+            others = [n for n in self.live() if n is not boot]
+            holders = [n.name for n, st in self.statuses(others).items() if up_link(st, boot.address)]
+            if not holders:
+                break
+            time.sleep(0.5)
+        boot.extra = list(extra)
+        boot.start()
+        self.wait_status(["boot"], 15)
+        log("ts-boot started again: %s" % " ".join(boot.argv()[6:]))
+
+    def converge(self, nodes, timeout, recs):
         """Poll heal_state until it is empty: (seconds, None) or (None, why)."""
         t = time.monotonic()
         why = ["not checked"]
         while time.monotonic() - t < timeout:
             self.check_alive()
-            why = self.heal_state(nodes, *probe)
+            why = self.heal_state(nodes, recs)
             if not why:
                 return time.monotonic() - t, None
             time.sleep(1)
@@ -801,24 +841,18 @@ int main(int argc, char **argv)
         boot = self.nodes["boot"]
         names = ["boot", "pub2"] + MAIN_HOSTS
         nodes = [self.nodes[n] for n in names]
+        recs = self.put_records("before-restart")
         if boot.killed or not boot.alive():
-            boot.start()
-            self.wait_status(["boot"], 15)
-            log("ts-boot restarted with the same command")
-            el, why = self.converge(nodes, 30)
+            self.restart_boot()
+            el, why = self.converge(nodes, 30, recs)
             if why:
                 self.fail("6a rejoin", "ts-boot restarted with the README command: not one consistent, working "
                           "network 30 s later: %s" % "; ".join(why)[:1500])
                 self.show_links(names)
                 # so that the split below starts from one network: the README's own advice,
                 # a second bootstrap address (a live member) for the restarted node
-                boot.proc.kill(signal.SIGKILL)
-                boot.proc.wait(5)
-                boot.extra = ["--bootstrap", "udp://%s:%d" % (PUB2_IP, PORT)]
-                boot.start()
-                self.wait_status(["boot"], 15)
-                log("ts-boot restarted once more, with --bootstrap udp://%s:%d as well, for the split" % (PUB2_IP, PORT))
-                el, why = self.converge(nodes, 45)
+                self.restart_boot(["--bootstrap", "udp://%s:%d" % (PUB2_IP, PORT)])
+                el, why = self.converge(nodes, 45, recs)
                 if why:
                     self.fail("6 split/heal", "not one consistent network before the split even with ts-boot "
                               "bootstrapping from ts-pub2 (45 s); splitting anyway: %s" % "; ".join(why)[:1500])
@@ -828,21 +862,18 @@ int main(int argc, char **argv)
                 self.ok("6a rejoin", "ts-boot restarted with the README command: one consistent ring, cross-site "
                         "pings and DHT reads %.1f s later" % el)
         else:
-            el, why = self.converge(nodes, 30)
+            el, why = self.converge(nodes, 30, recs)
             if why:
                 self.fail("6 split/heal", "not one consistent network before the split (30 s); splitting anyway: %s"
                           % "; ".join(why)[:1500])
-        probe_key = "ts-probe-%d" % os.getpid()
-        probe_val = "before-the-split-%d" % os.getpid()
-        rc, out, err = self.nodes["uf1"].cli(["dht", "put", probe_key, probe_val, "--ttl", "900"])
-        check(rc == 0, "dht put %s on uf1 failed: %s" % (probe_key, (out + err).strip()))
+        recs = self.put_records("before-split")
         self.set_block(True)
         try:
-            self.split_and_heal(nodes, names, probe_key, probe_val)
+            self.split_and_heal(nodes, names, recs)
         finally:
             self.set_block(False)
 
-    def split_and_heal(self, nodes, names, probe_key, probe_val):
+    def split_and_heal(self, nodes, names, recs):
         t_split = time.monotonic()
         # the test's own sanity: the underlay is really split, and only between the groups
         cut, _, _, _ = kping("ts-uf-r", PUB2_IP, wait=1)
@@ -876,7 +907,7 @@ int main(int argc, char **argv)
                     "%.1f s, {pub2, vims} after %.1f s" % (PARTITION_S, g1_at, g2_at))
         self.set_block(False)
         t_heal = time.monotonic()
-        el, why = self.converge(nodes, HEAL_MAX_S + 15, (probe_key, probe_val))
+        el, why = self.converge(nodes, HEAL_MAX_S + 15, recs)
         el = time.monotonic() - t_heal if el is None else el
         if why:
             self.fail("6 heal", "not healed %.0f s after the split was lifted (limit %.0f s): %s"
@@ -887,15 +918,14 @@ int main(int argc, char **argv)
             self.fail("6 heal", "healed only %.1f s after the split was lifted (limit %.0f s)" % (el, HEAL_MAX_S))
         else:
             self.ok("6 heal", "%.1f s after the split was lifted: one consistent ring over %d nodes, pings across "
-                    "the former groups, DHT record from before the split and ip: mappings read on both sides"
+                    "the former groups, and the DHT records put on both sides before the split read on every node"
                     % (el, len(nodes)))
 
     # ---- 7. bare masquerade, a router between the NATs
     def step_bare(self):
         boot = self.nodes["boot"]
         if boot.killed or not boot.alive():
-            boot.start()
-            self.wait_status(["boot"], 15)
+            self.restart_boot()
         ma, mb = self.nodes["ma"], self.nodes["mb"]
         ma.start()
         mb.start()

@@ -445,6 +445,80 @@ static void test_nat_classify(void)
 	CHECK(nat_classify(&n) == NAT_NONE);
 }
 
+/* Issue 17: no endpoint inside the overlay is advertised, learnt or dialled. */
+static void test_overlay_endpoints(void)
+{
+	static struct node n;
+	static struct link peer;
+	memset(&n, 0, sizeof n);
+	n.tap.fd = -1;
+	n.udp_dial_fd = -1;
+	n.self.vip = 0x0a800001;                        /* 10.128.0.1/16 */
+	n.ip.net = 0x0a800000;
+	n.ip.mask = 0xffff0000;
+	CHECK(link_overlay_ip(&n, 0x0a800003) && link_overlay_ip(&n, n.self.vip));
+	CHECK(!link_overlay_ip(&n, 0xc0a80a02) && !link_overlay_ip(&n, 0));
+	struct ip_route r = { 0xac100000, 24 };         /* --route-for 172.16.0.0/24 */
+	n.ip.routes = &r;
+	n.ip.n_routes = 1;
+	CHECK(link_overlay_ip(&n, 0xac100007) && !link_overlay_ip(&n, 0xac100107));
+	peer.peer_known = true;                         /* a router-only node knows no prefix, */
+	peer.peer.vip = 0x0b000005;                     /* but its peers' virtual IPs */
+	n.links = &peer;
+	CHECK(link_overlay_ip(&n, 0x0b000005));
+	n.links = NULL;
+	struct peer_info pi = { .vip = 0x0a800009, .n_endpoints = 3 };
+	pi.endpoints[0] = (struct endpoint){ PROTO_UDP, 0x0a800009, 4000 };     /* its own tap */
+	pi.endpoints[1] = (struct endpoint){ PROTO_UDP, 0xcb007105, 4000 };
+	pi.endpoints[2] = (struct endpoint){ PROTO_TCP, 0x0a800002, 4000 };
+	link_scrub_endpoints(&n, &pi);
+	CHECK(pi.n_endpoints == 1 && pi.endpoints[0].ip == 0xcb007105);
+	/* A dial to the overlay never starts, and counts. */
+	struct endpoint bad = { PROTO_UDP, 0x0a800002, 4000 };
+	uint64_t before = n.drops.count[DROP_OVERLAY_ENDPOINT];
+	CHECK(link_dial(&n, &bad, NULL, 0, NULL) == NULL);
+	CHECK(n.drops.count[DROP_OVERLAY_ENDPOINT] == before + 1 && n.links == NULL);
+	/* A wildcard listener's endpoints: never loopback, never the overlay. */
+	n.listeners[0].proto = PROTO_UDP;
+	n.listeners[0].sa = link_sockaddr_of(&(struct endpoint){ PROTO_UDP, 0, 4000 });
+	n.n_listeners = 1;
+	struct endpoint own[LINK_ENDPOINTS_MAX];
+	unsigned k = nat_collect_own(&n, own);
+	CHECK(k >= 1);
+	for (unsigned i = 0; i < k; i++)
+		CHECK(!link_overlay_ip(&n, own[i].ip) && own[i].port == 4000);
+	n.ip.routes = NULL;
+	n.ip.n_routes = 0;
+}
+
+/* Remembered peers: links we dialled, newest first, no duplicates, capped. */
+static void test_remember(void)
+{
+	static struct node n;
+	static struct link l;
+	memset(&n, 0, sizeof n);
+	memset(&l, 0, sizeof l);
+	l.initiator = true;
+	l.proto = PROTO_UDP;
+	for (unsigned i = 0; i < RING_REMEMBER_MAX + 3; i++) {
+		l.remote = link_sockaddr_of(&(struct endpoint){ PROTO_UDP, 0xcb007100 + i, 4000 });
+		ring_remember(&n, &l);
+	}
+	CHECK(n.ring.n_remembered == RING_REMEMBER_MAX);
+	CHECK(n.ring.remembered[0].ip == 0xcb007100 + RING_REMEMBER_MAX + 2);
+	l.remote = link_sockaddr_of(&n.ring.remembered[5]);
+	ring_remember(&n, &l);                          /* seen again: moves to the front */
+	CHECK(n.ring.n_remembered == RING_REMEMBER_MAX && n.ring.remembered[0].ip == ntohl(l.remote.sin_addr.s_addr));
+	unsigned dups = 0;
+	for (unsigned i = 1; i < n.ring.n_remembered; i++)
+		dups += n.ring.remembered[i].ip == n.ring.remembered[0].ip;
+	CHECK(dups == 0);
+	l.initiator = false;                            /* a peer's dial: its port may be a NAT's */
+	l.remote = link_sockaddr_of(&(struct endpoint){ PROTO_UDP, 0xcb0071ff, 4000 });
+	ring_remember(&n, &l);
+	CHECK(n.ring.remembered[0].ip != 0xcb0071ff);
+}
+
 static void test_wire_routed(void)
 {
 	uint8_t payload[300], pkt[WIRE_MAX_PACKET_BYTES];
@@ -1583,6 +1657,8 @@ int main(void)
 	test_wire_routed();
 	test_wire_relay();
 	test_nat_classify();
+	test_overlay_endpoints();
+	test_remember();
 	test_wire_ctm();
 	test_timers();
 	test_config();
