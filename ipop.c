@@ -2580,7 +2580,7 @@ struct ring_state {
 	struct endpoint boot[BOOTSTRAP_MAX];
 	unsigned n_boot;
 	void (*boot_resolve)(struct node *n);   /* look bootstrap host names up again (section 16) */
-	/* Peers we dialled and linked, most recent first: rejoin and merge
+	/* Peers we linked with, most recent first: rejoin and merge
 	 * through them when the bootstraps are gone (ring_remember). */
 	struct endpoint remembered[RING_REMEMBER_MAX];
 	unsigned n_remembered;
@@ -6214,10 +6214,12 @@ static bool ring_endpoint_busy(const struct node *n, const struct endpoint *ep)
 	return false;
 }
 
-/* A link we dialled came up: its endpoint worked, remember it first. */
+/* A link came up: its endpoint worked, remember it first.  A UDP peer
+ * sends from its listening socket, so its address is worth dialling either
+ * way; an accepted TCP link comes from a port nobody listens on. */
 static void ring_remember(struct node *n, const struct link *l)
 {
-	if (!l->initiator || l->proto == PROTO_RELAY)
+	if (l->proto == PROTO_RELAY || (l->proto == PROTO_TCP && !l->initiator))
 		return;
 	struct endpoint e = link_endpoint_of(l->proto, &l->remote), *r = n->ring.remembered;
 	unsigned k = n->ring.n_remembered, at = k < RING_REMEMBER_MAX ? k : RING_REMEMBER_MAX - 1;

@@ -513,7 +513,8 @@ static void test_remember(void)
 	for (unsigned i = 1; i < n.ring.n_remembered; i++)
 		dups += n.ring.remembered[i].ip == n.ring.remembered[0].ip;
 	CHECK(dups == 0);
-	l.initiator = false;                            /* a peer's dial: its port may be a NAT's */
+	l.initiator = false;                            /* a peer's TCP dial: an ephemeral port */
+	l.proto = PROTO_TCP;
 	l.remote = link_sockaddr_of(&(struct endpoint){ PROTO_UDP, 0xcb0071ff, 4000 });
 	ring_remember(&n, &l);
 	CHECK(n.ring.remembered[0].ip != 0xcb0071ff);
