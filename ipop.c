@@ -13207,7 +13207,7 @@ static const char cli_usage_up[] =
 	"                     $XDG_STATE_HOME/ipop/ or ~/.local/state/ipop/, one file\n"
 	"                     per network)\n"
 	"  --listen URI       udp://HOST:PORT or tcp://HOST:PORT; repeatable\n"
-	"                     (default udp://0.0.0.0:4000)\n"
+	"                     (default udp://0.0.0.0:4000 and tcp://0.0.0.0:4000)\n"
 	"  --bootstrap URI    a peer to join through, same form; repeatable\n"
 	"  --config FILE      read options from FILE: 'key = value' lines whose keys\n"
 	"                     are the long option names (listen, bootstrap, ip, ...)\n"
@@ -13951,6 +13951,21 @@ static int cli_listener_open(struct node *n, const struct endpoint *ep, char *er
 	return 0;
 }
 
+/* Without --listen: UDP and TCP on port 4000 of every address.  TCP is
+ * what a peer at a site that lets no UDP out can still reach (as tinc
+ * listens on both), so a public node must offer it without being told;
+ * if another program holds TCP port 4000 the node runs on UDP alone. */
+static int cli_default_listeners(struct node *n, char *err, size_t errlen)
+{
+	struct endpoint udp = { PROTO_UDP, 0, 4000 }, tcp = { PROTO_TCP, 0, 4000 };
+	char why[300];
+	if (cli_listener_open(n, &udp, err, errlen) < 0)
+		return -1;
+	if (cli_listener_open(n, &tcp, why, sizeof why) < 0)
+		log_warn("cli", "%s: links over TCP are not accepted", why);
+	return 0;
+}
+
 /* What we advertise at the start (nat_start keeps it up to date). */
 static void cli_self_endpoints(struct node *n)
 {
@@ -14359,13 +14374,13 @@ static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, si
 	n->ring.n_boot = o->n_boot;
 	memcpy(cli_boot_uris, o->boot, o->n_boot * sizeof o->boot[0]);
 	n->ring.boot_resolve = cli_boot_resolve;
-	struct cli_uri def = { .proto = PROTO_UDP, .host = "0.0.0.0", .port = 4000 };
-	for (unsigned i = 0; i < (o->n_listen ? o->n_listen : 1); i++) {
+	for (unsigned i = 0; i < o->n_listen; i++) {
 		struct endpoint ep;
-		const struct cli_uri *u = o->n_listen ? &o->listen[i] : &def;
-		if (cli_resolve(u, &ep, err, errlen) < 0 || cli_listener_open(n, &ep, err, errlen) < 0)
+		if (cli_resolve(&o->listen[i], &ep, err, errlen) < 0 || cli_listener_open(n, &ep, err, errlen) < 0)
 			return -1;
 	}
+	if (!o->n_listen && cli_default_listeners(n, err, errlen) < 0)
+		return -1;
 	cli_self_endpoints(n);
 	cli_remember_load(n, o);
 	return 0;
