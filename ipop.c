@@ -5664,6 +5664,8 @@ static void ring_sc_enforce_cap(struct node *n)
 /* ---- connect-to-me -------------------------------------------------- */
 
 static uint8_t ring_punch_ttl(struct node *n, const struct peer_info *pi, const struct endpoint *ep);
+static bool ring_unasked_poisons(struct node *n, const struct peer_info *pi, const struct endpoint *ep,
+				bool probe);
 
 /* Dial pi's endpoints at once (every one of them: one may be the hole a NAT
  * opens), on one transport: only_proto, or else the first of UDP and TCP
@@ -5674,8 +5676,8 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 				   uint8_t only_proto, bool first)
 {
 	static const uint8_t order[4] = { PROTO_UDP, PROTO_TCP, PROTO_TCP, PROTO_UDP };
-	unsigned dialled = 0;
-	for (unsigned pass = 0; pass < 4 && !dialled; pass++) {
+	unsigned dialled = 0, held = 0;  /* held: left for pi to dial (ring_unasked_poisons) */
+	for (unsigned pass = 0; pass < 4 && !dialled && !held; pass++) {
 		uint8_t proto = order[pass];
 		if ((only_proto && proto != only_proto) || (pass < 2 && !link_listens(n, proto)))
 			continue;
@@ -5683,6 +5685,10 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 			const struct endpoint *ep = &pi->endpoints[i];
 			if (ep->proto != proto || ep->port == 0)
 				continue;
+			if (first && ring_unasked_poisons(n, pi, ep, false)) {
+				held++;
+				continue;
+			}
 			if (link_dial_ttl(n, ep, &pi->addr, want, NULL, first ? ring_punch_ttl(n, pi, ep) : 0))
 				dialled++;
 		}
@@ -5702,7 +5708,7 @@ static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t 
 		for (struct link *l = n->links; l && !tried; l = l->next)
 			tried = l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->initiator &&
 				link_sockaddr_eq(&l->remote, &sa);
-		if (!tried)
+		if (!tried && !(first && ring_unasked_poisons(n, pi, ep, false)))
 			link_dial_ttl(n, ep, &pi->addr, want, NULL, first ? ring_punch_ttl(n, pi, ep) : 0);
 	}
 }
@@ -5812,6 +5818,37 @@ static uint8_t ring_punch_ttl(struct node *n, const struct peer_info *pi, const 
 	return 0;
 }
 
+/* pi is behind a NAT: it lists a private endpoint beside its public ones. */
+static bool ring_behind_nat(const struct peer_info *pi)
+{
+	bool pub = false, priv = false;
+	for (unsigned i = 0; i < pi->n_endpoints; i++) {
+		bool p = ring_public_ip(pi->endpoints[i].ip);
+		pub |= p;
+		priv |= !p;
+	}
+	return pub && priv;
+}
+
+/* Would a datagram of ours that pi did not ask for, sent to its public
+ * endpoint ep, harm it?  At a NAT that takes packets for itself (Linux
+ * masquerade without an input firewall) it leaves a conntrack entry that
+ * makes the NAT map pi's own packets to us to another port: pi then looks
+ * symmetric to its peers and stops advertising its mapping, and loses the
+ * direct links a cone NAT gets (seen: a public node's dial-back moved a
+ * host's mapping 4000 -> 55540).  From a reachable node such a datagram
+ * does nothing useful either: pi dials us, and gets through.  So a
+ * reachable first dialer leaves it out (a NAT'd one sends its first tries
+ * with a punch TTL instead, ring_punch_ttl), and so does an RTT probe,
+ * which pi never answers through its NAT anyway.  A public host that also
+ * lists a private address looks the same: it dials us, and goes unprobed. */
+static bool ring_unasked_poisons(struct node *n, const struct peer_info *pi, const struct endpoint *ep,
+				bool probe)
+{
+	return ep->proto == PROTO_UDP && ring_public_ip(ep->ip) && ring_behind_nat(pi) &&
+	       (probe || ring_reachable(n));
+}
+
 static void ring_note_inbound(struct node *n, const struct link *up)
 {
 	if (up->initiator || up->proto != PROTO_UDP || !n->contacts ||
@@ -5898,7 +5935,7 @@ static void ring_pns_add(struct node *n, struct ring_far_req *f, const struct pe
 				     .rtt_us = -1 };
 	for (unsigned i = 0, sent = 0; i < pi->n_endpoints && sent < RING_DIAL_ENDPOINTS_MAX; i++) {
 		const struct endpoint *ep = &pi->endpoints[i];
-		if (ep->proto != PROTO_UDP || ep->port == 0)
+		if (ep->proto != PROTO_UDP || ep->port == 0 || ring_unasked_poisons(n, pi, ep, true))
 			continue;
 		struct sockaddr_in sa = link_sockaddr_of(ep);
 		link_probe(n, &sa, c->token);
@@ -7348,6 +7385,19 @@ static bool nat_advertised(const struct node *n, const struct endpoint *e)
 	return false;
 }
 
+/* Seen as one of our own endpoints: no NAT between that peer and us.  A
+ * wildcard listener's observations carry 0.0.0.0 as the local address;
+ * the interface addresses we collected tell. */
+static bool nat_seen_as_own(const struct nat_state *s, unsigned i)
+{
+	if (nat_endpoint_eq(&s->seen[i], &s->local[i]))
+		return true;
+	for (unsigned j = 0; s->local[i].ip == 0 && j < s->n_own; j++)
+		if (s->own[j].ip == s->seen[i].ip && s->own[j].port == s->seen[i].port)
+			return true;
+	return false;
+}
+
 /* From the observations: is our mapping the same for every peer? */
 static enum nat_kind nat_classify(const struct node *n)
 {
@@ -7356,7 +7406,7 @@ static enum nat_kind nat_classify(const struct node *n)
 		return NAT_UNKNOWN;
 	bool all_local = true, same = true, port_kept = true;
 	for (unsigned i = 0; i < s->n_seen; i++) {
-		all_local &= nat_endpoint_eq(&s->seen[i], &s->local[i]) || s->local[i].ip == 0;
+		all_local &= nat_seen_as_own(s, i);
 		same &= nat_endpoint_eq(&s->seen[i], &s->seen[0]);
 		port_kept &= s->seen[i].port == s->local[i].port;
 	}

@@ -443,6 +443,18 @@ static void test_nat_classify(void)
 	nat_observe(&n, 0x0a000002, 4000, 1);
 	nat_observe(&n, 0x0a000002, 4000, 2);
 	CHECK(nat_classify(&n) == NAT_NONE);
+	/* A wildcard listener (local 0.0.0.0:4000): its own interface
+	 * addresses tell a public node from one behind a NAT. */
+	n.nat->n_seen = 0;
+	nat_observe(&n, 0x0a000002, 4000, 1);
+	nat_observe(&n, 0x0a000002, 4000, 2);
+	n.nat->local[0].ip = n.nat->local[1].ip = 0;
+	CHECK(nat_classify(&n) == NAT_NONE);
+	n.nat->n_seen = 0;
+	nat_observe(&n, 0xcb007101, 4000, 1);
+	nat_observe(&n, 0xcb007101, 4000, 2);
+	n.nat->local[0].ip = n.nat->local[1].ip = 0;
+	CHECK(nat_classify(&n) == NAT_PORT_PRESERVING);         /* was "none" */
 }
 
 /* Issue 17: no endpoint inside the overlay is advertised, learnt or dialled. */
