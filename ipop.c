@@ -2279,8 +2279,8 @@ static ssize_t wire_echo_encode(uint8_t *out, size_t cap, bool reply, const stru
  *   responder:  (UDP: nothing) / AWAIT_INIT (TCP) --HS_INIT--> AWAIT_FIN
  *               --HS_FIN--> UP
  *   any:        -> CLOSED (freed by link_reap at the end of the loop turn;
- *               an up UDP link we closed with a BYE first drains the peer's
- *               routed messages in flight for LINK_DRAIN_MS)
+ *               an up UDP or relayed link we closed with a BYE first drains
+ *               the peer's routed messages in flight for LINK_DRAIN_MS)
  *
  * Messages after the handshake carry the receiver's link index, so a packet
  * finds its link with one lookup (the index's low bits are its slot in the
@@ -2384,10 +2384,12 @@ struct link {
 	int fd;                         /* UDP: shared socket; TCP: owned stream; relay: -1 */
 	struct sockaddr_in remote;
 	ring_addr relay_via;            /* relay: the peer our records pass through */
+	uint32_t upgrade_backoff_ms;    /* (4-byte fields sit in the holes 8-byte ones leave:
+	                                * 488 bytes, in musl's 496-byte size class) */
 	uint64_t relay_last_ms;         /* when records of relayed links last used this one */
 	uint64_t upgrade_ms;            /* relay: next try to go direct (section 09) */
-	uint32_t upgrade_backoff_ms;
-	uint32_t ping_seq;
+	uint64_t unheard_ms;            /* relay: our first record since the far end's last; stale
+	                                * when <= last_rx_ms (link_relay_sent) */
 	struct sec_grant *grant;        /* what the peer's certificate allows; certificate mode only */
 	ring_addr expect;               /* the node this dial is meant to reach */
 	bool expect_set;
@@ -2395,6 +2397,7 @@ struct link {
 	uint8_t punch_ttl;              /* UDP dial: the first LINK_PUNCH_TRIES hellos leave with
 	                                * this TTL (section 09), until the peer answers; 0: none */
 	struct endpoint observed;       /* how the peer sees us */
+	uint32_t ping_seq;
 	uint64_t created_ms, up_ms;
 	uint64_t refused_ms;            /* the peer's host said its port is closed (ICMP), see link_udp_errors */
 	uint64_t drain_until_ms;        /* closed by our BYE: routes the peer's stragglers till then */
@@ -2599,6 +2602,11 @@ struct ring_state {
 	void (*link_up)(struct node *n, struct link *l);
 	void (*dialing)(struct node *n, const struct peer_info *pi, uint8_t want);
 	void (*ctm_reply)(struct node *n, const struct wire_ctm_reply *m);
+	void (*ctm_req)(struct node *n, const struct wire_ctm_req *m);  /* answered, dialled back */
+	/* A peer we link directly that links target, for a message greedy
+	 * routing brings to a dead end beside target; NULL: none known. */
+	struct link *(*toward)(struct node *n, const ring_addr *target);
+	bool (*standby)(struct node *n, const struct link *l);  /* keep l, role-less: a spare relay */
 	/* Another node holds our ring address and we are younger: true if the
 	 * owner of our address (section 10's lease) takes another instead. */
 	bool (*readdress)(struct node *n);
@@ -2611,6 +2619,8 @@ enum {
 	 * on the internet is not the peer's NAT: sites are routers apart. */
 	NAT_PUNCH_TTL = 2,
 	NAT_HOPS_PROBED = 3,            /* routers inside the site told apart (nat_probe_hops) */
+	NAT_RELAYS_KNOWN = 4,           /* public nodes remembered as standby relays (section 09):
+	                                 * a network has a few, and one dead is passed over */
 };
 
 /* A peer we are dialling, and what to try when the dial fails: its TCP
@@ -2644,6 +2654,8 @@ struct nat_state {
 	struct ev_timer ifaddr_timer;   /* ... collect ours again once the burst settles */
 	uint8_t punch_ttl;              /* a first dialer's hellos' TTL (ring_punch_ttl) */
 	struct endpoint hops_to;        /* our public endpoint, whose distance nat_probe_hops measures */
+	struct peer_info relays[NAT_RELAYS_KNOWN];    /* public nodes heard of: standby relays */
+	unsigned n_relays, next_relay;
 };
 
 /* The DHT's state, owned by section 08. */
@@ -2823,6 +2835,7 @@ struct node {
 	uint64_t start_ms;
 	uint64_t counters_routed, counters_delivered;
 	uint64_t relayed_packets, relayed_bytes;        /* records we passed on for others */
+	const ring_addr *relay_rx;      /* the relay the record in hand came through (link_relay_input) */
 	int exit_code;                  /* set by whoever stops the loop for good */
 	char name[64];                  /* --name: published as name:N -> virtual IP */
 	pid_t ns_child;                 /* namespace mode: the command we run, or 0 */
@@ -3401,12 +3414,15 @@ static struct link *link_find_direct(struct node *n, const ring_addr *a)
 	return NULL;
 }
 
+static void link_relay_sent(struct link *l);
+
 /* A relayed link's record goes to its relay inside a RELAY message. */
 static int link_relay_send(struct link *l, const uint8_t *pkt, size_t len)
 {
 	struct link *via = link_find_direct(l->node, &l->relay_via);
+	link_relay_sent(l);
 	if (!via)
-		return -ENETUNREACH;    /* the keepalive will notice and close us */
+		return -ENETUNREACH;    /* the keepalive will notice and move or close us */
 	struct wire_relay m = { .addr = l->peer_known ? l->peer.addr : l->expect, .rec = pkt, .len = len };
 	uint8_t msg[WIRE_MAX_MSG_BYTES];
 	ssize_t mlen = wire_relay_encode(msg, sizeof msg, WIRE_RELAY, &m);
@@ -3560,7 +3576,7 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 		link_note_contact(n, &l->remote);       /* our records kept its hole open */
 	if (was_up && tell_peer && reason)
 		link_send_byte(l, WIRE_BYE, reason);
-	if (was_up && tell_peer && reason && reason != BYE_LEAVING && l->proto == PROTO_UDP)
+	if (was_up && tell_peer && reason && reason != BYE_LEAVING && l->proto != PROTO_TCP)
 		l->drain_until_ms = ev_now(&n->loop) + LINK_DRAIN_MS;
 	l->state = LINK_CLOSED;
 	n->links_gen++;
@@ -3582,18 +3598,6 @@ static void link_close(struct link *l, uint8_t reason)
 	link_teardown(l, reason, true);
 }
 
-/* Our link to a relay is gone: so is every link we relayed through it.
- * (A node that relays for others keeps nothing to clean: its part is
- * stateless.) */
-static void link_relays_lost(struct node *n, const ring_addr *via)
-{
-	if (link_find_direct(n, via))
-		return;                 /* a duplicate closed; another direct link remains */
-	for (struct link *r = n->links; r; r = r->next)
-		if (r->proto == PROTO_RELAY && r->state != LINK_CLOSED && wire_addr_eq(&r->relay_via, via))
-			link_teardown(r, 0, false);
-}
-
 /* Milliseconds to the node's next keepalive tick.  Every link of a node
  * pings on the same 1 s grid (its phase set by the node's start time), so
  * the node wakes once per second for all of them, not once per link: with
@@ -3610,6 +3614,156 @@ static int64_t link_keepalive_delay(const struct node *n)
 static bool link_refused_pending(const struct link *l)
 {
 	return l->refused_ms && l->refused_ms >= l->last_rx_ms;
+}
+
+/* ---- relay roaming --------------------------------------------------------
+ * A relay keeps no state for the links it carries, so a relayed link can
+ * change relays without a new handshake: its records only need another
+ * peer that both ends link directly.  When our link to a relay closes, or
+ * its host refuses a datagram (ICMP, link_refused), or the relay or the
+ * relayed link goes quiet (keepalive tick), or a relayed link that carries
+ * traffic hears nothing for two round trips and a margin (link_relay_sent),
+ * the relayed link sends a PING through every other peer we link directly
+ * and heard from lately (LINK_RELAY_PROBES_MAX at most); those that also
+ * link the far end pass it on.  Each end sends through the relay of the
+ * newest record it authenticated (link_relay_follow), as a UDP link follows
+ * its peer's address, so both settle within a round trip on a relay that
+ * carries both ways, keys and indices unchanged.  Closing the link and
+ * making it again through the ring took 3.5-6.5 s.  Two ends that move at
+ * once to different relays may trade them back and forth; each carries
+ * both ways, so nothing is lost.  A relay that replays or forges a record
+ * moves nothing: records authenticate end to end.  No timer is added: the
+ * checks ride on the keepalive tick and on records sent. */
+
+enum {
+	/* Peers a failing relayed link tries at once.  A node links ~20
+	 * peers; the ones both ends of a relayed link share are the few public
+	 * nodes and ring neighbours around them.  8 PINGs of 45 bytes, once a
+	 * failure (a quiet link: once a keepalive tick until it is dead). */
+	LINK_RELAY_PROBES_MAX = 8,
+	/* A relayed link that carries traffic and heard nothing for two round
+	 * trips and this much more asks through other relays (link_relay_sent).
+	 * A peer answers a ping, a TCP segment or a request within a round trip;
+	 * 300 ms more covers a busy peer's scheduling, and leaves room in the
+	 * second a failover may take for the probes' round trip. */
+	LINK_UNHEARD_MARGIN_MS = 300,
+};
+
+/* Heard from within LINK_QUIET_MS, and no ICMP refusal since. */
+static bool link_heard_lately(const struct link *l)
+{
+	return ev_now(&l->node->loop) - l->last_rx_ms <= LINK_QUIET_MS && !link_refused_pending(l);
+}
+
+/* Could d carry the records of the relayed link l?  A direct up link to
+ * neither end of l, heard from lately. */
+static bool link_relay_candidate(const struct link *l, const struct link *d)
+{
+	return d->state == LINK_UP && d->proto != PROTO_RELAY && d->peer_known &&
+	       !wire_addr_eq(&d->peer.addr, &l->peer.addr) && link_heard_lately(d);
+}
+
+/* PING the far end of l through each candidate relay.  l's records keep
+ * their relay if it is still a candidate, else go through the first one
+ * until an answer names the relay that carries (link_relay_follow).  why
+ * goes in an info line, or NULL for a debug line (a busy link that heard
+ * nothing for a moment asks often).  Returns the number of candidates tried. */
+static unsigned link_relay_roam(struct link *l, const char *why)
+{
+	struct node *n = l->node;
+	ring_addr was = l->relay_via, first = was;
+	bool keep = false;
+	unsigned tried = 0;
+	struct link *d;
+	char who[64];
+	if (l->state != LINK_UP)
+		return 0;
+	l->unheard_ms = ev_now(&n->loop);       /* the probes start link_relay_sent's clock again */
+	link_describe(l, who);
+	link_for_each(n, d) {
+		if (tried == LINK_RELAY_PROBES_MAX || !link_relay_candidate(l, d))
+			continue;
+		keep |= wire_addr_eq(&d->peer.addr, &was);
+		if (!tried++)
+			first = d->peer.addr;
+		l->relay_via = d->peer.addr;
+		link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_now_us(&n->loop));
+	}
+	l->relay_via = keep ? was : first;
+	if (tried)
+		log_msg(why ? LOG_INFO : LOG_DEBUG, "link", "%s: %s; asking through %u peer%s", who,
+			why ? why : "nothing heard lately", tried, tried == 1 ? "" : "s");
+	return tried;
+}
+
+/* A record of the relayed link l with this counter authenticated, and came
+ * through the relay link_relay_input noted.  If it is the newest the far end
+ * sent (the highest counter yet, not one overtaken on the way), that relay
+ * is the one the far end uses now: our records go back the same way. */
+static void link_relay_follow(struct link *l, uint64_t counter)
+{
+	const ring_addr *via = l->node->relay_rx;
+	if (!via || wire_addr_eq(&l->relay_via, via) || (l->keys && l->keys->replay.top != counter + 1))
+		return;
+	char who[64], to[13];
+	l->relay_via = *via;
+	link_describe(l, who);
+	link_addr_short(via, to);
+	log_info("link", "%s now relayed through %s", who, to);
+}
+
+/* A record of the relayed link l goes out.  If the far end said nothing
+ * since our first record after its last one, for two round trips and
+ * LINK_UNHEARD_MARGIN_MS more, the path through the relay may be dead
+ * (a relay that vanished without an ICMP word, or lost the far end): ask
+ * through the other relays at once, instead of waiting LINK_QUIET_MS and
+ * a keepalive tick.  Only a link that carries traffic gets here between
+ * ticks, so an idle node pays nothing; a one-way flow, which hears only
+ * pongs, pays a round of probes every LINK_UNHEARD_MARGIN_MS or so. */
+static void link_relay_sent(struct link *l)
+{
+	uint64_t now = ev_now(&l->node->loop);
+	if (l->state != LINK_UP)
+		return;
+	if (l->unheard_ms <= l->last_rx_ms) {
+		l->unheard_ms = now;
+		return;
+	}
+	uint64_t limit = (uint64_t)(2 * (l->rtt_ms > 0 ? l->rtt_ms : 0)) + LINK_UNHEARD_MARGIN_MS;
+	if (now - l->unheard_ms >= limit)
+		link_relay_roam(l, NULL);
+}
+
+/* Should the relayed link l look for another relay?  Its relay's link is
+ * gone or quiet, or nothing came through it for LINK_QUIET_MS: the relay
+ * may have lost the far end. */
+static bool link_relay_failing(const struct link *l)
+{
+	const struct link *via = link_find_direct(l->node, &l->relay_via);
+	return !via || !link_heard_lately(via) || !link_heard_lately(l);
+}
+
+/* The relay at via failed: gone (our link to it closed), or its host
+ * refused a datagram once (not yet sure).  Its relayed links move to other
+ * relays; one with no candidate closes if the relay is gone, or else
+ * waits for the refusal to be confirmed. */
+static void link_relays_failed(struct node *n, const ring_addr *via, bool gone)
+{
+	struct link *r;
+	link_for_each(n, r)
+		if (r->proto == PROTO_RELAY && r->state != LINK_CLOSED && wire_addr_eq(&r->relay_via, via) &&
+		    !link_relay_roam(r, gone ? "its relay is gone" : "its relay's host refused a datagram") &&
+		    gone)
+			link_teardown(r, 0, false);
+}
+
+/* Our link to a relay is gone: every link we relayed through it moves or
+ * closes.  (A node that relays for others keeps nothing to clean: its part
+ * is stateless.) */
+static void link_relays_lost(struct node *n, const ring_addr *via)
+{
+	if (!link_find_direct(n, via))         /* else a duplicate closed; another direct link remains */
+		link_relays_failed(n, via, true);
 }
 
 /* One end of a link pinging is enough: the other hears the PING, answers
@@ -3633,6 +3787,8 @@ static int64_t link_keepalive(struct link *l)
 	 * that only answers pings would never measure it. */
 	bool busy = l->tx_packets - l->ping_tx_mark > LINK_BUSY_PACKETS;
 	l->ping_tx_mark = l->tx_packets;
+	if (l->proto == PROTO_RELAY && link_relay_failing(l) && link_relay_roam(l, NULL))
+		return link_keepalive_delay(l->node);   /* its probes are this tick's pings */
 	bool refused = link_refused_pending(l);
 	if (!l->ping_rx_ms || now - l->ping_rx_ms >= LINK_KEEPALIVE_MS || l->rtt_ms < 0 || busy || refused)
 		link_send_ping(l, WIRE_PING, ++l->ping_seq, ev_now_us(&l->node->loop));
@@ -4257,6 +4413,8 @@ static void link_on_data(struct link *l, const struct wire_data *d, const uint8_
 		return;
 	if (l->proto == PROTO_UDP && !link_sockaddr_eq(&l->remote, from))
 		l->remote = *from;      /* authenticated: follow the peer to its new address */
+	else if (l->proto == PROTO_RELAY)
+		link_relay_follow(l, d->counter);       /* and a relayed peer to its relay */
 	l->last_rx_ms = ev_now(&l->node->loop);
 	l->confirmed = true;
 	if (l->initiator && l->hs.cached)
@@ -4418,6 +4576,15 @@ static struct link *link_relay_responder(struct link *via, const struct wire_rel
 	return l;
 }
 
+/* A relayed link we closed with a BYE (a duplicate, or one a direct link
+ * replaced) takes the far end's DATA records sent before the BYE reached
+ * it for LINK_DRAIN_MS: their routed messages go on their way, as a UDP
+ * link's do (link_dispatch hands them to link_on_straggler). */
+static bool link_relay_draining(const struct link *l, const struct wire_relay *m)
+{
+	return m->rec[1] == WIRE_DATA && l->drain_until_ms > ev_now(&l->node->loop);
+}
+
 /* A record of one of our relayed links, arrived from its relay. */
 static void link_relay_input(struct link *via, const struct wire_relay *m)
 {
@@ -4431,12 +4598,16 @@ static void link_relay_input(struct link *via, const struct wire_relay *m)
 	if (m->rec[1] == WIRE_HS_INIT) {
 		if (!(l = link_relay_responder(via, m)))
 			return;
-	} else if (!wire_outer_receiver(m->rec, m->len, &idx) || !(l = link_find_index(n, idx)) ||
-		   l->proto != PROTO_RELAY || !wire_addr_eq(&l->relay_via, &via->peer.addr) ||
-		   !wire_addr_eq(link_far_addr(l), &m->addr)) {
+	} else if (!wire_outer_receiver(m->rec, m->len, &idx) || !(l = link_slot_of(n, idx)) ||
+		   l->proto != PROTO_RELAY || !wire_addr_eq(link_far_addr(l), &m->addr) ||
+		   (l->state == LINK_CLOSED && !link_relay_draining(l, m))) {
 		return link_drop(via, DROP_UNKNOWN_SENDER);
 	}
+	/* Through any relay: the far end may have moved to another (relay
+	 * roaming, section 06); link_on_data follows it once it authenticates. */
+	n->relay_rx = &via->peer.addr;
 	link_input(n, l, -1, &none, m->rec, m->len);
+	n->relay_rx = NULL;
 	if (l->state == LINK_AWAIT_INIT)        /* the HS_INIT failed its checks */
 		link_teardown(l, 0, false);
 }
@@ -4545,7 +4716,10 @@ static void link_dispatch(struct node *n, struct link *stream, int fd, const str
 	default:
 		if ((bad = wire_data_decode(pkt, len, &d) < 0))
 			break;
-		if (!stream && (l = link_find_draining(n, d.receiver)) && l->proto == PROTO_UDP && l->fd == fd)
+		if (stream && stream->state == LINK_CLOSED)     /* a relayed link draining */
+			link_on_straggler(stream, &d, pkt);
+		else if (!stream && (l = link_find_draining(n, d.receiver)) && l->proto == PROTO_UDP &&
+			 l->fd == fd)
 			link_on_straggler(l, &d, pkt);
 		else if ((l = link_for_index(n, stream, fd, d.receiver, from, false))) {
 			l->rx_packets++;
@@ -4661,6 +4835,8 @@ static void link_refused(struct node *n, int fd, const struct sockaddr_in *dst)
 		l->refused_ms = now;    /* link_keepalive asks again after the confirm delay */
 		n->links_gen++;
 		ev_timer_arm(&n->loop, &l->timer, LINK_REFUSED_CONFIRM_MS);
+		if (l->peer_known)      /* what we relay through it would be lost meanwhile */
+			link_relays_failed(n, &l->peer.addr, false);
 	}
 }
 
@@ -5436,10 +5612,19 @@ static void ring_forward(struct node *n, struct link *hop, const struct wire_rou
 static void ring_deliver(struct node *n, const struct wire_routed *r);
 
 /* Greedy routing stopped here, next to a target we have no link to (a
- * firewall between ring neighbours, or a link not up yet).  The target's
- * neighbour on its far side likely has one: go there, once per message. */
+ * firewall between ring neighbours, or a link not up yet).  Once per
+ * message, go where a link to it is: a peer known to hold one (section
+ * 09: a relay candidate of our dial to the target), else the target's
+ * neighbour on its far side, which likely has one.  Only the first is sure
+ * where the target is reached only through relays: the far neighbour may
+ * be as cut off from it as we are, and route back here (a node behind a
+ * UDP-blocking firewall lost half its pings for the 3.5 s its relayed
+ * links took to form). */
 static struct link *ring_detour_hop(struct node *n, const ring_addr *target)
 {
+	struct link *known = n->ring.toward ? n->ring.toward(n, target) : NULL;
+	if (known)
+		return known;
 	ring_addr right = ring_cw(&n->self.addr, target), left = ring_cw(target, &n->self.addr);
 	uint8_t mode = wire_addr_cmp(&right, &left) <= 0 ? MODE_SUCC : MODE_PRED;
 	ring_addr one = ring_one();
@@ -5888,8 +6073,11 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	/* Both ends dial, to punch NATs; but a far requester probes us first
 	 * and dials only if we win (section 12), so when peers reach us
 	 * unasked there is nothing to punch, and our link would mostly lose. */
-	if (q.want != ROLE_FAR || !ring_reachable(n))
+	if (q.want != ROLE_FAR || !ring_reachable(n)) {
 		ring_dial_as(n, &q.from, want, true);
+		if (n->ring.ctm_req)    /* its first hop links it: a relay candidate */
+			n->ring.ctm_req(n, &q);
+	}
 }
 
 /* Two nodes claim one ring address (one virtual IP).  The one started later
@@ -6073,12 +6261,12 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 		want |= ROLE_SHORTCUT;
 	if (!f || want)         /* a far answer is probed, and dialled if it wins */
 		ring_defer_dial(n, &m.from, want);
-	if (n->ring.ctm_reply)
-		n->ring.ctm_reply(n, &m);
 	for (unsigned i = 0; i < m.n_neighbours; i++)
 		if (!wire_addr_eq(&m.neighbours[i].addr, &n->self.addr) &&
 		    ring_would_be_near(n, &m.neighbours[i].addr))
 			ring_dial(n, &m.neighbours[i], 0);
+	if (n->ring.ctm_reply)  /* after the dials: the replier can relay for them */
+		n->ring.ctm_reply(n, &m);
 }
 
 /* ---- overlay echo --------------------------------------------------- */
@@ -6226,7 +6414,8 @@ static void ring_close_unneeded(struct node *n)
 	link_for_each(n, l)
 		if (ring_link_usable(l) && !l->local_roles && !l->peer_roles &&
 		    now - l->up_ms > LINK_UNNEEDED_GRACE_MS &&
-		    now - l->relay_last_ms > LINK_UNNEEDED_GRACE_MS)     /* relays need their legs */
+		    now - l->relay_last_ms > LINK_UNNEEDED_GRACE_MS &&   /* relays need their legs */
+		    !(n->ring.standby && n->ring.standby(n, l)))        /* and a warm spare (09) */
 			link_close(l, BYE_UNNEEDED);
 }
 
@@ -7300,15 +7489,18 @@ static void dht_stop(struct node *n)
  * through endpoint-independent ("cone") NATs.  When every direct dial to a
  * peer fails, a UDP dial falls back to the peer's TCP endpoints, and then
  * to a relayed link (section 06) through one of the peer's near neighbours
- * that we link directly, or dial for the purpose.  A relayed link keeps
- * trying to go direct (both ends dial at once, on a PUNCH), with backoff;
- * when a direct link comes up it replaces the relayed one.  Of two ends
- * that dial at once, the one that dials first (it answers a connect-to-me
- * or sends the PUNCH) sends its first hellos with a TTL that opens its own
- * NAT and dies before the peer's (ring_punch_ttl): a Linux NAT without an
- * input firewall takes an early hello for itself and then moves its host's
- * mapping to another port.  The TTL is one more than the routers between
- * us and our NAT, which nat_probe_hops counts.
+ * that we link directly, or dial for the purpose.  Until a link is up,
+ * routing hands what dead-ends beside the peer to such a candidate
+ * (nat_toward).  A relayed link keeps trying to go direct (both ends dial
+ * at once, on a PUNCH, over UDP and TCP), with backoff; when a direct link
+ * comes up it replaces the relayed one.  A node with relayed links keeps a
+ * spare relay linked, for relay roaming (section 06) to move to.  Of two
+ * ends that dial at once, the one that dials first (it answers a
+ * connect-to-me or sends the PUNCH) sends its first hellos with a TTL that
+ * opens its own NAT and dies before the peer's (ring_punch_ttl): a Linux
+ * NAT without an input firewall takes an early hello for itself and then
+ * moves its host's mapping to another port.  The TTL is one more than the
+ * routers between us and our NAT, which nat_probe_hops counts.
  * ========================================================================= */
 
 enum {
@@ -7651,6 +7843,90 @@ static void nat_watch_interfaces(struct node *n)
 		log_debug("nat", "no netlink (%s): interface changes are not followed", strerror(errno));
 }
 
+/* ---- standby relays ----------------------------------------------------------
+ * A node with relayed links keeps direct links to NAT_RELAY_LEGS public
+ * nodes, even when the ring gives them no role: its relay and a warm
+ * spare.  When the relay dies, the relayed links move to the spare within
+ * a round trip (relay roaming, section 06).  With one, they had nowhere to
+ * go, and waited seconds for the ring to make them again (a site whose
+ * ring neighbours are all behind NATs relays everything through its
+ * bootstrap, and lost 5 s of traffic when the bootstrap died).  Public
+ * nodes are remembered from connect-to-me answers and links, so a node
+ * short of a spare dials one, a tick at a time.  Public: every endpoint
+ * it advertises is a public address (a node behind a NAT also advertises
+ * its private listener); anyone can link it, so it can relay for anyone. */
+
+enum { NAT_RELAY_LEGS = 2 };            /* the relay and one spare */
+
+static bool nat_public_peer(const struct peer_info *pi)
+{
+	for (unsigned i = 0; i < pi->n_endpoints; i++)
+		if (!ring_public_ip(pi->endpoints[i].ip))
+			return false;
+	return pi->n_endpoints > 0;
+}
+
+/* Remember a public node as a spare relay to dial (the oldest gives way). */
+static void nat_relay_note(struct node *n, const struct peer_info *pi)
+{
+	struct nat_state *s = n->nat;
+	if (!nat_public_peer(pi) || wire_addr_eq(&pi->addr, &n->self.addr))
+		return;
+	for (unsigned i = 0; i < s->n_relays; i++)
+		if (wire_addr_eq(&s->relays[i].addr, &pi->addr)) {
+			s->relays[i] = *pi;
+			return;
+		}
+	unsigned slot = s->n_relays < NAT_RELAYS_KNOWN ? s->n_relays++ : s->next_relay++ % NAT_RELAYS_KNOWN;
+	s->relays[slot] = *pi;
+}
+
+/* Do we hold a relayed link, and how many direct links to public nodes? */
+static bool nat_relay_legs(struct node *n, unsigned *legs)
+{
+	bool relayed = false;
+	struct link *l;
+	*legs = 0;
+	link_for_each(n, l) {
+		if (l->state != LINK_UP)
+			continue;
+		relayed |= l->proto == PROTO_RELAY;
+		*legs += l->proto != PROTO_RELAY && nat_public_peer(&l->peer);
+	}
+	return relayed;
+}
+
+/* ring.standby: a role-less link to a public node is one of our legs. */
+static bool nat_standby(struct node *n, const struct link *l)
+{
+	unsigned legs;
+	return l->proto != PROTO_RELAY && nat_public_peer(&l->peer) && nat_relay_legs(n, &legs) &&
+	       legs <= NAT_RELAY_LEGS;
+}
+
+/* Short of a spare: dial the next public node we know and do not link. */
+static void nat_standby_upkeep(struct node *n)
+{
+	struct nat_state *s = n->nat;
+	unsigned legs;
+	if (!nat_relay_legs(n, &legs) || legs >= NAT_RELAY_LEGS)
+		return;
+	for (unsigned i = 0; i < s->n_relays; i++) {
+		const struct peer_info *pi = &s->relays[(s->next_relay + i) % s->n_relays];
+		struct link *l = link_find_peer(n, &pi->addr, false);
+		if (l && l->state != LINK_UP)
+			return;                 /* a dial under way: one spare at a time */
+		if (l)
+			continue;               /* linked (relayed: its upgrade tries TCP too) */
+		char who[13];
+		link_addr_short(&pi->addr, who);
+		log_info("nat", "relayed links with one public link: dialling %s as a spare relay", who);
+		s->next_relay += i + 1;         /* the next tick tries the one after */
+		ring_dial(n, pi, 0);
+		return;
+	}
+}
+
 /* ---- fallback plans: TCP, then relays ------------------------------------ */
 
 static struct nat_plan *nat_plan_find(struct node *n, const ring_addr *a)
@@ -7685,18 +7961,63 @@ static void nat_on_dialing(struct node *n, const struct peer_info *pi, uint8_t w
 	p->until_ms = now + NAT_PLAN_MS;
 }
 
+/* One more relay candidate for a plan, unless known or the plan is full. */
+static void nat_plan_add_cand(struct node *n, struct nat_plan *p, const struct peer_info *c)
+{
+	if (p->n_cand == RING_CTM_NEIGHBOURS_MAX || wire_addr_eq(&c->addr, &n->self.addr) ||
+	    wire_addr_eq(&c->addr, &p->target.addr))
+		return;
+	for (unsigned i = 0; i < p->n_cand; i++)
+		if (wire_addr_eq(&p->cand[i].addr, &c->addr))
+			return;
+	p->cand[p->n_cand++] = *c;
+}
+
 /* A connect-to-me reply lists the peer's near neighbours: the nodes that
- * can relay for us if no direct path exists. */
+ * can relay for us if no direct path exists.  And the peer links each of
+ * them: it can relay for our dials to them (called once those began).
+ * Without it two ring neighbours that met only through others' replies
+ * knew no relay for each other, and never linked. */
 static void nat_on_ctm_reply(struct node *n, const struct wire_ctm_reply *m)
 {
 	struct nat_plan *p = nat_plan_find(n, &m->from.addr);
-	if (!p)
-		return;
-	p->n_cand = 0;
-	p->next_cand = 0;
+	if (p) {
+		p->n_cand = 0;
+		p->next_cand = 0;
+		for (unsigned i = 0; i < m->n_neighbours; i++)
+			nat_plan_add_cand(n, p, &m->neighbours[i]);
+	}
 	for (unsigned i = 0; i < m->n_neighbours; i++)
-		if (!wire_addr_eq(&m->neighbours[i].addr, &n->self.addr))
-			p->cand[p->n_cand++] = m->neighbours[i];
+		if ((p = nat_plan_find(n, &m->neighbours[i].addr)))
+			nat_plan_add_cand(n, p, &m->from);
+	nat_relay_note(n, &m->from);
+	for (unsigned i = 0; i < m->n_neighbours; i++)
+		nat_relay_note(n, &m->neighbours[i]);
+}
+
+/* A connect-to-me request we answer names the requester's first hop
+ * (reply_via), a peer it links: a relay candidate for our dial back.
+ * Known by address only, so it is relayed through if we link it, never
+ * dialled for the purpose. */
+static void nat_on_ctm_req(struct node *n, const struct wire_ctm_req *m)
+{
+	struct nat_plan *p = nat_plan_find(n, &m->from.addr);
+	if (p)
+		nat_plan_add_cand(n, p, &(struct peer_info){ .addr = m->reply_via });
+}
+
+/* ring.toward: while a link to target is being made, a relay candidate we
+ * link directly (one of target's near neighbours, from its connect-to-me
+ * answers) carries what greedy routing brings here for it. */
+static struct link *nat_toward(struct node *n, const ring_addr *target)
+{
+	struct nat_plan *p = nat_plan_find(n, target);
+	for (unsigned i = 0; p && i < p->n_cand; i++) {
+		struct link *d = link_find_direct(n, &p->cand[i].addr);
+		if (d && !wire_addr_eq(&d->peer.addr, target) && link_heard_lately(d))
+			return d;
+	}
+	return NULL;
 }
 
 /* Relay through the first candidate we link directly; with none linked,
@@ -7718,7 +8039,8 @@ static void nat_try_relay(struct node *n, struct nat_plan *p)
 	}
 	for (unsigned i = p->next_cand; i < p->n_cand; i++) {
 		const struct peer_info *c = &p->cand[i];
-		if (wire_addr_eq(&c->addr, &p->target.addr) || wire_addr_eq(&c->addr, &n->self.addr))
+		if (wire_addr_eq(&c->addr, &p->target.addr) || wire_addr_eq(&c->addr, &n->self.addr) ||
+		    !c->n_endpoints)
 			continue;
 		link_addr_short(&c->addr, via);
 		log_info("nat", "no direct path to %s: linking %s to relay through it", who, via);
@@ -7745,18 +8067,29 @@ static void nat_on_dial_failed(struct node *n, struct link *l)
 
 /* ---- upgrading relayed links ----------------------------------------------- */
 
+/* Dial the peer of a relayed link directly on each transport it offers:
+ * UDP punches through cone NATs, TCP gets through a firewall that passes
+ * only TCP.  (UDP alone left a site that may send UDP only to its
+ * bootstrap relayed through it to every public node: when the bootstrap
+ * died, no relay was left.) */
+static void nat_dial_direct(struct node *n, struct link *l, bool first)
+{
+	ring_dial_endpoints(n, &l->peer, l->local_roles, PROTO_UDP, first);
+	ring_dial_endpoints(n, &l->peer, l->local_roles, PROTO_TCP, first);
+}
+
 /* Dial the peer of a relayed link directly, and tell it to dial us at the
  * same moment: two punches that cross open both NATs (cone NATs; a
  * symmetric NAT maps the direct dial to a new port, so it fails there). */
 static void nat_upgrade(struct node *n, struct link *l)
 {
 	link_send_byte(l, WIRE_PUNCH, 0);
-	ring_dial_endpoints(n, &l->peer, l->local_roles, 0, true);
+	nat_dial_direct(n, l, true);
 }
 
 static void nat_on_punch(struct node *n, struct link *l)
 {
-	ring_dial_endpoints(n, &l->peer, l->local_roles, 0, false);
+	nat_dial_direct(n, l, false);
 }
 
 static int64_t nat_tick(struct ev_loop *loop, struct ev_timer *t)
@@ -7773,6 +8106,7 @@ static int64_t nat_tick(struct ev_loop *loop, struct ev_timer *t)
 										: l->upgrade_backoff_ms * 2;
 		l->upgrade_ms = now + l->upgrade_backoff_ms;
 	}
+	nat_standby_upkeep(n);
 	return NAT_TICK_MS;
 }
 
@@ -7787,6 +8121,7 @@ static void nat_on_link_up(struct node *n, struct link *l)
 		l->upgrade_ms = ev_now(&n->loop) + NAT_UPGRADE_FIRST_MS;
 	} else {
 		nat_learn_endpoint(n, l);
+		nat_relay_note(n, &l->peer);
 	}
 	for (unsigned i = 0; i < NAT_PLANS_MAX; i++) {
 		struct nat_plan *p = &n->nat->plans[i];
@@ -7822,6 +8157,9 @@ static void nat_start(struct node *n)
 	n->ring.link_up = nat_on_link_up;
 	n->ring.dialing = nat_on_dialing;
 	n->ring.ctm_reply = nat_on_ctm_reply;
+	n->ring.ctm_req = nat_on_ctm_req;
+	n->ring.toward = nat_toward;
+	n->ring.standby = nat_standby;
 	n->hooks.dial_failed = nat_on_dial_failed;
 	n->hooks.punch = nat_on_punch;
 	n->hooks.ttl_expired = nat_on_ttl_expired;
