@@ -47,8 +47,8 @@ the bootstrap `ipop up --ip 10.128.0.100/16 --mode tap --dev ipop0
  5. bootstrap death: 20 pings/s between every pair of hosts at different
     sites; ts-boot's ipop is SIGKILLed; 15 s later the longest gap between
     two replies of each pair must be <= 1.0 s.  (LSU may send UDP only to
-    the bootstrap and nobody listens on TCP by default: its pairs pass only
-    if ipop finds LSU another path.)
+    the bootstrap: its pairs pass only if ipop keeps it another path, a TCP
+    link to ts-pub2, which listens on TCP by default.)
  6. split and heal: ts-boot restarted (same command); the internet bridge
     drops everything between {ts-boot, UF, LSU} and {ts-pub2, VIMS} (LSU's
     UDP may only go to the bootstrap, so it belongs with it) for
@@ -752,7 +752,7 @@ int main(int argc, char **argv)
             if gap > GAP_MAX_S:
                 worst.append((a, b))
                 if "lsu" in (a, b) and after == 0:
-                    lines[-1] += " [LSU's only UDP destination was the bootstrap; no TCP listener to fall back to]"
+                    lines[-1] += " [LSU's only UDP destination was the bootstrap: no path through ts-pub2]"
         msg = "bootstrap SIGKILLed; per pair:\n  " + "\n  ".join(lines)
         if worst:
             self.fail("5 boot death", msg + "\n  %d pair(s) above %.1f s" % (len(worst), GAP_MAX_S))
