@@ -125,8 +125,6 @@ enum {
 	                                * keepalive missed, plus 500 ms of scheduling slack */
 	LINK_HELLO_RETRY_MS = 500,     /* UDP handshake retransmit */
 	LINK_HELLO_TRIES = 6,          /* 3 s of retries, then the dial failed */
-	LINK_PUNCH_TRIES = 3,          /* a first dialer's hellos at a punch TTL (section 09): 1.5 s
-	                                * for the peer's dial to leave, 3 tries left after */
 	LINK_HANDSHAKE_TIMEOUT_MS = 5000, /* TCP connect + hello, or accepted and silent */
 	LINK_UNNEEDED_GRACE_MS = 5000, /* a role-less link lives this long after up */
 	LINK_ENDPOINTS_MAX = 8,        /* advertised endpoints per node (wire cap) */
@@ -2394,8 +2392,10 @@ struct link {
 	ring_addr expect;               /* the node this dial is meant to reach */
 	bool expect_set;
 	uint8_t want_roles;             /* roles to take on once up */
-	uint8_t punch_ttl;              /* UDP dial: the first LINK_PUNCH_TRIES hellos leave with
-	                                * this TTL (section 09), until the peer answers; 0: none */
+	uint8_t punch_ttl;              /* UDP dial: its hellos leave with this TTL (section 09),
+	                                * until the peer answers; 0: none */
+	uint8_t other_relay_n;          /* relay: the far end's newest records in a row that came
+	                                * through another relay than ours (link_relay_follow) */
 	struct endpoint observed;       /* how the peer sees us */
 	uint32_t ping_seq;
 	uint64_t created_ms, up_ms;
@@ -3699,17 +3699,34 @@ static unsigned link_relay_roam(struct link *l, const char *why)
 /* A record of the relayed link l with this counter authenticated, and came
  * through the relay link_relay_input noted.  If it is the newest the far end
  * sent (the highest counter yet, not one overtaken on the way), that relay
- * is the one the far end uses now: our records go back the same way. */
+ * is the one the far end uses now: our records go back the same way.  Two
+ * ends that both follow at once trade relays for ever (a record of each
+ * crosses the other's: seen, a switch every few packets), so the end with
+ * the higher ring address follows only once LINK_RELAY_FOLLOW_AFTER of the
+ * far end's newest records in a row came through another relay: the lower
+ * end follows at once, and both settle on the higher end's relay; if that
+ * one does not reach the far end, the higher end moves a few records later
+ * (milliseconds on a busy link, seconds of keepalives on an idle one). */
+enum { LINK_RELAY_FOLLOW_AFTER = 4 };
+
 static void link_relay_follow(struct link *l, uint64_t counter)
 {
-	const ring_addr *via = l->node->relay_rx;
-	if (!via || wire_addr_eq(&l->relay_via, via) || (l->keys && l->keys->replay.top != counter + 1))
+	struct node *n = l->node;
+	const ring_addr *via = n->relay_rx;
+	if (!via || (l->keys && l->keys->replay.top != counter + 1))
 		return;
+	if (wire_addr_eq(&l->relay_via, via)) {
+		l->other_relay_n = 0;
+		return;
+	}
+	if (wire_addr_cmp(&n->self.addr, &l->peer.addr) > 0 && ++l->other_relay_n < LINK_RELAY_FOLLOW_AFTER)
+		return;
+	l->other_relay_n = 0;
 	char who[64], to[13];
 	l->relay_via = *via;
 	link_describe(l, who);
 	link_addr_short(via, to);
-	log_info("link", "%s now relayed through %s", who, to);
+	log_debug("link", "%s now relayed through %s", who, to);
 }
 
 /* A record of the relayed link l goes out.  If the far end said nothing
@@ -4059,7 +4076,7 @@ static void link_hs_init_send(struct link *l)
 		sec_mac1(&n->sec, pkt, WIRE_HS_INIT_MAC1_OFFSET, pkt + WIRE_HS_INIT_MAC1_OFFSET);
 	if (l->proto == PROTO_UDP)
 		link_note_contact(n, &l->remote);
-	if (l->punch_ttl && l->hs.tries < LINK_PUNCH_TRIES)
+	if (l->punch_ttl)
 		link_udp_send_ttl(n, l->fd, &l->remote, pkt, sizeof pkt, l->punch_ttl);
 	else
 		link_send_raw(l, pkt, sizeof pkt);
@@ -5854,11 +5871,13 @@ static bool ring_unasked_poisons(struct node *n, const struct peer_info *pi, con
 
 /* Dial pi's endpoints at once (every one of them: one may be the hole a NAT
  * opens), on one transport: only_proto, or else the first of UDP and TCP
- * that we listen on and pi has, or else whatever pi has.  first: pi dials
- * us too, but only once our answer reaches it (ring_punch_ttl).  Returns
- * the number of dials started. */
+ * that we listen on and pi has, or else whatever pi has.  answer: pi is
+ * dialling us now (we asked it to connect, or it sent PUNCH), so our
+ * packets meet its NAT open; any other dial must not reach a NAT'd pi's
+ * NAT before pi's own packets leave it (ring_punch_ttl,
+ * ring_unasked_poisons).  Returns the number of dials started. */
 static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, uint8_t want,
-				   uint8_t only_proto, bool first)
+				   uint8_t only_proto, bool answer)
 {
 	static const uint8_t order[4] = { PROTO_UDP, PROTO_TCP, PROTO_TCP, PROTO_UDP };
 	unsigned dialled = 0, held = 0;  /* held: left for pi to dial (ring_unasked_poisons) */
@@ -5870,11 +5889,11 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 			const struct endpoint *ep = &pi->endpoints[i];
 			if (ep->proto != proto || ep->port == 0)
 				continue;
-			if (first && ring_unasked_poisons(n, pi, ep, false)) {
+			if (!answer && ring_unasked_poisons(n, pi, ep, false)) {
 				held++;
 				continue;
 			}
-			if (link_dial_ttl(n, ep, &pi->addr, want, NULL, first ? ring_punch_ttl(n, pi, ep) : 0))
+			if (link_dial_ttl(n, ep, &pi->addr, want, NULL, answer ? 0 : ring_punch_ttl(n, pi, ep)))
 				dialled++;
 		}
 	}
@@ -5884,7 +5903,7 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 /* Dials to a peer are under way, but its info may be newer than theirs (it
  * learned its public endpoint since): dial the UDP endpoints not yet tried,
  * or the punch that needs them comes only with the next probe. */
-static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t want, bool first)
+static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t want, bool answer)
 {
 	for (unsigned i = 0; i < pi->n_endpoints; i++) {
 		const struct endpoint *ep = &pi->endpoints[i];
@@ -5893,14 +5912,14 @@ static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t 
 		for (struct link *l = n->links; l && !tried; l = l->next)
 			tried = l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->initiator &&
 				link_sockaddr_eq(&l->remote, &sa);
-		if (!tried && !(first && ring_unasked_poisons(n, pi, ep, false)))
-			link_dial_ttl(n, ep, &pi->addr, want, NULL, first ? ring_punch_ttl(n, pi, ep) : 0);
+		if (!tried && !(!answer && ring_unasked_poisons(n, pi, ep, false)))
+			link_dial_ttl(n, ep, &pi->addr, want, NULL, answer ? 0 : ring_punch_ttl(n, pi, ep));
 	}
 }
 
 /* Dial a peer unless a link to it exists or is under way; want is the role
- * we will give the link, first as for ring_dial_endpoints. */
-static void ring_dial_as(struct node *n, const struct peer_info *pi, uint8_t want, bool first)
+ * we will give the link, answer as for ring_dial_endpoints. */
+static void ring_dial_as(struct node *n, const struct peer_info *pi, uint8_t want, bool answer)
 {
 	if (wire_addr_eq(&pi->addr, &n->self.addr))
 		return;
@@ -5908,17 +5927,23 @@ static void ring_dial_as(struct node *n, const struct peer_info *pi, uint8_t wan
 	if (l) {
 		ring_roles_add(l, want);
 		if (l->state != LINK_UP)
-			ring_dial_fresh(n, pi, want, first);
+			ring_dial_fresh(n, pi, want, answer);
 		return;
 	}
 	if (n->ring.dialing)
 		n->ring.dialing(n, pi, want);
-	ring_dial_endpoints(n, pi, want, 0, first);
+	ring_dial_endpoints(n, pi, want, 0, answer);
 }
 
 static void ring_dial(struct node *n, const struct peer_info *pi, uint8_t want)
 {
 	ring_dial_as(n, pi, want, false);
+}
+
+/* pi answered our connect-to-me and is dialling us. */
+static void ring_dial_answer(struct node *n, const struct peer_info *pi, uint8_t want)
+{
+	ring_dial_as(n, pi, want, true);
 }
 
 /* Our near peers' infos, for a connect-to-me reply; skips the requester
@@ -5982,17 +6007,22 @@ static bool ring_public_ip(uint32_t ip)        /* host order */
 		 (a == 172 && (b & 0xf0) == 16) || (a == 192 && b == 168) || a >= 224);
 }
 
-/* The TTL of our first hellos to ep when we dial first (0: the usual).
- * From behind a NAT to a NAT'd peer's public endpoint, a hello that reaches
- * the peer's NAT before the peer's own dial has left through it is, to a
- * NAT that accepts packets for itself (Linux masquerade without an input
- * firewall), a packet for the NAT: its conntrack entry then holds the
- * tuple the peer's mapping needs, masquerade moves the mapping to another
- * port, and neither side's packets ever match (t_nat step 2).  A TTL that
- * opens our own NAT but runs out before the peer's (the routers between
- * sites) leaves our NAT open for the peer's dial, which then meets a clean
- * NAT at its end; our later hellos go at the usual TTL, in case the peer
- * does not dial.  A reachable node has no NAT to open. */
+/* The TTL of our hellos to ep unless we answer the peer's dial (0: the
+ * usual).  From behind a NAT to a NAT'd peer's public endpoint, a hello
+ * that reaches the peer's NAT before the peer's own dial has left through
+ * it is, to a NAT that accepts packets for itself (Linux masquerade without
+ * an input firewall), a packet for the NAT: its conntrack entry then holds
+ * the tuple the peer's mapping needs, masquerade moves the mapping to
+ * another port, and neither side's packets ever match (t_nat step 2).  A
+ * TTL that opens our own NAT but runs out before the peer's (the routers
+ * between sites) leaves our NAT open for the peer's dial, which then meets
+ * a clean NAT at its end.  Every hello of such a dial goes at that TTL
+ * until the peer answers: one at the usual TTL, if the peer never dials,
+ * could not pass its NAT anyway, and would poison it for the next try (an
+ * upgrade's punch) for the 30 s the entry lives, renewed by every retry.
+ * One-sided dials (a connect-to-me reply's neighbours) fail so, and the
+ * fallbacks (TCP, a relay, its upgrade) take over.  A reachable node has
+ * no NAT to open (ring_unasked_poisons). */
 static uint8_t ring_punch_ttl(struct node *n, const struct peer_info *pi, const struct endpoint *ep)
 {
 	if (ep->proto != PROTO_UDP || ring_reachable(n) || !ring_public_ip(ep->ip))
@@ -6074,7 +6104,7 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	 * and dials only if we win (section 12), so when peers reach us
 	 * unasked there is nothing to punch, and our link would mostly lose. */
 	if (q.want != ROLE_FAR || !ring_reachable(n)) {
-		ring_dial_as(n, &q.from, want, true);
+		ring_dial(n, &q.from, want);
 		if (n->ring.ctm_req)    /* its first hop links it: a relay candidate */
 			n->ring.ctm_req(n, &q);
 	}
@@ -6139,7 +6169,7 @@ static void ring_pns_start(struct node *n, struct ring_far_req *f, const struct 
 		f->winner = 0;
 		f->state = FAR_DIALLING;
 		f->until_ms = ev_now(&n->loop) + LINK_HANDSHAKE_TIMEOUT_MS;
-		ring_dial(n, &m->from, ROLE_FAR);
+		ring_dial_answer(n, &m->from, ROLE_FAR);
 		return;
 	}
 	f->n = 0;
@@ -6193,14 +6223,14 @@ static void ring_defer_dial(struct node *n, const struct peer_info *pi, uint8_t 
 	if (wire_addr_eq(&pi->addr, &n->self.addr))
 		return;
 	if (link_find_peer(n, &pi->addr, false) || r->n_deferred == RING_DEFER_MAX)
-		return ring_dial(n, pi, want);
+		return ring_dial_answer(n, pi, want);
 	for (unsigned i = 0; i < r->n_deferred; i++)
 		if (wire_addr_eq(&r->deferred[i].pi.addr, &pi->addr)) {
 			r->deferred[i].want |= want;
 			return;
 		}
 	if (!r->deferred && !(r->deferred = calloc(RING_DEFER_MAX, sizeof *r->deferred)))
-		return ring_dial(n, pi, want);
+		return ring_dial_answer(n, pi, want);
 	if (n->ring.dialing)    /* the plan now, so the reply's neighbours become its relays */
 		n->ring.dialing(n, pi, want);
 	r->deferred[r->n_deferred++] = (struct ring_deferred){ .pi = *pi, .want = want,
@@ -6220,7 +6250,7 @@ static void ring_deferred_upkeep(struct node *n)
 		r->deferred[i] = r->deferred[--r->n_deferred];
 		struct link *l = ring_link_begun(n, &d.pi.addr, d.pi.endpoints, d.pi.n_endpoints);
 		if (!l)
-			ring_dial(n, &d.pi, d.want);
+			ring_dial_answer(n, &d.pi, d.want);
 		else
 			ring_roles_add(l, d.want);
 	}
@@ -6445,8 +6475,8 @@ static bool ring_endpoint_busy(const struct node *n, const struct endpoint *ep)
  * way; an accepted TCP link comes from a port nobody listens on. */
 static void ring_remember(struct node *n, const struct link *l)
 {
-	if (l->proto == PROTO_RELAY || (l->proto == PROTO_TCP && !l->initiator))
-		return;
+	if (l->proto == PROTO_RELAY || (l->proto == PROTO_TCP && !l->initiator) || ring_behind_nat(&l->peer))
+		return;                 /* a NAT's mapping: dialled unasked, it poisons (ring_punch_ttl) */
 	struct endpoint e = link_endpoint_of(l->proto, &l->remote), *r = n->ring.remembered;
 	unsigned k = n->ring.n_remembered, at = k < RING_REMEMBER_MAX ? k : RING_REMEMBER_MAX - 1;
 	for (unsigned i = 0; i < k; i++)
@@ -6601,7 +6631,7 @@ static void ring_pns_decide(struct node *n, struct ring_far_req *f)
 	else if (l)
 		ring_roles_add(l, ROLE_FAR);
 	else
-		ring_dial(n, r, ROLE_FAR);
+		ring_dial_answer(n, r, ROLE_FAR);
 }
 
 static bool ring_pns_all_answered(const struct ring_far_req *f)
@@ -8072,10 +8102,10 @@ static void nat_on_dial_failed(struct node *n, struct link *l)
  * only TCP.  (UDP alone left a site that may send UDP only to its
  * bootstrap relayed through it to every public node: when the bootstrap
  * died, no relay was left.) */
-static void nat_dial_direct(struct node *n, struct link *l, bool first)
+static void nat_dial_direct(struct node *n, struct link *l, bool answer)
 {
-	ring_dial_endpoints(n, &l->peer, l->local_roles, PROTO_UDP, first);
-	ring_dial_endpoints(n, &l->peer, l->local_roles, PROTO_TCP, first);
+	ring_dial_endpoints(n, &l->peer, l->local_roles, PROTO_UDP, answer);
+	ring_dial_endpoints(n, &l->peer, l->local_roles, PROTO_TCP, answer);
 }
 
 /* Dial the peer of a relayed link directly, and tell it to dial us at the
@@ -8084,12 +8114,12 @@ static void nat_dial_direct(struct node *n, struct link *l, bool first)
 static void nat_upgrade(struct node *n, struct link *l)
 {
 	link_send_byte(l, WIRE_PUNCH, 0);
-	nat_dial_direct(n, l, true);
+	nat_dial_direct(n, l, false);
 }
 
 static void nat_on_punch(struct node *n, struct link *l)
 {
-	nat_dial_direct(n, l, false);
+	nat_dial_direct(n, l, true);
 }
 
 static int64_t nat_tick(struct ev_loop *loop, struct ev_timer *t)
