@@ -7562,6 +7562,30 @@ static bool nat_endpoint_eq(const struct endpoint *a, const struct endpoint *b)
 	return a->proto == b->proto && a->ip == b->ip && a->port == b->port;
 }
 
+/* Seen as one of our own endpoints: no NAT between that peer and us.  A
+ * wildcard listener's observations carry 0.0.0.0 as the local address;
+ * the interface addresses we collected tell.  Such a peer (one on our LAN)
+ * says nothing about the NAT the rest of the world sees us through, so
+ * the classification leaves it out. */
+static bool nat_seen_as_own(const struct nat_state *s, unsigned i)
+{
+	if (nat_endpoint_eq(&s->seen[i], &s->local[i]))
+		return true;
+	for (unsigned j = 0; s->local[i].ip == 0 && j < s->n_own; j++)
+		if (s->own[j].ip == s->seen[i].ip && s->own[j].port == s->seen[i].port)
+			return true;
+	return false;
+}
+
+/* The first observation through a NAT (not our own endpoint), or -1. */
+static int nat_first_mapped(const struct nat_state *s)
+{
+	for (unsigned i = 0; i < s->n_seen; i++)
+		if (!nat_seen_as_own(s, i))
+			return (int)i;
+	return -1;
+}
+
 /* A symmetric NAT that hands out ports in a regular step (+1, +2, ...) maps
  * our next peer to the highest port seen plus the step.  The step, or 0 when
  * the mapped ports (sorted, one public IP, one listener) are not evenly
@@ -7570,8 +7594,11 @@ static int nat_port_step(const struct nat_state *s, uint16_t *top)
 {
 	uint16_t ports[NAT_OBSERVATIONS_MAX];
 	unsigned k = 0;
-	for (unsigned i = 0; i < s->n_seen; i++) {
-		if (s->seen[i].ip != s->seen[0].ip || !nat_endpoint_eq(&s->local[i], &s->local[0]))
+	int f = nat_first_mapped(s);
+	for (unsigned i = 0; f >= 0 && i < s->n_seen; i++) {
+		if (nat_seen_as_own(s, i))
+			continue;
+		if (s->seen[i].ip != s->seen[f].ip || !nat_endpoint_eq(&s->local[i], &s->local[f]))
 			return 0;
 		unsigned j = k++;
 		for (; j > 0 && ports[j - 1] > s->seen[i].port; j--)   /* insertion sort */
@@ -7607,38 +7634,29 @@ static bool nat_advertised(const struct node *n, const struct endpoint *e)
 	return false;
 }
 
-/* Seen as one of our own endpoints: no NAT between that peer and us.  A
- * wildcard listener's observations carry 0.0.0.0 as the local address;
- * the interface addresses we collected tell. */
-static bool nat_seen_as_own(const struct nat_state *s, unsigned i)
-{
-	if (nat_endpoint_eq(&s->seen[i], &s->local[i]))
-		return true;
-	for (unsigned j = 0; s->local[i].ip == 0 && j < s->n_own; j++)
-		if (s->own[j].ip == s->seen[i].ip && s->own[j].port == s->seen[i].port)
-			return true;
-	return false;
-}
-
 /* From the observations: is our mapping the same for every peer? */
 static enum nat_kind nat_classify(const struct node *n)
 {
 	const struct nat_state *s = n->nat;
 	if (!s || !s->n_seen)           /* no nat_start (out of memory): nothing learnt */
 		return NAT_UNKNOWN;
-	bool all_local = true, same = true, port_kept = true;
+	bool same = true, port_kept = true;
+	int f = nat_first_mapped(s);
+	if (f < 0)
+		return NAT_NONE;        /* every peer sees us as we are */
 	for (unsigned i = 0; i < s->n_seen; i++) {
-		all_local &= nat_seen_as_own(s, i);
-		same &= nat_endpoint_eq(&s->seen[i], &s->seen[0]);
+		if (nat_seen_as_own(s, i))
+			continue;
+		same &= nat_endpoint_eq(&s->seen[i], &s->seen[f]);
 		port_kept &= s->seen[i].port == s->local[i].port;
 	}
 	uint16_t top;
-	if (all_local)
-		return NAT_NONE;
 	if (!same)
 		return nat_port_step(s, &top) ? NAT_SYMMETRIC_STEP : NAT_SYMMETRIC;
 	unsigned reporters = 0;         /* one peer's word says nothing about variation */
 	for (unsigned i = 0; i < s->n_seen; i++) {
+		if (nat_seen_as_own(s, i))
+			continue;
 		bool seen_before = false;
 		for (unsigned j = 0; j < i; j++)
 			seen_before |= wire_addr_eq(&s->reporter[j], &s->reporter[i]);
@@ -7662,14 +7680,14 @@ static void nat_advertise(struct node *n)
 	s->kind = nat_classify(n);
 	int step = s->kind == NAT_SYMMETRIC_STEP ? nat_port_step(s, &top) : 0;
 	for (int i = 1; step && i <= NAT_PREDICT; i++)
-		out[k++] = (struct endpoint){ .proto = PROTO_UDP, .ip = s->seen[0].ip,
+		out[k++] = (struct endpoint){ .proto = PROTO_UDP, .ip = s->seen[nat_first_mapped(s)].ip,
 					      .port = (uint16_t)(top + i * step) };
 	for (unsigned i = s->n_seen; !step && s->kind != NAT_SYMMETRIC && i-- > 0 &&
 	     k < LINK_ENDPOINTS_MAX - s->n_own;) {
 		bool dup = false;
 		for (unsigned j = 0; j < k; j++)
 			dup |= nat_endpoint_eq(&out[j], &s->seen[i]);
-		if (!dup && (s->seen[i].ip != s->local[i].ip || s->seen[i].port != s->local[i].port))
+		if (!dup && !nat_seen_as_own(s, i))
 			out[k++] = s->seen[i];
 	}
 	for (unsigned i = 0; i < s->n_own && k < LINK_ENDPOINTS_MAX; i++) {

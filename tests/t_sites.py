@@ -558,7 +558,11 @@ class SitesTest:
                     # bash then skips root's ~/.bashrc (slow pyenv init) for ssh commands
                     "SetEnv SHLVL=1", "AllowUsers root", "X11Forwarding no", "PrintMotd no",
                     "Subsystem sftp internal-sftp", "MaxStartups 50", ""]))
-            self.sshds[h] = Proc("sshd-" + h, ["ip", "netns", "exec", "ts-" + h, sshd, "-f", cfg, "-D", "-e"],
+            # Each host its own hostname, as on real machines: Open MPI's
+            # daemons tell nodes apart by it ("ORTE does not know how to
+            # route a message" when four hosts are all called "vm").
+            self.sshds[h] = Proc("sshd-" + h, ["ip", "netns", "exec", "ts-" + h, "unshare", "--uts", "sh", "-c",
+                                               "hostname ts-%s && exec %s -f %s -D -e" % (h, sshd, cfg)],
                                  os.path.join(self.dir, "sshd_%s.log" % h))
         self.ssh_wrapper = os.path.join(d, "ssh-agent.sh")
         with open(self.ssh_wrapper, "w") as f:
@@ -691,7 +695,8 @@ int main(int argc, char **argv)
                 "--mca", "btl_tcp_if_include", "ipop0", "--mca", "oob_tcp_if_include", "ipop0",
                 "--mca", "btl", "tcp,self", prog]
         t = time.monotonic()
-        rc, out, err = nsx("ts-uf1", argv, timeout=120, check_rc=False)
+        rc, out, err = nsx("ts-uf1", ["unshare", "--uts", "sh", "-c", 'hostname ts-uf1 && exec "$@"', "sh"] + argv,
+                           timeout=120, check_rc=False)
         el = time.monotonic() - t
         out, err = out or "", err or ""
         ranks = dict(re.findall(r"rank (\d+) of 4 on ipop0 (\S+)", out))

@@ -455,6 +455,23 @@ static void test_nat_classify(void)
 	nat_observe(&n, 0xcb007101, 4000, 2);
 	n.nat->local[0].ip = n.nat->local[1].ip = 0;
 	CHECK(nat_classify(&n) == NAT_PORT_PRESERVING);         /* was "none" */
+	/* A peer on our LAN sees our own address: it tells nothing about the
+	 * NAT (it made a cone NAT look symmetric). */
+	n.nat->n_seen = 0;
+	nat_observe(&n, 0x0a000002, 4000, 3);
+	nat_observe(&n, 0xcb007101, 4000, 1);
+	nat_observe(&n, 0xcb007101, 4000, 2);
+	n.nat->local[0].ip = n.nat->local[1].ip = n.nat->local[2].ip = 0;
+	CHECK(nat_classify(&n) == NAT_PORT_PRESERVING);
+	nat_advertise(&n);
+	CHECK(n.self.n_endpoints == 2 && n.self.endpoints[0].ip == 0xcb007101 &&
+	      n.self.endpoints[1].ip == 0x0a000002);
+	n.nat->n_seen = 0;                              /* stepping, beside the LAN peer */
+	nat_observe(&n, 0x0a000002, 4000, 3);
+	nat_observe(&n, 0xcb007101, 31000, 1);
+	nat_observe(&n, 0xcb007101, 31002, 2);
+	nat_observe(&n, 0xcb007101, 31004, 4);
+	CHECK(nat_classify(&n) == NAT_SYMMETRIC_STEP && nat_port_step(n.nat, &top) == 2 && top == 31004);
 }
 
 /* Issue 17: no endpoint inside the overlay is advertised, learnt or dialled. */
