@@ -67,6 +67,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tap as bt      # noqa: E402  (sh, Proc, pid file, ping and iperf parsing)
 import bench_user as bu     # noqa: E402  (the request/response helper)
+import atexit
+
+if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ipop-test-state-")
+    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 REPO = bt.REPO
 PREFIX = "tp"

@@ -63,6 +63,10 @@ import sys
 import tempfile
 import time
 
+if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ipop-test-state-")
+    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPOP_SRC = os.path.join(REPO, "ipop")
 IPOP = IPOP_SRC  # main() points this at a private copy: one binary per run

@@ -78,6 +78,10 @@ HELPER = r'''
 import json, os, socket, socketserver, struct, sys, time
 from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
 
+if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ipop-test-state-")
+    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
+
 
 def recvn(s, n):
     b = b""

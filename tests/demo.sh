@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 IPOP=${IPOP:-./ipop}
 [ -x "$IPOP" ] || { echo "demo: build first: make" >&2; exit 1; }
 DIR=$(mktemp -d /tmp/ipop-demo-XXXXXX)
+export XDG_STATE_HOME=$DIR/state       # the demo's nodes remember peers there, not in ~
 PIDS=()
 cleanup() {
 	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done

@@ -31,6 +31,14 @@ HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 T0 = time.monotonic()
 
+# Nodes keep state (--ip auto leases, remembered peers) under
+# $XDG_STATE_HOME/ipop: a test run, started by tests/run.sh or by hand, gets
+# a fresh one of its own and leaves nothing in the user's home.
+if not os.environ.get("XDG_STATE_HOME"):
+    _STATE = tempfile.mkdtemp(prefix="ipop-test-state-")
+    os.environ["XDG_STATE_HOME"] = _STATE
+    atexit.register(shutil.rmtree, _STATE, True)
+
 
 def log(*a):
     """Progress line with time since test start; flushed at once."""

@@ -14,6 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import atexit
+
+if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ipop-test-state-")
+    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPOP = os.environ.get("IPOP", os.path.join(ROOT, "ipop"))
