@@ -255,6 +255,48 @@ class Proc:
         return "\n".join("    | " + line for line in lines[-n:]) or "    | (empty log)"
 
 # --------------------------------------------------------------------------
+# namespace labs (root tests that build their own network)
+
+
+def lab_start(name, cleanup, tools, remove_leftovers, hint="see .ci/run"):
+    """The start of a test that builds network namespaces: cleanup() runs at
+    exit and on SIGTERM/SIGINT/SIGHUP; without root or a tool it prints one
+    FAIL line and exits 1; leftovers of an earlier run are removed."""
+    atexit.register(cleanup)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    if os.geteuid() != 0:
+        print("FAIL: %s needs root (network namespaces, nftables, tap)" % name, flush=True)
+        sys.exit(1)
+    ipop_bin()
+    for tool in tools:
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("FAIL: missing tool %s (%s)" % (tool, hint), flush=True)
+            sys.exit(1)
+    old = remove_leftovers()
+    if old:
+        log("removed leftover namespaces: %s" % " ".join(old))
+
+
+def keep_lab_logs(name, src, failed, suffixes=(".log",)):
+    """A failed run (or IPOP_KEEP_LOGS) keeps src's logs in
+    build/test-logs/NAME-nodes (or $IPOP_TEST_LOGDIR/NAME-nodes)."""
+    if not (failed or os.environ.get("IPOP_KEEP_LOGS")):
+        return
+    base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
+    dst = os.path.join(base, "%s-nodes" % name)
+    try:
+        shutil.rmtree(dst, ignore_errors=True)
+        os.makedirs(dst, exist_ok=True)
+        for f in os.listdir(src):
+            if f.endswith(tuple(suffixes)):
+                shutil.copy(os.path.join(src, f), dst)
+        print("node logs kept in %s" % dst, flush=True)
+    except OSError as e:
+        print("could not keep logs: %r" % e, flush=True)
+
+
+# --------------------------------------------------------------------------
 # cleanup registry
 
 _nets = []

@@ -53,7 +53,6 @@ failed.  Node logs of a failed run are kept in build/test-logs/t_relay-nodes
 Env: IPOP_RELAY_ROUNDS, IPOP_RELAY_FAIL, IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE
 (nodes run with -v).
 """
-import atexit
 import json
 import os
 import re
@@ -65,7 +64,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import list_netns, remove_netns, TestFailure, sh, nsx, Proc, check, log, ipop_bin, REPO  # noqa: E402
+from lib import (list_netns, remove_netns, TestFailure, sh, nsx, Proc, check, log, ipop_bin,  # noqa: E402
+                 lab_start, keep_lab_logs)
 
 PREFIX = "tr"
 NET, BR = "tr-net", "trbr0"
@@ -412,15 +412,7 @@ class Lab:
         left = [nm for nm in list_netns(PREFIX + "-") if nm in lab_netns()]
         if left:
             print("  cleanup: namespaces left: %s" % left, flush=True)
-        if failed or os.environ.get("IPOP_KEEP_LOGS"):
-            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
-            dst = os.path.join(base, "t_relay-nodes")
-            shutil.rmtree(dst, ignore_errors=True)
-            os.makedirs(dst, exist_ok=True)
-            for f in os.listdir(self.dir):
-                if f.endswith(".log") or f.endswith(".out"):
-                    shutil.copy(os.path.join(self.dir, f), dst)
-            print("node logs kept in %s" % dst, flush=True)
+        keep_lab_logs("t_relay", self.dir, failed, (".log", ".out"))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -432,26 +424,9 @@ def _cleanup():
         _lab.close(failed=True)
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main():
     global _lab
-    atexit.register(_cleanup)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
-    if os.geteuid() != 0:
-        print("FAIL: t_relay needs root (network namespaces, nftables, tap)", flush=True)
-        sys.exit(1)
-    ipop_bin()
-    for tool in ("ip", "ping", "nft", "sysctl"):
-        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("FAIL: missing tool %s" % tool, flush=True)
-            sys.exit(1)
-    old = remove_lab_netns(quiet=True)
-    if old:
-        log("removed leftover namespaces: %s" % " ".join(old))
+    lab_start("t_relay", _cleanup, ("ip", "ping", "nft", "sysctl"), lambda: remove_lab_netns(quiet=True))
     lab = _lab = Lab()
     rounds = int(os.environ.get("IPOP_RELAY_ROUNDS", "2"))
     log("t_relay: dir %s, %d rounds" % (lab.dir, rounds))

@@ -75,7 +75,6 @@ Env: TS_STEPS (e.g. "1,2,5": which checks; 1 always runs, it is the
 prerequisite of the others), TS_PARTITION_S (default 60), TS_FILE_MB (10),
 IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE (nodes run with -v).
 """
-import atexit
 import concurrent.futures
 import hashlib
 import itertools
@@ -92,7 +91,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import (list_netns, remove_netns, TestFailure, sh, nsx, Proc, check, log,  # noqa: E402
-                 ipop_bin, sha1_ip, REPO, true_neighbors, near_up)
+                 ipop_bin, sha1_ip, true_neighbors, near_up, lab_start, keep_lab_logs)
 
 PREFIX = "ts"
 NET, BR = "ts-net", "tsbr0"
@@ -1014,18 +1013,7 @@ int main(int argc, char **argv)
         left = list_netns(PREFIX + "-")
         if left:
             print("  cleanup: namespaces left: %s" % left, flush=True)
-        if failed or os.environ.get("IPOP_KEEP_LOGS"):
-            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
-            dst = os.path.join(base, "t_sites-nodes")
-            try:
-                shutil.rmtree(dst, ignore_errors=True)
-                os.makedirs(dst, exist_ok=True)
-                for f in os.listdir(self.dir):
-                    if f.endswith(".log"):
-                        shutil.copy(os.path.join(self.dir, f), dst)
-                print("node logs kept in %s" % dst, flush=True)
-            except OSError as e:
-                print("could not keep logs: %r" % e, flush=True)
+        keep_lab_logs("t_sites", self.dir, failed)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -1037,27 +1025,11 @@ def _cleanup():
         _test.close(failed=bool(_test.failures) or not _test.done)
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main():
     global _test
-    atexit.register(_cleanup)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
-    if os.geteuid() != 0:
-        print("FAIL: t_sites needs root (network namespaces, nftables, tap)", flush=True)
-        sys.exit(1)
-    ipop_bin()
-    for tool in TOOLS:
-        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("FAIL: missing tool %s (apt-get install iputils-ping nftables openssh-server "
-                  "openssh-client openmpi-bin libopenmpi-dev coreutils)" % tool, flush=True)
-            sys.exit(1)
-    old = remove_netns(PREFIX + "-", quiet=True)
-    if old:
-        log("removed leftover namespaces: %s" % " ".join(old))
+    lab_start("t_sites", _cleanup, TOOLS, lambda: remove_netns(PREFIX + "-", quiet=True),
+              "apt-get install iputils-ping nftables openssh-server openssh-client openmpi-bin "
+              "libopenmpi-dev coreutils")
     t = _test = SitesTest()
     log("t_sites: dir %s, steps %s, split %.0f s" % (t.dir, ",".join(sorted(t.steps)), PARTITION_S))
     try:
