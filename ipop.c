@@ -2629,6 +2629,7 @@ struct nat_plan {
 	struct peer_info target;
 	uint8_t want;
 	bool tcp_tried, await_relay;
+	uint8_t next_public;            /* the public relay (nat_state.relays) to try next */
 	unsigned next_cand;
 	uint64_t until_ms;
 	unsigned n_cand;
@@ -8068,6 +8069,27 @@ static struct link *nat_toward(struct node *n, const ring_addr *target)
 	return NULL;
 }
 
+/* The peer's neighbours did not relay: try a public node we link, the
+ * next one each time (a public node links nearly everyone; if it does not
+ * link the peer, the relayed dial fails and the plan moves on). */
+static bool nat_try_public_relay(struct node *n, struct nat_plan *p)
+{
+	struct nat_state *s = n->nat;
+	char who[13], via[13];
+	for (unsigned i = 0; i < s->n_relays; i++) {
+		const struct peer_info *c = &s->relays[(p->next_public + i) % s->n_relays];
+		if (wire_addr_eq(&c->addr, &p->target.addr) || !link_find_direct(n, &c->addr))
+			continue;
+		p->next_public = (uint8_t)((p->next_public + i + 1) % s->n_relays);
+		link_addr_short(&p->target.addr, who);
+		link_addr_short(&c->addr, via);
+		log_info("nat", "no direct path to %s: relaying through the public node %s", who, via);
+		link_dial_relay(n, &c->addr, &p->target.addr, p->want);
+		return true;
+	}
+	return false;
+}
+
 /* Relay through the first candidate we link directly; with none linked,
  * dial one, and come back when it is up (nat_on_link_up). */
 static void nat_try_relay(struct node *n, struct nat_plan *p)
@@ -8096,6 +8118,13 @@ static void nat_try_relay(struct node *n, struct nat_plan *p)
 		ring_dial(n, c, 0);
 		return;
 	}
+	/* Every candidate tried: the next failure starts over, since paths
+	 * change (a partition heals, a relay comes back).  A plan that ring
+	 * dials keep alive never expires, and once spent it left two ring
+	 * neighbours unlinked for good.  Meanwhile a public node may relay. */
+	p->next_cand = 0;
+	if (nat_try_public_relay(n, p))
+		return;
 	log_info("nat", "no direct path to %s and no relay known; routing through the ring", who);
 }
 
