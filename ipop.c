@@ -3631,9 +3631,9 @@ static bool link_refused_pending(const struct link *l)
  * its peer's address, so both settle within a round trip on a relay that
  * carries both ways, keys and indices unchanged.  Closing the link and
  * making it again through the ring took 3.5-6.5 s.  Two ends that move at
- * once to different relays may trade them back and forth; each carries
- * both ways, so nothing is lost.  A relay that replays or forges a record
- * moves nothing: records authenticate end to end.  No timer is added: the
+ * once to different relays settle on one (link_relay_follow).  A relay
+ * that replays or forges a record moves nothing: records authenticate end
+ * to end.  No timer is added: the
  * checks ride on the keepalive tick and on records sent. */
 
 enum {
@@ -6567,8 +6567,6 @@ static void ring_merge_upkeep(struct node *n)
 static void ring_bootstrap_upkeep(struct node *n)
 {
 	uint64_t now = ev_now(&n->loop);
-	if (now - n->ring.remember_saved_ms >= RING_REMEMBER_SAVE_MS)
-		ring_remember_save(n);
 	if (n->links || !(n->ring.n_boot + n->ring.n_remembered) || now < n->ring.next_boot_ms)
 		return;
 	if (n->ring.boot_resolve)
@@ -6770,6 +6768,8 @@ static int64_t ring_tick(struct ev_loop *loop, struct ev_timer *t)
 	struct node *n = container_of(t, struct node, ring.tick);
 	ring_bootstrap_upkeep(n);
 	ring_merge_upkeep(n);
+	if (ev_now(loop) - n->ring.remember_saved_ms >= RING_REMEMBER_SAVE_MS)
+		ring_remember_save(n);
 	ring_sc_upkeep(n);
 	ring_close_unneeded(n);
 	ring_pns_upkeep(n);
