@@ -10,6 +10,9 @@
     --listen (wildcard) advertises an address added to an interface after
     it started, within 3 s, and stops advertising it when it is removed;
     its tap address (--mode tap) is never among its endpoints.
+ 4. split rings merge (root, namespace tj-m): four public nodes on one
+    loopback, split {A, B} | {C, D} by nftables until each half is a ring
+    of its own, then joined again: one ring of four within 30 s.
  3. bootstrap names looked up again (root): B's --bootstrap is a host
     name (the namespace's own /etc/hosts, /etc/netns/NS/hosts); the
     bootstrap moves to another address and the name with it, and B, which
@@ -181,6 +184,48 @@ def step_boot_name(lab):
     log("B relinked to the bootstrap at its new address %.1f s after it came back" % t)
 
 
+def step_merge(lab):
+    """Four public nodes on one host's loopback: a firewall splits them into
+    {A, B} and {C, D} until each half is a ring of its own, then goes.  The
+    halves hold links, so only the merge probes (a joined node now and then
+    dials a bootstrap it has no link to) bring them together again."""
+    ns = "tj-m"
+    sh(["ip", "netns", "add", ns])
+    nsx(ns, ["ip", "link", "set", "lo", "up"])
+    ports = [7101, 7102, 7103, 7104]
+    nodes = []
+    for i, port in enumerate(ports):
+        ctl = os.path.join(lab.tmp, "m%d.sock" % i)
+        argv = ["ip", "netns", "exec", ns, "env", "XDG_STATE_HOME=" + os.path.join(lab.tmp, "m%d" % i),
+                ipop_bin(), "up", "--secret-file", lab.key, "--mode", "none", "--control", ctl,
+                "--listen", "udp://127.0.0.1:%d" % port, "--log-level", "info"]
+        if i:
+            argv += ["--bootstrap", "udp://127.0.0.1:%d" % ports[0]]
+        lab.procs.append(Proc("m%d" % i, argv, os.path.join(lab.tmp, "m%d.log" % i)))
+        wait_for("m%d answers status" % i, lambda: status(ctl, ns) is not None, 10)
+        nodes.append(ctl)
+    addr = [status(c, ns)["address"][:12] for c in nodes]
+
+    def linked(groups):
+        for g in groups:
+            for i in g:
+                want = {addr[j] for j in g if j != i}
+                if up_peers(status(nodes[i], ns)) != want:
+                    return False
+        return True
+
+    wait_for("a ring of four", lambda: linked([[0, 1, 2, 3]]), 20)
+    rules = ("table inet tjm {\n chain out {\n  type filter hook output priority 0;\n"
+             "  udp sport { 7101, 7102 } udp dport { 7103, 7104 } drop\n"
+             "  udp sport { 7103, 7104 } udp dport { 7101, 7102 } drop\n }\n}\n")
+    nsx(ns, ["nft", "-f", "-"], input=rules)
+    t = wait_for("two rings of two", lambda: linked([[0, 1], [2, 3]]), 20)
+    log("split: two rings of two %.1f s after the firewall went up" % t)
+    nsx(ns, ["nft", "delete", "table", "inet", "tjm"])
+    t = wait_for("one ring of four after the heal", lambda: linked([[0, 1, 2, 3]]), 30, poll=0.5)
+    log("healed: one ring of four %.1f s after the firewall went away" % t)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="ipop-t_rejoin-")
     try:
@@ -195,6 +240,7 @@ def main():
             lab.setup()
             step_interfaces(lab)
             step_boot_name(lab)
+            step_merge(lab)
         except TestFailure:
             for p in lab.procs:
                 print("---- %s\n%s" % (p.name, p.log_tail(15)), flush=True)
