@@ -40,7 +40,7 @@ TEST_DEFS   = -std=c11 -D_GNU_SOURCE -DIPOP_NO_MAIN -I.
 SAN_FLAGS   = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 HDRS        = $(wildcard vendor/*.h vendor/lwip-port/arch/*.h)
 
-.PHONY: all deps test unit unit-asan fuzz bench bench-detail perfcheck demo scale clean distclean
+.PHONY: all deps test unit unit-asan fuzz kit bench bench-detail perfcheck demo scale clean distclean
 
 all:
 	./build.sh
@@ -48,7 +48,7 @@ all:
 deps:
 	./build.sh deps
 
-test: all
+test: all kit
 	./tests/run.sh
 
 # ---------------------------------------------------------------- unit tests
@@ -110,6 +110,20 @@ else
 	        -artifact_prefix=build/fuzz/$$f- build/fuzz/corpus/$$f $$seeds </dev/null; \
 	done
 endif
+
+# ---------------------------------------------------------------- hostile-peer kit (issue 18)
+# tests/kit_NAME.c: attackers built from ipop.c itself (a real member or an
+# outsider that completes real handshakes, then sends what a test scripts).
+# Static musl like ./ipop, so they run in any namespace; tests build them
+# with `make kit` (tests/lib.py kit_bin()).
+KIT_SRCS  := $(wildcard tests/kit_*.c)
+KIT_BINS  := $(patsubst tests/%.c,build/kit/%,$(KIT_SRCS))
+
+build/kit/%: tests/%.c ipop.c $(HDRS) | deps
+	@mkdir -p $(@D)
+	musl-gcc -static -O1 -g $(TEST_DEFS) $(TEST_WARN) $(MUSL_CFLAGS) $< -o $@ $(MUSL_LIBS)
+
+kit: $(KIT_BINS)
 
 # ---------------------------------------------------------------- benchmarks
 demo: all

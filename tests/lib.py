@@ -69,6 +69,16 @@ def ipop_bin():
     return b
 
 
+def kit_bin(name):
+    """A hostile-peer kit program (tests/kit_NAME.c, issue 18), built by
+    `make kit` (make test builds it first); built here when missing."""
+    b = os.path.join(REPO, "build", "kit", "kit_" + name)
+    src = os.path.join(REPO, "tests", "kit_%s.c" % name)
+    if not os.path.isfile(b) or os.path.getmtime(b) < os.path.getmtime(src):
+        subprocess.run(["make", "-s", "-C", REPO, "build/kit/kit_" + name], check=True)
+    return b
+
+
 def sha1_ip(ip):
     """Ring address (40 lowercase hex) of an IPv4 address: SHA-1 of its 4
     bytes in network order."""
