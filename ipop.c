@@ -112,6 +112,7 @@ enum {
 	RING_PROBE_MS = 2000,           /* successor/predecessor re-check period */
 	RING_TICK_MS = 500,             /* role upkeep, far links, bootstrap retries */
 	RING_BOOT_RETRY_MAX_MS = 30000, /* backoff cap when no bootstrap answers */
+	RING_CLAIM_BACKOFF_MS = 10000,  /* refused for our address: bootstrap again this much later */
 	RING_MAX_HOPS = 64,             /* default TTL; greedy paths are far shorter */
 	RING_DIAL_ENDPOINTS_MAX = 4,    /* parallel dial attempts to one peer */
 	RING_CTM_NEIGHBOURS_MAX = 8,    /* peers listed in a connect-to-me reply */
@@ -251,6 +252,7 @@ enum drop_reason {
 	DROP_LOCAL_WRITE,       /* the local interface refused a packet */
 	DROP_TOO_BIG,           /* a message grew past what its next link carries */
 	DROP_OVERLAY_ENDPOINT,  /* an underlay address inside the virtual network (link_overlay_ip) */
+	DROP_ADDRESS_CLAIM,     /* a peer's unproven word that another node holds our address */
 	DROP__COUNT
 };
 
@@ -282,6 +284,7 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_LOCAL_WRITE] = "local_write",
 	[DROP_TOO_BIG] = "too_big",
 	[DROP_OVERLAY_ENDPOINT] = "overlay_endpoint",
+	[DROP_ADDRESS_CLAIM] = "address_claim",
 };
 
 struct log_drops {
@@ -2421,7 +2424,8 @@ struct link_hooks {
 	void (*down)(struct node *n, struct link *l, uint8_t bye_reason);
 	void (*roles)(struct node *n, struct link *l);
 	void (*routed)(struct node *n, struct link *l, const uint8_t *pkt, size_t len);
-	void (*conflict)(struct node *n, const struct peer_info *other);
+	/* Another process claims our address; proven: its certificate grants it. */
+	void (*conflict)(struct node *n, const struct peer_info *other, bool proven);
 	void (*dial_failed)(struct node *n, struct link *l);   /* a dial's handshake timed out */
 	void (*punch)(struct node *n, struct link *l);         /* a relayed peer dials us now */
 	/* A router said a datagram of ours to dst ran out of TTL (ICMP time
@@ -2607,9 +2611,10 @@ struct ring_state {
 	 * routing brings to a dead end beside target; NULL: none known. */
 	struct link *(*toward)(struct node *n, const ring_addr *target);
 	bool (*standby)(struct node *n, const struct link *l);  /* keep l, role-less: a spare relay */
-	/* Another node holds our ring address and we are younger: true if the
-	 * owner of our address (section 10's lease) takes another instead. */
-	bool (*readdress)(struct node *n);
+	/* Another node holds our ring address: true if the owner of our
+	 * address (section 10's lease) takes another instead.  yield: the
+	 * claim is proven and older; else we may move only if we hold nothing. */
+	bool (*readdress)(struct node *n, bool yield);
 };
 
 enum {
@@ -3867,6 +3872,21 @@ static void link_close_duplicate(struct link *loser, struct link *winner)
 	link_close(loser, BYE_DUPLICATE);
 }
 
+/* Two processes claim one address, and both links are up: which to close.
+ * In certificate networks both identities were proven by the certificate
+ * (one certificate run twice): the older process keeps the address, as
+ * both ends agree.  Elsewhere a claimed start time proves nothing (a member
+ * may report 1): the newcomer is refused, unless the old link has gone
+ * quiet, when its process most likely died and this is its restart. */
+static struct link *link_conflict_loser(struct link *l, struct link *o)
+{
+	if (l->node->sec.mode != SEC_CERT)
+		return link_heard_lately(o) ? l : o;
+	bool l_younger = l->peer.started > o->peer.started ||
+			 (l->peer.started == o->peer.started && l->peer.instance > o->peer.instance);
+	return l_younger ? l : o;
+}
+
 /* Two up links to one peer: keep the one dialled by the lower ring address,
  * so both ends pick the same survivor.  When the same node dialled both, only
  * that node closes the newer one (the other waits for its BYE).
@@ -3879,12 +3899,9 @@ static bool link_resolve_duplicate(struct link *l)
 		if (o == l || o->state != LINK_UP || !wire_addr_eq(&o->peer.addr, &l->peer.addr))
 			continue;
 		if (o->peer.instance != l->peer.instance) {
-			/* Two processes claim one address: the younger must stop. */
-			bool l_younger = l->peer.started > o->peer.started ||
-					 (l->peer.started == o->peer.started && l->peer.instance > o->peer.instance);
-			struct link *young = l_younger ? l : o;
-			link_close(young, BYE_CONFLICT);
-			return young != l;
+			struct link *loser = link_conflict_loser(l, o);
+			link_close(loser, BYE_CONFLICT);
+			return loser != l;
 		}
 		if (l->proto != o->proto) {
 			/* Both ends see the same transports: direct beats relayed, and
@@ -4034,15 +4051,16 @@ static bool link_identity_accept(struct link *l, const uint8_t key[32], const ui
 	}
 	if (!why && wire_identity_decode(plain, plen, &id) < 0)
 		why = "malformed identity";
-	else if (!why && wire_addr_eq(&id.info.addr, &n->self.addr)) {
-		link_drop(l, DROP_SELF_LINK);
-		if (id.info.instance != n->self.instance && n->hooks.conflict)
-			n->hooks.conflict(n, &id.info);        /* another node with our address */
-		return false;
-	} else if (!why && n->sec.mode == SEC_CERT)
-		why = link_cert_refusal(l, &id);
+	else if (!why && n->sec.mode == SEC_CERT)
+		why = link_cert_refusal(l, &id);       /* first: a claim counts only if proven */
 	else if (!why && (id.cert_len || id.sig_len))
 		why = "unexpected certificate";
+	if (!why && wire_addr_eq(&id.info.addr, &n->self.addr)) {
+		link_drop(l, DROP_SELF_LINK);
+		if (id.info.instance != n->self.instance && n->hooks.conflict)
+			n->hooks.conflict(n, &id.info, n->sec.mode == SEC_CERT);
+		return false;
+	}
 	if (!why && l->expect_set && !wire_addr_eq(&id.info.addr, &l->expect)) {
 		log_debug("link", "dialled endpoint answered as another node");
 		return false;
@@ -4491,7 +4509,7 @@ static void link_on_bye(struct link *l, uint8_t reason)
 	struct node *n = l->node;
 	link_teardown(l, reason, false);
 	if (reason == BYE_CONFLICT && n->hooks.conflict)
-		n->hooks.conflict(n, NULL);     /* a neighbour saw an older holder of our address */
+		n->hooks.conflict(n, NULL, false);      /* a peer's word: proves nothing */
 }
 
 static void link_on_roles(struct link *l, uint8_t roles)
@@ -6111,21 +6129,47 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	}
 }
 
-/* Two nodes claim one ring address (one virtual IP).  The one started later
- * stops with a clear message; the older one keeps its address and warns. */
-static void ring_on_conflict(struct node *n, const struct peer_info *other)
+/* A claim on our ring address (our virtual IP) that proves nothing: a BYE
+ * "conflict", a neighbour list, or a secret network's handshake, where any
+ * member may say anything.  Obeying it let any member stop any node, so we
+ * count it, warn now and then, and keep our address; peers that linked us
+ * first keep refusing the newcomer (link_conflict_loser). */
+static void ring_conflict_unproven(struct node *n)
+{
+	char ip[16];
+	buf_ip_str(n->self.vip, ip);
+	uint64_t now = ev_now(&n->loop);
+	bool quiet = n->drops.last_log_ms[DROP_ADDRESS_CLAIM] &&
+		     now - n->drops.last_log_ms[DROP_ADDRESS_CLAIM] < LOG_DROP_INTERVAL_MS;
+	log_drop(&n->drops, DROP_ADDRESS_CLAIM, now, "a peer");
+	if (n->ring.next_boot_ms < now + RING_CLAIM_BACKOFF_MS)
+		n->ring.next_boot_ms = now + RING_CLAIM_BACKOFF_MS;     /* a refused newcomer: no churn */
+	if (!quiet)
+		log_warn("ring", "a peer says another node holds %s%s; that is unproven here, so this node "
+			 "keeps it (if you started two nodes with one address, stop one)",
+			 n->self.vip ? "virtual IP " : "our ring address", n->self.vip ? ip : "");
+}
+
+/* Another process claims our ring address.  Only a proven claim (its
+ * certificate grants the address, checked on a direct link) from an older
+ * process makes us yield: a --ip auto node draws another address, others
+ * stop with a clear message (one certificate started twice).  A node that
+ * holds no lease yet moves on any claim: it gives nothing up. */
+static void ring_on_conflict(struct node *n, const struct peer_info *other, bool proven)
 {
 	char ip[16], addr[2 * RING_ADDR_BYTES + 1];
 	buf_ip_str(n->self.vip, ip);
 	ring_addr_hex(&n->self.addr, addr);
 	bool younger = !other || n->self.started > other->started ||
 		       (n->self.started == other->started && n->self.instance > other->instance);
-	if (!younger) {
+	if (proven && !younger) {
 		log_drop(&n->drops, DROP_SELF_LINK, ev_now(&n->loop), "a newer node that claims our address");
 		return;
 	}
-	if (n->ring.readdress && n->ring.readdress(n))
+	if (n->ring.readdress && n->ring.readdress(n, proven))
 		return;
+	if (!proven)
+		return ring_conflict_unproven(n);
 	if (n->self.vip)
 		log_err("ring", "another node already holds virtual IP %s (ring address %s); "
 			"choose another --ip", ip, addr);
@@ -6281,7 +6325,7 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 	}
 	for (unsigned i = 0; i < m.n_neighbours; i++)
 		if (ring_is_conflict(n, &m.neighbours[i]))
-			return ring_on_conflict(n, &m.neighbours[i]);
+			ring_on_conflict(n, &m.neighbours[i], false);
 	ring_peer_refresh(n, &m.from);
 	uint8_t want = 0;
 	struct ring_far_req *f = (m.want & ROLE_FAR) ? ring_far_waiting(n, m.token) : NULL;
@@ -9214,9 +9258,11 @@ static int64_t ip_lease_rejoin(struct ev_loop *loop, struct ev_timer *t)
 	return IP_LEASE_POLL_MS;
 }
 
-static bool ip_lease_readdress(struct node *n)
+static bool ip_lease_readdress(struct node *n, bool yield)
 {
 	struct ev_timer *t = &n->ip.lease.timer;
+	if (!yield && n->ip.lease.state == IP_LEASE_HELD)
+		return false;           /* an unproven claim takes no lease away */
 	if (t->fn == ip_lease_rejoin)
 		return true;            /* already on its way */
 	log_warn("ip", "another node runs with our saved ring address (a copied state file?): "

@@ -469,6 +469,65 @@ class Node:
                                  (" ip=" + self.ip) if self.ip else "")
 
 
+class KitPeer(Node):
+    """A hostile member (tests/kit_peer.c): a real node that a test scripts.
+    `claims` are kit options (["--claim-started", "1"], ...); cmd() sends one
+    command line and returns its answer lines, the last "ok ..." or "err ..."."""
+
+    def __init__(self, net, idx, claims=(), **kw):
+        Node.__init__(self, net, idx, **kw)
+        self.name = "kit%02d" % idx
+        self.ctl = os.path.join(net.dir, "%s.sock" % self.name)
+        self.logpath = os.path.join(net.dir, "%s.log" % self.name)
+        self.claims = list(claims)
+        self._out = b""
+
+    def argv(self):
+        return [kit_bin("peer")] + self.claims + ["--"] + Node.argv(self)[2:]
+
+    def start(self):
+        lf = open(self.logpath, "ab")
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=lf, start_new_session=True, preexec_fn=_pdeathsig)
+        lf.close()
+        self.started_at = time.monotonic()
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.expect(("ready",), timeout=10)
+        return self
+
+    def expect(self, prefixes, timeout=10):
+        """Answer lines up to the first that starts with one of prefixes."""
+        import select
+        lines, deadline = [], time.monotonic() + timeout
+        while True:
+            while b"\n" in self._out:
+                line, self._out = self._out.split(b"\n", 1)
+                line = line.decode(errors="replace")
+                lines.append(line)
+                if line.startswith(tuple(prefixes)):
+                    return lines
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.alive():
+                raise TestFailure("%s: no %s answer (got %r)" % (self.name, "/".join(prefixes), lines))
+            select.select([self.proc.stdout.fileno()], [], [], left)
+            try:
+                self._out += os.read(self.proc.stdout.fileno(), 65536)
+            except BlockingIOError:
+                pass
+
+    def cmd(self, line, timeout=10):
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+        lines = self.expect(("ok", "err"), timeout)
+        if lines[-1].startswith("err"):
+            raise TestFailure("%s: %s -> %s" % (self.name, line, lines[-1]))
+        return lines
+
+    def links(self):
+        """[(ring address, vip)] of its up links."""
+        return [tuple(l.split()[1:3]) for l in self.cmd("links") if l.startswith("link ")]
+
+
 class Net:
     """A set of nodes in a private temp dir. Use as a context manager;
     close() is also registered with atexit and runs on SIGTERM/SIGINT."""
@@ -500,8 +559,8 @@ class Net:
                 raise TestFailure("ipop genkey --out %s failed: %s" % (path, err.strip()))
         return path
 
-    def add(self, **kw):
-        n = Node(self, len(self.nodes), **kw)
+    def add(self, kit=False, **kw):
+        n = (KitPeer if kit else Node)(self, len(self.nodes), **kw)
         self.nodes.append(n)
         return n
 

@@ -1,0 +1,304 @@
+/* The hostile-peer kit's member (issue 18): a real ipop node, built from
+ * ipop.c itself, that a test scripts into lying.
+ *
+ *   kit_peer [KIT OPTIONS] -- [ipop up flags]
+ *
+ * It joins like `ipop up` (same flags, same handshakes, same ring code), so
+ * it is a genuine member (or, with a certificate from another CA and
+ * --mac-ca, an outsider holding only the network's public ca.crt).  What it
+ * claims about itself comes from the options below; what it sends after
+ * joining comes from commands on standard input, one per line, each answered
+ * by one line on standard output ("ok ..." or "err ...").
+ *
+ * Kit options (before "--"):
+ *   --claim-started N     the start time it reports (1: "older than anyone")
+ *   --claim-addr HEX|IP   the ring address it claims (an IP: its SHA-1)
+ *   --claim-vip IP        the virtual IP it reports
+ *   --mac-ca FILE         derive the handshake cookie/MAC keys from this
+ *                         ca.crt (an outsider's own CA signs its identity)
+ *
+ * Commands:
+ *   links                       one "link ADDR VIP PROTO" line per up link, then "ok N"
+ *   bye REASON [ADDR]           close every up link (or the one to ADDR) with this BYE reason
+ *   ctm-reply DST CLAIM STARTED send DST an unasked CONNECT-TO-ME reply that lists a
+ *                               neighbour at ring address CLAIM started at STARTED
+ *   routed MODE DST INNER HEX   send any routed message (MODE 1 exact .. 4 pred)
+ *   dht-forge VALUE|off         answer every DHT GET that reaches us, delivered or in
+ *                               transit, with OK, VALUE (text) and no certificate
+ *   quit                        leave (as on SIGTERM)
+ * ADDR, DST and CLAIM are 40 hex digits or a dotted IPv4 address (its SHA-1).
+ */
+#include "../ipop.c"
+
+static struct kit {
+	struct node n;
+	struct ctl ctl;
+	char line[8192];
+	size_t line_len;
+	char forge[DHT_VALUE_MAX_BYTES + 1];    /* dht-forge's value; empty: off */
+	void (*routed)(struct node *n, struct link *l, const uint8_t *pkt, size_t len);
+} kit;
+
+static void kit_say(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	putchar('\n');
+	fflush(stdout);
+}
+
+static bool kit_addr(const char *s, ring_addr *out)
+{
+	struct in_addr ia;
+	if (inet_pton(AF_INET, s, &ia) == 1) {
+		*out = sec_addr_of_ip(ntohl(ia.s_addr));
+		return true;
+	}
+	return strlen(s) == 2 * RING_ADDR_BYTES && buf_unhex(s, out->b, RING_ADDR_BYTES);
+}
+
+/* ---- commands ---------------------------------------------------------- */
+
+static void kit_links(void)
+{
+	struct link *l;
+	unsigned k = 0;
+	link_for_each(&kit.n, l) {
+		if (l->state != LINK_UP)
+			continue;
+		char a[2 * RING_ADDR_BYTES + 1], ip[16];
+		ring_addr_hex(&l->peer.addr, a);
+		buf_ip_str(l->peer.vip, ip);
+		kit_say("link %s %s %s", a, ip, l->proto == PROTO_UDP ? "udp" : "tcp");
+		k++;
+	}
+	kit_say("ok %u", k);
+}
+
+static void kit_bye(char **arg, int argc)
+{
+	ring_addr only;
+	if (argc < 1 || (argc > 1 && !kit_addr(arg[1], &only)))
+		return kit_say("err usage: bye REASON [ADDR]");
+	struct link *l;
+	unsigned k = 0;
+	link_for_each(&kit.n, l)
+		if (l->state == LINK_UP && (argc < 2 || wire_addr_eq(&l->peer.addr, &only))) {
+			link_close(l, (uint8_t)atoi(arg[0]));
+			k++;
+		}
+	kit_say("ok %u", k);
+}
+
+static void kit_ctm_reply(char **arg, int argc)
+{
+	struct wire_ctm_reply m = { .token = (uint32_t)sec_random_u64(&kit.n.rng), .from = kit.n.self };
+	ring_addr dst;
+	if (argc != 3 || !kit_addr(arg[0], &dst) || !kit_addr(arg[1], &m.neighbours[0].addr))
+		return kit_say("err usage: ctm-reply DST CLAIM STARTED");
+	m.neighbours[0].instance = sec_random_u64(&kit.n.rng);
+	m.neighbours[0].started = (uint32_t)strtoul(arg[2], NULL, 10);
+	m.n_neighbours = 1;
+	uint8_t payload[WIRE_MAX_PACKET_BYTES];
+	ssize_t len = wire_ctm_reply_encode(payload, sizeof payload, &m);
+	if (len <= 0)
+		return kit_say("err encode");
+	ring_send(&kit.n, MODE_EXACT, &dst, NULL, INNER_CTM_REPLY, payload, (size_t)len);
+	kit_say("ok");
+}
+
+static void kit_routed_cmd(char **arg, int argc)
+{
+	ring_addr dst;
+	static uint8_t payload[WIRE_MAX_PACKET_BYTES];
+	if (argc != 4 || !kit_addr(arg[1], &dst))
+		return kit_say("err usage: routed MODE DST INNER HEX");
+	size_t hl = strlen(arg[3]);
+	if (hl % 2 || hl / 2 > sizeof payload || !buf_unhex(arg[3], payload, hl / 2))
+		return kit_say("err bad hex");
+	ring_send(&kit.n, (uint8_t)atoi(arg[0]), &dst, NULL, (uint8_t)atoi(arg[2]), payload, hl / 2);
+	kit_say("ok");
+}
+
+static void kit_dht_forge(char **arg, int argc)
+{
+	if (argc != 1 || strlen(arg[0]) > DHT_VALUE_MAX_BYTES)
+		return kit_say("err usage: dht-forge VALUE|off");
+	snprintf(kit.forge, sizeof kit.forge, "%s", strcmp(arg[0], "off") ? arg[0] : "");
+	kit_say("ok");
+}
+
+/* dht-forge: a GET in transit or for us gets our answer, not the holder's. */
+static bool kit_forge_reply(struct node *n, const uint8_t *pkt, size_t len)
+{
+	struct wire_routed r;
+	struct wire_dht m;
+	if (!kit.forge[0] || wire_routed_decode(pkt, len, &r) < 0 || r.inner != INNER_DHT ||
+	    dht_decode(r.payload, r.len, &m) < 0 || m.op != DHT_GET)
+		return false;
+	struct wire_dht reply = { .op = DHT_REPLY, .status = DHT_OK, .token = m.token, .key_len = m.key_len,
+				  .key = m.key, .owner = n->self.addr, .ttl_s = 600,
+				  .value_len = (uint16_t)strlen(kit.forge), .value = (const uint8_t *)kit.forge };
+	if (dht_send(n, MODE_EXACT, &r.src, &reply) == 0) {
+		char key[DHT_KEY_MAX_BYTES + 1];
+		snprintf(key, sizeof key, "%.*s", (int)m.key_len, (const char *)m.key);
+		kit_say("forged %s", key);
+	}
+	return true;
+}
+
+static void kit_routed_hook(struct node *n, struct link *l, const uint8_t *pkt, size_t len)
+{
+	if (!kit_forge_reply(n, pkt, len))
+		kit.routed(n, l, pkt, len);
+}
+
+static void kit_command(char *line)
+{
+	char *arg[8];
+	int argc = 0;
+	for (char *t = strtok(line, " \t"); t && argc < 8; t = strtok(NULL, " \t"))
+		arg[argc++] = t;
+	if (!argc)
+		return;
+	const char *c = arg[0];
+	if (!strcmp(c, "links"))
+		kit_links();
+	else if (!strcmp(c, "bye"))
+		kit_bye(arg + 1, argc - 1);
+	else if (!strcmp(c, "ctm-reply"))
+		kit_ctm_reply(arg + 1, argc - 1);
+	else if (!strcmp(c, "routed"))
+		kit_routed_cmd(arg + 1, argc - 1);
+	else if (!strcmp(c, "dht-forge"))
+		kit_dht_forge(arg + 1, argc - 1);
+	else if (!strcmp(c, "quit")) {
+		kit.n.loop.stop = true;
+		kit_say("ok");
+	}
+	else
+		kit_say("err unknown command %s", c);
+}
+
+static void kit_stdin_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	(void)arg, (void)events;
+	ssize_t r = read(fd, kit.line + kit.line_len, sizeof kit.line - 1 - kit.line_len);
+	if (r <= 0) {
+		if (r == 0 || errno != EAGAIN) {
+			ev_fd_forget(loop, fd);
+			loop->stop = true;      /* the test is gone: so are we */
+		}
+		return;
+	}
+	kit.line_len += (size_t)r;
+	char *nl;
+	while ((nl = memchr(kit.line, '\n', kit.line_len))) {
+		*nl = 0;
+		kit_command(kit.line);
+		size_t used = (size_t)(nl + 1 - kit.line);
+		memmove(kit.line, nl + 1, kit.line_len - used);
+		kit.line_len -= used;
+	}
+	if (kit.line_len == sizeof kit.line - 1)
+		kit.line_len = 0;               /* an over-long line: dropped */
+}
+
+/* ---- start ------------------------------------------------------------- */
+
+static int kit_usage(void)
+{
+	fprintf(stderr, "usage: kit_peer [--claim-started N] [--claim-addr HEX|IP] [--claim-vip IP] "
+		"[--mac-ca FILE] -- [ipop up flags]\n");
+	return 2;
+}
+
+/* An outsider's own CA signs its identity, but its handshake MACs must be
+ * the network's: derive them from the network's ca.crt as members do. */
+static int kit_mac_ca(const char *path)
+{
+	mbedtls_x509_crt ca;
+	char err[300];
+	mbedtls_x509_crt_init(&ca);
+	if (sec_parse_pem(path, false, &ca, NULL, &kit.n.rng, err, sizeof err) < 0) {
+		fprintf(stderr, "kit_peer: %s\n", err);
+		return -1;
+	}
+	sec_sha256("ipop-v2 ca", 10, ca.raw.p, ca.raw.len, kit.n.sec.salt);
+	sec_sha256("ipop-v2 mac1", 12, ca.raw.p, ca.raw.len, kit.n.sec.mac1_key);
+	mbedtls_x509_crt_free(&ca);
+	return 0;
+}
+
+struct kit_claims {
+	const char *started, *addr, *vip, *mac_ca;
+};
+
+static int kit_claim(const struct kit_claims *c)
+{
+	struct in_addr ia;
+	if (c->started)
+		kit.n.self.started = (uint32_t)strtoul(c->started, NULL, 10);
+	if (c->vip) {
+		if (inet_pton(AF_INET, c->vip, &ia) != 1)
+			return -1;
+		kit.n.self.vip = ntohl(ia.s_addr);
+	}
+	if (c->addr && !kit_addr(c->addr, &kit.n.self.addr))
+		return -1;
+	return c->mac_ca ? kit_mac_ca(c->mac_ca) : 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct kit_claims c = { 0 };
+	int i = 1;
+	for (; i + 1 < argc && strcmp(argv[i], "--"); i += 2) {
+		if (!strcmp(argv[i], "--claim-started"))
+			c.started = argv[i + 1];
+		else if (!strcmp(argv[i], "--claim-addr"))
+			c.addr = argv[i + 1];
+		else if (!strcmp(argv[i], "--claim-vip"))
+			c.vip = argv[i + 1];
+		else if (!strcmp(argv[i], "--mac-ca"))
+			c.mac_ca = argv[i + 1];
+		else
+			return kit_usage();
+	}
+	if (i >= argc || strcmp(argv[i], "--"))
+		return kit_usage();
+	static struct cli_opts o;
+	o = (struct cli_opts){ .cmd = CMD_UP, .log_level = LOG_INFO };
+	if (cli_parse_args(&o, argc - i - 1, argv + i + 1, "up") < 0)
+		return 2;
+	log_cfg.level = o.log_level;
+	char err[1200];
+	if (!o.control[0] && ctl_default_path(o.control, sizeof o.control, true) < 0)
+		return 1;
+	if (cli_node_init(&kit.n, &o, err, sizeof err) < 0 || kit_claim(&c) < 0 ||
+	    ctl_open(&kit.ctl, &kit.n, o.control, err, sizeof err) < 0) {
+		fprintf(stderr, "kit_peer: %s\n", err);
+		return 1;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
+	ev_fd_watch(&kit.n.loop, 0, EPOLLIN, kit_stdin_event, NULL);
+	link_start(&kit.n);
+	ring_start(&kit.n);
+	dht_start(&kit.n);
+	nat_start(&kit.n);
+	kit.routed = kit.n.hooks.routed;
+	kit.n.hooks.routed = kit_routed_hook;
+	kit_say("ready");
+	while (!kit.n.loop.stop) {
+		ev_run_once(&kit.n.loop);
+		if (kit.n.ip.flush_local)
+			kit.n.ip.flush_local(&kit.n);
+		link_reap(&kit.n);
+	}
+	ring_leave(&kit.n);
+	ctl_close(&kit.ctl);
+	return 0;
+}
