@@ -268,7 +268,7 @@ class Proc:
 # namespace labs (root tests that build their own network)
 
 
-def lab_start(name, cleanup, tools, remove_leftovers, hint="see .ci/run"):
+def lab_start(name, cleanup, tools, remove_leftovers, hint="tests/deps.sh installs it"):
     """The start of a test that builds network namespaces: cleanup() runs at
     exit and on SIGTERM/SIGINT/SIGHUP; without root or a tool it prints one
     FAIL line and exits 1; leftovers of an earlier run are removed."""

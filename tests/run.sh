@@ -16,6 +16,12 @@ mkdir -p "$LOGDIR"
 # $XDG_STATE_HOME/ipop: the tests' own, fresh each run, not the user's.
 export XDG_STATE_HOME=$ROOT/build/test-state
 rm -rf "$XDG_STATE_HOME"
+# What the tests drive (ping, sshd, nft, iperf3, mpirun, clang ...): installed
+# now when we are root and something is missing (the list: tests/deps.sh);
+# otherwise named, and the tests that need it fail saying so.
+if [ -z "${IPOP_TEST_NO_INSTALL:-}" ]; then
+    tests/deps.sh || echo "tests: going on without them"
+fi
 PASS=0
 FAIL=0
 FAILED_NAMES=()

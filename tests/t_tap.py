@@ -957,7 +957,7 @@ def main():
     ipop_bin()
     for tool in ("ip", "ping", "iperf3", "sshd", "ssh", "ssh-keygen", "nft", "socat", "ss", "setpriv"):
         if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("FAIL: missing tool %s (see .ci/run)" % tool, flush=True)
+            print("FAIL: missing tool %s (tests/deps.sh installs it)" % tool, flush=True)
             sys.exit(1)
     old = remove_tt_netns(quiet=True)
     if old:

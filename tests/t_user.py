@@ -1558,7 +1558,7 @@ def main():
     log("binary: private copy %s (sha1 %s)" % (ipop_bin(), hashlib.sha1(open(ipop_bin(), "rb").read()).hexdigest()[:12]))
     for tool in ("ip", "ping", "curl", "sshd", "ssh", "ssh-keygen", "ss", "setpriv"):
         if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("FAIL: missing tool %s (see .ci/run)" % tool, flush=True)
+            print("FAIL: missing tool %s (tests/deps.sh installs it)" % tool, flush=True)
             sys.exit(1)
     old = remove_tu_netns(quiet=True)
     if old:
