@@ -23,6 +23,10 @@ started are signalled.
     no greeting) are held, and a legitimate SOCKS client still gets a
     CONNECT through to B's TCP echo within 5 s; A's descriptors stay
     below baseline + 64 (SOCKS_NEGOTIATING_MAX) + slack; local_evicted > 0.
+ 3b. Established SOCKS relays (to B's echo) until A runs out of descriptors,
+    and 20 more connections waiting in the backlog: A's CPU over 2 s stays
+    under 35% of a core (its SOCKS listener rests instead of spinning);
+    once they close, SOCKS and status work again.
  4. 100 idle --metrics connections are held: `ipop status` still answers
     (5 of 5), and a new scrape gets HTTP 200.
 """
@@ -385,6 +389,55 @@ def step_idle_socks(a):
         s.close()
 
 
+def socks_held(timeout=1.0):
+    """An established SOCKS relay to B's echo (kept open), or None."""
+    try:
+        s = socket.create_connection(("127.0.0.1", SOCKS_PORT), timeout)
+        s.settimeout(timeout)
+        socks_greet(s)
+        s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(VNET % 2) + struct.pack(">H", 7))
+        if recvn(s, 10)[1] != 0:
+            s.close()
+            return None
+        return s
+    except OSError:
+        return None
+
+
+def cpu_ticks(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def step_socks_fd_limit(a):
+    log("step 3b: established SOCKS relays up to A's fd limit (%d)" % A_NOFILE)
+    held = []
+    while len(held) < A_NOFILE:
+        s = socks_held()
+        if s is None:
+            break
+        held.append(s)
+    waiting = []
+    for _ in range(20):             # these wait in the listener's backlog
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", SOCKS_PORT))
+        waiting.append(s)
+    time.sleep(0.5)
+    c0, t0 = cpu_ticks(a.pid), time.monotonic()
+    time.sleep(2.0)
+    cpu = (cpu_ticks(a.pid) - c0) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
+    soft_check(len(held) < A_NOFILE and cpu < 0.35, "%d relays reach A's fd limit; A's CPU there: %.0f%% "
+               "of a core (no spin)" % (len(held), 100 * cpu))
+    for s in held + waiting:
+        s.close()
+    ok = wait_for(socks_echo, 10) is not None
+    st, _ = status("a")
+    soft_check(ok and st is not None and drops(st, "fd_limit") > 0,
+               "after they close, SOCKS and status work again (fd_limit drops: %d)" % drops(st, "fd_limit"))
+
+
 def step_idle_metrics():
     log("step 4: %d idle --metrics connections" % IDLE_METRICS)
     idle = []
@@ -432,6 +485,7 @@ def main():
         check(wait_for(socks_echo, 15) is not None, "no SOCKS path from A to B's echo")
         step_udp_associate()
         step_idle_socks(a)
+        step_socks_fd_limit(a)
         step_idle_metrics()
         failed = bool(failures)
     finally:
