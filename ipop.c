@@ -841,8 +841,9 @@ static void ev_rest_end(struct ev_loop *loop, int fd)
 }
 
 /* After accept4 failed on listener lfd: true when the listener has no more
- * for now.  Out of descriptors, it rests (and the refusal is counted);
- * a connection that died in the backlog (ECONNABORTED) is skipped. */
+ * for now.  Out of descriptors (or of kernel memory for one), it rests and
+ * the refusal is counted; a connection that died in the backlog
+ * (ECONNABORTED) is skipped. */
 static bool ev_accept_failed(struct ev_loop *loop, int lfd, struct log_drops *drops,
 			     enum drop_reason why, const char *what)
 {
@@ -12351,19 +12352,25 @@ static int ctl_metrics_open(struct ctl *ctl, const struct endpoint *ep, char *er
 }
 
 /* /tmp is shared: another user may have made ipop-UID before us, as a
- * directory of theirs (they could swap our socket for theirs), a symbolic
- * link, or a directory anyone may write to.  Only a directory of our own
- * that no one else may write to will do; one that others may only read or
- * enter is tightened to 0700.  (The sticky /tmp lets no one else rename or
- * remove our entry once checked.)  On failure err says why. */
-static int ctl_dir_check(const char *dir, char *err, size_t errlen)
+ * directory of theirs (they could swap our socket for theirs, or answer
+ * our `ipop status` and read what `ipop dht put` sends), a symbolic link,
+ * or a directory anyone may write to.  Only a directory of our own that no
+ * one else may write to will do; a node (create) makes it, or tightens one
+ * that others may only read or enter to 0700.  (The sticky /tmp lets no
+ * one else rename or remove our entry once checked.)  On failure err says
+ * why. */
+static int ctl_dir_check(const char *dir, bool create, char *err, size_t errlen)
 {
 	struct stat st;
 	const char *fix = "remove it, or use --control PATH";
-	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+	bool made = !create || mkdir(dir, 0700) == 0 || errno == EEXIST;
+	int seen = made ? lstat(dir, &st) : -1;
+	if (!create && seen < 0 && errno == ENOENT)
+		return 0;               /* no node has run: connecting says so */
+	if (!made)
 		snprintf(err, errlen, "cannot create the control socket directory %s: %s (use --control PATH)",
 			 dir, strerror(errno));
-	else if (lstat(dir, &st) < 0)
+	else if (seen < 0)
 		snprintf(err, errlen, "cannot check the control socket directory %s: %s (use --control PATH)",
 			 dir, strerror(errno));
 	else if (S_ISLNK(st.st_mode) || !S_ISDIR(st.st_mode))
@@ -12375,7 +12382,7 @@ static int ctl_dir_check(const char *dir, char *err, size_t errlen)
 	else if (st.st_mode & 022)
 		snprintf(err, errlen, "the control socket directory %s is writable by others (mode %04o): %s",
 			 dir, (unsigned)(st.st_mode & 07777), fix);
-	else if ((st.st_mode & 077) && chmod(dir, 0700) < 0)
+	else if (create && (st.st_mode & 077) && chmod(dir, 0700) < 0)
 		snprintf(err, errlen, "cannot make the control socket directory %s private: %s (use --control PATH)",
 			 dir, strerror(errno));
 	else
@@ -12383,10 +12390,9 @@ static int ctl_dir_check(const char *dir, char *err, size_t errlen)
 	return -1;
 }
 
-/* The per-user default: $XDG_RUNTIME_DIR/ipop.sock, else /tmp/ipop-UID/ipop.sock.
- * With err (a node starting), /tmp/ipop-UID is made or checked first
- * (ctl_dir_check); clients only look. */
-static int ctl_default_path(char *out, size_t cap, char *err, size_t errlen)
+/* The per-user default: $XDG_RUNTIME_DIR/ipop.sock, else /tmp/ipop-UID/ipop.sock,
+ * once ctl_dir_check passed (create: a node starting makes the directory). */
+static int ctl_default_path(char *out, size_t cap, bool create, char *err, size_t errlen)
 {
 	const char *rt = getenv("XDG_RUNTIME_DIR");
 	if (rt && *rt) {
@@ -12395,7 +12401,7 @@ static int ctl_default_path(char *out, size_t cap, char *err, size_t errlen)
 	}
 	char dir[64];
 	snprintf(dir, sizeof dir, "/tmp/ipop-%u", (unsigned)getuid());
-	if (err && ctl_dir_check(dir, err, errlen) < 0)
+	if (ctl_dir_check(dir, create, err, errlen) < 0)
 		return -1;
 	snprintf(out, cap, "%s/ipop.sock", dir);
 	return 0;
@@ -15366,7 +15372,7 @@ static int cli_up(struct cli_opts *o)
 	char err[1200];
 	int sfd = -1;
 	log_cfg.level = o->log_level;
-	if (!o->control[0] && ctl_default_path(o->control, sizeof o->control, err, sizeof err) < 0) {
+	if (!o->control[0] && ctl_default_path(o->control, sizeof o->control, true, err, sizeof err) < 0) {
 		cli_fail("%s", err);
 		return EXIT_FAIL;
 	}
@@ -15448,10 +15454,21 @@ static int cli_no_node(const char *path, int rc)
 	return EXIT_NO_NODE;
 }
 
+/* The default control socket for a client command; -1 (said) when its
+ * directory is not safely ours (ctl_dir_check). */
+static int cli_control_default(struct cli_opts *o)
+{
+	char err[300];
+	if (ctl_default_path(o->control, sizeof o->control, false, err, sizeof err) == 0)
+		return 0;
+	cli_fail("%s", err);
+	return -1;
+}
+
 static int cli_status(struct cli_opts *o)
 {
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, NULL, 0);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	struct buf_str ans = { 0 };
 	int rc = cli_ctl_ask(o->control, o->json ? "status json\n" : "status text\n", &ans, 5000);
 	if (rc < 0 || !ans.len) {
@@ -15487,8 +15504,8 @@ static int cli_ping(struct cli_opts *o)
 			 o->target ? "bad target" : "missing target");
 		return EXIT_USAGE;
 	}
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, NULL, 0);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	long wait_ms = (long)(o->wait_s * 1000), replies = 0, sent = 0;
 	char line[128];
 	snprintf(line, sizeof line, "ping %s %ld\n", o->target, wait_ms > 0 ? wait_ms : 1);
@@ -15723,8 +15740,8 @@ static int cli_dht(struct cli_opts *o)
 			 DHT_KEY_MAX_BYTES, DHT_VALUE_MAX_BYTES);
 		return EXIT_USAGE;
 	}
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, NULL, 0);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	char *line = malloc(2 * vlen + DHT_KEY_MAX_BYTES + 64);
 	if (!line)
 		return EXIT_FAIL;
@@ -15777,8 +15794,8 @@ static int cli_route(struct cli_opts *o)
 		cli_fail("route: expected a prefix like 10.128.7.0/24 (see 'ipop route --help')");
 		return EXIT_USAGE;
 	}
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, NULL, 0);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	char line[128];
 	snprintf(line, sizeof line, "route %s %s\n", o->target, o->args[0]);
 	struct buf_str ans = { 0 };
@@ -15889,8 +15906,8 @@ static int cli_resolve_name(struct cli_opts *o)
 	size_t l = strlen(name);
 	if (l > 5 && !strcmp(name + l - 5, ".ipop"))
 		name[l - 5] = 0;
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, NULL, 0);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	snprintf(line, sizeof line, "dht get name:%s\n", name);
 	struct buf_str ans = { 0 };
 	int rc = cli_ctl_ask(o->control, line, &ans, DHT_REQUEST_TIMEOUT_MS + 2000);
@@ -16059,8 +16076,8 @@ static int cli_map(struct cli_opts *o)
 {
 	static struct cli_map_node self, peers[MAP_PEERS_MAX];
 	unsigned np = 0, lookups = 0;
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, NULL, 0);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	struct buf_str ans = { 0 };
 	int rc = cli_ctl_ask(o->control, "map\n", &ans, 5000);
 	if (rc < 0 || !ans.len || strncmp(ans.s, "self ", 5)) {

@@ -11,7 +11,8 @@ started are signalled.
     control socket /tmp/ipop-65534/ipop.sock): a pre-made ipop-65534
     owned by another user (daemon, mode 0777), a symbolic link to a
     directory anyone may write, and our own directory with mode 0777 each
-    make `ipop up` exit with status 1 and one line that names --control;
+    make `ipop up` exit with status 1 and one line that names --control,
+    and `ipop status` too (it would talk to whoever made the directory);
     our own 0755 directory is tightened to 0700 and the node answers
     `ipop status`; so does a fresh start with no directory.
  2. SOCKS UDP ASSOCIATE on node A (user mode, SOCKS on 127.0.0.1): a
@@ -137,7 +138,9 @@ def up(name):
         rc = p.returncode
     err = p.stderr.read().decode(errors="replace")
     mode = oct(os.lstat(d).st_mode & 0o7777) if os.path.lexists(d) else None
-    print(json.dumps({"case": name, "rc": rc, "stderr": err, "answered": answered, "mode": mode}), flush=True)
+    st = subprocess.run(asnobody + [ipop, "status"], env=env, capture_output=True, text=True)
+    print(json.dumps({"case": name, "rc": rc, "stderr": err, "answered": answered, "mode": mode,
+                      "status_rc": st.returncode, "status_err": st.stderr}), flush=True)
 
 reset(); os.mkdir(d); os.chown(d, other, other); os.chmod(d, 0o777); up("other_user")
 reset(); os.mkdir("/tmp/elsewhere"); os.chmod("/tmp/elsewhere", 0o777); os.symlink("/tmp/elsewhere", d); up("symlink")
@@ -167,6 +170,10 @@ def step_ctl_dir():
         lines = [ln for ln in c["stderr"].splitlines() if ln.strip()]
         soft_check(c["rc"] == 1 and len(lines) == 1 and "--control" in lines[0],
                    "%s: exit %s, %d line(s): %s" % (name, c["rc"], len(lines), " | ".join(lines)[:200]))
+        lines = [ln for ln in c["status_err"].splitlines() if ln.strip()]
+        soft_check(c["status_rc"] == 1 and len(lines) == 1 and "--control" in lines[0],
+                   "%s: `ipop status` will not talk there either: exit %s, %d line(s)"
+                   % (name, c["status_rc"], len(lines)))
     for name in ("ours_0755", "none"):
         c = cases[name]
         soft_check(c["answered"] and c["mode"] == "0o700",
