@@ -65,6 +65,7 @@
 #include <sys/wait.h>
 #include <sys/ioctl.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -131,6 +132,13 @@ enum {
 	LINK_ENDPOINTS_MAX = 8,        /* advertised endpoints per node (wire cap) */
 	LINK_TCP_WQUEUE_BYTES = 1 << 20, /* per TCP link; over it packets are dropped */
 	LINK_TABLE_MAX = 4096,         /* links per node; new dials/accepts refused past it */
+	/* Accepted TCP streams not yet authenticated (link_unproven_add).  A
+	 * joiner's stream is unproven for one round trip (HS_INIT, HS_RESP,
+	 * HS_FIN), so a public node with ten joiners a second holds a few;
+	 * 128 leaves room for a crowd and bounds what an outsider holds to
+	 * 128 descriptors and links, far below LINK_TABLE_MAX and the fd limit. */
+	LINK_UNPROVEN_MAX = 128,
+	LINK_UNPROVEN_PER_IP_MAX = 16, /* a site's NAT: a dozen nodes behind it dialling at once */
 	LINK_CONTACT_SLOTS = 256,      /* addresses we sent a first packet to (link_note_contact) */
 	LINK_CONTACT_MS = 300000,      /* ... remembered this long: longer than NATs keep a hole */
 	LINK_UDP_BUFFER_BYTES = 4 << 20, /* socket buffers: ~3000 full packets of burst */
@@ -205,6 +213,7 @@ struct node;
 struct ev_loop;
 struct link;
 struct ctl_client;
+struct socks_client;
 
 #define container_of(ptr, type, member) \
 	((type *)(void *)((char *)(ptr) - offsetof(type, member)))
@@ -253,6 +262,10 @@ enum drop_reason {
 	DROP_TOO_BIG,           /* a message grew past what its next link carries */
 	DROP_OVERLAY_ENDPOINT,  /* an underlay address inside the virtual network (link_overlay_ip) */
 	DROP_ADDRESS_CLAIM,     /* a peer's unproven word that another node holds our address */
+	DROP_FD_LIMIT,          /* an accept found no file descriptor free: the listener rests */
+	DROP_PENDING_EVICTED,   /* an accepted, unauthenticated TCP stream closed for a newer one */
+	DROP_LOCAL_EVICTED,     /* a SOCKS client still negotiating, or a metrics client,
+	                         * closed for a newer one */
 	DROP__COUNT
 };
 
@@ -285,6 +298,9 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_TOO_BIG] = "too_big",
 	[DROP_OVERLAY_ENDPOINT] = "overlay_endpoint",
 	[DROP_ADDRESS_CLAIM] = "address_claim",
+	[DROP_FD_LIMIT] = "fd_limit",
+	[DROP_PENDING_EVICTED] = "pending_evicted",
+	[DROP_LOCAL_EVICTED] = "local_evicted",
 };
 
 struct log_drops {
@@ -588,6 +604,7 @@ struct ev_loop {
 	int max_wait_ms;        /* cap on one epoll wait; tests shorten it */
 	bool stop;
 	bool virtual_time;      /* a simulated node (section 15b): now_ms is all there is */
+	struct ev_rest *resting;        /* EV_RESTING_MAX, allocated by the first ev_fd_rest */
 };
 
 static uint64_t ev_clock_us(void)
@@ -629,6 +646,7 @@ static void ev_fini(struct ev_loop *loop)
 		close(loop->epfd);
 	free(loop->files);
 	free(loop->heap);
+	free(loop->resting);
 	*loop = (struct ev_loop){ .epfd = -1 };
 }
 
@@ -649,10 +667,13 @@ static int ev_fd_watch(struct ev_loop *loop, int fd, uint32_t events,
 	return 0;
 }
 
+static void ev_rest_end(struct ev_loop *loop, int fd);
+
 static void ev_fd_forget(struct ev_loop *loop, int fd)
 {
 	if (fd < 0 || fd >= EV_FD_MAX || !loop->files[fd].fn)
 		return;
+	ev_rest_end(loop, fd);
 	epoll_ctl(loop->epfd, EPOLL_CTL_DEL, fd, NULL);
 	loop->files[fd] = (struct ev_file){ 0 };
 }
@@ -756,6 +777,86 @@ static void ev_run_timers(struct ev_loop *loop)
 		if (next >= 0 && !ev_timer_armed(t))
 			ev_timer_arm(loop, t, (uint64_t)next);
 	}
+}
+
+/* ---- resting listeners ----------------------------------------------------
+ * A listener whose accept failed for want of file descriptors (EMFILE,
+ * ENFILE) stays readable: the loop, level-triggered, would call it again
+ * at once and forever, at 100% CPU, while nothing gets better.  ev_fd_rest
+ * takes the fd out of epoll's view for EV_REST_MS; its timer puts it back.
+ * Meanwhile connections wait in the kernel's backlog, and descriptors that
+ * close (links timing out, clients done) go to whoever needs one first. */
+
+enum {
+	EV_REST_MS = 250,               /* 4 accept tries a second per listener at the fd limit */
+	EV_RESTING_MAX = 16,            /* LISTEN_MAX link listeners, SOCKS, control, metrics and
+	                                 * a few -L forwards; more resting at once spin as before */
+};
+
+struct ev_rest {
+	struct ev_timer timer;
+	int fd;                         /* -1: free */
+};
+
+static int64_t ev_rest_done(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct ev_rest *r = container_of(t, struct ev_rest, timer);
+	struct epoll_event ev = { .events = loop->files[r->fd].events, .data.fd = r->fd };
+	epoll_ctl(loop->epfd, EPOLL_CTL_MOD, r->fd, &ev);
+	r->fd = -1;
+	return EV_TIMER_STOP;
+}
+
+static struct ev_rest *ev_rest_find(struct ev_loop *loop, int fd)
+{
+	for (unsigned i = 0; loop->resting && i < EV_RESTING_MAX; i++)
+		if (loop->resting[i].fd == fd)
+			return &loop->resting[i];
+	return NULL;
+}
+
+/* Stop reporting a watched fd for EV_REST_MS. */
+static void ev_fd_rest(struct ev_loop *loop, int fd)
+{
+	if (fd < 0 || fd >= EV_FD_MAX || !loop->files[fd].fn || ev_rest_find(loop, fd))
+		return;
+	if (!loop->resting && (loop->resting = calloc(EV_RESTING_MAX, sizeof *loop->resting)))
+		for (unsigned i = 0; i < EV_RESTING_MAX; i++) {
+			loop->resting[i].fd = -1;
+			ev_timer_init(&loop->resting[i].timer, ev_rest_done);
+		}
+	struct ev_rest *r = ev_rest_find(loop, -1);
+	struct epoll_event ev = { .events = 0, .data.fd = fd };
+	if (!r || epoll_ctl(loop->epfd, EPOLL_CTL_MOD, fd, &ev) < 0)
+		return;
+	r->fd = fd;
+	ev_timer_arm(loop, &r->timer, EV_REST_MS);
+}
+
+/* The fd goes: its rest, if any, ends without touching epoll. */
+static void ev_rest_end(struct ev_loop *loop, int fd)
+{
+	struct ev_rest *r = ev_rest_find(loop, fd);
+	if (!r)
+		return;
+	ev_timer_cancel(loop, &r->timer);
+	r->fd = -1;
+}
+
+/* After accept4 failed on listener lfd: true when the listener has no more
+ * for now.  Out of descriptors (or of kernel memory for one), it rests and
+ * the refusal is counted; a connection that died in the backlog
+ * (ECONNABORTED) is skipped. */
+static bool ev_accept_failed(struct ev_loop *loop, int lfd, struct log_drops *drops,
+			     enum drop_reason why, const char *what)
+{
+	if (errno == ECONNABORTED || errno == EINTR)
+		return false;
+	if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+		log_drop(drops, why, loop->now_ms, what);
+		ev_fd_rest(loop, lfd);
+	}
+	return true;
 }
 
 /* One turn: wait for I/O or the next timer, dispatch both. */
@@ -2748,6 +2849,9 @@ struct lw_state {
 	unsigned n_acks;
 	uint8_t acks[LW_ACKS_HELD][LW_ACK_BYTES];       /* the newest pure ACK per flow */
 	int socks_fd;                   /* -1: no SOCKS server */
+	struct socks_client **negotiating;      /* oldest first; SOCKS_NEGOTIATING_MAX, allocated
+	                                         * by the first client */
+	unsigned n_negotiating;
 	char *socks_auth;               /* --socks-auth: "user:password" lines, or NULL */
 	struct endpoint socks;
 	struct fwd_spec *fwd;           /* -L and -R */
@@ -2826,6 +2930,9 @@ struct node {
 	unsigned n_links;
 	uint32_t links_gen;             /* bumped when a link comes up, goes, or changes class */
 	bool reap_pending;              /* a link closed since link_reap last freed all */
+	struct link **unproven;         /* accepted TCP links not yet up, oldest first; allocated
+	                                 * (LINK_UNPROVEN_MAX) by the first accept */
+	unsigned n_unproven;
 	uint64_t reap_drain_ms;         /* the earliest end of a closed link's drain; 0: none */
 	struct link **link_slots;       /* by local_idx % LINK_TABLE_MAX (link_find_index) */
 	unsigned n_link_slots;          /* grows by doubling up to LINK_TABLE_MAX */
@@ -3172,6 +3279,9 @@ static void link_free_all(struct node *n)
 		l->drain_until_ms = 0;
 	}
 	n->reap_pending = true;
+	n->n_unproven = 0;
+	free(n->unproven);
+	n->unproven = NULL;
 	link_reap(n);
 	free(n->link_slots);
 	n->link_slots = NULL;
@@ -3569,6 +3679,19 @@ static bool link_contacted(struct node *n, const struct sockaddr_in *sa)
 	       ev_now(&n->loop) - c->ms < LINK_CONTACT_MS;
 }
 
+/* An accepted TCP link came up or goes: it is no longer unproven. */
+static void link_unproven_forget(struct node *n, struct link *l)
+{
+	if (l->proto != PROTO_TCP || l->initiator)
+		return;
+	for (unsigned i = 0; i < n->n_unproven; i++)
+		if (n->unproven[i] == l) {
+			n->n_unproven--;
+			memmove(&n->unproven[i], &n->unproven[i + 1], (n->n_unproven - i) * sizeof *n->unproven);
+			return;
+		}
+}
+
 /* Tear a link down.  A BYE goes out only on an up link, and only when the
  * peer did not close first: a peer that never finished the handshake holds
  * no state worth telling.  reason 0 means the link failed (dead, reset). */
@@ -3578,6 +3701,7 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 		return;
 	bool was_up = l->state == LINK_UP;
 	struct node *n = l->node;
+	link_unproven_forget(n, l);
 	if (l->proto == PROTO_UDP)
 		link_note_contact(n, &l->remote);       /* our records kept its hole open */
 	if (was_up && tell_peer && reason)
@@ -3931,6 +4055,7 @@ static void link_became_up(struct link *l)
 {
 	struct node *n = l->node;
 	l->state = LINK_UP;
+	link_unproven_forget(n, l);
 	n->links_gen++;
 	l->up_ms = l->last_rx_ms = ev_now(&n->loop);
 	if (l->keys)
@@ -5023,6 +5148,61 @@ static void link_tcp_watch(struct link *l)
 	ev_fd_watch(&l->node->loop, l->fd, EPOLLIN | (want ? EPOLLOUT : 0), link_tcp_event, l);
 }
 
+/* ---- unproven TCP streams ---------------------------------------------------
+ * Anyone may open TCP streams to our listener and say nothing; each holds a
+ * descriptor and a link until LINK_HANDSHAKE_TIMEOUT_MS.  At most
+ * LINK_UNPROVEN_MAX are held, LINK_UNPROVEN_PER_IP_MAX per source address;
+ * past either, the oldest one (of that source, or of all) is closed for the
+ * new one.  Refusing the new one instead would let a flood that keeps the
+ * table full shut out every joiner for as long as it lasts; evicting the
+ * oldest means a joiner is lost only if LINK_UNPROVEN_MAX streams arrive
+ * within its one round trip, and an address's own flood pushes out only
+ * its own streams. */
+
+static void link_unproven_evict(struct node *n, struct link *l)
+{
+	char who[64];
+	link_describe(l, who);
+	log_drop(&n->drops, DROP_PENDING_EVICTED, ev_now(&n->loop), who);
+	link_close(l, 0);
+}
+
+/* The stream to close so that one more from ip fits, or NULL. */
+static struct link *link_unproven_victim(struct node *n, uint32_t ip)
+{
+	struct link *oldest_of_ip = NULL;
+	unsigned of_ip = 0;
+	for (unsigned i = 0; i < n->n_unproven; i++)
+		if (n->unproven[i]->remote.sin_addr.s_addr == ip && !of_ip++)
+			oldest_of_ip = n->unproven[i];
+	if (of_ip >= LINK_UNPROVEN_PER_IP_MAX)
+		return oldest_of_ip;
+	return n->n_unproven >= LINK_UNPROVEN_MAX ? n->unproven[0] : NULL;
+}
+
+static bool link_unproven_add(struct node *n, struct link *l)
+{
+	if (!n->unproven && !(n->unproven = calloc(LINK_UNPROVEN_MAX, sizeof *n->unproven)))
+		return false;
+	struct link *victim = link_unproven_victim(n, l->remote.sin_addr.s_addr);
+	if (victim)
+		link_unproven_evict(n, victim);
+	n->unproven[n->n_unproven++] = l;
+	return true;
+}
+
+/* accept4 failed.  Out of descriptors, the listener rests (ev_fd_rest) and
+ * the oldest unproven stream goes, so that the control socket and our own
+ * dials find a descriptor meanwhile.  True: no more to accept now. */
+static bool link_tcp_accept_failed(struct node *n, int lfd)
+{
+	bool out_of_fds = errno == EMFILE || errno == ENFILE;
+	bool stop = ev_accept_failed(&n->loop, lfd, &n->drops, DROP_FD_LIMIT, "tcp accept");
+	if (out_of_fds && n->n_unproven)
+		link_unproven_evict(n, n->unproven[0]);
+	return stop;
+}
+
 static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
@@ -5031,8 +5211,10 @@ static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t e
 		struct sockaddr_in sa;
 		socklen_t sl = sizeof sa;
 		int fd = accept4(lfd, (struct sockaddr *)&sa, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd < 0)
+		if (fd < 0 && link_tcp_accept_failed(n, lfd))
 			return;
+		if (fd < 0)
+			continue;
 		if (sa.sin_family == AF_INET && !link_underlay_ok(n, PROTO_TCP, &sa)) {
 			close(fd);
 			continue;
@@ -5050,6 +5232,10 @@ static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t e
 			continue;
 		}
 		l->state = LINK_AWAIT_INIT;
+		if (!link_unproven_add(n, l)) {
+			link_close(l, 0);
+			continue;
+		}
 		ev_timer_arm(loop, &l->timer, LINK_HANDSHAKE_TIMEOUT_MS);
 	}
 }
@@ -10750,10 +10936,32 @@ struct socks_client {
 	struct ev_timer timer;          /* negotiation must finish in time */
 };
 
-enum { SOCKS_NEGOTIATE_TIMEOUT_MS = 10000 };
+enum {
+	SOCKS_NEGOTIATE_TIMEOUT_MS = 10000,
+	/* Clients still negotiating (greeting, login, request, name lookup):
+	 * one local round trip each, or a DHT lookup for a name.  A browser
+	 * opening a page's connections at once by name stays well under 64.
+	 * Past it the oldest negotiation is closed for the new client, so idle
+	 * connections (another local user's, or --socks-public's outsiders)
+	 * cannot lock a legitimate client out; established relays are apart. */
+	SOCKS_NEGOTIATING_MAX = 64,
+};
+
+static void socks_negotiating_forget(struct socks_client *c)
+{
+	struct lw_state *lw = &c->n->lw;
+	for (unsigned i = 0; i < lw->n_negotiating; i++)
+		if (lw->negotiating[i] == c) {
+			lw->n_negotiating--;
+			memmove(&lw->negotiating[i], &lw->negotiating[i + 1],
+				(lw->n_negotiating - i) * sizeof *lw->negotiating);
+			return;
+		}
+}
 
 static void socks_client_free(struct socks_client *c)
 {
+	socks_negotiating_forget(c);
 	dht_forget(c->n, c);
 	if (c->fd >= 0) {
 		ev_fd_forget(&c->n->loop, c->fd);
@@ -10850,7 +11058,10 @@ static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uin
  * A UDP socket on loopback takes the client's datagrams (a SOCKS UDP header,
  * then data) and sends the data from an lwIP UDP port to the virtual host;
  * replies come back with the header naming their source.  The association
- * lasts as long as the client's TCP connection. */
+ * lasts as long as the client's TCP connection.  Datagrams count only from
+ * the TCP client's IP address, and from the port its request named (if not
+ * 0) or else the port of its first datagram: another local user cannot
+ * take the relay over by sending first. */
 
 enum { SOCKS_UDP_HDR_BYTES = 10 };     /* RSV RSV FRAG ATYP=1 ADDR(4) PORT(2) */
 
@@ -10858,8 +11069,8 @@ struct socks_udp {
 	struct node *n;
 	int tcp_fd, udp_fd;
 	struct udp_pcb *pcb;
-	struct sockaddr_in client;
-	bool have_client;
+	struct sockaddr_in client;      /* the TCP client's IP; the port once known, else 0 */
+	bool have_client;               /* client's port known: replies can go out */
 };
 
 static void socks_udp_free(struct socks_udp *u)
@@ -10903,8 +11114,9 @@ static void socks_udp_from_client(struct socks_udp *u)
 	ssize_t r = recvfrom(u->udp_fd, d, sizeof d, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
 	if (r < SOCKS_UDP_HDR_BYTES)
 		return;
-	if (u->have_client && !link_sockaddr_eq(&from, &u->client))
-		return;                 /* only the first sender is our client */
+	if (from.sin_addr.s_addr != u->client.sin_addr.s_addr ||
+	    (u->client.sin_port && from.sin_port != u->client.sin_port))
+		return;                 /* not our client */
 	struct buf b = buf_of(d, (size_t)r);
 	uint16_t rsv = buf_u16(&b);
 	uint8_t frag = buf_u8(&b), atyp = buf_u8(&b);
@@ -10941,14 +11153,18 @@ static void socks_udp_event(struct ev_loop *loop, int fd, void *arg, uint32_t ev
 		socks_udp_free(u);      /* the TCP connection ended: so does the association */
 }
 
-/* Answer UDP ASSOCIATE with a relay socket on the address the client used. */
-static int socks_udp_start(struct socks_client *c)
+/* Answer UDP ASSOCIATE with a relay socket on the address the client used;
+ * port: where the client said it sends from (0: not known yet). */
+static int socks_udp_start(struct socks_client *c, uint16_t port)
 {
 	struct sockaddr_in local;
-	socklen_t ll = sizeof local;
+	socklen_t ll = sizeof local, pl = sizeof local;
 	struct socks_udp *u = calloc(1, sizeof *u);
-	if (!u || getsockname(c->fd, (struct sockaddr *)&local, &ll) < 0)
+	if (!u || getsockname(c->fd, (struct sockaddr *)&local, &ll) < 0 ||
+	    getpeername(c->fd, (struct sockaddr *)&u->client, &pl) < 0)
 		goto fail;
+	u->client.sin_port = htons(port);
+	u->have_client = port != 0;
 	u->n = c->n;
 	u->tcp_fd = c->fd;
 	local.sin_port = 0;
@@ -11086,7 +11302,7 @@ static int socks_on_request(struct socks_client *c)
 		return -1;
 	}
 	if (rc == 2)
-		return socks_udp_start(c);
+		return socks_udp_start(c, port);
 	snprintf(key, sizeof key, "name:%s", name);
 	c->state = SOCKS_RESOLVING;
 	c->port = port;
@@ -11123,14 +11339,31 @@ static int64_t socks_client_timeout(struct ev_loop *loop, struct ev_timer *t)
 	return EV_TIMER_STOP;
 }
 
+/* Count c among the negotiating clients, closing the oldest if they are
+ * SOCKS_NEGOTIATING_MAX already. */
+static bool socks_negotiating_add(struct socks_client *c)
+{
+	struct lw_state *lw = &c->n->lw;
+	if (!lw->negotiating && !(lw->negotiating = calloc(SOCKS_NEGOTIATING_MAX, sizeof *lw->negotiating)))
+		return false;
+	if (lw->n_negotiating >= SOCKS_NEGOTIATING_MAX) {
+		log_drop(&c->n->drops, DROP_LOCAL_EVICTED, ev_now(&c->n->loop), "socks client");
+		socks_client_free(lw->negotiating[0]);
+	}
+	lw->negotiating[lw->n_negotiating++] = c;
+	return true;
+}
+
 static void socks_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
 	(void)events;
 	for (int i = 0; i < 64; i++) {
 		int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd < 0)
+		if (fd < 0 && ev_accept_failed(loop, lfd, &n->drops, DROP_FD_LIMIT, "socks accept"))
 			return;
+		if (fd < 0)
+			continue;
 		struct socks_client *c = calloc(1, sizeof *c);
 		if (!c || ev_fd_watch(loop, fd, EPOLLIN, socks_client_event, c) < 0) {
 			free(c);
@@ -11140,6 +11373,10 @@ static void socks_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t even
 		c->n = n;
 		c->fd = fd;
 		ev_timer_init(&c->timer, socks_client_timeout);
+		if (!socks_negotiating_add(c)) {
+			socks_client_free(c);
+			continue;
+		}
 		ev_timer_arm(loop, &c->timer, SOCKS_NEGOTIATE_TIMEOUT_MS);
 	}
 }
@@ -11239,12 +11476,13 @@ static void fwd_dialled(struct lw_relay *r, err_t err)
 static void fwd_local_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
 {
 	struct fwd_spec *f = arg;
-	(void)loop;
 	(void)events;
 	for (int i = 0; i < 64; i++) {
 		int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd < 0)
+		if (fd < 0 && ev_accept_failed(loop, lfd, &f->n->drops, DROP_FD_LIMIT, "-L accept"))
 			return;
+		if (fd < 0)
+			continue;
 		struct lw_relay *r = lw_relay_new(f->n, fd);
 		if (!r) {
 			close(fd);
@@ -11452,6 +11690,11 @@ static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errle
 enum {
 	CTL_IDLE_TIMEOUT_MS = 10000,
 	CTL_METRICS_TIMEOUT_MS = 5000,  /* a scrape sends its request at once */
+	/* --metrics clients among the CTL_CLIENTS_MAX slots: a Prometheus
+	 * server scrapes over one connection every 15 s; two redundant ones and
+	 * a curl by hand are 3.  Past 8 the oldest is closed for the new one,
+	 * so a flood on a public --metrics port leaves 56 slots to `ipop`. */
+	CTL_METRICS_CLIENTS_MAX = 8,
 };
 
 struct ctl_client {
@@ -11463,6 +11706,7 @@ struct ctl_client {
 	size_t out_off;
 	uint32_t ping_id;               /* nonzero while an echo is outstanding */
 	bool http;                      /* a --metrics client: HTTP/1.0, not a command line */
+	uint64_t since_ms;              /* accepted then: the oldest metrics client goes first */
 	struct ev_timer timer;          /* idle or ping timeout */
 };
 
@@ -11989,13 +12233,39 @@ static void ctl_echo_reply(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t
 	}
 }
 
+/* A new metrics client is coming: if CTL_METRICS_CLIENTS_MAX are connected,
+ * close the oldest. */
+static void ctl_metrics_make_room(struct ctl *ctl)
+{
+	struct ctl_client *oldest = NULL;
+	unsigned count = 0;
+	for (unsigned i = 0; i < CTL_CLIENTS_MAX; i++) {
+		struct ctl_client *c = &ctl->clients[i];
+		if (c->fd < 0 || !c->http)
+			continue;
+		count++;
+		if (!oldest || c->since_ms < oldest->since_ms)
+			oldest = c;
+	}
+	if (count < CTL_METRICS_CLIENTS_MAX)
+		return;
+	struct node *n = ctl->node;
+	log_drop(&n->drops, DROP_LOCAL_EVICTED, ev_now(&n->loop), "metrics client");
+	ctl_client_close(oldest);
+}
+
 static void ctl_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
 {
 	struct ctl *ctl = arg;
 	(void)events;
 	int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		ev_accept_failed(loop, lfd, &ctl->node->drops, DROP_FD_LIMIT,
+				 lfd == ctl->metrics_fd ? "metrics accept" : "control accept");
 		return;
+	}
+	if (lfd == ctl->metrics_fd)
+		ctl_metrics_make_room(ctl);
 	for (unsigned i = 0; i < CTL_CLIENTS_MAX; i++) {
 		struct ctl_client *c = &ctl->clients[i];
 		if (c->fd >= 0)
@@ -12006,6 +12276,7 @@ static void ctl_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events
 		c->in_len = 0;
 		c->out_off = 0;
 		c->http = lfd == ctl->metrics_fd;
+		c->since_ms = ev_now(loop);
 		ev_timer_arm(loop, &c->timer, c->http ? CTL_METRICS_TIMEOUT_MS : CTL_IDLE_TIMEOUT_MS);
 		return;
 	}
@@ -12015,8 +12286,9 @@ static void ctl_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events
 /* ---- --metrics: counters for Prometheus over HTTP/1.0 ------------------
  * A scraper connects, sends "GET /metrics HTTP/1.x" and headers, and reads
  * the text exposition format (version 0.0.4) until we close.  Metrics
- * clients share the control clients' table (CTL_CLIENTS_MAX: more are
- * refused), their non-blocking writer and their timer; a request larger
+ * clients share the control clients' table, CTL_METRICS_CLIENTS_MAX of its
+ * slots at most (the oldest goes for a new one), their non-blocking writer
+ * and their timer; a request larger
  * than one control line, or slower than CTL_METRICS_TIMEOUT_MS, is dropped.
  * To add a metric: one ctl_metric call in ctl_metrics_text. */
 
@@ -12125,8 +12397,48 @@ static int ctl_metrics_open(struct ctl *ctl, const struct endpoint *ep, char *er
 	return ctl->metrics_fd < 0 ? -1 : 0;
 }
 
-/* The per-user default: $XDG_RUNTIME_DIR/ipop.sock, else /tmp/ipop-UID/ipop.sock. */
-static int ctl_default_path(char *out, size_t cap, bool create_dir)
+/* /tmp is shared: another user may have made ipop-UID before us, as a
+ * directory of theirs (they could swap our socket for theirs, or answer
+ * our `ipop status` and read what `ipop dht put` sends), a symbolic link,
+ * or a directory anyone may write to.  Only a directory of our own that no
+ * one else may write to will do; a node (create) makes it, or tightens one
+ * that others may only read or enter to 0700.  (The sticky /tmp lets no
+ * one else rename or remove our entry once checked.)  On failure err says
+ * why. */
+static int ctl_dir_check(const char *dir, bool create, char *err, size_t errlen)
+{
+	struct stat st;
+	const char *fix = "remove it, or use --control PATH";
+	bool made = !create || mkdir(dir, 0700) == 0 || errno == EEXIST;
+	int seen = made ? lstat(dir, &st) : -1;
+	if (!create && seen < 0 && errno == ENOENT)
+		return 0;               /* no node has run: connecting says so */
+	if (!made)
+		snprintf(err, errlen, "cannot create the control socket directory %s: %s (use --control PATH)",
+			 dir, strerror(errno));
+	else if (seen < 0)
+		snprintf(err, errlen, "cannot check the control socket directory %s: %s (use --control PATH)",
+			 dir, strerror(errno));
+	else if (S_ISLNK(st.st_mode) || !S_ISDIR(st.st_mode))
+		snprintf(err, errlen, "the control socket directory %s is %s, not a directory of ours: %s",
+			 dir, S_ISLNK(st.st_mode) ? "a symbolic link" : "a file", fix);
+	else if (st.st_uid != getuid())
+		snprintf(err, errlen, "the control socket directory %s belongs to uid %u, not to us (uid %u): %s",
+			 dir, (unsigned)st.st_uid, (unsigned)getuid(), "another user may have made it; use --control PATH");
+	else if (st.st_mode & 022)
+		snprintf(err, errlen, "the control socket directory %s is writable by others (mode %04o): %s",
+			 dir, (unsigned)(st.st_mode & 07777), fix);
+	else if (create && (st.st_mode & 077) && chmod(dir, 0700) < 0)
+		snprintf(err, errlen, "cannot make the control socket directory %s private: %s (use --control PATH)",
+			 dir, strerror(errno));
+	else
+		return 0;
+	return -1;
+}
+
+/* The per-user default: $XDG_RUNTIME_DIR/ipop.sock, else /tmp/ipop-UID/ipop.sock,
+ * once ctl_dir_check passed (create: a node starting makes the directory). */
+static int ctl_default_path(char *out, size_t cap, bool create, char *err, size_t errlen)
 {
 	const char *rt = getenv("XDG_RUNTIME_DIR");
 	if (rt && *rt) {
@@ -12135,8 +12447,8 @@ static int ctl_default_path(char *out, size_t cap, bool create_dir)
 	}
 	char dir[64];
 	snprintf(dir, sizeof dir, "/tmp/ipop-%u", (unsigned)getuid());
-	if (create_dir && mkdir(dir, 0700) < 0 && errno != EEXIST)
-		return -errno;
+	if (ctl_dir_check(dir, create, err, errlen) < 0)
+		return -1;
 	snprintf(out, cap, "%s/ipop.sock", dir);
 	return 0;
 }
@@ -14513,6 +14825,7 @@ static void cli_node_free(struct node *n)
 	tap_close(n);
 	if (n->lw.socks_fd > 0)
 		close(n->lw.socks_fd);
+	free(n->lw.negotiating);        /* (the clients themselves die with the process) */
 	for (unsigned i = 0; i < n->lw.n_fwd; i++) {
 		if (n->lw.fwd[i].fd >= 0)
 			close(n->lw.fwd[i].fd);
@@ -15078,6 +15391,24 @@ static void cli_dns_setup(const struct node *n)
 		 "'nameserver %s' to /etc/resolv.conf (it answers only .ipop names)", gw);
 }
 
+/* Every link, SOCKS client and control client holds a descriptor.  The
+ * usual soft limit (1024) is what a flood of TCP connections would exhaust
+ * first, while the hard limit is often far higher: take it, up to the event
+ * loop's fd table (EV_FD_MAX).  Called after a --mode ns command started:
+ * it keeps the limit it was given (select() users need fds below 1024). */
+static void cli_fd_limit_raise(void)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+		return;
+	rlim_t want = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > EV_FD_MAX ? EV_FD_MAX : rl.rlim_max;
+	if (rl.rlim_cur >= want)
+		return;
+	rl.rlim_cur = want;
+	if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+		log_debug("cli", "cannot raise the descriptor limit: %s", strerror(errno));
+}
+
 static int cli_up(struct cli_opts *o)
 {
 	static struct node node;        /* large; static keeps it off the stack */
@@ -15087,8 +15418,8 @@ static int cli_up(struct cli_opts *o)
 	char err[1200];
 	int sfd = -1;
 	log_cfg.level = o->log_level;
-	if (!o->control[0] && ctl_default_path(o->control, sizeof o->control, true) < 0) {
-		cli_fail("cannot create the control socket directory: %s (use --control PATH)", strerror(errno));
+	if (!o->control[0] && ctl_default_path(o->control, sizeof o->control, true, err, sizeof err) < 0) {
+		cli_fail("%s", err);
 		return EXIT_FAIL;
 	}
 	int rc = cli_node_init(&node, o, err, sizeof err);
@@ -15103,6 +15434,7 @@ static int cli_up(struct cli_opts *o)
 		cli_node_free(&node);
 		return EXIT_FAIL;
 	}
+	cli_fd_limit_raise();
 	if (o->dns)
 		cli_dns_setup(&node);
 	if (cli_signals_open(&run, &sfd) < 0) {
@@ -15168,10 +15500,21 @@ static int cli_no_node(const char *path, int rc)
 	return EXIT_NO_NODE;
 }
 
+/* The default control socket for a client command; -1 (said) when its
+ * directory is not safely ours (ctl_dir_check). */
+static int cli_control_default(struct cli_opts *o)
+{
+	char err[300];
+	if (ctl_default_path(o->control, sizeof o->control, false, err, sizeof err) == 0)
+		return 0;
+	cli_fail("%s", err);
+	return -1;
+}
+
 static int cli_status(struct cli_opts *o)
 {
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, false);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	struct buf_str ans = { 0 };
 	int rc = cli_ctl_ask(o->control, o->json ? "status json\n" : "status text\n", &ans, 5000);
 	if (rc < 0 || !ans.len) {
@@ -15207,8 +15550,8 @@ static int cli_ping(struct cli_opts *o)
 			 o->target ? "bad target" : "missing target");
 		return EXIT_USAGE;
 	}
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, false);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	long wait_ms = (long)(o->wait_s * 1000), replies = 0, sent = 0;
 	char line[128];
 	snprintf(line, sizeof line, "ping %s %ld\n", o->target, wait_ms > 0 ? wait_ms : 1);
@@ -15443,8 +15786,8 @@ static int cli_dht(struct cli_opts *o)
 			 DHT_KEY_MAX_BYTES, DHT_VALUE_MAX_BYTES);
 		return EXIT_USAGE;
 	}
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, false);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	char *line = malloc(2 * vlen + DHT_KEY_MAX_BYTES + 64);
 	if (!line)
 		return EXIT_FAIL;
@@ -15497,8 +15840,8 @@ static int cli_route(struct cli_opts *o)
 		cli_fail("route: expected a prefix like 10.128.7.0/24 (see 'ipop route --help')");
 		return EXIT_USAGE;
 	}
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, false);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	char line[128];
 	snprintf(line, sizeof line, "route %s %s\n", o->target, o->args[0]);
 	struct buf_str ans = { 0 };
@@ -15609,8 +15952,8 @@ static int cli_resolve_name(struct cli_opts *o)
 	size_t l = strlen(name);
 	if (l > 5 && !strcmp(name + l - 5, ".ipop"))
 		name[l - 5] = 0;
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, false);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	snprintf(line, sizeof line, "dht get name:%s\n", name);
 	struct buf_str ans = { 0 };
 	int rc = cli_ctl_ask(o->control, line, &ans, DHT_REQUEST_TIMEOUT_MS + 2000);
@@ -15779,8 +16122,8 @@ static int cli_map(struct cli_opts *o)
 {
 	static struct cli_map_node self, peers[MAP_PEERS_MAX];
 	unsigned np = 0, lookups = 0;
-	if (!o->control[0])
-		ctl_default_path(o->control, sizeof o->control, false);
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
 	struct buf_str ans = { 0 };
 	int rc = cli_ctl_ask(o->control, "map\n", &ans, 5000);
 	if (rc < 0 || !ans.len || strncmp(ans.s, "self ", 5)) {

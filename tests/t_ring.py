@@ -40,6 +40,40 @@ def target_for(rng, node, allow_ip=True):
     return node.address
 
 
+def drop_totals(net):
+    """{(node name, reason): count} over all live nodes."""
+    out = {}
+    for n, st in net.statuses().items():
+        for k, v in ((st or {}).get("drops") or {}).items():
+            out[(n.name, k)] = v
+    return out
+
+
+def udp_snmp():
+    """The kernel's UDP counters (this network namespace): lost datagrams
+    show as RcvbufErrors, which no ipop counter sees."""
+    try:
+        rows = [l.split() for l in open("/proc/net/snmp") if l.startswith("Udp:")]
+        return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+def explain_lost(net, before, snmp0, fails):
+    """What a lost ping left behind: drop counters that moved, kernel UDP
+    errors, and whether the same ping works now (a passing window or a
+    broken route)."""
+    after = drop_totals(net)
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    snmp1 = udp_snmp()
+    log("lost pings: drops that moved during the pings: %s" % (moved or "none"))
+    log("lost pings: kernel UDP counters moved: %s" % {k: snmp1[k] - snmp0.get(k, 0) for k in snmp1
+                                                     if k.endswith("Errors") and snmp1[k] != snmp0.get(k, 0)})
+    for a, b, tgt, *_ in fails[:5]:
+        ok, hops, _, out = a.ping(tgt, count=3, wait=2)
+        log("lost pings: %s -> %s again: %s" % (a.name, b.name, out.splitlines()[-1:]))
+
+
 def main():
     ipop_bin()
     seed = int(os.environ.get("IPOP_TEST_SEED", str(int(time.time() * 1000) % 1000000)))
@@ -130,9 +164,13 @@ def main():
             n_by_ip += tgt == b.ip
             pairs.append((a, b, tgt))
         t = time.monotonic()
+        before = drop_totals(net)
+        snmp0 = udp_snmp()
         res = ping_pairs(net, pairs, wait=3)
         log("%d pings (%d by virtual IP) took %.2fs" % (N_PINGS, n_by_ip, time.monotonic() - t))
         fails = report_pings(res, "pings")
+        if fails:
+            explain_lost(net, before, snmp0, fails)
         net.check_alive()
         check(not fails, "%d/%d pings failed" % (len(fails), N_PINGS))
 

@@ -1518,6 +1518,76 @@ static void test_duplicate_ip(void)
 /* A link closed with a BYE still routes what the peer sent before the BYE
  * reached it (a flash crowd's extra far candidates are closed while their
  * peers route over them: docs/SCALING.md), and is freed after the drain. */
+/* Unproven TCP streams (issue 18 item 5): a source past its share loses its
+ * own oldest; a full table loses the oldest of all; a closed one leaves. */
+static void test_link_unproven(void)
+{
+	static struct node n;
+	ring_addr self = addr_top(0x10);
+	fake_node(&n, &self, NULL, 0);
+	struct sockaddr_in x = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(0x0a000001) };
+	struct link *from_x[LINK_UNPROVEN_PER_IP_MAX + 1];
+	for (unsigned i = 0; i <= LINK_UNPROVEN_PER_IP_MAX; i++) {
+		from_x[i] = link_new(&n, PROTO_TCP, -1, &x, false);
+		from_x[i]->state = LINK_AWAIT_INIT;
+		CHECK(link_unproven_add(&n, from_x[i]));
+	}
+	CHECK(from_x[0]->state == LINK_CLOSED && from_x[1]->state == LINK_AWAIT_INIT);
+	CHECK(n.n_unproven == LINK_UNPROVEN_PER_IP_MAX && n.drops.count[DROP_PENDING_EVICTED] == 1);
+	struct link *first_other = NULL;
+	for (unsigned i = 0; n.n_unproven < LINK_UNPROVEN_MAX; i++) {
+		struct sockaddr_in o = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(0x0b000000 + i) };
+		struct link *l = link_new(&n, PROTO_TCP, -1, &o, false);
+		l->state = LINK_AWAIT_INIT;
+		CHECK(link_unproven_add(&n, l));
+		if (!first_other)
+			first_other = l;
+	}
+	struct sockaddr_in y = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(0x0c000001) };
+	struct link *l = link_new(&n, PROTO_TCP, -1, &y, false);
+	l->state = LINK_AWAIT_INIT;
+	CHECK(link_unproven_add(&n, l));
+	CHECK(from_x[1]->state == LINK_CLOSED && first_other->state == LINK_AWAIT_INIT);
+	CHECK(n.n_unproven == LINK_UNPROVEN_MAX);
+	link_close(l, 0);
+	CHECK(n.n_unproven == LINK_UNPROVEN_MAX - 1 && n.unproven[n.n_unproven - 1] != l);
+	fake_node_free(&n);
+	CHECK(n.unproven == NULL && n.n_unproven == 0);
+}
+
+static void unit_ev_ignore(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	(void)loop, (void)fd, (void)arg, (void)events;
+}
+
+/* A resting fd reports nothing until its rest is over; forgetting it ends
+ * the rest. */
+static void test_ev_rest(void)
+{
+	struct ev_loop loop;
+	int sv[2];
+	struct epoll_event ev;
+	CHECK(ev_init(&loop) == 0 && socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	CHECK(write(sv[1], "x", 1) == 1);
+	CHECK(ev_fd_watch(&loop, sv[0], EPOLLIN, unit_ev_ignore, NULL) == 0);
+	CHECK(epoll_wait(loop.epfd, &ev, 1, 0) == 1);
+	ev_fd_rest(&loop, sv[0]);
+	CHECK(epoll_wait(loop.epfd, &ev, 1, 0) == 0);
+	loop.now_ms += EV_REST_MS - 1;
+	ev_run_timers(&loop);
+	CHECK(epoll_wait(loop.epfd, &ev, 1, 0) == 0);
+	loop.now_ms += 1;
+	ev_run_timers(&loop);
+	CHECK(epoll_wait(loop.epfd, &ev, 1, 0) == 1);
+	ev_fd_rest(&loop, sv[0]);
+	CHECK(ev_rest_find(&loop, sv[0]) != NULL && loop.heap_len == 1);
+	ev_fd_forget(&loop, sv[0]);
+	CHECK(ev_rest_find(&loop, sv[0]) == NULL && loop.heap_len == 0);
+	close(sv[0]);
+	close(sv[1]);
+	ev_fini(&loop);
+}
+
 static void test_link_drain(void)
 {
 	static struct node a, b;
@@ -1714,6 +1784,8 @@ int main(void)
 	test_icmp_refused();
 	test_refusals();
 	test_insecure_pair();
+	test_link_unproven();
+	test_ev_rest();
 	test_link_drain();
 	test_duplicate_ip();
 	char cmd[128];
