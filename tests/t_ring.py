@@ -31,7 +31,11 @@ N_PINGS = 200
 N_PINGS_AFTER = 50
 CONVERGE_S = 30
 RECOVER_S = 15
-LEAVE_S = 1.0
+# A leaver's BYE, not the dead-link timer, must end its links: 4 s of
+# silence (LINK_DEAD_MS) after a keepalive up to 1 s old is 3 s at the
+# earliest, so any limit below that proves it.  1 s left a loaded 2-core
+# machine no room (a leave takes ~0.02 s, but a node may wait for a CPU).
+LEAVE_S = 2.5
 
 
 def target_for(rng, node, allow_ip=True):
