@@ -2491,6 +2491,13 @@ struct link {
 	struct link_tcp *tcp;           /* TCP only: the stream's buffers */
 };
 
+/* musl's malloc serves 496 bytes from one size class: a link must fit its
+ * 488 usable bytes, or every link costs the next class.  A new per-link
+ * fact goes in a hole or a side struct (the certificate's end: grant). */
+#if UINTPTR_MAX == UINT64_MAX
+_Static_assert(sizeof(struct link) <= 488, "struct link outgrew musl's 496-byte size class");
+#endif
+
 /* How links report to the ring (section 07).  Pointers, so the ring stays
  * above links and tests can watch links alone. */
 struct link_hooks {
