@@ -1332,6 +1332,13 @@ static bool sec_der_revoked(const struct sec_creds *s, const uint8_t *der, size_
 	return parsed && sec_revoked(s, &serial);
 }
 
+/* notAfter is the last valid second (RFC 5280 4.1.2.5), as mbedTLS's
+ * verify counts it: a link closed a second earlier came straight back up. */
+static bool sec_grant_expired(const struct sec_grant *g, int64_t now_s)
+{
+	return g->not_after_s < now_s;
+}
+
 /* Our own certificate ends within SEC_EXPIRY_WARN_S (or has ended). */
 static bool sec_own_expiring(const struct sec_creds *s, int64_t now_s)
 {
@@ -5258,7 +5265,7 @@ static void link_certs_recheck(struct node *n, bool crl_changed)
 		if (l->state != LINK_UP || !l->grant || !l->grant->serial.len)
 			continue;
 		bool revoked = crl_changed && sec_revoked(&n->sec, &l->grant->serial);
-		if (!revoked && l->grant->not_after_s > now_s)
+		if (!revoked && !sec_grant_expired(l->grant, now_s))
 			continue;
 		char who[64];
 		link_describe(l, who);
@@ -5278,7 +5285,7 @@ static void link_own_cert_check(struct node *n)
 		return;
 	c->own_warned_s = now_s;
 	sec_span_str(left_s, span);
-	if (left_s <= 0)
+	if (sec_grant_expired(&c->own_grant, now_s))
 		log_err("sec", "this node's certificate has expired: peers refuse it; issue a new one "
 			"('ipop cert issue') and restart");
 	else
@@ -11851,7 +11858,7 @@ static void ctl_text_cert(struct buf_str *o, const struct node *n)
 	strftime(when, sizeof when, "%Y-%m-%d %H:%M UTC", &tm);
 	sec_span_str(g->not_after_s - now_s, span);
 	buf_printf(o, "cert      %s, ends %s", g->name[0] ? g->name : "(no name)", when);
-	if (g->not_after_s <= now_s)
+	if (sec_grant_expired(g, now_s))
 		buf_printf(o, " -- WARNING: expired, peers refuse it");
 	else if (sec_own_expiring(&n->sec, now_s))
 		buf_printf(o, " -- WARNING: in %s", span);
@@ -13660,10 +13667,10 @@ enum cli_key {
 	KEY_LISTEN, KEY_BOOTSTRAP, KEY_IP, KEY_CONTROL, KEY_CONFIG, KEY_LOG_LEVEL,
 	KEY_VERBOSE, KEY_QUIET, KEY_JSON, KEY_COUNT, KEY_INTERVAL, KEY_WAIT, KEY_HELP,
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
-	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
+	KEY_NAME, KEY_DAYS, KEY_VALID_FOR, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
 	KEY_NET, KEY_STATE_FILE, KEY_DNS, KEY_SVG, KEY_METRICS,
-	KEY_SHORTCUT_PPS, KEY_SHORTCUT_MAX, KEY_SHORTCUT_IDLE, KEY_VALID_FOR,
+	KEY_SHORTCUT_PPS, KEY_SHORTCUT_MAX, KEY_SHORTCUT_IDLE,
 };
 
 enum cli_mode { MODE_AUTO, MODE_TAP, MODE_USER, MODE_NS, MODE_NONE };

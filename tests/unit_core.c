@@ -1741,7 +1741,9 @@ static void test_cert_issue_limits(void)
 	CHECK(ip_route_width_check(0x0a090000, 16, err, sizeof err) < 0 && strstr(err, "at most /24"));
 	CHECK(ip_route_width_check(0x0a090000, IP_ROUTE_MIN_PREFIX, err, sizeof err) == 0);
 	o.grant.n_routes = 0;
-	CHECK(cli_grant_route(&o, "10.9.7.0/24") == 0 && cli_parse_valid_for(&o, "90s") == 0 && o.valid_s == 90);
+	CHECK(cli_grant_route(&o, "10.9.7.0/24") == 0);
+	const struct cli_flag *vf = cli_flag_find("valid-for", 0, CMD_CERT_ISSUE);
+	CHECK(vf && cli_apply(&o, vf, "90s") == 0 && o.valid_s == 90);
 	snprintf(out, sizeof out, "%s/short", unit_dir);
 	snprintf(o.out, sizeof o.out, "%s", out);
 	time_t now = time(NULL);
