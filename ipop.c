@@ -7014,6 +7014,7 @@ static void ring_start(struct node *n)
  * In certificate networks a record is signed by its owner and carries the
  * owner's certificate; holders and readers check it, and keys that claim an
  * address ("ip:A.B.C.D", "name:N") must be granted by that certificate.
+ * A new revocation list drops the records of the owners it revokes.
  * Storage is one array scanned linearly: a node holds a few records per
  * virtual IP in the network, so a hash is not yet worth it.
  * To add an operation: a dht_op, a case in dht_on_message, a ctl command.
