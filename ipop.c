@@ -993,6 +993,9 @@ enum {
 	SEC_SERIAL_MAX_BYTES = 20,      /* RFC 5280 caps serial numbers at 20 octets */
 	SEC_CERT_IPS_MAX = 8,           /* virtual IPs one certificate may bind */
 	SEC_CERT_ROUTES_MAX = 8,        /* --route-for prefixes one certificate may carry */
+	SEC_EXPIRY_WARN_S = 7 * 86400,  /* warn of our own certificate's end this long ahead: a week
+	                                * to issue and copy a new one */
+	SEC_EXPIRY_REPEAT_S = 86400,    /* ... and again daily */
 };
 
 enum sec_mode { SEC_INSECURE = 0, SEC_PSK = 1, SEC_CERT = 2, SEC__MODE_END };
@@ -1032,6 +1035,7 @@ struct sec_grant {
 	uint8_t n_routes;
 	struct sec_serial serial;
 	char name[64];
+	int64_t not_after_s;            /* Unix time the certificate expires (notAfter) */
 };
 
 /* The mbedTLS contexts of the secure modes, out of line (2.1 KB). */
@@ -1041,8 +1045,10 @@ struct sec_ctx {
 	struct sec_grant own_grant;
 	struct sec_serial *revoked;     /* SEC_REVOKED_MAX entries */
 	unsigned n_revoked;
+	uint32_t crl_gen;               /* bumped by each list put in force (dht_maint follows it) */
+	int64_t own_warned_s;           /* when we last warned that our certificate ends soon */
 	char crl_path[256];
-	struct timespec crl_mtime;
+	struct timespec crl_mtime;      /* of the file last read, whether it parsed or not */
 	mbedtls_ecp_group x25519;
 };
 
@@ -1360,11 +1366,20 @@ static void sec_serial_of(const mbedtls_x509_crt *c, struct sec_serial *s)
 	memcpy(s->b, c->serial.p, n);
 }
 
+/* An X.509 time (UTC) as Unix seconds. */
+static int64_t sec_x509_unix(const mbedtls_x509_time *t)
+{
+	struct tm tm = { .tm_year = t->year - 1900, .tm_mon = t->mon - 1, .tm_mday = t->day,
+			 .tm_hour = t->hour, .tm_min = t->min, .tm_sec = t->sec };
+	return (int64_t)timegm(&tm);
+}
+
 /* The virtual IPs (SAN iPAddress), routed prefixes (SAN URI
- * "ipop:route:A.B.C.D/N") and name (subject CN) a certificate grants. */
+ * "ipop:route:A.B.C.D/N") and name (subject CN) a certificate grants, and
+ * until when. */
 static void sec_grant_of(const mbedtls_x509_crt *c, struct sec_grant *g)
 {
-	*g = (struct sec_grant){ 0 };
+	*g = (struct sec_grant){ .not_after_s = sec_x509_unix(&c->valid_to) };
 	sec_serial_of(c, &g->serial);
 	for (const mbedtls_x509_sequence *s = &c->subject_alt_names; s && s->buf.p; s = s->next) {
 		mbedtls_x509_subject_alternative_name san;
@@ -1405,6 +1420,44 @@ static bool sec_revoked(const struct sec_creds *s, const struct sec_serial *seri
 		if (s->ctx->revoked[i].len == serial->len && !memcmp(s->ctx->revoked[i].b, serial->b, serial->len))
 			return true;
 	return false;
+}
+
+/* Is this certificate (DER) in the revocation list?  false if it does
+ * not parse: records are stored only after sec_cert_check passed. */
+static bool sec_der_revoked(const struct sec_creds *s, const uint8_t *der, size_t len)
+{
+	mbedtls_x509_crt crt;
+	struct sec_serial serial;
+	mbedtls_x509_crt_init(&crt);
+	bool parsed = len && mbedtls_x509_crt_parse_der(&crt, der, len) == 0;
+	if (parsed)
+		sec_serial_of(&crt, &serial);
+	mbedtls_x509_crt_free(&crt);
+	return parsed && sec_revoked(s, &serial);
+}
+
+/* notAfter is the last valid second (RFC 5280 4.1.2.5), as mbedTLS's
+ * verify counts it: a link closed a second earlier came straight back up. */
+static bool sec_grant_expired(const struct sec_grant *g, int64_t now_s)
+{
+	return g->not_after_s < now_s;
+}
+
+/* Our own certificate ends within SEC_EXPIRY_WARN_S (or has ended). */
+static bool sec_own_expiring(const struct sec_creds *s, int64_t now_s)
+{
+	return s->mode == SEC_CERT && s->ctx->own_grant.not_after_s - now_s <= SEC_EXPIRY_WARN_S;
+}
+
+/* "3 d 4 h", "2 h 5 min" or "40 s": how long until a certificate ends. */
+static void sec_span_str(int64_t s, char out[32])
+{
+	if (s >= 86400)
+		snprintf(out, 32, "%lld d %lld h", (long long)(s / 86400), (long long)(s % 86400 / 3600));
+	else if (s >= 3600)
+		snprintf(out, 32, "%lld h %lld min", (long long)(s / 3600), (long long)(s % 3600 / 60));
+	else
+		snprintf(out, 32, "%lld s", (long long)(s > 0 ? s : 0));
 }
 
 static bool sec_grant_has_ip(const struct sec_grant *g, uint32_t ip)
@@ -1470,11 +1523,13 @@ static bool sec_verify(mbedtls_x509_crt *crt, const uint8_t hash[32], const uint
 }
 
 /* Parse a revocation list: one certificate serial in hex per line (as
- * 'ipop ca revoke' writes them); '#' starts a comment. */
-static int sec_crl_parse(struct sec_creds *s, const char *text, char *err, size_t errlen)
+ * 'ipop ca revoke' writes them); '#' starts a comment.  Fills out
+ * (SEC_REVOKED_MAX entries) and *n; on error out holds a part. */
+static int sec_crl_parse(const char *path, const char *text, struct sec_serial *out, unsigned *n,
+			 char *err, size_t errlen)
 {
-	unsigned n = 0;
 	int lineno = 0;
+	*n = 0;
 	for (const char *p = text; *p;) {
 		const char *nl = strchr(p, '\n');
 		size_t len = nl ? (size_t)(nl - p) : strlen(p);
@@ -1489,41 +1544,65 @@ static int sec_crl_parse(struct sec_creds *s, const char *text, char *err, size_
 		if (sscanf(line, "%63s", tok) != 1)
 			continue;
 		struct sec_serial ser = { .len = (uint8_t)(strlen(tok) / 2) };
-		if (n >= SEC_REVOKED_MAX || ser.len == 0 || ser.len > SEC_SERIAL_MAX_BYTES ||
+		if (*n >= SEC_REVOKED_MAX || ser.len == 0 || ser.len > SEC_SERIAL_MAX_BYTES ||
 		    !buf_unhex(tok, ser.b, ser.len)) {
 			snprintf(err, errlen, "%s:%d: expected a certificate serial in hex (at most %d entries)",
-				 s->ctx->crl_path, lineno, SEC_REVOKED_MAX);
+				 path, lineno, SEC_REVOKED_MAX);
 			return -1;
 		}
-		s->ctx->revoked[n++] = ser;
+		out[(*n)++] = ser;
 	}
-	s->ctx->n_revoked = n;
 	return 0;
 }
 
-/* Re-read the revocation list if its file changed.  1: changed, 0: same,
- * -1: unreadable (the old list stays in force). */
+/* Read and parse the list into a fresh array, and swap it in only when the
+ * whole file parsed: a list cut short (an editor's half-written file, a
+ * typo) must not drop the revocations it no longer reaches. */
+static int sec_crl_load(struct sec_creds *s, char *err, size_t errlen)
+{
+	uint8_t *text;
+	size_t len;
+	unsigned n;
+	struct sec_serial *fresh = calloc(SEC_REVOKED_MAX, sizeof *fresh);
+	if (!fresh) {
+		snprintf(err, errlen, "revocation list %s: out of memory", s->ctx->crl_path);
+		return -1;
+	}
+	int rc = sec_read_file(s->ctx->crl_path, false, &text, &len, err, errlen);
+	if (rc == 0) {
+		rc = sec_crl_parse(s->ctx->crl_path, (const char *)text, fresh, &n, err, errlen);
+		free(text);
+	}
+	if (rc == 0) {
+		struct sec_serial *old = s->ctx->revoked;
+		s->ctx->revoked = fresh;
+		s->ctx->n_revoked = n;
+		s->ctx->crl_gen++;
+		fresh = old;
+	}
+	free(fresh);
+	return rc;
+}
+
+/* Re-read the revocation list if its file changed.  1: a new list is in
+ * force, 0: same file, -1: unreadable or malformed, and the old list stays
+ * in force whole.  The mtime of a bad file is kept too, so that it costs
+ * one warning, not one every tick, until it is replaced. */
 static int sec_crl_refresh(struct sec_creds *s, char *err, size_t errlen)
 {
 	struct stat st;
 	if (!s->ctx->crl_path[0])
 		return 0;
 	if (stat(s->ctx->crl_path, &st) < 0) {
+		bool told = s->ctx->crl_mtime.tv_nsec == -1;
+		s->ctx->crl_mtime = (struct timespec){ .tv_nsec = -1 };   /* no file: told once */
 		snprintf(err, errlen, "cannot read revocation list %s: %s", s->ctx->crl_path, strerror(errno));
-		return -1;
+		return told ? 0 : -1;
 	}
 	if (st.st_mtim.tv_sec == s->ctx->crl_mtime.tv_sec && st.st_mtim.tv_nsec == s->ctx->crl_mtime.tv_nsec)
 		return 0;
-	uint8_t *text;
-	size_t len;
-	if (sec_read_file(s->ctx->crl_path, false, &text, &len, err, errlen) < 0)
-		return -1;
-	int rc = sec_crl_parse(s, (const char *)text, err, errlen);
-	free(text);
-	if (rc < 0)
-		return -1;
 	s->ctx->crl_mtime = st.st_mtim;
-	return 1;
+	return sec_crl_load(s, err, errlen) < 0 ? -1 : 1;
 }
 
 /* A shared secret file holds 64 hex digits (what 'ipop genkey' writes). */
@@ -1540,7 +1619,7 @@ static int sec_load_secret(struct sec_creds *s, const char *path, char *err, siz
 	sec_wipe(text, len);
 	free(text);
 	if (!ok) {
-		snprintf(err, errlen, "%s: expected 64 hex digits (create one with: ipop genkey > %s)", path, path);
+		snprintf(err, errlen, "%s: expected 64 hex digits (create one with: ipop genkey --out %s)", path, path);
 		return -1;
 	}
 	s->mode = SEC_PSK;
@@ -1639,11 +1718,14 @@ static void sec_creds_free(struct sec_creds *s)
 
 /* ---- issuing credentials (ipop genkey, ca init, cert issue) ----------- */
 
-/* Write a file that must not exist yet; secrets get mode 0600. */
+/* Write a file that must not exist yet; secrets get mode 0600 from the
+ * start (open's mode, not a chmod after: no moment where others may read).
+ * O_EXCL already refuses a symbolic link in the path's last component, even
+ * a dangling one; O_NOFOLLOW says so. */
 static int sec_write_new_file(const char *path, const void *data, size_t len, bool secret,
 			      char *err, size_t errlen)
 {
-	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, secret ? 0600 : 0644);
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, secret ? 0600 : 0644);
 	if (fd < 0) {
 		snprintf(err, errlen, "cannot create %s: %s%s", path, strerror(errno),
 			 errno == EEXIST ? " (refusing to overwrite; remove it first)" : "");
@@ -1701,11 +1783,12 @@ static mbedtls_x509_san_list *sec_san_list(const struct sec_grant *g, uint8_t ip
 	return head;
 }
 
-/* Sign a certificate for subject_key with issuer_key; grant is NULL for the
+/* Sign a certificate for subject_key with issuer_key, valid from an hour
+ * ago (clocks differ) for valid_s seconds from now; grant is NULL for the
  * CA itself.  PEM into out. */
 static int sec_cert_write(struct sec_rng *r, mbedtls_pk_context *subject_key, mbedtls_pk_context *issuer_key,
 			  const char *subject, const char *issuer, const struct sec_grant *grant,
-			  int days, uint8_t *out, size_t cap)
+			  int64_t valid_s, uint8_t *out, size_t cap)
 {
 	mbedtls_x509write_cert c;
 	uint8_t serial[16], ipb[SEC_CERT_IPS_MAX][4];
@@ -1716,7 +1799,7 @@ static int sec_cert_write(struct sec_rng *r, mbedtls_pk_context *subject_key, mb
 	serial[0] &= 0x7f;      /* a positive INTEGER */
 	serial[0] |= 0x40;      /* and exactly 16 octets */
 	sec_x509_time(now - 3600, from);
-	sec_x509_time(now + (time_t)days * 86400, to);
+	sec_x509_time(now + (time_t)valid_s, to);
 	mbedtls_x509write_crt_init(&c);
 	mbedtls_x509write_crt_set_version(&c, MBEDTLS_X509_CRT_VERSION_3);
 	mbedtls_x509write_crt_set_md_alg(&c, MBEDTLS_MD_SHA256);
@@ -1807,6 +1890,7 @@ enum bye_reason {
 	BYE_UNEXPECTED = 5,     /* the dialled endpoint is another node */
 	BYE_REVOKED = 6,        /* the peer's certificate was revoked */
 	BYE_CONFLICT = 7,       /* an older node holds your address: stop */
+	BYE_EXPIRED = 8,        /* the peer's certificate has expired */
 	BYE__END
 };
 
@@ -2522,6 +2606,13 @@ struct link {
 	struct link_tcp *tcp;           /* TCP only: the stream's buffers */
 };
 
+/* musl's malloc serves 496 bytes from one size class: a link must fit its
+ * 488 usable bytes, or every link costs the next class.  A new per-link
+ * fact goes in a hole or a side struct (the certificate's end: grant). */
+#if UINTPTR_MAX == UINT64_MAX
+_Static_assert(sizeof(struct link) <= 488, "struct link outgrew musl's 496-byte size class");
+#endif
+
 /* How links report to the ring (section 07).  Pointers, so the ring stays
  * above links and tests can watch links alone. */
 struct link_hooks {
@@ -2778,6 +2869,8 @@ struct dht_state {
 	bool started;                   /* dht_start ran (both arrays wait for a first use) */
 	uint32_t links_epoch;           /* bumped when links come or go, or go quiet */
 	uint32_t quiet_sig;             /* which up links were quiet at the last dht_maint */
+	uint32_t crl_gen;               /* sec_ctx.crl_gen whose revocations the records were checked
+	                                * against (dht_drop_revoked) */
 	struct ev_timer maint;
 };
 
@@ -5423,30 +5516,64 @@ static void link_probe(struct node *n, const struct sockaddr_in *to, uint32_t to
 	link_udp_queue(n, fd, to, pkt, sizeof pkt);
 }
 
+/* Close up links whose peer's certificate is revoked (when the list
+ * changed) or has expired: the handshake checked both, but a link lives
+ * on for days, and its peer's re-dial is refused by that same check. */
+static void link_certs_recheck(struct node *n, bool crl_changed)
+{
+	int64_t now_s = (int64_t)time(NULL);
+	for (struct link *l = n->links; l; l = l->next) {
+		if (l->state != LINK_UP || !l->grant || !l->grant->serial.len)
+			continue;
+		bool revoked = crl_changed && sec_revoked(&n->sec, &l->grant->serial);
+		if (!revoked && !sec_grant_expired(l->grant, now_s))
+			continue;
+		char who[64];
+		link_describe(l, who);
+		log_warn("sec", "closing %s: its certificate %s", who, revoked ? "is revoked" : "has expired");
+		link_close(l, revoked ? BYE_REVOKED : BYE_EXPIRED);
+	}
+}
+
+/* Our own certificate: peers refuse it once it ends, so say so a week
+ * ahead and then daily (ipop status shows it too). */
+static void link_own_cert_check(struct node *n)
+{
+	struct sec_ctx *c = n->sec.ctx;
+	int64_t now_s = (int64_t)time(NULL), left_s = c->own_grant.not_after_s - now_s;
+	char span[32];
+	if (!sec_own_expiring(&n->sec, now_s) || now_s - c->own_warned_s < SEC_EXPIRY_REPEAT_S)
+		return;
+	c->own_warned_s = now_s;
+	sec_span_str(left_s, span);
+	if (sec_grant_expired(&c->own_grant, now_s))
+		log_err("sec", "this node's certificate has expired: peers refuse it; issue a new one "
+			"('ipop cert issue') and restart");
+	else
+		log_warn("sec", "this node's certificate expires in %s: issue a new one ('ipop cert issue') "
+			 "and restart before then", span);
+}
+
 /* Every LINK_SEC_TICK_MS: rotate the cookie secret, re-read the revocation
- * list, and close links whose certificate it now revokes. */
+ * list, close links whose certificate it now revokes or which expired, and
+ * warn if our own certificate ends soon. */
 static int64_t link_sec_tick(struct ev_loop *loop, struct ev_timer *t)
 {
 	struct node *n = container_of(t, struct node, sec_timer);
 	char err[300];
 	sec_cookie_rotate(&n->sec, &n->rng, ev_now(loop));
+	if (n->sec.mode != SEC_CERT)
+		return LINK_SEC_TICK_MS;
 	int changed = sec_crl_refresh(&n->sec, err, sizeof err);
 	if (changed < 0)
-		log_warn("sec", "%s (keeping the previous list)", err);
-	if (changed <= 0)
-		return LINK_SEC_TICK_MS;
-	log_info("sec", "revocation list %s: %u serials", n->sec.ctx->crl_path, n->sec.ctx->n_revoked);
-	if (n->sec.mode == SEC_CERT && sec_revoked(&n->sec, &n->sec.ctx->own_grant.serial))
+		log_warn("sec", "%s (keeping the previous list, %u serials)", err, n->sec.ctx->n_revoked);
+	if (changed > 0)
+		log_info("sec", "revocation list %s: %u serials", n->sec.ctx->crl_path, n->sec.ctx->n_revoked);
+	if (changed > 0 && sec_revoked(&n->sec, &n->sec.ctx->own_grant.serial))
 		log_err("sec", "this node's own certificate is revoked by %s: peers will refuse it",
 			n->sec.ctx->crl_path);
-	for (struct link *l = n->links; l; l = l->next)
-		if (l->state == LINK_UP && l->grant && l->grant->serial.len &&
-		    sec_revoked(&n->sec, &l->grant->serial)) {
-			char who[64];
-			link_describe(l, who);
-			log_warn("sec", "closing %s: its certificate is revoked", who);
-			link_close(l, BYE_REVOKED);
-		}
+	link_certs_recheck(n, changed > 0);
+	link_own_cert_check(n);
 	return LINK_SEC_TICK_MS;
 }
 
@@ -7174,6 +7301,7 @@ static void ring_start(struct node *n)
  * In certificate networks a record is signed by its owner and carries the
  * owner's certificate; holders and readers check it, and keys that claim an
  * address ("ip:A.B.C.D", "name:N") must be granted by that certificate.
+ * A new revocation list drops the records of the owners it revokes.
  * Storage is one array scanned linearly: a node holds a few records per
  * virtual IP in the network, so a hash is not yet worth it.
  * To add an operation: a dht_op, a case in dht_on_message, a ctl command.
@@ -7712,12 +7840,36 @@ static int64_t dht_maint_delay(const struct node *n)
 	return (int64_t)(DHT_MAINT_MS - (ev_now(&n->loop) - n->start_ms) % DHT_MAINT_MS);
 }
 
+/* A new revocation list is in force: drop the records of the owners it
+ * revokes.  Their links closed and dht_store refuses their new records
+ * (sec_cert_check), but what we hold would be served until its lease ends,
+ * up to DHT_TTL_MAX_S: a revoked node's name and routes lived on a day. */
+static void dht_drop_revoked(struct node *n)
+{
+	struct dht_state *d = &n->dht;
+	unsigned dropped = 0;
+	d->crl_gen = n->sec.ctx->crl_gen;
+	for (unsigned i = 0; i < d->n_records;) {
+		struct dht_record *r = &d->records[i];
+		if (sec_der_revoked(&n->sec, r->blob + r->value_len, r->cert_len)) {
+			dht_record_free(d, r);
+			dropped++;
+		} else {
+			i++;
+		}
+	}
+	if (dropped)
+		log_info("dht", "dropped %u record(s) whose owner's certificate is revoked", dropped);
+}
+
 static int64_t dht_maint(struct ev_loop *loop, struct ev_timer *t)
 {
 	struct node *n = container_of(t, struct node, dht.maint);
 	struct dht_state *d = &n->dht;
 	uint64_t now = ev_now(loop);
 	dht_pending_upkeep(n, now);
+	if (n->sec.mode == SEC_CERT && d->crl_gen != n->sec.ctx->crl_gen)
+		dht_drop_revoked(n);
 	if (!d->n_records)
 		return dht_maint_delay(n);      /* a scan of every link for nothing to push */
 	uint32_t quiet = dht_quiet_sig(n);
@@ -9264,6 +9416,20 @@ static bool ip_route_room(struct ip_state *ip)
 	if (ip->n_routes >= IP_ROUTES_MAX)
 		return false;
 	return ip->routes || (ip->routes = calloc(IP_ROUTES_MAX, sizeof *ip->routes));
+}
+
+/* A routed prefix is at most /IP_ROUTE_MIN_PREFIX: 0, or -1 and the reason
+ * in one line.  Nodes check it at start; 'ipop cert issue' checks it too,
+ * so that no certificate grants a prefix no node will route. */
+static int ip_route_width_check(uint32_t net, uint8_t len, char *err, size_t errlen)
+{
+	char a[16];
+	if (len >= IP_ROUTE_MIN_PREFIX)
+		return 0;
+	buf_ip_str(net, a);
+	snprintf(err, errlen, "--route-for %s/%u is too wide: at most /%d (%d addresses), each one a DHT record",
+		 a, len, IP_ROUTE_MIN_PREFIX, 1 << (32 - IP_ROUTE_MIN_PREFIX));
+	return -1;
 }
 
 /* Start or stop routing for a prefix (--route-for, 'ipop route'). */
@@ -11956,6 +12122,10 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 			first = 0;
 		}
 	buf_printf(o, "],");
+	if (n->sec.mode == SEC_CERT)
+		buf_printf(o, "\"cert_expires\":%lld,\"cert_expiring\":%s,",
+			   (long long)n->sec.ctx->own_grant.not_after_s,
+			   sec_own_expiring(&n->sec, (int64_t)time(NULL)) ? "true" : "false");
 	const struct ring_shortcuts *sc = &n->ring.sc;
 	buf_printf(o, "\"shortcuts\":{\"pps\":%u,\"max\":%u,\"idle_s\":%llu,\"opened\":%llu,\"idle\":%llu,"
 		   "\"trimmed\":%llu,\"refused\":%llu},", sc->pps, sc->max, (unsigned long long)(sc->idle_ms / 1000),
@@ -12024,6 +12194,25 @@ static void ctl_text_link(struct buf_str *o, const struct link *l)
 		   (unsigned long long)l->tx_packets, (unsigned long long)l->rx_packets, why);
 }
 
+/* Our certificate's end, with a warning within SEC_EXPIRY_WARN_S. */
+static void ctl_text_cert(struct buf_str *o, const struct node *n)
+{
+	const struct sec_grant *g = &n->sec.ctx->own_grant;
+	int64_t now_s = (int64_t)time(NULL);
+	time_t end = (time_t)g->not_after_s;
+	struct tm tm;
+	char when[32], span[32];
+	gmtime_r(&end, &tm);
+	strftime(when, sizeof when, "%Y-%m-%d %H:%M UTC", &tm);
+	sec_span_str(g->not_after_s - now_s, span);
+	buf_printf(o, "cert      %s, ends %s", g->name[0] ? g->name : "(no name)", when);
+	if (sec_grant_expired(g, now_s))
+		buf_printf(o, " -- WARNING: expired, peers refuse it");
+	else if (sec_own_expiring(&n->sec, now_s))
+		buf_printf(o, " -- WARNING: in %s", span);
+	buf_printf(o, "\n");
+}
+
 static void ctl_status_text(struct node *n, struct buf_str *o)
 {
 	char addr[2 * RING_ADDR_BYTES + 1], ip[20] = "none (router only)";
@@ -12043,6 +12232,8 @@ static void ctl_status_text(struct node *n, struct buf_str *o)
 	if (n->tap.fd >= 0)
 		buf_printf(o, "interface %s, mtu %d; ip packets out %llu, in %llu\n", n->tap.name, n->ip.mtu,
 			   (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets);
+	if (n->sec.mode == SEC_CERT)
+		ctl_text_cert(o, n);
 	buf_printf(o, "nat       %s\nendpoints", nat_kind_names[nat_classify(n)]);
 	for (unsigned i = 0; i < n->self.n_endpoints; i++) {
 		char uri[40];
@@ -13892,7 +14083,7 @@ enum cli_key {
 	KEY_LISTEN, KEY_BOOTSTRAP, KEY_IP, KEY_CONTROL, KEY_CONFIG, KEY_LOG_LEVEL,
 	KEY_VERBOSE, KEY_QUIET, KEY_JSON, KEY_COUNT, KEY_INTERVAL, KEY_WAIT, KEY_HELP,
 	KEY_SECRET_FILE, KEY_CERT_DIR, KEY_CRL, KEY_INSECURE, KEY_OUT, KEY_CA, KEY_ROUTE_FOR,
-	KEY_NAME, KEY_DAYS, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
+	KEY_NAME, KEY_DAYS, KEY_VALID_FOR, KEY_CERT, KEY_SERIAL, KEY_MODE, KEY_DEV, KEY_MTU, KEY_TTL,
 	KEY_SOCKS, KEY_SOCKS_PUBLIC, KEY_LOCAL_FWD, KEY_REMOTE_FWD, KEY_SOCKS_AUTH,
 	KEY_NET, KEY_STATE_FILE, KEY_DNS, KEY_SVG, KEY_METRICS,
 	KEY_SHORTCUT_PPS, KEY_SHORTCUT_MAX, KEY_SHORTCUT_IDLE,
@@ -13942,6 +14133,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "route-for", 0, true, true, KEY_ROUTE_FOR, CMD_CERT_ISSUE | CMD_UP },
 	{ "name", 0, true, true, KEY_NAME, CMD_CA_INIT | CMD_CERT_ISSUE | CMD_UP },
 	{ "days", 0, true, false, KEY_DAYS, CMD_CA_INIT | CMD_CERT_ISSUE },
+	{ "valid-for", 0, true, false, KEY_VALID_FOR, CMD_CERT_ISSUE },
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
 	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE | CMD_RESOLVE |
@@ -14004,6 +14196,7 @@ struct cli_opts {
 	long mtu;
 	struct sec_grant grant;         /* cert issue: --ip, --route-for, --name */
 	long days;
+	int64_t valid_s;                /* cert issue --valid-for; 0: --days */
 	struct sec_serial serial;
 };
 
@@ -14016,7 +14209,7 @@ static const char cli_usage_main[] =
 	"  up       run a node in the foreground\n"
 	"  status   show a running node's address, connections and counters\n"
 	"  ping     send overlay echo requests to a virtual IP or ring address\n"
-	"  genkey   print a new network secret (ipop genkey > net.key)\n"
+	"  genkey   write a new network secret (ipop genkey --out net.key)\n"
 	"  ca init  create a network certificate authority\n"
 	"  cert issue  issue a node certificate binding its virtual IP(s)\n"
 	"  ca revoke   add a certificate to the network's revocation list\n"
@@ -14041,7 +14234,7 @@ static const char cli_usage_up[] =
 	"SIGHUP re-reads the config file: bootstrap, crl, log-level and shortcut-*\n"
 	"apply at once.\n"
 	"Every link is authenticated and encrypted; choose how members prove it:\n"
-	"  --secret-file FILE a shared network secret (create: ipop genkey > net.key)\n"
+	"  --secret-file FILE a shared network secret (create: ipop genkey --out net.key)\n"
 	"  --cert-dir DIR     ca.crt, node.crt, node.key from 'ipop cert issue'; the\n"
 	"                     virtual IP comes from the certificate\n"
 	"  --crl FILE         revoked certificate serials, re-read when it changes\n"
@@ -14096,11 +14289,12 @@ static const char cli_usage_up[] =
 	"  -v, -q             more or less logging; --log-level error|warn|info|debug\n";
 
 static const char cli_usage_genkey[] =
-	"usage: ipop genkey [--out FILE]\n"
+	"usage: ipop genkey --out FILE\n"
 	"\n"
-	"Print a new random network secret (64 hex digits).  Redirected to a file,\n"
-	"the file is made private (mode 0600).  Give it to every node with\n"
-	"--secret-file.\n";
+	"Write a new random network secret (64 hex digits) to FILE, created with\n"
+	"mode 0600; an existing FILE (or a symbolic link) is refused, never\n"
+	"overwritten.  Give it to every node with --secret-file.  Without --out the\n"
+	"secret goes to standard output.\n";
 
 static const char cli_usage_ca_init[] =
 	"usage: ipop ca init --out DIR [--name NAME] [--days N]\n"
@@ -14111,12 +14305,14 @@ static const char cli_usage_ca_init[] =
 
 static const char cli_usage_cert_issue[] =
 	"usage: ipop cert issue --ca DIR --ip A.B.C.D [--ip ...] [--route-for CIDR]...\n"
-	"                       [--name NAME] [--days N] --out DIR\n"
+	"                       [--name NAME] [--days N | --valid-for DURATION] --out DIR\n"
 	"\n"
 	"Issue a node certificate: writes node.key, node.crt and a copy of ca.crt to\n"
 	"the --out DIR, ready for 'ipop up --cert-dir DIR'.  The certificate binds\n"
-	"the node's virtual IPs, the prefixes it may route for, and its name.  Valid\n"
-	"N days (default 365).\n";
+	"the node's virtual IPs, the prefixes it may route for (each at most /24),\n"
+	"and its name.  Valid N days (default 365), or for DURATION (90s, 30m, 12h,\n"
+	"400d).  Nodes close links whose peer's certificate has expired, and warn a\n"
+	"week ahead of their own.\n";
 
 static const char cli_usage_ca_revoke[] =
 	"usage: ipop ca revoke --ca DIR (--cert FILE | --serial HEX)\n"
@@ -14409,6 +14605,24 @@ static int cli_grant_route(struct cli_opts *o, const char *v)
 	return 0;
 }
 
+/* --valid-for 90s, 30m, 12h or 400d: a certificate's lifetime to the
+ * second, for short-lived credentials (and tests of expiry). */
+static int cli_parse_valid_for(struct cli_opts *o, const char *v)
+{
+	static const struct { char unit; int64_t s; } units[] = { { 's', 1 }, { 'm', 60 }, { 'h', 3600 },
+								 { 'd', 86400 } };
+	char *end;
+	long long k = strtoll(v, &end, 10);
+	for (unsigned i = 0; i < sizeof units / sizeof units[0]; i++)
+		if (*v >= '0' && *v <= '9' && end[0] == units[i].unit && !end[1] && k >= 1 &&
+		    k <= 36500LL * 86400 / units[i].s) {
+			o->valid_s = k * units[i].s;
+			return 0;
+		}
+	cli_fail("bad --valid-for '%s': a number and a unit (s, m, h, d), e.g. 90s or 30d, at most 36500d", v);
+	return -1;
+}
+
 /* --net 10.128.0.0/16: the network --ip auto draws from. */
 static int cli_parse_net(struct cli_opts *o, const char *v)
 {
@@ -14531,6 +14745,8 @@ static int cli_apply_more(struct cli_opts *o, const struct cli_flag *f, const ch
 				f->key == KEY_CA ? o->ca_dir : o->cert);
 	case KEY_ROUTE_FOR:
 		return cli_grant_route(o, v);
+	case KEY_VALID_FOR:
+		return cli_parse_valid_for(o, v);
 	case KEY_TTL:
 		o->days = strtol(v, &end, 10);
 		if (*end || !*v || o->days < 1 || o->days > DHT_TTL_MAX_S) {
@@ -14946,11 +15162,8 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 		struct ip_route r = { o->grant.route_net[i], o->grant.route_len[i] };
 		char net[16];
 		buf_ip_str(r.net, net);
-		if (r.len < IP_ROUTE_MIN_PREFIX) {
-			snprintf(err, errlen, "--route-for %s/%u is too wide: at most /%d (%d addresses), each "
-				 "one a DHT record", net, r.len, IP_ROUTE_MIN_PREFIX, 1 << (32 - IP_ROUTE_MIN_PREFIX));
+		if (ip_route_width_check(r.net, r.len, err, errlen) < 0)
 			return -2;
-		}
 		if (n->sec.mode == SEC_CERT) {
 			char key[24], key2[24], last[16];
 			buf_ip_str(r.net | (r.len < 32 ? ~0u >> r.len : 0), last);
@@ -15007,7 +15220,7 @@ static int cli_node_creds(struct node *n, const struct cli_opts *o, char *err, s
 	int chosen = (o->secret_file[0] != 0) + (o->cert_dir[0] != 0) + o->insecure;
 	if (chosen != 1) {
 		snprintf(err, errlen, "%s", chosen ? "choose one of --secret-file, --cert-dir and --insecure" :
-			 "no network credentials: give --secret-file FILE (make one with 'ipop genkey > net.key'), "
+			 "no network credentials: give --secret-file FILE (make one with 'ipop genkey --out net.key'), "
 			 "--cert-dir DIR (from 'ipop cert issue'), or --insecure");
 		return -2;
 	}
@@ -15668,7 +15881,8 @@ static int cli_genkey(struct cli_opts *o)
 			rc = EXIT_FAIL;
 		}
 	} else {
-		/* 'ipop genkey > net.key': make the file private, as ssh-keygen would. */
+		/* 'ipop genkey > net.key' (the shell created the file, perhaps 0644
+		 * for a moment: --out does not): make it private at least now. */
 		struct stat st;
 		if (fstat(STDOUT_FILENO, &st) == 0 && S_ISREG(st.st_mode))
 			fchmod(STDOUT_FILENO, 0600);
@@ -15727,7 +15941,7 @@ static int cli_ca_init(struct cli_opts *o)
 	snprintf(subject, sizeof subject, "CN=%s,O=ipop", o->name[0] ? o->name : "ipop network CA");
 	mbedtls_pk_init(&key);
 	int rc = sec_rng_init(&rng) < 0 || sec_keygen(&key, &rng) < 0 ||
-		 sec_cert_write(&rng, &key, &key, subject, subject, NULL, o->days ? (int)o->days : 3650,
+		 sec_cert_write(&rng, &key, &key, subject, subject, NULL, (o->days ? o->days : 3650) * 86400LL,
 				pem, sizeof pem) < 0 ? -1 : 0;
 	if (rc < 0)
 		snprintf(err, sizeof err, "cannot create the CA key and certificate");
@@ -15754,6 +15968,15 @@ static int cli_cert_issue(struct cli_opts *o)
 		cli_fail("cert issue: --ca DIR and --out DIR are required (see 'ipop cert issue --help')");
 		return EXIT_USAGE;
 	}
+	if (o->valid_s && o->days) {
+		cli_fail("cert issue: give --days or --valid-for, not both");
+		return EXIT_USAGE;
+	}
+	for (unsigned i = 0; i < o->grant.n_routes; i++)
+		if (ip_route_width_check(o->grant.route_net[i], o->grant.route_len[i], err, sizeof err) < 0) {
+			cli_fail("cert issue: %s", err);
+			return EXIT_USAGE;
+		}
 	snprintf(subject, sizeof subject, "CN=%s,O=ipop", o->name[0] ? o->name : "ipop node");
 	mbedtls_pk_init(&ca_key);
 	mbedtls_pk_init(&key);
@@ -15764,7 +15987,8 @@ static int cli_cert_issue(struct cli_opts *o)
 		rc = -1;
 	if (rc == 0 && (sec_keygen(&key, &rng) < 0 ||
 			sec_cert_write(&rng, &key, &ca_key, subject, issuer, &o->grant,
-				       o->days ? (int)o->days : 365, pem, sizeof pem) < 0)) {
+				       o->valid_s ? o->valid_s : (o->days ? o->days : 365) * 86400LL,
+				       pem, sizeof pem) < 0)) {
 		snprintf(err, sizeof err, "cannot create the node key and certificate");
 		rc = -1;
 	}

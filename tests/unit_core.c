@@ -1745,6 +1745,106 @@ static void test_shortcuts(void)
 	fake_node_free(&n);
 }
 
+/* ---- credentials: revocation list swap, issuing limits ------------------ */
+
+static void unit_write(const char *path, const char *text, time_t mtime)
+{
+	FILE *f = fopen(path, "w");
+	fputs(text, f);
+	fclose(f);
+	struct timespec ts[2] = { { mtime, 0 }, { mtime, 0 } };
+	utimensat(AT_FDCWD, path, ts, 0);       /* a new mtime even within one clock tick */
+}
+
+static bool unit_revoked(struct sec_creds *s, const char *hex)
+{
+	struct sec_serial ser = { .len = (uint8_t)(strlen(hex) / 2) };
+	return buf_unhex(hex, ser.b, ser.len) && sec_revoked(s, &ser);
+}
+
+/* A list that fails to parse leaves the one in force whole (the old code
+ * had already copied the lines before the bad one over it), is reported
+ * once, not every tick, and a fixed file is read again. */
+static void test_crl_swap(void)
+{
+	struct sec_creds s;
+	char err[300], path[128];
+	CHECK(sec_creds_init(&s) == 0);
+	snprintf(path, sizeof path, "%s/crl.txt", unit_dir);
+	snprintf(s.ctx->crl_path, sizeof s.ctx->crl_path, "%s", path);
+	unit_write(path, "aa01  # one\nbb02\n", 1000000);
+	CHECK(sec_crl_refresh(&s, err, sizeof err) == 1 && s.ctx->n_revoked == 2 && s.ctx->crl_gen == 1);
+	CHECK(sec_crl_refresh(&s, err, sizeof err) == 0);
+	unit_write(path, "cc03\nnot-hex\nbb02\n", 1000001);
+	CHECK(sec_crl_refresh(&s, err, sizeof err) == -1 && strstr(err, ":2:"));
+	CHECK(s.ctx->n_revoked == 2 && s.ctx->crl_gen == 1);
+	CHECK(unit_revoked(&s, "aa01") && unit_revoked(&s, "bb02") && !unit_revoked(&s, "cc03"));
+	CHECK(sec_crl_refresh(&s, err, sizeof err) == 0);        /* one warning per bad file */
+	unit_write(path, "cc03\n", 1000002);
+	CHECK(sec_crl_refresh(&s, err, sizeof err) == 1 && s.ctx->n_revoked == 1 && s.ctx->crl_gen == 2);
+	CHECK(unit_revoked(&s, "cc03") && !unit_revoked(&s, "aa01"));
+	unlink(path);
+	CHECK(sec_crl_refresh(&s, err, sizeof err) == -1 && sec_crl_refresh(&s, err, sizeof err) == 0);
+	CHECK(s.ctx->n_revoked == 1 && unit_revoked(&s, "cc03"));
+	sec_creds_free(&s);
+}
+
+/* cert issue refuses what nodes refuse at start (a prefix wider than
+ * IP_ROUTE_MIN_PREFIX) before it writes anything; --valid-for sets the
+ * end to the second; genkey's file creation refuses a symbolic link. */
+static void test_cert_issue_limits(void)
+{
+	static struct cli_opts o;
+	char ca[128], out[128], path[160], err[300];
+	struct stat st;
+	snprintf(ca, sizeof ca, "%s/ca", unit_dir);
+	o = (struct cli_opts){ .cmd = CMD_CA_INIT };
+	snprintf(o.out, sizeof o.out, "%s", ca);
+	CHECK(cli_ca_init(&o) == EXIT_OK);
+	fprintf(stderr, "(expected error lines follow)\n");
+	o = (struct cli_opts){ .cmd = CMD_CERT_ISSUE };
+	snprintf(o.ca_dir, sizeof o.ca_dir, "%s", ca);
+	snprintf(out, sizeof out, "%s/wide", unit_dir);
+	snprintf(o.out, sizeof o.out, "%s", out);
+	CHECK(cli_grant_route(&o, "10.9.0.0/16") == 0);          /* parses; issuing refuses */
+	CHECK(cli_cert_issue(&o) == EXIT_USAGE && stat(out, &st) < 0);
+	CHECK(ip_route_width_check(0x0a090000, 16, err, sizeof err) < 0 && strstr(err, "at most /24"));
+	CHECK(ip_route_width_check(0x0a090000, IP_ROUTE_MIN_PREFIX, err, sizeof err) == 0);
+	o.grant.n_routes = 0;
+	CHECK(cli_grant_route(&o, "10.9.7.0/24") == 0);
+	const struct cli_flag *vf = cli_flag_find("valid-for", 0, CMD_CERT_ISSUE);
+	CHECK(vf && cli_apply(&o, vf, "90s") == 0 && o.valid_s == 90);
+	snprintf(out, sizeof out, "%s/short", unit_dir);
+	snprintf(o.out, sizeof o.out, "%s", out);
+	time_t now = time(NULL);
+	CHECK(cli_cert_issue(&o) == EXIT_OK);
+	mbedtls_x509_crt crt;
+	struct sec_grant g;
+	mbedtls_x509_crt_init(&crt);
+	snprintf(path, sizeof path, "%s/node.crt", out);
+	CHECK(sec_parse_pem(path, false, &crt, NULL, NULL, err, sizeof err) == 0);
+	sec_grant_of(&crt, &g);
+	CHECK(g.n_routes == 1 && g.route_len[0] == 24);
+	CHECK(g.not_after_s >= now + 89 && g.not_after_s <= time(NULL) + 91);
+	mbedtls_x509_crt_free(&crt);
+	o.days = 30;
+	CHECK(cli_cert_issue(&o) == EXIT_USAGE);                 /* --days and --valid-for */
+	CHECK(cli_parse_valid_for(&o, "2h") == 0 && o.valid_s == 7200);
+	CHECK(cli_parse_valid_for(&o, "400d") == 0 && o.valid_s == 400 * 86400);
+	const char *bad[] = { "0s", "-5s", "5", "5x", "s", "", " 5s", "5s ", "36501d" };
+	for (unsigned i = 0; i < sizeof bad / sizeof bad[0]; i++)
+		CHECK(cli_parse_valid_for(&o, bad[i]) < 0);
+	char link_path[160], target[160];
+	snprintf(target, sizeof target, "%s/elsewhere", unit_dir);
+	snprintf(link_path, sizeof link_path, "%s/net.key", unit_dir);
+	CHECK(symlink(target, link_path) == 0);
+	CHECK(sec_write_new_file(link_path, "k\n", 2, true, err, sizeof err) < 0 && stat(target, &st) < 0);
+	unlink(link_path);
+	CHECK(sec_write_new_file(link_path, "k\n", 2, true, err, sizeof err) == 0 && stat(link_path, &st) == 0 &&
+	      (st.st_mode & 0777) == 0600);
+	CHECK(sec_write_new_file(link_path, "k\n", 2, true, err, sizeof err) < 0 && strstr(err, "overwrite"));
+}
+
 int main(void)
 {
 	log_cfg.level = LOG_ERROR;
@@ -1788,6 +1888,8 @@ int main(void)
 	test_ev_rest();
 	test_link_drain();
 	test_duplicate_ip();
+	test_crl_swap();
+	test_cert_issue_limits();
 	char cmd[128];
 	snprintf(cmd, sizeof cmd, "rm -rf %s", unit_dir);
 	CHECK(system(cmd) == 0);

@@ -77,10 +77,25 @@
 #define TCP_SNDLOWAT                32768
 #define TCP_OVERSIZE                TCP_MSS
 #define TCP_QUEUE_OOSEQ             1
+/* The out-of-order queue holds at most one receive window, which a sender
+ * fills after a loss at the window's head: the bytes limit costs nothing.
+ * Without a pbuf limit, though, a peer sending 1-byte segments scattered
+ * over the window queued ~500 k segments (tens of MB) per connection.
+ * Full-sized segments fill the window with TCP_WND / TCP_MSS = 771 pbufs
+ * (one per segment: ipop hands lwIP one pbuf per packet); twice that
+ * leaves room for short segments and IP-reassembled chains.  Past a limit
+ * lwIP drops the queue's tail, which the sender retransmits. */
+#define TCP_OOSEQ_MAX_BYTES         (TCP_WND)
+#define TCP_OOSEQ_MAX_PBUFS         (2 * (TCP_WND) / (TCP_MSS))
 #define LWIP_TCP_SACK_OUT           0
 #define LWIP_TCP_TIMESTAMPS         0
 #define LWIP_TCP_KEEPALIVE          1
-#define TCP_LISTEN_BACKLOG          0
+/* Half-open connections (SYN received, no final ACK yet) per listener (-R
+ * forwards): unbounded, a peer's SYN flood held a pcb each until the SYN-ACK
+ * retries ran out.  64, as a small Linux's somaxconn was; a connection that
+ * completes leaves the count at once (the accept callback runs then). */
+#define TCP_LISTEN_BACKLOG          1
+#define TCP_DEFAULT_LISTEN_BACKLOG  64
 #define LWIP_TCP_PCB_NUM_EXT_ARGS   0
 
 /* ---- checksums (all on for now; per-netif control allows turning the inbound
