@@ -5737,13 +5737,22 @@ static const char *ring_role_main(uint8_t roles)
 	return "none";
 }
 
+static bool ring_sc_only(const struct link *l);
+static void ring_sc_enforce_cap(struct node *n);
+
+/* A link that loses its near or far role here may be left a shortcut
+ * only, one more for the cap: trim now, not at the next tick (the cap
+ * was passed for up to RING_TICK_MS, seen by t_shortcut's 250 ms poll). */
 static void ring_roles_set(struct link *l, uint8_t roles)
 {
 	if (l->local_roles == roles)
 		return;
+	bool was_sc_only = ring_sc_only(l);
 	l->local_roles = roles;
 	if (ring_link_usable(l))
 		link_send_byte(l, WIRE_ROLES, roles);
+	if (!was_sc_only && ring_sc_only(l) && l->node->ring.sc.pps)
+		ring_sc_enforce_cap(l->node);
 }
 
 /* Give l these roles too: at once if it is up, else when it comes up. */
