@@ -1675,6 +1675,34 @@ static void test_shortcuts(void)
 	fake_node_free(&n);
 }
 
+/* Issue 18 item 6: a peer's endpoints are dialled only in scopes we live
+ * in, never our own; dial-backs follow a generic cell rate. */
+static void test_ring_scopes(void)
+{
+	static struct node n;
+	n.self.n_endpoints = 1;
+	n.self.endpoints[0] = (struct endpoint){ PROTO_UDP, 0x7f000001u, 4000 };
+	CHECK(ring_scope_of(0x00000001u) == RING_SCOPE_NEVER && ring_scope_of(0xe0000001u) == RING_SCOPE_NEVER &&
+	      ring_scope_of(0xffffffffu) == RING_SCOPE_NEVER && ring_scope_of(0x7f000002u) == RING_SCOPE_LOOPBACK &&
+	      ring_scope_of(0xa9fe0101u) == RING_SCOPE_LINK_LOCAL && ring_scope_of(0x0a000001u) == RING_SCOPE_PRIVATE &&
+	      ring_scope_of(0x64400001u) == RING_SCOPE_PRIVATE && ring_scope_of(0xc0a80101u) == RING_SCOPE_PRIVATE &&
+	      ring_scope_of(0x08080808u) == RING_SCOPE_PUBLIC);
+	struct endpoint lo = { PROTO_UDP, 0x7f000001u, 4001 }, self = { PROTO_UDP, 0x7f000001u, 4000 },
+			lan = { PROTO_TCP, 0x0a000001u, 22 }, pub = { PROTO_UDP, 0x08080808u, 53 },
+			any = { PROTO_UDP, 0, 4001 }, mc = { PROTO_UDP, 0xe0000001u, 4001 },
+			ll = { PROTO_UDP, 0xa9fe0101u, 4001 };
+	CHECK(ring_endpoint_dialable(&n, &lo) && ring_endpoint_dialable(&n, &pub));
+	CHECK(!ring_endpoint_dialable(&n, &self) && !ring_endpoint_dialable(&n, &lan) &&
+	      !ring_endpoint_dialable(&n, &any) && !ring_endpoint_dialable(&n, &mc) && !ring_endpoint_dialable(&n, &ll));
+	CHECK(n.drops.count[DROP_DIAL_SCOPE] == 5);
+	n.ring.boot[n.ring.n_boot++] = (struct endpoint){ PROTO_UDP, 0x0a010203u, 4000 };
+	CHECK(ring_endpoint_dialable(&n, &lan) && !ring_endpoint_dialable(&n, &any));
+	uint64_t due = 0;
+	CHECK(ring_rate_take(&due, 1000, 100, 2) && ring_rate_take(&due, 1000, 100, 2) &&
+	      !ring_rate_take(&due, 1000, 100, 2) && !ring_rate_take(&due, 1099, 100, 2) &&
+	      ring_rate_take(&due, 1100, 100, 2) && !ring_rate_take(&due, 1100, 100, 2));
+}
+
 int main(void)
 {
 	log_cfg.level = LOG_ERROR;
@@ -1716,6 +1744,7 @@ int main(void)
 	test_insecure_pair();
 	test_link_drain();
 	test_duplicate_ip();
+	test_ring_scopes();
 	char cmd[128];
 	snprintf(cmd, sizeof cmd, "rm -rf %s", unit_dir);
 	CHECK(system(cmd) == 0);
