@@ -5296,7 +5296,11 @@ static void link_start(struct node *n)
  * and predecessor (PRED of addr-1).  The node that answers replies with its
  * near peers and dials the requester; the requester dials it too unless
  * that dial arrived first (ring_defer_dial), so NATs get punched from both
- * sides without a duplicate link for every answer.
+ * sides without a duplicate link for every answer.  Any member may route
+ * us connect-to-me messages listing endpoints of its choice, so a reply is
+ * acted on only if it answers a request of ours (ring_asked_take), dials
+ * back are rationed (ring_answer_rationed), and a peer's endpoints are
+ * dialled only in address scopes we live in (ring_endpoint_dialable).
  * To add an inner message: a wire_ type, a ring_on_* handler, a case in
  * ring_deliver.
  * ========================================================================= */
@@ -6015,11 +6019,27 @@ static bool ring_endpoint_ours(const struct node *n, const struct endpoint *ep)
 	return false;
 }
 
+/* ep is on this host: at one of our own addresses, on any port. */
+static bool ring_endpoint_on_host(const struct node *n, const struct endpoint *ep)
+{
+	unsigned k;
+	const struct endpoint *own = ring_own_endpoints(n, &k);
+	for (unsigned i = 0; i < k; i++)
+		if (own[i].ip == ep->ip)
+			return true;
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		if (ntohl(n->listeners[i].sa.sin_addr.s_addr) == ep->ip)
+			return true;
+	return false;
+}
+
 /* May we dial (or probe) a peer's endpoint?  Only within a scope we live
- * in, and never ourselves; a refusal is counted. */
+ * in (our own addresses are this host's, as loopback is), and never
+ * ourselves; a refusal is counted. */
 static bool ring_endpoint_dialable(struct node *n, const struct endpoint *ep)
 {
-	if ((ring_scopes_ours(n) >> ring_scope_of(ep->ip) & 1) && !ring_endpoint_ours(n, ep))
+	enum ring_scope s = ring_endpoint_on_host(n, ep) ? RING_SCOPE_LOOPBACK : ring_scope_of(ep->ip);
+	if ((ring_scopes_ours(n) >> s & 1) && !ring_endpoint_ours(n, ep))
 		return true;
 	char who[40];
 	link_endpoint_uri(ep, who);
@@ -8516,7 +8536,10 @@ static void nat_start(struct node *n)
  * Mappings are looked up on the first packet, cached for IP_MAP_TTL_MS
  * (packets wait in a small queue meanwhile), and corrected when the node
  * we sent to answers INNER_IP_STALE (the IP moved).  The receiver checks
- * that the source IP maps to the ring address the packet came from.
+ * that the source IP maps to the ring address the packet came from: that
+ * catches stale mappings, not a lying member (the routed source is its
+ * sender's word, issue 24).  Sources outside the network are dropped, and
+ * lookups begun by packets from the ring are capped (ip_lookup_room).
  * Where routing dead-ends (no node holds D), that node returns the packet's
  * head as INNER_IP_UNREACH and the sender's stack gets ICMP host-unreachable,
  * as from a LAN router.  Only IPv4 is carried.

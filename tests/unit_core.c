@@ -1698,6 +1698,14 @@ static void test_ring_scopes(void)
 	n.ring.boot[n.ring.n_boot++] = (struct endpoint){ PROTO_UDP, 0x0a010203u, 4000 };
 	CHECK(ring_endpoint_dialable(&n, &lan) && !ring_endpoint_dialable(&n, &any));
 	uint64_t due = 0;
+	/* Our own address on another port is this host: only if we live on loopback. */
+	static struct node h;
+	h.self.n_endpoints = 1;
+	h.self.endpoints[0] = (struct endpoint){ PROTO_UDP, 0x0a000005u, 4000 };
+	struct endpoint host_ssh = { PROTO_TCP, 0x0a000005u, 22 }, lan_ssh = { PROTO_TCP, 0x0a000006u, 22 };
+	CHECK(!ring_endpoint_dialable(&h, &host_ssh) && ring_endpoint_dialable(&h, &lan_ssh));
+	h.ring.boot[h.ring.n_boot++] = (struct endpoint){ PROTO_UDP, 0x7f000001u, 4001 };
+	CHECK(ring_endpoint_dialable(&h, &host_ssh));
 	CHECK(ring_rate_take(&due, 1000, 100, 2) && ring_rate_take(&due, 1000, 100, 2) &&
 	      !ring_rate_take(&due, 1000, 100, 2) && !ring_rate_take(&due, 1099, 100, 2) &&
 	      ring_rate_take(&due, 1100, 100, 2) && !ring_rate_take(&due, 1100, 100, 2));
