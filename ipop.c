@@ -177,6 +177,14 @@ enum {
 	IP_MAP_CACHE_MAX = 4096,       /* IP -> ring address entries; the oldest is evicted */
 	IP_MAP_QUEUE_MAX = 32,         /* packets held per IP while its first lookup runs: a TCP
 	                                  * initial window and more */
+	/* Lookups that packets from the ring begin (a source IP that is not its
+	 * sender's own, so maybe behind a --route-for node): each holds a DHT
+	 * request slot (DHT_PENDING_MAX: 1024) and up to IP_MAP_QUEUE_MAX
+	 * packets.  Any member can send packets from any source, so a sender
+	 * may have 8 under way (a host's VMs opening flows at once) and all
+	 * senders 64: at most 64 slots and ~3 MB of queued packets. */
+	IP_LOOKUPS_PER_SENDER = 8,
+	IP_LOOKUPS_FROM_RING_MAX = 64,
 };
 
 enum exit_code {
@@ -266,6 +274,11 @@ enum drop_reason {
 	DROP_PENDING_EVICTED,   /* an accepted, unauthenticated TCP stream closed for a newer one */
 	DROP_LOCAL_EVICTED,     /* a SOCKS client still negotiating, or a metrics client,
 	                         * closed for a newer one */
+	DROP_CTM_UNASKED,       /* a connect-to-me reply to no request of ours */
+	DROP_CTM_RATIONED,      /* a connect-to-me request we answer without dialling back */
+	DROP_DIAL_SCOPE,        /* a peer's endpoint outside the scopes we live in, or ours */
+	DROP_OFF_NET_SOURCE,    /* a remote packet from outside the virtual network */
+	DROP_LOOKUPS_FULL,      /* a remote packet whose source lookup is over the caps */
 	DROP__COUNT
 };
 
@@ -301,6 +314,11 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_FD_LIMIT] = "fd_limit",
 	[DROP_PENDING_EVICTED] = "pending_evicted",
 	[DROP_LOCAL_EVICTED] = "local_evicted",
+	[DROP_CTM_UNASKED] = "ctm_unasked",
+	[DROP_CTM_RATIONED] = "ctm_rationed",
+	[DROP_DIAL_SCOPE] = "dial_scope",
+	[DROP_OFF_NET_SOURCE] = "off_net_source",
+	[DROP_LOOKUPS_FULL] = "lookups_full",
 };
 
 struct log_drops {
@@ -2667,6 +2685,26 @@ enum {
 	RING_FAR_REPLY_MS = 3000,      /* a far request's reply, or another request */
 	RING_CTM_DIAL_DELAY_MS = 250,  /* our dial after a connect-to-me reply, at the first tick after */
 	RING_DEFER_MAX = 8,            /* such dials waiting; more dial at once */
+	/* Our connect-to-me requests awaiting their reply, by token: only a
+	 * reply to one of them is dialled (anyone may route us a reply).  A
+	 * node asks twice per probe (RING_PROBE_MS, or every 100 ms after a
+	 * loss), up to RING_FAR_PARALLEL far requests and a shortcut or two:
+	 * 32 covers 5 s of that; the oldest makes room. */
+	RING_ASKED_MAX = 32,
+	RING_ASKED_MS = 5000,          /* a reply later than this answers nothing */
+	/* A request we answer makes us dial the requester's endpoints (both
+	 * ends dial, to punch NATs): a reflector for whoever forges them.
+	 * Dial-backs that start a new link are rationed: per requester a burst
+	 * of 2 and one per probe period (a node asks twice per probe), at most
+	 * RING_ANSWER_SOURCES requesters tracked (the most idle makes room);
+	 * and in all a burst of 16 and 8 a second, many times the joins a node
+	 * answers even in a flash crowd.  An unrationed request is still
+	 * answered: the requester dials us itself. */
+	RING_ANSWER_SOURCES = 16,
+	RING_ANSWER_SOURCE_BURST = 2,
+	RING_ANSWER_SOURCE_EVERY_MS = RING_PROBE_MS,
+	RING_ANSWER_BURST = 16,
+	RING_ANSWER_EVERY_MS = 125,
 	RING_REACHABLE_MS = 600000,    /* an unasked-for UDP link this recent: others reach us */
 	/* A joined node dials one of its rendezvous peers (bootstraps and
 	 * remembered peers) it holds no link to, every RING_MERGE_MS on average
@@ -2739,6 +2777,19 @@ struct ring_deferred {
 	uint64_t at_ms;
 };
 
+/* A connect-to-me request of ours that a reply may answer (ring_asked_take). */
+struct ring_asked {
+	uint32_t token;                 /* 0: a free slot */
+	uint64_t until_ms;
+};
+
+/* A requester's dial-back ration: its next dial's due time, as a generic
+ * cell rate (ring_rate_take). */
+struct ring_answerer {
+	ring_addr src;
+	uint64_t due_ms;
+};
+
 /* Ring upkeep state, owned by section 07. */
 /* The last next hop chosen: a burst of packets to one destination in one
  * millisecond asks ring_next_hop the same question. */
@@ -2774,6 +2825,9 @@ struct ring_state {
 	struct ring_far_req far[RING_FAR_PARALLEL];
 	struct ring_deferred *deferred;   /* RING_DEFER_MAX while any wait, else NULL */
 	unsigned n_deferred;
+	struct ring_asked asked[RING_ASKED_MAX];
+	struct ring_answerer answerers[RING_ANSWER_SOURCES];
+	uint64_t answer_due_ms;         /* all dial-backs' ration (RING_ANSWER_BURST) */
 	struct ev_timer tick;
 	uint64_t next_probe_ms;
 	uint64_t next_boot_ms, boot_backoff_ms;
@@ -5612,7 +5666,11 @@ static void link_start(struct node *n)
  * and predecessor (PRED of addr-1).  The node that answers replies with its
  * near peers and dials the requester; the requester dials it too unless
  * that dial arrived first (ring_defer_dial), so NATs get punched from both
- * sides without a duplicate link for every answer.
+ * sides without a duplicate link for every answer.  Any member may route
+ * us connect-to-me messages listing endpoints of its choice, so a reply is
+ * acted on only if it answers a request of ours (ring_asked_take), dials
+ * back are rationed (ring_answer_rationed), and a peer's endpoints are
+ * dialled only in address scopes we live in (ring_endpoint_dialable).
  * To add an inner message: a wire_ type, a ring_on_* handler, a case in
  * ring_deliver.
  * ========================================================================= */
@@ -6267,6 +6325,107 @@ static uint8_t ring_punch_ttl(struct node *n, const struct peer_info *pi, const 
 static bool ring_unasked_poisons(struct node *n, const struct peer_info *pi, const struct endpoint *ep,
 				bool probe);
 
+static bool ring_public_ip(uint32_t ip)        /* host order */
+{
+	uint8_t a = ip >> 24, b = (ip >> 16) & 0xff;
+	return !(a == 0 || a == 10 || a == 127 || (a == 100 && (b & 0xc0) == 64) || (a == 169 && b == 254) ||
+		 (a == 172 && (b & 0xf0) == 16) || (a == 192 && b == 168) || a >= 224);
+}
+
+/* Where an address lives.  A peer's endpoints are its word only (its own
+ * in a handshake, a third party's in connect-to-me messages), and a dial
+ * sends six handshakes and then tries TCP: forged endpoints made any member
+ * aim us at services on our host (loopback), our LAN or hosts in general. */
+enum ring_scope {
+	RING_SCOPE_NEVER,       /* 0/8, multicast, reserved, broadcast: nobody's endpoint */
+	RING_SCOPE_LOOPBACK,    /* 127/8: this host */
+	RING_SCOPE_LINK_LOCAL,  /* 169.254/16: this link */
+	RING_SCOPE_PRIVATE,     /* RFC 1918 and the CGN range: a site */
+	RING_SCOPE_PUBLIC,
+};
+
+static enum ring_scope ring_scope_of(uint32_t ip)
+{
+	uint8_t a = ip >> 24, b = (ip >> 16) & 0xff;
+	if (a == 0 || a >= 224)
+		return RING_SCOPE_NEVER;
+	if (a == 127)
+		return RING_SCOPE_LOOPBACK;
+	if (a == 169 && b == 254)
+		return RING_SCOPE_LINK_LOCAL;
+	return ring_public_ip(ip) ? RING_SCOPE_PUBLIC : RING_SCOPE_PRIVATE;
+}
+
+/* Our own endpoints: the listeners' addresses (a wildcard's, per interface),
+ * as section 09 collected them, or as we advertise them. */
+static const struct endpoint *ring_own_endpoints(const struct node *n, unsigned *k)
+{
+	*k = n->nat ? n->nat->n_own : n->self.n_endpoints;
+	return n->nat ? n->nat->own : n->self.endpoints;
+}
+
+/* The scopes this node lives in, as a mask: the public one, and those of
+ * its own listeners and of the bootstraps its user gave it.  Loopback tests
+ * run whole rings on 127.0.0.1, NAT'd sites link over private addresses:
+ * a peer's endpoint in such a scope is one we could have been given. */
+static unsigned ring_scopes_ours(const struct node *n)
+{
+	unsigned mask = 1u << RING_SCOPE_PUBLIC, k;
+	const struct endpoint *own = ring_own_endpoints(n, &k);
+	for (unsigned i = 0; i < k; i++)
+		mask |= 1u << ring_scope_of(own[i].ip);
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		mask |= 1u << ring_scope_of(ntohl(n->listeners[i].sa.sin_addr.s_addr));
+	for (unsigned i = 0; i < n->ring.n_boot; i++)
+		mask |= 1u << ring_scope_of(n->ring.boot[i].ip);
+	return mask & ~(1u << RING_SCOPE_NEVER);
+}
+
+/* ep is one of our listeners (a wildcard one: on any of our addresses). */
+static bool ring_endpoint_ours(const struct node *n, const struct endpoint *ep)
+{
+	unsigned k;
+	const struct endpoint *own = ring_own_endpoints(n, &k);
+	for (unsigned i = 0; i < k; i++)
+		if (own[i].ip == ep->ip && own[i].port == ep->port)
+			return true;
+	for (unsigned i = 0; i < n->n_listeners; i++) {
+		uint32_t ip = ntohl(n->listeners[i].sa.sin_addr.s_addr);
+		if (ntohs(n->listeners[i].sa.sin_port) == ep->port &&
+		    (ip == ep->ip || (!ip && ring_scope_of(ep->ip) == RING_SCOPE_LOOPBACK)))
+			return true;
+	}
+	return false;
+}
+
+/* ep is on this host: at one of our own addresses, on any port. */
+static bool ring_endpoint_on_host(const struct node *n, const struct endpoint *ep)
+{
+	unsigned k;
+	const struct endpoint *own = ring_own_endpoints(n, &k);
+	for (unsigned i = 0; i < k; i++)
+		if (own[i].ip == ep->ip)
+			return true;
+	for (unsigned i = 0; i < n->n_listeners; i++)
+		if (ntohl(n->listeners[i].sa.sin_addr.s_addr) == ep->ip)
+			return true;
+	return false;
+}
+
+/* May we dial (or probe) a peer's endpoint?  Only within a scope we live
+ * in (our own addresses are this host's, as loopback is), and never
+ * ourselves; a refusal is counted. */
+static bool ring_endpoint_dialable(struct node *n, const struct endpoint *ep)
+{
+	enum ring_scope s = ring_endpoint_on_host(n, ep) ? RING_SCOPE_LOOPBACK : ring_scope_of(ep->ip);
+	if ((ring_scopes_ours(n) >> s & 1) && !ring_endpoint_ours(n, ep))
+		return true;
+	char who[40];
+	link_endpoint_uri(ep, who);
+	log_drop(&n->drops, DROP_DIAL_SCOPE, ev_now(&n->loop), who);
+	return false;
+}
+
 /* Dial pi's endpoints at once (every one of them: one may be the hole a NAT
  * opens), on one transport: only_proto, or else the first of UDP and TCP
  * that we listen on and pi has, or else whatever pi has.  answer: pi is
@@ -6285,7 +6444,7 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 			continue;
 		for (unsigned i = 0; i < pi->n_endpoints && dialled < RING_DIAL_ENDPOINTS_MAX; i++) {
 			const struct endpoint *ep = &pi->endpoints[i];
-			if (ep->proto != proto || ep->port == 0)
+			if (ep->proto != proto || ep->port == 0 || !ring_endpoint_dialable(n, ep))
 				continue;
 			if (!answer && ring_unasked_poisons(n, pi, ep, false)) {
 				held++;
@@ -6310,7 +6469,7 @@ static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t 
 		for (struct link *l = n->links; l && !tried; l = l->next)
 			tried = l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->initiator &&
 				link_sockaddr_eq(&l->remote, &sa);
-		if (!tried && !(!answer && ring_unasked_poisons(n, pi, ep, false)))
+		if (!tried && !(!answer && ring_unasked_poisons(n, pi, ep, false)) && ring_endpoint_dialable(n, ep))
 			link_dial_ttl(n, ep, &pi->addr, want, NULL, answer ? 0 : ring_punch_ttl(n, pi, ep));
 	}
 }
@@ -6362,12 +6521,87 @@ static uint8_t ring_near_infos(struct node *n, struct peer_info *out, const stru
 	return k;
 }
 
+/* A request of ours goes out under token (0: draw one): a reply may
+ * answer it until RING_ASKED_MS passes; the slot expiring first makes room. */
+static uint32_t ring_asked_note(struct node *n, uint32_t token)
+{
+	while (!token)
+		token = (uint32_t)sec_random_u64(&n->rng);
+	struct ring_asked *slot = &n->ring.asked[0];
+	for (unsigned i = 1; i < RING_ASKED_MAX; i++)
+		if (n->ring.asked[i].until_ms < slot->until_ms)
+			slot = &n->ring.asked[i];
+	*slot = (struct ring_asked){ .token = token, .until_ms = ev_now(&n->loop) + RING_ASKED_MS };
+	return token;
+}
+
+/* Does a reply answer a request of ours?  Each request is answered once,
+ * by the node it reached. */
+static bool ring_asked_take(struct node *n, uint32_t token)
+{
+	uint64_t now = ev_now(&n->loop);
+	for (unsigned i = 0; i < RING_ASKED_MAX; i++) {
+		struct ring_asked *a = &n->ring.asked[i];
+		if (a->token && a->token == token && a->until_ms > now) {
+			*a = (struct ring_asked){ 0 };
+			return true;
+		}
+	}
+	return false;
+}
+
+/* A generic cell rate: the next event is due at *due_ms; one may run
+ * ahead of schedule by burst - 1 intervals. */
+static bool ring_rate_take(uint64_t *due_ms, uint64_t now, uint64_t every_ms, unsigned burst)
+{
+	uint64_t t = *due_ms > now ? *due_ms : now;
+	if (t - now > (burst - 1) * every_ms)
+		return false;
+	*due_ms = t + every_ms;
+	return true;
+}
+
+/* The requester's ration: its slot, or the most idle one (a slot whose due
+ * time has passed holds a full ration: evicting it forgets nothing). */
+static struct ring_answerer *ring_answerer_of(struct node *n, const ring_addr *src)
+{
+	struct ring_answerer *idle = &n->ring.answerers[0];
+	for (unsigned i = 0; i < RING_ANSWER_SOURCES; i++) {
+		struct ring_answerer *a = &n->ring.answerers[i];
+		if (wire_addr_eq(&a->src, src))
+			return a;
+		if (a->due_ms < idle->due_ms)
+			idle = a;
+	}
+	*idle = (struct ring_answerer){ .src = *src };
+	return idle;
+}
+
+/* May a request from q's sender make us dial it?  Always onto a link we
+ * hold or are making (no new dial: ring_dial_as); else within its ration
+ * and everyone's (RING_ANSWER_*). */
+static bool ring_answer_rationed(struct node *n, const struct wire_ctm_req *q)
+{
+	if (link_find_peer(n, &q->from.addr, false))
+		return false;
+	uint64_t now = ev_now(&n->loop);
+	struct ring_answerer *a = ring_answerer_of(n, &q->from.addr);
+	if (ring_rate_take(&a->due_ms, now, RING_ANSWER_SOURCE_EVERY_MS, RING_ANSWER_SOURCE_BURST) &&
+	    ring_rate_take(&n->ring.answer_due_ms, now, RING_ANSWER_EVERY_MS, RING_ANSWER_BURST))
+		return false;
+	char who[13];
+	link_addr_short(&q->from.addr, who);
+	log_drop(&n->drops, DROP_CTM_RATIONED, now, who);
+	return true;
+}
+
 static void ring_ctm_send(struct node *n, uint8_t mode, const ring_addr *target,
 			  uint8_t want, uint32_t token)
 {
 	struct link *first = ring_next_hop(n, mode, target);
 	if (!first)
 		return;         /* we are the answer: nothing to connect to */
+	token = ring_asked_note(n, token);
 	struct wire_ctm_req m = { .token = token, .want = want, .reply_via = first->peer.addr,
 				  .from = n->self };
 	uint8_t payload[WIRE_MAX_PACKET_BYTES];
@@ -6396,13 +6630,6 @@ static void ring_peer_refresh(struct node *n, const struct peer_info *from)
 static bool ring_reachable(struct node *n)
 {
 	return !n->nat || (n->ring.inbound_ms && ev_now(&n->loop) - n->ring.inbound_ms < RING_REACHABLE_MS);
-}
-
-static bool ring_public_ip(uint32_t ip)        /* host order */
-{
-	uint8_t a = ip >> 24, b = (ip >> 16) & 0xff;
-	return !(a == 0 || a == 10 || a == 127 || (a == 100 && (b & 0xc0) == 64) || (a == 169 && b == 254) ||
-		 (a == 172 && (b & 0xf0) == 16) || (a == 192 && b == 168) || a >= 224);
 }
 
 /* The TTL of our hellos to ep unless we answer the peer's dial (0: the
@@ -6501,7 +6728,7 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	/* Both ends dial, to punch NATs; but a far requester probes us first
 	 * and dials only if we win (section 12), so when peers reach us
 	 * unasked there is nothing to punch, and our link would mostly lose. */
-	if (q.want != ROLE_FAR || !ring_reachable(n)) {
+	if ((q.want != ROLE_FAR || !ring_reachable(n)) && !ring_answer_rationed(n, &q)) {
 		ring_dial(n, &q.from, want);
 		if (n->ring.ctm_req)    /* its first hop links it: a relay candidate */
 			n->ring.ctm_req(n, &q);
@@ -6577,7 +6804,8 @@ static void ring_pns_add(struct node *n, struct ring_far_req *f, const struct pe
 				     .rtt_us = -1 };
 	for (unsigned i = 0, sent = 0; i < pi->n_endpoints && sent < RING_DIAL_ENDPOINTS_MAX; i++) {
 		const struct endpoint *ep = &pi->endpoints[i];
-		if (ep->proto != PROTO_UDP || ep->port == 0 || ring_unasked_poisons(n, pi, ep, true))
+		if (ep->proto != PROTO_UDP || ep->port == 0 || ring_unasked_poisons(n, pi, ep, true) ||
+		    !ring_endpoint_dialable(n, ep))
 			continue;
 		struct sockaddr_in sa = link_sockaddr_of(ep);
 		link_probe(n, &sa, c->token);
@@ -6704,7 +6932,13 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 	}
 	for (unsigned i = 0; i < m.n_neighbours; i++)
 		if (ring_is_conflict(n, &m.neighbours[i]))
-			ring_on_conflict(n, &m.neighbours[i], false);
+			ring_on_conflict(n, &m.neighbours[i], false);   /* counted, whoever sent it */
+	if (!ring_asked_take(n, m.token)) {
+		char who[13];
+		link_addr_short(&r->src, who);
+		log_drop(&n->drops, DROP_CTM_UNASKED, ev_now(&n->loop), who);
+		return;         /* not ours to dial: anyone may route us a reply */
+	}
 	ring_peer_refresh(n, &m.from);
 	uint8_t want = 0;
 	struct ring_far_req *f = (m.want & ROLE_FAR) ? ring_far_waiting(n, m.token) : NULL;
@@ -6947,10 +7181,12 @@ static void ring_merge_ask(struct node *n, struct link *l)
 	ring_addr one = ring_one();
 	ring_addr target[2] = { ring_add(&n->self.addr, &one), ring_sub(&n->self.addr, &one) };
 	static const uint8_t modes[2] = { MODE_SUCC, MODE_PRED };
-	struct wire_ctm_req m = { .reply_via = l->peer.addr, .from = n->self };
-	uint8_t payload[WIRE_MAX_PACKET_BYTES];
-	ssize_t len = wire_ctm_req_encode(payload, sizeof payload, &m);
-	for (int i = 0; i < 2 && len > 0; i++) {
+	for (int i = 0; i < 2; i++) {
+		struct wire_ctm_req m = { .token = ring_asked_note(n, 0), .reply_via = l->peer.addr, .from = n->self };
+		uint8_t payload[WIRE_MAX_PACKET_BYTES];
+		ssize_t len = wire_ctm_req_encode(payload, sizeof payload, &m);
+		if (len <= 0)
+			return;
 		struct wire_routed r = { .mode = modes[i], .ttl = RING_MAX_HOPS, .src = n->self.addr,
 					 .dst = target[i], .inner = INNER_CTM_REQ, .len = (uint16_t)len,
 					 .payload = payload };
@@ -8704,7 +8940,10 @@ static void nat_start(struct node *n)
  * Mappings are looked up on the first packet, cached for IP_MAP_TTL_MS
  * (packets wait in a small queue meanwhile), and corrected when the node
  * we sent to answers INNER_IP_STALE (the IP moved).  The receiver checks
- * that the source IP maps to the ring address the packet came from.
+ * that the source IP maps to the ring address the packet came from: that
+ * catches stale mappings, not a lying member (the routed source is its
+ * sender's word, issue 24).  Sources outside the network are dropped, and
+ * lookups begun by packets from the ring are capped (ip_lookup_room).
  * Where routing dead-ends (no node holds D), that node returns the packet's
  * head as INNER_IP_UNREACH and the sender's stack gets ICMP host-unreachable,
  * as from a LAN router.  Only IPv4 is carried.
@@ -8741,6 +8980,9 @@ struct ip_map {
 	uint32_t ip;
 	bool resolved;
 	bool refreshing;                /* a lookup is in flight; the old mapping still serves */
+	bool ring_asked;                /* ... begun by a packet from the ring, from asker */
+	bool ring_only;                 /* only packets from the ring used it: kept if a record is found */
+	ring_addr asker;
 	ring_addr addr;                 /* valid when resolved */
 	uint64_t resolved_ms, expires_ms;
 	struct ip_queued *queue[IP_MAP_QUEUE_MAX];
@@ -9163,6 +9405,8 @@ static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 		return ip_drop(n, DROP_OFF_NET, h.dst);
 	struct ip_map *m = ip_map_find(n, h.dst);
 	uint64_t now = ev_now(&n->loop);
+	if (m)
+		m->ring_only = false;
 	if (m && m->resolved) {
 		/* Past its expiry the mapping still serves while a lookup refreshes it:
 		 * a flow never waits for the DHT once it has started. */
@@ -9256,7 +9500,44 @@ static ring_addr ip_addr_of(struct node *n, uint32_t ip)
 	return m->addr;
 }
 
-/* A packet that arrived over the ring: check, then hand it to our stack. */
+/* May a packet from src begin one more lookup?  Each holds a DHT slot and
+ * a queue: one member must not take them all (IP_LOOKUPS_*). */
+static bool ip_lookup_room(const struct node *n, const ring_addr *src)
+{
+	unsigned all = 0, theirs = 0;
+	for (unsigned i = 0; i < n->ip.n_cache; i++) {
+		const struct ip_map *m = &n->ip.cache[i];
+		if (m->refreshing && m->ring_asked) {
+			all++;
+			theirs += wire_addr_eq(&m->asker, src);
+		}
+	}
+	return all < IP_LOOKUPS_FROM_RING_MAX && theirs < IP_LOOKUPS_PER_SENDER;
+}
+
+/* A packet from the ring whose source maps elsewhere, or nowhere yet: hold
+ * it and look the source up (again: an old answer may be out of date). */
+static void ip_lookup_source(struct node *n, struct ip_map *m, const struct wire_routed *r, uint32_t src)
+{
+	bool begin = !m || !m->refreshing;
+	if (begin && !ip_lookup_room(n, &r->src))
+		return ip_drop(n, DROP_LOOKUPS_FULL, src);
+	if (!m) {
+		m = ip_map_new(n, src);
+		m->ring_only = true;
+	}
+	m->resolved = false;
+	ip_queue(n, m, true, &r->src, r->payload, r->len);
+	if (!begin)
+		return;
+	m->ring_asked = true;
+	m->asker = r->src;
+	ip_resolve(n, m);
+}
+
+/* A packet that arrived over the ring: check, then hand it to our stack.
+ * A source outside the virtual network is nobody's: we send only inside
+ * it (DROP_OFF_NET), so no reply could reach it either. */
 static void ip_on_packet(struct node *n, const struct wire_routed *r)
 {
 	struct ip_head h;
@@ -9266,6 +9547,8 @@ static void ip_on_packet(struct node *n, const struct wire_routed *r)
 		ip_drop(n, DROP_NOT_FOR_US, h.dst);
 		return ip_stale_send(n, r);
 	}
+	if (!ip_on_net(&n->ip, h.src))
+		return ip_drop(n, DROP_OFF_NET_SOURCE, h.src);
 	ring_sc_count(n, &r->src);
 	ring_addr claimed = ip_addr_of(n, h.src);
 	if (wire_addr_eq(&claimed, &r->src))
@@ -9280,14 +9563,7 @@ static void ip_on_packet(struct node *n, const struct wire_routed *r)
 			ip_check_mapped(n, m, &r->src, r->payload, r->len);
 		return;
 	}
-	/* Unknown, or a mismatch with an old answer (the IP may have moved):
-	 * hold the packet and look again. */
-	if (!m)
-		m = ip_map_new(n, h.src);
-	m->resolved = false;
-	ip_queue(n, m, true, &r->src, r->payload, r->len);
-	if (!m->refreshing)
-		ip_resolve(n, m);
+	ip_lookup_source(n, m, r, h.src);
 }
 
 /* The quoted head of a packet we sent: its destination. */
@@ -9343,17 +9619,21 @@ static void ip_resolved(struct node *n, void *arg, const struct wire_dht *reply)
 	if (!m)
 		return;
 	uint64_t now = ev_now(&n->loop);
-	bool had = m->resolved;
+	bool had = m->resolved, found = reply && reply->status == DHT_OK && reply->value_len == RING_ADDR_BYTES;
 	m->resolved = true;
-	m->refreshing = false;
+	m->refreshing = m->ring_asked = false;
 	m->resolved_ms = now;
 	m->expires_ms = now + IP_MAP_TTL_MS;
-	if (reply && reply->status == DHT_OK && reply->value_len == RING_ADDR_BYTES)
+	if (found)
 		memcpy(m->addr.b, reply->value, RING_ADDR_BYTES);
 	else if (!reply && had)
 		m->expires_ms = now + IP_MAP_TTL_MS / 2;        /* no answer: keep what worked */
 	else
 		m->addr = sec_addr_of_ip(ip);   /* nobody routes for it: SHA-1 */
+	/* A source nobody routes for, that only the ring sent from: its packets
+	 * fail the check below, and keeping the entry would let any member fill
+	 * the cache that every packet we send searches. */
+	bool forget = m->ring_only && !found;
 	unsigned nq = m->n_queued;
 	struct ip_queued *q[IP_MAP_QUEUE_MAX];
 	memcpy(q, m->queue, sizeof q);
@@ -9366,6 +9646,8 @@ static void ip_resolved(struct node *n, void *arg, const struct wire_dht *reply)
 			ip_check_mapped(n, m, &q[i]->from, q[i]->data, q[i]->len);
 		free(q[i]);
 	}
+	if (forget && (m = ip_map_find(n, ip)) && m->ring_only && !m->refreshing)
+		ip_map_drop(n, m);
 }
 
 static void ip_resolve(struct node *n, struct ip_map *m)
@@ -12148,8 +12430,8 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 	buf_printf(o, "\"ip_traffic\":{\"tx_packets\":%llu,\"rx_packets\":%llu,\"tx_bytes\":%llu,"
 		   "\"rx_bytes\":%llu},", (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets,
 		   (unsigned long long)n->ip.tx_bytes, (unsigned long long)n->ip.rx_bytes);
-	buf_printf(o, "\"dht_records\":%u,\"nat\":\"%s\",\"endpoints\":[", n->dht.n_records,
-		   nat_kind_names[nat_classify(n)]);
+	buf_printf(o, "\"dht_records\":%u,\"dht_pending\":%u,\"ip_map\":%u,\"nat\":\"%s\",\"endpoints\":[",
+		   n->dht.n_records, n->dht.n_pending, n->ip.n_cache, nat_kind_names[nat_classify(n)]);
 	for (unsigned i = 0; i < n->self.n_endpoints; i++) {
 		char uri[40];
 		link_endpoint_uri(&n->self.endpoints[i], uri);

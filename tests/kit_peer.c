@@ -25,6 +25,14 @@
  *   routed MODE DST INNER HEX   send any routed message (MODE 1 exact .. 4 pred)
  *   dht-forge VALUE|off         answer every DHT GET that reaches us, delivered or in
  *                               transit, with OK, VALUE (text) and no certificate
+ *   ctm-flood req|reply DST N ROTATE EP...
+ *                               send DST N connect-to-me requests (or unasked replies)
+ *                               whose sender lists the endpoints EP (udp:IP:PORT or
+ *                               tcp:IP:PORT, up to 4); ROTATE 1: each from another
+ *                               made-up ring address (the routed source too)
+ *   ip-flood N DST NET ROTATE   send N INNER_IP packets (UDP, 28 bytes) to virtual IP DST,
+ *                               the sources random, half inside NET (A.B.C.D/P), half
+ *                               outside; ROTATE 1: each from a made-up ring address
  *   quit                        leave (as on SIGTERM)
  * ADDR, DST and CLAIM are 40 hex digits or a dotted IPv4 address (its SHA-1).
  */
@@ -155,11 +163,124 @@ static void kit_routed_hook(struct node *n, struct link *l, const uint8_t *pkt, 
 		kit.routed(n, l, pkt, len);
 }
 
+/* Route a message from src, which need not be ours (routed sources are
+ * nobody's word: issue 18 item 3). */
+static void kit_send_as(const ring_addr *src, const ring_addr *dst, uint8_t inner, const uint8_t *p, size_t len)
+{
+	struct wire_routed r = { .mode = MODE_EXACT, .ttl = RING_MAX_HOPS, .src = *src, .dst = *dst,
+				 .inner = inner, .len = (uint16_t)len, .payload = p };
+	ring_route(&kit.n, &r);
+}
+
+static ring_addr kit_made_up(bool rotate)
+{
+	ring_addr a = kit.n.self.addr;
+	if (rotate)
+		sec_random(&kit.n.rng, a.b, sizeof a.b);
+	return a;
+}
+
+static bool kit_endpoint(const char *s, struct endpoint *e)
+{
+	char proto[4], ip[16];
+	unsigned port;
+	struct in_addr ia;
+	if (sscanf(s, "%3[a-z]:%15[0-9.]:%u", proto, ip, &port) != 3 || port > 65535 ||
+	    inet_pton(AF_INET, ip, &ia) != 1 || (strcmp(proto, "udp") && strcmp(proto, "tcp")))
+		return false;
+	*e = (struct endpoint){ .proto = strcmp(proto, "udp") ? PROTO_TCP : PROTO_UDP,
+				.ip = ntohl(ia.s_addr), .port = (uint16_t)port };
+	return true;
+}
+
+/* One forged connect-to-me message from `from` (its endpoints the test's). */
+static ssize_t kit_ctm_forge(bool req, const struct peer_info *from, const ring_addr *dst, uint8_t *out, size_t cap)
+{
+	if (req) {
+		struct wire_ctm_req q = { .token = (uint32_t)sec_random_u64(&kit.n.rng), .reply_via = kit.n.self.addr,
+					  .from = *from };
+		return wire_ctm_req_encode(out, cap, &q);
+	}
+	struct wire_ctm_reply m = { .token = (uint32_t)sec_random_u64(&kit.n.rng), .from = *from, .n_neighbours = 1 };
+	ring_addr one = ring_one();
+	m.neighbours[0] = *from;        /* and a neighbour beside DST, which DST would want near */
+	m.neighbours[0].addr = ring_add(dst, &one);
+	m.neighbours[0].instance = sec_random_u64(&kit.n.rng);
+	return wire_ctm_reply_encode(out, cap, &m);
+}
+
+static void kit_ctm_flood(char **arg, int argc)
+{
+	ring_addr dst;
+	struct peer_info from = kit.n.self;
+	from.n_endpoints = 0;
+	if (argc < 5 || argc > 8 || (strcmp(arg[0], "req") && strcmp(arg[0], "reply")) || !kit_addr(arg[1], &dst))
+		return kit_say("err usage: ctm-flood req|reply DST N ROTATE EP...");
+	for (int i = 4; i < argc; i++)
+		if (!kit_endpoint(arg[i], &from.endpoints[from.n_endpoints++]))
+			return kit_say("err bad endpoint %s", arg[i]);
+	unsigned count = (unsigned)strtoul(arg[2], NULL, 10), sent = 0;
+	bool req = !strcmp(arg[0], "req");
+	for (unsigned i = 0; i < count; i++) {
+		uint8_t payload[WIRE_MAX_PACKET_BYTES];
+		from.addr = kit_made_up(atoi(arg[3]));
+		ssize_t len = kit_ctm_forge(req, &from, &dst, payload, sizeof payload);
+		if (len > 0) {
+			kit_send_as(&from.addr, &dst, req ? INNER_CTM_REQ : INNER_CTM_REPLY, payload, (size_t)len);
+			sent++;
+		}
+	}
+	kit_say("ok %u", sent);
+}
+
+/* A 28-byte IPv4 UDP packet from src to dst (checksums are not checked
+ * on the way in: the receiving stack does that). */
+static void kit_ip_packet(uint8_t p[28], uint32_t src, uint32_t dst)
+{
+	struct wbuf w = wbuf_of(p, 28);
+	wbuf_u8(&w, 0x45);
+	wbuf_u8(&w, 0);
+	wbuf_u16(&w, 28);
+	wbuf_u32(&w, 0);
+	wbuf_u8(&w, 64);
+	wbuf_u8(&w, 17);
+	wbuf_u16(&w, 0);
+	wbuf_u32(&w, src);
+	wbuf_u32(&w, dst);
+	wbuf_u16(&w, 9);
+	wbuf_u16(&w, 9);
+	wbuf_u16(&w, 8);
+	wbuf_u16(&w, 0);
+}
+
+static void kit_ip_flood(char **arg, int argc)
+{
+	struct in_addr d, nt;
+	char net[20];
+	unsigned plen;
+	if (argc != 4 || inet_pton(AF_INET, arg[1], &d) != 1 || sscanf(arg[2], "%19[0-9.]/%u", net, &plen) != 2 ||
+	    plen < 1 || plen > 32 || inet_pton(AF_INET, net, &nt) != 1)
+		return kit_say("err usage: ip-flood N DST NET ROTATE");
+	uint32_t dst = ntohl(d.s_addr), mask = ~0u << (32 - plen), base = ntohl(nt.s_addr) & mask;
+	ring_addr to = sec_addr_of_ip(dst);
+	unsigned count = (unsigned)strtoul(arg[0], NULL, 10);
+	for (unsigned i = 0; i < count; i++) {
+		uint32_t r = (uint32_t)sec_random_u64(&kit.n.rng), src = (i & 1) ? base | (r & ~mask) : r;
+		if (!(i & 1) && (src & mask) == base)
+			src ^= mask & ~(mask << 1);     /* outside: flip the prefix's last bit */
+		uint8_t p[28];
+		kit_ip_packet(p, src, dst);
+		ring_addr from = kit_made_up(atoi(arg[3]));
+		kit_send_as(&from, &to, INNER_IP, p, sizeof p);
+	}
+	kit_say("ok %u", count);
+}
+
 static void kit_command(char *line)
 {
-	char *arg[8];
+	char *arg[10];
 	int argc = 0;
-	for (char *t = strtok(line, " \t"); t && argc < 8; t = strtok(NULL, " \t"))
+	for (char *t = strtok(line, " \t"); t && argc < 10; t = strtok(NULL, " \t"))
 		arg[argc++] = t;
 	if (!argc)
 		return;
@@ -174,6 +295,10 @@ static void kit_command(char *line)
 		kit_routed_cmd(arg + 1, argc - 1);
 	else if (!strcmp(c, "dht-forge"))
 		kit_dht_forge(arg + 1, argc - 1);
+	else if (!strcmp(c, "ctm-flood"))
+		kit_ctm_flood(arg + 1, argc - 1);
+	else if (!strcmp(c, "ip-flood"))
+		kit_ip_flood(arg + 1, argc - 1);
 	else if (!strcmp(c, "quit")) {
 		kit.n.loop.stop = true;
 		kit_say("ok");

@@ -1847,6 +1847,42 @@ static void test_cert_issue_limits(void)
 	CHECK(sec_write_new_file(link_path, "k\n", 2, true, err, sizeof err) < 0 && strstr(err, "overwrite"));
 }
 
+/* Issue 18 item 6: a peer's endpoints are dialled only in scopes we live
+ * in, never our own; dial-backs follow a generic cell rate. */
+static void test_ring_scopes(void)
+{
+	static struct node n;
+	n.self.n_endpoints = 1;
+	n.self.endpoints[0] = (struct endpoint){ PROTO_UDP, 0x7f000001u, 4000 };
+	CHECK(ring_scope_of(0x00000001u) == RING_SCOPE_NEVER && ring_scope_of(0xe0000001u) == RING_SCOPE_NEVER &&
+	      ring_scope_of(0xffffffffu) == RING_SCOPE_NEVER && ring_scope_of(0x7f000002u) == RING_SCOPE_LOOPBACK &&
+	      ring_scope_of(0xa9fe0101u) == RING_SCOPE_LINK_LOCAL && ring_scope_of(0x0a000001u) == RING_SCOPE_PRIVATE &&
+	      ring_scope_of(0x64400001u) == RING_SCOPE_PRIVATE && ring_scope_of(0xc0a80101u) == RING_SCOPE_PRIVATE &&
+	      ring_scope_of(0x08080808u) == RING_SCOPE_PUBLIC);
+	struct endpoint lo = { PROTO_UDP, 0x7f000001u, 4001 }, self = { PROTO_UDP, 0x7f000001u, 4000 },
+			lan = { PROTO_TCP, 0x0a000001u, 22 }, pub = { PROTO_UDP, 0x08080808u, 53 },
+			any = { PROTO_UDP, 0, 4001 }, mc = { PROTO_UDP, 0xe0000001u, 4001 },
+			ll = { PROTO_UDP, 0xa9fe0101u, 4001 };
+	CHECK(ring_endpoint_dialable(&n, &lo) && ring_endpoint_dialable(&n, &pub));
+	CHECK(!ring_endpoint_dialable(&n, &self) && !ring_endpoint_dialable(&n, &lan) &&
+	      !ring_endpoint_dialable(&n, &any) && !ring_endpoint_dialable(&n, &mc) && !ring_endpoint_dialable(&n, &ll));
+	CHECK(n.drops.count[DROP_DIAL_SCOPE] == 5);
+	n.ring.boot[n.ring.n_boot++] = (struct endpoint){ PROTO_UDP, 0x0a010203u, 4000 };
+	CHECK(ring_endpoint_dialable(&n, &lan) && !ring_endpoint_dialable(&n, &any));
+	uint64_t due = 0;
+	/* Our own address on another port is this host: only if we live on loopback. */
+	static struct node h;
+	h.self.n_endpoints = 1;
+	h.self.endpoints[0] = (struct endpoint){ PROTO_UDP, 0x0a000005u, 4000 };
+	struct endpoint host_ssh = { PROTO_TCP, 0x0a000005u, 22 }, lan_ssh = { PROTO_TCP, 0x0a000006u, 22 };
+	CHECK(!ring_endpoint_dialable(&h, &host_ssh) && ring_endpoint_dialable(&h, &lan_ssh));
+	h.ring.boot[h.ring.n_boot++] = (struct endpoint){ PROTO_UDP, 0x7f000001u, 4001 };
+	CHECK(ring_endpoint_dialable(&h, &host_ssh));
+	CHECK(ring_rate_take(&due, 1000, 100, 2) && ring_rate_take(&due, 1000, 100, 2) &&
+	      !ring_rate_take(&due, 1000, 100, 2) && !ring_rate_take(&due, 1099, 100, 2) &&
+	      ring_rate_take(&due, 1100, 100, 2) && !ring_rate_take(&due, 1100, 100, 2));
+}
+
 int main(void)
 {
 	log_cfg.level = LOG_ERROR;
@@ -1892,6 +1928,7 @@ int main(void)
 	test_duplicate_ip();
 	test_crl_swap();
 	test_cert_issue_limits();
+	test_ring_scopes();
 	char cmd[128];
 	snprintf(cmd, sizeof cmd, "rm -rf %s", unit_dir);
 	CHECK(system(cmd) == 0);
