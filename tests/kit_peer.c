@@ -400,7 +400,7 @@ int main(int argc, char **argv)
 		return 2;
 	log_cfg.level = o.log_level;
 	char err[1200];
-	if (!o.control[0] && ctl_default_path(o.control, sizeof o.control, true) < 0)
+	if (!o.control[0] && ctl_default_path(o.control, sizeof o.control, true, err, sizeof err) < 0)
 		return 1;
 	if (cli_node_init(&kit.n, &o, err, sizeof err) < 0 || kit_claim(&c) < 0 ||
 	    ctl_open(&kit.ctl, &kit.n, o.control, err, sizeof err) < 0) {

@@ -507,13 +507,30 @@ class KitPeer(Node):
                 if line.startswith(tuple(prefixes)):
                     return lines
             left = deadline - time.monotonic()
-            if left <= 0 or not self.alive():
-                raise TestFailure("%s: no %s answer (got %r)" % (self.name, "/".join(prefixes), lines))
+            gone = not self.alive()
+            if gone and self._read_some():
+                continue                # what it said before it exited
+            if left <= 0 or gone:
+                raise TestFailure("%s: no %s answer (got %r; %s)" % (self.name, "/".join(prefixes), lines,
+                                                                    self._why_silent()))
             select.select([self.proc.stdout.fileno()], [], [], left)
-            try:
-                self._out += os.read(self.proc.stdout.fileno(), 65536)
-            except BlockingIOError:
-                pass
+            self._read_some()
+
+    def _read_some(self):
+        try:
+            got = os.read(self.proc.stdout.fileno(), 65536)
+        except BlockingIOError:
+            return False
+        self._out += got
+        return bool(got)
+
+    def _why_silent(self):
+        if not self.alive():
+            return "exited rc=%s" % self.returncode()
+        try:
+            return "fd 0 is %s" % os.readlink("/proc/%d/fd/0" % self.proc.pid)
+        except OSError as e:
+            return "fd 0: %s" % e
 
     def cmd(self, line, timeout=10):
         self.proc.stdin.write((line + "\n").encode())
