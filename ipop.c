@@ -9556,7 +9556,7 @@ static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 			return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), n->tap.name);
 		return tap_frame(n, f, len);
 	}
-	size_t ip_off = TAP_ETH_HDR_BYTES, ihl = (size_t)(f[ip_off] & 15) * 4;
+	size_t ip_off = TAP_ETH_HDR_BYTES, ihl = len > ip_off ? (size_t)(f[ip_off] & 15) * 4 : 0;
 	size_t tcp_off = ip_off + ihl;
 	if ((gso & 0x7f) != TAP_VNET_GSO_TCPV4 || len < tcp_off + 20 || ihl < 20 || !gso_size)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
@@ -9565,7 +9565,9 @@ static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
 	uint8_t out[TAP_ETH_HDR_BYTES + 60 + 60 + IP_MTU_MAX];
 	size_t plen = len - hlen;
-	if (hlen + gso_size > sizeof out)
+	/* The kernel cuts for the interface's MTU; a larger segment would not
+	 * fit the overlay's packets. */
+	if (hlen + gso_size > sizeof out || hlen - ip_off + gso_size > (size_t)n->ip.mtu)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
 	n->tap.tso_frames++;
 	unsigned k = 0;
