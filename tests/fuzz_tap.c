@@ -13,7 +13,8 @@
  *   MODE_TSO  a virtio-net header (10 bytes) and a frame, to tap_vnet_frame
  *   MODE_GRO  packets [u16 big-endian length][IPv4 packet], to tap_write_ip
  *             one after the other, then a flush
- *   MODE_CMSG a control buffer (msg_control) for link_gro_size
+ *   MODE_CMSG control messages [level][type][length][data], written as the
+ *             kernel would into ipop's buffer, for link_gro_size
  *   FL_FIXUP  make the IPv4 header's version 4, source 10.128.0.1 and
  *             destination FZ_DST (TSO: also the EtherType), so that
  *             mutations reach past ip_from_local's checks
@@ -28,8 +29,9 @@
  *    bytes; reading the frames back (super-frames cut at their gso_size),
  *    every packet written comes back once, in order, with its own
  *    sequence number and payload, and whole packets unchanged;
- *  - CMSG: link_gro_size returns 0 or the value of a SOL_UDP/UDP_GRO message
- *    that lies within the buffer.
+ *  - CMSG: link_gro_size returns the value of the first whole SOL_UDP/UDP_GRO
+ *    message, or 0 (none, or not positive), for control messages laid out
+ *    as the kernel writes them into ipop's buffer.
  * Corpus: tests/corpus/fuzz_tap. */
 #include "../ipop.c"
 
@@ -253,29 +255,47 @@ static void fz_gro(struct node *n, const uint8_t *data, size_t size, bool fixup)
 	fz_gro_check(sent, n_sent);
 }
 
-/* ---- UDP_GRO control message ------------------------------------------ */
+/* ---- UDP_GRO control message ------------------------------------------
+ * The kernel writes control messages as put_cmsg does: whole headers, a
+ * cmsg_len cut to what fits, msg_controllen = what it wrote; and ipop's
+ * buffer holds one int's message (struct link_rx).  The input is a list of
+ * [level][type][data length][data] put that way. */
 
 static void fz_cmsg(const uint8_t *data, size_t size)
 {
-	/* cmsg buffers are aligned; an exact-size allocation lets ASan see overreads. */
-	uint8_t *ctl = malloc(size ? size : 1);
-	memcpy(ctl, data, size);
-	struct msghdr m = { .msg_control = ctl, .msg_controllen = size };
-	size_t seg = link_gro_size(&m);
-	if (seg) {
-		bool found = false;
-		for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c && !found; c = CMSG_NXTHDR(&m, c))
-			if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
-				int v;
-				memcpy(&v, CMSG_DATA(c), sizeof v);
-				found = v > 0 && (size_t)v == seg;
-				if (v <= 0)
-					break;
-			}
-		if (!found || (uint8_t *)CMSG_FIRSTHDR(&m) < ctl)
-			abort();
+	static const int levels[] = { SOL_UDP, SOL_SOCKET, SOL_IP };
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} ctl;
+	memset(&ctl, 0xa5, sizeof ctl);
+	size_t room = sizeof ctl.buf, at = 0, want = 0;
+	bool first_gro = true;
+	for (size_t i = 0; i + 3 <= size && room >= sizeof(struct cmsghdr);) {
+		struct cmsghdr h = { .cmsg_level = data[i] < 3 ? levels[data[i]] : data[i],
+				     .cmsg_type = data[i + 1] ? data[i + 1] : UDP_GRO };
+		size_t dlen = data[i + 2] % 16;
+		i += 3;
+		if (dlen > size - i)
+			dlen = size - i;
+		size_t cmlen = CMSG_LEN(dlen) < room ? CMSG_LEN(dlen) : room;
+		h.cmsg_len = cmlen;
+		memcpy(ctl.buf + at, &h, sizeof h);
+		memcpy(ctl.buf + at + sizeof h, data + i, cmlen - sizeof h < dlen ? cmlen - sizeof h : dlen);
+		if (first_gro && h.cmsg_level == SOL_UDP && h.cmsg_type == UDP_GRO && cmlen >= CMSG_LEN(sizeof(int))) {
+			int v;
+			memcpy(&v, data + i, sizeof v);
+			want = v > 0 ? (size_t)v : 0;
+			first_gro = false;
+		}
+		i += dlen;
+		size_t used = CMSG_SPACE(dlen) < room ? CMSG_SPACE(dlen) : room;
+		at += used;
+		room -= used;
 	}
-	free(ctl);
+	struct msghdr m = { .msg_control = ctl.buf, .msg_controllen = at };
+	if (link_gro_size(&m) != want)
+		abort();
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

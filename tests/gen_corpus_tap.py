@@ -59,6 +59,7 @@ put('gro-psh-end', bytes([5]) + pkts(segs[0], ip_tcp(payload[1000:1500], 2000, 0
 put('gro-gap', bytes([5]) + pkts(segs[0], segs[2], segs[1]))
 udp = struct.pack('>BBHHHBBH4s4s', 0x45, 0, 28, 1, 0, 64, 17, 0, SELF, DST) + b'\0' * 8
 put('gro-mixed', bytes([5]) + pkts(segs[0], udp, segs[1], segs[2][:600]))
-# UDP_GRO control message: SOL_UDP (17), UDP_GRO (104), 1300
-put('cmsg-gro', bytes([2]) + struct.pack('<QiiI', 20, 17, 104, 1300) + b'\0' * 4)
-put('cmsg-two', bytes([2]) + struct.pack('<QiiI', 20, 1, 2, 5) + b'\0' * 4 + struct.pack('<QiiI', 20, 17, 104, 9) + b'\0' * 4)
+# UDP_GRO control messages: [level 0=SOL_UDP][type 0=UDP_GRO][length][data]
+put('cmsg-gro', bytes([2, 0, 0, 4]) + struct.pack('<i', 1300))
+put('cmsg-other', bytes([2, 1, 2, 4]) + struct.pack('<i', 5) + bytes([0, 0, 4]) + struct.pack('<i', 9))
+put('cmsg-negative', bytes([2, 0, 0, 4]) + struct.pack('<i', -3))
