@@ -10856,8 +10856,10 @@ static void socks_udp_from_client(struct socks_udp *u)
 	uint8_t d[SOCKS_UDP_HDR_BYTES + WIRE_MAX_PACKET_BYTES];
 	struct sockaddr_in from;
 	socklen_t fl = sizeof from;
-	ssize_t r = recvfrom(u->udp_fd, d, sizeof d, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
-	if (r < SOCKS_UDP_HDR_BYTES)
+	/* MSG_TRUNC: the datagram's real length, so one too long for a packet
+	 * is dropped, not forwarded cut short. */
+	ssize_t r = recvfrom(u->udp_fd, d, sizeof d, MSG_DONTWAIT | MSG_TRUNC, (struct sockaddr *)&from, &fl);
+	if (r < SOCKS_UDP_HDR_BYTES || (size_t)r > sizeof d)
 		return;
 	if (u->have_client && !link_sockaddr_eq(&from, &u->client))
 		return;                 /* only the first sender is our client */
