@@ -36,7 +36,8 @@
  *    it parses to the same list; the issued certificate is refused as
  *    revoked exactly when its serial is listed; a list that does not parse
  *    says why.
- * Corpus: tests/corpus/fuzz_cert. */
+ * Corpus: tests/corpus/fuzz_cert (tests/gen_corpus.py; regress* are inputs
+ * that crashed it once). */
 #include "../ipop.c"
 
 enum { M_DER, M_PATCH, M_PEM, M_ISSUE, M_CRL, M__END };

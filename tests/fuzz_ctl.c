@@ -26,7 +26,8 @@
  *    a Content-Length equal to the body's length;
  *  - ctl_parse_target accepts exactly 40 hex digits or a dotted IPv4
  *    address, and a hex target reads back as the same address.
- * Corpus: tests/corpus/fuzz_ctl. */
+ * Corpus: tests/corpus/fuzz_ctl (tests/gen_corpus.py; regress* are inputs
+ * that crashed it once). */
 #include "../ipop.c"
 
 enum { FL_HTTP = 1, FL_EOF = 2 };

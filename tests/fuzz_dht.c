@@ -13,7 +13,8 @@
  *    from the input) encodes, decodes to the same fields, and re-encodes to
  *    the same bytes; dht_sig_hash, which the signature covers, is the same
  *    for both.
- * Corpus: tests/corpus/fuzz_dht (one message per op, from dht_encode). */
+ * Corpus: tests/corpus/fuzz_dht (one message per op and near misses;
+ * tests/gen_corpus.py). */
 #include "../ipop.c"
 
 static bool fz_in(const uint8_t *v, size_t vlen, const uint8_t *p, size_t len)

@@ -28,7 +28,9 @@
  * taken (the association locks onto its sender) exactly when it has a whole
  * header (RSV 0, FRAG 0, ATYP IPv4, a destination in the network) and fits
  * the relay's buffer whole: a longer datagram is dropped, never forwarded cut
- * short. */
+ * short.
+ * Corpus: tests/corpus/fuzz_socks (logins and datagrams: tests/gen_corpus.py;
+ * regress* are inputs that crashed it once). */
 #include "../ipop.c"
 
 static struct node fz_node;

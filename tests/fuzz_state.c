@@ -17,7 +17,7 @@
  *  - the peers round trip: ring_remember_save of what was loaded, loaded
  *    again, gives the same list in the same order.
  * Corpus: tests/corpus/fuzz_state (files as the node writes them, and
- * damaged ones). */
+ * damaged ones; tests/gen_corpus.py). */
 #include "../ipop.c"
 
 static char fz_dir[64], fz_in[96], fz_lease[96];

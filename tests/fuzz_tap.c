@@ -32,7 +32,8 @@
  *  - CMSG: link_gro_size returns the value of the first whole SOL_UDP/UDP_GRO
  *    message, or 0 (none, or not positive), for control messages laid out
  *    as the kernel writes them into ipop's buffer.
- * Corpus: tests/corpus/fuzz_tap. */
+ * Corpus: tests/corpus/fuzz_tap (tests/gen_corpus.py; regress* are inputs
+ * that crashed it once). */
 #include "../ipop.c"
 
 enum { MODE_TSO = 0, MODE_GRO = 1, MODE_CMSG = 2, FL_FIXUP = 4 };
