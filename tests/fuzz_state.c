@@ -24,13 +24,26 @@ static char fz_dir[64], fz_in[96], fz_lease[96];
 static struct node fz_node;
 static struct cli_opts fz_opts;
 
+static void fz_cleanup(void)
+{
+	char path[160];
+	static const char *const names[] = { "in", "in.base.peers", "in.base.peers.tmp", "lease", "lease.tmp" };
+	for (unsigned i = 0; i < ARRAY_LEN(names); i++) {
+		snprintf(path, sizeof path, "%s/%s", fz_dir, names[i]);
+		unlink(path);
+	}
+	rmdir(fz_dir);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
 	(void)argc, (void)argv;
 	log_cfg.level = getenv("IPOP_FUZZ_LOG") ? LOG_DEBUG : -1;
-	snprintf(fz_dir, sizeof fz_dir, "/tmp/ipop-fuzz-state-XXXXXX");
+	/* Files in memory where there is such a place: a few file operations per input. */
+	snprintf(fz_dir, sizeof fz_dir, "%s/ipop-fuzz-state-XXXXXX", access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
 	if (!mkdtemp(fz_dir))
 		abort();
+	atexit(fz_cleanup);
 	snprintf(fz_in, sizeof fz_in, "%s/in", fz_dir);
 	snprintf(fz_lease, sizeof fz_lease, "%s/lease", fz_dir);
 	/* cli_remember_path: the peers of a node with a state file are STATE.peers. */
