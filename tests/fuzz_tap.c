@@ -21,10 +21,11 @@
  * Invariants checked:
  *  - no access out of bounds (ASan; the frame is an exact-size allocation);
  *  - TSO: every segment is at most the MTU (n->ip.mtu) and at most the
- *    super-frame's headers plus its gso_size; the segments' payloads, in
- *    order, are the super-frame's payload, each at its sequence number; each
- *    has a correct IPv4 header checksum and TCP checksum; FIN and PSH only on
- *    the last; the count matches tso_segments;
+ *    super-frame's headers plus its gso_size; the count matches
+ *    tso_segments; the segments the IP map holds (the first
+ *    IP_MAP_QUEUE_MAX) carry, in order, the super-frame's payload, each at
+ *    its sequence number, with correct IPv4 header and TCP checksums, and
+ *    FIN and PSH only on the last;
  *  - GRO: every frame written is at most a virtio-net header plus 14 + 65535
  *    bytes; reading the frames back (super-frames cut at their gso_size),
  *    every packet written comes back once, in order, with its own
