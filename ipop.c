@@ -10302,7 +10302,7 @@ static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 			return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), n->tap.name);
 		return tap_frame(n, f, len);
 	}
-	size_t ip_off = TAP_ETH_HDR_BYTES, ihl = (size_t)(f[ip_off] & 15) * 4;
+	size_t ip_off = TAP_ETH_HDR_BYTES, ihl = len > ip_off ? (size_t)(f[ip_off] & 15) * 4 : 0;
 	size_t tcp_off = ip_off + ihl;
 	if ((gso & 0x7f) != TAP_VNET_GSO_TCPV4 || len < tcp_off + 20 || ihl < 20 || !gso_size)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
@@ -10311,7 +10311,9 @@ static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
 	uint8_t out[TAP_ETH_HDR_BYTES + 60 + 60 + IP_MTU_MAX];
 	size_t plen = len - hlen;
-	if (hlen + gso_size > sizeof out)
+	/* The kernel cuts for the interface's MTU; a larger segment would not
+	 * fit the overlay's packets. */
+	if (hlen + gso_size > sizeof out || hlen - ip_off + gso_size > (size_t)n->ip.mtu)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
 	n->tap.tso_frames++;
 	unsigned k = 0;
@@ -11625,8 +11627,10 @@ static void socks_udp_from_client(struct socks_udp *u)
 	uint8_t d[SOCKS_UDP_HDR_BYTES + WIRE_MAX_PACKET_BYTES];
 	struct sockaddr_in from;
 	socklen_t fl = sizeof from;
-	ssize_t r = recvfrom(u->udp_fd, d, sizeof d, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
-	if (r < SOCKS_UDP_HDR_BYTES)
+	/* MSG_TRUNC: the datagram's real length, so one too long for a packet
+	 * is dropped, not forwarded cut short. */
+	ssize_t r = recvfrom(u->udp_fd, d, sizeof d, MSG_DONTWAIT | MSG_TRUNC, (struct sockaddr *)&from, &fl);
+	if (r < SOCKS_UDP_HDR_BYTES || (size_t)r > sizeof d)
 		return;
 	if (from.sin_addr.s_addr != u->client.sin_addr.s_addr ||
 	    (u->client.sin_port && from.sin_port != u->client.sin_port))

@@ -9,10 +9,150 @@
  * either fails with an RFC 1928 reply code (1..8) or yields a destination
  * (0), a name to look up (1) or a UDP association (2), and names are
  * NUL-terminated.
- * The same input, as text, goes to cli_parse_forward for -L. */
+ * The same input, as text, goes to cli_parse_forward for -L.
+ *
+ * Negotiation (socks_on_greeting, socks_on_login): the input after byte 0,
+ * cut at the same point, arrives in two reads at a client whose socket is a
+ * socketpair; with byte 0 odd the node requires RFC 1929 logins
+ * (--socks-auth: FZ_AUTH's lines).  The steps run as in socks_client_event
+ * until the client awaits its request (the part above covers requests).
+ * Invariants: the greeting is answered [5, method]: "no authentication" (0)
+ * or username/password (2) when offered and required, else 0xff and the
+ * client is dropped; a greeting of another version is dropped unanswered;
+ * a step consumes exactly its message; a login is answered [1, 0] exactly
+ * when its version is 1 and "USER:PASSWORD" is one of the configured lines,
+ * else [1, 1] and the client is dropped; a full buffer drops the client.
+ *
+ * UDP relay (socks_udp_from_client): the input after byte 0 is one datagram
+ * from the client to the association's socket (loopback).  Invariant: it is
+ * taken (the association locks onto its sender) exactly when it has a whole
+ * header (RSV 0, FRAG 0, ATYP IPv4, a destination in the network) and fits
+ * the relay's buffer whole: a longer datagram is dropped, never forwarded cut
+ * short.
+ * Corpus: tests/corpus/fuzz_socks (logins and datagrams: tests/gen_corpus.py;
+ * regress* are inputs that crashed it once). */
 #include "../ipop.c"
 
 static struct node fz_node;
+
+
+static const char FZ_AUTH[] = "alice:secret\nbob:p:w\n\ncarol:\n";
+
+static struct socks_udp fz_udp;
+static int fz_udp_sender = -1;
+
+static int fz_udp_init(void)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t sl = sizeof sa;
+	int big = 1 << 20;
+	fz_udp = (struct socks_udp){ .n = &fz_node, .tcp_fd = -1 };
+	fz_udp.udp_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	fz_udp_sender = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	setsockopt(fz_udp.udp_fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+	if (fz_udp.udp_fd < 0 || fz_udp_sender < 0 || bind(fz_udp.udp_fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+	    getsockname(fz_udp.udp_fd, (struct sockaddr *)&sa, &sl) < 0 ||
+	    connect(fz_udp_sender, (struct sockaddr *)&sa, sizeof sa) < 0 || !(fz_udp.pcb = udp_new()) ||
+	    udp_bind(fz_udp.pcb, IP_ADDR_ANY, 0) != ERR_OK)
+		abort();
+	return 0;
+}
+
+static void fz_udp_datagram(const uint8_t *p, size_t len)
+{
+	fz_udp.have_client = false;
+	if (send(fz_udp_sender, p, len, 0) != (ssize_t)len)
+		return;
+	socks_udp_from_client(&fz_udp);
+	struct buf b = buf_of(p, len);
+	uint16_t rsv = buf_u16(&b);
+	uint8_t frag = buf_u8(&b), atyp = buf_u8(&b);
+	uint32_t ip = buf_u32(&b);
+	buf_u16(&b);
+	bool want = !b.bad && len <= SOCKS_UDP_HDR_BYTES + WIRE_MAX_PACKET_BYTES && !rsv && !frag &&
+		    atyp == SOCKS_ATYP_IPV4 && ip_on_net(&fz_node.ip, ip);
+	if (fz_udp.have_client != want)
+		abort();
+	uint8_t junk[16];
+	while (recv(fz_udp.udp_fd, junk, sizeof junk, MSG_DONTWAIT) >= 0)
+		;
+}
+
+static bool fz_login_ok(const uint8_t *m)
+{
+	size_t ul = m[1], pl = m[2 + ul];
+	for (const char *line = FZ_AUTH; *line;) {
+		size_t ll = strcspn(line, "\n");
+		if (ll == ul + 1 + pl && !memcmp(line, m + 2, ul) && line[ul] == ':' && !memcmp(line + ul + 1, m + 3 + ul, pl))
+			return true;
+		line += ll + (line[ll] == '\n');
+	}
+	return false;
+}
+
+/* One negotiation step as socks_client_event runs it, checked. */
+static int fz_step(struct socks_client *c, int peer)
+{
+	uint8_t before[sizeof c->in], r[4];
+	size_t had = c->in_len;
+	enum socks_state st = c->state;
+	memcpy(before, c->in, had);
+	int rc = st == SOCKS_AWAIT_GREETING ? socks_on_greeting(c) : socks_on_login(c);
+	ssize_t got = recv(peer, r, sizeof r, MSG_DONTWAIT);
+	if (rc == 0) {
+		if (got != -1 || c->in_len != had)
+			abort();        /* incomplete: nothing said, nothing taken */
+		return 0;
+	}
+	if (st == SOCKS_AWAIT_GREETING) {
+		bool auth = c->n->lw.socks_auth != NULL, offered = false;
+		uint8_t want = auth ? 2 : 0;
+		for (unsigned i = 0; i < before[1]; i++)
+			offered |= before[2 + i] == want;
+		if (before[0] != SOCKS_VERSION) {
+			if (rc != -1 || got != -1)
+				abort();
+			return -1;
+		}
+		if (got != 2 || r[0] != SOCKS_VERSION || r[1] != (offered ? want : 0xff) || (rc == 1) != offered)
+			abort();
+		if (rc == 1 && (c->in_len != had - 2u - before[1] || c->state != (auth ? SOCKS_AWAIT_LOGIN : SOCKS_AWAIT_REQUEST)))
+			abort();
+		return rc;
+	}
+	bool ok = before[0] == 1 && fz_login_ok(before);
+	if (got != 2 || r[0] != 1 || r[1] != !ok || (rc == 1) != ok)
+		abort();
+	if (rc == 1 && (c->in_len != had - 3u - before[1] - before[2 + before[1]] || c->state != SOCKS_AWAIT_REQUEST))
+		abort();
+	return rc;
+}
+
+static void fz_negotiate(const uint8_t *p, size_t len, size_t cut, bool auth)
+{
+	static struct socks_client c;
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
+		abort();
+	fz_node.lw.socks_auth = auth ? (char *)FZ_AUTH : NULL;
+	c = (struct socks_client){ .n = &fz_node, .fd = sv[0], .state = SOCKS_AWAIT_GREETING };
+	size_t pieces[2] = { cut < len ? cut : len, len - (cut < len ? cut : len) };
+	for (int i = 0, at = 0; i < 2; at += (int)pieces[i], i++) {
+		size_t take = pieces[i] < sizeof c.in - c.in_len ? pieces[i] : sizeof c.in - c.in_len;
+		if (!take)
+			continue;
+		memcpy(c.in + c.in_len, p + at, take);
+		c.in_len += take;
+		int rc = 1;
+		while (rc > 0 && c.state != SOCKS_AWAIT_REQUEST)
+			rc = fz_step(&c, sv[1]);
+		if (rc < 0 || c.in_len == sizeof c.in || c.state == SOCKS_AWAIT_REQUEST)
+			break;          /* dropped, or on to the request */
+	}
+	fz_node.lw.socks_auth = NULL;
+	close(sv[0]);
+	close(sv[1]);
+}
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
@@ -22,7 +162,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	FILE *null = getenv("IPOP_FUZZ_LOG") ? NULL : fopen("/dev/null", "w");
 	if (null)
 		stderr = null;
-	return 0;
+	signal(SIGPIPE, SIG_IGN);
+	lwip_init();
+	return fz_udp_init();
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -65,5 +207,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	o = (struct cli_opts){ .cmd = CMD_UP };
 	if (cli_parse_forward(&o, text, false) == 0 && (o.n_fwd != 1 || !o.fwd[0].vport || !o.fwd[0].local.port))
 		abort();
+	fz_negotiate(data + 1, size - 1, cut, data[0] & 1);
+	fz_udp_datagram(data + 1, size - 1);
 	return 0;
 }

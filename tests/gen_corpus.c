@@ -4,6 +4,7 @@
  *                             message type on the secret and insecure nodes,
  *                             over UDP and TCP (layout: tests/fuzz_link.c)
  *   tests/corpus/fuzz_config  config files
+ * (tests/gen_corpus.py makes the seeds of the other targets.)
  * It includes the link harness, so the seeds use its exact constants, and
  * after writing them it replays every link seed through the harness and
  * prints what each reached (links up, records, packets to the local stack).
