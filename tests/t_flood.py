@@ -215,12 +215,18 @@ def iperf_intervals(seconds, flood_from, flood_s, net):
     time.sleep(flood_from)
     fl = flood(net, flood_s, linger=0.5)
     s = flood_summary(fl)
-    out, _ = cl.communicate(timeout=seconds + 20)
+    try:
+        out, _ = cl.communicate(timeout=seconds + 10)
+    except subprocess.TimeoutExpired:
+        cl.kill()
+        out, _ = cl.communicate()
+        log("  iperf3 did not finish: the flow stalled")
     try:
         iv = [i["sum"]["bits_per_second"] for i in json.loads(out)["intervals"]]
     except (ValueError, KeyError) as e:
-        raise TestFailure("iperf3 output: %r: %s" % (e, out[-300:]))
-    return iv, s
+        log("  iperf3 output: %r: %s" % (e, out[-300:]))
+        iv = []
+    return iv + [0.0] * (seconds - len(iv)), s
 
 
 def step_throughput(net):
@@ -234,8 +240,7 @@ def step_throughput(net):
     quiet = [iv[i] for i in (1, 2, 3, 4, 12, 13, 14) if i < len(iv)]
     loud = [iv[i] for i in (6, 7, 8, 9) if i < len(iv)]
     log("  Mbit/s per second: " + " ".join("%.0f" % (b / 1e6) for b in iv))
-    check(quiet and loud, "iperf3 gave %d intervals" % len(iv))
-    q, l_ = statistics.median(quiet), statistics.median(loud)
+    q, l_ = max(statistics.median(quiet), 1.0), statistics.median(loud)
     soft(l_ >= KEEP * q, "the flow kept %.0f%% of its throughput under the flood (%.0f of %.0f Mbit/s; "
          "limit %.0f%%)" % (100 * l_ / q, l_ / 1e6, q / 1e6, 100 * KEEP))
     return q, l_
