@@ -35,7 +35,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#define IPOP_VERSION "0.2.0"
+#define IPOP_VERSION "0.2.1"
 /* Error lines are built with snprintf into fixed buffers: a very long path
  * is cut short on purpose, so gcc's truncation guesses are noise here. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
@@ -13766,8 +13766,8 @@ static const char cli_usage_up[] =
 	"apply at once.\n"
 	"Every link is authenticated and encrypted; choose how members prove it:\n"
 	"  --secret-file FILE a shared network secret (create: ipop genkey > net.key)\n"
-	"  --cert-dir DIR     ca.crt, node.crt, node.key from 'ipop cert issue'; the\n"
-	"                     virtual IP comes from the certificate\n"
+	"  --cert-dir DIR     ca.crt, node.crt, node.key, network.key from 'ipop cert\n"
+	"                     issue'; the virtual IP comes from the certificate\n"
 	"  --crl FILE         revoked certificate serials, re-read when it changes\n"
 	"  --insecure         no authentication or encryption (all nodes must agree)\n"
 	"\n"
@@ -13830,15 +13830,16 @@ static const char cli_usage_ca_init[] =
 	"usage: ipop ca init --out DIR [--name NAME] [--days N]\n"
 	"\n"
 	"Create a network certificate authority in DIR: ca.key (keep it safe and\n"
-	"offline) and ca.crt (give it to every node).  ECDSA P-256; valid N days\n"
-	"(default 3650).\n";
+	"offline), ca.crt and network.key, the admission secret every node gets\n"
+	"with its certificate (handshakes need it; ca.crt alone gets no answer).\n"
+	"ECDSA P-256; valid N days (default 3650).\n";
 
 static const char cli_usage_cert_issue[] =
 	"usage: ipop cert issue --ca DIR --ip A.B.C.D [--ip ...] [--route-for CIDR]...\n"
 	"                       [--name NAME] [--days N] --out DIR\n"
 	"\n"
-	"Issue a node certificate: writes node.key, node.crt and a copy of ca.crt to\n"
-	"the --out DIR, ready for 'ipop up --cert-dir DIR'.  The certificate binds\n"
+	"Issue a node certificate: writes node.key, node.crt and copies of ca.crt and\n"
+	"network.key to the --out DIR, ready for 'ipop up --cert-dir DIR'.  The certificate binds\n"
 	"the node's virtual IPs, the prefixes it may route for, and its name.  Valid\n"
 	"N days (default 365).\n";
 
