@@ -4268,12 +4268,13 @@ static void link_send_cookie(struct node *n, int fd, const struct sockaddr_in *t
 }
 
 /* ---- handshake admission ----------------------------------------------
- * What an HS_INIT that passed mac1 and the cookie may cost us.  The cookie
- * proved the source address first, so a spoofed sender spends no one
- * else's share:
+ * What an HS_INIT that passed mac1 and the cookie (TCP: the connection
+ * handshake) may cost us.  The source address is proven first, so a
+ * spoofed sender spends no one else's share:
  *  - per source IP, a token bucket of LINK_HS_PER_IP_PER_S, LINK_HS_BURST
- *    deep (GCRA: each bucket holds the time it is full again, plus the
- *    burst), over every HS_INIT answered, retransmits included;
+ *    deep, over every HS_INIT answered, retransmits included (GCRA: a
+ *    bucket holds the time at which it is full again, and admits while
+ *    that lies less than LINK_HS_BURST intervals ahead);
  *  - at most LINK_HALF_OPEN_MAX unasked responder links await HS_FIN, so a
  *    flood never takes the link slots our own dials need;
  *  - a responder never resends HS_RESP on its own (link_hs_timeout): only
