@@ -35,7 +35,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#define IPOP_VERSION "0.2.0"
+#define IPOP_VERSION "0.2.1"
 /* Error lines are built with snprintf into fixed buffers: a very long path
  * is cut short on purpose, so gcc's truncation guesses are noise here. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
@@ -139,6 +139,22 @@ enum {
 	 * 128 descriptors and links, far below LINK_TABLE_MAX and the fd limit. */
 	LINK_UNPROVEN_MAX = 128,
 	LINK_UNPROVEN_PER_IP_MAX = 16, /* a site's NAT: a dozen nodes behind it dialling at once */
+	/* Responder links awaiting HS_FIN (UDP and relayed).  Legitimate ones
+	 * live a round trip: even a bootstrap taking 100 joins/s over 300 ms
+	 * paths holds 30.  At the cap the oldest is closed for the newcomer
+	 * (link_half_open_make_room): an outsider's never finish, so they are
+	 * the old ones, and the table's other 4032 slots stay for our own dials. */
+	LINK_HALF_OPEN_MAX = 64,
+	/* HS_INITs with a valid cookie that one source IP may have answered
+	 * (each costs two X25519, 60 us, and with certificates an ECDSA
+	 * signature, 1.5-2.5 ms): a token bucket per IP (link_hs_admit).  A
+	 * dial is one such HS_INIT, plus a retransmit per lost packet, and a
+	 * joining node dials a few peers: 5/s with a burst of 10 lets a NATed
+	 * site of a dozen nodes rejoin through one public IP within seconds,
+	 * and holds a flooding IP to about 1% of a core. */
+	LINK_HS_PER_IP_PER_S = 5,
+	LINK_HS_BURST = 10,
+	LINK_HS_BUCKETS = 1024,        /* IPs hashed into these; a collision shares a bucket */
 	LINK_CONTACT_SLOTS = 256,      /* addresses we sent a first packet to (link_note_contact) */
 	LINK_CONTACT_MS = 300000,      /* ... remembered this long: longer than NATs keep a hole */
 	LINK_UDP_BUFFER_BYTES = 4 << 20, /* socket buffers: ~3000 full packets of burst */
@@ -279,6 +295,8 @@ enum drop_reason {
 	DROP_DIAL_SCOPE,        /* a peer's endpoint outside the scopes we live in, or ours */
 	DROP_OFF_NET_SOURCE,    /* a remote packet from outside the virtual network */
 	DROP_LOOKUPS_FULL,      /* a remote packet whose source lookup is over the caps */
+	DROP_HS_RATE,           /* an HS_INIT past its source IP's rate (link_hs_admit) */
+	DROP_HALF_OPEN,         /* a half-open responder link closed for a newer one */
 	DROP__COUNT
 };
 
@@ -319,6 +337,8 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_DIAL_SCOPE] = "dial_scope",
 	[DROP_OFF_NET_SOURCE] = "off_net_source",
 	[DROP_LOOKUPS_FULL] = "lookups_full",
+	[DROP_HS_RATE] = "handshake_rate",
+	[DROP_HALF_OPEN] = "half_open_evicted",
 };
 
 struct log_drops {
@@ -897,10 +917,12 @@ static void ev_run_once(struct ev_loop *loop)
  * mbedTLS glue.  SHA-1 maps virtual IPs to ring addresses; a CTR-DRBG seeded
  * from getrandom gives every other random byte (nonces, far-link targets).
  * Below that: the primitives of the link handshake and records, the replay
- * window, cookies, certificates and revocation (docs/SECURITY.md).  The one
- * primitive not from mbedTLS is the AEAD, ChaCha20-Poly1305 (RFC 8439):
+ * window, cookies, certificates and revocation (docs/SECURITY.md).  Two
+ * primitives are not from mbedTLS: the AEAD, ChaCha20-Poly1305 (RFC 8439):
  * libsodium's vectorised code is three times mbedTLS's portable C here, and
- * it capped the data path (docs/PERFORMANCE.md, "Profile").
+ * it capped the data path (docs/PERFORMANCE.md, "Profile"); and X25519,
+ * thirty times faster in libsodium, which bounds what a handshake flood
+ * costs (sec_x25519).
  * ========================================================================= */
 
 /* mbedTLS calls this for entropy (MBEDTLS_ENTROPY_HARDWARE_ALT): musl's
@@ -1016,6 +1038,9 @@ enum {
 	SEC_EXPIRY_REPEAT_S = 86400,    /* ... and again daily */
 };
 
+/* The admission secret beside a CA's and a node's certificate (sec_cert_keys). */
+#define SEC_ADMISSION_FILE "network.key"
+
 enum sec_mode { SEC_INSECURE = 0, SEC_PSK = 1, SEC_CERT = 2, SEC__MODE_END };
 
 /* The record AEAD.  ChaCha20-Poly1305 is the one every node has.  Where
@@ -1067,13 +1092,13 @@ struct sec_ctx {
 	int64_t own_warned_s;           /* when we last warned that our certificate ends soon */
 	char crl_path[256];
 	struct timespec crl_mtime;      /* of the file last read, whether it parsed or not */
-	mbedtls_ecp_group x25519;
 };
 
 struct sec_creds {
 	enum sec_mode mode;
 	uint8_t salt[SEC_KEY_BYTES];    /* HKDF salt: the secret, or SHA-256 of the CA cert */
 	uint8_t mac1_key[SEC_KEY_BYTES];/* gates every handshake start: members only */
+	bool admission;                 /* certificate mode: mac1 keyed by network.key, not ca.crt */
 	/* From sec_creds_init, which every `ipop up` runs whatever its mode;
 	 * NULL only on a simulated node (section 15b), which runs insecure:
 	 * no X25519, no certificate, nothing here is read. */
@@ -1136,46 +1161,27 @@ static int sec_rng_cb(void *ctx, unsigned char *out, size_t n)
 	return mbedtls_ctr_drbg_random(&((struct sec_rng *)ctx)->drbg, out, n);
 }
 
-/* A fresh X25519 key pair; private and public are 32 bytes little-endian. */
+/* X25519 (RFC 7748) is libsodium's: 40 us a key pair or a shared secret
+ * against mbedTLS's 1.3 ms, and a responder does both for every HS_INIT it
+ * answers (a flood of valid ones cost it 2.6 ms each; docs/SECURITY.md,
+ * "Load").  Keys are the RFC's 32-byte little-endian strings either way, so
+ * nodes built with the one talk to nodes built with the other. */
+
+/* A fresh X25519 key pair. */
 static int sec_x25519_keypair(struct sec_creds *s, struct sec_rng *r, uint8_t priv[32], uint8_t pub[32])
 {
-	mbedtls_mpi d;
-	mbedtls_ecp_point q;
-	size_t olen = 0;
-	mbedtls_mpi_init(&d);
-	mbedtls_ecp_point_init(&q);
-	int rc = mbedtls_ecdh_gen_public(&s->ctx->x25519, &d, &q, sec_rng_cb, r);
-	if (!rc)
-		rc = mbedtls_ecp_point_write_binary(&s->ctx->x25519, &q, MBEDTLS_ECP_PF_UNCOMPRESSED, &olen, pub, 32);
-	if (!rc)
-		rc = mbedtls_mpi_write_binary_le(&d, priv, 32);
-	mbedtls_mpi_free(&d);
-	mbedtls_ecp_point_free(&q);
-	return rc || olen != 32 ? -1 : 0;
+	(void)s;
+	sec_random(r, priv, 32);
+	return crypto_scalarmult_curve25519_base(pub, priv) == 0 ? 0 : -1;
 }
 
-/* X25519(priv, peer); fails on a low-order peer key (all-zero secret). */
+/* The shared secret; -1 for a low-order peer key (an all-zero result). */
 static int sec_x25519(struct sec_creds *s, struct sec_rng *r, const uint8_t priv[32],
 		      const uint8_t peer[32], uint8_t out[32])
 {
-	mbedtls_mpi d, z;
-	mbedtls_ecp_point q;
-	mbedtls_mpi_init(&d);
-	mbedtls_mpi_init(&z);
-	mbedtls_ecp_point_init(&q);
-	int rc = mbedtls_mpi_read_binary_le(&d, priv, 32);
-	if (!rc)
-		rc = mbedtls_ecp_point_read_binary(&s->ctx->x25519, &q, peer, 32);
-	if (!rc)
-		rc = mbedtls_ecdh_compute_shared(&s->ctx->x25519, &z, &q, &d, sec_rng_cb, r);
-	if (!rc && mbedtls_mpi_cmp_int(&z, 0) == 0)
-		rc = -1;
-	if (!rc)
-		rc = mbedtls_mpi_write_binary_le(&z, out, 32);
-	mbedtls_mpi_free(&d);
-	mbedtls_mpi_free(&z);
-	mbedtls_ecp_point_free(&q);
-	return rc ? -1 : 0;
+	(void)s;
+	(void)r;
+	return crypto_scalarmult_curve25519(out, priv, peer) == 0 ? 0 : -1;
 }
 
 /* The nonce is the epoch and the counter, zero-padded to AEGIS's 32 bytes
@@ -1623,8 +1629,8 @@ static int sec_crl_refresh(struct sec_creds *s, char *err, size_t errlen)
 	return sec_crl_load(s, err, errlen) < 0 ? -1 : 1;
 }
 
-/* A shared secret file holds 64 hex digits (what 'ipop genkey' writes). */
-static int sec_load_secret(struct sec_creds *s, const char *path, char *err, size_t errlen)
+/* A secret file holds 64 hex digits (what 'ipop genkey' writes). */
+static int sec_read_key_file(const char *path, uint8_t key[SEC_KEY_BYTES], char *err, size_t errlen)
 {
 	uint8_t *text;
 	size_t len;
@@ -1632,14 +1638,22 @@ static int sec_load_secret(struct sec_creds *s, const char *path, char *err, siz
 		return -1;
 	char *t = (char *)text;
 	t[strcspn(t, " \t\r\n")] = 0;
-	uint8_t psk[SEC_KEY_BYTES];
-	bool ok = buf_unhex(t, psk, sizeof psk);
+	bool ok = buf_unhex(t, key, SEC_KEY_BYTES);
 	sec_wipe(text, len);
 	free(text);
 	if (!ok) {
 		snprintf(err, errlen, "%s: expected 64 hex digits (create one with: ipop genkey --out %s)", path, path);
 		return -1;
 	}
+	return 0;
+}
+
+/* A shared secret file: the network secret itself. */
+static int sec_load_secret(struct sec_creds *s, const char *path, char *err, size_t errlen)
+{
+	uint8_t psk[SEC_KEY_BYTES];
+	if (sec_read_key_file(path, psk, err, errlen) < 0)
+		return -1;
 	s->mode = SEC_PSK;
 	sec_expand(psk, "ipop-v2 salt", NULL, s->salt);
 	sec_expand(psk, "ipop-v2 mac1", NULL, s->mac1_key);
@@ -1667,8 +1681,39 @@ static int sec_parse_pem(const char *path, bool secret, mbedtls_x509_crt *crt, m
 	return 0;
 }
 
-/* A certificate directory holds ca.crt, node.crt and node.key (what
- * 'ipop cert issue' writes). */
+/* Certificate mode's salt and mac1 key, from s->ctx->ca.  mac1 gates every
+ * handshake, and a responder that lets an HS_INIT through spends two X25519
+ * and an ECDSA signature on it (section 06).  ca.crt is public, so a mac1
+ * key made from it alone lets anyone make a node do that work.  `ipop ca
+ * init` therefore also makes a random admission secret, network.key, that
+ * `ipop cert issue` hands out with every certificate; mac1 is keyed by it,
+ * bound to the CA:
+ *     mac1_key = HKDF-Expand(PRK = admission, "ipop-v2 admit" || SHA-256(DER(ca.crt)))
+ * A CA made before (no network.key; admission_path missing) keeps the old
+ * public key, and `ipop up` warns.  Every node of a network must make the
+ * same choice.  The salt stays the CA's hash either way.  0, or -1. */
+static int sec_cert_keys(struct sec_creds *s, const char *admission_path, char *err, size_t errlen)
+{
+	const mbedtls_x509_buf *ca = &s->ctx->ca.raw;
+	s->mode = SEC_CERT;
+	sec_sha256("ipop-v2 ca", 10, ca->p, ca->len, s->salt);
+	s->admission = admission_path && access(admission_path, F_OK) == 0;
+	if (!s->admission) {
+		sec_sha256("ipop-v2 mac1", 12, ca->p, ca->len, s->mac1_key);
+		return 0;
+	}
+	uint8_t secret[SEC_KEY_BYTES], ca_hash[32];
+	if (sec_read_key_file(admission_path, secret, err, errlen) < 0)
+		return -1;
+	sec_sha256(ca->p, ca->len, NULL, 0, ca_hash);
+	sec_expand(secret, "ipop-v2 admit", ca_hash, s->mac1_key);
+	sec_wipe(secret, sizeof secret);
+	return 0;
+}
+
+/* A certificate directory holds ca.crt, node.crt and node.key, and
+ * network.key from a CA of ipop 0.2.1 or later (what 'ipop cert issue'
+ * writes). */
 static int sec_load_cert_dir(struct sec_creds *s, struct sec_rng *r, const char *dir,
 			     char *err, size_t errlen)
 {
@@ -1698,10 +1743,8 @@ static int sec_load_cert_dir(struct sec_creds *s, struct sec_rng *r, const char 
 		return -1;
 	}
 	sec_grant_of(&s->ctx->own, &s->ctx->own_grant);
-	s->mode = SEC_CERT;
-	sec_sha256("ipop-v2 ca", 10, s->ctx->ca.raw.p, s->ctx->ca.raw.len, s->salt);
-	sec_sha256("ipop-v2 mac1", 12, s->ctx->ca.raw.p, s->ctx->ca.raw.len, s->mac1_key);
-	return 0;
+	snprintf(path, sizeof path, "%s/" SEC_ADMISSION_FILE, dir);
+	return sec_cert_keys(s, path, err, errlen);
 }
 
 static int sec_creds_init(struct sec_creds *s)
@@ -1712,9 +1755,8 @@ static int sec_creds_init(struct sec_creds *s)
 	mbedtls_x509_crt_init(&s->ctx->ca);
 	mbedtls_x509_crt_init(&s->ctx->own);
 	mbedtls_pk_init(&s->ctx->key);
-	mbedtls_ecp_group_init(&s->ctx->x25519);
 	s->ctx->revoked = calloc(SEC_REVOKED_MAX, sizeof *s->ctx->revoked);
-	if (!s->ctx->revoked || sodium_init() < 0 || mbedtls_ecp_group_load(&s->ctx->x25519, MBEDTLS_ECP_DP_CURVE25519) != 0)
+	if (!s->ctx->revoked || sodium_init() < 0)
 		return -1;
 	s->ciphers = sec_ciphers_offered();
 	return 0;
@@ -1726,7 +1768,6 @@ static void sec_creds_free(struct sec_creds *s)
 		mbedtls_x509_crt_free(&s->ctx->ca);
 		mbedtls_x509_crt_free(&s->ctx->own);
 		mbedtls_pk_free(&s->ctx->key);
-		mbedtls_ecp_group_free(&s->ctx->x25519);
 		free(s->ctx->revoked);
 		sec_wipe(s->ctx, sizeof *s->ctx);
 		free(s->ctx);
@@ -2589,6 +2630,8 @@ struct link {
 	struct node *node;
 	bool initiator;
 	bool confirmed;                 /* the peer proved it accepted us (see link_on_hs_reject) */
+	bool half_open;                 /* an unasked UDP or relayed responder, not up yet:
+	                                * counted in node->n_half_open */
 	int fd;                         /* UDP: shared socket; TCP: owned stream; relay: -1 */
 	struct sockaddr_in remote;
 	ring_addr relay_via;            /* relay: the peer our records pass through */
@@ -3104,6 +3147,9 @@ struct node {
 	char name[64];                  /* --name: published as name:N -> virtual IP */
 	pid_t ns_child;                 /* namespace mode: the command we run, or 0 */
 	uint64_t reject_logged_ms;      /* rate limit for handshake refusal lines */
+	uint64_t *hs_bucket;            /* LINK_HS_BUCKETS, from the first HS_INIT (link_hs_admit) */
+	uint64_t hs_bucket_seed;
+	unsigned n_half_open;           /* responder links with half_open set */
 	/* A simulated node's transport (section 15b): every UDP datagram goes
 	 * here instead of a socket.  NULL for a real node. */
 	int (*udp_send)(struct node *n, const struct sockaddr_in *to, const uint8_t *pkt, size_t len);
@@ -3447,6 +3493,8 @@ static void link_free_all(struct node *n)
 	link_reap(n);
 	free(n->link_slots);
 	n->link_slots = NULL;
+	free(n->hs_bucket);
+	n->hs_bucket = NULL;
 	n->n_link_slots = 0;
 }
 
@@ -3878,6 +3926,22 @@ static void link_tcp_drain_start(struct link *l)
 	link_tcp_drain_watch(l);
 }
 
+/* A responder link a stranger's HS_INIT made, until it is up or closed
+ * (LINK_HALF_OPEN_MAX, link_half_open_make_room). */
+static void link_half_open_end(struct link *l)
+{
+	if (!l->half_open)
+		return;
+	l->half_open = false;
+	l->node->n_half_open--;
+}
+
+static void link_half_open_begin(struct link *l)
+{
+	l->half_open = true;
+	l->node->n_half_open++;
+}
+
 /* Tear a link down.  A BYE goes out only on an up link, and only when the
  * peer did not close first: a peer that never finished the handshake holds
  * no state worth telling.  reason 0 means the link failed (dead, reset). */
@@ -3888,8 +3952,9 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 	bool was_up = l->state == LINK_UP;
 	struct node *n = l->node;
 	link_unproven_forget(n, l);
-	if (l->proto == PROTO_UDP)
+	if (l->proto == PROTO_UDP && !l->half_open)     /* (a stranger's unfinished dial is no contact) */
 		link_note_contact(n, &l->remote);       /* our records kept its hole open */
+	link_half_open_end(l);
 	if (was_up && tell_peer && reason)
 		link_send_byte(l, WIRE_BYE, reason);
 	if (was_up && tell_peer && reason && reason != BYE_LEAVING)
@@ -4132,11 +4197,11 @@ static void link_hs_init_send(struct link *l);
 static int64_t link_hs_timeout(struct link *l)
 {
 	uint64_t age = ev_now(&l->node->loop) - l->created_ms;
-	if (link_lossy(l) && ++l->hs.tries < LINK_HELLO_TRIES) {
-		if (l->state == LINK_AWAIT_RESP)
-			link_hs_init_send(l);
-		else
-			link_hs_resend(l);
+	/* A responder resends HS_RESP only when the initiator retransmits its
+	 * HS_INIT (link_on_hs_init): resending unasked made each HS_INIT an
+	 * outsider sent worth six answers. */
+	if (link_lossy(l) && l->initiator && ++l->hs.tries < LINK_HELLO_TRIES) {
+		link_hs_init_send(l);
 		return LINK_HELLO_RETRY_MS;
 	}
 	if (l->proto == PROTO_TCP && age < LINK_HANDSHAKE_TIMEOUT_MS)
@@ -4241,6 +4306,7 @@ static void link_became_up(struct link *l)
 	struct node *n = l->node;
 	l->state = LINK_UP;
 	link_unproven_forget(n, l);
+	link_half_open_end(l);
 	n->links_gen++;
 	l->up_ms = l->last_rx_ms = ev_now(&n->loop);
 	if (l->keys)
@@ -4498,7 +4564,10 @@ static void link_hs_respond(struct link *l, const struct wire_hs_init *m, const 
 	l->state = LINK_AWAIT_FIN;
 	link_hs_cache(l, pkt, (size_t)len);
 	link_send_raw(l, pkt, (size_t)len);
-	ev_timer_arm(&n->loop, &l->timer, link_lossy(l) ? LINK_HELLO_RETRY_MS : LINK_HANDSHAKE_TIMEOUT_MS);
+	/* Over UDP the initiator retransmits HS_INIT for LINK_HELLO_TRIES
+	 * intervals; each one brings our HS_RESP again.  Then it gave up. */
+	ev_timer_arm(&n->loop, &l->timer, link_lossy(l) ? LINK_HELLO_TRIES * LINK_HELLO_RETRY_MS :
+		     LINK_HANDSHAKE_TIMEOUT_MS);
 }
 
 /* A mode mismatch is a configuration error on one side: say so plainly. */
@@ -4524,6 +4593,68 @@ static void link_send_cookie(struct node *n, int fd, const struct sockaddr_in *t
 	ssize_t len = wire_hs_cookie_encode(pkt, sizeof pkt, &c);
 	if (len > 0)    /* queued, as in link_send_reject */
 		link_udp_queue(n, fd, to, pkt, (size_t)len);
+}
+
+/* ---- handshake admission ----------------------------------------------
+ * What an HS_INIT that passed mac1 and the cookie (TCP: the connection
+ * handshake) may cost us.  The source address is proven first, so a
+ * spoofed sender spends no one else's share:
+ *  - per source IP, a token bucket of LINK_HS_PER_IP_PER_S, LINK_HS_BURST
+ *    deep, over every HS_INIT answered, retransmits included (GCRA: a
+ *    bucket holds the time at which it is full again, and admits while
+ *    that lies less than LINK_HS_BURST intervals ahead);
+ *  - at most LINK_HALF_OPEN_MAX unasked responder links await HS_FIN, so a
+ *    flood never takes the link slots our own dials need;
+ *  - a responder never resends HS_RESP on its own (link_hs_timeout): only
+ *    a retransmitted HS_INIT, which passes the bucket again, brings it back.
+ * An insecure (or simulated) node skips the bucket: its handshake costs a
+ * hash, not public-key work. */
+
+_Static_assert(LINK_HS_BUCKETS == 1 << 10, "link_hs_bucket takes the hash's top 10 bits");
+
+static uint64_t *link_hs_bucket(struct node *n, uint32_t ip)
+{
+	if (!n->hs_bucket) {
+		if (!(n->hs_bucket = calloc(LINK_HS_BUCKETS, sizeof *n->hs_bucket)))
+			return NULL;
+		n->hs_bucket_seed = sec_random_u64(&n->rng) | 1;        /* odd: a bijection */
+	}
+	uint64_t h = ((uint64_t)ip ^ (n->hs_bucket_seed >> 40)) * n->hs_bucket_seed;
+	return &n->hs_bucket[h >> 54];
+}
+
+/* May this source IP have one more handshake answered now? */
+static bool link_hs_admit(struct node *n, const struct sockaddr_in *from)
+{
+	enum { INTERVAL_MS = 1000 / LINK_HS_PER_IP_PER_S };
+	if (n->sec.mode == SEC_INSECURE)
+		return true;
+	uint64_t *full_at = link_hs_bucket(n, from->sin_addr.s_addr), now = ev_now(&n->loop);
+	if (!full_at)
+		return false;
+	uint64_t t = *full_at > now ? *full_at : now;
+	if (t - now > (uint64_t)(LINK_HS_BURST - 1) * INTERVAL_MS)
+		return false;
+	*full_at = t + INTERVAL_MS;
+	return true;
+}
+
+/* Room for one more half-open responder: at the cap, the oldest goes.  A
+ * member's HS_FIN comes a round trip after its HS_RESP, so only a flood of
+ * LINK_HALF_OPEN_MAX admitted HS_INITs within one round trip displaces it.
+ * The walk over every link happens at most at the admitted rate. */
+static void link_half_open_make_room(struct node *n)
+{
+	if (n->n_half_open < LINK_HALF_OPEN_MAX)
+		return;
+	struct link *oldest = NULL;
+	for (struct link *l = n->links; l; l = l->next)     /* newest first */
+		if (l->half_open && (!oldest || l->created_ms <= oldest->created_ms))
+			oldest = l;
+	if (!oldest)
+		return;
+	link_drop(oldest, DROP_HALF_OPEN);
+	link_close(oldest, 0);
 }
 
 /* A UDP responder link already made for this HS_INIT (a retransmit). */
@@ -4558,6 +4689,12 @@ static void link_on_hs_init(struct node *n, struct link *stream, int fd, const s
 	}
 	if (!stream && !sec_cookie_valid(&n->sec, from, m.cookie))
 		return link_send_cookie(n, fd, from, m.sender);
+	if (!link_hs_admit(n, from)) {
+		link_drop_from(n, DROP_HS_RATE, proto, from);
+		if (stream)
+			link_close(stream, 0);
+		return;
+	}
 	struct link *l = stream;
 	if (!l) {
 		struct link *old = link_find_responder(n, fd, from, m.sender);
@@ -4568,8 +4705,10 @@ static void link_on_hs_init(struct node *n, struct link *stream, int fd, const s
 		}
 		if (!link_underlay_ok(n, PROTO_UDP, from))
 			return;
+		link_half_open_make_room(n);
 		if (!(l = link_new(n, PROTO_UDP, fd, from, false)))
 			return link_drop_from(n, DROP_LINK_TABLE_FULL, proto, from);
+		link_half_open_begin(l);
 	} else if (l->state != LINK_AWAIT_INIT) {
 		return link_drop(l, DROP_WRONG_STATE);
 	}
@@ -4908,11 +5047,13 @@ static struct link *link_relay_responder(struct link *via, const struct wire_rel
 			return NULL;
 		}
 	struct sockaddr_in none = { .sin_family = AF_INET };
+	link_half_open_make_room(n);
 	struct link *l = link_new(n, PROTO_RELAY, -1, &none, false);
 	if (!l) {
 		log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), "relay accept");
 		return NULL;
 	}
+	link_half_open_begin(l);
 	/* The relay vouches for the sender's address; the handshake checks the
 	 * identity against it (expect), so a lying relay gets nowhere. */
 	l->relay_via = via->peer.addr;
@@ -14530,8 +14671,8 @@ static const char cli_usage_up[] =
 	"apply at once.\n"
 	"Every link is authenticated and encrypted; choose how members prove it:\n"
 	"  --secret-file FILE a shared network secret (create: ipop genkey --out net.key)\n"
-	"  --cert-dir DIR     ca.crt, node.crt, node.key from 'ipop cert issue'; the\n"
-	"                     virtual IP comes from the certificate\n"
+	"  --cert-dir DIR     ca.crt, node.crt, node.key, network.key from 'ipop cert\n"
+	"                     issue'; the virtual IP comes from the certificate\n"
 	"  --crl FILE         revoked certificate serials, re-read when it changes\n"
 	"  --insecure         no authentication or encryption (all nodes must agree)\n"
 	"\n"
@@ -14595,19 +14736,20 @@ static const char cli_usage_ca_init[] =
 	"usage: ipop ca init --out DIR [--name NAME] [--days N]\n"
 	"\n"
 	"Create a network certificate authority in DIR: ca.key (keep it safe and\n"
-	"offline) and ca.crt (give it to every node).  ECDSA P-256; valid N days\n"
-	"(default 3650).\n";
+	"offline), ca.crt and network.key, the admission secret every node gets\n"
+	"with its certificate (handshakes need it; ca.crt alone gets no answer).\n"
+	"ECDSA P-256; valid N days (default 3650).\n";
 
 static const char cli_usage_cert_issue[] =
 	"usage: ipop cert issue --ca DIR --ip A.B.C.D [--ip ...] [--route-for CIDR]...\n"
 	"                       [--name NAME] [--days N | --valid-for DURATION] --out DIR\n"
 	"\n"
-	"Issue a node certificate: writes node.key, node.crt and a copy of ca.crt to\n"
-	"the --out DIR, ready for 'ipop up --cert-dir DIR'.  The certificate binds\n"
-	"the node's virtual IPs, the prefixes it may route for (each at most /24),\n"
-	"and its name.  Valid N days (default 365), or for DURATION (90s, 30m, 12h,\n"
-	"400d).  Nodes close links whose peer's certificate has expired, and warn a\n"
-	"week ahead of their own.\n";
+	"Issue a node certificate: writes node.key, node.crt and copies of ca.crt and\n"
+	"network.key to the --out DIR, ready for 'ipop up --cert-dir DIR'.  The\n"
+	"certificate binds the node's virtual IPs, the prefixes it may route for (each\n"
+	"at most /24), and its name.  Valid N days (default 365), or for DURATION\n"
+	"(90s, 30m, 12h, 400d).  Nodes close links whose peer's certificate has\n"
+	"expired, and warn a week ahead of their own.\n";
 
 static const char cli_usage_ca_revoke[] =
 	"usage: ipop ca revoke --ca DIR (--cert FILE | --serial HEX)\n"
@@ -15532,6 +15674,9 @@ static int cli_node_creds(struct node *n, const struct cli_opts *o, char *err, s
 	}
 	if (sec_load_cert_dir(&n->sec, &n->rng, o->cert_dir, err, errlen) < 0)
 		return -1;
+	if (!n->sec.admission)
+		log_warn("cli", "%s has no " SEC_ADMISSION_FILE ": handshakes are gated by ca.crt alone, so anyone "
+			 "with it can make this node do handshake work (docs/SECURITY.md, section 3)", o->cert_dir);
 	snprintf(n->sec.ctx->crl_path, sizeof n->sec.ctx->crl_path, "%s", o->crl);
 	return sec_crl_refresh(&n->sec, err, errlen) < 0 ? -1 : 0;
 }
@@ -16223,6 +16368,47 @@ static int cli_write_pair(const char *dir, const char *name, mbedtls_pk_context 
 	return sec_write_new_file(path, crt_pem, strlen((const char *)crt_pem), false, err, errlen);
 }
 
+/* The network's admission secret (sec_cert_keys): 64 hex digits, mode 0600. */
+static int cli_admission_new(const char *dir, struct sec_rng *r, char *err, size_t errlen)
+{
+	uint8_t key[SEC_KEY_BYTES];
+	char hex[2 * SEC_KEY_BYTES + 2], path[512];
+	sec_random(r, key, sizeof key);
+	buf_hex(key, sizeof key, hex);
+	strcat(hex, "\n");
+	snprintf(path, sizeof path, "%s/" SEC_ADMISSION_FILE, dir);
+	int rc = sec_write_new_file(path, hex, strlen(hex), true, err, errlen);
+	sec_wipe(key, sizeof key);
+	sec_wipe(hex, sizeof hex);
+	return rc;
+}
+
+/* Hand the CA's admission secret to a node's directory.  A CA without one
+ * (made before ipop 0.2.1) still issues, with a warning: its network's
+ * mac1 key is the public ca.crt's. */
+static int cli_admission_copy(const char *ca_dir, const char *out, char *err, size_t errlen)
+{
+	char from[512], to[512];
+	uint8_t key[SEC_KEY_BYTES];
+	snprintf(from, sizeof from, "%s/" SEC_ADMISSION_FILE, ca_dir);
+	if (access(from, F_OK) < 0) {
+		log_warn("cli", "%s has no " SEC_ADMISSION_FILE " (a CA from before ipop 0.2.1): anyone with "
+			 "ca.crt can make this network's nodes do handshake work; see docs/SECURITY.md, "
+			 "section 3, to add one", ca_dir);
+		return 0;
+	}
+	if (sec_read_key_file(from, key, err, errlen) < 0)
+		return -1;
+	char hex[2 * SEC_KEY_BYTES + 2];
+	buf_hex(key, sizeof key, hex);
+	strcat(hex, "\n");
+	snprintf(to, sizeof to, "%s/" SEC_ADMISSION_FILE, out);
+	int rc = sec_write_new_file(to, hex, strlen(hex), true, err, errlen);
+	sec_wipe(key, sizeof key);
+	sec_wipe(hex, sizeof hex);
+	return rc;
+}
+
 static int cli_ca_init(struct cli_opts *o)
 {
 	static struct sec_rng rng;
@@ -16242,13 +16428,16 @@ static int cli_ca_init(struct cli_opts *o)
 		snprintf(err, sizeof err, "cannot create the CA key and certificate");
 	else
 		rc = cli_write_pair(o->out, "ca", &key, pem, err, sizeof err);
+	if (rc == 0)
+		rc = cli_admission_new(o->out, &rng, err, sizeof err);
 	mbedtls_pk_free(&key);
 	sec_rng_free(&rng);
 	if (rc < 0) {
 		cli_fail("ca init: %s", err);
 		return EXIT_FAIL;
 	}
-	printf("created %s/ca.key (keep it private) and %s/ca.crt\n", o->out, o->out);
+	printf("created %s/ca.key (keep it private), %s/ca.crt and %s/" SEC_ADMISSION_FILE
+	       " (goes to every node with its certificate)\n", o->out, o->out, o->out);
 	return EXIT_OK;
 }
 
@@ -16299,6 +16488,8 @@ static int cli_cert_issue(struct cli_opts *o)
 		    sec_write_new_file(path, capem, strlen((char *)capem), false, err, sizeof err) < 0)
 			rc = -1;
 	}
+	if (rc == 0)
+		rc = cli_admission_copy(o->ca_dir, o->out, err, sizeof err);
 	mbedtls_pk_free(&ca_key);
 	mbedtls_pk_free(&key);
 	mbedtls_x509_crt_free(&ca);
@@ -16307,8 +16498,9 @@ static int cli_cert_issue(struct cli_opts *o)
 		cli_fail("cert issue: %s", err);
 		return EXIT_FAIL;
 	}
-	printf("issued %s/node.crt with %s/node.key and %s/ca.crt; run: ipop up --cert-dir %s\n",
-	       o->out, o->out, o->out, o->out);
+	snprintf(path, sizeof path, "%s/" SEC_ADMISSION_FILE, o->out);
+	printf("issued %s/node.crt with %s/node.key, %s/ca.crt%s; run: ipop up --cert-dir %s\n",
+	       o->out, o->out, o->out, access(path, F_OK) == 0 ? " and " SEC_ADMISSION_FILE : "", o->out);
 	return EXIT_OK;
 }
 

@@ -742,6 +742,46 @@ static void test_next_hop(void)
 	fake_node_free(&n);
 }
 
+/* Handshake admission (issue 18, item 4): the per-IP bucket admits a
+ * burst of LINK_HS_BURST, then LINK_HS_PER_IP_PER_S a second, per IP; the
+ * half-open cap closes the oldest unasked responder link. */
+static void test_hs_admission(void)
+{
+	struct node n;
+	ring_addr self = addr_top(0x10);
+	fake_node(&n, &self, NULL, 0);
+	n.sec.mode = SEC_PSK;
+	n.loop.now_ms = 1000000;
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(0xc0a80001) };
+	struct sockaddr_in b = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(0xc0a80002) };
+	int ok = 0;
+	for (int i = 0; i < 100; i++)
+		ok += link_hs_admit(&n, &a);
+	CHECK(ok == LINK_HS_BURST);
+	CHECK(link_hs_admit(&n, &b));                       /* another IP has its own bucket */
+	n.loop.now_ms += 1000;                              /* a second later: ten more */
+	for (ok = 0; ok < 100 && link_hs_admit(&n, &a);)
+		ok++;
+	CHECK(ok == LINK_HS_PER_IP_PER_S);
+	n.sec.mode = SEC_INSECURE;                          /* no public-key work: no bucket */
+	CHECK(link_hs_admit(&n, &a));
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	struct link *first = NULL;
+	for (int i = 0; i < LINK_HALF_OPEN_MAX + 1; i++) {
+		n.loop.now_ms++;
+		link_half_open_make_room(&n);
+		struct link *l = link_new(&n, PROTO_UDP, -1, &sa, false);
+		link_half_open_begin(l);
+		l->state = LINK_AWAIT_FIN;
+		if (!first)
+			first = l;
+	}
+	CHECK(n.n_half_open == LINK_HALF_OPEN_MAX);
+	CHECK(first->state == LINK_CLOSED && !first->half_open);
+	CHECK(n.drops.count[DROP_HALF_OPEN] == 1);
+	fake_node_free(&n);
+}
+
 static void rand_bytes(uint64_t *x, uint8_t *b, size_t len)
 {
 	for (size_t i = 0; i < len; i++) {
@@ -1901,6 +1941,7 @@ int main(void)
 	test_timers();
 	test_config();
 	test_next_hop();
+	test_hs_admission();
 	test_next_hop_view();
 	test_shortcuts();
 	test_contents();
