@@ -14,8 +14,9 @@
  *   --claim-started N     the start time it reports (1: "older than anyone")
  *   --claim-addr HEX|IP   the ring address it claims (an IP: its SHA-1)
  *   --claim-vip IP        the virtual IP it reports
- *   --mac-ca FILE         derive the handshake cookie/MAC keys from this
- *                         ca.crt (an outsider's own CA signs its identity)
+ *   --mac-ca DIR          derive the handshake cookie/MAC keys from DIR/ca.crt
+ *                         and DIR/network.key if there (an outsider's own CA
+ *                         signs its identity; what it knows of the network)
  *
  * Commands:
  *   links                       one "link ADDR VIP PROTO" line per up link, then "ok N"
@@ -336,24 +337,31 @@ static void kit_stdin_event(struct ev_loop *loop, int fd, void *arg, uint32_t ev
 static int kit_usage(void)
 {
 	fprintf(stderr, "usage: kit_peer [--claim-started N] [--claim-addr HEX|IP] [--claim-vip IP] "
-		"[--mac-ca FILE] -- [ipop up flags]\n");
+		"[--mac-ca DIR] -- [ipop up flags]\n");
 	return 2;
 }
 
 /* An outsider's own CA signs its identity, but its handshake MACs must be
- * the network's: derive them from the network's ca.crt as members do. */
-static int kit_mac_ca(const char *path)
+ * the network's: derived, as members do, from what the outsider holds of
+ * the network, DIR/ca.crt (public) and DIR/network.key if it has one (a
+ * leaked admission key).  Peers' certificates are then checked against
+ * the network's CA too. */
+static int kit_mac_ca(const char *dir)
 {
-	mbedtls_x509_crt ca;
-	char err[300];
-	mbedtls_x509_crt_init(&ca);
-	if (sec_parse_pem(path, false, &ca, NULL, &kit.n.rng, err, sizeof err) < 0) {
+	char err[300], path[512];
+	struct sec_ctx *c = kit.n.sec.ctx;
+	mbedtls_x509_crt_free(&c->ca);
+	mbedtls_x509_crt_init(&c->ca);
+	snprintf(path, sizeof path, "%s/ca.crt", dir);
+	if (sec_parse_pem(path, false, &c->ca, NULL, &kit.n.rng, err, sizeof err) < 0) {
 		fprintf(stderr, "kit_peer: %s\n", err);
 		return -1;
 	}
-	sec_sha256("ipop-v2 ca", 10, ca.raw.p, ca.raw.len, kit.n.sec.salt);
-	sec_sha256("ipop-v2 mac1", 12, ca.raw.p, ca.raw.len, kit.n.sec.mac1_key);
-	mbedtls_x509_crt_free(&ca);
+	snprintf(path, sizeof path, "%s/network.key", dir);
+	if (sec_cert_keys(&kit.n.sec, path, err, sizeof err) < 0) {
+		fprintf(stderr, "kit_peer: %s\n", err);
+		return -1;
+	}
 	return 0;
 }
 

@@ -15,8 +15,9 @@ Secret network V (victim, 10.77.0.1), B (10.77.0.2); the kit is a member.
 Certificate network V (10.78.0.1), B (10.78.0.2), member M (10.78.0.3):
  5. M's kit claims V's ring address with start time 1; V dials it -> V
     refuses it (the certificate decides) and keeps running.
- 6. an outsider with only the public ca.crt (its own CA, a certificate for
-    V's IP) claims V's address; V dials it -> V refuses it, keeps running.
+ 6. outsiders (their own CA, a certificate for V's IP) claim V's address;
+    V dials them: one with only the public ca.crt gets no handshake
+    (not_member), one with a leaked network.key is refused; V keeps running.
  7. a forged DHT reply without certificate redirects nothing: V's ping to
     B's virtual IP name ("ip:" lookup) resolves to B, not to the kit.
  8. a real duplicate (the same certificate directory run twice): B, which
@@ -25,6 +26,7 @@ Certificate network V (10.78.0.1), B (10.78.0.2), member M (10.78.0.3):
 Every check prints PASS or FAIL; exit status non-zero if any failed.
 """
 import os
+import shutil
 import sys
 import time
 
@@ -132,28 +134,37 @@ def cert_cases():
         b = net.add(udp=free_port(), creds=["--cert-dir", dirs["b"]])
         b.start()
         net.wait_ready([b])
-        # 5. member M's kit claims V's ring address; 6. an outsider (its own
-        # CA, a certificate for V's IP) with only the network's ca.crt.
+        # 5. member M's kit claims V's ring address; 6. outsiders (their own
+        # CA, a certificate for V's IP): one with only the public ca.crt,
+        # one with a leaked network.key as well.
         k = net.add(kit=True, udp=free_port(), creds=["--cert-dir", dirs["m"]],
                     claims=["--claim-addr", "10.78.0.1", "--claim-started", "1"]).start()
         evil = os.path.join(net.dir, "evil-ca")
         cli_ok(["ca", "init", "--out", evil])
         xd = os.path.join(net.dir, "x")
         cli_ok(["cert", "issue", "--ca", evil, "--ip", "10.78.0.1", "--name", "v", "--out", xd])
-        x = net.add(kit=True, udp=free_port(), creds=["--cert-dir", xd],
-                    claims=["--claim-started", "1", "--mac-ca", os.path.join(dirs["v"], "ca.crt")]).start()
+        public, leaked = os.path.join(net.dir, "public"), os.path.join(net.dir, "leaked")
+        for d, files in ((public, ["ca.crt"]), (leaked, ["ca.crt", "network.key"])):
+            os.makedirs(d)
+            for f in files:
+                shutil.copy(os.path.join(dirs["v"], f), d)
+        xs = [net.add(kit=True, udp=free_port(), creds=["--cert-dir", xd],
+                      claims=["--claim-started", "1", "--mac-ca", d]).start() for d in (public, leaked)]
         v = net.add(udp=free_port(), creds=["--cert-dir", dirs["v"]],
-                    bootstrap=[k.udp_uri, x.udp_uri, b.udp_uri])
+                    bootstrap=[k.udp_uri] + [x.udp_uri for x in xs] + [b.udp_uri])
         v.start()
-        refused = wait_for(lambda: not v.alive() or drops(v).get("refused", 0) >= 2, 10)
-        survives(v, "cases 5, 6 (member M with its own certificate, and an outsider, claim V's address)")
-        result(drops(v).get("refused", 0) >= 2, "cases 5, 6: V refused both claims (refused drops: %s)"
-               % drops(v).get("refused"))
+        wait_for(lambda: not v.alive() or (drops(v).get("refused", 0) >= 2 and drops(xs[0]).get("not_member", 0)), 10)
+        survives(v, "cases 5, 6 (member M with its own certificate, and outsiders, claim V's address)")
+        d = drops(v)
+        result(d.get("refused", 0) >= 2, "cases 5, 6: V refused M's and the leaked-key outsider's claims (refused %s)"
+               % d.get("refused"))
+        result(drops(xs[0]).get("not_member", 0) >= 1 and not xs[0].links(),
+               "case 6: the ca.crt-only outsider cannot even read V's handshake (its not_member: %s, links: %s)"
+               % (drops(xs[0]).get("not_member"), xs[0].links()))
         result(wait_for(lambda: linked(v, "10.78.0.2"), 10), "cases 5, 6: V joined through B")
-        for kk in (k, x):
+        for kk in [k] + xs:
             kk.cmd("quit")
             kk.wait(5)
-        del refused
         # 8. a real duplicate: V's own certificate directory, started later.
         dup = net.add(udp=free_port(), creds=["--cert-dir", dirs["v"]], bootstrap=[b.udp_uri])
         dup.start()
