@@ -192,6 +192,8 @@ def remove_netns(prefix, quiet=False):
     for nm in names:
         rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
         for p in (out or "").split():
+            if p == str(os.getpid()):
+                continue        # a test that joined its namespace (t_local) lives on
             try:
                 os.kill(int(p), signal.SIGKILL)
             except (OSError, ValueError):
@@ -208,13 +210,14 @@ class Proc:
     PR_SET_PDEATHSIG fires when the creating thread exits)."""
     all = []
 
-    def __init__(self, name, argv, logpath):
+    def __init__(self, name, argv, logpath, env=None):
         self.name = name
         self.argv = argv
         self.logpath = logpath
         lf = open(logpath, "ab")
         self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                  start_new_session=True, preexec_fn=_pdeathsig)
+                                  start_new_session=True, preexec_fn=_pdeathsig,
+                                  env=dict(os.environ, **env) if env else None)
         lf.close()
         self.t0 = time.monotonic()
         Proc.all.append(self)
@@ -286,6 +289,22 @@ def lab_start(name, cleanup, tools, remove_leftovers, hint="tests/deps.sh instal
     old = remove_leftovers()
     if old:
         log("removed leftover namespaces: %s" % " ".join(old))
+
+
+def bench_start(name, tools, cleanup, need="network namespaces"):
+    """The start of a benchmark (tests/bench_*.py): without root or a tool it
+    prints one line and exits 2; cleanup() runs at exit and on
+    SIGTERM/SIGINT/SIGHUP."""
+    if os.geteuid() != 0:
+        print("%s: needs root (%s)" % (name, need), flush=True)
+        sys.exit(2)
+    for tool in tools:
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("%s: %s not found" % (name, tool), flush=True)
+            sys.exit(2)
+    atexit.register(cleanup)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
 
 
 def keep_lab_logs(name, src, failed, suffixes=(".log",)):
@@ -411,6 +430,45 @@ class RssSampler:
         return max(v) if v else None
 
 
+SSH_OPTS = ["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+
+
+def ssh_keygen(path):
+    sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path])
+
+
+def ssh_keys(d, host="host_ed25519", client="client_ed25519"):
+    """Throwaway ed25519 keys in d (made, mode 0700): (host key, client key,
+    authorized_keys holding the client's public key)."""
+    os.makedirs(d, 0o700, exist_ok=True)
+    hk, ck = os.path.join(d, host), os.path.join(d, client)
+    for k in (hk, ck):
+        ssh_keygen(k)
+    ak = os.path.join(d, "authorized_keys")
+    shutil.copy(ck + ".pub", ak)
+    os.chmod(ak, 0o600)
+    return hk, ck, ak
+
+
+def sshd_config(path, listen, hostkey, authkeys, pidfile, extra=()):
+    """An sshd config for root with the client key only.  SetEnv SHLVL=1:
+    bash started by sshd then skips root's ~/.bashrc, whose contents (a slow
+    pyenv init, say) must not decide whether a test passes."""
+    with open(path, "w") as f:
+        f.write("\n".join([
+            "Port 22", "ListenAddress %s" % listen, "HostKey %s" % hostkey, "PidFile %s" % pidfile,
+            "AuthorizedKeysFile %s" % authkeys, "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no", "SetEnv SHLVL=1",
+            "AllowUsers root", "X11Forwarding no", "PrintMotd no"] + list(extra) + [""]))
+    return path
+
+
+def sshd_bin():
+    return shutil.which("sshd") or "/usr/sbin/sshd"
+
+
 class NsNode:
     """One `ipop up` inside network namespace ns, its log and control socket
     in the lab's dir.  A test's node class gives command(): the argv run in
@@ -524,6 +582,7 @@ class Lab:
         self.t0 = time.monotonic()
         self.done = False
         self._closed = False
+        self.made_run_sshd = False
 
     @classmethod
     def main(cls, *a, **kw):
@@ -631,6 +690,20 @@ class Lab:
             self.dump_logs([n.name for n in dead], 40)
         check(not dead, "node(s) exited: %s" % ", ".join("%s rc=%s" % (n.name, n.proc.rc()) for n in dead))
 
+    def sshd(self, ns, listen, extra=(), tag="sshd"):
+        """Throwaway keys (in DIR/TAG) and an sshd for root on address listen
+        in ns, its config checked by sshd -t: (Proc, client key)."""
+        d = os.path.join(self.dir, tag)
+        hk, ck, ak = ssh_keys(d)
+        cfg = sshd_config(os.path.join(d, "sshd_config"), listen, hk, ak, os.path.join(d, "sshd.pid"), extra)
+        if not os.path.isdir("/run/sshd"):
+            os.makedirs("/run/sshd", 0o755)
+            self.made_run_sshd = True
+        rc, out, err = sh([sshd_bin(), "-t", "-f", cfg], check_rc=False)
+        check(rc == 0, "sshd -t rejects the config: %s" % (err or out).strip())
+        return Proc(tag, ["ip", "netns", "exec", ns, sshd_bin(), "-f", cfg, "-D", "-e"],
+                    os.path.join(self.dir, tag + ".log")), ck
+
     # ---- cleanup
     def close_more(self):
         """What a test made besides processes, namespaces and its dir."""
@@ -649,6 +722,11 @@ class Lab:
         left = list_netns(self.prefix)
         if left:
             print("  cleanup: namespaces left: %s" % left, flush=True)
+        if self.made_run_sshd:
+            try:
+                os.rmdir("/run/sshd")
+            except OSError:
+                pass
         self.close_more()
         keep_lab_logs(self.name, self.dir, failed)
         shutil.rmtree(self.dir, ignore_errors=True)
