@@ -7,6 +7,12 @@ Main pieces:
                              always cleans up (finally + atexit + signals)
   * true_neighbors(addrs) -- the 2 true successors/predecessors of each addr
   * ring_check(net, nodes)-- compare nodes' up near links with the true ring
+Namespace labs (root tests that build their own network, and the benches):
+  * Lab                   -- a test's dir, nodes, steps (step, check, ok,
+                             fail, note), summary line, cleanup
+  * NsNode                -- an `ipop up` in a named namespace
+  * ns_add, bridge_add, veth_to_bridge, veth_pair, wait_listen,
+    kernel_ping, ssh_keys, sshd_config, bench_start -- the lab's pieces
 """
 
 import atexit
@@ -323,6 +329,16 @@ def keep_lab_logs(name, src, failed, suffixes=(".log",)):
         print("node logs kept in %s" % dst, flush=True)
     except OSError as e:
         print("could not keep logs: %r" % e, flush=True)
+
+
+def wait_for(fn, timeout, poll=0.2):
+    """Seconds until fn() is true, polled every poll s; None after timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if fn():
+            return time.monotonic() - t0
+        time.sleep(poll)
+    return None
 
 
 def ns_add(*names):
