@@ -331,6 +331,20 @@ def keep_lab_logs(name, src, failed, suffixes=(".log",)):
         print("could not keep logs: %r" % e, flush=True)
 
 
+def timed_status(ctl, timeout=5, ns=None):
+    """`ipop status --json` against control socket ctl (run in namespace ns
+    when given): (dict or None, seconds it took) -- for tests that measure
+    how promptly a node under load answers."""
+    t = time.monotonic()
+    rc, out, _ = (nsx(ns, [ipop_bin(), "status", "--json", "--control", ctl], timeout=timeout, check_rc=False)
+                  if ns else run_cli(["status", "--json", "--control", ctl], timeout=timeout))
+    dt = time.monotonic() - t if rc is not None else timeout
+    try:
+        return (json.loads(out) if rc == 0 else None), dt
+    except ValueError:
+        return None, dt
+
+
 def wait_for(fn, timeout, poll=0.2):
     """Seconds until fn() is true, polled every poll s; None after timeout."""
     t0 = time.monotonic()
@@ -612,6 +626,12 @@ class Lab:
 
     def body(self):
         raise NotImplementedError
+
+    def secret(self):
+        """The network secret, DIR/net.key, made by `ipop genkey` on first use."""
+        if not os.path.exists(self.key):
+            sh([ipop_bin(), "genkey", "--out", self.key])
+        return self.key
 
     # ---- reporting
     def ok(self, msg, step=None):
