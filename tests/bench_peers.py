@@ -56,9 +56,7 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -67,11 +65,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tap as bt      # noqa: E402  (sh, Proc, pid file, ping and iperf parsing)
 import bench_user as bu     # noqa: E402  (the request/response helper)
-import atexit
-
-if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
-    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ipop-test-state-")
-    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
+import lib                  # noqa: E402  (namespaces, ssh keys)
 
 REPO = bt.REPO
 PREFIX = "tp"
@@ -196,36 +190,18 @@ def median(xs):
     return bt.median([x for x in xs if x is not None])
 
 
-def netns_list():
-    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
-    return [ln.split()[0] for ln in out.splitlines() if ln.split() and ln.split()[0].startswith("tp-")]
-
-
 def remove_netns():
     """Delete our tp-* namespaces; processes still in them are ours (they
-    were started by an earlier, killed run of this script): killed by pid."""
-    for nm in netns_list():
-        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
-        for p in out.split():
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-        sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
+    were started by an earlier, killed run of this script)."""
+    lib.remove_netns(PREFIX + "-", quiet=True)
 
 
 def setup_underlay():
-    sh(["ip", "netns", "add", SW])
-    sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
-    sh(["ip", "-n", SW, "link", "set", BR, "up"])
+    lib.ns_add(SW)
+    lib.bridge_add(SW, BR)
     for i, ns in enumerate((NA, NB), 1):
-        sh(["ip", "netns", "add", ns])
-        sh(["ip", "-n", SW, "link", "add", "tpp%d" % i, "type", "veth", "peer", "name", "tp-eth",
-            "netns", ns])
-        sh(["ip", "-n", SW, "link", "set", "tpp%d" % i, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", UNDER % i + "/24", "dev", "tp-eth"])
-        sh(["ip", "-n", ns, "link", "set", "tp-eth", "up"])
-        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        lib.ns_add(ns)
+        lib.veth_to_bridge(SW, BR, ns, "tp-eth", "tpp%d" % i, UNDER % i + "/24")
     if nsx(NA, ["ping", "-n", "-c", "1", "-W", "2", UNDER % 2], check_rc=False)[0] != 0:
         raise BenchError("underlay ping a -> b failed")
 
@@ -334,10 +310,7 @@ class Bench:
     def prep_ssh_l(self):
         self.need("ssh", "sshd", "ssh-keygen")
         d = self.d("ssh")
-        os.mkdir(d, 0o700)
-        for k in ("host", "client"):
-            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, k)])
-        shutil.copy(os.path.join(d, "client.pub"), os.path.join(d, "authorized_keys"))
+        lib.ssh_keys(d, "host", "client")
         with open(os.path.join(d, "sshd_config"), "w") as f:
             f.write("ListenAddress %s\nPort 22\nHostKey %s/host\nAuthorizedKeysFile %s/authorized_keys\n"
                     "PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\n"
@@ -486,8 +459,7 @@ class Bench:
 
     def start_ssh_l(self):
         d = self.d("ssh")
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        srv = self.proc("sshd-b", NB, [sshd, "-D", "-e", "-f", d + "/sshd_config"])
+        srv = self.proc("sshd-b", NB, [lib.sshd_bin(), "-D", "-e", "-f", d + "/sshd_config"])
         wait_for(lambda: listening(NB, 22), 10, "sshd", srv)
         fw = [x for port in (IPERF_PORT, ECHO_PORT) for x in ("-L", "127.0.0.1:%d:127.0.0.1:%d" % (port + 20000, port))]
         cl = self.proc("ssh-a", NA, ["ssh", "-N", "-i", d + "/client", "-o", "UserKnownHostsFile=" + d + "/known_hosts",
@@ -688,48 +660,25 @@ def table(summ, paths, skip):
     return "\n".join(out), notes
 
 
-_cleaned = False
 _made_run_sshd = False
 
 
 def cleanup():
-    global _cleaned
-    if _cleaned:
-        return
-    _cleaned = True
-    for p in list(Proc.live):
-        p.stop(timeout=3)
-    remove_netns()
+    """bench_tap's (our processes, the tp namespaces, the pid file), and /run/sshd if we made it."""
+    bt.cleanup()
     if _made_run_sshd:
         try:
             os.rmdir("/run/sshd")
         except OSError:
             pass
-    try:
-        os.unlink(bt.PIDFILE)
-    except OSError:
-        pass
-
-
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def main():
-    if os.geteuid() != 0:
-        print("bench_peers: needs root (network namespaces, tun/tap devices)", flush=True)
-        return 2
-    if not shutil.which("iperf3"):
-        print("bench_peers: iperf3 not found", flush=True)
-        return 2
+    lib.bench_start("bench_peers", ("iperf3",), cleanup, "network namespaces, tun/tap devices")
     for p in PATHS:
         if p not in ALL_PATHS:
             print("bench_peers: unknown path %r (known: %s)" % (p, ", ".join(ALL_PATHS)))
             return 2
-    import atexit
-    atexit.register(cleanup)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
     bt.kill_leftover_pids()
     remove_netns()
     for d in glob.glob("/tmp/ipop-bench-peers-*"):  # temp dirs of killed runs

@@ -47,8 +47,6 @@ Env: IPOP_BENCH_RUNS (3), IPOP_BENCH_IPERF_S (5), IPOP_BENCH_PINGS (200),
 Exit status: 0 if everything was measured, 1 if a measurement failed,
 2 if not root / iperf3 missing.
 """
-import atexit
-import ctypes
 import datetime
 import glob
 import hashlib
@@ -58,16 +56,14 @@ import platform
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
-    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ipop-test-state-")
-    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lib  # noqa: E402  (nodes' state (remembered peers) not in ~)
+from lib import (REPO, TestFailure as BenchError, log, sh, nsx, list_netns, ns_add,  # noqa: E402
+                 bridge_add, veth_to_bridge)
 IPOP_SRC = os.path.join(REPO, "ipop")
 IPOP = IPOP_SRC  # main() points this at a private copy: one binary per run
 
@@ -95,43 +91,9 @@ PING_LOSS_RE = re.compile(r"([0-9.]+)% packet loss")
 OPING_RE = re.compile(r"time=([0-9.]+) ms")
 
 
-def log(*a):
-    print("[%s] %s" % (time.strftime("%H:%M:%S"), " ".join(str(x) for x in a)), flush=True)
-
-
-class BenchError(Exception):
-    pass
-
 
 # --------------------------------------------------------------------------
 # processes: only what this script started is ever signalled
-
-def _pdeathsig():
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def sh(args, timeout=30, check_rc=True):
-    """Run a short command; (rc, out, err); rc None on timeout."""
-    try:
-        p = subprocess.run(args, capture_output=True, timeout=timeout, text=True,
-                           errors="replace", stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig)
-    except subprocess.TimeoutExpired as e:
-        if check_rc:
-            raise BenchError("timeout after %ss: %s" % (timeout, " ".join(args)))
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return None, out, ""
-    if check_rc and p.returncode != 0:
-        raise BenchError("rc=%d: %s: %s" % (p.returncode, " ".join(args),
-                                            (p.stderr or p.stdout).strip()[-300:]))
-    return p.returncode, p.stdout, p.stderr
-
-
-def nsx(ns, args, **kw):
-    return sh(["ip", "netns", "exec", ns] + list(args), **kw)
-
 
 def proc_starttime(pid):
     try:
@@ -148,48 +110,22 @@ def proc_cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-class Proc:
-    """A long-running child.  `ip netns exec` execs the command, so the pid
-    is the command's own.  Each pid is written to PIDFILE with its start
-    time, so a later run can remove exactly our leftovers."""
+class Proc(lib.Proc):
+    """A long-running child (lib.Proc).  Each pid is also written to PIDFILE
+    with its start time, so a later run can remove exactly our leftovers."""
     live = []
 
     def __init__(self, name, argv, logpath, env=None):
-        self.name = name
-        self.logpath = logpath
-        with open(logpath, "ab") as lf:
-            self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                      start_new_session=True, preexec_fn=_pdeathsig,
-                                      env=dict(os.environ, **env) if env else None)
-        self.pid = self.p.pid
+        lib.Proc.__init__(self, name, argv, logpath, env)
         Proc.live.append(self)
         _pidfile_write()
 
-    def alive(self):
-        return self.p.poll() is None
-
     def stop(self, timeout=5):
         """SIGTERM (graceful leave), then SIGKILL."""
-        if self.p.poll() is None:
-            try:
-                self.p.send_signal(signal.SIGTERM)
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-            except OSError:
-                pass
+        lib.Proc.stop(self, timeout)
         if self in Proc.live:
             Proc.live.remove(self)
         _pidfile_write()
-
-    def log_tail(self, n=15):
-        try:
-            with open(self.logpath, "rb") as f:
-                lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            lines = []
-        return "\n".join("    | " + x for x in lines[-n:]) or "    | (empty log)"
 
 
 def _pidfile_write():
@@ -226,14 +162,8 @@ def kill_leftover_pids():
 # --------------------------------------------------------------------------
 # namespaces
 
-def tb_netns():
-    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
-    return [line.split()[0] for line in out.splitlines()
-            if line.split() and line.split()[0].startswith(PREFIX)]
-
-
 def remove_tb_netns():
-    for nm in tb_netns():
+    for nm in list_netns(PREFIX):
         rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
         if out.split():
             log("cleanup: namespace %s still has pids %s (not ours: left alone)"
@@ -244,17 +174,11 @@ def remove_tb_netns():
 
 
 def setup_underlay():
-    sh(["ip", "netns", "add", SW])
-    sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
-    sh(["ip", "-n", SW, "link", "set", BR, "up"])
+    ns_add(SW)
+    bridge_add(SW, BR)
     for i, ns in enumerate(HOSTS, 1):
-        sh(["ip", "netns", "add", ns])
-        sh(["ip", "-n", SW, "link", "add", "tbp%d" % i, "type", "veth", "peer", "name",
-            "eth0", "netns", ns])
-        sh(["ip", "-n", SW, "link", "set", "tbp%d" % i, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", UNDERLAY % i + "/24", "dev", "eth0"])
-        sh(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        ns_add(ns)
+        veth_to_bridge(SW, BR, ns, "eth0", "tbp%d" % i, UNDERLAY % i + "/24")
     rc, out, _ = nsx(HOSTS[0], ["ping", "-n", "-c", "1", "-W", "2", UNDERLAY % 2], check_rc=False)
     if rc != 0:
         raise BenchError("underlay ping h1 -> h2 failed: %s" % out.strip())
@@ -288,13 +212,7 @@ def system_cpu():
 
 
 def wait_listen(ns, port, timeout=10):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        rc, out, _ = nsx(ns, ["ss", "-Hltn"], check_rc=False, timeout=5)
-        if any(":%d " % port in line for line in out.splitlines()):
-            return True
-        time.sleep(0.05)
-    return False
+    return lib.wait_listen(ns, ":%d " % port, timeout)
 
 
 def iperf(dst, streams, tmp, cpu_pids=()):
@@ -584,17 +502,8 @@ def cleanup():
         pass
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main():
-    if os.geteuid() != 0:
-        print("bench_tap: needs root (network namespaces, tap devices)", flush=True)
-        return 2
-    if not shutil.which("iperf3"):
-        print("bench_tap: iperf3 not found", flush=True)
-        return 2
+    lib.bench_start("bench_tap", ("iperf3",), cleanup, "network namespaces, tap devices")
     if not os.access(IPOP_SRC, os.X_OK):
         print("bench_tap: %s missing; run make" % IPOP_SRC, flush=True)
         return 2
@@ -602,9 +511,6 @@ def main():
         if p not in ALL_PATHS:
             print("bench_tap: unknown path %r (known: %s)" % (p, ", ".join(ALL_PATHS)))
             return 2
-    atexit.register(cleanup)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
 
     kill_leftover_pids()
     remove_tb_netns()

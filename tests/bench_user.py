@@ -40,8 +40,6 @@ Env: IPOP_BENCH_RUNS (3), IPOP_BENCH_USER_MB (256), IPOP_BENCH_LAT_N (200),
 Exit status: 0 if everything was measured, 1 if a measurement failed,
 2 if not root or a tool is missing.
 """
-import atexit
-import ctypes
 import datetime
 import hashlib
 import json
@@ -52,13 +50,15 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib import (REPO, TestFailure as BenchError, log, sh, nsx, Proc, list_netns, remove_netns,  # noqa: E402
+                 ns_add, bridge_add, veth_to_bridge, wait_listen, RssSampler, ssh_keys, sshd_config,
+                 sshd_bin, SSH_OPTS, bench_start)
+
 NS_PREFIX = "tw-"
 SW = "tw-sw"
 BR = "twbr0"
@@ -72,15 +72,9 @@ JSON_OUT = os.environ.get("IPOP_BENCH_JSON", os.path.join(REPO, "build", "bench"
 PATHS = ["veth", "ssh", "fwd", "socks"]
 LABEL = {"veth": "plain veth", "ssh": "ssh -L", "fwd": "ipop -L", "socks": "ipop SOCKS5"}
 SOCKS = "127.0.0.1:1080"
-T0 = time.monotonic()
-
 HELPER = r'''
 import json, os, socket, socketserver, struct, sys, time
 from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
-
-if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
-    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ipop-test-state-")
-    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 
 def recvn(s, n):
@@ -172,102 +166,6 @@ if __name__ == "__main__":
 '''
 
 
-def log(*a):
-    print("[%7.2fs] %s" % (time.monotonic() - T0, " ".join(str(x) for x in a)), flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-def _pdeathsig():
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def sh(args, timeout=30, check_rc=True):
-    try:
-        p = subprocess.run(args, capture_output=True, timeout=timeout, text=True, errors="replace",
-                           stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        if check_rc:
-            raise BenchError("timeout after %ss: %s" % (timeout, " ".join(args)))
-        return None, "", ""
-    if check_rc and p.returncode != 0:
-        raise BenchError("command failed rc=%d: %s: %s" % (p.returncode, " ".join(args),
-                                                          (p.stderr or p.stdout).strip()[-300:]))
-    return p.returncode, p.stdout, p.stderr
-
-
-def nsx(ns, args, **kw):
-    return sh(["ip", "netns", "exec", ns] + list(args), **kw)
-
-
-def list_tw_netns():
-    rc, out, _ = sh(["ip", "netns", "list"], check_rc=False)
-    return [ln.split()[0] for ln in out.splitlines() if ln.split() and ln.split()[0].startswith(NS_PREFIX)]
-
-
-def remove_tw_netns():
-    """Kill the processes in tw-* namespaces (only this benchmark's live
-    there) and delete the namespaces."""
-    names = list_tw_netns()
-    for nm in names:
-        rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
-        for p in out.split():
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-    for nm in names:
-        sh(["ip", "netns", "del", nm], check_rc=False, timeout=10)
-    return names
-
-
-class Proc:
-    all = []
-
-    def __init__(self, name, argv, logpath):
-        self.name = name
-        self.logpath = logpath
-        lf = open(logpath, "ab")
-        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                  start_new_session=True, preexec_fn=_pdeathsig)
-        lf.close()
-        Proc.all.append(self)
-
-    @property
-    def pid(self):
-        return self.p.pid
-
-    def alive(self):
-        return self.p.poll() is None
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, sig)
-            except OSError:
-                pass
-
-    def wait(self, timeout):
-        try:
-            return self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def tail(self, n=15):
-        try:
-            with open(self.logpath, "rb") as f:
-                lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            lines = []
-        return "\n".join("    | " + x for x in lines[-n:]) or "    | (empty log)"
-
-
 def proc_kb(pid, key):
     try:
         with open("/proc/%d/status" % pid) as f:
@@ -286,26 +184,6 @@ def cpu_s(pid):
         return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
-
-
-class RssSampler:
-    def __init__(self, pid, every=0.05):
-        self.pid, self.every, self.kb = pid, every, []
-        self._stop = threading.Event()
-        self.th = threading.Thread(target=self._run, daemon=True)
-        self.th.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            v = proc_kb(self.pid, "VmRSS")
-            if v is not None:
-                self.kb.append(v)
-            self._stop.wait(self.every)
-
-    def stop(self):
-        self._stop.set()
-        self.th.join(2)
-        return max(self.kb) if self.kb else None
 
 
 def med(v):
@@ -334,36 +212,16 @@ class Bench:
         self.errors = []
 
     # ---- setup
-    def add_ns(self, ns, idx):
-        sh(["ip", "netns", "add", ns])
-        sh(["ip", "-n", SW, "link", "add", "twp%d" % idx, "type", "veth", "peer", "name", "tw-eth",
-            "netns", ns])
-        sh(["ip", "-n", SW, "link", "set", "twp%d" % idx, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", UNDERLAY % idx + "/24", "dev", "tw-eth"])
-        sh(["ip", "-n", ns, "link", "set", "tw-eth", "up"])
-        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-
-    def wait_listen(self, ns, ap, timeout, proc=None):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            rc, out, _ = nsx(ns, ["ss", "-Hltn"], check_rc=False, timeout=5)
-            if any(ap in ln for ln in out.splitlines()):
-                return True
-            if proc is not None and not proc.alive():
-                return False
-            time.sleep(0.1)
-        return False
-
     def helper_proc(self, name, ns, args):
         return Proc(name, ["ip", "netns", "exec", ns, sys.executable, self.helper] + list(args),
                     os.path.join(self.dir, name + ".log"))
 
     def setup(self):
-        sh(["ip", "netns", "add", SW])
-        sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
-        sh(["ip", "-n", SW, "link", "set", BR, "up"])
-        self.add_ns("tw-a", 1)
-        self.add_ns("tw-b", 2)
+        ns_add(SW)
+        bridge_add(SW, BR)
+        for ns, idx in (("tw-a", 1), ("tw-b", 2)):
+            ns_add(ns)
+            veth_to_bridge(SW, BR, ns, "tw-eth", "twp%d" % idx, UNDERLAY % idx + "/24")
         pw = pwd.getpwnam("nobody")
         uid, gid = pw.pw_uid, pw.pw_gid
         key = os.path.join(self.dir, "net.key")
@@ -401,43 +259,28 @@ class Bench:
         self.a = Proc("A", self.a_cmd, os.path.join(self.dir, "A.log"))
         for p, ns, ap in ((self.http, "tw-b", ":8000"), (self.echo, "tw-b", ":7000"),
                           (self.a, "tw-a", "127.0.0.1:1080"), (self.a, "tw-a", "127.0.0.1:18080")):
-            if not self.wait_listen(ns, ap, 15, p):
-                raise BenchError("%s not listening on %s:\n%s" % (p.name, ap, p.tail()))
+            if not wait_listen(ns, ap, 15, p):
+                raise BenchError("%s not listening on %s:\n%s" % (p.name, ap, p.log_tail()))
         # sshd on B's veth address, ssh -L from tw-a
         d = os.path.join(self.dir, "ssh")
-        os.mkdir(d, 0o700)
-        hk, ck = os.path.join(d, "host_ed25519"), os.path.join(d, "client_ed25519")
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
-        ak = os.path.join(d, "authorized_keys")
-        shutil.copy(ck + ".pub", ak)
-        os.chmod(ak, 0o600)
-        cfg = os.path.join(d, "sshd_config")
-        with open(cfg, "w") as f:
-            f.write("\n".join([
-                "Port 22", "ListenAddress %s" % UNDERLAY % 2, "HostKey %s" % hk,
-                "PidFile %s" % os.path.join(d, "sshd.pid"), "AuthorizedKeysFile %s" % ak,
-                "PermitRootLogin prohibit-password", "PubkeyAuthentication yes",
-                "PasswordAuthentication no", "KbdInteractiveAuthentication no", "StrictModes no",
-                "UsePAM no", "AllowUsers root", "AllowTcpForwarding yes", "X11Forwarding no",
-                "PrintMotd no", "SetEnv SHLVL=1", ""]))
+        hk, ck, ak = ssh_keys(d)
+        cfg = sshd_config(os.path.join(d, "sshd_config"), UNDERLAY % 2, hk, ak, os.path.join(d, "sshd.pid"),
+                          ["AllowTcpForwarding yes"])
         if not os.path.isdir("/run/sshd"):
             os.makedirs("/run/sshd", 0o755)
             self.made_run_sshd = True
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        self.sshd = Proc("sshd", ["ip", "netns", "exec", "tw-b", sshd, "-f", cfg, "-D", "-e"],
+        self.sshd = Proc("sshd", ["ip", "netns", "exec", "tw-b", sshd_bin(), "-f", cfg, "-D", "-e"],
                          os.path.join(self.dir, "sshd.log"))
-        if not self.wait_listen("tw-b", "%s:22" % UNDERLAY % 2, 10, self.sshd):
-            raise BenchError("sshd not listening:\n%s" % self.sshd.tail())
+        if not wait_listen("tw-b", "%s:22" % UNDERLAY % 2, 10, self.sshd):
+            raise BenchError("sshd not listening:\n%s" % self.sshd.log_tail())
         self.sshlog = os.path.join(self.dir, "ssh-client.log")
-        self.ssh_cmd = ["ssh", "-F", "/dev/null", "-i", ck, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                        "-o", "ExitOnForwardFailure=yes", "-v", "-E", self.sshlog, "-N",
-                        "-L", "127.0.0.1:28080:%s:8000" % UNDERLAY % 2,
-                        "-L", "127.0.0.1:28007:%s:7000" % UNDERLAY % 2, "root@%s" % UNDERLAY % 2]
+        self.ssh_cmd = ["ssh"] + SSH_OPTS + [
+            "-i", ck, "-o", "ExitOnForwardFailure=yes", "-v", "-E", self.sshlog, "-N",
+            "-L", "127.0.0.1:28080:%s:8000" % UNDERLAY % 2, "-L", "127.0.0.1:28007:%s:7000" % UNDERLAY % 2,
+            "root@%s" % UNDERLAY % 2]
         self.ssh = Proc("ssh", ["ip", "netns", "exec", "tw-a"] + self.ssh_cmd, os.path.join(self.dir, "ssh.log"))
-        if not self.wait_listen("tw-a", "127.0.0.1:28080", 15, self.ssh):
-            raise BenchError("ssh -L not listening:\n%s" % self.ssh.tail())
+        if not wait_listen("tw-a", "127.0.0.1:28080", 15, self.ssh):
+            raise BenchError("ssh -L not listening:\n%s" % self.ssh.log_tail())
         # the overlay: poll through SOCKS until B answers
         t0 = time.monotonic()
         while True:
@@ -447,7 +290,7 @@ class Bench:
                 break
             if time.monotonic() - t0 > 30 or not self.a.alive() or not self.b.alive():
                 raise BenchError("no page via A's SOCKS after 30 s (rc %s)\nA:\n%s\nB:\n%s"
-                                 % (rc, self.a.tail(), self.b.tail()))
+                                 % (rc, self.a.log_tail(), self.b.log_tail()))
             time.sleep(0.3)
         log("setup done: overlay up %.2f s after the SOCKS poll started; file %d MB" % (time.monotonic() - t0,
                                                                                      FILE_MB))
@@ -476,7 +319,10 @@ class Bench:
         c0 = cpu_s(self.apid)
         rc, out, err = nsx("tw-a", a, timeout=320, check_rc=False)
         c1 = cpu_s(self.apid)
-        peak = samp.stop() if samp else None
+        if samp:
+            samp.stop()
+        mb = samp.max_between() if samp else None
+        peak = round(mb * 1024) if mb is not None else None      # kB
         try:
             size, tt = out.split()
             size, tt = int(size), float(tt)
@@ -522,7 +368,7 @@ class Bench:
                     self.errors.append(str(e))
                     log("ERROR " + str(e))
             if not self.a.alive():
-                raise BenchError("A exited (rc %s):\n%s" % (self.a.p.poll(), self.a.tail()))
+                raise BenchError("A exited (rc %s):\n%s" % (self.a.p.poll(), self.a.log_tail()))
         self.mem["load_hwm_kb"] = proc_kb(self.apid, "VmHWM")
         time.sleep(3)
         self.mem["after_rss_kb"] = proc_kb(self.apid, "VmRSS")
@@ -594,8 +440,8 @@ class Bench:
             p.kill()
         for p in Proc.all:
             p.wait(5)
-        remove_tw_netns()
-        left = list_tw_netns()
+        remove_netns(NS_PREFIX)
+        left = list_netns(NS_PREFIX)
         if left:
             print("cleanup: namespaces left: %s" % left, flush=True)
         if self.made_run_sshd:
@@ -611,27 +457,19 @@ class Bench:
 _bench = None
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
+def _cleanup():
+    if _bench is not None:
+        _bench.close()
 
 
 def main():
     global _bench
-    if os.geteuid() != 0:
-        print("bench_user: needs root (network namespaces, a tap device)", flush=True)
-        sys.exit(2)
-    for tool in ("ip", "curl", "sshd", "ssh", "ssh-keygen", "ss", "setpriv"):
-        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("bench_user: missing tool %s" % tool, flush=True)
-            sys.exit(2)
-    old = remove_tw_netns()
+    bench_start("bench_user", ("ip", "curl", "sshd", "ssh", "ssh-keygen", "ss", "setpriv"), _cleanup,
+                "network namespaces, a tap device")
+    old = remove_netns(NS_PREFIX)
     if old:
         log("removed leftover namespaces: %s" % " ".join(old))
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
-    b = Bench()
-    _bench = b
-    atexit.register(b.close)
+    b = _bench = Bench()
     log("bench_user: ipop copy %s (sha1 %s), %d rounds, %d MB" % (b.bin, b.bin_sha1[:12], RUNS, FILE_MB))
     rc = 0
     try:

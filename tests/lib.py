@@ -7,6 +7,12 @@ Main pieces:
                              always cleans up (finally + atexit + signals)
   * true_neighbors(addrs) -- the 2 true successors/predecessors of each addr
   * ring_check(net, nodes)-- compare nodes' up near links with the true ring
+Namespace labs (root tests that build their own network, and the benches):
+  * Lab                   -- a test's dir, nodes, steps (step, check, ok,
+                             fail, note), summary line, cleanup
+  * NsNode                -- an `ipop up` in a named namespace
+  * ns_add, bridge_add, veth_to_bridge, veth_pair, wait_listen,
+    kernel_ping, ssh_keys, sshd_config, bench_start -- the lab's pieces
 """
 
 import atexit
@@ -192,6 +198,8 @@ def remove_netns(prefix, quiet=False):
     for nm in names:
         rc, out, _ = sh(["ip", "netns", "pids", nm], check_rc=False, timeout=10)
         for p in (out or "").split():
+            if p == str(os.getpid()):
+                continue        # a test that joined its namespace (t_local) lives on
             try:
                 os.kill(int(p), signal.SIGKILL)
             except (OSError, ValueError):
@@ -208,13 +216,14 @@ class Proc:
     PR_SET_PDEATHSIG fires when the creating thread exits)."""
     all = []
 
-    def __init__(self, name, argv, logpath):
+    def __init__(self, name, argv, logpath, env=None):
         self.name = name
         self.argv = argv
         self.logpath = logpath
         lf = open(logpath, "ab")
         self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                  start_new_session=True, preexec_fn=_pdeathsig)
+                                  start_new_session=True, preexec_fn=_pdeathsig,
+                                  env=dict(os.environ, **env) if env else None)
         lf.close()
         self.t0 = time.monotonic()
         Proc.all.append(self)
@@ -288,6 +297,22 @@ def lab_start(name, cleanup, tools, remove_leftovers, hint="tests/deps.sh instal
         log("removed leftover namespaces: %s" % " ".join(old))
 
 
+def bench_start(name, tools, cleanup, need="network namespaces"):
+    """The start of a benchmark (tests/bench_*.py): without root or a tool it
+    prints one line and exits 2; cleanup() runs at exit and on
+    SIGTERM/SIGINT/SIGHUP."""
+    if os.geteuid() != 0:
+        print("%s: needs root (%s)" % (name, need), flush=True)
+        sys.exit(2)
+    for tool in tools:
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("%s: %s not found" % (name, tool), flush=True)
+            sys.exit(2)
+    atexit.register(cleanup)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+
+
 def keep_lab_logs(name, src, failed, suffixes=(".log",)):
     """A failed run (or IPOP_KEEP_LOGS) keeps src's logs in
     build/test-logs/NAME-nodes (or $IPOP_TEST_LOGDIR/NAME-nodes)."""
@@ -304,6 +329,443 @@ def keep_lab_logs(name, src, failed, suffixes=(".log",)):
         print("node logs kept in %s" % dst, flush=True)
     except OSError as e:
         print("could not keep logs: %r" % e, flush=True)
+
+
+def timed_status(ctl, timeout=5, ns=None):
+    """`ipop status --json` against control socket ctl (run in namespace ns
+    when given): (dict or None, seconds it took) -- for tests that measure
+    how promptly a node under load answers."""
+    t = time.monotonic()
+    rc, out, _ = (nsx(ns, [ipop_bin(), "status", "--json", "--control", ctl], timeout=timeout, check_rc=False)
+                  if ns else run_cli(["status", "--json", "--control", ctl], timeout=timeout))
+    dt = time.monotonic() - t if rc is not None else timeout
+    try:
+        return (json.loads(out) if rc == 0 else None), dt
+    except ValueError:
+        return None, dt
+
+
+def wait_for(fn, timeout, poll=0.2):
+    """Seconds until fn() is true, polled every poll s; None after timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if fn():
+            return time.monotonic() - t0
+        time.sleep(poll)
+    return None
+
+
+def ns_add(*names):
+    """New network namespaces with their loopback up."""
+    for ns in names:
+        sh(["ip", "netns", "add", ns])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+
+def bridge_add(ns, br):
+    """A bridge br, up, in namespace ns (the lab's switch)."""
+    sh(["ip", "-n", ns, "link", "add", br, "type", "bridge"])
+    sh(["ip", "-n", ns, "link", "set", br, "up"])
+
+
+def veth_to_bridge(sw, br, ns, ifname, port, cidr):
+    """A veth from bridge br in namespace sw (its end named port) to ns
+    (named ifname, carrying cidr, e.g. "192.168.90.1/24")."""
+    sh(["ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns])
+    sh(["ip", "-n", sw, "link", "set", port, "master", br, "up"])
+    sh(["ip", "-n", ns, "addr", "add", cidr, "dev", ifname])
+    sh(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+
+def veth_pair(ns1, if1, ip1, ns2, if2, ip2, plen):
+    """A point-to-point veth between two namespaces, an address on each end."""
+    sh(["ip", "-n", ns1, "link", "add", if1, "type", "veth", "peer", "name", if2, "netns", ns2])
+    for ns, ifn, ip in ((ns1, if1, ip1), (ns2, if2, ip2)):
+        sh(["ip", "-n", ns, "addr", "add", "%s/%d" % (ip, plen), "dev", ifn])
+        sh(["ip", "-n", ns, "link", "set", ifn, "up"])
+
+
+def wait_listen(ns, addr_port, timeout=10, proc=None):
+    """Poll `ss` in ns until a TCP socket listens on addr_port ("IP:PORT" or
+    ":PORT"); False on timeout or when proc (the server) has exited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        rc, out, _ = nsx(ns, ["ss", "-Hltn"], check_rc=False, timeout=5)
+        if any(addr_port in line for line in out.splitlines()):
+            return True
+        if proc is not None and not proc.alive():
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def proc_status(pid):
+    """{key: value} of /proc/PID/status, {} if gone."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return {}
+
+
+def rss_mb(pid):
+    v = proc_status(pid).get("VmRSS", "")
+    m = re.match(r"\s*(\d+)\s*kB", v)
+    return int(m.group(1)) / 1024.0 if m else None
+
+
+def n_fds(pid):
+    try:
+        return len(os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return None
+
+
+class RssSampler:
+    """Samples a pid's VmRSS every `every` s in a thread (reading /proc only)."""
+
+    def __init__(self, pid, every=0.05):
+        import threading
+        self.pid = pid
+        self.every = every
+        self.samples = []           # (monotonic, MB)
+        self._stop = threading.Event()
+        self.th = threading.Thread(target=self._run, daemon=True)
+        self.th.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            r = rss_mb(self.pid)
+            if r is not None:
+                self.samples.append((time.monotonic(), r))
+            self._stop.wait(self.every)
+
+    def stop(self):
+        self._stop.set()
+        self.th.join(2)
+
+    def max_between(self, t0=None, t1=None):
+        v = [r for t, r in self.samples if (t0 is None or t >= t0) and (t1 is None or t <= t1)]
+        return max(v) if v else None
+
+
+SSH_OPTS = ["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+
+
+def ssh_keygen(path):
+    sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path])
+
+
+def ssh_keys(d, host="host_ed25519", client="client_ed25519"):
+    """Throwaway ed25519 keys in d (made, mode 0700): (host key, client key,
+    authorized_keys holding the client's public key)."""
+    os.makedirs(d, 0o700, exist_ok=True)
+    hk, ck = os.path.join(d, host), os.path.join(d, client)
+    for k in (hk, ck):
+        ssh_keygen(k)
+    ak = os.path.join(d, "authorized_keys")
+    shutil.copy(ck + ".pub", ak)
+    os.chmod(ak, 0o600)
+    return hk, ck, ak
+
+
+def sshd_config(path, listen, hostkey, authkeys, pidfile, extra=()):
+    """An sshd config for root with the client key only.  SetEnv SHLVL=1:
+    bash started by sshd then skips root's ~/.bashrc, whose contents (a slow
+    pyenv init, say) must not decide whether a test passes."""
+    with open(path, "w") as f:
+        f.write("\n".join([
+            "Port 22", "ListenAddress %s" % listen, "HostKey %s" % hostkey, "PidFile %s" % pidfile,
+            "AuthorizedKeysFile %s" % authkeys, "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no", "SetEnv SHLVL=1",
+            "AllowUsers root", "X11Forwarding no", "PrintMotd no"] + list(extra) + [""]))
+    return path
+
+
+def sshd_bin():
+    return shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+class NsNode:
+    """One `ipop up` inside network namespace ns, its log and control socket
+    in the lab's dir.  A test's node class gives command(): the argv run in
+    the namespace (the binary, `up` and its flags)."""
+    status_timeout = 5
+
+    def __init__(self, lab, name, ns, vip=None):
+        self.lab, self.name, self.ns, self.vip = lab, name, ns, vip
+        self.ctl = os.path.join(lab.dir, "%s.sock" % name)
+        self.logpath = os.path.join(lab.dir, "%s.log" % name)
+        self.address = sha1_ip(vip) if vip else None
+        self.proc = None
+        self.killed = False         # stopped on purpose
+        self.started = None
+
+    def command(self):
+        raise NotImplementedError
+
+    def start(self):
+        """Starts (or restarts) the node; a restart appends to the same log
+        after a "---- start" line."""
+        try:
+            os.unlink(self.ctl)
+        except OSError:
+            pass
+        with open(self.logpath, "ab") as f:
+            f.write(("---- start %s\n" % time.strftime("%H:%M:%S")).encode())
+        self.proc = Proc(self.name, ["ip", "netns", "exec", self.ns] + list(self.command()), self.logpath)
+        self.killed = False
+        self.started = time.monotonic()
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc is not None and self.proc.alive()
+
+    def stop(self, timeout=3):
+        self.killed = True
+        if self.proc is not None:
+            self.proc.stop(timeout)
+
+    def cli(self, args, timeout=15):
+        """`ipop ARGS --control CTL`: (rc, stdout, stderr), rc None on timeout."""
+        return run_cli(list(args) + ["--control", self.ctl], timeout=timeout)
+
+    def status(self, timeout=None):
+        """Parsed `status --json` dict (address in lowercase), or None."""
+        rc, out, _ = self.cli(["status", "--json"], timeout or self.status_timeout)
+        if rc != 0:
+            return None
+        try:
+            d = json.loads(out)
+        except ValueError:
+            return None
+        if not isinstance(d, dict):
+            return None
+        if d.get("address"):
+            d["address"] = str(d["address"]).lower()
+            if self.address is None:
+                self.address = d["address"]
+        return d
+
+    def oping(self, target, count=1, wait=3, interval=None, timeout=None):
+        """Overlay echo (`ipop ping`): (ok, hops list, output)."""
+        args = ["ping", target, "-c", str(count)]
+        if interval is not None:
+            args += ["-i", str(interval)]
+        rc, out, err = self.cli(args + ["-W", str(wait)],
+                                timeout or count * (wait + (interval or 1)) + 15)
+        out = (out + err).strip() if rc is not None else "timeout"
+        return rc == 0, [int(h) for h in re.findall(r"hops=(\d+)", out)], out
+
+
+def kernel_ping(ns, ip, count=3, wait=2, interval=None, quiet=False, timeout=None):
+    """Kernel ping in namespace ns: (ok, output)."""
+    args = ["ping", "-n"] + (["-q"] if quiet else []) + ["-c", str(count)]
+    if interval is not None:
+        args += ["-i", str(interval)]
+    rc, out, err = nsx(ns, args + ["-W", str(wait), ip], check_rc=False,
+                       timeout=timeout or count * (wait + (interval or 1)) + 5)
+    return rc == 0, ((out or "") + (err or "")).strip()
+
+
+class Lab:
+    """A root test that builds its own network of namespaces named PREFIX*:
+    a private dir, the nodes by name, steps, and one report.
+
+    Steps run through step(name, fn): a TestFailure (lib.check, the hard
+    assert) ends that step as one FAIL and the test goes on with the next;
+    fatal=True ends the test.  Inside a step, check(cond, msg) is the soft
+    assert: it prints "PASS: step: msg" or "FAIL: step: msg" and goes on;
+    ok(msg) and fail(msg) print those lines directly.  run() ends with the
+    PASS/FAIL lines again and one line "NAME: N passed, N failed", exits 1
+    when anything failed, and on every exit (failure, signal) kills what
+    the test started, removes its namespaces and keeps the logs of a
+    failed run (keep_lab_logs)."""
+    name = "t_lab"
+    prefix = None
+    tools = ("ip",)
+    hint = "tests/deps.sh installs it"
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ipop-%s-" % self.name, dir="/tmp")
+        self.key = os.path.join(self.dir, "net.key")
+        self.nodes = {}
+        self.notes, self.passes, self.failures = [], [], []
+        self.step_name = "setup"
+        self.t0 = time.monotonic()
+        self.done = False
+        self._closed = False
+        self.made_run_sshd = False
+
+    @classmethod
+    def main(cls, *a, **kw):
+        """The test's main: root, tools and leftovers checked (lab_start), then
+        body() run and reported."""
+        labs = []
+        lab_start(cls.name, lambda: labs and labs[0].close(not labs[0].done or bool(labs[0].failures)),
+                  cls.tools, lambda: remove_netns(cls.prefix, quiet=True), cls.hint)
+        labs.append(cls(*a, **kw))
+        labs[0].run()
+
+    def body(self):
+        raise NotImplementedError
+
+    def secret(self):
+        """The network secret, DIR/net.key, made by `ipop genkey` on first use."""
+        if not os.path.exists(self.key):
+            sh([ipop_bin(), "genkey", "--out", self.key])
+        return self.key
+
+    # ---- reporting
+    def ok(self, msg, step=None):
+        """A PASS line, under the running step's name (or step)."""
+        self.passes.append("%s: %s" % (step or self.step_name, msg))
+        log("PASS: " + self.passes[-1])
+
+    def fail(self, msg, step=None):
+        self.failures.append("%s: %s" % (step or self.step_name, msg))
+        log("FAIL: " + self.failures[-1])
+
+    def note(self, msg):
+        """A measurement or table line, neither PASS nor FAIL; repeated in the summary."""
+        self.notes.append(msg)
+        log(msg)
+
+    def check(self, cond, msg):
+        """The soft assert: PASS or FAIL msg; returns cond."""
+        (self.ok if cond else self.fail)(msg)
+        return cond
+
+    def step(self, name, fn, fatal=False):
+        self.step_name = name
+        log("---- step %s" % name)
+        ts = time.monotonic()
+        try:
+            fn()
+        except TestFailure as e:
+            self.fail(str(e))
+            if fatal:
+                e.recorded = True
+                raise
+        finally:
+            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
+
+    def run(self):
+        try:
+            self.body()
+            self.done = True
+        except TestFailure as e:
+            if not getattr(e, "recorded", False):
+                self.fail(str(e))
+        except SystemExit as e:
+            log("interrupted (exit %s): cleaning up" % e.code)
+            self.close(failed=True)
+            raise
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            self.fail("unexpected exception (see traceback)")
+        print("\n==== %s summary (%.0f s)" % (self.name, time.monotonic() - self.t0), flush=True)
+        for line in self.notes:
+            print("  " + line, flush=True)
+        for line in self.passes:
+            print("PASS: " + line.replace("\n", "\n      "), flush=True)
+        for line in self.failures:
+            print("FAIL: " + line.replace("\n", "\n      "), flush=True)
+        self.close(failed=bool(self.failures))
+        log("%s: %d passed, %d failed" % (self.name, len(self.passes), len(self.failures)))
+        sys.exit(1 if self.failures else 0)
+
+    # ---- nodes
+    def dump_logs(self, names, n=20):
+        for nm in names:
+            nd = self.nodes.get(nm)
+            if nd and nd.proc:
+                print("  log tail of %s (alive=%s rc=%s):\n%s"
+                      % (nm, nd.alive(), nd.proc.rc(), nd.proc.log_tail(n)), flush=True)
+
+    def wait_status(self, nodes, timeout, poll=0.1):
+        """Poll until every node answers status; a node that exits fails."""
+        t0 = time.monotonic()
+        pending = list(nodes)
+        while pending:
+            for n in pending:
+                if not n.alive():
+                    raise TestFailure("%s exited rc=%s during startup; log:\n%s"
+                                      % (n.name, n.proc.rc(), n.proc.log_tail()))
+            pending = [n for n in pending if n.status() is None]
+            if pending and time.monotonic() - t0 > timeout:
+                self.dump_logs([n.name for n in pending[:4]], 10)
+                raise TestFailure("%s not answering status after %d s"
+                                  % (", ".join(n.name for n in pending), timeout))
+            if pending:
+                time.sleep(poll)
+        return time.monotonic() - t0
+
+    def check_alive(self, nodes):
+        """The hard assert that none of nodes (or node names) has exited."""
+        dead = [n for n in (self.nodes[x] if isinstance(x, str) else x for x in nodes) if not n.alive()]
+        if dead:
+            self.dump_logs([n.name for n in dead], 40)
+        check(not dead, "node(s) exited: %s" % ", ".join("%s rc=%s" % (n.name, n.proc.rc()) for n in dead))
+
+    def sshd(self, ns, listen, extra=(), tag="sshd"):
+        """Throwaway keys (in DIR/TAG) and an sshd for root on address listen
+        in ns, its config checked by sshd -t: (Proc, client key)."""
+        d = os.path.join(self.dir, tag)
+        hk, ck, ak = ssh_keys(d)
+        cfg = sshd_config(os.path.join(d, "sshd_config"), listen, hk, ak, os.path.join(d, "sshd.pid"), extra)
+        if not os.path.isdir("/run/sshd"):
+            os.makedirs("/run/sshd", 0o755)
+            self.made_run_sshd = True
+        rc, out, err = sh([sshd_bin(), "-t", "-f", cfg], check_rc=False)
+        check(rc == 0, "sshd -t rejects the config: %s" % (err or out).strip())
+        return Proc(tag, ["ip", "netns", "exec", ns, sshd_bin(), "-f", cfg, "-D", "-e"],
+                    os.path.join(self.dir, tag + ".log")), ck
+
+    # ---- cleanup
+    def close_more(self):
+        """What a test made besides processes, namespaces and its dir."""
+
+    def close(self, failed):
+        if self._closed:
+            return
+        self._closed = True
+        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sg, signal.SIG_IGN)     # finish cleaning up
+        for p in reversed(Proc.all):
+            p.kill(signal.SIGKILL)
+        for p in Proc.all:
+            p.wait(5)
+        remove_netns(self.prefix)
+        left = list_netns(self.prefix)
+        if left:
+            print("  cleanup: namespaces left: %s" % left, flush=True)
+        if self.made_run_sshd:
+            try:
+                os.rmdir("/run/sshd")
+            except OSError:
+                pass
+        self.close_more()
+        keep_lab_logs(self.name, self.dir, failed)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
@@ -728,6 +1190,24 @@ def ring_check(net, nodes, statuses=None):
         if missing:
             bad.append((n, missing, have))
     return bad, st
+
+
+def up_link(st, addr, path=None):
+    """The up link of status st to ring address addr (path "direct" or
+    "relayed", or either when None), or None."""
+    for c in (st or {}).get("connections", []):
+        if c.get("state") == "up" and str(c.get("address")).lower() == addr and \
+                (path is None or c.get("path") == path):
+            return c
+    return None
+
+
+def conn_summary(st):
+    """One line per status: each link's state, direction, path, uri, peer and roles."""
+    return "; ".join("%s %s %s %s %s %s" % (c.get("state"), c.get("direction"), c.get("path"), c.get("uri"),
+                                            c.get("ip") or str(c.get("address"))[:10],
+                                            ",".join(c.get("roles") or []))
+                     for c in (st or {}).get("connections", [])) or "(none)"
 
 
 def _link_desc(st, addr):

@@ -35,17 +35,14 @@ Layout: namespace hx-sw holds bridge hxbr0; hosts on 192.168.231.0/24:
     (without the rest: thousands, each evicting a stream).
 Env: IPOP_EXHAUST_CONNS (default 2000), IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE.
 """
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (TestFailure, check, log, ipop_bin, sh, nsx, Proc, lab_start,  # noqa: E402
-                 remove_netns, keep_lab_logs, main_wrapper)
+from lib import (check, log, ipop_bin, nsx, Proc, Lab, ns_add, bridge_add, veth_to_bridge,  # noqa: E402
+                 wait_for, up_conns, timed_status)
 
 PREFIX = "hx-"
 SW = "hx-sw"
@@ -60,9 +57,8 @@ CPU_MAX = 0.35                         # of one core, averaged over 3 s
 LOW_NOFILE = 100
 TCK = os.sysconf("SC_CLK_TCK")
 
-failures = []
-procs = []
-tmp = tempfile.mkdtemp(prefix="ipop-hx-exhaust-")
+lab = None                             # the Exhaust running
+tmp = None                             # its dir
 
 ATTACKER = r'''
 import errno, os, resource, select, socket, sys, time
@@ -147,42 +143,14 @@ while True:
 '''
 
 
-def soft_check(cond, msg):
-    log(("  ok: " if cond else "  FAILED: ") + msg)
-    if not cond:
-        failures.append(msg)
-    return cond
-
-
-def cleanup():
-    for p in procs:
-        p.stop(2)
-    remove_netns(PREFIX, quiet=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def setup_lab():
-    sh(["ip", "netns", "add", SW])
-    sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
-    sh(["ip", "-n", SW, "link", "set", BR, "up"])
+    ns_add(SW)
+    bridge_add(SW, BR)
     for name, i in HOSTS.items():
-        ns = PREFIX + name
-        sh(["ip", "netns", "add", ns])
-        sh(["ip", "-n", SW, "link", "add", "hxp" + name, "type", "veth", "peer", "name", "hx-eth",
-            "netns", ns])
-        sh(["ip", "-n", SW, "link", "set", "hxp" + name, "master", BR, "up"])
-        nsx(ns, ["ip", "addr", "add", UNDER % i + "/24", "dev", "hx-eth"])
-        nsx(ns, ["ip", "link", "set", "hx-eth", "up"])
-        nsx(ns, ["ip", "link", "set", "lo", "up"])
+        ns_add(PREFIX + name)
+        veth_to_bridge(SW, BR, PREFIX + name, "hx-eth", "hxp" + name, UNDER % i + "/24")
     for i in ATTACK_EXTRA:
         nsx(PREFIX + "x", ["ip", "addr", "add", UNDER % i + "/24", "dev", "hx-eth"])
-
-
-def secret():
-    path = os.path.join(tmp, "net.key")
-    if not os.path.exists(path):
-        subprocess.run([ipop_bin(), "genkey", "--out", path], check=True)
-    return path
 
 
 def ctl(name):
@@ -194,15 +162,13 @@ def start_node(name, bootstrap=None, nofile=None):
     argv = ["ip", "netns", "exec", PREFIX + name]
     if nofile:
         argv += ["prlimit", "--nofile=%d:%d" % (nofile, nofile)]
-    argv += [ipop_bin(), "up", "--secret-file", secret(), "--ip", VNET % i + "/16",
+    argv += [ipop_bin(), "up", "--secret-file", lab.secret(), "--ip", VNET % i + "/16",
              "--mode", "tap", "--control", ctl(name)]
     if bootstrap:
         argv += ["--bootstrap", bootstrap]
     if os.environ.get("IPOP_TEST_VERBOSE"):
         argv.append("-v")
-    p = Proc(name, argv, os.path.join(tmp, name + ".log"))
-    procs.append(p)
-    return p
+    return Proc(name, argv, os.path.join(tmp, name + ".log"))
 
 
 def ipop_pid(p):
@@ -211,33 +177,7 @@ def ipop_pid(p):
 
 
 def status(name, timeout=5):
-    t = time.monotonic()
-    try:
-        r = subprocess.run(["ip", "netns", "exec", PREFIX + name, ipop_bin(), "status", "--json",
-                            "--control", ctl(name)], capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, timeout
-    dt = time.monotonic() - t
-    if r.returncode != 0:
-        return None, dt
-    try:
-        return json.loads(r.stdout), dt
-    except ValueError:
-        return None, dt
-
-
-def wait_for(what, fn, timeout, poll=0.2):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        v = fn()
-        if v:
-            return time.monotonic() - t0
-        time.sleep(poll)
-    return None
-
-
-def links_up(st):
-    return [c for c in (st or {}).get("connections", []) if c.get("state") == "up"]
+    return timed_status(ctl(name), timeout, PREFIX + name)
 
 
 def cpu_ticks(pid):
@@ -295,7 +235,6 @@ def attack_start(tag):
     p = Proc("attacker-" + tag, ["ip", "netns", "exec", PREFIX + "x", sys.executable, script,
                                  UNDER % HOSTS["a"], "4000", str(CONNS), srcs, stop, info],
              os.path.join(tmp, "attacker-%s.log" % tag))
-    procs.append(p)
 
     def opened():
         try:
@@ -303,7 +242,7 @@ def attack_start(tag):
                 return int(f.read().split()[0]) >= CONNS * 0.9
         except (OSError, ValueError, IndexError):
             return False
-    check(wait_for("attack", opened, 20) is not None, "the attacker could not open its connections")
+    check(wait_for(opened, 20) is not None, "the attacker could not open its connections")
     return p, stop
 
 
@@ -320,13 +259,13 @@ def join_c():
 
     def joined():
         st, _ = status("c", timeout=3)
-        if not links_up(st):
+        if not up_conns(st):
             return False
         r = subprocess.run(["ip", "netns", "exec", PREFIX + "c", ipop_bin(), "ping", "--control",
                             ctl("c"), VNET % HOSTS["a"], "-c", "1", "-W", "1"],
                            capture_output=True, timeout=5)
         return r.returncode == 0
-    dt = wait_for("join", joined, 10, poll=0.1)
+    dt = wait_for(joined, 10, poll=0.1)
     return c, dt
 
 
@@ -348,24 +287,24 @@ def step_flood(a):
     log("  flow before: %.0f KB/s; A's fds: %d" % (rate0 / 1024, base_fds))
     atk, stop = attack_start("default")
     st, worst = status_prompt("a")
-    soft_check(st is not None and worst < 2.0,
-               "A's status answers during the flood (slowest of 5: %.2f s)" % worst)
+    lab.check(st is not None and worst < 2.0,
+              "A's status answers during the flood (slowest of 5: %.2f s)" % worst)
     c, dt = join_c()
-    soft_check(dt is not None and dt <= 5.0, "C joins through A's TCP listener within 5 s (%s s)"
-               % ("%.2f" % dt if dt is not None else "never"))
+    lab.check(dt is not None and dt <= 5.0, "C joins through A's TCP listener within 5 s (%s s)"
+              % ("%.2f" % dt if dt is not None else "never"))
     rate, stall = flow_rate()
-    soft_check(stall < 2.0 and rate >= 0.5 * rate0,
-               "the flow goes on: %.0f KB/s (%.0f%% of before), longest stall %.1f s"
-               % (rate / 1024, 100.0 * rate / max(rate0, 1), stall))
+    lab.check(stall < 2.0 and rate >= 0.5 * rate0,
+              "the flow goes on: %.0f KB/s (%.0f%% of before), longest stall %.1f s"
+              % (rate / 1024, 100.0 * rate / max(rate0, 1), stall))
     cpu = cpu_share(ipop_pid(a))
-    soft_check(cpu < CPU_MAX, "A's CPU during the flood: %.0f%% of a core" % (100 * cpu))
+    lab.check(cpu < CPU_MAX, "A's CPU during the flood: %.0f%% of a core" % (100 * cpu))
     fds = n_fds(ipop_pid(a))
-    soft_check(fds < base_fds + 128 + 16, "A holds %d descriptors (baseline %d, unproven cap 128)"
-               % (fds, base_fds))
+    lab.check(fds < base_fds + 128 + 16, "A holds %d descriptors (baseline %d, unproven cap 128)"
+              % (fds, base_fds))
     st, _ = status("a")
-    soft_check(drops(st, "pending_evicted") > 0, "A counts evicted unauthenticated streams (%d)"
-               % drops(st, "pending_evicted"))
-    soft_check(a.alive(), "A is alive")
+    lab.check(drops(st, "pending_evicted") > 0, "A counts evicted unauthenticated streams (%d)"
+              % drops(st, "pending_evicted"))
+    lab.check(a.alive(), "A is alive")
     attack_stop(atk, stop)
     c.stop()
 
@@ -373,66 +312,68 @@ def step_flood(a):
 def step_fd_limit():
     log("step 3: A restarted with RLIMIT_NOFILE %d, the same flood" % LOW_NOFILE)
     a = start_node("a", nofile=LOW_NOFILE)
-    check(wait_for("A", lambda: status("a")[0], 10) is not None, "A did not start:\n" + a.log_tail())
-    check(wait_for("B", lambda: links_up(status("a")[0]), 15) is not None, "B did not link A again")
+    check(wait_for(lambda: status("a")[0], 10) is not None, "A did not start:\n" + a.log_tail())
+    check(wait_for(lambda: up_conns(status("a")[0]), 15) is not None, "B did not link A again")
     base_fds = n_fds(ipop_pid(a))
     t_attack = time.monotonic()
     atk, stop = attack_start("lowfd")
     time.sleep(0.5)         # (let the flood reach the limit before measuring)
     cpu = cpu_share(ipop_pid(a))
-    soft_check(cpu < CPU_MAX, "A's CPU at the fd limit: %.0f%% of a core (no spin)" % (100 * cpu))
+    lab.check(cpu < CPU_MAX, "A's CPU at the fd limit: %.0f%% of a core (no spin)" % (100 * cpu))
     st, dt = status("a", timeout=5)
-    soft_check(st is not None and dt < 2.0, "A's status answers at the fd limit (%s in %.2f s)"
-               % ("answered" if st else "no answer", dt))
-    soft_check(a.alive(), "A is alive at the fd limit")
+    lab.check(st is not None and dt < 2.0, "A's status answers at the fd limit (%s in %.2f s)"
+              % ("answered" if st else "no answer", dt))
+    lab.check(a.alive(), "A is alive at the fd limit")
     attack_stop(atk, stop)
     flood_s = time.monotonic() - t_attack
-    dt = wait_for("recovery", lambda: status("a")[0], 10, poll=0.2)
-    soft_check(dt is not None, "A's status answers after the attacker left (%s s)"
-               % ("%.2f" % dt if dt is not None else "never"))
+    dt = wait_for(lambda: status("a")[0], 10, poll=0.2)
+    lab.check(dt is not None, "A's status answers after the attacker left (%s s)"
+              % ("%.2f" % dt if dt is not None else "never"))
     st, worst = status_prompt("a")
-    soft_check(st is not None and worst < 2.0, "... promptly (slowest of 5: %.2f s)" % worst)
+    lab.check(st is not None and worst < 2.0, "... promptly (slowest of 5: %.2f s)" % worst)
     fl = drops(st, "fd_limit")
-    soft_check(0 < fl <= 5 * flood_s + 5, "the flood reached the fd limit, and the listener rested "
-               "there: %d failed accepts in %.1f s (4 a second at most)" % (fl, flood_s))
+    lab.check(0 < fl <= 5 * flood_s + 5, "the flood reached the fd limit, and the listener rested "
+              "there: %d failed accepts in %.1f s (4 a second at most)" % (fl, flood_s))
     c, dt = join_c()
-    soft_check(dt is not None and dt <= 5.0, "C joins A after the flood within 5 s (%s s)"
-               % ("%.2f" % dt if dt is not None else "never"))
-    ok = wait_for("fds", lambda: n_fds(ipop_pid(a)) <= base_fds + 4, 10) is not None
-    soft_check(ok, "A's descriptors back to %d (baseline %d)" % (n_fds(ipop_pid(a)), base_fds))
+    lab.check(dt is not None and dt <= 5.0, "C joins A after the flood within 5 s (%s s)"
+              % ("%.2f" % dt if dt is not None else "never"))
+    ok = wait_for(lambda: n_fds(ipop_pid(a)) <= base_fds + 4, 10) is not None
+    lab.check(ok, "A's descriptors back to %d (baseline %d)" % (n_fds(ipop_pid(a)), base_fds))
     c.stop()
     a.stop()
 
 
-def main():
-    lab_start("t_exhaust", cleanup, ["ip", "prlimit"], lambda: remove_netns(PREFIX, quiet=True))
-    failed = True
-    try:
+class Exhaust(Lab):
+    name, prefix, tools = "t_exhaust", PREFIX, ("ip", "prlimit")
+
+    def __init__(self):
+        global lab, tmp
+        Lab.__init__(self)
+        lab, tmp = self, self.dir
+
+    def body(self):
         setup_lab()
+        self.step("1 A, B, the flow", self.step_flow, fatal=True)
+        a = self.a
+        self.step("2 flood", lambda: step_flood(a))
+        a.stop()
+        self.step("3 fd limit", step_fd_limit)
+
+    def step_flow(self):
         log("step 1: A, B, the flow")
-        a = start_node("a")
-        check(wait_for("A", lambda: status("a")[0], 10) is not None, "A did not start:\n" + a.log_tail())
+        a = self.a = start_node("a")
+        check(wait_for(lambda: status("a")[0], 10) is not None, "A did not start:\n" + a.log_tail())
         start_node("b", bootstrap="udp://%s:4000" % (UNDER % HOSTS["a"]))
-        check(wait_for("B", lambda: links_up(status("a")[0]), 15) is not None, "B did not link A")
+        check(wait_for(lambda: up_conns(status("a")[0]), 15) is not None, "B did not link A")
         for name, src in (("echo", ECHO), ("flow", FLOW)):
             with open(os.path.join(tmp, name + ".py"), "w") as f:
                 f.write(src)
-        procs.append(Proc("echo", ["ip", "netns", "exec", PREFIX + "a", sys.executable,
-                                   os.path.join(tmp, "echo.py"), VNET % HOSTS["a"], str(ECHO_PORT)],
-                          os.path.join(tmp, "echo.log")))
-        procs.append(Proc("flow", ["ip", "netns", "exec", PREFIX + "b", sys.executable,
-                                   os.path.join(tmp, "flow.py"), VNET % HOSTS["a"], str(ECHO_PORT),
-                                   os.path.join(tmp, "flow.out")], os.path.join(tmp, "flow.log")))
-        check(wait_for("flow", lambda: flow_bytes() > 1 << 20, 20) is not None, "the flow did not start")
-        step_flood(a)
-        a.stop()
-        step_fd_limit()
-        failed = bool(failures)
-    finally:
-        keep_lab_logs("t_exhaust", tmp, failed)
-    if failures:
-        raise TestFailure("%d check(s) failed: %s" % (len(failures), "; ".join(failures)))
+        Proc("echo", ["ip", "netns", "exec", PREFIX + "a", sys.executable,
+                      os.path.join(tmp, "echo.py"), VNET % HOSTS["a"], str(ECHO_PORT)], os.path.join(tmp, "echo.log"))
+        Proc("flow", ["ip", "netns", "exec", PREFIX + "b", sys.executable, os.path.join(tmp, "flow.py"),
+                      VNET % HOSTS["a"], str(ECHO_PORT), os.path.join(tmp, "flow.out")], os.path.join(tmp, "flow.log"))
+        check(wait_for(lambda: flow_bytes() > 1 << 20, 20) is not None, "the flow did not start")
 
 
 if __name__ == "__main__":
-    main_wrapper(main)
+    Exhaust.main()

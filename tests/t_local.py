@@ -34,17 +34,14 @@ started are signalled.
 import ctypes
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (TestFailure, check, log, ipop_bin, sh, Proc, lab_start,  # noqa: E402
-                 remove_netns, keep_lab_logs, main_wrapper)
+from lib import TestFailure, check, log, ipop_bin, Proc, Lab, ns_add, wait_for, up_conns, timed_status  # noqa: E402
 
 NS = "hx-l"
 VNET = "10.232.0.%d"
@@ -57,31 +54,14 @@ IDLE_SOCKS = 200
 IDLE_METRICS = 100
 A_NOFILE = 160
 
-failures = []
-procs = []
-tmp = tempfile.mkdtemp(prefix="ipop-hx-local-")
-os.chmod(tmp, 0o755)
-
-
-def soft_check(cond, msg):
-    log(("  ok: " if cond else "  FAILED: ") + msg)
-    if not cond:
-        failures.append(msg)
-    return cond
-
-
-def cleanup():
-    for p in procs:
-        p.stop(2)
-    remove_netns(NS, quiet=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+lab = None                             # the Local running
+tmp = None                             # its dir
 
 
 def enter_ns():
     """This process (and every thread and child it makes from now on) runs
     in hx-l."""
-    sh(["ip", "netns", "add", NS])
-    sh(["ip", "-n", NS, "link", "set", "lo", "up"])
+    ns_add(NS)
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open("/run/netns/" + NS, os.O_RDONLY)
     if libc.setns(fd, 0x40000000) != 0:        # CLONE_NEWNET
@@ -168,16 +148,16 @@ def step_ctl_dir():
     for name in ("other_user", "symlink", "ours_0777"):
         c = cases[name]
         lines = [ln for ln in c["stderr"].splitlines() if ln.strip()]
-        soft_check(c["rc"] == 1 and len(lines) == 1 and "--control" in lines[0],
-                   "%s: exit %s, %d line(s): %s" % (name, c["rc"], len(lines), " | ".join(lines)[:200]))
+        lab.check(c["rc"] == 1 and len(lines) == 1 and "--control" in lines[0],
+                  "%s: exit %s, %d line(s): %s" % (name, c["rc"], len(lines), " | ".join(lines)[:200]))
         lines = [ln for ln in c["status_err"].splitlines() if ln.strip()]
-        soft_check(c["status_rc"] == 1 and len(lines) == 1 and "--control" in lines[0],
-                   "%s: `ipop status` will not talk there either: exit %s, %d line(s)"
-                   % (name, c["status_rc"], len(lines)))
+        lab.check(c["status_rc"] == 1 and len(lines) == 1 and "--control" in lines[0],
+                  "%s: `ipop status` will not talk there either: exit %s, %d line(s)"
+                  % (name, c["status_rc"], len(lines)))
     for name in ("ours_0755", "none"):
         c = cases[name]
-        soft_check(c["answered"] and c["mode"] == "0o700",
-                   "%s: the node starts and answers status; directory mode %s" % (name, c["mode"]))
+        lab.check(c["answered"] and c["mode"] == "0o700",
+                  "%s: the node starts and answers status; directory mode %s" % (name, c["mode"]))
 
 
 # ---- nodes A and B ---------------------------------------------------------
@@ -204,62 +184,29 @@ while True:
 '''
 
 
-def secret():
-    path = os.path.join(tmp, "net.key")
-    if not os.path.exists(path):
-        subprocess.run([ipop_bin(), "genkey", "--out", path], check=True)
-    return path
-
-
 def ctl(name):
     return os.path.join(tmp, name + ".sock")
 
 
 def start_a(nofile=None):
     argv = ["prlimit", "--nofile=%d:%d" % (nofile, nofile)] if nofile else []
-    argv += [ipop_bin(), "up", "--secret-file", secret(), "--mode", "user", "--ip", VNET % 1 + "/16",
+    argv += [ipop_bin(), "up", "--secret-file", lab.secret(), "--mode", "user", "--ip", VNET % 1 + "/16",
              "--listen", "udp://127.0.0.1:4101", "--socks", "127.0.0.1:%d" % SOCKS_PORT,
              "--metrics", "127.0.0.1:%d" % METRICS_PORT, "--control", ctl("a")]
     p = Proc("a", argv, os.path.join(tmp, "a.log"))
-    procs.append(p)
     check(wait_for(lambda: status("a")[0], 10) is not None, "A did not start:\n" + p.log_tail())
     return p
 
 
 def start_b():
-    argv = [ipop_bin(), "up", "--secret-file", secret(), "--mode", "user", "--ip", VNET % 2 + "/16",
+    argv = [ipop_bin(), "up", "--secret-file", lab.secret(), "--mode", "user", "--ip", VNET % 2 + "/16",
             "--listen", "udp://127.0.0.1:4102", "--bootstrap", "udp://127.0.0.1:4101", "--socks", "off",
             "-R", "7:127.0.0.1:%d" % ECHO_T, "-R", "udp/53:127.0.0.1:%d" % ECHO_U, "--control", ctl("b")]
-    p = Proc("b", argv, os.path.join(tmp, "b.log"))
-    procs.append(p)
-    return p
+    return Proc("b", argv, os.path.join(tmp, "b.log"))
 
 
 def status(name, timeout=5):
-    t = time.monotonic()
-    try:
-        r = subprocess.run([ipop_bin(), "status", "--json", "--control", ctl(name)],
-                           capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, timeout
-    dt = time.monotonic() - t
-    try:
-        return (json.loads(r.stdout) if r.returncode == 0 else None), dt
-    except ValueError:
-        return None, dt
-
-
-def wait_for(fn, timeout, poll=0.2):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if fn():
-            return time.monotonic() - t0
-        time.sleep(poll)
-    return None
-
-
-def links_up(st):
-    return [c for c in (st or {}).get("connections", []) if c.get("state") == "up"]
+    return timed_status(ctl(name), timeout)
 
 
 def recvn(s, n):
@@ -320,19 +267,19 @@ def step_udp_associate():
     time.sleep(0.3)
     client = udp_sock("127.0.0.1")
     got = udp_ask(client, relay, b"client-1")
-    soft_check(got == b"client-1", "the client's own datagram is echoed (%r)" % got)
+    lab.check(got == b"client-1", "the client's own datagram is echoed (%r)" % got)
     intruder.sendto(udp_hdr(VNET % 2, 53) + b"intruder-2", relay)
     try:
         d, _ = intruder.recvfrom(65536)
-        soft_check(False, "another local address got an answer: %r" % d[:40])
+        lab.check(False, "another local address got an answer: %r" % d[:40])
     except socket.timeout:
-        soft_check(True, "datagrams from 127.0.0.2 get no answer")
+        lab.check(True, "datagrams from 127.0.0.2 get no answer")
     client.settimeout(0.5)
     try:
         d, _ = client.recvfrom(65536)
-        soft_check(False, "the client received a stray datagram: %r" % d[:40])
+        lab.check(False, "the client received a stray datagram: %r" % d[:40])
     except socket.timeout:
-        soft_check(True, "the client receives nothing it did not send")
+        lab.check(True, "the client receives nothing it did not send")
     tcp.close()
     client.close()
     # a declared port: another port of the client's own address is dropped
@@ -341,8 +288,8 @@ def step_udp_associate():
     other = udp_sock("127.0.0.1")
     got_other = udp_ask(other, relay, b"other-port", tries=2)
     got = udp_ask(declared, relay, b"declared")
-    soft_check(got_other is None and got == b"declared",
-               "with a declared port: that port is echoed (%r), another port dropped (%r)" % (got, got_other))
+    lab.check(got_other is None and got == b"declared",
+              "with a declared port: that port is echoed (%r), another port dropped (%r)" % (got, got_other))
     tcp.close()
 
 
@@ -387,11 +334,11 @@ def step_idle_socks(a):
     time.sleep(0.5)
     t0 = time.monotonic()
     ok = socks_echo()
-    soft_check(ok, "a legitimate SOCKS client gets through to B's echo (%.2f s)" % (time.monotonic() - t0))
+    lab.check(ok, "a legitimate SOCKS client gets through to B's echo (%.2f s)" % (time.monotonic() - t0))
     fds = n_fds(a.pid)
-    soft_check(fds <= base + 64 + 8, "A holds %d descriptors (baseline %d, negotiating cap 64)" % (fds, base))
+    lab.check(fds <= base + 64 + 8, "A holds %d descriptors (baseline %d, negotiating cap 64)" % (fds, base))
     st, _ = status("a")
-    soft_check(drops(st, "local_evicted") > 0, "A counts evicted SOCKS clients (%d)" % drops(st, "local_evicted"))
+    lab.check(drops(st, "local_evicted") > 0, "A counts evicted SOCKS clients (%d)" % drops(st, "local_evicted"))
     for s in idle:
         s.close()
 
@@ -435,14 +382,14 @@ def step_socks_fd_limit(a):
     c0, t0 = cpu_ticks(a.pid), time.monotonic()
     time.sleep(2.0)
     cpu = (cpu_ticks(a.pid) - c0) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
-    soft_check(len(held) < A_NOFILE and cpu < 0.35, "%d relays reach A's fd limit; A's CPU there: %.0f%% "
-               "of a core (no spin)" % (len(held), 100 * cpu))
+    lab.check(len(held) < A_NOFILE and cpu < 0.35, "%d relays reach A's fd limit; A's CPU there: %.0f%% "
+              "of a core (no spin)" % (len(held), 100 * cpu))
     for s in held + waiting:
         s.close()
     ok = wait_for(socks_echo, 10) is not None
     st, _ = status("a")
-    soft_check(ok and st is not None and drops(st, "fd_limit") > 0,
-               "after they close, SOCKS and status work again (fd_limit drops: %d)" % drops(st, "fd_limit"))
+    lab.check(ok and st is not None and drops(st, "fd_limit") > 0,
+              "after they close, SOCKS and status work again (fd_limit drops: %d)" % drops(st, "fd_limit"))
 
 
 def step_idle_metrics():
@@ -460,7 +407,7 @@ def step_idle_metrics():
         answered += st is not None
         worst = max(worst, dt)
         time.sleep(0.1)
-    soft_check(answered == 5 and worst < 2.0, "ipop status answers %d of 5 (slowest %.2f s)" % (answered, worst))
+    lab.check(answered == 5 and worst < 2.0, "ipop status answers %d of 5 (slowest %.2f s)" % (answered, worst))
     code = None
     try:
         s = socket.create_connection(("127.0.0.1", METRICS_PORT), 3)
@@ -470,36 +417,39 @@ def step_idle_metrics():
         s.close()
     except (OSError, IndexError):
         pass
-    soft_check(code == b"200", "a new scrape gets HTTP %r" % code)
+    lab.check(code == b"200", "a new scrape gets HTTP %r" % code)
     for s in idle:
         s.close()
 
 
-def main():
-    lab_start("t_local", cleanup, ["ip", "prlimit", "setpriv", "unshare", "mount"],
-              lambda: remove_netns(NS, quiet=True))
-    failed = True
-    try:
+class Local(Lab):
+    name, prefix, tools = "t_local", NS, ("ip", "prlimit", "setpriv", "unshare", "mount")
+
+    def __init__(self):
+        global lab, tmp
+        Lab.__init__(self)
+        os.chmod(self.dir, 0o755)
+        lab, tmp = self, self.dir
+
+    def body(self):
         enter_ns()
-        step_ctl_dir()
+        self.step("1 control directory", step_ctl_dir)
+        self.step("2 nodes A and B", self.start_nodes, fatal=True)
+        self.step("2 UDP ASSOCIATE", step_udp_associate)
+        self.step("3 idle SOCKS", lambda: step_idle_socks(self.a))
+        self.step("3 SOCKS at the fd limit", lambda: step_socks_fd_limit(self.a))
+        self.step("4 idle metrics", step_idle_metrics)
+
+    def start_nodes(self):
         with open(os.path.join(tmp, "echo.py"), "w") as f:
             f.write(ECHO)
-        procs.append(Proc("echo", [sys.executable, os.path.join(tmp, "echo.py"), str(ECHO_T), str(ECHO_U)],
-                          os.path.join(tmp, "echo.log")))
-        a = start_a(nofile=A_NOFILE)
+        Proc("echo", [sys.executable, os.path.join(tmp, "echo.py"), str(ECHO_T), str(ECHO_U)],
+             os.path.join(tmp, "echo.log"))
+        self.a = start_a(nofile=A_NOFILE)
         start_b()
-        check(wait_for(lambda: links_up(status("a")[0]), 15) is not None, "B did not link A")
+        check(wait_for(lambda: up_conns(status("a")[0]), 15) is not None, "B did not link A")
         check(wait_for(socks_echo, 15) is not None, "no SOCKS path from A to B's echo")
-        step_udp_associate()
-        step_idle_socks(a)
-        step_socks_fd_limit(a)
-        step_idle_metrics()
-        failed = bool(failures)
-    finally:
-        keep_lab_logs("t_local", tmp, failed)
-    if failures:
-        raise TestFailure("%d check(s) failed: %s" % (len(failures), "; ".join(failures)))
 
 
 if __name__ == "__main__":
-    main_wrapper(main)
+    Local.main()

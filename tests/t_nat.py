@@ -45,20 +45,14 @@ Exit status non-zero if any check failed.  Node logs of a failed run are kept
 in build/test-logs/t_nat-nodes (or $IPOP_TEST_LOGDIR).
 Env: IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE (nodes run with -v).
 """
-import atexit
-import ctypes
-import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import list_netns, remove_netns, TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
+from lib import (TestFailure, sh, nsx, check, log, ipop_bin, Lab, NsNode, ns_add, bridge_add,  # noqa: E402
+                 veth_to_bridge, veth_pair, up_link, conn_summary)
 
 PREFIX = os.environ.get("IPOP_T_NAT_PREFIX") or "tn"
 NET = PREFIX + "-net"
@@ -78,163 +72,59 @@ INNER = {"b": (PREFIX + "-lb", "10.2.0")}
 PUBLIC_EP = re.compile(r"^udp://203\.0\.113\.\d+:\d+$")
 
 
+class Node(NsNode):
+    status_timeout = 8
 
-
-
-
-
-
-
-def list_tn_netns():
-    return list_netns(PREFIX + "-")
-
-
-
-def remove_tn_netns(quiet=False):
-    return remove_netns(PREFIX + "-", quiet)
-
-
-
-
-class Node:
     def __init__(self, t, name, ns, uip, vip=None, bootstrap=None):
-        self.t, self.name, self.ns, self.uip, self.vip = t, name, ns, uip, vip
-        self.bootstrap = bootstrap
-        self.port = PORT
-        self.ctl = os.path.join(t.dir, "%s.sock" % name)
-        self.logpath = os.path.join(t.dir, "%s.log" % name)
-        self.proc = None
-        self.address = sha1_ip(vip) if vip else None
+        NsNode.__init__(self, t, name, ns, vip)
+        self.uip, self.bootstrap, self.port = uip, bootstrap, PORT
 
-    def start(self):
-        try:
-            os.unlink(self.ctl)
-        except OSError:
-            pass
-        with open(self.logpath, "ab") as f:
-            f.write(("---- start %s\n" % time.strftime("%H:%M:%S")).encode())
-        a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up", "--mode", "none",
-             "--listen", "udp://%s:%d" % (self.uip, self.port),
-             "--secret-file", self.t.key, "--control", self.ctl]
+    def command(self):
+        a = [ipop_bin(), "up", "--mode", "none", "--listen", "udp://%s:%d" % (self.uip, self.port),
+             "--secret-file", self.lab.key, "--control", self.ctl]
         if self.vip:
             a += ["--ip", self.vip + "/16"]
         if self.bootstrap:
             a += ["--bootstrap", self.bootstrap]
-        a += ["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"]
-        self.proc = Proc(self.name, a, self.logpath)
-        return self
-
-    def alive(self):
-        return self.proc is not None and self.proc.alive()
-
-    def status(self, timeout=8):
-        try:
-            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
-                               capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL, errors="replace")
-        except subprocess.TimeoutExpired:
-            return None
-        if p.returncode != 0:
-            return None
-        try:
-            d = json.loads(p.stdout)
-        except ValueError:
-            return None
-        if isinstance(d, dict) and d.get("address"):
-            d["address"] = str(d["address"]).lower()
-            if self.address is None:
-                self.address = d["address"]
-        return d if isinstance(d, dict) else None
-
-    def oping(self, target, count=3, wait=3):
-        """Overlay echo. Returns (ok, hops, output)."""
-        try:
-            p = subprocess.run([ipop_bin(), "ping", "--control", self.ctl, target,
-                                "-c", str(count), "-i", "0.3", "-W", str(wait)],
-                               capture_output=True, text=True, timeout=count * (wait + 1) + 15,
-                               stdin=subprocess.DEVNULL, errors="replace")
-        except subprocess.TimeoutExpired:
-            return False, [], "timeout"
-        out = (p.stdout + p.stderr).strip()
-        return p.returncode == 0, [int(h) for h in re.findall(r"hops=(\d+)", out)], out
-
-
-def up_link(st, addr, path=None):
-    """The up link of status st to ring address addr (path "direct" or
-    "relayed", or either when None), or None."""
-    for c in (st or {}).get("connections", []):
-        if c.get("state") == "up" and str(c.get("address")).lower() == addr and \
-                (path is None or c.get("path") == path):
-            return c
-    return None
+        return a + (["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"])
 
 
 def direct_link(st, addr):
     return up_link(st, addr, "direct")
 
 
-def conn_summary(st):
-    out = []
-    for c in (st or {}).get("connections", []):
-        out.append("%s %s %s %s %s" % (c.get("state"), c.get("direction"), c.get("uri"),
-                                       str(c.get("address"))[:10], ",".join(c.get("roles") or [])))
-    return "; ".join(out) or "(none)"
+class NatTest(Lab):
+    name, prefix, tools = "t_nat", PREFIX + "-", ("ip", "ping", "nft", "sysctl")
 
-
-class NatTest:
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="ipop-t_nat-", dir="/tmp")
-        self.key = os.path.join(self.dir, "net.key")
-        self.failures = []
-        self.results = []
-        self.nodes = {}
-        self._closed = False
-        self.done = False
-
-    def fail(self, step, msg):
-        self.failures.append("%s: %s" % (step, msg))
-        log("FAIL [%s] %s" % (step, msg))
-
-    def result(self, text):
-        self.results.append(text)
-        log("RESULT " + text)
+    def body(self):
+        log("t_nat: dir %s" % self.dir)
+        self.setup_lab()
+        self.start_nodes()
+        log("lab up; public node and hosts a, b running")
+        for name, fn in (("1 public endpoint", self.step_public), ("2 cone", self.step_cone),
+                         ("2b cone+firewall", self.step_cone_fw), ("3 symmetric", self.step_symmetric)):
+            self.step(name, fn)
 
     # ---- lab
-    def veth_to_bridge(self, ns, ifname, port, ip):
-        sh(["ip", "-n", NET, "link", "add", port, "type", "veth", "peer", "name", ifname,
-            "netns", ns])
-        sh(["ip", "-n", NET, "link", "set", port, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", ip + "/28", "dev", ifname])
-        sh(["ip", "-n", ns, "link", "set", ifname, "up"])
-
-    def veth_pair(self, ns1, if1, ip1, ns2, if2, ip2, plen):
-        sh(["ip", "-n", ns1, "link", "add", if1, "type", "veth", "peer", "name", if2, "netns", ns2])
-        for ns, ifn, ip in ((ns1, if1, ip1), (ns2, if2, ip2)):
-            sh(["ip", "-n", ns, "addr", "add", "%s/%d" % (ip, plen), "dev", ifn])
-            sh(["ip", "-n", ns, "link", "set", ifn, "up"])
-
     def setup_lab(self):
-        for ns in (NET, PUB_NS) + tuple(x for s in SITES.values() for x in s[:2]) + \
-                tuple(c[0] for c in CORES.values()) + tuple(i[0] for i in INNER.values()):
-            sh(["ip", "netns", "add", ns])
-            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-        sh(["ip", "-n", NET, "link", "add", BR, "type", "bridge"])
-        sh(["ip", "-n", NET, "link", "set", BR, "up"])
-        self.veth_to_bridge(PUB_NS, "tn-eth", "tnp-pub", PUB_IP)
+        ns_add(NET, PUB_NS, *(tuple(x for s in SITES.values() for x in s[:2]) +
+                              tuple(c[0] for c in CORES.values()) + tuple(i[0] for i in INNER.values())))
+        bridge_add(NET, BR)
+        veth_to_bridge(NET, BR, PUB_NS, "tn-eth", "tnp-pub", PUB_IP + "/28")
         for name, (rns, hns, wan, lan, _vip) in SITES.items():
             cns, cip, cnet = CORES[name]
-            self.veth_to_bridge(cns, "tnup", "tnp-%s" % name, cip)
+            veth_to_bridge(NET, BR, cns, "tnup", "tnp-%s" % name, cip + "/28")
             core_side = cnet[:cnet.rindex(".") + 1] + str(int(cnet.rsplit(".", 1)[1]) + 1)
-            self.veth_pair(cns, "tndown", core_side, rns, "tnwan", wan, 28)
+            veth_pair(cns, "tndown", core_side, rns, "tnwan", wan, 28)
             if name in INNER:
                 ins, inet = INNER[name]
-                self.veth_pair(rns, "tnlan", inet + ".1", ins, "tnup", inet + ".2", 24)
-                self.veth_pair(ins, "tnlan", lan + ".1", hns, "tn-eth", lan + ".2", 24)
+                veth_pair(rns, "tnlan", inet + ".1", ins, "tnup", inet + ".2", 24)
+                veth_pair(ins, "tnlan", lan + ".1", hns, "tn-eth", lan + ".2", 24)
                 sh(["ip", "-n", ins, "route", "add", "default", "via", inet + ".1"])
                 sh(["ip", "-n", rns, "route", "add", lan + ".0/24", "via", inet + ".2"])
                 nsx(ins, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             else:
-                self.veth_pair(rns, "tnlan", lan + ".1", hns, "tn-eth", lan + ".2", 24)
+                veth_pair(rns, "tnlan", lan + ".1", hns, "tn-eth", lan + ".2", 24)
             sh(["ip", "-n", hns, "route", "add", "default", "via", lan + ".1"])
             sh(["ip", "-n", rns, "route", "add", "default", "via", core_side])
             sh(["ip", "-n", PUB_NS, "route", "add", cnet + "/28", "via", cip])
@@ -280,28 +170,6 @@ class NatTest:
         rc, out, _ = nsx(SITES[site][0], ["nft", "list", "ruleset"], check_rc=False)
         return out
 
-    def wait_status(self, nodes, timeout):
-        t0 = time.monotonic()
-        pending = list(nodes)
-        while pending:
-            for n in pending:
-                if not n.alive():
-                    raise TestFailure("%s exited rc=%s; log:\n%s"
-                                      % (n.name, n.proc.p.poll(), n.proc.log_tail()))
-            pending = [n for n in pending if n.status(timeout=5) is None]
-            if pending and time.monotonic() - t0 > timeout:
-                raise TestFailure("%s not answering status after %d s"
-                                  % (", ".join(n.name for n in pending), timeout))
-            if pending:
-                time.sleep(0.2)
-
-    def dump(self, names, n=30):
-        for nm in names:
-            nd = self.nodes.get(nm)
-            if nd and nd.proc:
-                print("  log tail of %s (alive=%s):\n%s" % (nm, nd.alive(), nd.proc.log_tail(n)),
-                      flush=True)
-
     def diagnose(self, a, b):
         for nd in (a, b, self.nodes["pub"]):
             st = nd.status()
@@ -310,7 +178,7 @@ class NatTest:
                   flush=True)
         for site in SITES:
             print("  conntrack in %s:\n%s" % (SITES[site][0], self.conntrack(site)), flush=True)
-        self.dump(["a", "b", "pub"], 40)
+        self.dump_logs(["a", "b", "pub"], 40)
 
     # ---- steps
     def start_nodes(self):
@@ -349,7 +217,7 @@ class NatTest:
                         st = n.status()
                         print("  %s: nat=%r endpoints=%s" % (n.name, (st or {}).get("nat"),
                                                            (st or {}).get("endpoints")), flush=True)
-                self.dump([n.name for n in nodes if n.name not in got], 20)
+                self.dump_logs([n.name for n in nodes if n.name not in got], 20)
                 raise TestFailure("no public endpoint / NAT kind within %d s on %s"
                                   % (timeout, ", ".join(n.name for n in nodes if n.name not in got)))
             time.sleep(0.3)
@@ -362,7 +230,7 @@ class NatTest:
             wan = SITES[nm][2]
             check(ep.startswith("udp://%s:" % wan),
                   "%s learned public endpoint %s, expected its router's %s" % (nm, ep, wan))
-            self.result("host %s: public endpoint %s after %.1f s, NAT: %s (advertises %s)"
+            self.ok("host %s: public endpoint %s after %.1f s, NAT: %s (advertises %s)"
                         % (nm, ep, el, nat, eps))
             lg = self.nodes[nm].proc.log_text()
             m = re.search(r"nat: public endpoint .*", lg)
@@ -379,19 +247,19 @@ class NatTest:
             time.sleep(0.3)
         return None, timeout
 
-    def ping_both(self, a, b, step):
+    def ping_both(self, a, b):
         res = {}
         for src, dst in ((a, b), (b, a)):
             ok, hops, out = False, [], ""
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                ok, hops, out = src.oping(dst.vip, count=3, wait=3)
+                ok, hops, out = src.oping(dst.vip, count=3, wait=3, interval=0.3)
                 if ok:
                     break
                 time.sleep(1)
             res[(src.name, dst.name)] = (ok, hops, out)
             if not ok:
-                self.fail(step, "ipop ping %s -> %s (%s) failed:\n    %s"
+                self.fail("ipop ping %s -> %s (%s) failed:\n    %s"
                           % (src.name, dst.name, dst.vip, out.replace("\n", "\n    ")[-600:]))
         return res
 
@@ -429,11 +297,11 @@ class NatTest:
                              % (rns, osrc, osp, odst, odp))
         return notes
 
-    def step_direct(self, label, step, timeout=20):
+    def step_direct(self, label, timeout=20):
         a, b = self.nodes["a"], self.nodes["b"]
         c, el = self.wait_direct(a, b, timeout)
         if c:
-            self.result("%s: A has a direct up link to B after %.1f s: uri %s direction %s "
+            self.ok("%s: A has a direct up link to B after %.1f s: uri %s direction %s "
                         "(hole punched)" % (label, el, c.get("uri"), c.get("direction")))
             cb = direct_link(b.status(), a.address)
             log("  B's side: %s" % (("uri %s direction %s" % (cb.get("uri"), cb.get("direction")))
@@ -444,30 +312,30 @@ class NatTest:
             why = self.mapping_clash("a") + self.mapping_clash("b")
             for w in why:
                 log("  WHY: " + w)
-        res = self.ping_both(a, b, step)
+        res = self.ping_both(a, b)
         ok, hops, out = res[("a", "b")]
         if ok:
-            self.result("%s: ipop ping A -> B ok, hops=%s" % (label, hops))
+            self.ok("%s: ipop ping A -> B ok, hops=%s" % (label, hops))
         okb, hopsb, _ = res[("b", "a")]
         if okb:
-            self.result("%s: ipop ping B -> A ok, hops=%s" % (label, hopsb))
+            self.ok("%s: ipop ping B -> A ok, hops=%s" % (label, hopsb))
         if not c:
-            self.fail(step, "no direct A<->B link through two port-restricted cone NATs within "
+            self.fail("no direct A<->B link through two port-restricted cone NATs within "
                       "%d s (pings went %s hops)%s" % (timeout, hops, "".join(
                           "\n  " + w for w in why)))
         elif ok and hops and max(hops) != 1:
-            self.fail(step, "direct link up but ping A -> B took hops=%s (expected 1)" % hops)
+            self.fail("direct link up but ping A -> B took hops=%s (expected 1)" % hops)
 
     def step_cone(self):
         # Routers without an input firewall accept a peer's early punch for
         # themselves; then masquerade must pick another port and the punch
         # deadlocks, unless each host's first punches die between the NATs.
-        self.step_direct("cone/cone (masquerade only)", "2 cone")
+        self.step_direct("cone/cone (masquerade only)")
         for nm, want in (("a", None), ("b", 3)):
             m = re.findall(r"punches leave with TTL (\d+)", self.nodes[nm].proc.log_text())
-            self.result("host %s: punch TTL %s" % (nm, m[-1] if m else "2 (no router inside its site)"))
+            self.ok("host %s: punch TTL %s" % (nm, m[-1] if m else "2 (no router inside its site)"))
             if want and (not m or int(m[-1]) != want):
-                self.fail("2 cone", "host %s, %d router(s) behind its NAT, did not learn punch TTL %d"
+                self.fail("host %s, %d router(s) behind its NAT, did not learn punch TTL %d"
                           % (nm, want - 1, want))
 
     def step_cone_fw(self):
@@ -481,7 +349,7 @@ class NatTest:
                 "add rule ip filter input iifname \"tnwan\" ct state new drop\n"))
         self.restart_hosts(["a", "b"], PORT + 1)
         self.wait_public([self.nodes["a"], self.nodes["b"]], 10)
-        self.step_direct("cone/cone + router input firewall", "2b cone+firewall")
+        self.step_direct("cone/cone + router input firewall")
 
     def step_symmetric(self):
         a, b = self.nodes["a"], self.nodes["b"]
@@ -499,24 +367,24 @@ class NatTest:
         self.wait_status([b], 15)
         got = self.wait_public([b], 10)
         ep, nat, el, eps = got["b"]
-        self.result("symmetric: host b public endpoint %s, NAT: %s (advertises %s)" % (ep, nat, eps))
+        self.ok("symmetric: host b public endpoint %s, NAT: %s (advertises %s)" % (ep, nat, eps))
         c, el = self.wait_direct(a, b, 20, None)
         st_b = b.status()
-        self.result("symmetric: B's NAT classification after %.1f s more: %r, endpoints %s"
+        self.ok("symmetric: B's NAT classification after %.1f s more: %r, endpoints %s"
                     % (el, (st_b or {}).get("nat"), (st_b or {}).get("endpoints")))
         pub_addr = self.nodes["pub"].address or (self.nodes["pub"].status() or {}).get("address")
         if c and c.get("path") == "relayed":
-            self.result("symmetric: A links B through a relay after %.1f s: %s via %s"
+            self.ok("symmetric: A links B through a relay after %.1f s: %s via %s"
                         % (el, c.get("uri"), c.get("relay_via_name")))
             if str(c.get("relay_via")).lower() != str(pub_addr).lower():
-                self.fail("3 symmetric", "relay is %s, expected the public node %s"
+                self.fail("relay is %s, expected the public node %s"
                           % (c.get("relay_via"), pub_addr))
         elif c:
-            self.fail("3 symmetric", "A has a direct link to B through a symmetric and a cone NAT "
+            self.fail("A has a direct link to B through a symmetric and a cone NAT "
                       "(port-restricted cone cannot open to an unpredictable port): uri %s"
                       % c.get("uri"))
         else:
-            self.fail("3 symmetric", "no A-B link (direct or relayed) within 20 s")
+            self.fail("no A-B link (direct or relayed) within 20 s")
             log("  A connections: %s" % conn_summary(a.status()))
             log("  B connections: %s" % conn_summary(st_b))
         # how tn-rb mapped B's listening port per destination (symmetric: differs)
@@ -524,124 +392,22 @@ class NatTest:
         maps = sorted(set("%s:%s->%s" % (m.group(1), m.group(2), m.group(3)) for m in re.finditer(
             r"src=10\.2\.2\.2 dst=(\S+) sport=%d dport=(\d+) .*?dst=%s sport=\d+ dport=(\d+)"
             % (b.port, re.escape(SITES["b"][2])), out or "")))
-        self.result("symmetric: %s mappings of B's :%d per destination: %s"
+        self.ok("symmetric: %s mappings of B's :%d per destination: %s"
                     % (SITES["b"][0], b.port, ", ".join(maps) or "(none)"))
         nat = (st_b or {}).get("nat", "")
         if "symmetric" not in str(nat):
-            self.result("NOTE (ipop): B behind a symmetric NAT classifies it as %r: it has "
+            self.ok("NOTE (ipop): B behind a symmetric NAT classifies it as %r: it has "
                         "observations from %s only" % (nat, "one peer (the public node)" if not c
                                                       else "its peers"))
-        res = self.ping_both(a, b, "3 symmetric")
+        res = self.ping_both(a, b)
         for (s, d), (ok, hops, out) in res.items():
             if not ok:
                 continue
-            self.result("symmetric: ipop ping %s -> %s ok, hops=%s" % (s.upper(), d.upper(), hops))
+            self.ok("symmetric: ipop ping %s -> %s ok, hops=%s" % (s.upper(), d.upper(), hops))
             if c and hops and max(hops) != 1:
-                self.fail("3 symmetric", "%s -> %s took hops=%s over a relayed link (expected 1: "
+                self.fail("%s -> %s took hops=%s over a relayed link (expected 1: "
                           "a relayed link is one overlay hop)" % (s, d, hops))
-
-    # ---- cleanup
-    def close(self, failed):
-        if self._closed:
-            return
-        self._closed = True
-        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sg, signal.SIG_IGN)
-        for p in reversed(Proc.all):
-            p.kill(signal.SIGKILL)
-        for p in Proc.all:
-            p.wait(5)
-        remove_tn_netns()
-        left = list_tn_netns()
-        if left:
-            print("  cleanup: namespaces left: %s" % left, flush=True)
-        if failed or os.environ.get("IPOP_KEEP_LOGS"):
-            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
-            dst = os.path.join(base, "t_nat-nodes")
-            try:
-                shutil.rmtree(dst, ignore_errors=True)
-                os.makedirs(dst, exist_ok=True)
-                for f in os.listdir(self.dir):
-                    if f.endswith(".log"):
-                        shutil.copy(os.path.join(self.dir, f), dst)
-                print("node logs kept in %s" % dst, flush=True)
-            except OSError as e:
-                print("could not keep logs: %r" % e, flush=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-_test = None
-
-
-def _cleanup():
-    if _test is not None:
-        _test.close(failed=bool(_test.failures) or not _test.done)
-
-
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def main():
-    global _test
-    atexit.register(_cleanup)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
-    if os.geteuid() != 0:
-        print("FAIL: t_nat needs root (network namespaces, nftables)", flush=True)
-        sys.exit(1)
-    ipop_bin()
-    for tool in ("ip", "ping", "nft", "sysctl"):
-        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("FAIL: missing tool %s (tests/deps.sh installs it)" % tool, flush=True)
-            sys.exit(1)
-    old = remove_tn_netns(quiet=True)
-    if old:
-        log("removed leftover namespaces: %s" % " ".join(old))
-    t = NatTest()
-    _test = t
-    log("t_nat: dir %s" % t.dir)
-    try:
-        t.setup_lab()
-        t.start_nodes()
-        log("lab up; public node and hosts a, b running")
-        try:
-            t.step_public()
-        except TestFailure as e:
-            t.fail("1 public endpoint", str(e))
-        for name, fn in (("2 cone", t.step_cone), ("2b cone+firewall", t.step_cone_fw),
-                         ("3 symmetric", t.step_symmetric)):
-            log("---- step %s" % name)
-            ts = time.monotonic()
-            try:
-                fn()
-            except TestFailure as e:
-                t.fail(name, str(e))
-            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
-        t.done = True
-    except TestFailure as e:
-        t.fail("setup", str(e))
-    except SystemExit as e:
-        log("interrupted (exit %s): cleaning up" % e.code)
-        t.close(failed=True)
-        raise
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        t.fail("exception", "unexpected exception (see traceback)")
-    print("", flush=True)
-    print("==== t_nat summary", flush=True)
-    for r in t.results:
-        print("  ok   " + r, flush=True)
-    for f in t.failures:
-        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
-    t.close(failed=bool(t.failures))
-    if t.failures:
-        log("FAIL: %d check(s) failed" % len(t.failures))
-        sys.exit(1)
-    log("PASS")
-    sys.exit(0)
 
 
 if __name__ == "__main__":
-    main()
+    NatTest.main()

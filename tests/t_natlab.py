@@ -48,22 +48,20 @@ in build/test-logs/t_natlab-nodes (or $IPOP_TEST_LOGDIR).
 Env: IPOP_NATLAB_MB (file size, default 20), IPOP_NATLAB_PAIRS (e.g. "PS,TT":
 run only these), IPOP_NATLAB_STEPS (e.g. "1,3"), IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE.
 """
-import atexit
 import concurrent.futures
 import hashlib
 import itertools
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import list_netns, remove_netns, TestFailure, sh, nsx, Proc, check, log, ipop_bin, sha1_ip, REPO  # noqa: E402
+from lib import (sh, nsx, Proc, check, log, ipop_bin, Lab, NsNode, ns_add, bridge_add,  # noqa: E402
+                 veth_to_bridge, up_link, conn_summary, kernel_ping, ssh_keys, sshd_config,
+                 sshd_bin, SSH_OPTS)
 
 PREFIX = "tl"
 NET, BR = "tl-net", "tlbr0"
@@ -110,20 +108,16 @@ def sites():
 
 
 
-class Node:
+class Node(NsNode):
     """One ipop process: a public node (mode none) or a host (tap)."""
+    status_timeout = 8
 
     def __init__(self, t, name, ns, ip, port, key, vip=None, boot_port=None, dev=None):
-        self.t, self.name, self.ns, self.ip, self.port, self.key = t, name, ns, ip, port, key
-        self.vip, self.boot_port, self.dev = vip, boot_port, dev
-        self.ctl = os.path.join(t.dir, "%s.sock" % name)
-        self.logpath = os.path.join(t.dir, "%s.log" % name)
-        self.address = sha1_ip(vip) if vip else None
-        self.proc = None
+        NsNode.__init__(self, t, name, ns, vip)
+        self.ip, self.port, self.key, self.boot_port, self.dev = ip, port, key, boot_port, dev
 
-    def start(self):
-        a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up",
-             "--listen", "udp://%s:%d" % (self.ip, self.port),
+    def command(self):
+        a = [ipop_bin(), "up", "--listen", "udp://%s:%d" % (self.ip, self.port),
              "--listen", "tcp://%s:%d" % (self.ip, self.port),
              "--secret-file", self.key, "--control", self.ctl]
         if self.vip:
@@ -133,50 +127,14 @@ class Node:
         if self.boot_port:
             a += ["--bootstrap", "udp://%s:%d" % (PUB_IP, self.boot_port),
                   "--bootstrap", "tcp://%s:%d" % (PUB_IP, self.boot_port)]
-        a += ["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"]
-        self.proc = Proc(self.name, a, self.logpath)
-        return self
-
-    def alive(self):
-        return self.proc is not None and self.proc.alive()
-
-    def status(self, timeout=8):
-        try:
-            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
-                               capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL, errors="replace")
-        except subprocess.TimeoutExpired:
-            return None
-        if p.returncode != 0:
-            return None
-        try:
-            d = json.loads(p.stdout)
-        except ValueError:
-            return None
-        if isinstance(d, dict) and d.get("address") and self.address is None:
-            self.address = str(d["address"]).lower()
-        return d if isinstance(d, dict) else None
-
-
-def up_link(st, addr):
-    for c in (st or {}).get("connections", []):
-        if c.get("state") == "up" and str(c.get("address")).lower() == addr:
-            return c
-    return None
-
-
-def conn_summary(st):
-    return "; ".join("%s %s %s %s" % (c.get("state"), c.get("direction"), c.get("uri"),
-                                      str(c.get("address"))[:10])
-                     for c in (st or {}).get("connections", [])) or "(none)"
+        return a + (["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"])
 
 
 def ping(ns, ip, count=3, wait=2):
     """(ok, avg_ms, output) of a kernel ping over the tap devices."""
-    rc, out, err = nsx(ns, ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(wait), ip],
-                       check_rc=False, timeout=count * wait + 10)
-    m = re.search(r"= [\d.]+/([\d.]+)/", out or "")
-    return rc == 0, float(m.group(1)) if m else None, (out or "") + (err or "")
+    ok, out = kernel_ping(ns, ip, count, wait, interval=0.2, quiet=True, timeout=count * wait + 10)
+    m = re.search(r"= [\d.]+/([\d.]+)/", out)
+    return ok, float(m.group(1)) if m else None, out
 
 
 class Pair:
@@ -194,31 +152,27 @@ class Pair:
         self.notes = []
 
 
-class NatLab:
+class NatLab(Lab):
+    name, prefix = "t_natlab", PREFIX + "-"
+    tools = ("ip", "ping", "nft", "sysctl", "socat", "conntrack", "sshd", "ssh", "ssh-keygen")
+
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="ipop-t_natlab-", dir="/tmp")
+        Lab.__init__(self)
         self.sites = sites()
-        self.failures, self.results = [], []
         self.pairs = []
-        self.done = False
-        self._closed = False
 
-    def fail(self, step, msg):
-        self.failures.append("%s: %s" % (step, msg))
-        log("FAIL [%s] %s" % (step, msg))
-
-    def result(self, text):
-        self.results.append(text)
-        log("RESULT " + text)
+    def body(self):
+        log("t_natlab: dir %s, file %d MB" % (self.dir, FILE_MB))
+        self.setup_lab()
+        log("lab up: %d sites" % len(self.sites))
+        steps = os.environ.get("IPOP_NATLAB_STEPS", "1,3,4,2").split(",")
+        for name, fn in (("1 matrix", self.step_matrix), ("3 flush", self.step_flush),
+                         ("4 upgrade", self.step_upgrade),
+                         ("2 paper", lambda: (self.stop_pairs(), self.step_paper()))):
+            if name.split()[0] in steps:
+                self.step(name, fn)
 
     # ---- the lab
-    def veth_to_bridge(self, ns, ifname, port, ip):
-        sh(["ip", "-n", NET, "link", "add", port, "type", "veth", "peer", "name", ifname,
-            "netns", ns])
-        sh(["ip", "-n", NET, "link", "set", port, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", ip + "/24", "dev", ifname])
-        sh(["ip", "-n", ns, "link", "set", ifname, "up"])
-
     def nft(self, ns, script):
         nsx(ns, ["nft", "-f", "-"], input=script)
 
@@ -247,22 +201,19 @@ class NatLab:
     def setup_lab(self):
         names = [NET, PUB_NS] + [s.host for s in self.sites.values()] + \
                 [s.router for s in self.sites.values() if s.router]
-        for ns in names:
-            sh(["ip", "netns", "add", ns])
-            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-        sh(["ip", "-n", NET, "link", "add", BR, "type", "bridge"])
-        sh(["ip", "-n", NET, "link", "set", BR, "up"])
-        self.veth_to_bridge(PUB_NS, "tl-eth", "tlp-pub", PUB_IP)
+        ns_add(*names)
+        bridge_add(NET, BR)
+        veth_to_bridge(NET, BR, PUB_NS, "tl-eth", "tlp-pub", PUB_IP + "/24")
         for s in self.sites.values():
             if s.kind == "W":
-                self.veth_to_bridge(s.host, "tl-eth", "tlp-%s" % s.name, s.wan)
+                veth_to_bridge(NET, BR, s.host, "tl-eth", "tlp-%s" % s.name, s.wan + "/24")
                 # the site's perimeter: the uplink only (the virtual LAN is inside)
                 self.nft(s.host, "add table inet fw\n"
                          "add chain inet fw in { type filter hook input priority 0; policy accept; }\n"
                          "add rule inet fw in iifname \"tl-eth\" ct state established,related accept\n"
                          "add rule inet fw in iifname \"tl-eth\" drop\n")
                 continue
-            self.veth_to_bridge(s.router, "tlwan", "tlp-%s" % s.name, s.wan)
+            veth_to_bridge(NET, BR, s.router, "tlwan", "tlp-%s" % s.name, s.wan + "/24")
             sh(["ip", "-n", s.router, "link", "add", "tllan", "type", "veth", "peer", "name",
                 "tl-eth", "netns", s.host])
             sh(["ip", "-n", s.router, "addr", "add", s.lan + ".1/24", "dev", "tllan"])
@@ -277,7 +228,7 @@ class NatLab:
                                timeout=15)
             check(rc == 0, "lab: %s cannot ping %s: %s" % (s.host, PUB_IP, (out + err).strip()[-200:]))
 
-    def key(self, name):
+    def new_key(self, name):
         path = os.path.join(self.dir, name + ".key")
         sh([ipop_bin(), "genkey", "--out", path])
         os.chmod(path, 0o600)
@@ -295,7 +246,7 @@ class NatLab:
             k += 1
 
     def start_pair(self, p):
-        key = self.key("pair%d" % p.k)
+        key = self.new_key("pair%d" % p.k)
         p.nodes["pub"] = Node(self, "pub%d" % p.k, PUB_NS, PUB_IP, 5000 + p.k, key)
         for i, s in enumerate((p.x, p.y)):
             nd = Node(self, "p%d-%s" % (p.k, s.name), s.host, s.ip, 4000 + p.k, key,
@@ -381,17 +332,16 @@ class NatLab:
             list(ex.map(lambda p: self.check_pair(p, src, digest), self.pairs))
         self.report_matrix()
         for p in self.pairs:
-            step = "1 matrix %s" % p.label
             if p.path is None:
-                self.fail(step, "no link between %s and %s within 30 s\n  x: %s\n  y: %s"
-                          % (p.x.name, p.y.name, conn_summary(p.nodes["x"].status()),
+                self.fail("%s: no link between %s and %s within 30 s\n  x: %s\n  y: %s"
+                          % (p.label, p.x.name, p.y.name, conn_summary(p.nodes["x"].status()),
                              conn_summary(p.nodes["y"].status())))
                 self.dump(p)
             elif p.path != p.expect:
-                self.fail(step, "%s link (%s), expected %s" % (p.path, p.uri, p.expect))
+                self.fail("%s: %s link (%s), expected %s" % (p.label, p.path, p.uri, p.expect))
                 self.dump(p)
             for note in p.notes:
-                self.fail(step, note)
+                self.fail("%s: %s" % (p.label, note))
 
     def report_matrix(self):
         cell = {}
@@ -419,7 +369,7 @@ class NatLab:
                 "%.3f" % p.rtt if p.rtt is not None else "-",
                 "%.0f" % p.mbps if p.mbps is not None else "-"))
         for ln in lines:
-            self.result(ln)
+            self.note(ln)
 
     def dump(self, p, n=25):
         for nd in p.nodes.values():
@@ -436,25 +386,14 @@ class NatLab:
                     nd.proc.stop(3)
 
     # ---- 2. the paper's case
-    def sshd(self, ns, vip, d, hk, ak):
-        cfg = os.path.join(d, "sshd_%s" % vip)
-        with open(cfg, "w") as f:
-            f.write("\n".join([
-                "Port 22", "ListenAddress %s" % vip, "HostKey %s" % hk,
-                "PidFile %s" % os.path.join(d, "sshd_%s.pid" % vip),
-                "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
-                "PubkeyAuthentication yes", "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
-                "SetEnv SHLVL=1", "AllowUsers root", "X11Forwarding no", "PrintMotd no", ""]))
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        return Proc("sshd-%s" % vip, ["ip", "netns", "exec", ns, sshd, "-f", cfg, "-D", "-e"],
+    def paper_sshd(self, ns, vip, d, hk, ak):
+        cfg = sshd_config(os.path.join(d, "sshd_%s" % vip), vip, hk, ak, os.path.join(d, "sshd_%s.pid" % vip))
+        return Proc("sshd-%s" % vip, ["ip", "netns", "exec", ns, sshd_bin(), "-f", cfg, "-D", "-e"],
                     os.path.join(self.dir, "sshd_%s.log" % vip))
 
     def ssh(self, ns, ck, vip):
-        rc, out, err = nsx(ns, ["ssh", "-F", "/dev/null", "-i", ck, "-o", "IdentitiesOnly=yes",
-                                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-                                "-o", "LogLevel=ERROR", "root@%s" % vip, "echo", MARKER],
+        rc, out, err = nsx(ns, ["ssh"] + SSH_OPTS + ["-i", ck, "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
+                                                     "root@%s" % vip, "echo", MARKER],
                            timeout=40, check_rc=False)
         return rc == 0 and MARKER in (out or ""), (err or out or "").strip()[-200:]
 
@@ -468,17 +407,17 @@ class NatLab:
                 if not good:
                     time.sleep(1)
             sok, serr = self.ssh(sa.host, ck, nb.vip) if good else (False, "no ping")
-            self.result("paper %s: %s -> %s: ping %s (avg %s ms), ssh %s"
+            self.ok("paper %s: %s -> %s: ping %s (avg %s ms), ssh %s"
                         % (when, sa.name, sb.name, "ok" if good else "FAILED", avg,
                            "ok" if sok else "FAILED"))
             if not good or not sok:
                 ok = False
-                self.fail("2 paper " + when, "%s -> %s (%s): ping %s, ssh: %s"
-                          % (sa.name, sb.name, nb.vip, out.strip()[-200:] if not good else "ok", serr))
+                self.fail("%s: %s -> %s (%s): ping %s, ssh: %s"
+                          % (when, sa.name, sb.name, nb.vip, out.strip()[-200:] if not good else "ok", serr))
         return ok
 
     def step_paper(self):
-        key = self.key("paper")
+        key = self.new_key("paper")
         pub = Node(self, "paper-pub", PUB_NS, PUB_IP, 6000, key).start()
         chosen = [self.sites["pa"], self.sites["pb"], self.sites["wa"]]
         nodes = []
@@ -488,14 +427,8 @@ class NatLab:
         time.sleep(0.3)
         for _, nd in nodes:
             nd.start()
-        d = os.path.join(self.dir, "ssh")
-        os.mkdir(d, 0o700)
-        hk, ck = os.path.join(d, "host"), os.path.join(d, "client")
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
-        ak = os.path.join(d, "authorized_keys")
-        shutil.copy(ck + ".pub", ak)
-        os.chmod(ak, 0o600)
+        hk, ck, ak = ssh_keys(os.path.join(self.dir, "ssh"), "host", "client")
+        d = os.path.dirname(hk)
         if not os.path.isdir("/run/sshd"):
             os.makedirs("/run/sshd", 0o755)
         # all three linked to each other (a 4-node ring: everyone is a near neighbour)
@@ -510,19 +443,19 @@ class NatLab:
         for (a, na), (b, nb) in itertools.combinations(nodes, 2):
             c = up_link(na.status(), nb.address)
             links.append("%s-%s %s" % (a.name, b.name, c.get("path") if c else "none"))
-        self.result("paper: links after %.1f s: %s" % (time.monotonic() - t0, ", ".join(links)))
+        self.ok("paper: links after %.1f s: %s" % (time.monotonic() - t0, ", ".join(links)))
         srvs = []
         for s, nd in nodes:
-            srvs.append(self.sshd(s.host, nd.vip, d, hk, ak))
+            srvs.append(self.paper_sshd(s.host, nd.vip, d, hk, ak))
         time.sleep(1)
         try:
             self.all_pairs_talk([(s, nd) for s, nd in nodes], ck, "with the public node")
             pub.proc.kill(signal.SIGKILL)
             t = time.monotonic()
-            self.result("paper: public node killed (SIGKILL)")
+            self.ok("paper: public node killed (SIGKILL)")
             time.sleep(6)       # past the 4 s dead-link timeout: the ring forgets it
             self.all_pairs_talk([(s, nd) for s, nd in nodes], ck, "without it")
-            self.result("paper: sites still talk %.1f s after the public node died"
+            self.ok("paper: sites still talk %.1f s after the public node died"
                         % (time.monotonic() - t))
         finally:
             for srv in srvs:
@@ -551,11 +484,11 @@ class NatLab:
             time.sleep(0.5)
         c = up_link(x.status(), y.address)
         if back is None:
-            self.fail("3 flush", "S-F pair not pinging 30 s after both routers' conntrack flush; "
+            self.fail("S-F pair not pinging 30 s after both routers' conntrack flush; "
                       "x: %s" % conn_summary(x.status()))
             self.dump(p)
         else:
-            self.result("flush: S-F pair pings both ways %.1f s after both routers' conntrack "
+            self.ok("flush: S-F pair pings both ways %.1f s after both routers' conntrack "
                         "tables were flushed; link now %s %s" % (back, c and c.get("path"),
                                                                   c and c.get("uri")))
 
@@ -591,14 +524,14 @@ class NatLab:
             el = self.wait_path(x, y, "relayed", 40)
             check(el is not None, "P-P pair not relayed 40 s after its direct path was blocked: %s"
                   % conn_summary(x.status()))
-            self.result("upgrade: direct path blocked; P-P pair relayed after %.1f s" % el)
+            self.ok("upgrade: direct path blocked; P-P pair relayed after %.1f s" % el)
             svg = os.path.join(self.dir, "relayed.svg")
             rc, _, err = sh([ipop_bin(), "map", "--svg", svg, "--control", x.ctl], check_rc=False)
             text = open(svg).read() if rc == 0 and os.path.exists(svg) else ""
             check('data-kind="relayed" data-peer="%s' % y.address[:8] in text or
                   ('data-kind="relayed"' in text and y.vip in text),
                   "ipop map does not draw the relayed link (rc=%s %s)" % (rc, err.strip()[-200:]))
-            self.result("upgrade: ipop map draws the link as relayed")
+            self.ok("upgrade: ipop map draws the link as relayed")
             out = os.path.join(self.dir, "session.out")
             port = 9500
             srv = subprocess.Popen(["ip", "netns", "exec", p.y.host, "socat", "-u",
@@ -618,10 +551,10 @@ class NatLab:
             self.block(p.x.name, p.y.name, False)
             el = self.wait_path(x, y, "direct", 45)
             if el is None:
-                self.fail("4 upgrade", "relayed link did not turn direct within 45 s of the path "
+                self.fail("relayed link did not turn direct within 45 s of the path "
                           "opening: %s" % conn_summary(x.status()))
             else:
-                self.result("upgrade: direct path open again; the link turned direct %.1f s later" % el)
+                self.ok("upgrade: direct path open again; the link turned direct %.1f s later" % el)
             try:
                 crc = cli.wait(timeout=60)
                 srv.wait(timeout=20)
@@ -632,112 +565,15 @@ class NatLab:
             got = open(out).read().split() if os.path.exists(out) else []
             want = ["line-%d" % i for i in range(lines)]
             if crc != 0 or got != want:
-                self.fail("4 upgrade", "the TCP session across the upgrade: client rc=%s, %d of %d "
+                self.fail("the TCP session across the upgrade: client rc=%s, %d of %d "
                           "lines, in order: %s; %s" % (crc, len(got), lines, got == want[:len(got)],
                                                        (cli.stderr.read() or b"").decode()[-200:]))
             else:
-                self.result("upgrade: a TCP session (%d lines over 20 s) ran across the switch from "
+                self.ok("upgrade: a TCP session (%d lines over 20 s) ran across the switch from "
                             "relayed to direct with every line in order" % lines)
         finally:
             self.block(p.x.name, p.y.name, False)
 
-    # ---- cleanup
-    def close(self, failed):
-        if self._closed:
-            return
-        self._closed = True
-        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sg, signal.SIG_IGN)
-        for p in reversed(Proc.all):
-            p.kill(signal.SIGKILL)
-        for p in Proc.all:
-            p.wait(5)
-        remove_netns(PREFIX + "-")
-        left = list_netns(PREFIX + "-")
-        if left:
-            print("  cleanup: namespaces left: %s" % left, flush=True)
-        if failed or os.environ.get("IPOP_KEEP_LOGS"):
-            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
-            dst = os.path.join(base, "t_natlab-nodes")
-            shutil.rmtree(dst, ignore_errors=True)
-            os.makedirs(dst, exist_ok=True)
-            for f in os.listdir(self.dir):
-                if f.endswith(".log"):
-                    shutil.copy(os.path.join(self.dir, f), dst)
-            print("node logs kept in %s" % dst, flush=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-_lab = None
-
-
-def _cleanup():
-    if _lab is not None:
-        _lab.close(failed=bool(_lab.failures) or not _lab.done)
-
-
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def main():
-    global _lab
-    atexit.register(_cleanup)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
-    if os.geteuid() != 0:
-        print("FAIL: t_natlab needs root (network namespaces, nftables, tap)", flush=True)
-        sys.exit(1)
-    ipop_bin()
-    for tool in ("ip", "ping", "nft", "sysctl", "socat", "conntrack", "sshd", "ssh", "ssh-keygen"):
-        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("FAIL: missing tool %s (tests/deps.sh installs it)" % tool, flush=True)
-            sys.exit(1)
-    old = remove_netns(PREFIX + "-", quiet=True)
-    if old:
-        log("removed leftover namespaces: %s" % " ".join(old))
-    lab = _lab = NatLab()
-    log("t_natlab: dir %s, file %d MB" % (lab.dir, FILE_MB))
-    try:
-        lab.setup_lab()
-        log("lab up: %d sites" % len(lab.sites))
-        steps = os.environ.get("IPOP_NATLAB_STEPS", "1,3,4,2").split(",")
-        for name, fn in (("1 matrix", lab.step_matrix), ("3 flush", lab.step_flush),
-                         ("4 upgrade", lab.step_upgrade),
-                         ("2 paper", lambda: (lab.stop_pairs(), lab.step_paper()))):
-            if name.split()[0] not in steps:
-                continue
-            log("---- step %s" % name)
-            ts = time.monotonic()
-            try:
-                fn()
-            except TestFailure as e:
-                lab.fail(name, str(e))
-            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
-        lab.done = True
-    except TestFailure as e:
-        lab.fail("setup", str(e))
-    except SystemExit as e:
-        log("interrupted (exit %s): cleaning up" % e.code)
-        lab.close(failed=True)
-        raise
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        lab.fail("exception", "unexpected exception (see traceback)")
-    print("", flush=True)
-    print("==== t_natlab summary", flush=True)
-    for r in lab.results:
-        print("  ok   " + r, flush=True)
-    for f in lab.failures:
-        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
-    lab.close(failed=bool(lab.failures))
-    if lab.failures:
-        log("FAIL: %d check(s) failed" % len(lab.failures))
-        sys.exit(1)
-    log("PASS")
-    sys.exit(0)
-
 
 if __name__ == "__main__":
-    main()
+    NatLab.main()

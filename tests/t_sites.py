@@ -78,20 +78,17 @@ IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE (nodes run with -v).
 import concurrent.futures
 import hashlib
 import itertools
-import json
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (list_netns, remove_netns, TestFailure, sh, nsx, Proc, check, log,  # noqa: E402
-                 ipop_bin, sha1_ip, true_neighbors, near_up, lab_start, keep_lab_logs)
+from lib import (sh, nsx, Proc, check, log, ipop_bin, true_neighbors, near_up,  # noqa: E402
+                 Lab, NsNode, ns_add, bridge_add, veth_to_bridge, up_link, conn_summary, kernel_ping,
+                 ssh_keys, ssh_keygen, sshd_config, sshd_bin, SSH_OPTS)
 
 PREFIX = "ts"
 NET, BR = "ts-net", "tsbr0"
@@ -133,99 +130,30 @@ G1_WANS = [BOOT_IP, "203.0.113.1", "203.0.113.3"]
 G2_WANS = [PUB2_IP, "203.0.113.2"]
 
 
-class Node:
+class Node(NsNode):
     def __init__(self, t, name, ns, vip=None, bootstrap=True):
-        self.t, self.name, self.ns, self.vip, self.bootstrap = t, name, ns, vip, bootstrap
-        self.ctl = os.path.join(t.dir, "%s.sock" % name)
-        self.logpath = os.path.join(t.dir, "%s.log" % name)
-        self.address = sha1_ip(vip) if vip else None
-        self.proc = None
-        self.killed = False
-        self.started = None
+        NsNode.__init__(self, t, name, ns, vip)
+        self.bootstrap = bootstrap
         self.extra = []         # more flags (only the step 6 repair of ts-boot uses them)
 
-    def argv(self):
+    def command(self):
         # each host its own state directory (remembered peers), as on separate machines,
         # and nothing left in root's home
-        a = ["ip", "netns", "exec", self.ns, "env", "XDG_STATE_HOME=" + os.path.join(self.t.dir, "state-" + self.name),
-             ipop_bin(), "up"]
+        a = ["env", "XDG_STATE_HOME=" + os.path.join(self.lab.dir, "state-" + self.name), ipop_bin(), "up"]
         if self.vip:
             a += ["--ip", self.vip + "/16", "--mode", "tap", "--dev", "ipop0"]
         if self.bootstrap:
             a += ["--bootstrap", BOOT_URI]
-        a += self.extra + ["--secret-file", self.t.key, "--control", self.ctl]
-        a += ["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"]
-        return a
+        a += self.extra + ["--secret-file", self.lab.key, "--control", self.ctl]
+        return a + (["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"])
 
-    def start(self):
-        try:
-            os.unlink(self.ctl)
-        except OSError:
-            pass
-        with open(self.logpath, "ab") as f:
-            f.write(("---- start %s: %s\n" % (time.strftime("%H:%M:%S"), " ".join(self.argv()))).encode())
-        self.proc = Proc(self.name, self.argv(), self.logpath)
-        self.killed = False
-        self.started = time.monotonic()
-        return self
-
-    def alive(self):
-        return self.proc is not None and self.proc.alive()
-
-    def status(self, timeout=5):
+    def status(self, timeout=None):
         if self.proc is None or self.killed:
             return None
-        try:
-            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
-                               capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL, errors="replace")
-        except subprocess.TimeoutExpired:
-            return None
-        if p.returncode != 0:
-            return None
-        try:
-            d = json.loads(p.stdout)
-        except ValueError:
-            return None
-        if not isinstance(d, dict):
-            return None
-        if d.get("address"):
-            d["address"] = str(d["address"]).lower()
-            if self.address is None:
-                self.address = d["address"]
-        self.t.monitor.scan(self, d)
+        d = NsNode.status(self, timeout)
+        if d is not None:
+            self.lab.monitor.scan(self, d)
         return d
-
-    def cli(self, args, timeout=15):
-        try:
-            p = subprocess.run([ipop_bin()] + list(args) + ["--control", self.ctl],
-                               capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL, errors="replace")
-        except subprocess.TimeoutExpired:
-            return None, "", "timeout"
-        return p.returncode, p.stdout, p.stderr
-
-    def oping(self, target, count=3, wait=2, interval=0.3):
-        """Overlay echo (ipop ping). Returns (ok, hops, output)."""
-        rc, out, err = self.cli(["ping", target, "-c", str(count), "-i", str(interval), "-W", str(wait)],
-                                timeout=count * (wait + interval) + 15)
-        out = (out + err).strip()
-        return rc == 0, [int(h) for h in re.findall(r"hops=(\d+)", out)], out
-
-
-def up_link(st, addr, path=None):
-    for c in (st or {}).get("connections", []):
-        if c.get("state") == "up" and str(c.get("address")).lower() == addr and \
-                (path is None or c.get("path") == path):
-            return c
-    return None
-
-
-def conn_summary(st):
-    return "; ".join("%s %s %s %s %s %s" % (c.get("state"), c.get("direction"), c.get("path"), c.get("uri"),
-                                            c.get("ip") or str(c.get("address"))[:10],
-                                            ",".join(c.get("roles") or []))
-                     for c in (st or {}).get("connections", [])) or "(none)"
 
 
 class Monitor:
@@ -282,42 +210,48 @@ class Monitor:
 
 def kping(ns, ip, count=1, wait=1, interval=0.2):
     """(ok, received, sent, output) of a kernel ping in namespace ns."""
-    rc, out, err = nsx(ns, ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), ip],
-                       check_rc=False, timeout=count * (wait + interval) + 10)
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out or "")
+    ok, out = kernel_ping(ns, ip, count, wait, interval, quiet=True, timeout=count * (wait + interval) + 10)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     sent, recv = (int(m.group(1)), int(m.group(2))) if m else (count, 0)
-    return rc == 0, recv, sent, ((out or "") + (err or "")).strip()
+    return ok, recv, sent, out
 
 
-class SitesTest:
+class SitesTest(Lab):
+    name, prefix, tools = "t_sites", PREFIX + "-", TOOLS
+    hint = ("apt-get install iputils-ping nftables openssh-server openssh-client openmpi-bin "
+            "libopenmpi-dev coreutils")
+
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="ipop-t_sites-", dir="/tmp")
+        Lab.__init__(self)
         os.chmod(self.dir, 0o755)
-        self.key = os.path.join(self.dir, "net.key")
-        self.failures, self.passes = [], []
-        self.nodes = {}
         self.sshds = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
         self.monitor = Monitor(self)
-        self.t0 = time.monotonic()
-        self.done = False
-        self._closed = False
         self.steps = set(x.strip() for x in os.environ.get("TS_STEPS", "1,2,3,4,5,6,7").split(",") if x.strip())
 
-    # ---- reporting
-    def fail(self, step, msg):
-        self.failures.append("%s: %s" % (step, msg))
-        log("FAIL [%s] %s" % (step, msg))
+    def body(self):
+        log("t_sites: dir %s, steps %s, split %.0f s" % (self.dir, ",".join(sorted(self.steps)), PARTITION_S))
+        self.setup_lab()
+        self.start_nodes()
+        log("lab up; ts-boot, ts-pub2 and hosts %s running" % ", ".join(MAIN_HOSTS))
+        log("---- step 1 join")
+        joined = self.step_join()
+        if "2" in self.steps:
+            self.step_no_vnet_underlay(final=False)
+        if not joined:
+            log("hosts never all pinged: skipping steps 3-6")
+        for name, fn in (("3 ssh/scp", self.step_ssh), ("4 mpi", self.step_mpi),
+                         ("5 boot death", self.step_boot_death),
+                         ("6 split/heal", self.step_partition), ("7 bare masquerade", self.step_bare)):
+            if name.split()[0] in self.steps and (joined or name[0] not in "3456"):
+                self.step(name, fn)
+        self.monitor.stop()
+        if "2" in self.steps:
+            self.step_no_vnet_underlay(final=True)
 
-    def ok(self, step, msg):
-        self.passes.append("%s: %s" % (step, msg))
-        log("PASS [%s] %s" % (step, msg))
-
-    def dump(self, names, n=30):
-        for nm in names:
-            nd = self.nodes.get(nm)
-            if nd and nd.proc:
-                print("  log tail of %s (alive=%s):\n%s" % (nm, nd.alive(), nd.proc.log_tail(n)), flush=True)
+    def close(self, failed):
+        self.monitor.stop_ev.set()
+        Lab.close(self, failed)
 
     def show_links(self, names):
         for nm in names:
@@ -328,20 +262,14 @@ class SitesTest:
                       % (nm, (st or {}).get("joined"), (st or {}).get("nat"), (st or {}).get("endpoints"),
                          conn_summary(st)), flush=True)
 
-    def check_alive(self):
+    def note_crashes(self):
         for nd in self.nodes.values():
             if nd.proc and not nd.killed and not nd.alive():
                 nd.killed = True
-                self.fail("crash", "%s exited rc=%s unexpectedly; log tail:\n%s"
+                self.fail(step="crash", msg="%s exited rc=%s unexpectedly; log tail:\n%s"
                           % (nd.name, nd.proc.rc(), nd.proc.log_tail(40)))
 
     # ---- the lab
-    def veth_to_bridge(self, ns, ifname, port, ip, plen=24):
-        sh(["ip", "-n", NET, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns])
-        sh(["ip", "-n", NET, "link", "set", port, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", "%s/%d" % (ip, plen), "dev", ifname])
-        sh(["ip", "-n", ns, "link", "set", ifname, "up"])
-
     def nft(self, ns, script):
         nsx(ns, ["nft", "-f", "-"], input=script)
 
@@ -365,14 +293,11 @@ class SitesTest:
     def setup_lab(self):
         names = [NET, "ts-boot", "ts-pub2", "ts-core"] + [s.router for s in SITES] + \
                 ["ts-" + h for s in SITES for h, _ in s.hosts]
-        for ns in names:
-            sh(["ip", "netns", "add", ns])
-            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-        sh(["ip", "-n", NET, "link", "add", BR, "type", "bridge"])
-        sh(["ip", "-n", NET, "link", "set", BR, "up"])
-        self.veth_to_bridge("ts-boot", "eth0", "tsp-boot", BOOT_IP)
-        self.veth_to_bridge("ts-pub2", "eth0", "tsp-pub2", PUB2_IP)
-        self.veth_to_bridge("ts-core", "wan", "tsp-core", CORE_IP)
+        ns_add(*names)
+        bridge_add(NET, BR)
+        veth_to_bridge(NET, BR, "ts-boot", "eth0", "tsp-boot", BOOT_IP + "/24")
+        veth_to_bridge(NET, BR, "ts-pub2", "eth0", "tsp-pub2", PUB2_IP + "/24")
+        veth_to_bridge(NET, BR, "ts-core", "wan", "tsp-core", CORE_IP + "/24")
         nsx("ts-core", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         for s in SITES:
             r = s.router
@@ -385,7 +310,7 @@ class SitesTest:
                 sh(["ip", "-n", r, "link", "set", "wan", "up"])
                 sh(["ip", "-n", r, "route", "add", "default", "via", s.core])
             else:
-                self.veth_to_bridge(r, "wan", "tsp-" + s.name, s.wan)
+                veth_to_bridge(NET, BR, r, "wan", "tsp-" + s.name, s.wan + "/24")
             sh(["ip", "-n", r, "link", "add", "lan", "type", "bridge"])
             sh(["ip", "-n", r, "addr", "add", s.lan + ".1/24", "dev", "lan"])
             sh(["ip", "-n", r, "link", "set", "lan", "up"])
@@ -418,26 +343,12 @@ class SitesTest:
             for h, vip in s.hosts:
                 self.nodes[h] = Node(self, h, "ts-" + h, vip)
         boot.start()
-        self.wait_status(["boot"], 15)
+        self.wait_status([self.nodes["boot"]], 15, poll=0.2)
         self.t_join = time.monotonic()
         for nm in ["pub2"] + MAIN_HOSTS:
             self.nodes[nm].start()
-        self.wait_status(["pub2"] + MAIN_HOSTS, 15)
+        self.wait_status([self.nodes[nm] for nm in ["pub2"] + MAIN_HOSTS], 15, poll=0.2)
         self.monitor.start()
-
-    def wait_status(self, names, timeout):
-        t0 = time.monotonic()
-        pending = list(names)
-        while pending:
-            for nm in pending:
-                if not self.nodes[nm].alive():
-                    raise TestFailure("%s exited rc=%s; log:\n%s"
-                                      % (nm, self.nodes[nm].proc.rc(), self.nodes[nm].proc.log_tail()))
-            pending = [nm for nm in pending if self.nodes[nm].status() is None]
-            if pending and time.monotonic() - t0 > timeout:
-                raise TestFailure("%s not answering status after %d s" % (", ".join(pending), timeout))
-            if pending:
-                time.sleep(0.2)
 
     def live(self):
         return [n for n in self.nodes.values() if n.proc and not n.killed]
@@ -474,30 +385,30 @@ class SitesTest:
         pending = set(pairs)
         deadline = self.t_join + 60
         while pending and time.monotonic() < deadline:
-            self.check_alive()
+            self.note_crashes()
             res = self.pings(sorted(pending))
             pending = {p for p, r in res.items() if not r[0]}
             if pending:
                 time.sleep(0.5)
         el = time.monotonic() - self.t_join
         if pending:
-            self.fail("1 join", "after %.1f s, %d of %d host pairs still do not ping: %s"
+            self.fail(step="1 join", msg="after %.1f s, %d of %d host pairs still do not ping: %s"
                       % (el, len(pending), len(pairs), ", ".join("%s->%s" % p for p in sorted(pending))))
             self.show_links(["boot", "pub2"] + MAIN_HOSTS)
-            self.dump(sorted({p[0] for p in pending}), 25)
+            self.dump_logs(sorted({p[0] for p in pending}), 25)
             return False
         res = self.pings(pairs, count=5, wait=2)
         lost = {p: r for p, r in res.items() if r[1] < r[2]}
         bad = {p: r for p, r in res.items() if not r[0]}
         if bad:
-            self.fail("1 join", "every pair pinged once within %.1f s, but then %d pair(s) failed 5 pings: %s"
+            self.fail(step="1 join", msg="every pair pinged once within %.1f s, but then %d pair(s) failed 5 pings: %s"
                       % (el, len(bad), ", ".join("%s->%s" % p for p in sorted(bad))))
             return False
         nodes = [self.nodes[n] for n in ["boot", "pub2"] + MAIN_HOSTS]
         bad = self.ring_bad(nodes, self.statuses(nodes))
         log("info: ring right after the join: %s" % ("consistent" if not bad else "; ".join(
             "%s misses %s" % (n.name, ",".join(m)) for n, m in bad)))
-        self.ok("1 join", "all %d ordered host pairs ping over ipop0 %.1f s after the hosts started; "
+        self.ok(step="1 join", msg="all %d ordered host pairs ping over ipop0 %.1f s after the hosts started; "
                 "confirmation 5 pings each: %d pair(s) lost some (%s)"
                 % (len(pairs), el, len(lost), ", ".join("%s->%s %d/%d" % (p[0], p[1], r[1], r[2])
                                                         for p, r in sorted(lost.items())) or "none"))
@@ -516,7 +427,7 @@ class SitesTest:
             hits = dict(self.monitor.hits)
             polls, bad_polls = self.monitor.polls, self.monitor.bad_polls
         if not hits and not log_hits:
-            self.ok(label, "%d statuses checked, %d node logs: no udp:// or tcp:// address in 10.128.0.0/16"
+            self.ok(step=label, msg="%d statuses checked, %d node logs: no udp:// or tcp:// address in 10.128.0.0/16"
                     % (polls, len(self.nodes)))
             return
         by_node = {}
@@ -528,40 +439,26 @@ class SitesTest:
             msg.append("  status %s: %s%s" % (nm, "; ".join(items[:4]), " ..." if len(items) > 4 else ""))
         for nm, lines in log_hits.items():
             msg.append("  log %s: %d line(s), e.g. %s" % (nm, len(lines), lines[0].strip()[:200]))
-        self.fail(label, "\n".join(msg))
+        self.fail(step=label, msg="\n".join(msg))
 
     # ---- 3. ssh and scp
     def ensure_sshd(self):
         if self.sshds:
             return
         d = os.path.join(self.dir, "ssh")
-        os.makedirs(d, 0o700, exist_ok=True)
-        self.ck = os.path.join(d, "client")
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.ck])
-        ak = os.path.join(d, "authorized_keys")
-        shutil.copy(self.ck + ".pub", ak)
-        os.chmod(ak, 0o600)
+        _, self.ck, ak = ssh_keys(d, "host_" + MAIN_HOSTS[0], "client")
         os.makedirs("/run/sshd", 0o755, exist_ok=True)
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         for h in MAIN_HOSTS:
             hk = os.path.join(d, "host_%s" % h)
-            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
-            cfg = os.path.join(d, "sshd_%s" % h)
-            with open(cfg, "w") as f:
-                f.write("\n".join([
-                    "Port 22", "ListenAddress %s" % self.vip(h), "HostKey %s" % hk,
-                    "PidFile %s" % os.path.join(d, "sshd_%s.pid" % h),
-                    "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
-                    "PubkeyAuthentication yes", "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
-                    # bash then skips root's ~/.bashrc (slow pyenv init) for ssh commands
-                    "SetEnv SHLVL=1", "AllowUsers root", "X11Forwarding no", "PrintMotd no",
-                    "Subsystem sftp internal-sftp", "MaxStartups 50", ""]))
+            if h != MAIN_HOSTS[0]:
+                ssh_keygen(hk)
+            cfg = sshd_config(os.path.join(d, "sshd_%s" % h), self.vip(h), hk, ak,
+                              os.path.join(d, "sshd_%s.pid" % h), ["Subsystem sftp internal-sftp", "MaxStartups 50"])
             # Each host its own hostname, as on real machines: Open MPI's
             # daemons tell nodes apart by it ("ORTE does not know how to
             # route a message" when four hosts are all called "vm").
             self.sshds[h] = Proc("sshd-" + h, ["ip", "netns", "exec", "ts-" + h, "unshare", "--uts", "sh", "-c",
-                                               "hostname ts-%s && exec %s -f %s -D -e" % (h, sshd, cfg)],
+                                               "hostname ts-%s && exec %s -f %s -D -e" % (h, sshd_bin(), cfg)],
                                  os.path.join(self.dir, "sshd_%s.log" % h))
         self.ssh_wrapper = os.path.join(d, "ssh-agent.sh")
         with open(self.ssh_wrapper, "w") as f:
@@ -575,9 +472,7 @@ class SitesTest:
                   "sshd on %s (%s) did not start: %s" % (h, self.vip(h), p.log_tail(5)))
 
     def ssh_opts(self):
-        return ["-F", "/dev/null", "-i", self.ck, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "ConnectTimeout=15", "-o", "LogLevel=ERROR"]
+        return SSH_OPTS + ["-i", self.ck, "-o", "ConnectTimeout=15", "-o", "LogLevel=ERROR"]
 
     def ssh(self, src, dst, command, timeout=40):
         t = time.monotonic()
@@ -599,10 +494,10 @@ class SitesTest:
                            % (a, b, t_ssh, rc, el, out[-80:], err[-200:] or "(timeout)" * (rc is None), a,
                               {k: v for k, v in (st.get("drops") or {}).items() if v}, conn_summary(st)))
         if bad:
-            self.fail("3 ssh", "%d of %d ordered pairs failed `ssh echo ok` (run in parallel, 25 s each):\n  %s"
+            self.fail(step="3 ssh", msg="%d of %d ordered pairs failed `ssh echo ok` (run in parallel, 25 s each):\n  %s"
                       % (len(bad), len(pairs), "\n  ".join(bad)))
         else:
-            self.ok("3 ssh", "`ssh VIP echo ok` works for all %d ordered pairs at different sites "
+            self.ok(step="3 ssh", msg="`ssh VIP echo ok` works for all %d ordered pairs at different sites "
                     "(%.2f s mean, %.2f s max)" % (len(pairs), sum(secs) / len(secs), max(secs)))
         src = os.path.join(self.dir, "payload.bin")
         with open(src, "wb") as f:
@@ -618,10 +513,10 @@ class SitesTest:
             rc2, out2, err2 = nsx("ts-" + b, ["sha256sum", dst], check_rc=False, timeout=30)
             got = ((out2 or "").split() or ["(no file)"])[0]
             if rc != 0 or got != want:
-                self.fail("3 scp", "%d MB %s -> %s: scp rc=%s after %.1f s (%s); sha256 of the copy %s, want %s"
+                self.fail(step="3 scp", msg="%d MB %s -> %s: scp rc=%s after %.1f s (%s); sha256 of the copy %s, want %s"
                           % (FILE_MB, a, b, rc, el, ((err or out or "").strip())[-200:], got[:16], want[:16]))
             else:
-                self.ok("3 scp", "%d MB %s -> %s in %.1f s (%.1f MB/s), sha256 matches"
+                self.ok(step="3 scp", msg="%d MB %s -> %s in %.1f s (%.1f MB/s), sha256 matches"
                         % (FILE_MB, a, b, el, FILE_MB / el))
 
     # ---- 4. Open MPI
@@ -702,13 +597,13 @@ int main(int argc, char **argv)
         want = {str(i): self.vip(h) for i, h in enumerate(hosts)}
         if rc == 0 and "MPI OK" in out and ranks == want:
             m = re.search(r"reduce sum.*", out)
-            self.ok("4 mpi", "mpirun: 4 ranks on %s in %.1f s; %s; MPI OK"
+            self.ok("mpirun: 4 ranks on %s in %.1f s; %s; MPI OK"
                     % (", ".join("%s=%s" % (h, self.vip(h)) for h in hosts), el, m.group(0) if m else ""))
         else:
             reach = self.pool.map(lambda h: (h, self.ssh("uf1", h, "echo ok", 20)), hosts[1:])
             log("  after the failure, ssh from uf1: %s" % ", ".join(
                 "%s %s" % (h, "ok" if r[0] == 0 else "FAILED (%s)" % (r[2][-80:] or "timeout")) for h, r in reach))
-            self.fail("4 mpi", "mpirun rc=%s after %.1f s (timeout 120 s); ranks seen %s (want %s); output:\n%s\n"
+            self.fail("mpirun rc=%s after %.1f s (timeout 120 s); ranks seen %s (want %s); output:\n%s\n"
                       "  stderr:\n%s" % (rc, el, ranks, want,
                                           "\n".join("    | " + ln for ln in out.strip().splitlines()[-15:]),
                                           "\n".join("    | " + ln for ln in (
@@ -735,7 +630,7 @@ int main(int argc, char **argv)
         log("ts-boot's ipop SIGKILLed; probing %d pairs for %.0f s" % (len(pairs), PROBE_S))
         end = t_kill + PROBE_S
         while time.time() < end:
-            self.check_alive()
+            self.note_crashes()
             time.sleep(0.5)
         for p in procs.values():
             p.kill(signal.SIGINT)
@@ -759,11 +654,11 @@ int main(int argc, char **argv)
                     lines[-1] += " [LSU's only UDP destination was the bootstrap: no path through ts-pub2]"
         msg = "bootstrap SIGKILLed; per pair:\n  " + "\n  ".join(lines)
         if worst:
-            self.fail("5 boot death", msg + "\n  %d pair(s) above %.1f s" % (len(worst), GAP_MAX_S))
+            self.fail(msg + "\n  %d pair(s) above %.1f s" % (len(worst), GAP_MAX_S))
             self.show_links(["pub2"] + MAIN_HOSTS)
-            self.dump(sorted({x for p in worst for x in p}), 25)
+            self.dump_logs(sorted({x for p in worst for x in p}), 25)
         else:
-            self.ok("5 boot death", msg)
+            self.ok(msg)
 
     # ---- 6. split and heal
     def set_block(self, on):
@@ -783,8 +678,8 @@ int main(int argc, char **argv)
         res = self.pings(g1)
         bad1 = ["%s->%s" % p for p, r in res.items() if not r[0]]
         pub2 = self.nodes["pub2"]
-        ok2, hops, out = self.nodes["vims"].oping(pub2.address, count=1, wait=1)
-        ok2b, _, out_b = pub2.oping(self.vip("vims"), count=1, wait=1)
+        ok2, hops, out = self.nodes["vims"].oping(pub2.address, count=1, wait=1, interval=0.3)
+        ok2b, _, out_b = pub2.oping(self.vip("vims"), count=1, wait=1, interval=0.3)
         bad2 = ([] if ok2 else ["vims->pub2 (ipop ping)"]) + ([] if ok2b else ["pub2->vims (ipop ping)"])
         return not bad1, not bad2, bad1 + bad2
 
@@ -795,7 +690,7 @@ int main(int argc, char **argv)
             key, val = "ts-%s-%s-%d" % (tag, nm, os.getpid()), "put-by-%s-%s" % (nm, tag)
             rc, out, err = self.nodes[nm].cli(["dht", "put", key, val, "--ttl", "900"])
             if rc != 0:
-                self.fail("6 dht", "dht put %s on %s failed: %s" % (key, nm, (out + err).strip()[-200:]))
+                self.fail(step="6 dht", msg="dht put %s on %s failed: %s" % (key, nm, (out + err).strip()[-200:]))
             recs.append((key, val))
         return recs
 
@@ -839,15 +734,15 @@ int main(int argc, char **argv)
             time.sleep(0.5)
         boot.extra = list(extra)
         boot.start()
-        self.wait_status(["boot"], 15)
-        log("ts-boot started again: %s" % " ".join(boot.argv()[6:]))
+        self.wait_status([self.nodes["boot"]], 15, poll=0.2)
+        log("ts-boot started again: %s" % " ".join(boot.command()[2:]))
 
     def converge(self, nodes, timeout, recs):
         """Poll heal_state until it is empty: (seconds, None) or (None, why)."""
         t = time.monotonic()
         why = ["not checked"]
         while time.monotonic() - t < timeout:
-            self.check_alive()
+            self.note_crashes()
             why = self.heal_state(nodes, recs)
             if not why:
                 return time.monotonic() - t, None
@@ -863,7 +758,7 @@ int main(int argc, char **argv)
             self.restart_boot()
             el, why = self.converge(nodes, 30, recs)
             if why:
-                self.fail("6a rejoin", "ts-boot restarted with the README command: not one consistent, working "
+                self.fail(step="6a rejoin", msg="ts-boot restarted with the README command: not one consistent, working "
                           "network 30 s later: %s" % "; ".join(why)[:1500])
                 self.show_links(names)
                 # so that the split below starts from one network: the README's own advice,
@@ -871,17 +766,17 @@ int main(int argc, char **argv)
                 self.restart_boot(["--bootstrap", "udp://%s:%d" % (PUB2_IP, PORT)])
                 el, why = self.converge(nodes, 45, recs)
                 if why:
-                    self.fail("6 before split", "not one consistent network before the split even with ts-boot "
+                    self.fail(step="6 before split", msg="not one consistent network before the split even with ts-boot "
                               "bootstrapping from ts-pub2 (45 s); splitting anyway: %s" % "; ".join(why)[:1500])
                 else:
                     log("one network %.1f s after that restart" % el)
             else:
-                self.ok("6a rejoin", "ts-boot restarted with the README command: one consistent ring, cross-site "
+                self.ok(step="6a rejoin", msg="ts-boot restarted with the README command: one consistent ring, cross-site "
                         "pings and DHT reads %.1f s later" % el)
         else:
             el, why = self.converge(nodes, 30, recs)
             if why:
-                self.fail("6 before split", "not one consistent network before the split (30 s); splitting anyway: %s"
+                self.fail(step="6 before split", msg="not one consistent network before the split (30 s); splitting anyway: %s"
                           % "; ".join(why)[:1500])
         recs = self.put_records("before-split")
         self.set_block(True)
@@ -901,7 +796,7 @@ int main(int argc, char **argv)
         g1_at = g2_at = None
         last = []
         while time.monotonic() - t_split < PARTITION_S:
-            self.check_alive()
+            self.note_crashes()
             if g1_at is None or g2_at is None:
                 ok1, ok2, last = self.group_ok()
                 el = time.monotonic() - t_split
@@ -914,27 +809,27 @@ int main(int argc, char **argv)
         check(not any(r[0] for r in leak.values()), "test error: pings crossed the split")
         ok1, ok2, now_bad = self.group_ok()
         if g1_at is None or g2_at is None or not (ok1 and ok2):
-            self.fail("6 split", "inside the split: group {boot, uf1, uf2, lsu} pinging after %s, group "
+            self.fail(step="6 split", msg="inside the split: group {boot, uf1, uf2, lsu} pinging after %s, group "
                       "{pub2, vims} after %s; at the end of the split: %s"
                       % ("%.1f s" % g1_at if g1_at is not None else "never",
                          "%.1f s" % g2_at if g2_at is not None else "never", ", ".join(now_bad) or "all ok"))
             self.show_links(names)
         else:
-            self.ok("6 split", "during the %.0f s split each group pings inside: {boot, uf1, uf2, lsu} after "
+            self.ok(step="6 split", msg="during the %.0f s split each group pings inside: {boot, uf1, uf2, lsu} after "
                     "%.1f s, {pub2, vims} after %.1f s" % (PARTITION_S, g1_at, g2_at))
         self.set_block(False)
         t_heal = time.monotonic()
         el, why = self.converge(nodes, HEAL_MAX_S + 15, recs)
         el = time.monotonic() - t_heal if el is None else el
         if why:
-            self.fail("6 heal", "not healed %.0f s after the split was lifted (limit %.0f s): %s"
+            self.fail(step="6 heal", msg="not healed %.0f s after the split was lifted (limit %.0f s): %s"
                       % (el, HEAL_MAX_S, "; ".join(why)[:2000]))
             self.show_links(names)
-            self.dump(["pub2", "vims", "uf1"], 20)
+            self.dump_logs(["pub2", "vims", "uf1"], 20)
         elif el > HEAL_MAX_S:
-            self.fail("6 heal", "healed only %.1f s after the split was lifted (limit %.0f s)" % (el, HEAL_MAX_S))
+            self.fail(step="6 heal", msg="healed only %.1f s after the split was lifted (limit %.0f s)" % (el, HEAL_MAX_S))
         else:
-            self.ok("6 heal", "%.1f s after the split was lifted: one consistent ring over %d nodes, pings across "
+            self.ok(step="6 heal", msg="%.1f s after the split was lifted: one consistent ring over %d nodes, pings across "
                     "the former groups, and the DHT records put on both sides before the split read on every node"
                     % (el, len(nodes)))
 
@@ -946,7 +841,7 @@ int main(int argc, char **argv)
         ma, mb = self.nodes["ma"], self.nodes["mb"]
         ma.start()
         mb.start()
-        self.wait_status(["ma", "mb"], 15)
+        self.wait_status([self.nodes["ma"], self.nodes["mb"]], 15, poll=0.2)
         t = time.monotonic()
         joined = None
         while time.monotonic() - t < 30:
@@ -955,9 +850,9 @@ int main(int argc, char **argv)
                 break
             time.sleep(0.3)
         if joined is None:
-            self.fail("7 bare masquerade", "ma/mb not joined 30 s after start")
+            self.fail("ma/mb not joined 30 s after start")
             self.show_links(["ma", "mb"])
-            self.dump(["ma", "mb"], 25)
+            self.dump_logs(["ma", "mb"], 25)
             return
         t = time.monotonic()
         wan_a, wan_b = SITE_OF["ma"].wan, SITE_OF["mb"].wan
@@ -973,7 +868,7 @@ int main(int argc, char **argv)
         el = time.monotonic() - t
         if not (ca and cb):
             sa, sb = ma.status(), mb.status()
-            self.fail("7 bare masquerade", "no direct UDP link between ma and mb (behind bare masquerade, ts-core "
+            self.fail("no direct UDP link between ma and mb (behind bare masquerade, ts-core "
                       "between) within 20 s of both joining (joined after %.1f s); ma's link to mb: %s; mb's link "
                       "to ma: %s" % (joined, [c.get("path") + " " + str(c.get("uri")) for c in (sa or {}).get(
                           "connections", []) if str(c.get("address")).lower() == mb.address] or "none",
@@ -985,101 +880,18 @@ int main(int argc, char **argv)
                 print("  conntrack udp in %s:\n%s" % (SITE_OF[s].router, "\n".join(
                     "    " + re.sub(r"\s+", " ", ln) for ln in (out or "").splitlines() if "udp" in ln)[:3000]),
                     flush=True)
-            self.dump(["ma", "mb"], 25)
+            self.dump_logs(["ma", "mb"], 25)
         else:
-            self.ok("7 bare masquerade", "direct UDP link %.1f s after both joined (join %.1f s): ma->%s, mb->%s"
+            self.ok("direct UDP link %.1f s after both joined (join %.1f s): ma->%s, mb->%s"
                     % (el, joined, ca.get("uri"), cb.get("uri")))
         for a, b in ((ma, mb), (mb, ma)):
-            ok, hops, out = a.oping(b.vip, count=3, wait=2)
+            ok, hops, out = a.oping(b.vip, count=3, wait=2, interval=0.3)
             if not ok or not hops or set(hops) != {1}:
-                self.fail("7 bare masquerade", "ipop ping %s -> %s: ok=%s hops=%s (want all 1): %s"
+                self.fail("ipop ping %s -> %s: ok=%s hops=%s (want all 1): %s"
                           % (a.name, b.name, ok, hops, out.replace("\n", " | ")[-300:]))
             else:
-                self.ok("7 bare masquerade", "ipop ping %s -> %s hops=%s" % (a.name, b.name, hops))
-
-    # ---- cleanup
-    def close(self, failed):
-        if self._closed:
-            return
-        self._closed = True
-        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sg, signal.SIG_IGN)
-        self.monitor.stop_ev.set()
-        for p in reversed(Proc.all):
-            p.kill(signal.SIGKILL)
-        for p in Proc.all:
-            p.wait(5)
-        remove_netns(PREFIX + "-")
-        left = list_netns(PREFIX + "-")
-        if left:
-            print("  cleanup: namespaces left: %s" % left, flush=True)
-        keep_lab_logs("t_sites", self.dir, failed)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-_test = None
-
-
-def _cleanup():
-    if _test is not None:
-        _test.close(failed=bool(_test.failures) or not _test.done)
-
-
-def main():
-    global _test
-    lab_start("t_sites", _cleanup, TOOLS, lambda: remove_netns(PREFIX + "-", quiet=True),
-              "apt-get install iputils-ping nftables openssh-server openssh-client openmpi-bin "
-              "libopenmpi-dev coreutils")
-    t = _test = SitesTest()
-    log("t_sites: dir %s, steps %s, split %.0f s" % (t.dir, ",".join(sorted(t.steps)), PARTITION_S))
-    try:
-        t.setup_lab()
-        t.start_nodes()
-        log("lab up; ts-boot, ts-pub2 and hosts %s running" % ", ".join(MAIN_HOSTS))
-        log("---- step 1 join")
-        joined = t.step_join()
-        if "2" in t.steps:
-            t.step_no_vnet_underlay(final=False)
-        if not joined:
-            log("hosts never all pinged: skipping steps 3-6")
-        for name, fn in (("3 ssh/scp", t.step_ssh), ("4 mpi", t.step_mpi), ("5 boot death", t.step_boot_death),
-                         ("6 split/heal", t.step_partition), ("7 bare masquerade", t.step_bare)):
-            if name.split()[0] not in t.steps or (not joined and name[0] in "3456"):
-                continue
-            log("---- step %s" % name)
-            ts = time.monotonic()
-            try:
-                fn()
-            except TestFailure as e:
-                t.fail(name, str(e))
-            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
-        t.monitor.stop()
-        if "2" in t.steps:
-            t.step_no_vnet_underlay(final=True)
-        t.done = True
-    except TestFailure as e:
-        t.fail("setup", str(e))
-    except SystemExit as e:
-        log("interrupted (exit %s): cleaning up" % e.code)
-        t.close(failed=True)
-        raise
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        t.fail("exception", "unexpected exception (see traceback)")
-    print("", flush=True)
-    print("==== t_sites summary (%.0f s)" % (time.monotonic() - t.t0), flush=True)
-    for r in t.passes:
-        print("  PASS " + r.replace("\n", "\n       "), flush=True)
-    for f in t.failures:
-        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
-    t.close(failed=bool(t.failures))
-    if t.failures:
-        log("FAIL: %d check(s) failed" % len(t.failures))
-        sys.exit(1)
-    log("PASS")
-    sys.exit(0)
+                self.ok("ipop ping %s -> %s hops=%s" % (a.name, b.name, hops))
 
 
 if __name__ == "__main__":
-    main()
+    SitesTest.main()

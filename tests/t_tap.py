@@ -37,15 +37,11 @@ run are kept in build/test-logs/t_tap-nodes (or $IPOP_TEST_LOGDIR).
 Env: IPOP_TAP_ROUTERS (default 20), IPOP_TAP_FILE_MB (default 200),
      IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE (nodes run with -v).
 """
-import atexit
-import ctypes
-import hashlib
 import json
 import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,8 +49,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (list_netns, remove_netns, TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, sha1_ip, up_conns,  # noqa: E402
-                 near_up, true_neighbors, REPO)
+from lib import (list_netns, TestFailure, sh, nsx, Proc, check, log, ipop_bin, up_conns,  # noqa: E402
+                 near_up, true_neighbors, Lab, NsNode, ns_add, bridge_add, veth_to_bridge, wait_listen,
+                 sha256_file, kernel_ping, SSH_OPTS)
 
 PREFIX = "tt"
 SW = "tt-sw"
@@ -70,190 +67,61 @@ VM_IP = "10.128.7.5"
 VM_PEER = "tt-tovm"        # the host's end of the VM's veth
 
 
-# --------------------------------------------------------------------------
-# process / namespace helpers
-
-
-
-
-
-
-
-
-def list_tt_netns():
-    return list_netns(PREFIX)
-
-
-
-def remove_tt_netns(quiet=False):
-    return remove_netns(PREFIX, quiet)
-
-
-
-
-class Node:
+class Node(NsNode):
     def __init__(self, t, name, ns, uip, port=PORT, vip=None, bootstrap=None, extra=()):
-        self.t = t
-        self.name = name
-        self.ns = ns
-        self.uip = uip
-        self.port = port
-        self.vip = vip
-        self.bootstrap = bootstrap
-        self.extra = list(extra)
-        self.ctl = os.path.join(t.dir, "%s.sock" % name)
-        self.logpath = os.path.join(t.dir, "%s.log" % name)
-        self.proc = None
-        self.address = sha1_ip(vip) if vip else None
+        NsNode.__init__(self, t, name, ns, vip)
+        self.uip, self.port, self.bootstrap, self.extra = uip, port, bootstrap, list(extra)
 
     @property
     def uri(self):
         return "udp://%s:%d" % (self.uip, self.port)
 
-    def start(self):
-        a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up", "--listen", self.uri,
-             "--secret-file", self.t.key, "--control", self.ctl]
+    def command(self):
+        a = [ipop_bin(), "up", "--listen", self.uri, "--secret-file", self.lab.key, "--control", self.ctl]
         if self.vip:
             a += ["--ip", self.vip + "/16", "--mode", "tap"]
         if self.bootstrap:
             a += ["--bootstrap", self.bootstrap]
         if os.environ.get("IPOP_TEST_VERBOSE"):
             a.append("-v")
-        a += self.extra
-        self.proc = Proc(self.name, a, self.logpath)
-        return self
-
-    def alive(self):
-        return self.proc is not None and self.proc.alive()
-
-    def status(self, timeout=5):
-        try:
-            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
-                               capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL, errors="replace")
-        except subprocess.TimeoutExpired:
-            return None
-        if p.returncode != 0:
-            return None
-        try:
-            d = json.loads(p.stdout)
-        except ValueError:
-            return None
-        if isinstance(d, dict) and d.get("address"):
-            d["address"] = str(d["address"]).lower()
-            if self.address is None:
-                self.address = d["address"]
-        return d
-
-    def oping(self, target, count=1, wait=3):
-        """Overlay echo. Returns (ok, hops, output)."""
-        try:
-            p = subprocess.run([ipop_bin(), "ping", "--control", self.ctl, target,
-                                "-c", str(count), "-W", str(wait)],
-                               capture_output=True, text=True, timeout=count * (wait + 1) + 10,
-                               stdin=subprocess.DEVNULL, errors="replace")
-        except subprocess.TimeoutExpired:
-            return False, [], "timeout"
-        out = (p.stdout + p.stderr).strip()
-        return p.returncode == 0, [int(h) for h in re.findall(r"hops=(\d+)", out)], out
+        return a + self.extra
 
 
 # --------------------------------------------------------------------------
 # the test
 
-class TapTest:
+class TapTest(Lab):
+    name, prefix = "t_tap", PREFIX
+    tools = ("ip", "ping", "iperf3", "sshd", "ssh", "ssh-keygen", "nft", "socat", "ss", "setpriv")
+
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="ipop-t_tap-", dir="/tmp")
-        self.key = os.path.join(self.dir, "net.key")
-        self.nodes = {}
+        Lab.__init__(self)
         self.hosts = []
-        self.failures = []
-        self.results = []
-        self.n_hosts_ns = 0
-        self.made_run_sshd = False
         self.unpriv_dir = None
-        self._closed = False
+
+    def body(self):
+        log("t_tap: dir %s, %d routers, %d MB file" % (self.dir, N_ROUTERS, FILE_MB))
+        self.setup_underlay()
+        self.step("1 ring+ping", self.step_ring, fatal=True)
+        for name, fn in (("2 iperf3", self.step_iperf), ("3 ssh", self.step_ssh),
+                         ("4 file copy", self.step_file), ("5 multi-hop", self.step_multihop),
+                         ("6 duplicate-ip", self.step_duplicate), ("7 unprivileged", self.step_unpriv),
+                         ("8 vm behind h1", self.step_vm), ("9 mobility", self.step_mobility)):
+            self.step(name, fn)
 
     # ---- underlay
     def add_ns(self, ns, uip):
-        sh(["ip", "netns", "add", ns])
-        idx = len(self._ports)
-        port = "ttp%d" % idx
+        ns_add(ns)
+        port = "ttp%d" % len(self._ports)
         self._ports.append(port)
-        sh(["ip", "-n", SW, "link", "add", port, "type", "veth", "peer", "name", "tt-eth",
-            "netns", ns])
-        sh(["ip", "-n", SW, "link", "set", port, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", uip + "/24", "dev", "tt-eth"])
-        sh(["ip", "-n", ns, "link", "set", "tt-eth", "up"])
-        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        veth_to_bridge(SW, BR, ns, "tt-eth", port, uip + "/24")
 
     def setup_underlay(self):
         self._ports = []
-        sh(["ip", "netns", "add", SW])
-        sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
-        sh(["ip", "-n", SW, "link", "set", BR, "up"])
+        ns_add(SW)
+        bridge_add(SW, BR)
         for i in range(1, 6):
             self.add_ns("tt-h%d" % i, UNDERLAY % i)
-
-    # ---- helpers
-    def fail(self, step, msg):
-        self.failures.append("%s: %s" % (step, msg))
-        log("FAIL [%s] %s" % (step, msg))
-
-    def result(self, text):
-        self.results.append(text)
-        log("RESULT " + text)
-
-    def wait_status(self, nodes, timeout):
-        t0 = time.monotonic()
-        pending = list(nodes)
-        while pending:
-            for n in pending:
-                if not n.alive():
-                    print("  %s exited rc=%s; log:\n%s" % (n.name, n.proc.rc(), n.proc.log_tail()),
-                          flush=True)
-                    raise TestFailure("%s died during startup" % n.name)
-            pending = [n for n in pending if n.status(timeout=3) is None]
-            if pending and time.monotonic() - t0 > timeout:
-                for n in pending[:4]:
-                    print("  %s not answering status; log:\n%s" % (n.name, n.proc.log_tail(10)),
-                          flush=True)
-                raise TestFailure("%d node(s) not answering status after %ds"
-                                  % (len(pending), timeout))
-            if pending:
-                time.sleep(0.1)
-        return time.monotonic() - t0
-
-    def check_alive(self, nodes):
-        dead = [n for n in nodes if not n.alive()]
-        for n in dead:
-            print("  UNEXPECTED EXIT %s rc=%s; log tail:\n%s"
-                  % (n.name, n.proc.rc(), n.proc.log_tail(30)), flush=True)
-        check(not dead, "node(s) exited: %s" % ", ".join(n.name for n in dead))
-
-    def kping(self, src, dst_ip, count=3, wait=2, timeout=None):
-        """Kernel ping in src's namespace; (ok, output)."""
-        rc, out, err = nsx(src.ns, ["ping", "-n", "-c", str(count), "-W", str(wait), dst_ip],
-                           timeout=timeout or count * (wait + 1) + 5, check_rc=False)
-        return rc == 0, (out + err).strip()
-
-    def wait_listen(self, ns, addr_port, timeout=10, proc=None):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            rc, out, _ = nsx(ns, ["ss", "-Hltn"], check_rc=False, timeout=5)
-            if any(addr_port in line for line in out.splitlines()):
-                return True
-            if proc is not None and not proc.alive():
-                return False
-            time.sleep(0.1)
-        return False
-
-    def dump_logs(self, names, n=20):
-        for nm in names:
-            nd = self.nodes.get(nm)
-            if nd and nd.proc:
-                print("  log tail of %s (alive=%s):\n%s" % (nm, nd.alive(), nd.proc.log_tail(n)),
-                      flush=True)
 
     # ---- step 1
     def step_ring(self):
@@ -302,7 +170,7 @@ class TapTest:
                 raise TestFailure("ring not formed within 30 s; missing up links: %r" % missing)
             time.sleep(0.2)
         t_ring = time.monotonic() - t0
-        self.result("ring of 4 tap nodes: all up links in %.2f s after first start" % t_ring)
+        self.ok("ring of 4 tap nodes: all up links in %.2f s after first start" % t_ring)
 
         # all-pairs kernel ping, in parallel
         pairs = [(a, b) for a in h for b in h if a is not b]
@@ -310,7 +178,7 @@ class TapTest:
 
         def one(a, b):
             t = time.monotonic()
-            ok, out = self.kping(a, b.vip, count=3, wait=2)
+            ok, out = kernel_ping(a.ns, b.vip, count=3, wait=2)
             res[(a.name, b.name)] = (ok, out, time.monotonic() - t)
         ths = [threading.Thread(target=one, args=p, daemon=True) for p in pairs]
         for th in ths:
@@ -327,18 +195,18 @@ class TapTest:
             print("  kernel ping %s -> %s failed (%.1fs):\n    %s"
                   % (a, b, s, out.replace("\n", "\n    ")), flush=True)
         check(len(res) == 12 and not bad, "%d/12 kernel pings failed" % (12 - len(res) + len(bad)))
-        self.result("kernel ping all 12 ordered pairs ok (ping -c 3 -W 2); avg rtt mean %.3f ms max %.3f ms"
+        self.ok("kernel ping all 12 ordered pairs ok (ping -c 3 -W 2); avg rtt mean %.3f ms max %.3f ms"
                     % (sum(rtts) / max(1, len(rtts)), max(rtts or [0])))
 
         # unreachable virtual IP
-        ok, out = self.kping(h[0], VNET % 99, count=2, wait=3)
+        ok, out = kernel_ping(h[0].ns, VNET % 99, count=2, wait=3)
         print("    " + out.replace("\n", "\n    "), flush=True)
         check(not ok, "ping to %s succeeded?" % (VNET % 99))
         check("Destination Host Unreachable" in out,
               "ping to %s did not report Destination Host Unreachable" % (VNET % 99))
-        self.result("ping %s: fails with Destination Host Unreachable" % (VNET % 99))
+        self.ok("ping %s: fails with Destination Host Unreachable" % (VNET % 99))
         st = h[0].status() or {}
-        self.result("h1 ip_traffic=%s drops=%s" % (json.dumps(st.get("ip_traffic")),
+        self.ok("h1 ip_traffic=%s drops=%s" % (json.dumps(st.get("ip_traffic")),
                                                   json.dumps(st.get("drops"))[:300]))
 
         # A member sending with another member's source IP: dropped and counted.
@@ -357,7 +225,7 @@ class TapTest:
         rx2b = ((h[1].status() or {}).get("ip_traffic") or {}).get("rx_packets", 0)
         check(rc != 0, "a ping from h1 with h3's source IP got replies")
         check(after >= before + 3, "spoofed_source on h1 rose %d -> %d (want +3)" % (before, after))
-        self.result("h1 pinging %s from h3's IP %s: no reply, h1 spoofed_source %d -> %d, h2 rx %d -> %d"
+        self.ok("h1 pinging %s from h3's IP %s: no reply, h1 spoofed_source %d -> %d, h2 rx %d -> %d"
                     % (h[1].vip, spoof, before, after, rx2, rx2b))
 
     # ---- step 2
@@ -369,7 +237,7 @@ class TapTest:
                                     "-B", h2.vip, "-p", "5201"],
                        os.path.join(self.dir, "iperf3-server.log"))
             try:
-                check(self.wait_listen(h2.ns, "%s:5201" % h2.vip, 10, srv),
+                check(wait_listen(h2.ns, "%s:5201" % h2.vip, 10, srv),
                       "iperf3 server not listening: %s" % srv.log_tail(5))
                 rc, out, err = nsx(h1.ns, ["iperf3", "-c", h2.vip, "-p", "5201", "-t", "5",
                                            "-J", "--connect-timeout", "5000"] + extra,
@@ -388,7 +256,7 @@ class TapTest:
                 bps = rcv.get("bits_per_second", 0)
                 check(byt > 0, "iperf3 %s received 0 bytes" % label)
                 rates.append(bps)
-                self.result("iperf3 TCP 5 s %s: %.3f Gbit/s (%.1f MB received, %s retransmits)"
+                self.ok("iperf3 TCP 5 s %s: %.3f Gbit/s (%.1f MB received, %s retransmits)"
                             % (label, bps / 1e9, byt / 1e6, snt.get("retransmits")))
                 srv.wait(5)
             finally:
@@ -397,50 +265,19 @@ class TapTest:
     # ---- step 3
     def step_ssh(self):
         h1, h2 = self.hosts[0], self.hosts[1]
-        d = os.path.join(self.dir, "ssh")
-        os.mkdir(d, 0o700)
-        hk = os.path.join(d, "host_ed25519")
-        ck = os.path.join(d, "client_ed25519")
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
-        ak = os.path.join(d, "authorized_keys")
-        shutil.copy(ck + ".pub", ak)
-        os.chmod(ak, 0o600)
-        cfg = os.path.join(d, "sshd_config")
-        with open(cfg, "w") as f:
-            f.write("\n".join([
-                "Port 22", "ListenAddress %s" % h2.vip, "HostKey %s" % hk,
-                "PidFile %s" % os.path.join(d, "sshd.pid"),
-                "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
-                "PubkeyAuthentication yes", "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
-                # bash started by sshd skips ~/.bashrc when SHLVL is set: root's rc
-                # file on a developer machine may do slow things (pyenv init).
-                "SetEnv SHLVL=1",
-                "AllowUsers root", "X11Forwarding no", "PrintMotd no", "LogLevel VERBOSE", ""]))
-        if not os.path.isdir("/run/sshd"):
-            os.makedirs("/run/sshd", 0o755)
-            self.made_run_sshd = True
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        rc, out, err = sh([sshd, "-t", "-f", cfg], check_rc=False)
-        check(rc == 0, "sshd -t rejects the config: %s" % (err or out).strip())
-        srv = Proc("sshd", ["ip", "netns", "exec", h2.ns, sshd, "-f", cfg, "-D", "-e"],
-                   os.path.join(self.dir, "sshd.log"))
+        srv, ck = self.sshd(h2.ns, h2.vip, ["LogLevel VERBOSE"])
         try:
-            check(self.wait_listen(h2.ns, "%s:22" % h2.vip, 10, srv),
+            check(wait_listen(h2.ns, "%s:22" % h2.vip, 10, srv),
                   "sshd not listening on %s:22: %s" % (h2.vip, srv.log_tail(10)))
             t = time.monotonic()
-            rc, out, err = nsx(h1.ns, ["ssh", "-F", "/dev/null", "-i", ck, "-o", "IdentitiesOnly=yes",
-                                       "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                                       "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-                                       "-o", "LogLevel=ERROR",
+            rc, out, err = nsx(h1.ns, ["ssh"] + SSH_OPTS + ["-i", ck, "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
                                        "root@%s" % h2.vip, "echo", MARKER], timeout=30, check_rc=False)
             el = time.monotonic() - t
             if not (rc == 0 and MARKER in out):
                 print("  sshd log:\n%s" % srv.log_tail(20), flush=True)
             check(rc == 0 and MARKER in out,
                   "ssh over overlay: rc=%s out=%r err=%r" % (rc, out[-200:], err[-300:]))
-            self.result("ssh root@%s echo: printed %r in %.2f s" % (h2.vip, out.strip(), el))
+            self.ok("ssh root@%s echo: printed %r in %.2f s" % (h2.vip, out.strip(), el))
         finally:
             srv.stop()
 
@@ -459,7 +296,7 @@ class TapTest:
                                     "OPEN:%s,creat,trunc,wronly" % dst],
                    os.path.join(self.dir, "socat-listen.log"))
         try:
-            check(self.wait_listen(h3.ns, "%s:%d" % (h3.vip, port), 10, lst),
+            check(wait_listen(h3.ns, "%s:%d" % (h3.vip, port), 10, lst),
                   "socat listener not up: %s" % lst.log_tail(5))
             t = time.monotonic()
             rc, out, err = nsx(h1.ns, ["socat", "-u", "OPEN:%s,rdonly" % src,
@@ -473,7 +310,7 @@ class TapTest:
             have = sha256_file(dst) if got >= 0 else ""
             check(got == n and have == want,
                   "file copy mismatch: size %d/%d sha256 %s vs %s" % (got, n, have[:16], want[:16]))
-            self.result("%d MB file h1->h3 via socat: %.2f s, %.1f MB/s, sha256 %s... matches"
+            self.ok("%d MB file h1->h3 via socat: %.2f s, %.1f MB/s, sha256 %s... matches"
                         % (FILE_MB, el, n / 1e6 / el, want[:16]))
         finally:
             lst.stop()
@@ -516,7 +353,7 @@ class TapTest:
                                   "nodes missing near links: %r" % (len(allnodes), bad))
             time.sleep(0.3)
         nconn = [len(up_conns(s)) for s in sts]
-        self.result("%d router-only nodes joined, ring of %d consistent in %.2f s; up links per node mean %.1f min %d max %d"
+        self.ok("%d router-only nodes joined, ring of %d consistent in %.2f s; up links per node mean %.1f min %d max %d"
                     % (N_ROUTERS, len(allnodes), time.monotonic() - t0, sum(nconn) / len(nconn), min(nconn), max(nconn)))
         # where h1 and h4 sit on the ring: if no node lies between them they
         # are each other's immediate neighbours, the hard case for rerouting
@@ -553,7 +390,7 @@ class TapTest:
                 raise TestFailure("h1<->h4 link still up 20 s after blocking")
             time.sleep(0.2)
         t_dead = time.monotonic() - t_block
-        self.result("direct h1<->h4 link gone %.2f s after blocking" % t_dead)
+        self.ok("direct h1<->h4 link gone %.2f s after blocking" % t_dead)
         # kernel ping and overlay hops, polled up to 20 s
         deadline = time.monotonic() + 20
         kok = False
@@ -561,7 +398,7 @@ class TapTest:
         tries = 0
         while True:
             tries += 1
-            ok, out = self.kping(h1, h4.vip, count=3, wait=2)
+            ok, out = kernel_ping(h1.ns, h4.vip, count=3, wait=2)
             kok = kok or ok
             ook, hops, oout = h1.oping(h4.vip, count=3, wait=2)
             if hops:
@@ -581,7 +418,7 @@ class TapTest:
                 raise TestFailure("after blocking h1<->h4 underlay: kernel ping h1->h4 ok=%s, overlay "
                                   "hops %r (want >= 2) for 20 s; %s" % (kok, best_hops, where))
             time.sleep(0.5)
-        self.result("after blocking h1<->h4: kernel ping h1->%s ok; overlay ping hops %r "
+        self.ok("after blocking h1<->h4: kernel ping h1->%s ok; overlay ping hops %r "
                     "(%.1f s after link death, %d tries); %s"
                     % (h4.vip, hops, time.monotonic() - t_block - t_dead, tries, where))
         _ = ook
@@ -602,7 +439,7 @@ class TapTest:
         naming = [line for line in lines if h2.vip in line and
                   not re.match(r"ipop\[\d+\]: (info|debug) ", line)]
         if rc is None:
-            ok, out = self.kping(h1, h2.vip, count=3, wait=2)
+            ok, out = kernel_ping(h1.ns, h2.vip, count=3, wait=2)
             log("duplicate node still running after 15 s; meanwhile kernel ping h1->h2 ok=%s" % ok)
             print("  h5-dup log tail:\n%s" % dup.proc.log_tail(15), flush=True)
             dup.proc.stop()
@@ -614,16 +451,16 @@ class TapTest:
                   % (rc, el, dup.proc.log_tail(10)), flush=True)
             check(rc != 0, "duplicate-IP detection missing: the duplicate node exited rc=0")
             check(naming, "duplicate-IP detection unclear: no error line names %s" % h2.vip)
-            self.result("duplicate --ip %s: node exited rc=%d after %.2f s: %r"
+            self.ok("duplicate --ip %s: node exited rc=%d after %.2f s: %r"
                         % (h2.vip, rc, el, naming[0].strip()))
         finally:
-            ok, out = self.kping(h1, h2.vip, count=3, wait=2)
+            ok, out = kernel_ping(h1.ns, h2.vip, count=3, wait=2)
             if not ok:
-                self.fail("6 duplicate-ip", "h2 no longer reachable from h1 after the duplicate:\n    "
+                self.fail("h2 no longer reachable from h1 after the duplicate:\n    "
                           + out.replace("\n", "\n    "))
                 self.dump_logs(["h1", "h2"], 10)
             else:
-                self.result("after the duplicate: kernel ping h1->h2 ok")
+                self.ok("after the duplicate: kernel ping h1->h2 ok")
             self.check_alive([h2])
 
     # ---- step 7
@@ -671,7 +508,7 @@ class TapTest:
                       "--mode tap without privilege: rc=%s after %.1f s (want non-zero within 5 s)"
                       % (rc, el))
                 check(priv, "--mode tap without privilege: no line mentions CAP_NET_ADMIN or root")
-                self.result("unprivileged --mode tap: rc=%d in %.2f s, %d output line(s): %r"
+                self.ok("unprivileged --mode tap: rc=%d in %.2f s, %d output line(s): %r"
                             % (rc, el, len(lines), priv[0].strip()))
             else:
                 time.sleep(2)
@@ -684,13 +521,12 @@ class TapTest:
                       % (pw.pw_name, alive, p.log_tail(10)), flush=True)
                 check(alive, "--mode auto without privilege exited (rc=%s)" % p.rc())
                 check(warn, "--mode auto without privilege did not say it falls back to user mode")
-                self.result("unprivileged --mode auto: kept running 2 s, warned: %r" % warn[0].strip())
+                self.ok("unprivileged --mode auto: kept running 2 s, warned: %r" % warn[0].strip())
 
     # ---- steps 8, 9: a VM behind a host, then moved to another host
     def ctl(self, node, args, timeout=10):
         """ipop CLI against node's control socket; (rc, output)."""
-        rc, out, err = sh([ipop_bin()] + list(args) + ["--control", node.ctl],
-                          timeout=timeout, check_rc=False)
+        rc, out, err = node.cli(args, timeout)
         return rc, (out + err).strip()
 
     def attach_vm(self, host, vm_if):
@@ -724,11 +560,6 @@ class TapTest:
         return "%d-byte value%s" % (len(val), " = ring address of " + who[0] if who else
                                     " (no host's ring address: %s)" % v.hex()[:48])
 
-    def vm_ping(self, src_ns, dst, count=3, wait=2):
-        rc, out, err = nsx(src_ns, ["ping", "-n", "-c", str(count), "-W", str(wait), dst],
-                           timeout=count * (wait + 1) + 5, check_rc=False)
-        return rc == 0, (out + err).strip()
-
     def step_vm(self):
         h1, h2 = self.hosts[0], self.hosts[1]
         sh(["ip", "netns", "add", VM_NS])
@@ -743,7 +574,7 @@ class TapTest:
         tries = 0
         while True:
             tries += 1
-            ok, out = self.kping(h2, VM_IP, count=2, wait=2)
+            ok, out = kernel_ping(h2.ns, VM_IP, count=2, wait=2)
             if ok:
                 break
             if time.monotonic() > deadline:
@@ -755,23 +586,23 @@ class TapTest:
             time.sleep(0.5)
         el = time.monotonic() - t0
         m = re.search(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/", out)
-        self.result("VM %s behind h1: kernel ping from h2 ok %.2f s after route add (%d tries, avg rtt %s ms)"
+        self.ok("VM %s behind h1: kernel ping from h2 ok %.2f s after route add (%d tries, avg rtt %s ms)"
                     % (VM_IP, el, tries, m.group(1) if m else "?"))
         # the DHT record
         rc, val, err = self.dht_get(h2, "ip:" + VM_IP)
         check(rc == 0, "ipop dht get ip:%s on h2: rc=%s %r" % (VM_IP, rc, (val + err)[-300:]))
-        self.result("ipop dht get ip:%s on h2: rc=0, %s" % (VM_IP, self.describe_holder(val)))
+        self.ok("ipop dht get ip:%s on h2: rc=0, %s" % (VM_IP, self.describe_holder(val)))
         # VM -> h2
-        ok, out = self.vm_ping(VM_NS, h2.vip)
+        ok, out = kernel_ping(VM_NS, h2.vip)
         if not ok:
             print("  VM ping %s:\n    %s" % (h2.vip, out.replace("\n", "\n    ")), flush=True)
             self.dump_logs(["h1", "h2"], 15)
         check(ok, "kernel ping from the VM to %s failed" % h2.vip)
-        self.result("VM -> %s kernel ping ok" % h2.vip)
+        self.ok("VM -> %s kernel ping ok" % h2.vip)
 
     def step_mobility(self):
         h1, h2, h3 = self.hosts[0], self.hosts[1], self.hosts[2]
-        check(VM_NS in list_tt_netns(), "no VM namespace (step 8 failed early)")
+        check(VM_NS in list_netns(PREFIX), "no VM namespace (step 8 failed early)")
         nbytes = 20 * 1024 * 1024
         src = os.path.join(self.dir, "vm.src")
         dst = os.path.join(self.dir, "vm.dst")
@@ -799,7 +630,7 @@ class TapTest:
             "print('%.2f done %d' % (time.monotonic()-t0, n), flush=True)\n")
         pingp = sender = None
         try:
-            check(self.wait_listen(VM_NS, ":%d" % port, 10, lst),
+            check(wait_listen(VM_NS, ":%d" % port, 10, lst),
                   "socat listener in the VM not up: %s" % lst.log_tail(5))
             pinglog = os.path.join(self.dir, "mobility-ping.log")
             pingp = Proc("ping-vm", ["ip", "netns", "exec", h2.ns, "ping", "-n", "-D", "-i", "0.2",
@@ -852,9 +683,9 @@ class TapTest:
             if not ok_ping:
                 print("  ping log tail:\n%s" % pingp.log_tail(30), flush=True)
                 self.dump_logs(["h1", "h2", "h3"], 15)
-                self.fail("9 mobility", "ping replies did not resume within 5 s of the move: " + detail)
+                self.fail("ping replies did not resume within 5 s of the move: " + detail)
             else:
-                self.result("VM moved h1 -> h3 (%.2f s of commands): %s" % (t_moved - t_move, detail))
+                self.ok("VM moved h1 -> h3 (%.2f s of commands): %s" % (t_moved - t_move, detail))
             _ = prc
             # the transfer
             got = os.path.getsize(dst) if os.path.exists(dst) else -1
@@ -871,10 +702,10 @@ class TapTest:
             check(got == nbytes and have == want,
                   "TCP transfer across the move: got %d/%d bytes, sha256 %s vs %s"
                   % (got, nbytes, have[:16], want[:16]))
-            self.result("20 MB TCP h2 -> VM across the move: complete, sha256 %s... matches (%s)"
+            self.ok("20 MB TCP h2 -> VM across the move: complete, sha256 %s... matches (%s)"
                         % (want[:16], slog[-1] if slog else ""))
             rc, val, err = self.dht_get(h2, "ip:" + VM_IP)
-            self.result("after the move: ipop dht get ip:%s on h2: rc=%s, %s"
+            self.ok("after the move: ipop dht get ip:%s on h2: rc=%s, %s"
                         % (VM_IP, rc, self.describe_holder(val) if rc == 0 else err[-200:]))
         finally:
             for p in (sender, pingp, lst):
@@ -887,126 +718,10 @@ class TapTest:
                     pass
 
     # ---- cleanup
-    def close(self, failed):
-        if self._closed:
-            return
-        self._closed = True
-        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sg, signal.SIG_IGN)     # finish cleaning up
-        for p in reversed(Proc.all):
-            p.kill(signal.SIGKILL)
-        for p in Proc.all:
-            p.wait(5)
-        remove_tt_netns()
-        left = list_tt_netns()
-        if left:
-            print("  cleanup: namespaces left: %s" % left, flush=True)
-        if self.made_run_sshd:
-            try:
-                os.rmdir("/run/sshd")
-            except OSError:
-                pass
-        if failed or os.environ.get("IPOP_KEEP_LOGS"):
-            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
-            dst = os.path.join(base, "t_tap-nodes")
-            try:
-                shutil.rmtree(dst, ignore_errors=True)
-                os.makedirs(dst, exist_ok=True)
-                for f in os.listdir(self.dir):
-                    if f.endswith(".log"):
-                        shutil.copy(os.path.join(self.dir, f), dst)
-                print("node logs kept in %s" % dst, flush=True)
-            except OSError as e:
-                print("could not keep logs: %r" % e, flush=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def close_more(self):
         if self.unpriv_dir:
             shutil.rmtree(self.unpriv_dir, ignore_errors=True)
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-_test = None
-
-
-def _cleanup():
-    if _test is not None:
-        _test.close(failed=bool(_test.failures) or not getattr(_test, "done", False))
-
-
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def main():
-    global _test
-    atexit.register(_cleanup)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
-    if os.geteuid() != 0:
-        print("FAIL: t_tap needs root (network namespaces, tap devices)", flush=True)
-        sys.exit(1)
-    ipop_bin()
-    for tool in ("ip", "ping", "iperf3", "sshd", "ssh", "ssh-keygen", "nft", "socat", "ss", "setpriv"):
-        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("FAIL: missing tool %s (tests/deps.sh installs it)" % tool, flush=True)
-            sys.exit(1)
-    old = remove_tt_netns(quiet=True)
-    if old:
-        log("removed leftover namespaces: %s" % " ".join(old))
-    t = TapTest()
-    _test = t
-    log("t_tap: dir %s, %d routers, %d MB file" % (t.dir, N_ROUTERS, FILE_MB))
-    try:
-        t.setup_underlay()
-        try:
-            t.step_ring()
-        except TestFailure as e:
-            t.fail("1 ring+ping", str(e))
-            raise
-        for name, fn in (("2 iperf3", t.step_iperf), ("3 ssh", t.step_ssh),
-                         ("4 file copy", t.step_file), ("5 multi-hop", t.step_multihop),
-                         ("6 duplicate-ip", t.step_duplicate), ("7 unprivileged", t.step_unpriv),
-                         ("8 vm behind h1", t.step_vm), ("9 mobility", t.step_mobility)):
-            log("---- step %s" % name)
-            ts = time.monotonic()
-            try:
-                fn()
-            except TestFailure as e:
-                t.fail(name, str(e))
-            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
-        t.done = True
-    except TestFailure:
-        pass
-    except SystemExit as e:
-        log("interrupted (exit %s): cleaning up" % e.code)
-        t.close(failed=True)
-        raise
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        t.fail("exception", "unexpected exception (see traceback)")
-    print("", flush=True)
-    print("==== t_tap summary", flush=True)
-    for r in t.results:
-        print("  ok   " + r, flush=True)
-    for f in t.failures:
-        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
-    t.close(failed=bool(t.failures))
-    if t.failures:
-        log("FAIL: %d check(s) failed" % len(t.failures))
-        sys.exit(1)
-    log("PASS")
-    sys.exit(0)
-
-
 if __name__ == "__main__":
-    main()
+    TapTest.main()

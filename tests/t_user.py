@@ -67,23 +67,20 @@ test goes on; the exit status is non-zero if any failed.  Node logs of a
 failed run are kept in build/test-logs/t_user-nodes (or $IPOP_TEST_LOGDIR).
 Env: IPOP_USER_FILE_MB (default 200), IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE.
 """
-import atexit
-import ctypes
 import hashlib
 import json
 import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import list_netns, remove_netns, TestFailure, sh, nsx, _pdeathsig, Proc, check, log, ipop_bin, REPO  # noqa: E402
+from lib import (TestFailure, sh, nsx, Proc, _pdeathsig, check, log, ipop_bin, Lab, NsNode, ns_add, bridge_add,  # noqa: E402
+                 veth_to_bridge, wait_listen, sha256_file, proc_status, rss_mb, n_fds, RssSampler, SSH_OPTS)
 
 NS_PREFIX = "tu-"
 SW = "tu-sw"
@@ -670,212 +667,82 @@ if __name__ == "__main__":
 
 
 
-
-
-
-
-
-def list_tu_netns():
-    return list_netns(NS_PREFIX)
-
-
-
-def remove_tu_netns(quiet=False):
-    return remove_netns(NS_PREFIX, quiet)
-
-
-
-
-def proc_status(pid):
-    """{key: value} of /proc/PID/status, {} if gone."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-    except OSError:
-        return {}
-
-
-def rss_mb(pid):
-    v = proc_status(pid).get("VmRSS", "")
-    m = re.match(r"\s*(\d+)\s*kB", v)
-    return int(m.group(1)) / 1024.0 if m else None
-
-
-def n_fds(pid):
-    try:
-        return len(os.listdir("/proc/%d/fd" % pid))
-    except OSError:
-        return None
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-class RssSampler:
-    """Samples a pid's VmRSS every `every` s in a thread (reading /proc only)."""
-
-    def __init__(self, pid, every=0.05):
-        self.pid = pid
-        self.every = every
-        self.samples = []           # (monotonic, MB)
-        self._stop = threading.Event()
-        self.th = threading.Thread(target=self._run, daemon=True)
-        self.th.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            r = rss_mb(self.pid)
-            if r is not None:
-                self.samples.append((time.monotonic(), r))
-            self._stop.wait(self.every)
-
-    def stop(self):
-        self._stop.set()
-        self.th.join(2)
-
-    def max_between(self, t0=None, t1=None):
-        v = [r for t, r in self.samples if (t0 is None or t >= t0) and (t1 is None or t <= t1)]
-        return max(v) if v else None
-
-
 # --------------------------------------------------------------------------
 # nodes
 
-class Node:
+class Node(NsNode):
     def __init__(self, t, name, ns, idx, user, extra=()):
-        self.t = t
-        self.name = name
-        self.ns = ns
+        NsNode.__init__(self, t, name, ns, VNET % idx)
         self.idx = idx
         self.uip = UNDERLAY % idx
-        self.vip = VNET % idx
         self.user = user            # True: run as the unprivileged user
         self.extra = list(extra)
-        d = t.udir if user else t.dir
-        self.ctl = os.path.join(d, "%s.sock" % name)
-        self.logpath = os.path.join(t.dir, "%s.log" % name)
-        self.proc = None
+        self.bootstrap = None
+        if user:
+            self.ctl = os.path.join(t.udir, "%s.sock" % name)
 
     def start(self, bootstrap=None):
-        t = self.t
+        self.bootstrap = bootstrap
+        return NsNode.start(self)
+
+    def command(self):
+        t = self.lab
         if self.user:
-            a = ["ip", "netns", "exec", self.ns, "setpriv", "--reuid=%d" % t.uid,
-                 "--regid=%d" % t.gid, "--clear-groups", "--inh-caps=-all", "--",
-                 t.ubin, "up", "--secret-file", t.ukey]
+            a = ["setpriv", "--reuid=%d" % t.uid, "--regid=%d" % t.gid, "--clear-groups", "--inh-caps=-all",
+                 "--", t.ubin, "up", "--secret-file", t.ukey]
         else:
-            a = ["ip", "netns", "exec", self.ns, ipop_bin(), "up", "--secret-file", t.key]
-        a += ["--listen", "udp://%s:%d" % (self.uip, PORT), "--control", self.ctl,
-              "--ip", self.vip + "/16"]
-        if bootstrap:
-            a += ["--bootstrap", bootstrap]
+            a = [ipop_bin(), "up", "--secret-file", t.key]
+        a += ["--listen", "udp://%s:%d" % (self.uip, PORT), "--control", self.ctl, "--ip", self.vip + "/16"]
+        if self.bootstrap:
+            a += ["--bootstrap", self.bootstrap]
         if os.environ.get("IPOP_TEST_VERBOSE"):
             a.append("-v")
-        a += self.extra
-        self.proc = Proc(self.name, a, self.logpath)
-        return self
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def alive(self):
-        return self.proc is not None and self.proc.alive()
-
-    def status(self, timeout=5):
-        try:
-            p = subprocess.run([ipop_bin(), "status", "--control", self.ctl, "--json"],
-                               capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL, errors="replace")
-        except subprocess.TimeoutExpired:
-            return None
-        if p.returncode != 0:
-            return None
-        try:
-            d = json.loads(p.stdout)
-        except ValueError:
-            return None
-        return d if isinstance(d, dict) else None
+        return a + self.extra
 
 
 # --------------------------------------------------------------------------
 # the test
 
-class UserTest:
+class UserTest(Lab):
+    name, prefix = "t_user", NS_PREFIX
+    tools = ("ip", "ping", "curl", "sshd", "ssh", "ssh-keygen", "ss", "setpriv")
+
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="ipop-t_user-", dir="/tmp")
-        self.key = os.path.join(self.dir, "net.key")
+        # a private copy of the binary: ./ipop may be rebuilt while this runs
+        self.bindir = tempfile.mkdtemp(prefix="ipop-t_user-bin-", dir="/tmp")
+        os.chmod(self.bindir, 0o755)
+        shutil.copy(ipop_bin(), os.path.join(self.bindir, "ipop"))
+        os.environ["IPOP"] = os.path.join(self.bindir, "ipop")
+        log("binary: private copy %s (sha1 %s)" % (ipop_bin(), hashlib.sha1(open(ipop_bin(), "rb").read()).hexdigest()[:12]))
+        Lab.__init__(self)
         self.udir = None
-        self.nodes = {}
-        self.failures = []
-        self.results = []
-        self.made_run_sshd = False
-        self._closed = False
-        self.done = False
         self.helper = os.path.join(self.dir, "helper.py")
         with open(self.helper, "w") as f:
             f.write(HELPER)
         os.chmod(self.dir, 0o755)       # helper.py readable for nobody too (not needed now)
 
-    # ---- underlay
-    def add_ns(self, ns, idx):
-        sh(["ip", "netns", "add", ns])
-        port = "tup%d" % idx
-        sh(["ip", "-n", SW, "link", "add", port, "type", "veth", "peer", "name", "tu-eth",
-            "netns", ns])
-        sh(["ip", "-n", SW, "link", "set", port, "master", BR, "up"])
-        sh(["ip", "-n", ns, "addr", "add", UNDERLAY % idx + "/24", "dev", "tu-eth"])
-        sh(["ip", "-n", ns, "link", "set", "tu-eth", "up"])
-        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+    def body(self):
+        log("t_user: dir %s, %d MB file" % (self.dir, FILE_MB))
+        self.setup_underlay()
+        self.step("0 setup", self.setup, fatal=True)
+        for name, fn in (("1 socks+names", self.step_socks_names), ("2 200MB download", self.step_download),
+                         ("3 ssh via ipop nc", self.step_ssh), ("4 -R/-L/ping", self.step_remote),
+                         ("5 two user-mode nodes", self.step_user_pair), ("6 malformed socks", self.step_malformed),
+                         ("6b socks data with the CONNECT", self.step_optimistic),
+                         ("7 backpressure", self.step_backpressure),
+                         ("8 udp associate", self.step_udp_assoc), ("9 socks-auth node", self.step_socks_auth),
+                         ("10 socks to own virtual ip", self.step_self_connect)):
+            self.step(name, fn)
 
+    # ---- underlay
     def setup_underlay(self):
-        sh(["ip", "netns", "add", SW])
-        sh(["ip", "-n", SW, "link", "add", BR, "type", "bridge"])
-        sh(["ip", "-n", SW, "link", "set", BR, "up"])
+        ns_add(SW)
+        bridge_add(SW, BR)
         for name, idx in (("tu-a", 1), ("tu-b", 2), ("tu-c", 3), ("tu-d", 4), ("tu-e", 5)):
-            self.add_ns(name, idx)
+            ns_add(name)
+            veth_to_bridge(SW, BR, name, "tu-eth", "tup%d" % idx, UNDERLAY % idx + "/24")
 
     # ---- helpers
-    def fail(self, step, msg):
-        self.failures.append("%s: %s" % (step, msg))
-        log("FAIL [%s] %s" % (step, msg))
-
-    def result(self, text):
-        self.results.append(text)
-        log("RESULT " + text)
-
-    def dump_logs(self, names, n=20):
-        for nm in names:
-            nd = self.nodes.get(nm)
-            if nd and nd.proc:
-                print("  log tail of %s (alive=%s rc=%s):\n%s"
-                      % (nm, nd.alive(), nd.proc.rc(), nd.proc.log_tail(n)), flush=True)
-
-    def check_alive(self, names):
-        dead = [nm for nm in names if not self.nodes[nm].alive()]
-        if dead:
-            self.dump_logs(dead, 40)
-        check(not dead, "node(s) exited: %s" % ", ".join(
-            "%s rc=%s" % (nm, self.nodes[nm].proc.rc()) for nm in dead))
-
-    def wait_listen(self, ns, addr_port, timeout=10, proc=None):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            rc, out, _ = nsx(ns, ["ss", "-Hltn"], check_rc=False, timeout=5)
-            if any(addr_port in line for line in out.splitlines()):
-                return True
-            if proc is not None and not proc.alive():
-                return False
-            time.sleep(0.1)
-        return False
-
     def helper_proc(self, name, ns, args):
         p = Proc(name, ["ip", "netns", "exec", ns, sys.executable, self.helper] + list(args),
                  os.path.join(self.dir, "%s.log" % name))
@@ -895,26 +762,6 @@ class UserTest:
         t = time.monotonic()
         rc, out, err = nsx(ns, a, timeout=timeout + 10, check_rc=False)
         return rc, out, err, time.monotonic() - t
-
-    def wait_status(self, nodes, timeout):
-        t0 = time.monotonic()
-        pending = list(nodes)
-        while pending:
-            for n in pending:
-                if not n.alive():
-                    print("  %s exited rc=%s; log:\n%s" % (n.name, n.proc.rc(), n.proc.log_tail()),
-                          flush=True)
-                    raise TestFailure("%s died during startup" % n.name)
-            pending = [n for n in pending if n.status(timeout=3) is None]
-            if pending and time.monotonic() - t0 > timeout:
-                for n in pending:
-                    print("  %s not answering status; log:\n%s" % (n.name, n.proc.log_tail(10)),
-                          flush=True)
-                raise TestFailure("%d node(s) not answering status after %ds"
-                                  % (len(pending), timeout))
-            if pending:
-                time.sleep(0.1)
-        return time.monotonic() - t0
 
     # ---- setup: nodes, servers, files
     def setup(self):
@@ -982,8 +829,8 @@ class UserTest:
         self.udpecho = self.helper_proc("udpecho-b", "tu-b", ["udpecho", VNET % 2, str(UDP_PORT)])
         for p, ns, ap in zip(srv, ("tu-a", "tu-c", "tu-c", "tu-b"),
                              ("127.0.0.1:9000", "127.0.0.1:9000", "127.0.0.1:9007", VNET % 2 + ":8000")):
-            check(self.wait_listen(ns, ap, 10, p), "%s not listening on %s: %s" % (p.name, ap, p.log_tail(5)))
-        self.result("setup: B (tap, root) + A, C, D (nobody) answering status %.2f s after B started; "
+            check(wait_listen(ns, ap, 10, p), "%s not listening on %s: %s" % (p.name, ap, p.log_tail(5)))
+        self.ok("setup: B (tap, root) + A, C, D (nobody) answering status %.2f s after B started; "
                     "%d MB file sha256 %s..." % (time.monotonic() - t0, FILE_MB, self.big_sha[:16]))
 
     # ---- step 1
@@ -1001,12 +848,12 @@ class UserTest:
         check(st.get("socks") == SOCKS, "A status socks=%r, want %r" % (st.get("socks"), SOCKS))
         check(st.get("interface") is None, "A status interface=%r, want null" % st.get("interface"))
         lines = [ln for ln in a.proc.log_text().splitlines() if "user mode" in ln]
-        self.result("A runs as uid %s, status mode=user socks=%s; log: %r"
+        self.ok("A runs as uid %s, status mode=user socks=%s; log: %r"
                     % (uid[0], st.get("socks"), lines[0].strip() if lines else None))
         for nm in ("C", "D"):
             s2 = self.nodes[nm].status() or {}
             check(s2.get("mode") == "user", "%s status mode=%r, want 'user'" % (nm, s2.get("mode")))
-        self.result("C, D status mode=user; C socks=%r (--socks off), D socks=%r"
+        self.ok("C, D status mode=user; C socks=%r (--socks off), D socks=%r"
                     % ((self.nodes["C"].status() or {}).get("socks"), (self.nodes["D"].status() or {}).get("socks")))
         # by IP: the ring needs a moment; poll up to 20 s
         t0 = time.monotonic()
@@ -1021,7 +868,7 @@ class UserTest:
                 raise TestFailure("curl --socks5 %s http://%s:8000/ in tu-a: rc=%s %r (20 s of tries)"
                                   % (SOCKS, VNET % 2, rc, (err or out)[-300:]))
             time.sleep(0.3)
-        self.result("curl --socks5 via A -> http://%s:8000/ ok (%.2f s after nodes up, %d tries, last %.3f s)"
+        self.ok("curl --socks5 via A -> http://%s:8000/ ok (%.2f s after nodes up, %d tries, last %.3f s)"
                     % (VNET % 2, time.monotonic() - t0, tries, el))
         # by name, as bob.ipop and as bob; B's name record may lag a moment
         for host in ("bob.ipop", "bob"):
@@ -1038,7 +885,7 @@ class UserTest:
                     raise TestFailure("curl --socks5-hostname http://%s:8000/: rc=%s %r (15 s of tries)"
                                       % (host, rc, (err or out)[-300:]))
                 time.sleep(0.3)
-            self.result("curl --socks5-hostname http://%s:8000/ -> B's page (%d tries, last %.3f s)"
+            self.ok("curl --socks5-hostname http://%s:8000/ -> B's page (%d tries, last %.3f s)"
                         % (host, tries, el))
         # an unknown name
         bogus = "nosuch%s.ipop" % os.urandom(3).hex()
@@ -1047,7 +894,7 @@ class UserTest:
         log("unknown name %s: curl rc=%s in %.2f s: %r" % (bogus, rc, el, err.strip()[-200:]))
         check(rc == 97 and el < 5.0, "unknown name %s: curl rc=%s after %.2f s (want 97 in < 5 s): %r"
               % (bogus, rc, el, err.strip()[-200:]))
-        self.result("unknown name %s: curl exit 97 in %.2f s (%s)" % (bogus, el, err.strip()[-120:]))
+        self.ok("unknown name %s: curl exit 97 in %.2f s (%s)" % (bogus, el, err.strip()[-120:]))
         self.check_alive(["A", "B"])
 
     # ---- step 2
@@ -1097,51 +944,20 @@ class UserTest:
         segs = n / 1308
         check(tx < segs / 4, "A sent %d records while receiving %d segments: ACKs not thinned "
               "(lwIP alone sends one per two)" % (tx, segs))
-        self.result("%d MB B -> A via SOCKS: %.2f s, %.1f MB/s, sha256 %s... matches; A VmRSS %.1f MB "
+        self.ok("%d MB B -> A via SOCKS: %.2f s, %.1f MB/s, sha256 %s... matches; A VmRSS %.1f MB "
                     "before, max %.1f MB during; A sent %d records (%.1f segments each)"
                     % (FILE_MB, el, n / 1e6 / el, got[:16], rss0 or -1, rmax or -1, tx, segs / max(tx, 1)))
 
     # ---- step 3
     def step_ssh(self):
-        d = os.path.join(self.dir, "ssh")
-        os.mkdir(d, 0o700)
-        hk = os.path.join(d, "host_ed25519")
-        ck = os.path.join(d, "client_ed25519")
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk])
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ck])
-        ak = os.path.join(d, "authorized_keys")
-        shutil.copy(ck + ".pub", ak)
-        os.chmod(ak, 0o600)
-        cfg = os.path.join(d, "sshd_config")
-        # SetEnv SHLVL=1: bash run by sshd then skips ~/.bashrc, whose
-        # contents (e.g. pyenv init waiting on a stale rehash lock) must not
-        # decide whether this step passes
-        with open(cfg, "w") as f:
-            f.write("\n".join([
-                "Port 22", "ListenAddress %s" % VNET % 2, "HostKey %s" % hk,
-                "PidFile %s" % os.path.join(d, "sshd.pid"),
-                "AuthorizedKeysFile %s" % ak, "PermitRootLogin prohibit-password",
-                "PubkeyAuthentication yes", "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no",
-                "AllowUsers root", "X11Forwarding no", "PrintMotd no", "SetEnv SHLVL=1",
-                "LogLevel VERBOSE", ""]))
-        if not os.path.isdir("/run/sshd"):
-            os.makedirs("/run/sshd", 0o755)
-            self.made_run_sshd = True
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        rc, out, err = sh([sshd, "-t", "-f", cfg], check_rc=False)
-        check(rc == 0, "sshd -t rejects the config: %s" % (err or out).strip())
-        srv = Proc("sshd", ["ip", "netns", "exec", "tu-b", sshd, "-f", cfg, "-D", "-e"],
-                   os.path.join(self.dir, "sshd.log"))
+        srv, ck = self.sshd("tu-b", VNET % 2, ["LogLevel VERBOSE"])
         try:
-            check(self.wait_listen("tu-b", "%s:22" % VNET % 2, 10, srv),
+            check(wait_listen("tu-b", "%s:22" % VNET % 2, 10, srv),
                   "sshd not listening on %s:22: %s" % (VNET % 2, srv.log_tail(10)))
             proxy = "%s nc %%h %%p" % ipop_bin()
             t = time.monotonic()
-            rc, out, err = nsx("tu-a", ["ssh", "-F", "/dev/null", "-i", ck, "-o", "IdentitiesOnly=yes",
-                                        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                                        "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-                                        "-o", "LogLevel=ERROR", "-o", "ProxyCommand=" + proxy,
+            rc, out, err = nsx("tu-a", ["ssh"] + SSH_OPTS + ["-i", ck, "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
+                                                           "-o", "ProxyCommand=" + proxy,
                                         "root@%s" % VNET % 2, "echo", MARKER], timeout=30, check_rc=False)
             el = time.monotonic() - t
             if not (rc == 0 and MARKER in out):
@@ -1150,7 +966,7 @@ class UserTest:
             check(rc == 0 and MARKER in out,
                   "ssh -o ProxyCommand='ipop nc %%h %%p' root@%s: rc=%s out=%r err=%r"
                   % (VNET % 2, rc, out[-200:], err[-300:]))
-            self.result("ssh -o ProxyCommand='ipop nc %%h %%p' root@%s echo (in tu-a, via A's SOCKS): "
+            self.ok("ssh -o ProxyCommand='ipop nc %%h %%p' root@%s echo (in tu-a, via A's SOCKS): "
                         "printed %r in %.2f s" % (VNET % 2, out.strip(), el))
         finally:
             srv.stop()
@@ -1162,18 +978,18 @@ class UserTest:
             self.dump_logs(["A"], 15)
         check(rc == 0 and self.www["a"] in out,
               "-R: curl http://%s:80/ in tu-b: rc=%s out=%r err=%r" % (VNET % 1, rc, out[-100:], err[-300:]))
-        self.result("-R 80:127.0.0.1:9000 on A: plain curl in tu-b http://%s:80/ -> A's local page (%.3f s)"
+        self.ok("-R 80:127.0.0.1:9000 on A: plain curl in tu-b http://%s:80/ -> A's local page (%.3f s)"
                     % (VNET % 1, el))
         rc, out, err = nsx("tu-b", ["ping", "-n", "-c", "3", "-W", "2", VNET % 1], timeout=20,
                            check_rc=False)
         m = re.search(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/", out)
         check(rc == 0, "kernel ping tu-b -> %s (lwIP): rc=%s\n    %s" % (VNET % 1, rc, (out + err).strip()))
-        self.result("kernel ping tu-b -> %s (A's lwIP) ok, 3/3, avg rtt %s ms" % (VNET % 1, m.group(1) if m else "?"))
+        self.ok("kernel ping tu-b -> %s (A's lwIP) ok, 3/3, avg rtt %s ms" % (VNET % 1, m.group(1) if m else "?"))
         rc, out, err, el = self.curl("tu-a", "http://127.0.0.1:8081/", timeout=10)
         check(rc == 0 and self.www["b"] in out,
               "-L 8081:%s:8000 on A: curl 127.0.0.1:8081 in tu-a: rc=%s out=%r err=%r"
               % (VNET % 2, rc, out[-100:], err[-300:]))
-        self.result("-L 8081:%s:8000 on A: curl in tu-a http://127.0.0.1:8081/ -> B's page (%.3f s)"
+        self.ok("-L 8081:%s:8000 on A: curl in tu-a http://127.0.0.1:8081/ -> B's page (%.3f s)"
                     % (VNET % 2, el))
 
     # ---- step 5
@@ -1191,7 +1007,7 @@ class UserTest:
                 raise TestFailure("D -L 9180 -> C -R 80: curl rc=%s %r (15 s of tries)"
                                   % (rc, (err or out)[-300:]))
             time.sleep(0.3)
-        self.result("D -L 9180:%s:80 -> C -R 80:127.0.0.1:9000: curl in tu-d -> C's page "
+        self.ok("D -L 9180:%s:80 -> C -R 80:127.0.0.1:9000: curl in tu-d -> C's page "
                     "(%d tries, last %.3f s)" % (VNET % 3, tries, el))
         rc, out, err = self.helper_run("tu-d", ["echo1", "127.0.0.1", "9107", "100000"], timeout=40)
         try:
@@ -1202,7 +1018,7 @@ class UserTest:
             self.dump_logs(["C", "D"], 20)
         check(r.get("ok"), "D -L 9107 -> C -R 7 echo of 100000 bytes with half-close: rc=%s %r %r"
               % (rc, out[-300:], err[-300:]))
-        self.result("D -L 9107:%s:7 -> C -R 7 echo: 100000 bytes back intact after SHUT_WR (%.3f s)"
+        self.ok("D -L 9107:%s:7 -> C -R 7 echo: 100000 bytes back intact after SHUT_WR (%.3f s)"
                     % (VNET % 3, r["s"]))
         # 100 concurrent through D's SOCKS to C's -R echo port
         fd0 = n_fds(dn.pid)
@@ -1218,7 +1034,7 @@ class UserTest:
         check(r.get("ok") == N_CONC,
               "%d concurrent SOCKS connections D -> %s:7 (C -R echo): %s/%d ok; failures %r; rc=%s err=%r"
               % (N_CONC, VNET % 3, r.get("ok"), N_CONC, r.get("bad"), rc, err[-300:]))
-        self.result("%d concurrent SOCKS connections via D -> %s:7 (C's -R echo): all %d distinct %d KB "
+        self.ok("%d concurrent SOCKS connections via D -> %s:7 (C's -R echo): all %d distinct %d KB "
                     "payloads echoed intact; all connected in %.2f s, done in %.2f s; D fds %s -> %s, "
                     "relays now %s" % (N_CONC, VNET % 3, N_CONC, CONC_BYTES // 1024, r["connect_s"],
                                        r["total_s"], fd0, n_fds(dn.pid), st.get("relays")))
@@ -1249,7 +1065,7 @@ class UserTest:
             self.dump_logs(["A"], 20)
         check(alive_ok, "after the malformed SOCKS cases, curl via SOCKS: rc=%s %r" % (rc, err2[-300:]))
         check(not bad, "%d/%d malformed-SOCKS case(s) failed: %s" % (len(bad), len(cases), "; ".join(bad)))
-        self.result("malformed SOCKS: all %d cases as expected; then curl via SOCKS ok (%.3f s); %s"
+        self.ok("malformed SOCKS: all %d cases as expected; then curl via SOCKS ok (%.3f s); %s"
                     % (len(cases), el, info))
 
     # ---- step 6b
@@ -1267,7 +1083,7 @@ class UserTest:
               "(%d bytes: %s) and then %s after %.1f s, no HTTP response (the request bytes queued "
               "behind the CONNECT in the SOCKS input buffer are not handed to the relay)"
               % (r["len"], r["got"], r["how"], r["s"]))
-        self.result("greeting + CONNECT + GET in one write: reply 0 and the page (%.3f s)" % r["s"])
+        self.ok("greeting + CONNECT + GET in one write: reply 0 and the page (%.3f s)" % r["s"])
 
     # ---- step 7
     def step_backpressure(self):
@@ -1314,7 +1130,7 @@ class UserTest:
               % (during or -1, STALL_S, RSS_LIMIT_MB))
         check(ok_data, "after the stall: %s/%d bytes, sha256 %s vs %s"
               % (r.get("bytes"), self.big_bytes, str(r.get("sha256"))[:16], self.big_sha[:16]))
-        self.result("backpressure: client read nothing for %d s: A VmRSS %.1f MB before, max %.1f MB "
+        self.ok("backpressure: client read nothing for %d s: A VmRSS %.1f MB before, max %.1f MB "
                     "during (< %d), max %.1f MB after; B's socket Send-Q %s bytes; then %d MB completed "
                     "in %.2f s, sha256 matches" % (STALL_S, rss0, during, RSS_LIMIT_MB, after or -1, sendq,
                                                    FILE_MB, r["resume_s"]))
@@ -1364,7 +1180,7 @@ class UserTest:
             self.dump_logs(["A"], 20)
         self.check_alive(["A", "B"])
         check(not bad, "UDP ASSOCIATE: " + "; ".join(bad))
-        self.result("UDP ASSOCIATE via A's SOCKS -> %s:%d (udp echo in tu-b): relay %s; 20/20 datagrams "
+        self.ok("UDP ASSOCIATE via A's SOCKS -> %s:%d (udp echo in tu-b): relay %s; 20/20 datagrams "
                     "of 1..1200 bytes back intact, header source %s:%d (%d resends, p50 rtt %s ms); "
                     "frag/atyp 3/outside-net/short datagrams dropped; a second sender ignored; after the "
                     "TCP close: %s, relay socket gone; A fds %s -> %s"
@@ -1392,7 +1208,7 @@ class UserTest:
         txt0 = e0.proc.log_text().strip().splitlines()
         check(rc0 not in (None, 0), "--socks-auth with a mode 644 file: node %s (want a startup error): %s"
               % ("still running after 5 s" if rc0 is None else "rc=%s" % rc0, txt0[-3:]))
-        self.result("--socks-auth FILE with mode 644: refused at startup, rc=%s: %r"
+        self.ok("--socks-auth FILE with mode 644: refused at startup, rc=%s: %r"
                     % (rc0, txt0[-1][-150:] if txt0 else ""))
         e = Node(self, "E", "tu-e", 5, user=True, extra=["--socks", SOCKS_E, "--socks-auth", af])
         self.nodes["E"] = e
@@ -1413,7 +1229,7 @@ class UserTest:
                 raise TestFailure("curl -x socks5://alice:***@%s %s in tu-a: rc=%s %r (20 s of tries)"
                                   % (SOCKS_E, url, rc, (err or out)[-300:]))
             time.sleep(0.3)
-        self.result("node E (nobody, --socks %s --socks-auth, 2 users, status socks=%r): "
+        self.ok("node E (nobody, --socks %s --socks-auth, 2 users, status socks=%r): "
                     "curl in tu-a -x socks5://alice:PW@%s -> B's page (%d tries, last %.3f s)"
                     % (SOCKS_E, st.get("socks"), SOCKS_E, tries, el))
         bad = []
@@ -1454,7 +1270,7 @@ class UserTest:
         if not (rc == 0 and self.www["b"] in out):
             bad.append("after the refusals a correct login fails: rc=%s %r" % (rc, err[-200:]))
         check(not bad, "--socks-auth: " + "; ".join(bad))
-        self.result("--socks-auth on E: second user (password with ':') ok; wrong password, other user's "
+        self.ok("--socks-auth on E: second user (password with ':') ok; wrong password, other user's "
                     "password, unknown user, no-auth all refused by curl (rc 7/97); raw: no-auth greeting "
                     "-> 05 ff, wrong password -> %s; right -> 01 00; E alive, a correct login "
                     "works after the refusals" % (r.get("wrong", "?").split("auth reply ")[-1]))
@@ -1485,132 +1301,16 @@ class UserTest:
               "vs %s: %r" % (SELF_BYTES >> 20, rc, str(got)[:16], self.self_sha[:16], err[-200:]))
         rc, out, err, el2 = self.curl("tu-a", "http://%s:8000/" % VNET % 2, socks=SOCKS, timeout=10)
         check(rc == 0 and self.www["b"] in out, "after the self-connections, curl via SOCKS to B: rc=%s" % rc)
-        self.result("SOCKS to A's own virtual IP: 5x curl --socks5 %s %s -> A's -R page (max %.3f s); "
+        self.ok("SOCKS to A's own virtual IP: 5x curl --socks5 %s %s -> A's -R page (max %.3f s); "
                     "%d MB self.bin in %.2f s, sha256 matches; A alive, SOCKS to B still ok"
                     % (SOCKS, url, max(els), SELF_BYTES >> 20, el))
 
     # ---- cleanup
-    def close(self, failed):
-        if self._closed:
-            return
-        self._closed = True
-        for sg in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sg, signal.SIG_IGN)     # finish cleaning up
-        for p in reversed(Proc.all):
-            p.kill(signal.SIGKILL)
-        for p in Proc.all:
-            p.wait(5)
-        remove_tu_netns()
-        left = list_tu_netns()
-        if left:
-            print("  cleanup: namespaces left: %s" % left, flush=True)
-        if self.made_run_sshd:
-            try:
-                os.rmdir("/run/sshd")
-            except OSError:
-                pass
-        if failed or os.environ.get("IPOP_KEEP_LOGS"):
-            base = os.environ.get("IPOP_TEST_LOGDIR") or os.path.join(REPO, "build", "test-logs")
-            dst = os.path.join(base, "t_user-nodes")
-            try:
-                shutil.rmtree(dst, ignore_errors=True)
-                os.makedirs(dst, exist_ok=True)
-                for f in os.listdir(self.dir):
-                    if f.endswith(".log"):
-                        shutil.copy(os.path.join(self.dir, f), dst)
-                print("node logs kept in %s" % dst, flush=True)
-            except OSError as e:
-                print("could not keep logs: %r" % e, flush=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def close_more(self):
         if self.udir:
             shutil.rmtree(self.udir, ignore_errors=True)
-
-
-_test = None
-_bindir = None
-
-
-def _cleanup():
-    if _test is not None:
-        _test.close(failed=bool(_test.failures) or not _test.done)
-    if _bindir:
-        shutil.rmtree(_bindir, ignore_errors=True)
-
-
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def main():
-    global _test
-    atexit.register(_cleanup)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _on_signal)
-    if os.geteuid() != 0:
-        print("FAIL: t_user needs root (network namespaces; the nodes run as nobody)", flush=True)
-        sys.exit(1)
-    # a private copy of the binary: ./ipop may be rebuilt while this runs
-    global _bindir
-    _bindir = tempfile.mkdtemp(prefix="ipop-t_user-bin-", dir="/tmp")
-    os.chmod(_bindir, 0o755)
-    shutil.copy(ipop_bin(), os.path.join(_bindir, "ipop"))
-    os.environ["IPOP"] = os.path.join(_bindir, "ipop")
-    log("binary: private copy %s (sha1 %s)" % (ipop_bin(), hashlib.sha1(open(ipop_bin(), "rb").read()).hexdigest()[:12]))
-    for tool in ("ip", "ping", "curl", "sshd", "ssh", "ssh-keygen", "ss", "setpriv"):
-        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            print("FAIL: missing tool %s (tests/deps.sh installs it)" % tool, flush=True)
-            sys.exit(1)
-    old = remove_tu_netns(quiet=True)
-    if old:
-        log("removed leftover namespaces: %s" % " ".join(old))
-    t = UserTest()
-    _test = t
-    log("t_user: dir %s, %d MB file" % (t.dir, FILE_MB))
-    try:
-        t.setup_underlay()
-        try:
-            t.setup()
-        except TestFailure as e:
-            t.fail("0 setup", str(e))
-            raise
-        for name, fn in (("1 socks+names", t.step_socks_names), ("2 200MB download", t.step_download),
-                         ("3 ssh via ipop nc", t.step_ssh), ("4 -R/-L/ping", t.step_remote),
-                         ("5 two user-mode nodes", t.step_user_pair), ("6 malformed socks", t.step_malformed),
-                         ("6b socks data with the CONNECT", t.step_optimistic),
-                         ("7 backpressure", t.step_backpressure),
-                         ("8 udp associate", t.step_udp_assoc), ("9 socks-auth node", t.step_socks_auth),
-                         ("10 socks to own virtual ip", t.step_self_connect)):
-            log("---- step %s" % name)
-            ts = time.monotonic()
-            try:
-                fn()
-            except TestFailure as e:
-                t.fail(name, str(e))
-            log("---- step %s took %.1f s" % (name, time.monotonic() - ts))
-        t.done = True
-    except TestFailure:
-        pass
-    except SystemExit as e:
-        log("interrupted (exit %s): cleaning up" % e.code)
-        t.close(failed=True)
-        raise
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        t.fail("exception", "unexpected exception (see traceback)")
-    print("", flush=True)
-    print("==== t_user summary", flush=True)
-    for r in t.results:
-        print("  ok   " + r, flush=True)
-    for f in t.failures:
-        print("  FAIL " + f.replace("\n", "\n       "), flush=True)
-    t.close(failed=bool(t.failures))
-    if t.failures:
-        log("FAIL: %d check(s) failed" % len(t.failures))
-        sys.exit(1)
-    log("PASS")
-    sys.exit(0)
+        shutil.rmtree(self.bindir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    UserTest.main()
