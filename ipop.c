@@ -12,14 +12,21 @@
  *
  * Contents — one banner per section, in dependency order; `grep -n '^/\* ==='`
  * lists them.  Every function carries its section's prefix.
- *   00  -      limits, shared types, the node struct
+ *   00  -      limits and shared types
  *   01  log_   log lines, rate limits, drop counters
  *   02  buf_   byte cursors: bounded big-endian get/put, hex, string builder
  *   03  ev_    epoll loop, fd table, timer heap, monotonic clock
  *   04  sec_   mbedTLS glue: addressing, random, handshake/record crypto, certificates
  *   05  wire_  overlay messages: one decode/encode pair per message type
- *   06  link_  UDP/TCP links: the authenticated handshake, sealed records, keepalive
- *   07  ring_  ring arithmetic; near, far, leaf, shortcut roles; greedy routing; joins
+ *   05b -      shared state: struct link, each section's state, the node
+ *   06  link_  UDP/TCP links: the table, sending and batching, teardown,
+ *              contacts, relay roaming, becoming up
+ *   06b link_  links, continued: the handshake and its admission, sealed
+ *              records, relayed links, input dispatch, ICMP errors, TCP streams
+ *   07  ring_  ring arithmetic; near, far, leaf, shortcut roles; greedy routing;
+ *              traffic counts and the shortcut cap
+ *   07b ring_  the ring, continued: connect-to-me and joins, dials, address
+ *              claims, echo, upkeep, rendezvous, shortcuts, link hooks
  *   08  dht_   a DHT in the ring: put/get/create, leases, replicas, hand-over
  *   09  nat_   public endpoints learned from peers, NAT classification
  *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors;
@@ -30,7 +37,9 @@
  *   14  fwd_   -L and -R port forwards
  *   15  ctl_   control socket: status text/JSON, overlay ping, dht, route
  *   15b sim_   ipop simulate: many nodes, virtual time, an in-memory network
- *   16  cli_   flags, config file, subcommands, main
+ *   16  cli_   flags, usage texts, the config file, parsing
+ *   16b cli_   ipop up: node setup, signals, the main loop
+ *   16c cli_   the other subcommands (control clients, credentials, map), main
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -2505,38 +2514,14 @@ static ssize_t wire_echo_encode(uint8_t *out, size_t cap, bool reply, const stru
 	return wbuf_done(&w);
 }
 
-/* ===================================================================== 06 link_
- * Links: one authenticated, encrypted conversation with one peer over UDP
- * (a remote endpoint on a shared socket) or TCP (its own stream, frames with
- * a 2-byte length).  Every link starts with a handshake (docs/SECURITY.md):
- *
- *   I -> R  HS_INIT   idx_i, mode, e_i, cookie, mac1(network key)
- *   R -> I  HS_COOKIE (UDP, no valid cookie yet: R keeps no state)
- *   R -> I  HS_RESP   idx_r, e_r, seal(k_resp, identity_r + sig(h1r))
- *   I -> R  HS_FIN    seal(k_fin, identity_i + sig(h2))
- *   then    DATA      idx, epoch, counter, seal(k_dir, message)
- *
- * with ck = HKDF-Extract(salt, X25519(e_i, e_r)), salt = the network secret
- * or the CA certificate's hash, and every key expanded from ck and the
- * transcript hash.  A link's state names what it awaits:
- *
- *   initiator:  CONNECTING (TCP) -> AWAIT_RESP --HS_RESP/send FIN--> UP
- *   responder:  (UDP: nothing) / AWAIT_INIT (TCP) --HS_INIT--> AWAIT_FIN
- *               --HS_FIN--> UP
- *   any:        -> CLOSED (freed by link_reap at the end of the loop turn;
- *               an up UDP or relayed link we closed with a BYE first drains
- *               the peer's routed messages in flight for LINK_DRAIN_MS)
- *
- * Messages after the handshake carry the receiver's link index, so a packet
- * finds its link with one lookup (the index's low bits are its slot in the
- * node's table) and a peer may change address (roam).
- * Crossing dials make two links; link_resolve_duplicate keeps the one
- * dialled by the lower ring address, so both ends choose the same survivor.
- * Keys ratchet forward (HKDF) every rekey interval; the replay window spans
- * epochs.  Link code reports facts to the ring through node->hooks; it never
- * decides roles.  The node struct lives here because links are its first
- * users.  To add a link message: a wire_ type above WIRE_FIRST_INNER and a
- * case in link_on_up_packet.
+/* ===================================================================== 05b -
+ * Shared state: the link and the node.  Types only, no functions: the
+ * link (section 06's unit), and each section's state struct, which the
+ * node holds by value, so that one static struct node is a whole process
+ * (or, in section 15b, one of many).  A section keeps its state in its
+ * struct here and touches another's only through that section's functions
+ * or hooks.  The limits that size these structs are here with them; the
+ * others stay with the section that enforces them.
  * ========================================================================= */
 
 enum link_state {
@@ -3154,6 +3139,40 @@ struct node {
 	 * here instead of a socket.  NULL for a real node. */
 	int (*udp_send)(struct node *n, const struct sockaddr_in *to, const uint8_t *pkt, size_t len);
 };
+
+/* ===================================================================== 06 link_
+ * Links: one authenticated, encrypted conversation with one peer over UDP
+ * (a remote endpoint on a shared socket) or TCP (its own stream, frames with
+ * a 2-byte length).  Every link starts with a handshake (docs/SECURITY.md):
+ *
+ *   I -> R  HS_INIT   idx_i, mode, e_i, cookie, mac1(network key)
+ *   R -> I  HS_COOKIE (UDP, no valid cookie yet: R keeps no state)
+ *   R -> I  HS_RESP   idx_r, e_r, seal(k_resp, identity_r + sig(h1r))
+ *   I -> R  HS_FIN    seal(k_fin, identity_i + sig(h2))
+ *   then    DATA      idx, epoch, counter, seal(k_dir, message)
+ *
+ * with ck = HKDF-Extract(salt, X25519(e_i, e_r)), salt = the network secret
+ * or the CA certificate's hash, and every key expanded from ck and the
+ * transcript hash.  A link's state names what it awaits:
+ *
+ *   initiator:  CONNECTING (TCP) -> AWAIT_RESP --HS_RESP/send FIN--> UP
+ *   responder:  (UDP: nothing) / AWAIT_INIT (TCP) --HS_INIT--> AWAIT_FIN
+ *               --HS_FIN--> UP
+ *   any:        -> CLOSED (freed by link_reap at the end of the loop turn;
+ *               an up UDP or relayed link we closed with a BYE first drains
+ *               the peer's routed messages in flight for LINK_DRAIN_MS)
+ *
+ * Messages after the handshake carry the receiver's link index, so a packet
+ * finds its link with one lookup (the index's low bits are its slot in the
+ * node's table) and a peer may change address (roam).
+ * Crossing dials make two links; link_resolve_duplicate keeps the one
+ * dialled by the lower ring address, so both ends choose the same survivor.
+ * Keys ratchet forward (HKDF) every rekey interval; the replay window spans
+ * epochs.  Link code reports facts to the ring through node->hooks; it never
+ * decides roles.  struct link and the node are in section 05b.  To add a
+ * link message: a wire_ type above WIRE_FIRST_INNER and a
+ * case in link_on_up_packet.
+ * ========================================================================= */
 
 static void link_addr_short(const ring_addr *a, char out[13])
 {
@@ -4327,6 +4346,17 @@ static void link_became_up(struct link *l)
 	if (n->hooks.up)
 		n->hooks.up(n, l);
 }
+
+/* ===================================================================== 06b link_
+ * Links, continued: how a link is made and what it carries.  The handshake
+ * (HS_INIT, HS_COOKIE, HS_RESP, HS_FIN; docs/SECURITY.md section 4) and its
+ * admission (per-IP rate, half-open cap), sealed records and their replay
+ * window, relayed links (a link's records inside another link's), the
+ * input dispatch every packet passes, ICMP errors on the UDP socket, and
+ * TCP streams (accepting, framing, the unproven-stream cap, draining).
+ * One room with section 06, split for length: the same prefix, the same
+ * state (struct link, section 05b); 06 holds what these build on.
+ * ========================================================================= */
 
 /* ---- handshake -------------------------------------------------------- */
 
@@ -6459,6 +6489,17 @@ static void ring_sc_enforce_cap(struct node *n)
 		rates[v] = rates[k];
 	}
 }
+
+/* ===================================================================== 07b ring_
+ * The ring, continued: joining and keeping it.  Connect-to-me requests and
+ * replies (joins, repairs, far-link candidates, shortcuts asked for), the
+ * dials they lead to and what limits them (tokens, rations, scopes), the
+ * claims on our address, overlay echo, the periodic upkeep, rendezvous
+ * (bootstraps, remembered peers, merging split rings), shortcuts, and the
+ * hooks through which links report to the ring.  One room with section 07,
+ * split for length: the same prefix and state (struct ring_state, 05b);
+ * 07 holds the arithmetic, roles and routing these use.
+ * ========================================================================= */
 
 /* ---- connect-to-me -------------------------------------------------- */
 
@@ -15451,6 +15492,14 @@ static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char 
 }
 
 
+/* ===================================================================== 16b cli_
+ * ipop up: from parsed options to a running node.  Listeners, credentials,
+ * identity and the --ip auto lease, the interface (tap, namespace, user
+ * mode), remembered peers and bootstraps, the fd limit, signals (SIGHUP
+ * reloads what can change without touching links), and the main loop.
+ * Continues section 16 (same prefix, struct cli_opts); split for length.
+ * ========================================================================= */
+
 /* ---- node setup (ipop up) ------------------------------------------ */
 
 static int cli_listener_open(struct node *n, const struct endpoint *ep, char *err, size_t errlen)
@@ -16176,6 +16225,13 @@ static int cli_up(struct cli_opts *o)
 	close(sfd);
 	return node.exit_code;
 }
+
+/* ===================================================================== 16c cli_
+ * The other subcommands and main: clients of a running node's control
+ * socket (status, ping, dht, route, resolve, nc, map), the credential
+ * tools (genkey, ca init, cert issue, ca revoke), and the dispatch table
+ * main() walks.  Continues sections 16 and 16b; split for length.
+ * ========================================================================= */
 
 /* ---- client commands ------------------------------------------------ */
 
