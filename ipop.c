@@ -652,6 +652,11 @@ struct ev_loop {
 	bool stop;
 	bool virtual_time;      /* a simulated node (section 15b): now_ms is all there is */
 	struct ev_rest *resting;        /* EV_RESTING_MAX, allocated by the first ev_fd_rest */
+	/* The end of a turn, after callbacks and timers and before the next
+	 * wait: its owner's batched work (Redis's beforesleep).  Drivers that
+	 * run a node's code outside ev_run_once end their turn with
+	 * ev_turn_end. */
+	void (*turn_end)(struct ev_loop *loop);
 };
 
 static uint64_t ev_clock_us(void)
@@ -907,6 +912,12 @@ static bool ev_accept_failed(struct ev_loop *loop, int lfd, struct log_drops *dr
 }
 
 /* One turn: wait for I/O or the next timer, dispatch both. */
+static void ev_turn_end(struct ev_loop *loop)
+{
+	if (loop->turn_end)
+		loop->turn_end(loop);
+}
+
 static void ev_run_once(struct ev_loop *loop)
 {
 	struct epoll_event evs[EV_EVENTS_PER_WAIT];
@@ -920,6 +931,7 @@ static void ev_run_once(struct ev_loop *loop)
 			f.fn(loop, fd, f.arg, evs[i].events);
 	}
 	ev_run_timers(loop);
+	ev_turn_end(loop);
 }
 
 /* ===================================================================== 04 sec_
@@ -3498,6 +3510,17 @@ static void link_reap(struct node *n)
 	}
 }
 
+/* A node's end of a loop turn (ev_loop.turn_end): IP's deferred local
+ * writes first (they may make lwIP send), then the send batch leaves and
+ * closed links are freed. */
+static void link_turn_end(struct ev_loop *loop)
+{
+	struct node *n = container_of(loop, struct node, loop);
+	if (n->ip.flush_local)
+		n->ip.flush_local(n);
+	link_reap(n);
+}
+
 /* Free every link, draining ones too, and the slot table: the node goes. */
 static void link_free_all(struct node *n)
 {
@@ -5804,6 +5827,7 @@ static int64_t link_sec_tick(struct ev_loop *loop, struct ev_timer *t)
 
 static void link_start(struct node *n)
 {
+	n->loop.turn_end = link_turn_end;
 	if (!n->rekey_ms)
 		n->rekey_ms = LINK_REKEY_MS;
 	sec_cookie_rotate(&n->sec, &n->rng, ev_now(&n->loop));
@@ -13771,6 +13795,7 @@ static int sim_node_start(struct sim *s)
 	}
 	s->nodes[s->n_nodes++] = sn;
 	sim_alive_add(s, idx);
+	n->loop.turn_end = link_turn_end;       /* no link_start: no socket, no cookie timer */
 	ring_start(n);
 	dht_start(n);
 	n->ring.echo_reply = sim_on_echo_reply;
@@ -13845,7 +13870,7 @@ static void sim_run_until(struct sim *s, uint64_t until)
 		struct node *n = &s->nodes[i]->n;
 		n->loop.now_ms = t;
 		ev_run_timers(&n->loop);
-		link_reap(n);
+		ev_turn_end(&n->loop);
 		sim_node_resched(s, i);
 	}
 	s->now_ms = until;
@@ -13882,7 +13907,7 @@ static void sim_probe_send(struct sim *s)
 					    .counted = true };
 	a->n.loop.now_ms = s->now_ms;
 	ring_echo_send(&a->n, &b->n.self.addr, id);
-	link_reap(&a->n);
+	ev_turn_end(&a->n.loop);
 	sim_node_resched(s, a->idx);
 }
 
@@ -13974,7 +13999,7 @@ static void sim_dht_put_all(struct sim *s)
 		n->loop.now_ms = s->now_ms;
 		dht_request(n, DHT_PUT, s->dht_keys[k], (const uint8_t *)s->dht_keys[k], strlen(s->dht_keys[k]),
 			    SIM_DHT_TTL_S, sim_on_dht_put, NULL);
-		link_reap(n);
+		ev_turn_end(&n->loop);
 		sim_node_resched(s, container_of(n, struct sim_node, n)->idx);
 		if (k % 16 == 15)
 			sim_run_until(s, s->now_ms + 1);
@@ -13998,7 +14023,7 @@ static uint32_t sim_dht_get_all(struct sim *s)
 			sn->n.loop.now_ms = s->now_ms;
 			dht_request(&sn->n, DHT_GET, s->dht_keys[k], NULL, 0, 0, sim_on_dht_get,
 				    (void *)(uintptr_t)(k + 1));
-			link_reap(&sn->n);
+			ev_turn_end(&sn->n.loop);
 			sim_node_resched(s, sn->idx);
 			if (k % 16 == 15)
 				sim_run_until(s, s->now_ms + 1);
@@ -14235,7 +14260,7 @@ static void sim_churn_probe(struct sim *s)
 		struct node *n = &s->nodes[a]->n;
 		n->loop.now_ms = s->now_ms;
 		ring_echo_send(n, &s->nodes[b]->n.self.addr, id);
-		link_reap(n);
+		ev_turn_end(&n->loop);
 		sim_node_resched(s, a);
 		return;
 	}
@@ -16208,16 +16233,12 @@ static int cli_up(struct cli_opts *o)
 	ring_start(&node);
 	dht_start(&node);
 	nat_start(&node);
-	while (!node.loop.stop) {
-		ev_run_once(&node.loop);
-		if (node.ip.flush_local)        /* first: it may make lwIP send */
-			node.ip.flush_local(&node);
-		link_reap(&node);
-	}
+	while (!node.loop.stop)
+		ev_run_once(&node.loop);        /* ends each turn with link_turn_end */
 	if (node.ns_child > 0)
 		kill(node.ns_child, SIGTERM);   /* we leave: the command loses its network */
 	dht_leave(&node);
-	link_reap(&node);               /* the hand-over leaves before the BYEs */
+	ev_turn_end(&node.loop);        /* the hand-over leaves before the BYEs */
 	ring_remember_save(&node);
 	ring_leave(&node);
 	ctl_close(&ctl);

@@ -425,12 +425,8 @@ int main(int argc, char **argv)
 	kit.routed = kit.n.hooks.routed;
 	kit.n.hooks.routed = kit_routed_hook;
 	kit_say("ready");
-	while (!kit.n.loop.stop) {
-		ev_run_once(&kit.n.loop);
-		if (kit.n.ip.flush_local)
-			kit.n.ip.flush_local(&kit.n);
-		link_reap(&kit.n);
-	}
+	while (!kit.n.loop.stop)
+		ev_run_once(&kit.n.loop);       /* each turn ends with link_turn_end */
 	ring_leave(&kit.n);
 	ctl_close(&kit.ctl);
 	return 0;

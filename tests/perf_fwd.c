@@ -56,10 +56,8 @@ static int node_up(struct node *n, uint32_t ip, const char *secret)
 static void pump(struct node *a, struct node *b, int turns)
 {
 	for (int i = 0; i < turns; i++) {
-		ev_run_once(&a->loop);
+		ev_run_once(&a->loop);          /* each ends its turn: link_turn_end */
 		ev_run_once(&b->loop);
-		link_reap(a);
-		link_reap(b);
 	}
 }
 
