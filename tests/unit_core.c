@@ -1642,6 +1642,16 @@ static void test_shortcuts(void)
 	/* ...and leaving, we name three others: 0x08 in our place. */
 	kh = dht_holders(&n, &k60, true, hl, &self_in);
 	CHECK(kh == 3 && !self_in && wire_addr_eq(&hl[2]->peer.addr, &peers[2]));
+	/* REPLICAs: 0x08 is the fourth nearest we see (0x90 quiet), an old
+	 * holder handing over: taken; with 0x90 awake it is the fifth: not. */
+	struct link *l08 = NULL;
+	for (struct link *l = n.links; l; l = l->next)
+		if (wire_addr_eq(&l->peer.addr, &peers[2]))
+			l08 = l;
+	CHECK(l08 && dht_replica_from_holder(&n, l08, &k60));
+	l90->last_rx_ms = n.loop.now_ms;
+	CHECK(!dht_replica_from_holder(&n, l08, &k60) && dht_replica_from_holder(&n, l90, &k60));
+	l90->last_rx_ms = now;
 
 	/* The table: a peer is found again; a full probe window evicts the
 	 * quietest; an uncounted peer has no rate. */
@@ -1675,6 +1685,54 @@ static void test_shortcuts(void)
 	fake_node_free(&n);
 }
 
+/* DHT messages: the signed lease fields round trip; a write other than
+ * PUT or CREATE is malformed. */
+static void test_dht_wire(void)
+{
+	uint8_t buf[512], sig[8] = "sigbytes";
+	struct wire_dht m = { .op = DHT_REPLICA, .token = 7, .key_len = 5, .key = (const uint8_t *)"name:",
+			      .owner = addr_top(0x42), .ttl_s = 60, .wop = DHT_CREATE, .expires = 0x123456789aull,
+			      .value_len = 4, .value = (const uint8_t *)"\x0a\0\0\1", .sig_len = 8, .sig = sig };
+	ssize_t len = dht_encode(buf, sizeof buf, &m);
+	struct wire_dht d;
+	CHECK(len == 45 + 5 + 4 + 8 && dht_decode(buf, (size_t)len, &d) == 0);
+	CHECK(d.wop == DHT_CREATE && d.expires == m.expires && d.ttl_s == 60 && d.value_len == 4 &&
+	      d.sig_len == 8 && !memcmp(d.sig, sig, 8) && wire_addr_eq(&d.owner, &m.owner));
+	m.wop = DHT_GET;
+	len = dht_encode(buf, sizeof buf, &m);
+	CHECK(len > 0 && dht_decode(buf, (size_t)len, &d) < 0);
+}
+
+/* Per-owner quotas: one owner past DHT_OWNER_RECORDS_MAX is refused
+ * "full", and REPLICAs count against their owner; another owner is not
+ * refused, and the full owner still renews a key it has. */
+static void test_dht_quota(void)
+{
+	struct node n;
+	ring_addr self = addr_top(0x10), peers[] = { addr_top(0x20) };
+	fake_node(&n, &self, peers, 1);
+	char key[32];
+	struct wire_dht m = { .op = DHT_REPLICA, .owner = addr_top(0xa0), .ttl_s = 60, .value_len = 1,
+			      .value = (const uint8_t *)"x", .key = (const uint8_t *)key };
+	unsigned ok = 0;
+	for (unsigned i = 0; i < DHT_OWNER_RECORDS_MAX + 10; i++) {
+		m.key_len = (uint8_t)snprintf(key, sizeof key, "k%u", i);
+		ok += dht_store(&n, &m, false) == DHT_OK;
+	}
+	CHECK(ok == DHT_OWNER_RECORDS_MAX && n.dht.n_records == DHT_OWNER_RECORDS_MAX);
+	m.key_len = (uint8_t)snprintf(key, sizeof key, "k%u", DHT_OWNER_RECORDS_MAX + 1);
+	CHECK(dht_store(&n, &m, false) == DHT_FULL);
+	m.key_len = (uint8_t)snprintf(key, sizeof key, "k0");
+	m.ttl_s = 120;
+	CHECK(dht_store(&n, &m, false) == DHT_OK);
+	m.owner = addr_top(0xb0);
+	m.op = DHT_PUT;
+	m.key_len = (uint8_t)snprintf(key, sizeof key, "name:b");
+	CHECK(dht_store(&n, &m, false) == DHT_OK && n.dht.n_records == DHT_OWNER_RECORDS_MAX + 1);
+	dht_stop(&n);
+	fake_node_free(&n);
+}
+
 int main(void)
 {
 	log_cfg.level = LOG_ERROR;
@@ -1695,6 +1753,8 @@ int main(void)
 	test_next_hop();
 	test_next_hop_view();
 	test_shortcuts();
+	test_dht_wire();
+	test_dht_quota();
 	test_contents();
 	test_lease_pick();
 	test_dns();
