@@ -2674,6 +2674,10 @@ struct dht_state {
 	struct dht_pending *pending;    /* pending_cap slots, grown up to DHT_PENDING_MAX */
 	unsigned n_pending, pending_cap;
 	struct dht_cert *certs;         /* DHT_CERTS_CACHED verified owner certificates, or NULL */
+	uint32_t *keys;                 /* keys_cap slots: record index + 1 by key hash (dht_index_) */
+	unsigned keys_cap, keys_used;
+	struct dht_owner *owners;       /* owners_cap slots: records held per owner */
+	unsigned owners_cap, owners_used;
 	bool started;                   /* dht_start ran (both arrays wait for a first use) */
 	uint32_t links_epoch;           /* bumped when links come or go, or go quiet */
 	uint32_t quiet_sig;             /* which up links were quiet at the last dht_maint */
@@ -6945,8 +6949,9 @@ static void ring_start(struct node *n)
  * one owner (REPLICAs count against their owner), takes REPLICAs only
  * straight from a neighbour among the key's nearest, and RELEASE only
  * straight from its sender: routed source addresses prove nothing.
- * Storage is one array scanned linearly: a node holds a few records per
- * virtual IP in the network, so a hash is not yet worth it.
+ * Storage is one array, indexed by key and by owner (dht_index_): a node
+ * holds a few records per virtual IP, but a flood must not cost a scan of
+ * DHT_RECORDS_MAX records per message.
  * To add an operation: a dht_op, a case in dht_on_message, a ctl command.
  * ========================================================================= */
 
@@ -7081,21 +7086,148 @@ static ring_addr dht_hash(const char *key, size_t len)
 	return a;
 }
 
-static struct dht_record *dht_find(struct dht_state *d, const char *key, size_t len)
+/* ---- indexes ------------------------------------------------------------
+ * Two open-addressing tables over ring addresses with linear probing; SHA-1
+ * addresses are uniform, so their first bytes are the hash.  keys: record
+ * index + 1 by the record's key hash (0 empty, DHT_SLOT_GONE removed);
+ * owners: records held per owner (an owner with none keeps its slot).  Both
+ * are rebuilt from the records when half full, which drops removed slots:
+ * a load of at most 1/2 keeps probes short, and rebuilds cost O(1) per
+ * change amortized. */
+
+enum { DHT_SLOT_GONE = UINT32_MAX };
+
+struct dht_owner {
+	ring_addr addr;
+	uint32_t records;
+};
+
+static unsigned dht_slot_home(const ring_addr *a, unsigned cap)
 {
-	for (unsigned i = 0; i < d->n_records; i++)
-		if (strlen(d->records[i].key) == len && !memcmp(d->records[i].key, key, len))
-			return &d->records[i];
+	return ((unsigned)a->b[0] << 24 | (unsigned)a->b[1] << 16 | (unsigned)a->b[2] << 8 | a->b[3]) & (cap - 1);
+}
+
+/* Room for 4 entries per record (and a first few): load 1/4 after a rebuild. */
+static unsigned dht_slots_for(unsigned n)
+{
+	unsigned cap = 16;
+	while (cap < 4 * n)
+		cap *= 2;
+	return cap;
+}
+
+static uint32_t *dht_key_slot(struct dht_state *d, const ring_addr *hash, const char *key, size_t len)
+{
+	for (unsigned j = d->keys_cap ? dht_slot_home(hash, d->keys_cap) : 0; d->keys_cap; j = (j + 1) & (d->keys_cap - 1)) {
+		uint32_t v = d->keys[j];
+		if (!v)
+			return NULL;
+		if (v == DHT_SLOT_GONE)
+			continue;
+		const struct dht_record *r = &d->records[v - 1];
+		if (wire_addr_eq(&r->hash, hash) && strlen(r->key) == len && !memcmp(r->key, key, len))
+			return &d->keys[j];
+	}
 	return NULL;
 }
 
-/* How many records of this owner we hold (dht_owner_quota). */
-static unsigned dht_owned(const struct dht_state *d, const ring_addr *owner)
+static struct dht_owner *dht_owner_slot(struct dht_state *d, const ring_addr *owner)
 {
-	unsigned k = 0;
-	for (unsigned i = 0; i < d->n_records; i++)
-		k += wire_addr_eq(&d->records[i].owner, owner);
-	return k;
+	for (unsigned j = d->owners_cap ? dht_slot_home(owner, d->owners_cap) : 0; d->owners_cap;
+	     j = (j + 1) & (d->owners_cap - 1)) {
+		struct dht_owner *o = &d->owners[j];
+		static const ring_addr none;
+		if (!o->records && wire_addr_eq(&o->addr, &none))
+			return o;       /* the free slot where it would go */
+		if (wire_addr_eq(&o->addr, owner))
+			return o;
+	}
+	return NULL;
+}
+
+/* Both tables afresh, sized for the records held; -ENOMEM leaves the old. */
+static int dht_index_rebuild(struct dht_state *d)
+{
+	unsigned cap = dht_slots_for(d->n_records + 1);
+	uint32_t *keys = calloc(cap, sizeof *keys);
+	struct dht_owner *owners = calloc(cap, sizeof *owners);
+	if (!keys || !owners) {
+		free(keys);
+		free(owners);
+		return -ENOMEM;
+	}
+	free(d->keys);
+	free(d->owners);
+	d->keys = keys;
+	d->owners = owners;
+	d->keys_cap = d->owners_cap = cap;
+	d->keys_used = d->owners_used = 0;
+	for (unsigned i = 0; i < d->n_records; i++) {
+		const struct dht_record *r = &d->records[i];
+		unsigned j = dht_slot_home(&r->hash, cap);
+		while (keys[j])
+			j = (j + 1) & (cap - 1);
+		keys[j] = i + 1;
+		d->keys_used++;
+		struct dht_owner *o = dht_owner_slot(d, &r->owner);
+		if (!o->records)
+			d->owners_used++;
+		o->addr = r->owner;
+		o->records++;
+	}
+	return 0;
+}
+
+/* Room for one more record in both tables: 0 or -ENOMEM. */
+static int dht_index_room(struct dht_state *d)
+{
+	if (2 * (d->keys_used + 1) <= d->keys_cap && 2 * (d->owners_used + 1) <= d->owners_cap)
+		return 0;
+	return dht_index_rebuild(d);
+}
+
+static struct dht_record *dht_find(struct dht_state *d, const char *key, size_t len)
+{
+	ring_addr hash;
+	if (!d->n_records)
+		return NULL;
+	sec_sha1(key, len, hash.b);
+	uint32_t *slot = dht_key_slot(d, &hash, key, len);
+	return slot ? &d->records[*slot - 1] : NULL;
+}
+
+/* How many records of this owner we hold (dht_owner_quota). */
+static unsigned dht_owned(struct dht_state *d, const ring_addr *owner)
+{
+	struct dht_owner *o = dht_owner_slot(d, owner);
+	return o && wire_addr_eq(&o->addr, owner) ? o->records : 0;
+}
+
+/* Count a record for its owner; after dht_index_room. */
+static void dht_owner_add(struct dht_state *d, const ring_addr *owner, int delta)
+{
+	struct dht_owner *o = dht_owner_slot(d, owner);
+	if (!o)
+		return;
+	if (!wire_addr_eq(&o->addr, owner)) {
+		if (delta < 0)
+			return;
+		o->addr = *owner;
+		d->owners_used++;
+	}
+	o->records = (uint32_t)((int)o->records + delta);
+}
+
+/* Index record r, just appended; after dht_index_room. */
+static void dht_index_add(struct dht_state *d, const struct dht_record *r)
+{
+	unsigned j = dht_slot_home(&r->hash, d->keys_cap);
+	while (d->keys[j] && d->keys[j] != DHT_SLOT_GONE)
+		j = (j + 1) & (d->keys_cap - 1);
+	if (!d->keys[j])
+		d->keys_used++;
+	d->keys[j] = (uint32_t)(r - d->records) + 1;
+	dht_owner_add(d, &r->owner, 1);
 }
 
 /* Double a slot array, up to max slots; 0, or -ENOSPC at max, or -ENOMEM.
@@ -7117,10 +7249,19 @@ static int dht_grow(void **arr, unsigned *cap, unsigned max, size_t size)
 	return 0;
 }
 
+/* Remove r; the last record takes its slot (and its index entry follows). */
 static void dht_record_free(struct dht_state *d, struct dht_record *r)
 {
+	uint32_t *slot = dht_key_slot(d, &r->hash, r->key, strlen(r->key));
+	struct dht_record *last = &d->records[d->n_records - 1];
+	if (slot)
+		*slot = DHT_SLOT_GONE;
+	dht_owner_add(d, &r->owner, -1);
 	free(r->blob);
-	*r = d->records[--d->n_records];
+	if (r != last && (slot = dht_key_slot(d, &last->hash, last->key, strlen(last->key))))
+		*slot = (uint32_t)(r - d->records) + 1;
+	*r = *last;
+	d->n_records--;
 }
 
 /* The signature covers what a reader relies on (key, owner, value), how
@@ -7329,21 +7470,31 @@ static enum dht_status dht_store(struct node *n, const struct wire_dht *m, bool 
 	    dht_grow((void **)&d->records, &d->records_cap, DHT_RECORDS_MAX, sizeof *d->records) < 0)
 		return DHT_FULL;
 	uint8_t *blob = malloc((size_t)m->value_len + m->cert_len + 1);
-	if (!blob)
+	if (!blob || dht_index_room(d) < 0) {
+		free(blob);
 		return DHT_FULL;
+	}
+	if (r && !wire_addr_eq(&r->owner, &m->owner)) {
+		dht_owner_add(d, &r->owner, -1);
+		dht_owner_add(d, &m->owner, 1);
+	}
 	if (!r) {
 		r = &d->records[d->n_records++];
-		*r = (struct dht_record){ .hash = dht_hash(key, m->key_len) };
+		*r = (struct dht_record){ .hash = dht_hash(key, m->key_len), .owner = m->owner };
 		memcpy(r->key, key, m->key_len + 1);
+		dht_index_add(d, r);
 	}
 	free(r->blob);
 	r->blob = blob;
-	memcpy(blob, m->value, m->value_len);
-	memcpy(blob + m->value_len, m->cert, m->cert_len);
+	if (m->value_len)               /* empty fields may be NULL */
+		memcpy(blob, m->value, m->value_len);
+	if (m->cert_len)
+		memcpy(blob + m->value_len, m->cert, m->cert_len);
 	r->value_len = m->value_len;
 	r->cert_len = m->cert_len;
 	r->sig_len = m->sig_len;
-	memcpy(r->sig, m->sig, m->sig_len);
+	if (m->sig_len)
+		memcpy(r->sig, m->sig, m->sig_len);
 	r->owner = m->owner;
 	r->expires_ms = expires;
 	r->expires = m->expires;
@@ -7768,6 +7919,11 @@ static void dht_stop(struct node *n)
 	free(n->dht.records);
 	free(n->dht.pending);
 	dht_certs_free(&n->dht);
+	free(n->dht.keys);
+	free(n->dht.owners);
+	n->dht.keys = NULL;
+	n->dht.owners = NULL;
+	n->dht.keys_cap = n->dht.keys_used = n->dht.owners_cap = n->dht.owners_used = 0;
 	n->dht.records = NULL;
 	n->dht.pending = NULL;
 	n->dht.records_cap = n->dht.pending_cap = 0;

@@ -1729,6 +1729,27 @@ static void test_dht_quota(void)
 	m.op = DHT_PUT;
 	m.key_len = (uint8_t)snprintf(key, sizeof key, "name:b");
 	CHECK(dht_store(&n, &m, false) == DHT_OK && n.dht.n_records == DHT_OWNER_RECORDS_MAX + 1);
+	/* The indexes follow removals (the last record moves into the gap)
+	 * and rebuilds: every record is found, and the counts add up. */
+	unsigned found = 0, k = 0;
+	for (unsigned i = 0; i < 3000; i++)
+		dht_record_free(&n.dht, &n.dht.records[(i * 7919u) % n.dht.n_records]);
+	for (unsigned i = 0; i < 2000; i++) {
+		m.owner = addr_top((uint8_t)(0xc0 + i % 8));
+		m.key_len = (uint8_t)snprintf(key, sizeof key, "again%u", i);
+		k += dht_store(&n, &m, false) == DHT_OK;
+	}
+	for (unsigned i = 0; i < n.dht.n_records; i++)
+		found += dht_find(&n.dht, n.dht.records[i].key, strlen(n.dht.records[i].key)) == &n.dht.records[i];
+	m.key_len = (uint8_t)snprintf(key, sizeof key, "k%u", DHT_OWNER_RECORDS_MAX + 5);
+	CHECK(k == 2000 && found == n.dht.n_records && !dht_find(&n.dht, key, m.key_len));
+	unsigned counted[3] = { 0 }, owners[3] = { 0xa0, 0xb0, 0xc7 };
+	for (unsigned i = 0; i < n.dht.n_records; i++)
+		for (unsigned j = 0; j < 3; j++)
+			counted[j] += n.dht.records[i].owner.b[0] == owners[j];
+	CHECK(dht_owned(&n.dht, &self) == 0 && counted[2] == 250 && counted[0] + counted[1] == DHT_OWNER_RECORDS_MAX + 1 - 3000);
+	for (unsigned j = 0; j < 3; j++)
+		CHECK(dht_owned(&n.dht, &(ring_addr){ .b = { (uint8_t)owners[j] } }) == counted[j]);
 	dht_stop(&n);
 	fake_node_free(&n);
 }
