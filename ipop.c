@@ -7104,7 +7104,8 @@ struct dht_owner {
 
 static unsigned dht_slot_home(const ring_addr *a, unsigned cap)
 {
-	return ((unsigned)a->b[0] << 24 | (unsigned)a->b[1] << 16 | (unsigned)a->b[2] << 8 | a->b[3]) & (cap - 1);
+	unsigned h = (unsigned)a->b[0] << 24 | (unsigned)a->b[1] << 16 | (unsigned)a->b[2] << 8 | a->b[3];
+	return h & (cap - 1);
 }
 
 /* Room for 4 entries per record (and a first few): load 1/4 after a rebuild. */
@@ -7118,7 +7119,8 @@ static unsigned dht_slots_for(unsigned n)
 
 static uint32_t *dht_key_slot(struct dht_state *d, const ring_addr *hash, const char *key, size_t len)
 {
-	for (unsigned j = d->keys_cap ? dht_slot_home(hash, d->keys_cap) : 0; d->keys_cap; j = (j + 1) & (d->keys_cap - 1)) {
+	unsigned mask = d->keys_cap - 1;
+	for (unsigned j = d->keys_cap ? dht_slot_home(hash, d->keys_cap) : 0; d->keys_cap; j = (j + 1) & mask) {
 		uint32_t v = d->keys[j];
 		if (!v)
 			return NULL;
@@ -7508,8 +7510,8 @@ static struct wire_dht dht_wire_of(const struct dht_record *r, uint8_t op, uint6
 	return (struct wire_dht){
 		.op = op, .key_len = (uint8_t)strlen(r->key), .key = (const uint8_t *)r->key,
 		.owner = r->owner, .ttl_s = (uint32_t)((r->expires_ms - now) / 1000), /* floor: copies never outlive */
-		.wop = r->wop, .expires = r->expires, .value_len = r->value_len, .value = r->blob, .cert_len = r->cert_len,
-		.cert = r->blob + r->value_len, .sig_len = r->sig_len, .sig = r->sig,
+		.wop = r->wop, .expires = r->expires, .value_len = r->value_len, .value = r->blob,
+		.cert_len = r->cert_len, .cert = r->blob + r->value_len, .sig_len = r->sig_len, .sig = r->sig,
 	};
 }
 
@@ -7670,7 +7672,8 @@ static bool dht_replica_from_holder(struct node *n, const struct link *from, con
 	ring_addr df = ring_dist(&from->peer.addr, key), ds = ring_dist(&n->self.addr, key);
 	unsigned nearer = wire_addr_cmp(&ds, &df) < 0;
 	for (struct link *l = n->links; l; l = l->next) {
-		if (l == from || !ring_link_usable(l) || ring_link_quiet(n, l) || wire_addr_eq(&l->peer.addr, &from->peer.addr))
+		if (l == from || !ring_link_usable(l) || ring_link_quiet(n, l) ||
+		    wire_addr_eq(&l->peer.addr, &from->peer.addr))
 			continue;
 		ring_addr dl = ring_dist(&l->peer.addr, key);
 		nearer += wire_addr_cmp(&dl, &df) < 0;

@@ -141,7 +141,8 @@ static void kit_routed_cmd(char **arg, int argc)
 
 static void kit_dht_forge(char **arg, int argc)
 {
-	if (argc < 1 || argc > 2 || strlen(arg[0]) > DHT_VALUE_MAX_BYTES || (argc > 1 && strlen(arg[1]) > DHT_KEY_MAX_BYTES))
+	if (argc < 1 || argc > 2 || strlen(arg[0]) > DHT_VALUE_MAX_BYTES ||
+	    (argc > 1 && strlen(arg[1]) > DHT_KEY_MAX_BYTES))
 		return kit_say("err usage: dht-forge VALUE|off [KEY]");
 	snprintf(kit.forge, sizeof kit.forge, "%s", strcmp(arg[0], "off") ? arg[0] : "");
 	snprintf(kit.forge_key, sizeof kit.forge_key, "%s", argc > 1 ? arg[1] : "");
