@@ -499,6 +499,7 @@ class KitPeer(Node):
         """Answer lines up to the first that starts with one of prefixes."""
         import select
         lines, deadline = [], time.monotonic() + timeout
+        dead = False
         while True:
             while b"\n" in self._out:
                 line, self._out = self._out.split(b"\n", 1)
@@ -507,9 +508,13 @@ class KitPeer(Node):
                 if line.startswith(tuple(prefixes)):
                     return lines
             left = deadline - time.monotonic()
-            if left <= 0 or not self.alive():
-                raise TestFailure("%s: no %s answer (got %r)" % (self.name, "/".join(prefixes), lines))
-            select.select([self.proc.stdout.fileno()], [], [], left)
+            if left <= 0 or dead:
+                raise TestFailure("%s: no %s answer (got %r, exit status %s)" %
+                                  (self.name, "/".join(prefixes), lines, self.returncode()))
+            # A kit that answers "quit" exits at once: read what it wrote
+            # before giving up on it.
+            dead = not self.alive()
+            select.select([self.proc.stdout.fileno()], [], [], 0 if dead else left)
             try:
                 self._out += os.read(self.proc.stdout.fileno(), 65536)
             except BlockingIOError:
