@@ -7409,22 +7409,31 @@ static unsigned dht_owner_quota(const struct sec_grant *g)
 	return k < DHT_OWNER_RECORDS_MAX ? (unsigned)k : DHT_OWNER_RECORDS_MAX;
 }
 
-/* Certificate networks: the record is signed by its owner, whose
- * certificate is ours, whose ring address is the owner, who may own this
- * key, and whose signed lease has not ended.  Other networks: membership
- * (the link) is the authority.  *quota: records this owner may have us hold. */
-static bool dht_authorized(struct node *n, const struct wire_dht *m, const char *key, unsigned *quota)
+/* Certificate networks, the checks that cost no signature: the record's
+ * certificate is ours (cached), its ring address is the owner, it may own
+ * this key, and the signed lease has not ended.  NULL: refused. */
+static struct dht_cert *dht_cert_for(struct node *n, const struct wire_dht *m, const char *key)
 {
-	*quota = DHT_OWNER_RECORDS_MAX;
-	if (n->sec.mode != SEC_CERT)
-		return true;
-	uint8_t h[32];
 	struct dht_cert *c = dht_cert_get(n, m->cert, m->cert_len);
 	if (!c || !dht_cert_owns(c, &m->owner) || !dht_key_granted(&c->grant, key) || !dht_lease_signed_ok(m))
-		return false;
-	*quota = dht_owner_quota(&c->grant);
+		return NULL;
+	return c;
+}
+
+static bool dht_signed_by(struct dht_cert *c, const struct wire_dht *m)
+{
+	uint8_t h[32];
 	dht_sig_hash(m, h);
 	return sec_verify(&c->crt, h, m->sig, m->sig_len);
+}
+
+/* Certificate networks: the record is signed by its owner (dht_cert_for
+ * and the signature).  Other networks: membership (the link) is the
+ * authority. */
+static bool dht_authorized(struct node *n, const struct wire_dht *m, const char *key)
+{
+	struct dht_cert *c;
+	return n->sec.mode != SEC_CERT || ((c = dht_cert_for(n, m, key)) && dht_signed_by(c, m));
 }
 
 /* A REPLICA of the very record we hold (same signature, same lease): its
@@ -7451,7 +7460,7 @@ static enum dht_status dht_store(struct node *n, const struct wire_dht *m, bool 
 {
 	struct dht_state *d = &n->dht;
 	char key[DHT_KEY_MAX_BYTES + 1];
-	unsigned quota;
+	struct dht_cert *c = NULL;
 	memcpy(key, m->key, m->key_len);
 	key[m->key_len] = 0;
 	if (strlen(key) != m->key_len)
@@ -7459,8 +7468,9 @@ static enum dht_status dht_store(struct node *n, const struct wire_dht *m, bool 
 	struct dht_record *r = dht_find(d, key, m->key_len);
 	if (r && m->op == DHT_REPLICA && dht_same_signed(r, m))
 		return DHT_OK;          /* held as is: replication stops here */
-	if (!dht_authorized(n, m, key, &quota))
+	if (n->sec.mode == SEC_CERT && !(c = dht_cert_for(n, m, key)))
 		return DHT_REFUSED;
+	unsigned quota = c ? dht_owner_quota(&c->grant) : DHT_OWNER_RECORDS_MAX;
 	uint64_t now = ev_now(&n->loop), expires = dht_lease_end_ms(n, m, now);
 	if (r && create && r->expires_ms > now && !wire_addr_eq(&r->owner, &m->owner))
 		return DHT_EXISTS;
@@ -7468,6 +7478,8 @@ static enum dht_status dht_store(struct node *n, const struct wire_dht *m, bool 
 		return DHT_OK;          /* ours is as fresh: replication stops here */
 	if ((!r || !wire_addr_eq(&r->owner, &m->owner)) && dht_owned(d, &m->owner) >= quota)
 		return DHT_FULL;        /* this owner has its share: the others keep their room */
+	if (c && !dht_signed_by(c, m))
+		return DHT_REFUSED;     /* last: the costly check, after every cheap refusal */
 	if (!r && d->n_records == d->records_cap &&
 	    dht_grow((void **)&d->records, &d->records_cap, DHT_RECORDS_MAX, sizeof *d->records) < 0)
 		return DHT_FULL;
@@ -7600,12 +7612,11 @@ static struct dht_pending dht_pending_take(struct dht_state *d, unsigned i)
 static bool dht_reply_believed(struct node *n, const struct wire_dht *reply)
 {
 	char key[DHT_KEY_MAX_BYTES + 1];
-	unsigned quota;
 	if (reply->status != DHT_OK || n->sec.mode != SEC_CERT)
 		return true;
 	memcpy(key, reply->key, reply->key_len);
 	key[reply->key_len] = 0;
-	return strlen(key) == reply->key_len && dht_authorized(n, reply, key, &quota);
+	return strlen(key) == reply->key_len && dht_authorized(n, reply, key);
 }
 
 /* A reply answers the pending request with its token and for its key (a
