@@ -6969,6 +6969,7 @@ enum {
 	DHT_RELEASE_WINDOW_MS = 2000,   /* RELEASE counts this long after our push: the answer to it */
 	DHT_PENDING_MAX = 1024,         /* outstanding lookups: CLI requests and IP mappings */
 	DHT_CLOCK_SKEW_S = 300,         /* a signed expiry may lie this far past now + DHT_TTL_MAX_S */
+	DHT_CERT_REFUSED_MS = 60000,    /* a certificate that failed: not checked again this long */
 	DHT_CERTS_CACHED = 32,          /* owners whose records a node holds or reads at once: a few
 					 * per holder neighbourhood; a miss costs one chain check */
 	/* Records one owner may have a node hold: ip:, name: and host: for its
@@ -7302,6 +7303,7 @@ struct dht_cert {
 	mbedtls_x509_crt crt;
 	struct sec_grant grant;
 	uint64_t used_ms;
+	uint64_t refused_until_ms;      /* failed its check: refused without another until then */
 };
 
 /* The cached slot for id, else the least recently used one, emptied. */
@@ -7323,7 +7325,9 @@ static struct dht_cert *dht_cert_slot(struct dht_state *d, const uint8_t id[32],
 }
 
 /* An owner's certificate, verified (our CA, valid now, not revoked), or
- * NULL.  A cached one is checked again for expiry and revocation only. */
+ * NULL.  A cached one is checked again for expiry and revocation only; one
+ * that failed is refused for DHT_CERT_REFUSED_MS without a chain check
+ * (a member could otherwise send foreign certificates, 1 ms of ECDSA each). */
 static struct dht_cert *dht_cert_get(struct node *n, const uint8_t *der, size_t len)
 {
 	struct dht_state *d = &n->dht;
@@ -7334,16 +7338,22 @@ static struct dht_cert *dht_cert_get(struct node *n, const uint8_t *der, size_t 
 		return NULL;
 	sec_sha256("ipop-v2 dht cert", 16, der, len, id);
 	struct dht_cert *c = dht_cert_slot(d, id, &hit);
-	if (hit && (mbedtls_x509_time_is_past(&c->crt.valid_to) || sec_revoked(&n->sec, &c->grant.serial)))
+	uint64_t now = ev_now(&n->loop);
+	c->used_ms = now + 1;
+	if (hit && c->refused_until_ms > now)
 		return NULL;
-	if (!hit && sec_cert_check(&n->sec, der, len, &c->crt, &c->grant, &why) < 0) {
-		mbedtls_x509_crt_free(&c->crt);
-		*c = (struct dht_cert){ 0 };
-		return NULL;
-	}
+	if (hit && !c->refused_until_ms)
+		return mbedtls_x509_time_is_past(&c->crt.valid_to) || sec_revoked(&n->sec, &c->grant.serial) ? NULL : c;
+	mbedtls_x509_crt_free(&c->crt);
+	mbedtls_x509_crt_init(&c->crt);
 	memcpy(c->id, id, 32);
-	c->used_ms = ev_now(&n->loop) + 1;
-	return c;
+	c->refused_until_ms = 0;
+	if (sec_cert_check(&n->sec, der, len, &c->crt, &c->grant, &why) == 0)
+		return c;
+	mbedtls_x509_crt_free(&c->crt);
+	mbedtls_x509_crt_init(&c->crt);
+	c->refused_until_ms = now + DHT_CERT_REFUSED_MS;
+	return NULL;
 }
 
 static void dht_certs_free(struct dht_state *d)
