@@ -2900,6 +2900,9 @@ struct ring_state {
 	/* A peer we link directly that links target, for a message greedy
 	 * routing brings to a dead end beside target; NULL: none known. */
 	struct link *(*toward)(struct node *n, const ring_addr *target);
+	/* The link the routed message in hand arrived on (NULL: our own): who
+	 * sent it to us, as opposed to the src it claims (ring_on_routed). */
+	struct link *rx;
 	bool (*standby)(struct node *n, const struct link *l);  /* keep l, role-less: a spare relay */
 	/* Another node holds our ring address: true if the owner of our
 	 * address (section 10's lease) takes another instead.  yield: the
@@ -2960,6 +2963,11 @@ struct dht_state {
 	unsigned n_records, records_cap;
 	struct dht_pending *pending;    /* pending_cap slots, grown up to DHT_PENDING_MAX */
 	unsigned n_pending, pending_cap;
+	struct dht_cert *certs;         /* DHT_CERTS_CACHED verified owner certificates, or NULL */
+	uint32_t *keys;                 /* keys_cap slots: record index + 1 by key hash (dht_index_) */
+	unsigned keys_cap, keys_used;
+	struct dht_owner *owners;       /* owners_cap slots: records held per owner */
+	unsigned owners_cap, owners_used;
 	bool started;                   /* dht_start ran (both arrays wait for a first use) */
 	uint32_t links_epoch;           /* bumped when links come or go, or go quiet */
 	uint32_t quiet_sig;             /* which up links were quiet at the last dht_maint */
@@ -7693,7 +7701,9 @@ static void ring_on_routed(struct node *n, struct link *l, const uint8_t *pkt, s
 		link_drop(l, DROP_MALFORMED);
 		return;
 	}
+	n->ring.rx = l;
 	ring_route(n, &r);
+	n->ring.rx = NULL;
 }
 
 /* Tell every neighbour we are going; they drop us at once. */
@@ -7753,8 +7763,17 @@ static void ring_start(struct node *n)
  * owner's certificate; holders and readers check it, and keys that claim an
  * address ("ip:A.B.C.D", "name:N") must be granted by that certificate.
  * A new revocation list drops the records of the owners it revokes.
- * Storage is one array scanned linearly: a node holds a few records per
- * virtual IP in the network, so a hash is not yet worth it.
+ * The signature covers the lease as an absolute expiry in Unix time and the
+ * owner's write (PUT or CREATE), so no holder extends a record or turns a
+ * claim into an overwrite; verified certificates are cached (dht_cert_get).
+ * Readers take only OK replies for the key they asked, signed in
+ * certificate networks.  A holder keeps at most dht_owner_quota records of
+ * one owner (REPLICAs count against their owner), takes REPLICAs only
+ * straight from a neighbour among the key's nearest, and RELEASE only
+ * straight from its sender: routed source addresses prove nothing.
+ * Storage is one array, indexed by key and by owner (dht_index_): a node
+ * holds a few records per virtual IP, but a flood must not cost a scan of
+ * DHT_RECORDS_MAX records per message.
  * To add an operation: a dht_op, a case in dht_on_message, a ctl command.
  * ========================================================================= */
 
@@ -7771,6 +7790,17 @@ enum {
 	DHT_REPUBLISH_MS = 30000,       /* push a record again after this long without a push */
 	DHT_RELEASE_WINDOW_MS = 2000,   /* RELEASE counts this long after our push: the answer to it */
 	DHT_PENDING_MAX = 1024,         /* outstanding lookups: CLI requests and IP mappings */
+	DHT_CLOCK_SKEW_S = 300,         /* a signed expiry may lie this far past now + DHT_TTL_MAX_S */
+	DHT_CERT_REFUSED_MS = 60000,    /* a certificate that failed: not checked again this long */
+	DHT_CERTS_CACHED = 32,          /* owners whose records a node holds or reads at once: a few
+					 * per holder neighbourhood; a miss costs one chain check */
+	/* Records one owner may have a node hold: ip:, name: and host: for its
+	 * own address, a lease claim under way, and a few keys of its own
+	 * (ipop dht put) ... */
+	DHT_OWNER_OWN_KEYS = 8,
+	/* ... plus one ip: record per routed IP (certificate networks: per IP
+	 * its certificate routes); a small ring holds all of them on every node. */
+	DHT_OWNER_RECORDS_MAX = DHT_OWNER_OWN_KEYS + (IP_ROUTES_MAX << (32 - IP_ROUTE_MIN_PREFIX)),
 };
 
 enum dht_op { DHT_PUT = 1, DHT_CREATE = 2, DHT_GET = 3, DHT_REPLY = 4, DHT_REPLICA = 5, DHT_RELEASE = 6,
@@ -7788,6 +7818,8 @@ struct wire_dht {
 	const uint8_t *key;
 	ring_addr owner;
 	uint32_t ttl_s;
+	uint8_t wop;                    /* the owner's write, PUT or CREATE (signed); else 0 */
+	uint64_t expires;               /* certificate networks: lease end, Unix s (signed); else 0 */
 	uint16_t value_len;
 	const uint8_t *value;
 	uint16_t cert_len;
@@ -7806,6 +7838,8 @@ static int dht_decode(const uint8_t *p, size_t len, struct wire_dht *m)
 	m->key = buf_view(&b, m->key_len);
 	buf_bytes(&b, m->owner.b, RING_ADDR_BYTES);
 	m->ttl_s = buf_u32(&b);
+	m->wop = buf_u8(&b);
+	m->expires = buf_u64(&b);
 	m->value_len = buf_u16(&b);
 	m->value = buf_view(&b, m->value_len);
 	m->cert_len = buf_u16(&b);
@@ -7814,7 +7848,8 @@ static int dht_decode(const uint8_t *p, size_t len, struct wire_dht *m)
 	m->sig = buf_view(&b, m->sig_len);
 	if (m->op < DHT_PUT || m->op >= DHT__OP_END || m->status > DHT_FULL || m->key_len == 0 ||
 	    m->key_len > DHT_KEY_MAX_BYTES || m->value_len > DHT_VALUE_MAX_BYTES ||
-	    m->cert_len > SEC_CERT_MAX_BYTES || m->sig_len > SEC_SIG_MAX_BYTES || m->ttl_s > DHT_TTL_MAX_S)
+	    m->cert_len > SEC_CERT_MAX_BYTES || m->sig_len > SEC_SIG_MAX_BYTES || m->ttl_s > DHT_TTL_MAX_S ||
+	    (m->wop && m->wop != DHT_PUT && m->wop != DHT_CREATE))
 		b.bad = true;
 	return wire_finish(&b);
 }
@@ -7829,6 +7864,8 @@ static ssize_t dht_encode(uint8_t *out, size_t cap, const struct wire_dht *m)
 	wbuf_bytes(&w, m->key, m->key_len);
 	wbuf_bytes(&w, m->owner.b, RING_ADDR_BYTES);
 	wbuf_u32(&w, m->ttl_s);
+	wbuf_u8(&w, m->wop);
+	wbuf_u64(&w, m->expires);
 	wbuf_u16(&w, m->value_len);
 	wbuf_bytes(&w, m->value, m->value_len);
 	wbuf_u16(&w, m->cert_len);
@@ -7843,6 +7880,8 @@ struct dht_record {
 	ring_addr hash;                 /* SHA-1(key): where it lives on the ring */
 	ring_addr owner;
 	uint64_t expires_ms;
+	uint64_t expires;               /* the signed lease end (Unix s), or 0 */
+	uint8_t wop;                    /* the owner's signed write */
 	uint32_t links_epoch;           /* node->dht.links_epoch when last pushed */
 	uint64_t pushed_ms;             /* when last pushed (DHT_REPUBLISH_MS) */
 	uint16_t value_len, cert_len;
@@ -7856,7 +7895,7 @@ struct dht_pending {
 	uint32_t token;
 	uint64_t deadline_ms;
 	uint64_t sent_ms;               /* last (re)sent: DHT_RETRY_MS */
-	ring_addr hash;
+	ring_addr hash;                 /* SHA-1(key): a reply must be for it */
 	uint8_t *msg;                   /* the encoded request, sent again as is */
 	uint16_t msg_len;
 	void (*done)(struct node *n, void *arg, const struct wire_dht *reply);
@@ -7870,12 +7909,150 @@ static ring_addr dht_hash(const char *key, size_t len)
 	return a;
 }
 
+/* ---- indexes ------------------------------------------------------------
+ * Two open-addressing tables over ring addresses with linear probing; SHA-1
+ * addresses are uniform, so their first bytes are the hash.  keys: record
+ * index + 1 by the record's key hash (0 empty, DHT_SLOT_GONE removed);
+ * owners: records held per owner (an owner with none keeps its slot).  Both
+ * are rebuilt from the records when half full, which drops removed slots:
+ * a load of at most 1/2 keeps probes short, and rebuilds cost O(1) per
+ * change amortized. */
+
+enum { DHT_SLOT_GONE = UINT32_MAX };
+
+struct dht_owner {
+	ring_addr addr;
+	uint32_t records;
+};
+
+static unsigned dht_slot_home(const ring_addr *a, unsigned cap)
+{
+	unsigned h = (unsigned)a->b[0] << 24 | (unsigned)a->b[1] << 16 | (unsigned)a->b[2] << 8 | a->b[3];
+	return h & (cap - 1);
+}
+
+/* Room for 4 entries per record (and a first few): load 1/4 after a rebuild. */
+static unsigned dht_slots_for(unsigned n)
+{
+	unsigned cap = 16;
+	while (cap < 4 * n)
+		cap *= 2;
+	return cap;
+}
+
+static uint32_t *dht_key_slot(struct dht_state *d, const ring_addr *hash, const char *key, size_t len)
+{
+	unsigned mask = d->keys_cap - 1;
+	for (unsigned j = d->keys_cap ? dht_slot_home(hash, d->keys_cap) : 0; d->keys_cap; j = (j + 1) & mask) {
+		uint32_t v = d->keys[j];
+		if (!v)
+			return NULL;
+		if (v == DHT_SLOT_GONE)
+			continue;
+		const struct dht_record *r = &d->records[v - 1];
+		if (wire_addr_eq(&r->hash, hash) && strlen(r->key) == len && !memcmp(r->key, key, len))
+			return &d->keys[j];
+	}
+	return NULL;
+}
+
+static struct dht_owner *dht_owner_slot(struct dht_state *d, const ring_addr *owner)
+{
+	for (unsigned j = d->owners_cap ? dht_slot_home(owner, d->owners_cap) : 0; d->owners_cap;
+	     j = (j + 1) & (d->owners_cap - 1)) {
+		struct dht_owner *o = &d->owners[j];
+		static const ring_addr none;
+		if (!o->records && wire_addr_eq(&o->addr, &none))
+			return o;       /* the free slot where it would go */
+		if (wire_addr_eq(&o->addr, owner))
+			return o;
+	}
+	return NULL;
+}
+
+/* Both tables afresh, sized for the records held; -ENOMEM leaves the old. */
+static int dht_index_rebuild(struct dht_state *d)
+{
+	unsigned cap = dht_slots_for(d->n_records + 1);
+	uint32_t *keys = calloc(cap, sizeof *keys);
+	struct dht_owner *owners = calloc(cap, sizeof *owners);
+	if (!keys || !owners) {
+		free(keys);
+		free(owners);
+		return -ENOMEM;
+	}
+	free(d->keys);
+	free(d->owners);
+	d->keys = keys;
+	d->owners = owners;
+	d->keys_cap = d->owners_cap = cap;
+	d->keys_used = d->owners_used = 0;
+	for (unsigned i = 0; i < d->n_records; i++) {
+		const struct dht_record *r = &d->records[i];
+		unsigned j = dht_slot_home(&r->hash, cap);
+		while (keys[j])
+			j = (j + 1) & (cap - 1);
+		keys[j] = i + 1;
+		d->keys_used++;
+		struct dht_owner *o = dht_owner_slot(d, &r->owner);
+		if (!o->records)
+			d->owners_used++;
+		o->addr = r->owner;
+		o->records++;
+	}
+	return 0;
+}
+
+/* Room for one more record in both tables: 0 or -ENOMEM. */
+static int dht_index_room(struct dht_state *d)
+{
+	if (2 * (d->keys_used + 1) <= d->keys_cap && 2 * (d->owners_used + 1) <= d->owners_cap)
+		return 0;
+	return dht_index_rebuild(d);
+}
+
 static struct dht_record *dht_find(struct dht_state *d, const char *key, size_t len)
 {
-	for (unsigned i = 0; i < d->n_records; i++)
-		if (strlen(d->records[i].key) == len && !memcmp(d->records[i].key, key, len))
-			return &d->records[i];
-	return NULL;
+	ring_addr hash;
+	if (!d->n_records)
+		return NULL;
+	sec_sha1(key, len, hash.b);
+	uint32_t *slot = dht_key_slot(d, &hash, key, len);
+	return slot ? &d->records[*slot - 1] : NULL;
+}
+
+/* How many records of this owner we hold (dht_owner_quota). */
+static unsigned dht_owned(struct dht_state *d, const ring_addr *owner)
+{
+	struct dht_owner *o = dht_owner_slot(d, owner);
+	return o && wire_addr_eq(&o->addr, owner) ? o->records : 0;
+}
+
+/* Count a record for its owner; after dht_index_room. */
+static void dht_owner_add(struct dht_state *d, const ring_addr *owner, int delta)
+{
+	struct dht_owner *o = dht_owner_slot(d, owner);
+	if (!o)
+		return;
+	if (!wire_addr_eq(&o->addr, owner)) {
+		if (delta < 0)
+			return;
+		o->addr = *owner;
+		d->owners_used++;
+	}
+	o->records = (uint32_t)((int)o->records + delta);
+}
+
+/* Index record r, just appended; after dht_index_room. */
+static void dht_index_add(struct dht_state *d, const struct dht_record *r)
+{
+	unsigned j = dht_slot_home(&r->hash, d->keys_cap);
+	while (d->keys[j] && d->keys[j] != DHT_SLOT_GONE)
+		j = (j + 1) & (d->keys_cap - 1);
+	if (!d->keys[j])
+		d->keys_used++;
+	d->keys[j] = (uint32_t)(r - d->records) + 1;
+	dht_owner_add(d, &r->owner, 1);
 }
 
 /* Double a slot array, up to max slots; 0, or -ENOSPC at max, or -ENOMEM.
@@ -7897,25 +8074,116 @@ static int dht_grow(void **arr, unsigned *cap, unsigned max, size_t size)
 	return 0;
 }
 
+/* Remove r; the last record takes its slot (and its index entry follows). */
 static void dht_record_free(struct dht_state *d, struct dht_record *r)
 {
+	uint32_t *slot = dht_key_slot(d, &r->hash, r->key, strlen(r->key));
+	struct dht_record *last = &d->records[d->n_records - 1];
+	if (slot)
+		*slot = DHT_SLOT_GONE;
+	dht_owner_add(d, &r->owner, -1);
 	free(r->blob);
-	*r = d->records[--d->n_records];
+	if (r != last && (slot = dht_key_slot(d, &last->hash, last->key, strlen(last->key))))
+		*slot = (uint32_t)(r - d->records) + 1;
+	*r = *last;
+	d->n_records--;
 }
 
-/* The signature covers key, owner and value: what a reader relies on. */
+/* The signature covers what a reader relies on (key, owner, value), how
+ * long (the lease's end in Unix time: a holder cannot extend it), and the
+ * owner's write (a CREATE, which must not overwrite another owner's record,
+ * cannot be replayed as a PUT). */
 static void dht_sig_hash(const struct wire_dht *m, uint8_t out[32])
 {
 	mbedtls_sha256_context c;
+	uint8_t lease[9];
+	struct wbuf w = wbuf_of(lease, sizeof lease);
+	wbuf_u8(&w, m->wop);
+	wbuf_u64(&w, m->expires);
 	mbedtls_sha256_init(&c);
 	mbedtls_sha256_starts(&c, 0);
-	mbedtls_sha256_update(&c, (const uint8_t *)"ipop-v2 dht", 11);
+	mbedtls_sha256_update(&c, (const uint8_t *)"ipop-v2 dht lease", 17);
 	mbedtls_sha256_update(&c, &m->key_len, 1);
 	mbedtls_sha256_update(&c, m->key, m->key_len);
 	mbedtls_sha256_update(&c, m->owner.b, RING_ADDR_BYTES);
+	mbedtls_sha256_update(&c, lease, sizeof lease);
 	mbedtls_sha256_update(&c, m->value, m->value_len);
 	mbedtls_sha256_finish(&c, out);
 	mbedtls_sha256_free(&c);
+}
+
+/* The wall clock, for signed lease ends: certificates need it right anyway. */
+static uint64_t dht_unix_now(void)
+{
+	return (uint64_t)time(NULL);
+}
+
+/* A verified owner certificate: the chain is checked once per certificate,
+ * each record then costs one signature check. */
+struct dht_cert {
+	uint8_t id[32];                 /* SHA-256 of the certificate's bytes; zero: free slot */
+	mbedtls_x509_crt crt;
+	struct sec_grant grant;
+	uint64_t used_ms;
+	uint64_t refused_until_ms;      /* failed its check: refused without another until then */
+};
+
+/* The cached slot for id, else the least recently used one, emptied. */
+static struct dht_cert *dht_cert_slot(struct dht_state *d, const uint8_t id[32], bool *hit)
+{
+	struct dht_cert *lru = &d->certs[0];
+	for (unsigned i = 0; i < DHT_CERTS_CACHED; i++) {
+		if (!memcmp(d->certs[i].id, id, 32)) {
+			*hit = true;
+			return &d->certs[i];
+		}
+		if (d->certs[i].used_ms < lru->used_ms)
+			lru = &d->certs[i];
+	}
+	*hit = false;
+	mbedtls_x509_crt_free(&lru->crt);
+	*lru = (struct dht_cert){ 0 };
+	return lru;
+}
+
+/* An owner's certificate, verified (our CA, valid now, not revoked), or
+ * NULL.  A cached one is checked again for expiry and revocation only; one
+ * that failed is refused for DHT_CERT_REFUSED_MS without a chain check
+ * (a member could otherwise send foreign certificates, 1 ms of ECDSA each). */
+static struct dht_cert *dht_cert_get(struct node *n, const uint8_t *der, size_t len)
+{
+	struct dht_state *d = &n->dht;
+	uint8_t id[32];
+	const char *why;
+	bool hit;
+	if (!len || (!d->certs && !(d->certs = calloc(DHT_CERTS_CACHED, sizeof *d->certs))))
+		return NULL;
+	sec_sha256("ipop-v2 dht cert", 16, der, len, id);
+	struct dht_cert *c = dht_cert_slot(d, id, &hit);
+	uint64_t now = ev_now(&n->loop);
+	c->used_ms = now + 1;
+	if (hit && c->refused_until_ms > now)
+		return NULL;
+	if (hit && !c->refused_until_ms)
+		return mbedtls_x509_time_is_past(&c->crt.valid_to) || sec_revoked(&n->sec, &c->grant.serial) ? NULL : c;
+	mbedtls_x509_crt_free(&c->crt);
+	mbedtls_x509_crt_init(&c->crt);
+	memcpy(c->id, id, 32);
+	c->refused_until_ms = 0;
+	if (sec_cert_check(&n->sec, der, len, &c->crt, &c->grant, &why) == 0)
+		return c;
+	mbedtls_x509_crt_free(&c->crt);
+	mbedtls_x509_crt_init(&c->crt);
+	c->refused_until_ms = now + DHT_CERT_REFUSED_MS;
+	return NULL;
+}
+
+static void dht_certs_free(struct dht_state *d)
+{
+	for (unsigned i = 0; d->certs && i < DHT_CERTS_CACHED; i++)
+		mbedtls_x509_crt_free(&d->certs[i].crt);
+	free(d->certs);
+	d->certs = NULL;
 }
 
 /* May this certificate's holder own this key?  "ip:A.B.C.D" needs A.B.C.D
@@ -7941,69 +8209,142 @@ static bool dht_key_granted(const struct sec_grant *g, const char *key)
 	return true;
 }
 
-/* Certificate networks: the record is signed by its owner, whose
- * certificate is ours, whose ring address is the owner, and who may own
- * this key.  Other networks: membership (the link) is the authority. */
+/* Is owner the ring address this certificate entitles its holder to? */
+static bool dht_cert_owns(const struct dht_cert *c, const ring_addr *owner)
+{
+	ring_addr a;
+	for (unsigned i = 0; i < c->grant.n_ips; i++)
+		if ((a = sec_addr_of_ip(c->grant.ips[i]), wire_addr_eq(&a, owner)))
+			return true;
+	return !c->grant.n_ips && sec_cert_addr(&c->crt, &c->grant, 0, &a) && wire_addr_eq(&a, owner);
+}
+
+/* A signed lease: a write the owner made (a PUT or CREATE arrives as
+ * itself), not ended, and no longer than any lease may be. */
+static bool dht_lease_signed_ok(const struct wire_dht *m)
+{
+	uint64_t now = dht_unix_now();
+	if (m->wop != DHT_PUT && m->wop != DHT_CREATE)
+		return false;
+	if ((m->op == DHT_PUT || m->op == DHT_CREATE) && m->op != m->wop)
+		return false;
+	return m->expires > now && m->expires <= now + DHT_TTL_MAX_S + DHT_CLOCK_SKEW_S;
+}
+
+/* Records one owner may have us hold: DHT_OWNER_OWN_KEYS per certified IP
+ * plus one per IP its certificate routes, at most DHT_OWNER_RECORDS_MAX. */
+static unsigned dht_owner_quota(const struct sec_grant *g)
+{
+	uint64_t k = (uint64_t)DHT_OWNER_OWN_KEYS * (g->n_ips ? g->n_ips : 1);
+	for (unsigned i = 0; i < g->n_routes; i++)
+		k += (uint64_t)1 << (32 - g->route_len[i]);
+	return k < DHT_OWNER_RECORDS_MAX ? (unsigned)k : DHT_OWNER_RECORDS_MAX;
+}
+
+/* Certificate networks, the checks that cost no signature: the record's
+ * certificate is ours (cached), its ring address is the owner, it may own
+ * this key, and the signed lease has not ended.  NULL: refused. */
+static struct dht_cert *dht_cert_for(struct node *n, const struct wire_dht *m, const char *key)
+{
+	struct dht_cert *c = dht_cert_get(n, m->cert, m->cert_len);
+	if (!c || !dht_cert_owns(c, &m->owner) || !dht_key_granted(&c->grant, key) || !dht_lease_signed_ok(m))
+		return NULL;
+	return c;
+}
+
+static bool dht_signed_by(struct dht_cert *c, const struct wire_dht *m)
+{
+	uint8_t h[32];
+	dht_sig_hash(m, h);
+	return sec_verify(&c->crt, h, m->sig, m->sig_len);
+}
+
+/* Certificate networks: the record is signed by its owner (dht_cert_for
+ * and the signature).  Other networks: membership (the link) is the
+ * authority. */
 static bool dht_authorized(struct node *n, const struct wire_dht *m, const char *key)
 {
-	if (n->sec.mode != SEC_CERT)
-		return true;
-	mbedtls_x509_crt crt;
-	struct sec_grant g;
-	const char *why;
-	uint8_t h[32];
-	bool ok = false;
-	mbedtls_x509_crt_init(&crt);
-	if (sec_cert_check(&n->sec, m->cert, m->cert_len, &crt, &g, &why) == 0) {
-		ring_addr a;
-		bool addr_ok = false;
-		if (g.n_ips)
-			for (unsigned i = 0; i < g.n_ips && !addr_ok; i++)
-				addr_ok = (a = sec_addr_of_ip(g.ips[i]), wire_addr_eq(&a, &m->owner));
-		else
-			addr_ok = sec_cert_addr(&crt, &g, 0, &a) && wire_addr_eq(&a, &m->owner);
-		dht_sig_hash(m, h);
-		ok = addr_ok && sec_verify(&crt, h, m->sig, m->sig_len) && dht_key_granted(&g, key);
-	}
-	mbedtls_x509_crt_free(&crt);
-	return ok;
+	struct dht_cert *c;
+	return n->sec.mode != SEC_CERT || ((c = dht_cert_for(n, m, key)) && dht_signed_by(c, m));
+}
+
+/* A REPLICA of the very record we hold (same signature, same lease): its
+ * signature was checked when we stored it. */
+static bool dht_same_signed(const struct dht_record *r, const struct wire_dht *m)
+{
+	return m->sig_len && r->sig_len == m->sig_len && !memcmp(r->sig, m->sig, m->sig_len) &&
+	       r->expires == m->expires && r->wop == m->wop && wire_addr_eq(&r->owner, &m->owner) &&
+	       r->value_len == m->value_len && !memcmp(r->blob, m->value, m->value_len) &&
+	       r->cert_len == m->cert_len && !memcmp(r->blob + r->value_len, m->cert, m->cert_len);
+}
+
+/* When the lease ends on our clock: ttl_s from now, and in certificate
+ * networks never past the signed end. */
+static uint64_t dht_lease_end_ms(struct node *n, const struct wire_dht *m, uint64_t now)
+{
+	uint64_t ttl_s = m->ttl_s, unix_now = dht_unix_now();
+	if (n->sec.mode == SEC_CERT && m->expires - unix_now < ttl_s)
+		ttl_s = m->expires - unix_now;  /* dht_lease_signed_ok: expires > unix_now */
+	return now + ttl_s * 1000;
 }
 
 static enum dht_status dht_store(struct node *n, const struct wire_dht *m, bool create)
 {
 	struct dht_state *d = &n->dht;
 	char key[DHT_KEY_MAX_BYTES + 1];
+	struct dht_cert *c = NULL;
 	memcpy(key, m->key, m->key_len);
 	key[m->key_len] = 0;
-	if (strlen(key) != m->key_len || !dht_authorized(n, m, key))
+	if (strlen(key) != m->key_len)
 		return DHT_REFUSED;
-	uint64_t now = ev_now(&n->loop), expires = now + (uint64_t)m->ttl_s * 1000;
 	struct dht_record *r = dht_find(d, key, m->key_len);
+	if (r && m->op == DHT_REPLICA && dht_same_signed(r, m))
+		return DHT_OK;          /* held as is: replication stops here */
+	if (n->sec.mode == SEC_CERT && !(c = dht_cert_for(n, m, key)))
+		return DHT_REFUSED;
+	unsigned quota = c ? dht_owner_quota(&c->grant) : DHT_OWNER_RECORDS_MAX;
+	uint64_t now = ev_now(&n->loop), expires = dht_lease_end_ms(n, m, now);
 	if (r && create && r->expires_ms > now && !wire_addr_eq(&r->owner, &m->owner))
 		return DHT_EXISTS;
 	if (r && m->op == DHT_REPLICA && r->expires_ms >= expires)
 		return DHT_OK;          /* ours is as fresh: replication stops here */
+	if ((!r || !wire_addr_eq(&r->owner, &m->owner)) && dht_owned(d, &m->owner) >= quota)
+		return DHT_FULL;        /* this owner has its share: the others keep their room */
+	if (c && !dht_signed_by(c, m))
+		return DHT_REFUSED;     /* last: the costly check, after every cheap refusal */
 	if (!r && d->n_records == d->records_cap &&
 	    dht_grow((void **)&d->records, &d->records_cap, DHT_RECORDS_MAX, sizeof *d->records) < 0)
 		return DHT_FULL;
 	uint8_t *blob = malloc((size_t)m->value_len + m->cert_len + 1);
-	if (!blob)
+	if (!blob || dht_index_room(d) < 0) {
+		free(blob);
 		return DHT_FULL;
+	}
+	if (r && !wire_addr_eq(&r->owner, &m->owner)) {
+		dht_owner_add(d, &r->owner, -1);
+		dht_owner_add(d, &m->owner, 1);
+	}
 	if (!r) {
 		r = &d->records[d->n_records++];
-		*r = (struct dht_record){ .hash = dht_hash(key, m->key_len) };
+		*r = (struct dht_record){ .hash = dht_hash(key, m->key_len), .owner = m->owner };
 		memcpy(r->key, key, m->key_len + 1);
+		dht_index_add(d, r);
 	}
 	free(r->blob);
 	r->blob = blob;
-	memcpy(blob, m->value, m->value_len);
-	memcpy(blob + m->value_len, m->cert, m->cert_len);
+	if (m->value_len)               /* empty fields may be NULL */
+		memcpy(blob, m->value, m->value_len);
+	if (m->cert_len)
+		memcpy(blob + m->value_len, m->cert, m->cert_len);
 	r->value_len = m->value_len;
 	r->cert_len = m->cert_len;
 	r->sig_len = m->sig_len;
-	memcpy(r->sig, m->sig, m->sig_len);
+	if (m->sig_len)
+		memcpy(r->sig, m->sig, m->sig_len);
 	r->owner = m->owner;
 	r->expires_ms = expires;
+	r->expires = m->expires;
+	r->wop = m->wop;
 	r->links_epoch = d->links_epoch - 1;    /* push to the other holders soon */
 	return DHT_OK;
 }
@@ -8013,8 +8354,8 @@ static struct wire_dht dht_wire_of(const struct dht_record *r, uint8_t op, uint6
 	return (struct wire_dht){
 		.op = op, .key_len = (uint8_t)strlen(r->key), .key = (const uint8_t *)r->key,
 		.owner = r->owner, .ttl_s = (uint32_t)((r->expires_ms - now) / 1000), /* floor: copies never outlive */
-		.value_len = r->value_len, .value = r->blob, .cert_len = r->cert_len,
-		.cert = r->blob + r->value_len, .sig_len = r->sig_len, .sig = r->sig,
+		.wop = r->wop, .expires = r->expires, .value_len = r->value_len, .value = r->blob,
+		.cert_len = r->cert_len, .cert = r->blob + r->value_len, .sig_len = r->sig_len, .sig = r->sig,
 	};
 }
 
@@ -8097,23 +8438,31 @@ static struct dht_pending dht_pending_take(struct dht_state *d, unsigned i)
 	return p;
 }
 
-static void dht_pending_done(struct node *n, uint32_t token, const struct wire_dht *reply)
+/* May a reader believe this OK reply?  Certificate networks: only as the
+ * owner signed it (a holder, or anyone on the route, could answer anything).
+ * Other networks: members are trusted with the DHT (SECURITY.md 11). */
+static bool dht_reply_believed(struct node *n, const struct wire_dht *reply)
+{
+	char key[DHT_KEY_MAX_BYTES + 1];
+	if (reply->status != DHT_OK || n->sec.mode != SEC_CERT)
+		return true;
+	memcpy(key, reply->key, reply->key_len);
+	key[reply->key_len] = 0;
+	return strlen(key) == reply->key_len && dht_authorized(n, reply, key);
+}
+
+/* A reply answers the pending request with its token and for its key (a
+ * token seen on the route would otherwise answer any key); an OK reply we
+ * cannot believe is dropped, and the request waits for the true answer. */
+static void dht_pending_done(struct node *n, const struct wire_routed *rt, const struct wire_dht *reply)
 {
 	struct dht_state *d = &n->dht;
-	struct wire_dht refused;
-	char key[DHT_KEY_MAX_BYTES + 1];
-	if (reply && reply->status == DHT_OK && n->sec.mode == SEC_CERT && reply->cert_len) {
-		/* Readers check too: a holder could return anything. */
-		memcpy(key, reply->key, reply->key_len);
-		key[reply->key_len] = 0;
-		if (strlen(key) != reply->key_len || !dht_authorized(n, reply, key)) {
-			refused = (struct wire_dht){ .op = DHT_REPLY, .status = DHT_REFUSED, .token = token };
-			reply = &refused;
-		}
-	}
+	ring_addr hash = dht_hash((const char *)reply->key, reply->key_len);
 	for (unsigned i = 0; i < d->n_pending; i++) {
-		if (d->pending[i].token != token || !reply)
+		if (d->pending[i].token != reply->token || !wire_addr_eq(&d->pending[i].hash, &hash))
 			continue;
+		if (!dht_reply_believed(n, reply))
+			return ring_drop(n, DROP_AUTH_FAILED, &rt->src);
 		struct dht_pending p = dht_pending_take(d, i);
 		p.done(n, p.arg, reply);
 		return;
@@ -8138,10 +8487,41 @@ static void dht_on_request(struct node *n, const struct wire_routed *rt, const s
 	} else {
 		reply.status = (uint8_t)dht_store(n, m, m->op == DHT_CREATE);
 		struct dht_record *r = dht_find(&n->dht, (const char *)m->key, m->key_len);
-		if (reply.status == DHT_OK && r)
+		if (reply.status == DHT_OK && r) {
 			dht_push(n, r, now, false);
+			reply = dht_wire_of(r, DHT_REPLY, now);  /* the writer checks it is its own */
+			reply.token = m->token;
+		}
 	}
 	dht_send(n, MODE_EXACT, &rt->src, &reply);
+}
+
+/* The link a message came straight over from its sender, or NULL: a
+ * ROUTED src proves nothing (any member can write any), the link does. */
+static struct link *dht_sender_link(struct node *n, const struct wire_routed *rt)
+{
+	struct link *l = n->ring.rx;
+	return l && wire_addr_eq(&l->peer.addr, &rt->src) && ring_link_usable(l) ? l : NULL;
+}
+
+/* Does this neighbour push this key for a reason?  It holds it, or held it
+ * until we or other nodes joined nearer: it is among the DHT_REPLICAS + 1
+ * nodes nearest the key that we see (our live links and us).  A node that
+ * joins next to a key learns of the nearer ones as its links form, so the
+ * old holders it hears from first still rank; RELEASE sends the fourth
+ * its way (dht_release_check). */
+static bool dht_replica_from_holder(struct node *n, const struct link *from, const ring_addr *key)
+{
+	ring_addr df = ring_dist(&from->peer.addr, key), ds = ring_dist(&n->self.addr, key);
+	unsigned nearer = wire_addr_cmp(&ds, &df) < 0;
+	for (struct link *l = n->links; l; l = l->next) {
+		if (l == from || !ring_link_usable(l) || ring_link_quiet(n, l) ||
+		    wire_addr_eq(&l->peer.addr, &from->peer.addr))
+			continue;
+		ring_addr dl = ring_dist(&l->peer.addr, key);
+		nearer += wire_addr_cmp(&dl, &df) < 0;
+	}
+	return nearer <= DHT_REPLICAS;
 }
 
 /* A REPLICA came from a neighbour that we see three live nodes nearer to
@@ -8150,10 +8530,10 @@ static void dht_on_request(struct node *n, const struct wire_routed *rt, const s
  * itself and the key, so the fourth nearest takes itself for the third and
  * keeps a copy pushed to it in error (a holder that had not yet linked to a
  * new neighbour) until the lease ends.  Tell it to drop its copy. */
-static void dht_release_check(struct node *n, const struct wire_routed *rt, const struct wire_dht *m)
+static void dht_release_check(struct node *n, struct link *from, const struct wire_routed *rt,
+			      const struct wire_dht *m)
 {
-	struct link *from = link_find_direct(n, &rt->src);
-	if (!from || !ring_link_usable(from) || ring_link_quiet(n, from))
+	if (ring_link_quiet(n, from))
 		return;         /* we cannot rank a node we do not see */
 	struct link *holders[DHT_REPLICAS] = { 0 };
 	bool self_in;
@@ -8168,14 +8548,28 @@ static void dht_release_check(struct node *n, const struct wire_routed *rt, cons
 	dht_send(n, MODE_EXACT, &rt->src, &rel);
 }
 
+/* A REPLICA: stored only when it comes straight from a neighbour that
+ * holds the key (dht_replica_from_holder), else anyone could fill our
+ * store with records routed to us. */
+static void dht_on_replica(struct node *n, const struct wire_routed *rt, const struct wire_dht *m)
+{
+	struct link *from = dht_sender_link(n, rt);
+	ring_addr hash = dht_hash((const char *)m->key, m->key_len);
+	if (!from || !dht_replica_from_holder(n, from, &hash))
+		return ring_drop(n, DROP_REFUSED, &rt->src);
+	dht_store(n, m, false);
+	dht_release_check(n, from, rt, m);
+}
+
 /* A neighbour sees three nodes nearer to the key than us: drop our copy.
  * It has just received the copy from us, so the record lives on; a RELEASE
- * that answers no recent push of ours is ignored. */
+ * that answers no recent push of ours, or that did not come straight from
+ * its sender, is ignored. */
 static void dht_on_release(struct node *n, const struct wire_routed *rt, const struct wire_dht *m)
 {
-	struct link *from = link_find_direct(n, &rt->src);
+	struct link *from = dht_sender_link(n, rt);
 	struct dht_record *r = dht_find(&n->dht, (const char *)m->key, m->key_len);
-	if (r && from && ring_link_usable(from) && ev_now(&n->loop) - r->pushed_ms <= DHT_RELEASE_WINDOW_MS)
+	if (r && from && ev_now(&n->loop) - r->pushed_ms <= DHT_RELEASE_WINDOW_MS)
 		dht_record_free(&n->dht, r);
 }
 
@@ -8186,11 +8580,9 @@ static void dht_deliver(struct node *n, const struct wire_routed *r)
 		return ring_drop(n, DROP_MALFORMED, &r->src);
 	switch (m.op) {
 	case DHT_REPLY:
-		return dht_pending_done(n, m.token, &m);
+		return dht_pending_done(n, r, &m);
 	case DHT_REPLICA:
-		dht_store(n, &m, false);
-		dht_release_check(n, r, &m);
-		return;
+		return dht_on_replica(n, r, &m);
 	case DHT_RELEASE:
 		return dht_on_release(n, r, &m);
 	default:
@@ -8217,6 +8609,8 @@ static int dht_request(struct node *n, uint8_t op, const char *key, const uint8_
 	uint8_t sig[SEC_SIG_MAX_BYTES], h[32];
 	size_t sig_len = 0;
 	if (op != DHT_GET && n->sec.mode == SEC_CERT) {
+		m.wop = op;
+		m.expires = dht_unix_now() + ttl_s;
 		dht_sig_hash(&m, h);
 		if (sec_sign(&n->sec, &n->rng, h, sig, &sig_len) == 0) {
 			m.cert = n->sec.ctx->own.raw.p;
@@ -8394,6 +8788,12 @@ static void dht_stop(struct node *n)
 		dht_pending_take(&n->dht, 0);
 	free(n->dht.records);
 	free(n->dht.pending);
+	dht_certs_free(&n->dht);
+	free(n->dht.keys);
+	free(n->dht.owners);
+	n->dht.keys = NULL;
+	n->dht.owners = NULL;
+	n->dht.keys_cap = n->dht.keys_used = n->dht.owners_cap = n->dht.owners_used = 0;
 	n->dht.records = NULL;
 	n->dht.pending = NULL;
 	n->dht.records_cap = n->dht.pending_cap = 0;
@@ -12807,6 +13207,17 @@ static void ctl_dht_done(struct node *n, void *arg, const struct wire_dht *reply
 	ctl_client_flush(c);
 }
 
+/* A write's OK reply carries the stored record (for the signature check):
+ * the user asked for "ok". */
+static void ctl_dht_written(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	struct ctl_client *c = arg;
+	if (!reply || reply->status != DHT_OK)
+		return ctl_dht_done(n, arg, reply);
+	buf_printf(&c->out, "ok\n");
+	ctl_client_flush(c);
+}
+
 /* "dht get KEY" | "dht put|create TTL KEY HEXVALUE" */
 static void ctl_cmd_dht(struct ctl_client *c, char **a, int na)
 {
@@ -12822,7 +13233,7 @@ static void ctl_cmd_dht(struct ctl_client *c, char **a, int na)
 		vlen = strlen(a[4]) / 2;
 		if (vlen <= sizeof value && buf_unhex(a[4], value, vlen) && ttl > 0)
 			rc = dht_request(n, !strcmp(a[1], "put") ? DHT_PUT : DHT_CREATE, a[3], value, vlen,
-					 (uint32_t)ttl, ctl_dht_done, c);
+					 (uint32_t)ttl, ctl_dht_written, c);
 	}
 	if (rc < 0) {
 		buf_printf(&c->out, "error %s\n", rc == -EBUSY ? "busy" :

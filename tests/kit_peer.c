@@ -24,8 +24,6 @@
  *   ctm-reply DST CLAIM STARTED send DST an unasked CONNECT-TO-ME reply that lists a
  *                               neighbour at ring address CLAIM started at STARTED
  *   routed MODE DST INNER HEX   send any routed message (MODE 1 exact .. 4 pred)
- *   dht-forge VALUE|off         answer every DHT GET that reaches us, delivered or in
- *                               transit, with OK, VALUE (text) and no certificate
  *   ctm-flood req|reply DST N ROTATE EP...
  *                               send DST N connect-to-me requests (or unasked replies)
  *                               whose sender lists the endpoints EP (udp:IP:PORT or
@@ -34,6 +32,15 @@
  *   ip-flood N DST NET ROTATE   send N INNER_IP packets (UDP, 28 bytes) to virtual IP DST,
  *                               the sources random, half inside NET (A.B.C.D/P), half
  *                               outside; ROTATE 1: each from a made-up ring address
+ *   dht-forge VALUE|off [KEY]   answer every DHT GET that reaches us, delivered or in
+ *                               transit, with OK, VALUE (text) and no certificate; with
+ *                               KEY, a record for KEY instead, signed as ourselves
+ *   dht-flood OP N PREFIX [DST [VIA]]
+ *                               write N records PREFIX0 .. PREFIX<N-1> (a 16-byte value,
+ *                               24 h lease, signed as ourselves in certificate networks):
+ *                               OP put routes each like ipop dht put; OP replica sends each
+ *                               as a REPLICA to DST (through VIA), or to every up link.
+ *                               KIT_FLOOD_PER_MS a millisecond; "flooded N" when done
  *   quit                        leave (as on SIGTERM)
  * ADDR, DST and CLAIM are 40 hex digits or a dotted IPv4 address (its SHA-1).
  */
@@ -45,8 +52,18 @@ static struct kit {
 	char line[8192];
 	size_t line_len;
 	char forge[DHT_VALUE_MAX_BYTES + 1];    /* dht-forge's value; empty: off */
+	char forge_key[DHT_KEY_MAX_BYTES + 1];  /* dht-forge's other key; empty: the one asked */
 	void (*routed)(struct node *n, struct link *l, const uint8_t *pkt, size_t len);
+	struct kit_flood {
+		bool replica, to_all, has_via;
+		unsigned next, count;
+		char prefix[64];
+		ring_addr dst, via;
+		struct ev_timer timer;
+	} flood;
 } kit;
+
+enum { KIT_FLOOD_PER_MS = 10 };         /* 10,000 records a second: about what a holder stores */
 
 static void kit_say(const char *fmt, ...)
 {
@@ -133,10 +150,33 @@ static void kit_routed_cmd(char **arg, int argc)
 
 static void kit_dht_forge(char **arg, int argc)
 {
-	if (argc != 1 || strlen(arg[0]) > DHT_VALUE_MAX_BYTES)
-		return kit_say("err usage: dht-forge VALUE|off");
+	if (argc < 1 || argc > 2 || strlen(arg[0]) > DHT_VALUE_MAX_BYTES ||
+	    (argc > 1 && strlen(arg[1]) > DHT_KEY_MAX_BYTES))
+		return kit_say("err usage: dht-forge VALUE|off [KEY]");
 	snprintf(kit.forge, sizeof kit.forge, "%s", strcmp(arg[0], "off") ? arg[0] : "");
+	snprintf(kit.forge_key, sizeof kit.forge_key, "%s", argc > 1 ? arg[1] : "");
 	kit_say("ok");
+}
+
+/* m as a record for key, signed by us as dht_request signs (certificate
+ * networks): genuine, but not what was asked. */
+static void kit_sign(struct node *n, struct wire_dht *m, const uint8_t *key, uint8_t sig[SEC_SIG_MAX_BYTES])
+{
+	uint8_t h[32];
+	size_t sig_len = 0;
+	m->key = key;
+	m->key_len = (uint8_t)strlen((const char *)key);
+	if (n->sec.mode != SEC_CERT)
+		return;
+	m->wop = DHT_PUT;
+	m->expires = dht_unix_now() + m->ttl_s;
+	dht_sig_hash(m, h);
+	if (sec_sign(&n->sec, &n->rng, h, sig, &sig_len) == 0) {
+		m->cert = n->sec.ctx->own.raw.p;
+		m->cert_len = (uint16_t)n->sec.ctx->own.raw.len;
+		m->sig = sig;
+		m->sig_len = (uint8_t)sig_len;
+	}
 }
 
 /* dht-forge: a GET in transit or for us gets our answer, not the holder's. */
@@ -150,6 +190,9 @@ static bool kit_forge_reply(struct node *n, const uint8_t *pkt, size_t len)
 	struct wire_dht reply = { .op = DHT_REPLY, .status = DHT_OK, .token = m.token, .key_len = m.key_len,
 				  .key = m.key, .owner = n->self.addr, .ttl_s = 600,
 				  .value_len = (uint16_t)strlen(kit.forge), .value = (const uint8_t *)kit.forge };
+	uint8_t sig[SEC_SIG_MAX_BYTES];
+	if (kit.forge_key[0])
+		kit_sign(n, &reply, (const uint8_t *)kit.forge_key, sig);
 	if (dht_send(n, MODE_EXACT, &r.src, &reply) == 0) {
 		char key[DHT_KEY_MAX_BYTES + 1];
 		snprintf(key, sizeof key, "%.*s", (int)m.key_len, (const char *)m.key);
@@ -277,6 +320,66 @@ static void kit_ip_flood(char **arg, int argc)
 	kit_say("ok %u", count);
 }
 
+/* A REPLICA of record KEY owned by us, signed as dht_request signs. */
+static void kit_flood_replica(struct node *n, const char *key, const ring_addr *dst, const ring_addr *via)
+{
+	static const uint8_t value[16] = "kit-flood-value";
+	struct wire_dht m = { .op = DHT_REPLICA, .key_len = (uint8_t)strlen(key), .key = (const uint8_t *)key,
+			      .owner = n->self.addr, .ttl_s = DHT_TTL_MAX_S, .value_len = sizeof value, .value = value };
+	uint8_t sig[SEC_SIG_MAX_BYTES], payload[WIRE_MAX_PACKET_BYTES];
+	kit_sign(n, &m, (const uint8_t *)key, sig);
+	ssize_t len = dht_encode(payload, sizeof payload - WIRE_ROUTED_FIXED_BYTES - RING_ADDR_BYTES, &m);
+	if (len > 0)
+		ring_send(n, MODE_EXACT, dst, via, INNER_DHT, payload, (size_t)len);
+}
+
+static void kit_flood_one(struct node *n, const char *key)
+{
+	struct kit_flood *f = &kit.flood;
+	struct link *l;
+	if (!f->replica)
+		dht_request(n, DHT_PUT, key, (const uint8_t *)"kit-flood-value", 16, DHT_TTL_MAX_S, NULL, NULL);
+	else if (!f->to_all)
+		kit_flood_replica(n, key, &f->dst, f->has_via ? &f->via : NULL);
+	else
+		link_for_each(n, l)
+			if (l->state == LINK_UP)
+				kit_flood_replica(n, key, &l->peer.addr, NULL);
+}
+
+static int64_t kit_flood_tick(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct kit_flood *f = &kit.flood;
+	char key[DHT_KEY_MAX_BYTES + 1];
+	(void)loop, (void)t;
+	for (unsigned i = 0; i < KIT_FLOOD_PER_MS && f->next < f->count; i++, f->next++) {
+		snprintf(key, sizeof key, "%s%u", f->prefix, f->next);
+		kit_flood_one(&kit.n, key);
+	}
+	if (f->next < f->count)
+		return 1;
+	kit_say("flooded %u", f->count);
+	return EV_TIMER_STOP;
+}
+
+static void kit_dht_flood(char **arg, int argc)
+{
+	struct kit_flood *f = &kit.flood;
+	if (argc < 3 || argc > 5 || (strcmp(arg[0], "put") && strcmp(arg[0], "replica")) ||
+	    strlen(arg[2]) >= sizeof f->prefix || (argc > 3 && !kit_addr(arg[3], &f->dst)) ||
+	    (argc > 4 && !kit_addr(arg[4], &f->via)))
+		return kit_say("err usage: dht-flood put|replica N PREFIX [DST [VIA]]");
+	f->replica = !strcmp(arg[0], "replica");
+	f->to_all = argc < 4;
+	f->has_via = argc > 4;
+	f->next = 0;
+	f->count = (unsigned)strtoul(arg[1], NULL, 10);
+	snprintf(f->prefix, sizeof f->prefix, "%s", arg[2]);
+	ev_timer_init(&f->timer, kit_flood_tick);
+	ev_timer_arm(&kit.n.loop, &f->timer, 0);
+	kit_say("ok");
+}
+
 static void kit_command(char *line)
 {
 	char *arg[10];
@@ -300,6 +403,8 @@ static void kit_command(char *line)
 		kit_ctm_flood(arg + 1, argc - 1);
 	else if (!strcmp(c, "ip-flood"))
 		kit_ip_flood(arg + 1, argc - 1);
+	else if (!strcmp(c, "dht-flood"))
+		kit_dht_flood(arg + 1, argc - 1);
 	else if (!strcmp(c, "quit")) {
 		kit.n.loop.stop = true;
 		kit_say("ok");

@@ -961,6 +961,7 @@ class KitPeer(Node):
         """Answer lines up to the first that starts with one of prefixes."""
         import select
         lines, deadline = [], time.monotonic() + timeout
+        dead = False
         while True:
             while b"\n" in self._out:
                 line, self._out = self._out.split(b"\n", 1)

@@ -1751,6 +1751,16 @@ static void test_shortcuts(void)
 	/* ...and leaving, we name three others: 0x08 in our place. */
 	kh = dht_holders(&n, &k60, true, hl, &self_in);
 	CHECK(kh == 3 && !self_in && wire_addr_eq(&hl[2]->peer.addr, &peers[2]));
+	/* REPLICAs: 0x08 is the fourth nearest we see (0x90 quiet), an old
+	 * holder handing over: taken; with 0x90 awake it is the fifth: not. */
+	struct link *l08 = NULL;
+	for (struct link *l = n.links; l; l = l->next)
+		if (wire_addr_eq(&l->peer.addr, &peers[2]))
+			l08 = l;
+	CHECK(l08 && dht_replica_from_holder(&n, l08, &k60));
+	l90->last_rx_ms = n.loop.now_ms;
+	CHECK(!dht_replica_from_holder(&n, l08, &k60) && dht_replica_from_holder(&n, l90, &k60));
+	l90->last_rx_ms = now;
 
 	/* The table: a peer is found again; a full probe window evicts the
 	 * quietest; an uncounted peer has no rate. */
@@ -1920,6 +1930,75 @@ static void test_ring_scopes(void)
 	      ring_rate_take(&due, 1100, 100, 2) && !ring_rate_take(&due, 1100, 100, 2));
 }
 
+/* DHT messages: the signed lease fields round trip; a write other than
+ * PUT or CREATE is malformed. */
+static void test_dht_wire(void)
+{
+	uint8_t buf[512], sig[8] = "sigbytes";
+	struct wire_dht m = { .op = DHT_REPLICA, .token = 7, .key_len = 5, .key = (const uint8_t *)"name:",
+			      .owner = addr_top(0x42), .ttl_s = 60, .wop = DHT_CREATE, .expires = 0x123456789aull,
+			      .value_len = 4, .value = (const uint8_t *)"\x0a\0\0\1", .sig_len = 8, .sig = sig };
+	ssize_t len = dht_encode(buf, sizeof buf, &m);
+	struct wire_dht d;
+	CHECK(len == 45 + 5 + 4 + 8 && dht_decode(buf, (size_t)len, &d) == 0);
+	CHECK(d.wop == DHT_CREATE && d.expires == m.expires && d.ttl_s == 60 && d.value_len == 4 &&
+	      d.sig_len == 8 && !memcmp(d.sig, sig, 8) && wire_addr_eq(&d.owner, &m.owner));
+	m.wop = DHT_GET;
+	len = dht_encode(buf, sizeof buf, &m);
+	CHECK(len > 0 && dht_decode(buf, (size_t)len, &d) < 0);
+}
+
+/* Per-owner quotas: one owner past DHT_OWNER_RECORDS_MAX is refused
+ * "full", and REPLICAs count against their owner; another owner is not
+ * refused, and the full owner still renews a key it has. */
+static void test_dht_quota(void)
+{
+	struct node n;
+	ring_addr self = addr_top(0x10), peers[] = { addr_top(0x20) };
+	fake_node(&n, &self, peers, 1);
+	char key[32];
+	struct wire_dht m = { .op = DHT_REPLICA, .owner = addr_top(0xa0), .ttl_s = 60, .value_len = 1,
+			      .value = (const uint8_t *)"x", .key = (const uint8_t *)key };
+	unsigned ok = 0;
+	for (unsigned i = 0; i < DHT_OWNER_RECORDS_MAX + 10; i++) {
+		m.key_len = (uint8_t)snprintf(key, sizeof key, "k%u", i);
+		ok += dht_store(&n, &m, false) == DHT_OK;
+	}
+	CHECK(ok == DHT_OWNER_RECORDS_MAX && n.dht.n_records == DHT_OWNER_RECORDS_MAX);
+	m.key_len = (uint8_t)snprintf(key, sizeof key, "k%u", DHT_OWNER_RECORDS_MAX + 1);
+	CHECK(dht_store(&n, &m, false) == DHT_FULL);
+	m.key_len = (uint8_t)snprintf(key, sizeof key, "k0");
+	m.ttl_s = 120;
+	CHECK(dht_store(&n, &m, false) == DHT_OK);
+	m.owner = addr_top(0xb0);
+	m.op = DHT_PUT;
+	m.key_len = (uint8_t)snprintf(key, sizeof key, "name:b");
+	CHECK(dht_store(&n, &m, false) == DHT_OK && n.dht.n_records == DHT_OWNER_RECORDS_MAX + 1);
+	/* The indexes follow removals (the last record moves into the gap)
+	 * and rebuilds: every record is found, and the counts add up. */
+	unsigned found = 0, k = 0;
+	for (unsigned i = 0; i < 3000; i++)
+		dht_record_free(&n.dht, &n.dht.records[(i * 7919u) % n.dht.n_records]);
+	for (unsigned i = 0; i < 2000; i++) {
+		m.owner = addr_top((uint8_t)(0xc0 + i % 8));
+		m.key_len = (uint8_t)snprintf(key, sizeof key, "again%u", i);
+		k += dht_store(&n, &m, false) == DHT_OK;
+	}
+	for (unsigned i = 0; i < n.dht.n_records; i++)
+		found += dht_find(&n.dht, n.dht.records[i].key, strlen(n.dht.records[i].key)) == &n.dht.records[i];
+	m.key_len = (uint8_t)snprintf(key, sizeof key, "k%u", DHT_OWNER_RECORDS_MAX + 5);
+	CHECK(k == 2000 && found == n.dht.n_records && !dht_find(&n.dht, key, m.key_len));
+	unsigned counted[3] = { 0 }, owners[3] = { 0xa0, 0xb0, 0xc7 };
+	for (unsigned i = 0; i < n.dht.n_records; i++)
+		for (unsigned j = 0; j < 3; j++)
+			counted[j] += n.dht.records[i].owner.b[0] == owners[j];
+	CHECK(dht_owned(&n.dht, &self) == 0 && counted[2] == 250 && counted[0] + counted[1] == DHT_OWNER_RECORDS_MAX + 1 - 3000);
+	for (unsigned j = 0; j < 3; j++)
+		CHECK(dht_owned(&n.dht, &(ring_addr){ .b = { (uint8_t)owners[j] } }) == counted[j]);
+	dht_stop(&n);
+	fake_node_free(&n);
+}
+
 int main(void)
 {
 	log_cfg.level = LOG_ERROR;
@@ -1941,6 +2020,8 @@ int main(void)
 	test_hs_admission();
 	test_next_hop_view();
 	test_shortcuts();
+	test_dht_wire();
+	test_dht_quota();
 	test_contents();
 	test_lease_pick();
 	test_dns();
