@@ -3065,6 +3065,7 @@ struct tap_state {
 	uint8_t gw_mac[6];              /* the virtual gateway every virtual IP resolves to */
 	bool vnet;                      /* frames carry a virtio-net header (offloads on) */
 	uint64_t tso_frames, tso_segments, gro_frames, gro_segments;
+	uint8_t *rx;                    /* TAP_RX_BYTES: the frame tap_readable reads into */
 	uint8_t *gro;                   /* a TCP super-frame being built (section 11) */
 	size_t gro_len, gro_hlen;
 	unsigned gro_segs;
@@ -10930,14 +10931,20 @@ static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 	n->tap.tso_segments += k;
 }
 
+/* A frame off the device: a virtio-net header, Ethernet, and up to 64 KiB
+ * of IP (a TSO super-frame); allocated with the first read. */
+enum { TAP_RX_BYTES = TAP_VNET_HDR_BYTES + TAP_ETH_HDR_BYTES + 65536 };
+
 static void tap_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
-	static uint8_t frame[TAP_VNET_HDR_BYTES + TAP_ETH_HDR_BYTES + 65536];
 	(void)loop;
 	(void)events;
+	if (!n->tap.rx && !(n->tap.rx = malloc(TAP_RX_BYTES)))
+		return;
+	uint8_t *frame = n->tap.rx;
 	for (int i = 0; i < TAP_FRAMES_PER_WAKE; i++) {
-		ssize_t r = read(fd, frame, sizeof frame);
+		ssize_t r = read(fd, frame, TAP_RX_BYTES);
 		if (r <= 0)
 			return;
 		if (n->tap.vnet)
@@ -11222,6 +11229,8 @@ static void tap_close(struct node *n)
 	n->tap.fd = -1;
 	free(n->tap.gro);
 	n->tap.gro = NULL;
+	free(n->tap.rx);
+	n->tap.rx = NULL;
 }
 
 /* ===================================================================== 12 lw_
@@ -16724,7 +16733,9 @@ static int cli_status(struct cli_opts *o)
 	return EXIT_OK;
 }
 
-/* The one mutable file-scope variable: set by SIGINT during 'ipop ping'. */
+/* Set by SIGINT during 'ipop ping'.  One of three mutable file-scope
+ * variables, with log_cfg (the log level, section 01) and cli_boot_uris
+ * (the running node's bootstrap names, section 16b). */
 static volatile sig_atomic_t cli_interrupted;
 
 static void cli_on_sigint(int sig)
