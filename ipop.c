@@ -3903,10 +3903,6 @@ static void link_hs_resend(struct link *l)
 		link_send_raw(l, l->hs.cached, l->hs.cached_len);
 }
 
-/* ---- teardown and timers ---------------------------------------------- */
-
-static void link_relays_lost(struct node *n, const ring_addr *via);
-
 /* ---- contacts -------------------------------------------------------------
  * A NAT or stateful firewall lets a stranger's first packet in only through
  * a hole we opened by sending to it.  So that the ring can tell a link a
@@ -3939,6 +3935,10 @@ static bool link_contacted(struct node *n, const struct sockaddr_in *sa)
 	return c && c->ms && c->ip == sa->sin_addr.s_addr && c->port == sa->sin_port &&
 	       ev_now(&n->loop) - c->ms < LINK_CONTACT_MS;
 }
+
+/* ---- teardown ----------------------------------------------------------- */
+
+static void link_relays_lost(struct node *n, const ring_addr *via);
 
 /* An accepted TCP link came up or goes: it is no longer unproven. */
 static void link_unproven_forget(struct node *n, struct link *l)
@@ -4213,6 +4213,8 @@ static void link_relays_lost(struct node *n, const ring_addr *via)
 	if (!link_find_direct(n, via))         /* else a duplicate closed; another direct link remains */
 		link_relays_failed(n, via, true);
 }
+
+/* ---- timers: keepalive, handshake retries ------------------------------- */
 
 /* One end of a link pinging is enough: the other hears the PING, answers
  * it, and skips its own.  Whichever end's tick comes first keeps pinging,
@@ -5419,6 +5421,8 @@ static void link_udp_errors(struct node *n, int fd)
 	}
 }
 
+/* ---- UDP reads -------------------------------------------------------- */
+
 /* Up to LINK_BATCH datagrams per recvmmsg, a few calls per wake-up at most,
  * so one busy socket cannot starve the rest. */
 static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
@@ -5457,6 +5461,8 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 			return;
 	}
 }
+
+/* ---- TCP streams: framing, connecting, draining -------------------------- */
 
 /* Take whole frames out of the TCP read buffer.  false: close the link. */
 static bool link_tcp_frames(struct link *l)
@@ -5646,6 +5652,8 @@ static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t e
 		ev_timer_arm(loop, &l->timer, LINK_HANDSHAKE_TIMEOUT_MS);
 	}
 }
+
+/* ---- dialling, probes, certificate checks, start --------------------------- */
 
 /* Bursts from a fast local sender (a TCP window's worth of packets) must not
  * overflow the kernel's default ~200 KB UDP buffers between two loop turns.
@@ -9655,6 +9663,27 @@ static uint16_t ip_checksum(const uint8_t *p, size_t len)
 	return ntohs(ip_sum_fold(ip_sum_add(0, p, len)));
 }
 
+/* A 20-byte IPv4 header of our own making (no options, not fragmented,
+ * TTL 64), its checksum filled in: every packet ipop writes itself (DNS
+ * answers, ICMP errors; the tests' packets) starts here. */
+static void ip_head_put(uint8_t p[IP_HDR_MIN_BYTES], uint8_t tos, size_t total, uint8_t proto,
+			uint32_t src, uint32_t dst)
+{
+	struct wbuf w = wbuf_of(p, IP_HDR_MIN_BYTES);
+	wbuf_u8(&w, 0x45);
+	wbuf_u8(&w, tos);
+	wbuf_u16(&w, (uint16_t)total);
+	wbuf_u32(&w, 0);               /* identification, flags, fragment offset */
+	wbuf_u8(&w, 64);
+	wbuf_u8(&w, proto);
+	wbuf_u16(&w, 0);
+	wbuf_u32(&w, src);
+	wbuf_u32(&w, dst);
+	uint16_t c = ip_checksum(p, IP_HDR_MIN_BYTES);
+	p[10] = (uint8_t)(c >> 8);
+	p[11] = (uint8_t)c;
+}
+
 static bool ip_on_net(const struct ip_state *ip, uint32_t a)
 {
 	return (a & ip->mask) == ip->net;
@@ -9899,16 +9928,10 @@ static void dns_send(struct node *n, uint32_t dst, uint16_t dport, const uint8_t
 	uint8_t pkt[IP_HDR_MIN_BYTES + UDP_HDR_BYTES + DNS_MSG_MAX_BYTES + 64];
 	uint32_t src = ip_gateway(&n->ip);
 	size_t total = IP_HDR_MIN_BYTES + UDP_HDR_BYTES + mlen;
-	struct wbuf w = wbuf_of(pkt, sizeof pkt);
-	wbuf_u8(&w, 0x45);
-	wbuf_u8(&w, 0);
-	wbuf_u16(&w, (uint16_t)total);
-	wbuf_u32(&w, 0);
-	wbuf_u8(&w, 64);
-	wbuf_u8(&w, IP_PROTOCOL_UDP);
-	wbuf_u16(&w, 0);
-	wbuf_u32(&w, src);
-	wbuf_u32(&w, dst);
+	if (total > sizeof pkt)
+		return;
+	ip_head_put(pkt, 0, total, IP_PROTOCOL_UDP, src, dst);
+	struct wbuf w = wbuf_of(pkt + IP_HDR_MIN_BYTES, sizeof pkt - IP_HDR_MIN_BYTES);
 	wbuf_u16(&w, DNS_PORT);
 	wbuf_u16(&w, dport);
 	wbuf_u16(&w, (uint16_t)(UDP_HDR_BYTES + mlen));
@@ -9916,10 +9939,7 @@ static void dns_send(struct node *n, uint32_t dst, uint16_t dport, const uint8_t
 	wbuf_bytes(&w, msg, mlen);
 	if (wbuf_done(&w) < 0 || !n->ip.write_local)
 		return;
-	uint16_t c = ip_checksum(pkt, IP_HDR_MIN_BYTES);
-	pkt[10] = (uint8_t)(c >> 8);
-	pkt[11] = (uint8_t)c;
-	c = dns_udp_checksum(src, dst, pkt + IP_HDR_MIN_BYTES, UDP_HDR_BYTES + mlen);
+	uint16_t c = dns_udp_checksum(src, dst, pkt + IP_HDR_MIN_BYTES, UDP_HDR_BYTES + mlen);
 	pkt[IP_HDR_MIN_BYTES + 6] = (uint8_t)(c >> 8);
 	pkt[IP_HDR_MIN_BYTES + 7] = (uint8_t)c;
 	n->ip.write_local(n, pkt, total);
@@ -9998,6 +10018,8 @@ static void dns_gateway_packet(struct node *n, const uint8_t *pkt, size_t len, c
 	dns_on_query(n, h->src, sport, b.p, ulen - UDP_HDR_BYTES);
 }
 
+/* ---- ip_: packets both ways, lookups, publishing, routes ------------------ */
+
 /* A packet from the local stack: ours to send, or dropped and counted. */
 static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 {
@@ -10049,25 +10071,14 @@ static void ip_icmp_host_unreachable(struct node *n, const uint8_t *quote, size_
 	if (!ip_held_here(n, q.src))
 		return;
 	size_t total = IP_HDR_MIN_BYTES + 8 + qlen;
-	struct wbuf w = wbuf_of(pkt, sizeof pkt);
-	wbuf_u8(&w, 0x45);
-	wbuf_u8(&w, 0xc0);             /* DSCP CS6: network control */
-	wbuf_u16(&w, (uint16_t)total);
-	wbuf_u32(&w, 0);
-	wbuf_u8(&w, 64);
-	wbuf_u8(&w, IP_PROTOCOL_ICMP);
-	wbuf_u16(&w, 0);
-	wbuf_u32(&w, q.dst);
-	wbuf_u32(&w, q.src);
+	ip_head_put(pkt, 0xc0, total, IP_PROTOCOL_ICMP, q.dst, q.src);  /* DSCP CS6: network control */
+	struct wbuf w = wbuf_of(pkt + IP_HDR_MIN_BYTES, sizeof pkt - IP_HDR_MIN_BYTES);
 	wbuf_u8(&w, 3);                /* destination unreachable */
 	wbuf_u8(&w, 1);                /* host unreachable */
 	wbuf_u16(&w, 0);
 	wbuf_u32(&w, 0);
 	wbuf_bytes(&w, quote, qlen);
-	uint16_t c = ip_checksum(pkt, IP_HDR_MIN_BYTES);
-	pkt[10] = (uint8_t)(c >> 8);
-	pkt[11] = (uint8_t)c;
-	c = ip_checksum(pkt + IP_HDR_MIN_BYTES, total - IP_HDR_MIN_BYTES);
+	uint16_t c = ip_checksum(pkt + IP_HDR_MIN_BYTES, total - IP_HDR_MIN_BYTES);
 	pkt[IP_HDR_MIN_BYTES + 2] = (uint8_t)(c >> 8);
 	pkt[IP_HDR_MIN_BYTES + 3] = (uint8_t)c;
 	if (n->ip.write_local)

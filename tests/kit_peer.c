@@ -281,16 +281,8 @@ static void kit_ctm_flood(char **arg, int argc)
  * on the way in: the receiving stack does that). */
 static void kit_ip_packet(uint8_t p[28], uint32_t src, uint32_t dst)
 {
-	struct wbuf w = wbuf_of(p, 28);
-	wbuf_u8(&w, 0x45);
-	wbuf_u8(&w, 0);
-	wbuf_u16(&w, 28);
-	wbuf_u32(&w, 0);
-	wbuf_u8(&w, 64);
-	wbuf_u8(&w, 17);
-	wbuf_u16(&w, 0);
-	wbuf_u32(&w, src);
-	wbuf_u32(&w, dst);
+	ip_head_put(p, 0, 28, IP_PROTOCOL_UDP, src, dst);
+	struct wbuf w = wbuf_of(p + IP_HDR_MIN_BYTES, 8);
 	wbuf_u16(&w, 9);
 	wbuf_u16(&w, 9);
 	wbuf_u16(&w, 8);

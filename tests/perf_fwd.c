@@ -64,23 +64,12 @@ static void pump(struct node *a, struct node *b, int turns)
 static void make_packet(uint8_t *p, size_t size, uint32_t src, uint32_t dst)
 {
 	memset(p, 0xa5, size);
-	struct wbuf w = wbuf_of(p, size);
-	wbuf_u8(&w, 0x45);
-	wbuf_u8(&w, 0);
-	wbuf_u16(&w, (uint16_t)size);
-	wbuf_u32(&w, 0);
-	wbuf_u8(&w, 64);
-	wbuf_u8(&w, IP_PROTOCOL_UDP);
-	wbuf_u16(&w, 0);
-	wbuf_u32(&w, src);
-	wbuf_u32(&w, dst);
+	ip_head_put(p, 0, size, IP_PROTOCOL_UDP, src, dst);
+	struct wbuf w = wbuf_of(p + IP_HDR_MIN_BYTES, size - IP_HDR_MIN_BYTES);
 	wbuf_u16(&w, 40000);               /* UDP: sport, dport, length, no checksum */
 	wbuf_u16(&w, 9);
 	wbuf_u16(&w, (uint16_t)(size - IP_HDR_MIN_BYTES));
 	wbuf_u16(&w, 0);
-	uint16_t c = ip_checksum(p, IP_HDR_MIN_BYTES);
-	p[10] = (uint8_t)(c >> 8);
-	p[11] = (uint8_t)c;
 }
 
 /* One burst: BURST packets into A, flushed, delivered by B.  0 if all
