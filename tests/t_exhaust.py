@@ -33,7 +33,8 @@ Layout: namespace hx-sw holds bridge hxbr0; hosts on 192.168.231.0/24:
     promptly, C joins (its link to A up, overlay ping), and A's fds are back.
     The listener rested at the limit: at most 4 failed accepts a second
     (without the rest: thousands, each evicting a stream).
-Env: IPOP_EXHAUST_CONNS (default 2000), IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE.
+Env: IPOP_EXHAUST_CONNS (default 2000), IPOP_KEEP_LOGS, IPOP_TEST_VERBOSE,
+IPOP_LAB_PREFIX (namespace prefix instead of "hx-").
 """
 import json
 import os
@@ -45,10 +46,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import (TestFailure, check, log, ipop_bin, sh, nsx, Proc, lab_start,  # noqa: E402
-                 remove_netns, keep_lab_logs, main_wrapper)
+                 remove_netns, keep_lab_logs, main_wrapper, TcpHolder)
 
-PREFIX = "hx-"
-SW = "hx-sw"
+PREFIX = os.environ.get("IPOP_LAB_PREFIX", "hx-")
+SW = PREFIX + "sw"
 BR = "hxbr0"
 UNDER = "192.168.231.%d"
 VNET = "10.231.0.%d"
@@ -63,43 +64,6 @@ TCK = os.sysconf("SC_CLK_TCK")
 failures = []
 procs = []
 tmp = tempfile.mkdtemp(prefix="ipop-hx-exhaust-")
-
-ATTACKER = r'''
-import errno, os, resource, select, socket, sys, time
-target, port, n, srcs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
-resource.setrlimit(resource.RLIMIT_NOFILE, (n + 200, n + 200))
-socks = {}
-def open_one(i):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setblocking(False)
-    try:
-        s.bind((srcs[i % len(srcs)], 0))
-        s.connect_ex((target, port))
-    except OSError:
-        s.close()
-        return
-    socks[i] = s
-for i in range(n):
-    open_one(i)
-opened = n
-while not os.path.exists(sys.argv[5]):
-    time.sleep(0.3)
-    p = select.poll()
-    fds = {}
-    for i, s in socks.items():
-        p.register(s, select.POLLIN | select.POLLERR | select.POLLHUP)
-        fds[s.fileno()] = i
-    dead = [fds[fd] for fd, ev in p.poll(0)]
-    for i in dead:
-        s = socks.pop(i)
-        s.close()
-        open_one(i)
-        opened += 1
-    with open(sys.argv[6], "w") as f:
-        f.write("%d %d\n" % (len(socks), opened))
-for s in socks.values():
-    s.close()
-'''
 
 ECHO = r'''
 import socket, sys, threading
@@ -286,31 +250,11 @@ def drops(st, key):
 
 
 def attack_start(tag):
-    stop = os.path.join(tmp, "stop-" + tag)
-    info = os.path.join(tmp, "attack-" + tag)
-    script = os.path.join(tmp, "attacker.py")
-    with open(script, "w") as f:
-        f.write(ATTACKER)
-    srcs = ",".join(UNDER % i for i in [HOSTS["x"]] + list(ATTACK_EXTRA))
-    p = Proc("attacker-" + tag, ["ip", "netns", "exec", PREFIX + "x", sys.executable, script,
-                                 UNDER % HOSTS["a"], "4000", str(CONNS), srcs, stop, info],
-             os.path.join(tmp, "attacker-%s.log" % tag))
-    procs.append(p)
-
-    def opened():
-        try:
-            with open(info) as f:
-                return int(f.read().split()[0]) >= CONNS * 0.9
-        except (OSError, ValueError, IndexError):
-            return False
-    check(wait_for("attack", opened, 20) is not None, "the attacker could not open its connections")
-    return p, stop
-
-
-def attack_stop(p, stop):
-    open(stop, "w").close()
-    if p.wait(10) is None:
-        p.stop()
+    srcs = [UNDER % i for i in [HOSTS["x"]] + list(ATTACK_EXTRA)]
+    h = TcpHolder(PREFIX + "x", UNDER % HOSTS["a"], 4000, CONNS, srcs, tmp, tag)
+    procs.append(h.proc)
+    check(h.wait_open(20) is not None, "the attacker could not open its connections")
+    return h
 
 
 def join_c():
@@ -346,7 +290,7 @@ def step_flood(a):
     base_fds = n_fds(ipop_pid(a))
     rate0, _ = flow_rate()
     log("  flow before: %.0f KB/s; A's fds: %d" % (rate0 / 1024, base_fds))
-    atk, stop = attack_start("default")
+    atk = attack_start("default")
     st, worst = status_prompt("a")
     soft_check(st is not None and worst < 2.0,
                "A's status answers during the flood (slowest of 5: %.2f s)" % worst)
@@ -366,7 +310,7 @@ def step_flood(a):
     soft_check(drops(st, "pending_evicted") > 0, "A counts evicted unauthenticated streams (%d)"
                % drops(st, "pending_evicted"))
     soft_check(a.alive(), "A is alive")
-    attack_stop(atk, stop)
+    atk.stop()
     c.stop()
 
 
@@ -377,7 +321,7 @@ def step_fd_limit():
     check(wait_for("B", lambda: links_up(status("a")[0]), 15) is not None, "B did not link A again")
     base_fds = n_fds(ipop_pid(a))
     t_attack = time.monotonic()
-    atk, stop = attack_start("lowfd")
+    atk = attack_start("lowfd")
     time.sleep(0.5)         # (let the flood reach the limit before measuring)
     cpu = cpu_share(ipop_pid(a))
     soft_check(cpu < CPU_MAX, "A's CPU at the fd limit: %.0f%% of a core (no spin)" % (100 * cpu))
@@ -385,7 +329,7 @@ def step_fd_limit():
     soft_check(st is not None and dt < 2.0, "A's status answers at the fd limit (%s in %.2f s)"
                % ("answered" if st else "no answer", dt))
     soft_check(a.alive(), "A is alive at the fd limit")
-    attack_stop(atk, stop)
+    atk.stop()
     flood_s = time.monotonic() - t_attack
     dt = wait_for("recovery", lambda: status("a")[0], 10, poll=0.2)
     soft_check(dt is not None, "A's status answers after the attacker left (%s s)"
