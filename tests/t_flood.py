@@ -341,12 +341,12 @@ def attack_both(net, a, boot, base_fds):
     d1 = drops(net, "a")
     f["hs_rate"] = d1.get("handshake_rate", 0) - d0.get("handshake_rate", 0)
     f["evicted"] = d1.get("pending_evicted", 0) - d0.get("pending_evicted", 0)
-    log("  X: %d HS_INITs (%d answered), %d TCP connections held %s; A: handshake_rate +%d, "
-        "pending_evicted +%d" % (s["sent"], s["resp"], f["held"],
-                                 "after %.2f s" % t_open if t_open is not None else "(never 90%)",
-                                 f["hs_rate"], f["evicted"]))
-    soft(s["sent"] >= 0.9 * RATE * FLOOD_SLOT_S and t_open is not None and f["hs_rate"] > 0 and f["evicted"] > 0,
-         "both attacks reached A (HS_INITs refused by rate, held streams evicted)")
+    log("  X: %d HS_INITs, %d answered; %d TCP connections, 90%% held after %s s"
+        % (s["sent"], s["resp"], CONNS, "%.2f" % t_open if t_open is not None else "-"))
+    soft(s["sent"] >= 0.9 * RATE * FLOOD_SLOT_S and t_open is not None,
+         "X sent %d HS_INITs and held %d TCP connections" % (s["sent"], f["held"]))
+    soft(f["hs_rate"] > 0 and f["evicted"] > 0, "A refused HS_INITs by rate (+%d) and closed held streams "
+         "(pending_evicted +%d)" % (f["hs_rate"], f["evicted"]))
     soft(joined is not None and joined <= JOIN_S, "C (bootstrap %s://A) joined in %s s (limit %.0f)"
          % (boot, "%.2f" % joined if joined else "-", JOIN_S))
     soft(f["status"] is not None and f["status"] <= STATUS_S,
