@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Handshake floods (issue 18, item 4), against real nodes in namespaces.
+"""Handshake floods (issue 18, item 4), alone and with 2,000 held TCP
+connections (issue 18's load figure), against real nodes in namespaces.
 
 Five namespaces (prefix "hf") on one bridge: the victim A (192.168.71.1,
 every node's bootstrap), B, a late joiner C, and the attacker X with four
-source IPs.  The nodes run as the README starts them (tap mode, --ip,
+source IPs (and 21 more for step 4's TCP connections).  The nodes run as the README starts them (tap mode, --ip,
 --name, --bootstrap udp://A:4000).  X runs tests/kit_flood: valid-cookie
 HS_INITs at 2,000/s from 64 UDP ports over its four IPs, never finishing
 a handshake.  For a secret network X holds the secret (a member's leaked
@@ -25,11 +26,26 @@ ca.crt: the worst an outsider can hold.  Per network:
     a figure only: its seconds swing by 2x without any flood.
  3. certificate network only: X with ca.crt alone (no network.key) gets no
     answer at all, and A counts not_member.
+ 4. both attacks at once (issue 18's load figure): a 17 s flow paced at
+    300 Mbit/s; in seconds 3 and 10, for 4 s each, X floods as above AND
+    holds CONNS TCP connections to A's TCP listener (the README's default
+    listeners are udp and tcp 0.0.0.0:4000) from 21 further IPs, reopening
+    any A closes (lib.TcpHolder, as t_exhaust).  Meanwhile C joins with
+    the README's flags (bootstrap over UDP in the first slot, TCP in the
+    second, no remembered peers) within JOIN_S, A's status answers 5 of 5
+    within STATUS_S, A holds at most UNPROVEN_FDS descriptors over its
+    baseline, its CPU stays under CPU_MAX, and the flow's attacked seconds
+    keep KEEP of its quiet ones (medians, same run).
 
 Mutation check: with IPOP= an ipop built from before the defences
 (6e59cd8) 11 checks fail (steps 1, 2 and 3); with only the rate limit, the
 half-open cap and the resend rule taken out, 7 (docs/SECURITY.md, "Load").
-Env: IPOP (binary), IPOP_KEEP_LOGS.
+Step 4: with LINK_UNPROVEN_MAX and LINK_UNPROVEN_PER_IP_MAX at 65,536, A
+holds 193-1,095 descriptors more (8 checks fail); with link_hs_admit
+always admitting, A's CPU is 28-31 % (secret) and 98 % (certificate) of a
+core and the certificate network's flow keeps 2 % (9 fail).
+Env: IPOP (binary), IPOP_KEEP_LOGS, IPOP_FLOOD_STEPS (which steps, default
+"1234"), IPOP_LAB_PREFIX (namespace prefix instead of "hf-").
 """
 import json
 import os
