@@ -1300,6 +1300,95 @@ def report_pings(results, label):
     return fails
 
 
+# --------------------------------------------------------------------------
+# attackers
+
+# The holder (TcpHolder): opens n non-blocking connects from the source
+# addresses round robin, never sends a byte, and every 0.3 s reopens those
+# the target closed; after each pass it writes "held opened" to its info
+# file; it closes everything when the stop file appears.
+_HOLDER_PY = r"""
+import os, resource, select, socket, sys, time
+target, port, n, srcs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
+stop, info = sys.argv[5], sys.argv[6]
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 200, n + 200))
+socks = {}
+def open_one(i):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.bind((srcs[i % len(srcs)], 0))
+        s.connect_ex((target, port))
+    except OSError:
+        s.close()
+        return
+    socks[i] = s
+for i in range(n):
+    open_one(i)
+opened = n
+while not os.path.exists(stop):
+    time.sleep(0.3)
+    p = select.poll()
+    fds = {}
+    for i, s in socks.items():
+        p.register(s, select.POLLIN | select.POLLERR | select.POLLHUP)
+        fds[s.fileno()] = i
+    for i in [fds[fd] for fd, ev in p.poll(0)]:
+        socks.pop(i).close()
+        open_one(i)
+        opened += 1
+    with open(info + ".tmp", "w") as f:
+        f.write("%d %d\n" % (len(socks), opened))
+    os.replace(info + ".tmp", info)
+for s in socks.values():
+    s.close()
+"""
+
+
+class TcpHolder:
+    """An outsider in namespace ns holding conns TCP connections to
+    target:port, spread over the source addresses srcs, saying nothing and
+    reopening any the target closes (tests/t_exhaust.py, t_flood.py).  Its
+    files live in tmpdir, named by tag; .proc is the Proc to clean up."""
+
+    def __init__(self, ns, target, port, conns, srcs, tmpdir, tag):
+        self.conns = conns
+        self.stopfile = os.path.join(tmpdir, "holder-stop-" + tag)
+        self.infofile = os.path.join(tmpdir, "holder-" + tag)
+        for f in (self.stopfile, self.infofile):
+            if os.path.exists(f):
+                os.unlink(f)
+        script = os.path.join(tmpdir, "holder.py")
+        with open(script, "w") as f:
+            f.write(_HOLDER_PY)
+        self.proc = Proc("holder-" + tag, ["ip", "netns", "exec", ns, sys.executable, script, target,
+                                           str(port), str(conns), ",".join(srcs), self.stopfile,
+                                           self.infofile], os.path.join(tmpdir, "holder-%s.log" % tag))
+
+    def counts(self):
+        """(connections held now, opened in all); (0, 0) before its first pass."""
+        try:
+            with open(self.infofile) as f:
+                held, opened = f.read().split()
+            return int(held), int(opened)
+        except (OSError, ValueError):
+            return 0, 0
+
+    def wait_open(self, timeout=20, share=0.9):
+        """Seconds until share of the connections are held, or None."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout and self.proc.alive():
+            if self.counts()[0] >= share * self.conns:
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        return None
+
+    def stop(self, timeout=10):
+        open(self.stopfile, "w").close()
+        if self.proc.wait(timeout) is None:
+            self.proc.stop()
+
+
 def main_wrapper(fn):
     """Run test fn(); print PASS/FAIL; exit code 0 only on success."""
     try:

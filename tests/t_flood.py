@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Handshake floods (issue 18, item 4), against real nodes in namespaces.
+"""Handshake floods (issue 18, item 4), alone and with 2,000 held TCP
+connections (issue 18's load figure), against real nodes in namespaces.
 
 Five namespaces (prefix "hf") on one bridge: the victim A (192.168.71.1,
 every node's bootstrap), B, a late joiner C, and the attacker X with four
-source IPs.  The nodes run as the README starts them (tap mode, --ip,
+source IPs (and 21 more for step 4's TCP connections).  The nodes run as the README starts them (tap mode, --ip,
 --name, --bootstrap udp://A:4000).  X runs tests/kit_flood: valid-cookie
 HS_INITs at 2,000/s from 64 UDP ports over its four IPs, never finishing
 a handshake.  For a secret network X holds the secret (a member's leaked
@@ -25,11 +26,26 @@ ca.crt: the worst an outsider can hold.  Per network:
     a figure only: its seconds swing by 2x without any flood.
  3. certificate network only: X with ca.crt alone (no network.key) gets no
     answer at all, and A counts not_member.
+ 4. both attacks at once (issue 18's load figure): a 17 s flow paced at
+    300 Mbit/s; in seconds 3 and 10, for 4 s each, X floods as above AND
+    holds CONNS TCP connections to A's TCP listener (the README's default
+    listeners are udp and tcp 0.0.0.0:4000) from 21 further IPs, reopening
+    any A closes (lib.TcpHolder, as t_exhaust).  Meanwhile C joins with
+    the README's flags (bootstrap over UDP in the first slot, TCP in the
+    second, no remembered peers) within JOIN_S, A's status answers 5 of 5
+    within STATUS_S, A holds at most UNPROVEN_FDS descriptors over its
+    baseline, its CPU stays under CPU_MAX, and the flow's attacked seconds
+    keep KEEP of its quiet ones (medians, same run).
 
 Mutation check: with IPOP= an ipop built from before the defences
 (6e59cd8) 11 checks fail (steps 1, 2 and 3); with only the rate limit, the
 half-open cap and the resend rule taken out, 7 (docs/SECURITY.md, "Load").
-Env: IPOP (binary), IPOP_KEEP_LOGS.
+Step 4: with LINK_UNPROVEN_MAX and LINK_UNPROVEN_PER_IP_MAX at 65,536, A
+holds 193-1,095 descriptors more (8 checks fail); with link_hs_admit
+always admitting, A's CPU is 28-31 % (secret) and 98 % (certificate) of a
+core and the certificate network's flow keeps 2 % (9 fail).
+Env: IPOP (binary), IPOP_KEEP_LOGS, IPOP_FLOOD_STEPS (which steps, default
+"1234"), IPOP_LAB_PREFIX (namespace prefix instead of "hf-").
 """
 import json
 import os
@@ -43,12 +59,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import (TestFailure, check, log, sh, nsx, ipop_bin, kit_bin, lab_start,  # noqa: E402
-                 remove_netns, keep_lab_logs, main_wrapper, Proc)
+                 remove_netns, keep_lab_logs, main_wrapper, Proc, TcpHolder)
 
-PREFIX = "hf-"
+PREFIX = os.environ.get("IPOP_LAB_PREFIX", "hf-")
 SUBNET = "192.168.71."
 HOSTS = {"a": 1, "b": 2, "c": 3}
 X_IPS = [SUBNET + str(i) for i in (10, 11, 12, 13)]
+X_TCP_IPS = [SUBNET + str(i) for i in range(100, 121)]     # step 4's held TCP connections come from 21
 RATE = 2000
 CPU_MAX = 0.25          # of one core, while flooded
 JOIN_S = 5.0
@@ -57,7 +74,13 @@ PACE = "300M"                   # step 2's checked flow: well within what the ma
 FLOW_S = 26                     # the iperf3 flow (step 2) ...
 FLOOD_SLOTS = (3, 10, 17)       # ... is flooded from these seconds on,
 FLOOD_SLOT_S = 4                # for this long each: flooded and quiet seconds interleave
+CONNS = 2000                    # step 4: held TCP connections, with the flood
+BOTH_FLOW_S = 17                # step 4's paced flow ...
+BOTH_SLOTS = (3, 10)            # ... attacked from these seconds on, each for FLOOD_SLOT_S
+STATUS_S = 1.0                  # `ipop status` on A answers within this, attacked
+UNPROVEN_FDS = 128 + 16         # A's descriptors over its baseline: LINK_UNPROVEN_MAX and slack
 HZ = os.sysconf("SC_CLK_TCK")
+STEPS = os.environ.get("IPOP_FLOOD_STEPS", "1234")
 
 TMP = tempfile.mkdtemp(prefix="ipop-t_flood-")
 procs = []
@@ -84,7 +107,7 @@ def build_lab():
     sh(["ip", "netns", "add", PREFIX + "sw"])
     sh(["ip", "-n", PREFIX + "sw", "link", "add", "br0", "type", "bridge"])
     sh(["ip", "-n", PREFIX + "sw", "link", "set", "br0", "up"])
-    for name, ips in (("a", [SUBNET + "1"]), ("b", [SUBNET + "2"]), ("c", [SUBNET + "3"]), ("x", X_IPS)):
+    for name, ips in (("a", [SUBNET + "1"]), ("b", [SUBNET + "2"]), ("c", [SUBNET + "3"]), ("x", X_IPS + X_TCP_IPS)):
         ns = PREFIX + name
         sh(["ip", "netns", "add", ns])
         sh(["ip", "link", "add", "hfv" + name, "netns", PREFIX + "sw", "type", "veth",
@@ -134,12 +157,18 @@ class Net:
             a += ["--admission", adm]
         return a
 
-    def start(self, h):
-        argv = ["ip", "netns", "exec", PREFIX + h, ipop_bin(), "up"] + self.creds(h) + [
+    def start(self, h, boot="udp"):
+        """Node h with the README's flags; the joiner C with a state
+        directory of its own each time, so that it remembers no peer and
+        must join through A."""
+        argv = ["ip", "netns", "exec", PREFIX + h]
+        if h == "c":
+            argv += ["env", "XDG_STATE_HOME=" + tempfile.mkdtemp(prefix="state-", dir=TMP)]
+        argv += [ipop_bin(), "up"] + self.creds(h) + [
             "--ip", "10.128.0.%d/16" % HOSTS[h], "--name", "h" + h,
             "--control", os.path.join(TMP, "%s-%s.sock" % (self.kind, h))]
         if h != "a":
-            argv += ["--bootstrap", "udp://%s1:4000" % SUBNET]
+            argv += ["--bootstrap", "%s://%s1:4000" % (boot, SUBNET)]
         p = Proc("%s-%s" % (self.kind, h), argv, os.path.join(TMP, "%s-%s.log" % (self.kind, h)))
         procs.append(p)
         return p
@@ -217,62 +246,150 @@ def step_flood_and_join(net, a):
     return c, cpu, joined
 
 
-def iperf_intervals(net, pace):
-    """One iperf3 run A -> B of FLOW_S seconds; X floods in FLOOD_SLOTS.
-    Returns per-second bits/s and the floods' summaries."""
+def iperf_flow(net, pace, seconds, slots, attack):
+    """One iperf3 run A -> B (paced at pace, or not) of seconds, with 1 s
+    intervals; attack() runs from each of slots (seconds into the flow) on.
+    Returns the per-second bits/s, what each attack() returned, and the
+    windows (start, end) in seconds of the flow during which they ran."""
+    srv = Proc("iperf3-" + net.kind, ["ip", "netns", "exec", PREFIX + "b", "iperf3", "-s", "-B", "10.128.0.2"],
+               os.path.join(TMP, "iperf3-%s.log" % net.kind))
+    procs.append(srv)
+    time.sleep(0.5)
     cl = subprocess.Popen(["ip", "netns", "exec", PREFIX + "a", "iperf3", "-c", "10.128.0.2", "-t",
-                           str(FLOW_S), "-i", "1", "-J"] + (["-b", pace] if pace else []),
+                           str(seconds), "-i", "1", "-J"] + (["-b", pace] if pace else []),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0, sums = time.monotonic(), []
-    for start in FLOOD_SLOTS:
+    t0, results, windows = time.monotonic(), [], []
+    for start in slots:
         time.sleep(max(0.0, t0 + start - time.monotonic()))
-        sums.append(flood_summary(flood(net, FLOOD_SLOT_S, linger=0.1)))
+        ws = time.monotonic() - t0
+        results.append(attack())
+        windows.append((ws, time.monotonic() - t0))
     try:
-        out, _ = cl.communicate(timeout=FLOW_S + 10)
+        out, _ = cl.communicate(timeout=seconds + 10)
     except subprocess.TimeoutExpired:
         cl.kill()
         out, _ = cl.communicate()
         log("  iperf3 did not finish: the flow stalled")
+    srv.stop()
     try:
         iv = [i["sum"]["bits_per_second"] for i in json.loads(out)["intervals"]]
     except (ValueError, KeyError) as e:
         log("  iperf3 output: %r: %s" % (e, out[-300:]))
         iv = []
-    return iv + [0.0] * (FLOW_S - len(iv)), sums
+    return iv + [0.0] * (seconds - len(iv)), results, windows
 
 
-def flooded(i):
-    """Is iperf3's interval i (second i to i+1) inside a flood slot?"""
-    return any(s <= i and i + 1 <= s + FLOOD_SLOT_S for s in FLOOD_SLOTS)
+def split_seconds(iv, windows):
+    """The flow's attacked seconds (wholly inside an attack's window) and
+    its quiet ones (touching none; not second 0, slow start); a second
+    that straddles a window's edge is neither.  Returns (quiet, attacked)
+    as lists of indices."""
+    loud = [i for i in range(len(iv)) if any(ws <= i and i + 1 <= we for ws, we in windows)]
+    quiet = [i for i in range(1, len(iv)) if not any(i < we and ws < i + 1 for ws, we in windows)]
+    return quiet, loud
+
+
+def keep_share(iv, windows, label):
+    """Log the flow second by second; the medians of its quiet and attacked
+    seconds (bits/s)."""
+    quiet, loud = split_seconds(iv, windows)
+    log("  Mbit/s per second (* %s): " % label + " ".join(
+        "%.0f%s" % (b / 1e6, "*" if i in loud else "") for i, b in enumerate(iv)))
+    q = max(statistics.median([iv[i] for i in quiet]), 1.0)
+    return q, statistics.median([iv[i] for i in loud]), len(quiet), len(loud)
 
 
 def step_throughput(net, pace):
     log("[%s] 2. an iperf3 flow A -> B (%s) for %d s, flooded in seconds %s" % (
         net.kind, ("paced at %sbit/s" % pace) if pace else "unpaced", FLOW_S,
         ", ".join("%d-%d" % (s, s + FLOOD_SLOT_S) for s in FLOOD_SLOTS)))
-    srv = Proc("iperf3-" + net.kind, ["ip", "netns", "exec", PREFIX + "b", "iperf3", "-s", "-B", "10.128.0.2"],
-               os.path.join(TMP, "iperf3-%s.log" % net.kind))
-    procs.append(srv)
-    time.sleep(0.5)
-    iv, sums = iperf_intervals(net, pace)
-    srv.stop()
-    # Second 0 is slow start; a second that straddles a slot's edge is neither.
-    quiet = [b for i, b in enumerate(iv) if i >= 1 and not any(
-        s - 1 < i < s + FLOOD_SLOT_S for s in FLOOD_SLOTS)]
-    loud = [b for i, b in enumerate(iv) if flooded(i)]
-    log("  Mbit/s per second (* flooded): " + " ".join(
-        "%.0f%s" % (b / 1e6, "*" if flooded(i) else "") for i, b in enumerate(iv)))
+    iv, sums, windows = iperf_flow(net, pace, FLOW_S, FLOOD_SLOTS,
+                                   lambda: flood_summary(flood(net, FLOOD_SLOT_S, linger=0.1)))
+    q, l_, nq, nl = keep_share(iv, windows, "flooded")
     log("  the attacker used %.2f s of CPU for its %d s of flood"
         % (sum(s["cpu_s"] for s in sums), FLOOD_SLOT_S * len(FLOOD_SLOTS)))
-    q, l_ = max(statistics.median(quiet), 1.0), statistics.median(loud)
     if not pace:        # CPU-bound on a shared 2-core machine: a figure, not a check
         log("  figure: the unpaced flow kept %.0f%% (median of %d flooded seconds %.0f Mbit/s, of %d quiet %.0f)"
-            % (100 * l_ / q, len(loud), l_ / 1e6, len(quiet), q / 1e6))
+            % (100 * l_ / q, nl, l_ / 1e6, nq, q / 1e6))
         return q, l_
     soft(l_ >= KEEP * q, "the flow kept %.0f%% of its throughput under the flood (median of %d flooded "
          "seconds %.0f Mbit/s, of %d unflooded %.0f; limit %.0f%%)"
-         % (100 * l_ / q, len(loud), l_ / 1e6, len(quiet), q / 1e6, 100 * KEEP))
+         % (100 * l_ / q, nl, l_ / 1e6, nq, q / 1e6, 100 * KEEP))
     return q, l_
+
+
+def n_fds(pid):
+    try:
+        return len(os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return -1
+
+
+def status_times(net, h, tries=5):
+    """Seconds each of tries `ipop status` calls took (None: no answer)."""
+    times = []
+    for _ in range(tries):
+        t = time.monotonic()
+        times.append(time.monotonic() - t if net.status(h) else None)
+        time.sleep(0.1)
+    return times
+
+
+def attack_both(net, a, boot, base_fds):
+    """One slot of step 4: X floods A with HS_INITs and holds CONNS TCP
+    connections to its listener; C joins (bootstrap over boot), and A's
+    status, descriptors and CPU are taken meanwhile.  Returns the figures."""
+    tag = "%s-%s" % (net.kind, boot)
+    d0, c0, t0 = drops(net, "a"), cpu_s(a.pid), time.monotonic()
+    holder = TcpHolder(PREFIX + "x", SUBNET + "1", 4000, CONNS, X_TCP_IPS, TMP, tag)
+    procs.append(holder.proc)
+    fl = flood(net, FLOOD_SLOT_S, linger=0.1)
+    t_open = holder.wait_open(FLOOD_SLOT_S)
+    c = net.start("c", boot=boot)
+    joined = wait_joined(net, "c", c, JOIN_S + 1)
+    times = status_times(net, "a")
+    fds = n_fds(a.pid)
+    s = flood_summary(fl)
+    f = {"cpu": (cpu_s(a.pid) - c0) / (time.monotonic() - t0), "joined": joined, "fds": fds - base_fds,
+         "status": max(times) if None not in times else None, "held": holder.counts()[0]}
+    holder.stop()
+    c.stop()
+    d1 = drops(net, "a")
+    f["hs_rate"] = d1.get("handshake_rate", 0) - d0.get("handshake_rate", 0)
+    f["evicted"] = d1.get("pending_evicted", 0) - d0.get("pending_evicted", 0)
+    log("  X: %d HS_INITs, %d answered; %d TCP connections, 90%% held after %s s"
+        % (s["sent"], s["resp"], CONNS, "%.2f" % t_open if t_open is not None else "-"))
+    soft(s["sent"] >= 0.9 * RATE * FLOOD_SLOT_S and t_open is not None,
+         "X sent %d HS_INITs and held %d TCP connections" % (s["sent"], f["held"]))
+    soft(f["hs_rate"] > 0 and f["evicted"] > 0, "A refused HS_INITs by rate (+%d) and closed held streams "
+         "(pending_evicted +%d)" % (f["hs_rate"], f["evicted"]))
+    soft(joined is not None and joined <= JOIN_S, "C (bootstrap %s://A) joined in %s s (limit %.0f)"
+         % (boot, "%.2f" % joined if joined else "-", JOIN_S))
+    soft(f["status"] is not None and f["status"] <= STATUS_S,
+         "A's status answered 5 of 5 times, slowest in %s s (limit %.1f)"
+         % ("%.3f" % f["status"] if f["status"] is not None else "-", STATUS_S))
+    soft(f["fds"] <= UNPROVEN_FDS, "A holds %d descriptors over its %d (limit %d)"
+         % (f["fds"], base_fds, UNPROVEN_FDS))
+    soft(f["cpu"] <= CPU_MAX, "A's CPU: %.0f%% of a core (limit %.0f%%)" % (100 * f["cpu"], 100 * CPU_MAX))
+    return f
+
+
+def step_both(net, a):
+    log("[%s] 4. both attacks at once: %d HS_INIT/s and %d held TCP connections, in seconds %s of "
+        "a paced flow A -> B; C joins in each (UDP, then TCP bootstrap)" % (
+            net.kind, RATE, CONNS, ", ".join("%d-%d" % (s, s + FLOOD_SLOT_S) for s in BOTH_SLOTS), ))
+    base_fds = n_fds(a.pid)
+    boots = iter(("udp", "tcp"))
+    iv, figs, windows = iperf_flow(net, PACE, BOTH_FLOW_S, BOTH_SLOTS,
+                                   lambda: attack_both(net, a, next(boots), base_fds))
+    q, l_, nq, nl = keep_share(iv, windows, "attacked")
+    soft(l_ >= KEEP * q, "the flow kept %.0f%% of its throughput under both attacks (median of %d "
+         "attacked seconds %.0f Mbit/s, of %d quiet %.0f; limit %.0f%%)"
+         % (100 * l_ / q, nl, l_ / 1e6, nq, q / 1e6, 100 * KEEP))
+    joins = [f["joined"] for f in figs]
+    return {"cpu": max(f["cpu"] for f in figs), "joined": None if None in joins else max(joins),
+            "status": None if any(f["status"] is None for f in figs) else max(f["status"] for f in figs),
+            "fds": max(f["fds"] for f in figs), "keep": l_ / q, "q": q, "l": l_}
 
 
 def step_public_ca(net):
@@ -301,16 +418,42 @@ def run_network(kind):
         time.sleep(0.25)
         rc, out, _ = nsx(PREFIX + "a", ["ping", "-c", "1", "-W", "3", "10.128.0.2"], check_rc=False)
     check(rc == 0, "A cannot ping B's virtual IP: %s" % out.strip()[-200:])
-    c, cpu, joined = step_flood_and_join(net, a)
-    c.stop()
-    q, l_ = step_throughput(net, PACE)
-    uq, ul = step_throughput(net, None)
-    if kind == "cert":
+    fig = {}
+    if "1" in STEPS:
+        c, fig["cpu"], fig["joined"] = step_flood_and_join(net, a)
+        c.stop()
+    if "2" in STEPS:
+        fig["paced"] = step_throughput(net, PACE)
+        fig["unpaced"] = step_throughput(net, None)
+    if "3" in STEPS and kind == "cert":
         step_public_ca(net)
+    if "4" in STEPS:
+        fig["both"] = step_both(net, a)
     for p in (a, b):
         check(p.alive(), "%s exited rc=%s" % (p.name, p.rc()))
         p.stop()
-    return cpu, joined, q, l_, uq, ul
+    return fig
+
+
+def secs(t):
+    return "%.2f" % t if t is not None else "-"
+
+
+def report(kind, fig):
+    if "cpu" in fig:
+        log("figure %s: %d HS_INIT/s from %d IPs: A's CPU %.0f%% of a core, C joined in %s s"
+            % (kind, RATE, len(X_IPS), 100 * fig["cpu"], secs(fig["joined"])))
+    for k in ("paced", "unpaced"):
+        if k in fig:
+            q, l_ = fig[k]
+            log("figure %s: %s flow %.0f -> %.0f Mbit/s (%.0f%%)" % (kind, k, q / 1e6, l_ / 1e6, 100 * l_ / q))
+    if "both" in fig:
+        f = fig["both"]
+        log("figure %s, both attacks (%d HS_INIT/s, %d held TCP connections): A's CPU at most %.0f%% of a "
+            "core, C joined in %s s at most, status in %s s, +%d descriptors, paced flow %.0f -> %.0f Mbit/s "
+            "(%.0f%%)" % (kind, RATE, CONNS, 100 * f["cpu"], secs(f["joined"]),
+                          "%.3f" % f["status"] if f["status"] is not None else "-", f["fds"],
+                          f["q"] / 1e6, f["l"] / 1e6, 100 * f["keep"]))
 
 
 def main():
@@ -325,11 +468,8 @@ def main():
     except BaseException:
         failed = True
         raise
-    for kind, (cpu, joined, q, l_, uq, ul) in figures.items():
-        log("figure %s: %d HS_INIT/s from %d IPs: A's CPU %.0f%% of a core, C joined in %s s, "
-            "paced flow %.0f -> %.0f Mbit/s (%.0f%%), unpaced %.0f -> %.0f Mbit/s (%.0f%%)"
-            % (kind, RATE, len(X_IPS), 100 * cpu, "%.2f" % joined if joined else "-", q / 1e6, l_ / 1e6,
-               100 * l_ / q, uq / 1e6, ul / 1e6, 100 * ul / uq))
+    for kind, fig in figures.items():
+        report(kind, fig)
     if failures:
         raise TestFailure("%d check(s) failed: %s" % (len(failures), "; ".join(failures)))
 
