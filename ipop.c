@@ -2671,26 +2671,6 @@ struct link {
 _Static_assert(sizeof(struct link) <= 488, "struct link outgrew musl's 496-byte size class");
 #endif
 
-/* How links report to the ring (section 07).  Pointers, so the ring stays
- * above links and tests can watch links alone. */
-struct link_hooks {
-	void (*up)(struct node *n, struct link *l);
-	void (*down)(struct node *n, struct link *l, uint8_t bye_reason);
-	void (*roles)(struct node *n, struct link *l);
-	void (*routed)(struct node *n, struct link *l, const uint8_t *pkt, size_t len);
-	/* Another process claims our address; proven: its certificate grants it. */
-	void (*conflict)(struct node *n, const struct peer_info *other, bool proven);
-	void (*dial_failed)(struct node *n, struct link *l);   /* a dial's handshake timed out */
-	void (*punch)(struct node *n, struct link *l);         /* a relayed peer dials us now */
-	/* A router said a datagram of ours to dst ran out of TTL (ICMP time
-	 * exceeded, link_udp_errors). */
-	void (*ttl_expired)(struct node *n, const struct sockaddr_in *dst);
-	/* An HS_COOKIE answered an RTT probe of ours (link_probe): true if the
-	 * token was one; the cookie lets a dial to `from` skip its round trip. */
-	bool (*probe_reply)(struct node *n, uint32_t token, const struct sockaddr_in *from,
-			    const uint8_t cookie[SEC_MAC_BYTES]);
-};
-
 /* An address we sent a first packet to (a dial, a probe, a link's last record). */
 struct link_contact {
 	uint32_t ip;
@@ -2876,7 +2856,6 @@ struct ring_state {
 	uint64_t inbound_ms;            /* the last UDP link a peer began unasked (ring_reachable) */
 	struct endpoint boot[BOOTSTRAP_MAX];
 	unsigned n_boot;
-	void (*boot_resolve)(struct node *n);   /* look bootstrap host names up again (section 16) */
 	/* Peers we linked with, most recent first: rejoin and merge
 	 * through them when the bootstraps are gone (ring_remember). */
 	struct endpoint remembered[RING_REMEMBER_MAX];
@@ -2885,29 +2864,9 @@ struct ring_state {
 	bool remember_dirty;
 	uint64_t remember_saved_ms, next_merge_ms;
 	unsigned merge_next;
-	void (*echo_reply)(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
-	/* Inner messages for the IP layer (section 10), and the ones routing
-	 * could not deliver. */
-	void (*deliver_ip)(struct node *n, const struct wire_routed *r);
-	void (*undeliverable)(struct node *n, const struct wire_routed *r);
-	void (*deliver_dht)(struct node *n, const struct wire_routed *r);
-	void (*links_changed)(struct node *n);
-	/* For section 09: */
-	void (*link_up)(struct node *n, struct link *l);
-	void (*dialing)(struct node *n, const struct peer_info *pi, uint8_t want);
-	void (*ctm_reply)(struct node *n, const struct wire_ctm_reply *m);
-	void (*ctm_req)(struct node *n, const struct wire_ctm_req *m);  /* answered, dialled back */
-	/* A peer we link directly that links target, for a message greedy
-	 * routing brings to a dead end beside target; NULL: none known. */
-	struct link *(*toward)(struct node *n, const ring_addr *target);
 	/* The link the routed message in hand arrived on (NULL: our own): who
 	 * sent it to us, as opposed to the src it claims (ring_on_routed). */
 	struct link *rx;
-	bool (*standby)(struct node *n, const struct link *l);  /* keep l, role-less: a spare relay */
-	/* Another node holds our ring address: true if the owner of our
-	 * address (section 10's lease) takes another instead.  yield: the
-	 * claim is proven and older; else we may move only if we hold nothing. */
-	bool (*readdress)(struct node *n, bool yield);
 };
 
 enum {
@@ -3015,9 +2974,6 @@ struct ip_state {
 	bool local;                     /* this host has an interface on the network */
 	uint32_t net, mask;             /* the virtual network, from --ip A.B.C.D/P */
 	int mtu;
-	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
-	void (*flush_local)(struct node *n);    /* at the end of a loop turn, if set */
-	int (*local_addr_set)(struct node *n); /* the interface takes a leased address */
 	struct ip_lease lease;
 	unsigned dns_pending;           /* resolver lookups in flight */
 	uint64_t dns_answers[16];       /* by rcode */
@@ -3111,6 +3067,57 @@ struct link_rx {
 	} ctl[LINK_BATCH];
 };
 
+/* Every upward call in one table: a lower section reports a fact, or asks a
+ * question, through the pointer a higher section installed at its start,
+ * so sections stay in dependency order and tests can watch one alone.
+ * NULL: nobody listens (a bare link layer in a unit test, a node without
+ * NAT traversal in the simulator). */
+struct node_up {
+	/* links (06) -> the ring (07), installed by ring_start */
+	void (*link_up)(struct node *n, struct link *l);
+	void (*link_down)(struct node *n, struct link *l, uint8_t bye_reason);
+	void (*link_roles)(struct node *n, struct link *l);
+	void (*routed)(struct node *n, struct link *l, const uint8_t *pkt, size_t len);
+	/* Another process claims our address; proven: its certificate grants it. */
+	void (*conflict)(struct node *n, const struct peer_info *other, bool proven);
+	/* An HS_COOKIE answered an RTT probe of ours (link_probe): true if the
+	 * token was one; the cookie lets a dial to `from` skip its round trip. */
+	bool (*probe_reply)(struct node *n, uint32_t token, const struct sockaddr_in *from,
+			    const uint8_t cookie[SEC_MAC_BYTES]);
+	/* links (06) -> NAT traversal (09), installed by nat_start */
+	void (*dial_failed)(struct node *n, struct link *l);   /* a dial's handshake timed out */
+	void (*punch)(struct node *n, struct link *l);         /* a relayed peer dials us now */
+	/* A router said a datagram of ours to dst ran out of TTL (ICMP time
+	 * exceeded, link_udp_errors). */
+	void (*ttl_expired)(struct node *n, const struct sockaddr_in *dst);
+	/* the ring (07) -> the DHT (08), the IP layer (10), the simulator and
+	 * the CLI (15b, 16) */
+	void (*deliver_dht)(struct node *n, const struct wire_routed *r);
+	void (*links_changed)(struct node *n);
+	/* Inner messages for the IP layer, and the ones routing could not deliver. */
+	void (*deliver_ip)(struct node *n, const struct wire_routed *r);
+	void (*undeliverable)(struct node *n, const struct wire_routed *r);
+	void (*echo_reply)(struct node *n, uint32_t id, uint64_t rtt_us, uint8_t hops);
+	void (*boot_resolve)(struct node *n);   /* look bootstrap host names up again (section 16b) */
+	/* Another node holds our ring address: true if the owner of our
+	 * address (section 10's lease) takes another instead.  yield: the
+	 * claim is proven and older; else we may move only if we hold nothing. */
+	bool (*readdress)(struct node *n, bool yield);
+	/* the ring (07) -> NAT traversal (09) */
+	void (*linked)(struct node *n, struct link *l);         /* up, after the ring took it */
+	void (*dialing)(struct node *n, const struct peer_info *pi, uint8_t want);
+	void (*ctm_reply)(struct node *n, const struct wire_ctm_reply *m);
+	void (*ctm_req)(struct node *n, const struct wire_ctm_req *m);  /* answered, dialled back */
+	/* A peer we link directly that links target, for a message greedy
+	 * routing brings to a dead end beside target; NULL: none known. */
+	struct link *(*toward)(struct node *n, const ring_addr *target);
+	bool (*standby)(struct node *n, const struct link *l);  /* keep l, role-less: a spare relay */
+	/* the IP layer (10) -> the local interface (11 tap, 12 lwIP) */
+	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
+	void (*flush_local)(struct node *n);    /* at the end of a loop turn, if set */
+	int (*local_addr_set)(struct node *n); /* the interface takes a leased address */
+};
+
 struct node {
 	struct ev_loop loop;
 	struct sec_rng rng;
@@ -3136,7 +3143,7 @@ struct node {
 	uint64_t reap_drain_ms;         /* the earliest end of a closed link's drain; 0: none */
 	struct link **link_slots;       /* by local_idx % LINK_TABLE_MAX (link_find_index) */
 	unsigned n_link_slots;          /* grows by doubling up to LINK_TABLE_MAX */
-	struct link_hooks hooks;
+	struct node_up up;              /* every upward call (struct node_up) */
 	struct link_contact *contacts;  /* LINK_CONTACT_SLOTS once link_contacts_start ran, else NULL */
 	struct ring_state ring;
 	struct dht_state dht;
@@ -3525,8 +3532,8 @@ static void link_reap(struct node *n)
 static void link_turn_end(struct ev_loop *loop)
 {
 	struct node *n = container_of(loop, struct node, loop);
-	if (n->ip.flush_local)
-		n->ip.flush_local(n);
+	if (n->up.flush_local)
+		n->up.flush_local(n);
 	link_reap(n);
 }
 
@@ -4018,8 +4025,8 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 		link_tcp_drain_start(l);
 	else if (l->proto == PROTO_TCP)
 		link_tcp_close_fd(l);
-	if (was_up && n->hooks.down)
-		n->hooks.down(n, l, reason);
+	if (was_up && n->up.link_down)
+		n->up.link_down(n, l, reason);
 	if (l->proto != PROTO_RELAY && l->peer_known)
 		link_relays_lost(n, &l->peer.addr);
 }
@@ -4262,8 +4269,8 @@ static int64_t link_hs_timeout(struct link *l)
 	if (l->initiator)       /* a silent responder: down, or not of our network */
 		link_drop(l, DROP_HS_TIMEOUT);
 	link_close(l, 0);
-	if (l->initiator && l->expect_set && l->node->hooks.dial_failed)
-		l->node->hooks.dial_failed(l->node, l);
+	if (l->initiator && l->expect_set && l->node->up.dial_failed)
+		l->node->up.dial_failed(l->node, l);
 	return EV_TIMER_STOP;
 }
 
@@ -4377,8 +4384,8 @@ static void link_became_up(struct link *l)
 	 * same way on both ends. */
 	if (!link_resolve_duplicate(l))
 		return;
-	if (n->hooks.up)
-		n->hooks.up(n, l);
+	if (n->up.link_up)
+		n->up.link_up(n, l);
 }
 
 /* ===================================================================== 06b link_
@@ -4497,8 +4504,8 @@ static bool link_identity_accept(struct link *l, const uint8_t key[32], const ui
 		why = "unexpected certificate";
 	if (!why && wire_addr_eq(&id.info.addr, &n->self.addr)) {
 		link_drop(l, DROP_SELF_LINK);
-		if (id.info.instance != n->self.instance && n->hooks.conflict)
-			n->hooks.conflict(n, &id.info, n->sec.mode == SEC_CERT);
+		if (id.info.instance != n->self.instance && n->up.conflict)
+			n->up.conflict(n, &id.info, n->sec.mode == SEC_CERT);
 		return false;
 	}
 	if (!why && l->expect_set && !wire_addr_eq(&id.info.addr, &l->expect)) {
@@ -4947,8 +4954,8 @@ static void link_on_straggler(struct link *l, const struct wire_data *d, const u
 		l->drain_until_ms = 0;
 		l->node->reap_pending = true;
 	}
-	else if (type == WIRE_ROUTED && l->node->hooks.routed)
-		l->node->hooks.routed(l->node, l, plain, plen);
+	else if (type == WIRE_ROUTED && l->node->up.routed)
+		l->node->up.routed(l->node, l, plain, plen);
 }
 
 static void link_on_data(struct link *l, const struct wire_data *d, const uint8_t *pkt,
@@ -5021,8 +5028,8 @@ static void link_on_bye(struct link *l, uint8_t reason)
 	log_info("link", "peer closed %s (reason %u)", who, reason);
 	struct node *n = l->node;
 	link_teardown(l, reason, false);
-	if (reason == BYE_CONFLICT && n->hooks.conflict)
-		n->hooks.conflict(n, NULL, false);      /* a peer's word: proves nothing */
+	if (reason == BYE_CONFLICT && n->up.conflict)
+		n->up.conflict(n, NULL, false);      /* a peer's word: proves nothing */
 }
 
 static void link_on_roles(struct link *l, uint8_t roles)
@@ -5032,8 +5039,8 @@ static void link_on_roles(struct link *l, uint8_t roles)
 		return;
 	}
 	l->peer_roles = roles;
-	if (l->node->hooks.roles)
-		l->node->hooks.roles(l->node, l);
+	if (l->node->up.link_roles)
+		l->node->up.link_roles(l->node, l);
 }
 
 /* ---- relayed links ------------------------------------------------------
@@ -5182,8 +5189,8 @@ static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, 
 	case WIRE_PUNCH:
 		if (wire_byte_decode(pkt, len, &v) < 0)
 			goto malformed;
-		if (l->proto == PROTO_RELAY && l->node->hooks.punch)
-			l->node->hooks.punch(l->node, l);
+		if (l->proto == PROTO_RELAY && l->node->up.punch)
+			l->node->up.punch(l->node, l);
 		return;
 	case WIRE_PING:
 	case WIRE_PONG:
@@ -5205,8 +5212,8 @@ static void link_on_up_packet(struct link *l, uint8_t type, const uint8_t *pkt, 
 			link_on_bye(l, v);
 		return;
 	case WIRE_ROUTED:
-		if (l->node->hooks.routed)
-			l->node->hooks.routed(l->node, l, pkt, len);
+		if (l->node->up.routed)
+			l->node->up.routed(l->node, l, pkt, len);
 		return;
 	}
 malformed:
@@ -5243,8 +5250,8 @@ static void link_dispatch(struct node *n, struct link *stream, int fd, const str
 	bool bad;
 	switch (type) {
 	case WIRE_HS_COOKIE:
-		if (!(bad = wire_hs_cookie_decode(pkt, len, &c) < 0) && !stream && n->hooks.probe_reply &&
-		    n->hooks.probe_reply(n, c.receiver, from, c.cookie))
+		if (!(bad = wire_hs_cookie_decode(pkt, len, &c) < 0) && !stream && n->up.probe_reply &&
+		    n->up.probe_reply(n, c.receiver, from, c.cookie))
 			break;
 		if (!bad && (l = link_for_index(n, stream, fd, c.receiver, from, true)))
 			link_on_hs_cookie(l, &c);
@@ -5415,8 +5422,8 @@ static void link_udp_errors(struct node *n, int fd)
 				continue;
 			if (ee.ee_type == LINK_ICMP_UNREACH && ee.ee_code == LINK_ICMP_PORT_UNREACH)
 				link_refused(n, fd, &dst);
-			else if (ee.ee_type == LINK_ICMP_TIME_EXCEEDED && n->hooks.ttl_expired)
-				n->hooks.ttl_expired(n, &dst);
+			else if (ee.ee_type == LINK_ICMP_TIME_EXCEEDED && n->up.ttl_expired)
+				n->up.ttl_expired(n, &dst);
 		}
 	}
 }
@@ -5765,7 +5772,7 @@ static struct link *link_dial(struct node *n, const struct endpoint *ep,
  * and not a link.  The responder answers with HS_COOKIE and keeps nothing
  * (link_on_hs_init checks the cookie before it makes a link), so a probe
  * costs each end one datagram and no state; the answer comes back through
- * hooks.probe_reply.  Proximity neighbour selection (section 07) measures
+ * up.probe_reply.  Proximity neighbour selection (section 07) measures
  * its far candidates this way instead of linking with all of them. */
 static void link_probe(struct node *n, const struct sockaddr_in *to, uint32_t token)
 {
@@ -6307,7 +6314,7 @@ static void ring_deliver(struct node *n, const struct wire_routed *r);
  * links took to form). */
 static struct link *ring_detour_hop(struct node *n, const ring_addr *target)
 {
-	struct link *known = n->ring.toward ? n->ring.toward(n, target) : NULL;
+	struct link *known = n->up.toward ? n->up.toward(n, target) : NULL;
 	if (known)
 		return known;
 	ring_addr right = ring_cw(&n->self.addr, target), left = ring_cw(target, &n->self.addr);
@@ -6338,8 +6345,8 @@ static void ring_route(struct node *n, struct wire_routed *r)
 	}
 	if (mode == MODE_EXACT && !wire_addr_eq(target, &n->self.addr)) {
 		ring_drop(n, DROP_NO_ROUTE, &r->src);
-		if (n->ring.undeliverable)
-			n->ring.undeliverable(n, r);
+		if (n->up.undeliverable)
+			n->up.undeliverable(n, r);
 		return;
 	}
 	ring_deliver(n, r);
@@ -6710,8 +6717,8 @@ static void ring_dial_as(struct node *n, const struct peer_info *pi, uint8_t wan
 			ring_dial_fresh(n, pi, want, answer);
 		return;
 	}
-	if (n->ring.dialing)
-		n->ring.dialing(n, pi, want);
+	if (n->up.dialing)
+		n->up.dialing(n, pi, want);
 	ring_dial_endpoints(n, pi, want, 0, answer);
 }
 
@@ -6953,8 +6960,8 @@ static void ring_on_ctm_req(struct node *n, const struct wire_routed *r)
 	 * unasked there is nothing to punch, and our link would mostly lose. */
 	if ((q.want != ROLE_FAR || !ring_reachable(n)) && !ring_answer_rationed(n, &q)) {
 		ring_dial(n, &q.from, want);
-		if (n->ring.ctm_req)    /* its first hop links it: a relay candidate */
-			n->ring.ctm_req(n, &q);
+		if (n->up.ctm_req)    /* its first hop links it: a relay candidate */
+			n->up.ctm_req(n, &q);
 	}
 }
 
@@ -6995,7 +7002,7 @@ static void ring_on_conflict(struct node *n, const struct peer_info *other, bool
 		log_drop(&n->drops, DROP_SELF_LINK, ev_now(&n->loop), "a newer node that claims our address");
 		return;
 	}
-	if (n->ring.readdress && n->ring.readdress(n, proven))
+	if (n->up.readdress && n->up.readdress(n, proven))
 		return;
 	if (!proven)
 		return ring_conflict_unproven(n);
@@ -7106,8 +7113,8 @@ static void ring_defer_dial(struct node *n, const struct peer_info *pi, uint8_t 
 		}
 	if (!r->deferred && !(r->deferred = calloc(RING_DEFER_MAX, sizeof *r->deferred)))
 		return ring_dial_answer(n, pi, want);
-	if (n->ring.dialing)    /* the plan now, so the reply's neighbours become its relays */
-		n->ring.dialing(n, pi, want);
+	if (n->up.dialing)    /* the plan now, so the reply's neighbours become its relays */
+		n->up.dialing(n, pi, want);
 	r->deferred[r->n_deferred++] = (struct ring_deferred){ .pi = *pi, .want = want,
 							       .at_ms = ev_now(&n->loop) + RING_CTM_DIAL_DELAY_MS };
 }
@@ -7176,8 +7183,8 @@ static void ring_on_ctm_reply(struct node *n, const struct wire_routed *r)
 		if (!wire_addr_eq(&m.neighbours[i].addr, &n->self.addr) &&
 		    ring_would_be_near(n, &m.neighbours[i].addr))
 			ring_dial(n, &m.neighbours[i], 0);
-	if (n->ring.ctm_reply)  /* after the dials: the replier can relay for them */
-		n->ring.ctm_reply(n, &m);
+	if (n->up.ctm_reply)  /* after the dials: the replier can relay for them */
+		n->up.ctm_reply(n, &m);
 }
 
 /* ---- overlay echo --------------------------------------------------- */
@@ -7200,8 +7207,8 @@ static void ring_on_echo(struct node *n, const struct wire_routed *r, bool reply
 	}
 	if (reply) {
 		uint64_t now = ev_now_us(&n->loop);
-		if (n->ring.echo_reply)
-			n->ring.echo_reply(n, m.id, now > m.t_us ? now - m.t_us : 0, m.req_hops);
+		if (n->up.echo_reply)
+			n->up.echo_reply(n, m.id, now > m.t_us ? now - m.t_us : 0, m.req_hops);
 		return;
 	}
 	m.req_hops = r->hops;
@@ -7228,12 +7235,12 @@ static void ring_deliver(struct node *n, const struct wire_routed *r)
 	case INNER_IP:
 	case INNER_IP_UNREACH:
 	case INNER_IP_STALE:
-		if (n->ring.deliver_ip)
-			n->ring.deliver_ip(n, r);
+		if (n->up.deliver_ip)
+			n->up.deliver_ip(n, r);
 		break;
 	case INNER_DHT:
-		if (n->ring.deliver_dht)
-			n->ring.deliver_dht(n, r);
+		if (n->up.deliver_dht)
+			n->up.deliver_dht(n, r);
 		break;
 	}
 }
@@ -7326,7 +7333,7 @@ static void ring_close_unneeded(struct node *n)
 		if (ring_link_usable(l) && !l->local_roles && !l->peer_roles &&
 		    now - l->up_ms > LINK_UNNEEDED_GRACE_MS &&
 		    now - l->relay_last_ms > LINK_UNNEEDED_GRACE_MS &&   /* relays need their legs */
-		    !(n->ring.standby && n->ring.standby(n, l)))        /* and a warm spare (09) */
+		    !(n->up.standby && n->up.standby(n, l)))        /* and a warm spare (09) */
 			link_close(l, BYE_UNNEEDED);
 }
 
@@ -7451,8 +7458,8 @@ static void ring_bootstrap_upkeep(struct node *n)
 	uint64_t now = ev_now(&n->loop);
 	if (n->links || !(n->ring.n_boot + n->ring.n_remembered) || now < n->ring.next_boot_ms)
 		return;
-	if (n->ring.boot_resolve)
-		n->ring.boot_resolve(n);
+	if (n->up.boot_resolve)
+		n->up.boot_resolve(n);
 	for (unsigned i = 0; i < n->ring.n_boot + n->ring.n_remembered; i++)
 		if (!ring_endpoint_busy(n, ring_rendezvous(n, i)))
 			link_dial(n, ring_rendezvous(n, i), NULL, ROLE_LEAF, NULL);
@@ -7523,7 +7530,7 @@ static bool ring_pns_all_answered(const struct ring_far_req *f)
 	return true;
 }
 
-/* hooks.probe_reply: a far candidate's probe came back.  Its first answer
+/* up.probe_reply: a far candidate's probe came back.  Its first answer
  * counts; a second endpoint's, or one after the choice, is ours all the
  * same (not an unknown sender). */
 static bool ring_on_probe_reply(struct node *n, uint32_t token, const struct sockaddr_in *from,
@@ -7667,8 +7674,8 @@ static int64_t ring_tick(struct ev_loop *loop, struct ev_timer *t)
 
 static void ring_on_link_up(struct node *n, struct link *l)
 {
-	if (n->ring.links_changed)
-		n->ring.links_changed(n);
+	if (n->up.links_changed)
+		n->up.links_changed(n);
 	n->ring.boot_backoff_ms = 0;
 	ring_note_inbound(n, l);
 	ring_remember(n, l);
@@ -7682,14 +7689,14 @@ static void ring_on_link_up(struct node *n, struct link *l)
 		ring_probe_soon(n);
 	if (merge)
 		ring_merge_ask(n, l);
-	if (n->ring.link_up)
-		n->ring.link_up(n, l);
+	if (n->up.linked)
+		n->up.linked(n, l);
 }
 
 static void ring_on_link_down(struct node *n, struct link *l, uint8_t reason)
 {
-	if (n->ring.links_changed)
-		n->ring.links_changed(n);
+	if (n->up.links_changed)
+		n->up.links_changed(n);
 	ring_near_recompute(n);
 	if ((l->local_roles & ROLE_NEAR) || reason == BYE_LEAVING || reason == 0)
 		ring_probe_soon(n);
@@ -7718,7 +7725,7 @@ static void ring_on_routed(struct node *n, struct link *l, const uint8_t *pkt, s
 /* Tell every neighbour we are going; they drop us at once. */
 static void ring_leave(struct node *n)
 {
-	n->hooks.down = NULL;
+	n->up.link_down = NULL;
 	for (struct link *l = n->links; l; l = l->next)
 		link_close(l, BYE_LEAVING);
 }
@@ -7744,9 +7751,12 @@ static void ring_rejoin(struct node *n, const ring_addr *addr)
 
 static void ring_start(struct node *n)
 {
-	n->hooks = (struct link_hooks){ .up = ring_on_link_up, .down = ring_on_link_down,
-					.roles = ring_on_roles, .routed = ring_on_routed,
-					.conflict = ring_on_conflict, .probe_reply = ring_on_probe_reply };
+	n->up.link_up = ring_on_link_up;
+	n->up.link_down = ring_on_link_down;
+	n->up.link_roles = ring_on_roles;
+	n->up.routed = ring_on_routed;
+	n->up.conflict = ring_on_conflict;
+	n->up.probe_reply = ring_on_probe_reply;
 	if (!n->ring.sc.max)            /* cli_ sets all three; tests may not */
 		n->ring.sc = (struct ring_shortcuts){ .pps = RING_SC_PPS_DEFAULT, .max = RING_SC_MAX_DEFAULT,
 						      .idle_ms = RING_SC_IDLE_DEFAULT_S * 1000 };
@@ -8783,8 +8793,8 @@ static void dht_forget(struct node *n, void *arg)
 static void dht_start(struct node *n)
 {
 	n->dht.started = true;
-	n->ring.deliver_dht = dht_deliver;
-	n->ring.links_changed = dht_links_changed;
+	n->up.deliver_dht = dht_deliver;
+	n->up.links_changed = dht_links_changed;
 	ev_timer_init(&n->dht.maint, dht_maint);
 	ev_timer_arm(&n->loop, &n->dht.maint, dht_maint_delay(n));
 }
@@ -9244,7 +9254,7 @@ static bool nat_relay_legs(struct node *n, unsigned *legs)
 	return relayed;
 }
 
-/* ring.standby: a role-less link to a public node is one of our legs. */
+/* up.standby: a role-less link to a public node is one of our legs. */
 static bool nat_standby(struct node *n, const struct link *l)
 {
 	unsigned legs;
@@ -9354,7 +9364,7 @@ static void nat_on_ctm_req(struct node *n, const struct wire_ctm_req *m)
 		nat_plan_add_cand(n, p, &(struct peer_info){ .addr = m->reply_via });
 }
 
-/* ring.toward: while a link to target is being made, a relay candidate we
+/* up.toward: while a link to target is being made, a relay candidate we
  * link directly (one of target's near neighbours, from its connect-to-me
  * answers) carries what greedy routing brings here for it. */
 static struct link *nat_toward(struct node *n, const ring_addr *target)
@@ -9530,15 +9540,15 @@ static void nat_start(struct node *n)
 	}
 	if (!link_contacts_start(n))
 		log_warn("nat", "out of memory: far requests will always be dialled back");
-	n->ring.link_up = nat_on_link_up;
-	n->ring.dialing = nat_on_dialing;
-	n->ring.ctm_reply = nat_on_ctm_reply;
-	n->ring.ctm_req = nat_on_ctm_req;
-	n->ring.toward = nat_toward;
-	n->ring.standby = nat_standby;
-	n->hooks.dial_failed = nat_on_dial_failed;
-	n->hooks.punch = nat_on_punch;
-	n->hooks.ttl_expired = nat_on_ttl_expired;
+	n->up.linked = nat_on_link_up;
+	n->up.dialing = nat_on_dialing;
+	n->up.ctm_reply = nat_on_ctm_reply;
+	n->up.ctm_req = nat_on_ctm_req;
+	n->up.toward = nat_toward;
+	n->up.standby = nat_standby;
+	n->up.dial_failed = nat_on_dial_failed;
+	n->up.punch = nat_on_punch;
+	n->up.ttl_expired = nat_on_ttl_expired;
 	n->nat->n_own = n->self.n_endpoints;
 	memcpy(n->nat->own, n->self.endpoints, sizeof n->nat->own);
 	nat_watch_interfaces(n);
@@ -9770,7 +9780,7 @@ static void ip_to_local(struct node *n, const uint8_t *pkt, size_t len)
 {
 	n->ip.rx_packets++;
 	n->ip.rx_bytes += len;
-	if (!n->ip.write_local || n->ip.write_local(n, pkt, len) < 0)
+	if (!n->up.write_local || n->up.write_local(n, pkt, len) < 0)
 		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "local stack");
 }
 
@@ -9937,12 +9947,12 @@ static void dns_send(struct node *n, uint32_t dst, uint16_t dport, const uint8_t
 	wbuf_u16(&w, (uint16_t)(UDP_HDR_BYTES + mlen));
 	wbuf_u16(&w, 0);
 	wbuf_bytes(&w, msg, mlen);
-	if (wbuf_done(&w) < 0 || !n->ip.write_local)
+	if (wbuf_done(&w) < 0 || !n->up.write_local)
 		return;
 	uint16_t c = dns_udp_checksum(src, dst, pkt + IP_HDR_MIN_BYTES, UDP_HDR_BYTES + mlen);
 	pkt[IP_HDR_MIN_BYTES + 6] = (uint8_t)(c >> 8);
 	pkt[IP_HDR_MIN_BYTES + 7] = (uint8_t)c;
-	n->ip.write_local(n, pkt, total);
+	n->up.write_local(n, pkt, total);
 }
 
 static void dns_reply(struct node *n, const struct dns_pending *d, const struct dns_query *q, uint8_t rcode,
@@ -10081,8 +10091,8 @@ static void ip_icmp_host_unreachable(struct node *n, const uint8_t *quote, size_
 	uint16_t c = ip_checksum(pkt + IP_HDR_MIN_BYTES, total - IP_HDR_MIN_BYTES);
 	pkt[IP_HDR_MIN_BYTES + 2] = (uint8_t)(c >> 8);
 	pkt[IP_HDR_MIN_BYTES + 3] = (uint8_t)c;
-	if (n->ip.write_local)
-		n->ip.write_local(n, pkt, total);
+	if (n->up.write_local)
+		n->up.write_local(n, pkt, total);
 }
 
 /* A packet from the ring whose source IP is mapped: deliver it if the
@@ -10499,7 +10509,7 @@ static void ip_lease_granted(struct node *n)
 	n->self.vip = ls->candidate;
 	log_info("ip", "leased %s/%d (--ip auto)", ip, __builtin_popcount(n->ip.mask));
 	ip_lease_save(n);
-	if (n->ip.local_addr_set && n->ip.local_addr_set(n) < 0)
+	if (n->up.local_addr_set && n->up.local_addr_set(n) < 0)
 		log_err("ip", "the interface did not take %s", ip);
 	n->ip.publish_rounds = 0;
 	ev_timer_arm(&n->loop, &n->ip.publish, 0);      /* publish our name now */
@@ -10598,7 +10608,7 @@ static void ip_lease_start(struct node *n)
 	ls->state = IP_LEASE_WAIT_JOIN;
 	if (!ls->candidate)
 		ls->candidate = ip_lease_pick(n->ip.net, n->ip.mask, &n->self.addr, 0);
-	n->ring.readdress = ip_lease_readdress;
+	n->up.readdress = ip_lease_readdress;
 	ev_timer_arm(&n->loop, &ls->timer, IP_LEASE_POLL_MS);
 }
 
@@ -10623,8 +10633,8 @@ static void ip_start(struct node *n, int mtu)
 	n->ip.mask = n->vip_prefix ? ~0u << (32 - n->vip_prefix) : 0;
 	n->ip.net = (n->self.vip ? n->self.vip : n->ip.net) & n->ip.mask;  /* --ip, or --net */
 	n->ip.mtu = mtu ? mtu : IP_MTU_DEFAULT;
-	n->ring.deliver_ip = ip_deliver;
-	n->ring.undeliverable = ip_undeliverable;
+	n->up.deliver_ip = ip_deliver;
+	n->up.undeliverable = ip_undeliverable;
 	if (n->ip.lease.on)
 		ip_lease_start(n);
 }
@@ -11089,9 +11099,9 @@ static int tap_attach(struct node *n)
 	if (ev_fd_watch(&n->loop, n->tap.fd, EPOLLIN, tap_readable, n) < 0)
 		return -1;
 	n->ip.local = true;
-	n->ip.write_local = tap_write_ip;
-	n->ip.flush_local = tap_gro_flush;
-	n->ip.local_addr_set = tap_addr_set;
+	n->up.write_local = tap_write_ip;
+	n->up.flush_local = tap_gro_flush;
+	n->up.local_addr_set = tap_addr_set;
 	return 0;
 }
 
@@ -11658,9 +11668,9 @@ static void lw_start(struct node *n)
 	netif_set_up(&n->lw.netif);
 	n->lw.started = true;
 	n->ip.local = true;
-	n->ip.write_local = lw_write_ip;
-	n->ip.flush_local = lw_flush_dirty;
-	n->ip.local_addr_set = lw_addr_set;
+	n->up.write_local = lw_write_ip;
+	n->up.flush_local = lw_flush_dirty;
+	n->up.local_addr_set = lw_addr_set;
 	ev_timer_init(&n->lw.timer, lw_tick);
 	ev_timer_arm(&n->loop, &n->lw.timer, LW_TIMER_MAX_MS);
 	ev_timer_init(&n->lw.input_timer, lw_input_flush);
@@ -13687,7 +13697,7 @@ static int ctl_open(struct ctl *ctl, struct node *n, const char *path, char *err
 	}
 	snprintf(ctl->path, sizeof ctl->path, "%s", path);
 	n->ctl = ctl;
-	n->ring.echo_reply = ctl_echo_reply;
+	n->up.echo_reply = ctl_echo_reply;
 	return 0;
 }
 
@@ -14229,7 +14239,7 @@ static int sim_node_start(struct sim *s)
 	n->loop.turn_end = link_turn_end;       /* no link_start: no socket, no cookie timer */
 	ring_start(n);
 	dht_start(n);
-	n->ring.echo_reply = sim_on_echo_reply;
+	n->up.echo_reply = sim_on_echo_reply;
 	sim_node_resched(s, idx);
 	return 0;
 }
@@ -16412,7 +16422,7 @@ static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, si
 	}
 	n->ring.n_boot = o->n_boot;
 	memcpy(cli_boot_uris, o->boot, o->n_boot * sizeof o->boot[0]);
-	n->ring.boot_resolve = cli_boot_resolve;
+	n->up.boot_resolve = cli_boot_resolve;
 	for (unsigned i = 0; i < o->n_listen; i++) {
 		struct endpoint ep;
 		if (cli_resolve(&o->listen[i], &ep, err, errlen) < 0 || cli_listener_open(n, &ep, err, errlen) < 0)

@@ -60,7 +60,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	ring_start(n);
 	dht_start(n);
 	n->ip.local = true;
-	n->ip.write_local = fz_write_local;
+	n->up.write_local = fz_write_local;
 	snprintf(path, sizeof path, "/tmp/ipop-fuzz-ctl-%d.sock", (int)getpid());
 	if (ctl_open(&fz_ctl, n, path, err, sizeof err) < 0) {
 		fprintf(stderr, "fuzz_ctl: %s\n", err);

@@ -36,7 +36,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	(void)argc, (void)argv;
 	fz_node.ip.net = 0x0a800000u;   /* 10.128.0.0/16 */
 	fz_node.ip.mask = 0xffff0000u;
-	fz_node.ip.write_local = fz_write_local;
+	fz_node.up.write_local = fz_write_local;
 	fz_node.self.vip = 0x0a800005u;
 	snprintf(fz_node.name, sizeof fz_node.name, "alice");
 	FILE *null = getenv("IPOP_FUZZ_LOG") ? NULL : fopen("/dev/null", "w");

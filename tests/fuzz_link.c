@@ -113,7 +113,7 @@ static int fuzz_node_up(struct node *n, const char *secret)
 	memset(n->sec.cookie_key[0], FUZZ_COOKIE_KEY0, SEC_KEY_BYTES);
 	memset(n->sec.cookie_key[1], FUZZ_COOKIE_KEY1, SEC_KEY_BYTES);
 	n->ip.local = true;
-	n->ip.write_local = fuzz_write_local;
+	n->up.write_local = fuzz_write_local;
 	return 0;
 }
 

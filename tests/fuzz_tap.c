@@ -69,7 +69,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	ring_start(n);
 	dht_start(n);
 	n->ip.local = true;
-	n->ip.write_local = fz_write_local;
+	n->up.write_local = fz_write_local;
 	int sv[2], big = 1 << 22;
 	if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
 		abort();

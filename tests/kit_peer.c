@@ -519,8 +519,8 @@ int main(int argc, char **argv)
 	ring_start(&kit.n);
 	dht_start(&kit.n);
 	nat_start(&kit.n);
-	kit.routed = kit.n.hooks.routed;
-	kit.n.hooks.routed = kit_routed_hook;
+	kit.routed = kit.n.up.routed;
+	kit.n.up.routed = kit_routed_hook;
 	kit_say("ready");
 	while (!kit.n.loop.stop)
 		ev_run_once(&kit.n.loop);       /* each turn ends with link_turn_end */

@@ -46,7 +46,7 @@ static int node_up(struct node *n, uint32_t ip, const char *secret)
 		return -1;
 	}
 	n->ip.local = true;
-	n->ip.write_local = count_local;
+	n->up.write_local = count_local;
 	n->loop.max_wait_ms = 1;
 	link_start(n);
 	ring_start(n);

@@ -1208,7 +1208,7 @@ static void test_secure_pair(uint8_t proto)
 	CHECK(la && lb && (la->local_roles & ROLE_NEAR) && (lb->local_roles & ROLE_NEAR));
 	/* Ratchet every 5 ms; pings keep flowing across epochs. */
 	a.rekey_ms = b.rekey_ms = 5;
-	a.ring.echo_reply = echo_seen;
+	a.up.echo_reply = echo_seen;
 	for (uint32_t id = 1; id <= 8; id++) {
 		echo_got = 0;
 		usleep(6000);
@@ -1358,7 +1358,7 @@ static void test_cipher_mix(void)
 			struct link *la = link_find_peer(&a, &b.self.addr, true);
 			struct link *lb = link_find_peer(&b, &a.self.addr, true);
 			CHECK(la && lb && la->keys->cipher == mix[m].want && lb->keys->cipher == mix[m].want);
-			a.ring.echo_reply = echo_seen;
+			a.up.echo_reply = echo_seen;
 			echo_got = 0;
 			ring_echo_send(&a, &b.self.addr, 41);
 			pump(&a, &b, 10);
