@@ -1821,6 +1821,19 @@ static int sec_write_new_file(const char *path, const void *data, size_t len, bo
 	return 0;
 }
 
+/* A key file: the key as 64 hex digits and a newline, created 0600 and
+ * never over an existing file or through a link (ipop genkey --out, the
+ * CA's and each node's network.key). */
+static int sec_write_key_file(const char *path, const uint8_t key[SEC_KEY_BYTES], char *err, size_t errlen)
+{
+	char hex[2 * SEC_KEY_BYTES + 2];
+	buf_hex(key, SEC_KEY_BYTES, hex);
+	strcat(hex, "\n");
+	int rc = sec_write_new_file(path, hex, strlen(hex), true, err, errlen);
+	sec_wipe(hex, sizeof hex);
+	return rc;
+}
+
 static int sec_keygen(mbedtls_pk_context *pk, struct sec_rng *r)
 {
 	if (mbedtls_pk_setup(pk, mbedtls_pk_info_from_type(MBEDTLS_PK_ECKEY)) != 0)
@@ -16832,11 +16845,10 @@ static int cli_genkey(struct cli_opts *o)
 	sec_random(&rng, key, sizeof key);
 	buf_hex(key, sizeof key, hex);
 	strcat(hex, "\n");
-	sec_wipe(key, sizeof key);
 	sec_rng_free(&rng);
 	int rc = EXIT_OK;
 	if (o->out[0]) {
-		if (sec_write_new_file(o->out, hex, strlen(hex), true, err, sizeof err) < 0) {
+		if (sec_write_key_file(o->out, key, err, sizeof err) < 0) {
 			cli_fail("%s", err);
 			rc = EXIT_FAIL;
 		}
@@ -16849,6 +16861,7 @@ static int cli_genkey(struct cli_opts *o)
 		if (fputs(hex, stdout) < 0 || fflush(stdout) != 0)
 			rc = EXIT_FAIL;
 	}
+	sec_wipe(key, sizeof key);
 	sec_wipe(hex, sizeof hex);
 	return rc;
 }
@@ -16892,14 +16905,11 @@ static int cli_write_pair(const char *dir, const char *name, mbedtls_pk_context 
 static int cli_admission_new(const char *dir, struct sec_rng *r, char *err, size_t errlen)
 {
 	uint8_t key[SEC_KEY_BYTES];
-	char hex[2 * SEC_KEY_BYTES + 2], path[512];
+	char path[512];
 	sec_random(r, key, sizeof key);
-	buf_hex(key, sizeof key, hex);
-	strcat(hex, "\n");
 	snprintf(path, sizeof path, "%s/" SEC_ADMISSION_FILE, dir);
-	int rc = sec_write_new_file(path, hex, strlen(hex), true, err, errlen);
+	int rc = sec_write_key_file(path, key, err, errlen);
 	sec_wipe(key, sizeof key);
-	sec_wipe(hex, sizeof hex);
 	return rc;
 }
 
@@ -16919,13 +16929,9 @@ static int cli_admission_copy(const char *ca_dir, const char *out, char *err, si
 	}
 	if (sec_read_key_file(from, key, err, errlen) < 0)
 		return -1;
-	char hex[2 * SEC_KEY_BYTES + 2];
-	buf_hex(key, sizeof key, hex);
-	strcat(hex, "\n");
 	snprintf(to, sizeof to, "%s/" SEC_ADMISSION_FILE, out);
-	int rc = sec_write_new_file(to, hex, strlen(hex), true, err, errlen);
+	int rc = sec_write_key_file(to, key, err, errlen);
 	sec_wipe(key, sizeof key);
-	sec_wipe(hex, sizeof hex);
 	return rc;
 }
 
