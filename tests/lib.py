@@ -931,6 +931,56 @@ class Node:
                                  (" ip=" + self.ip) if self.ip else "")
 
 
+# --------------------------------------------------------------------------
+# soft checks for loopback tests (the hostile-peer tests): every failure is
+# reported before the test ends
+
+
+SOFT_FAILS = []
+
+
+def soft_result(ok, what):
+    """PASS/FAIL line; a failure is remembered for soft_finish()."""
+    print("%s: %s" % ("PASS" if ok else "FAIL", what), flush=True)
+    if not ok:
+        SOFT_FAILS.append(what)
+    return ok
+
+
+def soft_finish():
+    if SOFT_FAILS:
+        raise TestFailure("%d check(s) failed: %s" % (len(SOFT_FAILS), "; ".join(SOFT_FAILS)))
+
+
+def wait_value(pred, timeout, every=0.1):
+    """pred()'s first true value within timeout (polled), else its last."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    return pred()
+
+
+def linked(node, vip):
+    """node has an up link to the node with virtual IP vip."""
+    st = node.status() or {}
+    return any(c.get("state") == "up" and c.get("ip") == vip for c in st.get("connections", []))
+
+
+def node_drops(node):
+    return (node.status() or {}).get("drops", {})
+
+
+def cli_ok(args):
+    """ipop ARGS must succeed; its standard output."""
+    rc, out, err = run_cli(args)
+    if rc != 0:
+        raise TestFailure("ipop %s: rc=%d %s" % (" ".join(args), rc, err.strip()))
+    return out
+
+
 class KitPeer(Node):
     """A hostile member (tests/kit_peer.c): a real node that a test scripts.
     `claims` are kit options (["--claim-started", "1"], ...); cmd() sends one
