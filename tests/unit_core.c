@@ -759,6 +759,10 @@ static void test_hs_admission(void)
 		ok += link_hs_admit(&n, &a);
 	CHECK(ok == LINK_HS_BURST);
 	CHECK(link_hs_admit(&n, &b));                       /* another IP has its own bucket */
+	struct sockaddr_in lo = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f000001) };
+	for (ok = 0; ok < 100 && link_hs_admit(&n, &lo);)
+		ok++;
+	CHECK(ok == 100);                                   /* this host's own nodes: no bucket */
 	n.loop.now_ms += 1000;                              /* a second later: ten more */
 	for (ok = 0; ok < 100 && link_hs_admit(&n, &a);)
 		ok++;
