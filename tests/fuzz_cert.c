@@ -267,10 +267,8 @@ static void fz_crl(const uint8_t *p, size_t len)
 		else
 			*t++ = (char)p[i];
 	*t = 0;
-	static struct sec_serial parsed[SEC_REVOKED_MAX];
-	x->revoked = parsed;            /* parsed into, as sec_crl_load's fresh list */
-	x->n_revoked = 0;
-	if (sec_crl_parse("fuzz", text, parsed, &x->n_revoked, err, sizeof err) < 0) {
+	x->n_revoked = 0;               /* parsed straight into the list in force */
+	if (sec_crl_parse("fuzz", text, x->revoked, &x->n_revoked, err, sizeof err) < 0) {
 		if (!err[0])
 			abort();
 		x->n_revoked = 0;
@@ -300,7 +298,7 @@ static void fz_crl(const uint8_t *p, size_t len)
 		buf_printf(&w, "%s  # %s\n", hex, "fuzz");
 	}
 	x->n_revoked = 0;
-	if (sec_crl_parse("fuzz", w.s ? w.s : "", parsed, &x->n_revoked, err, sizeof err) < 0 || x->n_revoked != n)
+	if (sec_crl_parse("fuzz", w.s ? w.s : "", x->revoked, &x->n_revoked, err, sizeof err) < 0 || x->n_revoked != n)
 		abort();
 	for (unsigned i = 0; i < n; i++)
 		if (x->revoked[i].len != before[i].len || memcmp(x->revoked[i].b, before[i].b, before[i].len))
