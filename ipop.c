@@ -2592,6 +2592,7 @@ struct link_hs_scratch {
 	uint8_t ck[32];                 /* HKDF-Extract(salt, X25519(e_i, e_r)) */
 	uint8_t cookie[SEC_MAC_BYTES];
 	bool has_cookie;
+	uint64_t resp_resent_ms;        /* responder: the last HS_RESP resent (link_hs_fin_lost) */
 };
 
 /* Handshake state; the retransmit cache outlives the scratch (HS_FIN is
@@ -4028,7 +4029,10 @@ static void link_teardown(struct link *l, uint8_t reason, bool tell_peer)
 	link_half_open_end(l);
 	if (was_up && tell_peer && reason)
 		link_send_byte(l, WIRE_BYE, reason);
-	if (was_up && tell_peer && reason && reason != BYE_LEAVING)
+	/* Only a link that gives way to another (a duplicate, one no role
+	 * needs) drains: a revoked, expired or conflicting peer's stragglers
+	 * are not routed on, and a leaving node is gone. */
+	if (was_up && tell_peer && (reason == BYE_DUPLICATE || reason == BYE_UNNEEDED))
 		l->drain_until_ms = ev_now(&n->loop) + LINK_DRAIN_MS;
 	l->state = LINK_CLOSED;
 	n->links_gen++;
@@ -4976,11 +4980,28 @@ static void link_on_straggler(struct link *l, const struct wire_data *d, const u
 		l->node->up.routed(l->node, l, plain, plen);
 }
 
+/* A responder awaiting HS_FIN got a DATA record: the initiator counts the
+ * link up, so its HS_FIN was lost.  Our HS_RESP once more makes it resend
+ * that (link_on_hs_resp); without this, since HS_RESP is no longer resent
+ * unasked, the link was a black hole until the keepalive declared it dead
+ * (4 s).  Only the initiator knows our index, so nobody else triggers it;
+ * at most once per LINK_HELLO_RETRY_MS. */
+static void link_hs_fin_lost(struct link *l)
+{
+	uint64_t now = ev_now(&l->node->loop);
+	if (!l->hs.s || now - l->hs.s->resp_resent_ms < LINK_HELLO_RETRY_MS)
+		return;
+	l->hs.s->resp_resent_ms = now;
+	link_hs_resend(l);
+}
+
 static void link_on_data(struct link *l, const struct wire_data *d, const uint8_t *pkt,
 			 const struct sockaddr_in *from)
 {
 	uint8_t plain[WIRE_MAX_WIRE_BYTES], type;
 	size_t plen;
+	if (l->state == LINK_AWAIT_FIN && !l->initiator)
+		link_hs_fin_lost(l);
 	if (l->state != LINK_UP)
 		return link_drop(l, DROP_WRONG_STATE);
 	if (!link_data_open(l, d, pkt, plain, &plen))
@@ -5664,6 +5685,7 @@ static void link_tcp_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t e
 			log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(loop), "tcp accept");
 			if (l) {
 				l->state = LINK_CLOSED;
+				l->fd = -1;     /* closed here: the reaper must not close it again */
 				n->reap_pending = true;
 			}
 			close(fd);
@@ -16073,7 +16095,10 @@ static void cli_node_free(struct node *n)
 	tap_close(n);
 	if (n->lw.socks_fd > 0)
 		close(n->lw.socks_fd);
-	free(n->lw.negotiating);        /* (the clients themselves die with the process) */
+	while (n->lw.n_negotiating)     /* each leaves the list as it goes */
+		socks_client_free(n->lw.negotiating[0]);
+	free(n->lw.negotiating);
+	n->lw.negotiating = NULL;
 	for (unsigned i = 0; i < n->lw.n_fwd; i++) {
 		if (n->lw.fwd[i].fd >= 0)
 			close(n->lw.fwd[i].fd);

@@ -2003,6 +2003,87 @@ static void test_dht_quota(void)
 	fake_node_free(&n);
 }
 
+/* A lost HS_FIN (issue 18 made responders resend HS_RESP only when asked):
+ * the initiator counts the link up and sends DATA; the responder, still
+ * awaiting HS_FIN, answers it with HS_RESP once more, and the initiator
+ * with its cached HS_FIN.  Two simulated nodes (no sockets: n->udp_send),
+ * the first HS_FIN dropped on the way. */
+struct fin_pkt {
+	unsigned to;
+	struct sockaddr_in from;
+	size_t len;
+	uint8_t data[WIRE_MAX_RECORD_BYTES];
+};
+static struct fin_pkt fin_q[32];
+static unsigned fin_qn;
+
+static int fin_send(struct node *n, const struct sockaddr_in *to, const uint8_t *pkt, size_t len)
+{
+	if (fin_qn == 32 || len > sizeof fin_q[0].data)
+		return -1;
+	struct fin_pkt *p = &fin_q[fin_qn++];
+	p->to = (ntohl(to->sin_addr.s_addr) & 0xff) - 1;
+	p->from = n->listeners[0].sa;
+	p->len = len;
+	memcpy(p->data, pkt, len);
+	return 0;
+}
+
+static void fin_node(struct node *n, unsigned i)
+{
+	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1, .udp_send = fin_send };
+	n->loop = (struct ev_loop){ .epfd = -1, .now_ms = 1000, .max_wait_ms = 1000, .virtual_time = true };
+	sec_rng_init(&n->rng);
+	n->rekey_ms = LINK_REKEY_MS;
+	sec_cookie_rotate(&n->sec, &n->rng, n->loop.now_ms);
+	n->self.addr = addr_top((uint8_t)(0x10 + i));
+	n->self.instance = 1 + i;
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(4000), .sin_addr.s_addr = htonl(0x0a000001 + i) };
+	n->listeners[0] = (struct listener){ .proto = PROTO_UDP, .fd = SIM_FD, .sa = sa };
+	n->n_listeners = 1;
+	n->self.endpoints[0] = link_endpoint_of(PROTO_UDP, &sa);
+	n->self.n_endpoints = 1;
+}
+
+/* Deliver what was sent; drop the first HS_FIN if drop_fin. */
+static void fin_pump(struct node *nodes[2], bool *drop_fin)
+{
+	for (unsigned i = 0; i < fin_qn; i++) {
+		struct fin_pkt *p = &fin_q[i];
+		if (*drop_fin && p->len > 1 && p->data[1] == WIRE_HS_FIN) {
+			*drop_fin = false;
+			continue;
+		}
+		link_input(nodes[p->to], NULL, SIM_FD, &p->from, p->data, p->len);
+	}
+	fin_qn = 0;
+}
+
+static void test_lost_hs_fin(void)
+{
+	static struct node a, b;
+	struct node *nodes[2] = { &a, &b };
+	fin_node(&a, 0);
+	fin_node(&b, 1);
+	bool drop = true;
+	struct link *la = link_dial(&a, &b.self.endpoints[0], &b.self.addr, 0, NULL);
+	for (int i = 0; i < 4 && fin_qn; i++)
+		fin_pump(nodes, &drop);
+	struct link *lb = b.links;
+	CHECK(la && la->state == LINK_UP && !drop && lb && lb->state == LINK_AWAIT_FIN);
+	link_send_byte(la, WIRE_ROLES, 0);                  /* a counts the link up: DATA */
+	for (int i = 0; i < 4 && fin_qn; i++)
+		fin_pump(nodes, &drop);
+	CHECK(lb->state == LINK_UP);
+	link_send_byte(la, WIRE_ROLES, 0);
+	fin_pump(nodes, &drop);
+	CHECK(b.drops.count[DROP_WRONG_STATE] == 1 && fin_qn == 0);    /* one resend, then quiet */
+	link_free_all(&a);
+	link_free_all(&b);
+	sec_rng_free(&a.rng);
+	sec_rng_free(&b.rng);
+}
+
 int main(void)
 {
 	log_cfg.level = LOG_ERROR;
@@ -2049,6 +2130,7 @@ int main(void)
 	test_ev_rest();
 	test_link_drain();
 	test_duplicate_ip();
+	test_lost_hs_fin();
 	test_crl_swap();
 	test_cert_issue_limits();
 	test_ring_scopes();
