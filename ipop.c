@@ -4761,6 +4761,17 @@ static struct link *link_find_responder(struct node *n, int fd, const struct soc
 	return NULL;
 }
 
+/* Whose handshake allowance an HS_INIT spends: its source address, or for
+ * a relayed one (which has none) the relay's: every relayed HS_INIT shared
+ * the bucket of 0.0.0.0, so one member relaying a flood held back every
+ * relayed joiner. */
+static const struct sockaddr_in *link_hs_source(struct node *n, const struct link *stream,
+						const struct sockaddr_in *from)
+{
+	struct link *via = stream && stream->proto == PROTO_RELAY ? link_find_direct(n, &stream->relay_via) : NULL;
+	return via ? &via->remote : from;
+}
+
 /* HS_INIT: every check that needs no state comes first, so a stranger or a
  * spoofed source costs an HMAC, never a link record. */
 static void link_on_hs_init(struct node *n, struct link *stream, int fd, const struct sockaddr_in *from,
@@ -4782,11 +4793,15 @@ static void link_on_hs_init(struct node *n, struct link *stream, int fd, const s
 	}
 	if (!stream && !sec_cookie_valid(&n->sec, from, m.cookie))
 		return link_send_cookie(n, fd, from, m.sender);
-	if (!link_hs_admit(n, from)) {
+	if (!link_hs_admit(n, link_hs_source(n, stream, from))) {
 		link_drop_from(n, DROP_HS_RATE, proto, from);
 		if (stream)
 			link_close(stream, 0);
 		return;
+	}
+	if (stream && stream->proto == PROTO_RELAY) {
+		link_half_open_make_room(n);    /* only once admitted: a relayed */
+		link_half_open_begin(stream);   /* stranger displaces no one */
 	}
 	struct link *l = stream;
 	if (!l) {
@@ -5157,13 +5172,11 @@ static struct link *link_relay_responder(struct link *via, const struct wire_rel
 			return NULL;
 		}
 	struct sockaddr_in none = { .sin_family = AF_INET };
-	link_half_open_make_room(n);
 	struct link *l = link_new(n, PROTO_RELAY, -1, &none, false);
 	if (!l) {
 		log_drop(&n->drops, DROP_LINK_TABLE_FULL, ev_now(&n->loop), "relay accept");
 		return NULL;
 	}
-	link_half_open_begin(l);
 	/* The relay vouches for the sender's address; the handshake checks the
 	 * identity against it (expect), so a lying relay gets nowhere. */
 	l->relay_via = via->peer.addr;
@@ -8207,8 +8220,9 @@ static struct dht_cert *dht_cert_slot(struct dht_state *d, const uint8_t id[32],
 
 /* An owner's certificate, verified (our CA, valid now, not revoked), or
  * NULL.  A cached one is checked again for expiry and revocation only; one
- * that failed is refused for DHT_CERT_REFUSED_MS without a chain check
- * (a member could otherwise send foreign certificates, 1 ms of ECDSA each). */
+ * that failed is refused for DHT_CERT_REFUSED_MS without a chain check.
+ * That stops a certificate sent again, not one altered per message (each
+ * is new here, a chain check, ~1 ms): see docs/SECURITY.md section 11. */
 static struct dht_cert *dht_cert_get(struct node *n, const uint8_t *der, size_t len)
 {
 	struct dht_state *d = &n->dht;
@@ -10174,7 +10188,9 @@ static ring_addr ip_addr_of(struct node *n, uint32_t ip)
 }
 
 /* May a packet from src begin one more lookup?  Each holds a DHT slot and
- * a queue: one member must not take them all (IP_LOOKUPS_*). */
+ * a queue.  The per-sender share keys on the routed source, which is only
+ * the sender's word (issue 24): a member cycling sources can fill the 64,
+ * but no more, so the DHT's table and the queues stay bounded. */
 static bool ip_lookup_room(const struct node *n, const ring_addr *src)
 {
 	unsigned all = 0, theirs = 0;
@@ -12257,8 +12273,10 @@ static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uin
  * replies come back with the header naming their source.  The association
  * lasts as long as the client's TCP connection.  Datagrams count only from
  * the TCP client's IP address, and from the port its request named (if not
- * 0) or else the port of its first datagram: another local user cannot
- * take the relay over by sending first. */
+ * 0) or else the port of its first datagram.  So another host cannot take
+ * the relay over, nor another local user when the client names its port;
+ * a client on 127.0.0.1 that names port 0 (many do) can be raced by a
+ * local user sending first (docs/SECURITY.md section 10.1). */
 
 enum { SOCKS_UDP_HDR_BYTES = 10 };     /* RSV RSV FRAG ATYP=1 ADDR(4) PORT(2) */
 
