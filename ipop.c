@@ -3201,8 +3201,8 @@ struct node {
  *   responder:  (UDP: nothing) / AWAIT_INIT (TCP) --HS_INIT--> AWAIT_FIN
  *               --HS_FIN--> UP
  *   any:        -> CLOSED (freed by link_reap at the end of the loop turn;
- *               an up UDP or relayed link we closed with a BYE first drains
- *               the peer's routed messages in flight for LINK_DRAIN_MS)
+ *               an up link we closed as a duplicate or unneeded first
+ *               drains the peer's routed messages in flight, LINK_DRAIN_MS)
  *
  * Messages after the handshake carry the receiver's link index, so a packet
  * finds its link with one lookup (the index's low bits are its slot in the
@@ -3210,7 +3210,7 @@ struct node {
  * Crossing dials make two links; link_resolve_duplicate keeps the one
  * dialled by the lower ring address, so both ends choose the same survivor.
  * Keys ratchet forward (HKDF) every rekey interval; the replay window spans
- * epochs.  Link code reports facts to the ring through node->hooks; it never
+ * epochs.  Link code reports facts to the ring through n->up; it never
  * decides roles.  struct link and the node are in section 05b.  To add a
  * link message: a wire_ type above WIRE_FIRST_INNER and a
  * case in link_on_up_packet.
@@ -3493,8 +3493,6 @@ static void link_hs_wipe(struct link *l)
 	memset(&l->hs, 0, sizeof l->hs);
 }
 
-/* Free closed links; called once per loop turn, after every callback, so a
- * handler may close any link, its own included, without a use-after-free. */
 static void link_tcp_close_fd(struct link *l)
 {
 	if (l->fd < 0)
@@ -3506,6 +3504,8 @@ static void link_tcp_close_fd(struct link *l)
 
 static void link_tx_flush(struct node *n);
 
+/* Free closed links; called once per loop turn, after every callback, so a
+ * handler may close any link, its own included, without a use-after-free. */
 static void link_reap(struct node *n)
 {
 	link_tx_flush(n);       /* the end of a loop turn: what it queued leaves now */
@@ -5326,7 +5326,7 @@ static void link_dispatch(struct node *n, struct link *stream, int fd, const str
 	default:
 		if ((bad = wire_data_decode(pkt, len, &d) < 0))
 			break;
-		if (stream && stream->state == LINK_CLOSED)     /* a relayed link draining */
+		if (stream && stream->state == LINK_CLOSED)     /* a relayed or TCP link draining */
 			link_on_straggler(stream, &d, pkt);
 		else if (!stream && (l = link_find_draining(n, d.receiver)) && l->proto == PROTO_UDP &&
 			 l->fd == fd)
