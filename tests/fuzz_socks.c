@@ -60,6 +60,9 @@ static int fz_udp_init(void)
 
 static void fz_udp_datagram(const uint8_t *p, size_t len)
 {
+	/* The TCP client is on 127.0.0.1 and named port 0: the sender's
+	 * datagrams count (socks_udp_from_client takes only the client's IP). */
+	fz_udp.client = (struct sockaddr_in){ .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	fz_udp.have_client = false;
 	if (send(fz_udp_sender, p, len, 0) != (ssize_t)len)
 		return;
