@@ -127,6 +127,7 @@ kit: $(KIT_BINS)
 
 # ---------------------------------------------------------------- benchmarks
 demo: all
+	@tests/deps.sh demo
 	./tests/demo.sh
 
 bench: all
