@@ -54,7 +54,11 @@ HOSTS = {"a": 1, "b": 2, "c": 3, "x": 9}
 ATTACK_EXTRA = range(100, 120)         # the attacker's further source addresses
 CONNS = int(os.environ.get("IPOP_EXHAUST_CONNS", "2000"))
 ECHO_PORT = 7000
-CPU_MAX = 0.35                         # of one core, averaged over 3 s
+# What the attack adds to A's CPU (of one core, averaged over 3 s), over the
+# same 3 s before it: A also forwards the unpaced flow, whose cost follows
+# the machine (37 % of a core in all on a fresh machine, 14 % here), and a
+# spinning listener adds a whole core.
+CPU_ADDED_MAX = 0.25
 LOW_NOFILE = 100
 TCK = os.sysconf("SC_CLK_TCK")
 
@@ -228,7 +232,8 @@ def step_flood(a):
     log("step 2: %d held connections at the default fd limit" % CONNS)
     base_fds = n_fds(ipop_pid(a))
     rate0, _ = flow_rate()
-    log("  flow before: %.0f KB/s; A's fds: %d" % (rate0 / 1024, base_fds))
+    cpu0 = cpu_share(ipop_pid(a))
+    log("  flow before: %.0f KB/s; A's fds: %d, CPU %.0f%%" % (rate0 / 1024, base_fds, 100 * cpu0))
     atk = attack_start("default")
     st, worst = status_prompt("a")
     lab.check(st is not None and worst < 2.0,
@@ -246,7 +251,8 @@ def step_flood(a):
               "the flow goes on: %.0f KB/s (%.0f%% of before, recorded), longest stall %.1f s"
               % (rate / 1024, 100.0 * rate / max(rate0, 1), stall))
     cpu = cpu_share(ipop_pid(a))
-    lab.check(cpu < CPU_MAX, "A's CPU during the flood: %.0f%% of a core" % (100 * cpu))
+    lab.check(cpu - cpu0 < CPU_ADDED_MAX, "A's CPU during the flood: %.0f%% of a core (%.0f%% before it)"
+              % (100 * cpu, 100 * cpu0))
     fds = n_fds(ipop_pid(a))
     lab.check(fds < base_fds + 128 + 16, "A holds %d descriptors (baseline %d, unproven cap 128)"
               % (fds, base_fds))
@@ -264,11 +270,13 @@ def step_fd_limit():
     check(wait_for(lambda: status("a")[0], 10) is not None, "A did not start:\n" + a.log_tail())
     check(wait_for(lambda: up_conns(status("a")[0]), 15) is not None, "B did not link A again")
     base_fds = n_fds(ipop_pid(a))
+    cpu0 = cpu_share(ipop_pid(a))
     t_attack = time.monotonic()
     atk = attack_start("lowfd")
     time.sleep(0.5)         # (let the flood reach the limit before measuring)
     cpu = cpu_share(ipop_pid(a))
-    lab.check(cpu < CPU_MAX, "A's CPU at the fd limit: %.0f%% of a core (no spin)" % (100 * cpu))
+    lab.check(cpu - cpu0 < CPU_ADDED_MAX, "A's CPU at the fd limit: %.0f%% of a core, %.0f%% before it (no spin)"
+              % (100 * cpu, 100 * cpu0))
     st, dt = status("a", timeout=5)
     lab.check(st is not None and dt < 2.0, "A's status answers at the fd limit (%s in %.2f s)"
               % ("answered" if st else "no answer", dt))
