@@ -973,6 +973,17 @@ def node_drops(node):
     return (node.status() or {}).get("drops", {})
 
 
+def udp_echo_server(sock, stop):
+    """Echo every datagram on sock to its sender until stop (an Event) is set."""
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            d, a = sock.recvfrom(4096)
+            sock.sendto(d, a)
+        except socket.timeout:
+            pass
+
+
 def cli_ok(args):
     """ipop ARGS must succeed; its standard output."""
     rc, out, err = run_cli(args)

@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import Net, free_port, log, main_wrapper, TestFailure  # noqa: E402
+from lib import udp_echo_server as echo_server  # noqa: E402
 from lib import soft_result as result, wait_value as wait_for, linked, node_drops as drops, soft_finish  # noqa: E402
 
 ANSWER_BURST, ANSWER_PER_S, HS_PER_DIAL = 16, 8, 6
@@ -145,16 +146,6 @@ def reflector_cases():
     finally:
         for t in traps:
             t.close()
-
-
-def echo_server(sock, stop):
-    sock.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            d, a = sock.recvfrom(4096)
-            sock.sendto(d, a)
-        except socket.timeout:
-            pass
 
 
 def flow_time(local, timeout):

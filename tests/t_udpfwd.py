@@ -11,16 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import Net, free_port, log, main_wrapper, check  # noqa: E402
-
-
-def echo_server(sock, stop):
-    sock.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            d, a = sock.recvfrom(4096)
-            sock.sendto(d, a)
-        except socket.timeout:
-            pass
+from lib import udp_echo_server as echo_server  # noqa: E402
 
 
 def main():
