@@ -1992,7 +1992,8 @@ enum ring_role {
 	ROLE_NEAR = 2,          /* one of the 2 closest on either side */
 	ROLE_FAR = 4,           /* harmonic long-distance link */
 	ROLE_SHORTCUT = 8,      /* direct link for a busy pair */
-	ROLE__ALL = 15
+	ROLE_RELAY = 16,        /* a relayed node's leg to a public node (09) */
+	ROLE__ALL = 31
 };
 
 enum {
@@ -3125,7 +3126,6 @@ struct node_up {
 	/* A peer we link directly that links target, for a message greedy
 	 * routing brings to a dead end beside target; NULL: none known. */
 	struct link *(*toward)(struct node *n, const ring_addr *target);
-	bool (*standby)(struct node *n, const struct link *l);  /* keep l, role-less: a spare relay */
 	/* the IP layer (10) -> the local interface (11 tap, 12 lwIP) */
 	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
 	void (*flush_local)(struct node *n);    /* at the end of a loop turn, if set */
@@ -6055,7 +6055,7 @@ static bool ring_link_usable(const struct link *l)
 
 /* ---- roles ---------------------------------------------------------- */
 
-static const char *const ring_role_names[] = { "leaf", "near", "far", "shortcut" };
+static const char *const ring_role_names[] = { "leaf", "near", "far", "shortcut", "relay" };
 
 /* The role status shows first: near > shortcut > far > leaf. */
 static const char *ring_role_main(uint8_t roles)
@@ -6063,6 +6063,7 @@ static const char *ring_role_main(uint8_t roles)
 	if (roles & ROLE_NEAR) return "near";
 	if (roles & ROLE_SHORTCUT) return "shortcut";
 	if (roles & ROLE_FAR) return "far";
+	if (roles & ROLE_RELAY) return "relay";
 	if (roles & ROLE_LEAF) return "leaf";
 	return "none";
 }
@@ -7385,8 +7386,7 @@ static void ring_close_unneeded(struct node *n)
 	link_for_each(n, l)
 		if (ring_link_usable(l) && !l->local_roles && !l->peer_roles &&
 		    now - l->up_ms > LINK_UNNEEDED_GRACE_MS &&
-		    now - l->relay_last_ms > LINK_UNNEEDED_GRACE_MS &&   /* relays need their legs */
-		    !(n->up.standby && n->up.standby(n, l)))        /* and a warm spare (09) */
+		    now - l->relay_last_ms > LINK_UNNEEDED_GRACE_MS)     /* relays need their legs */
 			link_close(l, BYE_UNNEEDED);
 }
 
@@ -9257,8 +9257,8 @@ static void nat_watch_interfaces(struct node *n)
 
 /* ---- standby relays ----------------------------------------------------------
  * A node with relayed links keeps direct links to NAT_RELAY_LEGS public
- * nodes, even when the ring gives them no role: its relay and a warm
- * spare.  When the relay dies, the relayed links move to the spare within
+ * nodes, with the relay role when the ring gives them none: its relay
+ * and a warm spare.  When the relay dies, the relayed links move to the spare within
  * a round trip (relay roaming, section 06).  With one, they had nowhere to
  * go, and waited seconds for the ring to make them again (a site whose
  * ring neighbours are all behind NATs relays everything through its
@@ -9293,35 +9293,65 @@ static void nat_relay_note(struct node *n, const struct peer_info *pi)
 	s->relays[slot] = *pi;
 }
 
-/* Do we hold a relayed link, and how many direct links to public nodes? */
-static bool nat_relay_legs(struct node *n, unsigned *legs)
+static bool nat_relayed(struct node *n)
 {
-	bool relayed = false;
 	struct link *l;
-	*legs = 0;
-	link_for_each(n, l) {
-		if (l->state != LINK_UP)
-			continue;
-		relayed |= l->proto == PROTO_RELAY;
-		*legs += l->proto != PROTO_RELAY && nat_public_peer(&l->peer);
-	}
-	return relayed;
+	link_for_each(n, l)
+		if (l->state == LINK_UP && l->proto == PROTO_RELAY)
+			return true;
+	return false;
 }
 
-/* up.standby: a role-less link to a public node is one of our legs. */
-static bool nat_standby(struct node *n, const struct link *l)
+/* A direct link to a public node: a leg our relayed links can stand on. */
+static bool nat_is_leg(const struct link *l)
 {
-	unsigned legs;
-	return l->proto != PROTO_RELAY && nat_public_peer(&l->peer) && nat_relay_legs(n, &legs) &&
-	       legs <= NAT_RELAY_LEGS;
+	return l->state == LINK_UP && l->proto != PROTO_RELAY && nat_public_peer(&l->peer);
+}
+
+/* The public nodes we stand on, at most NAT_RELAY_LEGS, those marked
+ * already first.  Nodes, not links: a UDP and a TCP link to the one
+ * bootstrap are one leg (counted as two, the spare was never dialled). */
+static unsigned nat_leg_peers(struct node *n, ring_addr *out)
+{
+	unsigned k = 0;
+	struct link *l;
+	for (int any = 0; any < 2; any++)
+		link_for_each(n, l)
+			if (k < NAT_RELAY_LEGS && nat_is_leg(l) && (any || (l->local_roles & ROLE_RELAY)) &&
+			    !ring_in_set(&l->peer.addr, out, k))
+				out[k++] = l->peer.addr;
+	return k;
+}
+
+/* The legs carry the relay role while we hold a relayed link, and only
+ * then.  The role is told to the peer (ROLES): the public node has no
+ * role of its own for the link and closed it as unneeded after
+ * LINK_UNNEEDED_GRACE_MS, so the spare was gone when the relay died. */
+static void nat_legs_mark(struct node *n, const ring_addr *legs, unsigned k)
+{
+	struct link *l;
+	link_for_each(n, l) {
+		if (l->state != LINK_UP)
+			continue;               /* a spare being dialled keeps its wish */
+		bool leg = nat_is_leg(l) && ring_in_set(&l->peer.addr, legs, k);
+		if (leg && !(l->local_roles & ROLE_RELAY)) {
+			ring_roles_add(l, ROLE_RELAY);
+		} else if (!leg && ((l->local_roles | l->want_roles) & ROLE_RELAY)) {
+			l->want_roles &= (uint8_t)~ROLE_RELAY;
+			ring_roles_set(l, l->local_roles & (uint8_t)~ROLE_RELAY);
+		}
+	}
 }
 
 /* Short of a spare: dial the next public node we know and do not link. */
 static void nat_standby_upkeep(struct node *n)
 {
 	struct nat_state *s = n->nat;
-	unsigned legs;
-	if (!nat_relay_legs(n, &legs) || legs >= NAT_RELAY_LEGS)
+	ring_addr legs[NAT_RELAY_LEGS];
+	bool relayed = nat_relayed(n);
+	unsigned k = relayed ? nat_leg_peers(n, legs) : 0;
+	nat_legs_mark(n, legs, k);
+	if (!relayed || k >= NAT_RELAY_LEGS)
 		return;
 	for (unsigned i = 0; i < s->n_relays; i++) {
 		const struct peer_info *pi = &s->relays[(s->next_relay + i) % s->n_relays];
@@ -9334,7 +9364,7 @@ static void nat_standby_upkeep(struct node *n)
 		link_addr_short(&pi->addr, who);
 		log_info("nat", "relayed links with one public link: dialling %s as a spare relay", who);
 		s->next_relay += i + 1;         /* the next tick tries the one after */
-		ring_dial(n, pi, 0);
+		ring_dial(n, pi, ROLE_RELAY);
 		return;
 	}
 }
@@ -9604,7 +9634,6 @@ static void nat_start(struct node *n)
 	n->up.ctm_reply = nat_on_ctm_reply;
 	n->up.ctm_req = nat_on_ctm_req;
 	n->up.toward = nat_toward;
-	n->up.standby = nat_standby;
 	n->up.dial_failed = nat_on_dial_failed;
 	n->up.punch = nat_on_punch;
 	n->up.ttl_expired = nat_on_ttl_expired;

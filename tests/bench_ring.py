@@ -39,7 +39,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (Net, TestFailure, check, log, free_port, ring_check,  # noqa: E402
+from lib import (pct, Net, TestFailure, check, log, free_port, ring_check,  # noqa: E402
                  near_up, run_cli, ipop_bin, main_wrapper, REPO)
 
 RUNS = int(os.environ.get("IPOP_BENCH_RUNS", "3"))
@@ -62,17 +62,6 @@ PING_RE = re.compile(r"hops=(\d+) time=([0-9.]+) ms")
 
 # --------------------------------------------------------------------------
 # small stats
-
-def pct(xs, p):
-    """Percentile with linear interpolation (p in 0..100)."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * p / 100.0
-    f = int(k)
-    c = min(f + 1, len(s) - 1)
-    return s[f] + (s[c] - s[f]) * (k - f)
-
 
 def median(xs):
     return pct(xs, 50)

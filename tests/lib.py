@@ -947,6 +947,25 @@ def soft_result(ok, what):
     return ok
 
 
+def pct(xs, p):
+    """Percentile with linear interpolation (p in 0..100); nan for none."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * p / 100.0
+    f = int(k)
+    c = min(f + 1, len(s) - 1)
+    return s[f] + (s[c] - s[f]) * (k - f)
+
+
+def soft_check(cond, msg):
+    """Record a failure but keep going, so one run reports everything."""
+    log(("  ok: " if cond else "  FAILED: ") + msg)
+    if not cond:
+        SOFT_FAILS.append(msg)
+    return cond
+
+
 def soft_finish():
     if SOFT_FAILS:
         raise TestFailure("%d check(s) failed: %s" % (len(SOFT_FAILS), "; ".join(SOFT_FAILS)))

@@ -60,7 +60,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (Net, TestFailure, log, sha1_ip, true_neighbors, near_up,  # noqa: E402
+from lib import (pct, Net, TestFailure, log, sha1_ip, true_neighbors, near_up,  # noqa: E402
                  run_cli, ipop_bin, main_wrapper, short, REPO)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -91,16 +91,6 @@ def ctl_ask(path, line, timeout=5.0):
         return None
     finally:
         s.close()
-
-
-def pct(xs, p):
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * p / 100.0
-    f = int(k)
-    c = min(f + 1, len(s) - 1)
-    return s[f] + (s[c] - s[f]) * (k - f)
 
 
 def mean(xs):

@@ -34,7 +34,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (Net, TestFailure, check, log, run_cli, free_port, sha1_ip,  # noqa: E402
+from lib import (Net, TestFailure, check, log, soft_check, SOFT_FAILS, run_cli, free_port, sha1_ip,  # noqa: E402
                  wait_ring, short, main_wrapper, ipop_bin, RING)
 
 N = 12
@@ -49,17 +49,7 @@ OBSERVE_S = 6.5        # case 3: watched at least this long (LINK_DEAD_MS 4 s + 
 TTL_S = 3              # case 5
 TTL_CHECK_S = 6.0
 
-failures = []
-
-
-def soft_check(cond, msg):
-    """Record a failure but keep going so one run reports everything."""
-    if cond:
-        log("  ok: " + msg)
-    else:
-        log("  FAILED: " + msg)
-        failures.append(msg)
-    return cond
+failures = SOFT_FAILS     # soft_check (lib) records here
 
 
 # --------------------------------------------------------------------------

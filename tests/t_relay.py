@@ -335,6 +335,7 @@ class Lab:
             for nd in hosts:
                 st = nd.status()
                 log("round %d: %s links: %s" % (r, nd.name, conn_summary(st)))
+            self.check_legs(r, lsu, [boot, pub2])
             t_kill = time.time()
             if FAIL == "cut":
                 self.nft("tr-boot", "add table inet cut\n"
@@ -357,6 +358,18 @@ class Lab:
         for nd in nodes:
             nd.proc.stop(3)
         nsx("tr-boot", ["nft", "delete", "table", "inet", "cut"], check_rc=False)
+
+    def check_legs(self, r, lsu, publics):
+        """LSU relays everything: it must stand on both public nodes, its relay
+        and a warm spare, long after the spare's link would idle out (the
+        public node, with no role of its own for it, closed it after 5 s)."""
+        want = {(nd.status() or {}).get("address") for nd in publics}
+        st = lsu.status() or {}
+        have = {c.get("address") for c in st.get("connections", [])
+                if c.get("state") == "up" and not str(c.get("uri")).startswith("relay://")}
+        if not want <= have:
+            self.fail("round %d: LSU holds direct links to %d of the 2 public nodes before BOOT dies: %s"
+                      % (r, len(want & have), conn_summary(st)))
 
     def judge(self, r, p, t_join, t_kill):
         times, by_seq, unreach, top = p.parse()
