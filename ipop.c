@@ -3049,6 +3049,13 @@ enum { LINK_SEC_TICK_MS = 2000 }; /* revocation list check and cookie rotation *
 enum {
 	LINK_BATCH = 64,                /* datagrams per sendmmsg/recvmmsg */
 	LINK_GSO_MAX_BYTES = 60000,     /* one UDP_SEGMENT message: under 64 KiB */
+	/* and at most UDP_MAX_SEGMENTS segments (64 before Linux 6.9): a turn's
+	 * ACKs to one peer, 100 bytes each, made messages of 600, the kernel
+	 * said EINVAL, and the node sent one datagram per syscall from then
+	 * on: half the user-mode throughput, in whichever direction a node
+	 * had acknowledged a download before (issue 20). */
+	LINK_GSO_MAX_SEGS = 64,
+	LINK_GSO_REFUSALS_MAX = 3,      /* refusals before UDP_SEGMENT is given up */
 	LINK_RX_SLOT_BYTES = 65536,     /* a UDP_GRO datagram: up to 64 KiB of records */
 };
 
@@ -3058,7 +3065,8 @@ struct link_tx {
 	uint8_t *buf;                   /* LINK_BATCH * WIRE_MAX_WIRE_BYTES */
 	size_t used;
 	unsigned n;
-	bool no_gso;                    /* the kernel refused UDP_SEGMENT once */
+	bool no_gso;                    /* the kernel refused UDP_SEGMENT too often */
+	unsigned gso_refusals;
 	int fd[LINK_BATCH];
 	struct sockaddr_in to[LINK_BATCH];
 	struct iovec iov[LINK_BATCH];
@@ -3655,6 +3663,18 @@ static void link_tx_unbatch(struct node *n, unsigned i)
 	}
 }
 
+/* The kernel refused a UDP_SEGMENT message: after a few, send datagrams
+ * one by one for good (said once: it halves what a link can carry). */
+static void link_tx_gso_refused(struct node *n, int err)
+{
+	struct link_tx *t = n->tx;
+	if (++t->gso_refusals < LINK_GSO_REFUSALS_MAX || t->no_gso)
+		return;
+	t->no_gso = true;
+	log_warn("link", "the kernel refuses UDP segmentation offload (%s): sending datagrams one by one",
+		 strerror(err));
+}
+
 /* Write every TCP link's queued frames (those still connecting wait). */
 static void link_tcp_flush_all(struct node *n)
 {
@@ -3722,7 +3742,7 @@ static void link_tx_flush(struct node *n)
 				continue;       /* an ICMP error from an earlier datagram, reported here once */
 			} else if (t->iov[i].iov_len > t->seg[i] && (errno == EIO || errno == EINVAL ||
 								   errno == ENOPROTOOPT)) {
-				t->no_gso = true;       /* an old kernel, or a path MTU below a segment */
+				link_tx_gso_refused(n, errno);  /* an old kernel, or a path MTU below a segment */
 				link_tx_unbatch(n, i++);
 			} else {
 				link_tx_drop(n, 1);     /* a full buffer drops, as sendto would */
@@ -3751,6 +3771,7 @@ static int link_udp_queue(struct node *n, int fd, const struct sockaddr_in *to, 
 		unsigned i = t->n - 1;
 		if (!t->no_gso && !t->ended[i] && t->fd[i] == fd && len <= t->seg[i] &&
 		    t->seg[i] <= WIRE_MAX_RECORD_BYTES && t->iov[i].iov_len + len <= LINK_GSO_MAX_BYTES &&
+		    t->iov[i].iov_len < (size_t)t->seg[i] * LINK_GSO_MAX_SEGS &&
 		    t->used + len <= LINK_BATCH * WIRE_MAX_WIRE_BYTES && link_sockaddr_eq(&t->to[i], to)) {
 			memcpy(t->buf + t->used, pkt, len);
 			t->used += len;

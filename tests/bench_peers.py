@@ -21,6 +21,10 @@ Paths (each started fresh for every round, stopped after it):
   ipop-user-socks the same node, through its SOCKS5 server (throughput with a
                   small Python bulk client instead of iperf3: iperf3 cannot
                   use SOCKS)
+  ipop-uu-L       both nodes in user mode, no root on either side (issue 20):
+                  A's -L forwards to B's -R 5201:127.0.0.1:5201 (and the echo,
+                  sink and source ports), B's lwIP connecting to B's servers
+  ipop-uu-socks   the same pair, through A's SOCKS5 server to B's -R ports
   ssh-L           ssh -N -L to sshd in tp-b (ed25519 keys made by ssh-keygen)
   tinc            tinc 1.0 (router mode, tun), RSA keys by tincd -K
   nebula          nebula, CA and node certs by nebula-cert, B is the lighthouse
@@ -35,7 +39,9 @@ Per path and round (RUNS rounds, interleaved: round r starts at path r):
   tput1  iperf3 TCP a -> b, 1 stream, IPERF_S s; received Gbit/s.  During it
          the utime+stime of the path's daemons in both namespaces (ipop,
          tincd, nebula, ...; ssh/sshd for ssh -L) -> CPU-seconds per GB.
-  tput4  the same with -P 4
+  tputR  iperf3 -R: b -> a, 1 stream (for SOCKS: the bulk client reads
+         from a source server in b)
+  tput4  the same with -P 4, a -> b
   ping   kernel ping a -> b over the path, PINGS pings 10 ms apart: avg RTT
          (not for user mode and ssh -L: no IP path; their RTT is in rr)
   rr     TCP request/response: one connection (TCP_NODELAY), RR_N sequential
@@ -72,12 +78,14 @@ PREFIX = "tp"
 SW, BR = "tp-sw", "tpbr0"
 NA, NB = "tp-a", "tp-b"
 UNDER = "192.168.97.%d"
-ECHO_PORT, SINK_PORT, IPERF_PORT = 7007, 7008, 5201
+ECHO_PORT, SINK_PORT, SOURCE_PORT, IPERF_PORT = 7007, 7008, 7009, 5201
+B_PORTS = (IPERF_PORT, ECHO_PORT, SINK_PORT, SOURCE_PORT)
 RUNS = int(os.environ.get("IPOP_BENCH_RUNS", "3"))
 IPERF_S = int(os.environ.get("IPOP_BENCH_IPERF_S", "5"))
 PINGS = int(os.environ.get("IPOP_BENCH_PINGS", "200"))
 RR_N = int(os.environ.get("IPOP_BENCH_RR_N", "500"))
 ALL_PATHS = ["veth", "ipop-udp", "ipop-udp-insec", "ipop-tcp", "ipop-user-L", "ipop-user-socks",
+             "ipop-uu-L", "ipop-uu-socks",
              "ssh-L", "tinc", "nebula", "wireguard-go", "yggdrasil", "n2n"]
 PEERS = ["ssh-L", "tinc", "nebula", "wireguard-go", "yggdrasil", "n2n"]
 PATHS = [p for p in os.environ.get("IPOP_BENCH_PATHS", ",".join(ALL_PATHS)).split(",") if p]
@@ -126,8 +134,22 @@ def _sink(c):
     c.close()
 
 
+def _source(c):
+    buf = b"\0" * (128 * 1024)
+    try:
+        while True:
+            c.sendall(buf)
+    except OSError:
+        pass
+    c.close()
+
+
 def cmd_echo6(port):
     _serve(port, _echo)
+
+
+def cmd_source6(port):
+    _serve(port, _source)
 
 
 def cmd_sink6(port):
@@ -146,9 +168,10 @@ def _socks_connect(socks, host, port):
     return s
 
 
-def cmd_bulk(host, port, seconds, streams, socks=""):
-    """streams processes, each sending 128 kB writes for seconds; prints
-    {"bytes", "secs"} (bytes acknowledged by the sink's close)."""
+def cmd_bulk(host, port, seconds, streams, socks="", read="0"):
+    """streams processes, each sending 128 kB writes for seconds (to a
+    sink), or reading that long (read=1, from a source); prints {"bytes",
+    "secs"} (sent: bytes acknowledged by the sink's close)."""
     import multiprocessing
     seconds, streams = float(seconds), int(streams)
 
@@ -158,8 +181,15 @@ def cmd_bulk(host, port, seconds, streams, socks=""):
         n = 0
         end = time.monotonic() + seconds
         while time.monotonic() < end:
+            if read == "1":
+                n += len(s.recv(1 << 20))
+                continue
             s.sendall(buf)
             n += len(buf)
+        if read == "1":
+            s.close()
+            q.put(n)
+            return
         s.shutdown(socket.SHUT_WR)
         s.recv(1)               # the sink closes after reading everything
         q.put(n)
@@ -290,8 +320,9 @@ class Bench:
         os.chmod(self.d("net.key"), 0o600)
         self.servers = [self.proc("iperf3-b", NB, ["iperf3", "-s", "-p", str(IPERF_PORT)]),
                         self.proc("echo-b", NB, [sys.executable, self.helper, "echo6", str(ECHO_PORT)]),
-                        self.proc("sink-b", NB, [sys.executable, self.helper, "sink6", str(SINK_PORT)])]
-        for port in (IPERF_PORT, ECHO_PORT, SINK_PORT):
+                        self.proc("sink-b", NB, [sys.executable, self.helper, "sink6", str(SINK_PORT)]),
+                        self.proc("source-b", NB, [sys.executable, self.helper, "source6", str(SOURCE_PORT)])]
+        for port in B_PORTS:
             wait_for(lambda: listening(NB, port), 10, "server on :%d" % port)
         for peer in PEERS:
             if peer not in PATHS:
@@ -422,14 +453,15 @@ class Bench:
         a += list(extra)
         return self.proc(name, ns, a), ctl
 
-    def _ipop_pair(self, transport, secure, user=False):
-        b, bctl = self._ipop("ipop-b", NB, 2, transport, secure)
+    def _ipop_pair(self, transport, secure, user=False, b_user=False):
+        b_extra = [x for port in B_PORTS for x in ("-R", "%d:127.0.0.1:%d" % (port, port))] if b_user else []
+        b, bctl = self._ipop("ipop-b", NB, 2, transport, secure, b_extra, mode="user" if b_user else "tap")
         wait_for(lambda: sh([self.ipop, "status", "--control", bctl], check_rc=False)[0] == 0, 10,
                  "ipop b status", b)
         boot = ["--bootstrap", "%s://%s:%d" % (transport, UNDER % 2, self.port)]
         if user:
             extra = boot + ["--socks", "127.0.0.1:1080"] + [
-                x for port in (IPERF_PORT, ECHO_PORT, SINK_PORT)
+                x for port in B_PORTS
                 for x in ("-L", "127.0.0.1:%d:10.128.0.2:%d" % (port + 10000, port))]
             a, actl = self._ipop("ipop-a", NA, 1, transport, secure, extra, mode="user")
             wait_for(lambda: sh([self.ipop, "ping", "-c", "1", "-W", "1", "10.128.0.2", "--control", actl],
@@ -456,6 +488,14 @@ class Bench:
     def start_ipop_user_socks(self):
         return {"dst": "10.128.0.2", "socks": "127.0.0.1:1080", "ping": False, "daemons": ("ipop",),
                 "procs": self._ipop_pair("udp", True, user=True)}
+
+    def start_ipop_uu_l(self):
+        return {"dst": "127.0.0.1", "port_off": 10000, "ping": False, "daemons": ("ipop",),
+                "procs": self._ipop_pair("udp", True, user=True, b_user=True)}
+
+    def start_ipop_uu_socks(self):
+        return {"dst": "10.128.0.2", "socks": "127.0.0.1:1080", "ping": False, "daemons": ("ipop",),
+                "procs": self._ipop_pair("udp", True, user=True, b_user=True)}
 
     def start_ssh_l(self):
         d = self.d("ssh")
@@ -524,13 +564,15 @@ class Bench:
         return {"dst": "10.205.0.2", "ping": True, "daemons": ("edge", "supernode"), "procs": procs}
 
     # ---------------------------------------------------------------- measure
-    def iperf(self, st, streams, cpu=False):
+    def iperf(self, st, streams, cpu=False, rev=False):
         pids = daemon_pids(st["daemons"]) if cpu else []
         c0 = cpu_of(pids)
         off = st.get("port_off", 0)
         if st.get("socks"):
-            rc, out, err = nsx(NA, [sys.executable, self.helper, "bulk", st["dst"], str(SINK_PORT), str(IPERF_S),
-                                    str(streams), st["socks"]], timeout=IPERF_S + 90, check_rc=False)
+            rc, out, err = nsx(NA, [sys.executable, self.helper, "bulk", st["dst"],
+                                    str(SOURCE_PORT if rev else SINK_PORT), str(IPERF_S),
+                                    str(streams), st["socks"], "1" if rev else "0"],
+                               timeout=IPERF_S + 90, check_rc=False)
             try:
                 r = json.loads(out.strip().splitlines()[-1])
                 nbytes, gbps = r["bytes"], r["bytes"] * 8 / r["secs"] / 1e9
@@ -538,7 +580,8 @@ class Bench:
                 raise BenchError("bulk via SOCKS failed: %s" % (out + err).strip()[-300:])
         else:
             rc, out, err = nsx(NA, ["iperf3", "-c", st["dst"], "-p", str(IPERF_PORT + off), "-t", str(IPERF_S),
-                                    "-P", str(streams), "-J"], timeout=IPERF_S + 60, check_rc=False)
+                                    "-P", str(streams), "-J"] + (["-R"] if rev else []),
+                               timeout=IPERF_S + 60, check_rc=False)
             try:
                 end = json.loads(out)["end"]
                 nbytes, gbps = end["sum_received"]["bytes"], end["sum_received"]["bits_per_second"] / 1e9
@@ -579,6 +622,7 @@ class Bench:
                 r["ping_ms"] = self.ping(st)
             r["rr_p50_ms"] = self.rr(st)
             r["iperf1"] = self.iperf(st, 1, cpu=bool(st["daemons"]))
+            r["iperfR"] = self.iperf(st, 1, rev=True)
             r["iperf4"] = self.iperf(st, 4)
             for p in st["procs"]:
                 if not p.alive():
@@ -592,6 +636,7 @@ class Bench:
 
 COLS = [
     ("tput1", "TCP 1 stream Gbit/s", lambda r: r["iperf1"]["gbps"], "%.2f", True),
+    ("tputR", "TCP 1 stream b->a Gbit/s", lambda r: r["iperfR"]["gbps"], "%.2f", True),
     ("tput4", "TCP 4 streams Gbit/s", lambda r: r["iperf4"]["gbps"], "%.2f", True),
     ("ping", "ping avg ms", lambda r: r.get("ping_ms"), "%.3f", False),
     ("rr", "TCP 64 B RR p50 ms", lambda r: r["rr_p50_ms"], "%.3f", False),
