@@ -35,7 +35,7 @@ need_tools() {
     local pair cmd pkg
     for pair in musl-gcc:musl-tools make:make tar:tar xz:xz-utils bzip2:bzip2 \
                 gcc:gcc cc:gcc ar:binutils strip:binutils sha256sum:coreutils file:file \
-                autoreconf:autoconf automake:automake libtoolize:libtool; do
+                autoreconf:autoconf automake:automake libtoolize:libtool patch:patch; do
         cmd=${pair%%:*}; pkg=${pair#*:}
         command -v "$cmd" >/dev/null 2>&1 || missing_pkgs+=("$pkg")
     done
@@ -140,11 +140,18 @@ pin_index() { local i; for i in "${!PIN_NAME[@]}"; do [ "${PIN_NAME[$i]}" = "$1"
 
 src_dir() { local i; i=$(pin_index "$1"); echo "$CACHE/src/$1-${PIN_VER[$i]}"; }
 
-# unpack NAME once (stamp holds the tarball sha)
+# Our changes to a pinned source: vendor/patches/NAME-*.patch, applied in name
+# order (patch -p1) right after unpacking; each says what it changes and why.
+pin_patches() { ls "$VENDOR/patches/$1"-*.patch 2>/dev/null || true; }
+patches_sha() { pin_patches "$1" | xargs -r cat | sha256sum | awk '{print $1}'; }
+
+# unpack NAME once and apply its patches (the stamp holds the tarball's and
+# the patches' sha, so a changed patch unpacks afresh)
 unpack_pin() {
-    local name=$1 i dir file sha
+    local name=$1 i dir file sha stamp p
     i=$(pin_index "$name"); dir=$(src_dir "$name"); file=${PIN_FILE[$i]}; sha=${PIN_SHA[$i]}
-    if [ -f "$dir/.ipop-unpacked" ] && [ "$(cat "$dir/.ipop-unpacked")" = "$sha" ]; then
+    stamp="$sha $(patches_sha "$name")"
+    if [ -f "$dir/.ipop-unpacked" ] && [ "$(cat "$dir/.ipop-unpacked")" = "$stamp" ]; then
         return 0
     fi
     fetch_pin "$name" "$file" "${PIN_POOL[$i]}" "$sha"
@@ -152,7 +159,11 @@ unpack_pin() {
     rm -rf "$dir" "$dir.tmp"
     mkdir -p "$dir.tmp"
     tar -xf "$CACHE/sources/$file" -C "$dir.tmp" --strip-components=1
-    echo "$sha" > "$dir.tmp/.ipop-unpacked"
+    for p in $(pin_patches "$name"); do
+        log "$name: applying $(basename "$p")"
+        patch -p1 --forward --quiet -d "$dir.tmp" < "$p" || die "$name: $(basename "$p") does not apply"
+    done
+    echo "$stamp" > "$dir.tmp/.ipop-unpacked"
     mv "$dir.tmp" "$dir"
 }
 
@@ -192,7 +203,7 @@ config_hash() {
     # anything that should trigger a dependency rebuild (libsodium has its own stamp)
     {
         grep -v '^libsodium ' "$PINS"
-        (cd "$VENDOR" && find . -type f -name '*.h' -print0 | sort -z | xargs -0 sha256sum)
+        (cd "$VENDOR" && find . -type f \( -name '*.h' -o -name '*.patch' \) -print0 | sort -z | xargs -0 sha256sum)
         echo "$1 $(variant_cc "$1") $(variant_dep_cflags "$1")"
         "$(variant_cc "$1")" --version 2>/dev/null | head -1
         echo "recipe-v1"

@@ -13612,8 +13612,8 @@ static void ctl_metric(struct buf_str *o, const char *name, const char *type, co
 static void ctl_metrics_links(struct node *n, struct buf_str *o)
 {
 	uint64_t tx = 0, rx = 0, txb = 0, rxb = 0;
-	unsigned by_kind[5] = { 0 }, up = 0;
-	static const char *const kinds[] = { "near", "far", "shortcut", "leaf", "none" };
+	static const char *const kinds[] = { "near", "far", "shortcut", "relay", "relayed", "leaf", "none" };
+	unsigned by_kind[ARRAY_LEN(kinds)] = { 0 }, up = 0;
 	for (const struct link *l = n->links; l; l = l->next) {
 		tx += l->tx_packets, rx += l->rx_packets, txb += l->tx_bytes, rxb += l->rx_bytes;
 		if (l->state != LINK_UP)
@@ -17395,6 +17395,7 @@ static const struct {
 	{ "far", "#ff7f0e", "7 4", 1.5 },
 	{ "shortcut", "#2ca02c", "2 3", 1.5 },
 	{ "relayed", "#d62728", "8 3 2 3", 1.5 },
+	{ "relay", "#8c564b", "6 2", 1.5 },
 	{ "leaf", "#7f7f7f", "1 3", 1.0 },
 	{ NULL, "#9467bd", "4 2", 1.0 },
 };

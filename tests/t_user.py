@@ -61,6 +61,9 @@ The nodes run a private copy of ./ipop taken at start ($IPOP is set to it).
 10. SOCKS to the node's own virtual IP: curl in tu-a via A's SOCKS to
     http://10.128.0.1:80/ (A's -R 80) 5 times, and a 4 MB file (sha256);
     A stays alive.
+11. A lossy underlay: 2 % of D's UDP dropped in and out (nftables numgen);
+    a 1 MB echo D -L 9107 -> C -R 7 comes back intact (lwIP's fast
+    retransmits and timeouts, both ways).
 
 Steps after the setup are independent checks: a failure is recorded and the
 test goes on; the exit status is non-zero if any failed.  Node logs of a
@@ -93,6 +96,8 @@ RSS_LIMIT_MB = 64
 STALL_S = 5
 N_CONC = 100
 CONC_BYTES = 64 * 1024
+LOSS_PCT = 2               # step 11: share of D's UDP dropped, each way
+LOSSY_BYTES = 1024 * 1024
 SOCKS = "127.0.0.1:1080"
 MARKER = "hello-over-ipop-nc"
 UDP_PORT = 5353
@@ -731,7 +736,8 @@ class UserTest(Lab):
                          ("6b socks data with the CONNECT", self.step_optimistic),
                          ("7 backpressure", self.step_backpressure),
                          ("8 udp associate", self.step_udp_assoc), ("9 socks-auth node", self.step_socks_auth),
-                         ("10 socks to own virtual ip", self.step_self_connect)):
+                         ("10 socks to own virtual ip", self.step_self_connect),
+                         ("11 lossy underlay", self.step_lossy)):
             self.step(name, fn)
 
     # ---- underlay
@@ -1276,6 +1282,35 @@ class UserTest(Lab):
                     "works after the refusals" % (r.get("wrong", "?").split("auth reply ")[-1]))
 
     # ---- step 10
+    def step_lossy(self):
+        """lwIP's retransmissions (fast retransmit puts a segment back before
+        the tail of the unacknowledged queue, a timeout moves the queue to
+        unsent): LOSS_PCT % of D's UDP dropped both ways (nftables numgen),
+        then a LOSSY_BYTES echo D -L 9107 -> C -R 7 must come back intact."""
+        nft = ("add table inet tuloss\n"
+               "add chain inet tuloss in { type filter hook input priority 0; }\n"
+               "add chain inet tuloss out { type filter hook output priority 0; }\n"
+               "add rule inet tuloss in meta l4proto udp numgen random mod 100 < %d drop\n"
+               "add rule inet tuloss out meta l4proto udp numgen random mod 100 < %d drop\n"
+               % (LOSS_PCT, LOSS_PCT))
+        nsx("tu-d", ["nft", "-f", "-"], input=nft)
+        try:
+            rc, out, err = self.helper_run("tu-d", ["echo1", "127.0.0.1", "9107", str(LOSSY_BYTES)],
+                                           timeout=120)
+        finally:
+            nsx("tu-d", ["nft", "delete", "table", "inet", "tuloss"], check_rc=False)
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            r = {}
+        if not r.get("ok"):
+            self.dump_logs(["C", "D"], 20)
+        check(r.get("ok"), "echo of %d bytes over a %d %% lossy underlay: rc=%s %r %r"
+              % (LOSSY_BYTES, LOSS_PCT, rc, out[-300:], err[-300:]))
+        self.ok("D -L 9107 -> C -R 7 with %d %% of D's UDP dropped each way: %d bytes back intact (%.2f s)"
+                % (LOSS_PCT, LOSSY_BYTES, r["s"]))
+        self.check_alive(["C", "D"])
+
     def step_self_connect(self):
         a = self.nodes["A"]
         url = "http://%s:80/" % VNET % 1
