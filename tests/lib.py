@@ -966,9 +966,16 @@ def soft_check(cond, msg):
     return cond
 
 
-def soft_finish():
-    if SOFT_FAILS:
-        raise TestFailure("%d check(s) failed: %s" % (len(SOFT_FAILS), "; ".join(SOFT_FAILS)))
+def soft_finish(*nets):
+    """Fail the test if a soft check failed: list them, and mark the given
+    Nets failed (their logs are kept)."""
+    if not SOFT_FAILS:
+        return
+    for net in nets:
+        net.failed = True
+    for f in SOFT_FAILS:
+        print("  failed: " + f, flush=True)
+    raise TestFailure("%d check(s) failed: %s" % (len(SOFT_FAILS), "; ".join(SOFT_FAILS)))
 
 
 def wait_value(pred, timeout, every=0.1):

@@ -34,7 +34,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (Net, TestFailure, check, log, soft_check, SOFT_FAILS, run_cli, free_port, sha1_ip,  # noqa: E402
+from lib import (Net, TestFailure, check, log, soft_check, soft_finish, SOFT_FAILS, run_cli, free_port, sha1_ip,  # noqa: E402
                  wait_ring, short, main_wrapper, ipop_bin, RING)
 
 N = 12
@@ -573,11 +573,7 @@ def main():
         case_7(cnet, cn)
         cnet.check_alive()
         log("case 7 done at %.1fs" % (time.monotonic() - t0))
-        if failures:
-            net.failed = cnet.failed = True
-            for f in failures:
-                print("  failed: " + f, flush=True)
-            raise TestFailure("%d check(s) failed" % len(failures))
+        soft_finish(net, cnet)
     log("total %.1fs" % (time.monotonic() - t0))
 
 

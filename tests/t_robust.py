@@ -21,7 +21,7 @@ import time
 import shutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib import (Net, TestFailure, check, log, soft_check, SOFT_FAILS, run_cli, free_port, sha1_ip,  # noqa: E402
+from lib import (Net, TestFailure, check, log, soft_check, soft_finish, SOFT_FAILS, run_cli, free_port, sha1_ip,  # noqa: E402
                  wait_ring, ping_pairs, report_pings, main_wrapper, ipop_bin,
                  short)
 
@@ -442,11 +442,7 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     part_b(rng)
-    if failures:
-        log("%d check(s) failed:" % len(failures))
-        for f in failures:
-            print("  - " + f, flush=True)
-        raise TestFailure("%d robustness check(s) failed" % len(failures))
+    soft_finish()
 
 
 if __name__ == "__main__":
