@@ -6078,7 +6078,7 @@ static bool ring_link_usable(const struct link *l)
 
 static const char *const ring_role_names[] = { "leaf", "near", "far", "shortcut", "relay" };
 
-/* The role status shows first: near > shortcut > far > leaf. */
+/* The role status shows first: near > shortcut > far > relay > leaf. */
 static const char *ring_role_main(uint8_t roles)
 {
 	if (roles & ROLE_NEAR) return "near";
@@ -9279,8 +9279,8 @@ static void nat_watch_interfaces(struct node *n)
 /* ---- standby relays ----------------------------------------------------------
  * A node with relayed links keeps direct links to NAT_RELAY_LEGS public
  * nodes, with the relay role when the ring gives them none: its relay
- * and a warm spare.  When the relay dies, the relayed links move to the spare within
- * a round trip (relay roaming, section 06).  With one, they had nowhere to
+ * and a warm spare.  When the relay dies, the relayed links move to the
+ * spare within a round trip (relay roaming, section 06).  With one, they had nowhere to
  * go, and waited seconds for the ring to make them again (a site whose
  * ring neighbours are all behind NATs relays everything through its
  * bootstrap, and lost 5 s of traffic when the bootstrap died).  Public
@@ -9314,6 +9314,7 @@ static void nat_relay_note(struct node *n, const struct peer_info *pi)
 	s->relays[slot] = *pi;
 }
 
+/* Do we hold a relayed link? */
 static bool nat_relayed(struct node *n)
 {
 	struct link *l;
