@@ -999,6 +999,19 @@ class UserTest(Lab):
                     % (VNET % 2, el))
 
     # ---- step 5
+    def echo_d_to_c(self, nbytes, timeout, what):
+        """nbytes echoed from tu-d through D's -L 9107 to C's -R 7, with a
+        half-close; the seconds it took (C's and D's logs shown if not)."""
+        rc, out, err = self.helper_run("tu-d", ["echo1", "127.0.0.1", "9107", str(nbytes)], timeout=timeout)
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            r = {}
+        if not r.get("ok"):
+            self.dump_logs(["C", "D"], 20)
+        check(r.get("ok"), "%s: rc=%s %r %r" % (what, rc, out[-300:], err[-300:]))
+        return r["s"]
+
     def step_user_pair(self):
         dn = self.nodes["D"]
         t0 = time.monotonic()
@@ -1015,17 +1028,9 @@ class UserTest(Lab):
             time.sleep(0.3)
         self.ok("D -L 9180:%s:80 -> C -R 80:127.0.0.1:9000: curl in tu-d -> C's page "
                     "(%d tries, last %.3f s)" % (VNET % 3, tries, el))
-        rc, out, err = self.helper_run("tu-d", ["echo1", "127.0.0.1", "9107", "100000"], timeout=40)
-        try:
-            r = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            r = {}
-        if not r.get("ok"):
-            self.dump_logs(["C", "D"], 20)
-        check(r.get("ok"), "D -L 9107 -> C -R 7 echo of 100000 bytes with half-close: rc=%s %r %r"
-              % (rc, out[-300:], err[-300:]))
+        el = self.echo_d_to_c(100000, 40, "D -L 9107 -> C -R 7 echo of 100000 bytes with half-close")
         self.ok("D -L 9107:%s:7 -> C -R 7 echo: 100000 bytes back intact after SHUT_WR (%.3f s)"
-                    % (VNET % 3, r["s"]))
+                    % (VNET % 3, el))
         # 100 concurrent through D's SOCKS to C's -R echo port
         fd0 = n_fds(dn.pid)
         rc, out, err = self.helper_run("tu-d", ["conc", "127.0.0.1", "1080", VNET % 3, "7",
@@ -1295,20 +1300,12 @@ class UserTest(Lab):
                % (LOSS_PCT, LOSS_PCT))
         nsx("tu-d", ["nft", "-f", "-"], input=nft)
         try:
-            rc, out, err = self.helper_run("tu-d", ["echo1", "127.0.0.1", "9107", str(LOSSY_BYTES)],
-                                           timeout=120)
+            el = self.echo_d_to_c(LOSSY_BYTES, 120, "echo of %d bytes over a %d %% lossy underlay"
+                                  % (LOSSY_BYTES, LOSS_PCT))
         finally:
             nsx("tu-d", ["nft", "delete", "table", "inet", "tuloss"], check_rc=False)
-        try:
-            r = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            r = {}
-        if not r.get("ok"):
-            self.dump_logs(["C", "D"], 20)
-        check(r.get("ok"), "echo of %d bytes over a %d %% lossy underlay: rc=%s %r %r"
-              % (LOSSY_BYTES, LOSS_PCT, rc, out[-300:], err[-300:]))
         self.ok("D -L 9107 -> C -R 7 with %d %% of D's UDP dropped each way: %d bytes back intact (%.2f s)"
-                % (LOSS_PCT, LOSSY_BYTES, r["s"]))
+                % (LOSS_PCT, LOSSY_BYTES, el))
         self.check_alive(["C", "D"])
 
     def step_self_connect(self):
