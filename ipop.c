@@ -9280,10 +9280,11 @@ static void nat_watch_interfaces(struct node *n)
  * A node with relayed links keeps direct links to NAT_RELAY_LEGS public
  * nodes, with the relay role when the ring gives them none: its relay
  * and a warm spare.  When the relay dies, the relayed links move to the
- * spare within a round trip (relay roaming, section 06).  With one, they had nowhere to
- * go, and waited seconds for the ring to make them again (a site whose
- * ring neighbours are all behind NATs relays everything through its
- * bootstrap, and lost 5 s of traffic when the bootstrap died).  Public
+ * spare within a round trip (relay roaming, section 06).  With one, they
+ * had nowhere to go, and waited seconds for the ring to make them again
+ * (a site whose ring neighbours are all behind NATs relays everything
+ * through its bootstrap, and lost 5 s of traffic when the bootstrap
+ * died).  Public
  * nodes are remembered from connect-to-me answers and links, so a node
  * short of a spare dials one, a tick at a time.  Public: every endpoint
  * it advertises is a public address (a node behind a NAT also advertises
