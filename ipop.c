@@ -9284,9 +9284,9 @@ static void nat_watch_interfaces(struct node *n)
  * had nowhere to go, and waited seconds for the ring to make them again
  * (a site whose ring neighbours are all behind NATs relays everything
  * through its bootstrap, and lost 5 s of traffic when the bootstrap
- * died).  Public
- * nodes are remembered from connect-to-me answers and links, so a node
- * short of a spare dials one, a tick at a time.  Public: every endpoint
+ * died).  Public nodes are remembered from connect-to-me answers and
+ * links, so a node short of a spare dials one, a tick at a time.
+ * Public: every endpoint
  * it advertises is a public address (a node behind a NAT also advertises
  * its private listener); anyone can link it, so it can relay for anyone. */
 
