@@ -2000,6 +2000,7 @@ enum {
 	WIRE_HDR_BYTES = 2,
 	WIRE_ENDPOINT_BYTES = 7,
 	WIRE_ROUTED_FIXED_BYTES = WIRE_HDR_BYTES + 4 + 2 * RING_ADDR_BYTES + 1 + 2,
+	WIRE_ROUTED_ROOM_BYTES = WIRE_ROUTED_FIXED_BYTES + RING_ADDR_BYTES,    /* with a via */
 	WIRE_ROUTED_TTL_OFFSET = 4,
 	WIRE_ROUTED_HOPS_OFFSET = 5,
 };
@@ -2094,6 +2095,10 @@ struct wire_routed {
 	uint8_t inner;
 	uint16_t len;
 	const uint8_t *payload;
+	/* payload again when WIRE_ROUTED_ROOM_BYTES before it are ours to
+	 * write, else NULL: ring_forward then puts the header there instead of
+	 * copying the packet behind one (a copy per packet sent). */
+	uint8_t *writable;
 };
 
 struct wire_ctm_req {
@@ -2446,26 +2451,38 @@ static int wire_routed_decode(const uint8_t *p, size_t len, struct wire_routed *
 	r->inner = buf_u8(&b);
 	r->len = buf_u16(&b);
 	r->payload = buf_view(&b, r->len);
+	r->writable = NULL;             /* the caller's buffer: not ours to write */
 	if (r->mode < MODE_EXACT || r->mode >= MODE__END || (r->flags & ~ROUTED__FLAGS) ||
 	    r->inner < INNER_CTM_REQ || r->inner >= INNER__END)
 		b.bad = true;
 	return wire_finish(&b);
 }
 
+static size_t wire_routed_head_bytes(const struct wire_routed *r)
+{
+	return WIRE_ROUTED_FIXED_BYTES + (r->flags & ROUTED_HAS_VIA ? RING_ADDR_BYTES : 0);
+}
+
+/* The message's header alone, wire_routed_head_bytes long. */
+static inline void wire_routed_head_put(struct wbuf *w, const struct wire_routed *r)
+{
+	wire_header_put(w, WIRE_ROUTED);
+	wbuf_u8(w, r->mode);
+	wbuf_u8(w, r->flags);
+	wbuf_u8(w, r->ttl);
+	wbuf_u8(w, r->hops);
+	wbuf_bytes(w, r->src.b, RING_ADDR_BYTES);
+	wbuf_bytes(w, r->dst.b, RING_ADDR_BYTES);
+	if (r->flags & ROUTED_HAS_VIA)
+		wbuf_bytes(w, r->via.b, RING_ADDR_BYTES);
+	wbuf_u8(w, r->inner);
+	wbuf_u16(w, r->len);
+}
+
 static ssize_t wire_routed_encode(uint8_t *out, size_t cap, const struct wire_routed *r)
 {
 	struct wbuf w = wbuf_of(out, cap);
-	wire_header_put(&w, WIRE_ROUTED);
-	wbuf_u8(&w, r->mode);
-	wbuf_u8(&w, r->flags);
-	wbuf_u8(&w, r->ttl);
-	wbuf_u8(&w, r->hops);
-	wbuf_bytes(&w, r->src.b, RING_ADDR_BYTES);
-	wbuf_bytes(&w, r->dst.b, RING_ADDR_BYTES);
-	if (r->flags & ROUTED_HAS_VIA)
-		wbuf_bytes(&w, r->via.b, RING_ADDR_BYTES);
-	wbuf_u8(&w, r->inner);
-	wbuf_u16(&w, r->len);
+	wire_routed_head_put(&w, r);
 	wbuf_bytes(&w, r->payload, r->len);
 	return wbuf_done(&w);
 }
@@ -3057,6 +3074,7 @@ enum {
 	LINK_GSO_MAX_SEGS = 64,
 	LINK_GSO_REFUSALS_MAX = 3,      /* refusals before UDP_SEGMENT is given up */
 	LINK_RX_SLOT_BYTES = 65536,     /* a UDP_GRO datagram: up to 64 KiB of records */
+	LINK_RX_TURN_BYTES = 262144,    /* read per wake-up, at most about (link_rx_slots) */
 };
 
 /* UDP datagrams queued in one loop turn, sent together at its end (section
@@ -3088,6 +3106,7 @@ struct link_rx {
 		char buf[CMSG_SPACE(sizeof(int))];
 		struct cmsghdr align;
 	} ctl[LINK_BATCH];
+	size_t avg_bytes;               /* per datagram lately, a decaying maximum (link_rx_slots) */
 };
 
 /* Every upward call in one table: a lower section reports a fact, or asks a
@@ -3754,43 +3773,59 @@ static void link_tx_flush(struct node *n)
 	t->used = 0;
 }
 
-/* Queue one datagram; 0, or -errno. */
-static int link_udp_queue(struct node *n, int fd, const struct sockaddr_in *to, const uint8_t *pkt,
-			  size_t len)
+/* Room for a datagram of len bytes in the batch, taken: at the end of the
+ * last message's GSO train when it fits there, else as a new message.
+ * The caller writes the datagram there before anything else is queued.
+ * NULL: simulated (section 15b) or no memory for a batch. */
+static uint8_t *link_udp_slot(struct node *n, int fd, const struct sockaddr_in *to, size_t len)
 {
-	if (n->udp_send)        /* simulated (section 15b): no socket, no batch */
-		return n->udp_send(n, to, pkt, len);
+	if (n->udp_send)
+		return NULL;
 	if (!n->tx)
 		n->tx = calloc(1, sizeof *n->tx);
 	struct link_tx *t = n->tx;
-	if (!t || (!t->buf && !(t->buf = malloc(LINK_BATCH * WIRE_MAX_WIRE_BYTES)))) {
-		ssize_t w = sendto(fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
-		return w < 0 ? -errno : 0;
-	}
+	if (!t || (!t->buf && !(t->buf = malloc(LINK_BATCH * WIRE_MAX_WIRE_BYTES))))
+		return NULL;
+	uint8_t *at = t->buf + t->used;
 	if (t->n) {
 		unsigned i = t->n - 1;
 		if (!t->no_gso && !t->ended[i] && t->fd[i] == fd && len <= t->seg[i] &&
 		    t->seg[i] <= WIRE_MAX_RECORD_BYTES && t->iov[i].iov_len + len <= LINK_GSO_MAX_BYTES &&
 		    t->iov[i].iov_len < (size_t)t->seg[i] * LINK_GSO_MAX_SEGS &&
 		    t->used + len <= LINK_BATCH * WIRE_MAX_WIRE_BYTES && link_sockaddr_eq(&t->to[i], to)) {
-			memcpy(t->buf + t->used, pkt, len);
 			t->used += len;
 			t->iov[i].iov_len += len;
 			t->ended[i] = len < t->seg[i];
-			return 0;
+			return at;
 		}
 	}
-	if (t->n == LINK_BATCH || t->used + len > LINK_BATCH * WIRE_MAX_WIRE_BYTES)
+	if (t->n == LINK_BATCH || t->used + len > LINK_BATCH * WIRE_MAX_WIRE_BYTES) {
 		link_tx_flush(n);
+		at = t->buf + t->used;
+	}
 	unsigned i = t->n++;
-	memcpy(t->buf + t->used, pkt, len);
-	t->iov[i] = (struct iovec){ t->buf + t->used, len };
+	t->iov[i] = (struct iovec){ at, len };
 	t->used += len;
 	t->fd[i] = fd;
 	t->to[i] = *to;
 	t->seg[i] = (uint16_t)len;
 	t->ended[i] = false;
-	return 0;
+	return at;
+}
+
+/* Queue one datagram; 0, or -errno. */
+static int link_udp_queue(struct node *n, int fd, const struct sockaddr_in *to, const uint8_t *pkt,
+			  size_t len)
+{
+	if (n->udp_send)        /* simulated (section 15b): no socket, no batch */
+		return n->udp_send(n, to, pkt, len);
+	uint8_t *slot = link_udp_slot(n, fd, to, len);
+	if (slot) {
+		memcpy(slot, pkt, len);
+		return 0;
+	}
+	ssize_t w = sendto(fd, pkt, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
+	return w < 0 ? -errno : 0;
 }
 
 /* One datagram with a TTL of its own (a punch, section 09), past the batch:
@@ -3852,6 +3887,18 @@ static int link_relay_send(struct link *l, const uint8_t *pkt, size_t len)
 }
 
 /* Put bytes on the wire as they are; a failure is counted, never fatal. */
+/* Count a datagram sent, or its failure; returns rc. */
+static int link_sent(struct link *l, int rc, size_t len)
+{
+	if (rc == 0) {
+		l->tx_packets++;
+		l->tx_bytes += len;
+	} else {
+		link_drop(l, rc == -ENOBUFS ? DROP_TX_QUEUE_FULL : DROP_TX_ERROR);
+	}
+	return rc;
+}
+
 static int link_send_raw(struct link *l, const uint8_t *pkt, size_t len)
 {
 	int rc;
@@ -3864,13 +3911,16 @@ static int link_send_raw(struct link *l, const uint8_t *pkt, size_t len)
 	} else {
 		rc = link_tcp_enqueue(l, pkt, len);
 	}
-	if (rc == 0) {
-		l->tx_packets++;
-		l->tx_bytes += len;
-	} else {
-		link_drop(l, rc == -ENOBUFS ? DROP_TX_QUEUE_FULL : DROP_TX_ERROR);
-	}
-	return rc;
+	return link_sent(l, rc, len);
+}
+
+/* Where link_send builds a record of len bytes: straight in the UDP batch
+ * when the link has one (a copy per record saved), else in the caller's
+ * buffer, for link_send_raw. */
+static uint8_t *link_record_at(struct link *l, size_t len, uint8_t *own)
+{
+	uint8_t *slot = l->proto == PROTO_UDP ? link_udp_slot(l->node, l->fd, &l->remote, len) : NULL;
+	return slot ? slot : own;
 }
 
 /* Ratchet the send key: k' = HKDF-Expand(k, "rekey").  The old key is gone,
@@ -3901,15 +3951,17 @@ static int link_send(struct link *l, const uint8_t *msg, size_t len)
 	bool secure = link_secure(l);
 	if (secure)
 		link_rekey_tx(l);
+	size_t rec_len = WIRE_DATA_HDR_BYTES + len + (secure ? sec_tag_bytes(l->keys->cipher) : 0);
+	uint8_t *at = link_record_at(l, rec_len, rec);
 	struct wire_data d = { .receiver = l->peer_idx, .epoch = secure ? (uint8_t)l->keys->tx_epoch : 0,
 			       .counter = l->tx_counter++ };
-	wire_data_header_put(rec, &d);
+	wire_data_header_put(at, &d);
 	if (secure)
-		sec_seal(l->keys->cipher, l->keys->tx, l->keys->tx_epoch, d.counter, rec, WIRE_DATA_HDR_BYTES,
-			 msg, len, rec + WIRE_DATA_HDR_BYTES);
+		sec_seal(l->keys->cipher, l->keys->tx, l->keys->tx_epoch, d.counter, at, WIRE_DATA_HDR_BYTES,
+			 msg, len, at + WIRE_DATA_HDR_BYTES);
 	else
-		memcpy(rec + WIRE_DATA_HDR_BYTES, msg, len);
-	return link_send_raw(l, rec, WIRE_DATA_HDR_BYTES + len + (secure ? sec_tag_bytes(l->keys->cipher) : 0));
+		memcpy(at + WIRE_DATA_HDR_BYTES, msg, len);
+	return at == rec ? link_send_raw(l, rec, rec_len) : link_sent(l, 0, rec_len);
 }
 
 static int link_send_byte(struct link *l, uint8_t type, uint8_t v)
@@ -5503,8 +5555,21 @@ static void link_udp_errors(struct node *n, int fd)
 
 /* ---- UDP reads -------------------------------------------------------- */
 
-/* Up to LINK_BATCH datagrams per recvmmsg, a few calls per wake-up at most,
- * so one busy socket cannot starve the rest. */
+/* How many datagrams to ask the next recvmmsg for: LINK_BATCH, or fewer
+ * when the last ones were coalesced trains, so that a wake-up reads about
+ * LINK_RX_TURN_BYTES.  What a turn reads goes on (to lwIP and its socket,
+ * or the tap) only once the reading stops; 64 trains of 60 KB were up to
+ * the whole TCP window of a flow into a user-mode node, which the sender
+ * then waited for in full before the window reopened. */
+static unsigned link_rx_slots(const struct link_rx *x, size_t left)
+{
+	size_t k = x->avg_bytes ? left / x->avg_bytes : LINK_BATCH;
+	return k < 1 ? 1 : k > LINK_BATCH ? LINK_BATCH : (unsigned)k;
+}
+
+/* Up to LINK_BATCH datagrams per recvmmsg, a few calls per wake-up at most
+ * and about LINK_RX_TURN_BYTES, so one busy socket cannot starve the rest
+ * and its data moves on in steps. */
 static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t events)
 {
 	struct node *n = arg;
@@ -5519,8 +5584,10 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 	 * (or a coalesced train) has been written into them. */
 	if (!x || (!x->buf && !(x->buf = malloc(LINK_BATCH * SLOT))))
 		return;
+	size_t left = LINK_RX_TURN_BYTES;
 	for (int round = 0; round < 4; round++) {
-		for (unsigned i = 0; i < LINK_BATCH; i++) {
+		unsigned want = link_rx_slots(x, left);
+		for (unsigned i = 0; i < want; i++) {
 			x->iov[i] = (struct iovec){ x->buf + i * SLOT, SLOT };
 			x->msgs[i].msg_hdr = (struct msghdr){ .msg_name = &x->from[i],
 							      .msg_namelen = sizeof x->from[i],
@@ -5528,17 +5595,23 @@ static void link_udp_readable(struct ev_loop *loop, int fd, void *arg, uint32_t 
 							      .msg_control = x->ctl[i].buf,
 							      .msg_controllen = sizeof x->ctl[i].buf };
 		}
-		int r = recvmmsg(fd, x->msgs, LINK_BATCH, MSG_DONTWAIT, NULL);
+		int r = recvmmsg(fd, x->msgs, want, MSG_DONTWAIT, NULL);
 		if (r < 0 && link_udp_soft_error(errno)) {
 			link_udp_errors(n, fd);         /* reported once, then gone: read on */
 			continue;
 		}
 		if (r <= 0)
 			return;
-		for (int i = 0; i < r; i++)
+		size_t got = 0;
+		for (int i = 0; i < r; i++) {
+			got += x->msgs[i].msg_len;
 			link_udp_received(n, fd, &x->msgs[i].msg_hdr, x->iov[i].iov_base, x->msgs[i].msg_len);
-		if (r < LINK_BATCH)
+		}
+		size_t avg = got / (unsigned)r, decayed = x->avg_bytes - x->avg_bytes / 8;
+		x->avg_bytes = avg > decayed ? avg : decayed;   /* a keepalive amid trains: still trains */
+		if ((unsigned)r < want || got >= left)
 			return;
+		left -= got;
 	}
 }
 
@@ -6359,6 +6432,21 @@ static void ring_drop(struct node *n, enum drop_reason why, const ring_addr *src
 	log_drop(&n->drops, why, ev_now(&n->loop), who);
 }
 
+/* The message for f: its header written in front of the payload when the
+ * payload's buffer has room (f->writable), else header and payload encoded
+ * into buf (WIRE_MAX_PACKET_BYTES).  -1 if it would not fit in a record. */
+static ssize_t ring_encode(const struct wire_routed *f, uint8_t *buf, uint8_t **msg)
+{
+	size_t head = wire_routed_head_bytes(f);
+	*msg = buf;
+	if (!f->writable || head + f->len > WIRE_MAX_PACKET_BYTES)
+		return wire_routed_encode(buf, WIRE_MAX_PACKET_BYTES, f);
+	*msg = f->writable - head;
+	struct wbuf w = wbuf_of(*msg, head);
+	wire_routed_head_put(&w, f);
+	return wbuf_done(&w) < 0 ? -1 : (ssize_t)(head + f->len);
+}
+
 static void ring_forward(struct node *n, struct link *hop, const struct wire_routed *r)
 {
 	if (r->ttl == 0) {
@@ -6368,12 +6456,12 @@ static void ring_forward(struct node *n, struct link *hop, const struct wire_rou
 	struct wire_routed f = *r;
 	f.ttl--;
 	f.hops = (uint8_t)(f.hops < 255 ? f.hops + 1 : 255);
-	uint8_t pkt[WIRE_MAX_PACKET_BYTES];
-	ssize_t len = wire_routed_encode(pkt, sizeof pkt, &f);
+	uint8_t buf[WIRE_MAX_PACKET_BYTES], *msg;
+	ssize_t len = ring_encode(&f, buf, &msg);
 	if (len < 0)
 		return ring_drop(n, DROP_TOO_BIG, &r->src);
 	n->counters_routed++;
-	link_send(hop, pkt, (size_t)len);
+	link_send(hop, msg, (size_t)len);
 }
 
 static void ring_deliver(struct node *n, const struct wire_routed *r);
@@ -6439,6 +6527,18 @@ static void ring_send(struct node *n, uint8_t mode, const ring_addr *dst, const 
 		r.flags = ROUTED_HAS_VIA;
 		r.via = *via;
 	}
+	ring_route(n, &r);
+}
+
+/* An IP packet to the node at dst.  writable: pkt itself, if
+ * WIRE_ROUTED_ROOM_BYTES before it may take the header, else NULL. */
+static void ring_send_ip(struct node *n, const ring_addr *dst, const uint8_t *pkt, size_t len,
+			 uint8_t *writable)
+{
+	struct wire_routed r = {
+		.mode = MODE_EXACT, .ttl = RING_MAX_HOPS, .src = n->self.addr, .dst = *dst,
+		.inner = INNER_IP, .len = (uint16_t)len, .payload = pkt, .writable = writable,
+	};
 	ring_route(n, &r);
 }
 
@@ -9750,23 +9850,53 @@ static bool ip_parse(const uint8_t *p, size_t len, struct ip_head *h)
 	       h->total_len >= h->ihl_bytes && h->total_len == len;
 }
 
-/* RFC 1071 ones' complement sum. */
-/* RFC 1071 sum of len bytes added to sum, eight bytes per step.  The one's
- * complement sum does not depend on byte order (RFC 1071 2.B), so words are
- * loaded in host order and the folded result is stored the same way:
- * ip_sum_fold's value, written with memcpy, is the checksum field. */
+/* RFC 1071 sum of len bytes added to sum.  The one's complement sum does
+ * not depend on byte order (RFC 1071 2.B), so words are loaded in host
+ * order and the folded result is stored the same way: ip_sum_fold's value,
+ * written with memcpy, is the checksum field.  The body goes 32 bytes a
+ * step in four-lane vectors (SSE2 on x86-64, NEON on arm64, plain words
+ * elsewhere): each 32-bit lane adds its halves into two accumulators,
+ * so no carry is lost and no step waits for the last one's; a lane gains
+ * under 2^17 a step and is emptied every IP_SUM_BLOCK_BYTES, long before
+ * 2^32.  It is three times the 8-bytes-a-step loop's speed: every TCP
+ * segment lwIP sends is summed here (lw_tcp_checksum_put). */
+typedef uint32_t ip_sum_lanes __attribute__((vector_size(16)));
+
+enum { IP_SUM_BLOCK_BYTES = 65536 };
+
+static uint64_t ip_sum_block(const uint8_t *p, size_t len)
+{
+	ip_sum_lanes lo = { 0, 0, 0, 0 }, hi = { 0, 0, 0, 0 };
+	for (size_t i = 0; i + 32 <= len; i += 32) {
+		ip_sum_lanes a, b;
+		memcpy(&a, p + i, 16);
+		memcpy(&b, p + i + 16, 16);
+		lo += (a & 0xffff) + (b & 0xffff);
+		hi += (a >> 16) + (b >> 16);
+	}
+	uint64_t s = 0;
+	for (int k = 0; k < 4; k++)
+		s += lo[k] + ((uint64_t)hi[k] << 16);
+	return s;
+}
+
 static uint64_t ip_sum_add(uint64_t sum, const uint8_t *p, size_t len)
 {
-	for (; len >= 8; p += 8, len -= 8) {
-		uint64_t w;
-		memcpy(&w, p, 8);
-		sum += w;
-		sum += sum < w;         /* the end-around carry */
+	uint64_t s = 0;
+	for (size_t block; len >= 32; p += block, len -= block) {
+		block = (len < IP_SUM_BLOCK_BYTES ? len : IP_SUM_BLOCK_BYTES) & ~(size_t)31;
+		s += ip_sum_block(p, block);
 	}
-	uint64_t t = 0;
+	for (; len >= 4; p += 4, len -= 4) {
+		uint32_t w;
+		memcpy(&w, p, 4);
+		s += w;
+	}
+	uint32_t t = 0;
 	memcpy(&t, p, len);             /* the tail, zero-padded as RFC 1071 pads */
-	sum += t;
-	return sum + (sum < t);
+	s += t;
+	sum += s;
+	return sum + (sum < s);         /* the end-around carry */
 }
 
 static uint16_t ip_sum_fold(uint64_t sum)
@@ -9879,12 +10009,13 @@ static void ip_queue(struct node *n, struct ip_map *m, bool inbound, const ring_
 
 static void ip_resolve(struct node *n, struct ip_map *m);
 
-static void ip_send(struct node *n, const ring_addr *to, const uint8_t *pkt, size_t len)
+/* writable: as ring_send_ip's. */
+static void ip_send(struct node *n, const ring_addr *to, const uint8_t *pkt, size_t len, uint8_t *writable)
 {
 	n->ip.tx_packets++;
 	n->ip.tx_bytes += len;
 	ring_sc_count(n, to);           /* a busy peer gets a shortcut (section 07) */
-	ring_send(n, MODE_EXACT, to, NULL, INNER_IP, pkt, len);
+	ring_send_ip(n, to, pkt, len, writable);
 }
 
 static void ip_to_local(struct node *n, const uint8_t *pkt, size_t len)
@@ -10142,7 +10273,9 @@ static void dns_gateway_packet(struct node *n, const uint8_t *pkt, size_t len, c
 /* ---- ip_: packets both ways, lookups, publishing, routes ------------------ */
 
 /* A packet from the local stack: ours to send, or dropped and counted. */
-static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
+/* A packet from the local stack.  writable: pkt itself when the caller
+ * left WIRE_ROUTED_ROOM_BYTES free before it (ring_send_ip), else NULL. */
+static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len, uint8_t *writable)
 {
 	struct ip_head h;
 	if (!ip_parse(pkt, len, &h))
@@ -10163,7 +10296,7 @@ static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 		if (m->expires_ms <= now && !m->refreshing)
 			ip_resolve(n, m);
 		if ((m = ip_map_find(n, h.dst)))
-			ip_send(n, &m->addr, pkt, len);
+			ip_send(n, &m->addr, pkt, len, writable);
 		return;
 	}
 	if (!m) {
@@ -10171,7 +10304,7 @@ static void ip_from_local(struct node *n, const uint8_t *pkt, size_t len)
 		ip_resolve(n, m);
 		m = ip_map_find(n, h.dst);      /* a synchronous answer may have moved it */
 		if (m && m->resolved)
-			return ip_send(n, &m->addr, pkt, len);
+			return ip_send(n, &m->addr, pkt, len, writable);
 	}
 	if (m)
 		ip_queue(n, m, false, NULL, pkt, len);
@@ -10382,7 +10515,7 @@ static void ip_resolved(struct node *n, void *arg, const struct wire_dht *reply)
 	m->n_queued = 0;
 	for (unsigned i = 0; i < nq; i++) {
 		if (!q[i]->inbound)
-			ip_send(n, &to, q[i]->data, q[i]->len);
+			ip_send(n, &to, q[i]->data, q[i]->len, NULL);
 		else if ((m = ip_map_find(n, ip)))
 			ip_check_mapped(n, m, &q[i]->from, q[i]->data, q[i]->len);
 		free(q[i]);
@@ -10979,7 +11112,7 @@ static void tap_frame(struct node *n, const uint8_t *f, size_t len)
 	if (type == TAP_ETH_P_ARP)
 		tap_on_arp(n, f, len);
 	else if (type == TAP_ETH_P_IP)
-		ip_from_local(n, f + TAP_ETH_HDR_BYTES, len - TAP_ETH_HDR_BYTES);
+		ip_from_local(n, f + TAP_ETH_HDR_BYTES, len - TAP_ETH_HDR_BYTES, NULL);
 	else
 		log_drop(&n->drops, DROP_NOT_IPV4, ev_now(&n->loop), n->tap.name);
 }
@@ -11390,6 +11523,7 @@ enum {
 	LW_CONNECT_TIMEOUT_MS = 10000,  /* SOCKS/-L connect attempts give up after this */
 	LW_RELAYS_MAX = 1024,           /* concurrent relayed connections; more are refused */
 	LW_READ_CHUNK_BYTES = 65535,    /* tcp_write takes a u16 length */
+	LW_UNSENT_MAX_BYTES = 4 * LW_READ_CHUNK_BYTES,     /* lw_relay_room */
 	/* A relay's bytes for lwIP wait in its ring until acknowledged; lwIP
 	 * holds no more than its send buffer, so that is the ring's size. */
 	LW_SEND_RING_BYTES = TCP_SND_BUF,
@@ -11422,15 +11556,18 @@ struct lw_pkt {
  * object of its group, and musl unmapped the group: some 700 munmaps a
  * second during a download, each with a TLB shootdown (a fifth of the
  * user-mode node's CPU on this VM).  Freed blocks of three common sizes
- * wait here for the next packet instead, LW_HEAP_KEEP per size at most:
- * an upload keeps some 800 segments in flight, and with 128 the churn
- * past the cache still cost a tenth of the node's CPU.  An idle node
- * trims the cache to LW_HEAP_KEEP_IDLE (lw_idle_trim).
+ * wait here for the next packet instead, lw_heap_keep of a size at most:
+ * an upload keeps some 800 segments in flight, each three small blocks
+ * (the segment, its header pbuf and the pbuf pointing into the relay's
+ * ring), and with 1024 small ones kept the churn past the cache still
+ * cost 4 % of the machine in an iperf3 through -L.  An idle node trims
+ * the cache to LW_HEAP_KEEP_IDLE (lw_idle_trim).
  * lwIP runs in one thread and its calls carry no node: one static cache. */
 
-enum { LW_HEAP_CLASSES = 3, LW_HEAP_KEEP = 1024, LW_HEAP_KEEP_IDLE = 64 };
+enum { LW_HEAP_CLASSES = 3, LW_HEAP_KEEP_IDLE = 64 };
 
 static const uint16_t lw_heap_sizes[LW_HEAP_CLASSES] = { 256, 768, 1792 };
+static const uint16_t lw_heap_keep[LW_HEAP_CLASSES] = { 4096, 1024, 1024 };     /* 1 MiB of small ones */
 
 struct lw_heap_hdr {                    /* 16 bytes: keeps malloc's alignment */
 	struct lw_heap_hdr *next;       /* while cached */
@@ -11465,7 +11602,7 @@ void ipop_lwip_free(void *p)
 		return;
 	struct lw_heap_hdr *h = (struct lw_heap_hdr *)p - 1;
 	unsigned c = h->cls;
-	if (c < LW_HEAP_CLASSES && lw_heap.n_free[c] < LW_HEAP_KEEP) {
+	if (c < LW_HEAP_CLASSES && lw_heap.n_free[c] < lw_heap_keep[c]) {
 		h->next = lw_heap.free[c];
 		lw_heap.free[c] = h;
 		lw_heap.n_free[c]++;
@@ -11588,7 +11725,7 @@ static void lw_acks_flush(struct node *n)
 	memcpy(acks, n->lw.acks, k * LW_ACK_BYTES);
 	n->lw.n_acks = 0;
 	for (unsigned i = 0; i < k; i++)
-		ip_from_local(n, acks[i], LW_ACK_BYTES);
+		ip_from_local(n, acks[i], LW_ACK_BYTES, NULL);
 }
 
 /* Keep a pure ACK back; false if it must go now. */
@@ -11609,19 +11746,21 @@ static bool lw_ack_hold(struct node *n, const uint8_t *pkt)
 	return true;
 }
 
+/* A packet lwIP sends: copied once, behind room for the routed header
+ * (ip_from_local's writable). */
 static err_t lw_netif_output(struct netif *netif, struct pbuf *p, const ip4_addr_t *ipaddr)
 {
 	struct node *n = netif->state;
-	uint8_t pkt[WIRE_MAX_PACKET_BYTES];
+	uint8_t buf[WIRE_ROUTED_ROOM_BYTES + WIRE_MAX_PACKET_BYTES], *pkt = buf + WIRE_ROUTED_ROOM_BYTES;
 	(void)ipaddr;
-	if (p->tot_len > sizeof pkt)
+	if (p->tot_len > WIRE_MAX_PACKET_BYTES)
 		return ERR_BUF;
 	pbuf_copy_partial(p, pkt, p->tot_len, 0);
 	lw_tcp_checksum_put(pkt, p->tot_len);
 	if (n->lw.in_batch && lw_ack_is_pure(pkt, p->tot_len) && lw_ack_hold(n, pkt))
 		return ERR_OK;
 	lw_acks_flush(n);
-	ip_from_local(n, pkt, p->tot_len);
+	ip_from_local(n, pkt, p->tot_len, pkt);
 	return ERR_OK;
 }
 
@@ -11921,6 +12060,21 @@ static err_t lw_ring_write(struct lw_relay *r, size_t at, size_t len)
 	return e;
 }
 
+/* How many bytes lwIP and the ring can take now.  lwIP could take its
+ * whole send buffer, but tcp_write walks the queue of bytes written and
+ * not yet sent on every call (lwIP's own todo): with 1 MiB waiting there,
+ * that walk was 3 % of a transfer's CPU.  A relay keeps at most
+ * LW_UNSENT_MAX_BYTES unsent, well over what the window lets out between
+ * two acknowledgements, which refill it (lw_relay_sent). */
+static size_t lw_relay_room(const struct lw_relay *r)
+{
+	u32_t unsent = r->pcb->snd_lbb - r->pcb->snd_nxt;
+	size_t snd = tcp_sndbuf(r->pcb), ring = LW_SEND_RING_BYTES - r->ring_len;
+	size_t fresh = unsent < LW_UNSENT_MAX_BYTES ? LW_UNSENT_MAX_BYTES - unsent : 0;
+	size_t room = snd < ring ? snd : ring;
+	return room < fresh ? room : fresh;
+}
+
 /* Read from the socket only as much as lwIP can take now. */
 static void lw_relay_pump(struct lw_relay *r)
 {
@@ -11928,8 +12082,8 @@ static void lw_relay_pump(struct lw_relay *r)
 		r->fd_eof = true;       /* no memory: give up this stream */
 	while (r->pcb && !r->fd_eof) {
 		size_t at, room = lw_ring_space(r, &at);
-		size_t snd = tcp_sndbuf(r->pcb);
-		room = room < snd ? room : snd;
+		size_t take = lw_relay_room(r);
+		room = room < take ? room : take;
 		room = room < LW_READ_CHUNK_BYTES ? room : LW_READ_CHUNK_BYTES;
 		if (room == 0) {
 			r->reading = false;    /* resumed by lw_relay_sent */
@@ -12027,13 +12181,6 @@ static void lw_flush_dirty(struct node *n)
 		if (lw_relay_done(r))
 			lw_relay_free(r);
 	}
-}
-
-/* How many bytes lwIP and the ring can take now. */
-static size_t lw_relay_room(const struct lw_relay *r)
-{
-	size_t snd = tcp_sndbuf(r->pcb), ring = LW_SEND_RING_BYTES - r->ring_len;
-	return snd < ring ? snd : ring;
 }
 
 /* lwIP got len more bytes acknowledged: their ring space is free.  A full

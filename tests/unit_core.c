@@ -59,27 +59,49 @@ static void test_sha1(void)
 	CHECK(ctl_parse_target("cc3cb7928471fdac73442a52cf6370d4f1fe4f", &a) < 0);
 }
 
-/* The 8-bytes-a-step sum (lw_tcp_checksum_put) against the plain one, at
- * every length and alignment up to 100 bytes. */
-static void test_ip_sum(void)
+/* RFC 1071 done the plain way, 16 bits a step: what ip_sum_add's lanes
+ * must agree with. */
+static uint16_t sum_plain(const uint8_t *p, size_t len)
 {
-	uint8_t buf[112];
-	for (size_t i = 0; i < sizeof buf; i++)
-		buf[i] = (uint8_t)(i * 37 + 11 + (i >> 3) * 200);
-	for (size_t off = 0; off < 8; off++)
-		for (size_t len = 0; len <= 100; len++) {
-			uint16_t want = ip_checksum(buf + off, len), got = ip_sum_fold(ip_sum_add(0, buf + off, len));
-			uint8_t g[2];
-			memcpy(g, &got, 2);
-			CHECK(g[0] == (uint8_t)(want >> 8) && g[1] == (uint8_t)want);
-		}
-	uint8_t ones[127];
-	memset(ones, 0xff, sizeof ones);        /* every carry path at once */
-	uint16_t got = ip_sum_fold(ip_sum_add(ip_sum_add(0, ones, 64), ones + 64, 63));   /* even split */
-	uint16_t want = ip_checksum(ones, sizeof ones);
+	uint64_t s = 0;
+	for (size_t i = 0; i + 1 < len; i += 2)
+		s += (uint32_t)(p[i] << 8 | p[i + 1]);
+	if (len & 1)
+		s += (uint32_t)p[len - 1] << 8;
+	while (s >> 16)
+		s = (s & 0xffff) + (s >> 16);
+	return (uint16_t)~s;
+}
+
+static bool sum_agrees(const uint8_t *p, size_t len, uint16_t got)
+{
+	uint16_t want = sum_plain(p, len);
 	uint8_t g[2];
 	memcpy(g, &got, 2);
-	CHECK(g[0] == (uint8_t)(want >> 8) && g[1] == (uint8_t)want);
+	return g[0] == (uint8_t)(want >> 8) && g[1] == (uint8_t)want;
+}
+
+/* The vector sum (lw_tcp_checksum_put) against the plain one: every length
+ * and alignment up to 300 bytes, sums chained at even splits, and all-ones
+ * buffers past a lane block (IP_SUM_BLOCK_BYTES) where every carry counts. */
+static void test_ip_sum(void)
+{
+	static uint8_t buf[3 * IP_SUM_BLOCK_BYTES];
+	for (size_t i = 0; i < 320; i++)
+		buf[i] = (uint8_t)(i * 37 + 11 + (i >> 3) * 200);
+	for (size_t off = 0; off < 8; off++)
+		for (size_t len = 0; len <= 300; len++)
+			CHECK(sum_agrees(buf + off, len, ip_sum_fold(ip_sum_add(0, buf + off, len))));
+	for (size_t cut = 0; cut <= 300; cut += 2)
+		CHECK(sum_agrees(buf, 301, ip_sum_fold(ip_sum_add(ip_sum_add(0, buf, cut), buf + cut, 301 - cut))));
+	CHECK(ntohs(ip_sum_fold(ip_sum_add(0, buf + 3, 201))) == ip_checksum(buf + 3, 201));
+	memset(buf, 0xff, sizeof buf);
+	size_t lens[] = { 31, 32, 63, 1500, IP_SUM_BLOCK_BYTES - 1, IP_SUM_BLOCK_BYTES + 33, sizeof buf - 1 };
+	for (size_t i = 0; i < ARRAY_LEN(lens); i++)
+		CHECK(sum_agrees(buf, lens[i], ip_sum_fold(ip_sum_add(0, buf, lens[i]))));
+	for (size_t i = 0; i < sizeof buf; i++)
+		buf[i] = (uint8_t)(0xf0 | i);  /* near-ones with every lane different */
+	CHECK(sum_agrees(buf + 1, sizeof buf - 1, ip_sum_fold(ip_sum_add(0, buf + 1, sizeof buf - 1))));
 }
 
 static void test_ring_arith(void)
