@@ -11524,6 +11524,7 @@ enum {
 	LW_RELAYS_MAX = 1024,           /* concurrent relayed connections; more are refused */
 	LW_READ_CHUNK_BYTES = 65535,    /* tcp_write takes a u16 length */
 	LW_UNSENT_MAX_BYTES = 4 * LW_READ_CHUNK_BYTES,     /* lw_relay_room */
+	LW_FLUSH_IOVS = 256,            /* pbufs per sendmsg to a relay's socket */
 	/* A relay's bytes for lwIP wait in its ring until acknowledged; lwIP
 	 * holds no more than its send buffer, so that is the ring's size. */
 	LW_SEND_RING_BYTES = TCP_SND_BUF,
@@ -11930,12 +11931,21 @@ static void lw_start(struct node *n)
 
 /* ---- relays: a local socket <-> an lwIP TCP connection ------------------ */
 
+/* What lwIP gave a relay and its socket has not taken yet: lwIP's pbufs
+ * themselves, written out with sendmsg.  Copied into one buffer first,
+ * they cost a copy of every byte a user-mode node receives. */
+struct lw_held {
+	struct pbuf **q;                /* a ring of pbuf chains, the oldest at first */
+	unsigned first, n, cap;
+	size_t off;                     /* bytes of the oldest already written */
+};
+
 struct lw_relay {
 	struct node *n;
 	int fd;
 	struct tcp_pcb *pcb;
-	uint8_t *out;                   /* from lwIP, not yet written to fd */
-	size_t out_len, out_cap;
+	struct lw_held held;            /* from lwIP, not yet written to fd */
+	size_t out_len;                 /* bytes in held */
 	uint8_t *ring;                  /* from fd, LW_SEND_RING_BYTES: lwIP's segments point here */
 	size_t ring_head, ring_len;     /* oldest byte lwIP has not seen acknowledged; bytes held */
 	bool fd_eof, pcb_eof, reading;
@@ -11948,6 +11958,66 @@ struct lw_relay {
 	struct lw_relay *dirty_next;    /* on n->lw.dirty */
 	bool dirty;
 };
+
+static bool lw_held_push(struct lw_held *h, struct pbuf *p)
+{
+	if (h->n == h->cap) {
+		unsigned cap = h->cap ? 2 * h->cap : 64;
+		struct pbuf **q = malloc(cap * sizeof *q);
+		if (!q)
+			return false;
+		for (unsigned i = 0; i < h->n; i++)
+			q[i] = h->q[(h->first + i) % h->cap];
+		free(h->q);
+		*h = (struct lw_held){ .q = q, .n = h->n, .cap = cap, .off = h->off };
+	}
+	h->q[(h->first + h->n++) % h->cap] = p;
+	return true;
+}
+
+/* Up to max iovecs over the held bytes, oldest first. */
+static int lw_held_iov(const struct lw_held *h, struct iovec *iov, int max)
+{
+	int k = 0;
+	size_t skip = h->off;
+	for (unsigned i = 0; i < h->n && k < max; i++)
+		for (struct pbuf *q = h->q[(h->first + i) % h->cap]; q && k < max; q = q->next) {
+			if (skip >= q->len) {
+				skip -= q->len;
+				continue;
+			}
+			iov[k++] = (struct iovec){ (uint8_t *)q->payload + skip, q->len - skip };
+			skip = 0;
+		}
+	return k;
+}
+
+/* w bytes were written: free the chains they finish. */
+static void lw_held_consume(struct lw_held *h, size_t w)
+{
+	while (w && h->n) {
+		struct pbuf *p = h->q[h->first];
+		size_t left = p->tot_len - h->off;
+		if (w < left) {
+			h->off += w;
+			return;
+		}
+		w -= left;
+		pbuf_free(p);
+		h->first = (h->first + 1) % h->cap;
+		h->n--;
+		h->off = 0;
+	}
+}
+
+/* Nothing held reaches the local end any more. */
+static void lw_relay_drop_out(struct lw_relay *r)
+{
+	lw_held_consume(&r->held, SIZE_MAX);
+	free(r->held.q);
+	r->held = (struct lw_held){ 0 };
+	r->out_len = 0;
+}
 
 /* Free a relay; ERR_ABRT if its pcb had to be aborted (a callback that
  * freed it must then return ERR_ABRT to lwIP). */
@@ -11978,7 +12048,7 @@ static err_t lw_relay_free(struct lw_relay *r)
 		close(r->fd);
 	}
 	ev_timer_cancel(&n->loop, &r->timer);
-	free(r->out);
+	lw_relay_drop_out(r);
 	free(r->ring);
 	free(r->early);
 	free(r);
@@ -12009,24 +12079,26 @@ static void lw_relay_flush(struct lw_relay *r)
 	size_t done = 0;
 	if (r->fd_connecting)
 		return;                 /* kept until the socket is connected */
-	while (done < r->out_len) {
-		ssize_t w = send(r->fd, r->out + done, r->out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+	while (r->out_len) {
+		struct iovec iov[LW_FLUSH_IOVS];
+		struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)lw_held_iov(&r->held, iov, LW_FLUSH_IOVS) };
+		ssize_t w = sendmsg(r->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
 			/* The local end is gone (EPIPE, ECONNRESET): nothing it was
 			 * sent will be read.  Kept, the bytes made EPOLLOUT fire
 			 * forever, a busy loop, and lwIP's side never closed. */
-			r->out_len = 0;
+			lw_relay_drop_out(r);
 			r->fd_eof = r->pcb_eof = true;
 			return;         /* lw_relay_done: the caller frees it */
 		}
 		if (w <= 0)
 			break;
+		lw_held_consume(&r->held, (size_t)w);
+		r->out_len -= (size_t)w;
 		done += (size_t)w;
 	}
-	memmove(r->out, r->out + done, r->out_len - done);
-	r->out_len -= done;
 	for (size_t left = done; left && r->pcb;) {
 		u16_t chunk = left > 0xffff ? 0xffff : (u16_t)left;
 		tcp_recved(r->pcb, chunk);
@@ -12115,7 +12187,7 @@ static void lw_relay_event(struct ev_loop *loop, int fd, void *arg, uint32_t eve
 	(void)loop;
 	(void)fd;
 	if ((events & (EPOLLHUP | EPOLLERR)) && r->fd_eof && !r->fd_connecting) {
-		r->out_len = 0;         /* shut both ways: nothing more reaches the local end */
+		lw_relay_drop_out(r);   /* shut both ways: nothing more reaches the local end */
 		r->pcb_eof = true;
 	}
 	if (events & EPOLLOUT)
@@ -12146,21 +12218,9 @@ static err_t lw_relay_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t
 		pbuf_free(p);
 		return ERR_OK;
 	}
-	if (r->out_len + p->tot_len > r->out_cap) {
-		size_t cap = r->out_cap ? r->out_cap : 16384;
-		while (cap < r->out_len + p->tot_len)
-			cap *= 2;
-		uint8_t *o = realloc(r->out, cap);
-		if (!o) {
-			pbuf_free(p);
-			return ERR_MEM;
-		}
-		r->out = o;
-		r->out_cap = cap;
-	}
-	pbuf_copy_partial(p, r->out + r->out_len, p->tot_len, 0);
+	if (!lw_held_push(&r->held, p))
+		return ERR_MEM;         /* lwIP keeps p and offers it again */
 	r->out_len += p->tot_len;
-	pbuf_free(p);
 	if (!r->dirty) {                /* written at the end of the turn, all at once */
 		r->dirty = true;
 		r->dirty_next = r->n->lw.dirty;
@@ -12215,7 +12275,6 @@ static void lw_relay_err(void *arg, err_t err)
 		return;
 	}
 	r->pcb_eof = r->fd_eof = true;
-	r->out_len = 0;
 	lw_relay_free(r);
 }
 
