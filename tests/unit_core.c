@@ -1064,6 +1064,106 @@ static void test_lw_heap_trim(void)
 	CHECK(lw_heap.n_free[0] == LW_HEAP_KEEP_IDLE);
 }
 
+/* The small class keeps what an upload's segments in flight hold: three
+ * blocks each, some 800 segments.  Kept only 1024, the rest went back to
+ * musl and came back from it on every ACK. */
+static void test_lw_heap_keep(void)
+{
+	enum { N = 3000 };
+	static void *p[N];
+	lw_heap_trim(0);
+	for (int i = 0; i < N; i++)
+		CHECK((p[i] = ipop_lwip_malloc(60)) != NULL);
+	for (int i = 0; i < N; i++)
+		ipop_lwip_free(p[i]);
+	CHECK(lw_heap.n_free[0] == N);
+	lw_heap_trim(LW_HEAP_KEEP_IDLE);
+}
+
+/* A relay's held pbufs as iovecs: chains of two, partial writes inside a
+ * pbuf and across chains, the ring growing past its first 64 while
+ * wrapped, and the count of bytes matching what went in. */
+static void test_lw_held(void)
+{
+	struct lw_held h = { 0 };
+	uint8_t want[200 * 30], got[sizeof want];
+	size_t in = 0, out = 0;
+	for (int i = 0; i < 200; i++) {
+		u16_t a = (u16_t)(1 + i % 13), b = (u16_t)(i % 3 ? 17 : 0);
+		struct pbuf *p = pbuf_alloc(PBUF_RAW, a, PBUF_RAM);
+		CHECK(p != NULL);
+		for (u16_t k = 0; k < a; k++, in++)
+			want[in] = ((uint8_t *)p->payload)[k] = (uint8_t)(in * 7);
+		if (b) {
+			struct pbuf *q = pbuf_alloc(PBUF_RAW, b, PBUF_RAM);
+			for (u16_t k = 0; k < b; k++, in++)
+				want[in] = ((uint8_t *)q->payload)[k] = (uint8_t)(in * 7);
+			pbuf_cat(p, q);
+		}
+		CHECK(lw_held_push(&h, p));
+		if (i == 39 || i == 59) {      /* drain some, in odd-sized writes */
+			for (size_t w = 5; out + w <= in - 50; w = w * 3 % 97 + 1) {
+				struct iovec iov[4];
+				int k = lw_held_iov(&h, iov, 4);
+				size_t take = 0;
+				for (int j = 0; j < k && take < w; j++) {
+					size_t c = iov[j].iov_len < w - take ? iov[j].iov_len : w - take;
+					memcpy(got + out + take, iov[j].iov_base, c);
+					take += c;
+				}
+				lw_held_consume(&h, take);
+				out += take;
+			}
+		}
+	}
+	CHECK(h.cap >= 128);
+	struct iovec iov[LW_FLUSH_IOVS];
+	int k = lw_held_iov(&h, iov, LW_FLUSH_IOVS);
+	for (int j = 0; j < k; j++) {
+		memcpy(got + out, iov[j].iov_base, iov[j].iov_len);
+		out += iov[j].iov_len;
+	}
+	CHECK(out == in && memcmp(got, want, in) == 0);
+	lw_held_consume(&h, SIZE_MAX);
+	CHECK(h.n == 0 && h.off == 0);
+	free(h.q);
+}
+
+/* A routed message written in front of its payload (lwIP's packets) is
+ * the one encoded behind a header, with and without a via. */
+static void test_routed_in_place(void)
+{
+	uint8_t room[WIRE_ROUTED_ROOM_BYTES + 100], *pkt = room + WIRE_ROUTED_ROOM_BYTES;
+	for (int i = 0; i < 100; i++)
+		pkt[i] = (uint8_t)(i * 5 + 1);
+	for (int via = 0; via < 2; via++) {
+		struct wire_routed r = { .mode = MODE_EXACT, .flags = via ? ROUTED_HAS_VIA : 0, .ttl = 7,
+					 .hops = 2, .src = addr_top(1), .dst = addr_top(2), .via = addr_top(3),
+					 .inner = INNER_IP, .len = 100, .payload = pkt };
+		uint8_t copy[WIRE_MAX_PACKET_BYTES], buf[WIRE_MAX_PACKET_BYTES], *msg;
+		ssize_t want = wire_routed_encode(copy, sizeof copy, &r);
+		CHECK(ring_encode(&r, buf, &msg) == want && msg == buf);
+		r.writable = pkt;
+		CHECK(ring_encode(&r, buf, &msg) == want && msg == pkt - (want - 100));
+		CHECK(want > 0 && memcmp(msg, copy, (size_t)want) == 0);
+		struct wire_routed d;
+		CHECK(wire_routed_decode(msg, (size_t)want, &d) == 0 && d.writable == NULL && d.len == 100);
+	}
+}
+
+/* How many datagrams a wake-up asks for: all slots for single records,
+ * about LINK_RX_TURN_BYTES of coalesced trains, never none. */
+static void test_rx_slots(void)
+{
+	struct link_rx x = { 0 };
+	CHECK(link_rx_slots(&x, LINK_RX_TURN_BYTES) == LINK_BATCH);
+	x.avg_bytes = 1400;
+	CHECK(link_rx_slots(&x, LINK_RX_TURN_BYTES) == LINK_BATCH);
+	x.avg_bytes = 60000;
+	CHECK(link_rx_slots(&x, LINK_RX_TURN_BYTES) == LINK_RX_TURN_BYTES / 60000);
+	CHECK(link_rx_slots(&x, 100) == 1);
+}
+
 /* A pure ACK: IPv4 without options, TCP without options or data, flags
  * ACK alone, the given ports and ack number. */
 static void ack_make(uint8_t *pkt, uint16_t sport, uint32_t ack, uint8_t flags)
@@ -2175,6 +2275,10 @@ int main(void)
 	test_csum();
 	test_lw_heap();
 	test_lw_heap_trim();
+	test_lw_heap_keep();
+	test_lw_held();
+	test_routed_in_place();
+	test_rx_slots();
 	test_lw_ack_thinning();
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
 	CHECK(mkdtemp(unit_dir) != NULL);
