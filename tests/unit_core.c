@@ -81,7 +81,7 @@ static bool sum_agrees(const uint8_t *p, size_t len, uint16_t got)
 	return g[0] == (uint8_t)(want >> 8) && g[1] == (uint8_t)want;
 }
 
-/* The vector sum (lw_tcp_checksum_put) against the plain one: every length
+/* The vector sum (lw_checksums_put) against the plain one: every length
  * and alignment up to 300 bytes, sums chained at even splits, and all-ones
  * buffers past a lane block (IP_SUM_BLOCK_BYTES) where every carry counts. */
 static void test_ip_sum(void)
@@ -1029,6 +1029,26 @@ static void test_csum(void)
 	memset(b, 0xff, sizeof b);                         /* many carries */
 	CHECK(tap_csum_fold(tap_csum_add(0, b, 2000)) == 0);
 	CHECK(tap_csum_fold(tap_csum_add(tap_csum_add(0, b, 20), b + 20, 1381)) == tap_csum_fold(0xff00 + 700 * 0xffffu));
+}
+
+/* What lwIP sends leaves with both checksums right (lwIP makes neither):
+ * the IP header's sums to zero, and TCP's with its pseudo-header. */
+static void test_lw_checksums(void)
+{
+	uint8_t pkt[20 + 20 + 333];
+	for (size_t i = 0; i < sizeof pkt; i++)
+		pkt[i] = (uint8_t)(i * 13 + 5);
+	ip_head_put(pkt, 0, sizeof pkt, IP_PROTOCOL_TCP, 0x0a800001, 0x0a800002);
+	pkt[10] = pkt[11] = 0x77;                          /* stale: lwIP leaves its own */
+	pkt[32] = 0x50;
+	lw_checksums_put(pkt, sizeof pkt);
+	CHECK(ip_checksum(pkt, 20) == 0);
+	uint8_t pseudo[12] = { 10, 128, 0, 1, 10, 128, 0, 2, 0, IP_PROTOCOL_TCP, (sizeof pkt - 20) >> 8, (sizeof pkt - 20) & 255 };
+	CHECK(ip_sum_fold(ip_sum_add(ip_sum_add(0, pseudo, 12), pkt + 20, sizeof pkt - 20)) == 0);
+	pkt[9] = IP_PROTOCOL_UDP;                          /* not TCP: the header's sum only */
+	pkt[40] ^= 1;
+	lw_checksums_put(pkt, sizeof pkt);
+	CHECK(ip_checksum(pkt, 20) == 0);
 }
 
 /* lwIP's heap: a freed block comes back for the next request of its size
@@ -2276,6 +2296,7 @@ int main(void)
 	test_lw_heap();
 	test_lw_heap_trim();
 	test_lw_heap_keep();
+	test_lw_checksums();
 	test_lw_held();
 	test_routed_in_place();
 	test_rx_slots();
