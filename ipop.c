@@ -3028,6 +3028,7 @@ struct lw_state {
 	unsigned n_inq;
 	struct ev_timer input_timer;
 	struct lw_pkt *pkt_free;        /* recycled input buffers, LW_PKT_FREE_MAX at most */
+	struct lw_pkt *spare;           /* where the link layer opens the next record (lw_rx_plain) */
 	unsigned n_pkt_free;
 	uint64_t last_input_ms;         /* when a packet for lwIP last arrived */
 	unsigned n_relays;
@@ -3156,6 +3157,9 @@ struct node_up {
 	/* the IP layer (10) -> the local interface (11 tap, 12 lwIP) */
 	int (*write_local)(struct node *n, const uint8_t *pkt, size_t len);
 	void (*flush_local)(struct node *n);    /* at the end of a loop turn, if set */
+	/* Where a record is opened: a buffer the local stack may keep if the
+	 * record holds an IP packet for it (section 12), or NULL: the stack. */
+	uint8_t *(*rx_plain)(struct node *n);
 	int (*local_addr_set)(struct node *n); /* the interface takes a leased address */
 };
 
@@ -3204,6 +3208,7 @@ struct node {
 	uint64_t *hs_bucket;            /* LINK_HS_BUCKETS, from the first HS_INIT (link_hs_admit) */
 	uint64_t hs_bucket_seed;
 	unsigned n_half_open;           /* responder links with half_open set */
+	unsigned rx_opening;            /* link_on_data calls under way (nested: RELAYED) */
 	/* A simulated node's transport (section 15b): every UDP datagram goes
 	 * here instead of a socket.  NULL for a real node. */
 	int (*udp_send)(struct node *n, const struct sockaddr_in *to, const uint8_t *pkt, size_t len);
@@ -5083,10 +5088,26 @@ static void link_hs_fin_lost(struct link *l)
 	link_hs_resend(l);
 }
 
+static void link_on_data_in(struct link *l, const struct wire_data *d, const uint8_t *pkt,
+			    const struct sockaddr_in *from, uint8_t *plain);
+
+/* A record opens in the local stack's buffer (up.rx_plain), but not one
+ * inside another (RELAYED): that one's bytes are in the buffer. */
 static void link_on_data(struct link *l, const struct wire_data *d, const uint8_t *pkt,
 			 const struct sockaddr_in *from)
 {
-	uint8_t plain[WIRE_MAX_WIRE_BYTES], type;
+	struct node *n = l->node;
+	uint8_t own[WIRE_MAX_WIRE_BYTES];
+	uint8_t *plain = !n->rx_opening && n->up.rx_plain ? n->up.rx_plain(n) : NULL;
+	n->rx_opening++;
+	link_on_data_in(l, d, pkt, from, plain ? plain : own);
+	n->rx_opening--;
+}
+
+static void link_on_data_in(struct link *l, const struct wire_data *d, const uint8_t *pkt,
+			    const struct sockaddr_in *from, uint8_t *plain)
+{
+	uint8_t type;
 	size_t plen;
 	if (l->state == LINK_AWAIT_FIN && !l->initiator)
 		link_hs_fin_lost(l);
@@ -11548,7 +11569,7 @@ struct lw_pkt {
 	struct pbuf_custom pc;          /* first: lwIP's pbuf is ours */
 	struct lw_state *lw;
 	struct lw_pkt *next;            /* on lw->pkt_free */
-	uint8_t data[WIRE_MAX_PACKET_BYTES];
+	uint8_t data[WIRE_MAX_WIRE_BYTES];      /* a whole record opens here (lw_rx_plain) */
 };
 
 /* ---- lwIP's heap (MEM_CUSTOM_ALLOCATOR in vendor/lwipopts.h) --------------
@@ -11836,16 +11857,10 @@ static void lw_pkt_free(struct pbuf *p)
 	lw->n_pkt_free++;
 }
 
-/* A pbuf holding a copy of pkt, from the free list if it has one. */
-static struct pbuf *lw_pkt_new(struct lw_state *lw, const uint8_t *pkt, size_t len)
+/* A buffer from the free list if it has one. */
+static struct lw_pkt *lw_pkt_take(struct lw_state *lw)
 {
 	struct lw_pkt *k = lw->pkt_free;
-	if (len > sizeof k->data) {     /* not from the overlay: none so far */
-		struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
-		if (p)
-			pbuf_take(p, pkt, (u16_t)len);
-		return p;
-	}
 	if (k) {
 		lw->pkt_free = k->next;
 		lw->n_pkt_free--;
@@ -11854,6 +11869,37 @@ static struct pbuf *lw_pkt_new(struct lw_state *lw, const uint8_t *pkt, size_t l
 	}
 	k->lw = lw;
 	k->pc.custom_free_function = lw_pkt_free;
+	return k;
+}
+
+/* The link layer opens each record in the spare buffer, so that an IP
+ * packet for us is taken in where it was decrypted (lw_pkt_new) instead
+ * of copied: a copy of every byte a user-mode node receives. */
+static uint8_t *lw_rx_plain(struct node *n)
+{
+	if (!n->lw.spare)
+		n->lw.spare = lw_pkt_take(&n->lw);
+	return n->lw.spare ? n->lw.spare->data : NULL;
+}
+
+/* A pbuf holding pkt: the spare buffer itself when pkt was opened there,
+ * else a copy. */
+static struct pbuf *lw_pkt_new(struct lw_state *lw, const uint8_t *pkt, size_t len)
+{
+	struct lw_pkt *k = lw->spare;
+	if (k && pkt >= k->data && pkt + len <= k->data + sizeof k->data) {
+		lw->spare = NULL;
+		return pbuf_alloced_custom(PBUF_RAW, (u16_t)len, PBUF_REF, &k->pc, (void *)(uintptr_t)pkt,
+					   (u16_t)len);
+	}
+	if (len > sizeof k->data) {     /* not from the overlay: none so far */
+		struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
+		if (p)
+			pbuf_take(p, pkt, (u16_t)len);
+		return p;
+	}
+	if (!(k = lw_pkt_take(lw)))
+		return NULL;
 	memcpy(k->data, pkt, len);
 	return pbuf_alloced_custom(PBUF_RAW, (u16_t)len, PBUF_REF, &k->pc, k->data, sizeof k->data);
 }
@@ -11929,6 +11975,7 @@ static void lw_start(struct node *n)
 	n->ip.local = true;
 	n->up.write_local = lw_write_ip;
 	n->up.flush_local = lw_flush_dirty;
+	n->up.rx_plain = lw_rx_plain;
 	n->up.local_addr_set = lw_addr_set;
 	ev_timer_init(&n->lw.timer, lw_tick);
 	ev_timer_arm(&n->loop, &n->lw.timer, LW_TIMER_MAX_MS);

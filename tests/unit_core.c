@@ -1149,6 +1149,34 @@ static void test_lw_held(void)
 	free(h.q);
 }
 
+/* A record opened in the spare buffer is taken in where it lies: the
+ * pbuf points into it and the next record gets another buffer; a packet
+ * from anywhere else is copied, and the spare stays. */
+static void test_lw_rx_adopt(void)
+{
+	static struct node n;
+	memset(&n, 0, sizeof n);
+	uint8_t *plain = lw_rx_plain(&n);
+	CHECK(plain && lw_rx_plain(&n) == plain);
+	memset(plain, 0x5a, 200);
+	struct pbuf *p = lw_pkt_new(&n.lw, plain + 51, 120);
+	CHECK(p && p->payload == plain + 51 && p->tot_len == 120 && n.lw.spare == NULL);
+	uint8_t *next = lw_rx_plain(&n);
+	CHECK(next && next != plain);
+	uint8_t other[64] = { 1, 2, 3 };
+	struct pbuf *q = lw_pkt_new(&n.lw, other, sizeof other);
+	CHECK(q && q->payload != other && memcmp(q->payload, other, sizeof other) == 0 && n.lw.spare);
+	pbuf_free(p);
+	pbuf_free(q);
+	CHECK(n.lw.n_pkt_free == 2);
+	free(n.lw.spare);
+	while (n.lw.pkt_free) {
+		struct lw_pkt *k = n.lw.pkt_free;
+		n.lw.pkt_free = k->next;
+		free(k);
+	}
+}
+
 /* A routed message written in front of its payload (lwIP's packets) is
  * the one encoded behind a header, with and without a via. */
 static void test_routed_in_place(void)
@@ -2299,6 +2327,7 @@ int main(void)
 	test_lw_checksums();
 	test_lw_held();
 	test_routed_in_place();
+	test_lw_rx_adopt();
 	test_rx_slots();
 	test_lw_ack_thinning();
 	snprintf(unit_dir, sizeof unit_dir, "/tmp/ipop-unit-XXXXXX");
