@@ -3054,7 +3054,7 @@ struct tap_state {
 	uint8_t gw_mac[6];              /* the virtual gateway every virtual IP resolves to */
 	bool vnet;                      /* frames carry a virtio-net header (offloads on) */
 	uint64_t tso_frames, tso_segments, gro_frames, gro_segments;
-	uint8_t *rx;                    /* TAP_RX_BYTES: the frame tap_readable reads into */
+	uint8_t *rx;                    /* room + TAP_RX_BYTES: the frame tap_readable reads into */
 	uint8_t *gro;                   /* a TCP super-frame being built (section 11) */
 	size_t gro_len, gro_hlen;
 	unsigned gro_segs;
@@ -10951,7 +10951,7 @@ static int tap_write_frame(struct node *n, const uint8_t *frame, size_t len)
 
 /* Internet checksums (RFC 1071) for the offloads below, as big-endian
  * partial sums the callers chain (pseudo-header, header, payload); the
- * summing is section 10's ip_sum_add, eight bytes a step.  Every segment
+ * summing is section 10's ip_sum_add, 32 bytes a step.  Every segment
  * cut from a TSO super-frame is summed here: a byte pair at a time it was
  * 13 % of the sender's CPU.  p starts at an even offset of the stream. */
 static uint32_t tap_csum_add(uint32_t sum, const uint8_t *p, size_t len)
@@ -11125,7 +11125,10 @@ static void tap_on_arp(struct node *n, const uint8_t *f, size_t len)
 		log_drop(&n->drops, DROP_LOCAL_WRITE, ev_now(&n->loop), "tap arp");
 }
 
-static void tap_frame(struct node *n, const uint8_t *f, size_t len)
+/* A frame from the device.  Its buffer leaves WIRE_ROUTED_ROOM_BYTES free
+ * before it (tap_readable, tap_vnet_frame): the routed header goes there
+ * (ip_from_local's writable). */
+static void tap_frame(struct node *n, uint8_t *f, size_t len)
 {
 	if (len < TAP_ETH_HDR_BYTES)
 		return;
@@ -11133,7 +11136,7 @@ static void tap_frame(struct node *n, const uint8_t *f, size_t len)
 	if (type == TAP_ETH_P_ARP)
 		tap_on_arp(n, f, len);
 	else if (type == TAP_ETH_P_IP)
-		ip_from_local(n, f + TAP_ETH_HDR_BYTES, len - TAP_ETH_HDR_BYTES, NULL);
+		ip_from_local(n, f + TAP_ETH_HDR_BYTES, len - TAP_ETH_HDR_BYTES, f + TAP_ETH_HDR_BYTES);
 	else
 		log_drop(&n->drops, DROP_NOT_IPV4, ev_now(&n->loop), n->tap.name);
 }
@@ -11204,11 +11207,12 @@ static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 	size_t hlen = tcp_off + (size_t)(f[tcp_off + 12] >> 4) * 4;
 	if (hlen > len || hlen < tcp_off + 20)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
-	uint8_t out[TAP_ETH_HDR_BYTES + 60 + 60 + IP_MTU_MAX];
+	uint8_t room[WIRE_ROUTED_ROOM_BYTES + TAP_ETH_HDR_BYTES + 60 + 60 + IP_MTU_MAX];
+	uint8_t *out = room + WIRE_ROUTED_ROOM_BYTES;
 	size_t plen = len - hlen;
 	/* The kernel cuts for the interface's MTU; a larger segment would not
 	 * fit the overlay's packets. */
-	if (hlen + gso_size > sizeof out || hlen - ip_off + gso_size > (size_t)n->ip.mtu)
+	if (hlen + gso_size > sizeof room - WIRE_ROUTED_ROOM_BYTES || hlen - ip_off + gso_size > (size_t)n->ip.mtu)
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
 	n->tap.tso_frames++;
 	unsigned k = 0;
@@ -11228,9 +11232,9 @@ static void tap_readable(struct ev_loop *loop, int fd, void *arg, uint32_t event
 	struct node *n = arg;
 	(void)loop;
 	(void)events;
-	if (!n->tap.rx && !(n->tap.rx = malloc(TAP_RX_BYTES)))
+	if (!n->tap.rx && !(n->tap.rx = malloc(WIRE_ROUTED_ROOM_BYTES + TAP_RX_BYTES)))
 		return;
-	uint8_t *frame = n->tap.rx;
+	uint8_t *frame = n->tap.rx + WIRE_ROUTED_ROOM_BYTES;   /* room for tap_frame */
 	for (int i = 0; i < TAP_FRAMES_PER_WAKE; i++) {
 		ssize_t r = read(fd, frame, TAP_RX_BYTES);
 		if (r <= 0)

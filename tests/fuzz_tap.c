@@ -122,7 +122,8 @@ static void fz_reset(struct node *n)
 
 static void fz_tso(struct node *n, const uint8_t *data, size_t size, bool fixup)
 {
-	uint8_t *buf = malloc(size ? size : 1);
+	/* as tap_readable reads: with room for the routed header before it */
+	uint8_t *room = malloc(WIRE_ROUTED_ROOM_BYTES + (size ? size : 1)), *buf = room + WIRE_ROUTED_ROOM_BYTES;
 	memcpy(buf, data, size);
 	size_t ip_off = TAP_VNET_HDR_BYTES + TAP_ETH_HDR_BYTES;
 	if (fixup && size > ip_off) {
@@ -135,7 +136,7 @@ static void fz_tso(struct node *n, const uint8_t *data, size_t size, bool fixup)
 	memcpy(orig, buf, size);
 	uint64_t segs0 = n->tap.tso_segments, frames0 = n->tap.tso_frames;
 	tap_vnet_frame(n, buf, size);
-	free(buf);
+	free(room);
 	if (n->tap.tso_frames == frames0) {
 		free(orig);
 		return;
