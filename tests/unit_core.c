@@ -1084,12 +1084,13 @@ static void test_lw_heap_trim(void)
 	CHECK(lw_heap.n_free[0] == LW_HEAP_KEEP_IDLE);
 }
 
-/* The small class keeps what an upload's segments in flight hold: three
- * blocks each, some 800 segments.  Kept only 1024, the rest went back to
- * musl and came back from it on every ACK. */
+/* The small class keeps what uploads' segments in flight hold: three
+ * blocks each, some 800 segments a stream, four streams.  Kept only 1024
+ * (or 4096 with four streams), the rest went back to musl and came back
+ * from it on every ACK. */
 static void test_lw_heap_keep(void)
 {
-	enum { N = 3000 };
+	enum { N = 10000 };
 	static void *p[N];
 	lw_heap_trim(0);
 	for (int i = 0; i < N; i++)
