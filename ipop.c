@@ -3056,6 +3056,7 @@ struct tap_state {
 	uint8_t kernel_mac[6];          /* the interface's own MAC: frames we write go there */
 	uint8_t gw_mac[6];              /* the virtual gateway every virtual IP resolves to */
 	bool vnet;                      /* frames carry a virtio-net header (offloads on) */
+	int ns_fd[2];                   /* namespace mode: its user and network namespace (ipop exec), or -1 */
 	uint64_t tso_frames, tso_segments, gro_frames, gro_segments;
 	uint8_t *rx;                    /* room + TAP_RX_BYTES: the frame tap_readable reads into */
 	uint8_t *gro;                   /* a TCP super-frame being built (section 11) */
@@ -11393,9 +11394,15 @@ static int tap_open(struct node *n, const char *name, char *err, size_t errlen)
 
 /* ---- namespace mode ------------------------------------------------------
  * Unprivileged, for programs that need a real kernel interface (MPI, anything
- * that listens): a child makes a user and network namespace in which it is
- * root, creates the tap there, hands its fd back over a socketpair and runs
- * the command.  The overlay sockets stay with us in the host's namespace. */
+ * that listens): a child makes a user and network namespace, creates the tap
+ * there, hands its fd and the two namespaces back over a socketpair and runs
+ * the command, or with none exits: the namespaces live on in our fds, and
+ * `ipop exec` (section 16c) enters them through the control socket.  The
+ * overlay sockets stay with us in the host's namespace.
+ * Inside, the user keeps its own uid, not 0: Open MPI refuses to run as
+ * root, and files made there belong to the user as outside.  The child
+ * holds every capability in its namespace until it execs the command, long
+ * enough to make the device and open ping and low ports to that uid. */
 
 struct tap_ns_msg {
 	int status;                     /* 0, or -1 with err set */
@@ -11413,7 +11420,20 @@ static int tap_ns_write(const char *path, const char *text)
 	return w == (ssize_t)strlen(text) ? 0 : -1;
 }
 
-/* Root in a fresh user namespace, owning a fresh network namespace. */
+/* The network namespace is the user's alone: its programs may ping (ICMP
+ * datagram sockets) and listen on any port, as root could.  Best effort. */
+static void tap_ns_open_up(gid_t gid)
+{
+	char range[64];
+	snprintf(range, sizeof range, "%u %u\n", (unsigned)gid, (unsigned)gid);
+	if (tap_ns_write("/proc/sys/net/ipv4/ping_group_range", range) < 0)
+		log_debug("tap", "cannot allow ping in the namespace: %s", strerror(errno));
+	if (tap_ns_write("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0\n") < 0)
+		log_debug("tap", "cannot open low ports in the namespace: %s", strerror(errno));
+}
+
+/* A fresh user namespace in which we keep our uid and gid, owning a fresh
+ * network namespace; until exec we hold every capability in both. */
 static int tap_ns_enter(uid_t uid, gid_t gid, char *err, size_t errlen)
 {
 	char map[64];
@@ -11422,12 +11442,13 @@ static int tap_ns_enter(uid_t uid, gid_t gid, char *err, size_t errlen)
 			 "namespaces are off on this host; use --mode user)", strerror(errno));
 		return -1;
 	}
-	snprintf(map, sizeof map, "0 %u 1\n", (unsigned)uid);
+	snprintf(map, sizeof map, "%u %u 1\n", (unsigned)uid, (unsigned)uid);
 	if (tap_ns_write("/proc/self/setgroups", "deny") < 0 || tap_ns_write("/proc/self/uid_map", map) < 0)
 		goto fail;
-	snprintf(map, sizeof map, "0 %u 1\n", (unsigned)gid);
+	snprintf(map, sizeof map, "%u %u 1\n", (unsigned)gid, (unsigned)gid);
 	if (tap_ns_write("/proc/self/gid_map", map) < 0)
 		goto fail;
+	tap_ns_open_up(gid);
 	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	struct ifreq ifr = { .ifr_name = "lo" };
 	if (sock >= 0 && ioctl(sock, SIOCGIFFLAGS, &ifr) == 0) {
@@ -11442,7 +11463,27 @@ fail:
 	return -1;
 }
 
-/* The child: namespace, tap, fd to the parent, then the command. */
+enum { TAP_NS_FDS = 3 };           /* the device, the user namespace, the network namespace */
+
+/* Send m, and with it fds when m says all went well. */
+static int tap_ns_send(int sock, const struct tap_ns_msg *m, const int fds[TAP_NS_FDS])
+{
+	char cbuf[CMSG_SPACE(TAP_NS_FDS * sizeof(int))] = { 0 };
+	struct iovec iov = { .iov_base = (void *)m, .iov_len = sizeof *m };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	if (m->status == 0) {
+		mh.msg_control = cbuf;
+		mh.msg_controllen = sizeof cbuf;
+		struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(TAP_NS_FDS * sizeof(int));
+		memcpy(CMSG_DATA(c), fds, TAP_NS_FDS * sizeof(int));
+	}
+	return sendmsg(sock, &mh, 0) < 0 ? -1 : 0;
+}
+
+/* The child: namespace, tap, fds to the parent, then the command if any. */
 static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *const argv[])
 {
 	struct tap_ns_msg m = { 0 };
@@ -11457,20 +11498,16 @@ static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *c
 			 "can allow it: chmod 0666 /dev/net/tun); use --mode user instead");
 	memcpy(m.mac, n->tap.kernel_mac, 6);
 	snprintf(m.name, sizeof m.name, "%s", n->tap.name);
-	char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
-	struct iovec iov = { .iov_base = &m, .iov_len = sizeof m };
-	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-	if (m.status == 0) {
-		mh.msg_control = cbuf;
-		mh.msg_controllen = sizeof cbuf;
-		struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-		c->cmsg_level = SOL_SOCKET;
-		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(c), &n->tap.fd, sizeof(int));
+	int fds[TAP_NS_FDS] = { n->tap.fd, open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC),
+				open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC) };
+	if (m.status == 0 && (fds[1] < 0 || fds[2] < 0)) {
+		m.status = -1;
+		snprintf(m.err, sizeof m.err, "cannot open the namespace's /proc/self/ns: %s", strerror(errno));
 	}
-	if (sendmsg(sock, &mh, 0) < 0 || m.status < 0)
+	if (tap_ns_send(sock, &m, fds) < 0 || m.status < 0)
 		_exit(126);
+	if (!argv)
+		_exit(0);               /* no command: the namespaces live on in the parent's fds */
 	close(sock);
 	close(n->tap.fd);
 	execvp(argv[0], argv);
@@ -11478,7 +11515,8 @@ static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *c
 	_exit(127);
 }
 
-/* Start the command in its namespace; adopt the tap it made for us. */
+/* Start the command (argv, or NULL for none) in its namespace; adopt the
+ * tap and the namespaces it made for us. */
 static int tap_ns_spawn(struct node *n, char *const argv[], char *err, size_t errlen)
 {
 	int sp[2];
@@ -11495,24 +11533,42 @@ static int tap_ns_spawn(struct node *n, char *const argv[], char *err, size_t er
 	}
 	close(sp[1]);
 	struct tap_ns_msg m;
-	char cbuf[CMSG_SPACE(sizeof(int))];
+	char cbuf[CMSG_SPACE(TAP_NS_FDS * sizeof(int))];
 	struct iovec iov = { .iov_base = &m, .iov_len = sizeof m };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf };
 	ssize_t r = pid < 0 ? -1 : recvmsg(sp[0], &mh, MSG_CMSG_CLOEXEC);
 	close(sp[0]);
 	struct cmsghdr *c = r == (ssize_t)sizeof m ? CMSG_FIRSTHDR(&mh) : NULL;
-	if (r != (ssize_t)sizeof m || m.status < 0 || !c || c->cmsg_type != SCM_RIGHTS) {
+	if (r != (ssize_t)sizeof m || m.status < 0 || !c || c->cmsg_type != SCM_RIGHTS ||
+	    c->cmsg_len != CMSG_LEN(TAP_NS_FDS * sizeof(int))) {
 		snprintf(err, errlen, "%s", r == (ssize_t)sizeof m && m.err[0] ? m.err : "namespace setup failed");
 		if (pid > 0)
 			waitpid(pid, NULL, 0);
 		return -1;
 	}
-	memcpy(&n->tap.fd, CMSG_DATA(c), sizeof(int));
+	int fds[TAP_NS_FDS];
+	memcpy(fds, CMSG_DATA(c), sizeof fds);
+	n->tap.fd = fds[0];
+	n->tap.ns_fd[0] = fds[1];
+	n->tap.ns_fd[1] = fds[2];
 	memcpy(n->tap.kernel_mac, m.mac, 6);
 	memcpy(n->tap.gw_mac, tap_gw_mac, 6);
 	snprintf(n->tap.name, sizeof n->tap.name, "%s", m.name);
-	n->ns_child = pid;
+	if (argv)
+		n->ns_child = pid;
+	else
+		waitpid(pid, NULL, 0);  /* done once it sent them */
 	return tap_attach(n);
+}
+
+/* The node ends: nobody may enter its namespaces any more. */
+static void tap_ns_close(struct node *n)
+{
+	for (int i = 0; i < 2; i++)
+		if (n->tap.ns_fd[i] >= 0) {
+			close(n->tap.ns_fd[i]);
+			n->tap.ns_fd[i] = -1;
+		}
 }
 
 static void tap_close(struct node *n)
@@ -13217,8 +13273,9 @@ static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errle
 /* ===================================================================== 15 ctl_
  * The control socket: a per-user unix stream socket (mode 0600) on which the
  * CLI asks a running node one question per connection, as one text line:
- *   "status json" | "status text" | "ping TARGET TIMEOUT_MS" | "map"
- * and reads the answer until the node closes.  Clients are a fixed table;
+ *   "status json" | "status text" | "ping TARGET TIMEOUT_MS" | "map" | "ns"
+ * and reads the answer until the node closes ("ns" answers "ok" with the
+ * namespace fds beside it, SCM_RIGHTS).  Clients are a fixed table;
  * the answer is written without blocking, so a stuck client costs one slot
  * until its idle timer closes it.  --metrics scrapes (HTTP/1.0) use the same
  * table and writer.  To add a command: a ctl_cmd_* function and a line in
@@ -13710,6 +13767,41 @@ static void ctl_map(struct node *n, struct buf_str *o)
 	}
 }
 
+/* One line and fds beside it (SCM_RIGHTS). */
+static int ctl_send_fds(int fd, const char *line, const int *fds, unsigned nfds)
+{
+	char cbuf[CMSG_SPACE(2 * sizeof(int))] = { 0 };
+	struct iovec iov = { .iov_base = (void *)line, .iov_len = strlen(line) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			     .msg_controllen = CMSG_SPACE(nfds * sizeof(int)) };
+	struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+	if (nfds > 2)
+		return -1;
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+	memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
+	return sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)iov.iov_len ? 0 : -1;
+}
+
+/* "ns": the namespace-mode node's user and network namespaces, as two fds
+ * beside the line "ok", for ipop exec to join.  Only for our own user (or
+ * root): the socket is 0600, but --control may put it anywhere. */
+static void ctl_cmd_ns(struct ctl_client *c)
+{
+	struct node *n = c->ctl->node;
+	struct ucred cred;
+	socklen_t len = sizeof cred;
+	if (n->tap.ns_fd[0] < 0)
+		buf_printf(&c->out, "error this node has no namespace (start it with --mode ns)\n");
+	else if (getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 ||
+		 (cred.uid != geteuid() && cred.uid != 0))
+		buf_printf(&c->out, "error the namespace is for its owner (uid %u) only\n", (unsigned)geteuid());
+	else if (ctl_send_fds(c->fd, "ok\n", n->tap.ns_fd, 2) < 0)
+		buf_printf(&c->out, "error cannot pass the namespace: %s\n", strerror(errno));
+	ctl_client_flush(c);            /* closes: after "ok" there is nothing to send */
+}
+
 static void ctl_execute(struct ctl_client *c, char *line)
 {
 	char *save = NULL, *a[6] = { 0 };
@@ -13731,6 +13823,10 @@ static void ctl_execute(struct ctl_client *c, char *line)
 		ctl_status_text(c->ctl->node, &c->out);
 	else if (cmd && !strcmp(cmd, "map"))
 		ctl_map(c->ctl->node, &c->out);
+	else if (cmd && !strcmp(cmd, "ns")) {
+		ctl_cmd_ns(c);
+		return;
+	}
 	else if (cmd && !strcmp(cmd, "ping")) {
 		ctl_cmd_ping(c, a1, a2);
 		return;
@@ -14564,7 +14660,8 @@ static struct sim_node *sim_node_new(struct sim *s, uint32_t idx)
 	if (!sn)
 		return NULL;
 	struct node *n = &sn->n;
-	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1, .udp_send = sim_udp_send };
+	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .tap.ns_fd = { -1, -1 }, .lw.socks_fd = -1,
+			    .udp_send = sim_udp_send };
 	n->loop = (struct ev_loop){ .epfd = -1, .now_ms = s->now_ms, .max_wait_ms = 1000, .virtual_time = true };
 	if (sim_rng_seed(&n->rng, s->seed, idx) < 0) {
 		sim_node_release(s, sn);
@@ -15401,7 +15498,7 @@ static int sim_main(int argc, char **argv)
 enum cli_cmd {
 	CMD_UP = 1, CMD_STATUS = 2, CMD_PING = 4, CMD_GENKEY = 8, CMD_CA_INIT = 16,
 	CMD_CERT_ISSUE = 32, CMD_CA_REVOKE = 64, CMD_DHT_GET = 128, CMD_DHT_PUT = 256, CMD_DHT_CREATE = 512,
-	CMD_ROUTE = 1024, CMD_NC = 2048, CMD_RESOLVE = 4096, CMD_MAP = 8192,
+	CMD_ROUTE = 1024, CMD_NC = 2048, CMD_RESOLVE = 4096, CMD_MAP = 8192, CMD_EXEC = 16384,
 };
 
 enum { CMD_DHT = CMD_DHT_GET | CMD_DHT_PUT | CMD_DHT_CREATE };
@@ -15464,7 +15561,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
 	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE | CMD_RESOLVE |
-	  CMD_MAP },
+	  CMD_MAP | CMD_EXEC },
 	{ "ttl", 0, true, false, KEY_TTL, CMD_DHT_PUT | CMD_DHT_CREATE },
 	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
 	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
@@ -15507,7 +15604,7 @@ struct cli_opts {
 	long count;
 	double interval_s, wait_s;
 	const char *target;
-	char **exec_argv;               /* up --mode ns ... -- CMD ARGS */
+	char **exec_argv;               /* up --mode ns ... -- CMD ARGS; exec -- CMD ARGS */
 	const char *args[2];            /* dht KEY [VALUE] */
 	int n_args;
 	int config_depth;
@@ -15545,6 +15642,7 @@ static const char cli_usage_main[] =
 	"  nc       join stdin/stdout to a virtual host's TCP port (ssh ProxyCommand)\n"
 	"  resolve  print the virtual IP a name (--name) stands for\n"
 	"  map      draw the ring as the running node knows it (--svg FILE)\n"
+	"  exec     run a command in a namespace-mode node's network (mpirun, sshd)\n"
 	"  simulate run N nodes in virtual time: hops, join cost, churn, DHT\n"
 	"  version  print the version\n"
 	"\n"
@@ -15689,6 +15787,16 @@ static const char cli_usage_nc[] =
 	"Join standard input and output to TCP PORT of virtual host VIP, through the\n"
 	"SOCKS5 server of a user-mode node on this host (default 127.0.0.1:1080).\n"
 	"For ssh:  ssh -o ProxyCommand='ipop nc %h %p' user@10.128.0.5\n";
+
+static const char cli_usage_exec[] =
+	"usage: ipop exec [--control PATH] [--] CMD [ARGS...]\n"
+	"\n"
+	"Run CMD inside the network of a running namespace-mode node of this user\n"
+	"(ipop up --mode ns, with or without a command of its own): CMD sees the\n"
+	"node's interface and virtual IP, keeps the user's uid, environment and\n"
+	"working directory, and its exit status is exec's.  For MPI and ssh:\n"
+	"  ipop exec -- mpirun --host 10.128.0.1,10.128.0.2 ./job\n"
+	"Exit status: CMD's; 126 or 127 if CMD cannot run; 3 if no node answers.\n";
 
 static const char cli_usage_status[] =
 	"usage: ipop status [--json] [--control PATH]\n"
@@ -16279,14 +16387,20 @@ static int cli_load_config(struct cli_opts *o, const char *path)
 }
 
 /* Parse "--name value", "--name=value", "-x value", switches and the one
- * positional argument (ping's target).  -1 on error (already printed). */
+ * positional argument (ping's target); up's and exec's command after "--"
+ * (exec's also at its first word that is no option, as env(1) takes it).
+ * -1 on error (already printed). */
 static int cli_parse_args(struct cli_opts *o, int argc, char **argv, const char *cmdname)
 {
 	for (int i = 0; i < argc; i++) {
 		char *a = argv[i], *val = NULL;
 		const struct cli_flag *f = NULL;
-		if (!strcmp(a, "--") && o->cmd == CMD_UP) {
+		if (!strcmp(a, "--") && (o->cmd == CMD_UP || o->cmd == CMD_EXEC)) {
 			o->exec_argv = i + 1 < argc ? &argv[i + 1] : NULL;
+			break;
+		}
+		if (o->cmd == CMD_EXEC && a[0] != '-') {
+			o->exec_argv = &argv[i];
 			break;
 		}
 		if (a[0] == '-' && a[1] == '-' && a[2]) {
@@ -16432,6 +16546,7 @@ static void cli_node_free(struct node *n)
 	n->contacts = NULL;
 	ring_free(n);
 	tap_close(n);
+	tap_ns_close(n);
 	if (n->lw.socks_fd > 0)
 		close(n->lw.socks_fd);
 	while (n->lw.n_negotiating)     /* each leaves the list as it goes */
@@ -16493,6 +16608,19 @@ static int cli_node_user_mode(struct node *n, const struct cli_opts *o, char *er
 	return 0;
 }
 
+/* Namespace mode: the device and namespaces come from a child; say how to
+ * get in when no command was given. */
+static int cli_ns_start(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
+{
+	char ip[16];
+	int rc = tap_ns_spawn(n, o->exec_argv, err, errlen);
+	buf_ip_str(n->self.vip, ip);
+	if (rc == 0 && !o->exec_argv)
+		log_info("cli", "namespace ready: %s has %s; run programs in it with: ipop exec%s%s -- CMD",
+			 n->tap.name, ip, o->control[0] ? " --control " : "", o->control);
+	return rc;
+}
+
 /* The local interface: a tap when the node has a virtual IP and may open one. */
 static int cli_node_interface(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
@@ -16522,13 +16650,13 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 		}
 		n->ip.routes[n->ip.n_routes++] = r;
 	}
-	if ((o->mode == MODE_NS) != (o->exec_argv != NULL) || (o->mode == MODE_NS && !n->self.vip)) {
-		snprintf(err, errlen, "--mode ns needs --ip and a command after '--' (and a command after '--' "
-			 "needs --mode ns): ipop up --mode ns --ip 10.128.0.5/16 ... -- mpirun ...");
+	if ((o->mode != MODE_NS && o->exec_argv) || (o->mode == MODE_NS && !n->self.vip)) {
+		snprintf(err, errlen, "--mode ns needs --ip (and a command after '--' needs --mode ns): "
+			 "ipop up --mode ns --ip 10.128.0.5/16 ... [-- CMD]");
 		return -2;
 	}
 	if (o->mode == MODE_NS)
-		return tap_ns_spawn(n, o->exec_argv, err, errlen);
+		return cli_ns_start(n, o, err, errlen);
 	if ((!n->self.vip && !n->ip.lease.on) || o->mode == MODE_NONE) {
 		if (o->n_fwd || o->socks[0]) {
 			snprintf(err, errlen, "-L, -R and --socks need a virtual IP (--ip) and user mode");
@@ -16783,7 +16911,7 @@ static void cli_boot_resolve(struct node *n)
 
 static int cli_node_init(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
-	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1 };
+	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .tap.ns_fd = { -1, -1 }, .lw.socks_fd = -1 };
 	if (ev_init(&n->loop) < 0 || sec_rng_init(&n->rng) < 0 || sec_creds_init(&n->sec) < 0) {
 		snprintf(err, errlen, "cannot start the event loop or random generator: %s", strerror(errno));
 		return -1;
@@ -17829,6 +17957,74 @@ static int cli_map(struct cli_opts *o)
 	return EXIT_OK;
 }
 
+/* Ask the node for its namespaces (fds[0] user, fds[1] network): 0, -errno
+ * when no node answers, or 1 with the node's refusal in err. */
+static int cli_ns_fds(const char *path, int fds[2], char *err, size_t errlen)
+{
+	int fd = ctl_connect(path);
+	if (fd < 0)
+		return fd;
+	struct timeval tv = { .tv_sec = 5 };
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	char line[256] = { 0 }, cbuf[CMSG_SPACE(2 * sizeof(int))];
+	struct iovec iov = { .iov_base = line, .iov_len = sizeof line - 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf };
+	ssize_t r = send(fd, "ns\n", 3, MSG_NOSIGNAL) == 3 ? recvmsg(fd, &mh, MSG_CMSG_CLOEXEC) : -1;
+	int e = errno;
+	close(fd);
+	struct cmsghdr *c = r > 0 ? CMSG_FIRSTHDR(&mh) : NULL;
+	if (c && c->cmsg_type == SCM_RIGHTS && c->cmsg_len == CMSG_LEN(2 * sizeof(int)) && !strncmp(line, "ok", 2)) {
+		memcpy(fds, CMSG_DATA(c), 2 * sizeof(int));
+		return 0;
+	}
+	if (r <= 0)
+		return r < 0 ? -e : -ECONNRESET;
+	line[strcspn(line, "\n")] = 0;
+	snprintf(err, errlen, "%s", strncmp(line, "error ", 6) ? line : line + 6);
+	return 1;
+}
+
+/* Join the namespace fd names, unless we are in it already (a shell that
+ * ipop exec started, running ipop exec again). */
+static int cli_setns(int fd, int type, const char *self)
+{
+	struct stat a, b;
+	if (fstat(fd, &a) == 0 && stat(self, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev)
+		return 0;
+	return setns(fd, type);
+}
+
+/* ipop exec: become CMD, inside the node's namespaces. */
+static int cli_exec(struct cli_opts *o)
+{
+	int fds[2];
+	char err[300] = "";
+	if (!o->exec_argv || !o->exec_argv[0]) {
+		cli_fail("exec: expected a command, like: ipop exec -- mpirun --host 10.128.0.1,10.128.0.2 ./job");
+		return EXIT_USAGE;
+	}
+	if (!o->control[0] && cli_control_default(o) < 0)
+		return EXIT_FAIL;
+	int rc = cli_ns_fds(o->control, fds, err, sizeof err);
+	if (rc < 0)
+		return cli_no_node(o->control, rc);
+	if (rc > 0) {
+		cli_fail("exec: %s", err);
+		return EXIT_FAIL;
+	}
+	if (cli_setns(fds[0], CLONE_NEWUSER, "/proc/self/ns/user") < 0 ||
+	    cli_setns(fds[1], CLONE_NEWNET, "/proc/self/ns/net") < 0) {
+		cli_fail("exec: cannot enter the node's namespace: %s", strerror(errno));
+		return EXIT_FAIL;
+	}
+	close(fds[0]);
+	close(fds[1]);
+	execvp(o->exec_argv[0], o->exec_argv);
+	int e = errno;
+	cli_fail("exec: cannot run %s: %s", o->exec_argv[0], strerror(e));
+	return e == ENOENT ? 127 : 126;
+}
+
 static int cli_main(int argc, char **argv)
 {
 	static const struct {
@@ -17852,6 +18048,7 @@ static int cli_main(int argc, char **argv)
 		{ "nc", NULL, CMD_NC, cli_usage_nc, cli_nc },
 		{ "resolve", NULL, CMD_RESOLVE, cli_usage_resolve, cli_resolve_name },
 		{ "map", NULL, CMD_MAP, cli_usage_map, cli_map },
+		{ "exec", NULL, CMD_EXEC, cli_usage_exec, cli_exec },
 	};
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
 		fputs(cli_usage_main, argc < 2 ? stderr : stdout);

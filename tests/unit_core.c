@@ -2233,7 +2233,8 @@ static int fin_send(struct node *n, const struct sockaddr_in *to, const uint8_t 
 
 static void fin_node(struct node *n, unsigned i)
 {
-	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .lw.socks_fd = -1, .udp_send = fin_send };
+	*n = (struct node){ .udp_dial_fd = -1, .tap.fd = -1, .tap.ns_fd = { -1, -1 }, .lw.socks_fd = -1,
+			    .udp_send = fin_send };
 	n->loop = (struct ev_loop){ .epfd = -1, .now_ms = 1000, .max_wait_ms = 1000, .virtual_time = true };
 	sec_rng_init(&n->rng);
 	n->rekey_ms = LINK_REKEY_MS;
