@@ -2678,7 +2678,7 @@ struct link {
 	bool expect_set;
 	uint8_t want_roles;             /* roles to take on once up */
 	uint8_t punch_ttl;              /* UDP dial: its hellos leave with this TTL (section 09),
-	                                * until the peer answers; 0: none */
+	                                * until the peer answers or dials us; 0: none */
 	uint8_t other_relay_n;          /* relay: the far end's newest records in a row that came
 	                                * through another relay than ours (link_relay_follow) */
 	struct endpoint observed;       /* how the peer sees us */
@@ -5940,6 +5940,25 @@ static struct link *link_dial(struct node *n, const struct endpoint *ep,
 	return link_dial_ttl(n, ep, expect, want, cookie, 0);
 }
 
+/* The peer is dialling us now (it answered our connect-to-me, or sent
+ * PUNCH), so its NAT has seen its packets leave: a dial of ours to it that
+ * still sends its hellos at a punch TTL may send them at the usual one.
+ * Left at the punch TTL they die before the peer's NAT, and reach nobody
+ * when the peer cannot dial our mapping (we are behind a symmetric NAT):
+ * the answer then went unheard whenever a dial of ours was already under
+ * way, and a full cone peer stayed relayed (t_natlab's F-S pair: 2 runs
+ * in 40 past 30 s).  The tries start over: a round of hellos at the usual
+ * TTL. */
+static void link_punch_lift(struct link *l)
+{
+	if (l->state != LINK_AWAIT_RESP || !l->punch_ttl)
+		return;
+	l->punch_ttl = 0;
+	l->hs.tries = 0;
+	link_hs_init_send(l);
+	ev_timer_arm(&l->node->loop, &l->timer, LINK_HELLO_RETRY_MS);
+}
+
 /* An RTT probe: an HS_INIT without a cookie, whose sender index is a token
  * and not a link.  The responder answers with HS_COOKIE and keeps nothing
  * (link_on_hs_init checks the cookie before it makes a link), so a probe
@@ -6889,17 +6908,24 @@ static unsigned ring_dial_endpoints(struct node *n, const struct peer_info *pi, 
 
 /* Dials to a peer are under way, but its info may be newer than theirs (it
  * learned its public endpoint since): dial the UDP endpoints not yet tried,
- * or the punch that needs them comes only with the next probe. */
+ * or the punch that needs them comes only with the next probe.  When pi
+ * dials us now (answer), the dials under way drop their punch TTL. */
 static void ring_dial_fresh(struct node *n, const struct peer_info *pi, uint8_t want, bool answer)
 {
 	for (unsigned i = 0; i < pi->n_endpoints; i++) {
 		const struct endpoint *ep = &pi->endpoints[i];
+		if (ep->proto != PROTO_UDP || !ep->port)
+			continue;
 		struct sockaddr_in sa = link_sockaddr_of(ep);
-		bool tried = ep->proto != PROTO_UDP || !ep->port;
+		struct link *tried = NULL;
 		for (struct link *l = n->links; l && !tried; l = l->next)
-			tried = l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->initiator &&
-				link_sockaddr_eq(&l->remote, &sa);
-		if (!tried && !(!answer && ring_unasked_poisons(n, pi, ep, false)) && ring_endpoint_dialable(n, ep))
+			if (l->state != LINK_CLOSED && l->proto == PROTO_UDP && l->initiator &&
+			    link_sockaddr_eq(&l->remote, &sa))
+				tried = l;
+		if (tried && answer)
+			link_punch_lift(tried);
+		else if (!tried && !(!answer && ring_unasked_poisons(n, pi, ep, false)) &&
+			 ring_endpoint_dialable(n, ep))
 			link_dial_ttl(n, ep, &pi->addr, want, NULL, answer ? 0 : ring_punch_ttl(n, pi, ep));
 	}
 }

@@ -1533,6 +1533,30 @@ static void test_pns_probe(void)
 	cli_node_free(&e);
 }
 
+/* A NAT'd peer (public and private endpoints) dialled unasked gets its
+ * hellos at the punch TTL; once it dials us (a connect-to-me answer), the
+ * dial under way sends at the usual TTL with a full round of tries, and no
+ * second dial starts.  Left at the punch TTL, a symmetric NAT'd node's
+ * answer to a full cone peer never reached it (t_natlab's F-S pair). */
+static void test_punch_lift(void)
+{
+	static struct node a;
+	CHECK(node_up(&a, PROTO_UDP, unit_key("a.key", KEY_A)) == 0);
+	nat_start(&a);
+	struct peer_info pi = { .addr = addr_top(0x77), .n_endpoints = 2 };
+	pi.endpoints[0] = (struct endpoint){ PROTO_UDP, 0xCB007115u, 4000 };  /* 203.0.113.21 */
+	pi.endpoints[1] = (struct endpoint){ PROTO_UDP, 0x0A010002u, 4000 };  /* 10.1.0.2: not our scope */
+	ring_dial(&a, &pi, 0);
+	struct link *l = link_find_peer(&a, &pi.addr, false);
+	CHECK(l && a.n_links == 1 && l->state == LINK_AWAIT_RESP && l->punch_ttl == NAT_PUNCH_TTL);
+	l->hs.tries = LINK_HELLO_TRIES - 1;
+	ring_dial(&a, &pi, 0);                  /* unasked again: no change */
+	CHECK(a.n_links == 1 && l->punch_ttl == NAT_PUNCH_TTL && l->hs.tries == LINK_HELLO_TRIES - 1);
+	ring_dial_answer(&a, &pi, 0);
+	CHECK(a.n_links == 1 && l->state == LINK_AWAIT_RESP && l->punch_ttl == 0 && l->hs.tries == 0);
+	cli_node_free(&a);
+}
+
 /* Nodes that offer different record ciphers (no AES-NI, or IPOP_CIPHER)
  * agree on the fastest both offer, whichever end dials, and records of
  * every size pass both ways.  The software implementations stand in where
@@ -2329,6 +2353,7 @@ int main(void)
 	CHECK(mkdtemp(unit_dir) != NULL);
 	test_secure_pair(PROTO_UDP);
 	test_pns_probe();
+	test_punch_lift();
 	test_secure_pair(PROTO_TCP);
 	test_replay_tamper();
 	test_cipher_mix();
