@@ -68,6 +68,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <net/if.h>
+#include <netpacket/packet.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/epoll.h>
@@ -3056,6 +3057,7 @@ struct tap_state {
 	uint8_t kernel_mac[6];          /* the interface's own MAC: frames we write go there */
 	uint8_t gw_mac[6];              /* the virtual gateway every virtual IP resolves to */
 	bool vnet;                      /* frames carry a virtio-net header (offloads on) */
+	bool veth;                      /* namespace mode without /dev/net/tun: fd is a packet socket */
 	int ns_fd[2];                   /* namespace mode: its user and network namespace (ipop exec), or -1 */
 	uint64_t tso_frames, tso_segments, gro_frames, gro_segments;
 	uint8_t *rx;                    /* room + TAP_RX_BYTES: the frame tap_readable reads into */
@@ -11327,14 +11329,14 @@ out:
 
 /* Only IPv4 is carried: ask the kernel not to chatter IPv6 (router
  * solicitations, DAD) on the interface.  Best effort. */
-static void tap_disable_ipv6(struct node *n)
+static void tap_disable_ipv6(const char *name)
 {
 	char path[96];
-	snprintf(path, sizeof path, "/proc/sys/net/ipv6/conf/%s/disable_ipv6", n->tap.name);
+	snprintf(path, sizeof path, "/proc/sys/net/ipv6/conf/%s/disable_ipv6", name);
 	int fd = open(path, O_WRONLY | O_CLOEXEC);
 	if (fd >= 0) {
 		if (write(fd, "1", 1) != 1)
-			log_debug("tap", "cannot disable IPv6 on %s", n->tap.name);
+			log_debug("tap", "cannot disable IPv6 on %s", name);
 		close(fd);
 	}
 }
@@ -11372,7 +11374,7 @@ static int tap_create(struct node *n, const char *name, char *err, size_t errlen
 		n->tap.fd = -1;
 		return e == EPERM ? -EPERM : -1;
 	}
-	tap_disable_ipv6(n);
+	tap_disable_ipv6(n->tap.name);
 	return 0;
 }
 
@@ -11389,13 +11391,14 @@ static int tap_addr_set(struct node *n)
 /* The device is ours: its frames go through this node. */
 static int tap_attach(struct node *n)
 {
-	/* Offloads: the device may come from a namespace child, so ask it. */
+	/* Offloads: the device may come from a namespace child, so ask it; a
+	 * veth's packet socket always has them (PACKET_VNET_HDR). */
 	struct ifreq ifr = { 0 };
 	unsigned off = TAP_TUN_F_CSUM | TAP_TUN_F_TSO4;
-	n->tap.vnet = ioctl(n->tap.fd, TAP_TUNGETIFF, &ifr) == 0 && (ifr.ifr_flags & TAP_IFF_VNET_HDR);
+	n->tap.vnet = n->tap.veth || (ioctl(n->tap.fd, TAP_TUNGETIFF, &ifr) == 0 && (ifr.ifr_flags & TAP_IFF_VNET_HDR));
 	if (getenv("IPOP_NO_OFFLOAD"))  /* for benchmarks: the frames keep their header */
 		off = 0;
-	if (n->tap.vnet && ioctl(n->tap.fd, TAP_TUNSETOFFLOAD, off) < 0)
+	if (n->tap.vnet && !n->tap.veth && ioctl(n->tap.fd, TAP_TUNSETOFFLOAD, off) < 0)
 		log_info("tap", "no offloads on %s: %s", n->tap.name, strerror(errno));
 	if (ev_fd_watch(&n->loop, n->tap.fd, EPOLLIN, tap_readable, n) < 0)
 		return -1;
@@ -11432,6 +11435,7 @@ static int tap_open(struct node *n, const char *name, char *err, size_t errlen)
 
 struct tap_ns_msg {
 	int status;                     /* 0, or -1 with err set */
+	bool veth;                      /* the device is an AF_PACKET socket on a veth, not a tap */
 	uint8_t mac[6];
 	char name[16];
 	char err[300];
@@ -11489,6 +11493,171 @@ fail:
 	return -1;
 }
 
+/* ---- namespace mode without /dev/net/tun ----------------------------------
+ * Where users may not open /dev/net/tun (mode 0600 on many hosts), the child
+ * makes a veth pair in the namespace instead: the programs' end, ipop0, gets
+ * the virtual IP; an AF_PACKET socket on the other end, ipop0p, is the fd the
+ * node gets.  With PACKET_VNET_HDR its frames carry the virtio-net header a
+ * tap's do, so the frame code above serves both.  The pair is made with one
+ * rtnetlink request, written here by hand (musl has no Linux uapi headers). */
+
+enum {
+	TAP_NL_BYTES = 256,             /* the one request: about 100 bytes */
+	TAP_NETLINK_ROUTE = 0,
+	TAP_RTM_NEWLINK = 16,
+	TAP_NLM_F_REQUEST = 1, TAP_NLM_F_ACK = 4, TAP_NLM_F_EXCL = 0x200, TAP_NLM_F_CREATE = 0x400,
+	TAP_NLMSG_ERROR = 2,
+	TAP_IFLA_IFNAME = 3, TAP_IFLA_MTU = 4, TAP_IFLA_LINKINFO = 18,
+	TAP_IFLA_INFO_KIND = 1, TAP_IFLA_INFO_DATA = 2, TAP_VETH_INFO_PEER = 1,
+	TAP_SOL_PACKET = 263, TAP_PACKET_VNET_HDR = 15, TAP_PACKET_IGNORE_OUTGOING = 23,
+	TAP_ETH_P_ALL = 0x0003,
+	TAP_PACKET_BUF_BYTES = 4 << 20, /* socket buffers: a burst of super-frames */
+};
+
+struct tap_nl_hdr {                     /* struct nlmsghdr */
+	uint32_t len;
+	uint16_t type, flags;
+	uint32_t seq, pid;
+};
+
+struct tap_nl_ifinfo {                  /* struct ifinfomsg */
+	uint8_t family, pad;
+	uint16_t type;
+	int32_t index;
+	uint32_t flags, change;
+};
+
+struct tap_nl {
+	uint8_t buf[TAP_NL_BYTES];
+	size_t len;
+};
+
+static void *tap_nl_put(struct tap_nl *m, const void *data, size_t len)
+{
+	void *at = m->buf + m->len;
+	memcpy(at, data, len);
+	m->len += (len + 3) & ~(size_t)3;
+	return at;
+}
+
+/* An attribute (struct rtattr); tap_nl_close sets its length once what
+ * nests in it is written. */
+static size_t tap_nl_attr(struct tap_nl *m, uint16_t type, const void *data, size_t len)
+{
+	size_t at = m->len;
+	uint16_t hdr[2] = { (uint16_t)(4 + len), type };
+	tap_nl_put(m, hdr, 4);
+	if (len)
+		tap_nl_put(m, data, len);
+	return at;
+}
+
+static void tap_nl_close(struct tap_nl *m, size_t at)
+{
+	uint16_t len = (uint16_t)(m->len - at);
+	memcpy(m->buf + at, &len, 2);
+}
+
+/* RTM_NEWLINK: veth name, peer name, both with our MTU. */
+static void tap_nl_veth_request(struct tap_nl *m, const char *name, const char *peer, uint32_t mtu)
+{
+	struct tap_nl_hdr h = { .type = TAP_RTM_NEWLINK, .seq = 1,
+				.flags = TAP_NLM_F_REQUEST | TAP_NLM_F_ACK | TAP_NLM_F_CREATE | TAP_NLM_F_EXCL };
+	struct tap_nl_ifinfo ifi = { .family = AF_UNSPEC };
+	m->len = 0;
+	tap_nl_put(m, &h, sizeof h);
+	tap_nl_put(m, &ifi, sizeof ifi);
+	tap_nl_attr(m, TAP_IFLA_IFNAME, name, strlen(name) + 1);
+	tap_nl_attr(m, TAP_IFLA_MTU, &mtu, 4);
+	size_t info = tap_nl_attr(m, TAP_IFLA_LINKINFO, NULL, 0);
+	tap_nl_attr(m, TAP_IFLA_INFO_KIND, "veth", 5);
+	size_t data = tap_nl_attr(m, TAP_IFLA_INFO_DATA, NULL, 0);
+	size_t p = tap_nl_attr(m, TAP_VETH_INFO_PEER, NULL, 0);
+	tap_nl_put(m, &ifi, sizeof ifi);
+	tap_nl_attr(m, TAP_IFLA_IFNAME, peer, strlen(peer) + 1);
+	tap_nl_attr(m, TAP_IFLA_MTU, &mtu, 4);
+	tap_nl_close(m, p);
+	tap_nl_close(m, data);
+	tap_nl_close(m, info);
+	uint32_t total = (uint32_t)m->len;
+	memcpy(m->buf, &total, 4);
+}
+
+/* Make the pair; 0, or -errno as the kernel answered. */
+static int tap_nl_veth(const char *name, const char *peer, uint32_t mtu)
+{
+	struct tap_nl m;
+	int32_t ans[8];                 /* nlmsghdr, then nlmsgerr's error */
+	tap_nl_veth_request(&m, name, peer, mtu);
+	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, TAP_NETLINK_ROUTE);
+	if (fd < 0)
+		return -errno;
+	ssize_t r = send(fd, m.buf, m.len, 0) == (ssize_t)m.len ? recv(fd, ans, sizeof ans, 0) : -1;
+	int e = r < 0 ? -errno : (size_t)r < 20 || ((struct tap_nl_hdr *)ans)->type != TAP_NLMSG_ERROR ? -EPROTO :
+		ans[4];
+	close(fd);
+	return e;
+}
+
+/* The node's end: an AF_PACKET socket on the peer with virtio-net headers,
+ * deaf to what it sends itself. */
+static int tap_packet_open(const char *peer, char *err, size_t errlen)
+{
+	int one = 1, buf = TAP_PACKET_BUF_BYTES;
+	struct sockaddr_ll sa = { .sll_family = AF_PACKET, .sll_protocol = htons(TAP_ETH_P_ALL),
+				  .sll_ifindex = (int)if_nametoindex(peer) };
+	int fd = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);   /* deaf until bound */
+	if (fd < 0 || !sa.sll_ifindex ||
+	    setsockopt(fd, TAP_SOL_PACKET, TAP_PACKET_VNET_HDR, &one, sizeof one) < 0 ||
+	    setsockopt(fd, TAP_SOL_PACKET, TAP_PACKET_IGNORE_OUTGOING, &one, sizeof one) < 0 ||
+	    bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		snprintf(err, errlen, "cannot open a packet socket on %s: %s", peer, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);       /* up to rmem_max */
+	setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+	return fd;
+}
+
+/* Bring an interface up (the peer: no address, no IPv6). */
+static int tap_link_up(const char *name)
+{
+	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr = { 0 };
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+	int rc = sock < 0 || ioctl(sock, SIOCGIFFLAGS, &ifr) < 0 ? -1 : 0;
+	ifr.ifr_flags |= IFF_UP;
+	if (rc == 0)
+		rc = ioctl(sock, SIOCSIFFLAGS, &ifr);
+	if (sock >= 0)
+		close(sock);
+	return rc;
+}
+
+/* In the child, instead of tap_create: the pair, configured, and the
+ * packet socket as n->tap.fd. */
+static int tap_ns_veth(struct node *n, const char *name, char *err, size_t errlen)
+{
+	char peer[IFNAMSIZ];
+	snprintf(peer, sizeof peer, "%sp", name);
+	int rc = tap_nl_veth(name, peer, (uint32_t)n->ip.mtu);
+	if (rc < 0) {
+		snprintf(err, errlen, "/dev/net/tun is closed to users here, and making a veth pair failed too: %s "
+			 "(use --mode user)", strerror(-rc));
+		return -1;
+	}
+	snprintf(n->tap.name, sizeof n->tap.name, "%s", name);
+	memcpy(n->tap.gw_mac, tap_gw_mac, 6);
+	if (tap_configure(n, err, errlen) < 0 || tap_link_up(peer) < 0)
+		return -1;
+	tap_disable_ipv6(name);
+	tap_disable_ipv6(peer);
+	n->tap.fd = tap_packet_open(peer, err, errlen);
+	return n->tap.fd < 0 ? -1 : 0;
+}
+
 enum { TAP_NS_FDS = 3 };           /* the device, the user namespace, the network namespace */
 
 /* Send m, and with it fds when m says all went well. */
@@ -11517,11 +11686,14 @@ static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *c
 	sigfillset(&all);
 	sigprocmask(SIG_UNBLOCK, &all, NULL);
 	signal(SIGPIPE, SIG_DFL);
-	m.status = tap_ns_enter(uid, gid, m.err, sizeof m.err) < 0 ||
-		   tap_create(n, "ipop0", m.err, sizeof m.err) < 0 ? -1 : 0;
-	if (m.status < 0 && access("/dev/net/tun", R_OK | W_OK) < 0 && errno == EACCES)
-		snprintf(m.err, sizeof m.err, "/dev/net/tun is not open to unprivileged users here (an admin "
-			 "can allow it: chmod 0666 /dev/net/tun); use --mode user instead");
+	m.status = tap_ns_enter(uid, gid, m.err, sizeof m.err);
+	int rc = m.status < 0 ? 0 : tap_create(n, "ipop0", m.err, sizeof m.err);
+	if (rc == -EPERM) {             /* /dev/net/tun is closed to us */
+		m.veth = true;
+		rc = tap_ns_veth(n, "ipop0", m.err, sizeof m.err);
+	}
+	if (rc < 0)
+		m.status = -1;
 	memcpy(m.mac, n->tap.kernel_mac, 6);
 	snprintf(m.name, sizeof m.name, "%s", n->tap.name);
 	int fds[TAP_NS_FDS] = { n->tap.fd, open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC),
@@ -11575,6 +11747,7 @@ static int tap_ns_spawn(struct node *n, char *const argv[], char *err, size_t er
 	int fds[TAP_NS_FDS];
 	memcpy(fds, CMSG_DATA(c), sizeof fds);
 	n->tap.fd = fds[0];
+	n->tap.veth = m.veth;
 	n->tap.ns_fd[0] = fds[1];
 	n->tap.ns_fd[1] = fds[2];
 	memcpy(n->tap.kernel_mac, m.mac, 6);
@@ -13505,15 +13678,15 @@ static void ctl_status_json(struct node *n, struct buf_str *o)
 		   n->ring.joined ? "true" : "false", n->ring.n_estimate);
 	ctl_json_listen(o, n);
 	if (n->tap.fd >= 0)
-		buf_printf(o, "\"interface\":{\"name\":\"%s\",\"mtu\":%d,\"offload\":%s,\"tso_frames\":%llu,"
-			   "\"tso_segments\":%llu,\"gro_frames\":%llu,\"gro_segments\":%llu},", n->tap.name,
-			   n->ip.mtu, n->tap.vnet ? "true" : "false", (unsigned long long)n->tap.tso_frames,
+		buf_printf(o, "\"interface\":{\"name\":\"%s\",\"device\":\"%s\",\"mtu\":%d,\"offload\":%s,"
+			   "\"tso_frames\":%llu,\"tso_segments\":%llu,\"gro_frames\":%llu,\"gro_segments\":%llu},",
+			   n->tap.name, n->tap.veth ? "veth" : "tap", n->ip.mtu, n->tap.vnet ? "true" : "false", (unsigned long long)n->tap.tso_frames,
 			   (unsigned long long)n->tap.tso_segments, (unsigned long long)n->tap.gro_frames,
 			   (unsigned long long)n->tap.gro_segments);
 	else
 		buf_printf(o, "\"interface\":null,");
-	buf_printf(o, "\"mode\":\"%s\",\"security\":\"%s\",\"ciphers\":[", n->tap.fd >= 0 ? "tap" :
-		   n->lw.started ? "user" : "none", sec_mode_names[n->sec.mode]);
+	buf_printf(o, "\"mode\":\"%s\",\"security\":\"%s\",\"ciphers\":[", n->tap.ns_fd[0] >= 0 ? "ns" :
+		   n->tap.fd >= 0 ? "tap" : n->lw.started ? "user" : "none", sec_mode_names[n->sec.mode]);
 	for (int c = SEC__CIPHER_END - 1, first = 1; c >= 0 && n->sec.mode != SEC_INSECURE; c--)
 		if (n->sec.ciphers & (1u << c)) {
 			buf_printf(o, "%s\"%s\"", first ? "" : ",", sec_cipher_names[c]);
@@ -13628,7 +13801,9 @@ static void ctl_status_text(struct node *n, struct buf_str *o)
 		buf_printf(o, "listen    %s\n", uri);
 	}
 	if (n->tap.fd >= 0)
-		buf_printf(o, "interface %s, mtu %d; ip packets out %llu, in %llu\n", n->tap.name, n->ip.mtu,
+		buf_printf(o, "interface %s%s, mtu %d; ip packets out %llu, in %llu\n", n->tap.name,
+			   n->tap.ns_fd[0] < 0 ? "" : n->tap.veth ? " (namespace, veth: /dev/net/tun is closed)" :
+			   " (namespace, tap)", n->ip.mtu,
 			   (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets);
 	if (n->sec.mode == SEC_CERT)
 		ctl_text_cert(o, n);
