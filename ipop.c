@@ -11660,6 +11660,28 @@ static int tap_ns_veth(struct node *n, const char *name, char *err, size_t errle
 
 enum { TAP_NS_FDS = 3 };           /* the device, the user namespace, the network namespace */
 
+/* execvp; on failure its errno, except that a command no PATH directory
+ * has is ENOENT even when one of them was closed to us (musl's execvp
+ * says EACCES then, where a shell says "not found": $PATH often names a
+ * directory of root's that nobody may search). */
+static int tap_ns_execvp(char *const argv[])
+{
+	execvp(argv[0], argv);
+	int e = errno;
+	const char *path = getenv("PATH");
+	if (e != EACCES || strchr(argv[0], '/') || !path)
+		return e;
+	for (const char *p = path, *end; *p; p = *end ? end + 1 : end) {
+		char full[PATH_MAX];
+		struct stat st;
+		end = strchrnul(p, ':');
+		snprintf(full, sizeof full, "%.*s/%s", (int)(end - p), end > p ? p : ".", argv[0]);
+		if (stat(full, &st) == 0)
+			return EACCES;  /* there, but not ours to run */
+	}
+	return ENOENT;
+}
+
 /* Send m, and with it fds when m says all went well. */
 static int tap_ns_send(int sock, const struct tap_ns_msg *m, const int fds[TAP_NS_FDS])
 {
@@ -11708,9 +11730,9 @@ static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *c
 		_exit(0);               /* no command: the namespaces live on in the parent's fds */
 	close(sock);
 	close(n->tap.fd);
-	execvp(argv[0], argv);
-	fprintf(stderr, "ipop: cannot run %s: %s\n", argv[0], strerror(errno));
-	_exit(127);
+	int e = tap_ns_execvp(argv);
+	fprintf(stderr, "ipop: cannot run %s: %s\n", argv[0], strerror(e));
+	_exit(e == ENOENT ? 127 : 126);
 }
 
 /* Start the command (argv, or NULL for none) in its namespace; adopt the
@@ -18220,8 +18242,7 @@ static int cli_exec(struct cli_opts *o)
 	}
 	close(fds[0]);
 	close(fds[1]);
-	execvp(o->exec_argv[0], o->exec_argv);
-	int e = errno;
+	int e = tap_ns_execvp(o->exec_argv);
 	cli_fail("exec: cannot run %s: %s", o->exec_argv[0], strerror(e));
 	return e == ENOENT ? 127 : 126;
 }

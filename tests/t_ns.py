@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
-"""Namespace mode, as an unprivileged user: `ipop up --mode ns ... -- CMD`
-runs CMD in a new user and network namespace whose tap interface carries
-the node's virtual IP.  CMD reaches a tap node's web server by its virtual
-IP with no proxy settings, and the tap node reaches a server CMD runs.
-/dev/net/tun may be mode 0600 on this machine: the test opens it to others
-for its duration (what an admin would do to allow namespace mode) and
-restores the mode afterwards.  Namespaces are prefixed "tx"."""
+"""Namespace mode, as an unprivileged user (nobody), against a tap node B
+that serves a web page on its virtual IP.  Namespaces are prefixed "tx".
+
+ 1. /dev/net/tun at mode 0600 (as on this machine, whatever it was):
+    `ipop up --mode ns` with no command keeps a namespace whose ipop0 is a
+    veth pair (status: mode ns, device veth).  `ipop exec` runs programs in
+    it as nobody (uid 65534, not 0): they see ipop0 with the virtual IP,
+    ping B, fetch B's page with no proxy, and serve a page B fetches;
+    exec passes exit statuses through (7, and 127 for a missing command).
+    Another user (daemon) cannot enter the namespace.
+ 2. /dev/net/tun at mode 0666 (what an admin would do): `ipop up --mode ns
+    ... -- CMD` runs CMD in a namespace whose ipop0 is a tap (status:
+    device tap); CMD reaches B and serves B; ipop exits with CMD's status.
+
+/dev/net/tun's mode is restored afterwards."""
 import os
 import shutil
 import signal
@@ -15,6 +23,7 @@ import sys
 import tempfile
 import time
 import atexit
+import json
 
 if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
     os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ipop-test-state-")
@@ -23,7 +32,9 @@ if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) no
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPOP = os.environ.get("IPOP", os.path.join(ROOT, "ipop"))
 NS = ["tx-sw", "tx-a", "tx-b"]
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env", "-u", "XDG_RUNTIME_DIR"]
 procs = []
+failures = []
 
 
 def sh(*args, check=True, timeout=30, **kw):
@@ -31,6 +42,21 @@ def sh(*args, check=True, timeout=30, **kw):
     if check and p.returncode != 0:
         raise RuntimeError("%s: %s" % (" ".join(args), (p.stderr or p.stdout).strip()[-300:]))
     return p
+
+
+def report(ok, msg):
+    print("%s: %s" % ("ok" if ok else "FAILED", msg), flush=True)
+    if not ok:
+        failures.append(msg)
+
+
+def wait_for(fn, timeout, every=0.2):
+    end = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() > end:
+            return v
+        time.sleep(every)
 
 
 def cleanup():
@@ -41,86 +67,168 @@ def cleanup():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def lab(tmp):
+    """tx-a and tx-b on a bridge; B a tap node (root) serving a page."""
+    sh("ip", "netns", "add", "tx-sw")
+    sh("ip", "-n", "tx-sw", "link", "add", "br0", "type", "bridge")
+    sh("ip", "-n", "tx-sw", "link", "set", "br0", "up")
+    for i, ns in ((1, "tx-a"), (2, "tx-b")):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", "txv%d" % i, "netns", "tx-sw", "type", "veth", "peer", "name", "eth0",
+           "netns", ns)
+        sh("ip", "-n", "tx-sw", "link", "set", "txv%d" % i, "master", "br0", "up")
+        sh("ip", "-n", ns, "addr", "add", "192.168.97.%d/24" % i, "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    key = os.path.join(tmp, "net.key")
+    sh(IPOP, "genkey", "--out", key)
+    www = os.path.join(tmp, "www")
+    os.mkdir(www)
+    with open(os.path.join(www, "index.html"), "w") as f:
+        f.write("page-from-B\n")
+    procs.append(subprocess.Popen(["ip", "netns", "exec", "tx-b", IPOP, "up", "--ip", "10.128.0.2/16",
+                                   "--listen", "udp://192.168.97.2:4000", "--secret-file", key,
+                                   "--control", os.path.join(tmp, "b.sock")],
+                                  stderr=open(os.path.join(tmp, "b.log"), "w")))
+    procs.append(subprocess.Popen(["ip", "netns", "exec", "tx-b", "python3", "-m", "http.server", "8000",
+                                   "--bind", "10.128.0.2", "--directory", www],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    # nobody's own directory, key and binary, as a user would have them
+    ndir = os.path.join(tmp, "nobody")
+    os.mkdir(ndir, 0o700)
+    nkey, nbin = os.path.join(ndir, "net.key"), os.path.join(ndir, "ipop")
+    shutil.copy(key, nkey)
+    shutil.copy(IPOP, nbin)
+    for p in (ndir, nkey, nbin):
+        os.chown(p, 65534, 65534)
+    os.chmod(nkey, 0o600)
+    return ndir, nkey, nbin
+
+
+def b_fetches(url, timeout):
+    def get():
+        r = subprocess.run(["ip", "netns", "exec", "tx-b", "curl", "-s", "--max-time", "2", url],
+                           capture_output=True, text=True)
+        return r.stdout if r.returncode == 0 and r.stdout else ""
+    return wait_for(get, timeout, 0.3)
+
+
+def up_args(nbin, nkey, ctl, vip):
+    return ["ip", "netns", "exec", "tx-a"] + NOBODY + [
+        "HOME=" + os.path.dirname(ctl), nbin, "up", "--mode", "ns", "--ip", vip,
+        "--listen", "udp://192.168.97.1:4000", "--bootstrap", "udp://192.168.97.2:4000",
+        "--secret-file", nkey, "--control", ctl]
+
+
+def status(nbin, ctl):
+    r = subprocess.run(["ip", "netns", "exec", "tx-a"] + NOBODY + [nbin, "status", "--json", "--control", ctl],
+                       capture_output=True, text=True, timeout=10)
+    try:
+        return json.loads(r.stdout) if r.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+def step_veth_exec(tmp, ndir, nkey, nbin):
+    print("== 1. tun 0600: ns mode with no command, ipop exec, veth", flush=True)
+    os.chmod("/dev/net/tun", 0o600)
+    ctl = os.path.join(ndir, "a.sock")
+    a_log = os.path.join(tmp, "a1.log")
+    a = subprocess.Popen(up_args(nbin, nkey, ctl, "10.128.0.7/16"), stdout=subprocess.DEVNULL,
+                         stderr=open(a_log, "w"))
+    procs.append(a)
+    st = wait_for(lambda: status(nbin, ctl), 15)
+    iface = (st or {}).get("interface") or {}
+    report(st and st.get("mode") == "ns" and iface.get("device") == "veth",
+           "status: mode %r, device %r (want ns, veth)" % ((st or {}).get("mode"), iface.get("device")))
+
+    def ex(*cmd, user=NOBODY, timeout=20):
+        return subprocess.run(["ip", "netns", "exec", "tx-a"] + user + [nbin, "exec", "--control", ctl, "--"]
+                              + list(cmd), capture_output=True, text=True, timeout=timeout)
+    r = ex("sh", "-c", "id -u; ip -o -4 addr show ipop0")
+    report(r.returncode == 0 and r.stdout.split()[:1] == ["65534"] and "inet 10.128.0.7/16" in r.stdout,
+           "exec: a program runs as nobody (uid 65534) and sees ipop0 with 10.128.0.7/16: %r %r"
+           % (r.stdout.strip()[:120], r.stderr.strip()[-200:]))
+    r = wait_for(lambda: (lambda x: x if x.returncode == 0 else None)(ex("ping", "-n", "-c", "1", "-W", "2",
+                                                                         "10.128.0.2")), 20, 0.5)
+    report(r is not None, "exec: nobody pings B's virtual IP from the namespace")
+    r = wait_for(lambda: (lambda x: x if "page-from-B" in x.stdout else None)(
+        ex("curl", "-s", "--max-time", "3", "http://10.128.0.2:8000/")), 20, 0.3)
+    report(r is not None, "exec: curl reaches B's page by virtual IP, no proxy")
+    srv = subprocess.Popen(["ip", "netns", "exec", "tx-a"] + NOBODY + [
+        nbin, "exec", "--control", ctl, "--", "python3", "-m", "http.server", "7000", "--bind", "10.128.0.7",
+        "--directory", ndir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(srv)
+    got = b_fetches("http://10.128.0.7:7000/", 20)
+    report("a.sock" in got, "B fetches a listing from a server started with ipop exec (listening works)")
+    srv.kill()
+    r = ex("sh", "-c", "exit 7")
+    report(r.returncode == 7, "exec passes the command's exit status through (%d, want 7)" % r.returncode)
+    r = ex("no-such-command-here")
+    report(r.returncode == 127, "exec of a missing command exits 127 (%d): %s" % (r.returncode, r.stderr.strip()))
+    mark = os.path.join(tmp, "entered-by-daemon")
+    os.chmod(tmp, 0o777)
+    r = ex("touch", mark, user=["setpriv", "--reuid=daemon", "--regid=daemon", "--clear-groups"])
+    os.chmod(tmp, 0o711)
+    report(r.returncode != 0 and not os.path.exists(mark),
+           "another user (daemon) cannot enter nobody's namespace (exit %d: %s)" % (r.returncode,
+                                                                                 r.stderr.strip()[-120:]))
+    a.send_signal(signal.SIGTERM)
+    try:
+        rc = a.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        rc = None
+    report(rc == 0, "the node leaves on SIGTERM and exits 0 (%r)" % rc)
+    print("A's log tail:\n" + "".join(open(a_log).readlines()[-3:]))
+
+
+def step_tap_command(tmp, ndir, nkey, nbin):
+    print("== 2. tun 0666: ns mode with a command, tap", flush=True)
+    os.chmod("/dev/net/tun", 0o666)
+    ctl = os.path.join(ndir, "a2.sock")
+    script = ("ip -o -4 addr show ipop0; "
+              "python3 -m http.server 7000 --bind 10.128.0.8 --directory /tmp >/dev/null 2>&1 & "
+              "for i in $(seq 50); do curl -s --max-time 2 http://10.128.0.2:8000/ && break; sleep 0.2; done; "
+              "echo curl=$?; for i in $(seq 100); do [ -e %s ] && break; sleep 0.1; done; kill $!"
+              % os.path.join(ndir, "b-done"))
+    a_log = os.path.join(tmp, "a2.log")
+    t0 = time.monotonic()
+    a = subprocess.Popen(up_args(nbin, nkey, ctl, "10.128.0.8/16") + ["--", "sh", "-c", script],
+                         stdout=subprocess.PIPE, stderr=open(a_log, "w"), text=True)
+    procs.append(a)
+    st = wait_for(lambda: status(nbin, ctl), 15)
+    report(((st or {}).get("interface") or {}).get("device") == "tap", "status: device tap with /dev/net/tun open")
+    got_b = b_fetches("http://10.128.0.8:7000/", 20)
+    open(os.path.join(ndir, "b-done"), "w").close()
+    out, _ = a.communicate(timeout=30)
+    el = time.monotonic() - t0
+    print(out)
+    report("inet 10.128.0.8/16" in out, "the command saw ipop0 with 10.128.0.8/16 inside its namespace")
+    report("page-from-B" in out and "curl=0" in out, "the command reached B's server by virtual IP, no proxy")
+    report(bool(got_b), "B reached the server the command runs in the namespace (listening works)")
+    report(a.returncode == 0, "ipop exited with the command's status (%s) after %.1f s" % (a.returncode, el))
+    report("the command exited" in open(a_log).read(), "ipop said the command ended and left the ring")
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="ipop-t_ns-")
     os.chmod(tmp, 0o711)                # nobody must reach its own subdirectory
     tun_mode = stat.S_IMODE(os.stat("/dev/net/tun").st_mode)
-    failures = []
     try:
         cleanup()
-        sh("ip", "netns", "add", "tx-sw")
-        sh("ip", "-n", "tx-sw", "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", "tx-sw", "link", "set", "br0", "up")
-        for i, ns in ((1, "tx-a"), (2, "tx-b")):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", "txv%d" % i, "netns", "tx-sw", "type", "veth", "peer", "name", "eth0",
-               "netns", ns)
-            sh("ip", "-n", "tx-sw", "link", "set", "txv%d" % i, "master", "br0", "up")
-            sh("ip", "-n", ns, "addr", "add", "192.168.97.%d/24" % i, "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        key = os.path.join(tmp, "net.key")
-        sh(IPOP, "genkey", "--out", key)
-        # B: a tap node (root) with a web server on its virtual IP.
-        www = os.path.join(tmp, "www")
-        os.mkdir(www)
-        with open(os.path.join(www, "index.html"), "w") as f:
-            f.write("page-from-B\n")
-        b_log = open(os.path.join(tmp, "b.log"), "w")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", "tx-b", IPOP, "up", "--ip", "10.128.0.2/16",
-                                       "--listen", "udp://192.168.97.2:4000", "--secret-file", key,
-                                       "--control", os.path.join(tmp, "b.sock")], stderr=b_log))
-        procs.append(subprocess.Popen(["ip", "netns", "exec", "tx-b", "python3", "-m", "http.server", "8000",
-                                       "--bind", "10.128.0.2", "--directory", www],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        # A: namespace mode as nobody, with its own copy of key and binary.
-        ndir = os.path.join(tmp, "nobody")
-        os.mkdir(ndir, 0o700)
-        nkey, nbin = os.path.join(ndir, "net.key"), os.path.join(ndir, "ipop")
-        shutil.copy(key, nkey)
-        shutil.copy(IPOP, nbin)
-        for p in (ndir, nkey, nbin):
-            os.chown(p, 65534, 65534)
-        os.chmod(nkey, 0o600)
-        os.chmod("/dev/net/tun", 0o666)
-        script = ("sleep 2; ip -o -4 addr show ipop0; "
-                  "python3 -m http.server 7000 --bind 10.128.0.7 --directory /tmp >/dev/null 2>&1 & "
-                  "sleep 1; curl -s --max-time 5 http://10.128.0.2:8000/; echo curl=$?; sleep 4; kill $!")
-        a_log = os.path.join(tmp, "a.log")
-        t0 = time.monotonic()
-        a = subprocess.Popen(["ip", "netns", "exec", "tx-a", "setpriv", "--reuid=nobody", "--regid=nogroup",
-                              "--clear-groups", nbin, "up", "--mode", "ns", "--ip", "10.128.0.7/16",
-                              "--listen", "udp://192.168.97.1:4000", "--bootstrap", "udp://192.168.97.2:4000",
-                              "--secret-file", nkey, "--control", os.path.join(ndir, "a.sock"), "--",
-                              "sh", "-c", script], stdout=subprocess.PIPE, stderr=open(a_log, "w"), text=True)
-        procs.append(a)
-        # Meanwhile B fetches from the server the command runs in the namespace.
-        got_b = ""
-        for _ in range(30):
-            time.sleep(0.3)
-            r = subprocess.run(["ip", "netns", "exec", "tx-b", "curl", "-s", "--max-time", "2",
-                                "http://10.128.0.7:7000/"], capture_output=True, text=True)
-            if r.returncode == 0 and r.stdout:
-                got_b = r.stdout
-                break
-        out, _ = a.communicate(timeout=30)
-        el = time.monotonic() - t0
-        print(out)
-        print("A's log tail:\n" + "".join(open(a_log).readlines()[-4:]))
-        checks = [
-            ("inet 10.128.0.7/16" in out, "the command saw ipop0 with 10.128.0.7/16 inside its namespace"),
-            ("page-from-B" in out and "curl=0" in out, "the command reached B's server by virtual IP, no proxy"),
-            (bool(got_b), "B reached the server the command runs in the namespace (listening works)"),
-            (a.returncode == 0, "ipop exited with the command's status (%s) after %.1f s" % (a.returncode, el)),
-            ("the command exited" in open(a_log).read(), "ipop said the command ended and left the ring"),
-        ]
-        for ok, msg in checks:
-            print("%s: %s" % ("ok" if ok else "FAILED", msg))
-            if not ok:
-                failures.append(msg)
+        ndir, nkey, nbin = lab(tmp)
+        step_veth_exec(tmp, ndir, nkey, nbin)
+        step_tap_command(tmp, ndir, nkey, nbin)
+    except Exception as e:              # a broken step is a failure, not a traceback
+        report(False, "step failed: %s: %s" % (type(e).__name__, e))
     finally:
         os.chmod("/dev/net/tun", tun_mode)
         cleanup()
+        if failures:
+            for f in ("a1.log", "a2.log", "b.log"):
+                p = os.path.join(tmp, f)
+                if os.path.exists(p):
+                    print("---- %s (tail)\n%s" % (f, "".join(open(p).readlines()[-15:])))
         shutil.rmtree(tmp, ignore_errors=True)
     print("PASS" if not failures else "FAIL: %d check(s)" % len(failures))
     return 1 if failures else 0
