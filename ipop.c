@@ -12845,6 +12845,8 @@ static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uin
 			if (l > 5 && !strcmp(name + l - 5, ".ipop"))
 				name[l - 5] = 0;
 			*port = buf_u16(&b);
+			if (cmd == SOCKS_CMD_UDP_ASSOCIATE && !b.bad)
+				return 2;       /* the client's own address: not checked */
 			if (cmd != SOCKS_CMD_CONNECT)
 				return -SOCKS_BAD_COMMAND;
 			return b.bad || !*name || strlen(name) != (size_t)strcspn(name, " \t\r\n") ? -SOCKS_FAILURE : 1;
@@ -12874,9 +12876,24 @@ static int socks_parse_request(struct node *n, const uint8_t *p, size_t len, uin
  * 0) or else the port of its first datagram.  So another host cannot take
  * the relay over, nor another local user when the client names its port;
  * a client on 127.0.0.1 that names port 0 (many do) can be raced by a
- * local user sending first (docs/SECURITY.md section 10.1). */
+ * local user sending first (docs/SECURITY.md section 10.1).
+ * A datagram may name its destination (a --name) instead: the association
+ * keeps a few names it looked up (SOCKS_UDP_NAMES_MAX, for
+ * SOCKS_UDP_NAME_TTL_MS); while one lookup runs, the datagram that asked
+ * waits, and others for names not known are dropped, as UDP may. */
 
-enum { SOCKS_UDP_HDR_BYTES = 10 };     /* RSV RSV FRAG ATYP=1 ADDR(4) PORT(2) */
+enum {
+	SOCKS_UDP_HDR_BYTES = 10,       /* RSV RSV FRAG ATYP=1 ADDR(4) PORT(2) */
+	SOCKS_UDP_NAME_BYTES = 64,      /* a --name and its NUL */
+	SOCKS_UDP_NAMES_MAX = 8,        /* a job talks to a few hosts by name */
+	SOCKS_UDP_NAME_TTL_MS = 60000,  /* then asked again: --ip auto may move a name */
+};
+
+struct socks_udp_name {
+	char name[SOCKS_UDP_NAME_BYTES];        /* "" when free */
+	uint32_t ip;
+	uint64_t until_ms;
+};
 
 struct socks_udp {
 	struct node *n;
@@ -12884,11 +12901,60 @@ struct socks_udp {
 	struct udp_pcb *pcb;
 	struct sockaddr_in client;      /* the TCP client's IP; the port once known, else 0 */
 	bool have_client;               /* client's port known: replies can go out */
+	struct socks_udp_name names[SOCKS_UDP_NAMES_MAX];
+	char resolving[SOCKS_UDP_NAME_BYTES];   /* the name being looked up, or "" */
+	uint8_t *held;                  /* the datagram that asked for it: data, port */
+	size_t held_len;
+	uint16_t held_port;
 };
+
+/* A name is printable ASCII, no blanks: what a lookup could find. */
+static bool socks_udp_name_ok(const char *name, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (name[i] <= ' ' || name[i] > '~')
+			return false;
+	return len > 0;
+}
+
+/* Where a client datagram goes: an IPv4 address, or (ip 0) a name with
+ * ".ipop" dropped; its port and where its data starts.  -1: malformed, or
+ * a fragment (FRAG != 0: never reassembled, RFC 1928 allows dropping). */
+static int socks_udp_header(const uint8_t *d, size_t len, uint32_t *ip, char name[SOCKS_UDP_NAME_BYTES],
+			    uint16_t *port, size_t *data_at)
+{
+	struct buf b = buf_of(d, len);
+	uint16_t rsv = buf_u16(&b);
+	uint8_t frag = buf_u8(&b), atyp = buf_u8(&b), nl = 0;
+	struct in_addr ia;
+	*ip = 0;
+	name[0] = 0;
+	if (atyp == SOCKS_ATYP_IPV4) {
+		*ip = buf_u32(&b);
+	} else if (atyp == SOCKS_ATYP_NAME && (nl = buf_u8(&b)) < SOCKS_UDP_NAME_BYTES) {
+		buf_bytes(&b, name, nl);
+		name[nl] = 0;
+	} else {
+		return -1;
+	}
+	*port = buf_u16(&b);
+	if (b.bad || rsv || frag || (atyp == SOCKS_ATYP_NAME && !socks_udp_name_ok(name, nl)))
+		return -1;
+	*data_at = len - (size_t)(b.end - b.p);
+	if (nl > 5 && !strcmp(name + nl - 5, ".ipop"))
+		name[nl - 5] = 0;
+	if (name[0] && inet_pton(AF_INET, name, &ia) == 1) {
+		*ip = ntohl(ia.s_addr);
+		name[0] = 0;
+	}
+	return 0;
+}
 
 static void socks_udp_free(struct socks_udp *u)
 {
 	struct ev_loop *loop = &u->n->loop;
+	dht_forget(u->n, u);            /* a lookup's answer must not find u freed */
+	free(u->held);
 	ev_fd_forget(loop, u->tcp_fd);
 	ev_fd_forget(loop, u->udp_fd);
 	close(u->tcp_fd);
@@ -12918,38 +12984,101 @@ static void socks_udp_from_lwip(void *arg, struct udp_pcb *pcb, struct pbuf *p, 
 	pbuf_free(p);
 }
 
-/* From the client: only unfragmented IPv4 destinations in our network. */
-static void socks_udp_from_client(struct socks_udp *u)
+/* The data on to the virtual host; only to addresses in our network. */
+static void socks_udp_send(struct socks_udp *u, uint32_t ip, uint16_t port, const uint8_t *data, size_t len)
 {
-	uint8_t d[SOCKS_UDP_HDR_BYTES + WIRE_MAX_PACKET_BYTES];
-	struct sockaddr_in from;
-	socklen_t fl = sizeof from;
-	/* MSG_TRUNC: the datagram's real length, so one too long for a packet
-	 * is dropped, not forwarded cut short. */
-	ssize_t r = recvfrom(u->udp_fd, d, sizeof d, MSG_DONTWAIT | MSG_TRUNC, (struct sockaddr *)&from, &fl);
-	if (r < SOCKS_UDP_HDR_BYTES || (size_t)r > sizeof d)
+	if (!ip_on_net(&u->n->ip, ip))
 		return;
-	if (from.sin_addr.s_addr != u->client.sin_addr.s_addr ||
-	    (u->client.sin_port && from.sin_port != u->client.sin_port))
-		return;                 /* not our client */
-	struct buf b = buf_of(d, (size_t)r);
-	uint16_t rsv = buf_u16(&b);
-	uint8_t frag = buf_u8(&b), atyp = buf_u8(&b);
-	uint32_t ip = buf_u32(&b);
-	uint16_t port = buf_u16(&b);
-	if (rsv || frag || atyp != SOCKS_ATYP_IPV4 || !ip_on_net(&u->n->ip, ip))
-		return;
-	u->client = from;
-	u->have_client = true;
-	size_t len = (size_t)r - SOCKS_UDP_HDR_BYTES;
 	struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)len, PBUF_RAM);
 	if (!p)
 		return;
-	pbuf_take(p, d + SOCKS_UDP_HDR_BYTES, (u16_t)len);
+	pbuf_take(p, data, (u16_t)len);
 	ip_addr_t dst;
 	dst.addr = htonl(ip);
 	udp_sendto(u->pcb, p, &dst, port);
 	pbuf_free(p);
+}
+
+static struct socks_udp_name *socks_udp_name_find(struct socks_udp *u, const char *name)
+{
+	uint64_t now = ev_now(&u->n->loop);
+	for (unsigned i = 0; i < SOCKS_UDP_NAMES_MAX; i++)
+		if (u->names[i].name[0] && u->names[i].until_ms > now && !strcmp(u->names[i].name, name))
+			return &u->names[i];
+	return NULL;
+}
+
+/* Keep a looked-up name, in place of the one that expires first. */
+static void socks_udp_name_keep(struct socks_udp *u, const char *name, uint32_t ip)
+{
+	struct socks_udp_name *slot = &u->names[0];
+	for (unsigned i = 1; i < SOCKS_UDP_NAMES_MAX; i++)
+		if (u->names[i].until_ms < slot->until_ms)
+			slot = &u->names[i];
+	snprintf(slot->name, sizeof slot->name, "%s", name);
+	slot->ip = ip;
+	slot->until_ms = ev_now(&u->n->loop) + SOCKS_UDP_NAME_TTL_MS;
+}
+
+/* The DHT answered "name:N" for the datagram that waits, or did not. */
+static void socks_udp_resolved(struct node *n, void *arg, const struct wire_dht *reply)
+{
+	struct socks_udp *u = arg;
+	(void)n;
+	if (reply && reply->status == DHT_OK && reply->value_len == 4) {
+		struct buf b = buf_of(reply->value, 4);
+		uint32_t ip = buf_u32(&b);
+		socks_udp_name_keep(u, u->resolving, ip);
+		socks_udp_send(u, ip, u->held_port, u->held, u->held_len);
+	}
+	u->resolving[0] = 0;
+	free(u->held);
+	u->held = NULL;
+}
+
+/* A datagram for a name not known yet: it waits for one lookup at a time. */
+static void socks_udp_lookup(struct socks_udp *u, const char *name, uint16_t port, const uint8_t *data, size_t len)
+{
+	char key[SOCKS_UDP_NAME_BYTES + 8];
+	if (u->resolving[0] || !(u->held = malloc(len ? len : 1)))
+		return;                 /* dropped: another lookup runs */
+	memcpy(u->held, data, len);
+	u->held_len = len;
+	u->held_port = port;
+	snprintf(u->resolving, sizeof u->resolving, "%s", name);
+	snprintf(key, sizeof key, "name:%s", name);
+	if (dht_request(u->n, DHT_GET, key, NULL, 0, 0, socks_udp_resolved, u) < 0)
+		socks_udp_resolved(u->n, u, NULL);
+}
+
+/* From the client: unfragmented, to an IPv4 address in our network or a name. */
+static void socks_udp_from_client(struct socks_udp *u)
+{
+	uint8_t d[SOCKS_UDP_HDR_BYTES + SOCKS_UDP_NAME_BYTES + WIRE_MAX_PACKET_BYTES];
+	char name[SOCKS_UDP_NAME_BYTES];
+	struct sockaddr_in from;
+	socklen_t fl = sizeof from;
+	uint32_t ip;
+	uint16_t port;
+	size_t at;
+	/* MSG_TRUNC: the datagram's real length, so one too long for a packet
+	 * is dropped, not forwarded cut short. */
+	ssize_t r = recvfrom(u->udp_fd, d, sizeof d, MSG_DONTWAIT | MSG_TRUNC, (struct sockaddr *)&from, &fl);
+	if (r < 0 || (size_t)r > sizeof d ||
+	    socks_udp_header(d, (size_t)r, &ip, name, &port, &at) < 0 || (size_t)r - at > WIRE_MAX_PACKET_BYTES)
+		return;
+	if (from.sin_addr.s_addr != u->client.sin_addr.s_addr ||
+	    (u->client.sin_port && from.sin_port != u->client.sin_port))
+		return;                 /* not our client */
+	if (!name[0] && !ip_on_net(&u->n->ip, ip))
+		return;
+	u->client = from;
+	u->have_client = true;
+	struct socks_udp_name *known = name[0] ? socks_udp_name_find(u, name) : NULL;
+	if (name[0] && !known)
+		socks_udp_lookup(u, name, port, d + at, (size_t)r - at);
+	else
+		socks_udp_send(u, known ? known->ip : ip, port, d + at, (size_t)r - at);
 }
 
 static void socks_udp_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
@@ -15784,7 +15913,7 @@ static const struct cli_flag cli_flags[] = {
 	{ "cert", 0, true, false, KEY_CERT, CMD_CA_REVOKE },
 	{ "serial", 0, true, false, KEY_SERIAL, CMD_CA_REVOKE },
 	{ "control", 0, true, true, KEY_CONTROL, CMD_UP | CMD_STATUS | CMD_PING | CMD_DHT | CMD_ROUTE | CMD_RESOLVE |
-	  CMD_MAP | CMD_EXEC },
+	  CMD_MAP | CMD_EXEC | CMD_NC },
 	{ "ttl", 0, true, false, KEY_TTL, CMD_DHT_PUT | CMD_DHT_CREATE },
 	{ "config", 0, true, false, KEY_CONFIG, CMD_UP },
 	{ "log-level", 0, true, true, KEY_LOG_LEVEL, CMD_UP },
@@ -16005,11 +16134,13 @@ static const char cli_usage_map[] =
 	"node's answer is printed as text.\n";
 
 static const char cli_usage_nc[] =
-	"usage: ipop nc [--socks ADDR:PORT] VIP PORT\n"
+	"usage: ipop nc [--socks ADDR:PORT] [--control PATH] HOST PORT\n"
 	"\n"
-	"Join standard input and output to TCP PORT of virtual host VIP, through the\n"
-	"SOCKS5 server of a user-mode node on this host (default 127.0.0.1:1080).\n"
-	"For ssh:  ssh -o ProxyCommand='ipop nc %h %p' user@10.128.0.5\n";
+	"Join standard input and output to TCP PORT of virtual host HOST (a virtual\n"
+	"IP or a --name), through the SOCKS5 server of a user-mode node on this host\n"
+	"(default 127.0.0.1:1080).  Without one (a tap node, or a program run with\n"
+	"ipop exec) it connects directly, names looked up by the node on the control\n"
+	"socket.  For ssh:  ssh -o ProxyCommand='ipop nc %h %p' user@h2\n";
 
 static const char cli_usage_exec[] =
 	"usage: ipop exec [--control PATH] [--] CMD [ARGS...]\n"
@@ -17878,33 +18009,103 @@ static int cli_route(struct cli_opts *o)
 }
 
 /* RFC 1928 client side, blocking: greeting, CONNECT, reply. */
-static int cli_nc_connect(const struct endpoint *socks, uint32_t ip, uint16_t port, const char **why)
+/* A CONNECT through the SOCKS server to host (a virtual IP, or a name the
+ * server looks up); the connected socket, or -1 with why said.  *refused:
+ * no SOCKS server listens there at all. */
+static int cli_nc_connect(const struct endpoint *socks, const char *host, uint16_t port, const char **why,
+			  bool *refused)
 {
 	static const char *const replies[] = { "succeeded", "general failure", "not allowed",
 		"network unreachable", "host unreachable", "connection refused", "TTL expired",
 		"command not supported", "address type not supported" };
 	struct sockaddr_in sa = link_sockaddr_of(socks);
 	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	uint8_t req[10] = { SOCKS_VERSION, SOCKS_CMD_CONNECT, 0, SOCKS_ATYP_IPV4 }, r[10];
-	struct wbuf w = wbuf_of(req + 4, 6);
-	wbuf_u32(&w, ip);
+	uint8_t req[4 + 1 + 255 + 2] = { SOCKS_VERSION, SOCKS_CMD_CONNECT, 0, SOCKS_ATYP_IPV4 }, r[10];
+	struct wbuf w = wbuf_of(req + 4, sizeof req - 4);
+	uint32_t ip;
+	if (cli_ipv4(host, &ip) == 0) {
+		wbuf_u32(&w, ip);
+	} else {
+		req[3] = SOCKS_ATYP_NAME;
+		wbuf_u8(&w, (uint8_t)strlen(host));
+		wbuf_bytes(&w, host, strlen(host));
+	}
 	wbuf_u16(&w, port);
 	*why = "no SOCKS server (is a user-mode 'ipop up' running? see --socks)";
-	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
-	    send(fd, "\x05\x01\x00", 3, MSG_NOSIGNAL) != 3 || recv(fd, r, 2, MSG_WAITALL) != 2)
-		goto fail;
-	*why = "the SOCKS server wants authentication";
-	if (r[0] != SOCKS_VERSION || r[1] != 0)
-		goto fail;
-	*why = "the SOCKS server closed the connection";
-	if (send(fd, req, sizeof req, MSG_NOSIGNAL) != (ssize_t)sizeof req || recv(fd, r, 10, MSG_WAITALL) != 10)
-		goto fail;
-	if (r[1] != SOCKS_OK) {
-		*why = r[1] < ARRAY_LEN(replies) ? replies[r[1]] : "failure";
-		goto fail;
+	*refused = false;
+	if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+		*refused = errno == ECONNREFUSED;
+	else if (fd >= 0 && send(fd, "\x05\x01\x00", 3, MSG_NOSIGNAL) == 3 && recv(fd, r, 2, MSG_WAITALL) == 2) {
+		*why = "the SOCKS server wants authentication";
+		if (r[0] != SOCKS_VERSION || r[1] != 0)
+			goto fail;
+		*why = "the SOCKS server closed the connection";
+		size_t len = 4 + (size_t)wbuf_done(&w);     /* fits: names are at most 255 bytes */
+		if (send(fd, req, len, MSG_NOSIGNAL) != (ssize_t)len || recv(fd, r, 10, MSG_WAITALL) != 10)
+			goto fail;
+		if (r[1] == SOCKS_OK)
+			return fd;
+		*why = r[1] == SOCKS_HOST_UNREACHABLE && req[3] == SOCKS_ATYP_NAME ?
+		       "not found (is a node running with that --name?)" :
+		       r[1] < ARRAY_LEN(replies) ? replies[r[1]] : "failure";
 	}
-	return fd;
 fail:
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
+/* A name's virtual IP, from the DHT through the node on the control
+ * socket: 0, -errno when no node answers, 1 when nobody published it. */
+static int cli_lookup_name(const char *control, const char *name, uint32_t *ip)
+{
+	char line[DHT_KEY_MAX_BYTES + 32], base[DHT_KEY_MAX_BYTES];
+	snprintf(base, sizeof base, "%s", name);
+	size_t l = strlen(base);
+	if (l > 5 && !strcmp(base + l - 5, ".ipop"))
+		base[l - 5] = 0;
+	snprintf(line, sizeof line, "dht get name:%s\n", base);
+	struct buf_str ans = { 0 };
+	int rc = cli_ctl_ask(control, line, &ans, DHT_REQUEST_TIMEOUT_MS + 2000);
+	if (rc < 0 || !ans.len) {
+		buf_str_free(&ans);
+		return rc < 0 ? rc : -ECONNRESET;
+	}
+	unsigned ttl;
+	char owner[64], hex[16];
+	uint8_t v[4];
+	rc = sscanf(ans.s, "value %u %63s %15s", &ttl, owner, hex) == 3 && strlen(hex) == 8 && buf_unhex(hex, v, 4) ?
+	     0 : 1;
+	if (rc == 0)
+		*ip = (uint32_t)v[0] << 24 | (uint32_t)v[1] << 16 | (uint32_t)v[2] << 8 | v[3];
+	buf_str_free(&ans);
+	return rc;
+}
+
+enum { CLI_NC_CONNECT_TIMEOUT_S = 10 };
+
+/* Without a SOCKS server: a plain connection, as on a tap node or inside a
+ * namespace-mode node's network (ipop exec), a name looked up first. */
+static int cli_nc_direct(struct cli_opts *o, const char *host, uint16_t port, const char **why)
+{
+	uint32_t ip;
+	if (cli_ipv4(host, &ip) < 0) {
+		int rc = o->control[0] || cli_control_default(o) == 0 ? cli_lookup_name(o->control, host, &ip) : -ENOENT;
+		*why = rc < 0 ? "no SOCKS server on this host, and no node to look the name up (see --socks, --control)" :
+		       "not found (is a node running with that --name?)";
+		if (rc != 0)
+			return -1;
+	}
+	struct endpoint ep = { .proto = PROTO_TCP, .ip = ip, .port = port };
+	struct sockaddr_in sa = link_sockaddr_of(&ep);
+	struct timeval tv = { .tv_sec = CLI_NC_CONNECT_TIMEOUT_S };
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd >= 0)
+		setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);     /* bounds connect */
+	if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
+		return fd;
+	*why = "no SOCKS server on this host, and no route to it from here (user mode: --socks; namespace mode: "
+	       "run the program with ipop exec)";
 	if (fd >= 0)
 		close(fd);
 	return -1;
@@ -17914,16 +18115,17 @@ fail:
 static int cli_nc(struct cli_opts *o)
 {
 	struct endpoint socks;
-	bool off;
-	uint32_t ip;
+	bool off, refused;
 	uint16_t port;
 	const char *why;
-	if (o->n_args != 2 || cli_ipv4(o->args[0], &ip) < 0 || cli_port(o->args[1], &port) < 0 ||
-	    cli_parse_socks(o->socks, &socks, &off) < 0 || off) {
-		cli_fail("nc: expected VIP PORT, like: ipop nc 10.128.0.5 22");
+	if (o->n_args != 2 || !o->args[0][0] || strlen(o->args[0]) > 255 || strpbrk(o->args[0], " \t\r\n") ||
+	    cli_port(o->args[1], &port) < 0 || cli_parse_socks(o->socks, &socks, &off) < 0 || off) {
+		cli_fail("nc: expected HOST PORT (a virtual IP or a --name), like: ipop nc 10.128.0.5 22");
 		return EXIT_USAGE;
 	}
-	int fd = cli_nc_connect(&socks, ip, port, &why);
+	int fd = cli_nc_connect(&socks, o->args[0], port, &why, &refused);
+	if (fd < 0 && refused && !o->socks[0])
+		fd = cli_nc_direct(o, o->args[0], port, &why);
 	if (fd < 0) {
 		cli_fail("nc %s %u: %s", o->args[0], port, why);
 		return EXIT_FAIL;
@@ -17962,36 +18164,25 @@ static int cli_nc(struct cli_opts *o)
 /* "alice" or "alice.ipop" -> the IPv4 address in the name:alice record. */
 static int cli_resolve_name(struct cli_opts *o)
 {
-	char name[DHT_KEY_MAX_BYTES + 8], line[DHT_KEY_MAX_BYTES + 32];
+	uint32_t ip;
 	if (o->n_args != 1 || strlen(o->args[0]) >= DHT_KEY_MAX_BYTES - 5 || strpbrk(o->args[0], " \t\r\n")) {
 		cli_fail("resolve: expected one NAME (see 'ipop resolve --help')");
 		return EXIT_USAGE;
 	}
-	snprintf(name, sizeof name, "%s", o->args[0]);
-	size_t l = strlen(name);
-	if (l > 5 && !strcmp(name + l - 5, ".ipop"))
-		name[l - 5] = 0;
 	if (!o->control[0] && cli_control_default(o) < 0)
 		return EXIT_FAIL;
-	snprintf(line, sizeof line, "dht get name:%s\n", name);
-	struct buf_str ans = { 0 };
-	int rc = cli_ctl_ask(o->control, line, &ans, DHT_REQUEST_TIMEOUT_MS + 2000);
-	if (rc < 0 || !ans.len) {
-		buf_str_free(&ans);
-		return cli_no_node(o->control, rc < 0 ? rc : -ECONNRESET);
+	int rc = cli_lookup_name(o->control, o->args[0], &ip);
+	if (rc < 0)
+		return cli_no_node(o->control, rc);
+	if (rc > 0) {
+		size_t l = strlen(o->args[0]);
+		int base = l > 5 && !strcmp(o->args[0] + l - 5, ".ipop") ? (int)l - 5 : (int)l;
+		cli_fail("resolve %.*s: not found (is a node running with --name %.*s?)", base, o->args[0], base,
+			 o->args[0]);
+		return EXIT_FAIL;
 	}
-	unsigned ttl;
-	char owner[64], hex[16];
-	uint8_t v[4];
-	int code = EXIT_FAIL;
-	if (sscanf(ans.s, "value %u %63s %15s", &ttl, owner, hex) == 3 && strlen(hex) == 8 && buf_unhex(hex, v, 4)) {
-		printf("%u.%u.%u.%u\n", v[0], v[1], v[2], v[3]);
-		code = EXIT_OK;
-	} else {
-		cli_fail("resolve %s: not found (is a node running with --name %s?)", name, name);
-	}
-	buf_str_free(&ans);
-	return code;
+	printf("%u.%u.%u.%u\n", ip >> 24, (ip >> 16) & 255, (ip >> 8) & 255, ip & 255);
+	return EXIT_OK;
 }
 
 /* ---- ipop map: the ring as one node knows it, as SVG ------------------ */

@@ -58,6 +58,45 @@ static int fz_udp_init(void)
 	return 0;
 }
 
+/* Whether the relay must take a datagram (an oracle written apart from
+ * socks_udp_header): RSV and FRAG zero, and an IPv4 address in the network
+ * or a name of 1..63 printable non-blank ASCII bytes (a dotted one: its address
+ * in the network), and data that fits a packet. */
+static bool fz_udp_wanted(const uint8_t *p, size_t len)
+{
+	struct buf b = buf_of(p, len);
+	uint16_t rsv = buf_u16(&b);
+	uint8_t frag = buf_u8(&b), atyp = buf_u8(&b), nl = 0;
+	char name[256] = "";
+	uint32_t ip = 0;
+	struct in_addr ia;
+	if (atyp == SOCKS_ATYP_IPV4) {
+		ip = buf_u32(&b);
+	} else if (atyp == SOCKS_ATYP_NAME) {
+		nl = buf_u8(&b);
+		buf_bytes(&b, name, nl);
+		name[nl] = 0;
+	} else {
+		return false;
+	}
+	buf_u16(&b);
+	if (b.bad || rsv || frag || (size_t)(b.end - b.p) > WIRE_MAX_PACKET_BYTES)
+		return false;
+	if (atyp == SOCKS_ATYP_NAME) {
+		if (nl == 0 || nl >= 64)
+			return false;
+		for (unsigned i = 0; i < nl; i++)
+			if ((unsigned char)name[i] < 0x21 || (unsigned char)name[i] > 0x7e)
+				return false;
+		if (nl > 5 && !strcmp(name + nl - 5, ".ipop"))
+			name[nl - 5] = 0;
+		if (inet_pton(AF_INET, name, &ia) != 1)
+			return true;
+		ip = ntohl(ia.s_addr);
+	}
+	return ip_on_net(&fz_node.ip, ip);
+}
+
 static void fz_udp_datagram(const uint8_t *p, size_t len)
 {
 	/* The TCP client is on 127.0.0.1 and named port 0: the sender's
@@ -67,14 +106,7 @@ static void fz_udp_datagram(const uint8_t *p, size_t len)
 	if (send(fz_udp_sender, p, len, 0) != (ssize_t)len)
 		return;
 	socks_udp_from_client(&fz_udp);
-	struct buf b = buf_of(p, len);
-	uint16_t rsv = buf_u16(&b);
-	uint8_t frag = buf_u8(&b), atyp = buf_u8(&b);
-	uint32_t ip = buf_u32(&b);
-	buf_u16(&b);
-	bool want = !b.bad && len <= SOCKS_UDP_HDR_BYTES + WIRE_MAX_PACKET_BYTES && !rsv && !frag &&
-		    atyp == SOCKS_ATYP_IPV4 && ip_on_net(&fz_node.ip, ip);
-	if (fz_udp.have_client != want)
+	if (fz_udp.have_client != fz_udp_wanted(p, len))
 		abort();
 	uint8_t junk[16];
 	while (recv(fz_udp.udp_fd, junk, sizeof junk, MSG_DONTWAIT) >= 0)

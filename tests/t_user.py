@@ -536,10 +536,32 @@ def udp_hdr(ip, port, frag=0, atyp=1):
     return b"\x00\x00" + bytes([frag, atyp]) + socket.inet_aton(ip) + struct.pack(">H", int(port))
 
 
-def cmd_udpassoc(sh, sp, ip, port):
+def udp_hdr_name(name, port):
+    n = name.encode()
+    return b"\x00\x00\x00\x03" + bytes([len(n)]) + n + struct.pack(">H", int(port))
+
+
+def udp_ask(u, hdr, p, tries=3, wait=1.0):
+    """Send hdr + p until an answer carrying p comes back; the answer or None."""
+    for _ in range(tries):
+        u.send(hdr + p)
+        u.settimeout(wait)
+        try:
+            while True:
+                d = u.recv(65535)
+                if d.endswith(p):
+                    return d
+        except socket.timeout:
+            continue
+    return None
+
+
+def cmd_udpassoc(sh, sp, ip, port, name):
     """DNS-style exchange through UDP ASSOCIATE: 20 datagrams (1..1200 bytes),
     each sent and answered in turn (resent after 1 s, at most 3 sends);
-    datagrams the relay must drop; then the relay after the TCP close."""
+    datagrams to the host's --name (answered from its address) and to an
+    unknown one; datagrams the relay must drop; then the relay after the TCP
+    close."""
     port = int(port)
     out = {"sizes": [], "bad": [], "resends": 0}
     t0 = time.monotonic()
@@ -593,6 +615,14 @@ def cmd_udpassoc(sh, sp, ip, port):
         except socket.timeout:
             pass
     out["junk_answered"] = answered
+    p = payload(79, 50)
+    got = udp_ask(u, udp_hdr_name(name, port), p)
+    out["by_name"] = "no answer" if got is None else "ok" if got == want_hdr + p else "header %r" % got[:10]
+    got = udp_ask(u, udp_hdr_name(name + ".ipop", port), payload(80, 30))
+    out["by_name_ipop"] = got == want_hdr + payload(80, 30)
+    out["unknown_name_answered"] = udp_ask(u, udp_hdr_name("nosuch-host", port), payload(81, 20), 2) is not None
+    out["control_char_name_answered"] = udp_ask(u, udp_hdr_name(name + "\x01", port), payload(82, 20), 1,
+                                                0.5) is not None
     p = payload(77, 40)
     u.send(want_hdr + p)
     u.settimeout(2.0)
@@ -1152,7 +1182,7 @@ class UserTest(Lab):
         a = self.nodes["A"]
         check(self.udpecho.alive(), "UDP echo server in tu-b died: %s" % self.udpecho.log_tail(5))
         fd0 = n_fds(a.pid)
-        rc, out, err = self.helper_run("tu-a", ["udpassoc", "127.0.0.1", "1080", VNET % 2, str(UDP_PORT)],
+        rc, out, err = self.helper_run("tu-a", ["udpassoc", "127.0.0.1", "1080", VNET % 2, str(UDP_PORT), "bob"],
                                        timeout=120)
         try:
             r = json.loads(out.strip().splitlines()[-1])
@@ -1177,6 +1207,11 @@ class UserTest(Lab):
                        % (len(r["sizes"]), VNET % 2, UDP_PORT, "; ".join(r["bad"])))
         if r["junk_answered"]:
             bad.append("datagrams the relay must drop were answered: %s" % r["junk_answered"])
+        if r["by_name"] != "ok" or not r["by_name_ipop"]:
+            bad.append("a datagram to B's --name (bob, bob.ipop): %s, %s; want the answer from %s:%d"
+                       % (r["by_name"], r["by_name_ipop"], VNET % 2, UDP_PORT))
+        if r["unknown_name_answered"] or r["control_char_name_answered"]:
+            bad.append("a datagram to an unknown name or one with a control character was answered")
         if not r["after_junk"]:
             bad.append("after the dropped datagrams a valid one got no answer")
         if r["other_sender_answered"]:
@@ -1193,6 +1228,7 @@ class UserTest(Lab):
         check(not bad, "UDP ASSOCIATE: " + "; ".join(bad))
         self.ok("UDP ASSOCIATE via A's SOCKS -> %s:%d (udp echo in tu-b): relay %s; 20/20 datagrams "
                     "of 1..1200 bytes back intact, header source %s:%d (%d resends, p50 rtt %s ms); "
+                    "by B's --name too (bob, bob.ipop; an unknown name and a control character dropped); "
                     "frag/atyp 3/outside-net/short datagrams dropped; a second sender ignored; after the "
                     "TCP close: %s, relay socket gone; A fds %s -> %s"
                     % (VNET % 2, UDP_PORT, r["relay"], VNET % 2, UDP_PORT, r["resends"], r["rtt_ms_p50"],

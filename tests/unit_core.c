@@ -2311,6 +2311,76 @@ static void test_lost_hs_fin(void)
 	sec_rng_free(&b.rng);
 }
 
+/* A SOCKS UDP datagram's destination: addresses, names, ".ipop", bad ones. */
+static void test_socks_udp_header(void)
+{
+	static const struct {
+		const char *hex;        /* the header, then data "ab" */
+		int rc;
+		uint32_t ip;
+		const char *name;
+	} v[] = {
+		{ "0000000180000102" "0035" "6162", 0, 0x80000102, "" },
+		{ "00000003" "03" "626f62" "0035" "6162", 0, 0, "bob" },
+		{ "00000003" "08" "626f622e69706f70" "0035" "6162", 0, 0, "bob" },              /* bob.ipop */
+		{ "00000003" "08" "31302e302e302e39" "0035" "6162", 0, 0x0a000009, "" },        /* 10.0.0.9 */
+		{ "00000003" "03" "626f01" "0035" "6162", -1, 0, "" },                          /* control char */
+		{ "00000003" "04" "626f6220" "0035" "6162", -1, 0, "" },                        /* blank */
+		{ "00000003" "00" "0035" "6162", -1, 0, "" },                                   /* empty */
+		{ "00000003" "40" "0035", -1, 0, "" },                                          /* 64 bytes */
+		{ "00000103" "03" "626f62" "0035" "6162", -1, 0, "" },                          /* fragment */
+		{ "00000004" "0000000000000000", -1, 0, "" },                                   /* IPv6 */
+		{ "00000003" "05" "626f62", -1, 0, "" },                                        /* short */
+	};
+	for (unsigned i = 0; i < ARRAY_LEN(v); i++) {
+		uint8_t d[128];
+		char name[SOCKS_UDP_NAME_BYTES];
+		uint32_t ip = 1;
+		uint16_t port = 0;
+		size_t len = strlen(v[i].hex) / 2, at = 0;
+		CHECK(buf_unhex(v[i].hex, d, len));
+		int rc = socks_udp_header(d, len, &ip, name, &port, &at);
+		CHECK(rc == v[i].rc);
+		if (rc == 0) {
+			CHECK(ip == v[i].ip && !strcmp(name, v[i].name) && port == 53);
+			CHECK(at == len - 2 && !memcmp(d + at, "ab", 2));
+		}
+	}
+}
+
+/* The hand-written rtnetlink request for a veth pair: every length nests. */
+static void test_veth_request(void)
+{
+	struct tap_nl m;
+	tap_nl_veth_request(&m, "ipop0", "ipop0p", 1360);
+	uint32_t total;
+	memcpy(&total, m.buf, 4);
+	CHECK(total == m.len && m.len < TAP_NL_BYTES && m.len % 4 == 0);
+	/* after nlmsghdr and ifinfomsg: IFNAME, MTU, LINKINFO{KIND, DATA{PEER{ifinfomsg, IFNAME, MTU}}} */
+	size_t at = sizeof(struct tap_nl_hdr) + sizeof(struct tap_nl_ifinfo);
+	uint16_t len, type;
+	unsigned seen = 0;
+	while (at + 4 <= m.len) {
+		memcpy(&len, m.buf + at, 2);
+		memcpy(&type, m.buf + at + 2, 2);
+		CHECK(len >= 4 && at + len <= m.len);
+		if (type == TAP_IFLA_IFNAME)
+			CHECK(!strcmp((char *)m.buf + at + 4, "ipop0") && ++seen);
+		if (type == TAP_IFLA_LINKINFO) {
+			CHECK(at + len == m.len && ++seen);     /* the last, holding the rest */
+			CHECK(!memcmp(m.buf + at + 8, "veth", 5));
+			size_t data = at + 4 + 12;      /* KIND's attribute: 4 + "veth\0" padded to 8 */
+			uint16_t dlen, plen;
+			memcpy(&dlen, m.buf + data, 2);
+			memcpy(&plen, m.buf + data + 4, 2);
+			CHECK(data + dlen == m.len && plen == dlen - 4);
+			CHECK(!strcmp((char *)m.buf + data + 8 + sizeof(struct tap_nl_ifinfo) + 4, "ipop0p"));
+		}
+		at += (len + 3u) & ~3u;
+	}
+	CHECK(seen == 2 && at == m.len);
+}
+
 int main(void)
 {
 	log_cfg.level = LOG_ERROR;
@@ -2338,6 +2408,8 @@ int main(void)
 	test_contents();
 	test_lease_pick();
 	test_dns();
+	test_socks_udp_header();
+	test_veth_request();
 	test_svg_escape();
 	test_csum();
 	test_lw_heap();
