@@ -3048,6 +3048,8 @@ struct lw_state {
 	struct endpoint socks;
 	struct fwd_spec *fwd;           /* -L and -R */
 	unsigned n_fwd;
+	struct fwd_pipe *pipes;         /* namespace mode's -R connections, a list */
+	unsigned n_pipes;
 };
 
 /* The tap device's state, owned by section 11. */
@@ -11658,7 +11660,19 @@ static int tap_ns_veth(struct node *n, const char *name, char *err, size_t errle
 	return n->tap.fd < 0 ? -1 : 0;
 }
 
-enum { TAP_NS_FDS = 3 };           /* the device, the user namespace, the network namespace */
+enum {
+	TAP_NS_FDS = 3,                 /* the device, the user namespace, the network namespace */
+	TAP_NS_LISTEN_MAX = 16,         /* and a listener per -R (CLI_FWD_MAX) */
+	TAP_NS_BACKLOG = 64,
+};
+
+/* What the node asks the child to make besides the device: TCP listeners
+ * on these ports of the namespace (-R), theirs to accept on. */
+struct tap_ns_listen {
+	unsigned n;
+	uint16_t port[TAP_NS_LISTEN_MAX];
+	int fd[TAP_NS_LISTEN_MAX];      /* out: -1 until made */
+};
 
 /* execvp; on failure its errno, except that a command no PATH directory
  * has is ENOENT even when one of them was closed to us (musl's execvp
@@ -11682,26 +11696,43 @@ static int tap_ns_execvp(char *const argv[])
 	return ENOENT;
 }
 
-/* Send m, and with it fds when m says all went well. */
-static int tap_ns_send(int sock, const struct tap_ns_msg *m, const int fds[TAP_NS_FDS])
+/* Send m, and with it nfds fds when m says all went well. */
+static int tap_ns_send(int sock, const struct tap_ns_msg *m, const int *fds, unsigned nfds)
 {
-	char cbuf[CMSG_SPACE(TAP_NS_FDS * sizeof(int))] = { 0 };
+	char cbuf[CMSG_SPACE((TAP_NS_FDS + TAP_NS_LISTEN_MAX) * sizeof(int))] = { 0 };
 	struct iovec iov = { .iov_base = (void *)m, .iov_len = sizeof *m };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
 	if (m->status == 0) {
 		mh.msg_control = cbuf;
-		mh.msg_controllen = sizeof cbuf;
+		mh.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
 		struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
 		c->cmsg_level = SOL_SOCKET;
 		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(TAP_NS_FDS * sizeof(int));
-		memcpy(CMSG_DATA(c), fds, TAP_NS_FDS * sizeof(int));
+		c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+		memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
 	}
 	return sendmsg(sock, &mh, 0) < 0 ? -1 : 0;
 }
 
-/* The child: namespace, tap, fds to the parent, then the command if any. */
-static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *const argv[])
+/* A listener on the namespace's port (any address: the virtual IP and
+ * its loopback), for -R; -1 with err said. */
+static int tap_ns_listener(uint16_t port, char *err, size_t errlen)
+{
+	int one = 1, fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port) };
+	if (fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0 &&
+	    bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0 && listen(fd, TAP_NS_BACKLOG) == 0)
+		return fd;
+	snprintf(err, errlen, "-R: cannot listen on port %u in the namespace: %s", port, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
+/* The child: namespace, tap, listeners, fds to the parent, then the
+ * command if any. */
+static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *const argv[],
+			 const struct tap_ns_listen *ls)
 {
 	struct tap_ns_msg m = { 0 };
 	sigset_t all;
@@ -11718,13 +11749,16 @@ static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *c
 		m.status = -1;
 	memcpy(m.mac, n->tap.kernel_mac, 6);
 	snprintf(m.name, sizeof m.name, "%s", n->tap.name);
-	int fds[TAP_NS_FDS] = { n->tap.fd, open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC),
-				open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC) };
+	int fds[TAP_NS_FDS + TAP_NS_LISTEN_MAX] = { n->tap.fd, open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC),
+						     open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC) };
 	if (m.status == 0 && (fds[1] < 0 || fds[2] < 0)) {
 		m.status = -1;
 		snprintf(m.err, sizeof m.err, "cannot open the namespace's /proc/self/ns: %s", strerror(errno));
 	}
-	if (tap_ns_send(sock, &m, fds) < 0 || m.status < 0)
+	for (unsigned i = 0; i < ls->n && m.status == 0; i++)
+		if ((fds[TAP_NS_FDS + i] = tap_ns_listener(ls->port[i], m.err, sizeof m.err)) < 0)
+			m.status = -1;
+	if (tap_ns_send(sock, &m, fds, TAP_NS_FDS + ls->n) < 0 || m.status < 0)
 		_exit(126);
 	if (!argv)
 		_exit(0);               /* no command: the namespaces live on in the parent's fds */
@@ -11736,8 +11770,8 @@ static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *c
 }
 
 /* Start the command (argv, or NULL for none) in its namespace; adopt the
- * tap and the namespaces it made for us. */
-static int tap_ns_spawn(struct node *n, char *const argv[], char *err, size_t errlen)
+ * tap, the namespaces and the listeners (ls) it made for us. */
+static int tap_ns_spawn(struct node *n, char *const argv[], struct tap_ns_listen *ls, char *err, size_t errlen)
 {
 	int sp[2];
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sp) < 0) {
@@ -11749,25 +11783,26 @@ static int tap_ns_spawn(struct node *n, char *const argv[], char *err, size_t er
 	pid_t pid = fork();
 	if (pid == 0) {
 		close(sp[0]);
-		tap_ns_child(n, sp[1], uid, gid, argv);
+		tap_ns_child(n, sp[1], uid, gid, argv, ls);
 	}
 	close(sp[1]);
 	struct tap_ns_msg m;
-	char cbuf[CMSG_SPACE(TAP_NS_FDS * sizeof(int))];
+	char cbuf[CMSG_SPACE((TAP_NS_FDS + TAP_NS_LISTEN_MAX) * sizeof(int))];
 	struct iovec iov = { .iov_base = &m, .iov_len = sizeof m };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf };
 	ssize_t r = pid < 0 ? -1 : recvmsg(sp[0], &mh, MSG_CMSG_CLOEXEC);
 	close(sp[0]);
 	struct cmsghdr *c = r == (ssize_t)sizeof m ? CMSG_FIRSTHDR(&mh) : NULL;
 	if (r != (ssize_t)sizeof m || m.status < 0 || !c || c->cmsg_type != SCM_RIGHTS ||
-	    c->cmsg_len != CMSG_LEN(TAP_NS_FDS * sizeof(int))) {
+	    c->cmsg_len != CMSG_LEN((TAP_NS_FDS + ls->n) * sizeof(int))) {
 		snprintf(err, errlen, "%s", r == (ssize_t)sizeof m && m.err[0] ? m.err : "namespace setup failed");
 		if (pid > 0)
 			waitpid(pid, NULL, 0);
 		return -1;
 	}
-	int fds[TAP_NS_FDS];
-	memcpy(fds, CMSG_DATA(c), sizeof fds);
+	int fds[TAP_NS_FDS + TAP_NS_LISTEN_MAX];
+	memcpy(fds, CMSG_DATA(c), (TAP_NS_FDS + ls->n) * sizeof(int));
+	memcpy(ls->fd, fds + TAP_NS_FDS, ls->n * sizeof(int));
 	n->tap.fd = fds[0];
 	n->tap.veth = m.veth;
 	n->tap.ns_fd[0] = fds[1];
@@ -13349,7 +13384,8 @@ static int socks_listen_tcp(struct node *n, const struct endpoint *ep, ev_fd_fn 
  * Port forwards for user mode, like ssh's: -L [BIND:]PORT:VIP:VPORT makes a
  * local TCP port reach a virtual host; -R VPORT:HOST:PORT makes a local
  * service reachable at this node's virtual IP.  Both are relays (section
- * 12); -R accepts in lwIP and connects out locally.
+ * 12); -R accepts in lwIP and connects out locally.  Namespace mode has -R
+ * too, as a plain socket pipe (fwd_pipe).
  * ========================================================================= */
 
 struct fwd_udp_session;
@@ -13596,6 +13632,161 @@ static int fwd_udp_start(struct node *n, struct fwd_spec *f, char *err, size_t e
 		return -1;
 	}
 	return 0;
+}
+
+/* ---- -R in namespace mode -------------------------------------------------
+ * The namespace child listens on the port in the namespace
+ * (tap_ns_listener); we accept there and connect to HOST:PORT from the
+ * host's namespace, then copy bytes both ways: how a host's own sshd
+ * becomes reachable at the virtual IP without root (-R 22:127.0.0.1:22),
+ * so that mpirun's ssh lands on every host.  Each direction has one buffer;
+ * a side is read only while its buffer is empty, so a slow reader holds a
+ * fast writer back.  An end that closes is passed on as a half close. */
+
+enum {
+	FWD_PIPE_BYTES = 65536,         /* per direction */
+	FWD_PIPES_MAX = 256,            /* concurrent connections; more are refused */
+};
+
+struct fwd_pipe {
+	struct node *n;
+	struct fwd_pipe *next;
+	int fd[2];                      /* 0: accepted in the namespace, 1: to the host's service */
+	bool connecting;                /* fd[1]'s connect is under way */
+	bool eof[2], shut[2];           /* fd[i] sent its last; fd[!i] was told so */
+	size_t len[2], off[2];          /* buf[i]: bytes from fd[i] for fd[!i] */
+	uint8_t *buf[2];
+};
+
+static void fwd_pipe_event(struct ev_loop *loop, int fd, void *arg, uint32_t events);
+
+static void fwd_pipe_free(struct fwd_pipe *p)
+{
+	struct node *n = p->n;
+	for (struct fwd_pipe **pp = &n->lw.pipes; *pp; pp = &(*pp)->next)
+		if (*pp == p) {
+			*pp = p->next;
+			break;
+		}
+	n->lw.n_pipes--;
+	for (int i = 0; i < 2; i++) {
+		ev_fd_forget(&n->loop, p->fd[i]);
+		if (p->fd[i] >= 0)
+			close(p->fd[i]);
+		free(p->buf[i]);
+	}
+	free(p);
+}
+
+/* Copy what can go from fd[i] to fd[!i] now; -1 when the connection broke. */
+static int fwd_pipe_move(struct fwd_pipe *p, int i)
+{
+	for (;;) {
+		while (p->off[i] < p->len[i]) {
+			ssize_t w = send(p->fd[!i], p->buf[i] + p->off[i], p->len[i] - p->off[i],
+					 MSG_NOSIGNAL | MSG_DONTWAIT);
+			if (w < 0 && (errno == EAGAIN || errno == EINTR))
+				return 0;
+			if (w <= 0)
+				return -1;
+			p->off[i] += (size_t)w;
+		}
+		p->off[i] = p->len[i] = 0;
+		if (p->eof[i]) {
+			if (!p->shut[i])
+				shutdown(p->fd[!i], SHUT_WR);
+			p->shut[i] = true;
+			return 0;
+		}
+		ssize_t r = recv(p->fd[i], p->buf[i], FWD_PIPE_BYTES, MSG_DONTWAIT);
+		if (r < 0 && (errno == EAGAIN || errno == EINTR))
+			return 0;
+		if (r < 0)
+			return -1;
+		if (r == 0)
+			p->eof[i] = true;
+		p->len[i] = (size_t)r;
+	}
+}
+
+/* Read a side while its buffer is empty; write one while the other's is not. */
+static void fwd_pipe_watch(struct fwd_pipe *p)
+{
+	for (int i = 0; i < 2; i++) {
+		uint32_t ev = (!p->eof[i] && p->len[i] == 0 ? EPOLLIN : 0) |
+			      (p->len[!i] > p->off[!i] || (i == 1 && p->connecting) ? EPOLLOUT : 0);
+		ev_fd_watch(&p->n->loop, p->fd[i], ev, fwd_pipe_event, p);
+	}
+}
+
+static void fwd_pipe_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
+{
+	struct fwd_pipe *p = arg;
+	(void)loop;
+	(void)events;
+	if (p->connecting && fd == p->fd[1]) {
+		int e = 0;
+		socklen_t el = sizeof e;
+		getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &el);
+		if (e) {
+			log_info("fwd", "-R: the local service refused: %s", strerror(e));
+			return fwd_pipe_free(p);
+		}
+		p->connecting = false;
+	}
+	if (!p->connecting && (fwd_pipe_move(p, 0) < 0 || fwd_pipe_move(p, 1) < 0))
+		return fwd_pipe_free(p);
+	if (p->shut[0] && p->shut[1])
+		return fwd_pipe_free(p);
+	fwd_pipe_watch(p);
+}
+
+/* A pipe from fd (accepted) to the service at sa, its connect under way;
+ * NULL (fd closed, why logged) when at the limit or out of resources. */
+static struct fwd_pipe *fwd_pipe_new(struct node *n, int fd, const struct sockaddr_in *sa)
+{
+	struct fwd_pipe *p = n->lw.n_pipes < FWD_PIPES_MAX ? calloc(1, sizeof *p) : NULL;
+	if (!p) {
+		log_info("fwd", "-R: refused a connection: %u open", n->lw.n_pipes);
+		close(fd);
+		return NULL;
+	}
+	*p = (struct fwd_pipe){ .n = n, .fd = { fd, socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0) },
+				.connecting = true, .buf = { malloc(FWD_PIPE_BYTES), malloc(FWD_PIPE_BYTES) } };
+	p->next = n->lw.pipes;
+	n->lw.pipes = p;
+	n->lw.n_pipes++;
+	if (p->fd[1] < 0 || !p->buf[0] || !p->buf[1] ||
+	    (connect(p->fd[1], (const struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS)) {
+		log_info("fwd", "-R: cannot reach the local service: %s", strerror(errno));
+		fwd_pipe_free(p);
+		return NULL;
+	}
+	return p;
+}
+
+/* Connections to the namespace's port: each to the host's service. */
+static void fwd_ns_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t events)
+{
+	struct fwd_spec *f = arg;
+	struct sockaddr_in sa = link_sockaddr_of(&f->local);
+	struct fwd_pipe *p;
+	int fd;
+	(void)loop;
+	(void)events;
+	while ((fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0)
+		if ((p = fwd_pipe_new(f->n, fd, &sa)))
+			fwd_pipe_watch(p);
+}
+
+/* -R in namespace mode: f->fd is the listener the namespace child made. */
+static int fwd_ns_start(struct node *n, struct fwd_spec *f, char *err, size_t errlen)
+{
+	f->n = n;
+	if (ev_fd_watch(&n->loop, f->fd, EPOLLIN, fwd_ns_accept, f) == 0)
+		return 0;
+	snprintf(err, errlen, "-R %u: cannot watch the namespace's listener", f->vport);
+	return -1;
 }
 
 static int fwd_start(struct node *n, struct fwd_spec *f, char *err, size_t errlen)
@@ -16021,14 +16212,15 @@ static const char cli_usage_up[] =
 	"  --mode auto|tap|user|ns|none  auto (default): a tap device when permitted,\n"
 	"                     else user mode; tap: fail without the privilege; user:\n"
 	"                     lwIP in-process, reached by SOCKS5 and forwards; ns: no\n"
-	"                     root needed: run the command after '--' in a new user\n"
-	"                     and network namespace with a real interface; none: only\n"
-	"                     route\n"
+	"                     root needed: a new user and network namespace with a\n"
+	"                     real interface, for the command after '--' and for\n"
+	"                     'ipop exec'; none: only route\n"
 	"  --socks ADDR:PORT  user mode SOCKS5 server (default 127.0.0.1:1080; off)\n"
 	"  --socks-auth FILE  require RFC 1929 logins: 'user:password' lines (mode 600)\n"
 	"  --socks-public     allow a non-loopback --socks address without logins\n"
 	"  -L [udp/][BIND:]PORT:VIP:VPORT  forward a local port to a virtual host\n"
 	"  -R [udp/]VPORT:HOST:PORT  expose a local service on this node's virtual IP\n"
+	"                     (namespace mode too, TCP: -R 22:127.0.0.1:22 for mpirun)\n"
 	"  --dev NAME         tap device name (default ipop%d: ipop0, ipop1, ...)\n"
 	"  --mtu N            interface MTU (default 1360: fits a 1500-byte path)\n"
 	"  --name NAME        publish NAME for this node's IP (SOCKS resolves NAME\n"
@@ -16916,6 +17108,8 @@ static void cli_node_free(struct node *n)
 		free(n->lw.fwd[i].sess);
 	}
 	free(n->lw.fwd);
+	while (n->lw.pipes)
+		fwd_pipe_free(n->lw.pipes);
 	if (n->lw.socks_auth)
 		sec_wipe(n->lw.socks_auth, strlen(n->lw.socks_auth));
 	free(n->lw.socks_auth);
@@ -16967,7 +17161,31 @@ static int cli_node_user_mode(struct node *n, const struct cli_opts *o, char *er
 static int cli_ns_start(struct node *n, const struct cli_opts *o, char *err, size_t errlen)
 {
 	char ip[16];
-	int rc = tap_ns_spawn(n, o->exec_argv, err, errlen);
+	struct tap_ns_listen ls = { 0 };
+	for (unsigned i = 0; i < o->n_fwd; i++) {
+		if (!o->fwd[i].remote || o->fwd[i].udp) {
+			snprintf(err, errlen, "namespace mode takes -R VPORT:HOST:PORT (TCP) only: programs in the "
+				 "namespace reach virtual hosts directly, without -L or --socks");
+			return -2;
+		}
+		ls.port[ls.n++] = o->fwd[i].vport;
+	}
+	if (o->socks[0]) {
+		snprintf(err, errlen, "--socks is for user mode: in namespace mode, run programs with ipop exec");
+		return -2;
+	}
+	int rc = tap_ns_spawn(n, o->exec_argv, &ls, err, errlen);
+	n->lw.fwd = rc == 0 ? calloc(CLI_FWD_MAX, sizeof *n->lw.fwd) : NULL;
+	for (unsigned i = 0; rc == 0 && i < ls.n; i++) {
+		if (!n->lw.fwd) {
+			close(ls.fd[i]);
+			continue;
+		}
+		n->lw.fwd[i] = o->fwd[i];
+		n->lw.fwd[i].fd = ls.fd[i];
+		n->lw.n_fwd++;
+		rc = fwd_ns_start(n, &n->lw.fwd[i], err, errlen);
+	}
 	buf_ip_str(n->self.vip, ip);
 	if (rc == 0 && !o->exec_argv)
 		log_info("cli", "namespace ready: %s has %s; run programs in it with: ipop exec%s%s -- CMD",

@@ -8,6 +8,9 @@ that serves a web page on its virtual IP.  Namespaces are prefixed "tx".
     it as nobody (uid 65534, not 0): they see ipop0 with the virtual IP,
     ping B, fetch B's page with no proxy, and serve a page B fetches;
     exec passes exit statuses through (7, and 127 for a missing command).
+    -R 8022:127.0.0.1:8000 exposes a server of A's host (host namespace,
+    127.0.0.1) at A's virtual IP: B fetches a 5 MB file from it intact, and
+    a connection to -R 8023 whose service is down is closed, not hung.
     Another user (daemon) cannot enter the namespace.
  2. /dev/net/tun at mode 0666 (what an admin would do): `ipop up --mode ns
     ... -- CMD` runs CMD in a namespace whose ipop0 is a tap (status:
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import time
 import atexit
+import hashlib
 import json
 
 if not os.environ.get("XDG_STATE_HOME"):    # nodes' state (remembered peers) not in ~
@@ -113,11 +117,11 @@ def b_fetches(url, timeout):
     return wait_for(get, timeout, 0.3)
 
 
-def up_args(nbin, nkey, ctl, vip):
+def up_args(nbin, nkey, ctl, vip, extra=()):
     return ["ip", "netns", "exec", "tx-a"] + NOBODY + [
         "HOME=" + os.path.dirname(ctl), nbin, "up", "--mode", "ns", "--ip", vip,
         "--listen", "udp://192.168.97.1:4000", "--bootstrap", "udp://192.168.97.2:4000",
-        "--secret-file", nkey, "--control", ctl]
+        "--secret-file", nkey, "--control", ctl] + list(extra)
 
 
 def status(nbin, ctl):
@@ -134,8 +138,17 @@ def step_veth_exec(tmp, ndir, nkey, nbin):
     os.chmod("/dev/net/tun", 0o600)
     ctl = os.path.join(ndir, "a.sock")
     a_log = os.path.join(tmp, "a1.log")
-    a = subprocess.Popen(up_args(nbin, nkey, ctl, "10.128.0.7/16"), stdout=subprocess.DEVNULL,
-                         stderr=open(a_log, "w"))
+    host_www = os.path.join(tmp, "host-www")
+    os.mkdir(host_www)
+    blob = os.urandom(5 << 20)
+    with open(os.path.join(host_www, "blob"), "wb") as f:
+        f.write(blob)
+    procs.append(subprocess.Popen(["ip", "netns", "exec", "tx-a", "python3", "-m", "http.server", "8000",
+                                   "--bind", "127.0.0.1", "--directory", host_www],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    a = subprocess.Popen(up_args(nbin, nkey, ctl, "10.128.0.7/16", ["-R", "8022:127.0.0.1:8000",
+                                                                    "-R", "8023:127.0.0.1:8001"]),
+                         stdout=subprocess.DEVNULL, stderr=open(a_log, "w"))
     procs.append(a)
     st = wait_for(lambda: status(nbin, ctl), 15)
     iface = (st or {}).get("interface") or {}
@@ -162,6 +175,22 @@ def step_veth_exec(tmp, ndir, nkey, nbin):
     got = b_fetches("http://10.128.0.7:7000/", 20)
     report("a.sock" in got, "B fetches a listing from a server started with ipop exec (listening works)")
     srv.kill()
+    got = os.path.join(tmp, "got-blob")
+
+    def fetch_blob():
+        r = subprocess.run(["ip", "netns", "exec", "tx-b", "curl", "-s", "--max-time", "10", "-o", got,
+                            "http://10.128.0.7:8022/blob"], capture_output=True, text=True)
+        return r.returncode == 0 and os.path.exists(got) and os.path.getsize(got) == len(blob)
+    ok = wait_for(fetch_blob, 20, 0.5)
+    same = ok and hashlib.sha256(open(got, "rb").read()).digest() == hashlib.sha256(blob).digest()
+    report(bool(same), "-R 8022:127.0.0.1:8000: B fetches a 5 MB file from A's host's server at A's virtual IP, "
+           "intact")
+    t0 = time.monotonic()
+    r = subprocess.run(["ip", "netns", "exec", "tx-b", "curl", "-s", "--max-time", "10",
+                        "http://10.128.0.7:8023/"], capture_output=True, text=True)
+    report(r.returncode in (52, 56) and time.monotonic() - t0 < 5,
+           "-R 8023 to a service that is down: the connection is closed (curl %d) in %.1f s"
+           % (r.returncode, time.monotonic() - t0))
     r = ex("sh", "-c", "exit 7")
     report(r.returncode == 7, "exec passes the command's exit status through (%d, want 7)" % r.returncode)
     r = ex("no-such-command-here")
