@@ -13,9 +13,13 @@ them on three machines:
         test's mount namespaces): user-mode nodes, each host's own sshd on
         127.0.0.1:22 exposed with -R; h3-try's ssh through `ipop nc` must
         print the remote hosts' names;
-  ns    as the unprivileged user, with /dev/net/tun opened to users in the
-        namespaces' private mounts only (what an admin's chmod 0666 does):
-        the allgather stand-in for an MPI job must finish on all three hosts.
+  ns    as the unprivileged user, with a /dev/net/tun users may not open
+        (mode 0600, in the hosts' private mounts): namespace-mode nodes
+        (veth) with each host's own sshd exposed by -R 22; h3-try compiles
+        docs/mpi_check.c, copies it with scp under `ipop exec`, and runs it
+        with one `mpirun` on all three hosts: every rank on its own host's
+        ipop0, `mpi_check: OK`.  The sshds set XDG_RUNTIME_DIR as
+        pam_systemd would, so `ipop exec` in a login finds the node.
 
 Then the Troubleshooting section: the user's mistakes in ERROR_CASES are
 made on host 1, and the one line each prints must be quoted word for word
@@ -24,8 +28,9 @@ in that section, with the documented exit code.
 Only `HOST1=...` lines are rewritten (to host 1's bridge address); a block
 that needs anything else to run here fails the test, so the README cannot
 drift from the program.  Each host runs in a fresh directory that is its
-HOME and working directory; net.key (and allgather.py, as the README says)
-are copied from host 1 to the others once host 1's node is up.
+HOME and working directory; net.key is copied from host 1 to the others
+once host 1's node is up (and mpi_check.c given to host 3, as the README
+says).
 
 Needs root.  Namespaces and interfaces are prefixed "tr"; everything is
 removed on exit.  Prints PASS/FAIL lines; exits 1 on any failure."""
@@ -253,12 +258,12 @@ def run_variant(tmp, variant, blocks, ubin):
     text = {w: prelude(variant) + localize(blocks[(variant, w)], w) for w in ("h1", "h2", "h3")}
     sshds = []
     try:
+        tun_mode = "600" if variant == "ns" else None
         if variant == "ns":
-            ag = os.path.join(ROOT, "docs", "allgather.py")
-            hosts[0].give(ag, mode=0o644)
-        if variant == "user":
-            sshds = start_sshds(tmp, hosts)
-        nodes = [hosts[0].start(variant, text["h1"], tun=(variant == "ns"))]
+            hosts[2].give(os.path.join(ROOT, "docs", "mpi_check.c"), mode=0o644)
+        if variant != "tap":
+            sshds = start_sshds(tmp, hosts, everywhere=(variant == "ns"))
+        nodes = [hosts[0].start(variant, text["h1"], tun_mode=tun_mode)]
         # host 1 made net.key and its node is up: "copy net.key to hosts 2 and 3"
         key = os.path.join(hosts[0].dir, "net.key")
         up1 = wait_for(lambda: os.path.exists(key) and hosts[0].status() is not None
@@ -269,25 +274,8 @@ def run_variant(tmp, variant, blocks, ubin):
             return
         for h in hosts[1:]:
             h.give(key)
-            if variant == "ns":
-                h.give(os.path.join(hosts[0].dir, "allgather.py"), mode=0o644)
         for h, w in zip(hosts[1:], ("h2", "h3")):
-            nodes.append(h.start(variant, text[w], tun=(variant == "ns")))
-        if variant == "ns":
-            for h, p in zip(hosts, nodes):
-                try:
-                    p.wait(90)
-                except subprocess.TimeoutExpired:
-                    pass
-                out = open(p.logpath, errors="replace").read()
-                want = ["all 3 ranks answered"] + ["%s=tr-h%d" % ("10.128.0.%d" % j, j)
-                                                   for j in (1, 2, 3) if j != h.i]
-                ok = p.returncode == 0 and all(w in out for w in want)
-                if not report(ok, "ns: host %d: `ipop up --mode ns ... -- python3 allgather.py ...` ran the rank, "
-                              "which reached the other two hosts' ranks by virtual IP; exit %s"
-                              % (h.i, p.returncode)):
-                    print(tail(p, 25))
-            return
+            nodes.append(h.start(variant, text[w], tun_mode=tun_mode))
         joined = wait_for(lambda: all((h.status() or {}).get("joined") for h in hosts)
                           or any(p.poll() is not None for p in nodes), 30)
         dead = [i + 1 for i, p in enumerate(nodes) if p.poll() is not None]
@@ -306,7 +294,20 @@ def run_variant(tmp, variant, blocks, ubin):
         out = open(t.logpath, errors="replace").read()
         print("---- %s h3-try output\n%s----" % (variant, out), flush=True)
         report(t.returncode == 0, "%s: every command of the h3-try block succeeded (exit %s)" % (variant, t.returncode))
-        if variant == "tap":
+        if variant == "ns":
+            ranks = set(re.findall(r"^rank \d+ of 3: host (tr-h\d) ipop0 (10\.128\.0\.\d)$", out, re.M))
+            report(ranks == {("tr-h%d" % i, "10.128.0.%d" % i) for i in (1, 2, 3)},
+                   "ns: one mpirun on host 3 ran a rank on each host, in its namespace (ipop0 = its virtual "
+                   "IP): %s" % sorted(ranks))
+            m = re.search(r"^transfer: .* ([\d.]+) MB/s; .*\(match\)$", out, re.M)
+            report(re.search(r"^mpi_check: OK$", out, re.M) is not None and m is not None,
+                   "ns: MPI_Allreduce and a 10 MB round trip with matching checksums (%s MB/s): mpi_check: OK"
+                   % (m.group(1) if m else "?"))
+            st = hosts[0].status() or {}
+            report((st.get("interface") or {}).get("device") == "veth",
+                   "ns: with /dev/net/tun at 0600, host 1's ipop0 is a veth (status: %s)"
+                   % (st.get("interface") or {}).get("device"))
+        elif variant == "tap":
             report(out.count(" 0% packet loss") >= 2, "tap: kernel ping from host 3 to hosts 1 and 2 over ipop0, no loss")
             report(re.search(r"^10\.128\.0\.1$", out, re.M) is not None, "tap: `ipop resolve h1` printed 10.128.0.1")
         else:
@@ -327,9 +328,10 @@ def run_variant(tmp, variant, blocks, ubin):
             stop(p)
 
 
-def start_sshds(tmp, hosts):
+def start_sshds(tmp, hosts, everywhere=False):
     """Each host's own sshd on 127.0.0.1:22 (what -R 22:127.0.0.1:22 exposes),
-    and the user's ssh key on host 3, accepted by hosts 1 and 2."""
+    and the user's ssh key on host 3, accepted by hosts 1 and 2 (everywhere:
+    the key on every host, accepted by every host, as mpirun wants)."""
     kd = os.path.join(tmp, "sshkeys")
     os.makedirs(kd, exist_ok=True)
     ck = os.path.join(kd, "id_ed25519")
@@ -340,13 +342,14 @@ def start_sshds(tmp, hosts):
         sd = os.path.join(h.dir, ".ssh")
         os.makedirs(sd, 0o700, exist_ok=True)
         os.chown(sd, NOBODY, NOBODY)
-        if h.i == 3:
+        if h.i == 3 or everywhere:
             h.give(ck, ".ssh/id_ed25519")
             # what the user's first `ssh` would ask: accept the new host key
             with open(os.path.join(sd, "config"), "w") as f:
                 f.write("StrictHostKeyChecking accept-new\nBatchMode yes\nConnectTimeout 15\n")
             os.chown(os.path.join(sd, "config"), NOBODY, NOBODY)
-            continue
+            if not everywhere:
+                continue
         h.give(ck + ".pub", ".ssh/authorized_keys")
         hk = os.path.join(h.dir, ".sshd_host_key")
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hk)
@@ -355,13 +358,14 @@ def start_sshds(tmp, hosts):
             f.write("\n".join(["Port 22", "ListenAddress 127.0.0.1", "HostKey " + hk, "PidFile none",
                                "UsePAM no", "StrictModes no", "PasswordAuthentication no",
                                "KbdInteractiveAuthentication no", "AllowUsers nobody", "PrintMotd no",
-                               "Subsystem sftp internal-sftp", "LogLevel VERBOSE", ""]))
+                               "Subsystem sftp internal-sftp", "LogLevel VERBOSE",
+                               "SetEnv XDG_RUNTIME_DIR=" + h.run, ""]))
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         if not os.path.isdir("/run/sshd"):      # sshd's privilege separation directory
             os.makedirs("/run/sshd", 0o755)
             made_dirs.append("/run/sshd")
         out.append(h.start("sshd", "exec %s -D -e -f %s" % (sshd, q(cfg)), as_root=True))
-    for h, p in zip(hosts[:2], out):
+    for h, p in zip([h for h in hosts if h.i != 3 or everywhere], out):
         ok = wait_for(lambda: "127.0.0.1:22 " in sh("ip", "netns", "exec", h.ns, "ss", "-Hltn",
                                                     check=False).stdout or p.poll() is not None, 10)
         if not ok or p.poll() is not None:
