@@ -318,7 +318,7 @@ def run_variant(tmp, variant, blocks, ubin):
             report(re.search(r"^hello from host 3$", out, re.M) and
                    os.path.exists(os.path.join(hosts[1].dir, "hello.txt")),
                    "user: scp through `ipop nc` put hello.txt in host 2's home, and ssh to "
-                   "$(ipop resolve h2) read it back")
+                   "h2 (by its --name, through ipop nc) read it back")
         for p in nodes:         # Ctrl-C in each host's terminal
             stop(p, sig=signal.SIGINT)
         report(all(p.returncode == 0 for p in nodes),
