@@ -11601,17 +11601,20 @@ static int tap_nl_veth(const char *name, const char *peer, uint32_t mtu)
 	return e;
 }
 
-/* The node's end: an AF_PACKET socket on the peer with virtio-net headers,
- * deaf to what it sends itself. */
+/* The node's end: an AF_PACKET socket on the peer with virtio-net headers.
+ * A packet socket never hears its own sends; PACKET_IGNORE_OUTGOING (Linux
+ * 4.20) also mutes anything else the kernel sends out of the peer, so it is
+ * asked for but not required. */
 static int tap_packet_open(const char *peer, char *err, size_t errlen)
 {
 	int one = 1, buf = TAP_PACKET_BUF_BYTES;
 	struct sockaddr_ll sa = { .sll_family = AF_PACKET, .sll_protocol = htons(TAP_ETH_P_ALL),
 				  .sll_ifindex = (int)if_nametoindex(peer) };
 	int fd = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);   /* deaf until bound */
+	if (fd >= 0)
+		setsockopt(fd, TAP_SOL_PACKET, TAP_PACKET_IGNORE_OUTGOING, &one, sizeof one);
 	if (fd < 0 || !sa.sll_ifindex ||
 	    setsockopt(fd, TAP_SOL_PACKET, TAP_PACKET_VNET_HDR, &one, sizeof one) < 0 ||
-	    setsockopt(fd, TAP_SOL_PACKET, TAP_PACKET_IGNORE_OUTGOING, &one, sizeof one) < 0 ||
 	    bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
 		snprintf(err, errlen, "cannot open a packet socket on %s: %s", peer, strerror(errno));
 		if (fd >= 0)
