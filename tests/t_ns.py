@@ -191,6 +191,10 @@ def step_veth_exec(tmp, ndir, nkey, nbin):
     report(r.returncode in (52, 56) and time.monotonic() - t0 < 5,
            "-R 8023 to a service that is down: the connection is closed (curl %d) in %.1f s"
            % (r.returncode, time.monotonic() - t0))
+    r = ex(nbin, "exec", "--control", ctl, "--", "sh", "-c", "ip -o -4 addr show ipop0 | wc -l")
+    report(r.returncode == 0 and r.stdout.strip() == "1",
+           "exec from inside the namespace (an ssh login's ipop exec under mpirun) runs there too: %r %r"
+           % (r.stdout.strip(), r.stderr.strip()[-120:]))
     r = ex("sh", "-c", "exit 7")
     report(r.returncode == 7, "exec passes the command's exit status through (%d, want 7)" % r.returncode)
     r = ex("no-such-command-here")
