@@ -32,7 +32,14 @@ inside its namespace, one
 
     mpirun -np 4 --host 10.77.0.1,...,10.77.0.4 --mca plm_rsh_agent "ssh -F CFG"
            --mca plm_rsh_no_tree_spawn 1 --mca btl tcp,self --mca pml ob1
-           --mca btl_tcp_if_include ipop0 --mca oob_tcp_if_include ipop0 mpi_check 10
+           --mca btl_tcp_if_include ipop0 --mca oob_tcp_if_include ipop0
+           --mca orte_tmpdir_base DIR mpi_check 10
+
+(CFG: Port 2222, the user's key, BatchMode, no known-hosts file.  Inside a
+namespace ipop0 and lo are the only interfaces, so `--host` and the rsh
+agent alone are enough; the rest keeps the job on ipop0 and TCP by name,
+its session files in the test's directory, and every orted started by
+mpirun itself.)
 
 runs tests/mpi_check.c (compiled here with mpicc): every rank reports its
 host and ipop0 address, an MPI_Allreduce of known values, and 10 MB from
@@ -44,7 +51,8 @@ are checked, and that every process in the hosts' namespaces during the job
 
 The job runs twice: with /dev/net/tun at mode 0600 (the usual; ns mode falls
 back to a veth, `status --json` says "ns_dev": "veth"), then at 0666 (the
-tun path, "ns_dev": "tap").
+tun path, "ns_dev": "tap").  Each run starts the nodes afresh and takes
+about 3 s here.
 
 nobody's account is a system account (shell nologin, nss-systemd calls it
 locked) that sshd would not log in; a grid user's account is not.  So the
