@@ -86,7 +86,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import (REPO, sh, nsx, Proc, check, log, ipop_bin, Lab, NsNode, ns_add, bridge_add,  # noqa: E402
                  veth_to_bridge, nat_rules, up_link, conn_summary, ssh_keygen, sshd_config, sshd_bin,
-                 wait_for)
+                 wait_for, proc_status)
 
 PREFIX = "tm"
 NET, BR = "tm-net", "tmbr0"
@@ -473,15 +473,15 @@ class MpiLab(Lab):
         marker = marker or self.dir
         for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
             try:
-                if os.stat("/proc/" + pid).st_uid != NOBODY:
-                    continue
-                with open("/proc/%s/cmdline" % pid, "rb") as f:
-                    cmd = f.read().decode(errors="replace")
-                where = os.readlink("/proc/%s/cwd" % pid)
-                net = os.readlink("/proc/%s/ns/net" % pid)
-                if net in inodes or marker in cmd or where.startswith(marker):
-                    os.kill(int(pid), 9)
-            except (OSError, ValueError):
+                if os.readlink("/proc/%s/ns/net" % pid) not in inodes:
+                    if real_uid(pid) != NOBODY:
+                        continue
+                    with open("/proc/%s/cmdline" % pid, "rb") as f:
+                        cmd = f.read().decode(errors="replace")
+                    if marker not in cmd and not os.readlink("/proc/%s/cwd" % pid).startswith(marker):
+                        continue
+                os.kill(int(pid), 9)
+            except (OSError, ValueError, KeyError):
                 pass
 
     def close_more(self):
@@ -494,7 +494,7 @@ class MpiLab(Lab):
 
 
 class NsWatch:
-    """Samples (comm, pid) -> real uid of the processes in the namespaces
+    """Samples (comm, pid) -> real uid of the processes in the net namespaces
     inodes every 0.1 s in a thread, reading /proc only."""
 
     def __init__(self, inodes):
@@ -510,14 +510,18 @@ class NsWatch:
                     if os.readlink("/proc/%s/ns/net" % pid) in self.inodes:
                         with open("/proc/%s/comm" % pid) as f:
                             comm = f.read().strip()
-                        self.seen[(comm, pid)] = os.stat("/proc/" + pid).st_uid
-                except OSError:
+                        self.seen[(comm, pid)] = real_uid(pid)
+                except (OSError, ValueError, KeyError):
                     pass
             self._stop.wait(0.1)
 
     def stop(self):
         self._stop.set()
         self.th.join(3)
+
+
+def real_uid(pid):
+    return int(proc_status(int(pid))["Uid"].split()[0])
 
 
 def chown_tree(d):
