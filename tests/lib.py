@@ -11,7 +11,7 @@ Namespace labs (root tests that build their own network, and the benches):
   * Lab                   -- a test's dir, nodes, steps (step, check, ok,
                              fail, note), summary line, cleanup
   * NsNode                -- an `ipop up` in a named namespace
-  * ns_add, bridge_add, veth_to_bridge, veth_pair, wait_listen,
+  * ns_add, bridge_add, veth_to_bridge, veth_pair, nat_rules, wait_listen,
     kernel_ping, ssh_keys, sshd_config, bench_start -- the lab's pieces
 """
 
@@ -385,6 +385,37 @@ def veth_pair(ns1, if1, ip1, ns2, if2, ip2, plen):
         sh(["ip", "-n", ns, "link", "set", ifn, "up"])
 
 
+def nat_rules(kind, lan, wan, wan_if, lan_if, fwd=()):
+    """nftables script of a site router (t_natlab's types) whose WAN
+    interface wan_if has the public address wan and whose LAN lan (a CIDR)
+    is on lan_if: "F" full cone (snat to wan keeping the port, UDP ports
+    dnat back as fwd says: [(ports, host ip)], e.g. [("4000-4999",
+    "10.1.0.2")]), "S" symmetric (masquerade random,fully-random), "P"
+    port-restricted cone (masquerade), "T" outbound TCP only (masquerade,
+    UDP from the LAN dropped).  Every router drops unsolicited packets to
+    itself (ct state new on its WAN), as home routers do."""
+    if kind == "F":
+        post = "ip saddr %s snat to %s" % (lan, wan)
+        pre = "".join("add rule ip nat pre iifname \"%s\" udp dport %s dnat to %s\n" % (wan_if, ports, ip)
+                      for ports, ip in fwd)
+    elif kind == "S":
+        post, pre = "masquerade random,fully-random", ""
+    else:
+        post, pre = "masquerade", ""
+    script = ("add table ip nat\n"
+              "add chain ip nat pre { type nat hook prerouting priority -100; }\n"
+              "add chain ip nat post { type nat hook postrouting priority 100; }\n"
+              "add rule ip nat post oifname \"%s\" %s\n%s"
+              "add table ip filter\n"
+              "add chain ip filter input { type filter hook input priority 0; policy accept; }\n"
+              "add rule ip filter input iifname \"%s\" ct state new drop\n"
+              "add chain ip filter forwarding { type filter hook forward priority 0; policy accept; }\n"
+              % (wan_if, post, pre, wan_if))
+    if kind == "T":
+        script += "add rule ip filter forwarding iifname \"%s\" meta l4proto udp drop\n" % lan_if
+    return script
+
+
 def wait_listen(ns, addr_port, timeout=10, proc=None):
     """Poll `ss` in ns until a TCP socket listens on addr_port ("IP:PORT" or
     ":PORT"); False on timeout or when proc (the server) has exited."""
@@ -481,17 +512,17 @@ def ssh_keys(d, host="host_ed25519", client="client_ed25519"):
     return hk, ck, ak
 
 
-def sshd_config(path, listen, hostkey, authkeys, pidfile, extra=()):
-    """An sshd config for root with the client key only.  SetEnv SHLVL=1:
-    bash started by sshd then skips root's ~/.bashrc, whose contents (a slow
-    pyenv init, say) must not decide whether a test passes."""
+def sshd_config(path, listen, hostkey, authkeys, pidfile, extra=(), port=22, user="root"):
+    """An sshd config for root (or user) with the client key only.  SetEnv
+    SHLVL=1: bash started by sshd then skips root's ~/.bashrc, whose
+    contents (a slow pyenv init, say) must not decide whether a test passes."""
     with open(path, "w") as f:
         f.write("\n".join([
-            "Port 22", "ListenAddress %s" % listen, "HostKey %s" % hostkey, "PidFile %s" % pidfile,
+            "Port %d" % port, "ListenAddress %s" % listen, "HostKey %s" % hostkey, "PidFile %s" % pidfile,
             "AuthorizedKeysFile %s" % authkeys, "PermitRootLogin prohibit-password",
             "PubkeyAuthentication yes", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no", "SetEnv SHLVL=1",
-            "AllowUsers root", "X11Forwarding no", "PrintMotd no"] + list(extra) + [""]))
+            "AllowUsers %s" % user, "X11Forwarding no", "PrintMotd no"] + list(extra) + [""]))
     return path
 
 

@@ -61,7 +61,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib import (sh, nsx, Proc, check, log, ipop_bin, Lab, NsNode, ns_add, bridge_add,  # noqa: E402
                  veth_to_bridge, up_link, conn_summary, kernel_ping, ssh_keys, sshd_config,
-                 sshd_bin, SSH_OPTS)
+                 sshd_bin, SSH_OPTS, nat_rules)
 
 PREFIX = "tl"
 NET, BR = "tl-net", "tlbr0"
@@ -177,26 +177,7 @@ class NatLab(Lab):
         nsx(ns, ["nft", "-f", "-"], input=script)
 
     def nat_rules(self, s):
-        lan = s.lan + ".0/24"
-        if s.kind == "F":
-            post = "ip saddr %s snat to %s" % (lan, s.wan)
-            pre = "add rule ip nat pre iifname \"tlwan\" udp dport 4000-4999 dnat to %s\n" % s.ip
-        elif s.kind == "S":
-            post, pre = "masquerade random,fully-random", ""
-        else:
-            post, pre = "masquerade", ""
-        script = ("add table ip nat\n"
-                  "add chain ip nat pre { type nat hook prerouting priority -100; }\n"
-                  "add chain ip nat post { type nat hook postrouting priority 100; }\n"
-                  "add rule ip nat post oifname \"tlwan\" %s\n%s"
-                  "add table ip filter\n"
-                  "add chain ip filter input { type filter hook input priority 0; policy accept; }\n"
-                  "add rule ip filter input iifname \"tlwan\" ct state new drop\n"
-                  "add chain ip filter forwarding { type filter hook forward priority 0; policy accept; }\n"
-                  % (post, pre))
-        if s.kind == "T":
-            script += "add rule ip filter forwarding iifname \"tllan\" meta l4proto udp drop\n"
-        return script
+        return nat_rules(s.kind, s.lan + ".0/24", s.wan, "tlwan", "tllan", [("4000-4999", s.ip)])
 
     def setup_lab(self):
         names = [NET, PUB_NS] + [s.host for s in self.sites.values()] + \
