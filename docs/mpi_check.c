@@ -1,5 +1,6 @@
-/* The MPI job of tests/t_mpi.py: checks that an Open MPI job whose ranks
- * mpirun started on four hosts really runs across them, over ipop0.
+/* An MPI job (README, "MPI without root"; tests/t_mpi.py and t_readme.py
+ * run it): checks that an Open MPI job whose ranks mpirun started on
+ * several hosts really runs across them, over ipop0.
  *
  *   mpi_check [MB]      (default 10)
  *

@@ -41,7 +41,7 @@ agent alone are enough; the rest keeps the job on ipop0 and TCP by name,
 its session files in the test's directory, and every orted started by
 mpirun itself.)
 
-runs tests/mpi_check.c (compiled here with mpicc): every rank reports its
+runs docs/mpi_check.c (compiled here with mpicc): every rank reports its
 host and ipop0 address, an MPI_Allreduce of known values, and 10 MB from
 rank 0 (h1, the cone site) to rank 3 (h4, the TCP-only site) and back with
 the checksum checked at both ends; the rate and the job's wall time are
@@ -50,8 +50,8 @@ are checked, and that every process in the hosts' namespaces during the job
 (sshd, orted, the ranks) runs as nobody.
 
 The job runs twice: with /dev/net/tun at mode 0600 (the usual; ns mode falls
-back to a veth, `status --json` says "ns_dev": "veth"), then at 0666 (the
-tun path, "ns_dev": "tap").  Each run starts the nodes afresh and takes
+back to a veth: `status --json` says mode "ns", interface.device "veth"),
+then at 0666 (the tun path, device "tap").  Each run starts the nodes afresh and takes
 about 3 s here.
 
 nobody's account is a system account (shell nologin, nss-systemd calls it
@@ -62,11 +62,9 @@ unlocked entry, and with a hostname of their own (Open MPI tells hosts
 apart by it) -- in a user+mount+UTS namespace of their own, nested in the
 node's, and back to nobody's uid in one more (see in_ns()).
 
-Until `ipop exec` and the veth fallback land (ipop without `exec`), the test
-runs the prototype marked "PROTOTYPE" below: the node runs a placeholder
-command (`-- sh -c 'echo $$ > PIDFILE; exec sleep ...'`), `ipop exec` is
-played by `nsenter --user --net --preserve-credentials` into that command's
-namespaces (as nobody), and only the 0666 run is made.
+This is one of two ways to launch: the sshd runs as the user inside each
+namespace.  The README's way (each host's own sshd exposed with
+-R 22:127.0.0.1:22, orted started with `ipop exec`) is what t_readme runs.
 
 Node, sshd and mpirun logs of a failed run are kept in
 build/test-logs/t_mpi-nodes (or $IPOP_TEST_LOGDIR).
@@ -100,17 +98,7 @@ TUN = "/dev/net/tun"
 NODE_UP_S, SSH_UP_S, MPIRUN_S = 20, 60, 90
 
 
-def ipop_has_exec():
-    rc, out, err = sh([ipop_bin(), "--help"], check_rc=False)
-    return re.search(r"^\s+exec\s", out + err, re.M) is not None
-
-
-# PROTOTYPE: False until `ipop exec`, `ipop up --mode ns` without a command
-# and the veth fallback are in ipop (issue 21 part 2).  Everything that
-# differs is behind this switch: Host.command(), Host.exec_prefix(), RUNS.
-HAVE_EXEC = ipop_has_exec()
-RUNS = [r.strip() for r in os.environ.get("IPOP_MPI_RUNS", "0600,0666" if HAVE_EXEC else "0666").split(",")
-        if r.strip()]
+RUNS = [r.strip() for r in os.environ.get("IPOP_MPI_RUNS", "0600,0666").split(",") if r.strip()]
 NS_DEV = {"0600": "veth", "0666": "tap"}     # what `status --json` must say for each run
 
 
@@ -137,7 +125,6 @@ class Node(NsNode):
         NsNode.__init__(self, lab, name, ns, vip)
         self.d, self.ip, self.port = d, ip, port
         self.ctl = os.path.join(d, "ctl.sock")
-        self.nspid_file = os.path.join(d, "ns.pid")
 
     def start(self):
         if not self.vip:
@@ -158,31 +145,18 @@ class Node(NsNode):
             return a + ["--mode", "none"]
         a += ["--mode", "ns", "--ip", self.vip + "/24",
               "--bootstrap", "udp://%s:%d" % (PUB_IP, PUB_PORT), "--bootstrap", "tcp://%s:%d" % (PUB_IP, PUB_PORT)]
-        if HAVE_EXEC:
-            return a
-        # PROTOTYPE: a placeholder command holds the namespace; its pid is
-        # where exec_prefix() enters (it dies with the node, even a SIGKILLed one)
-        return a + ["--", "setpriv", "--pdeathsig", "KILL", "sh", "-c",
-                    "echo $$ > %s; exec sleep 1000000" % self.nspid_file]
+        return a
 
     def exec_prefix(self, cwd=None):
         """argv prefix that runs a command in this node's user and network
-        namespaces, as nobody, in cwd: `ipop exec` (PROTOTYPE: nsenter)."""
-        if HAVE_EXEC:
-            return ["ip", "netns", "exec", self.ns] + AS_NOBODY + self.env(cwd) + [
-                os.path.join(self.d, "ipop"), "exec", "--control", self.ctl, "--"]
-        with open(self.nspid_file) as f:
-            pid = f.read().strip()
-        return AS_NOBODY + self.env(cwd) + ["nsenter", "--target", pid, "--user", "--net",
-                                            "--preserve-credentials", "--"]
+        namespaces, as nobody, in cwd: `ipop exec`."""
+        return ["ip", "netns", "exec", self.ns] + AS_NOBODY + self.env(cwd) + [
+            os.path.join(self.d, "ipop"), "exec", "--control", self.ctl, "--"]
 
     def ns_inode(self):
         """(net namespace of a command run by exec_prefix(), e.g. "net:[4026532714]",
         or None; what went wrong)."""
-        try:
-            argv = self.exec_prefix() + ["readlink", "/proc/self/ns/net"]
-        except OSError as e:            # PROTOTYPE: the placeholder has not written its pid yet
-            return None, str(e)
+        argv = self.exec_prefix() + ["readlink", "/proc/self/ns/net"]
         rc, out, err = sh(argv, check_rc=False, timeout=10)
         ok = rc == 0 and out.startswith("net:")
         return (out.strip() if ok else None), (err or out or "timeout").strip()[-200:]
@@ -191,7 +165,7 @@ class Node(NsNode):
 class MpiLab(Lab):
     name, prefix = "t_mpi", PREFIX + "-"
     tools = ("ip", "nft", "sysctl", "ping", "sshd", "ssh", "ssh-keygen", "mpirun", "mpicc", "setpriv",
-             "unshare", "nsenter")
+             "unshare")
     hint = "apt-get install openssh-server openssh-client openmpi-bin libopenmpi-dev nftables util-linux"
 
     def __init__(self):
@@ -203,10 +177,7 @@ class MpiLab(Lab):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
 
     def body(self):
-        log("t_mpi: dir %s, runs %s (tun modes), %d MB; %s" % (
-            self.dir, ",".join(RUNS), MB, "ipop exec" if HAVE_EXEC else
-            "PROTOTYPE: no `ipop exec` in this ipop: nsenter plays it, and the 0600 run waits for the "
-            "veth fallback"))
+        log("t_mpi: dir %s, runs %s (tun modes), %d MB" % (self.dir, ",".join(RUNS), MB))
         self.sweep(marker="/ipop-t_mpi-")   # an earlier, SIGKILLed run's processes
         self.step("setup", self.setup_lab, fatal=True)
         self.step("prepare", self.prepare, fatal=True)
@@ -254,7 +225,7 @@ class MpiLab(Lab):
         job = os.path.join(self.dir, "job")          # the same path on every host (one file system)
         os.makedirs(job)
         self.prog = os.path.join(job, "mpi_check")
-        sh(["mpicc", "-O2", "-o", self.prog, os.path.join(REPO, "tests", "mpi_check.c")], timeout=120)
+        sh(["mpicc", "-O2", "-o", self.prog, os.path.join(REPO, "docs", "mpi_check.c")], timeout=120)
         users = os.path.join(self.dir, "user")        # the user's client key, in every home
         os.makedirs(users)
         self.client_key = os.path.join(users, "id_ed25519")
@@ -343,8 +314,6 @@ class MpiLab(Lab):
             shutil.rmtree(os.path.join(nd.d, "state"), ignore_errors=True)     # each run from scratch
             os.makedirs(os.path.join(nd.d, "state"))
             os.chown(os.path.join(nd.d, "state"), NOBODY, NOGROUP)
-            if os.path.exists(nd.nspid_file):
-                os.unlink(nd.nspid_file)
         self.nodes["pub"].start()
         self.wait_status([self.nodes["pub"]], NODE_UP_S)
         hosts = [self.nodes[h] for h in HOSTS]
@@ -365,13 +334,12 @@ class MpiLab(Lab):
         check(len(inodes) == len(hosts), "no command runs in the namespace of %s %d s after it answered: %s"
               % (",".join(n.name for n in hosts if n.name not in inodes), NODE_UP_S,
                  "; ".join("%s: %s" % (k, v) for k, v in errs.items() if k not in inodes)))
-        devs = {nd.name: (nd.status() or {}).get("ns_dev") for nd in hosts}
-        if HAVE_EXEC:
-            self.check(all(v == NS_DEV[mode] for v in devs.values()),
-                       "every node's status says ns_dev %s: %s" % (NS_DEV[mode], devs))
-        self.ok("the public node and 4 ns-mode hosts, as nobody, up in %.1f s%s"
-                % (time.monotonic() - t0, " (ns_dev %s)" % ",".join(sorted(set(map(str, devs.values()))))
-                   if HAVE_EXEC else ""))
+        sts = {nd.name: nd.status() or {} for nd in hosts}
+        devs = {k: (st.get("mode"), (st.get("interface") or {}).get("device")) for k, st in sts.items()}
+        self.check(all(v == ("ns", NS_DEV[mode]) for v in devs.values()),
+                   "every node's status says mode ns, device %s: %s" % (NS_DEV[mode], devs))
+        self.ok("the public node and 4 ns-mode hosts, as nobody, up in %.1f s (device %s)"
+                % (time.monotonic() - t0, ",".join(sorted(set(str(v[1]) for v in devs.values())))))
 
     def start_sshds(self):
         for h in HOSTS:
