@@ -51,7 +51,9 @@ are checked, and that every process in the hosts' namespaces during the job
 
 The job runs twice: with /dev/net/tun at mode 0600 (the usual; ns mode falls
 back to a veth: `status --json` says mode "ns", interface.device "veth"),
-then at 0666 (the tun path, device "tap").  Each run starts the nodes afresh and takes
+then at 0666 (the tun path, device "tap"); then, as a baseline for the
+numbers, with the nodes as root in tap mode (no namespace; the job as
+nobody all the same).  Each run starts the nodes afresh and takes
 about 3 s here.
 
 nobody's account is a system account (shell nologin, nss-systemd calls it
@@ -98,8 +100,9 @@ TUN = "/dev/net/tun"
 NODE_UP_S, SSH_UP_S, MPIRUN_S = 20, 60, 90
 
 
-RUNS = [r.strip() for r in os.environ.get("IPOP_MPI_RUNS", "0600,0666").split(",") if r.strip()]
-NS_DEV = {"0600": "veth", "0666": "tap"}     # what `status --json` must say for each run
+RUNS = [r.strip() for r in os.environ.get("IPOP_MPI_RUNS", "0600,0666,root").split(",") if r.strip()]
+NS_DEV = {"0600": "veth", "0666": "tap", "root": "tap"}     # what `status --json` must say for each run
+MODE = {"0600": "ns", "0666": "ns", "root": "tap"}          # and the node's mode
 
 
 class Site:
@@ -143,15 +146,20 @@ class Node(NsNode):
             "--control", self.ctl] + (["-v"] if os.environ.get("IPOP_TEST_VERBOSE") else ["--log-level", "info"])
         if not self.vip:
             return a + ["--mode", "none"]
-        a += ["--mode", "ns", "--ip", self.vip + "/24",
+        if self.lab.run_mode == "root":          # the baseline: a tap node, root's, no namespace
+            a = a[a.index("env"):]
+        a += ["--mode", MODE[self.lab.run_mode], "--ip", self.vip + "/24",
               "--bootstrap", "udp://%s:%d" % (PUB_IP, PUB_PORT), "--bootstrap", "tcp://%s:%d" % (PUB_IP, PUB_PORT)]
         return a
 
     def exec_prefix(self, cwd=None):
         """argv prefix that runs a command in this node's user and network
-        namespaces, as nobody, in cwd: `ipop exec`."""
-        return ["ip", "netns", "exec", self.ns] + AS_NOBODY + self.env(cwd) + [
-            os.path.join(self.d, "ipop"), "exec", "--control", self.ctl, "--"]
+        namespaces, as nobody, in cwd: `ipop exec` (the root run: in the
+        host's namespace, where the tap is)."""
+        prefix = ["ip", "netns", "exec", self.ns] + AS_NOBODY + self.env(cwd)
+        if self.lab.run_mode == "root":
+            return prefix
+        return prefix + [os.path.join(self.d, "ipop"), "exec", "--control", self.ctl, "--"]
 
     def ns_inode(self):
         """(net namespace of a command run by exec_prefix(), e.g. "net:[4026532714]",
@@ -174,6 +182,7 @@ class MpiLab(Lab):
         self.tun_mode = stat.S_IMODE(os.stat(TUN).st_mode)
         self.netns_inodes = set()           # the hosts' namespaces (for the final sweep)
         self.sshds = {}
+        self.run_mode = None                # the run under way: a tun mode, or "root"
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
 
     def body(self):
@@ -182,7 +191,8 @@ class MpiLab(Lab):
         self.step("setup", self.setup_lab, fatal=True)
         self.step("prepare", self.prepare, fatal=True)
         for mode in RUNS:
-            self.step("tun %s" % mode, lambda: self.run_job(mode))
+            self.step("tun %s" % mode if mode != "root" else "root, tap mode (baseline)",
+                      lambda: self.run_job(mode))
 
     # ---- the lab
     def setup_lab(self):
@@ -298,7 +308,9 @@ class MpiLab(Lab):
 
     # ---- one run
     def run_job(self, mode):
-        os.chmod(TUN, int(mode, 8))
+        self.run_mode = mode
+        if mode != "root":
+            os.chmod(TUN, int(mode, 8))
         try:
             self.start_nodes(mode)
             self.start_sshds()
@@ -336,10 +348,11 @@ class MpiLab(Lab):
                  "; ".join("%s: %s" % (k, v) for k, v in errs.items() if k not in inodes)))
         sts = {nd.name: nd.status() or {} for nd in hosts}
         devs = {k: (st.get("mode"), (st.get("interface") or {}).get("device")) for k, st in sts.items()}
-        self.check(all(v == ("ns", NS_DEV[mode]) for v in devs.values()),
-                   "every node's status says mode ns, device %s: %s" % (NS_DEV[mode], devs))
-        self.ok("the public node and 4 ns-mode hosts, as nobody, up in %.1f s (device %s)"
-                % (time.monotonic() - t0, ",".join(sorted(set(str(v[1]) for v in devs.values())))))
+        self.check(all(v == (MODE[mode], NS_DEV[mode]) for v in devs.values()),
+                   "every node's status says mode %s, device %s: %s" % (MODE[mode], NS_DEV[mode], devs))
+        self.ok("the public node and 4 %s-mode hosts, as %s, up in %.1f s (device %s)"
+                % (MODE[mode], "root" if mode == "root" else "nobody", time.monotonic() - t0,
+                   ",".join(sorted(set(str(v[1]) for v in devs.values())))))
 
     def start_sshds(self):
         for h in HOSTS:
@@ -414,12 +427,13 @@ class MpiLab(Lab):
         self.ok("mpirun on h1 started 4 ranks on h1..h4 (%s) itself; allreduce right, %d MB round trip "
                 "h1 -> h4 -> h1 with matching checksums; mpirun exit 0"
                 % (", ".join("%d=%s" % (i, want[i][1]) for i in range(4)), MB))
-        self.note("tun %s: mpirun wall %.1f s (job %.2f s inside); %d MB rank 0 -> 3 -> 0 at %s MB/s (%s s)"
-                  % (mode, el, float(job.group(1)) if job else -1, MB, rate.group(2) if rate else "?",
+        self.note("%s: mpirun wall %.1f s (job %.2f s inside); %d MB rank 0 -> 3 -> 0 at %s MB/s (%s s)"
+                  % (self.step_name, el, float(job.group(1)) if job else -1, MB, rate.group(2) if rate else "?",
                      rate.group(1) if rate else "?"))
         uids = {}
         for (comm, _), uid in watch.seen.items():
-            uids.setdefault(comm, set()).add(uid)
+            if not (mode == "root" and comm == "ipop"):     # the baseline's nodes are root's
+                uids.setdefault(comm, set()).add(uid)
         self.check({"sshd", "orted"} <= set(uids) and all(u == {NOBODY} for u in uids.values()),
                    "the processes in the hosts' namespaces during the job, all nobody's: %s"
                    % (", ".join("%s (uid %s)" % (c, ",".join(map(str, sorted(u))))
