@@ -307,6 +307,7 @@ enum drop_reason {
 	DROP_LOOKUPS_FULL,      /* a remote packet whose source lookup is over the caps */
 	DROP_HS_RATE,           /* an HS_INIT past its source IP's rate (link_hs_admit) */
 	DROP_HALF_OPEN,         /* a half-open responder link closed for a newer one */
+	DROP_FWD_REFUSED,       /* a connection to a namespace -R port over its source's or the limit */
 	DROP__COUNT
 };
 
@@ -349,6 +350,7 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_LOOKUPS_FULL] = "lookups_full",
 	[DROP_HS_RATE] = "handshake_rate",
 	[DROP_HALF_OPEN] = "half_open_evicted",
+	[DROP_FWD_REFUSED] = "fwd_refused",
 };
 
 struct log_drops {
@@ -10963,6 +10965,7 @@ enum {
 	TAP_VNET_HDR_BYTES = 10,        /* struct virtio_net_hdr */
 	TAP_VNET_F_NEEDS_CSUM = 1,
 	TAP_VNET_GSO_TCPV4 = 1,
+	TAP_VNET_GSO_UDP_L4 = 5,        /* a UDP_SEGMENT send (QUIC): veth hands them over as they are */
 	TAP_ETH_HDR_BYTES = 14,
 	TAP_ETH_P_IP = 0x0800,
 	TAP_ETH_P_ARP = 0x0806,
@@ -11219,6 +11222,26 @@ static void tap_tso_segment(struct node *n, const uint8_t *f, size_t hlen, size_
 	tap_frame(n, out, hlen + plen);
 }
 
+/* One UDP/IPv4 datagram of a UDP_SEGMENT super-frame: headers copied,
+ * lengths, IP id and both checksums made right for it. */
+static void tap_uso_segment(struct node *n, const uint8_t *f, size_t hlen, size_t ip_off, size_t udp_off,
+			    const uint8_t *payload, size_t plen, unsigned k, uint8_t *out)
+{
+	memcpy(out, f, hlen);
+	memcpy(out + hlen, payload, plen);
+	uint8_t *ip = out + ip_off, *udp = out + udp_off;
+	size_t ihl = udp_off - ip_off, l4 = 8 + plen;
+	tap_put16(ip + 2, (uint16_t)(ihl + l4));
+	tap_put16(ip + 4, (uint16_t)((ip[4] << 8 | ip[5]) + k));
+	ip[10] = ip[11] = 0;
+	tap_put16(ip + 10, tap_csum_fold(tap_csum_add(0, ip, ihl)));
+	tap_put16(udp + 4, (uint16_t)l4);
+	udp[6] = udp[7] = 0;
+	uint16_t sum = tap_csum_fold(tap_csum_add(tap_csum_add(0, ip + 12, 8) + 17 + (uint32_t)l4, udp, l4));
+	tap_put16(udp + 6, sum ? sum : 0xffff);         /* 0 would mean "none" */
+	tap_frame(n, out, hlen + plen);
+}
+
 /* A frame read with its virtio-net header: cut, or finish, then handle. */
 static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 {
@@ -11236,10 +11259,12 @@ static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 	}
 	size_t ip_off = TAP_ETH_HDR_BYTES, ihl = len > ip_off ? (size_t)(f[ip_off] & 15) * 4 : 0;
 	size_t tcp_off = ip_off + ihl;
-	if ((gso & 0x7f) != TAP_VNET_GSO_TCPV4 || len < tcp_off + 20 || ihl < 20 || !gso_size)
+	bool udp = (gso & 0x7f) == TAP_VNET_GSO_UDP_L4;
+	if (((gso & 0x7f) != TAP_VNET_GSO_TCPV4 && !udp) || len < tcp_off + 20 || ihl < 20 || !gso_size ||
+	    f[ip_off + 9] != (udp ? 17 : 6))
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
-	size_t hlen = tcp_off + (size_t)(f[tcp_off + 12] >> 4) * 4;
-	if (hlen > len || hlen < tcp_off + 20)
+	size_t hlen = tcp_off + (udp ? 8 : (size_t)(f[tcp_off + 12] >> 4) * 4);
+	if (hlen > len || hlen < tcp_off + (udp ? 8 : 20))
 		return log_drop(&n->drops, DROP_BAD_IP, ev_now(&n->loop), "tap super-frame");
 	uint8_t room[WIRE_ROUTED_ROOM_BYTES + TAP_ETH_HDR_BYTES + 60 + 60 + IP_MTU_MAX];
 	uint8_t *out = room + WIRE_ROUTED_ROOM_BYTES;
@@ -11252,7 +11277,10 @@ static void tap_vnet_frame(struct node *n, uint8_t *buf, size_t len)
 	unsigned k = 0;
 	for (size_t off = 0; off < plen; off += gso_size, k++) {
 		size_t seg = plen - off < gso_size ? plen - off : gso_size;
-		tap_tso_segment(n, f, hlen, ip_off, tcp_off, f + hlen + off, seg, k, off + seg == plen, out);
+		if (udp)
+			tap_uso_segment(n, f, hlen, ip_off, tcp_off, f + hlen + off, seg, k, out);
+		else
+			tap_tso_segment(n, f, hlen, ip_off, tcp_off, f + hlen + off, seg, k, off + seg == plen, out);
 	}
 	n->tap.tso_segments += k;
 }
@@ -11343,10 +11371,10 @@ static void tap_disable_ipv6(const char *name)
 	}
 }
 
-/* Open and configure the tap.  -EPERM when we lack the privilege, so that
- * the caller can fall back or say what is missing. */
 /* Create and configure the device: no event loop involved, so namespace
- * mode's child can do it too.  -EPERM when we lack the privilege. */
+ * mode's child can do it too.  -EPERM when we lack the privilege, -ENODEV
+ * when the host has no tun device (a container), so that the caller can
+ * fall back; -EIO for the rest. */
 static int tap_create(struct node *n, const char *name, char *err, size_t errlen)
 {
 	struct ifreq ifr = { 0 };
@@ -11366,7 +11394,7 @@ static int tap_create(struct node *n, const char *name, char *err, size_t errlen
 			 strchr(name, '%') ? "" : name, strerror(e),
 			 e == EPERM || e == EACCES ? " (needs root or CAP_NET_ADMIN, and access to /dev/net/tun)" :
 			 e == EBUSY ? " (another program holds that name; choose another with --dev)" : "");
-		return e == EPERM || e == EACCES ? -EPERM : -1;
+		return e == EPERM || e == EACCES ? -EPERM : e == ENOENT || e == ENODEV || e == ENXIO ? -ENODEV : -EIO;
 	}
 	snprintf(n->tap.name, sizeof n->tap.name, "%s", ifr.ifr_name);
 	memcpy(n->tap.gw_mac, tap_gw_mac, 6);
@@ -11374,7 +11402,7 @@ static int tap_create(struct node *n, const char *name, char *err, size_t errlen
 		e = errno;
 		close(n->tap.fd);
 		n->tap.fd = -1;
-		return e == EPERM ? -EPERM : -1;
+		return e == EPERM ? -EPERM : -EIO;
 	}
 	tap_disable_ipv6(n->tap.name);
 	return 0;
@@ -11588,7 +11616,7 @@ static void tap_nl_veth_request(struct tap_nl *m, const char *name, const char *
 /* Make the pair; 0, or -errno as the kernel answered. */
 static int tap_nl_veth(const char *name, const char *peer, uint32_t mtu)
 {
-	struct tap_nl m;
+	struct tap_nl m = { 0 };        /* the padding goes to the kernel too */
 	int32_t ans[8];                 /* nlmsghdr, then nlmsgerr's error */
 	tap_nl_veth_request(&m, name, peer, mtu);
 	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, TAP_NETLINK_ROUTE);
@@ -11649,8 +11677,8 @@ static int tap_ns_veth(struct node *n, const char *name, char *err, size_t errle
 	snprintf(peer, sizeof peer, "%sp", name);
 	int rc = tap_nl_veth(name, peer, (uint32_t)n->ip.mtu);
 	if (rc < 0) {
-		snprintf(err, errlen, "/dev/net/tun is closed to users here, and making a veth pair failed too: %s "
-			 "(use --mode user)", strerror(-rc));
+		snprintf(err, errlen, "/dev/net/tun is closed to users here (or absent), and making a veth pair "
+			 "failed too: %s (use --mode user)", strerror(-rc));
 		return -1;
 	}
 	snprintf(n->tap.name, sizeof n->tap.name, "%s", name);
@@ -11692,7 +11720,7 @@ static int tap_ns_execvp(char *const argv[])
 		char full[PATH_MAX];
 		struct stat st;
 		end = strchrnul(p, ':');
-		snprintf(full, sizeof full, "%.*s/%s", (int)(end - p), end > p ? p : ".", argv[0]);
+		snprintf(full, sizeof full, "%.*s/%s", end > p ? (int)(end - p) : 1, end > p ? p : ".", argv[0]);
 		if (stat(full, &st) == 0)
 			return EACCES;  /* there, but not ours to run */
 	}
@@ -11744,7 +11772,7 @@ static void tap_ns_child(struct node *n, int sock, uid_t uid, gid_t gid, char *c
 	signal(SIGPIPE, SIG_DFL);
 	m.status = tap_ns_enter(uid, gid, m.err, sizeof m.err);
 	int rc = m.status < 0 ? 0 : tap_create(n, "ipop0", m.err, sizeof m.err);
-	if (rc == -EPERM) {             /* /dev/net/tun is closed to us */
+	if (rc == -EPERM || rc == -ENODEV) {    /* /dev/net/tun is closed to us, or absent */
 		m.veth = true;
 		rc = tap_ns_veth(n, "ipop0", m.err, sizeof m.err);
 	}
@@ -11798,6 +11826,11 @@ static int tap_ns_spawn(struct node *n, char *const argv[], struct tap_ns_listen
 	struct cmsghdr *c = r == (ssize_t)sizeof m ? CMSG_FIRSTHDR(&mh) : NULL;
 	if (r != (ssize_t)sizeof m || m.status < 0 || !c || c->cmsg_type != SCM_RIGHTS ||
 	    c->cmsg_len != CMSG_LEN((TAP_NS_FDS + ls->n) * sizeof(int))) {
+		for (size_t k = 0; c && c->cmsg_type == SCM_RIGHTS && CMSG_LEN((k + 1) * sizeof(int)) <= c->cmsg_len; k++) {
+			int fd;
+			memcpy(&fd, CMSG_DATA(c) + k * sizeof(int), sizeof fd);
+			close(fd);      /* what did arrive */
+		}
 		snprintf(err, errlen, "%s", r == (ssize_t)sizeof m && m.err[0] ? m.err : "namespace setup failed");
 		if (pid > 0)
 			waitpid(pid, NULL, 0);
@@ -12925,6 +12958,7 @@ enum {
 	SOCKS_UDP_NAME_BYTES = 64,      /* a --name and its NUL */
 	SOCKS_UDP_NAMES_MAX = 8,        /* a job talks to a few hosts by name */
 	SOCKS_UDP_NAME_TTL_MS = 60000,  /* then asked again: --ip auto may move a name */
+	SOCKS_UDP_UNKNOWN_TTL_MS = 5000,        /* a name nobody holds: its datagrams dropped, not asked */
 };
 
 struct socks_udp_name {
@@ -13046,7 +13080,8 @@ static struct socks_udp_name *socks_udp_name_find(struct socks_udp *u, const cha
 	return NULL;
 }
 
-/* Keep a looked-up name, in place of the one that expires first. */
+/* Keep a looked-up name (ip 0: not found), in place of the one that
+ * expires first. */
 static void socks_udp_name_keep(struct socks_udp *u, const char *name, uint32_t ip)
 {
 	struct socks_udp_name *slot = &u->names[0];
@@ -13055,7 +13090,7 @@ static void socks_udp_name_keep(struct socks_udp *u, const char *name, uint32_t 
 			slot = &u->names[i];
 	snprintf(slot->name, sizeof slot->name, "%s", name);
 	slot->ip = ip;
-	slot->until_ms = ev_now(&u->n->loop) + SOCKS_UDP_NAME_TTL_MS;
+	slot->until_ms = ev_now(&u->n->loop) + (ip ? SOCKS_UDP_NAME_TTL_MS : SOCKS_UDP_UNKNOWN_TTL_MS);
 }
 
 /* The DHT answered "name:N" for the datagram that waits, or did not. */
@@ -13063,12 +13098,14 @@ static void socks_udp_resolved(struct node *n, void *arg, const struct wire_dht 
 {
 	struct socks_udp *u = arg;
 	(void)n;
+	uint32_t ip = 0;
 	if (reply && reply->status == DHT_OK && reply->value_len == 4) {
 		struct buf b = buf_of(reply->value, 4);
-		uint32_t ip = buf_u32(&b);
-		socks_udp_name_keep(u, u->resolving, ip);
-		socks_udp_send(u, ip, u->held_port, u->held, u->held_len);
+		ip = buf_u32(&b);
 	}
+	socks_udp_name_keep(u, u->resolving, ip);       /* unknown ones too: no lookup per datagram */
+	if (ip)
+		socks_udp_send(u, ip, u->held_port, u->held, u->held_len);
 	u->resolving[0] = 0;
 	free(u->held);
 	u->held = NULL;
@@ -13115,7 +13152,7 @@ static void socks_udp_from_client(struct socks_udp *u)
 	struct socks_udp_name *known = name[0] ? socks_udp_name_find(u, name) : NULL;
 	if (name[0] && !known)
 		socks_udp_lookup(u, name, port, d + at, (size_t)r - at);
-	else
+	else if (!known || known->ip)
 		socks_udp_send(u, known ? known->ip : ip, port, d + at, (size_t)r - at);
 }
 
@@ -13644,21 +13681,30 @@ static int fwd_udp_start(struct node *n, struct fwd_spec *f, char *err, size_t e
  * becomes reachable at the virtual IP without root (-R 22:127.0.0.1:22),
  * so that mpirun's ssh lands on every host.  Each direction has one buffer;
  * a side is read only while its buffer is empty, so a slow reader holds a
- * fast writer back.  An end that closes is passed on as a half close. */
+ * fast writer back.  An end that closes is passed on as a half close.
+ * A side with nothing to wait for leaves epoll (a closed or reset socket
+ * would wake the loop forever); a connect gets FWD_CONNECT_TIMEOUT_MS.
+ * Any member may connect, so connections are counted per source virtual
+ * IP as well as in all, and those over either are refused (fwd_refused).
+ * None is closed for being idle: an MPI job's ssh sessions are. */
 
 enum {
 	FWD_PIPE_BYTES = 65536,         /* per direction */
 	FWD_PIPES_MAX = 256,            /* concurrent connections; more are refused */
+	FWD_PIPES_PER_SOURCE = 32,      /* from one virtual IP: an mpirun holds one per host */
+	FWD_CONNECT_TIMEOUT_MS = 10000,
 };
 
 struct fwd_pipe {
 	struct node *n;
 	struct fwd_pipe *next;
 	int fd[2];                      /* 0: accepted in the namespace, 1: to the host's service */
+	uint32_t source;                /* fd[0]'s peer: a virtual IP */
 	bool connecting;                /* fd[1]'s connect is under way */
 	bool eof[2], shut[2];           /* fd[i] sent its last; fd[!i] was told so */
 	size_t len[2], off[2];          /* buf[i]: bytes from fd[i] for fd[!i] */
 	uint8_t *buf[2];
+	struct ev_timer timer;          /* the connect's deadline */
 };
 
 static void fwd_pipe_event(struct ev_loop *loop, int fd, void *arg, uint32_t events);
@@ -13672,6 +13718,7 @@ static void fwd_pipe_free(struct fwd_pipe *p)
 			break;
 		}
 	n->lw.n_pipes--;
+	ev_timer_cancel(&n->loop, &p->timer);
 	for (int i = 0; i < 2; i++) {
 		ev_fd_forget(&n->loop, p->fd[i]);
 		if (p->fd[i] >= 0)
@@ -13712,14 +13759,35 @@ static int fwd_pipe_move(struct fwd_pipe *p, int i)
 	}
 }
 
-/* Read a side while its buffer is empty; write one while the other's is not. */
-static void fwd_pipe_watch(struct fwd_pipe *p)
+/* Read a side while its buffer is empty (the namespace's only once the
+ * service is connected); write one while the other's is not.  -1 if a
+ * side cannot be watched. */
+static int fwd_pipe_watch(struct fwd_pipe *p)
 {
 	for (int i = 0; i < 2; i++) {
-		uint32_t ev = (!p->eof[i] && p->len[i] == 0 ? EPOLLIN : 0) |
+		uint32_t ev = (!p->eof[i] && p->len[i] == 0 && !p->connecting ? EPOLLIN : 0) |
 			      (p->len[!i] > p->off[!i] || (i == 1 && p->connecting) ? EPOLLOUT : 0);
-		ev_fd_watch(&p->n->loop, p->fd[i], ev, fwd_pipe_event, p);
+		if (!ev)
+			ev_fd_forget(&p->n->loop, p->fd[i]);
+		else if (ev_fd_watch(&p->n->loop, p->fd[i], ev, fwd_pipe_event, p) < 0)
+			return -1;
 	}
+	return 0;
+}
+
+/* The service answered the connect: 0, or -1 (logged) if it refused. */
+static int fwd_pipe_connected(struct fwd_pipe *p)
+{
+	int e = 0;
+	socklen_t el = sizeof e;
+	getsockopt(p->fd[1], SOL_SOCKET, SO_ERROR, &e, &el);
+	if (e) {
+		log_info("fwd", "-R: the local service refused: %s", strerror(e));
+		return -1;
+	}
+	p->connecting = false;
+	ev_timer_cancel(&p->n->loop, &p->timer);
+	return 0;
 }
 
 static void fwd_pipe_event(struct ev_loop *loop, int fd, void *arg, uint32_t events)
@@ -13727,40 +13795,56 @@ static void fwd_pipe_event(struct ev_loop *loop, int fd, void *arg, uint32_t eve
 	struct fwd_pipe *p = arg;
 	(void)loop;
 	(void)events;
-	if (p->connecting && fd == p->fd[1]) {
-		int e = 0;
-		socklen_t el = sizeof e;
-		getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &el);
-		if (e) {
-			log_info("fwd", "-R: the local service refused: %s", strerror(e));
-			return fwd_pipe_free(p);
-		}
-		p->connecting = false;
-	}
-	if (!p->connecting && (fwd_pipe_move(p, 0) < 0 || fwd_pipe_move(p, 1) < 0))
-		return fwd_pipe_free(p);
-	if (p->shut[0] && p->shut[1])
-		return fwd_pipe_free(p);
-	fwd_pipe_watch(p);
+	if (p->connecting && (fd != p->fd[1] || fwd_pipe_connected(p) < 0))
+		return fwd_pipe_free(p);        /* only fd[1] is watched while connecting */
+	if (fwd_pipe_move(p, 0) < 0 || fwd_pipe_move(p, 1) < 0 || (p->shut[0] && p->shut[1]) ||
+	    fwd_pipe_watch(p) < 0)
+		fwd_pipe_free(p);
+}
+
+static int64_t fwd_pipe_timeout(struct ev_loop *loop, struct ev_timer *t)
+{
+	struct fwd_pipe *p = container_of(t, struct fwd_pipe, timer);
+	(void)loop;
+	log_info("fwd", "-R: the local service did not answer in %d s", FWD_CONNECT_TIMEOUT_MS / 1000);
+	fwd_pipe_free(p);
+	return EV_TIMER_STOP;
+}
+
+/* Whether one more pipe may open for a client at source. */
+static bool fwd_pipe_room(const struct node *n, uint32_t source)
+{
+	unsigned same = 0;
+	for (const struct fwd_pipe *p = n->lw.pipes; p; p = p->next)
+		same += p->source == source;
+	return n->lw.n_pipes < FWD_PIPES_MAX && same < FWD_PIPES_PER_SOURCE;
 }
 
 /* A pipe from fd (accepted) to the service at sa, its connect under way;
- * NULL (fd closed, why logged) when at the limit or out of resources. */
+ * NULL (fd closed, why logged) when over the limits or out of resources. */
 static struct fwd_pipe *fwd_pipe_new(struct node *n, int fd, const struct sockaddr_in *sa)
 {
-	struct fwd_pipe *p = n->lw.n_pipes < FWD_PIPES_MAX ? calloc(1, sizeof *p) : NULL;
+	struct sockaddr_in from = { 0 };
+	socklen_t fl = sizeof from;
+	getpeername(fd, (struct sockaddr *)&from, &fl);
+	uint32_t source = ntohl(from.sin_addr.s_addr);
+	struct fwd_pipe *p = fwd_pipe_room(n, source) ? calloc(1, sizeof *p) : NULL;
 	if (!p) {
-		log_info("fwd", "-R: refused a connection: %u open", n->lw.n_pipes);
+		log_drop(&n->drops, DROP_FWD_REFUSED, ev_now(&n->loop), "-R accept");
 		close(fd);
 		return NULL;
 	}
 	*p = (struct fwd_pipe){ .n = n, .fd = { fd, socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0) },
-				.connecting = true, .buf = { malloc(FWD_PIPE_BYTES), malloc(FWD_PIPE_BYTES) } };
+				.source = source, .connecting = true,
+				.buf = { malloc(FWD_PIPE_BYTES), malloc(FWD_PIPE_BYTES) } };
 	p->next = n->lw.pipes;
 	n->lw.pipes = p;
 	n->lw.n_pipes++;
+	ev_timer_init(&p->timer, fwd_pipe_timeout);
+	ev_timer_arm(&n->loop, &p->timer, FWD_CONNECT_TIMEOUT_MS);
 	if (p->fd[1] < 0 || !p->buf[0] || !p->buf[1] ||
-	    (connect(p->fd[1], (const struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS)) {
+	    (connect(p->fd[1], (const struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS) ||
+	    fwd_pipe_watch(p) < 0) {
 		log_info("fwd", "-R: cannot reach the local service: %s", strerror(errno));
 		fwd_pipe_free(p);
 		return NULL;
@@ -13773,13 +13857,14 @@ static void fwd_ns_accept(struct ev_loop *loop, int lfd, void *arg, uint32_t eve
 {
 	struct fwd_spec *f = arg;
 	struct sockaddr_in sa = link_sockaddr_of(&f->local);
-	struct fwd_pipe *p;
-	int fd;
-	(void)loop;
 	(void)events;
-	while ((fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0)
-		if ((p = fwd_pipe_new(f->n, fd, &sa)))
-			fwd_pipe_watch(p);
+	for (;;) {
+		int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0 && ev_accept_failed(loop, lfd, &f->n->drops, DROP_FD_LIMIT, "-R accept"))
+			return;
+		if (fd >= 0)
+			fwd_pipe_new(f->n, fd, &sa);
+	}
 }
 
 /* -R in namespace mode: f->fd is the listener the namespace child made. */
@@ -14147,7 +14232,7 @@ static void ctl_status_text(struct node *n, struct buf_str *o)
 	}
 	if (n->tap.fd >= 0)
 		buf_printf(o, "interface %s%s, mtu %d; ip packets out %llu, in %llu\n", n->tap.name,
-			   n->tap.ns_fd[0] < 0 ? "" : n->tap.veth ? " (namespace, veth: /dev/net/tun is closed)" :
+			   n->tap.ns_fd[0] < 0 ? "" : n->tap.veth ? " (namespace, veth: no /dev/net/tun for us)" :
 			   " (namespace, tap)", n->ip.mtu,
 			   (unsigned long long)n->ip.tx_packets, (unsigned long long)n->ip.rx_packets);
 	if (n->sec.mode == SEC_CERT)
@@ -14331,8 +14416,11 @@ static int ctl_send_fds(int fd, const char *line, const int *fds, unsigned nfds)
 }
 
 /* "ns": the namespace-mode node's user and network namespaces, as two fds
- * beside the line "ok", for ipop exec to join.  Only for our own user (or
- * root): the socket is 0600, but --control may put it anywhere. */
+ * beside the line "ok", for ipop exec to join.  Only for our own uid: the
+ * socket is 0600, but --control may put it anywhere; and not for root
+ * either, whose process in a user namespace the user owns would keep its
+ * real uid 0 under the user's ptrace (a way to root).  Root runs ipop exec
+ * as the user (setpriv, su). */
 static void ctl_cmd_ns(struct ctl_client *c)
 {
 	struct node *n = c->ctl->node;
@@ -14340,9 +14428,9 @@ static void ctl_cmd_ns(struct ctl_client *c)
 	socklen_t len = sizeof cred;
 	if (n->tap.ns_fd[0] < 0)
 		buf_printf(&c->out, "error this node has no namespace (start it with --mode ns)\n");
-	else if (getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 ||
-		 (cred.uid != geteuid() && cred.uid != 0))
-		buf_printf(&c->out, "error the namespace is for its owner (uid %u) only\n", (unsigned)geteuid());
+	else if (getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || cred.uid != geteuid())
+		buf_printf(&c->out, "error the namespace is for its owner (uid %u) only: run ipop exec as that user\n",
+			   (unsigned)geteuid());
 	else if (ctl_send_fds(c->fd, "ok\n", n->tap.ns_fd, 2) < 0)
 		buf_printf(&c->out, "error cannot pass the namespace: %s\n", strerror(errno));
 	ctl_client_flush(c);            /* closes: after "ok" there is nothing to send */
@@ -17246,7 +17334,7 @@ static int cli_node_interface(struct node *n, const struct cli_opts *o, char *er
 				 "sockets (ssh -L, socat) on %s", n->tap.name);
 		if (rc == 0)
 			return 0;
-		if (rc != -EPERM || o->mode == MODE_TAP) {
+		if ((rc != -EPERM && rc != -ENODEV) || o->mode == MODE_TAP) {
 			if (rc == -EPERM)
 				snprintf(err + strlen(err), errlen - strlen(err), "; without root, use --mode user");
 			return -1;

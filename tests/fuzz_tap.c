@@ -1,6 +1,6 @@
 /* libFuzzer target: the tap offloads (section 11): TSO splitting of the
  * super-frames the kernel hands us with a virtio-net header
- * (tap_vnet_frame, tap_tso_segment), GRO coalescing of the packets we
+ * (tap_vnet_frame, tap_tso_segment, tap_uso_segment), GRO coalescing of the packets we
  * write (tap_gro_add, tap_gro_flush, through tap_write_ip), and the UDP_GRO
  * segment size read from a control message (section 06 link_gro_size).
  *
@@ -25,7 +25,8 @@
  *    tso_segments; the segments the IP map holds (the first
  *    IP_MAP_QUEUE_MAX) carry, in order, the super-frame's payload, each at
  *    its sequence number, with correct IPv4 header and TCP checksums, and
- *    FIN and PSH only on the last;
+ *    FIN and PSH only on the last; UDP_SEGMENT super-frames (GSO_UDP_L4)
+ *    likewise, each datagram with its UDP length and checksum;
  *  - GRO: every frame written is at most a virtio-net header plus 14 + 65535
  *    bytes; reading the frames back (super-frames cut at their gso_size),
  *    every packet written comes back once, in order, with its own
@@ -146,7 +147,8 @@ static void fz_tso(struct node *n, const uint8_t *data, size_t size, bool fixup)
 	size_t len = size - TAP_VNET_HDR_BYTES;
 	size_t gso = (size_t)(orig[4] | orig[5] << 8);
 	size_t ihl = (size_t)(f[TAP_ETH_HDR_BYTES] & 15) * 4, tcp_off = TAP_ETH_HDR_BYTES + ihl;
-	size_t hlen = tcp_off + (size_t)(f[tcp_off + 12] >> 4) * 4, plen = len - hlen;
+	bool udp = (orig[1] & 0x7f) == TAP_VNET_GSO_UDP_L4;     /* else TCP: the one other type cut */
+	size_t hlen = tcp_off + (udp ? 8 : (size_t)(f[tcp_off + 12] >> 4) * 4), plen = len - hlen;
 	uint64_t k = n->tap.tso_segments - segs0;
 	if (k != (plen + gso - 1) / gso || hlen - TAP_ETH_HDR_BYTES + gso > (size_t)n->ip.mtu)
 		abort();
@@ -163,14 +165,17 @@ static void fz_tso(struct node *n, const uint8_t *data, size_t size, bool fixup)
 		const uint8_t *ip = q->data, *tcp = ip + ihl;
 		if (q->inbound || q->len < iph || q->len > (size_t)n->ip.mtu || q->len - iph > gso ||
 		    off + q->len - iph > plen || memcmp(ip + iph, f + hlen + off, q->len - iph) ||
-		    fz_get32(tcp + 4) != seq0 + (uint32_t)off || (size_t)(ip[2] << 8 | ip[3]) != q->len ||
-		    fz_csum(0, ip, ihl) != 0)
+		    (!udp && fz_get32(tcp + 4) != seq0 + (uint32_t)off) || (size_t)(ip[2] << 8 | ip[3]) != q->len ||
+		    (udp && (size_t)(tcp[4] << 8 | tcp[5]) != q->len - ihl) || fz_csum(0, ip, ihl) != 0)
 			abort();
 		uint32_t pseudo = (fz_get32(ip + 12) >> 16) + (fz_get32(ip + 12) & 0xffff) +
-				  (fz_get32(ip + 16) >> 16) + (fz_get32(ip + 16) & 0xffff) + 6 + (uint32_t)(q->len - ihl);
+				  (fz_get32(ip + 16) >> 16) + (fz_get32(ip + 16) & 0xffff) + (udp ? 17 : 6) +
+				  (uint32_t)(q->len - ihl);
 		if (fz_csum(pseudo, tcp, q->len - ihl) != 0)
 			abort();
 		off += q->len - iph;
+		if (udp)
+			continue;
 		bool last = off == plen;
 		if (!last && (tcp[13] & 0x09))
 			abort();

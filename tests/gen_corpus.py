@@ -115,6 +115,10 @@ def gen_tap():
     put_tap('tso-options', bytes([4]) + vnet(1, 1, 66, 1000, 34, 16) + eth(ip_tcp(payload[:2100], 5, 0x10, opts=opts)))
     put_tap('tso-too-big', bytes([4]) + vnet(1, 1, 54, 1400, 34, 16) + eth(ip_tcp(payload, 1)))
     put_tap('csum-only', bytes([4]) + vnet(1, 0, 0, 0, 34, 16) + eth(ip_tcp(payload[:100], 9)))
+    # USO: a UDP_SEGMENT send of 2800 bytes cut at 1000 (GSO_UDP_L4)
+    uso = struct.pack('>BBHHHBBH4s4s', 0x45, 0, 28 + 2800, 7, 0, 64, 17, 0, SELF, DST)
+    uso = uso[:10] + struct.pack('>H', csum(uso)) + uso[12:] + struct.pack('>HHHH', 40000, 53, 8 + 2800, 0)
+    put_tap('uso-3seg', bytes([4]) + vnet(1, 5, 42, 1000, 34, 6) + eth(uso + payload[:2800]))
     arp = struct.pack('>HHBBH6s4s6s4s', 1, 0x0800, 6, 4, 1, b'\x02\0\0\0\0\x02', SELF, b'\0' * 6, DST)
     put_tap('arp', bytes([0]) + vnet(0, 0, 0, 0, 0, 0) + eth(arp, 0x0806))
     # GRO: three in-order segments of one flow, then one that may not join

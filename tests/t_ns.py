@@ -8,6 +8,8 @@ that serves a web page on its virtual IP.  Namespaces are prefixed "tx".
     it as nobody (uid 65534, not 0): they see ipop0 with the virtual IP,
     ping B, fetch B's page with no proxy, and serve a page B fetches;
     exec passes exit statuses through (7, and 127 for a missing command).
+    A UDP_SEGMENT send from the namespace (veth hands it over uncut) arrives
+    as its datagrams.
     -R 8022:127.0.0.1:8000 exposes a server of A's host (host namespace,
     127.0.0.1) at A's virtual IP: B fetches a 5 MB file from it intact, and
     a connection to -R 8023 whose service is down is closed, not hung.
@@ -39,6 +41,30 @@ NS = ["tx-sw", "tx-a", "tx-b"]
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env", "-u", "XDG_RUNTIME_DIR"]
 procs = []
 failures = []
+# A receiver that prints the sizes of the datagrams it gets, sorted (argv: ip port max).
+UDP_RX = """
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((sys.argv[1], int(sys.argv[2])))
+sizes = []
+u.settimeout(8)
+try:
+    while len(sizes) < int(sys.argv[3]):
+        sizes.append(len(u.recv(65535)))
+        u.settimeout(3)
+except socket.timeout:
+    pass
+print(" ".join(map(str, sorted(sizes))))
+"""
+# A plain 500-byte datagram, then 2800 bytes with UDP_SEGMENT 1000 (argv: ip port).
+USO_TX = """
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect((sys.argv[1], int(sys.argv[2])))
+u.send(b"p" * 500)
+u.setsockopt(socket.SOL_UDP, 103, 1000)     # UDP_SEGMENT
+u.send(b"s" * 2800)
+"""
 
 
 def sh(*args, check=True, timeout=30, **kw):
@@ -133,6 +159,86 @@ def status(nbin, ctl):
         return None
 
 
+def cpu_s(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        v = f.read().rsplit(")", 1)[1].split()
+    return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# B's side of the hostile member's connections (argv: what to do, port).
+HOSTILE = """
+import socket, struct, sys, time
+what, port = sys.argv[1], int(sys.argv[2])
+def conn():
+    return socket.create_connection(("10.128.0.7", port), 5)
+if what == "hang":          # a request while the node's connect to the service hangs
+    c = conn(); c.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n"); c.settimeout(15)
+    t = time.monotonic()
+    try:
+        print("closed" if c.recv(100) == b"" else "answered", round(time.monotonic() - t, 1))
+    except OSError as e:
+        print("closed", round(time.monotonic() - t, 1))
+elif what == "rst":         # half close, then a reset, to a service that stays silent
+    c = conn(); c.shutdown(socket.SHUT_WR); time.sleep(0.2)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); c.close(); print("done")
+elif what == "hold":        # as many connections as will stay open
+    held = []
+    for i in range(40):
+        c = conn(); c.settimeout(1); held.append(c)
+    time.sleep(1.5)
+    alive = 0
+    for c in held:
+        try:
+            alive += c.recv(1) != b""
+        except socket.timeout:
+            alive += 1
+        except OSError:
+            pass
+    print(alive)
+"""
+
+
+def hostile_member(pid, nbin, ctl):
+    """A member's connections to -R ports: to a service whose connect hangs
+    (SYNs dropped: -R 8024 to port 9), half closed then reset (-R 8025 to a
+    service that never answers), and 40 held at once: the node neither
+    spins nor keeps more than FWD_PIPES_PER_SOURCE (32) from one source."""
+    sh("ip", "netns", "exec", "tx-a", "nft", "-f", "-", input="add table ip tx\n"
+       "add chain ip tx out { type filter hook output priority 0; }\n"
+       "add rule ip tx out tcp dport 9 drop\n")
+    silent = subprocess.Popen(["ip", "netns", "exec", "tx-a", "python3", "-c",
+                               "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,"
+                               "socket.SO_REUSEADDR,1); s.bind(('127.0.0.1',8002)); s.listen(64); c=[]\n"
+                               "while True: c.append(s.accept())"])
+    procs.append(silent)
+    hang = subprocess.Popen(["ip", "netns", "exec", "tx-b", "python3", "-c", HOSTILE, "hang", "8024"],
+                            stdout=subprocess.PIPE, text=True)
+    procs.append(hang)
+    c0, t0 = cpu_s(pid), time.monotonic()
+    time.sleep(2)       # a window to measure the node's CPU in while the connect hangs
+    busy = (cpu_s(pid) - c0) / (time.monotonic() - t0)
+    out, _ = hang.communicate(timeout=20)
+    report(busy < 0.2 and out.startswith("closed") and 9 <= float(out.split()[1]) <= 14,
+           "-R 8024, the service's connect hanging, a request sent: the node at %.0f %% CPU meanwhile, "
+           "the connection closed after %s s (deadline 10 s)" % (100 * busy, out.split()[1:] or out))
+    r = subprocess.run(["ip", "netns", "exec", "tx-b", "python3", "-c", HOSTILE, "rst", "8025"],
+                       capture_output=True, text=True, timeout=20)
+    c0, t0 = cpu_s(pid), time.monotonic()
+    time.sleep(2)
+    busy = (cpu_s(pid) - c0) / (time.monotonic() - t0)
+    report(r.returncode == 0 and busy < 0.2, "-R 8025, half closed then reset, the service silent: the node "
+           "at %.0f %% CPU afterwards" % (100 * busy))
+    r = subprocess.run(["ip", "netns", "exec", "tx-b", "python3", "-c", HOSTILE, "hold", "8025"],
+                       capture_output=True, text=True, timeout=60)
+    st = status(nbin, ctl) or {}
+    refused = ((st.get("drops") or {}).get("fwd_refused"))
+    report(r.stdout.strip() and int(r.stdout.split()[0]) <= 32 and refused,
+           "40 connections held from one member to -R 8025: %s stay open (at most 32 per source), "
+           "fwd_refused %s" % (r.stdout.strip(), refused))
+    silent.kill()
+    sh("ip", "netns", "exec", "tx-a", "nft", "delete", "table", "ip", "tx")
+
+
 def step_veth_exec(tmp, ndir, nkey, nbin):
     print("== 1. tun 0600: ns mode with no command, ipop exec, veth", flush=True)
     os.chmod("/dev/net/tun", 0o600)
@@ -147,7 +253,9 @@ def step_veth_exec(tmp, ndir, nkey, nbin):
                                    "--bind", "127.0.0.1", "--directory", host_www],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     a = subprocess.Popen(up_args(nbin, nkey, ctl, "10.128.0.7/16", ["-R", "8022:127.0.0.1:8000",
-                                                                    "-R", "8023:127.0.0.1:8001"]),
+                                                                    "-R", "8023:127.0.0.1:8001",
+                                                                    "-R", "8024:127.0.0.1:9",
+                                                                    "-R", "8025:127.0.0.1:8002"]),
                          stdout=subprocess.DEVNULL, stderr=open(a_log, "w"))
     procs.append(a)
     st = wait_for(lambda: status(nbin, ctl), 15)
@@ -191,10 +299,26 @@ def step_veth_exec(tmp, ndir, nkey, nbin):
     report(r.returncode in (52, 56) and time.monotonic() - t0 < 5,
            "-R 8023 to a service that is down: the connection is closed (curl %d) in %.1f s"
            % (r.returncode, time.monotonic() - t0))
+    # a UDP_SEGMENT send (as QUIC stacks make): 2800 bytes cut at 1000 arrive as 3 datagrams
+    rx = subprocess.Popen(["ip", "netns", "exec", "tx-b", "python3", "-c", UDP_RX, "10.128.0.2", "7001", "4"],
+                          stdout=subprocess.PIPE, text=True)
+    procs.append(rx)
+    wait_for(lambda: "10.128.0.2:7001" in sh("ip", "netns", "exec", "tx-b", "ss", "-Hlun", check=False).stdout, 5,
+             0.05)
+    r = ex("python3", "-c", USO_TX, "10.128.0.2", "7001")
+    try:
+        got, _ = rx.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        rx.kill()
+        got = rx.communicate()[0]
+    report(r.returncode == 0 and got.split() == ["500", "800", "1000", "1000"],
+           "a UDP_SEGMENT send from the namespace (2800 bytes at 1000) arrives as 3 datagrams, a plain one "
+           "as 1: sizes %s (sender: %s)" % (got.split(), (r.stderr or "ok").strip()[-120:]))
     r = ex(nbin, "exec", "--control", ctl, "--", "sh", "-c", "ip -o -4 addr show ipop0 | wc -l")
     report(r.returncode == 0 and r.stdout.strip() == "1",
            "exec from inside the namespace (an ssh login's ipop exec under mpirun) runs there too: %r %r"
            % (r.stdout.strip(), r.stderr.strip()[-120:]))
+    hostile_member(a.pid, nbin, ctl)
     r = ex("sh", "-c", "exit 7")
     report(r.returncode == 7, "exec passes the command's exit status through (%d, want 7)" % r.returncode)
     r = ex("no-such-command-here")
