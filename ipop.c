@@ -8801,15 +8801,20 @@ static void dht_release_check(struct node *n, struct link *from, const struct wi
 
 /* A REPLICA: stored only when it comes straight from a neighbour that
  * holds the key (dht_replica_from_holder), else anyone could fill our
- * store with records routed to us. */
+ * store with records routed to us.  Refused or not, a neighbour we see
+ * three live nodes nearer than is told to drop its copy: one we refuse
+ * (four or more nearer) is the surest surplus, and its own push is the
+ * only time it hears of it (it pushes again only when its links change). */
 static void dht_on_replica(struct node *n, const struct wire_routed *rt, const struct wire_dht *m)
 {
 	struct link *from = dht_sender_link(n, rt);
 	ring_addr hash = dht_hash((const char *)m->key, m->key_len);
-	if (!from || !dht_replica_from_holder(n, from, &hash))
-		return ring_drop(n, DROP_REFUSED, &rt->src);
-	dht_store(n, m, false);
-	dht_release_check(n, from, rt, m);
+	if (from && dht_replica_from_holder(n, from, &hash))
+		dht_store(n, m, false);
+	else
+		ring_drop(n, DROP_REFUSED, &rt->src);
+	if (from)
+		dht_release_check(n, from, rt, m);
 }
 
 /* A neighbour sees three nodes nearer to the key than us: drop our copy.

@@ -2229,6 +2229,63 @@ static void test_dht_quota(void)
 	fake_node_free(&n);
 }
 
+/* RELEASE answers a surplus holder's REPLICA whether we store it or not
+ * (t_dht case 3: a node pushed a copy in error kept it 12 s).  Key K; we
+ * and three links are nearer to it than the sender, the fifth we see:
+ * its REPLICA is refused (not a holder), and it must hear RELEASE, since
+ * that push is the only time it asks.  A fourth (one link fewer) is
+ * stored and told too; a routed REPLICA (not over the sender's link) is
+ * neither.  Datagrams are caught by n->udp_send, per link by port. */
+static unsigned rel_sent[8];
+
+static int rel_catch(struct node *n, const struct sockaddr_in *to, const uint8_t *pkt, size_t len)
+{
+	(void)n;
+	static const uint8_t rel[] = { DHT_RELEASE, 0, 0, 0, 0, 0, 3, 'r', 'e', 'l' };
+	for (size_t i = 0; i + sizeof rel <= len; i++)
+		if (!memcmp(pkt + i, rel, sizeof rel) && ntohs(to->sin_port) < ARRAY_LEN(rel_sent))
+			rel_sent[ntohs(to->sin_port)]++;
+	return 0;
+}
+
+static void test_dht_release(void)
+{
+	ring_addr h = dht_hash("rel", 3), self = h, peers[4];
+	self.b[0] = (uint8_t)(h.b[0] + 4);              /* distances: links 1, 2, 3; us 4; sender 5 */
+	for (unsigned i = 0; i < 4; i++) {
+		peers[i] = h;
+		peers[i].b[0] = (uint8_t)(h.b[0] - (i == 3 ? 5 : i + 1));
+	}
+	struct node n;
+	fake_node(&n, &self, peers, 4);
+	n.udp_send = rel_catch;
+	struct link *from = NULL, *l2 = NULL;
+	for (struct link *l = n.links; l; l = l->next) {
+		l->last_rx_ms = ev_now(&n.loop);
+		for (unsigned i = 0; i < 4; i++)
+			if (wire_addr_eq(&l->peer.addr, &peers[i]))
+				l->remote.sin_port = htons((uint16_t)(i + 1));
+		from = wire_addr_eq(&l->peer.addr, &peers[3]) ? l : from;
+		l2 = wire_addr_eq(&l->peer.addr, &peers[2]) ? l : l2;
+	}
+	struct wire_dht m = { .op = DHT_REPLICA, .key_len = 3, .key = (const uint8_t *)"rel",
+			      .owner = addr_top(0xa0), .ttl_s = 60, .value_len = 1, .value = (const uint8_t *)"x" };
+	struct wire_routed rt = { .mode = MODE_EXACT, .src = peers[3], .dst = self, .inner = INNER_DHT };
+	n.ring.rx = from;
+	CHECK(from && l2 && !dht_replica_from_holder(&n, from, &h));
+	dht_on_replica(&n, &rt, &m);
+	CHECK(n.dht.n_records == 0 && rel_sent[4] == 1);        /* refused, and told */
+	n.ring.rx = NULL;                                       /* routed: proves nothing */
+	dht_on_replica(&n, &rt, &m);
+	CHECK(n.dht.n_records == 0 && rel_sent[4] == 1);
+	l2->last_rx_ms = ev_now(&n.loop) - LINK_QUIET_MS - 1;   /* link 3 quiet: the sender is fourth */
+	n.ring.rx = from;
+	dht_on_replica(&n, &rt, &m);
+	CHECK(n.dht.n_records == 1 && rel_sent[4] == 2);        /* stored (a holder handing over), told */
+	dht_stop(&n);
+	fake_node_free(&n);
+}
+
 /* A lost HS_FIN (issue 18 made responders resend HS_RESP only when asked):
  * the initiator counts the link up and sends DATA; the responder, still
  * awaiting HS_FIN, answers it with HS_RESP once more, and the initiator
@@ -2405,6 +2462,7 @@ int main(void)
 	test_shortcuts();
 	test_dht_wire();
 	test_dht_quota();
+	test_dht_release();
 	test_contents();
 	test_lease_pick();
 	test_dns();
