@@ -31,15 +31,18 @@
  *   09  nat_   public endpoints learned from peers, NAT classification
  *   10  ip_    virtual IPv4: local stack <-> ring, source checks, ICMP errors;
  *              the *.ipop resolver (dns_); --ip auto leases (ip_lease_)
- *   11  tap_   the tap device: frames, ARP answered on the host; namespace mode
+ *   11  tap_   the tap device: frames, ARP answered on the host, TSO/USO cut,
+ *              GRO; namespace mode (a tap, or a veth read by a packet socket)
  *   12  lw_    user mode: lwIP in-process, relays between sockets and lwIP TCP
  *   13  socks_ SOCKS5 server (RFC 1928) for user mode
- *   14  fwd_   -L and -R port forwards
- *   15  ctl_   control socket: status text/JSON, overlay ping, dht, route
+ *   14  fwd_   -L and -R port forwards; namespace mode's -R as socket pipes
+ *   15  ctl_   control socket: status text/JSON, overlay ping, dht, route,
+ *              the namespace's fds for ipop exec
  *   15b sim_   ipop simulate: many nodes, virtual time, an in-memory network
  *   16  cli_   flags, usage texts, the config file, parsing
  *   16b cli_   ipop up: node setup, signals, the main loop
- *   16c cli_   the other subcommands (control clients, credentials, map), main
+ *   16c cli_   the other subcommands (control clients, nc, exec, credentials,
+ *              map), main
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
