@@ -16441,7 +16441,8 @@ static const char cli_usage_exec[] =
 	"node's interface and virtual IP, keeps the user's uid, environment and\n"
 	"working directory, and its exit status is exec's.  For MPI and ssh:\n"
 	"  ipop exec -- mpirun --host 10.128.0.1,10.128.0.2 ./job\n"
-	"Exit status: CMD's; 126 or 127 if CMD cannot run; 3 if no node answers.\n";
+	"Exit status: CMD's; 126 or 127 if CMD cannot run; 1 if the node has no\n"
+	"namespace or refuses (another user); 3 if no node answers.\n";
 
 static const char cli_usage_status[] =
 	"usage: ipop status [--json] [--control PATH]\n"
