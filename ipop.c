@@ -12796,6 +12796,20 @@ static int lw_relay_dial(struct lw_relay *r, uint32_t ip, uint16_t port,
 	return 0;
 }
 
+/* A datagram (at most a packet's worth) from an lwIP UDP port: SOCKS UDP
+ * ASSOCIATE and udp/ forwards send this way. */
+static void lw_udp_sendto(struct udp_pcb *pcb, const uint8_t *d, size_t len, uint32_t ip, uint16_t port)
+{
+	struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)len, PBUF_RAM);
+	if (!p)
+		return;
+	pbuf_take(p, d, (u16_t)len);
+	ip_addr_t dst;
+	dst.addr = htonl(ip);
+	udp_sendto(pcb, p, &dst, port);
+	pbuf_free(p);
+}
+
 /* ===================================================================== 13 socks_
  * A SOCKS5 server (RFC 1928) for user mode: local programs reach virtual
  * IPs through it (CONNECT).  Each client keeps its input until a message is
@@ -13067,16 +13081,8 @@ static void socks_udp_from_lwip(void *arg, struct udp_pcb *pcb, struct pbuf *p, 
 /* The data on to the virtual host; only to addresses in our network. */
 static void socks_udp_send(struct socks_udp *u, uint32_t ip, uint16_t port, const uint8_t *data, size_t len)
 {
-	if (!ip_on_net(&u->n->ip, ip))
-		return;
-	struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)len, PBUF_RAM);
-	if (!p)
-		return;
-	pbuf_take(p, data, (u16_t)len);
-	ip_addr_t dst;
-	dst.addr = htonl(ip);
-	udp_sendto(u->pcb, p, &dst, port);
-	pbuf_free(p);
+	if (ip_on_net(&u->n->ip, ip))
+		lw_udp_sendto(u->pcb, data, len, ip, port);
 }
 
 static struct socks_udp_name *socks_udp_name_find(struct socks_udp *u, const char *name)
@@ -13569,18 +13575,6 @@ static struct fwd_udp_session *fwd_udp_session_find(struct fwd_spec *f, const st
 	return lru;
 }
 
-static void fwd_udp_to_lwip(struct udp_pcb *pcb, const uint8_t *d, size_t len, uint32_t ip, uint16_t port)
-{
-	struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)len, PBUF_RAM);
-	if (!p)
-		return;
-	pbuf_take(p, d, (u16_t)len);
-	ip_addr_t dst;
-	dst.addr = htonl(ip);
-	udp_sendto(pcb, p, &dst, port);
-	pbuf_free(p);
-}
-
 /* -L: a reply from the virtual host, to the local client of this session. */
 static void fwd_udp_from_vip(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr, u16_t port)
 {
@@ -13611,7 +13605,7 @@ static void fwd_udp_local_readable(struct ev_loop *loop, int fd, void *arg, uint
 			continue;
 		}
 		udp_recv(u->pcb, fwd_udp_from_vip, u);
-		fwd_udp_to_lwip(u->pcb, d, (size_t)r, f->vip, f->vport);
+		lw_udp_sendto(u->pcb, d, (size_t)r, f->vip, f->vport);
 	}
 }
 
@@ -13625,7 +13619,7 @@ static void fwd_udp_service_readable(struct ev_loop *loop, int fd, void *arg, ui
 		ssize_t r = recv(fd, d, sizeof d, MSG_DONTWAIT);
 		if (r < 0)
 			return;
-		fwd_udp_to_lwip(u->f->upcb, d, (size_t)r, ntohl(u->peer.sin_addr.s_addr), ntohs(u->peer.sin_port));
+		lw_udp_sendto(u->f->upcb, d, (size_t)r, ntohl(u->peer.sin_addr.s_addr), ntohs(u->peer.sin_port));
 	}
 }
 

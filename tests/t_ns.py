@@ -13,7 +13,7 @@ that serves a web page on its virtual IP.  Namespaces are prefixed "tx".
     -R 8022:127.0.0.1:8000 exposes a server of A's host (host namespace,
     127.0.0.1) at A's virtual IP: B fetches a 5 MB file from it intact, and
     a connection to -R 8023 whose service is down is closed, not hung.
-    Another user (daemon) cannot enter the namespace.
+    Another user (daemon) cannot enter the namespace, nor can root.
  2. /dev/net/tun at mode 0666 (what an admin would do): `ipop up --mode ns
     ... -- CMD` runs CMD in a namespace whose ipop0 is a tap (status:
     device tap); CMD reaches B and serves B; ipop exits with CMD's status.
@@ -330,6 +330,12 @@ def step_veth_exec(tmp, ndir, nkey, nbin):
     report(r.returncode != 0 and not os.path.exists(mark),
            "another user (daemon) cannot enter nobody's namespace (exit %d: %s)" % (r.returncode,
                                                                                  r.stderr.strip()[-120:]))
+    # root may reach the socket, but is refused: its process in nobody's user
+    # namespace would keep uid 0 under nobody's ptrace
+    mark = os.path.join(tmp, "entered-by-root")
+    r = ex("touch", mark, user=[])
+    report(r.returncode == 1 and not os.path.exists(mark) and "for its owner" in r.stderr,
+           "root cannot enter nobody's namespace either (exit %d: %s)" % (r.returncode, r.stderr.strip()[-120:]))
     a.send_signal(signal.SIGTERM)
     try:
         rc = a.wait(timeout=15)
